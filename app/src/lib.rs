@@ -1,0 +1,15 @@
+//! Tollgate's Leptos app, shared by the server (feature `ssr`) and the browser
+//! (feature `hydrate`).
+//!
+//! - [`api`]: the `#[server]` functions and the views they return.
+//! - [`ui`]: components and pages.
+//! - [`store`] (server only): the `Store` port the server functions talk to; its
+//!   SQLite and PostgreSQL implementations live in the `server` crate.
+#![forbid(unsafe_code)]
+
+pub mod api;
+#[cfg(feature = "ssr")]
+pub mod store;
+pub mod ui;
+
+pub use ui::{shell, App};

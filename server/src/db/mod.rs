@@ -1,0 +1,53 @@
+//! The `Store` implementations. The backend is picked once, from the database
+//! URL's scheme, and handed around as `Arc<dyn Store>`.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use app::store::SharedStore;
+
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    #[error("unsupported database URL {0:?}: use sqlite://FILE or postgres://USER@HOST/DB")]
+    UnsupportedScheme(String),
+    /// The database could not be reached or opened.
+    #[error("could not open the database: {0}")]
+    Open(#[source] sqlx::Error),
+    /// A migration failed; the database is left as the failed migration found it.
+    #[error("could not migrate the database: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// Open (creating a SQLite file if needed) and migrate the database at `url`.
+///
+/// Errors: [`ConnectError`] naming what failed.
+pub async fn connect(url: &str) -> Result<SharedStore, ConnectError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(postgres::PostgresStore::open(url).await?))
+    } else {
+        Err(ConnectError::UnsupportedScheme(redact_url(url)))
+    }
+}
+
+/// The URL with its password masked, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Only fails for URLs that cannot carry a password, excluded by the guard.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn database_error(e: sqlx::Error) -> app::store::StoreError {
+    tracing::error!(error = %e, "database error");
+    app::store::StoreError::Database(e.to_string())
+}

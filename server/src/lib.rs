@@ -1,0 +1,13 @@
+//! Tollgate's server as a library, so that the `tollgate` binary, the tests and
+//! the benchmarks all build the same router over the same store.
+//!
+//! - [`config`]: the operator's configuration (DESIGN.md §7).
+//! - [`db`]: the SQLite and PostgreSQL implementations of `app::store::Store`.
+//! - [`http`]: the axum router (pages, server functions, health).
+//! - [`assets`]: the site (wasm, js, css, public files) embedded in the binary.
+#![forbid(unsafe_code)]
+
+pub mod assets;
+pub mod config;
+pub mod db;
+pub mod http;
