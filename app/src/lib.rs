@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod domain;
 #[cfg(feature = "ssr")]
 pub mod store;
 pub mod ui;
