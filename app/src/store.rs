@@ -1,22 +1,64 @@
-//! The `Store` port: everything the app needs from the database, as one
-//! object-safe async trait shared as `Arc<dyn Store>` (STYLE.md, "Pick the backend
-//! once"). The SQLite and PostgreSQL adapters live in `server/src/db/`.
+//! The `Store` port: everything the app and the gateway need from the database, as
+//! one object-safe async trait shared as `Arc<dyn Store>` (STYLE.md, "Pick the
+//! backend once"). The SQLite and PostgreSQL adapters live in `server/src/db/`.
+//!
+//! Amounts crossing this port are nano-euros ([`Nanos`]); prices are EUR per 1M
+//! tokens ([`PricePerMTok`]). Instants are UTC.
 
 use std::sync::Arc;
 
-/// Errors every store operation can return.
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+
+use crate::domain::{
+    BillingCycle, Blocked, Catalog, Counter, Model, ModelId, ModelLimit, Nanos, PlanAmounts,
+    TokenEstimate, Usage,
+};
+
+/// Errors every store operation can return; each names its HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A row the caller named does not exist (HTTP 404).
     #[error("{what} not found")]
     NotFound {
-        /// What was looked up, for the message (e.g. "workspace").
+        /// What was looked up, for the message (e.g. "reservation").
         what: &'static str,
+    },
+    /// An optimistic write found a newer version than the one it was based on
+    /// (HTTP 409). Nothing was written.
+    #[error(
+        "{what} was changed by someone else in the meantime (now at version {current_version})"
+    )]
+    Conflict {
+        /// What was being changed (e.g. "settings", or a model id).
+        what: String,
+        /// The version now stored, so the caller can reload.
+        current_version: i64,
+    },
+    /// The request breaks a rule or a constraint (HTTP 422). Nothing was written.
+    #[error("{message}")]
+    Invalid {
+        /// Stable snake_case code (e.g. `unknown_model`, `enabled_without_amount`).
+        code: &'static str,
+        /// A sentence for a person.
+        message: String,
     },
     /// The database failed or could not be reached (HTTP 500; the detail is logged,
     /// never shown).
     #[error("database error: {0}")]
     Database(String),
+}
+
+impl StoreError {
+    /// Stable snake_case code of the error, for API bodies and the UI.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::NotFound { .. } => "not_found",
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::Invalid { code, .. } => code,
+            StoreError::Database(_) => "internal_error",
+        }
+    }
 }
 
 /// The workspace as the store keeps it (DESIGN.md §1: every row belongs to one).
@@ -28,16 +70,355 @@ pub struct WorkspaceRecord {
     pub name: String,
 }
 
+/// The operator's plan (DESIGN.md §1, read-only in the UI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanRecord {
+    /// Plan budget and overage limit per cycle, nano-euros.
+    pub amounts: PlanAmounts,
+    /// The date cycles renew on (R1).
+    pub start: NaiveDate,
+    /// The workspace's IANA timezone (R1).
+    pub timezone: Tz,
+}
+
+impl PlanRecord {
+    /// The billing cycle containing `at` (R1).
+    ///
+    /// Errors: [`StoreError::Invalid`] when `at` is outside chrono's calendar.
+    pub fn cycle_at(&self, at: DateTime<Utc>) -> Result<BillingCycle, StoreError> {
+        BillingCycle::containing(self.start, self.timezone, at).map_err(|e| StoreError::Invalid {
+            code: e.code(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// What the operator's config declares, applied at every start (DESIGN.md §7):
+/// the plan is replaced, the catalog's models are upserted; model limits, settings
+/// and the books are left as they are.
+#[derive(Debug, Clone)]
+pub struct WorkspaceSetup {
+    /// The organisation's name.
+    pub name: String,
+    /// The plan.
+    pub plan: PlanRecord,
+    /// The model catalog, in display order.
+    pub catalog: Arc<Catalog>,
+}
+
+/// Who made a change, as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A signed-in user (the tab) or an API key's owner.
+    User {
+        /// The user's id.
+        id: i64,
+        /// The user's email, kept in the audit row as it was at the time.
+        email: String,
+    },
+    /// The operator's command line (`tollgate limit set`, `fallback on`...).
+    Cli,
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::User { email, .. } => write!(f, "{email}"),
+            Actor::Cli => write!(f, "cli"),
+        }
+    }
+}
+
+/// Identifier of a reservation (a UUID v4, text).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ReservationId(pub String);
+
+impl std::fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who spends: the user and key a request came with (DESIGN.md §6: every ledger row
+/// names them). `None` only in store tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spender {
+    /// The user's id.
+    pub user_id: Option<i64>,
+    /// The API key's id.
+    pub api_key_id: Option<i64>,
+}
+
+/// One admission request (R6, R7).
+#[derive(Debug, Clone)]
+pub struct ReserveRequest<'a> {
+    /// The catalog the request was resolved against.
+    pub catalog: &'a Catalog,
+    /// The requested model (aliases already resolved).
+    pub model: &'a Model,
+    /// Token bounds of the request, from which each candidate's reservation follows.
+    pub estimate: TokenEstimate,
+    /// Who asks.
+    pub spender: Spender,
+    /// The replica that will settle it, so leases can be traced.
+    pub owner: &'a str,
+    /// Until when the hold lasts without renewal.
+    pub lease_until: DateTime<Utc>,
+    /// The instant of admission, which picks the billing cycle.
+    pub now: DateTime<Utc>,
+}
+
+/// A hold recorded by [`Store::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Its id, for settle, release and lease renewal.
+    pub id: ReservationId,
+    /// The model the request asked for.
+    pub requested: ModelId,
+    /// The model that serves it (differs on fallback).
+    pub served: ModelId,
+    /// Amount held, nano-euros, rounded up (R7).
+    pub amount: Nanos,
+    /// The billing cycle it counts in.
+    pub cycle: BillingCycle,
+}
+
+/// The answer of [`Store::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// Admitted on `reservation.served`; the hold is recorded.
+    Admitted(Reservation),
+    /// Blocked (R6): nothing was recorded.
+    Blocked(Blocked),
+}
+
+/// Settling a reservation with what the upstream reported (R7).
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    /// The reservation to replace with the actual cost.
+    pub reservation: ReservationId,
+    /// The usage reported; `None` when the upstream reported none, in which case
+    /// the estimate (the reserved amount) is billed and the event flagged.
+    pub usage: Option<Usage>,
+    /// Makes a retried settlement count once.
+    pub idempotency_key: Option<String>,
+    /// When the request finished.
+    pub now: DateTime<Utc>,
+}
+
+/// A usage event as written to the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEventRecord {
+    /// Ledger row id.
+    pub id: i64,
+    /// Model asked for.
+    pub requested: ModelId,
+    /// Model that served it; its counter was charged.
+    pub served: ModelId,
+    /// Cost charged, nano-euros (rounded once, half away from zero; R2).
+    pub cost: Nanos,
+    /// True when billed the estimate because no usage was reported.
+    pub estimated: bool,
+    /// True when the cost exceeded the reservation (R7).
+    pub over_reservation: bool,
+    /// False when this settlement repeated an earlier one (same idempotency key)
+    /// and nothing new was counted.
+    pub newly_recorded: bool,
+}
+
+/// One finished request reported through the usage API's bulk recording.
+#[derive(Debug, Clone)]
+pub struct UsageRecord<'a> {
+    /// Unique per workspace: a retried item with the same key counts once.
+    pub idempotency_key: String,
+    /// The model that was used (aliases resolved). No fallback applies: the usage
+    /// already happened on this model.
+    pub model: &'a Model,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// The fate of one [`UsageRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// Counted now.
+    Recorded(UsageEventRecord),
+    /// Counted before under the same key; nothing changed.
+    Duplicate(UsageEventRecord),
+    /// Refused by admission (R6): it would pass the plan or the model's cap.
+    Blocked(Blocked),
+}
+
+/// A model's limit as stored, with its optimistic version (0: never saved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoredLimit {
+    /// The setting.
+    pub limit: ModelLimit,
+    /// Incremented by every accepted change.
+    pub version: i64,
+}
+
+/// A change to one model's limit, based on the version the editor saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitChange {
+    /// The model (must be in the catalog).
+    pub model: ModelId,
+    /// The version the editor loaded (0 when the model had no saved limit).
+    pub expected_version: i64,
+    /// The new setting, validated by R5 before anything is written.
+    pub limit: ModelLimit,
+}
+
+/// The workspace's settings with their optimistic version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingsRecord {
+    /// "Automatically switch to a cheaper model when a model limit is reached".
+    pub automatic_fallback: bool,
+    /// Incremented by every accepted change.
+    pub version: i64,
+}
+
+/// One model's line of the books for a cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelBooks {
+    /// The model.
+    pub id: ModelId,
+    /// Spent and reserved in the cycle, nano-euros.
+    pub counter: Counter,
+    /// Its limit and version.
+    pub limit: StoredLimit,
+}
+
+/// Everything the Token Limits tab and `GET /api/v1/spend` show, read in one
+/// consistent step from the counters (never from the ledger; R8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendSnapshot {
+    /// The plan.
+    pub plan: PlanRecord,
+    /// The cycle the snapshot is for.
+    pub cycle: BillingCycle,
+    /// Automatic fallback and its version.
+    pub settings: SettingsRecord,
+    /// The workspace's totals in the cycle.
+    pub workspace: Counter,
+    /// Every model that has a counter or a limit row (catalog order is the caller's).
+    pub models: Vec<ModelBooks>,
+}
+
+/// One row of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Row id.
+    pub id: i64,
+    /// When the change was accepted.
+    pub at: DateTime<Utc>,
+    /// Who made it (email, or `cli`).
+    pub actor: String,
+    /// What kind of change (`settings.automatic_fallback`, `model_limit`).
+    pub action: String,
+    /// What it applied to (`workspace`, or a model id).
+    pub subject: String,
+    /// The value before, as JSON.
+    pub old_value: String,
+    /// The value after, as JSON.
+    pub new_value: String,
+}
+
+/// Sums over the ledger of one cycle, for checks that it equals the counters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LedgerTotals {
+    /// Sum of all events' cost, nano-euros.
+    pub total: Nanos,
+    /// Sum per served model, nano-euros.
+    pub by_model: Vec<(ModelId, Nanos)>,
+    /// Number of events.
+    pub events: i64,
+}
+
 /// The persistence port of Tollgate.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Create the workspace on first start, or rename it to match the config.
-    async fn ensure_workspace(&self, name: &str) -> Result<(), StoreError>;
+    /// Apply the operator's config: workspace name, plan and catalog (DESIGN.md §7).
+    /// Creates the workspace and its settings on first start.
+    async fn apply_setup(&self, setup: &WorkspaceSetup) -> Result<(), StoreError>;
 
     /// The workspace this deployment serves.
     ///
     /// Errors: [`StoreError::NotFound`] before the first start-up seeded it.
     async fn workspace(&self) -> Result<WorkspaceRecord, StoreError>;
+
+    /// Decide admission (R6) on a consistent snapshot of plan, settings, limits and
+    /// counters, and record the hold (R7), as one atomic step: concurrent calls, from
+    /// one process or several sharing the database, can never pass a limit together.
+    async fn reserve(&self, request: ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError>;
+
+    /// Extend a live reservation's lease (streams renew while they run).
+    ///
+    /// Errors: [`StoreError::NotFound`] when it was settled, released or expired.
+    async fn renew_lease(
+        &self,
+        reservation: &ReservationId,
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Replace a reservation with its actual cost: a ledger row and the counters, in
+    /// one transaction (R7). With an idempotency key already used, returns the event
+    /// recorded then and changes nothing.
+    ///
+    /// Errors: [`StoreError::NotFound`] for an unknown, released or expired
+    /// reservation; [`StoreError::Invalid`] for inconsistent usage.
+    async fn settle(&self, settlement: Settlement) -> Result<UsageEventRecord, StoreError>;
+
+    /// Drop a reservation without billing (upstream error before any usage).
+    ///
+    /// Errors: [`StoreError::NotFound`] when it is already gone.
+    async fn release(&self, reservation: &ReservationId) -> Result<(), StoreError>;
+
+    /// Release every reservation whose lease ended before `now`, whoever owns it.
+    /// Returns how many were released.
+    async fn release_expired(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Record finished usage reported in bulk (usage API), each item admitted (R6,
+    /// without fallback) and counted at most once per idempotency key, all in one
+    /// transaction.
+    async fn record_usage(
+        &self,
+        records: &[UsageRecord<'_>],
+        spender: Spender,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<RecordOutcome>, StoreError>;
+
+    /// The books of the cycle containing `at`.
+    async fn spend_snapshot(&self, at: DateTime<Utc>) -> Result<SpendSnapshot, StoreError>;
+
+    /// Sums over the ledger for the cycle starting at `cycle_start`.
+    async fn ledger_totals(&self, cycle_start: DateTime<Utc>) -> Result<LedgerTotals, StoreError>;
+
+    /// Set automatic fallback if the stored version is still `expected_version`,
+    /// writing an audit row in the same transaction.
+    ///
+    /// Errors: [`StoreError::Conflict`] on a stale version; nothing is written.
+    async fn update_settings(
+        &self,
+        actor: &Actor,
+        expected_version: i64,
+        automatic_fallback: bool,
+        now: DateTime<Utc>,
+    ) -> Result<SettingsRecord, StoreError>;
+
+    /// Apply model limit changes all or nothing: each validated (R5, model in the
+    /// catalog) and checked against its version; one audit row per changed model.
+    ///
+    /// Errors: [`StoreError::Invalid`] or [`StoreError::Conflict`]; nothing is written.
+    async fn update_model_limits(
+        &self,
+        actor: &Actor,
+        changes: &[LimitChange],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// The audit log, newest first, at most `limit` rows.
+    async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
 /// The store as it is shared through axum state and the Leptos context.

@@ -1,22 +1,709 @@
-//! The operator's configuration (DESIGN.md §7).
+//! The operator's configuration (DESIGN.md §7): a TOML file, overridden by the
+//! environment variables `TOLLGATE_LISTEN` and `TOLLGATE_DATABASE_URL` and by flags,
+//! with a working embedded default when there is no file.
+//!
+//! Money in the file is written as strings (`"500.00"`) and read as exact decimals:
+//! no float ever holds a price or a budget (R2). Unknown keys are errors, and every
+//! error names the key and the problem.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
-/// Where the server listens when neither the config nor the environment says.
+use app::{
+    domain::{Catalog, Model, ModelId, Money, PricePerMTok, Prices},
+    store::{PlanRecord, WorkspaceSetup},
+};
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use crate::db::sqlite::Durability;
+
+/// Where the server listens when neither the file nor the environment says.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The embedded default: one SQLite file in the working directory, created on
 /// first start (DESIGN.md §6).
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tollgate.db";
-/// The workspace name of the embedded default.
-pub const DEFAULT_WORKSPACE_NAME: &str = "Demo workspace";
+/// Gateway request bodies above this many bytes get 413 (DESIGN.md §4): 16 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// Largest plan amount accepted, EUR: keeps every total inside `i64` nano-euros.
+const MAX_PLAN_EUR: i64 = 1_000_000_000;
 
-/// Settings `serve` needs, after the file and the environment have been merged.
+/// Why a configuration cannot be used. Start-up stops with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type;
+    /// the message names the key and the line.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value parsed but breaks a rule.
+    #[error("invalid config: `{key}`: {problem}")]
+    Invalid {
+        /// The key, as a path (`plan.budget_eur`, `models[2].upstream`).
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The file as written (every key optional; defaults fill the gaps).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    listen: Option<String>,
+    database_url: Option<String>,
+    max_request_bytes: Option<usize>,
+    sqlite_synchronous: Option<String>,
+    workspace: Option<WorkspaceSection>,
+    plan: Option<PlanSection>,
+    upstreams: Option<Vec<UpstreamSection>>,
+    models: Option<Vec<ModelSection>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkspaceSection {
+    name: Option<String>,
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanSection {
+    budget_eur: Option<String>,
+    overage_eur: Option<String>,
+    start: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    name: String,
+    base_url: String,
+    api_key_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    id: String,
+    display_name: Option<String>,
+    upstream: String,
+    upstream_model: Option<String>,
+    #[serde(default)]
+    aliases: Vec<String>,
+    input_eur_per_mtok: String,
+    cached_input_eur_per_mtok: Option<String>,
+    output_eur_per_mtok: String,
+    max_output_tokens: u32,
+}
+
+/// An OpenAI-compatible provider the gateway forwards to.
+#[derive(Clone)]
+pub struct Upstream {
+    /// Name models refer to.
+    pub name: String,
+    /// Base URL, e.g. `https://api.openai.com/v1` (no trailing slash).
+    pub base_url: String,
+    /// The environment variable holding the key (the key never sits in the file).
+    pub api_key_env: Option<String>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only the variable's name: the key itself is never formatted.
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("api_key_env", &self.api_key_env)
+            .finish()
+    }
+}
+
+/// The merged, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Socket address of the HTTP server.
     pub listen: SocketAddr,
     /// `sqlite://PATH` or `postgres://...`; the scheme picks the backend.
     pub database_url: String,
-    /// The workspace's display name.
-    pub workspace_name: String,
+    /// Gateway request bodies above this many bytes get 413.
+    pub max_request_bytes: usize,
+    /// SQLite durability (`sqlite_synchronous = "normal" | "full"`).
+    pub durability: Durability,
+    /// Workspace name, plan and catalog, applied to the database at start.
+    pub setup: WorkspaceSetup,
+    /// Upstreams by name.
+    pub upstreams: Vec<Upstream>,
+}
+
+/// Overrides from flags or environment variables (`TOLLGATE_LISTEN`,
+/// `TOLLGATE_DATABASE_URL`), which win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen` / `TOLLGATE_LISTEN`.
+    pub listen: Option<String>,
+    /// `--database-url` / `TOLLGATE_DATABASE_URL`.
+    pub database_url: Option<String>,
+}
+
+impl Config {
+    /// Load `path` (or the embedded default when `None`) and apply `overrides`.
+    ///
+    /// Errors: [`ConfigError`] naming the key and the problem.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                parse_file(&text).map_err(|message| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message,
+                })?
+            }
+            None => ConfigFile::default(),
+        };
+        Config::from_file(file, overrides)
+    }
+
+    /// Validate a parsed file and apply `overrides`.
+    ///
+    /// Errors: [`ConfigError::Invalid`] naming the key.
+    pub fn from_file(file: ConfigFile, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let (listen_key, listen) = match &overrides.listen {
+            Some(value) => ("TOLLGATE_LISTEN / --listen", value.clone()),
+            None => (
+                "listen",
+                file.listen.unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            ),
+        };
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                listen_key,
+                format!("{listen:?} is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+        let (db_key, database_url) = match &overrides.database_url {
+            Some(value) => ("TOLLGATE_DATABASE_URL / --database-url", value.clone()),
+            None => (
+                "database_url",
+                file.database_url
+                    .unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            ),
+        };
+        if !["sqlite:", "postgres:", "postgresql:"]
+            .iter()
+            .any(|s| database_url.starts_with(s))
+        {
+            return Err(invalid(
+                db_key,
+                "must start with sqlite:// (a file) or postgres:// (a server)",
+            ));
+        }
+        let max_request_bytes = file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+        if max_request_bytes == 0 {
+            return Err(invalid("max_request_bytes", "must be at least 1"));
+        }
+        let durability = match file.sqlite_synchronous.as_deref() {
+            None | Some("normal") => Durability::Normal,
+            Some("full") => Durability::Full,
+            Some(other) => {
+                return Err(invalid(
+                    "sqlite_synchronous",
+                    format!("{other:?} is not one of \"normal\", \"full\""),
+                ))
+            }
+        };
+
+        let workspace = file.workspace.unwrap_or_default();
+        let name = workspace.name.unwrap_or_else(|| "Demo workspace".into());
+        if name.trim().is_empty() {
+            return Err(invalid("workspace.name", "must not be empty"));
+        }
+        let timezone: Tz = match workspace.timezone.as_deref() {
+            None => Tz::UTC,
+            Some(tz) => tz.parse().map_err(|_| {
+                invalid(
+                    "workspace.timezone",
+                    format!("{tz:?} is not an IANA timezone name like Europe/Berlin"),
+                )
+            })?,
+        };
+        let plan = file.plan.unwrap_or_default();
+        let budget = plan_amount(
+            "plan.budget_eur",
+            plan.budget_eur.as_deref().unwrap_or("500.00"),
+        )?;
+        let overage = plan_amount(
+            "plan.overage_eur",
+            plan.overage_eur.as_deref().unwrap_or("100.00"),
+        )?;
+        let start_text = plan.start.unwrap_or_else(|| "2026-01-01".into());
+        let start = NaiveDate::parse_from_str(&start_text, "%Y-%m-%d").map_err(|_| {
+            invalid(
+                "plan.start",
+                format!("{start_text:?} is not a date like 2026-01-31"),
+            )
+        })?;
+
+        let (upstreams, models) = match (file.upstreams, file.models) {
+            (None, None) => demo_catalog(),
+            (Some(upstreams), Some(models)) => (upstreams, models),
+            (None, Some(_)) => {
+                return Err(invalid("upstreams", "models are declared but no upstream"))
+            }
+            (Some(_), None) => {
+                return Err(invalid("models", "upstreams are declared but no model"))
+            }
+        };
+        let upstreams = validate_upstreams(upstreams)?;
+        let catalog = build_catalog(models, &upstreams)?;
+
+        Ok(Config {
+            listen,
+            database_url,
+            max_request_bytes,
+            durability,
+            setup: WorkspaceSetup {
+                name,
+                plan: PlanRecord {
+                    amounts: app::domain::PlanAmounts { budget, overage },
+                    start,
+                    timezone,
+                },
+                catalog: Arc::new(catalog),
+            },
+            upstreams,
+        })
+    }
+
+    /// The upstream a model is served by, and the name to send it.
+    pub fn upstream_of(&self, model: &Model) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name == model.upstream)
+    }
+}
+
+fn parse_file(text: &str) -> Result<ConfigFile, String> {
+    toml::from_str(text).map_err(|e| e.to_string())
+}
+
+fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
+    text.trim().parse::<Decimal>().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not a decimal number like \"12.50\""),
+        )
+    })
+}
+
+fn plan_amount(key: &str, text: &str) -> Result<app::domain::Nanos, ConfigError> {
+    let value = decimal(key, text)?;
+    if value.is_sign_negative() {
+        return Err(invalid(key, "must not be negative"));
+    }
+    if value > Decimal::from(MAX_PLAN_EUR) {
+        return Err(invalid(key, format!("must not exceed {MAX_PLAN_EUR} EUR")));
+    }
+    if value.normalize().scale() > 9 {
+        return Err(invalid(
+            key,
+            "has more than 9 decimals (nano-euros are the smallest unit)",
+        ));
+    }
+    Money::new(value)
+        .to_nanos_rounded()
+        .map_err(|e| invalid(key, e.to_string()))
+}
+
+fn price(key: &str, text: &str) -> Result<PricePerMTok, ConfigError> {
+    let value = decimal(key, text)?;
+    if value > Decimal::from(1_000_000) {
+        return Err(invalid(key, "must not exceed 1000000 EUR per 1M tokens"));
+    }
+    PricePerMTok::new(value).map_err(|e| invalid(key, e.to_string()))
+}
+
+fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, ConfigError> {
+    let mut out: Vec<Upstream> = Vec::with_capacity(upstreams.len());
+    for (i, u) in upstreams.into_iter().enumerate() {
+        if u.name.trim().is_empty() {
+            return Err(invalid(format!("upstreams[{i}].name"), "must not be empty"));
+        }
+        if out.iter().any(|o| o.name == u.name) {
+            return Err(invalid(
+                format!("upstreams[{i}].name"),
+                format!("{:?} is declared twice", u.name),
+            ));
+        }
+        let parsed = url::Url::parse(&u.base_url).map_err(|e| {
+            invalid(
+                format!("upstreams[{i}].base_url"),
+                format!("{:?} is not a URL: {e}", u.base_url),
+            )
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(invalid(
+                format!("upstreams[{i}].base_url"),
+                "must be an http:// or https:// URL",
+            ));
+        }
+        out.push(Upstream {
+            name: u.name,
+            base_url: u.base_url.trim_end_matches('/').to_owned(),
+            api_key_env: u.api_key_env,
+        });
+    }
+    Ok(out)
+}
+
+fn build_catalog(
+    models: Vec<ModelSection>,
+    upstreams: &[Upstream],
+) -> Result<Catalog, ConfigError> {
+    let mut out = Vec::with_capacity(models.len());
+    for (i, m) in models.into_iter().enumerate() {
+        let key = |field: &str| format!("models[{i}].{field}");
+        if !upstreams.iter().any(|u| u.name == m.upstream) {
+            return Err(invalid(
+                key("upstream"),
+                format!("{:?} is not the name of an [[upstreams]] entry", m.upstream),
+            ));
+        }
+        let input = price(&key("input_eur_per_mtok"), &m.input_eur_per_mtok)?;
+        let cached_input = match &m.cached_input_eur_per_mtok {
+            Some(text) => price(&key("cached_input_eur_per_mtok"), text)?,
+            None => input,
+        };
+        let output = price(&key("output_eur_per_mtok"), &m.output_eur_per_mtok)?;
+        out.push(Model {
+            id: ModelId::new(m.id.clone()),
+            display_name: m.display_name.unwrap_or_else(|| m.id.clone()),
+            aliases: m.aliases,
+            upstream: m.upstream,
+            upstream_model: m.upstream_model.unwrap_or(m.id),
+            prices: Prices {
+                input,
+                cached_input,
+                output,
+            },
+            max_output_tokens: m.max_output_tokens,
+        });
+    }
+    if out.is_empty() {
+        return Err(invalid("models", "declare at least one model"));
+    }
+    Catalog::new(out).map_err(|e| invalid("models", e.to_string()))
+}
+
+/// The embedded demo catalog: list prices of late 2026 (USD per 1M tokens)
+/// converted at the default rate of 0.86 EUR per USD, set on 2026-11-29. Operators
+/// override it with their own `[[models]]`; every usage event keeps the price it
+/// was charged at (R3).
+fn demo_catalog() -> (Vec<UpstreamSection>, Vec<ModelSection>) {
+    let upstream = |name: &str, base_url: &str, env: &str| UpstreamSection {
+        name: name.into(),
+        base_url: base_url.into(),
+        api_key_env: Some(env.into()),
+    };
+    let upstreams = vec![
+        upstream("openai", "https://api.openai.com/v1", "OPENAI_API_KEY"),
+        upstream(
+            "anthropic",
+            "https://api.anthropic.com/v1",
+            "ANTHROPIC_API_KEY",
+        ),
+        upstream(
+            "google",
+            "https://generativelanguage.googleapis.com/v1beta/openai",
+            "GEMINI_API_KEY",
+        ),
+        upstream("mistral", "https://api.mistral.ai/v1", "MISTRAL_API_KEY"),
+    ];
+    // (id, display name, upstream, USD input, cached input, output, max output tokens)
+    const USD: [(&str, &str, &str, &str, &str, &str, u32); 16] = [
+        (
+            "claude-opus-4-5",
+            "Claude Opus 4.5",
+            "anthropic",
+            "5.00",
+            "0.50",
+            "25.00",
+            64_000,
+        ),
+        (
+            "claude-sonnet-4-5",
+            "Claude Sonnet 4.5",
+            "anthropic",
+            "3.00",
+            "0.30",
+            "15.00",
+            64_000,
+        ),
+        (
+            "claude-haiku-4-5",
+            "Claude Haiku 4.5",
+            "anthropic",
+            "1.00",
+            "0.10",
+            "5.00",
+            64_000,
+        ),
+        (
+            "gpt-5.4", "GPT-5.4", "openai", "2.50", "0.25", "15.00", 128_000,
+        ),
+        (
+            "gpt-4o", "GPT-4o", "openai", "2.50", "1.25", "10.00", 16_384,
+        ),
+        (
+            "gpt-5", "GPT-5", "openai", "1.25", "0.125", "10.00", 128_000,
+        ),
+        (
+            "gemini-2.5-pro",
+            "Gemini 2.5 Pro",
+            "google",
+            "1.25",
+            "0.125",
+            "10.00",
+            65_536,
+        ),
+        (
+            "mistral-medium-latest",
+            "Mistral Medium",
+            "mistral",
+            "1.50",
+            "0.15",
+            "7.50",
+            262_144,
+        ),
+        (
+            "gpt-5.4-mini",
+            "GPT-5.4 Mini",
+            "openai",
+            "0.75",
+            "0.075",
+            "4.50",
+            128_000,
+        ),
+        (
+            "gemini-2.5-flash",
+            "Gemini 2.5 Flash",
+            "google",
+            "0.30",
+            "0.03",
+            "2.50",
+            65_536,
+        ),
+        (
+            "gpt-5-mini",
+            "GPT-5 Mini",
+            "openai",
+            "0.25",
+            "0.025",
+            "2.00",
+            128_000,
+        ),
+        (
+            "mistral-large-latest",
+            "Mistral Large",
+            "mistral",
+            "0.50",
+            "0.05",
+            "1.50",
+            262_144,
+        ),
+        (
+            "gpt-5.4-nano",
+            "GPT-5.4 Nano",
+            "openai",
+            "0.20",
+            "0.02",
+            "1.25",
+            128_000,
+        ),
+        (
+            "gpt-4o-mini",
+            "GPT-4o Mini",
+            "openai",
+            "0.15",
+            "0.075",
+            "0.60",
+            16_384,
+        ),
+        (
+            "mistral-small-latest",
+            "Mistral Small",
+            "mistral",
+            "0.15",
+            "0.015",
+            "0.60",
+            262_144,
+        ),
+        (
+            "gpt-5-nano",
+            "GPT-5 Nano",
+            "openai",
+            "0.05",
+            "0.005",
+            "0.40",
+            128_000,
+        ),
+    ];
+    let rate = Decimal::new(86, 2);
+    let eur = |usd: &str| {
+        let usd: Decimal = usd.parse().unwrap_or_default();
+        (usd * rate).normalize().to_string()
+    };
+    let models = USD
+        .iter()
+        .map(
+            |(id, name, upstream, input, cached, output, max)| ModelSection {
+                id: (*id).into(),
+                display_name: Some((*name).into()),
+                upstream: (*upstream).into(),
+                upstream_model: None,
+                aliases: vec![format!("{upstream}/{id}")],
+                input_eur_per_mtok: eur(input),
+                cached_input_eur_per_mtok: Some(eur(cached)),
+                output_eur_per_mtok: eur(output),
+                max_output_tokens: *max,
+            },
+        )
+        .collect();
+    (upstreams, models)
+}
+
+/// A documented example config, printed by `tollgate config example`; it parses
+/// to a valid configuration (tested).
+pub const EXAMPLE: &str = include_str!("../tollgate.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let file = parse_file(text).map_err(|message| ConfigError::Parse {
+            path: "test.toml".into(),
+            message,
+        })?;
+        Config::from_file(file, &Overrides::default())
+    }
+
+    #[test]
+    fn the_example_is_valid_and_matches_the_design() {
+        let config = load_text(EXAMPLE).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.setup.plan.timezone, chrono_tz::Europe::Berlin);
+        assert_eq!(config.setup.plan.amounts.budget.get(), 500_000_000_000);
+        assert_eq!(config.setup.plan.amounts.overage.get(), 100_000_000_000);
+        let gpt5 = config.setup.catalog.resolve("openai/gpt-5").unwrap();
+        assert_eq!(gpt5.id.as_str(), "gpt-5");
+        assert_eq!(gpt5.prices.output.eur_per_mtok(), Decimal::new(860, 2));
+    }
+
+    #[test]
+    fn the_default_has_the_seed_models() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        for id in [
+            "claude-sonnet-4-5",
+            "gpt-4o",
+            "gpt-5",
+            "gpt-5-mini",
+            "gpt-5.4-mini",
+        ] {
+            assert!(config.setup.catalog.resolve(id).is_some(), "{id} missing");
+        }
+        // 10.00 USD at 0.86 EUR/USD.
+        let gpt5 = config.setup.catalog.resolve("gpt-5").unwrap();
+        assert_eq!(gpt5.prices.output.eur_per_mtok(), Decimal::new(86, 1));
+        assert_eq!(config.database_url, DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let err = load_text("listen = \"127.0.0.1:1\"\nbudget = 5\n").unwrap_err();
+        assert!(err.to_string().contains("budget"), "{err}");
+        let err = load_text("[plan]\nbudget_eur = \"1\"\nstrat = \"2026-01-01\"\n").unwrap_err();
+        assert!(err.to_string().contains("strat"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_the_problem() {
+        let cases = [
+            ("[plan]\nbudget_eur = \"-1\"", "plan.budget_eur", "negative"),
+            ("[plan]\nbudget_eur = \"abc\"", "plan.budget_eur", "decimal"),
+            (
+                "[plan]\noverage_eur = \"1e3\"",
+                "plan.overage_eur",
+                "decimal",
+            ),
+            ("[plan]\nstart = \"2026-02-30\"", "plan.start", "date"),
+            (
+                "[workspace]\ntimezone = \"Mars/Olympus\"",
+                "workspace.timezone",
+                "IANA",
+            ),
+            ("listen = \"localhost\"", "listen", "address"),
+            ("database_url = \"mysql://x\"", "database_url", "sqlite://"),
+            ("sqlite_synchronous = \"off\"", "sqlite_synchronous", "full"),
+        ];
+        for (text, key, problem) in cases {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains(problem),
+                "{text:?} gave {err}"
+            );
+        }
+        // Money must be a string: a float in the file is refused, not rounded.
+        let err = load_text("[plan]\nbudget_eur = 500.5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("budget_eur"), "{err}");
+    }
+
+    #[test]
+    fn models_must_name_a_declared_upstream() {
+        let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\n\
+                    [[models]]\nid = \"m\"\nupstream = \"b\"\ninput_eur_per_mtok = \"1\"\n\
+                    output_eur_per_mtok = \"2\"\nmax_output_tokens = 10\n";
+        let err = load_text(text).unwrap_err().to_string();
+        assert!(err.contains("models[0].upstream"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let file =
+            parse_file("listen = \"127.0.0.1:1\"\ndatabase_url = \"sqlite://a.db\"").unwrap();
+        let config = Config::from_file(
+            file,
+            &Overrides {
+                listen: Some("127.0.0.1:2".into()),
+                database_url: Some("postgres://x@y/z".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 2);
+        assert_eq!(config.database_url, "postgres://x@y/z");
+    }
 }

@@ -1,6 +1,7 @@
 //! Tollgate's server as a library, so that the `tollgate` binary, the tests and
 //! the benchmarks all build the same router over the same store.
 //!
+//! - [`cli`]: the `tollgate` commands (DESIGN.md §7).
 //! - [`config`]: the operator's configuration (DESIGN.md §7).
 //! - [`db`]: the SQLite and PostgreSQL implementations of `app::store::Store`.
 //! - [`http`]: the axum router (pages, server functions, health).
@@ -8,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod assets;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod http;

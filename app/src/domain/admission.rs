@@ -242,6 +242,35 @@ pub fn admit(
     Admission::Block(model_block(snapshot, requested, state.counter, cap, c))
 }
 
+/// Admission of usage that already happened on `model` at a known `cost` in
+/// nano-euros (the usage API's bulk recording, DESIGN.md §4): the same two checks as
+/// [`admit`] with `c = cost`, but no fallback, since the model cannot be changed
+/// after the fact. Recording it must not carry the workspace past its allowance or
+/// the model past its active cap (R4, R5, R6).
+///
+/// Errors: the [`Blocked`] answer, with `plan_limit_reached` or
+/// `model_limit_reached`.
+pub fn admit_known_cost(
+    snapshot: &Snapshot<'_>,
+    model: &Model,
+    cost: Nanos,
+) -> Result<(), Blocked> {
+    if !has_room(snapshot.workspace.used(), cost, snapshot.plan.allowance()) {
+        return Err(plan_block(snapshot, cost));
+    }
+    let state = snapshot.model_state(&model.id);
+    match state.limit.active_cap() {
+        Some(cap) if !has_room(state.counter.used(), cost, cap) => {
+            let no_fallback = Snapshot {
+                automatic_fallback: false,
+                ..*snapshot
+            };
+            Err(model_block(&no_fallback, model, state.counter, cap, cost))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn admit_on(model: &Model, reservation: Nanos) -> Admission {
     Admission::Admit {
         model: model.id.clone(),
@@ -792,5 +821,53 @@ mod tests {
                 prop_assert_eq!(workspace.spent, model_total);
             }
         }
+    }
+
+    #[test]
+    fn known_cost_is_admitted_only_within_plan_and_cap() {
+        let catalog = catalog();
+        let gpt5 = catalog.resolve("gpt-5").unwrap();
+        let mut models = HashMap::new();
+        models.insert(
+            gpt5.id.clone(),
+            ModelState {
+                counter: Counter {
+                    spent: Nanos::new(4 * EUR),
+                    reserved: Nanos::ZERO,
+                },
+                limit: ModelLimit {
+                    limit: Some(Nanos::new(5 * EUR)),
+                    enabled: true,
+                },
+            },
+        );
+        let snapshot = Snapshot {
+            plan: PlanAmounts {
+                budget: Nanos::new(10 * EUR),
+                overage: Nanos::ZERO,
+            },
+            automatic_fallback: true,
+            workspace: Counter {
+                spent: Nanos::new(4 * EUR),
+                reserved: Nanos::ZERO,
+            },
+            models: &models,
+            resets_at: chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 31, 23, 0, 0).unwrap(),
+        };
+        // Exactly up to the cap fits; one nano-euro more is refused without fallback.
+        assert_eq!(admit_known_cost(&snapshot, gpt5, Nanos::new(EUR)), Ok(()));
+        let blocked = admit_known_cost(&snapshot, gpt5, Nanos::new(EUR + 1)).unwrap_err();
+        assert_eq!(blocked.code, BlockCode::ModelLimitReached);
+        assert!(blocked
+            .message
+            .contains("automatic fallback to a cheaper model is off"));
+        // A model without a cap is held by the allowance alone.
+        let other = catalog.models().iter().find(|m| m.id != gpt5.id).unwrap();
+        assert_eq!(
+            admit_known_cost(&snapshot, other, Nanos::new(6 * EUR)),
+            Ok(())
+        );
+        let blocked = admit_known_cost(&snapshot, other, Nanos::new(6 * EUR + 1)).unwrap_err();
+        assert_eq!(blocked.code, BlockCode::PlanLimitReached);
     }
 }

@@ -29,7 +29,9 @@ pub mod pricing;
 pub mod shares;
 pub mod status;
 
-pub use admission::{admit, Admission, BlockCode, Blocked, Counter, ModelState, Snapshot};
+pub use admission::{
+    admit, admit_known_cost, Admission, BlockCode, Blocked, Counter, ModelState, Snapshot,
+};
 pub use catalog::{Catalog, CatalogError, Model, ModelId, Prices};
 pub use cycle::{BillingCycle, CycleError};
 pub use estimate::{prompt_token_bound_from_bytes, reservation, EstimateError, TokenEstimate};

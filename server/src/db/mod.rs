@@ -1,6 +1,7 @@
 //! The `Store` implementations. The backend is picked once, from the database
 //! URL's scheme, and handed around as `Arc<dyn Store>`.
 
+mod books;
 pub mod postgres;
 pub mod sqlite;
 
@@ -22,12 +23,16 @@ pub enum ConnectError {
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
-/// Open (creating a SQLite file if needed) and migrate the database at `url`.
+/// Open (creating a SQLite file if needed) and migrate the database at `url`;
+/// `durability` applies to SQLite only.
 ///
 /// Errors: [`ConnectError`] naming what failed.
-pub async fn connect(url: &str) -> Result<SharedStore, ConnectError> {
+pub async fn connect(
+    url: &str,
+    durability: sqlite::Durability,
+) -> Result<SharedStore, ConnectError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+        Ok(Arc::new(sqlite::SqliteStore::open(url, durability).await?))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(Arc::new(postgres::PostgresStore::open(url).await?))
     } else {
@@ -45,9 +50,4 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-fn database_error(e: sqlx::Error) -> app::store::StoreError {
-    tracing::error!(error = %e, "database error");
-    app::store::StoreError::Database(e.to_string())
 }

@@ -1,9 +1,14 @@
 //! `Store` on PostgreSQL, for several replicas sharing one database (DESIGN.md §6).
+//! Every write first reads the workspace's plan row `FOR UPDATE`, so writers of one
+//! workspace, from any replica, take turns, and each reads the counters, limits and
+//! settings as the previous one committed them (READ COMMITTED gives every
+//! statement a fresh snapshot).
 
-use app::store::{Store, StoreError, WorkspaceRecord};
-use sqlx::{postgres::PgPoolOptions, PgPool};
+use app::store::StoreError;
+use chrono::{DateTime, Utc};
+use sqlx::{postgres::PgPoolOptions, PgPool, Postgres};
 
-use super::{database_error, ConnectError};
+use super::{books::db_error, ConnectError};
 
 /// The PostgreSQL adapter.
 #[derive(Debug, Clone)]
@@ -11,14 +16,13 @@ pub struct PostgresStore {
     pool: PgPool,
 }
 
-#[derive(sqlx::FromRow)]
-struct WorkspaceRow {
-    id: i64,
-    name: String,
-}
-
 impl PostgresStore {
+    /// Lock the plan row read first in every write (see the module docs).
+    const LOCK: &'static str = "FOR UPDATE OF p";
+
     /// Connect to `url` and apply migrations.
+    ///
+    /// Errors: [`ConnectError`] when the server cannot be reached or migrated.
     pub async fn open(url: &str) -> Result<Self, ConnectError> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
@@ -31,32 +35,10 @@ impl PostgresStore {
             .map_err(ConnectError::Migrate)?;
         Ok(Self { pool })
     }
-}
 
-#[async_trait::async_trait]
-impl Store for PostgresStore {
-    async fn ensure_workspace(&self, name: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO workspaces (id, name) VALUES (1, $1) \
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-        )
-        .bind(name)
-        .execute(&self.pool)
-        .await
-        .map_err(database_error)?;
-        Ok(())
-    }
-
-    async fn workspace(&self) -> Result<WorkspaceRecord, StoreError> {
-        let row: Option<WorkspaceRow> =
-            sqlx::query_as("SELECT id, name FROM workspaces ORDER BY id LIMIT 1")
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(database_error)?;
-        row.map(|r| WorkspaceRecord {
-            id: r.id,
-            name: r.name,
-        })
-        .ok_or(StoreError::NotFound { what: "workspace" })
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(db_error)
     }
 }
+
+super::books::impl_store!(PostgresStore, Postgres);

@@ -1,14 +1,17 @@
-//! `Store` on SQLite: one file, WAL journal (DESIGN.md §6).
+//! `Store` on SQLite: one file, WAL journal (DESIGN.md §6). Writers serialise on
+//! `BEGIN IMMEDIATE`, which takes the database's write lock before the first read,
+//! so an admission's snapshot cannot change under it.
 
 use std::{str::FromStr, time::Duration};
 
-use app::store::{Store, StoreError, WorkspaceRecord};
+use app::store::StoreError;
+use chrono::{DateTime, Utc};
 use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    SqlitePool,
+    Sqlite, SqlitePool,
 };
 
-use super::{database_error, ConnectError};
+use super::{books::db_error, ConnectError};
 
 /// The SQLite adapter.
 #[derive(Debug, Clone)]
@@ -16,20 +19,32 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
-#[derive(sqlx::FromRow)]
-struct WorkspaceRow {
-    id: i64,
-    name: String,
+/// How durable an acknowledged write is (DESIGN.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=NORMAL` in WAL mode: survives a crash of the process.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: also survives a power loss.
+    Full,
 }
 
 impl SqliteStore {
+    /// Apply no lock clause: `BEGIN IMMEDIATE` already holds the write lock.
+    const LOCK: &'static str = "";
+
     /// Open the file named by `url` (created if missing) and apply migrations.
-    pub async fn open(url: &str) -> Result<Self, ConnectError> {
+    ///
+    /// Errors: [`ConnectError`] when the file cannot be opened or migrated.
+    pub async fn open(url: &str, durability: Durability) -> Result<Self, ConnectError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(ConnectError::Open)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(match durability {
+                Durability::Normal => SqliteSynchronous::Normal,
+                Durability::Full => SqliteSynchronous::Full,
+            })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
@@ -43,32 +58,13 @@ impl SqliteStore {
             .map_err(ConnectError::Migrate)?;
         Ok(Self { pool })
     }
-}
 
-#[async_trait::async_trait]
-impl Store for SqliteStore {
-    async fn ensure_workspace(&self, name: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO workspaces (id, name) VALUES (1, ?1) \
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-        )
-        .bind(name)
-        .execute(&self.pool)
-        .await
-        .map_err(database_error)?;
-        Ok(())
-    }
-
-    async fn workspace(&self) -> Result<WorkspaceRecord, StoreError> {
-        let row: Option<WorkspaceRow> =
-            sqlx::query_as("SELECT id, name FROM workspaces ORDER BY id LIMIT 1")
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(database_error)?;
-        row.map(|r| WorkspaceRecord {
-            id: r.id,
-            name: r.name,
-        })
-        .ok_or(StoreError::NotFound { what: "workspace" })
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)
     }
 }
+
+super::books::impl_store!(SqliteStore, Sqlite);

@@ -21,6 +21,8 @@ pub struct AppState {
     pub leptos_options: LeptosOptions,
     /// The database behind the `Store` port.
     pub store: SharedStore,
+    /// The operator's configuration.
+    pub config: std::sync::Arc<crate::config::Config>,
 }
 
 /// Build the whole HTTP surface over `state`.

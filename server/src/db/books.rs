@@ -1,0 +1,1008 @@
+//! The books, written once for both backends.
+//!
+//! SQLite and PostgreSQL run the same SQL here (sqlx binds `$N` placeholders on
+//! both), so the `Store` implementation is generated for each backend by
+//! [`impl_store!`] with concrete sqlx types, rather than written twice or made
+//! generic over `sqlx::Database` with a wall of trait bounds. What differs is
+//! supplied by each backend as inherent items:
+//! - `begin_write()`: a transaction that serialises writers (SQLite `BEGIN
+//!   IMMEDIATE`; PostgreSQL a plain `BEGIN`),
+//! - `LOCK`: the suffix that makes the plan read lock the workspace for the rest
+//!   of the transaction (PostgreSQL `FOR UPDATE`; nothing on SQLite, where
+//!   `BEGIN IMMEDIATE` already holds the write lock).
+//!
+//! The budget rules themselves stay in `app::domain`; this module only gives them a
+//! consistent snapshot and applies their answer (STYLE.md).
+
+use std::{collections::HashMap, str::FromStr};
+
+use app::{
+    domain::{
+        Counter, ModelId, ModelLimit, ModelState, Nanos, PlanAmounts, PricePerMTok, Prices, Usage,
+    },
+    store::{PlanRecord, SettingsRecord, StoreError},
+};
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+
+/// This deployment's workspace: every row carries it, one deployment serves one.
+pub(crate) const WORKSPACE_ID: i64 = 1;
+/// `counters.model_id` of the workspace's own total.
+pub(crate) const WORKSPACE_TOTAL: &str = "";
+
+/// The plan and settings, read (and on PostgreSQL locked) first in every write.
+#[derive(sqlx::FromRow)]
+pub(crate) struct PlanRow {
+    pub budget_nanos: i64,
+    pub overage_nanos: i64,
+    pub plan_start: String,
+    pub timezone: String,
+    pub automatic_fallback: bool,
+    pub settings_version: i64,
+}
+
+impl PlanRow {
+    pub fn plan(&self) -> Result<PlanRecord, StoreError> {
+        let start = NaiveDate::parse_from_str(&self.plan_start, "%Y-%m-%d")
+            .map_err(|e| corrupt("plans.plan_start", e))?;
+        let timezone = self
+            .timezone
+            .parse()
+            .map_err(|e| corrupt("plans.timezone", e))?;
+        Ok(PlanRecord {
+            amounts: PlanAmounts {
+                budget: Nanos::new(self.budget_nanos),
+                overage: Nanos::new(self.overage_nanos),
+            },
+            start,
+            timezone,
+        })
+    }
+
+    pub fn settings(&self) -> SettingsRecord {
+        SettingsRecord {
+            automatic_fallback: self.automatic_fallback,
+            version: self.settings_version,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct CounterRow {
+    pub model_id: String,
+    pub spent_nanos: i64,
+    pub reserved_nanos: i64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct LimitRow {
+    pub model_id: String,
+    pub limit_nanos: Option<i64>,
+    pub enabled: bool,
+    pub version: i64,
+}
+
+impl LimitRow {
+    pub fn limit(&self) -> ModelLimit {
+        ModelLimit {
+            limit: self.limit_nanos.map(Nanos::new),
+            enabled: self.enabled,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ReservationRow {
+    pub id: String,
+    pub cycle_start: i64,
+    pub requested_model: String,
+    pub served_model: String,
+    pub amount_nanos: i64,
+    pub input_eur_per_mtok: String,
+    pub cached_input_eur_per_mtok: String,
+    pub output_eur_per_mtok: String,
+    pub user_id: Option<i64>,
+    pub api_key_id: Option<i64>,
+}
+
+impl ReservationRow {
+    /// The prices in force when the request was admitted (R3).
+    pub fn prices(&self) -> Result<Prices, StoreError> {
+        Ok(Prices {
+            input: price(&self.input_eur_per_mtok)?,
+            cached_input: price(&self.cached_input_eur_per_mtok)?,
+            output: price(&self.output_eur_per_mtok)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    pub id: i64,
+    pub requested_model: String,
+    pub served_model: String,
+    pub cost_nanos: i64,
+    pub estimated: bool,
+    pub over_reservation: bool,
+}
+
+impl EventRow {
+    pub fn record(self, newly_recorded: bool) -> app::store::UsageEventRecord {
+        app::store::UsageEventRecord {
+            id: self.id,
+            requested: ModelId::new(self.requested_model),
+            served: ModelId::new(self.served_model),
+            cost: Nanos::new(self.cost_nanos),
+            estimated: self.estimated,
+            over_reservation: self.over_reservation,
+            newly_recorded,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    pub id: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub old_value: String,
+    pub new_value: String,
+}
+
+fn price(text: &str) -> Result<PricePerMTok, StoreError> {
+    let value = Decimal::from_str(text).map_err(|e| corrupt("price", e))?;
+    PricePerMTok::new(value).map_err(|e| corrupt("price", e))
+}
+
+/// A stored value that cannot be read back: a bug or a hand-edited database.
+pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    tracing::error!(what, error = %e, "unreadable value in the database");
+    StoreError::Database(format!("unreadable {what}"))
+}
+
+/// Map a sqlx error: constraint violations become typed errors (STYLE.md), the rest
+/// is logged and answered generically.
+pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &e {
+        let kind = db.kind();
+        if matches!(
+            kind,
+            sqlx::error::ErrorKind::UniqueViolation
+                | sqlx::error::ErrorKind::ForeignKeyViolation
+                | sqlx::error::ErrorKind::NotNullViolation
+                | sqlx::error::ErrorKind::CheckViolation
+        ) {
+            tracing::warn!(error = %db, "constraint violation");
+            return StoreError::Invalid {
+                code: "constraint_violation",
+                message: "the change breaks a rule of the books and was not saved".into(),
+            };
+        }
+    }
+    tracing::error!(error = %e, "database error");
+    StoreError::Database(e.to_string())
+}
+
+/// Counters and limits of a cycle as the admission snapshot wants them.
+pub(crate) fn model_states(
+    counters: &[CounterRow],
+    limits: &[LimitRow],
+) -> (Counter, HashMap<ModelId, ModelState>) {
+    let mut workspace = Counter::default();
+    let mut models: HashMap<ModelId, ModelState> =
+        HashMap::with_capacity(limits.len() + counters.len());
+    for row in counters {
+        let counter = Counter {
+            spent: Nanos::new(row.spent_nanos),
+            reserved: Nanos::new(row.reserved_nanos),
+        };
+        if row.model_id == WORKSPACE_TOTAL {
+            workspace = counter;
+        } else {
+            models
+                .entry(ModelId::new(row.model_id.as_str()))
+                .or_default()
+                .counter = counter;
+        }
+    }
+    for row in limits {
+        models
+            .entry(ModelId::new(row.model_id.as_str()))
+            .or_default()
+            .limit = row.limit();
+    }
+    (workspace, models)
+}
+
+/// The cost of a settlement in nano-euros and its flags `(cost, estimated,
+/// over_reservation)`: the usage priced at the admission's prices and rounded once
+/// (R2, R3), or the reserved estimate when no usage was reported (DESIGN.md §4).
+pub(crate) fn settlement_cost(
+    row: &ReservationRow,
+    usage: Option<&Usage>,
+) -> Result<(Nanos, bool, bool), StoreError> {
+    let reserved = Nanos::new(row.amount_nanos);
+    let Some(usage) = usage else {
+        return Ok((reserved, true, false));
+    };
+    let cost = app::domain::cost(&row.prices()?, usage)
+        .map_err(|e| StoreError::Invalid {
+            code: "invalid_usage",
+            message: e.to_string(),
+        })?
+        .to_nanos_rounded()
+        .map_err(|e| StoreError::Invalid {
+            code: "invalid_usage",
+            message: e.to_string(),
+        })?;
+    Ok((cost, false, cost > reserved))
+}
+
+/// Unix seconds of a cycle start, the counters' key.
+pub(crate) fn cycle_key(start: DateTime<Utc>) -> i64 {
+    start.timestamp()
+}
+
+/// Milliseconds since the epoch, for leases.
+pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+/// `u64` token counts as stored (`BIGINT`); counts past `i64::MAX` are refused.
+pub(crate) fn tokens(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Invalid {
+        code: "invalid_usage",
+        message: format!("a token count of {value} is out of range"),
+    })
+}
+
+/// Generates `impl Store for $store` over the sqlx backend `$db` from one body.
+macro_rules! impl_store {
+    ($store:ty, $db:ty) => {
+        #[async_trait::async_trait]
+        impl app::store::Store for $store {
+            async fn apply_setup(
+                &self,
+                setup: &app::store::WorkspaceSetup,
+            ) -> Result<(), app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut tx = self.begin_write().await?;
+                sqlx::query(
+                    "INSERT INTO workspaces (id, name) VALUES ($1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(&setup.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                sqlx::query(
+                    "INSERT INTO plans (workspace_id, budget_nanos, overage_nanos, plan_start, timezone) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace_id) DO UPDATE SET \
+                     budget_nanos = excluded.budget_nanos, overage_nanos = excluded.overage_nanos, \
+                     plan_start = excluded.plan_start, timezone = excluded.timezone",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(setup.plan.amounts.budget.get())
+                .bind(setup.plan.amounts.overage.get())
+                .bind(setup.plan.start.format("%Y-%m-%d").to_string())
+                .bind(setup.plan.timezone.name())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                sqlx::query(
+                    "INSERT INTO settings (workspace_id) VALUES ($1) ON CONFLICT (workspace_id) DO NOTHING",
+                )
+                .bind(WORKSPACE_ID)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                sqlx::query("DELETE FROM models WHERE workspace_id = $1")
+                    .bind(WORKSPACE_ID)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                for (position, model) in setup.catalog.models().iter().enumerate() {
+                    sqlx::query(
+                        "INSERT INTO models (workspace_id, id, display_name, position, input_eur_per_mtok, \
+                         cached_input_eur_per_mtok, output_eur_per_mtok, max_output_tokens) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .bind(WORKSPACE_ID)
+                    .bind(model.id.as_str())
+                    .bind(&model.display_name)
+                    .bind(i64::try_from(position).unwrap_or(i64::MAX))
+                    .bind(model.prices.input.to_string())
+                    .bind(model.prices.cached_input.to_string())
+                    .bind(model.prices.output.to_string())
+                    .bind(i64::from(model.max_output_tokens))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                }
+                tx.commit().await.map_err(db_error)
+            }
+
+            async fn workspace(
+                &self,
+            ) -> Result<app::store::WorkspaceRecord, app::store::StoreError> {
+                use $crate::db::books::*;
+                let row: Option<(i64, String)> =
+                    sqlx::query_as("SELECT id, name FROM workspaces WHERE id = $1")
+                        .bind(WORKSPACE_ID)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                row.map(|(id, name)| app::store::WorkspaceRecord { id, name })
+                    .ok_or(app::store::StoreError::NotFound { what: "workspace" })
+            }
+
+            async fn reserve(
+                &self,
+                request: app::store::ReserveRequest<'_>,
+            ) -> Result<app::store::ReserveOutcome, app::store::StoreError> {
+                use $crate::db::books::*;
+                use app::domain::{admit, Admission, Snapshot};
+                use app::store::{Reservation, ReservationId, ReserveOutcome};
+
+                let mut tx = self.begin_write().await?;
+                let plan_row = read_plan(&mut tx, Self::LOCK).await?;
+                let plan = plan_row.plan()?;
+                let cycle = plan.cycle_at(request.now)?;
+                let key = cycle_key(cycle.start);
+                let (counters, limits) = read_books(&mut tx, key).await?;
+                let (workspace, models) = model_states(&counters, &limits);
+                let snapshot = Snapshot {
+                    plan: plan.amounts,
+                    automatic_fallback: plan_row.automatic_fallback,
+                    workspace,
+                    models: &models,
+                    resets_at: cycle.end,
+                };
+                let admission = admit(&snapshot, request.catalog, request.model, &request.estimate);
+                let (served, amount) = match admission {
+                    Admission::Admit { model, reservation } => (model, reservation),
+                    Admission::Fallback { to, reservation, .. } => (to, reservation),
+                    Admission::Block(blocked) => {
+                        tx.rollback().await.map_err(db_error)?;
+                        return Ok(ReserveOutcome::Blocked(blocked));
+                    }
+                };
+                let served_model = request
+                    .catalog
+                    .get(&served)
+                    .ok_or(app::store::StoreError::NotFound { what: "model" })?;
+                add_to_counters(&mut tx, key, served.as_str(), 0, amount.get()).await?;
+                let id = uuid::Uuid::new_v4().to_string();
+                sqlx::query(
+                    "INSERT INTO reservations (id, workspace_id, cycle_start, requested_model, served_model, \
+                     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
+                     user_id, api_key_id, owner, lease_until, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(&id)
+                .bind(WORKSPACE_ID)
+                .bind(key)
+                .bind(request.model.id.as_str())
+                .bind(served.as_str())
+                .bind(amount.get())
+                .bind(served_model.prices.input.to_string())
+                .bind(served_model.prices.cached_input.to_string())
+                .bind(served_model.prices.output.to_string())
+                .bind(request.spender.user_id)
+                .bind(request.spender.api_key_id)
+                .bind(request.owner)
+                .bind(millis(request.lease_until))
+                .bind(request.now.to_rfc3339())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(ReserveOutcome::Admitted(Reservation {
+                    id: ReservationId(id),
+                    requested: request.model.id.clone(),
+                    served,
+                    amount,
+                    cycle,
+                }))
+            }
+
+            async fn renew_lease(
+                &self,
+                reservation: &app::store::ReservationId,
+                lease_until: DateTime<Utc>,
+            ) -> Result<(), app::store::StoreError> {
+                use $crate::db::books::*;
+                let done = sqlx::query("UPDATE reservations SET lease_until = $1 WHERE id = $2")
+                    .bind(millis(lease_until))
+                    .bind(&reservation.0)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                if done.rows_affected() == 0 {
+                    return Err(app::store::StoreError::NotFound { what: "reservation" });
+                }
+                Ok(())
+            }
+
+            async fn settle(
+                &self,
+                settlement: app::store::Settlement,
+            ) -> Result<app::store::UsageEventRecord, app::store::StoreError> {
+                use $crate::db::books::*;
+                if let Some(usage) = &settlement.usage {
+                    usage.validate().map_err(|e| app::store::StoreError::Invalid {
+                        code: "invalid_usage",
+                        message: e.to_string(),
+                    })?;
+                }
+                let mut tx = self.begin_write().await?;
+                if let Some(key) = &settlement.idempotency_key {
+                    if let Some(event) = find_event(&mut tx, key).await? {
+                        tx.rollback().await.map_err(db_error)?;
+                        return Ok(event.record(false));
+                    }
+                }
+                let row: Option<ReservationRow> = sqlx::query_as(
+                    "DELETE FROM reservations WHERE id = $1 AND workspace_id = $2 RETURNING id, cycle_start, \
+                     requested_model, served_model, amount_nanos, input_eur_per_mtok, \
+                     cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id",
+                )
+                .bind(&settlement.reservation.0)
+                .bind(WORKSPACE_ID)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let Some(row) = row else {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::NotFound { what: "reservation" });
+                };
+                let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
+                let usage = settlement.usage.unwrap_or_default();
+                add_to_counters(&mut tx, row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos)
+                    .await?;
+                let event = insert_event(
+                    &mut tx,
+                    &row,
+                    &usage,
+                    cost,
+                    estimated,
+                    over,
+                    settlement.idempotency_key.as_deref(),
+                    settlement.now,
+                )
+                .await?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(event.record(true))
+            }
+
+            async fn release(
+                &self,
+                reservation: &app::store::ReservationId,
+            ) -> Result<(), app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut tx = self.begin_write().await?;
+                let row: Option<(i64, String, i64)> = sqlx::query_as(
+                    "DELETE FROM reservations WHERE id = $1 AND workspace_id = $2 \
+                     RETURNING cycle_start, served_model, amount_nanos",
+                )
+                .bind(&reservation.0)
+                .bind(WORKSPACE_ID)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let Some((cycle_start, served, amount)) = row else {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::NotFound { what: "reservation" });
+                };
+                add_to_counters(&mut tx, cycle_start, &served, 0, -amount).await?;
+                tx.commit().await.map_err(db_error)
+            }
+
+            async fn release_expired(
+                &self,
+                now: DateTime<Utc>,
+            ) -> Result<u64, app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut tx = self.begin_write().await?;
+                let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+                    "DELETE FROM reservations WHERE workspace_id = $1 AND lease_until < $2 \
+                     RETURNING cycle_start, served_model, amount_nanos",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(millis(now))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                for (cycle_start, served, amount) in &rows {
+                    add_to_counters(&mut tx, *cycle_start, served, 0, -amount).await?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                if !rows.is_empty() {
+                    tracing::info!(released = rows.len(), "released reservations whose lease ended");
+                }
+                Ok(u64::try_from(rows.len()).unwrap_or(u64::MAX))
+            }
+
+            async fn record_usage(
+                &self,
+                records: &[app::store::UsageRecord<'_>],
+                spender: app::store::Spender,
+                now: DateTime<Utc>,
+            ) -> Result<Vec<app::store::RecordOutcome>, app::store::StoreError> {
+                use $crate::db::books::*;
+                use app::domain::{admit_known_cost, Snapshot};
+                use app::store::RecordOutcome;
+
+                let mut tx = self.begin_write().await?;
+                let plan_row = read_plan(&mut tx, Self::LOCK).await?;
+                let plan = plan_row.plan()?;
+                let cycle = plan.cycle_at(now)?;
+                let key = cycle_key(cycle.start);
+                let mut outcomes = Vec::with_capacity(records.len());
+                for record in records {
+                    if let Some(event) = find_event(&mut tx, &record.idempotency_key).await? {
+                        outcomes.push(RecordOutcome::Duplicate(event.record(false)));
+                        continue;
+                    }
+                    let row = ReservationRow {
+                        id: String::new(),
+                        cycle_start: key,
+                        requested_model: record.model.id.to_string(),
+                        served_model: record.model.id.to_string(),
+                        amount_nanos: 0,
+                        input_eur_per_mtok: record.model.prices.input.to_string(),
+                        cached_input_eur_per_mtok: record.model.prices.cached_input.to_string(),
+                        output_eur_per_mtok: record.model.prices.output.to_string(),
+                        user_id: spender.user_id,
+                        api_key_id: spender.api_key_id,
+                    };
+                    let (cost, _, _) = settlement_cost(&row, Some(&record.usage))?;
+                    // Re-read after every write so each item sees the ones before it.
+                    let (counters, limits) = read_books(&mut tx, key).await?;
+                    let (workspace, models) = model_states(&counters, &limits);
+                    let snapshot = Snapshot {
+                        plan: plan.amounts,
+                        automatic_fallback: false,
+                        workspace,
+                        models: &models,
+                        resets_at: cycle.end,
+                    };
+                    if let Err(blocked) = admit_known_cost(&snapshot, record.model, cost) {
+                        outcomes.push(RecordOutcome::Blocked(blocked));
+                        continue;
+                    }
+                    add_to_counters(&mut tx, key, &row.served_model, cost.get(), 0).await?;
+                    let event = insert_event(
+                        &mut tx,
+                        &row,
+                        &record.usage,
+                        cost,
+                        false,
+                        false,
+                        Some(&record.idempotency_key),
+                        now,
+                    )
+                    .await?;
+                    outcomes.push(RecordOutcome::Recorded(event.record(true)));
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(outcomes)
+            }
+
+            async fn spend_snapshot(
+                &self,
+                at: DateTime<Utc>,
+            ) -> Result<app::store::SpendSnapshot, app::store::StoreError> {
+                use $crate::db::books::*;
+                use app::domain::{Counter, ModelId};
+                use app::store::{ModelBooks, SpendSnapshot, StoredLimit};
+
+                // One transaction, so the counters and limits are of one moment.
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                let plan_row = read_plan(&mut tx, "").await?;
+                let plan = plan_row.plan()?;
+                let cycle = plan.cycle_at(at)?;
+                let (counters, limits) = read_books(&mut tx, cycle_key(cycle.start)).await?;
+                tx.commit().await.map_err(db_error)?;
+                let mut workspace = Counter::default();
+                let mut models: Vec<ModelBooks> = Vec::new();
+                let mut index: std::collections::HashMap<String, usize> = Default::default();
+                let mut entry = |id: &str, models: &mut Vec<ModelBooks>| -> usize {
+                    *index.entry(id.to_owned()).or_insert_with(|| {
+                        models.push(ModelBooks {
+                            id: ModelId::new(id),
+                            counter: Counter::default(),
+                            limit: StoredLimit::default(),
+                        });
+                        models.len() - 1
+                    })
+                };
+                for row in &counters {
+                    let counter = Counter {
+                        spent: app::domain::Nanos::new(row.spent_nanos),
+                        reserved: app::domain::Nanos::new(row.reserved_nanos),
+                    };
+                    if row.model_id == WORKSPACE_TOTAL {
+                        workspace = counter;
+                    } else {
+                        let i = entry(&row.model_id, &mut models);
+                        models[i].counter = counter;
+                    }
+                }
+                for row in &limits {
+                    let i = entry(&row.model_id, &mut models);
+                    models[i].limit = StoredLimit { limit: row.limit(), version: row.version };
+                }
+                Ok(SpendSnapshot {
+                    plan,
+                    cycle,
+                    settings: plan_row.settings(),
+                    workspace,
+                    models,
+                })
+            }
+
+            async fn ledger_totals(
+                &self,
+                cycle_start: DateTime<Utc>,
+            ) -> Result<app::store::LedgerTotals, app::store::StoreError> {
+                use $crate::db::books::*;
+                use app::domain::{ModelId, Nanos};
+                let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+                    "SELECT served_model, CAST(SUM(cost_nanos) AS BIGINT), CAST(COUNT(*) AS BIGINT) \
+                     FROM usage_events WHERE workspace_id = $1 AND cycle_start = $2 \
+                     GROUP BY served_model ORDER BY served_model",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(cycle_key(cycle_start))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                let mut totals = app::store::LedgerTotals::default();
+                for (model, sum, count) in rows {
+                    totals.total = totals.total + Nanos::new(sum);
+                    totals.events += count;
+                    totals.by_model.push((ModelId::new(model), Nanos::new(sum)));
+                }
+                Ok(totals)
+            }
+
+            async fn update_settings(
+                &self,
+                actor: &app::store::Actor,
+                expected_version: i64,
+                automatic_fallback: bool,
+                now: DateTime<Utc>,
+            ) -> Result<app::store::SettingsRecord, app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut tx = self.begin_write().await?;
+                let current = read_plan(&mut tx, Self::LOCK).await?.settings();
+                if current.version != expected_version {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::Conflict {
+                        what: "settings".into(),
+                        current_version: current.version,
+                    });
+                }
+                if current.automatic_fallback == automatic_fallback {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Ok(current);
+                }
+                let version = current.version + 1;
+                sqlx::query(
+                    "UPDATE settings SET automatic_fallback = $1, version = $2 WHERE workspace_id = $3",
+                )
+                .bind(automatic_fallback)
+                .bind(version)
+                .bind(WORKSPACE_ID)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                audit(
+                    &mut tx,
+                    actor,
+                    now,
+                    "settings.automatic_fallback",
+                    "workspace",
+                    &serde_json::json!({ "automatic_fallback": current.automatic_fallback }),
+                    &serde_json::json!({ "automatic_fallback": automatic_fallback }),
+                )
+                .await?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(app::store::SettingsRecord { automatic_fallback, version })
+            }
+
+            async fn update_model_limits(
+                &self,
+                actor: &app::store::Actor,
+                changes: &[app::store::LimitChange],
+                now: DateTime<Utc>,
+            ) -> Result<(), app::store::StoreError> {
+                use $crate::db::books::*;
+                use app::store::StoreError;
+                for change in changes {
+                    change.limit.validate().map_err(|e| StoreError::Invalid {
+                        code: e.code(),
+                        message: format!("{}: {e}", change.model),
+                    })?;
+                }
+                let mut tx = self.begin_write().await?;
+                read_plan(&mut tx, Self::LOCK).await?;
+                for change in changes {
+                    let known: Option<(String,)> =
+                        sqlx::query_as("SELECT id FROM models WHERE workspace_id = $1 AND id = $2")
+                            .bind(WORKSPACE_ID)
+                            .bind(change.model.as_str())
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                    if known.is_none() {
+                        tx.rollback().await.map_err(db_error)?;
+                        return Err(StoreError::Invalid {
+                            code: "unknown_model",
+                            message: format!("{} is not a model of the catalog", change.model),
+                        });
+                    }
+                    let current: Option<LimitRow> = sqlx::query_as(
+                        "SELECT model_id, limit_nanos, enabled, version FROM model_limits \
+                         WHERE workspace_id = $1 AND model_id = $2",
+                    )
+                    .bind(WORKSPACE_ID)
+                    .bind(change.model.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                    let (old, version) = current
+                        .map(|row| (row.limit(), row.version))
+                        .unwrap_or_default();
+                    if version != change.expected_version {
+                        tx.rollback().await.map_err(db_error)?;
+                        return Err(StoreError::Conflict {
+                            what: change.model.to_string(),
+                            current_version: version,
+                        });
+                    }
+                    if old == change.limit {
+                        continue;
+                    }
+                    sqlx::query(
+                        "INSERT INTO model_limits (workspace_id, model_id, limit_nanos, enabled, version) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace_id, model_id) DO UPDATE SET \
+                         limit_nanos = excluded.limit_nanos, enabled = excluded.enabled, version = excluded.version",
+                    )
+                    .bind(WORKSPACE_ID)
+                    .bind(change.model.as_str())
+                    .bind(change.limit.limit.map(|n| n.get()))
+                    .bind(change.limit.enabled)
+                    .bind(version + 1)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                    audit(
+                        &mut tx,
+                        actor,
+                        now,
+                        "model_limit",
+                        change.model.as_str(),
+                        &limit_json(&old),
+                        &limit_json(&change.limit),
+                    )
+                    .await?;
+                }
+                tx.commit().await.map_err(db_error)
+            }
+
+            async fn audit_log(
+                &self,
+                limit: u32,
+            ) -> Result<Vec<app::store::AuditRecord>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let rows: Vec<AuditRow> = sqlx::query_as(
+                    "SELECT id, at, actor, action, subject, old_value, new_value FROM audit_log \
+                     WHERE workspace_id = $1 ORDER BY id DESC LIMIT $2",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|row| {
+                        Ok(app::store::AuditRecord {
+                            id: row.id,
+                            at: DateTime::parse_from_rfc3339(&row.at)
+                                .map_err(|e| corrupt("audit_log.at", e))?
+                                .with_timezone(&Utc),
+                            actor: row.actor,
+                            action: row.action,
+                            subject: row.subject,
+                            old_value: row.old_value,
+                            new_value: row.new_value,
+                        })
+                    })
+                    .collect()
+            }
+        }
+
+        // Statements shared by the operations above, over this backend's transaction.
+        type Tx = sqlx::Transaction<'static, $db>;
+
+        async fn read_plan(
+            tx: &mut Tx,
+            lock: &str,
+        ) -> Result<$crate::db::books::PlanRow, app::store::StoreError> {
+            use $crate::db::books::*;
+            let sql = format!(
+                "SELECT p.budget_nanos, p.overage_nanos, p.plan_start, p.timezone, \
+                 s.automatic_fallback, s.version AS settings_version \
+                 FROM plans p JOIN settings s ON s.workspace_id = p.workspace_id \
+                 WHERE p.workspace_id = $1 {lock}"
+            );
+            sqlx::query_as(&sql)
+                .bind(WORKSPACE_ID)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_error)?
+                .ok_or(app::store::StoreError::NotFound { what: "plan" })
+        }
+
+        async fn read_books(
+            tx: &mut Tx,
+            cycle_start: i64,
+        ) -> Result<(Vec<$crate::db::books::CounterRow>, Vec<$crate::db::books::LimitRow>), app::store::StoreError> {
+            use $crate::db::books::*;
+            let counters = sqlx::query_as(
+                "SELECT model_id, spent_nanos, reserved_nanos FROM counters \
+                 WHERE workspace_id = $1 AND cycle_start = $2",
+            )
+            .bind(WORKSPACE_ID)
+            .bind(cycle_start)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            let limits = sqlx::query_as(
+                "SELECT model_id, limit_nanos, enabled, version FROM model_limits WHERE workspace_id = $1",
+            )
+            .bind(WORKSPACE_ID)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            Ok((counters, limits))
+        }
+
+        /// Add to the workspace's and `model`'s counters of a cycle. Rows are created
+        /// by the first hold or record; a negative delta only ever applies to rows
+        /// that exist (CHECK constraints are tested on the proposed row of an upsert).
+        async fn add_to_counters(
+            tx: &mut Tx,
+            cycle_start: i64,
+            model: &str,
+            spent_delta: i64,
+            reserved_delta: i64,
+        ) -> Result<(), app::store::StoreError> {
+            use $crate::db::books::*;
+            let sql = if spent_delta >= 0 && reserved_delta >= 0 {
+                "INSERT INTO counters (workspace_id, cycle_start, model_id, spent_nanos, reserved_nanos) \
+                 VALUES ($1, $2, '', $4, $5), ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (workspace_id, cycle_start, model_id) DO UPDATE SET \
+                 spent_nanos = counters.spent_nanos + excluded.spent_nanos, \
+                 reserved_nanos = counters.reserved_nanos + excluded.reserved_nanos"
+            } else {
+                "UPDATE counters SET spent_nanos = spent_nanos + $4, reserved_nanos = reserved_nanos + $5 \
+                 WHERE workspace_id = $1 AND cycle_start = $2 AND model_id IN ('', $3)"
+            };
+            sqlx::query(sql)
+                .bind(WORKSPACE_ID)
+                .bind(cycle_start)
+                .bind(model)
+                .bind(spent_delta)
+                .bind(reserved_delta)
+                .execute(&mut **tx)
+                .await
+                .map_err(db_error)?;
+            Ok(())
+        }
+
+        async fn find_event(
+            tx: &mut Tx,
+            idempotency_key: &str,
+        ) -> Result<Option<$crate::db::books::EventRow>, app::store::StoreError> {
+            use $crate::db::books::*;
+            sqlx::query_as(
+                "SELECT id, requested_model, served_model, cost_nanos, estimated, over_reservation \
+                 FROM usage_events WHERE workspace_id = $1 AND idempotency_key = $2",
+            )
+            .bind(WORKSPACE_ID)
+            .bind(idempotency_key)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_error)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        async fn insert_event(
+            tx: &mut Tx,
+            row: &$crate::db::books::ReservationRow,
+            usage: &app::domain::Usage,
+            cost: app::domain::Nanos,
+            estimated: bool,
+            over_reservation: bool,
+            idempotency_key: Option<&str>,
+            now: DateTime<Utc>,
+        ) -> Result<$crate::db::books::EventRow, app::store::StoreError> {
+            use $crate::db::books::*;
+            sqlx::query_as(
+                "INSERT INTO usage_events (workspace_id, cycle_start, occurred_at, user_id, api_key_id, \
+                 requested_model, served_model, prompt_tokens, cached_tokens, completion_tokens, \
+                 reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
+                 cost_nanos, reserved_nanos, estimated, over_reservation, reservation_id, idempotency_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+                 RETURNING id, requested_model, served_model, cost_nanos, estimated, over_reservation",
+            )
+            .bind(WORKSPACE_ID)
+            .bind(row.cycle_start)
+            .bind(now.to_rfc3339())
+            .bind(row.user_id)
+            .bind(row.api_key_id)
+            .bind(&row.requested_model)
+            .bind(&row.served_model)
+            .bind(tokens(usage.prompt_tokens)?)
+            .bind(tokens(usage.cached_tokens)?)
+            .bind(tokens(usage.completion_tokens)?)
+            .bind(tokens(usage.reasoning_tokens)?)
+            .bind(&row.input_eur_per_mtok)
+            .bind(&row.cached_input_eur_per_mtok)
+            .bind(&row.output_eur_per_mtok)
+            .bind(cost.get())
+            .bind(row.amount_nanos)
+            .bind(estimated)
+            .bind(over_reservation)
+            .bind((!row.id.is_empty()).then_some(row.id.as_str()))
+            .bind(idempotency_key)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db_error)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        async fn audit(
+            tx: &mut Tx,
+            actor: &app::store::Actor,
+            now: DateTime<Utc>,
+            action: &str,
+            subject: &str,
+            old: &serde_json::Value,
+            new: &serde_json::Value,
+        ) -> Result<(), app::store::StoreError> {
+            use $crate::db::books::*;
+            sqlx::query(
+                "INSERT INTO audit_log (workspace_id, at, actor, action, subject, old_value, new_value) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(WORKSPACE_ID)
+            .bind(now.to_rfc3339())
+            .bind(actor.to_string())
+            .bind(action)
+            .bind(subject)
+            .bind(old.to_string())
+            .bind(new.to_string())
+            .execute(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            Ok(())
+        }
+    };
+}
+
+pub(crate) use impl_store;
+
+/// A model limit as the audit log shows it: amounts as exact EUR strings.
+pub(crate) fn limit_json(limit: &ModelLimit) -> serde_json::Value {
+    serde_json::json!({
+        "limit_eur": limit.limit.map(|n| n.to_money().amount().normalize().to_string()),
+        "enabled": limit.enabled,
+    })
+}

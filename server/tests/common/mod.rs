@@ -1,0 +1,166 @@
+//! Fixtures shared by the integration tests: stores on a temporary SQLite file
+//! (always) and on a fresh PostgreSQL database (when `TEST_DATABASE_URL` is set).
+#![allow(dead_code)]
+
+use std::{str::FromStr, sync::Arc};
+
+use app::{
+    domain::{Catalog, Model, ModelId, Nanos, PlanAmounts, PricePerMTok, Prices},
+    store::{PlanRecord, SharedStore, WorkspaceSetup},
+};
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use server::db::{self, sqlite::Durability};
+
+/// One euro in nano-euros.
+pub const EUR: i64 = 1_000_000_000;
+
+/// A database for one test; the SQLite file or PostgreSQL database is removed on drop.
+pub struct TestDb {
+    /// `sqlite://...` or `postgres://...` of the database.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_drop: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A fresh SQLite file in a temporary folder.
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        TestDb {
+            url,
+            _dir: Some(dir),
+            pg_drop: None,
+        }
+    }
+
+    /// A fresh PostgreSQL database on the server of `TEST_DATABASE_URL`, or `None`
+    /// (with a note on stderr) when the variable is unset.
+    pub async fn postgres() -> Option<TestDb> {
+        let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
+            eprintln!("TEST_DATABASE_URL is unset: skipping the PostgreSQL run of this test");
+            return None;
+        };
+        use sqlx::Connection;
+        let name = format!("tollgate_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("TEST_DATABASE_URL is set but PostgreSQL cannot be reached");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let mut url = url::Url::parse(&admin_url).unwrap();
+        url.set_path(&name);
+        Some(TestDb {
+            url: url.to_string(),
+            _dir: None,
+            pg_drop: Some((admin_url, name)),
+        })
+    }
+
+    /// Open a store on it with `setup` applied.
+    pub async fn store(&self, setup: &WorkspaceSetup) -> SharedStore {
+        let store = db::connect(&self.url, Durability::Normal).await.unwrap();
+        store.apply_setup(setup).await.unwrap();
+        store
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin_url, name)) = self.pg_drop.take() {
+            // Best effort on a separate thread: Drop cannot await.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    use sqlx::Connection;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut conn)
+                                .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+fn price(text: &str) -> PricePerMTok {
+    PricePerMTok::new(Decimal::from_str(text).unwrap()).unwrap()
+}
+
+/// A model with the given EUR prices per 1M tokens and max output tokens.
+pub fn model(id: &str, input: &str, output: &str, max_output_tokens: u32) -> Model {
+    Model {
+        id: ModelId::new(id),
+        display_name: id.to_uppercase(),
+        aliases: vec![format!("test/{id}")],
+        upstream: "mock".into(),
+        upstream_model: id.into(),
+        prices: Prices {
+            input: price(input),
+            cached_input: price(input),
+            output: price(output),
+        },
+        max_output_tokens,
+    }
+}
+
+/// Three models, dearest first: `big` (output 10 EUR/1M), `mid` (2), `small` (0.5).
+pub fn catalog() -> Catalog {
+    Catalog::new(vec![
+        model("big", "2", "10", 1000),
+        model("mid", "0.5", "2", 1000),
+        model("small", "0.1", "0.5", 1000),
+    ])
+    .unwrap()
+}
+
+/// A setup with the given plan (nano-euros) on [`catalog`], cycles from 2026-01-31 UTC.
+pub fn setup(budget: i64, overage: i64) -> WorkspaceSetup {
+    WorkspaceSetup {
+        name: "Test workspace".into(),
+        plan: PlanRecord {
+            amounts: PlanAmounts {
+                budget: Nanos::new(budget),
+                overage: Nanos::new(overage),
+            },
+            start: NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
+            timezone: chrono_tz::Europe::Berlin,
+        },
+        catalog: Arc::new(catalog()),
+    }
+}
+
+/// Runs a story on SQLite, and on PostgreSQL when configured, as two tests.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($story:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $story() {
+                    let db = $crate::common::TestDb::sqlite();
+                    super::$story(&db).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $story() {
+                    if let Some(db) = $crate::common::TestDb::postgres().await {
+                        super::$story(&db).await;
+                    }
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,599 @@
+//! The store's story, told once and run on SQLite and PostgreSQL (DESIGN.md R6, R7,
+//! §6): limits hold under concurrency, the ledger equals the counters, retries count
+//! once, stale writes are refused, cycles roll over without a job.
+
+mod common;
+
+use std::sync::Arc;
+
+use app::{
+    domain::{BlockCode, Catalog, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
+    store::{
+        Actor, LimitChange, RecordOutcome, ReservationId, ReserveOutcome, ReserveRequest,
+        Settlement, SharedStore, Spender, StoreError, UsageRecord,
+    },
+};
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use common::{setup, TestDb, EUR};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+/// An instant inside the cycle [2026-10-31, 2026-11-30) of the test plan.
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 10, 12, 0, 0).unwrap()
+}
+
+/// A request bound of `output` tokens and no prompt: on `mid` (2 EUR per 1M
+/// output tokens) 1000 tokens reserve exactly 0.002 EUR.
+fn estimate(output: u64) -> TokenEstimate {
+    TokenEstimate {
+        prompt_tokens: 0,
+        output_cap: Some(output),
+        n: 1,
+    }
+}
+
+async fn reserve(
+    store: &SharedStore,
+    catalog: &Catalog,
+    model: &str,
+    estimate: TokenEstimate,
+    at: DateTime<Utc>,
+) -> ReserveOutcome {
+    store
+        .reserve(ReserveRequest {
+            catalog,
+            model: catalog.resolve(model).unwrap(),
+            estimate,
+            spender: Spender::default(),
+            owner: "test",
+            lease_until: at + Duration::minutes(5),
+            now: at,
+        })
+        .await
+        .unwrap()
+}
+
+fn admitted(outcome: ReserveOutcome) -> app::store::Reservation {
+    match outcome {
+        ReserveOutcome::Admitted(r) => r,
+        ReserveOutcome::Blocked(b) => panic!("blocked: {}", b.message),
+    }
+}
+
+fn settlement(id: &ReservationId, usage: Option<Usage>) -> Settlement {
+    Settlement {
+        reservation: id.clone(),
+        usage,
+        idempotency_key: None,
+        now: now(),
+    }
+}
+
+fn usage(prompt: u64, completion: u64) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        cached_tokens: 0,
+        completion_tokens: completion,
+        reasoning_tokens: 0,
+    }
+}
+
+/// 50 concurrent reservations against an allowance that admits exactly 10.
+async fn fifty_racing_requests_admit_exactly_ten(db: &TestDb) {
+    // Each request holds 0.002 EUR on `mid`; the allowance is 0.02 EUR.
+    let setup = setup(15 * EUR / 1000, 5 * EUR / 1000);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            let catalog = catalog.clone();
+            tokio::spawn(
+                async move { reserve(&store, &catalog, "mid", estimate(1000), now()).await },
+            )
+        })
+        .collect();
+    let mut admitted_count = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            ReserveOutcome::Admitted(_) => admitted_count += 1,
+            ReserveOutcome::Blocked(b) => assert_eq!(b.code, BlockCode::PlanLimitReached),
+        }
+    }
+    assert_eq!(admitted_count, 10);
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::new(20 * EUR / 1000));
+}
+
+/// Two pools on one database race like two replicas: still exactly ten.
+async fn two_replicas_admit_exactly_ten(db: &TestDb) {
+    let setup = setup(20 * EUR / 1000, 0);
+    let a = db.store(&setup).await;
+    let b = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let catalog = catalog.clone();
+            tokio::spawn(
+                async move { reserve(&store, &catalog, "mid", estimate(1000), now()).await },
+            )
+        })
+        .collect();
+    let mut admitted_count = 0;
+    for task in tasks {
+        if let ReserveOutcome::Admitted(_) = task.await.unwrap() {
+            admitted_count += 1;
+        }
+    }
+    assert_eq!(admitted_count, 10);
+}
+
+/// 10,000 random reserve/settle/release/expire operations from 4 tasks: the ledger
+/// equals the counters to the nano-euro and nothing stays reserved.
+async fn random_operations_keep_ledger_equal_to_counters(db: &TestDb) {
+    let setup = setup(40 * EUR, 10 * EUR);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    // Caps on two models so that fallback and model blocks happen too.
+    store
+        .update_model_limits(
+            &Actor::Cli,
+            &[
+                LimitChange {
+                    model: ModelId::new("big"),
+                    expected_version: 0,
+                    limit: ModelLimit {
+                        limit: Some(Nanos::new(5 * EUR)),
+                        enabled: true,
+                    },
+                },
+                LimitChange {
+                    model: ModelId::new("mid"),
+                    expected_version: 0,
+                    limit: ModelLimit {
+                        limit: Some(Nanos::new(3 * EUR)),
+                        enabled: true,
+                    },
+                },
+            ],
+            now(),
+        )
+        .await
+        .unwrap();
+    let workers: Vec<_> = (0..4u64)
+        .map(|seed| {
+            let store = store.clone();
+            let catalog = catalog.clone();
+            tokio::spawn(async move {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                let mut open: Vec<ReservationId> = Vec::new();
+                for _ in 0..2500 {
+                    match rng.random_range(0..10) {
+                        0..=3 => {
+                            let model = ["big", "mid", "small", "test/big"][rng.random_range(0..4)];
+                            let est = TokenEstimate {
+                                prompt_tokens: rng.random_range(0..5000),
+                                output_cap: Some(rng.random_range(1..1000)),
+                                n: 1,
+                            };
+                            // Some holds are given a lease that has already ended.
+                            let at = now();
+                            let lease = if rng.random_bool(0.1) {
+                                at - Duration::seconds(1)
+                            } else {
+                                at + Duration::minutes(5)
+                            };
+                            let outcome = store
+                                .reserve(ReserveRequest {
+                                    catalog: &catalog,
+                                    model: catalog.resolve(model).unwrap(),
+                                    estimate: est,
+                                    spender: Spender::default(),
+                                    owner: "random",
+                                    lease_until: lease,
+                                    now: at,
+                                })
+                                .await
+                                .unwrap();
+                            if let ReserveOutcome::Admitted(r) = outcome {
+                                open.push(r.id);
+                            }
+                        }
+                        4..=6 if !open.is_empty() => {
+                            let id = open.swap_remove(rng.random_range(0..open.len()));
+                            let reported = if rng.random_bool(0.2) {
+                                None
+                            } else {
+                                // Sometimes more than reserved: recorded anyway (R7).
+                                Some(usage(rng.random_range(0..6000), rng.random_range(0..1500)))
+                            };
+                            match store.settle(settlement(&id, reported)).await {
+                                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                        7..=8 if !open.is_empty() => {
+                            let id = open.swap_remove(rng.random_range(0..open.len()));
+                            match store.release(&id).await {
+                                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                        _ => {
+                            store.release_expired(now()).await.unwrap();
+                        }
+                    }
+                }
+                for id in open {
+                    let _ = store.release(&id).await;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    let ledger = store.ledger_totals(snapshot.cycle.start).await.unwrap();
+    assert!(
+        ledger.events > 100,
+        "too few settlements to mean anything: {}",
+        ledger.events
+    );
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    assert_eq!(snapshot.workspace.spent, ledger.total);
+    for model in &snapshot.models {
+        assert_eq!(model.counter.reserved, Nanos::ZERO, "{}", model.id);
+        let in_ledger = ledger
+            .by_model
+            .iter()
+            .find(|(id, _)| *id == model.id)
+            .map(|(_, n)| *n)
+            .unwrap_or(Nanos::ZERO);
+        assert_eq!(model.counter.spent, in_ledger, "{}", model.id);
+    }
+}
+
+/// The same idempotent batch twice counts once; a retried settlement too.
+async fn retried_batches_count_once(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let mid = catalog.resolve("mid").unwrap();
+    let batch: Vec<UsageRecord<'_>> = (0..3)
+        .map(|i| UsageRecord {
+            idempotency_key: format!("batch-1-{i}"),
+            model: mid,
+            usage: usage(1000, 500),
+        })
+        .collect();
+    let first = store
+        .record_usage(&batch, Spender::default(), now())
+        .await
+        .unwrap();
+    assert!(first
+        .iter()
+        .all(|o| matches!(o, RecordOutcome::Recorded(_))));
+    let second = store
+        .record_usage(&batch, Spender::default(), now())
+        .await
+        .unwrap();
+    assert!(second
+        .iter()
+        .all(|o| matches!(o, RecordOutcome::Duplicate(_))));
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    // 1000 × 0.5 + 500 × 2 EUR per 1M = 0.0015 EUR per item, three items.
+    assert_eq!(snapshot.workspace.spent, Nanos::new(4_500_000));
+
+    let r = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
+    let mut s = settlement(&r.id, Some(usage(0, 1000)));
+    s.idempotency_key = Some("settle-1".into());
+    let once = store.settle(s.clone()).await.unwrap();
+    let again = store.settle(s).await.unwrap();
+    assert!(once.newly_recorded && !again.newly_recorded);
+    assert_eq!(once.id, again.id);
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(6_500_000));
+}
+
+/// Recording usage goes through admission: a batch item past the plan is refused.
+async fn recorded_usage_cannot_pass_the_plan(db: &TestDb) {
+    let setup = setup(2 * EUR / 1000, 0);
+    let store = db.store(&setup).await;
+    let mid = setup.catalog.resolve("mid").unwrap();
+    let batch: Vec<UsageRecord<'_>> = (0..3)
+        .map(|i| UsageRecord {
+            idempotency_key: format!("k{i}"),
+            model: mid,
+            usage: usage(0, 500),
+        })
+        .collect();
+    // 0.001 EUR each against 0.002: two fit, the third is blocked.
+    let outcomes = store
+        .record_usage(&batch, Spender::default(), now())
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], RecordOutcome::Recorded(_)));
+    assert!(matches!(outcomes[1], RecordOutcome::Recorded(_)));
+    assert!(
+        matches!(&outcomes[2], RecordOutcome::Blocked(b) if b.code == BlockCode::PlanLimitReached)
+    );
+}
+
+/// A stale settings write is refused and changes nothing; accepted ones are audited.
+async fn stale_writes_conflict_and_change_nothing(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let admin = Actor::User {
+        id: 1,
+        email: "ada@example.com".into(),
+    };
+    let v = store.spend_snapshot(now()).await.unwrap().settings;
+    assert!(v.automatic_fallback, "fallback is on by default");
+    let saved = store
+        .update_settings(&admin, v.version, false, now())
+        .await
+        .unwrap();
+    assert_eq!(saved.version, v.version + 1);
+    let err = store
+        .update_settings(&admin, v.version, true, now())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { current_version, .. } if current_version == saved.version)
+    );
+    assert!(
+        !store
+            .spend_snapshot(now())
+            .await
+            .unwrap()
+            .settings
+            .automatic_fallback
+    );
+
+    let cap = |eur: i64| ModelLimit {
+        limit: Some(Nanos::new(eur * EUR)),
+        enabled: true,
+    };
+    store
+        .update_model_limits(
+            &admin,
+            &[LimitChange {
+                model: ModelId::new("big"),
+                expected_version: 0,
+                limit: cap(5),
+            }],
+            now(),
+        )
+        .await
+        .unwrap();
+    // A save of two models where one is stale: neither is written.
+    let err = store
+        .update_model_limits(
+            &admin,
+            &[
+                LimitChange {
+                    model: ModelId::new("mid"),
+                    expected_version: 0,
+                    limit: cap(1),
+                },
+                LimitChange {
+                    model: ModelId::new("big"),
+                    expected_version: 0,
+                    limit: cap(9),
+                },
+            ],
+            now(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    let limit_of = |id: &str| {
+        snapshot
+            .models
+            .iter()
+            .find(|m| m.id.as_str() == id)
+            .map(|m| m.limit)
+    };
+    assert_eq!(limit_of("big").unwrap().limit, cap(5));
+    assert_eq!(limit_of("mid"), None);
+
+    let audit = store.audit_log(10).await.unwrap();
+    assert_eq!(audit.len(), 2);
+    assert_eq!(audit[0].action, "model_limit");
+    assert_eq!(audit[0].subject, "big");
+    assert_eq!(audit[0].actor, "ada@example.com");
+    assert_eq!(audit[0].new_value, r#"{"enabled":true,"limit_eur":"5"}"#);
+    assert_eq!(audit[1].action, "settings.automatic_fallback");
+    assert_eq!(audit[1].old_value, r#"{"automatic_fallback":true}"#);
+}
+
+/// Invalid changes come back as typed errors, never panics, and write nothing.
+async fn invalid_changes_are_typed_errors(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let change = |model: &str, limit: ModelLimit| LimitChange {
+        model: ModelId::new(model),
+        expected_version: 0,
+        limit,
+    };
+    let err = store
+        .update_model_limits(
+            &Actor::Cli,
+            &[change(
+                "mid",
+                ModelLimit {
+                    limit: None,
+                    enabled: true,
+                },
+            )],
+            now(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "enabled_without_amount");
+    let err = store
+        .update_model_limits(
+            &Actor::Cli,
+            &[change(
+                "nope",
+                ModelLimit {
+                    limit: Some(Nanos::new(1)),
+                    enabled: true,
+                },
+            )],
+            now(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "unknown_model");
+    let err = store
+        .release(&ReservationId("missing".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }));
+    let bad = Usage {
+        prompt_tokens: 1,
+        cached_tokens: 2,
+        completion_tokens: 0,
+        reasoning_tokens: 0,
+    };
+    let r = admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    let err = store
+        .settle(settlement(&r.id, Some(bad)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_usage");
+    // The reservation is still there to be settled properly.
+    store
+        .settle(settlement(&r.id, Some(usage(1, 1))))
+        .await
+        .unwrap();
+    assert!(store.audit_log(10).await.unwrap().is_empty());
+}
+
+/// A cap set a moment ago applies to the next request: it falls back, and with
+/// fallback off it is blocked.
+async fn a_new_limit_applies_to_the_next_request(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    store
+        .update_model_limits(
+            &Actor::Cli,
+            &[LimitChange {
+                model: ModelId::new("big"),
+                expected_version: 0,
+                limit: ModelLimit {
+                    limit: Some(Nanos::ZERO),
+                    enabled: true,
+                },
+            }],
+            now(),
+        )
+        .await
+        .unwrap();
+    let r = admitted(reserve(&store, &catalog, "test/big", estimate(100), now()).await);
+    assert_eq!((r.requested.as_str(), r.served.as_str()), ("big", "mid"));
+    let v = store.spend_snapshot(now()).await.unwrap().settings.version;
+    store
+        .update_settings(&Actor::Cli, v, false, now())
+        .await
+        .unwrap();
+    match reserve(&store, &catalog, "big", estimate(100), now()).await {
+        ReserveOutcome::Blocked(b) => assert_eq!(b.code, BlockCode::ModelLimitReached),
+        ReserveOutcome::Admitted(r) => panic!("admitted on {}", r.served),
+    }
+    // Spend counts against the served model.
+    store
+        .settle(settlement(&r.id, Some(usage(0, 100))))
+        .await
+        .unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    let spent = |id: &str| {
+        snapshot
+            .models
+            .iter()
+            .find(|m| m.id.as_str() == id)
+            .map(|m| m.counter.spent)
+            .unwrap_or(Nanos::ZERO)
+    };
+    assert_eq!(spent("big"), Nanos::ZERO);
+    assert_eq!(spent("mid"), Nanos::new(200_000));
+}
+
+/// The first request of a new cycle sees zero spend, with no job run in between.
+async fn a_new_cycle_starts_from_zero(db: &TestDb) {
+    let setup = setup(2 * EUR / 1000, 0);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let r = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
+    store.settle(settlement(&r.id, None)).await.unwrap();
+    assert!(matches!(
+        reserve(&store, &catalog, "mid", estimate(1000), now()).await,
+        ReserveOutcome::Blocked(_)
+    ));
+    // The test plan renews on the 30th in November (clamped from the 31st), at
+    // local midnight in Berlin: 2026-11-29T23:00Z.
+    let boundary = Utc.with_ymd_and_hms(2026, 11, 29, 23, 0, 0).unwrap();
+    let before = store
+        .spend_snapshot(boundary - Duration::nanoseconds(1))
+        .await
+        .unwrap();
+    assert_eq!(before.workspace.spent, Nanos::new(2 * EUR / 1000));
+    let after = store.spend_snapshot(boundary).await.unwrap();
+    assert_eq!(after.cycle.start, boundary);
+    assert_eq!(after.workspace.spent, Nanos::ZERO);
+    admitted(reserve(&store, &catalog, "mid", estimate(1000), boundary).await);
+}
+
+/// Holds whose lease ended are released by anyone; live ones are kept.
+async fn expired_leases_are_released(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let catalog = Arc::clone(&setup.catalog);
+    let stale = admitted(
+        reserve(
+            &store,
+            &catalog,
+            "mid",
+            estimate(1000),
+            now() - Duration::minutes(10),
+        )
+        .await,
+    );
+    let live = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
+    assert_eq!(store.release_expired(now()).await.unwrap(), 1);
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, live.amount);
+    assert!(matches!(
+        store.settle(settlement(&stale.id, None)).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    store
+        .renew_lease(&live.id, now() + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .release_expired(now() + Duration::minutes(30))
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+on_both_backends!(
+    fifty_racing_requests_admit_exactly_ten,
+    two_replicas_admit_exactly_ten,
+    random_operations_keep_ledger_equal_to_counters,
+    retried_batches_count_once,
+    recorded_usage_cannot_pass_the_plan,
+    stale_writes_conflict_and_change_nothing,
+    invalid_changes_are_typed_errors,
+    a_new_limit_applies_to_the_next_request,
+    a_new_cycle_starts_from_zero,
+    expired_leases_are_released,
+);
