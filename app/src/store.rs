@@ -335,6 +335,74 @@ pub struct LedgerTotals {
     pub events: i64,
 }
 
+/// A user's role (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Sees and changes the Token Limits tab; reads `/api/v1/spend`.
+    Admin,
+    /// Uses the gateway only.
+    Member,
+}
+
+impl Role {
+    /// `admin` or `member`, as stored and as the CLI takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Role, StoreError> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "member" => Ok(Role::Member),
+            other => Err(StoreError::Invalid {
+                code: "invalid_role",
+                message: format!("{other:?} is not a role: use admin or member"),
+            }),
+        }
+    }
+}
+
+/// A user as the server keeps it, password hash included: never serialised, never
+/// sent to a browser (STYLE.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// Row id.
+    pub id: i64,
+    /// Login name, unique regardless of case.
+    pub email: String,
+    /// Argon2 PHC string.
+    pub password_hash: String,
+    /// Admin or member.
+    pub role: Role,
+}
+
+/// An API key's metadata; the key itself is only ever stored as a hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    /// Row id, used by `tollgate key revoke`.
+    pub id: i64,
+    /// A label chosen at creation.
+    pub name: String,
+    /// The owner's id.
+    pub user_id: i64,
+    /// The owner's email.
+    pub owner_email: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last authenticated a request, if ever.
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
 /// The persistence port of Tollgate.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -419,6 +487,47 @@ pub trait Store: Send + Sync + 'static {
 
     /// The audit log, newest first, at most `limit` rows.
     async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Create a user.
+    ///
+    /// Errors: [`StoreError::Invalid`] `email_taken` when the email (any case) exists.
+    async fn create_user(
+        &self,
+        email: &str,
+        password_hash: &str,
+        role: Role,
+        now: DateTime<Utc>,
+    ) -> Result<UserRecord, StoreError>;
+
+    /// The user with this email (any case), if any.
+    async fn user_by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// The user with this id, if any.
+    async fn user_by_id(&self, id: i64) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Store a new API key's hash for `user_id`.
+    async fn create_api_key(
+        &self,
+        user_id: i64,
+        name: &str,
+        key_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKeyRecord, StoreError>;
+
+    /// The live (not revoked) key with this hash and its owner, marking it used.
+    async fn authenticate_api_key(
+        &self,
+        key_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(ApiKeyRecord, UserRecord)>, StoreError>;
+
+    /// Keys, newest first, optionally only those of the user with `email`.
+    async fn list_api_keys(&self, email: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
+
+    /// Revoke a key: it authenticates nothing from now on.
+    ///
+    /// Errors: [`StoreError::NotFound`] for an unknown or already revoked key.
+    async fn revoke_api_key(&self, id: i64, now: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
 /// The store as it is shared through axum state and the Leptos context.

@@ -55,7 +55,7 @@ pub fn serve(path: &str, request_headers: &HeaderMap) -> Option<Response> {
         return None;
     }
     let file = Site::get(path)?;
-    let etag = format!("\"{}\"", hex_encode(&file.metadata.sha256_hash()));
+    let etag = format!("\"{}\"", hex::encode(file.metadata.sha256_hash()));
     let not_modified = request_headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -72,14 +72,4 @@ pub fn serve(path: &str, request_headers: &HeaderMap) -> Option<Response> {
         headers.insert(header::CONTENT_TYPE, value);
     }
     Some((headers, Body::from(file.data.into_owned())).into_response())
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }

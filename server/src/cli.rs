@@ -6,12 +6,12 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use app::{
     domain::{format_eur, parse_eur_input, ModelLimit},
-    store::{Actor, LimitChange, SharedStore},
+    store::{Actor, LimitChange, Role, SharedStore},
 };
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 
-use crate::{assets, config, db, http};
+use crate::{assets, auth, config, db, http};
 
 /// Spend control for an organisation's use of large language models.
 #[derive(Debug, Parser)]
@@ -37,6 +37,16 @@ pub enum Command {
         #[arg(long, env = "TOLLGATE_LISTEN")]
         listen: Option<String>,
     },
+    /// Manage users (administrators see the Token Limits tab; members use the gateway).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// Manage API keys for the gateway and the usage API.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Set a model's limit per billing cycle (same rules and audit as the tab).
     Limit {
         #[command(subcommand)]
@@ -58,6 +68,46 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+}
+
+/// `tollgate user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Create a user; the password comes from TOLLGATE_PASSWORD or, when unset,
+    /// the first line of standard input.
+    Create {
+        /// Login email.
+        #[arg(long)]
+        email: String,
+        /// `admin` or `member`.
+        #[arg(long, value_parser = ["admin", "member"])]
+        role: String,
+    },
+}
+
+/// `tollgate key ...`
+#[derive(Debug, Subcommand)]
+pub enum KeyAction {
+    /// Create a key for the user with EMAIL and print it, alone, once.
+    Create {
+        /// The owner's email.
+        #[arg(long)]
+        email: String,
+        /// A label for the key.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// List keys: id, name, owner, created, last used (never the key).
+    List {
+        /// Only the keys of this user.
+        #[arg(long)]
+        email: Option<String>,
+    },
+    /// Revoke a key by its id (from `key list`).
+    Revoke {
+        /// The key's id.
+        key_id: i64,
     },
 }
 
@@ -114,6 +164,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = open(&config).await?;
     match cli.command {
         Command::Serve { .. } => serve(config, store).await,
+        Command::User {
+            action: UserAction::Create { email, role },
+        } => {
+            let role: Role = role.parse()?;
+            let password = match std::env::var("TOLLGATE_PASSWORD") {
+                Ok(password) => password,
+                Err(_) => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("could not read the password from standard input")?;
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            let email = email.trim();
+            if !is_plausible_email(email) {
+                anyhow::bail!("--email {email:?} is not an email address");
+            }
+            let hash = auth::hash_password(&password)?;
+            let user = store.create_user(email, &hash, role, Utc::now()).await?;
+            println!(
+                "created {} {} (id {})",
+                user.role.as_str(),
+                user.email,
+                user.id
+            );
+            Ok(())
+        }
+        Command::Key { action } => key(&store, action).await,
         Command::Limit { action } => limit(&config, &store, action).await,
         Command::Fallback { state } => {
             let on = state == "on";
@@ -148,6 +227,61 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Config { .. } => Ok(()),
     }
+}
+
+/// A light check that catches typos (`alice`, `a@`); the login is the real test.
+fn is_plausible_email(email: &str) -> bool {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !email.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
+    match action {
+        KeyAction::Create { email, name } => {
+            let user = store.user_by_email(&email).await?.with_context(|| {
+                format!("no user has the email {email}: create it with `tollgate user create`")
+            })?;
+            let (key, hash) = auth::new_api_key();
+            store
+                .create_api_key(user.id, &name, &hash, Utc::now())
+                .await?;
+            // The key alone on stdout, so scripts can capture it.
+            println!("{key}");
+        }
+        KeyAction::List { email } => {
+            println!("id\tname\towner\tcreated\tlast used\tstatus");
+            for key in store.list_api_keys(email.as_deref()).await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    key.id,
+                    key.name,
+                    key.owner_email,
+                    key.created_at.to_rfc3339(),
+                    key.last_used_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_else(|| "never".into()),
+                    if key.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
+                );
+            }
+        }
+        KeyAction::Revoke { key_id } => {
+            store.revoke_api_key(key_id, Utc::now()).await?;
+            println!("revoked key {key_id}");
+        }
+    }
+    Ok(())
 }
 
 /// Open the database, migrate it and apply the config's workspace, plan and catalog.

@@ -1,6 +1,7 @@
 //! Tollgate's server as a library, so that the `tollgate` binary, the tests and
 //! the benchmarks all build the same router over the same store.
 //!
+//! - [`auth`]: password hashing and API keys.
 //! - [`cli`]: the `tollgate` commands (DESIGN.md §7).
 //! - [`config`]: the operator's configuration (DESIGN.md §7).
 //! - [`db`]: the SQLite and PostgreSQL implementations of `app::store::Store`.
@@ -9,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod assets;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -2,6 +2,11 @@
 //! §6): limits hold under concurrency, the ledger equals the counters, retries count
 //! once, stale writes are refused, cycles roll over without a job.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a broken fixture should stop the test at once"
+)]
+
 mod common;
 
 use std::sync::Arc;

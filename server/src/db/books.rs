@@ -141,6 +141,73 @@ impl EventRow {
 }
 
 #[derive(sqlx::FromRow)]
+pub(crate) struct UserRow {
+    pub id: i64,
+    pub email: String,
+    pub password_hash: String,
+    pub role: String,
+}
+
+impl UserRow {
+    pub fn record(self) -> Result<app::store::UserRecord, StoreError> {
+        Ok(app::store::UserRecord {
+            id: self.id,
+            email: self.email,
+            password_hash: self.password_hash,
+            role: self.role.parse().map_err(|e| corrupt("users.role", e))?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ApiKeyRow {
+    pub id: i64,
+    pub name: String,
+    pub user_id: i64,
+    pub owner_email: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+impl ApiKeyRow {
+    pub fn record(self) -> Result<app::store::ApiKeyRecord, StoreError> {
+        Ok(app::store::ApiKeyRecord {
+            id: self.id,
+            name: self.name,
+            user_id: self.user_id,
+            owner_email: self.owner_email,
+            created_at: instant("api_keys.created_at", &self.created_at)?,
+            last_used_at: self
+                .last_used_at
+                .as_deref()
+                .map(|t| instant("api_keys.last_used_at", t))
+                .transpose()?,
+            revoked_at: self
+                .revoked_at
+                .as_deref()
+                .map(|t| instant("api_keys.revoked_at", t))
+                .transpose()?,
+        })
+    }
+}
+
+/// Which API keys to list.
+#[derive(Clone, Copy)]
+pub(crate) enum KeyFilter<'a> {
+    Id(i64),
+    OwnerEmail(&'a str),
+    All,
+}
+
+/// An RFC 3339 timestamp column read back as UTC.
+pub(crate) fn instant(what: &str, text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| corrupt(what, e))
+}
+
+#[derive(sqlx::FromRow)]
 pub(crate) struct AuditRow {
     pub id: i64,
     pub at: String,
@@ -813,9 +880,7 @@ macro_rules! impl_store {
                     .map(|row| {
                         Ok(app::store::AuditRecord {
                             id: row.id,
-                            at: DateTime::parse_from_rfc3339(&row.at)
-                                .map_err(|e| corrupt("audit_log.at", e))?
-                                .with_timezone(&Utc),
+                            at: instant("audit_log.at", &row.at)?,
                             actor: row.actor,
                             action: row.action,
                             subject: row.subject,
@@ -825,10 +890,180 @@ macro_rules! impl_store {
                     })
                     .collect()
             }
+
+            async fn create_user(
+                &self,
+                email: &str,
+                password_hash: &str,
+                role: app::store::Role,
+                now: DateTime<Utc>,
+            ) -> Result<app::store::UserRecord, app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut tx = self.begin_write().await?;
+                let taken: Option<(i64,)> =
+                    sqlx::query_as("SELECT id FROM users WHERE lower(email) = lower($1)")
+                        .bind(email)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                if taken.is_some() {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::Invalid {
+                        code: "email_taken",
+                        message: format!("a user with the email {email} exists already"),
+                    });
+                }
+                let row: UserRow = sqlx::query_as(
+                    "INSERT INTO users (workspace_id, email, password_hash, role, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id, email, password_hash, role",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(email)
+                .bind(password_hash)
+                .bind(role.as_str())
+                .bind(now.to_rfc3339())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                row.record()
+            }
+
+            async fn user_by_email(
+                &self,
+                email: &str,
+            ) -> Result<Option<app::store::UserRecord>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let row: Option<UserRow> = sqlx::query_as(
+                    "SELECT id, email, password_hash, role FROM users WHERE lower(email) = lower($1)",
+                )
+                .bind(email)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+                row.map(UserRow::record).transpose()
+            }
+
+            async fn user_by_id(
+                &self,
+                id: i64,
+            ) -> Result<Option<app::store::UserRecord>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let row: Option<UserRow> =
+                    sqlx::query_as("SELECT id, email, password_hash, role FROM users WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                row.map(UserRow::record).transpose()
+            }
+
+            async fn create_api_key(
+                &self,
+                user_id: i64,
+                name: &str,
+                key_hash: &str,
+                now: DateTime<Utc>,
+            ) -> Result<app::store::ApiKeyRecord, app::store::StoreError> {
+                use $crate::db::books::*;
+                let id: (i64,) = sqlx::query_as(
+                    "INSERT INTO api_keys (workspace_id, user_id, name, key_hash, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(user_id)
+                .bind(name)
+                .bind(key_hash)
+                .bind(now.to_rfc3339())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+                let mut keys = list_keys(&self.pool, KeyFilter::Id(id.0)).await?;
+                keys.pop().ok_or(app::store::StoreError::NotFound { what: "api key" })
+            }
+
+            async fn authenticate_api_key(
+                &self,
+                key_hash: &str,
+                now: DateTime<Utc>,
+            ) -> Result<Option<(app::store::ApiKeyRecord, app::store::UserRecord)>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let found: Option<(i64, i64)> = sqlx::query_as(
+                    "UPDATE api_keys SET last_used_at = $1 WHERE key_hash = $2 AND revoked_at IS NULL \
+                     RETURNING id, user_id",
+                )
+                .bind(now.to_rfc3339())
+                .bind(key_hash)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+                let Some((key_id, user_id)) = found else {
+                    return Ok(None);
+                };
+                let mut keys = list_keys(&self.pool, KeyFilter::Id(key_id)).await?;
+                let user = app::store::Store::user_by_id(self, user_id).await?;
+                Ok(keys.pop().zip(user))
+            }
+
+            async fn list_api_keys(
+                &self,
+                email: Option<&str>,
+            ) -> Result<Vec<app::store::ApiKeyRecord>, app::store::StoreError> {
+                use $crate::db::books::*;
+                match email {
+                    Some(email) => list_keys(&self.pool, KeyFilter::OwnerEmail(email)).await,
+                    None => list_keys(&self.pool, KeyFilter::All).await,
+                }
+            }
+
+            async fn revoke_api_key(
+                &self,
+                id: i64,
+                now: DateTime<Utc>,
+            ) -> Result<(), app::store::StoreError> {
+                use $crate::db::books::*;
+                let done = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(now.to_rfc3339())
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+                if done.rows_affected() == 0 {
+                    return Err(app::store::StoreError::NotFound { what: "api key" });
+                }
+                Ok(())
+            }
         }
 
         // Statements shared by the operations above, over this backend's transaction.
         type Tx = sqlx::Transaction<'static, $db>;
+
+        async fn list_keys(
+            pool: &sqlx::Pool<$db>,
+            filter: $crate::db::books::KeyFilter<'_>,
+        ) -> Result<Vec<app::store::ApiKeyRecord>, app::store::StoreError> {
+            use $crate::db::books::*;
+            let condition = match filter {
+                KeyFilter::Id(_) => "k.id = $2",
+                KeyFilter::OwnerEmail(_) => "lower(u.email) = lower($2)",
+                KeyFilter::All => "$2 = ''",
+            };
+            let sql = format!(
+                "SELECT k.id, k.name, k.user_id, u.email AS owner_email, k.created_at, k.last_used_at, \
+                 k.revoked_at FROM api_keys k JOIN users u ON u.id = k.user_id \
+                 WHERE k.workspace_id = $1 AND {condition} ORDER BY k.id DESC"
+            );
+            let query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
+            let query = match filter {
+                KeyFilter::Id(id) => query.bind(id),
+                KeyFilter::OwnerEmail(email) => query.bind(email.to_owned()),
+                KeyFilter::All => query.bind(String::new()),
+            };
+            let rows: Vec<ApiKeyRow> = query.fetch_all(pool).await.map_err(db_error)?;
+            rows.into_iter().map(ApiKeyRow::record).collect()
+        }
 
         async fn read_plan(
             tx: &mut Tx,

@@ -1,6 +1,10 @@
 //! Fixtures shared by the integration tests: stores on a temporary SQLite file
 //! (always) and on a fresh PostgreSQL database (when `TEST_DATABASE_URL` is set).
 #![allow(dead_code)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a broken fixture should stop the test at once"
+)]
 
 use std::{str::FromStr, sync::Arc};
 
