@@ -8,7 +8,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod domain;
+pub mod error;
+pub mod report;
 #[cfg(feature = "ssr")]
 pub mod store;
 pub mod ui;

@@ -335,40 +335,7 @@ pub struct LedgerTotals {
     pub events: i64,
 }
 
-/// A user's role (DESIGN.md §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Sees and changes the Token Limits tab; reads `/api/v1/spend`.
-    Admin,
-    /// Uses the gateway only.
-    Member,
-}
-
-impl Role {
-    /// `admin` or `member`, as stored and as the CLI takes it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Member => "member",
-        }
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = StoreError;
-
-    fn from_str(s: &str) -> Result<Role, StoreError> {
-        match s {
-            "admin" => Ok(Role::Admin),
-            "member" => Ok(Role::Member),
-            other => Err(StoreError::Invalid {
-                code: "invalid_role",
-                message: format!("{other:?} is not a role: use admin or member"),
-            }),
-        }
-    }
-}
+pub use crate::auth::Role;
 
 /// A user as the server keeps it, password hash included: never serialised, never
 /// sent to a browser (STYLE.md).

@@ -10,6 +10,7 @@ use app::{
 };
 use chrono::Utc;
 use clap::{Parser, Subcommand};
+use tower_sessions::session_store::ExpiredDeletion;
 
 use crate::{assets, auth, config, db, http};
 
@@ -161,9 +162,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url: cli.database_url.clone(),
         },
     )?;
-    let store = open(&config).await?;
+    let database = open(&config).await?;
+    let store = database.store.clone();
     match cli.command {
-        Command::Serve { .. } => serve(config, store).await,
+        Command::Serve { .. } => serve(config, database).await,
         Command::User {
             action: UserAction::Create { email, role },
         } => {
@@ -285,13 +287,14 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
 }
 
 /// Open the database, migrate it and apply the config's workspace, plan and catalog.
-async fn open(config: &config::Config) -> anyhow::Result<SharedStore> {
-    let store = db::connect(&config.database_url, config.durability).await?;
-    store
+async fn open(config: &config::Config) -> anyhow::Result<db::Database> {
+    let database = db::open(&config.database_url, config.durability).await?;
+    database
+        .store
         .apply_setup(&config.setup)
         .await
         .context("could not apply the config to the database")?;
-    Ok(store)
+    Ok(database)
 }
 
 async fn limit(
@@ -359,7 +362,8 @@ async fn limit(
 /// How often any replica looks for reservations whose lease ended (R7).
 const LEASE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 
-async fn serve(config: config::Config, store: SharedStore) -> anyhow::Result<()> {
+async fn serve(config: config::Config, database: db::Database) -> anyhow::Result<()> {
+    let store = database.store.clone();
     let released = store.release_expired(Utc::now()).await?;
     if released > 0 {
         tracing::info!(released, "released reservations left by a stopped process");
@@ -379,17 +383,21 @@ async fn serve(config: config::Config, store: SharedStore) -> anyhow::Result<()>
     if !assets::has_frontend() {
         tracing::warn!("this binary was built without the frontend: pages will not hydrate (build with ./dev build)");
     }
-    let state = http::AppState {
-        leptos_options: assets::leptos_options(config.listen),
-        store,
-        config: Arc::new(config.clone()),
-    };
+    let state = http::AppState::new(Arc::new(config.clone()), store);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
     let local = listener.local_addr()?;
     tracing::info!(database = %db::redact_url(&config.database_url), "Tollgate is serving on http://{local}");
-    axum::serve(listener, http::router(state))
+    let sessions = database.sessions.clone();
+    tokio::spawn(
+        sessions
+            .clone()
+            .continuously_delete_expired(Duration::from_secs(3600)),
+    );
+    let app =
+        http::router(state, sessions).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -26,6 +26,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tollgate.db";
 /// Gateway request bodies above this many bytes get 413 (DESIGN.md §4): 16 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// How long the gateway waits for an upstream's answer, and at most between two
+/// pieces of a streamed answer, when `[[upstreams]] timeout_secs` is not set:
+/// 10 minutes, since a non-streamed answer of a reasoning model arrives whole.
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 600;
 /// Largest plan amount accepted, EUR: keeps every total inside `i64` nano-euros.
 const MAX_PLAN_EUR: i64 = 1_000_000_000;
 
@@ -74,6 +78,7 @@ pub struct ConfigFile {
     database_url: Option<String>,
     max_request_bytes: Option<usize>,
     sqlite_synchronous: Option<String>,
+    secure_cookies: Option<bool>,
     workspace: Option<WorkspaceSection>,
     plan: Option<PlanSection>,
     upstreams: Option<Vec<UpstreamSection>>,
@@ -101,6 +106,7 @@ struct UpstreamSection {
     name: String,
     base_url: String,
     api_key_env: Option<String>,
+    timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +133,9 @@ pub struct Upstream {
     pub base_url: String,
     /// The environment variable holding the key (the key never sits in the file).
     pub api_key_env: Option<String>,
+    /// How long the gateway waits for the answer's headers (or, non-streamed, its
+    /// whole body), and at most between two pieces of a stream (`timeout_secs`).
+    pub timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -136,6 +145,7 @@ impl std::fmt::Debug for Upstream {
             .field("name", &self.name)
             .field("base_url", &self.base_url)
             .field("api_key_env", &self.api_key_env)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -151,6 +161,9 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// SQLite durability (`sqlite_synchronous = "normal" | "full"`).
     pub durability: Durability,
+    /// Mark the session cookie `Secure` (`secure_cookies`, default false): turn it on
+    /// when the panel is served over TLS (DESIGN.md §5).
+    pub secure_cookies: bool,
     /// Workspace name, plan and catalog, applied to the database at start.
     pub setup: WorkspaceSetup,
     /// Upstreams by name.
@@ -286,6 +299,7 @@ impl Config {
             database_url,
             max_request_bytes,
             durability,
+            secure_cookies: file.secure_cookies.unwrap_or(false),
             setup: WorkspaceSetup {
                 name,
                 plan: PlanRecord {
@@ -369,10 +383,18 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 "must be an http:// or https:// URL",
             ));
         }
+        let timeout_secs = u.timeout_secs.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS);
+        if !(1..=86_400).contains(&timeout_secs) {
+            return Err(invalid(
+                format!("upstreams[{i}].timeout_secs"),
+                "must be between 1 and 86400 seconds",
+            ));
+        }
         out.push(Upstream {
             name: u.name,
             base_url: u.base_url.trim_end_matches('/').to_owned(),
             api_key_env: u.api_key_env,
+            timeout: std::time::Duration::from_secs(timeout_secs),
         });
     }
     Ok(out)
@@ -426,6 +448,7 @@ fn demo_catalog() -> (Vec<UpstreamSection>, Vec<ModelSection>) {
         name: name.into(),
         base_url: base_url.into(),
         api_key_env: Some(env.into()),
+        timeout_secs: None,
     };
     let upstreams = vec![
         upstream("openai", "https://api.openai.com/v1", "OPENAI_API_KEY"),
@@ -689,6 +712,28 @@ mod tests {
                     output_eur_per_mtok = \"2\"\nmax_output_tokens = 10\n";
         let err = load_text(text).unwrap_err().to_string();
         assert!(err.contains("models[0].upstream"), "{err}");
+    }
+
+    #[test]
+    fn upstream_timeouts_default_and_are_bounded() {
+        let text = |timeout: &str| {
+            format!(
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\n{timeout}\n\
+                 [[models]]\nid = \"m\"\nupstream = \"a\"\ninput_eur_per_mtok = \"1\"\n\
+                 output_eur_per_mtok = \"2\"\nmax_output_tokens = 10\n"
+            )
+        };
+        let default = load_text(&text("")).unwrap();
+        assert_eq!(
+            default.upstreams[0].timeout.as_secs(),
+            DEFAULT_UPSTREAM_TIMEOUT_SECS
+        );
+        let set = load_text(&text("timeout_secs = 5")).unwrap();
+        assert_eq!(set.upstreams[0].timeout.as_secs(), 5);
+        let err = load_text(&text("timeout_secs = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstreams[0].timeout_secs"), "{err}");
     }
 
     #[test]

@@ -1,24 +1,237 @@
-//! Server functions and the serialisable views they return. Each body is a few
-//! lines: take what it needs from the context, call the store or a service, map
-//! the result.
+//! Server functions and the views they return. Each body is a few lines: check who
+//! is calling, call the store or a service, map the result (STYLE.md). Every
+//! endpoint is named and lives under `/fn/`, where the server's middleware
+//! authenticates the session before any of them runs.
 
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// What the app shell shows about the workspace.
+use crate::{auth::CurrentUser, error::ApiError, report::SpendReport};
+
+/// One row of the Model limits form as submitted (DESIGN.md §3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkspaceView {
-    /// The organisation's name.
-    pub name: String,
+pub struct LimitInput {
+    /// The model's id.
+    pub model: String,
+    /// The Limit field as typed (EUR; empty = shared pool).
+    #[serde(default)]
+    pub limit: String,
+    /// The Enabled toggle: present (any value) when on, as an HTML checkbox sends it.
+    #[serde(default)]
+    pub enabled: Option<String>,
+    /// The limit's version when the form was loaded.
+    #[serde(default)]
+    pub version: i64,
 }
 
-/// Read the workspace's name from the database through the `Store` port.
-#[server(endpoint = "workspace")]
-pub async fn workspace() -> Result<WorkspaceView, ServerFnError> {
-    let store = expect_context::<crate::store::SharedStore>();
-    let record = store
-        .workspace()
-        .await
-        .map_err(|e| ServerFnError::new(e.to_string()))?;
-    Ok(WorkspaceView { name: record.name })
+/// The signed-in user, or `None`.
+#[server(prefix = "/fn", endpoint = "me")]
+pub async fn me() -> Result<Option<CurrentUser>, ApiError> {
+    Ok(crate::auth::current_user().await)
+}
+
+/// Sign in with email and password, then go to `next` (a local path) or the tab.
+#[server(prefix = "/fn", endpoint = "login")]
+pub async fn login(email: String, password: String, next: Option<String>) -> Result<(), ApiError> {
+    server::login(email, password, next).await
+}
+
+/// Sign out and go to the login page.
+#[server(prefix = "/fn", endpoint = "logout")]
+pub async fn logout() -> Result<(), ApiError> {
+    server::logout().await
+}
+
+/// The Token Limits tab's numbers for the current cycle (administrators only).
+#[server(prefix = "/fn", endpoint = "token_limits")]
+pub async fn token_limits() -> Result<SpendReport, ApiError> {
+    let admin = crate::auth::require_admin().await?;
+    server::token_limits(&admin).await
+}
+
+/// Save the automatic fallback toggle, based on `settings_version` (administrators only).
+#[server(prefix = "/fn", endpoint = "save_automatic_fallback")]
+pub async fn save_automatic_fallback(
+    automatic_fallback: Option<String>,
+    settings_version: i64,
+) -> Result<(), ApiError> {
+    let admin = crate::auth::require_admin().await?;
+    server::save_automatic_fallback(&admin, automatic_fallback.is_some(), settings_version).await
+}
+
+/// Save every model limit of the form, all or nothing (administrators only).
+#[server(prefix = "/fn", endpoint = "save_model_limits")]
+pub async fn save_model_limits(rows: Vec<LimitInput>) -> Result<(), ApiError> {
+    let admin = crate::auth::require_admin().await?;
+    server::save_model_limits(&admin, rows).await
+}
+
+#[cfg(feature = "ssr")]
+mod server {
+    use std::sync::Arc;
+
+    use chrono::Utc;
+    use leptos::prelude::expect_context;
+
+    use super::LimitInput;
+    use crate::{
+        auth::{set_status, Admin, SESSION_USER_ID},
+        domain::{parse_eur_input, Catalog, ModelLimit},
+        error::{ApiError, FieldError},
+        report::SpendReport,
+        store::{Actor, LimitChange, SharedStore},
+    };
+
+    /// Where to go after signing in: a local path only, never another site.
+    fn safe_next(next: Option<String>) -> String {
+        match next {
+            Some(path)
+                if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') =>
+            {
+                path
+            }
+            _ => "/admin/token-limits".into(),
+        }
+    }
+
+    fn fail<T>(e: ApiError) -> Result<T, ApiError> {
+        set_status(&e);
+        Err(e)
+    }
+
+    pub async fn login(
+        email: String,
+        password: String,
+        next: Option<String>,
+    ) -> Result<(), ApiError> {
+        let store = expect_context::<SharedStore>();
+        let session: tower_sessions::Session = leptos_axum::extract()
+            .await
+            .map_err(|_| ApiError::Internal)?;
+        let user = store
+            .user_by_email(email.trim())
+            .await
+            .map_err(ApiError::from)?;
+        // Verify against a dummy hash for unknown emails so both take as long.
+        let hash = user
+            .as_ref()
+            .map(|u| u.password_hash.as_str())
+            .unwrap_or(crate::auth::dummy_password_hash());
+        let verified = crate::auth::verify_password(&password, hash);
+        let Some(user) = user.filter(|_| verified) else {
+            return fail(ApiError::InvalidCredentials);
+        };
+        // A new session id at sign-in defeats session fixation.
+        session.cycle_id().await.map_err(|_| ApiError::Internal)?;
+        session
+            .insert(SESSION_USER_ID, user.id)
+            .await
+            .map_err(|_| ApiError::Internal)?;
+        leptos_axum::redirect(&safe_next(next));
+        Ok(())
+    }
+
+    pub async fn logout() -> Result<(), ApiError> {
+        let session: tower_sessions::Session = leptos_axum::extract()
+            .await
+            .map_err(|_| ApiError::Internal)?;
+        session.flush().await.map_err(|_| ApiError::Internal)?;
+        leptos_axum::redirect("/login");
+        Ok(())
+    }
+
+    pub async fn token_limits(_admin: &Admin) -> Result<SpendReport, ApiError> {
+        let store = expect_context::<SharedStore>();
+        let catalog = expect_context::<Arc<Catalog>>();
+        match store.spend_snapshot(Utc::now()).await {
+            Ok(snapshot) => Ok(SpendReport::build(&snapshot, &catalog)),
+            Err(e) => fail(e.into()),
+        }
+    }
+
+    pub async fn save_automatic_fallback(
+        admin: &Admin,
+        on: bool,
+        version: i64,
+    ) -> Result<(), ApiError> {
+        let store = expect_context::<SharedStore>();
+        match store
+            .update_settings(&Actor::from(admin), version, on, Utc::now())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => fail(e.into()),
+        }
+    }
+
+    /// Parse every row first: any invalid field refuses the whole save (DESIGN.md §3).
+    pub async fn save_model_limits(admin: &Admin, rows: Vec<LimitInput>) -> Result<(), ApiError> {
+        let store = expect_context::<SharedStore>();
+        let catalog = expect_context::<Arc<Catalog>>();
+        let mut changes = Vec::with_capacity(rows.len());
+        let mut fields = Vec::new();
+        for row in rows {
+            let Some(model) = catalog.get(&row.model.as_str().into()) else {
+                fields.push(FieldError {
+                    field: row.model.clone(),
+                    code: "unknown_model".into(),
+                    message: format!("{} is not a model of the catalog.", row.model),
+                });
+                continue;
+            };
+            let enabled = row.enabled.is_some();
+            let text = row.limit.trim();
+            let limit = if text.is_empty() {
+                None
+            } else {
+                match parse_eur_input(text).map(|m| m.to_nanos_rounded()) {
+                    Ok(Ok(nanos)) => Some(nanos),
+                    Ok(Err(_)) => {
+                        fields.push(FieldError {
+                            field: row.model.clone(),
+                            code: "too_large".into(),
+                            message: "This amount is too large.".into(),
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        fields.push(FieldError {
+                            field: row.model.clone(),
+                            code: e.code().into(),
+                            message: e.message(),
+                        });
+                        continue;
+                    }
+                }
+            };
+            let limit = ModelLimit { limit, enabled };
+            if let Err(e) = limit.validate() {
+                fields.push(FieldError {
+                    field: row.model.clone(),
+                    code: e.code().into(),
+                    message: "Enter a limit in euros before enabling it, or leave it off to use the shared pool."
+                        .into(),
+                });
+                continue;
+            }
+            changes.push(LimitChange {
+                model: model.id.clone(),
+                expected_version: row.version,
+                limit,
+            });
+        }
+        if !fields.is_empty() {
+            return fail(ApiError::Invalid {
+                message: "Nothing was saved: correct the highlighted limits and save again.".into(),
+                fields,
+            });
+        }
+        match store
+            .update_model_limits(&Actor::from(admin), &changes, Utc::now())
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => fail(e.into()),
+        }
+    }
 }

@@ -1,13 +1,16 @@
 //! Components and pages.
 
+mod home;
+mod layout;
+mod login;
+mod token_limits;
+
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, Link, MetaTags, Stylesheet, Title};
 use leptos_router::{
     components::{Route, Router, Routes},
-    StaticSegment,
+    path, SsrMode,
 };
-
-use crate::api;
 
 /// The HTML document around the app, rendered on the server only.
 pub fn shell(options: LeptosOptions) -> impl IntoView {
@@ -28,45 +31,29 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
     }
 }
 
-/// The root component: metadata and routes.
+/// The root component: metadata and routes. Pages that show data render on the
+/// server only once their data is there (`SsrMode::Async`), so they read complete
+/// without JavaScript.
 #[component]
 pub fn App() -> impl IntoView {
     provide_meta_context();
+    // Effects run only in the browser: the attribute tells tests (and nothing else)
+    // that the page has hydrated, so they never sleep.
+    let hydrated = RwSignal::new(false);
+    Effect::new(move |_| hydrated.set(true));
     view! {
         <Stylesheet id="leptos" href="/pkg/tollgate.css"/>
         <Link rel="icon" type_="image/svg+xml" href="/favicon.svg"/>
-        <Title text="Tollgate"/>
-        <Router>
-            <Routes fallback=|| view! { <p>"Page not found."</p> }>
-                <Route path=StaticSegment("") view=HomePage/>
-            </Routes>
-        </Router>
-    }
-}
-
-/// The landing page: proves the whole path (render, hydrate, server function,
-/// store, database) works.
-#[component]
-fn HomePage() -> impl IntoView {
-    // Effects run only in the browser, so this flips once hydration has happened;
-    // tests wait for the attribute instead of sleeping.
-    let hydrated = RwSignal::new(false);
-    Effect::new(move |_| hydrated.set(true));
-
-    let load = Action::new(|_: &()| api::workspace());
-    let answer = move || match load.value().get() {
-        None => String::new(),
-        Some(Ok(view)) => format!("Workspace: {}", view.name),
-        Some(Err(e)) => format!("Could not read the workspace: {e}"),
-    };
-
-    view! {
-        <main data-hydrated=move || hydrated.get().to_string()>
-            <h1>"Tollgate"</h1>
-            <button on:click=move |_| {
-                load.dispatch(());
-            }>"Check database"</button>
-            <p role="status" id="workspace-answer">{answer}</p>
-        </main>
+        <Title formatter=|page: String| if page.is_empty() { "Tollgate".to_string() } else { format!("{page} · Tollgate") }/>
+        <div id="app" data-hydrated=move || hydrated.get().to_string()>
+            <Router>
+                <Routes fallback=|| view! { <main class="centered"><h1>"Page not found"</h1><p><a href="/">"Go to the start page"</a></p></main> }>
+                    <Route path=path!("/") view=home::HomePage ssr=SsrMode::Async/>
+                    <Route path=path!("/login") view=login::LoginPage/>
+                    <Route path=path!("/admin") view=token_limits::TokenLimitsPage ssr=SsrMode::Async/>
+                    <Route path=path!("/admin/token-limits") view=token_limits::TokenLimitsPage ssr=SsrMode::Async/>
+                </Routes>
+            </Router>
+        </div>
     }
 }

@@ -825,15 +825,18 @@ macro_rules! impl_store {
                     let (old, version) = current
                         .map(|row| (row.limit(), row.version))
                         .unwrap_or_default();
+                    // A row the editor left as it is now stored changes nothing and
+                    // cannot conflict; a row that differs must be based on the
+                    // version stored, or it would overwrite someone else's change.
+                    if old == change.limit {
+                        continue;
+                    }
                     if version != change.expected_version {
                         tx.rollback().await.map_err(db_error)?;
                         return Err(StoreError::Conflict {
                             what: change.model.to_string(),
                             current_version: version,
                         });
-                    }
-                    if old == change.limit {
-                        continue;
                     }
                     sqlx::query(
                         "INSERT INTO model_limits (workspace_id, model_id, limit_nanos, enabled, version) \

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use app::store::SharedStore;
 
+use crate::auth::sessions::SessionBackend;
+
 /// Why a database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -23,21 +25,57 @@ pub enum ConnectError {
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
+/// An open database: the books behind the `Store` port and the login sessions.
+#[derive(Clone)]
+pub struct Database {
+    /// The books.
+    pub store: SharedStore,
+    /// Login sessions, in the same database.
+    pub sessions: SessionBackend,
+}
+
 /// Open (creating a SQLite file if needed) and migrate the database at `url`;
 /// `durability` applies to SQLite only.
+///
+/// Errors: [`ConnectError`] naming what failed.
+pub async fn open(url: &str, durability: sqlite::Durability) -> Result<Database, ConnectError> {
+    let database = if url.starts_with("sqlite:") {
+        let store = sqlite::SqliteStore::open(url, durability).await?;
+        let sessions = SessionBackend::Sqlite(tower_sessions_sqlx_store::SqliteStore::new(
+            store.pool().clone(),
+        ));
+        Database {
+            store: Arc::new(store),
+            sessions,
+        }
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let store = postgres::PostgresStore::open(url).await?;
+        let sessions = SessionBackend::Postgres(tower_sessions_sqlx_store::PostgresStore::new(
+            store.pool().clone(),
+        ));
+        Database {
+            store: Arc::new(store),
+            sessions,
+        }
+    } else {
+        return Err(ConnectError::UnsupportedScheme(redact_url(url)));
+    };
+    database
+        .sessions
+        .migrate()
+        .await
+        .map_err(ConnectError::Open)?;
+    Ok(database)
+}
+
+/// Open the database at `url` and return its books only (see [`open`]).
 ///
 /// Errors: [`ConnectError`] naming what failed.
 pub async fn connect(
     url: &str,
     durability: sqlite::Durability,
 ) -> Result<SharedStore, ConnectError> {
-    if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(url, durability).await?))
-    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        Ok(Arc::new(postgres::PostgresStore::open(url).await?))
-    } else {
-        Err(ConnectError::UnsupportedScheme(redact_url(url)))
-    }
+    Ok(open(url, durability).await?.store)
 }
 
 /// The URL with its password masked, for messages and logs.

@@ -36,6 +36,11 @@ impl PostgresStore {
         Ok(Self { pool })
     }
 
+    /// The connection pool, shared with the session store.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
         self.pool.begin().await.map_err(db_error)
     }

@@ -59,6 +59,11 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// The connection pool, shared with the session store.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")

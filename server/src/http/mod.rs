@@ -5,6 +5,7 @@ use axum::{
     body::Body,
     extract::{FromRef, Request, State},
     http::StatusCode,
+    middleware,
     response::{IntoResponse, Response},
     routing::get,
     Router,
@@ -12,7 +13,15 @@ use axum::{
 use leptos::{config::LeptosOptions, prelude::provide_context};
 use leptos_axum::{generate_route_list, LeptosRoutes};
 
-use crate::assets;
+use tower_sessions::{cookie::SameSite, Expiry, SessionManagerLayer};
+
+use crate::{
+    assets,
+    auth::{
+        middleware::{authorize, AuthState},
+        sessions::SessionBackend,
+    },
+};
 
 /// What every handler can reach.
 #[derive(Clone, FromRef)]
@@ -23,24 +32,56 @@ pub struct AppState {
     pub store: SharedStore,
     /// The operator's configuration.
     pub config: std::sync::Arc<crate::config::Config>,
+    /// The OpenAI-compatible gateway, the usage API and the metrics.
+    pub gateway: crate::gateway::SharedGateway,
 }
 
-/// Build the whole HTTP surface over `state`.
-pub fn router(state: AppState) -> Router {
+impl AppState {
+    /// The state for `config` over `store`. Tests and `tollgate serve` build it the
+    /// same way.
+    pub fn new(config: std::sync::Arc<crate::config::Config>, store: SharedStore) -> AppState {
+        AppState {
+            leptos_options: assets::leptos_options(config.listen),
+            gateway: crate::gateway::Gateway::from_env(&config, store.clone()),
+            store,
+            config,
+        }
+    }
+}
+
+/// Build the whole HTTP surface over `state`: the admin panel (pages and server
+/// functions, behind sessions and the access middleware) and health.
+pub fn router(state: AppState, sessions: SessionBackend) -> Router {
     let routes = generate_route_list(App);
     let context = leptos_context(&state);
     let options = state.leptos_options.clone();
-    Router::new()
-        .route("/healthz", get(healthz))
+    let auth = AuthState::new(state.store.clone());
+    let session_layer = SessionManagerLayer::new(sessions)
+        .with_name("tollgate_session")
+        .with_http_only(true)
+        .with_same_site(SameSite::Strict)
+        .with_secure(state.config.secure_cookies)
+        .with_expiry(Expiry::OnInactivity(time::Duration::hours(8)));
+    let panel = Router::new()
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .fallback(fallback)
+        .layer(middleware::from_fn_with_state(auth, authorize))
+        .layer(session_layer);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(crate::gateway::routes())
+        .merge(panel)
         .with_state(state)
 }
 
 /// What server functions and pages find in the Leptos context.
 fn leptos_context(state: &AppState) -> impl Fn() + Clone + Send + Sync + 'static {
     let store = state.store.clone();
-    move || provide_context(store.clone())
+    let catalog = state.config.setup.catalog.clone();
+    move || {
+        provide_context(store.clone());
+        provide_context(catalog.clone());
+    }
 }
 
 /// Answer a liveness probe: `ok` while the process serves HTTP.

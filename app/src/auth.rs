@@ -1,0 +1,183 @@
+//! Who is signed in, as the app sees it (DESIGN.md §5). The server's middleware
+//! authenticates the session before Leptos renders anything and puts the
+//! [`CurrentUser`] into the request's extensions; server functions read it back
+//! with [`current_user`] or demand an [`Admin`] with [`require_admin`], so the
+//! role is checked on the server in every function, not just by hiding links.
+
+use serde::{Deserialize, Serialize};
+
+/// A user's role (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Sees and changes the Token Limits tab; reads `/api/v1/spend`.
+    Admin,
+    /// Uses the gateway only.
+    Member,
+}
+
+impl Role {
+    /// `admin` or `member`, as stored and as the CLI takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+}
+
+/// A role name that is neither `admin` nor `member`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a role: use admin or member")]
+pub struct UnknownRole(pub String);
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "member" => Ok(Role::Member),
+            other => Err(UnknownRole(other.into())),
+        }
+    }
+}
+
+/// The signed-in user, safe to send to the browser (no password hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentUser {
+    /// User id.
+    pub id: i64,
+    /// Login email.
+    pub email: String,
+    /// Admin or member.
+    pub role: Role,
+}
+
+/// Proof that the caller is an administrator: admin-only services take `&Admin`,
+/// so forgetting the check does not compile (STYLE.md).
+#[derive(Debug, Clone)]
+pub struct Admin(CurrentUser);
+
+impl Admin {
+    /// The administrator.
+    pub fn user(&self) -> &CurrentUser {
+        &self.0
+    }
+}
+
+/// Session key under which the signed-in user's id is stored.
+pub const SESSION_USER_ID: &str = "user_id";
+
+#[cfg(feature = "ssr")]
+mod server {
+    use super::*;
+    use crate::error::ApiError;
+    use argon2::{
+        password_hash::{
+            rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+        },
+        Argon2,
+    };
+
+    /// Shortest password `user create` accepts, in characters.
+    pub const MIN_PASSWORD_CHARS: usize = 12;
+
+    /// Why a credential operation failed.
+    #[derive(Debug, thiserror::Error)]
+    pub enum CredentialError {
+        /// The password is shorter than [`MIN_PASSWORD_CHARS`].
+        #[error("the password must have at least {MIN_PASSWORD_CHARS} characters")]
+        PasswordTooShort,
+        /// Hashing failed (out of memory or a bad parameter set).
+        #[error("could not hash the password: {0}")]
+        Hash(String),
+    }
+
+    /// Hash `password` with argon2id and a random salt, as a PHC string.
+    ///
+    /// Errors: [`CredentialError::PasswordTooShort`], [`CredentialError::Hash`].
+    pub fn hash_password(password: &str) -> Result<String, CredentialError> {
+        if password.chars().count() < MIN_PASSWORD_CHARS {
+            return Err(CredentialError::PasswordTooShort);
+        }
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|hash| hash.to_string())
+            .map_err(|e| CredentialError::Hash(e.to_string()))
+    }
+
+    /// True when `password` matches the PHC string `hash`; a malformed hash matches
+    /// nothing.
+    pub fn verify_password(password: &str, hash: &str) -> bool {
+        PasswordHash::new(hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    }
+
+    /// A hash to verify against when the user does not exist, so that a login attempt
+    /// for an unknown email takes as long as one with a wrong password.
+    pub fn dummy_password_hash() -> &'static str {
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        DUMMY.get_or_init(|| {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(b"not a password of anyone", &salt)
+                .map(|h| h.to_string())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The signed-in user of this request, if any.
+    pub async fn current_user() -> Option<CurrentUser> {
+        leptos_axum::extract::<axum::Extension<CurrentUser>>()
+            .await
+            .ok()
+            .map(|axum::Extension(user)| user)
+    }
+
+    /// The administrator making this request.
+    ///
+    /// Errors: [`ApiError::Unauthorized`] when nobody is signed in,
+    /// [`ApiError::Forbidden`] for a member. The HTTP status is set accordingly.
+    pub async fn require_admin() -> Result<Admin, ApiError> {
+        let result = match current_user().await {
+            None => Err(ApiError::Unauthorized),
+            Some(user) if user.role == Role::Admin => Ok(Admin(user)),
+            Some(_) => Err(ApiError::Forbidden),
+        };
+        if let Err(e) = &result {
+            set_status(e);
+        }
+        result
+    }
+
+    /// Answer a server function's error with its real status instead of 500.
+    pub fn set_status(e: &ApiError) {
+        if let Some(response) = leptos::prelude::use_context::<leptos_axum::ResponseOptions>() {
+            if let Ok(status) = axum::http::StatusCode::from_u16(e.status()) {
+                response.set_status(status);
+            }
+        }
+    }
+
+    impl From<&Admin> for crate::store::Actor {
+        fn from(admin: &Admin) -> Self {
+            crate::store::Actor::User {
+                id: admin.0.id,
+                email: admin.0.email.clone(),
+            }
+        }
+    }
+}
+
+#[cfg(feature = "ssr")]
+pub use server::{
+    current_user, dummy_password_hash, hash_password, require_admin, set_status, verify_password,
+    CredentialError, MIN_PASSWORD_CHARS,
+};

@@ -1,0 +1,155 @@
+//! The Token Limits numbers as one serialisable report, built from the counters
+//! (R8: never from the ledger). The tab renders it; `GET /api/v1/spend` returns it
+//! as JSON in the shape of DESIGN.md §4: EUR amounts as exact decimal strings,
+//! instants in RFC 3339 UTC.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ModelId, Money, Status};
+
+/// The billing cycle as reported (R1): `[start, end)` and its first and last local days.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleReport {
+    /// First instant of the cycle, UTC.
+    pub start: DateTime<Utc>,
+    /// First instant of the next cycle, UTC: when the limits reset.
+    pub end: DateTime<Utc>,
+    /// First local date of the cycle.
+    pub first_day: NaiveDate,
+    /// Last local date of the cycle (end minus one day).
+    pub last_day: NaiveDate,
+    /// The local date the next cycle starts ("Resets on").
+    pub resets_on: NaiveDate,
+}
+
+/// One catalog model in the report, spent or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelReport {
+    /// The model's API id.
+    pub id: ModelId,
+    /// Its display name.
+    pub display_name: String,
+    /// Spent on it in the cycle, EUR (exact).
+    #[serde(rename = "spent_eur")]
+    pub spent: Money,
+    /// Share of the cycle's spend, percent with one decimal; the shares sum to 100.0
+    /// when anything was spent (R8).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub share_percent: Decimal,
+    /// Its cap per cycle, EUR, if one is saved (active only when enabled, R5).
+    #[serde(rename = "limit_eur")]
+    pub limit: Option<Money>,
+    /// The cap's toggle.
+    pub limit_enabled: bool,
+    /// Optimistic version of the model's limit (0: never saved), sent back on save.
+    pub limit_version: i64,
+}
+
+/// Everything the Token Limits tab shows (DESIGN.md §3, §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpendReport {
+    /// The current billing cycle.
+    pub cycle: CycleReport,
+    /// R4 status of the cycle.
+    pub status: Status,
+    /// Plan budget per cycle, EUR.
+    #[serde(rename = "plan_budget_eur")]
+    pub plan_budget: Money,
+    /// Overage limit on top of the budget, EUR.
+    #[serde(rename = "overage_limit_eur")]
+    pub overage_limit: Money,
+    /// Settled spend in the cycle, EUR.
+    #[serde(rename = "spent_eur")]
+    pub spent: Money,
+    /// Held for requests in flight, EUR (R7).
+    #[serde(rename = "reserved_eur")]
+    pub reserved: Money,
+    /// The automatic fallback toggle.
+    pub automatic_fallback: bool,
+    /// Optimistic version of the settings, sent back on save.
+    pub settings_version: i64,
+    /// Every catalog model, sorted as R8 sorts spend (amount descending, ties by
+    /// display name).
+    pub models: Vec<ModelReport>,
+}
+
+impl SpendReport {
+    /// Plan budget plus overage limit, EUR.
+    pub fn allowance(&self) -> Money {
+        self.plan_budget + self.overage_limit
+    }
+
+    /// Spent over allowance in percent, one decimal, capped at 100.0 for the bar;
+    /// 100.0 for an allowance of zero (nothing can be spent).
+    pub fn used_percent(&self) -> Decimal {
+        let allowance = self.allowance().amount();
+        if allowance <= Decimal::ZERO {
+            return Decimal::new(1000, 1);
+        }
+        let percent = self.spent.amount() * Decimal::ONE_HUNDRED / allowance;
+        let mut percent = percent
+            .min(Decimal::ONE_HUNDRED)
+            .round_dp_with_strategy(1, rust_decimal::RoundingStrategy::ToZero);
+        percent.rescale(1);
+        percent
+    }
+
+    /// The models with spend in the cycle, for "Spend by model" (R8).
+    pub fn spending_models(&self) -> impl Iterator<Item = &ModelReport> {
+        self.models.iter().filter(|m| m.spent > Money::ZERO)
+    }
+}
+
+#[cfg(feature = "ssr")]
+mod build {
+    use super::*;
+    use crate::domain::{spend_by_model, Catalog, Nanos};
+    use crate::store::SpendSnapshot;
+
+    impl SpendReport {
+        /// The report of `snapshot` over `catalog`: every catalog model, with its
+        /// spend, share (R8), limit and versions; status by R4.
+        pub fn build(snapshot: &SpendSnapshot, catalog: &Catalog) -> SpendReport {
+            let books = |id: &ModelId| snapshot.models.iter().find(|m| &m.id == id);
+            let spends = spend_by_model(catalog.models().iter().map(|m| {
+                let spent = books(&m.id).map(|b| b.counter.spent).unwrap_or(Nanos::ZERO);
+                (m.id.clone(), m.display_name.clone(), spent)
+            }));
+            let models = spends
+                .into_iter()
+                .map(|row| {
+                    let stored = books(&row.id).map(|b| b.limit).unwrap_or_default();
+                    ModelReport {
+                        spent: row.spent.to_money(),
+                        share_percent: row.share_percent,
+                        limit: stored.limit.limit.map(Nanos::to_money),
+                        limit_enabled: stored.limit.enabled,
+                        limit_version: stored.version,
+                        id: row.id,
+                        display_name: row.display_name,
+                    }
+                })
+                .collect();
+            let cycle = &snapshot.cycle;
+            SpendReport {
+                cycle: CycleReport {
+                    start: cycle.start,
+                    end: cycle.end,
+                    first_day: cycle.first_day,
+                    last_day: cycle.last_day,
+                    resets_on: cycle.last_day.succ_opt().unwrap_or(cycle.last_day),
+                },
+                status: Status::of(&snapshot.plan.amounts, snapshot.workspace.spent),
+                plan_budget: snapshot.plan.amounts.budget.to_money(),
+                overage_limit: snapshot.plan.amounts.overage.to_money(),
+                spent: snapshot.workspace.spent.to_money(),
+                reserved: snapshot.workspace.reserved.to_money(),
+                automatic_fallback: snapshot.settings.automatic_fallback,
+                settings_version: snapshot.settings.version,
+                models,
+            }
+        }
+    }
+}

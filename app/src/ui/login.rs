@@ -1,0 +1,42 @@
+//! The login page (DESIGN.md §5).
+
+use leptos::prelude::*;
+use leptos_meta::Title;
+use leptos_router::hooks::use_query_map;
+
+use crate::api::Login;
+
+/// Email and password form; sends the user on to `?next=` after signing in.
+#[component]
+pub fn LoginPage() -> impl IntoView {
+    let login = ServerAction::<Login>::new();
+    let query = use_query_map();
+    let next = move || {
+        query
+            .read()
+            .get("next")
+            .unwrap_or_else(|| "/admin/token-limits".into())
+    };
+    let error = move || {
+        login
+            .value()
+            .get()
+            .and_then(|r| r.err())
+            .map(|e| e.to_string())
+    };
+    view! {
+        <Title text="Sign in"/>
+        <main class="centered login">
+            <h1>"Sign in to Tollgate"</h1>
+            <ActionForm action=login>
+                <input type="hidden" name="next" value=next/>
+                <label for="email">"Email"</label>
+                <input id="email" name="email" type="email" autocomplete="username" required/>
+                <label for="password">"Password"</label>
+                <input id="password" name="password" type="password" autocomplete="current-password" required/>
+                <p class="form-error" role="alert" id="login-error">{error}</p>
+                <button type="submit">"Sign in"</button>
+            </ActionForm>
+        </main>
+    }
+}

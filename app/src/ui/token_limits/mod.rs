@@ -1,0 +1,68 @@
+//! The Token Limits tab of the Admin Panel (DESIGN.md §3): Spending & Budget, Model
+//! limits, Spend by model (this cycle). One section a file.
+
+mod model_limits;
+mod spend_by_model;
+mod spending;
+
+use leptos::prelude::*;
+use leptos_meta::Title;
+
+use super::layout::{use_current_user, AppShell, Section};
+use crate::{
+    api::{self, SaveAutomaticFallback, SaveModelLimits},
+    domain::{format_eur, Money},
+};
+
+/// `€1,234.56`: every amount on the tab (R2: cents only at the edge).
+pub(crate) fn eur(amount: Money) -> String {
+    format_eur(amount)
+}
+
+/// The Admin Panel with the Token Limits tab open.
+#[component]
+pub fn TokenLimitsPage() -> impl IntoView {
+    let user = use_current_user();
+    let save_fallback = ServerAction::<SaveAutomaticFallback>::new();
+    let save_limits = ServerAction::<SaveModelLimits>::new();
+    // Reload the numbers after a successful save only: after a refused one the
+    // form keeps what the administrator typed, next to its error.
+    let saved = RwSignal::new(0u32);
+    Effect::new(move |_| {
+        let ok = |v: Option<Result<(), crate::error::ApiError>>| matches!(v, Some(Ok(())));
+        if ok(save_fallback.value().get()) || ok(save_limits.value().get()) {
+            saved.update(|n| *n += 1);
+        }
+    });
+    let report = Resource::new(move || saved.get(), |_| api::token_limits());
+
+    view! {
+        <Title text="Token Limits"/>
+        <Suspense fallback=|| view! { <p>"Loading…"</p> }>
+            {move || Suspend::new(async move {
+                let user = user.await.ok().flatten();
+                let report = report.await;
+                view! {
+                    <AppShell user=user current=Section::Admin>
+                        <main>
+                            <h1>"Admin Panel"</h1>
+                            <nav class="tabs" aria-label="Admin Panel">
+                                <a href="/admin/token-limits" aria-current="page">"Token Limits"</a>
+                            </nav>
+                            {match report {
+                                Ok(report) => view! {
+                                    <spending::SpendingAndBudget report=report.clone() save=save_fallback/>
+                                    <model_limits::ModelLimits report=report.clone() save=save_limits/>
+                                    <spend_by_model::SpendByModel report=report/>
+                                }.into_any(),
+                                Err(e) => view! {
+                                    <p class="form-error" role="alert">{e.to_string()}</p>
+                                }.into_any(),
+                            }}
+                        </main>
+                    </AppShell>
+                }
+            })}
+        </Suspense>
+    }
+}

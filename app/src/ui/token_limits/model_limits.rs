@@ -1,0 +1,105 @@
+//! Model limits (the seed also calls it Per Model Cost Caps): one row per model with
+//! In this cycle, Limit (EUR, empty = shared pool) and Enabled; one Save for all.
+
+use leptos::prelude::*;
+
+use super::eur;
+use crate::{api::SaveModelLimits, report::SpendReport};
+
+/// The Model limits section.
+#[component]
+pub fn ModelLimits(report: SpendReport, save: ServerAction<SaveModelLimits>) -> impl IntoView {
+    let error = move || save.value().get().and_then(|r| r.err());
+    let summary = move || match save.value().get() {
+        Some(Ok(())) => Some(("form-ok", "Saved.".to_string())),
+        Some(Err(e)) => Some(("form-error", e.to_string())),
+        None => None,
+    };
+    // Catalog order is the order the operator configured; the report sorts by
+    // spend, so restore a stable order for the form.
+    let mut rows = report.models.clone();
+    rows.sort_by(|a, b| a.display_name.cmp(&b.display_name));
+    view! {
+        <section class="card" aria-labelledby="limits-title">
+            <header class="card-header">
+                <h2 id="limits-title">"Model limits"</h2>
+            </header>
+            <p class="hint">
+                "Optional: a euro limit per billing cycle for one model. When it is reached, requests "
+                "for that model go to a cheaper model (or are blocked when none has room). Leave the "
+                "limit empty to let the model draw on the shared workspace budget."
+            </p>
+            <ActionForm action=save>
+                <table class="limits">
+                    <thead>
+                        <tr>
+                            <th scope="col">"Model"</th>
+                            <th scope="col" class="num">"In this cycle"</th>
+                            <th scope="col">"Limit (EUR)"</th>
+                            <th scope="col">"Enabled"</th>
+                        </tr>
+                    </thead>
+                    <tbody>
+                        {rows
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, row)| {
+                                let id = row.id.to_string();
+                                let input_id = format!("limit-{id}");
+                                let error_id = format!("limit-error-{id}");
+                                let field = id.clone();
+                                let row_error = move || error().and_then(|e| e.field(&field).map(|f| f.message.clone()));
+                                let invalid = {
+                                    let row_error = row_error.clone();
+                                    move || row_error().is_some().to_string()
+                                };
+                                view! {
+                                    <tr data-model=id.clone()>
+                                        <th scope="row">{row.display_name.clone()}</th>
+                                        <td class="num">{eur(row.spent)}</td>
+                                        <td>
+                                            <input type="hidden" name=format!("rows[{i}][model]") value=id.clone()/>
+                                            <input type="hidden" name=format!("rows[{i}][version]") value=row.limit_version.to_string()/>
+                                            <label class="visually-hidden" for=input_id.clone()>
+                                                {format!("Limit for {} in euros", row.display_name)}
+                                            </label>
+                                            <input
+                                                id=input_id
+                                                name=format!("rows[{i}][limit]")
+                                                type="text"
+                                                inputmode="decimal"
+                                                autocomplete="off"
+                                                placeholder="Shared pool"
+                                                value=row.limit.map(eur).unwrap_or_default()
+                                                aria-invalid=invalid
+                                                aria-describedby=error_id.clone()
+                                            />
+                                            <p class="field-error" id=error_id>{row_error}</p>
+                                        </td>
+                                        <td>
+                                            <label class="toggle">
+                                                <input
+                                                    type="checkbox"
+                                                    role="switch"
+                                                    name=format!("rows[{i}][enabled]")
+                                                    checked=row.limit_enabled
+                                                />
+                                                <span class="visually-hidden">{format!("Enable the limit for {}", row.display_name)}</span>
+                                            </label>
+                                        </td>
+                                    </tr>
+                                }
+                            })
+                            .collect_view()}
+                    </tbody>
+                </table>
+                <div class="actions">
+                    <button type="submit" id="save-limits">"Save"</button>
+                    <p role="status" id="limits-result" class=move || summary().map(|r| r.0).unwrap_or("")>
+                        {move || summary().map(|r| r.1)}
+                    </p>
+                </div>
+            </ActionForm>
+        </section>
+    }
+}

@@ -1,0 +1,42 @@
+//! Spend by model (this cycle): every model with spend, its amount and share, with
+//! a bar (R8).
+
+use leptos::prelude::*;
+
+use super::eur;
+use crate::report::SpendReport;
+
+/// The Spend by model section.
+#[component]
+pub fn SpendByModel(report: SpendReport) -> impl IntoView {
+    let rows: Vec<_> = report.spending_models().cloned().collect();
+    let empty = rows.is_empty();
+    view! {
+        <section class="card" aria-labelledby="by-model-title">
+            <header class="card-header">
+                <h2 id="by-model-title">"Spend by model (this cycle)"</h2>
+            </header>
+            <Show when=move || empty>
+                <p class="hint">"Nothing has been spent in this cycle yet."</p>
+            </Show>
+            <ul class="by-model">
+                {rows
+                    .into_iter()
+                    .map(|row| {
+                        let share = format!("{}%", row.share_percent);
+                        view! {
+                            <li data-model=row.id.to_string()>
+                                <span class="name">{row.display_name}</span>
+                                <span class="amount">{eur(row.spent)}</span>
+                                <span class="share">{share.clone()}</span>
+                                <span class="bar" aria-hidden="true">
+                                    <span class="bar-fill" style=format!("width: {share}")></span>
+                                </span>
+                            </li>
+                        }
+                    })
+                    .collect_view()}
+            </ul>
+        </section>
+    }
+}

@@ -1,0 +1,102 @@
+//! Spending & Budget: the cycle, spent, plan budget and overage limit (read-only),
+//! the progress bar, the status (R4), the reset date, and the automatic fallback
+//! toggle with its Save.
+
+use leptos::prelude::*;
+
+use super::eur;
+use crate::{api::SaveAutomaticFallback, domain::Status, report::SpendReport};
+
+/// `1 Dec 2026`.
+fn day(date: chrono::NaiveDate) -> String {
+    date.format("%-d %b %Y").to_string()
+}
+
+/// A padlock: the value is set by the operator's plan, not in the UI.
+#[component]
+fn Lock() -> impl IntoView {
+    view! {
+        <svg class="lock" viewBox="0 0 16 16" width="14" height="14" role="img" aria-label="Read-only">
+            <title>"Read-only: set by the plan"</title>
+            <path d="M4 7V5a4 4 0 1 1 8 0v2h1v8H3V7zm2 0h4V5a2 2 0 1 0-4 0z" fill="currentColor"/>
+        </svg>
+    }
+}
+
+/// The Spending & Budget section.
+#[component]
+pub fn SpendingAndBudget(
+    report: SpendReport,
+    save: ServerAction<SaveAutomaticFallback>,
+) -> impl IntoView {
+    let percent = report.used_percent();
+    let status_class = match report.status {
+        Status::WithinPlanBudget => "status ok",
+        Status::UsingOverage => "status warn",
+        Status::LimitReached => "status stop",
+    };
+    let result = move || match save.value().get() {
+        Some(Ok(())) => Some(("form-ok", "Saved.".to_string())),
+        Some(Err(e)) => Some(("form-error", e.to_string())),
+        None => None,
+    };
+    view! {
+        <section class="card" aria-labelledby="spending-title">
+            <header class="card-header">
+                <h2 id="spending-title">"Spending & Budget"</h2>
+                <p class="period" id="billing-period">
+                    <span class="visually-hidden">"Current billing period: "</span>
+                    {day(report.cycle.first_day)} " – " {day(report.cycle.last_day)}
+                </p>
+            </header>
+            <dl class="figures">
+                <div>
+                    <dt>"Spent in this cycle"</dt>
+                    <dd id="spent">{eur(report.spent)}</dd>
+                </div>
+                <div>
+                    <dt>"Plan budget " <Lock/></dt>
+                    <dd id="plan-budget">{eur(report.plan_budget)}</dd>
+                </div>
+                <div>
+                    <dt>"Overage limit " <Lock/></dt>
+                    <dd id="overage-limit">{eur(report.overage_limit)}</dd>
+                </div>
+            </dl>
+            <div
+                class="progress"
+                role="progressbar"
+                aria-label="Spent of the allowance"
+                aria-valuemin="0"
+                aria-valuemax="100"
+                aria-valuenow=percent.to_string()
+            >
+                <div class="progress-fill" style=format!("width: {percent}%")></div>
+            </div>
+            <p class="progress-text">
+                <span id="spent-of-allowance">{eur(report.spent)} " of " {eur(report.allowance())}</span>
+                " · " <span id="used-percent">{format!("{percent}%")}</span>
+            </p>
+            <p class=status_class id="status" role="status">{report.status.label()}</p>
+            <p class="resets">"Resets monthly · next reset " <span id="next-reset">{day(report.cycle.resets_on)}</span></p>
+
+            <ActionForm action=save attr:class="fallback-form">
+                <input type="hidden" name="settings_version" value=report.settings_version.to_string()/>
+                <label class="toggle">
+                    <input
+                        type="checkbox"
+                        role="switch"
+                        name="automatic_fallback"
+                        id="automatic-fallback"
+                        checked=report.automatic_fallback
+                    />
+                    <span>"Automatically switch to a cheaper model when a model limit is reached"</span>
+                </label>
+                <button type="submit" id="save-fallback">"Save"</button>
+                <p role="status" id="fallback-result" class=move || result().map(|r| r.0).unwrap_or("")>
+                    {move || result().map(|r| r.1)}
+                </p>
+            </ActionForm>
+        </section>
+    }
+}

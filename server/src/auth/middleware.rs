@@ -1,0 +1,199 @@
+//! Access control before anything renders (DESIGN.md §5, STYLE.md): the session's
+//! user is looked up once, put into the request's extensions for the server
+//! functions, and the route's rule is applied:
+//! - `/admin...` pages: anonymous → 302 to the login page, members → 403;
+//! - `/` (the start page): anonymous → 302 to the login page;
+//! - `/fn/...` server functions (but `login` and `me`): anonymous → 401, members → 403;
+//! - state-changing requests to `/fn/...` from another site → 403 (CSRF);
+//! - `POST /fn/login`: at most a few attempts per client address per minute.
+
+use std::{net::SocketAddr, num::NonZeroU32, sync::Arc};
+
+use app::{
+    auth::{CurrentUser, SESSION_USER_ID},
+    error::ApiError,
+    store::SharedStore,
+};
+use axum::{
+    extract::{ConnectInfo, Request, State},
+    http::{header, HeaderMap, Method, StatusCode},
+    middleware::Next,
+    response::{Html, IntoResponse, Response},
+    Json,
+};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tower_sessions::Session;
+
+/// What the access middleware needs.
+#[derive(Clone)]
+pub struct AuthState {
+    /// Where users are looked up.
+    pub store: SharedStore,
+    /// Login attempts per client IP address.
+    pub login_attempts: Arc<DefaultKeyedRateLimiter<std::net::IpAddr>>,
+}
+
+impl AuthState {
+    /// Login attempts allowed per address: a burst of 10, then one every 6 s.
+    pub fn new(store: SharedStore) -> AuthState {
+        let quota = Quota::per_minute(NonZeroU32::MIN.saturating_add(9));
+        AuthState {
+            store,
+            login_attempts: Arc::new(RateLimiter::keyed(quota)),
+        }
+    }
+}
+
+/// The server functions anyone may call.
+const PUBLIC_FUNCTIONS: [&str; 2] = ["/fn/login", "/fn/me"];
+
+enum Access {
+    Public,
+    SignedInPage,
+    AdminPage,
+    AdminFunction,
+}
+
+fn access(path: &str) -> Access {
+    if path == "/admin" || path.starts_with("/admin/") {
+        Access::AdminPage
+    } else if path.starts_with("/fn/") {
+        if PUBLIC_FUNCTIONS.contains(&path) {
+            Access::Public
+        } else {
+            Access::AdminFunction
+        }
+    } else if path == "/" {
+        Access::SignedInPage
+    } else {
+        Access::Public
+    }
+}
+
+/// Authenticate the session and apply the route's access rule.
+pub async fn authorize(
+    State(state): State<AuthState>,
+    session: Session,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let unsafe_method = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if path.starts_with("/fn/") && unsafe_method && is_cross_site(request.headers()) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            "Requests from other sites cannot change anything here.",
+        );
+    }
+    if path == "/fn/login" && unsafe_method {
+        let ip = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        if state.login_attempts.check_key(&ip).is_err() {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &ApiError::RateLimited.to_string(),
+            );
+        }
+    }
+
+    let user = current_user(&state.store, &session).await;
+    if let Some(user) = &user {
+        request.extensions_mut().insert(user.clone());
+    }
+    let is_admin = user
+        .as_ref()
+        .is_some_and(|u| u.role == app::auth::Role::Admin);
+    match (access(&path), &user) {
+        (Access::Public, _) => next.run(request).await,
+        (Access::SignedInPage | Access::AdminPage, None) => to_login(&path),
+        (Access::SignedInPage, Some(_)) => next.run(request).await,
+        (Access::AdminPage, Some(_)) if !is_admin => forbidden_page(),
+        (Access::AdminFunction, None) => api_error(&ApiError::Unauthorized),
+        (Access::AdminFunction, Some(_)) if !is_admin => api_error(&ApiError::Forbidden),
+        (Access::AdminPage | Access::AdminFunction, Some(_)) => next.run(request).await,
+    }
+}
+
+async fn current_user(store: &SharedStore, session: &Session) -> Option<CurrentUser> {
+    let id: i64 = session.get(SESSION_USER_ID).await.ok().flatten()?;
+    match store.user_by_id(id).await {
+        Ok(Some(user)) => Some(CurrentUser {
+            id: user.id,
+            email: user.email,
+            role: user.role,
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not load the session's user");
+            None
+        }
+    }
+}
+
+/// True for a request a browser sent from another site (the approach of Go's
+/// `http.CrossOriginProtection`): `Sec-Fetch-Site` when the browser sends it, else
+/// an `Origin` that is not this host. Requests with neither header do not come
+/// from a browser's cross-site form or script.
+fn is_cross_site(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match url::Url::parse(origin) {
+        Ok(url) => {
+            let origin_host = match url.port() {
+                Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+                None => url.host_str().unwrap_or_default().to_owned(),
+            };
+            !origin_host.eq_ignore_ascii_case(host)
+        }
+        Err(_) => true,
+    }
+}
+
+fn to_login(path: &str) -> Response {
+    let next: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
+    // 302 Found, as DESIGN.md §5 names it (axum's `Redirect::to` answers 303).
+    (
+        StatusCode::FOUND,
+        [(header::LOCATION, format!("/login?next={next}"))],
+    )
+        .into_response()
+}
+
+fn forbidden_page() -> Response {
+    let body = "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+        <title>No access · Tollgate</title><link rel=\"stylesheet\" href=\"/pkg/tollgate.css\"></head>\
+        <body><main class=\"centered\"><h1>No access</h1>\
+        <p>The Admin Panel is for administrators of the workspace.</p>\
+        <p><a href=\"/\">Go to the start page</a></p></main></body></html>";
+    (StatusCode::FORBIDDEN, Html(body)).into_response()
+}
+
+/// A server function's error, as the function itself would have encoded it.
+fn api_error(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e)).into_response()
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "code": code, "message": message })),
+    )
+        .into_response()
+}

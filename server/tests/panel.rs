@@ -1,0 +1,377 @@
+//! The admin panel over HTTP (DESIGN.md §3, §5): who may call what, CSRF, login
+//! rate limiting, and saving limits through the server functions. Requests go
+//! through the real router with `tower::ServiceExt::oneshot`.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a broken fixture should stop the test at once"
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use app::store::{Role, SharedStore};
+use axum::{
+    body::Body,
+    http::{header, Request, StatusCode},
+    Router,
+};
+use chrono::Utc;
+use common::TestDb;
+use http_body_util::BodyExt;
+use server::{config, db, http};
+use tower::ServiceExt;
+
+const PASSWORD: &str = "correct horse battery";
+
+struct Panel {
+    router: Router,
+    store: SharedStore,
+    _db: TestDb,
+}
+
+impl Panel {
+    async fn new() -> Panel {
+        let db = TestDb::sqlite();
+        let config = config::Config::load(
+            None,
+            &config::Overrides {
+                listen: None,
+                database_url: Some(db.url.clone()),
+            },
+        )
+        .unwrap();
+        let database = db::open(&config.database_url, config.durability)
+            .await
+            .unwrap();
+        database.store.apply_setup(&config.setup).await.unwrap();
+        for (email, role) in [
+            ("ada@example.com", Role::Admin),
+            ("bob@example.com", Role::Member),
+        ] {
+            let hash = server::auth::hash_password(PASSWORD).unwrap();
+            database
+                .store
+                .create_user(email, &hash, role, Utc::now())
+                .await
+                .unwrap();
+        }
+        let state = http::AppState::new(Arc::new(config), database.store.clone());
+        Panel {
+            router: http::router(state, database.sessions),
+            store: database.store,
+            _db: db,
+        }
+    }
+
+    async fn send(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Sign in as `email` and return the session cookie.
+    async fn sign_in(&self, email: &str) -> String {
+        let (status, headers, body) = self
+            .send(post(
+                "/fn/login",
+                &format!("email={email}&password={}", PASSWORD.replace(' ', "+")),
+                None,
+            ))
+            .await;
+        assert!(
+            status.is_success() || status.is_redirection(),
+            "{status} {body}"
+        );
+        let cookie = headers.get(header::SET_COOKIE).unwrap().to_str().unwrap();
+        cookie.split(';').next().unwrap().to_owned()
+    }
+}
+
+fn post(path: &str, form: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut builder = Request::post(path)
+        .header(header::HOST, "tollgate.test")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .header(header::ORIGIN, "http://tollgate.test");
+    if let Some(cookie) = cookie {
+        builder = builder.header(header::COOKIE, cookie);
+    }
+    builder.body(Body::from(form.to_owned())).unwrap()
+}
+
+fn get(path: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut builder = Request::get(path).header(header::HOST, "tollgate.test");
+    if let Some(cookie) = cookie {
+        builder = builder.header(header::COOKIE, cookie);
+    }
+    builder.body(Body::empty()).unwrap()
+}
+
+/// Server functions anyone may call; every other one must refuse anonymous
+/// callers and members. A new server function is covered without touching this test.
+const PUBLIC: [&str; 2] = ["/fn/login", "/fn/me"];
+
+fn server_functions() -> Vec<String> {
+    let paths: Vec<String> = leptos::server_fn::axum::server_fn_paths()
+        .map(|(path, _)| path.to_owned())
+        .collect();
+    assert!(
+        paths.len() >= 6,
+        "server functions not registered: {paths:?}"
+    );
+    assert!(paths.iter().all(|p| p.starts_with("/fn/")), "{paths:?}");
+    paths
+}
+
+#[tokio::test]
+async fn every_server_function_refuses_anonymous_and_member_callers() {
+    let panel = Panel::new().await;
+    let member = panel.sign_in("bob@example.com").await;
+    let before = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    // Bodies that would change something if accepted.
+    let body = "automatic_fallback=on&settings_version=1&rows[0][model]=gpt-5&rows[0][limit]=1&rows[0][enabled]=on&rows[0][version]=0";
+    for path in server_functions()
+        .iter()
+        .filter(|p| !PUBLIC.contains(&p.as_str()))
+    {
+        let (status, _, text) = panel.send(post(path, body, None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} anonymous: {text}");
+        assert!(text.contains("\"code\":\"unauthorized\""), "{path}: {text}");
+        let (status, _, text) = panel.send(post(path, body, Some(&member))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path} member: {text}");
+        assert!(
+            !text.contains("€") && !text.contains("gpt-5"),
+            "{path} leaked: {text}"
+        );
+    }
+    let after = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    assert_eq!(before, after);
+    assert!(panel.store.audit_log(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn pages_redirect_anonymous_users_and_refuse_members() {
+    let panel = Panel::new().await;
+    let (status, headers, body) = panel.send(get("/admin/token-limits", None)).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(
+        headers[header::LOCATION],
+        "/login?next=%2Fadmin%2Ftoken-limits"
+    );
+    assert!(!body.contains("€"));
+
+    let member = panel.sign_in("bob@example.com").await;
+    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&member))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(!body.contains("€") && !body.contains("GPT-5"), "{body}");
+    let (status, _, body) = panel.send(get("/", Some(&member))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !body.contains("href=\"/admin/token-limits\""),
+        "members see no Admin link"
+    );
+
+    let admin = panel.sign_in("ada@example.com").await;
+    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
+    assert_eq!(status, StatusCode::OK);
+    for text in [
+        "Spending &amp; Budget",
+        "Model limits",
+        "Spend by model (this cycle)",
+        "€500.00",
+        "Within plan budget",
+    ] {
+        assert!(body.contains(text), "missing {text}");
+    }
+    let (_, _, body) = panel.send(get("/", Some(&admin))).await;
+    assert!(
+        body.contains("href=\"/admin/token-limits\""),
+        "administrators see the Admin link"
+    );
+}
+
+#[tokio::test]
+async fn wrong_passwords_are_refused_and_rate_limited() {
+    let panel = Panel::new().await;
+    let (status, headers, body) = panel
+        .send(post(
+            "/fn/login",
+            "email=ada@example.com&password=wrong",
+            None,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("invalid_credentials"));
+    assert!(
+        headers.get(header::SET_COOKIE).is_none(),
+        "a failed login opened a session"
+    );
+    let mut limited = false;
+    for _ in 0..15 {
+        let (status, _, _) = panel
+            .send(post(
+                "/fn/login",
+                "email=ada@example.com&password=wrong",
+                None,
+            ))
+            .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "15 quick wrong logins were never rate limited");
+}
+
+#[tokio::test]
+async fn cross_site_posts_are_refused() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let version = panel
+        .store
+        .spend_snapshot(Utc::now())
+        .await
+        .unwrap()
+        .settings
+        .version;
+    let body = format!("settings_version={version}");
+    let mut request = post("/fn/save_automatic_fallback", &body, Some(&admin));
+    request
+        .headers_mut()
+        .insert(header::ORIGIN, "https://evil.example".parse().unwrap());
+    let (status, _, text) = panel.send(request).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    let mut request = post("/fn/save_automatic_fallback", &body, Some(&admin));
+    request
+        .headers_mut()
+        .insert("sec-fetch-site", "cross-site".parse().unwrap());
+    let (status, _, _) = panel.send(request).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        panel
+            .store
+            .spend_snapshot(Utc::now())
+            .await
+            .unwrap()
+            .settings
+            .automatic_fallback
+    );
+    // The same request from the panel itself goes through: fallback off.
+    let (status, _, text) = panel
+        .send(post("/fn/save_automatic_fallback", &body, Some(&admin)))
+        .await;
+    assert!(status.is_success(), "{status} {text}");
+    assert!(
+        !panel
+            .store
+            .spend_snapshot(Utc::now())
+            .await
+            .unwrap()
+            .settings
+            .automatic_fallback
+    );
+}
+
+#[tokio::test]
+async fn model_limits_save_all_or_nothing_with_field_errors() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let form = |rows: &[(&str, &str, bool)]| {
+        rows.iter()
+            .enumerate()
+            .map(|(i, (model, limit, enabled))| {
+                let limit: String =
+                    url::form_urlencoded::byte_serialize(limit.as_bytes()).collect();
+                let on = if *enabled {
+                    format!("&rows[{i}][enabled]=on")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "rows[{i}][model]={model}&rows[{i}][limit]={limit}&rows[{i}][version]=0{on}"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    // One valid row and four invalid ones: nothing is saved, each error is named.
+    let body = form(&[
+        ("gpt-5", "12,50", true),
+        ("gpt-4o", "-5", true),
+        ("gpt-5-mini", "abc", true),
+        ("gpt-5.4-mini", "1.234", true),
+        ("claude-sonnet-4-5", "", true),
+    ]);
+    let (status, _, text) = panel
+        .send(post("/fn/save_model_limits", &body, Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let code_of = |model: &str| {
+        error["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["field"] == model)
+            .map(|f| f["code"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(code_of("gpt-5"), None);
+    assert_eq!(code_of("gpt-4o").as_deref(), Some("negative"));
+    assert_eq!(code_of("gpt-5-mini").as_deref(), Some("not_a_number"));
+    assert_eq!(
+        code_of("gpt-5.4-mini").as_deref(),
+        Some("ambiguous_separator")
+    );
+    assert_eq!(
+        code_of("claude-sonnet-4-5").as_deref(),
+        Some("enabled_without_amount")
+    );
+    assert!(
+        panel.store.audit_log(10).await.unwrap().is_empty(),
+        "a refused save wrote something"
+    );
+
+    let (status, _, text) = panel
+        .send(post(
+            "/fn/save_model_limits",
+            &form(&[("gpt-5", "12,50", true)]),
+            Some(&admin),
+        ))
+        .await;
+    assert!(status.is_success(), "{status} {text}");
+    let audit = panel.store.audit_log(10).await.unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].actor.as_str(), audit[0].subject.as_str()),
+        ("ada@example.com", "gpt-5")
+    );
+    assert_eq!(audit[0].new_value, r#"{"enabled":true,"limit_eur":"12.5"}"#);
+
+    // A second administrator's save based on the old version conflicts.
+    let (status, _, text) = panel
+        .send(post(
+            "/fn/save_model_limits",
+            &form(&[("gpt-5", "20", true)]),
+            Some(&admin),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{text}");
+    assert_eq!(panel.store.audit_log(10).await.unwrap().len(), 1);
+
+    let (status, _, text) = panel.send(post("/fn/token_limits", "", Some(&admin))).await;
+    assert_eq!(status, StatusCode::OK);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let gpt5 = report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "gpt-5")
+        .unwrap();
+    assert_eq!(
+        (gpt5["limit_eur"].as_str(), gpt5["limit_enabled"].as_bool()),
+        (Some("12.5"), Some(true))
+    );
+}
