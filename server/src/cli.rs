@@ -65,6 +65,10 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Fill the database with demo data: an administrator and a member (password
+    /// from TOLLGATE_PASSWORD), and some usage in the current cycle. Safe to repeat:
+    /// existing users are kept and the usage is recorded once.
+    Demo,
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -227,6 +231,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Demo => demo(&config, &store).await,
         Command::Config { .. } => Ok(()),
     }
 }
@@ -283,6 +288,61 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
             println!("revoked key {key_id}");
         }
     }
+    Ok(())
+}
+
+/// The demo's accounts.
+pub const DEMO_ADMIN: &str = "admin@example.com";
+/// The demo's member account.
+pub const DEMO_MEMBER: &str = "member@example.com";
+
+/// Demo usage in the current cycle: `(model, prompt tokens, completion tokens)`.
+/// Recorded through admission like any usage (DESIGN.md §4), once per cycle.
+const DEMO_USAGE: [(&str, u64, u64); 3] = [
+    ("claude-sonnet-4-5", 2_000_000, 200_000),
+    ("gpt-5-mini", 4_000_000, 1_000_000),
+    ("gpt-5", 1_000_000, 100_000),
+];
+
+async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()> {
+    let password = std::env::var("TOLLGATE_PASSWORD")
+        .context("set TOLLGATE_PASSWORD to the demo accounts' password")?;
+    let hash = auth::hash_password(&password)?;
+    let now = Utc::now();
+    for (email, role) in [(DEMO_ADMIN, Role::Admin), (DEMO_MEMBER, Role::Member)] {
+        if store.user_by_email(email).await?.is_none() {
+            store.create_user(email, &hash, role, now).await?;
+            println!("created {} {email}", role.as_str());
+        }
+    }
+    let cycle = config.setup.plan.cycle_at(now)?;
+    let mut records = Vec::new();
+    for (model, prompt, completion) in DEMO_USAGE {
+        let Some(model) = config.setup.catalog.resolve(model) else {
+            continue;
+        };
+        records.push(app::store::UsageRecord {
+            idempotency_key: format!("demo-{}-{}", cycle.start.timestamp(), model.id),
+            model,
+            usage: app::domain::Usage {
+                prompt_tokens: prompt,
+                cached_tokens: 0,
+                completion_tokens: completion,
+                reasoning_tokens: 0,
+            },
+        });
+    }
+    let outcomes = store
+        .record_usage(&records, app::store::Spender::default(), now)
+        .await?;
+    let recorded = outcomes
+        .iter()
+        .filter(|o| matches!(o, app::store::RecordOutcome::Recorded(_)))
+        .count();
+    println!(
+        "recorded {recorded} demo usage events in the cycle starting {}",
+        cycle.first_day
+    );
     Ok(())
 }
 

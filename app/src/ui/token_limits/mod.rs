@@ -12,6 +12,7 @@ use super::layout::{use_current_user, AppShell, Section};
 use crate::{
     api::{self, SaveAutomaticFallback, SaveModelLimits},
     domain::{format_eur, Money},
+    error::ApiError,
 };
 
 /// `€1,234.56`: every amount on the tab (R2: cents only at the edge).
@@ -29,7 +30,7 @@ pub fn TokenLimitsPage() -> impl IntoView {
     // form keeps what the administrator typed, next to its error.
     let saved = RwSignal::new(0u32);
     Effect::new(move |_| {
-        let ok = |v: Option<Result<(), crate::error::ApiError>>| matches!(v, Some(Ok(())));
+        let ok = |v: Option<Result<(), ApiError>>| matches!(v, Some(Ok(())));
         if ok(save_fallback.value().get()) || ok(save_limits.value().get()) {
             saved.update(|n| *n += 1);
         }
@@ -54,6 +55,13 @@ pub fn TokenLimitsPage() -> impl IntoView {
                                     <spending::SpendingAndBudget report=report.clone() save=save_fallback/>
                                     <model_limits::ModelLimits report=report.clone() save=save_limits/>
                                     <spend_by_model::SpendByModel report=report/>
+                                }.into_any(),
+                                Err(ApiError::Forbidden) => view! {
+                                    <h2>"No access"</h2>
+                                    <p>"The Admin Panel is for administrators of the workspace."</p>
+                                }.into_any(),
+                                Err(ApiError::Unauthorized) => view! {
+                                    <p><a href="/login?next=%2Fadmin%2Ftoken-limits">"Sign in"</a>" to see the token limits."</p>
                                 }.into_any(),
                                 Err(e) => view! {
                                     <p class="form-error" role="alert">{e.to_string()}</p>

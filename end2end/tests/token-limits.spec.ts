@@ -1,0 +1,126 @@
+import { test, expect, type Page } from "@playwright/test";
+import { execFileSync } from "node:child_process";
+import { resolve } from "node:path";
+import { PASSWORD } from "../global-setup";
+
+const bin = process.env.TOLLGATE_BIN ?? resolve("..", "target", "release", "tollgate");
+const dbUrl = () => `sqlite://${process.env.TOLLGATE_E2E_DIR}/tollgate.db`;
+const cli = (...args: string[]) => execFileSync(bin, ["--database-url", dbUrl(), ...args]).toString();
+
+async function signIn(page: Page, email: string) {
+  await page.goto("/admin/token-limits");
+  // Anonymous visitors are sent to the login page, which remembers where they were going.
+  await expect(page).toHaveURL(/\/login\?next=%2Fadmin%2Ftoken-limits$/);
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  await page.getByLabel("Email").fill(email);
+  await page.getByLabel("Password").fill(PASSWORD);
+  await page.getByRole("button", { name: "Sign in" }).click();
+}
+
+async function openTab(page: Page) {
+  await signIn(page, "admin@example.com");
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+}
+
+const limitInput = (page: Page, name: string) => page.getByLabel(`Limit for ${name} in euros`, { exact: true });
+const enabledSwitch = (page: Page, name: string) =>
+  page.getByRole("switch", { name: `Enable the limit for ${name}`, exact: true });
+
+test.describe.configure({ mode: "serial" });
+
+test("an administrator sees the three sections with the seeded usage", async ({ page }) => {
+  await openTab(page);
+  await expect(page.getByRole("heading", { name: "Spending & Budget" })).toBeVisible();
+  await expect(page.getByRole("heading", { name: "Model limits" })).toBeVisible();
+  await expect(page.getByRole("heading", { name: "Spend by model (this cycle)" })).toBeVisible();
+  // Demo usage at the demo prices (EUR per 1M tokens, input / output):
+  //   Claude Sonnet 4.5 2.58 / 12.9: 2M in + 0.2M out = 5.16 + 2.58 = 7.74
+  //   GPT-5 Mini       0.215 / 1.72: 4M in + 1M out   = 0.86 + 1.72 = 2.58
+  //   GPT-5            1.075 / 8.6:  1M in + 0.1M out = 1.075 + 0.86 = 1.935
+  // Total 12.255 EUR, shown to the cent half away from zero: €12.26.
+  await expect(page.locator("#spent")).toHaveText("€12.26");
+  await expect(page.locator("#plan-budget")).toHaveText("€500.00");
+  await expect(page.locator("#overage-limit")).toHaveText("€100.00");
+  await expect(page.locator("#status")).toHaveText("Within plan budget");
+  await expect(page.locator("#spent-of-allowance")).toHaveText("€12.26 of €600.00");
+  await expect(page.locator("#used-percent")).toHaveText("2.0%");
+  // Shares 63.157…, 21.052…, 15.789… floored to 63.1 + 21.0 + 15.7 = 99.8; the two
+  // tenths left go to the largest remainders (GPT-5, then Claude): sum 100.0.
+  const rows = page.locator("ul.by-model li");
+  await expect(rows).toHaveCount(3);
+  await expect(rows.nth(0)).toContainText("Claude Sonnet 4.5€7.7463.2%");
+  await expect(rows.nth(1)).toContainText("GPT-5 Mini€2.5821.0%");
+  await expect(rows.nth(2)).toContainText("GPT-5€1.94" + "15.8%");
+  await expect(page.locator('tr[data-model="gpt-5"] td').first()).toHaveText("€1.94");
+});
+
+test("a limit typed as 12,50 is saved, shown as €12.50 and audited", async ({ page }) => {
+  await openTab(page);
+  await limitInput(page, "GPT-5").fill("12,50");
+  await enabledSwitch(page, "GPT-5").check();
+  await page.locator("#save-limits").click();
+  await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  await page.reload();
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  await expect(limitInput(page, "GPT-5")).toHaveValue("€12.50");
+  await expect(enabledSwitch(page, "GPT-5")).toBeChecked();
+  const audit = cli("audit");
+  expect(audit).toContain("admin@example.com\tmodel_limit\tgpt-5");
+  expect(audit).toContain('"limit_eur":"12.5"');
+});
+
+test("invalid limits show their messages and change nothing", async ({ page }) => {
+  await openTab(page);
+  const auditBefore = cli("audit");
+  const cases: Array<[string, string, RegExp]> = [
+    ["GPT-4o", "-5", /negative/i],
+    ["GPT-5 Mini", "abc", /using digits/i],
+    ["GPT-5.4 Mini", "1.234", /ambiguous/i],
+    ["Claude Sonnet 4.5", "", /before enabling/i],
+  ];
+  for (const [name, text] of cases) {
+    await limitInput(page, name).fill(text);
+    await enabledSwitch(page, name).check();
+  }
+  await page.locator("#save-limits").click();
+  await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
+  for (const [name, , message] of cases) {
+    const input = limitInput(page, name);
+    await expect(input).toHaveAttribute("aria-invalid", "true");
+    const errorId = await input.getAttribute("aria-describedby");
+    await expect(page.locator(`[id="${errorId}"]`)).toHaveText(message);
+  }
+  // What was typed stays in the form; nothing reached the database.
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("-5");
+  expect(cli("audit")).toBe(auditBefore);
+  await page.reload();
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("");
+  await expect(limitInput(page, "GPT-5")).toHaveValue("€12.50");
+});
+
+test("automatic fallback is saved and survives a reload", async ({ page }) => {
+  await openTab(page);
+  const toggle = page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" });
+  await expect(toggle).toBeChecked();
+  await toggle.uncheck();
+  await page.locator("#save-fallback").click();
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  await page.reload();
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  await expect(toggle).not.toBeChecked();
+  expect(cli("audit")).toContain("settings.automatic_fallback");
+});
+
+test("a member sees no Admin link and is refused the tab", async ({ page }) => {
+  await signIn(page, "member@example.com");
+  // Signed in, the member is sent on to the tab they asked for and refused there,
+  // with no figure of the workspace on the page.
+  await expect(page.getByRole("heading", { name: "No access" })).toBeVisible();
+  await expect(page.locator("body")).not.toContainText("€");
+  const response = await page.goto("/admin/token-limits");
+  expect(response?.status()).toBe(403);
+  await page.goto("/");
+  await expect(page.getByRole("heading", { name: "Tollgate" })).toBeVisible();
+  await expect(page.getByRole("link", { name: "Admin" })).toHaveCount(0);
+});
