@@ -5,6 +5,7 @@
 //! - [`cli`]: the `tollgate` commands (DESIGN.md §7).
 //! - [`config`]: the operator's configuration (DESIGN.md §7).
 //! - [`db`]: the SQLite and PostgreSQL implementations of `app::store::Store`.
+//! - [`gateway`]: the OpenAI-compatible gateway, the usage API and `/metrics`.
 //! - [`http`]: the axum router (pages, server functions, health).
 //! - [`assets`]: the site (wasm, js, css, public files) embedded in the binary.
 #![forbid(unsafe_code)]
@@ -14,4 +15,5 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod gateway;
 pub mod http;

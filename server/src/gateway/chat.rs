@@ -1,0 +1,405 @@
+//! `POST /v1/chat/completions` (DESIGN.md §4): size check, key, validation, model,
+//! estimate, admission (R6), forwarding, and settlement before the last byte (R7).
+//!
+//! The upstream exchange runs in its own task that owns the [`Hold`]: a client
+//! that goes away, streamed or not, does not stop it, so every admitted request is
+//! settled on the usage its upstream reports, exactly once.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use app::store::ReserveOutcome;
+use axum::{
+    body::Body,
+    extract::State,
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::error::GatewayError;
+use super::hold::{lease_until_from_now, Hold};
+use super::json::RawObject;
+use super::request::ChatRequest;
+use super::sse::{self, Decoder, Relay, Relayed, DONE_FRAME};
+use super::upstream::{usage_from_upstream, Target};
+use super::{read_body, Gateway, SERVED_MODEL_HEADER};
+
+const ENDPOINT: &str = "chat_completions";
+/// Frames buffered between the upstream reader and a slow client.
+const STREAM_BUFFER: usize = 32;
+
+/// Answer a chat completion through the served model's upstream.
+pub async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let mut model_label = String::new();
+    match handle(&gateway, &headers, body, started, &mut model_label).await {
+        Ok(response) => {
+            gateway.metrics.request(ENDPOINT, &model_label, "ok");
+            response
+        }
+        Err(error) => {
+            gateway
+                .metrics
+                .request(ENDPOINT, &model_label, error.code());
+            error.into_response()
+        }
+    }
+}
+
+async fn handle(
+    gateway: &Arc<Gateway>,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+    model_label: &mut String,
+) -> Result<Response, GatewayError> {
+    let bytes = read_body(gateway, headers, body).await?;
+    let caller = super::caller::authenticate(gateway, headers).await?;
+    let request = ChatRequest::parse(&bytes)?;
+    let catalog = gateway.catalog.clone();
+    let model = catalog
+        .resolve(&request.model)
+        .ok_or_else(|| GatewayError::ModelNotFound(request.model.clone()))?;
+    model_label.push_str(model.id.as_str());
+    let reservation = gateway
+        .reserve(
+            model,
+            request.estimate,
+            caller.spender(),
+            lease_until_from_now(),
+        )
+        .await?;
+    let hold = Hold::new(gateway.clone(), reservation);
+    let served = catalog.get(&hold.reservation().served).ok_or_else(|| {
+        GatewayError::Internal("admission served a model outside the catalog".into())
+    })?;
+    let target = gateway
+        .upstreams
+        .get(&served.upstream)
+        .ok_or_else(|| {
+            GatewayError::Internal(format!("model {} names no configured upstream", served.id))
+        })?
+        .clone();
+    let exchange = Exchange {
+        gateway: gateway.clone(),
+        target,
+        served: served.id.to_string(),
+        stream: request.stream,
+        client_wants_usage: request.client_wants_usage,
+        started,
+    };
+    let body = match request.into_upstream_body(&served.upstream_model) {
+        Ok(body) => body,
+        Err(e) => {
+            hold.release().await;
+            return Err(e);
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    tokio::spawn(exchange.run(hold, body, reply));
+    answer.await.unwrap_or_else(|_| {
+        Err(GatewayError::Internal(
+            "the upstream exchange ended without an answer".into(),
+        ))
+    })
+}
+
+impl Gateway {
+    /// Admission (R6) for `model`, holding the reservation until `lease_until`;
+    /// counts the decision.
+    ///
+    /// Errors: [`GatewayError::Blocked`] (429) when refused, [`GatewayError::Internal`]
+    /// when the store fails.
+    pub(crate) async fn reserve(
+        &self,
+        model: &app::domain::Model,
+        estimate: app::domain::TokenEstimate,
+        spender: app::store::Spender,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<app::store::Reservation, GatewayError> {
+        let outcome = self
+            .store
+            .reserve(app::store::ReserveRequest {
+                catalog: &self.catalog,
+                model,
+                estimate,
+                spender,
+                owner: &self.owner,
+                lease_until,
+                now: chrono::Utc::now(),
+            })
+            .await?;
+        match outcome {
+            ReserveOutcome::Admitted(reservation) => {
+                let outcome = if reservation.served == reservation.requested {
+                    "admitted"
+                } else {
+                    "fallback"
+                };
+                self.metrics.admission(
+                    reservation.requested.as_str(),
+                    reservation.served.as_str(),
+                    outcome,
+                );
+                Ok(reservation)
+            }
+            ReserveOutcome::Blocked(blocked) => {
+                self.metrics
+                    .admission(model.id.as_str(), "", blocked.code.as_str());
+                Err(GatewayError::Blocked(blocked))
+            }
+        }
+    }
+}
+
+/// One admitted request's trip upstream and back.
+struct Exchange {
+    gateway: Arc<Gateway>,
+    target: Target,
+    served: String,
+    stream: bool,
+    client_wants_usage: bool,
+    started: Instant,
+}
+
+type Reply = oneshot::Sender<Result<Response, GatewayError>>;
+
+impl Exchange {
+    async fn run(self, hold: Hold, body: Vec<u8>, reply: Reply) {
+        let before_upstream = self.started.elapsed();
+        let sent = Instant::now();
+        let response = match self
+            .target
+            .send(&self.gateway.http, body, self.stream)
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => {
+                hold.release().await;
+                self.gateway
+                    .metrics
+                    .upstream(&self.served, self.stream, sent.elapsed());
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        if !response.status().is_success() {
+            let (error, usage) = self.target.failure(response).await;
+            let upstream_time = sent.elapsed();
+            match usage {
+                Some(usage) => {
+                    hold.settle(Some(usage)).await;
+                }
+                None => hold.release().await,
+            }
+            self.finish_metrics(before_upstream, sent, upstream_time);
+            let _ = reply.send(Err(error));
+            return;
+        }
+        if self.stream {
+            self.relay_stream(hold, response, reply, before_upstream, sent)
+                .await;
+        } else {
+            self.complete(hold, response, reply, before_upstream, sent)
+                .await;
+        }
+    }
+
+    fn finish_metrics(&self, before_upstream: Duration, sent: Instant, upstream_time: Duration) {
+        let metrics = &self.gateway.metrics;
+        metrics.upstream(&self.served, self.stream, upstream_time);
+        let after_upstream = sent.elapsed().saturating_sub(upstream_time);
+        metrics.overhead(ENDPOINT, self.stream, before_upstream + after_upstream);
+    }
+
+    fn served_header(&self) -> HeaderValue {
+        HeaderValue::from_str(&self.served).unwrap_or(HeaderValue::from_static("unknown"))
+    }
+
+    /// A non-streamed answer: read it whole, settle, then answer (R7).
+    async fn complete(
+        self,
+        hold: Hold,
+        response: reqwest::Response,
+        reply: Reply,
+        before_upstream: Duration,
+        sent: Instant,
+    ) {
+        let status = response.status();
+        let body = tokio::time::timeout(self.target.timeout, response.bytes()).await;
+        let upstream_time = sent.elapsed();
+        let body = match body {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %self.target.name, error = %e.without_url(), "the upstream's answer broke off");
+                hold.release().await;
+                self.finish_metrics(before_upstream, sent, upstream_time);
+                let _ = reply.send(Err(GatewayError::UpstreamFailed(
+                    "The model provider's answer broke off.".into(),
+                )));
+                return;
+            }
+            Err(_) => {
+                hold.release().await;
+                self.finish_metrics(before_upstream, sent, upstream_time);
+                let _ = reply.send(Err(GatewayError::UpstreamTimeout));
+                return;
+            }
+        };
+        let Ok(mut object) = RawObject::parse(&body) else {
+            tracing::warn!(upstream = %self.target.name, "the upstream answered something that is not a JSON object");
+            hold.release().await;
+            self.finish_metrics(before_upstream, sent, upstream_time);
+            let _ = reply.send(Err(GatewayError::UpstreamFailed(
+                "The model provider's answer was not valid JSON.".into(),
+            )));
+            return;
+        };
+        let usage = object
+            .get_present("usage")
+            .and_then(|raw| usage_from_upstream(raw, &self.target.name));
+        object.set("model", super::json::raw_string(&self.served));
+        // Settled before the answer leaves, so a client that reads its spend right
+        // after sees this request in it (R7).
+        hold.settle(usage).await;
+        let mut answer = (status, object.to_vec()).into_response();
+        let headers = answer.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(SERVED_MODEL_HEADER, self.served_header());
+        self.finish_metrics(before_upstream, sent, upstream_time);
+        let _ = reply.send(Ok(answer));
+    }
+
+    /// A streamed answer: relay events as they come, settle when the upstream is
+    /// done, then send `[DONE]` (R7). A client that goes away stops receiving, but
+    /// the upstream is read to its end, so the stream is settled on its usage.
+    async fn relay_stream(
+        self,
+        hold: Hold,
+        response: reqwest::Response,
+        reply: Reply,
+        before_upstream: Duration,
+        sent: Instant,
+    ) {
+        let (frames, mut receiver) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+        let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+            receiver
+                .poll_recv(cx)
+                .map(|frame| frame.map(Ok::<Bytes, Infallible>))
+        }));
+        let mut answer = Response::new(body);
+        *answer.status_mut() = StatusCode::OK;
+        let headers = answer.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert(SERVED_MODEL_HEADER, self.served_header());
+        let mut client = reply.send(Ok(answer)).is_ok().then_some(frames);
+
+        let timeout = self.target.timeout;
+        let mut relay = Relay::new(&self.served, self.client_wants_usage, &self.target.name);
+        let mut decoder = Decoder::default();
+        let mut upstream = response.bytes_stream();
+        let end = 'read: loop {
+            let chunk = match tokio::time::timeout(timeout, upstream.next()).await {
+                Err(_) => break 'read StreamEnd::TimedOut,
+                Ok(None) => break 'read StreamEnd::Eof,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(upstream = %self.target.name, error = %e.without_url(), "the upstream stream broke off");
+                    break 'read StreamEnd::Broken;
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            let events = match decoder.push(&chunk) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(upstream = %self.target.name, error = %e, "unusable upstream stream");
+                    break 'read StreamEnd::Broken;
+                }
+            };
+            for event in events {
+                match relay.relay(event) {
+                    Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
+                    Relayed::Nothing => {}
+                    Relayed::Done => break 'read StreamEnd::Done,
+                }
+            }
+        };
+        if end == StreamEnd::Eof {
+            if let Some(event) = std::mem::take(&mut decoder).finish() {
+                match relay.relay(event) {
+                    Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
+                    Relayed::Nothing | Relayed::Done => {}
+                }
+            }
+        }
+        drop(upstream);
+        let upstream_time = sent.elapsed();
+        // Settle before the last byte (R7). A stream that ended without usage is
+        // billed its estimate, flagged (§4); one that broke before relaying
+        // anything is released; one that broke midway had content delivered, so it
+        // is billed like a stream without usage.
+        let bill = relay.usage.is_some()
+            || matches!(end, StreamEnd::Done | StreamEnd::Eof)
+            || relay.relayed_content;
+        if bill {
+            hold.settle(relay.usage).await;
+        } else {
+            hold.release().await;
+        }
+        let last = match end {
+            StreamEnd::Done => Some(Bytes::from_static(DONE_FRAME)),
+            StreamEnd::Eof => None,
+            StreamEnd::TimedOut => Some(error_frame(&GatewayError::UpstreamTimeout)),
+            StreamEnd::Broken => Some(error_frame(&GatewayError::UpstreamFailed(
+                "The model provider's stream broke off.".into(),
+            ))),
+        };
+        if let Some(last) = last {
+            forward(&mut client, last, timeout).await;
+        }
+        drop(client);
+        self.finish_metrics(before_upstream, sent, upstream_time);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// `data: [DONE]`.
+    Done,
+    /// The upstream closed the stream without `[DONE]`.
+    Eof,
+    /// No piece within the upstream's timeout.
+    TimedOut,
+    /// A transport error or an unusable stream.
+    Broken,
+}
+
+/// An error as a stream event, so a client that already has a 200 learns why the
+/// stream ends early.
+fn error_frame(error: &GatewayError) -> Bytes {
+    sse::frame(&[], Some(&error.body()))
+}
+
+/// Sends `frame` to the client unless it has gone away; a client that takes no
+/// frame for `timeout` is treated as gone.
+async fn forward(client: &mut Option<mpsc::Sender<Bytes>>, frame: Bytes, timeout: Duration) {
+    if let Some(sender) = client {
+        if sender.send_timeout(frame, timeout).await.is_err() {
+            tracing::debug!("the client went away: reading the upstream to its end to settle");
+            *client = None;
+        }
+    }
+}

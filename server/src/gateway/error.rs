@@ -1,0 +1,289 @@
+//! The gateway's one error type and its OpenAI-shaped answers (DESIGN.md §4).
+//!
+//! Every variant names its HTTP status. The body is always
+//! `{"error":{"message":..,"type":..,"param":..,"code":..}}`, the shape the official
+//! SDKs parse. Internal failures are logged with their detail and answered with a
+//! generic message; bad input is never a 500.
+
+use app::domain::Blocked;
+use app::store::StoreError;
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Why the gateway or the usage API refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The body is larger than `max_request_bytes` (HTTP 413). Nothing was read
+    /// past the limit, reserved or spent.
+    #[error("the request body is larger than the {limit} bytes this gateway accepts")]
+    PayloadTooLarge {
+        /// The configured limit, bytes.
+        limit: usize,
+    },
+    /// The body could not be read from the client (HTTP 400).
+    #[error("the request body could not be read")]
+    UnreadableBody,
+    /// The body is not one JSON object (HTTP 400, code `invalid_json`).
+    #[error("the request body is not a valid JSON object: {0}")]
+    InvalidJson(String),
+    /// A field is missing or has an invalid value (HTTP 400, code `invalid_value`);
+    /// `param` names it as OpenAI does (`max_tokens`, `records[2].model`).
+    #[error("{message}")]
+    InvalidField {
+        /// The field, as a path.
+        param: String,
+        /// A sentence for a person.
+        message: String,
+    },
+    /// No `Authorization: Bearer` header (HTTP 401, code `invalid_api_key`).
+    #[error("you didn't provide an API key: send it as `Authorization: Bearer <key>`")]
+    MissingApiKey,
+    /// The key is unknown or revoked (HTTP 401, code `invalid_api_key`).
+    #[error("incorrect API key provided")]
+    InvalidApiKey,
+    /// The model name is neither an id nor an alias of the catalog (HTTP 404, code
+    /// `model_not_found`, param `model`).
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    ModelNotFound(String),
+    /// An endpoint this gateway does not serve (HTTP 404, code `unknown_url`).
+    #[error(
+        "unknown URL ({method} {path}): this gateway serves /v1/chat/completions and /v1/models"
+    )]
+    UnknownEndpoint {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+    },
+    /// A served path with the wrong method (HTTP 405, code `method_not_allowed`).
+    #[error("method {0} is not allowed on this path")]
+    MethodNotAllowed(String),
+    /// The usage API names a reservation that is not held (any more) (HTTP 404,
+    /// code `reservation_not_found`): settled, released, expired or never made.
+    #[error("reservation {0} is not held: it was settled, released or expired, or never existed")]
+    ReservationNotFound(String),
+    /// Admission refused the request (HTTP 429, type `insufficient_quota`, code
+    /// `plan_limit_reached` or `model_limit_reached`, header `x-should-retry: false`;
+    /// DESIGN.md R6, §4).
+    #[error("{}", .0.message)]
+    Blocked(Blocked),
+    /// The upstream refused the request with a 4xx status, passed on with that status
+    /// (HTTP 4xx). `body` is the upstream's own JSON error, when it is one and does
+    /// not contain the upstream key; otherwise a generic message is sent.
+    #[error("the model provider refused the request (HTTP {status})")]
+    UpstreamRejected {
+        /// The upstream's status (4xx).
+        status: StatusCode,
+        /// The upstream's JSON error body, safe to pass on.
+        body: Option<Bytes>,
+    },
+    /// The upstream failed, was unreachable, answered garbage, or refused the
+    /// gateway's own credentials (HTTP 502, code `upstream_error`). The message is
+    /// safe to show; details are logged.
+    #[error("{0}")]
+    UpstreamFailed(String),
+    /// The upstream did not answer within its `timeout_secs` (HTTP 504, code
+    /// `upstream_timeout`).
+    #[error("the model provider did not answer in time")]
+    UpstreamTimeout,
+    /// A bug or a database failure (HTTP 500, code `internal_error`). The detail is
+    /// logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    /// An invalid request field `param` with `message`.
+    pub fn invalid_field(param: impl Into<String>, message: impl Into<String>) -> GatewayError {
+        GatewayError::InvalidField {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UnreadableBody
+            | GatewayError::InvalidJson(_)
+            | GatewayError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::ModelNotFound(_)
+            | GatewayError::UnknownEndpoint { .. }
+            | GatewayError::ReservationNotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::UpstreamRejected { status, .. } => *status,
+            GatewayError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            GatewayError::Blocked(_) => "insufficient_quota",
+            GatewayError::UpstreamFailed(_)
+            | GatewayError::UpstreamTimeout
+            | GatewayError::Internal(_) => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// Stable snake_case code of the error (the OpenAI `code`), which clients and
+    /// the metrics match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::PayloadTooLarge { .. } => "request_too_large",
+            GatewayError::UnreadableBody => "unreadable_body",
+            GatewayError::InvalidJson(_) => "invalid_json",
+            GatewayError::InvalidField { .. } => "invalid_value",
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::UnknownEndpoint { .. } => "unknown_url",
+            GatewayError::MethodNotAllowed(_) => "method_not_allowed",
+            GatewayError::ReservationNotFound(_) => "reservation_not_found",
+            GatewayError::Blocked(blocked) => blocked.code.as_str(),
+            GatewayError::UpstreamRejected { .. } => "upstream_rejected",
+            GatewayError::UpstreamFailed(_) => "upstream_error",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            GatewayError::InvalidField { param, .. } => Some(param),
+            GatewayError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            GatewayError::Internal(_) => {
+                "The gateway failed to handle this request; its operator finds the details in the server log."
+                    .to_owned()
+            }
+            other => {
+                let mut message = other.to_string();
+                if let Some(first) = message.get(..1) {
+                    let upper = first.to_uppercase();
+                    message.replace_range(..1, &upper);
+                }
+                message
+            }
+        }
+    }
+
+    /// The error as the OpenAI body `{"error": {...}}`, JSON text.
+    pub fn body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: String,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: &'a str,
+        }
+        let body = Body {
+            error: Inner {
+                message: self.public_message(),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        };
+        serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":{}}".to_vec())
+    }
+}
+
+impl From<StoreError> for GatewayError {
+    fn from(error: StoreError) -> GatewayError {
+        GatewayError::Internal(format!("store: {error}"))
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        if let GatewayError::Internal(detail) = &self {
+            tracing::error!(detail = %detail, "gateway request failed");
+        }
+        let status = self.status();
+        let body = match &self {
+            GatewayError::UpstreamRejected {
+                body: Some(body), ..
+            } => body.to_vec(),
+            _ => self.body(),
+        };
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if matches!(self, GatewayError::Blocked(_)) {
+            // Official SDKs retry a 429 unless told not to; this one cannot succeed
+            // until the cycle resets or the operator raises a limit (DESIGN.md §4).
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use app::domain::BlockCode;
+    use chrono::{TimeZone, Utc};
+
+    fn json(error: &GatewayError) -> serde_json::Value {
+        serde_json::from_slice(&error.body()).unwrap()
+    }
+
+    #[test]
+    fn blocked_is_insufficient_quota_with_its_code() {
+        let error = GatewayError::Blocked(Blocked {
+            code: BlockCode::ModelLimitReached,
+            message: "The limit of GPT-5 is reached.".into(),
+            resets_at: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+        });
+        assert_eq!(error.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            json(&error),
+            serde_json::json!({"error": {"message": "The limit of GPT-5 is reached.",
+                "type": "insufficient_quota", "param": null, "code": "model_limit_reached"}})
+        );
+        let response = error.into_response();
+        assert_eq!(response.headers()["x-should-retry"], "false");
+    }
+
+    #[test]
+    fn internal_details_are_not_sent() {
+        let error = GatewayError::Internal("secret table name".into());
+        let body = String::from_utf8(error.body()).unwrap();
+        assert!(!body.contains("secret"), "{body}");
+        assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn invalid_fields_name_the_param() {
+        let error = GatewayError::invalid_field(
+            "max_tokens",
+            "`max_tokens` must be a non-negative integer",
+        );
+        assert_eq!(json(&error)["error"]["param"], "max_tokens");
+        assert_eq!(json(&error)["error"]["type"], "invalid_request_error");
+        assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,261 @@
+//! JSON objects kept as raw text, field by field, so that the gateway passes every
+//! field it does not own through byte for byte (DESIGN.md §4): numbers are never
+//! read into a float and back (R2), key order is kept, unknown fields survive.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::error::GatewayError;
+
+/// A JSON object as its keys, in order, and each value's raw JSON text.
+///
+/// Duplicate keys are refused when parsing: a body with two `model` keys could
+/// otherwise be admitted on one model and served on the other.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawObject {
+    fields: Vec<(String, Box<RawValue>)>,
+}
+
+impl RawObject {
+    /// Parses `bytes` as one JSON object.
+    ///
+    /// Errors: serde_json's error (with line and column) for invalid JSON, a value
+    /// that is not an object, or a duplicate key.
+    pub(crate) fn parse(bytes: &[u8]) -> Result<RawObject, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The keys, in order.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|(k, _)| k.as_str())
+    }
+
+    /// The raw value of `key`, if present (`null` included).
+    pub(crate) fn get(&self, key: &str) -> Option<&RawValue> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// The raw value of `key`, treating `null` as absent (OpenAI's convention for
+    /// optional request fields).
+    pub(crate) fn get_present(&self, key: &str) -> Option<&RawValue> {
+        self.get(key).filter(|v| !is_null(v))
+    }
+
+    /// Sets `key` to `value`, in place when it exists (keeping the order), else at
+    /// the end.
+    pub(crate) fn set(&mut self, key: &str, value: Box<RawValue>) {
+        match self.fields.iter_mut().find(|(k, _)| k == key) {
+            Some((_, slot)) => *slot = value,
+            None => self.fields.push((key.to_owned(), value)),
+        }
+    }
+
+    /// Removes `key`, returning its value if it was there.
+    pub(crate) fn remove(&mut self, key: &str) -> Option<Box<RawValue>> {
+        let index = self.fields.iter().position(|(k, _)| k == key)?;
+        Some(self.fields.remove(index).1)
+    }
+
+    /// The object as compact JSON text: each value exactly as it was read or set.
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        let size = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>();
+        let mut out = Vec::with_capacity(size + 2);
+        out.push(b'{');
+        for (i, (key, value)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, key);
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+        }
+        out.push(b'}');
+        out
+    }
+
+    /// The object as one raw JSON value, to nest it in another object.
+    pub(crate) fn to_raw(&self) -> Result<Box<RawValue>, GatewayError> {
+        let text = String::from_utf8(self.to_vec())
+            .map_err(|e| GatewayError::Internal(format!("non-UTF-8 JSON object: {e}")))?;
+        RawValue::from_string(text)
+            .map_err(|e| GatewayError::Internal(format!("rebuilt object is not JSON: {e}")))
+    }
+}
+
+/// True when `value` is the JSON literal `null`.
+pub(crate) fn is_null(value: &RawValue) -> bool {
+    value.get() == "null"
+}
+
+/// `text` as a raw JSON string value (quoted and escaped).
+pub(crate) fn raw_string(text: &str) -> Box<RawValue> {
+    let mut out = Vec::with_capacity(text.len() + 2);
+    write_json_string(&mut out, text);
+    // Escaped by serde_json itself, so always valid JSON; the fallback is never taken.
+    String::from_utf8(out)
+        .ok()
+        .and_then(|s| RawValue::from_string(s).ok())
+        .unwrap_or_else(raw_null)
+}
+
+/// The raw JSON literal `true` or `false`.
+pub(crate) fn raw_bool(value: bool) -> Box<RawValue> {
+    RawValue::from_string(value.to_string()).unwrap_or_else(|_| raw_null())
+}
+
+fn raw_null() -> Box<RawValue> {
+    // `RawValue::NULL` is a `&'static RawValue`; boxing it copies three bytes.
+    RawValue::NULL.to_owned()
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Serialising a &str into a Vec cannot fail (no I/O, no non-string keys).
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+impl<'de> Deserialize<'de> for RawObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RawObject, D::Error> {
+        struct ObjectVisitor;
+
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = RawObject;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawObject, A::Error> {
+                let mut fields: Vec<(String, Box<RawValue>)> =
+                    Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key::<String>()? {
+                    if fields.iter().any(|(k, _)| *k == key) {
+                        return Err(de::Error::custom(format!("duplicate key {key:?}")));
+                    }
+                    let value: Box<RawValue> = map.next_value()?;
+                    fields.push((key, value));
+                }
+                Ok(RawObject { fields })
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// The request field `param` as a non-negative integer, `None` when absent or
+/// `null`.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `param` for anything else
+/// (negative, fractional, exponent, string, or past `u64`).
+pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64>, GatewayError> {
+    object
+        .get_present(param)
+        .map(|raw| {
+            serde_json::from_str::<u64>(raw.get()).map_err(|_| {
+                GatewayError::invalid_field(
+                    param,
+                    format!("`{param}` must be a non-negative integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The request field `param` as a boolean, `None` when absent or `null`.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `param` for anything else.
+pub(crate) fn optional_bool(object: &RawObject, param: &str) -> Result<Option<bool>, GatewayError> {
+    object
+        .get_present(param)
+        .map(|raw| {
+            serde_json::from_str::<bool>(raw.get()).map_err(|_| {
+                GatewayError::invalid_field(param, format!("`{param}` must be true or false"))
+            })
+        })
+        .transpose()
+}
+
+/// The request field `param` as a string, `None` when absent or `null`.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `param` for any other type.
+pub(crate) fn optional_string(
+    object: &RawObject,
+    param: &str,
+) -> Result<Option<String>, GatewayError> {
+    object
+        .get_present(param)
+        .map(|raw| {
+            serde_json::from_str::<String>(raw.get()).map_err(|_| {
+                GatewayError::invalid_field(param, format!("`{param}` must be a string"))
+            })
+        })
+        .transpose()
+}
+
+/// The required request field `param` as a string.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `param` when it is missing, `null`
+/// or not a string.
+pub(crate) fn required_string(object: &RawObject, param: &str) -> Result<String, GatewayError> {
+    optional_string(object, param)?.ok_or_else(|| {
+        GatewayError::invalid_field(param, format!("you must provide `{param}` (a string)"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_fields_through_byte_for_byte() {
+        let text = br#"{"model":"a","temperature":0.1000000000000000055511151231257827,"big":123456789012345678901234567890,"nested":{"x": [1, 2.50]}}"#;
+        let mut object = RawObject::parse(text).unwrap();
+        object.set("model", raw_string("b\"c"));
+        let out = String::from_utf8(object.to_vec()).unwrap();
+        assert_eq!(
+            out,
+            r#"{"model":"b\"c","temperature":0.1000000000000000055511151231257827,"big":123456789012345678901234567890,"nested":{"x": [1, 2.50]}}"#
+        );
+    }
+
+    #[test]
+    fn refuses_duplicates_and_non_objects() {
+        assert!(RawObject::parse(br#"{"model":"a","model":"b"}"#).is_err());
+        assert!(RawObject::parse(b"[1]").is_err());
+        assert!(RawObject::parse(b"{").is_err());
+    }
+
+    #[test]
+    fn integers_are_strict() {
+        let object =
+            RawObject::parse(br#"{"a":-1,"b":1.0,"c":1e3,"d":"1","e":null,"f":7}"#).unwrap();
+        for bad in ["a", "b", "c", "d"] {
+            assert!(optional_u64(&object, bad).is_err(), "{bad}");
+        }
+        assert_eq!(optional_u64(&object, "e").unwrap(), None);
+        assert_eq!(optional_u64(&object, "f").unwrap(), Some(7));
+        assert_eq!(optional_u64(&object, "missing").unwrap(), None);
+    }
+
+    #[test]
+    fn set_keeps_order_and_remove_removes() {
+        let mut object = RawObject::parse(br#"{"a":1,"b":2}"#).unwrap();
+        object.set("a", raw_bool(true));
+        object.set("c", raw_bool(false));
+        assert_eq!(
+            object.remove("b").map(|v| v.get().to_owned()),
+            Some("2".into())
+        );
+        assert_eq!(object.to_vec(), br#"{"a":true,"c":false}"#);
+    }
+}

@@ -1,0 +1,274 @@
+//! The OpenAI-compatible gateway, the usage API and the metrics (DESIGN.md §4, §7).
+//!
+//! Routes (see [`routes`]):
+//! - `POST /v1/chat/completions`, streamed (SSE) or not ([`chat`]);
+//! - `GET /v1/models`, `GET /v1/models/{model}` ([`models`]);
+//! - any other `/v1/...`: an OpenAI-shaped 404, never an HTML page;
+//! - `POST /api/v1/admissions`, `.../{id}/settle`, `.../{id}/release`,
+//!   `.../{id}/renew`, `POST /api/v1/usage` ([`usage_api`]);
+//! - `GET /metrics`: Prometheus text ([`metrics`]).
+//!
+//! Every spending route goes through admission (R6) in the store's atomic step;
+//! every hold is settled or released exactly once (R7, [`hold`]).
+
+pub mod caller;
+pub mod chat;
+pub mod error;
+pub mod hold;
+mod json;
+pub mod metrics;
+pub mod models;
+pub mod request;
+pub mod sse;
+pub mod upstream;
+pub mod usage_api;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use app::domain::Catalog;
+use app::store::SharedStore;
+use axum::{
+    body::{Body, Bytes},
+    extract::{FromRef, State},
+    http::{header, HeaderMap, HeaderValue, Method, Uri},
+    response::{IntoResponse, Response},
+    routing::{any, get, post},
+    Router,
+};
+
+pub use error::GatewayError;
+pub use metrics::Metrics;
+
+use crate::config::Config;
+use upstream::{Secret, Target};
+
+/// The header naming the model that served a request (DESIGN.md R6).
+pub const SERVED_MODEL_HEADER: &str = "x-tollgate-model";
+/// How long to wait for an upstream connection, whatever the upstream's timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the gateway's handlers share: the store, the catalog, the upstreams
+/// with their keys, the HTTP client, the metrics, and this process's owner id for
+/// leases.
+pub struct Gateway {
+    store: SharedStore,
+    catalog: Arc<Catalog>,
+    max_request_bytes: usize,
+    upstreams: HashMap<String, Target>,
+    http: reqwest::Client,
+    owner: String,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("owner", &self.owner)
+            .field("upstreams", &self.upstreams)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The gateway as it sits in the router's state.
+pub type SharedGateway = Arc<Gateway>;
+
+impl Gateway {
+    /// A gateway over `store` for `config`'s catalog and upstreams, reading each
+    /// upstream's key with `env` (the name in `api_key_env` → its value). A missing
+    /// variable is logged by name and the upstream is called without a key.
+    ///
+    /// Infallible by design, so that the router state can always be built: the
+    /// metric names are fixed, and the rustls client with compiled-in roots has no
+    /// failing part; should building it fail all the same, reqwest's default
+    /// client is used, which reports the cause at start-up.
+    pub fn new(
+        config: &Config,
+        store: SharedStore,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Gateway {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let key = u.api_key_env.as_deref().and_then(|var| {
+                    let key = env(var).filter(|k| !k.is_empty());
+                    if key.is_none() {
+                        tracing::warn!(upstream = %u.name, variable = %var,
+                            "the upstream's key variable is unset: calling it without a key");
+                    }
+                    key.map(Secret::new)
+                });
+                let target = Target {
+                    name: u.name.clone(),
+                    chat_url: format!("{}/chat/completions", u.base_url),
+                    key,
+                    timeout: u.timeout,
+                };
+                (u.name.clone(), target)
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "could not build the upstream HTTP client; using the default one");
+                reqwest::Client::new()
+            });
+        Gateway {
+            store,
+            catalog: config.setup.catalog.clone(),
+            max_request_bytes: config.max_request_bytes,
+            upstreams,
+            http,
+            owner: format!(
+                "gateway-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            ),
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// [`Gateway::new`] with the keys from the process environment, shared.
+    pub fn from_env(config: &Config, store: SharedStore) -> SharedGateway {
+        Arc::new(Gateway::new(config, store, |name| std::env::var(name).ok()))
+    }
+
+    /// This process's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The owner id written on this process's reservations.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Counts `result` under `endpoint` and `model` and turns it into the answer.
+    fn answer(
+        &self,
+        endpoint: &str,
+        model: &str,
+        result: Result<Response, GatewayError>,
+    ) -> Response {
+        match result {
+            Ok(response) => {
+                self.metrics.request(endpoint, model, "ok");
+                response
+            }
+            Err(error) => {
+                self.metrics.request(endpoint, model, error.code());
+                error.into_response()
+            }
+        }
+    }
+}
+
+/// The gateway's routes, for any router state that holds a [`SharedGateway`].
+pub fn routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    SharedGateway: FromRef<S>,
+{
+    Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(chat::chat_completions).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/models",
+            get(models::list_models).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/models/{*model}",
+            get(models::retrieve_model).fallback(method_not_allowed),
+        )
+        .route("/v1", any(unknown_endpoint))
+        .route("/v1/", any(unknown_endpoint))
+        .route("/v1/{*rest}", any(unknown_endpoint))
+        .route(
+            "/api/v1/admissions",
+            post(usage_api::admit).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/admissions/{id}/settle",
+            post(usage_api::settle).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/admissions/{id}/release",
+            post(usage_api::release).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/admissions/{id}/renew",
+            post(usage_api::renew).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/usage",
+            post(usage_api::record).fallback(method_not_allowed),
+        )
+        .route("/metrics", get(render_metrics))
+}
+
+/// Answer an OpenAI-shaped 404 for an endpoint the gateway does not serve.
+async fn unknown_endpoint(
+    State(gateway): State<SharedGateway>,
+    method: Method,
+    uri: Uri,
+) -> Response {
+    gateway.answer(
+        "unknown",
+        "",
+        Err(GatewayError::UnknownEndpoint {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+        }),
+    )
+}
+
+/// Answer an OpenAI-shaped 405 for a served path used with the wrong method.
+async fn method_not_allowed(method: Method) -> Response {
+    GatewayError::MethodNotAllowed(method.to_string()).into_response()
+}
+
+/// Serve the metrics in the Prometheus text format.
+async fn render_metrics(State(gateway): State<SharedGateway>) -> Response {
+    let mut response = gateway.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Reads a request body of at most `max_request_bytes` (DESIGN.md §4): a declared
+/// `Content-Length` over the limit is refused before anything else, a body that
+/// grows past it while read is refused too.
+///
+/// Errors: [`GatewayError::PayloadTooLarge`] (413), [`GatewayError::UnreadableBody`]
+/// (400) when the client breaks off.
+async fn read_body(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, GatewayError> {
+    let limit = gateway.max_request_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit exceeded");
+        if too_large {
+            GatewayError::PayloadTooLarge { limit }
+        } else {
+            GatewayError::UnreadableBody
+        }
+    })
+}

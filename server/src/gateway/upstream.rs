@@ -1,0 +1,313 @@
+//! Talking to the model providers: where each upstream is, its key, sending a
+//! request with its timeout, reading usage from answers, and turning an upstream
+//! failure into an error that is safe to show (DESIGN.md §4: upstream keys never
+//! appear in logs, errors or responses).
+
+use std::time::Duration;
+
+use app::domain::Usage;
+use axum::http::{header, StatusCode};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::error::GatewayError;
+use super::json::RawObject;
+
+/// An upstream key, read from the environment at start. `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `key`.
+    pub fn new(key: String) -> Secret {
+        Secret(key)
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when `haystack` contains the key.
+    fn appears_in(&self, haystack: &[u8]) -> bool {
+        let needle = self.0.as_bytes();
+        !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// One configured upstream, ready to call.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The upstream's name (config `[[upstreams]] name`), for logs.
+    pub name: String,
+    /// `{base_url}/chat/completions`.
+    pub chat_url: String,
+    /// The key from the environment variable `api_key_env`, if set.
+    pub key: Option<Secret>,
+    /// Wait at most this long for the answer's headers, a non-streamed body, or the
+    /// next piece of a stream.
+    pub timeout: Duration,
+}
+
+impl Target {
+    /// Sends `body` (JSON) to the chat completions endpoint, with the key as bearer
+    /// token (marked sensitive, so no `Debug` of the request shows it).
+    ///
+    /// Errors: [`GatewayError::UpstreamTimeout`] past [`Target::timeout`],
+    /// [`GatewayError::UpstreamFailed`] when the upstream cannot be reached.
+    pub async fn send(
+        &self,
+        client: &reqwest::Client,
+        body: Vec<u8>,
+        stream: bool,
+    ) -> Result<reqwest::Response, GatewayError> {
+        let mut request = client
+            .post(&self.chat_url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(
+                header::ACCEPT,
+                if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )
+            .body(body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key.expose());
+        }
+        match tokio::time::timeout(self.timeout, request.send()).await {
+            Err(_) => Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) if e.is_timeout() => Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => {
+                // `without_url`: a URL may carry a query-string key on some providers.
+                tracing::warn!(upstream = %self.name, error = %e.without_url(), "could not reach the upstream");
+                Err(GatewayError::UpstreamFailed(
+                    "The gateway could not reach the model provider.".into(),
+                ))
+            }
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Reads an unsuccessful answer and maps it (DESIGN.md §4): the upstream's own 4xx
+    /// JSON error is passed on with its status, unless it mentions the key; a
+    /// 401/403 means the gateway's credentials are wrong, which is the operator's
+    /// problem (502); 5xx and anything else is a 502. Returns the error and the usage
+    /// the answer reported, if any (billed instead of released, R7).
+    pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
+        let status = response.status();
+        let body = match tokio::time::timeout(self.timeout, response.bytes()).await {
+            Ok(Ok(body)) => body,
+            _ => Bytes::new(),
+        };
+        let object = RawObject::parse(&body).ok();
+        let usage = object
+            .as_ref()
+            .and_then(|o| o.get_present("usage"))
+            .and_then(|raw| usage_from_upstream(raw, &self.name));
+        let mentions_key = self.key.as_ref().is_some_and(|k| k.appears_in(&body));
+        let error = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                tracing::error!(upstream = %self.name, status = status.as_u16(),
+                    "the upstream refused the gateway's credentials: check the variable named by its api_key_env");
+                GatewayError::UpstreamFailed(
+                    "The model provider refused the gateway's credentials; the operator has to fix them.".into(),
+                )
+            }
+            s if s.is_client_error() => {
+                let passable = !mentions_key
+                    && object
+                        .as_ref()
+                        .is_some_and(|o| o.get_present("error").is_some());
+                if mentions_key {
+                    tracing::warn!(upstream = %self.name, status = s.as_u16(), "an upstream error mentioned the key: not passed on");
+                }
+                GatewayError::UpstreamRejected {
+                    status: s,
+                    body: passable.then_some(body),
+                }
+            }
+            s => {
+                tracing::warn!(upstream = %self.name, status = s.as_u16(), "the upstream failed");
+                GatewayError::UpstreamFailed(format!(
+                    "The model provider failed (HTTP {}).",
+                    s.as_u16()
+                ))
+            }
+        };
+        (error, usage)
+    }
+}
+
+/// The usage object as providers and usage API clients send it: OpenAI's nested
+/// details, or flat `cached_tokens`/`reasoning_tokens`.
+#[derive(Deserialize)]
+struct UsageWire {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptDetails>,
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+/// Why a usage object cannot be billed; the text names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct UsageParseError {
+    /// The field, e.g. `prompt_tokens` or `cached_tokens`.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Reads an OpenAI `usage` object: `prompt_tokens`, `completion_tokens`, and
+/// `prompt_tokens_details.cached_tokens` / `completion_tokens_details.reasoning_tokens`
+/// (or the same two flat), token counts as non-negative integers (R3).
+///
+/// Errors: [`UsageParseError`] naming the field when a count is missing or not a
+/// non-negative integer, when a flat and a nested count disagree, or when cached
+/// exceeds prompt or reasoning exceeds completion tokens.
+pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
+    let wire: UsageWire = serde_json::from_str(raw.get()).map_err(|e| UsageParseError {
+        field: "usage",
+        problem: format!("token counts must be non-negative integers ({e})"),
+    })?;
+    let missing = |field: &'static str| UsageParseError {
+        field,
+        problem: "missing".into(),
+    };
+    let both = |field: &'static str, flat: Option<u64>, nested: Option<u64>| match (flat, nested) {
+        (Some(a), Some(b)) if a != b => Err(UsageParseError {
+            field,
+            problem: format!("given twice with different values ({a} and {b})"),
+        }),
+        (a, b) => Ok(a.or(b).unwrap_or(0)),
+    };
+    let usage = Usage {
+        prompt_tokens: wire.prompt_tokens.ok_or_else(|| missing("prompt_tokens"))?,
+        completion_tokens: wire
+            .completion_tokens
+            .ok_or_else(|| missing("completion_tokens"))?,
+        cached_tokens: both(
+            "cached_tokens",
+            wire.cached_tokens,
+            wire.prompt_tokens_details.and_then(|d| d.cached_tokens),
+        )?,
+        reasoning_tokens: both(
+            "reasoning_tokens",
+            wire.reasoning_tokens,
+            wire.completion_tokens_details
+                .and_then(|d| d.reasoning_tokens),
+        )?,
+    };
+    usage.validate().map_err(|e| UsageParseError {
+        field: if e.code() == "cached_exceeds_prompt" {
+            "cached_tokens"
+        } else {
+            "reasoning_tokens"
+        },
+        problem: e.to_string(),
+    })?;
+    Ok(usage)
+}
+
+/// [`parse_usage`] for an upstream's answer: a usage the gateway cannot read is
+/// logged and treated as missing (the estimate is billed, flagged).
+pub fn usage_from_upstream(raw: &RawValue, upstream: &str) -> Option<Usage> {
+    match parse_usage(raw) {
+        Ok(usage) => Some(usage),
+        Err(e) => {
+            tracing::warn!(upstream, problem = %e, "unreadable usage from the upstream: billing the estimate");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Usage, UsageParseError> {
+        parse_usage(&RawValue::from_string(text.to_owned()).unwrap())
+    }
+
+    #[test]
+    fn reads_nested_and_flat_details() {
+        let nested = parse(
+            r#"{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+               "prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},
+               "completion_tokens_details":{"reasoning_tokens":3}}"#,
+        )
+        .unwrap();
+        let flat = parse(
+            r#"{"prompt_tokens":10,"completion_tokens":5,"cached_tokens":4,"reasoning_tokens":3}"#,
+        )
+        .unwrap();
+        assert_eq!(nested, flat);
+        assert_eq!(
+            nested,
+            Usage {
+                prompt_tokens: 10,
+                cached_tokens: 4,
+                completion_tokens: 5,
+                reasoning_tokens: 3
+            }
+        );
+        let plain =
+            parse(r#"{"prompt_tokens":1,"completion_tokens":2,"prompt_tokens_details":null}"#)
+                .unwrap();
+        assert_eq!(plain.cached_tokens, 0);
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_billed() {
+        assert_eq!(
+            parse(r#"{"completion_tokens":1}"#).unwrap_err().field,
+            "prompt_tokens"
+        );
+        assert_eq!(
+            parse(r#"{"prompt_tokens":-1,"completion_tokens":1}"#)
+                .unwrap_err()
+                .field,
+            "usage"
+        );
+        assert_eq!(
+            parse(r#"{"prompt_tokens":1,"completion_tokens":1,"cached_tokens":2}"#)
+                .unwrap_err()
+                .field,
+            "cached_tokens"
+        );
+        assert_eq!(
+            parse(r#"{"prompt_tokens":5,"completion_tokens":1,"cached_tokens":2,"prompt_tokens_details":{"cached_tokens":3}}"#)
+                .unwrap_err()
+                .field,
+            "cached_tokens"
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret::new("sk-very-secret".into());
+        assert_eq!(format!("{secret:?}"), "Secret(***)");
+        assert!(secret.appears_in(b"xx sk-very-secret yy"));
+        assert!(!secret.appears_in(b"sk-very-secre"));
+    }
+}

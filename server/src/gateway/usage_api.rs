@@ -1,0 +1,480 @@
+//! The usage API under `/api/v1/` (DESIGN.md §4), for platforms that call model
+//! providers themselves: the same admission decision (R6) and settlement (R7) as
+//! the gateway, without proxying. API key auth; every amount is an exact decimal
+//! string in EUR (R2), never a JSON number.
+//!
+//! - `POST /api/v1/admissions`
+//!   `{"model", "prompt_tokens", "max_completion_tokens"?, "max_tokens"?, "n"?, "lease_seconds"?}`
+//!   → `{"reservation_id", "requested_model", "served_model", "fallback", "reserved_eur", "lease_until"}`,
+//!   or 429 as the gateway answers it.
+//! - `POST /api/v1/admissions/{id}/settle` `{"usage": {...} | null}` → the ledger
+//!   event: `{"reservation_id", "event_id", "requested_model", "served_model", "cost_eur",
+//!   "estimated", "over_reservation", "newly_recorded"}`. `usage: null` bills the
+//!   reservation (flagged as estimated). Settling twice returns the same event.
+//! - `POST /api/v1/admissions/{id}/release` → `{"reservation_id", "released": true}`.
+//! - `POST /api/v1/admissions/{id}/renew` `{"lease_seconds"?}` → `{"reservation_id", "lease_until"}`.
+//! - `POST /api/v1/usage` `{"records": [{"idempotency_key", "model", "usage"}]}` →
+//!   `{"results": [{"idempotency_key", "outcome": "recorded"|"duplicate"|"blocked", ...}]}`,
+//!   each item admitted (no fallback: the usage already happened) and counted at
+//!   most once per idempotency key (scoped to the key's owner).
+//!
+//! Reservation ids are random UUIDs: whoever holds one may settle or release it.
+//! `usage` objects take OpenAI's shape (`prompt_tokens`, `completion_tokens`,
+//! `prompt_tokens_details.cached_tokens`, `completion_tokens_details.reasoning_tokens`)
+//! or the two details flat (`cached_tokens`, `reasoning_tokens`).
+
+use std::sync::Arc;
+
+use app::domain::{Nanos, TokenEstimate, Usage};
+use app::store::{RecordOutcome, ReservationId, StoreError, UsageEventRecord, UsageRecord};
+use axum::{
+    body::Body,
+    extract::{Path, State},
+    http::HeaderMap,
+    response::{IntoResponse, Response},
+    Json,
+};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::error::GatewayError;
+use super::hold::settlement_key;
+use super::json::{is_null, optional_u64, required_string, RawObject};
+use super::upstream::parse_usage;
+use super::{caller::authenticate, read_body, Gateway};
+
+/// Default lease of a usage API admission, seconds: the caller settles or releases
+/// it before then, or renews it.
+pub const DEFAULT_LEASE_SECONDS: u64 = 300;
+/// Longest lease a usage API caller may ask for, seconds.
+pub const MAX_LEASE_SECONDS: u64 = 3_600;
+/// Most records one `POST /api/v1/usage` may carry (one transaction).
+pub const MAX_RECORDS: usize = 1_000;
+/// Longest idempotency key, characters.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+
+fn eur(nanos: Nanos) -> String {
+    nanos.to_money().to_string()
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Refuses keys of `object` outside `allowed`, naming the first (typos would
+/// otherwise be silently ignored).
+fn only_fields(object: &RawObject, allowed: &[&str]) -> Result<(), GatewayError> {
+    match object.keys().find(|key| !allowed.contains(key)) {
+        Some(key) => Err(GatewayError::invalid_field(
+            key,
+            format!(
+                "unknown field `{key}`; expected one of: {}",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn lease_seconds(object: &RawObject) -> Result<u64, GatewayError> {
+    let seconds = optional_u64(object, "lease_seconds")?.unwrap_or(DEFAULT_LEASE_SECONDS);
+    if (1..=MAX_LEASE_SECONDS).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(GatewayError::invalid_field(
+            "lease_seconds",
+            format!("`lease_seconds` must be between 1 and {MAX_LEASE_SECONDS}"),
+        ))
+    }
+}
+
+fn lease_until(seconds: u64) -> DateTime<Utc> {
+    Utc::now() + TimeDelta::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 1_000))
+}
+
+fn parse_object(bytes: &[u8]) -> Result<RawObject, GatewayError> {
+    RawObject::parse(bytes).map_err(|e| GatewayError::InvalidJson(e.to_string()))
+}
+
+/// Reads a `usage` field for the usage API.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `{param}.{field}`.
+fn usage_field(raw: &RawValue, param: &str) -> Result<Usage, GatewayError> {
+    parse_usage(raw).map_err(|e| {
+        let param = if e.field == "usage" {
+            param.to_owned()
+        } else {
+            format!("{param}.{}", e.field)
+        };
+        GatewayError::invalid_field(param, format!("`usage` cannot be billed: {e}"))
+    })
+}
+
+#[derive(Serialize)]
+struct AdmissionView {
+    reservation_id: String,
+    requested_model: String,
+    served_model: String,
+    fallback: bool,
+    reserved_eur: String,
+    lease_until: String,
+}
+
+/// Admit (or refuse) a request the caller will make itself, holding its estimate.
+pub async fn admit(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let mut model_label = String::new();
+    let result = async {
+        let bytes = read_body(&gateway, &headers, body).await?;
+        let caller = authenticate(&gateway, &headers).await?;
+        let object = parse_object(&bytes)?;
+        only_fields(
+            &object,
+            &[
+                "model",
+                "prompt_tokens",
+                "max_completion_tokens",
+                "max_tokens",
+                "n",
+                "lease_seconds",
+            ],
+        )?;
+        let name = required_string(&object, "model")?;
+        let prompt_tokens = optional_u64(&object, "prompt_tokens")?.ok_or_else(|| {
+            GatewayError::invalid_field(
+                "prompt_tokens",
+                "you must provide `prompt_tokens` (an upper bound, a non-negative integer)",
+            )
+        })?;
+        let output_cap = optional_u64(&object, "max_completion_tokens")?
+            .or(optional_u64(&object, "max_tokens")?);
+        let n = match optional_u64(&object, "n")? {
+            None => 1,
+            Some(n) => u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                GatewayError::invalid_field("n", "`n` must be a positive integer")
+            })?,
+        };
+        let lease = lease_seconds(&object)?;
+        let catalog = gateway.catalog.clone();
+        let model = catalog
+            .resolve(&name)
+            .ok_or_else(|| GatewayError::ModelNotFound(name.clone()))?;
+        model_label.push_str(model.id.as_str());
+        let reservation = gateway
+            .reserve(
+                model,
+                TokenEstimate {
+                    prompt_tokens,
+                    output_cap,
+                    n,
+                },
+                caller.spender(),
+                lease_until(lease),
+            )
+            .await?;
+        let view = AdmissionView {
+            reservation_id: reservation.id.0.clone(),
+            requested_model: reservation.requested.to_string(),
+            served_model: reservation.served.to_string(),
+            fallback: reservation.served != reservation.requested,
+            reserved_eur: eur(reservation.amount),
+            lease_until: rfc3339(lease_until(lease)),
+        };
+        Ok(Json(view).into_response())
+    }
+    .await;
+    gateway.answer("admissions", &model_label, result)
+}
+
+#[derive(Serialize)]
+struct EventView {
+    reservation_id: Option<String>,
+    event_id: i64,
+    requested_model: String,
+    served_model: String,
+    cost_eur: String,
+    estimated: bool,
+    over_reservation: bool,
+    newly_recorded: bool,
+}
+
+impl EventView {
+    fn new(reservation: Option<&ReservationId>, event: &UsageEventRecord) -> EventView {
+        EventView {
+            reservation_id: reservation.map(|r| r.0.clone()),
+            event_id: event.id,
+            requested_model: event.requested.to_string(),
+            served_model: event.served.to_string(),
+            cost_eur: eur(event.cost),
+            estimated: event.estimated,
+            over_reservation: event.over_reservation,
+            newly_recorded: event.newly_recorded,
+        }
+    }
+}
+
+/// Replace a reservation with the cost of the usage its request reported.
+pub async fn settle(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let bytes = read_body(&gateway, &headers, body).await?;
+        authenticate(&gateway, &headers).await?;
+        let object = parse_object(&bytes)?;
+        only_fields(&object, &["usage"])?;
+        let raw = object.get("usage").ok_or_else(|| {
+            GatewayError::invalid_field(
+                "usage",
+                "you must provide `usage` (an object, or null to bill the reservation)",
+            )
+        })?;
+        let usage = if is_null(raw) {
+            None
+        } else {
+            Some(usage_field(raw, "usage")?)
+        };
+        let reservation = ReservationId(id);
+        let event = gateway
+            .store
+            .settle(app::store::Settlement {
+                reservation: reservation.clone(),
+                usage,
+                idempotency_key: Some(settlement_key(&reservation)),
+                now: Utc::now(),
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => {
+                    GatewayError::ReservationNotFound(reservation.0.clone())
+                }
+                StoreError::Invalid { message, .. } => {
+                    GatewayError::invalid_field("usage", message)
+                }
+                other => other.into(),
+            })?;
+        if event.newly_recorded {
+            let served = event.served.as_str();
+            gateway.metrics.spend(served, event.cost.get());
+            gateway
+                .metrics
+                .settlement(served, if event.estimated { "estimate" } else { "usage" });
+        }
+        Ok(Json(EventView::new(Some(&reservation), &event)).into_response())
+    }
+    .await;
+    gateway.answer("admissions_settle", "", result)
+}
+
+/// Release a reservation unbilled (the caller's request failed before any usage).
+pub async fn release(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        authenticate(&gateway, &headers).await?;
+        let reservation = ReservationId(id);
+        gateway
+            .store
+            .release(&reservation)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => {
+                    GatewayError::ReservationNotFound(reservation.0.clone())
+                }
+                other => other.into(),
+            })?;
+        Ok(
+            Json(serde_json::json!({"reservation_id": reservation.0, "released": true}))
+                .into_response(),
+        )
+    }
+    .await;
+    gateway.answer("admissions_release", "", result)
+}
+
+/// Extend a reservation's lease while the caller's request still runs.
+pub async fn renew(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let bytes = read_body(&gateway, &headers, body).await?;
+        authenticate(&gateway, &headers).await?;
+        let object = if bytes.iter().all(u8::is_ascii_whitespace) {
+            RawObject::default()
+        } else {
+            let object = parse_object(&bytes)?;
+            only_fields(&object, &["lease_seconds"])?;
+            object
+        };
+        let until = lease_until(lease_seconds(&object)?);
+        let reservation = ReservationId(id);
+        gateway
+            .store
+            .renew_lease(&reservation, until)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => {
+                    GatewayError::ReservationNotFound(reservation.0.clone())
+                }
+                other => other.into(),
+            })?;
+        Ok(Json(
+            serde_json::json!({"reservation_id": reservation.0, "lease_until": rfc3339(until)}),
+        )
+        .into_response())
+    }
+    .await;
+    gateway.answer("admissions_renew", "", result)
+}
+
+#[derive(Serialize)]
+struct RecordView {
+    idempotency_key: String,
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<EventView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// Record finished usage in bulk, each item admitted and counted once per key.
+pub async fn record(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let bytes = read_body(&gateway, &headers, body).await?;
+        let caller = authenticate(&gateway, &headers).await?;
+        let object = parse_object(&bytes)?;
+        only_fields(&object, &["records"])?;
+        let raw = object.get_present("records").ok_or_else(|| {
+            GatewayError::invalid_field("records", "you must provide `records` (an array)")
+        })?;
+        let items: Vec<Box<RawValue>> = serde_json::from_str(raw.get()).map_err(|_| {
+            GatewayError::invalid_field("records", "`records` must be an array of objects")
+        })?;
+        if items.is_empty() || items.len() > MAX_RECORDS {
+            return Err(GatewayError::invalid_field(
+                "records",
+                format!("`records` must hold between 1 and {MAX_RECORDS} items"),
+            ));
+        }
+        let catalog = gateway.catalog.clone();
+        let mut parsed: Vec<(String, &app::domain::Model, Usage)> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let at = |e: GatewayError| match e {
+                GatewayError::InvalidField { param, message } => GatewayError::InvalidField {
+                    param: format!("records[{i}].{param}"),
+                    message,
+                },
+                GatewayError::InvalidJson(_) => GatewayError::invalid_field(
+                    format!("records[{i}]"),
+                    "each record must be an object",
+                ),
+                other => other,
+            };
+            let record = parse_object(item.get().as_bytes()).map_err(at)?;
+            only_fields(&record, &["idempotency_key", "model", "usage"]).map_err(at)?;
+            let key = required_string(&record, "idempotency_key").map_err(at)?;
+            if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+                return Err(at(GatewayError::invalid_field(
+                    "idempotency_key",
+                    format!(
+                        "`idempotency_key` must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+                    ),
+                )));
+            }
+            let name = required_string(&record, "model").map_err(at)?;
+            let model = catalog.resolve(&name).ok_or_else(|| {
+                at(GatewayError::invalid_field(
+                    "model",
+                    format!("the model `{name}` does not exist"),
+                ))
+            })?;
+            let usage_raw = record.get_present("usage").ok_or_else(|| {
+                at(GatewayError::invalid_field(
+                    "usage",
+                    "you must provide `usage` (an object)",
+                ))
+            })?;
+            let usage = usage_field(usage_raw, "usage").map_err(at)?;
+            parsed.push((key, model, usage));
+        }
+        let records: Vec<UsageRecord<'_>> = parsed
+            .iter()
+            .map(|(key, model, usage)| UsageRecord {
+                // Scoped to the caller's user, so two platforms' keys cannot collide.
+                idempotency_key: format!("usage:{}:{key}", caller.user.id),
+                model,
+                usage: *usage,
+            })
+            .collect();
+        let outcomes = gateway
+            .store
+            .record_usage(&records, caller.spender(), Utc::now())
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid { message, .. } => {
+                    GatewayError::invalid_field("records", message)
+                }
+                other => other.into(),
+            })?;
+        let results: Vec<RecordView> = parsed
+            .iter()
+            .zip(outcomes)
+            .map(|((key, model, _), outcome)| match outcome {
+                RecordOutcome::Recorded(event) => {
+                    let served = event.served.as_str();
+                    gateway.metrics.spend(served, event.cost.get());
+                    gateway
+                        .metrics
+                        .admission(model.id.as_str(), served, "admitted");
+                    gateway.metrics.settlement(served, "usage");
+                    RecordView {
+                        idempotency_key: key.clone(),
+                        outcome: "recorded",
+                        event: Some(EventView::new(None, &event)),
+                        code: None,
+                        message: None,
+                    }
+                }
+                RecordOutcome::Duplicate(event) => RecordView {
+                    idempotency_key: key.clone(),
+                    outcome: "duplicate",
+                    event: Some(EventView::new(None, &event)),
+                    code: None,
+                    message: None,
+                },
+                RecordOutcome::Blocked(blocked) => {
+                    gateway
+                        .metrics
+                        .admission(model.id.as_str(), "", blocked.code.as_str());
+                    RecordView {
+                        idempotency_key: key.clone(),
+                        outcome: "blocked",
+                        event: None,
+                        code: Some(blocked.code.as_str()),
+                        message: Some(blocked.message),
+                    }
+                }
+            })
+            .collect();
+        Ok(Json(serde_json::json!({ "results": results })).into_response())
+    }
+    .await;
+    gateway.answer("usage", "", result)
+}

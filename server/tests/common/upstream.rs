@@ -1,0 +1,242 @@
+//! A mock OpenAI-compatible upstream on a random loopback port, for the gateway
+//! tests and the benchmark: `POST /v1/chat/completions` answers OpenAI-shaped
+//! bodies or SSE streams with configurable usage, delay, status and pauses, and
+//! records what it received (raw body, `Authorization` header).
+#![allow(dead_code)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a broken fixture should stop the test at once"
+)]
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+    Router,
+};
+use tokio::sync::{mpsc, Notify};
+
+/// Token counts the mock reports (OpenAI `usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MockUsage {
+    /// `prompt_tokens`.
+    pub prompt: u64,
+    /// `prompt_tokens_details.cached_tokens`.
+    pub cached: u64,
+    /// `completion_tokens`.
+    pub completion: u64,
+    /// `completion_tokens_details.reasoning_tokens`.
+    pub reasoning: u64,
+}
+
+/// How the mock answers; change it between requests with [`MockUpstream::set`].
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    /// HTTP status; anything but 200 answers `error_body`.
+    pub status: u16,
+    /// The body of a non-200 answer; `{auth}` is replaced with the `Authorization`
+    /// header received (to play an upstream that echoes credentials).
+    pub error_body: String,
+    /// The usage reported (non-streamed always; streamed when asked for).
+    pub usage: MockUsage,
+    /// Whether a stream asked for usage gets its usage chunk.
+    pub usage_in_stream: bool,
+    /// Wait this long before answering (a slow upstream).
+    pub delay: Duration,
+    /// Content pieces of a stream.
+    pub stream_pieces: usize,
+    /// When set, a stream stops after its first piece until this is notified.
+    pub pause_after_first_piece: Option<Arc<Notify>>,
+}
+
+impl Default for Behaviour {
+    fn default() -> Behaviour {
+        Behaviour {
+            status: 200,
+            error_body: r#"{"error":{"message":"mock failure","type":"server_error","param":null,"code":null}}"#.into(),
+            usage: MockUsage {
+                prompt: 12,
+                cached: 0,
+                completion: 5,
+                reasoning: 0,
+            },
+            usage_in_stream: true,
+            delay: Duration::ZERO,
+            stream_pieces: 3,
+            pause_after_first_piece: None,
+        }
+    }
+}
+
+/// One request the mock received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// The raw body.
+    pub body: String,
+}
+
+impl Received {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+#[derive(Default)]
+struct MockState {
+    behaviour: Mutex<Behaviour>,
+    received: Mutex<Vec<Received>>,
+}
+
+/// The running mock.
+pub struct MockUpstream {
+    /// `http://127.0.0.1:PORT/v1`, the `base_url` to configure.
+    pub base_url: String,
+    state: Arc<MockState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockUpstream {
+    /// Starts the mock with the default behaviour.
+    pub async fn start() -> MockUpstream {
+        let state = Arc::new(MockState::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        MockUpstream {
+            base_url,
+            state,
+            task,
+        }
+    }
+
+    /// Changes the behaviour for the next requests.
+    pub fn set(&self, change: impl FnOnce(&mut Behaviour)) {
+        change(&mut self.state.behaviour.lock().unwrap());
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn usage_json(usage: MockUsage) -> String {
+    format!(
+        r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{},"audio_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":{},"audio_tokens":0}}}}"#,
+        usage.prompt,
+        usage.completion,
+        usage.prompt + usage.completion,
+        usage.cached,
+        usage.reasoning
+    )
+}
+
+async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    state.received.lock().unwrap().push(Received {
+        authorization: authorization.clone(),
+        body: body.clone(),
+    });
+    let behaviour = state.behaviour.lock().unwrap().clone();
+    if !behaviour.delay.is_zero() {
+        tokio::time::sleep(behaviour.delay).await;
+    }
+    if behaviour.status != 200 {
+        let text = behaviour
+            .error_body
+            .replace("{auth}", authorization.as_deref().unwrap_or(""));
+        return (
+            StatusCode::from_u16(behaviour.status).unwrap(),
+            [(header::CONTENT_TYPE, "application/json")],
+            text,
+        )
+            .into_response();
+    }
+    let request: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let model = request["model"].as_str().unwrap_or("").to_owned();
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    if !stream {
+        // `score` carries more digits than an f64 holds: the gateway must pass it on
+        // as it is.
+        let text = format!(
+            r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":1767225600,"model":"{model}","choices":[{{"index":0,"message":{{"role":"assistant","content":"Hello from the mock."}},"logprobs":null,"finish_reason":"stop"}}],"usage":{},"score":0.1000000000000000055511151231257827,"system_fingerprint":null}}"#,
+            usage_json(behaviour.usage)
+        );
+        return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
+    }
+    let include_usage = request["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let (frames, mut receiver) = mpsc::channel::<Bytes>(8);
+    tokio::spawn(async move {
+        let usage_field = if include_usage {
+            r#","usage":null"#
+        } else {
+            ""
+        };
+        let chunk = |delta: &str, finish: &str| {
+            format!(
+                "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1767225600,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]{usage_field}}}\n\n"
+            )
+        };
+        let mut out = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
+        for i in 0..behaviour.stream_pieces {
+            out.push(chunk(&format!(r#"{{"content":"piece {i} "}}"#), "null"));
+        }
+        out.push(chunk("{}", r#""stop""#));
+        if include_usage && behaviour.usage_in_stream {
+            out.push(format!(
+                "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1767225600,\"model\":\"{model}\",\"choices\":[],\"usage\":{}}}\n\n",
+                usage_json(behaviour.usage)
+            ));
+        }
+        out.push("data: [DONE]\n\n".to_owned());
+        for (i, frame) in out.into_iter().enumerate() {
+            // The mock keeps writing after the client left: a real upstream does.
+            let _ = frames.send(Bytes::from(frame)).await;
+            if i == 1 {
+                if let Some(gate) = &behaviour.pause_after_first_piece {
+                    gate.notified().await;
+                }
+            }
+        }
+    });
+    let body = Body::from_stream(futures::stream::poll_fn(move |cx| {
+        receiver
+            .poll_recv(cx)
+            .map(|frame| frame.map(Ok::<Bytes, Infallible>))
+    }));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,1447 @@
+//! The gateway and the usage API over real HTTP on loopback (DESIGN.md §4, R3, R6,
+//! R7): the real router on a random port, a store on SQLite (and PostgreSQL when
+//! `TEST_DATABASE_URL` is set), and a mock upstream on another port.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a broken fixture should stop the test at once"
+)]
+
+mod common;
+#[path = "common/upstream.rs"]
+mod upstream;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io::Write as _,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use app::{
+    domain::{cost, reservation, Counter, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
+    store::{Actor, LimitChange, Role, SharedStore},
+};
+use chrono::Utc;
+use common::TestDb;
+use serde_json::{json, Value};
+use server::{
+    config::{Config, Overrides},
+    db::sqlite::Durability,
+    gateway::{Gateway, SharedGateway},
+    http::AppState,
+};
+use tokio::sync::Notify;
+use upstream::{MockUpstream, MockUsage};
+
+/// The environment variable the test config names for the upstream key; it is
+/// never set in the process: each gateway gets the value through its own lookup.
+const KEY_VAR: &str = "TOLLGATE_TEST_UPSTREAM_KEY";
+
+// ---------------------------------------------------------------------------
+// Logs: one global subscriber writing into memory, so tests can read every line.
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "debug,server=trace,reqwest=trace,hyper=trace,hyper_util=trace",
+            ))
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
+// ---------------------------------------------------------------------------
+// The harness: config, store, key, mock upstream and the real router.
+
+struct Options {
+    budget_eur: &'static str,
+    timeout_secs: u64,
+    max_request_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            budget_eur: "100",
+            timeout_secs: 30,
+            max_request_bytes: 65_536,
+        }
+    }
+}
+
+struct Harness {
+    /// `http://127.0.0.1:PORT` of the gateway.
+    url: String,
+    /// A member's API key.
+    key: String,
+    /// The upstream key the gateway sends (from its environment lookup).
+    upstream_key: String,
+    store: SharedStore,
+    config: Arc<Config>,
+    gateway: SharedGateway,
+    mock: MockUpstream,
+    client: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+    _config_dir: tempfile::TempDir,
+}
+
+fn config_text(db: &TestDb, mock: &MockUpstream, options: &Options) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+database_url = "{db}"
+max_request_bytes = {max}
+
+[workspace]
+name = "Gateway tests"
+timezone = "UTC"
+
+[plan]
+budget_eur = "{budget}"
+overage_eur = "0"
+start = "2026-01-01"
+
+[[upstreams]]
+name = "mock"
+base_url = "{base}"
+api_key_env = "{KEY_VAR}"
+timeout_secs = {timeout}
+
+[[models]]
+id = "big"
+display_name = "Big"
+upstream = "mock"
+upstream_model = "provider-big-2026"
+aliases = ["test/big"]
+input_eur_per_mtok = "2"
+cached_input_eur_per_mtok = "0.5"
+output_eur_per_mtok = "10"
+max_output_tokens = 1000
+
+[[models]]
+id = "mid"
+upstream = "mock"
+upstream_model = "provider-mid"
+input_eur_per_mtok = "0.5"
+cached_input_eur_per_mtok = "0.05"
+output_eur_per_mtok = "2"
+max_output_tokens = 1000
+
+[[models]]
+id = "flat"
+upstream = "mock"
+input_eur_per_mtok = "0"
+output_eur_per_mtok = "1"
+max_output_tokens = 1000
+
+[[models]]
+id = "small"
+upstream = "mock"
+input_eur_per_mtok = "0.1"
+output_eur_per_mtok = "0.5"
+max_output_tokens = 1000
+"#,
+        db = db.url,
+        max = options.max_request_bytes,
+        budget = options.budget_eur,
+        base = mock.base_url,
+        timeout = options.timeout_secs,
+    )
+}
+
+async fn start(db: &TestDb, options: Options) -> Harness {
+    let _ = captured_logs();
+    let mock = MockUpstream::start().await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let path = config_dir.path().join("tollgate.toml");
+    std::fs::write(&path, config_text(db, &mock, &options)).unwrap();
+    let config = Arc::new(Config::load(Some(&path), &Overrides::default()).unwrap());
+    let database = server::db::open(&db.url, Durability::Normal).await.unwrap();
+    let store = database.store.clone();
+    store.apply_setup(&config.setup).await.unwrap();
+
+    let now = Utc::now();
+    let user = store
+        .create_user(
+            "member@example.com",
+            "not-a-password-hash",
+            Role::Member,
+            now,
+        )
+        .await
+        .unwrap();
+    let (key, hash) = server::auth::new_api_key();
+    store
+        .create_api_key(user.id, "tests", &hash, now)
+        .await
+        .unwrap();
+
+    let upstream_key = format!("sk-upstream-{}-DO-NOT-LEAK", uuid::Uuid::new_v4().simple());
+    let lookup_key = upstream_key.clone();
+    let gateway = Arc::new(Gateway::new(&config, store.clone(), move |name| {
+        (name == KEY_VAR).then(|| lookup_key.clone())
+    }));
+    let mut state = AppState::new(config.clone(), store.clone());
+    state.gateway = gateway.clone();
+    let app = server::http::router(state, database.sessions.clone())
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Harness {
+        url,
+        key,
+        upstream_key,
+        store,
+        config,
+        gateway,
+        mock,
+        client: reqwest::Client::new(),
+        server,
+        _config_dir: config_dir,
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Harness {
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+    }
+
+    async fn chat(&self, body: &Value) -> reqwest::Response {
+        self.post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn api(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .post(path)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// The workspace counter and the per-model counters of the current cycle.
+    async fn books(&self) -> (Counter, HashMap<String, Counter>) {
+        let snapshot = self.store.spend_snapshot(Utc::now()).await.unwrap();
+        let models = snapshot
+            .models
+            .iter()
+            .map(|m| (m.id.to_string(), m.counter))
+            .collect();
+        (snapshot.workspace, models)
+    }
+
+    async fn workspace(&self) -> Counter {
+        self.books().await.0
+    }
+
+    async fn model_counter(&self, id: &str) -> Counter {
+        self.books().await.1.get(id).copied().unwrap_or_default()
+    }
+
+    /// The cost of `usage` on `model`, nano-euros (R3, rounded once: R2).
+    fn cost_of(&self, model: &str, usage: MockUsage) -> Nanos {
+        let model = self.config.setup.catalog.resolve(model).unwrap();
+        cost(
+            &model.prices,
+            &Usage {
+                prompt_tokens: usage.prompt,
+                cached_tokens: usage.cached,
+                completion_tokens: usage.completion,
+                reasoning_tokens: usage.reasoning,
+            },
+        )
+        .unwrap()
+        .to_nanos_rounded()
+        .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn set_limit(&self, model: &str, eur_nanos: i64) {
+        let snapshot = self.store.spend_snapshot(Utc::now()).await.unwrap();
+        let version = snapshot
+            .models
+            .iter()
+            .find(|m| m.id.as_str() == model)
+            .map_or(0, |m| m.limit.version);
+        self.store
+            .update_model_limits(
+                &Actor::Cli,
+                &[LimitChange {
+                    model: ModelId::new(model),
+                    expected_version: version,
+                    limit: ModelLimit {
+                        limit: Some(Nanos::new(eur_nanos)),
+                        enabled: true,
+                    },
+                }],
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn set_fallback(&self, on: bool) {
+        let settings = self
+            .store
+            .spend_snapshot(Utc::now())
+            .await
+            .unwrap()
+            .settings;
+        self.store
+            .update_settings(&Actor::Cli, settings.version, on, Utc::now())
+            .await
+            .unwrap();
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, failing after 10 s: for effects that
+/// land after the response (a settlement after a client left).
+async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn chat_body(model: &str) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 100,
+    })
+}
+
+/// Reads an SSE response to its end: the data payloads, in order.
+async fn sse_payloads(response: reqwest::Response) -> Vec<String> {
+    let text = response.text().await.unwrap();
+    assert!(text.ends_with("\n\n"), "unterminated stream: {text:?}");
+    text.split("\n\n")
+        .filter(|event| !event.is_empty())
+        .map(|event| {
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {event:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Checks an OpenAI-shaped error answer field by field.
+async fn assert_error(
+    response: reqwest::Response,
+    status: u16,
+    kind: &str,
+    code: &str,
+    param: Option<&str>,
+) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "errors are JSON, never HTML"
+    );
+    let body: Value = response.json().await.unwrap();
+    let error = &body["error"];
+    assert_eq!(error["type"], kind, "{body}");
+    assert_eq!(error["code"], code, "{body}");
+    assert_eq!(
+        error["param"],
+        param.map_or(Value::Null, |p| json!(p)),
+        "{body}"
+    );
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+// ---------------------------------------------------------------------------
+// Stories, each run on SQLite and (when configured) PostgreSQL.
+
+/// Non-streamed: answered by the served model's upstream under its upstream name,
+/// every other field passed through byte for byte, `model` and the header naming
+/// the served model, settled before the answer.
+async fn non_streaming_round_trip(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    // Numbers an f64 would change, in the request and (`score`) in the answer.
+    let body = r#"{"model":"test/big","messages":[{"role":"user","content":"Say hello."}],"max_tokens":100,"temperature":0.30000000000000004,"metadata":{"n":123456789012345678901234567890}}"#;
+    let response = h
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-model"], "big");
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains(r#""score":0.1000000000000000055511151231257827"#),
+        "{text}"
+    );
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["model"], "big");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the mock."
+    );
+
+    let received = h.mock.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0].body,
+        body.replace(r#""model":"test/big""#, r#""model":"provider-big-2026""#),
+        "only `model` changes on the way up"
+    );
+
+    // Settled before the answer: no polling needed.
+    let expected = h.cost_of(
+        "big",
+        MockUsage {
+            prompt: 12,
+            completion: 5,
+            ..MockUsage::default()
+        },
+    );
+    assert_eq!(expected, Nanos::new(74_000));
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: expected,
+            reserved: Nanos::ZERO
+        }
+    );
+    assert_eq!(h.model_counter("big").await.spent, expected);
+
+    // The catalog, OpenAI-shaped, behind the same key.
+    let models: Value = h
+        .client
+        .get(format!("{}/v1/models", h.url))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["big", "mid", "flat", "small"]);
+    assert_eq!(models["data"][0]["object"], "model");
+    let one: Value = h
+        .client
+        .get(format!("{}/v1/models/test/big", h.url))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["id"], "big");
+}
+
+/// Streamed: chunks carry the served model, the forced usage chunk reaches only
+/// clients that asked for it, `[DONE]` comes last, after settlement.
+async fn streaming_round_trip(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let mut body = chat_body("test/big");
+    body["stream"] = json!(true);
+    let response = h.chat(&body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-model"], "big");
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let payloads = sse_payloads(response).await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(chunks.len(), 5, "role, three pieces, finish: {payloads:?}");
+    for chunk in &chunks {
+        assert_eq!(chunk["model"], "big");
+        assert!(
+            chunk.get("usage").is_none(),
+            "usage was not asked for: {chunk}"
+        );
+    }
+    let upstream_body = h.mock.received()[0].json();
+    assert_eq!(upstream_body["model"], "provider-big-2026");
+    assert_eq!(upstream_body["stream_options"]["include_usage"], true);
+    let one = h.cost_of(
+        "big",
+        MockUsage {
+            prompt: 12,
+            completion: 5,
+            ..MockUsage::default()
+        },
+    );
+    // `[DONE]` was read, so the settlement is in the books already.
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: one,
+            reserved: Nanos::ZERO
+        }
+    );
+
+    // A client that asks for usage gets the usage chunk, with the served model.
+    body["stream_options"] = json!({"include_usage": true});
+    let payloads = sse_payloads(h.chat(&body).await).await;
+    let usage_chunk: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], 12);
+    assert_eq!(usage_chunk["model"], "big");
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: Nanos::new(2 * one.get()),
+            reserved: Nanos::ZERO
+        }
+    );
+}
+
+/// The same request costs the same streamed and not, to the nano-euro (§4), here
+/// with cached and reasoning tokens priced per R3 (checked in the counters, the
+/// ledger and the metrics).
+async fn streamed_and_not_streamed_cost_the_same(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let usage = MockUsage {
+        prompt: 1_000,
+        cached: 400,
+        completion: 300,
+        reasoning: 200,
+    };
+    h.mock.set(|b| b.usage = usage);
+    // (1000 − 400) × 2 + 400 × 0.5 + 300 × 10 = 4400 EUR per 1M tokens; the 200
+    // reasoning tokens are inside the 300 output tokens and are not billed twice.
+    let one = Nanos::new(4_400_000);
+    assert_eq!(h.cost_of("big", usage), one);
+
+    let response = h.chat(&chat_body("big")).await;
+    assert_eq!(response.status(), 200);
+    let _ = response.bytes().await.unwrap();
+    let after_plain = h.workspace().await.spent;
+
+    let mut body = chat_body("big");
+    body["stream"] = json!(true);
+    let _ = sse_payloads(h.chat(&body).await).await;
+    let after_stream = h.workspace().await.spent;
+
+    assert_eq!(after_plain, one);
+    assert_eq!(Nanos::new(after_stream.get() - after_plain.get()), one);
+    let snapshot = h.store.spend_snapshot(Utc::now()).await.unwrap();
+    let ledger = h.store.ledger_totals(snapshot.cycle.start).await.unwrap();
+    assert_eq!(ledger.events, 2);
+    assert_eq!(ledger.total, Nanos::new(2 * one.get()));
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("tollgate_spend_nanoeuros_total{model=\"big\"} 8800000"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_settlements_total{kind=\"usage\",model=\"big\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// 50 concurrent requests against a plan that admits exactly 10 (R6, R7): 10 are
+/// served, 40 get 429 `plan_limit_reached` with `x-should-retry: false`, and the
+/// spend is exactly 10 requests' cost.
+async fn fifty_concurrent_requests_against_a_plan_for_ten(db: &TestDb) {
+    // On `flat` (input free, 1 EUR per 1M output tokens) a request capped at 1000
+    // output tokens reserves 0.001 EUR and, using all 1000, costs exactly that: the
+    // allowance of 0.01 EUR admits exactly 10 whatever the timing.
+    let h = start(
+        db,
+        Options {
+            budget_eur: "0.01",
+            ..Options::default()
+        },
+    )
+    .await;
+    h.mock.set(|b| {
+        b.usage = MockUsage {
+            prompt: 9,
+            completion: 1_000,
+            ..MockUsage::default()
+        }
+    });
+    let mut body = chat_body("flat");
+    body["max_tokens"] = json!(1_000);
+    let body = Arc::new(body);
+    let requests: Vec<_> = (0..50)
+        .map(|_| {
+            let client = h.client.clone();
+            let url = format!("{}/v1/chat/completions", h.url);
+            let key = h.key.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let response = client
+                    .post(url)
+                    .bearer_auth(key)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let retry = response
+                    .headers()
+                    .get("x-should-retry")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let answer: Value = response.json().await.unwrap();
+                (status, retry, answer)
+            })
+        })
+        .collect();
+    let mut served = 0;
+    let mut blocked = 0;
+    for request in requests {
+        let (status, retry, answer) = request.await.unwrap();
+        match status {
+            200 => {
+                served += 1;
+                assert_eq!(answer["model"], "flat");
+            }
+            429 => {
+                blocked += 1;
+                assert_eq!(retry.as_deref(), Some("false"));
+                assert_eq!(answer["error"]["type"], "insufficient_quota");
+                assert_eq!(answer["error"]["code"], "plan_limit_reached");
+                assert_eq!(answer["error"]["param"], Value::Null);
+            }
+            other => panic!("unexpected status {other}: {answer}"),
+        }
+    }
+    assert_eq!((served, blocked), (10, 40));
+    assert_eq!(h.mock.received().len(), 10);
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: Nanos::new(10_000_000),
+            reserved: Nanos::ZERO
+        }
+    );
+    let metrics = h.metrics().await;
+    for line in [
+        "tollgate_requests_total{endpoint=\"chat_completions\",model=\"flat\",outcome=\"ok\"} 10",
+        "tollgate_requests_total{endpoint=\"chat_completions\",model=\"flat\",outcome=\"plan_limit_reached\"} 40",
+        "tollgate_admissions_total{outcome=\"admitted\",requested_model=\"flat\",served_model=\"flat\"} 10",
+        "tollgate_admissions_total{outcome=\"plan_limit_reached\",requested_model=\"flat\",served_model=\"\"} 40",
+        "tollgate_spend_nanoeuros_total{model=\"flat\"} 10000000",
+        "tollgate_upstream_duration_seconds_count{model=\"flat\",stream=\"false\"} 10",
+        "tollgate_gateway_overhead_seconds_count{endpoint=\"chat_completions\",stream=\"false\"} 10",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+}
+
+/// A model cap reached with fallback on: the most expensive strictly cheaper model
+/// with room serves it, says so, and is charged (R6).
+async fn model_cap_falls_back_to_the_dearest_cheaper_model_with_room(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.set_limit("big", 0).await;
+    let response = h.chat(&chat_body("test/big")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-model"], "mid");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["model"], "mid");
+    assert_eq!(h.mock.received()[0].json()["model"], "provider-mid");
+    let on_mid = h.cost_of(
+        "mid",
+        MockUsage {
+            prompt: 12,
+            completion: 5,
+            ..MockUsage::default()
+        },
+    );
+    assert_eq!(h.model_counter("mid").await.spent, on_mid);
+    assert_eq!(h.model_counter("big").await, Counter::default());
+
+    // With `mid` capped too, `flat` (output 1) serves, not the cheaper `small`.
+    h.set_limit("mid", 0).await;
+    let response = h.chat(&chat_body("big")).await;
+    assert_eq!(response.headers()["x-tollgate-model"], "flat");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["model"], "flat");
+    assert!(h.model_counter("flat").await.spent > Nanos::ZERO);
+    assert_eq!(h.model_counter("small").await, Counter::default());
+    assert!(h.metrics().await.contains(
+        "tollgate_admissions_total{outcome=\"fallback\",requested_model=\"big\",served_model=\"flat\"} 1"
+    ));
+}
+
+/// The same cap with fallback off: 429 `model_limit_reached`, nothing held.
+async fn model_cap_without_fallback_blocks(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.set_limit("big", 0).await;
+    h.set_fallback(false).await;
+    let response = h.chat(&chat_body("big")).await;
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    assert_error(
+        response,
+        429,
+        "insufficient_quota",
+        "model_limit_reached",
+        None,
+    )
+    .await;
+    assert!(h.mock.received().is_empty());
+    assert_eq!(h.workspace().await, Counter::default());
+}
+
+/// Upstream failures release the hold: a 500 is a 502, an upstream 4xx is passed
+/// on, and nothing is spent (R7).
+async fn upstream_errors_release_the_reservation(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.mock.set(|b| b.status = 500);
+    let response = h.chat(&chat_body("big")).await;
+    assert_error(response, 502, "api_error", "upstream_error", None).await;
+    let mut body = chat_body("big");
+    body["stream"] = json!(true);
+    let response = h.chat(&body).await;
+    assert_error(response, 502, "api_error", "upstream_error", None).await;
+
+    let upstream_error = json!({"error": {"message": "Invalid value for 'temperature'.",
+        "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}});
+    h.mock.set(|b| {
+        b.status = 400;
+        b.error_body = upstream_error.to_string();
+    });
+    let response = h.chat(&chat_body("big")).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.json::<Value>().await.unwrap(), upstream_error);
+
+    assert_eq!(h.mock.received().len(), 3);
+    assert_eq!(h.workspace().await, Counter::default());
+    assert!(h
+        .metrics()
+        .await
+        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 3"));
+}
+
+/// An upstream slower than its timeout: 504, the hold released, nothing spent.
+async fn upstream_timeout_releases_the_reservation(db: &TestDb) {
+    let h = start(
+        db,
+        Options {
+            timeout_secs: 1,
+            ..Options::default()
+        },
+    )
+    .await;
+    h.mock.set(|b| b.delay = Duration::from_secs(5));
+    let started = std::time::Instant::now();
+    let response = h.chat(&chat_body("big")).await;
+    assert_error(response, 504, "api_error", "upstream_timeout", None).await;
+    let mut body = chat_body("big");
+    body["stream"] = json!(true);
+    let response = h.chat(&body).await;
+    assert_error(response, 504, "api_error", "upstream_timeout", None).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the timeout applied"
+    );
+    assert_eq!(h.workspace().await, Counter::default());
+}
+
+/// A client that leaves mid-stream: the gateway reads the upstream to its end and
+/// settles the actual usage (R7).
+async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let gate = Arc::new(Notify::new());
+    let usage = MockUsage {
+        prompt: 40,
+        completion: 30,
+        ..MockUsage::default()
+    };
+    h.mock.set(|b| {
+        b.usage = usage;
+        b.pause_after_first_piece = Some(gate.clone());
+    });
+    let mut body = chat_body("big");
+    body["stream"] = json!(true);
+    let response = h.chat(&body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    use futures::StreamExt as _;
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    // The client leaves while the upstream is paused; then the upstream finishes.
+    drop(stream);
+    let reserved = h.workspace().await.reserved;
+    assert!(reserved > Nanos::ZERO, "held while the stream runs");
+    gate.notify_one();
+    let expected = h.cost_of("big", usage);
+    eventually("the abandoned stream is settled on its usage", || async {
+        h.workspace().await
+            == Counter {
+                spent: expected,
+                reserved: Nanos::ZERO,
+            }
+    })
+    .await;
+}
+
+/// A stream that ends without usage is billed its estimate, flagged (§4, R7).
+async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.mock.set(|b| b.usage_in_stream = false);
+    let messages = r#"[{"role":"user","content":"Say hello."}]"#;
+    let body = format!(r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#);
+    let response = h
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let payloads = sse_payloads(response).await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    // The estimate (R7): the messages' bytes plus the template margin as prompt
+    // tokens at 2 EUR per 1M, plus 100 output tokens at 10.
+    let big = h.config.setup.catalog.resolve("big").unwrap();
+    let estimate = reservation(
+        big,
+        &TokenEstimate {
+            prompt_tokens: messages.len() as u64 + 16,
+            output_cap: Some(100),
+            n: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        estimate,
+        Nanos::new((messages.len() as i64 + 16) * 2_000 + 1_000_000)
+    );
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: estimate,
+            reserved: Nanos::ZERO
+        }
+    );
+    assert!(h
+        .metrics()
+        .await
+        .contains("tollgate_settlements_total{kind=\"estimate\",model=\"big\"} 1"));
+}
+
+/// Refusals before admission (413, 400, 401, 404) are OpenAI-shaped JSON and
+/// reserve and spend nothing; nothing reaches the upstream.
+async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
+    let h = start(
+        db,
+        Options {
+            max_request_bytes: 4_096,
+            ..Options::default()
+        },
+    )
+    .await;
+    let chat = |body: String| {
+        h.post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+
+    // 413, declared and chunked.
+    let mut big = chat_body("big");
+    big["messages"][0]["content"] = json!("x".repeat(5_000));
+    let response = chat(big.to_string()).send().await.unwrap();
+    assert_error(
+        response,
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        None,
+    )
+    .await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(big.to_string().into_bytes()[..3_000].to_vec()),
+        Ok(big.to_string().into_bytes()[3_000..].to_vec()),
+    ];
+    let response = h
+        .post("/v1/chat/completions")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        None,
+    )
+    .await;
+
+    // 400, naming the field.
+    let response = chat("{\"model\": \"big\", ".into()).send().await.unwrap();
+    assert_error(response, 400, "invalid_request_error", "invalid_json", None).await;
+    for (body, param) in [
+        (
+            json!({"model": "big", "messages": [], "max_tokens": -1}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "big", "messages": [], "max_completion_tokens": 1.5}),
+            "max_completion_tokens",
+        ),
+        (json!({"model": "big", "messages": [], "n": 0}), "n"),
+        (
+            json!({"model": "big", "messages": [], "stream": "yes"}),
+            "stream",
+        ),
+        (json!({"model": "big", "messages": "hello"}), "messages"),
+        (json!({"messages": []}), "model"),
+    ] {
+        let response = chat(body.to_string()).send().await.unwrap();
+        assert_error(
+            response,
+            400,
+            "invalid_request_error",
+            "invalid_value",
+            Some(param),
+        )
+        .await;
+    }
+
+    // 401: no key, unknown key, revoked key.
+    let response = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .body(chat_body("big").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
+    .await;
+    let response = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth("tg_not-a-key")
+        .body(chat_body("big").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
+    .await;
+    let response = h
+        .client
+        .get(format!("{}/v1/models", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
+    .await;
+    let key_id = h.store.list_api_keys(None).await.unwrap()[0].id;
+    let user = h
+        .store
+        .user_by_email("member@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    let (revoked, hash) = server::auth::new_api_key();
+    let record = h
+        .store
+        .create_api_key(user.id, "old", &hash, Utc::now())
+        .await
+        .unwrap();
+    h.store.revoke_api_key(record.id, Utc::now()).await.unwrap();
+    assert_ne!(record.id, key_id);
+    let response = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(revoked)
+        .body(chat_body("big").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
+    .await;
+
+    // 404: unknown model, unknown endpoint (JSON, never the HTML page).
+    let response = chat(chat_body("gpt-unknown").to_string())
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(
+        response,
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        Some("model"),
+    )
+    .await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("gpt-unknown"));
+    let response = h
+        .post("/v1/embeddings")
+        .body(json!({"model": "big", "input": "x"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 404, "invalid_request_error", "unknown_url", None).await;
+    let response = h
+        .client
+        .get(format!("{}/v1/responses/abc", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 404, "invalid_request_error", "unknown_url", None).await;
+    let response = h
+        .client
+        .get(format!("{}/v1/chat/completions", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        405,
+        "invalid_request_error",
+        "method_not_allowed",
+        None,
+    )
+    .await;
+
+    assert!(h.mock.received().is_empty(), "nothing reached the upstream");
+    assert_eq!(h.workspace().await, Counter::default());
+    assert!(h.books().await.1.values().all(|c| *c == Counter::default()));
+}
+
+/// The upstream key is sent upstream and appears in no answer and no log line,
+/// even when the upstream echoes it in an error.
+async fn the_upstream_key_never_leaks(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let mut bodies = Vec::new();
+    let response = h.chat(&chat_body("big")).await;
+    bodies.push(response.text().await.unwrap());
+    assert_eq!(
+        h.mock.received()[0].authorization.as_deref(),
+        Some(format!("Bearer {}", h.upstream_key).as_str()),
+        "the key from the environment is sent upstream"
+    );
+    let mut stream = chat_body("big");
+    stream["stream"] = json!(true);
+    bodies.push(h.chat(&stream).await.text().await.unwrap());
+
+    // An upstream that refuses the key and quotes it back.
+    h.mock.set(|b| {
+        b.status = 401;
+        b.error_body = r#"{"error":{"message":"Incorrect API key provided: {auth}","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#.into();
+    });
+    let response = h.chat(&chat_body("big")).await;
+    bodies.push(
+        assert_error(response, 502, "api_error", "upstream_error", None)
+            .await
+            .to_string(),
+    );
+    // An upstream 4xx that quotes the key is not passed on as it is.
+    h.mock.set(|b| {
+        b.status = 400;
+        b.error_body = r#"{"error":{"message":"bad request from {auth}","type":"invalid_request_error","param":null,"code":null}}"#.into();
+    });
+    let response = h.chat(&stream).await;
+    let body = assert_error(
+        response,
+        400,
+        "invalid_request_error",
+        "upstream_rejected",
+        None,
+    )
+    .await;
+    bodies.push(body.to_string());
+    bodies.push(h.metrics().await);
+    bodies.push(
+        h.client
+            .get(format!("{}/v1/models", h.url))
+            .bearer_auth(&h.key)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    bodies.push(format!("{:?}", h.gateway));
+    for body in &bodies {
+        assert!(!body.contains(&h.upstream_key), "leaked in {body}");
+        assert!(!body.contains("DO-NOT-LEAK"), "leaked in {body}");
+    }
+    let logs = String::from_utf8(captured_logs().lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("refused the gateway's credentials"),
+        "the log capture works"
+    );
+    assert!(!logs.contains(&h.upstream_key), "the key is in the logs");
+}
+
+/// The usage API: admission → settle (exact decimal strings), release, renew, a
+/// retried bulk record counted once, and the 429 of admission.
+async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
+    let h = start(
+        db,
+        Options {
+            budget_eur: "1",
+            ..Options::default()
+        },
+    )
+    .await;
+    let (status, admission) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "test/big", "prompt_tokens": 1000, "max_completion_tokens": 500}),
+        )
+        .await;
+    assert_eq!(status, 200, "{admission}");
+    // 1000 × 2 + 500 × 10 = 7000 EUR per 1M tokens.
+    assert_eq!(admission["reserved_eur"], "0.007");
+    assert_eq!(admission["served_model"], "big");
+    assert_eq!(admission["requested_model"], "big");
+    assert_eq!(admission["fallback"], false);
+    assert!(admission["lease_until"].as_str().unwrap().ends_with('Z'));
+    let id = admission["reservation_id"].as_str().unwrap().to_owned();
+    assert_eq!(h.workspace().await.reserved, Nanos::new(7_000_000));
+
+    let usage = json!({"prompt_tokens": 900, "completion_tokens": 100,
+        "prompt_tokens_details": {"cached_tokens": 300},
+        "completion_tokens_details": {"reasoning_tokens": 60}});
+    let (status, event) = h
+        .api(
+            &format!("/api/v1/admissions/{id}/settle"),
+            &json!({"usage": usage}),
+        )
+        .await;
+    assert_eq!(status, 200, "{event}");
+    // 600 × 2 + 300 × 0.5 + 100 × 10 = 2350 EUR per 1M tokens.
+    assert_eq!(event["cost_eur"], "0.00235");
+    assert_eq!(event["newly_recorded"], true);
+    assert_eq!(event["estimated"], false);
+    let (status, again) = h
+        .api(
+            &format!("/api/v1/admissions/{id}/settle"),
+            &json!({"usage": usage}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(again["event_id"], event["event_id"]);
+    assert_eq!(again["newly_recorded"], false);
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: Nanos::new(2_350_000),
+            reserved: Nanos::ZERO
+        }
+    );
+
+    // Release, renew, and their 404 once gone.
+    let (_, other) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "mid", "prompt_tokens": 10, "lease_seconds": 30}),
+        )
+        .await;
+    let other_id = other["reservation_id"].as_str().unwrap().to_owned();
+    let (status, renewed) = h
+        .api(
+            &format!("/api/v1/admissions/{other_id}/renew"),
+            &json!({"lease_seconds": 120}),
+        )
+        .await;
+    assert_eq!(status, 200, "{renewed}");
+    let (status, released) = h
+        .api(
+            &format!("/api/v1/admissions/{other_id}/release"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!((status, released["released"].clone()), (200, json!(true)));
+    let (status, gone) = h
+        .api(
+            &format!("/api/v1/admissions/{other_id}/release"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(gone["error"]["code"], "reservation_not_found");
+    assert_eq!(h.workspace().await.reserved, Nanos::ZERO);
+
+    // Bad input names the field, and holds nothing.
+    let (status, bad) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "big", "prompt_tokens": -5}),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["error"]["param"].clone()),
+        (400, json!("prompt_tokens"))
+    );
+    let (status, bad) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "big", "prompt_tokns": 5}),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["error"]["param"].clone()),
+        (400, json!("prompt_tokns"))
+    );
+
+    // Bulk: three records, sent twice, counted once.
+    let records = json!({"records": [
+        {"idempotency_key": "run-1/a", "model": "mid", "usage": {"prompt_tokens": 1000, "completion_tokens": 500}},
+        {"idempotency_key": "run-1/b", "model": "mid", "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "cached_tokens": 1000}},
+        {"idempotency_key": "run-1/c", "model": "test/big", "usage": {"prompt_tokens": 0, "completion_tokens": 100}},
+    ]});
+    let (status, first) = h.api("/api/v1/usage", &records).await;
+    assert_eq!(status, 200, "{first}");
+    let outcomes: Vec<&str> = first["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["recorded", "recorded", "recorded"]);
+    // 1000 × 0.5 + 500 × 2 = 1500; 1000 × 0.05 + 500 × 2 = 1050; 100 × 10 = 1000.
+    let costs: Vec<&str> = first["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event"]["cost_eur"].as_str().unwrap())
+        .collect();
+    assert_eq!(costs, ["0.0015", "0.00105", "0.001"]);
+    let (_, second) = h.api("/api/v1/usage", &records).await;
+    assert!(second["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["outcome"] == "duplicate"));
+    assert_eq!(
+        h.workspace().await.spent,
+        Nanos::new(2_350_000 + 1_500_000 + 1_050_000 + 1_000_000)
+    );
+    let (status, bad) = h
+        .api(
+            "/api/v1/usage",
+            &json!({"records": [{"idempotency_key": "k", "model": "nope",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["error"]["param"].clone()),
+        (400, json!("records[0].model"))
+    );
+
+    // Admission refuses what the plan cannot hold, as the gateway does.
+    let (status, refused) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "big", "prompt_tokens": 1_000_000_000}),
+        )
+        .await;
+    assert_eq!(status, 429);
+    assert_eq!(refused["error"]["code"], "plan_limit_reached");
+    assert_eq!(h.workspace().await.reserved, Nanos::ZERO);
+}
+
+/// A gateway that stops without settling leaves nothing held once its leases
+/// have expired: a new instance releases them at start (R7).
+async fn a_restarted_gateway_leaves_no_reservations(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let (status, admission) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "big", "prompt_tokens": 10, "lease_seconds": 60}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let held = h.workspace().await.reserved;
+    assert!(held > Nanos::ZERO);
+    drop(admission);
+    drop(h);
+
+    // A new instance on the same database, as `tollgate serve` starts: it sweeps
+    // leases that ended (here: pretend a minute and a second have passed).
+    let restarted = server::db::open(&db.url, Durability::Normal)
+        .await
+        .unwrap()
+        .store;
+    let now = Utc::now();
+    assert_eq!(
+        restarted.release_expired(now).await.unwrap(),
+        0,
+        "the lease still runs"
+    );
+    let released = restarted
+        .release_expired(now + chrono::TimeDelta::seconds(61))
+        .await
+        .unwrap();
+    assert_eq!(released, 1);
+    let snapshot = restarted.spend_snapshot(now).await.unwrap();
+    assert_eq!(snapshot.workspace, Counter::default());
+}
+
+on_both_backends!(
+    non_streaming_round_trip,
+    streaming_round_trip,
+    streamed_and_not_streamed_cost_the_same,
+    fifty_concurrent_requests_against_a_plan_for_ten,
+    model_cap_falls_back_to_the_dearest_cheaper_model_with_room,
+    model_cap_without_fallback_blocks,
+    upstream_errors_release_the_reservation,
+    upstream_timeout_releases_the_reservation,
+    client_disconnect_mid_stream_still_settles,
+    stream_without_usage_is_billed_its_estimate,
+    refusals_reserve_and_spend_nothing,
+    the_upstream_key_never_leaks,
+    usage_api_admits_settles_releases_and_records_once,
+    a_restarted_gateway_leaves_no_reservations,
+);
+
+/// The official `openai` Python package against the gateway: non-streamed and
+/// streamed calls, the served model, and a 429 it does not retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_official_openai_python_sdk_works_unchanged() {
+    let python = std::env::var("TOLLGATE_TEST_PYTHON").expect(
+        "TOLLGATE_TEST_PYTHON is unset: run `./dev test`, which creates .venv with the pinned \
+         `openai` package, or point it at a Python that has it",
+    );
+    let db = TestDb::sqlite();
+    let h = start(&db, Options::default()).await;
+    // `mid` falls back to `flat`; `small` has nothing cheaper, so it is blocked.
+    h.set_limit("mid", 0).await;
+    h.set_limit("small", 0).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk/check.py");
+    let base_url = format!("{}/v1", h.url);
+    let key = h.key.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("TOLLGATE_BASE_URL", base_url)
+            .env("TOLLGATE_API_KEY", key)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    std::io::stderr()
+        .write_all(format!("check.py stdout:\n{stdout}\ncheck.py stderr:\n{stderr}\n").as_bytes())
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "check.py failed: {}",
+        output.status
+    );
+    for line in [
+        "non-streamed: served by big",
+        "streamed: served by big",
+        "streamed usage: prompt 12, completion 5",
+        "capped: served by flat",
+        "blocked: model_limit_reached",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "missing {line:?}");
+    }
+    // The SDK did not retry the 429 (x-should-retry: false).
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(
+            "tollgate_requests_total{endpoint=\"chat_completions\",model=\"small\",outcome=\"model_limit_reached\"} 1"
+        ),
+        "{metrics}"
+    );
+}
