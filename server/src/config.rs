@@ -324,7 +324,21 @@ fn parse_file(text: &str) -> Result<ConfigFile, String> {
 }
 
 fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
-    text.trim().parse::<Decimal>().map_err(|_| {
+    // rust_decimal's `FromStr` falls back to scientific notation ("1e3" = 1000):
+    // an amount of money is written out, so an exponent is refused, not guessed.
+    let text = text.trim();
+    let plain = text
+        .strip_prefix('-')
+        .unwrap_or(text)
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'_');
+    if !plain {
+        return Err(invalid(
+            key,
+            format!("{text:?} is not a decimal number like \"12.50\""),
+        ));
+    }
+    text.parse::<Decimal>().map_err(|_| {
         invalid(
             key,
             format!("{text:?} is not a decimal number like \"12.50\""),
