@@ -7,7 +7,8 @@
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
-use app::store::ReserveOutcome;
+use app::domain::ModelId;
+use app::store::{ReserveOutcome, Spender};
 use axum::{
     body::Body,
     extract::State,
@@ -68,25 +69,78 @@ async fn handle(
         .resolve(&request.model)
         .ok_or_else(|| GatewayError::ModelNotFound(request.model.clone()))?;
     model_label.push_str(model.id.as_str());
-    let reservation = gateway
-        .reserve(
-            model,
-            request.estimate,
-            caller.spender(),
-            lease_until_from_now(),
-        )
-        .await?;
+    // From admission on, the work runs in its own task: a client that goes away
+    // while its reservation is being written must not leave the hold without an
+    // owner (it would only be released by its lease).
+    let (reply, answer) = oneshot::channel();
+    tokio::spawn(admit_and_exchange(
+        gateway.clone(),
+        model.id.clone(),
+        request,
+        caller.spender(),
+        started,
+        reply,
+    ));
+    answer.await.unwrap_or_else(|_| {
+        Err(GatewayError::Internal(
+            "the upstream exchange ended without an answer".into(),
+        ))
+    })
+}
+
+/// Admission, then the exchange; every answer goes to `reply`.
+async fn admit_and_exchange(
+    gateway: Arc<Gateway>,
+    model: ModelId,
+    request: ChatRequest,
+    spender: Spender,
+    started: Instant,
+    reply: Reply,
+) {
+    let catalog = gateway.catalog.clone();
+    let Some(model) = catalog.get(&model) else {
+        let _ = reply.send(Err(GatewayError::Internal(format!(
+            "model {model} left the catalog"
+        ))));
+        return;
+    };
+    let reservation = match gateway
+        .reserve(model, request.estimate, spender, lease_until_from_now())
+        .await
+    {
+        Ok(reservation) => reservation,
+        Err(error) => {
+            let _ = reply.send(Err(error));
+            return;
+        }
+    };
     let hold = Hold::new(gateway.clone(), reservation);
-    let served = catalog.get(&hold.reservation().served).ok_or_else(|| {
-        GatewayError::Internal("admission served a model outside the catalog".into())
-    })?;
-    let target = gateway
-        .upstreams
-        .get(&served.upstream)
+    let prepared = catalog
+        .get(&hold.reservation().served)
         .ok_or_else(|| {
-            GatewayError::Internal(format!("model {} names no configured upstream", served.id))
-        })?
-        .clone();
+            GatewayError::Internal("admission served a model outside the catalog".into())
+        })
+        .and_then(|served| {
+            let target = gateway
+                .upstreams
+                .get(&served.upstream)
+                .cloned()
+                .ok_or_else(|| {
+                    GatewayError::Internal(format!(
+                        "model {} names no configured upstream",
+                        served.id
+                    ))
+                })?;
+            Ok((served, target))
+        });
+    let (served, target) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            hold.release().await;
+            let _ = reply.send(Err(error));
+            return;
+        }
+    };
     let exchange = Exchange {
         gateway: gateway.clone(),
         target,
@@ -95,20 +149,13 @@ async fn handle(
         client_wants_usage: request.client_wants_usage,
         started,
     };
-    let body = match request.into_upstream_body(&served.upstream_model) {
-        Ok(body) => body,
-        Err(e) => {
+    match request.into_upstream_body(&served.upstream_model) {
+        Ok(body) => exchange.run(hold, body, reply).await,
+        Err(error) => {
             hold.release().await;
-            return Err(e);
+            let _ = reply.send(Err(error));
         }
-    };
-    let (reply, answer) = oneshot::channel();
-    tokio::spawn(exchange.run(hold, body, reply));
-    answer.await.unwrap_or_else(|_| {
-        Err(GatewayError::Internal(
-            "the upstream exchange ended without an answer".into(),
-        ))
-    })
+    }
 }
 
 impl Gateway {
