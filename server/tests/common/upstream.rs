@@ -55,6 +55,8 @@ pub struct Behaviour {
     pub stream_pieces: usize,
     /// When set, a stream stops after its first piece until this is notified.
     pub pause_after_first_piece: Option<Arc<Notify>>,
+    /// Keep what was received, for [`MockUpstream::received`] (off in benchmarks).
+    pub record_requests: bool,
 }
 
 impl Default for Behaviour {
@@ -72,6 +74,7 @@ impl Default for Behaviour {
             delay: Duration::ZERO,
             stream_pieces: 3,
             pause_after_first_piece: None,
+            record_requests: true,
         }
     }
 }
@@ -158,11 +161,13 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap().to_owned());
     let body = String::from_utf8(body.to_vec()).unwrap();
-    state.received.lock().unwrap().push(Received {
-        authorization: authorization.clone(),
-        body: body.clone(),
-    });
     let behaviour = state.behaviour.lock().unwrap().clone();
+    if behaviour.record_requests {
+        state.received.lock().unwrap().push(Received {
+            authorization: authorization.clone(),
+            body: body.clone(),
+        });
+    }
     if !behaviour.delay.is_zero() {
         tokio::time::sleep(behaviour.delay).await;
     }

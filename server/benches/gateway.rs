@@ -1,0 +1,132 @@
+//! The stack `server/benches/gateway.sh` measures: the mock upstream of the tests and
+//! the real router over a fresh database (SQLite in a temporary folder, or
+//! PostgreSQL on the server of `TEST_DATABASE_URL` when `BENCH_BACKEND=postgres`),
+//! with one member's API key. Prints `MOCK=`, `GATEWAY=` and `KEY=` lines, then
+//! serves until SIGINT or SIGTERM.
+//!
+//! Not a Criterion bench: the load comes from `wrk` in another process, so the
+//! numbers include real HTTP on loopback, as clients see them.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark fixture that cannot start should stop at once"
+)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/common/upstream.rs"]
+mod upstream;
+
+use std::sync::Arc;
+
+use app::store::Role;
+use chrono::Utc;
+use server::{
+    config::{Config, Overrides},
+    db::sqlite::Durability,
+    gateway::Gateway,
+    http::AppState,
+};
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let db = match std::env::var("BENCH_BACKEND").as_deref() {
+        Ok("postgres") => common::TestDb::postgres()
+            .await
+            .expect("BENCH_BACKEND=postgres needs TEST_DATABASE_URL"),
+        _ => common::TestDb::sqlite(),
+    };
+    let mock = upstream::MockUpstream::start().await;
+    mock.set(|b| {
+        b.usage = upstream::MockUsage {
+            prompt: 20,
+            completion: 16,
+            ..upstream::MockUsage::default()
+        };
+        b.record_requests = false;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+database_url = "{db}"
+[plan]
+budget_eur = "1000000"
+overage_eur = "0"
+[[upstreams]]
+name = "mock"
+base_url = "{base}"
+[[models]]
+id = "bench"
+upstream = "mock"
+input_eur_per_mtok = "0.15"
+cached_input_eur_per_mtok = "0.075"
+output_eur_per_mtok = "0.60"
+max_output_tokens = 4096
+"#,
+            db = db.url,
+            base = mock.base_url
+        ),
+    )
+    .unwrap();
+    let config = Arc::new(Config::load(Some(&path), &Overrides::default()).unwrap());
+    let database = server::db::open(&db.url, Durability::Normal).await.unwrap();
+    let store = database.store.clone();
+    store.apply_setup(&config.setup).await.unwrap();
+    let user = store
+        .create_user(
+            "bench@example.com",
+            "not-a-password-hash",
+            Role::Member,
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let (key, hash) = server::auth::new_api_key();
+    store
+        .create_api_key(user.id, "bench", &hash, Utc::now())
+        .await
+        .unwrap();
+    let mut state = AppState::new(config.clone(), store.clone());
+    let gateway = Arc::new(Gateway::new(&config, store.clone(), |_| None));
+    state.gateway = gateway.clone();
+    let app = server::http::router(state, database.sessions.clone())
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("MOCK={}", mock.base_url);
+    println!("GATEWAY=http://{}/v1", listener.local_addr().unwrap());
+    println!("KEY={key}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await
+        .unwrap();
+    for line in gateway.metrics().render().lines() {
+        if line.starts_with("tollgate_settlements_total")
+            || line.starts_with("tollgate_requests_total")
+        {
+            eprintln!("{line}");
+        }
+    }
+    let snapshot = store.spend_snapshot(Utc::now()).await.unwrap();
+    eprintln!(
+        "served; spent {} EUR, reserved {} EUR",
+        snapshot.workspace.spent.to_money(),
+        snapshot.workspace.reserved.to_money()
+    );
+}

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Gateway throughput and latency: requests/s, p50 and p99 at 1, 16 and 64
+# connections, through the gateway and directly to the mock upstream, on SQLite
+# and (when TEST_DATABASE_URL is set) PostgreSQL.
+#
+#   server/benches/gateway.sh            # DURATION=10s per run by default
+#   DURATION=30s PROFILE=release server/benches/gateway.sh
+#
+# Load comes from wrk (Debian's `wrk` package) in its own process; the stack is
+# `server/benches/gateway.rs` (mock upstream + real router + fresh database),
+# built with the dev profile unless PROFILE says otherwise. Debug numbers show the
+# shape, not what a release binary does.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${DURATION:-10s}
+PROFILE=${PROFILE:-dev}
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+
+bin=$(cargo build -q -p server --bench gateway --profile "$PROFILE" --message-format=json \
+  | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gateway" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$bin" ] || { echo "could not build the benchmark stack" >&2; exit 1; }
+
+work=$(mktemp -d)
+stack_pid=
+cleanup() {
+  if [ -n "$stack_pid" ]; then kill "$stack_pid" 2>/dev/null || true; wait "$stack_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+body='{"model":"bench","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}'
+
+# One wrk run: prints "requests/s p50 p99".
+measure() {
+  local url=$1 key=$2 connections=$3 threads=$(( $3 < 2 ? $3 : 2 ))
+  cat > "$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$body'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+LUA
+  wrk -t"$threads" -c"$connections" -d"$DURATION" --latency -s "$work/post.lua" "$url/chat/completions" > "$work/wrk.out"
+  local non2xx; non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.out")
+  [ -z "$non2xx" ] || echo "  (warning: $non2xx non-2xx answers)" >&2
+  awk '
+    /Requests\/sec/ {rps=$2}
+    /^ +50%/ {p50=$2}
+    /^ +99%/ {p99=$2}
+    END {printf "%10s %10s %10s\n", rps, p50, p99}' "$work/wrk.out"
+}
+
+run_backend() {
+  local backend=$1
+  BENCH_BACKEND=$backend "$bin" > "$work/stack.out" 2> "$work/stack.err" &
+  stack_pid=$!
+  for _ in $(seq 1 100); do grep -q '^KEY=' "$work/stack.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q '^KEY=' "$work/stack.out" || { cat "$work/stack.err" >&2; exit 1; }
+  local gateway mock key
+  gateway=$(sed -n 's/^GATEWAY=//p' "$work/stack.out")
+  mock=$(sed -n 's/^MOCK=//p' "$work/stack.out")
+  key=$(sed -n 's/^KEY=//p' "$work/stack.out")
+  DURATION=2s measure "$gateway" "$key" 16 > /dev/null   # warm-up: pools, caches
+  printf '%-9s %-8s %5s %10s %10s %10s\n' backend target conns 'req/s' p50 p99
+  for c in 1 16 64; do
+    printf '%-9s %-8s %5s %s\n' "$backend" gateway "$c" "$(measure "$gateway" "$key" "$c")"
+    printf '%-9s %-8s %5s %s\n' "$backend" direct "$c" "$(measure "$mock" none "$c")"
+  done
+  kill "$stack_pid"; wait "$stack_pid" 2>/dev/null || true; stack_pid=
+  sed -n 's/^served; /  books after the runs: /p' "$work/stack.err"
+  sed -n 's/^tollgate_settlements_total/  settlements/p' "$work/stack.err"
+}
+
+run_backend sqlite
+if [ -n "${TEST_DATABASE_URL:-}" ]; then
+  run_backend postgres
+else
+  echo "TEST_DATABASE_URL is unset: PostgreSQL skipped" >&2
+fi
