@@ -375,3 +375,86 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
         (Some("12.5"), Some(true))
     );
 }
+
+#[tokio::test]
+async fn spend_api_answers_administrators_keys_with_exact_decimals() {
+    let panel = Panel::new().await;
+    let key_for = |email: &'static str| {
+        let store = panel.store.clone();
+        async move {
+            let user = store.user_by_email(email).await.unwrap().unwrap();
+            let (key, hash) = server::auth::new_api_key();
+            store
+                .create_api_key(user.id, "test", &hash, Utc::now())
+                .await
+                .unwrap();
+            key
+        }
+    };
+    let admin_key = key_for("ada@example.com").await;
+    let member_key = key_for("bob@example.com").await;
+    // 1,000,000 input + 100,000 output tokens of GPT-5 at 1.075 / 8.6 EUR per 1M.
+    let catalog = config::Config::load(None, &config::Overrides::default())
+        .unwrap()
+        .setup
+        .catalog;
+    let usage = app::domain::Usage {
+        prompt_tokens: 1_000_000,
+        cached_tokens: 0,
+        completion_tokens: 100_000,
+        reasoning_tokens: 0,
+    };
+    let record = app::store::UsageRecord {
+        idempotency_key: "k".into(),
+        model: catalog.resolve("gpt-5").unwrap(),
+        usage,
+    };
+    panel
+        .store
+        .record_usage(&[record], app::store::Spender::default(), Utc::now())
+        .await
+        .unwrap();
+
+    let request = |key: Option<&str>| {
+        let mut builder = Request::get("/api/v1/spend");
+        if let Some(key) = key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        builder.body(Body::empty()).unwrap()
+    };
+    let (status, _, body) = panel.send(request(None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _, body) = panel.send(request(Some(&member_key))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(!body.contains("1.935"), "{body}");
+
+    let (status, _, body) = panel.send(request(Some(&admin_key))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["status"], "within_plan_budget");
+    assert_eq!(json["plan_budget_eur"], "500");
+    assert_eq!(json["overage_limit_eur"], "100");
+    assert_eq!(json["spent_eur"], "1.935");
+    assert_eq!(json["automatic_fallback"], true);
+    assert!(json["cycle"]["start"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(json["cycle"]["first_day"].as_str().unwrap().len(), 10);
+    let models = json["models"].as_array().unwrap();
+    assert_eq!(
+        models.len(),
+        catalog.models().len(),
+        "every catalog model is listed"
+    );
+    assert_eq!(models[0]["id"], "gpt-5");
+    assert_eq!(models[0]["spent_eur"], "1.935");
+    assert_eq!(models[0]["share_percent"], "100.0");
+    assert_eq!(models[1]["spent_eur"], "0");
+    assert_eq!(models[1]["share_percent"], "0.0");
+    // Amounts are strings, never JSON numbers (DESIGN.md §4).
+    for model in models {
+        assert!(
+            model["spent_eur"].is_string() && model["share_percent"].is_string(),
+            "{model}"
+        );
+    }
+    assert!(json["reserved_eur"].is_string());
+}

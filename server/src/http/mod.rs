@@ -15,6 +15,8 @@ use leptos_axum::{generate_route_list, LeptosRoutes};
 
 use tower_sessions::{cookie::SameSite, Expiry, SessionManagerLayer};
 
+mod spend;
+
 use crate::{
     assets,
     auth::{
@@ -69,6 +71,7 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         .layer(session_layer);
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/api/v1/spend", get(spend::spend))
         .merge(crate::gateway::routes())
         .merge(panel)
         .with_state(state)
