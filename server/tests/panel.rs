@@ -458,3 +458,21 @@ async fn spend_api_answers_administrators_keys_with_exact_decimals() {
     }
     assert!(json["reserved_eur"].is_string());
 }
+
+#[tokio::test]
+async fn unknown_api_paths_answer_json_not_html() {
+    let panel = Panel::new().await;
+    for path in ["/api/v1/nope", "/api/v1/spend/extra", "/v1/embeddings"] {
+        let (status, headers, body) = panel.send(get(path, None)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{path}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["code"], "unknown_url", "{path}: {body}");
+    }
+}

@@ -51,7 +51,7 @@ pub enum GatewayError {
     ModelNotFound(String),
     /// An endpoint this gateway does not serve (HTTP 404, code `unknown_url`).
     #[error(
-        "unknown URL ({method} {path}): this gateway serves /v1/chat/completions and /v1/models"
+        "unknown URL ({method} {path}): this server answers /v1/chat/completions, /v1/models and the usage API under /api/v1"
     )]
     UnknownEndpoint {
         /// The request's method.

@@ -208,6 +208,8 @@ where
             "/api/v1/usage",
             post(usage_api::record).fallback(method_not_allowed),
         )
+        // Any other usage API path answers JSON too, never the panel's HTML 404.
+        .route("/api/v1/{*rest}", any(unknown_endpoint))
         .route("/metrics", get(render_metrics))
 }
 
