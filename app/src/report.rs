@@ -95,11 +95,6 @@ impl SpendReport {
         percent.rescale(1);
         percent
     }
-
-    /// The models with spend in the cycle, for "Spend by model" (R8).
-    pub fn spending_models(&self) -> impl Iterator<Item = &ModelReport> {
-        self.models.iter().filter(|m| m.spent > Money::ZERO)
-    }
 }
 
 #[cfg(feature = "ssr")]
@@ -150,6 +145,93 @@ mod build {
                 settings_version: snapshot.settings.version,
                 models,
             }
+        }
+    }
+}
+
+/// The Token Limits tab as the browser gets it: every amount, date and percentage
+/// already formatted on the server (`€1,234.56`, `1 Dec 2026`, `63.2%`), so the
+/// hydrated page needs no decimal or calendar code (it keeps the wasm small) and
+/// shows exactly what the server rendered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TabView {
+    /// The billing period's first local day, e.g. `1 Nov 2026`.
+    pub first_day: String,
+    /// Its last local day.
+    pub last_day: String,
+    /// The local day of the next reset.
+    pub resets_on: String,
+    /// Spent in the cycle, `€12.26`.
+    pub spent: String,
+    /// Plan budget.
+    pub plan_budget: String,
+    /// Overage limit.
+    pub overage_limit: String,
+    /// Plan budget plus overage limit.
+    pub allowance: String,
+    /// Spent over allowance, percent with one decimal, capped at 100.0 (`2.0`).
+    pub used_percent: String,
+    /// R4 status.
+    pub status: Status,
+    /// The automatic fallback toggle.
+    pub automatic_fallback: bool,
+    /// Optimistic version of the settings, sent back on save.
+    pub settings_version: i64,
+    /// Every catalog model in R8 order.
+    pub models: Vec<ModelRowView>,
+}
+
+/// One model on the tab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRowView {
+    /// API id.
+    pub id: String,
+    /// Display name.
+    pub display_name: String,
+    /// In this cycle, `€7.74`.
+    pub spent: String,
+    /// True when the model has spend in the cycle (listed under Spend by model).
+    pub has_spend: bool,
+    /// Share of the cycle's spend with one decimal, `63.2`.
+    pub share_percent: String,
+    /// The Limit field's value: the saved cap as `€12.50`, or empty.
+    pub limit_input: String,
+    /// The Enabled toggle.
+    pub limit_enabled: bool,
+    /// Optimistic version of the limit, sent back on save.
+    pub limit_version: i64,
+}
+
+impl From<&SpendReport> for TabView {
+    fn from(report: &SpendReport) -> TabView {
+        let day = |date: NaiveDate| date.format("%-d %b %Y").to_string();
+        let eur = crate::domain::format_eur;
+        TabView {
+            first_day: day(report.cycle.first_day),
+            last_day: day(report.cycle.last_day),
+            resets_on: day(report.cycle.resets_on),
+            spent: eur(report.spent),
+            plan_budget: eur(report.plan_budget),
+            overage_limit: eur(report.overage_limit),
+            allowance: eur(report.allowance()),
+            used_percent: report.used_percent().to_string(),
+            status: report.status,
+            automatic_fallback: report.automatic_fallback,
+            settings_version: report.settings_version,
+            models: report
+                .models
+                .iter()
+                .map(|m| ModelRowView {
+                    id: m.id.to_string(),
+                    display_name: m.display_name.clone(),
+                    spent: eur(m.spent),
+                    has_spend: m.spent > Money::ZERO,
+                    share_percent: m.share_percent.to_string(),
+                    limit_input: m.limit.map(eur).unwrap_or_default(),
+                    limit_enabled: m.limit_enabled,
+                    limit_version: m.limit_version,
+                })
+                .collect(),
         }
     }
 }

@@ -371,8 +371,11 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
         .find(|m| m["id"] == "gpt-5")
         .unwrap();
     assert_eq!(
-        (gpt5["limit_eur"].as_str(), gpt5["limit_enabled"].as_bool()),
-        (Some("12.5"), Some(true))
+        (
+            gpt5["limit_input"].as_str(),
+            gpt5["limit_enabled"].as_bool()
+        ),
+        (Some("€12.50"), Some(true))
     );
 }
 

@@ -6,7 +6,7 @@
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::{auth::CurrentUser, error::ApiError, report::SpendReport};
+use crate::{auth::CurrentUser, error::ApiError, report::TabView};
 
 /// One row of the Model limits form as submitted (DESIGN.md §3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +44,7 @@ pub async fn logout() -> Result<(), ApiError> {
 
 /// The Token Limits tab's numbers for the current cycle (administrators only).
 #[server(prefix = "/fn", endpoint = "token_limits")]
-pub async fn token_limits() -> Result<SpendReport, ApiError> {
+pub async fn token_limits() -> Result<TabView, ApiError> {
     let admin = crate::auth::require_admin().await?;
     server::token_limits(&admin).await
 }
@@ -78,7 +78,7 @@ mod server {
         auth::{set_status, Admin, SESSION_USER_ID},
         domain::{parse_eur_input, Catalog, ModelLimit},
         error::{ApiError, FieldError},
-        report::SpendReport,
+        report::{SpendReport, TabView},
         store::{Actor, LimitChange, SharedStore},
     };
 
@@ -140,11 +140,11 @@ mod server {
         Ok(())
     }
 
-    pub async fn token_limits(_admin: &Admin) -> Result<SpendReport, ApiError> {
+    pub async fn token_limits(_admin: &Admin) -> Result<TabView, ApiError> {
         let store = expect_context::<SharedStore>();
         let catalog = expect_context::<Arc<Catalog>>();
         match store.spend_snapshot(Utc::now()).await {
-            Ok(snapshot) => Ok(SpendReport::build(&snapshot, &catalog)),
+            Ok(snapshot) => Ok(TabView::from(&SpendReport::build(&snapshot, &catalog))),
             Err(e) => fail(e.into()),
         }
     }

@@ -11,14 +11,8 @@ use leptos_meta::Title;
 use super::layout::{use_current_user, AppShell, Section};
 use crate::{
     api::{self, SaveAutomaticFallback, SaveModelLimits},
-    domain::{format_eur, Money},
     error::ApiError,
 };
-
-/// `€1,234.56`: every amount on the tab (R2: cents only at the edge).
-pub(crate) fn eur(amount: Money) -> String {
-    format_eur(amount)
-}
 
 /// The Admin Panel with the Token Limits tab open.
 #[component]
@@ -52,9 +46,9 @@ pub fn TokenLimitsPage() -> impl IntoView {
                             </nav>
                             {match report {
                                 Ok(report) => view! {
-                                    <spending::SpendingAndBudget report=report.clone() save=save_fallback/>
-                                    <model_limits::ModelLimits report=report.clone() save=save_limits/>
-                                    <spend_by_model::SpendByModel report=report/>
+                                    <spending::SpendingAndBudget view=report.clone() save=save_fallback/>
+                                    <model_limits::ModelLimits view=report.clone() save=save_limits/>
+                                    <spend_by_model::SpendByModel view=report/>
                                 }.into_any(),
                                 Err(ApiError::Forbidden) => view! {
                                     <h2>"No access"</h2>

@@ -3,12 +3,11 @@
 
 use leptos::prelude::*;
 
-use super::eur;
-use crate::{api::SaveModelLimits, report::SpendReport};
+use crate::{api::SaveModelLimits, report::TabView};
 
 /// The Model limits section.
 #[component]
-pub fn ModelLimits(report: SpendReport, save: ServerAction<SaveModelLimits>) -> impl IntoView {
+pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl IntoView {
     let error = move || save.value().get().and_then(|r| r.err());
     let summary = move || match save.value().get() {
         Some(Ok(())) => Some(("form-ok", "Saved.".to_string())),
@@ -17,7 +16,7 @@ pub fn ModelLimits(report: SpendReport, save: ServerAction<SaveModelLimits>) -> 
     };
     // Catalog order is the order the operator configured; the report sorts by
     // spend, so restore a stable order for the form.
-    let mut rows = report.models.clone();
+    let mut rows = view.models;
     rows.sort_by(|a, b| a.display_name.cmp(&b.display_name));
     view! {
         <section class="card" aria-labelledby="limits-title">
@@ -44,7 +43,7 @@ pub fn ModelLimits(report: SpendReport, save: ServerAction<SaveModelLimits>) -> 
                             .into_iter()
                             .enumerate()
                             .map(|(i, row)| {
-                                let id = row.id.to_string();
+                                let id = row.id.clone();
                                 let input_id = format!("limit-{id}");
                                 let error_id = format!("limit-error-{id}");
                                 let field = id.clone();
@@ -56,7 +55,7 @@ pub fn ModelLimits(report: SpendReport, save: ServerAction<SaveModelLimits>) -> 
                                 view! {
                                     <tr data-model=id.clone()>
                                         <th scope="row">{row.display_name.clone()}</th>
-                                        <td class="num">{eur(row.spent)}</td>
+                                        <td class="num">{row.spent.clone()}</td>
                                         <td>
                                             <input type="hidden" name=format!("rows[{i}][model]") value=id.clone()/>
                                             <input type="hidden" name=format!("rows[{i}][version]") value=row.limit_version.to_string()/>
@@ -70,7 +69,7 @@ pub fn ModelLimits(report: SpendReport, save: ServerAction<SaveModelLimits>) -> 
                                                 inputmode="decimal"
                                                 autocomplete="off"
                                                 placeholder="Shared pool"
-                                                value=row.limit.map(eur).unwrap_or_default()
+                                                value=row.limit_input.clone()
                                                 aria-invalid=invalid
                                                 aria-describedby=error_id.clone()
                                             />

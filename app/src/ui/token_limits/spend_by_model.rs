@@ -3,13 +3,12 @@
 
 use leptos::prelude::*;
 
-use super::eur;
-use crate::report::SpendReport;
+use crate::report::TabView;
 
 /// The Spend by model section.
 #[component]
-pub fn SpendByModel(report: SpendReport) -> impl IntoView {
-    let rows: Vec<_> = report.spending_models().cloned().collect();
+pub fn SpendByModel(view: TabView) -> impl IntoView {
+    let rows: Vec<_> = view.models.into_iter().filter(|m| m.has_spend).collect();
     let empty = rows.is_empty();
     view! {
         <section class="card" aria-labelledby="by-model-title">
@@ -25,9 +24,9 @@ pub fn SpendByModel(report: SpendReport) -> impl IntoView {
                     .map(|row| {
                         let share = format!("{}%", row.share_percent);
                         view! {
-                            <li data-model=row.id.to_string()>
+                            <li data-model=row.id.clone()>
                                 <span class="name">{row.display_name}</span>
-                                <span class="amount">{eur(row.spent)}</span>
+                                <span class="amount">{row.spent}</span>
                                 <span class="share">{share.clone()}</span>
                                 <span class="bar" aria-hidden="true">
                                     <span class="bar-fill" style=format!("width: {share}")></span>

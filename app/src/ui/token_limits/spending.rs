@@ -4,13 +4,7 @@
 
 use leptos::prelude::*;
 
-use super::eur;
-use crate::{api::SaveAutomaticFallback, domain::Status, report::SpendReport};
-
-/// `1 Dec 2026`.
-fn day(date: chrono::NaiveDate) -> String {
-    date.format("%-d %b %Y").to_string()
-}
+use crate::{api::SaveAutomaticFallback, domain::Status, report::TabView};
 
 /// A padlock: the value is set by the operator's plan, not in the UI.
 #[component]
@@ -26,10 +20,11 @@ fn Lock() -> impl IntoView {
 /// The Spending & Budget section.
 #[component]
 pub fn SpendingAndBudget(
-    report: SpendReport,
+    view: TabView,
     save: ServerAction<SaveAutomaticFallback>,
 ) -> impl IntoView {
-    let percent = report.used_percent();
+    let report = view;
+    let percent = report.used_percent.clone();
     let status_class = match report.status {
         Status::WithinPlanBudget => "status ok",
         Status::UsingOverage => "status warn",
@@ -46,21 +41,21 @@ pub fn SpendingAndBudget(
                 <h2 id="spending-title">"Spending & Budget"</h2>
                 <p class="period" id="billing-period">
                     <span class="visually-hidden">"Current billing period: "</span>
-                    {day(report.cycle.first_day)} " – " {day(report.cycle.last_day)}
+                    {report.first_day.clone()} " – " {report.last_day.clone()}
                 </p>
             </header>
             <dl class="figures">
                 <div>
                     <dt>"Spent in this cycle"</dt>
-                    <dd id="spent">{eur(report.spent)}</dd>
+                    <dd id="spent">{report.spent.clone()}</dd>
                 </div>
                 <div>
                     <dt>"Plan budget " <Lock/></dt>
-                    <dd id="plan-budget">{eur(report.plan_budget)}</dd>
+                    <dd id="plan-budget">{report.plan_budget.clone()}</dd>
                 </div>
                 <div>
                     <dt>"Overage limit " <Lock/></dt>
-                    <dd id="overage-limit">{eur(report.overage_limit)}</dd>
+                    <dd id="overage-limit">{report.overage_limit.clone()}</dd>
                 </div>
             </dl>
             <div
@@ -69,16 +64,16 @@ pub fn SpendingAndBudget(
                 aria-label="Spent of the allowance"
                 aria-valuemin="0"
                 aria-valuemax="100"
-                aria-valuenow=percent.to_string()
+                aria-valuenow=percent.clone()
             >
                 <div class="progress-fill" style=format!("width: {percent}%")></div>
             </div>
             <p class="progress-text">
-                <span id="spent-of-allowance">{eur(report.spent)} " of " {eur(report.allowance())}</span>
+                <span id="spent-of-allowance">{report.spent.clone()} " of " {report.allowance.clone()}</span>
                 " · " <span id="used-percent">{format!("{percent}%")}</span>
             </p>
             <p class=status_class id="status" role="status">{report.status.label()}</p>
-            <p class="resets">"Resets monthly · next reset " <span id="next-reset">{day(report.cycle.resets_on)}</span></p>
+            <p class="resets">"Resets monthly · next reset " <span id="next-reset">{report.resets_on.clone()}</span></p>
 
             <ActionForm action=save attr:class="fallback-form">
                 <input type="hidden" name="settings_version" value=report.settings_version.to_string()/>
