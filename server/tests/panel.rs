@@ -479,3 +479,15 @@ async fn unknown_api_paths_answer_json_not_html() {
         assert_eq!(json["error"]["code"], "unknown_url", "{path}: {body}");
     }
 }
+
+#[tokio::test]
+async fn the_site_is_served_compressed_to_browsers_that_accept_it() {
+    let panel = Panel::new().await;
+    let request = Request::get("/login")
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .body(Body::empty())
+        .unwrap();
+    let response = panel.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()[header::CONTENT_ENCODING], "gzip");
+}

@@ -13,6 +13,7 @@ use axum::{
 use leptos::{config::LeptosOptions, prelude::provide_context};
 use leptos_axum::{generate_route_list, LeptosRoutes};
 
+use tower_http::compression::CompressionLayer;
 use tower_sessions::{cookie::SameSite, Expiry, SessionManagerLayer};
 
 mod spend;
@@ -68,7 +69,10 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(auth, authorize))
-        .layer(session_layer);
+        .layer(session_layer)
+        // Pages and the site (the wasm shrinks to about a third) are compressed;
+        // the gateway's routes are not, so a stream's events are never held back.
+        .layer(CompressionLayer::new());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/spend", get(spend::spend))
