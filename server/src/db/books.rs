@@ -6,7 +6,8 @@
 //! generic over `sqlx::Database` with a wall of trait bounds. What differs is
 //! supplied by each backend as inherent items:
 //! - `begin_write()`: a transaction that serialises writers (SQLite `BEGIN
-//!   IMMEDIATE`; PostgreSQL a plain `BEGIN`),
+//!   IMMEDIATE` on its one writer connection; PostgreSQL a plain `BEGIN`),
+//! - `writer()`: where single-statement writes go (SQLite: the writer connection),
 //! - `LOCK`: the suffix that makes the plan read lock the workspace for the rest
 //!   of the transaction (PostgreSQL `FOR UPDATE`; nothing on SQLite, where
 //!   `BEGIN IMMEDIATE` already holds the write lock).
@@ -485,7 +486,7 @@ macro_rules! impl_store {
                 let done = sqlx::query("UPDATE reservations SET lease_until = $1 WHERE id = $2")
                     .bind(millis(lease_until))
                     .bind(&reservation.0)
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await
                     .map_err(db_error)?;
                 if done.rows_affected() == 0 {
@@ -978,7 +979,7 @@ macro_rules! impl_store {
                 .bind(name)
                 .bind(key_hash)
                 .bind(now.to_rfc3339())
-                .fetch_one(&self.pool)
+                .fetch_one(self.writer())
                 .await
                 .map_err(db_error)?;
                 let mut keys = list_keys(&self.pool, KeyFilter::Id(id.0)).await?;
@@ -997,7 +998,7 @@ macro_rules! impl_store {
                 )
                 .bind(now.to_rfc3339())
                 .bind(key_hash)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.writer())
                 .await
                 .map_err(db_error)?;
                 let Some((key_id, user_id)) = found else {
@@ -1030,7 +1031,7 @@ macro_rules! impl_store {
                 )
                 .bind(now.to_rfc3339())
                 .bind(id)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await
                 .map_err(db_error)?;
                 if done.rows_affected() == 0 {

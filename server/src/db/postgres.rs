@@ -44,6 +44,10 @@ impl PostgresStore {
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
         self.pool.begin().await.map_err(db_error)
     }
+
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
 }
 
 super::books::impl_store!(PostgresStore, Postgres);

@@ -14,9 +14,16 @@ use sqlx::{
 use super::{books::db_error, ConnectError};
 
 /// The SQLite adapter.
+///
+/// SQLite has one writer at a time. Writes of this process queue for one writer
+/// connection in FIFO order instead of each taking the file lock in turn through
+/// `busy_timeout`, whose sleep-and-retry wastes milliseconds under load; readers use
+/// their own connections (WAL lets them read while the writer writes). Other
+/// processes (the CLI) still wait on `busy_timeout`.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
 
 /// How durable an acknowledged write is (DESIGN.md §6).
@@ -47,16 +54,21 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(ConnectError::Open)?;
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&writer)
+            .await
+            .map_err(ConnectError::Migrate)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .map_err(ConnectError::Migrate)?;
-        Ok(Self { pool })
+        Ok(Self { pool, writer })
     }
 
     /// The connection pool, shared with the session store.
@@ -65,10 +77,14 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        self.pool
+        self.writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_error)
+    }
+
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 }
 
