@@ -24,16 +24,16 @@ pub struct FieldError {
 #[serde(tag = "code", rename_all = "snake_case")]
 pub enum ApiError {
     /// Not signed in (401; pages redirect to the login).
-    #[error("sign in to continue")]
+    #[error("Sign in to continue.")]
     Unauthorized,
     /// Signed in without the administrator role (403).
-    #[error("only administrators can see and change token limits")]
+    #[error("Only administrators can see and change token limits.")]
     Forbidden,
     /// Wrong email or password (401); says nothing about which.
-    #[error("the email or password is not correct")]
+    #[error("The email or password is not correct.")]
     InvalidCredentials,
     /// Too many attempts (429).
-    #[error("too many attempts: wait a minute and try again")]
+    #[error("Too many attempts: wait a minute and try again.")]
     RateLimited,
     /// Input refused (422); nothing was saved. `fields` says which and why.
     #[error("{message}")]
@@ -50,11 +50,15 @@ pub enum ApiError {
         message: String,
     },
     /// Something failed on the server (500); the detail is in the server log.
-    #[error("something went wrong on the server; the change was not saved")]
+    #[error("Something went wrong on the server; nothing was changed.")]
     Internal,
-    /// The call itself failed (network, encoding); from the server-function layer.
-    #[error("the request failed: {0}")]
-    Transport(String),
+    /// The request could not be carried or decoded (a malformed body, a network
+    /// failure); from the server-function layer (400 when the server answers it).
+    #[error("The request could not be processed: {message}")]
+    Transport {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -66,7 +70,8 @@ impl ApiError {
             ApiError::RateLimited => 429,
             ApiError::Invalid { .. } => 422,
             ApiError::Conflict { .. } => 409,
-            ApiError::Internal | ApiError::Transport(_) => 500,
+            ApiError::Internal => 500,
+            ApiError::Transport { .. } => 400,
         }
     }
 
@@ -80,7 +85,7 @@ impl ApiError {
             ApiError::Invalid { .. } => "invalid",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Internal => "internal",
-            ApiError::Transport(_) => "transport",
+            ApiError::Transport { .. } => "transport",
         }
     }
 
@@ -97,7 +102,9 @@ impl FromServerFnError for ApiError {
     type Encoder = JsonEncoding;
 
     fn from_server_fn_error(value: ServerFnErrorErr) -> Self {
-        ApiError::Transport(value.to_string())
+        ApiError::Transport {
+            message: value.to_string(),
+        }
     }
 }
 

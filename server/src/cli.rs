@@ -419,6 +419,27 @@ async fn limit(
     Ok(())
 }
 
+/// Resolves on Ctrl-C or SIGTERM (what service managers and containers send), so
+/// requests in flight finish and settle before the process exits.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops gracefully");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
 /// How often any replica looks for reservations whose lease ended (R7).
 const LEASE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -458,9 +479,7 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
     let app =
         http::router(state, sessions).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
     sweeper.abort();
     Ok(())

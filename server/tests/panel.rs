@@ -112,7 +112,7 @@ fn get(path: &str, cookie: Option<&str>) -> Request<Body> {
 
 /// Server functions anyone may call; every other one must refuse anonymous
 /// callers and members. A new server function is covered without touching this test.
-const PUBLIC: [&str; 2] = ["/fn/login", "/fn/me"];
+const PUBLIC: [&str; 3] = ["/fn/login", "/fn/me", "/fn/logout"];
 
 fn server_functions() -> Vec<String> {
     let paths: Vec<String> = leptos::server_fn::axum::server_fn_paths()
@@ -490,4 +490,42 @@ async fn the_site_is_served_compressed_to_browsers_that_accept_it() {
     let response = panel.router.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()[header::CONTENT_ENCODING], "gzip");
+}
+
+#[tokio::test]
+async fn malformed_server_function_calls_get_400_not_a_crash() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    for (path, body, cookie) in [
+        ("/fn/login", "email=ada@example.com", None),
+        (
+            "/fn/save_model_limits",
+            "rows[0][model]=gpt-5&rows[0][version]=abc",
+            Some(admin.as_str()),
+        ),
+        (
+            "/fn/save_automatic_fallback",
+            "settings_version=x",
+            Some(admin.as_str()),
+        ),
+    ] {
+        let (status, _, text) = panel.send(post(path, body, cookie)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["code"], "transport", "{path}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn members_can_sign_out() {
+    let panel = Panel::new().await;
+    let member = panel.sign_in("bob@example.com").await;
+    let (status, _, text) = panel.send(post("/fn/logout", "", Some(&member))).await;
+    assert!(
+        status.is_success() || status.is_redirection(),
+        "{status} {text}"
+    );
+    // The old cookie no longer opens the start page.
+    let (status, _, _) = panel.send(get("/", Some(&member))).await;
+    assert_eq!(status, StatusCode::FOUND);
 }

@@ -82,11 +82,18 @@ mod server {
         store::{Actor, LimitChange, SharedStore},
     };
 
-    /// Where to go after signing in: a local path only, never another site.
-    fn safe_next(next: Option<String>) -> String {
+    /// Where to go after signing in: a path of this site only, never another site.
+    /// Browsers drop tabs and newlines from URLs and read `\` as `/`, so `/<TAB>/evil`
+    /// or `/\evil` would become `//evil`: any control character, whitespace or
+    /// backslash refuses the path, as does a second leading slash.
+    pub(super) fn safe_next(next: Option<String>) -> String {
         match next {
             Some(path)
-                if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') =>
+                if path.starts_with('/')
+                    && !path.starts_with("//")
+                    && !path
+                        .chars()
+                        .any(|c| c.is_control() || c.is_whitespace() || c == '\\') =>
             {
                 path
             }
@@ -232,6 +239,31 @@ mod server {
         {
             Ok(()) => Ok(()),
             Err(e) => fail(e.into()),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::safe_next;
+
+        #[test]
+        fn only_local_paths_are_followed_after_sign_in() {
+            let next = |p: &str| safe_next(Some(p.to_owned()));
+            assert_eq!(next("/admin/token-limits"), "/admin/token-limits");
+            assert_eq!(next("/?a=b"), "/?a=b");
+            for bad in [
+                "//evil.example",
+                "/\t/evil.example",
+                "/\n/evil",
+                "/\\evil.example",
+                "https://evil.example",
+                "evil",
+                "/ /evil",
+                "",
+            ] {
+                assert_eq!(next(bad), "/admin/token-limits", "{bad:?} was followed");
+            }
+            assert_eq!(safe_next(None), "/admin/token-limits");
         }
     }
 }

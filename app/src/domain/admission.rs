@@ -301,7 +301,7 @@ fn plan_block(snapshot: &Snapshot<'_>, c: Nanos) -> Blocked {
         format!(
             "Plan limit reached: the workspace has used its allowance of {} for this \
              billing cycle ({} spent or held for requests in progress). Requests are \
-             blocked until the cycle resets on {resets} or an administrator raises the plan.",
+             blocked until the cycle resets on {resets} or the operator raises the plan.",
             format_eur(allowance.to_money()),
             format_eur(used.to_money()),
         )

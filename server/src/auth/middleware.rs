@@ -3,7 +3,8 @@
 //! functions, and the route's rule is applied:
 //! - `/admin...` pages: anonymous → 302 to the login page, members → 403;
 //! - `/` (the start page): anonymous → 302 to the login page;
-//! - `/fn/...` server functions (but `login` and `me`): anonymous → 401, members → 403;
+//! - `/fn/...` server functions (but `login`, `me`, `logout`): anonymous → 401,
+//!   members → 403;
 //! - state-changing requests to `/fn/...` from another site → 403 (CSRF);
 //! - `POST /fn/login`: at most a few attempts per client address per minute.
 
@@ -44,8 +45,9 @@ impl AuthState {
     }
 }
 
-/// The server functions anyone may call.
-const PUBLIC_FUNCTIONS: [&str; 2] = ["/fn/login", "/fn/me"];
+/// The server functions anyone may call: signing in, asking who is signed in,
+/// and signing out (which only ends the caller's own session).
+const PUBLIC_FUNCTIONS: [&str; 3] = ["/fn/login", "/fn/me", "/fn/logout"];
 
 enum Access {
     Public,
@@ -111,7 +113,7 @@ pub async fn authorize(
     let is_admin = user
         .as_ref()
         .is_some_and(|u| u.role == app::auth::Role::Admin);
-    match (access(&path), &user) {
+    let response = match (access(&path), &user) {
         (Access::Public, _) => next.run(request).await,
         (Access::SignedInPage | Access::AdminPage, None) => to_login(&path),
         (Access::SignedInPage, Some(_)) => next.run(request).await,
@@ -119,7 +121,27 @@ pub async fn authorize(
         (Access::AdminFunction, None) => api_error(&ApiError::Unauthorized),
         (Access::AdminFunction, Some(_)) if !is_admin => api_error(&ApiError::Forbidden),
         (Access::AdminPage | Access::AdminFunction, Some(_)) => next.run(request).await,
+    };
+    if path.starts_with("/fn/") && response.status() == StatusCode::INTERNAL_SERVER_ERROR {
+        return malformed_call_as_bad_request(response).await;
     }
+    response
+}
+
+/// A server function whose arguments could not be decoded never runs, so it cannot
+/// set its status, and the server-function layer answers 500. The caller sent a
+/// malformed request: answer 400 with the same body.
+async fn malformed_call_as_bad_request(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(ApiError::Internal)).into_response();
+    };
+    let is_transport = serde_json::from_slice::<ApiError>(&bytes)
+        .is_ok_and(|e| matches!(e, ApiError::Transport { .. }));
+    if is_transport {
+        parts.status = StatusCode::BAD_REQUEST;
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 async fn current_user(store: &SharedStore, session: &Session) -> Option<CurrentUser> {
