@@ -200,6 +200,9 @@ pub struct ModelRowView {
     pub limit_enabled: bool,
     /// Optimistic version of the limit, sent back on save.
     pub limit_version: i64,
+    /// True when the model's active limit is used up (spent ≥ limit, R5/R6): new
+    /// requests for it fall back or are blocked.
+    pub limit_reached: bool,
 }
 
 impl From<&SpendReport> for TabView {
@@ -230,6 +233,7 @@ impl From<&SpendReport> for TabView {
                     limit_input: m.limit.map(eur).unwrap_or_default(),
                     limit_enabled: m.limit_enabled,
                     limit_version: m.limit_version,
+                    limit_reached: m.limit_enabled && m.limit.is_some_and(|cap| m.spent >= cap),
                 })
                 .collect(),
         }

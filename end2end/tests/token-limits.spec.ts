@@ -65,9 +65,19 @@ test("a limit typed as 12,50 is saved, shown as €12.50 and audited", async ({ 
   await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
   await expect(limitInput(page, "GPT-5")).toHaveValue("€12.50");
   await expect(enabledSwitch(page, "GPT-5")).toBeChecked();
+  // €1.94 spent of €12.50: room left, so no "Limit reached" on the row.
+  await expect(page.locator('tr[data-model="gpt-5"] .badge')).toHaveCount(0);
   const audit = cli("audit");
   expect(audit).toContain("admin@example.com\tmodel_limit\tgpt-5");
   expect(audit).toContain('"limit_eur":"12.5"');
+});
+
+test("a model whose limit is used up is flagged on its row", async ({ page }) => {
+  // GPT-5 Mini has €2.58 of demo usage: a €1 cap is used up.
+  cli("limit", "set", "gpt-5-mini", "--eur", "1");
+  await openTab(page);
+  await expect(page.locator('tr[data-model="gpt-5-mini"] .badge')).toHaveText("Limit reached");
+  cli("limit", "clear", "gpt-5-mini");
 });
 
 test("invalid limits show their messages and change nothing", async ({ page }) => {

@@ -54,7 +54,12 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
                                 };
                                 view! {
                                     <tr data-model=id.clone()>
-                                        <th scope="row">{row.display_name.clone()}</th>
+                                        <th scope="row">
+                                            {row.display_name.clone()}
+                                            <Show when=move || row.limit_reached>
+                                                <span class="badge stop">" Limit reached"</span>
+                                            </Show>
+                                        </th>
                                         <td class="num">{row.spent.clone()}</td>
                                         <td>
                                             <input type="hidden" name=format!("rows[{i}][model]") value=id.clone()/>
