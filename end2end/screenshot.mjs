@@ -1,0 +1,54 @@
+// Screenshot of the Token Limits tab with demo data, for reviews and docs.
+//
+//   ./dev build && node end2end/screenshot.mjs /tmp/token-limits.png
+//
+// Starts the release binary on a free port with a fresh SQLite file, adds the demo
+// data (`tollgate demo`), signs in as the demo administrator in Debian's Chromium,
+// saves a full-page PNG to the given path and stops the server.
+import { chromium } from "playwright-core";
+import { execFileSync, spawn } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+
+const out = process.argv[2] ?? "token-limits.png";
+const bin = process.env.TOLLGATE_BIN ?? resolve(import.meta.dirname, "..", "target", "release", "tollgate");
+const password = "screenshot password";
+const dir = mkdtempSync(join(tmpdir(), "tollgate-shot-"));
+const db = `sqlite://${dir}/tollgate.db`;
+const port = await new Promise((done) => {
+  const srv = createServer().listen(0, "127.0.0.1", () => {
+    const { port } = srv.address();
+    srv.close(() => done(port));
+  });
+});
+
+execFileSync(bin, ["--database-url", db, "demo"], { env: { ...process.env, TOLLGATE_PASSWORD: password } });
+const server = spawn(bin, ["--database-url", db, "serve", "--listen", `127.0.0.1:${port}`], { stdio: "ignore" });
+const base = `http://127.0.0.1:${port}`;
+try {
+  for (let i = 0; ; i++) {
+    try {
+      if ((await fetch(`${base}/healthz`)).ok) break;
+    } catch {}
+    if (i > 100) throw new Error("the server did not start");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
+  await page.goto(`${base}/login?next=%2Fadmin%2Ftoken-limits`);
+  await page.locator("#app[data-hydrated=true]").waitFor();
+  await page.getByLabel("Email").fill("admin@example.com");
+  await page.getByLabel("Password").fill(password);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.locator("#spent").waitFor();
+  await page.screenshot({ path: out, fullPage: true });
+  await browser.close();
+  console.log(`saved ${out}`);
+} finally {
+  server.kill("SIGTERM");
+}
