@@ -937,29 +937,14 @@ macro_rules! impl_store {
                 &self,
                 email: &str,
             ) -> Result<Option<app::store::UserRecord>, app::store::StoreError> {
-                use $crate::db::books::*;
-                let row: Option<UserRow> = sqlx::query_as(
-                    "SELECT id, email, password_hash, role FROM users WHERE lower(email) = lower($1)",
-                )
-                .bind(email)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_error)?;
-                row.map(UserRow::record).transpose()
+                find_user(&self.pool, "lower(email) = lower($1)", email.to_owned()).await
             }
 
             async fn user_by_id(
                 &self,
                 id: i64,
             ) -> Result<Option<app::store::UserRecord>, app::store::StoreError> {
-                use $crate::db::books::*;
-                let row: Option<UserRow> =
-                    sqlx::query_as("SELECT id, email, password_hash, role FROM users WHERE id = $1")
-                        .bind(id)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                row.map(UserRow::record).transpose()
+                find_user(&self.pool, "id = $1", id).await
             }
 
             async fn create_api_key(
@@ -1043,6 +1028,25 @@ macro_rules! impl_store {
 
         // Statements shared by the operations above, over this backend's transaction.
         type Tx = sqlx::Transaction<'static, $db>;
+
+        /// The user matching `condition` on `$1`, if any.
+        async fn find_user<T>(
+            pool: &sqlx::Pool<$db>,
+            condition: &str,
+            value: T,
+        ) -> Result<Option<app::store::UserRecord>, app::store::StoreError>
+        where
+            T: for<'q> sqlx::Encode<'q, $db> + sqlx::Type<$db> + Send,
+        {
+            use $crate::db::books::*;
+            let sql = format!("SELECT id, email, password_hash, role FROM users WHERE {condition}");
+            let row: Option<UserRow> = sqlx::query_as(&sql)
+                .bind(value)
+                .fetch_optional(pool)
+                .await
+                .map_err(db_error)?;
+            row.map(UserRow::record).transpose()
+        }
 
         async fn list_keys(
             pool: &sqlx::Pool<$db>,
