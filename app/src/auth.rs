@@ -158,7 +158,23 @@ mod server {
     }
 
     /// Answer a server function's error with its real status instead of 500.
+    ///
+    /// A plain form post (no JavaScript) is left alone: the server-function layer
+    /// redirects it back to the page with the error in the URL, and a status other
+    /// than a redirect would make the browser show the raw error instead.
     pub fn set_status(e: &ApiError) {
+        let plain_form_post = leptos::prelude::use_context::<axum::http::request::Parts>()
+            .and_then(|parts| {
+                parts
+                    .headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.contains("text/html"))
+            })
+            .unwrap_or(false);
+        if plain_form_post {
+            return;
+        }
         if let Some(response) = leptos::prelude::use_context::<leptos_axum::ResponseOptions>() {
             if let Ok(status) = axum::http::StatusCode::from_u16(e.status()) {
                 response.set_status(status);

@@ -134,3 +134,25 @@ test("a member sees no Admin link and is refused the tab", async ({ page }) => {
   await expect(page.getByRole("heading", { name: "Tollgate" })).toBeVisible();
   await expect(page.getByRole("link", { name: "Admin" })).toHaveCount(0);
 });
+
+test.describe("without JavaScript", () => {
+  test.use({ javaScriptEnabled: false });
+
+  test("a wrong password and a refused save come back to the page with their messages", async ({ page }) => {
+    await page.goto("/login?next=%2Fadmin%2Ftoken-limits");
+    await page.getByLabel("Email").fill("admin@example.com");
+    await page.getByLabel("Password").fill("not the password");
+    await page.getByRole("button", { name: "Sign in" }).click();
+    await expect(page.locator("#login-error")).toHaveText("The email or password is not correct.");
+    await page.getByLabel("Email").fill("admin@example.com");
+    await page.getByLabel("Password").fill(PASSWORD);
+    await page.getByRole("button", { name: "Sign in" }).click();
+    await expect(page).toHaveURL(/\/admin\/token-limits$/);
+    const auditBefore = cli("audit");
+    await limitInput(page, "GPT-4o").fill("abc");
+    await page.locator("#save-limits").click();
+    await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
+    await expect(page.locator('[id="limit-error-gpt-4o"]')).toContainText("using digits");
+    expect(cli("audit")).toBe(auditBefore);
+  });
+});

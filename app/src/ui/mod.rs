@@ -12,6 +12,24 @@ use leptos_router::{
     path, SsrMode,
 };
 
+/// The error a server function returned to a form posted without JavaScript: the
+/// server redirects back with it in the URL (`__path`, `__err`). `None` when the
+/// URL carries no error, or one of another function than `path`.
+pub(crate) fn error_in_url(
+    path: &'static str,
+) -> impl Fn() -> Option<crate::error::ApiError> + Copy + Send + Sync + 'static {
+    let query = leptos_router::hooks::use_query_map();
+    move || {
+        let query = query.read();
+        (query.get("__path").as_deref() == Some(path))
+            .then(|| query.get("__err"))
+            .flatten()
+            .map(|err| {
+                server_fn::error::ServerFnUrlError::<crate::error::ApiError>::decode_err(&err)
+            })
+    }
+}
+
 /// The HTML document around the app, rendered on the server only.
 pub fn shell(options: LeptosOptions) -> impl IntoView {
     view! {
