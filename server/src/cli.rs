@@ -12,7 +12,7 @@ use chrono::Utc;
 use clap::{Parser, Subcommand};
 use tower_sessions::session_store::ExpiredDeletion;
 
-use crate::{assets, auth, config, db, http};
+use crate::{assets, auth, config, db, http, replay};
 
 /// Spend control for an organisation's use of large language models.
 #[derive(Debug, Parser)]
@@ -73,6 +73,55 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// Replay an hour of real production traffic (the Azure LLM trace of 2023)
+    /// through a running gateway, to a mock upstream (DESIGN.md §8).
+    Replay {
+        #[command(subcommand)]
+        action: ReplayAction,
+    },
+}
+
+/// `tollgate replay ...`
+#[derive(Debug, Subcommand)]
+pub enum ReplayAction {
+    /// Serve the mock upstream the replay's gateway forwards to: it answers every
+    /// chat completion at once with the trace's token counts, streamed or not.
+    MockUpstream {
+        /// Address to listen on; the config's upstream `base_url` points here.
+        #[arg(long, default_value = "127.0.0.1:9009")]
+        listen: String,
+    },
+    /// Send the trace through the gateway, wait for every answer, then print what
+    /// happened and the books of the cycle (read from the config's database).
+    Run {
+        /// The gateway's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// The API key to send (from `tollgate key create`).
+        #[arg(long)]
+        key: String,
+        /// Time compression: 60 plays the hour in about a minute.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        speedup: u32,
+        /// The model the code service's requests ask for.
+        #[arg(long, default_value = "gpt-5")]
+        code_model: String,
+        /// The model the conversation service's requests ask for.
+        #[arg(long, default_value = "claude-sonnet-4-5")]
+        conversation_model: String,
+        /// Percentage of requests streamed (0–100).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
+        stream_percent: u8,
+        /// Replay only the trace's first MINUTES (1–60); default: the whole hour.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=60))]
+        minutes: Option<u32>,
+        /// Requests in flight at most.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_in_flight: u32,
+        /// Also write the summary and every request's outcome as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
 }
 
@@ -155,6 +204,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", config::EXAMPLE);
         return Ok(());
     }
+    if let Command::Replay {
+        action: ReplayAction::MockUpstream { listen },
+    } = &cli.command
+    {
+        return mock_upstream(listen).await;
+    }
     let listen = match &cli.command {
         Command::Serve { listen } => listen.clone(),
         _ => None,
@@ -233,7 +288,84 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo => demo(&config, &store).await,
         Command::Config { .. } => Ok(()),
+        Command::Replay { action } => replay(&config, &store, action).await,
     }
+}
+
+async fn mock_upstream(listen: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("could not listen on {listen}"))?;
+    println!(
+        "mock upstream for the replay on http://{}/v1",
+        listener.local_addr()?
+    );
+    axum::serve(listener, replay::mock::router())
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn replay(
+    config: &config::Config,
+    store: &SharedStore,
+    action: ReplayAction,
+) -> anyhow::Result<()> {
+    let ReplayAction::Run {
+        gateway,
+        key,
+        speedup,
+        code_model,
+        conversation_model,
+        stream_percent,
+        minutes,
+        max_in_flight,
+        json,
+    } = action
+    else {
+        return Ok(());
+    };
+    for (flag, model) in [
+        ("--code-model", &code_model),
+        ("--conversation-model", &conversation_model),
+    ] {
+        if config.setup.catalog.resolve(model).is_none() {
+            anyhow::bail!("{flag} {model:?} is not a model of the config's catalog");
+        }
+    }
+    let options = replay::ReplayOptions {
+        gateway,
+        key,
+        speedup,
+        code_model,
+        conversation_model,
+        stream_percent,
+        minutes,
+        max_in_flight: usize::try_from(max_in_flight)?,
+    };
+    let trace = replay::trace::embedded()?;
+    let count = options.select(&trace).len();
+    eprintln!(
+        "replaying {count} requests to {} at {speedup}× (about {} s)…",
+        options.gateway,
+        options
+            .select(&trace)
+            .last()
+            .map(|r| r.offset.as_secs() / u64::from(speedup))
+            .unwrap_or(0)
+    );
+    let report = replay::send(&trace, &options).await?;
+    let summary = replay::Summary::new(&report, store, &config.setup.catalog, Utc::now()).await?;
+    print!("{}", summary.render(&options));
+    if let Some(path) = json {
+        let document = serde_json::json!({"summary": &summary, "requests": &report.sent});
+        std::fs::write(&path, serde_json::to_vec_pretty(&document)?)
+            .with_context(|| format!("could not write {}", path.display()))?;
+    }
+    if !summary.books_agree() {
+        anyhow::bail!("the books do not agree with the replayed traffic (see above)");
+    }
+    Ok(())
 }
 
 /// A light check that catches typos (`alice`, `a@`); the login is the real test.

@@ -17,3 +17,4 @@ pub mod config;
 pub mod db;
 pub mod gateway;
 pub mod http;
+pub mod replay;

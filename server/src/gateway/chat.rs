@@ -323,6 +323,10 @@ impl Exchange {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(SERVED_MODEL_HEADER, self.served_header());
+        let own_time = before_upstream + sent.elapsed().saturating_sub(upstream_time);
+        if let Ok(timing) = HeaderValue::from_str(&server_timing(own_time, upstream_time)) {
+            headers.insert("server-timing", timing);
+        }
         self.finish_metrics(before_upstream, sent, upstream_time);
         let _ = reply.send(Ok(answer));
     }
@@ -432,6 +436,17 @@ enum StreamEnd {
     TimedOut,
     /// A transport error or an unusable stream.
     Broken,
+}
+
+/// A `Server-Timing` header value (milliseconds, three decimals): `gateway` is the
+/// time Tollgate added to the request (authentication, admission, settlement,
+/// relaying), `upstream` the model provider's.
+fn server_timing(gateway: Duration, upstream: Duration) -> String {
+    let ms = |d: Duration| {
+        let micros = d.as_micros();
+        format!("{}.{:03}", micros / 1000, micros % 1000)
+    };
+    format!("gateway;dur={}, upstream;dur={}", ms(gateway), ms(upstream))
 }
 
 /// An error as a stream event, so a client that already has a 200 learns why the
