@@ -1,32 +1,46 @@
-// Screenshot of the Token Limits tab with demo data, for reviews and docs.
+// Screenshot of the Token Limits tab, for reviews and docs.
 //
 //   ./dev build && node end2end/screenshot.mjs /tmp/token-limits.png
 //
 // Starts the release binary on a free port with a fresh SQLite file, adds the demo
 // data (`tollgate demo`), signs in as the demo administrator in Debian's Chromium,
 // saves a full-page PNG to the given path and stops the server.
+//
+//   node end2end/screenshot.mjs /tmp/replay.png --base http://127.0.0.1:8090 \
+//        --email replay@example.com --password PASSWORD
+//
+// Shoots a server that is already running instead (`./dev replay` prints this).
 import { chromium } from "playwright-core";
 import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
 
-const out = process.argv[2] ?? "token-limits.png";
-const bin = process.env.TOLLGATE_BIN ?? resolve(import.meta.dirname, "..", "target", "release", "tollgate");
-const password = "screenshot password";
-const dir = mkdtempSync(join(tmpdir(), "tollgate-shot-"));
-const db = `sqlite://${dir}/tollgate.db`;
-const port = await new Promise((done) => {
-  const srv = createServer().listen(0, "127.0.0.1", () => {
-    const { port } = srv.address();
-    srv.close(() => done(port));
-  });
+const { values: flags, positionals } = parseArgs({
+  allowPositionals: true,
+  options: { base: { type: "string" }, email: { type: "string" }, password: { type: "string" } },
 });
-
-execFileSync(bin, ["--database-url", db, "demo"], { env: { ...process.env, TOLLGATE_PASSWORD: password } });
-const server = spawn(bin, ["--database-url", db, "serve", "--listen", `127.0.0.1:${port}`], { stdio: "ignore" });
-const base = `http://127.0.0.1:${port}`;
+const out = positionals[0] ?? "token-limits.png";
+const bin = process.env.TOLLGATE_BIN ?? resolve(import.meta.dirname, "..", "target", "release", "tollgate");
+let base = flags.base;
+let email = flags.email ?? "admin@example.com";
+let password = flags.password ?? "screenshot password";
+let server = null;
+if (!base) {
+  const dir = mkdtempSync(join(tmpdir(), "tollgate-shot-"));
+  const db = `sqlite://${dir}/tollgate.db`;
+  const port = await new Promise((done) => {
+    const srv = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = srv.address();
+      srv.close(() => done(port));
+    });
+  });
+  execFileSync(bin, ["--database-url", db, "demo"], { env: { ...process.env, TOLLGATE_PASSWORD: password } });
+  server = spawn(bin, ["--database-url", db, "serve", "--listen", `127.0.0.1:${port}`], { stdio: "ignore" });
+  base = `http://127.0.0.1:${port}`;
+}
 try {
   for (let i = 0; ; i++) {
     try {
@@ -42,7 +56,7 @@ try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
   await page.goto(`${base}/login?next=%2Fadmin%2Ftoken-limits`);
   await page.locator("#app[data-hydrated=true]").waitFor();
-  await page.getByLabel("Email").fill("admin@example.com");
+  await page.getByLabel("Email").fill(email);
   await page.getByLabel("Password").fill(password);
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.locator("#spent").waitFor();
@@ -50,5 +64,5 @@ try {
   await browser.close();
   console.log(`saved ${out}`);
 } finally {
-  server.kill("SIGTERM");
+  server?.kill("SIGTERM");
 }
