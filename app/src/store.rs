@@ -364,7 +364,8 @@ pub struct ApiKeyRecord {
     pub owner_email: String,
     /// When it was created.
     pub created_at: DateTime<Utc>,
-    /// When it last authenticated a request, if ever.
+    /// When it last authenticated a request, if ever, to the minute: it is
+    /// written at most once a minute per key.
     pub last_used_at: Option<DateTime<Utc>>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
@@ -481,7 +482,8 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<ApiKeyRecord, StoreError>;
 
-    /// The live (not revoked) key with this hash and its owner, marking it used.
+    /// The live (not revoked) key with this hash and its owner, marking it used
+    /// (at most once a minute: see [`ApiKeyRecord::last_used_at`]).
     async fn authenticate_api_key(
         &self,
         key_hash: &str,

@@ -590,6 +590,58 @@ async fn expired_leases_are_released(db: &TestDb) {
     );
 }
 
+/// Keys authenticate until revoked, and "last used" is written at most once a
+/// minute, so a busy key does not put every request through a write.
+async fn api_keys_authenticate_and_record_use_to_the_minute(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let t0 = now();
+    let user = store
+        .create_user("ada@example.com", "hash", app::store::Role::Member, t0)
+        .await
+        .unwrap();
+    let key = store
+        .create_api_key(user.id, "laptop", "hash-1", t0)
+        .await
+        .unwrap();
+    assert_eq!(key.last_used_at, None);
+    assert_eq!(
+        store.authenticate_api_key("hash-2", t0).await.unwrap(),
+        None
+    );
+
+    let used = |at: DateTime<Utc>| {
+        let store = store.clone();
+        async move {
+            let (key, owner) = store
+                .authenticate_api_key("hash-1", at)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(owner.email, "ada@example.com");
+            let listed = store.list_api_keys(None).await.unwrap()[0].last_used_at;
+            assert_eq!(key.last_used_at, listed, "the answer shows what is stored");
+            listed.unwrap()
+        }
+    };
+    assert_eq!(used(t0).await, t0);
+    assert_eq!(
+        used(t0 + Duration::seconds(59)).await,
+        t0,
+        "written once a minute at most"
+    );
+    assert_eq!(
+        used(t0 + Duration::seconds(60)).await,
+        t0 + Duration::seconds(60)
+    );
+
+    store.revoke_api_key(key.id, t0).await.unwrap();
+    assert_eq!(
+        store.authenticate_api_key("hash-1", t0).await.unwrap(),
+        None
+    );
+}
+
 on_both_backends!(
     fifty_racing_requests_admit_exactly_ten,
     two_replicas_admit_exactly_ten,
@@ -601,4 +653,5 @@ on_both_backends!(
     a_new_limit_applies_to_the_next_request,
     a_new_cycle_starts_from_zero,
     expired_leases_are_released,
+    api_keys_authenticate_and_record_use_to_the_minute,
 );

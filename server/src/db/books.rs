@@ -193,10 +193,15 @@ impl ApiKeyRow {
     }
 }
 
+/// How often at most a key's `last_used_at` is written, seconds.
+pub(crate) const LAST_USED_PRECISION_SECS: i64 = 60;
+
 /// Which API keys to list.
 #[derive(Clone, Copy)]
 pub(crate) enum KeyFilter<'a> {
     Id(i64),
+    /// The key with this hash, unless revoked.
+    LiveHash(&'a str),
     OwnerEmail(&'a str),
     All,
 }
@@ -977,21 +982,29 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<Option<(app::store::ApiKeyRecord, app::store::UserRecord)>, app::store::StoreError> {
                 use $crate::db::books::*;
-                let found: Option<(i64, i64)> = sqlx::query_as(
-                    "UPDATE api_keys SET last_used_at = $1 WHERE key_hash = $2 AND revoked_at IS NULL \
-                     RETURNING id, user_id",
-                )
-                .bind(now.to_rfc3339())
-                .bind(key_hash)
-                .fetch_optional(self.writer())
-                .await
-                .map_err(db_error)?;
-                let Some((key_id, user_id)) = found else {
+                let Some(mut key) = list_keys(&self.pool, KeyFilter::LiveHash(key_hash))
+                    .await?
+                    .pop()
+                else {
                     return Ok(None);
                 };
-                let mut keys = list_keys(&self.pool, KeyFilter::Id(key_id)).await?;
-                let user = app::store::Store::user_by_id(self, user_id).await?;
-                Ok(keys.pop().zip(user))
+                // "Last used" is kept to the minute: a write per request would put
+                // every request of a busy key through the writer (SQLite) or the
+                // key's row lock (PostgreSQL) for a date nobody reads that finely.
+                let stale = key
+                    .last_used_at
+                    .is_none_or(|at| now - at >= chrono::Duration::seconds(LAST_USED_PRECISION_SECS));
+                if stale {
+                    sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                        .bind(now.to_rfc3339())
+                        .bind(key.id)
+                        .execute(self.writer())
+                        .await
+                        .map_err(db_error)?;
+                    key.last_used_at = Some(now);
+                }
+                let user = app::store::Store::user_by_id(self, key.user_id).await?;
+                Ok(user.map(|user| (key, user)))
             }
 
             async fn list_api_keys(
@@ -1055,6 +1068,7 @@ macro_rules! impl_store {
             use $crate::db::books::*;
             let condition = match filter {
                 KeyFilter::Id(_) => "k.id = $2",
+                KeyFilter::LiveHash(_) => "k.key_hash = $2 AND k.revoked_at IS NULL",
                 KeyFilter::OwnerEmail(_) => "lower(u.email) = lower($2)",
                 KeyFilter::All => "$2 = ''",
             };
@@ -1067,6 +1081,7 @@ macro_rules! impl_store {
             let query = match filter {
                 KeyFilter::Id(id) => query.bind(id),
                 KeyFilter::OwnerEmail(email) => query.bind(email.to_owned()),
+                KeyFilter::LiveHash(hash) => query.bind(hash.to_owned()),
                 KeyFilter::All => query.bind(String::new()),
             };
             let rows: Vec<ApiKeyRow> = query.fetch_all(pool).await.map_err(db_error)?;
