@@ -24,7 +24,7 @@ const { values: flags, positionals } = parseArgs({
 });
 const out = positionals[0] ?? "token-limits.png";
 const bin = process.env.TOLLGATE_BIN ?? resolve(import.meta.dirname, "..", "target", "release", "tollgate");
-let base = flags.base;
+let base = flags.base?.replace(/\/+$/, "");
 let email = flags.email ?? "admin@example.com";
 let password = flags.password ?? "screenshot password";
 let server = null;

@@ -343,6 +343,13 @@ async fn replay(
         minutes,
         max_in_flight: usize::try_from(max_in_flight)?,
     };
+    // Before any traffic: a JSON path that cannot be written, a gateway that does
+    // not answer or a key it refuses stop the replay with the reason.
+    if let Some(path) = &json {
+        std::fs::write(path, b"{}")
+            .with_context(|| format!("could not write {}", path.display()))?;
+    }
+    replay::probe(&options).await?;
     let trace = replay::trace::embedded()?;
     let count = options.select(&trace).len();
     eprintln!(
@@ -354,13 +361,21 @@ async fn replay(
             .map(|r| r.offset.as_secs() / u64::from(speedup))
             .unwrap_or(0)
     );
+    let before = replay::books_before(store, Utc::now()).await?;
     let report = replay::send(&trace, &options).await?;
-    let summary = replay::Summary::new(&report, store, &config.setup.catalog, Utc::now()).await?;
+    let summary =
+        replay::Summary::new(&report, &before, store, &config.setup.catalog, Utc::now()).await?;
     print!("{}", summary.render(&options));
     if let Some(path) = json {
         let document = serde_json::json!({"summary": &summary, "requests": &report.sent});
         std::fs::write(&path, serde_json::to_vec_pretty(&document)?)
             .with_context(|| format!("could not write {}", path.display()))?;
+    }
+    if summary.unexpected() > 0 {
+        anyhow::bail!(
+            "{} requests failed or were refused for another reason than a limit (see above; --json lists each)",
+            summary.unexpected()
+        );
     }
     if !summary.books_agree() {
         anyhow::bail!("the books do not agree with the replayed traffic (see above)");

@@ -8,7 +8,8 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -172,7 +172,9 @@ async fn replay_matches_the_trace(db: &TestDb) {
         minutes: Some(5),
         max_in_flight: 64,
     };
+    replay::probe(&options).await.unwrap();
     let trace = replay::trace::embedded().unwrap();
+    let before = replay::books_before(&store, Utc::now()).await.unwrap();
     let report = replay::send(&trace, &options).await.unwrap();
 
     // The requests sent are the CSV's first five minutes, in order.
@@ -241,7 +243,7 @@ async fn replay_matches_the_trace(db: &TestDb) {
     assert!(total > 4 * EUR && total <= 6 * EUR, "{total}");
 
     // The replay's own summary agrees.
-    let summary = replay::Summary::new(&report, &store, &config.setup.catalog, Utc::now())
+    let summary = replay::Summary::new(&report, &before, &store, &config.setup.catalog, Utc::now())
         .await
         .unwrap();
     assert!(summary.books_agree(), "{}", summary.render(&options));
@@ -251,6 +253,25 @@ async fn replay_matches_the_trace(db: &TestDb) {
         Some(u64::try_from(blocked).unwrap())
     );
     assert_eq!(summary.total_books_nanos, total);
+    assert_eq!(summary.unexpected(), 0);
+
+    // A second replay on the same books: the summary shows what it added, and a
+    // wrong key is refused before any traffic.
+    let mut wrong = options.clone();
+    wrong.key = "tg_not-a-key".into();
+    let refused = replay::probe(&wrong).await.unwrap_err().to_string();
+    assert!(refused.contains("401"), "{refused}");
+    let again = ReplayOptions {
+        minutes: Some(1),
+        ..options.clone()
+    };
+    let before = replay::books_before(&store, Utc::now()).await.unwrap();
+    let report = replay::send(&trace, &again).await.unwrap();
+    let summary = replay::Summary::new(&report, &before, &store, &config.setup.catalog, Utc::now())
+        .await
+        .unwrap();
+    assert!(summary.books_agree(), "{}", summary.render(&again));
+    assert_eq!(summary.cycle_spent_nanos, total + summary.total_books_nanos);
     gateway_server.abort();
     mock_server.abort();
 }

@@ -1,7 +1,8 @@
 //! The replay's mock upstream: an OpenAI-compatible `POST /v1/chat/completions`
 //! that answers at once with exactly the token counts the replay put in the
-//! request's `metadata` (the trace's prompt and completion tokens), streamed or
-//! not, so the gateway settles each request on the trace's real usage.
+//! request's `metadata` (the trace's prompt and completion tokens; output never
+//! above the request's `max_completion_tokens`), streamed or not, so the gateway
+//! settles each request on the trace's real usage.
 
 use std::collections::HashMap;
 
@@ -35,6 +36,10 @@ struct Ask {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     metadata: HashMap<String, String>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +63,11 @@ async fn chat_completions(body: Bytes) -> Response {
     let (prompt, completion) = match (count(PROMPT_TOKENS_KEY), count(COMPLETION_TOKENS_KEY)) {
         (Ok(prompt), Ok(completion)) => (prompt, completion),
         (Err(problem), _) | (_, Err(problem)) => return refuse(&problem),
+    };
+    // Like a provider, never more output than the request allows.
+    let completion = match ask.max_completion_tokens.or(ask.max_tokens) {
+        Some(cap) => completion.min(cap),
+        None => completion,
     };
     let usage = json!({
         "prompt_tokens": prompt,
@@ -174,6 +184,15 @@ mod tests {
             serde_json::from_str(frames[frames.len() - 2].trim_start_matches("data: ")).unwrap();
         assert_eq!(usage["usage"]["prompt_tokens"], 4808);
         assert_eq!(usage["choices"], json!([]));
+    }
+
+    #[tokio::test]
+    async fn output_stays_within_the_requested_cap() {
+        let mut body = ask(false);
+        body["max_completion_tokens"] = json!(4);
+        let (_, text) = call(body).await;
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["usage"]["completion_tokens"], 4);
     }
 
     #[tokio::test]

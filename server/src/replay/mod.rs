@@ -296,7 +296,7 @@ fn server_timing(value: &str, name: &str) -> Option<Duration> {
 pub struct ModelSpend {
     /// The model.
     pub model: String,
-    /// Its spend in the counters, nano-euros.
+    /// What the replay added to its spend in the counters, nano-euros.
     pub books_nanos: i64,
     /// Its admitted requests priced from the trace's tokens, nano-euros.
     pub priced_nanos: i64,
@@ -319,17 +319,19 @@ pub struct Summary {
     pub failed: u64,
     /// Spend by model, dearest spend first.
     pub models: Vec<ModelSpend>,
-    /// The workspace's spend in the counters, nano-euros.
+    /// What the replay added to the workspace's spend in the counters, nano-euros.
     pub total_books_nanos: i64,
+    /// The workspace's spend in the cycle, replay and earlier usage, nano-euros.
+    pub cycle_spent_nanos: i64,
     /// All admitted requests priced from the trace, nano-euros.
     pub total_priced_nanos: i64,
-    /// The ledger's sum for the cycle, nano-euros.
+    /// The ledger's sum for the whole cycle, nano-euros.
     pub ledger_nanos: i64,
     /// Whether the ledger equals the counters, for the workspace and every model.
     pub ledger_equals_counters: bool,
     /// Reserved in the counters after the replay, nano-euros (0 when all settled).
     pub reserved_nanos: i64,
-    /// The status line of the cycle (R4), as the tab shows it.
+    /// The status line of the cycle (R4), as the tab shows it, after the replay.
     pub status: String,
     /// Wall time, milliseconds.
     pub wall_ms: u64,
@@ -346,11 +348,14 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The summary of `report`, with the books of the cycle containing `now`.
+    /// The summary of `report`: what the replay added to the books of the cycle
+    /// containing `now` (spend now minus `before`, from [`books_before`]), and
+    /// whether the cycle's ledger equals its counters.
     ///
     /// Errors: the store's, or a served model outside `catalog`.
     pub async fn new(
         report: &Report,
+        before: &Books,
         store: &SharedStore,
         catalog: &Catalog,
         now: DateTime<Utc>,
@@ -391,11 +396,21 @@ impl Summary {
 
         let snapshot = store.spend_snapshot(now).await?;
         let ledger = store.ledger_totals(snapshot.cycle.start).await?;
-        let books: BTreeMap<String, i64> = snapshot
-            .models
+        let counters = spent_by_model(&snapshot);
+        if before.cycle_start != snapshot.cycle.start {
+            anyhow::bail!(
+                "a new billing cycle began during the replay: its spend cannot be compared"
+            );
+        }
+        let books: BTreeMap<String, i64> = counters
             .iter()
-            .filter(|m| m.counter.spent.get() != 0)
-            .map(|m| (m.id.to_string(), m.counter.spent.get()))
+            .map(|(id, spent)| {
+                (
+                    id.clone(),
+                    spent - before.spent.get(id).copied().unwrap_or(0),
+                )
+            })
+            .filter(|(_, added)| *added != 0)
             .collect();
         let ledger_by_model: BTreeMap<String, i64> = ledger
             .by_model
@@ -404,7 +419,7 @@ impl Summary {
             .map(|(id, n)| (id.to_string(), n.get()))
             .collect();
         let ledger_equals_counters =
-            ledger.total == snapshot.workspace.spent && ledger_by_model == books;
+            ledger.total == snapshot.workspace.spent && ledger_by_model == counters;
 
         let mut names: Vec<&String> = books.keys().chain(priced.keys()).collect();
         names.sort();
@@ -445,7 +460,8 @@ impl Summary {
             refused,
             failed,
             models,
-            total_books_nanos: snapshot.workspace.spent.get(),
+            total_books_nanos: snapshot.workspace.spent.get() - before.total,
+            cycle_spent_nanos: snapshot.workspace.spent.get(),
             total_priced_nanos,
             ledger_nanos: ledger.total.get(),
             ledger_equals_counters,
@@ -468,6 +484,18 @@ impl Summary {
             && self.reserved_nanos == 0
             && self.total_books_nanos == self.total_priced_nanos
             && self.models.iter().all(|m| m.books_nanos == m.priced_nanos)
+    }
+
+    /// Requests that did not go through as the scenario allows: no answer, or
+    /// refused for anything but a limit (a bad key, a wrong URL, an upstream error).
+    pub fn unexpected(&self) -> u64 {
+        self.failed
+            + self
+                .refused
+                .iter()
+                .filter(|(code, _)| !LIMIT_CODES.contains(&code.as_str()))
+                .map(|(_, count)| count)
+                .sum::<u64>()
     }
 
     /// The summary as the replay prints it.
@@ -504,7 +532,14 @@ impl Summary {
         if self.failed > 0 {
             let _ = writeln!(out, "  failed (no answer)          {}", self.failed);
         }
-        let _ = writeln!(out, "spend by model (counters)");
+        if self.unexpected() > 0 {
+            let _ = writeln!(
+                out,
+                "  UNEXPECTED: {} requests failed or were refused for another reason than a limit",
+                self.unexpected()
+            );
+        }
+        let _ = writeln!(out, "spend by model (added to the counters by this replay)");
         for model in &self.models {
             let _ = writeln!(
                 out,
@@ -521,6 +556,13 @@ impl Summary {
             self.served_requested + self.served_fallback,
             eur(self.total_books_nanos)
         );
+        if self.cycle_spent_nanos != self.total_books_nanos {
+            let _ = writeln!(
+                out,
+                "  cycle total, earlier usage included       {}",
+                eur(self.cycle_spent_nanos)
+            );
+        }
         let _ = writeln!(out, "status                        {}", self.status);
         let yes = |b: bool| if b { "yes" } else { "NO" };
         let _ = writeln!(
@@ -532,9 +574,10 @@ impl Summary {
         );
         let _ = writeln!(
             out,
-            "counters = trace × prices    {} (priced {} nano-euros)",
+            "counters = trace × prices    {} (added {} nano-euros, priced {})",
             yes(self.total_books_nanos == self.total_priced_nanos
                 && self.models.iter().all(|m| m.books_nanos == m.priced_nanos)),
+            self.total_books_nanos,
             self.total_priced_nanos
         );
         let _ = writeln!(
@@ -553,13 +596,85 @@ impl Summary {
             "latency seen by the client    p50 {} µs, p99 {} µs",
             self.latency_p50_us, self.latency_p99_us
         );
-        let _ = writeln!(
-            out,
-            "added by the gateway          p50 {} µs, p99 {} µs (non-streamed answers)",
-            self.added_p50_us, self.added_p99_us
-        );
+        if self.served_requested + self.served_fallback > 0 && self.added_p99_us > 0 {
+            let _ = writeln!(
+                out,
+                "added by the gateway          p50 {} µs, p99 {} µs (non-streamed answers)",
+                self.added_p50_us, self.added_p99_us
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "added by the gateway          n/a (no non-streamed answer)"
+            );
+        }
         out
     }
+}
+
+/// Error codes of refusals the scenario expects: the limits doing their work (R6).
+pub const LIMIT_CODES: [&str; 2] = ["plan_limit_reached", "model_limit_reached"];
+
+/// The counters before a replay, so that its summary shows what it added.
+#[derive(Debug, Clone, Default)]
+pub struct Books {
+    /// The cycle they belong to (its start).
+    pub cycle_start: DateTime<Utc>,
+    /// Spend per model, nano-euros.
+    pub spent: BTreeMap<String, i64>,
+    /// The workspace's spend, nano-euros.
+    pub total: i64,
+}
+
+/// The books of the cycle containing `now`, before a replay.
+///
+/// Errors: the store's.
+pub async fn books_before(store: &SharedStore, now: DateTime<Utc>) -> anyhow::Result<Books> {
+    let snapshot = store.spend_snapshot(now).await?;
+    Ok(Books {
+        cycle_start: snapshot.cycle.start,
+        spent: spent_by_model(&snapshot),
+        total: snapshot.workspace.spent.get(),
+    })
+}
+
+fn spent_by_model(snapshot: &app::store::SpendSnapshot) -> BTreeMap<String, i64> {
+    snapshot
+        .models
+        .iter()
+        .filter(|m| m.counter.spent.get() != 0)
+        .map(|m| (m.id.to_string(), m.counter.spent.get()))
+        .collect()
+}
+
+/// Checks, before any traffic, that the gateway answers and takes the key
+/// (`GET /v1/models`).
+///
+/// Errors: no answer, or anything but 200, with what the gateway said.
+pub async fn probe(options: &ReplayOptions) -> anyhow::Result<()> {
+    let url = format!("{}/v1/models", options.gateway.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&options.key)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the gateway at {} does not answer: {}",
+                options.gateway,
+                e.without_url()
+            )
+        })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        anyhow::bail!(
+            "GET {url} answered {status}: {}",
+            body.chars().take(300).collect::<String>()
+        );
+    }
+    Ok(())
 }
 
 /// The `p`-th percentile (nearest rank) of sorted `values`; 0 when empty.
