@@ -95,30 +95,8 @@ pub enum ReplayAction {
     /// Send the trace through the gateway, wait for every answer, then print what
     /// happened and the books of the cycle (read from the config's database).
     Run {
-        /// The gateway's base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        gateway: String,
-        /// The API key to send (from `tollgate key create`).
-        #[arg(long)]
-        key: String,
-        /// Time compression: 60 plays the hour in about a minute.
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=3600))]
-        speedup: u32,
-        /// The model the code service's requests ask for.
-        #[arg(long, default_value = "gpt-5")]
-        code_model: String,
-        /// The model the conversation service's requests ask for.
-        #[arg(long, default_value = "claude-sonnet-4-5")]
-        conversation_model: String,
-        /// Percentage of requests streamed (0–100).
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
-        stream_percent: u8,
-        /// Replay only the trace's first MINUTES (1–60); default: the whole hour.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=60))]
-        minutes: Option<u32>,
-        /// Requests in flight at most.
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
-        max_in_flight: u32,
+        #[command(flatten)]
+        options: replay::ReplayOptions,
         /// Also write the summary and every request's outcome as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -311,38 +289,17 @@ async fn replay(
     store: &SharedStore,
     action: ReplayAction,
 ) -> anyhow::Result<()> {
-    let ReplayAction::Run {
-        gateway,
-        key,
-        speedup,
-        code_model,
-        conversation_model,
-        stream_percent,
-        minutes,
-        max_in_flight,
-        json,
-    } = action
-    else {
+    let ReplayAction::Run { options, json } = action else {
         return Ok(());
     };
     for (flag, model) in [
-        ("--code-model", &code_model),
-        ("--conversation-model", &conversation_model),
+        ("--code-model", &options.code_model),
+        ("--conversation-model", &options.conversation_model),
     ] {
         if config.setup.catalog.resolve(model).is_none() {
             anyhow::bail!("{flag} {model:?} is not a model of the config's catalog");
         }
     }
-    let options = replay::ReplayOptions {
-        gateway,
-        key,
-        speedup,
-        code_model,
-        conversation_model,
-        stream_percent,
-        minutes,
-        max_in_flight: usize::try_from(max_in_flight)?,
-    };
     // Before any traffic: a JSON path that cannot be written, a gateway that does
     // not answer or a key it refuses stop the replay with the reason.
     if let Some(path) = &json {
@@ -351,15 +308,15 @@ async fn replay(
     }
     replay::probe(&options).await?;
     let trace = replay::trace::embedded()?;
-    let count = options.select(&trace).len();
+    let selected = options.select(&trace);
     eprintln!(
-        "replaying {count} requests to {} at {speedup}× (about {} s)…",
+        "replaying {} requests to {} at {}× (about {} s)…",
+        selected.len(),
         options.gateway,
-        options
-            .select(&trace)
+        options.speedup,
+        selected
             .last()
-            .map(|r| r.offset.as_secs() / u64::from(speedup))
-            .unwrap_or(0)
+            .map_or(0, |r| r.offset.as_secs() / u64::from(options.speedup))
     );
     let before = replay::books_before(store, Utc::now()).await?;
     let report = replay::send(&trace, &options).await?;

@@ -21,7 +21,7 @@ use std::{
 
 use app::{
     domain::{cost, reservation, Counter, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
-    store::{Actor, LimitChange, Role, SharedStore},
+    store::{Actor, LimitChange, SharedStore},
 };
 use chrono::Utc;
 use common::TestDb;
@@ -29,8 +29,7 @@ use serde_json::{json, Value};
 use server::{
     config::{Config, Overrides},
     db::sqlite::Durability,
-    gateway::{Gateway, SharedGateway},
-    http::AppState,
+    gateway::SharedGateway,
 };
 use tokio::sync::Notify;
 use upstream::{MockUpstream, MockUsage};
@@ -177,50 +176,22 @@ async fn start(db: &TestDb, options: Options) -> Harness {
     let path = config_dir.path().join("tollgate.toml");
     std::fs::write(&path, config_text(db, &mock, &options)).unwrap();
     let config = Arc::new(Config::load(Some(&path), &Overrides::default()).unwrap());
-    let database = server::db::open(&db.url, Durability::Normal).await.unwrap();
-    let store = database.store.clone();
-    store.apply_setup(&config.setup).await.unwrap();
-
-    let now = Utc::now();
-    let user = store
-        .create_user(
-            "member@example.com",
-            "not-a-password-hash",
-            Role::Member,
-            now,
-        )
-        .await
-        .unwrap();
-    let (key, hash) = server::auth::new_api_key();
-    store
-        .create_api_key(user.id, "tests", &hash, now)
-        .await
-        .unwrap();
-
     let upstream_key = format!("sk-upstream-{}-DO-NOT-LEAK", uuid::Uuid::new_v4().simple());
     let lookup_key = upstream_key.clone();
-    let gateway = Arc::new(Gateway::new(&config, store.clone(), move |name| {
+    let stack = common::Stack::start(config.clone(), move |name| {
         (name == KEY_VAR).then(|| lookup_key.clone())
-    }));
-    let mut state = AppState::new(config.clone(), store.clone());
-    state.gateway = gateway.clone();
-    let app = server::http::router(state, database.sessions.clone())
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
+    })
+    .await;
     Harness {
-        url,
-        key,
+        url: stack.url,
+        key: stack.key,
         upstream_key,
-        store,
+        store: stack.store,
         config,
-        gateway,
+        gateway: stack.gateway,
         mock,
         client: reqwest::Client::new(),
-        server,
+        server: stack.server,
         _config_dir: config_dir,
     }
 }

@@ -13,16 +13,13 @@ use std::{collections::BTreeMap, path::Path, str::FromStr, sync::Arc};
 
 use app::{
     domain::{ModelId, ModelLimit, Nanos},
-    store::{Actor, LimitChange, Role},
+    store::{Actor, LimitChange},
 };
 use chrono::{NaiveDateTime, Utc};
 use common::{TestDb, EUR};
 use rust_decimal::{Decimal, RoundingStrategy};
 use server::{
     config::{Config, Overrides},
-    db::sqlite::Durability,
-    gateway::Gateway,
-    http::AppState,
     replay::{self, Outcome, ReplayOptions},
 };
 
@@ -105,30 +102,10 @@ fn scenario(db: &TestDb, mock: &str) -> Config {
 }
 
 async fn replay_matches_the_trace(db: &TestDb) {
-    let mock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_url = format!("http://{}", mock.local_addr().unwrap());
-    let mock_server = tokio::spawn(async move {
-        axum::serve(mock, replay::mock::router()).await.unwrap();
-    });
+    let (mock_url, mock_server) = common::serve(replay::mock::router()).await;
     let config = Arc::new(scenario(db, &mock_url));
-    let database = server::db::open(&db.url, Durability::Normal).await.unwrap();
-    let store = database.store.clone();
-    store.apply_setup(&config.setup).await.unwrap();
-    let now = Utc::now();
-    let user = store
-        .create_user(
-            "replay@example.com",
-            "not-a-password-hash",
-            Role::Member,
-            now,
-        )
-        .await
-        .unwrap();
-    let (key, hash) = server::auth::new_api_key();
-    store
-        .create_api_key(user.id, "replay", &hash, now)
-        .await
-        .unwrap();
+    let stack = common::Stack::start(config.clone(), |_| None).await;
+    let (store, key, now) = (stack.store.clone(), stack.key.clone(), Utc::now());
     let cap = 5 * EUR / 2;
     store
         .update_model_limits(
@@ -151,19 +128,8 @@ async fn replay_matches_the_trace(db: &TestDb) {
         .await
         .unwrap();
 
-    let gateway = Arc::new(Gateway::new(&config, store.clone(), |_| None));
-    let mut state = AppState::new(config.clone(), store.clone());
-    state.gateway = gateway;
-    let app = server::http::router(state, database.sessions.clone())
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let gateway_server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-
     let options = ReplayOptions {
-        gateway: url,
+        gateway: stack.url.clone(),
         key,
         speedup: 60,
         code_model: "gpt-5".into(),
@@ -272,7 +238,7 @@ async fn replay_matches_the_trace(db: &TestDb) {
         .unwrap();
     assert!(summary.books_agree(), "{}", summary.render(&again));
     assert_eq!(summary.cycle_spent_nanos, total + summary.total_books_nanos);
-    gateway_server.abort();
+    stack.server.abort();
     mock_server.abort();
 }
 

@@ -29,27 +29,36 @@ pub use trace::{Service, TraceRequest};
 
 use crate::gateway::SERVED_MODEL_HEADER;
 
-/// How to replay.
-#[derive(Debug, Clone)]
+/// How to replay; also the flags of `tollgate replay run`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct ReplayOptions {
-    /// The gateway's base URL, e.g. `http://127.0.0.1:8080` (requests go to
-    /// `{gateway}/v1/chat/completions`).
+    /// The gateway's base URL (requests go to `{gateway}/v1/chat/completions`).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub gateway: String,
-    /// The API key to send (`Authorization: Bearer`).
+    /// The API key to send (from `tollgate key create`).
+    #[arg(long)]
     pub key: String,
-    /// Time compression: 60 plays the hour in a minute. At least 1.
+    /// Time compression: 60 plays the hour in about a minute (1–3600).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub speedup: u32,
-    /// The model asked for by the code service's requests.
+    /// The model the code service's requests ask for.
+    #[arg(long, default_value = "gpt-5")]
     pub code_model: String,
-    /// The model asked for by the conversation service's requests.
+    /// The model the conversation service's requests ask for.
+    #[arg(long, default_value = "claude-sonnet-4-5")]
     pub conversation_model: String,
-    /// Percentage (0–100) of requests sent with `stream: true`: in every 100
-    /// consecutive requests, the first `stream_percent`.
+    /// Percentage of requests streamed (0–100): in every 100 consecutive
+    /// requests, the first this many.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub stream_percent: u8,
-    /// Replay only the trace's first this many minutes (trace time); `None`: all.
+    /// Replay only the trace's first MINUTES (1–60, trace time); default: the
+    /// whole hour.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=60))]
     pub minutes: Option<u32>,
-    /// Requests in flight at most; later ones wait (and fall behind schedule).
-    pub max_in_flight: usize,
+    /// Requests in flight at most (1–4096); later ones wait and fall behind
+    /// schedule.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub max_in_flight: u16,
 }
 
 impl ReplayOptions {
@@ -147,7 +156,7 @@ pub struct Report {
 pub async fn send(trace: &[TraceRequest], options: &ReplayOptions) -> anyhow::Result<Report> {
     let requests = options.select(trace);
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.max_in_flight)
+        .pool_max_idle_per_host(usize::from(options.max_in_flight))
         .build()?;
     let url = format!(
         "{}/v1/chat/completions",
@@ -156,8 +165,8 @@ pub async fn send(trace: &[TraceRequest], options: &ReplayOptions) -> anyhow::Re
     let longest = requests.iter().map(|r| r.prompt_tokens).max().unwrap_or(0);
     // One prompt text for all: its first `prompt_tokens` bytes are each request's
     // message, so the gateway's byte bound covers the trace's count (R7).
-    let filler: Arc<str> = "x".repeat(usize::try_from(longest).unwrap_or(0)).into();
-    let in_flight = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    let filler = "x".repeat(usize::try_from(longest).unwrap_or(0));
+    let in_flight = Arc::new(Semaphore::new(usize::from(options.max_in_flight.max(1))));
     let speedup = options.speedup.max(1);
     let mut tasks = tokio::task::JoinSet::new();
     let start = tokio::time::Instant::now();
@@ -214,29 +223,19 @@ fn micros(duration: Duration) -> u64 {
 
 /// One request and its answer, read to the last byte.
 async fn exchange(call: reqwest::RequestBuilder, requested: &str) -> (Outcome, Option<Duration>) {
+    let failed = |e: reqwest::Error| {
+        let message = e.without_url().to_string();
+        (Outcome::Failed { message }, None)
+    };
     let response = match call.send().await {
         Ok(response) => response,
-        Err(e) => {
-            return (
-                Outcome::Failed {
-                    message: e.without_url().to_string(),
-                },
-                None,
-            )
-        }
+        Err(e) => return failed(e),
     };
     let status = response.status();
     let headers = response.headers().clone();
     let body = match response.bytes().await {
         Ok(body) => body,
-        Err(e) => {
-            return (
-                Outcome::Failed {
-                    message: e.without_url().to_string(),
-                },
-                None,
-            )
-        }
+        Err(e) => return failed(e),
     };
     if !status.is_success() {
         let code = serde_json::from_slice::<serde_json::Value>(&body)
@@ -480,9 +479,13 @@ impl Summary {
     /// counters, nothing is left reserved, and every model's spend equals its
     /// admitted requests priced from the trace.
     pub fn books_agree(&self) -> bool {
-        self.ledger_equals_counters
-            && self.reserved_nanos == 0
-            && self.total_books_nanos == self.total_priced_nanos
+        self.ledger_equals_counters && self.reserved_nanos == 0 && self.counters_equal_priced()
+    }
+
+    /// Whether what the replay added to the counters equals its admitted
+    /// requests priced from the trace, in total and for every model.
+    pub fn counters_equal_priced(&self) -> bool {
+        self.total_books_nanos == self.total_priced_nanos
             && self.models.iter().all(|m| m.books_nanos == m.priced_nanos)
     }
 
@@ -575,8 +578,7 @@ impl Summary {
         let _ = writeln!(
             out,
             "counters = trace × prices    {} (added {} nano-euros, priced {})",
-            yes(self.total_books_nanos == self.total_priced_nanos
-                && self.models.iter().all(|m| m.books_nanos == m.priced_nanos)),
+            yes(self.counters_equal_priced()),
             self.total_books_nanos,
             self.total_priced_nanos
         );

@@ -143,6 +143,73 @@ pub fn setup(budget: i64, overage: i64) -> WorkspaceSetup {
     }
 }
 
+/// `app` served on a random loopback port (with the client's address, as the
+/// binary serves it): its base URL and the server task (abort it to stop).
+pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, server)
+}
+
+/// The whole product on loopback: `config`'s database migrated and set up, a
+/// member with an API key, and the router (gateway, APIs, panel) serving.
+pub struct Stack {
+    /// Base URL of the server.
+    pub url: String,
+    /// The member's API key.
+    pub key: String,
+    /// The store the server uses.
+    pub store: SharedStore,
+    /// The gateway the server uses.
+    pub gateway: server::gateway::SharedGateway,
+    /// The server task: abort it to stop the server.
+    pub server: tokio::task::JoinHandle<()>,
+}
+
+impl Stack {
+    /// Starts it; upstream keys are looked up with `env` (variable name → key).
+    pub async fn start(
+        config: Arc<server::config::Config>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Stack {
+        let database = db::open(&config.database_url, Durability::Normal)
+            .await
+            .unwrap();
+        let store = database.store.clone();
+        store.apply_setup(&config.setup).await.unwrap();
+        let now = chrono::Utc::now();
+        let user = store
+            .create_user(
+                "member@example.com",
+                "not-a-password-hash",
+                app::store::Role::Member,
+                now,
+            )
+            .await
+            .unwrap();
+        let (key, hash) = server::auth::new_api_key();
+        store
+            .create_api_key(user.id, "tests", &hash, now)
+            .await
+            .unwrap();
+        let gateway = Arc::new(server::gateway::Gateway::new(&config, store.clone(), env));
+        let mut state = server::http::AppState::new(config, store.clone());
+        state.gateway = gateway.clone();
+        let (url, server) = serve(server::http::router(state, database.sessions.clone())).await;
+        Stack {
+            url,
+            key,
+            store,
+            gateway,
+            server,
+        }
+    }
+}
+
 /// Runs a story on SQLite, and on PostgreSQL when configured, as two tests.
 #[macro_export]
 macro_rules! on_both_backends {
