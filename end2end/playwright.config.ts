@@ -1,22 +1,11 @@
 import { defineConfig } from "@playwright/test";
-import { createServer } from "node:net";
+import { freePort } from "./support.mjs";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 
 // The config is evaluated by the runner and again by every worker: values chosen
 // here are put into the environment once, so workers inherit the runner's.
-async function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.on("error", fail);
-    srv.listen(0, "127.0.0.1", () => {
-      const address = srv.address();
-      srv.close(() => (typeof address === "object" && address ? done(address.port) : fail(new Error("no port"))));
-    });
-  });
-}
-
 process.env.TOLLGATE_E2E_PORT ??= String(await freePort());
 process.env.TOLLGATE_E2E_DIR ??= mkdtempSync(join(tmpdir(), "tollgate-e2e-"));
 const port = process.env.TOLLGATE_E2E_PORT;

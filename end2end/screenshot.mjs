@@ -13,7 +13,7 @@
 import { chromium } from "playwright-core";
 import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync } from "node:fs";
-import { createServer } from "node:net";
+import { freePort, waitUntilHealthy } from "./support.mjs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -25,30 +25,19 @@ const { values: flags, positionals } = parseArgs({
 const out = positionals[0] ?? "token-limits.png";
 const bin = process.env.TOLLGATE_BIN ?? resolve(import.meta.dirname, "..", "target", "release", "tollgate");
 let base = flags.base?.replace(/\/+$/, "");
-let email = flags.email ?? "admin@example.com";
-let password = flags.password ?? "screenshot password";
+const email = flags.email ?? "admin@example.com";
+const password = flags.password ?? "screenshot password";
 let server = null;
 if (!base) {
   const dir = mkdtempSync(join(tmpdir(), "tollgate-shot-"));
   const db = `sqlite://${dir}/tollgate.db`;
-  const port = await new Promise((done) => {
-    const srv = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => done(port));
-    });
-  });
+  const port = await freePort();
   execFileSync(bin, ["--database-url", db, "demo"], { env: { ...process.env, TOLLGATE_PASSWORD: password } });
   server = spawn(bin, ["--database-url", db, "serve", "--listen", `127.0.0.1:${port}`], { stdio: "ignore" });
   base = `http://127.0.0.1:${port}`;
 }
 try {
-  for (let i = 0; ; i++) {
-    try {
-      if ((await fetch(`${base}/healthz`)).ok) break;
-    } catch {}
-    if (i > 100) throw new Error("the server did not start");
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  await waitUntilHealthy(base);
   const browser = await chromium.launch({
     executablePath: "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],

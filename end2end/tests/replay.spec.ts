@@ -1,7 +1,7 @@
 import { test, expect, type Page } from "@playwright/test";
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
+import { freePort, waitUntilHealthy } from "../support.mjs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 
@@ -35,17 +35,6 @@ type Summary = {
   ledger_equals_counters: boolean;
   reserved_nanos: number;
 };
-
-function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.on("error", fail);
-    srv.listen(0, "127.0.0.1", () => {
-      const address = srv.address();
-      srv.close(() => (typeof address === "object" && address ? done(address.port) : fail(new Error("no port"))));
-    });
-  });
-}
 
 // `€1,234.56`: nano-euros rounded to cents half away from zero (R2), grouped in thousands.
 function eur(nanos: bigint): string {
@@ -110,13 +99,7 @@ test.beforeAll(async () => {
   run("fallback", "on");
   children.push(spawn(bin, ["replay", "mock-upstream", "--listen", `127.0.0.1:${mockPort}`], { env, stdio: "ignore" }));
   children.push(spawn(bin, ["serve"], { env, stdio: "ignore" }));
-  for (let i = 0; ; i++) {
-    try {
-      if ((await fetch(`${base}/healthz`)).ok) break;
-    } catch {}
-    if (i > 100) throw new Error("the gateway did not start");
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  await waitUntilHealthy(base);
   const json = join(dir, "replay.json");
   // Exits non-zero (and fails this setup) when the books disagree with the traffic.
   const printed = run("replay", "run", "--gateway", base, "--key", key, "--minutes", "10", "--speedup", "60", "--json", json);
