@@ -151,17 +151,17 @@ pub struct Spender {
 
 /// One admission request (R6, R7).
 #[derive(Debug, Clone)]
-pub struct ReserveRequest<'a> {
+pub struct ReserveRequest {
     /// The catalog the request was resolved against.
-    pub catalog: &'a Catalog,
-    /// The requested model (aliases already resolved).
-    pub model: &'a Model,
+    pub catalog: Arc<Catalog>,
+    /// The requested model's id (aliases already resolved).
+    pub model: ModelId,
     /// Token bounds of the request, from which each candidate's reservation follows.
     pub estimate: TokenEstimate,
     /// Who asks.
     pub spender: Spender,
     /// The replica that will settle it, so leases can be traced.
-    pub owner: &'a str,
+    pub owner: String,
     /// Until when the hold lasts without renewal.
     pub lease_until: DateTime<Utc>,
     /// The instant of admission, which picks the billing cycle.
@@ -386,7 +386,7 @@ pub trait Store: Send + Sync + 'static {
     /// Decide admission (R6) on a consistent snapshot of plan, settings, limits and
     /// counters, and record the hold (R7), as one atomic step: concurrent calls, from
     /// one process or several sharing the database, can never pass a limit together.
-    async fn reserve(&self, request: ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError>;
+    async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, StoreError>;
 
     /// Extend a live reservation's lease (streams renew while they run).
     ///

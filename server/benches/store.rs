@@ -58,19 +58,19 @@ fn setup() -> WorkspaceSetup {
     }
 }
 
-async fn pair(store: &SharedStore, catalog: &Catalog) {
+async fn pair(store: &SharedStore, catalog: &Arc<Catalog>) {
     let now = Utc::now();
     let outcome = store
         .reserve(ReserveRequest {
-            catalog,
-            model: catalog.resolve("bench").unwrap(),
+            catalog: catalog.clone(),
+            model: catalog.resolve("bench").unwrap().id.clone(),
             estimate: TokenEstimate {
                 prompt_tokens: 500,
                 output_cap: Some(200),
                 n: 1,
             },
             spender: Spender::default(),
-            owner: "bench",
+            owner: "bench".into(),
             lease_until: now + chrono::Duration::minutes(1),
             now,
         })

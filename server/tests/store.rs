@@ -39,18 +39,18 @@ fn estimate(output: u64) -> TokenEstimate {
 
 async fn reserve(
     store: &SharedStore,
-    catalog: &Catalog,
+    catalog: &Arc<Catalog>,
     model: &str,
     estimate: TokenEstimate,
     at: DateTime<Utc>,
 ) -> ReserveOutcome {
     store
         .reserve(ReserveRequest {
-            catalog,
-            model: catalog.resolve(model).unwrap(),
+            catalog: catalog.clone(),
+            model: catalog.resolve(model).unwrap().id.clone(),
             estimate,
             spender: Spender::default(),
-            owner: "test",
+            owner: "test".into(),
             lease_until: at + Duration::minutes(5),
             now: at,
         })
@@ -191,11 +191,11 @@ async fn random_operations_keep_ledger_equal_to_counters(db: &TestDb) {
                             };
                             let outcome = store
                                 .reserve(ReserveRequest {
-                                    catalog: &catalog,
-                                    model: catalog.resolve(model).unwrap(),
+                                    catalog: catalog.clone(),
+                                    model: catalog.resolve(model).unwrap().id.clone(),
                                     estimate: est,
                                     spender: Spender::default(),
-                                    owner: "random",
+                                    owner: "random".into(),
                                     lease_until: lease,
                                     now: at,
                                 })
@@ -642,7 +642,55 @@ async fn api_keys_authenticate_and_record_use_to_the_minute(db: &TestDb) {
     );
 }
 
+/// Settlements arriving together are booked in one transaction (group commit);
+/// one that cannot be booked fails alone, keeps its hold, and the others count.
+async fn one_bad_settlement_among_many_fails_alone(db: &TestDb) {
+    let setup = setup(40 * EUR, 10 * EUR);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await));
+    }
+    let bad = 7;
+    let tasks: Vec<_> = held
+        .iter()
+        .enumerate()
+        .map(|(i, reservation)| {
+            let store = store.clone();
+            // Its cost does not fit the books' integer nano-euros.
+            let tokens = if i == bad { usage(u64::MAX, 1) } else { usage(500, 100) };
+            let settle = settlement(&reservation.id, Some(tokens));
+            tokio::spawn(async move { store.settle(settle).await })
+        })
+        .collect();
+    let mut booked = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(event) => {
+                assert_ne!(i, bad);
+                assert!(event.newly_recorded);
+                booked += 1;
+            }
+            Err(e) => {
+                assert_eq!(i, bad, "{e}");
+                assert_eq!(e.code(), "invalid_usage");
+            }
+        }
+    }
+    assert_eq!(booked, 19);
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    let ledger = store.ledger_totals(snapshot.cycle.start).await.unwrap();
+    assert_eq!(ledger.events, 19);
+    assert_eq!(snapshot.workspace.spent, ledger.total);
+    assert_eq!(snapshot.workspace.reserved, held[bad].amount);
+    store.release(&held[bad].id).await.unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+}
+
 on_both_backends!(
+    one_bad_settlement_among_many_fails_alone,
     fifty_racing_requests_admit_exactly_ten,
     two_replicas_admit_exactly_ten,
     random_operations_keep_ledger_equal_to_counters,

@@ -414,72 +414,9 @@ macro_rules! impl_store {
 
             async fn reserve(
                 &self,
-                request: app::store::ReserveRequest<'_>,
+                request: app::store::ReserveRequest,
             ) -> Result<app::store::ReserveOutcome, app::store::StoreError> {
-                use $crate::db::books::*;
-                use app::domain::{admit, Admission, Snapshot};
-                use app::store::{Reservation, ReservationId, ReserveOutcome};
-
-                let mut tx = self.begin_write().await?;
-                let plan_row = read_plan(&mut tx, Self::LOCK).await?;
-                let plan = plan_row.plan()?;
-                let cycle = plan.cycle_at(request.now)?;
-                let key = cycle_key(cycle.start);
-                let (counters, limits) = read_books(&mut tx, key).await?;
-                let (workspace, models) = model_states(&counters, &limits);
-                let snapshot = Snapshot {
-                    plan: plan.amounts,
-                    automatic_fallback: plan_row.automatic_fallback,
-                    workspace,
-                    models: &models,
-                    resets_at: cycle.end,
-                };
-                let admission = admit(&snapshot, request.catalog, request.model, &request.estimate);
-                let (served, amount) = match admission {
-                    Admission::Admit { model, reservation } => (model, reservation),
-                    Admission::Fallback { to, reservation, .. } => (to, reservation),
-                    Admission::Block(blocked) => {
-                        tx.rollback().await.map_err(db_error)?;
-                        return Ok(ReserveOutcome::Blocked(blocked));
-                    }
-                };
-                let served_model = request
-                    .catalog
-                    .get(&served)
-                    .ok_or(app::store::StoreError::NotFound { what: "model" })?;
-                add_to_counters(&mut tx, key, served.as_str(), 0, amount.get()).await?;
-                let id = uuid::Uuid::new_v4().to_string();
-                sqlx::query(
-                    "INSERT INTO reservations (id, workspace_id, cycle_start, requested_model, served_model, \
-                     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
-                     user_id, api_key_id, owner, lease_until, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                )
-                .bind(&id)
-                .bind(WORKSPACE_ID)
-                .bind(key)
-                .bind(request.model.id.as_str())
-                .bind(served.as_str())
-                .bind(amount.get())
-                .bind(served_model.prices.input.to_string())
-                .bind(served_model.prices.cached_input.to_string())
-                .bind(served_model.prices.output.to_string())
-                .bind(request.spender.user_id)
-                .bind(request.spender.api_key_id)
-                .bind(request.owner)
-                .bind(millis(request.lease_until))
-                .bind(request.now.to_rfc3339())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
-                Ok(ReserveOutcome::Admitted(Reservation {
-                    id: ReservationId(id),
-                    requested: request.model.id.clone(),
-                    served,
-                    amount,
-                    cycle,
-                }))
+                self.batcher.reserve(request).await
             }
 
             async fn renew_lease(
@@ -504,74 +441,20 @@ macro_rules! impl_store {
                 &self,
                 settlement: app::store::Settlement,
             ) -> Result<app::store::UsageEventRecord, app::store::StoreError> {
-                use $crate::db::books::*;
                 if let Some(usage) = &settlement.usage {
                     usage.validate().map_err(|e| app::store::StoreError::Invalid {
                         code: "invalid_usage",
                         message: e.to_string(),
                     })?;
                 }
-                let mut tx = self.begin_write().await?;
-                if let Some(key) = &settlement.idempotency_key {
-                    if let Some(event) = find_event(&mut tx, key).await? {
-                        tx.rollback().await.map_err(db_error)?;
-                        return Ok(event.record(false));
-                    }
-                }
-                let row: Option<ReservationRow> = sqlx::query_as(
-                    "DELETE FROM reservations WHERE id = $1 AND workspace_id = $2 RETURNING id, cycle_start, \
-                     requested_model, served_model, amount_nanos, input_eur_per_mtok, \
-                     cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id",
-                )
-                .bind(&settlement.reservation.0)
-                .bind(WORKSPACE_ID)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                let Some(row) = row else {
-                    tx.rollback().await.map_err(db_error)?;
-                    return Err(app::store::StoreError::NotFound { what: "reservation" });
-                };
-                let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
-                let usage = settlement.usage.unwrap_or_default();
-                add_to_counters(&mut tx, row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos)
-                    .await?;
-                let event = insert_event(
-                    &mut tx,
-                    &row,
-                    &usage,
-                    cost,
-                    estimated,
-                    over,
-                    settlement.idempotency_key.as_deref(),
-                    settlement.now,
-                )
-                .await?;
-                tx.commit().await.map_err(db_error)?;
-                Ok(event.record(true))
+                self.batcher.settle(settlement).await
             }
 
             async fn release(
                 &self,
                 reservation: &app::store::ReservationId,
             ) -> Result<(), app::store::StoreError> {
-                use $crate::db::books::*;
-                let mut tx = self.begin_write().await?;
-                let row: Option<(i64, String, i64)> = sqlx::query_as(
-                    "DELETE FROM reservations WHERE id = $1 AND workspace_id = $2 \
-                     RETURNING cycle_start, served_model, amount_nanos",
-                )
-                .bind(&reservation.0)
-                .bind(WORKSPACE_ID)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                let Some((cycle_start, served, amount)) = row else {
-                    tx.rollback().await.map_err(db_error)?;
-                    return Err(app::store::StoreError::NotFound { what: "reservation" });
-                };
-                add_to_counters(&mut tx, cycle_start, &served, 0, -amount).await?;
-                tx.commit().await.map_err(db_error)
+                self.batcher.release(reservation.clone()).await
             }
 
             async fn release_expired(
@@ -606,14 +489,14 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<Vec<app::store::RecordOutcome>, app::store::StoreError> {
                 use $crate::db::books::*;
-                use app::domain::{admit_known_cost, Snapshot};
                 use app::store::RecordOutcome;
 
                 let mut tx = self.begin_write().await?;
                 let plan_row = read_plan(&mut tx, Self::LOCK).await?;
-                let plan = plan_row.plan()?;
-                let cycle = plan.cycle_at(now)?;
-                let key = cycle_key(cycle.start);
+                let mut books =
+                    $crate::db::batch::BatchBooks::new(&plan_row, read_limits(&mut tx).await?)?;
+                let key = books.cycle_of(now)?;
+                books.load(key, &read_counters(&mut tx, key).await?);
                 let mut outcomes = Vec::with_capacity(records.len());
                 for record in records {
                     if let Some(event) = find_event(&mut tx, &record.idempotency_key).await? {
@@ -633,21 +516,12 @@ macro_rules! impl_store {
                         api_key_id: spender.api_key_id,
                     };
                     let (cost, _, _) = settlement_cost(&row, Some(&record.usage))?;
-                    // Re-read after every write so each item sees the ones before it.
-                    let (counters, limits) = read_books(&mut tx, key).await?;
-                    let (workspace, models) = model_states(&counters, &limits);
-                    let snapshot = Snapshot {
-                        plan: plan.amounts,
-                        automatic_fallback: false,
-                        workspace,
-                        models: &models,
-                        resets_at: cycle.end,
-                    };
-                    if let Err(blocked) = admit_known_cost(&snapshot, record.model, cost) {
+                    // Each item sees the ones before it: the books change as they go.
+                    if let Err(blocked) = books.admit_known_cost(now, record.model, cost)? {
                         outcomes.push(RecordOutcome::Blocked(blocked));
                         continue;
                     }
-                    add_to_counters(&mut tx, key, &row.served_model, cost.get(), 0).await?;
+                    books.change(key, &row.served_model, cost.get(), 0)?;
                     let event = insert_event(
                         &mut tx,
                         &row,
@@ -660,6 +534,9 @@ macro_rules! impl_store {
                     )
                     .await?;
                     outcomes.push(RecordOutcome::Recorded(event.record(true)));
+                }
+                for (cycle_start, model, spent, reserved) in books.changes() {
+                    add_to_counters(&mut tx, cycle_start, model, spent, reserved).await?;
                 }
                 tx.commit().await.map_err(db_error)?;
                 Ok(outcomes)
@@ -1039,6 +916,164 @@ macro_rules! impl_store {
             }
         }
 
+        /// Apply one batch of hot-path writes (see `db::batch`), answer each
+        /// operation, and return the admitted reservations nobody waits for.
+        async fn execute_batch(
+            writer: sqlx::Pool<$db>,
+            ops: Vec<$crate::db::batch::Op>,
+        ) -> Vec<app::store::ReservationId> {
+            use $crate::db::batch::{answer_all, Answer};
+            if ops.is_empty() {
+                return Vec::new();
+            }
+            if ops.len() > 1 {
+                match try_batch(&writer, &ops).await {
+                    Ok(answers) => return answer_all(ops, answers),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        operations = ops.len(),
+                        "a batch of writes failed and was rolled back; applying them one by one"
+                    ),
+                }
+            }
+            let mut orphans = Vec::new();
+            for op in ops {
+                let answers = try_batch(&writer, std::slice::from_ref(&op))
+                    .await
+                    .unwrap_or_else(|e| vec![Answer::Failed(e)]);
+                orphans.extend(answer_all(vec![op], answers));
+            }
+            orphans
+        }
+
+        /// One transaction over `ops`, in order; any error rolls back all of them.
+        /// Blocks and unknown reservations are answers, not errors: they write nothing.
+        async fn try_batch(
+            writer: &sqlx::Pool<$db>,
+            ops: &[$crate::db::batch::Op],
+        ) -> Result<Vec<$crate::db::batch::Answer>, app::store::StoreError> {
+            use $crate::db::batch::{Answer, BatchBooks, Decision, Op};
+            use $crate::db::books::*;
+            use app::store::ReserveOutcome;
+
+            let mut tx = writer.begin_with(<$store>::BEGIN).await.map_err(db_error)?;
+            let plan_row = read_plan(&mut tx, <$store>::LOCK).await?;
+            let mut books = BatchBooks::new(&plan_row, read_limits(&mut tx).await?)?;
+            let mut answers = Vec::with_capacity(ops.len());
+            for op in ops {
+                answers.push(match op {
+                    Op::Reserve(request, _) => {
+                        let key = books.cycle_of(request.now)?;
+                        if books.needs(key) {
+                            books.load(key, &read_counters(&mut tx, key).await?);
+                        }
+                        match books.reserve(request)? {
+                            Decision::Block(blocked) => Answer::Reserve(Ok(ReserveOutcome::Blocked(blocked))),
+                            Decision::Admit(new) => {
+                                insert_reservation(&mut tx, request, &new).await?;
+                                Answer::Reserve(Ok(ReserveOutcome::Admitted(new.reservation)))
+                            }
+                        }
+                    }
+                    Op::Settle(settlement, _) => 'settle: {
+                        if let Some(key) = &settlement.idempotency_key {
+                            if let Some(event) = find_event(&mut tx, key).await? {
+                                break 'settle Answer::Settle(Ok(event.record(false)));
+                            }
+                        }
+                        let Some(row) = take_reservation(&mut tx, &settlement.reservation).await? else {
+                            break 'settle Answer::Settle(Err(app::store::StoreError::NotFound {
+                                what: "reservation",
+                            }));
+                        };
+                        let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
+                        if books.needs(row.cycle_start) {
+                            books.load(row.cycle_start, &read_counters(&mut tx, row.cycle_start).await?);
+                        }
+                        books.change(row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos)?;
+                        let usage = settlement.usage.clone().unwrap_or_default();
+                        let event = insert_event(
+                            &mut tx,
+                            &row,
+                            &usage,
+                            cost,
+                            estimated,
+                            over,
+                            settlement.idempotency_key.as_deref(),
+                            settlement.now,
+                        )
+                        .await?;
+                        Answer::Settle(Ok(event.record(true)))
+                    }
+                    Op::Release(id, _) => match take_reservation(&mut tx, id).await? {
+                        None => Answer::Release(Err(app::store::StoreError::NotFound { what: "reservation" })),
+                        Some(row) => {
+                            if books.needs(row.cycle_start) {
+                                books.load(row.cycle_start, &read_counters(&mut tx, row.cycle_start).await?);
+                            }
+                            books.change(row.cycle_start, &row.served_model, 0, -row.amount_nanos)?;
+                            Answer::Release(Ok(()))
+                        }
+                    },
+                });
+            }
+            for (cycle_start, model, spent, reserved) in books.changes() {
+                add_to_counters(&mut tx, cycle_start, model, spent, reserved).await?;
+            }
+            tx.commit().await.map_err(db_error)?;
+            Ok(answers)
+        }
+
+        async fn insert_reservation(
+            tx: &mut Tx,
+            request: &app::store::ReserveRequest,
+            new: &$crate::db::batch::NewReservation,
+        ) -> Result<(), app::store::StoreError> {
+            use $crate::db::books::*;
+            sqlx::query(
+                "INSERT INTO reservations (id, workspace_id, cycle_start, requested_model, served_model, \
+                 amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
+                 user_id, api_key_id, owner, lease_until, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(&new.reservation.id.0)
+            .bind(WORKSPACE_ID)
+            .bind(new.cycle_start)
+            .bind(new.reservation.requested.as_str())
+            .bind(new.reservation.served.as_str())
+            .bind(new.reservation.amount.get())
+            .bind(new.served.prices.input.to_string())
+            .bind(new.served.prices.cached_input.to_string())
+            .bind(new.served.prices.output.to_string())
+            .bind(request.spender.user_id)
+            .bind(request.spender.api_key_id)
+            .bind(&request.owner)
+            .bind(millis(request.lease_until))
+            .bind(request.now.to_rfc3339())
+            .execute(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            Ok(())
+        }
+
+        /// Delete a reservation and return it, if it still exists.
+        async fn take_reservation(
+            tx: &mut Tx,
+            id: &app::store::ReservationId,
+        ) -> Result<Option<$crate::db::books::ReservationRow>, app::store::StoreError> {
+            use $crate::db::books::*;
+            sqlx::query_as(
+                "DELETE FROM reservations WHERE id = $1 AND workspace_id = $2 RETURNING id, cycle_start, \
+                 requested_model, served_model, amount_nanos, input_eur_per_mtok, \
+                 cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id",
+            )
+            .bind(&id.0)
+            .bind(WORKSPACE_ID)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_error)
+        }
+
         // Statements shared by the operations above, over this backend's transaction.
         type Tx = sqlx::Transaction<'static, $db>;
 
@@ -1111,8 +1146,15 @@ macro_rules! impl_store {
             tx: &mut Tx,
             cycle_start: i64,
         ) -> Result<(Vec<$crate::db::books::CounterRow>, Vec<$crate::db::books::LimitRow>), app::store::StoreError> {
+            Ok((read_counters(tx, cycle_start).await?, read_limits(tx).await?))
+        }
+
+        async fn read_counters(
+            tx: &mut Tx,
+            cycle_start: i64,
+        ) -> Result<Vec<$crate::db::books::CounterRow>, app::store::StoreError> {
             use $crate::db::books::*;
-            let counters = sqlx::query_as(
+            sqlx::query_as(
                 "SELECT model_id, spent_nanos, reserved_nanos FROM counters \
                  WHERE workspace_id = $1 AND cycle_start = $2",
             )
@@ -1120,15 +1162,20 @@ macro_rules! impl_store {
             .bind(cycle_start)
             .fetch_all(&mut **tx)
             .await
-            .map_err(db_error)?;
-            let limits = sqlx::query_as(
+            .map_err(db_error)
+        }
+
+        async fn read_limits(
+            tx: &mut Tx,
+        ) -> Result<Vec<$crate::db::books::LimitRow>, app::store::StoreError> {
+            use $crate::db::books::*;
+            sqlx::query_as(
                 "SELECT model_id, limit_nanos, enabled, version FROM model_limits WHERE workspace_id = $1",
             )
             .bind(WORKSPACE_ID)
             .fetch_all(&mut **tx)
             .await
-            .map_err(db_error)?;
-            Ok((counters, limits))
+            .map_err(db_error)
         }
 
         /// Add to the workspace's and `model`'s counters of a cycle. Rows are created

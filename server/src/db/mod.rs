@@ -1,6 +1,7 @@
 //! The `Store` implementations. The backend is picked once, from the database
 //! URL's scheme, and handed around as `Arc<dyn Store>`.
 
+mod batch;
 mod books;
 pub mod postgres;
 pub mod sqlite;

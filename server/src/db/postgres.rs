@@ -8,17 +8,21 @@ use app::store::StoreError;
 use chrono::{DateTime, Utc};
 use sqlx::{postgres::PgPoolOptions, PgPool, Postgres};
 
-use super::{books::db_error, ConnectError};
+use super::{batch::Batcher, books::db_error, ConnectError};
 
 /// The PostgreSQL adapter.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Reservations, settlements and releases, group-committed (`db::batch`).
+    batcher: Batcher,
 }
 
 impl PostgresStore {
     /// Lock the plan row read first in every write (see the module docs).
     const LOCK: &'static str = "FOR UPDATE OF p";
+    /// A plain transaction: the plan row's lock serialises writers.
+    const BEGIN: &'static str = "BEGIN";
 
     /// Connect to `url` and apply migrations.
     ///
@@ -33,7 +37,11 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(ConnectError::Migrate)?;
-        Ok(Self { pool })
+        let batcher = {
+            let pool = pool.clone();
+            Batcher::spawn(move |ops| execute_batch(pool.clone(), ops))
+        };
+        Ok(Self { pool, batcher })
     }
 
     /// The connection pool, shared with the session store.

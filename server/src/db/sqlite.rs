@@ -11,7 +11,7 @@ use sqlx::{
     Sqlite, SqlitePool,
 };
 
-use super::{books::db_error, ConnectError};
+use super::{batch::Batcher, books::db_error, ConnectError};
 
 /// The SQLite adapter.
 ///
@@ -24,6 +24,8 @@ use super::{books::db_error, ConnectError};
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: SqlitePool,
+    /// Reservations, settlements and releases, group-committed (`db::batch`).
+    batcher: Batcher,
 }
 
 /// How durable an acknowledged write is (DESIGN.md §6).
@@ -39,6 +41,8 @@ pub enum Durability {
 impl SqliteStore {
     /// Apply no lock clause: `BEGIN IMMEDIATE` already holds the write lock.
     const LOCK: &'static str = "";
+    /// Take the write lock before the first read, so a snapshot cannot change.
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
 
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
@@ -68,7 +72,15 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;
-        Ok(Self { pool, writer })
+        let batcher = {
+            let writer = writer.clone();
+            Batcher::spawn(move |ops| execute_batch(writer.clone(), ops))
+        };
+        Ok(Self {
+            pool,
+            writer,
+            batcher,
+        })
     }
 
     /// The connection pool, shared with the session store.
@@ -78,7 +90,7 @@ impl SqliteStore {
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         self.writer
-            .begin_with("BEGIN IMMEDIATE")
+            .begin_with(Self::BEGIN)
             .await
             .map_err(db_error)
     }

@@ -174,11 +174,11 @@ impl Gateway {
         let outcome = self
             .store
             .reserve(app::store::ReserveRequest {
-                catalog: &self.catalog,
-                model,
+                catalog: self.catalog.clone(),
+                model: model.id.clone(),
                 estimate,
                 spender,
-                owner: &self.owner,
+                owner: self.owner.clone(),
                 lease_until,
                 now: chrono::Utc::now(),
             })

@@ -1,0 +1,447 @@
+//! Group commit for the gateway's hot path (DESIGN.md R6, R7).
+//!
+//! Every request writes twice: a reservation at admission and a settlement (or a
+//! release) at the end. Run one by one, each write is a transaction of its own
+//! that re-reads the plan, the limits and the counters, and most of its time goes
+//! to statements that every request repeats. Here one task per store, the
+//! *batcher*, takes the writes waiting in its queue (up to [`MAX_BATCH`]) and
+//! applies them in arrival order inside one write transaction:
+//!
+//! - the plan, the settings and the limits are read once per batch, and each
+//!   cycle's counters once, into [`BatchBooks`];
+//! - each admission is decided by the domain's `admit` on those books as the
+//!   operations before it in the batch left them, exactly as if they had been
+//!   committed one by one (the write lock is held throughout: SQLite `BEGIN
+//!   IMMEDIATE`, PostgreSQL the plan row `FOR UPDATE`);
+//! - the counters' changes are summed and written once per model at the end;
+//! - callers get their answers only after the commit.
+//!
+//! If anything in a batch fails, it is rolled back whole and its operations run
+//! again one per transaction, so one bad operation fails alone and the others are
+//! unaffected. A reservation whose caller went away before the answer (a client
+//! that disconnected) is released at once instead of waiting for its lease.
+
+use std::{collections::HashMap, future::Future};
+
+use app::{
+    domain::{admit, Admission, Counter, ModelId, ModelState, Nanos, Snapshot},
+    store::{
+        PlanRecord, Reservation, ReservationId, ReserveOutcome, ReserveRequest, Settlement,
+        StoreError, UsageEventRecord,
+    },
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::books::{cycle_key, CounterRow, LimitRow, PlanRow};
+
+/// Most operations applied in one transaction. Every operation of a batch waits
+/// for the whole batch, so this bounds the latency a burst adds.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// Operations waiting for the batcher; callers wait when it is full.
+const QUEUE: usize = 4096;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One write of the hot path, with where its answer goes.
+pub(crate) enum Op {
+    /// Admission (R6) and the hold (R7).
+    Reserve(Box<ReserveRequest>, Reply<ReserveOutcome>),
+    /// The hold replaced by the actual cost, and a ledger row (R7).
+    Settle(Box<Settlement>, Reply<UsageEventRecord>),
+    /// The hold dropped; `None` when nobody waits for the answer.
+    Release(ReservationId, Option<Reply<()>>),
+}
+
+impl Op {
+    /// A reservation whose caller is gone need not be made.
+    fn abandoned(&self) -> bool {
+        match self {
+            Op::Reserve(_, reply) => reply.is_closed(),
+            // The usage happened: it is booked whether or not anyone waits.
+            Op::Settle(..) | Op::Release(..) => false,
+        }
+    }
+
+    /// Answer with `result`; returns the reservation to release when the caller of
+    /// an admitted reservation is gone.
+    fn answer(self, result: Answer) -> Option<ReservationId> {
+        match (self, result) {
+            (Op::Reserve(_, reply), Answer::Reserve(outcome)) => match reply.send(outcome) {
+                Err(Ok(ReserveOutcome::Admitted(reservation))) => Some(reservation.id),
+                _ => None,
+            },
+            (Op::Settle(_, reply), Answer::Settle(event)) => {
+                let _ = reply.send(event);
+                None
+            }
+            (Op::Release(_, reply), Answer::Release(done)) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(done);
+                }
+                None
+            }
+            (op, Answer::Failed(error)) => op.fail(error),
+            (op, _) => op.fail(StoreError::Database("batch answer of another kind".into())),
+        }
+    }
+
+    fn fail(self, error: StoreError) -> Option<ReservationId> {
+        match self {
+            Op::Reserve(_, reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Op::Settle(_, reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Op::Release(_, reply) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The answer to one [`Op`], held until its batch commits.
+pub(crate) enum Answer {
+    Reserve(Result<ReserveOutcome, StoreError>),
+    Settle(Result<UsageEventRecord, StoreError>),
+    Release(Result<(), StoreError>),
+    /// The operation could not run (its batch failed before reaching it).
+    Failed(StoreError),
+}
+
+/// The handle through which a store hands its hot-path writes to its batcher.
+#[derive(Debug, Clone)]
+pub(crate) struct Batcher {
+    queue: mpsc::Sender<Op>,
+}
+
+impl Batcher {
+    /// Start the batcher task. `execute` applies one batch and answers each of its
+    /// operations (see [`answer_all`]); it returns the reservations whose callers
+    /// were gone, which are then released. The task ends when the last handle is
+    /// dropped.
+    pub(crate) fn spawn<F, Fut>(mut execute: F) -> Batcher
+    where
+        F: FnMut(Vec<Op>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<ReservationId>> + Send,
+    {
+        let (queue, mut inbox) = mpsc::channel::<Op>(QUEUE);
+        tokio::spawn(async move {
+            let mut ops: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+            while inbox.recv_many(&mut ops, MAX_BATCH).await > 0 {
+                let batch: Vec<Op> = ops.drain(..).filter(|op| !op.abandoned()).collect();
+                let orphans = execute(batch).await;
+                if !orphans.is_empty() {
+                    tracing::info!(
+                        released = orphans.len(),
+                        "released reservations whose callers went away"
+                    );
+                    let releases = orphans.into_iter().map(|id| Op::Release(id, None)).collect();
+                    execute(releases).await;
+                }
+            }
+        });
+        Batcher { queue }
+    }
+
+    async fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Database("the store's writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Database("the store's writer has stopped".into()))?
+    }
+
+    /// See `Store::reserve`.
+    pub(crate) async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        self.submit(|reply| Op::Reserve(Box::new(request), reply)).await
+    }
+
+    /// See `Store::settle`.
+    pub(crate) async fn settle(&self, settlement: Settlement) -> Result<UsageEventRecord, StoreError> {
+        self.submit(|reply| Op::Settle(Box::new(settlement), reply)).await
+    }
+
+    /// See `Store::release`.
+    pub(crate) async fn release(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Release(id, Some(reply))).await
+    }
+}
+
+/// Answer every operation of a committed batch; returns the admitted reservations
+/// nobody waits for any more.
+pub(crate) fn answer_all(ops: Vec<Op>, answers: Vec<Answer>) -> Vec<ReservationId> {
+    ops.into_iter()
+        .zip(answers)
+        .filter_map(|(op, answer)| op.answer(answer))
+        .collect()
+}
+
+/// A reservation decided in a batch, to be inserted.
+pub(crate) struct NewReservation {
+    pub reservation: Reservation,
+    pub cycle_start: i64,
+    pub served: app::domain::Model,
+}
+
+/// What admission decided for one request against the batch's books.
+pub(crate) enum Decision {
+    Admit(NewReservation),
+    Block(app::domain::Blocked),
+}
+
+/// One cycle's counters as the batch has changed them so far.
+#[derive(Default)]
+struct CycleBooks {
+    workspace: Counter,
+    /// Counters with each model's limit, as `admit` reads them.
+    models: HashMap<ModelId, ModelState>,
+    /// Changes to write, per model id: `(spent, reserved)` nano-euros.
+    changes: HashMap<String, (i64, i64)>,
+}
+
+/// The plan, settings, limits and counters a batch decides on, read once under
+/// the write lock and changed in memory as each operation applies (DESIGN.md R6).
+pub(crate) struct BatchBooks {
+    plan: PlanRecord,
+    automatic_fallback: bool,
+    limits: Vec<LimitRow>,
+    cycles: HashMap<i64, CycleBooks>,
+}
+
+impl BatchBooks {
+    /// Books over the plan row and every model limit, no cycle loaded yet.
+    ///
+    /// Errors: [`StoreError::Database`] when the stored plan is unreadable.
+    pub(crate) fn new(plan: &PlanRow, limits: Vec<LimitRow>) -> Result<Self, StoreError> {
+        Ok(Self {
+            plan: plan.plan()?,
+            automatic_fallback: plan.automatic_fallback,
+            limits,
+            cycles: HashMap::new(),
+        })
+    }
+
+    /// The counters' key of the cycle containing `at` (R1).
+    ///
+    /// Errors: [`StoreError::Invalid`] when `at` is outside the calendar.
+    pub(crate) fn cycle_of(&self, at: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
+        Ok(cycle_key(self.plan.cycle_at(at)?.start))
+    }
+
+    /// Whether the counters of the cycle keyed `cycle_start` must be loaded with
+    /// [`BatchBooks::load`] before use.
+    pub(crate) fn needs(&self, cycle_start: i64) -> bool {
+        !self.cycles.contains_key(&cycle_start)
+    }
+
+    /// Take in the stored counters of the cycle keyed `cycle_start`.
+    pub(crate) fn load(&mut self, cycle_start: i64, counters: &[CounterRow]) {
+        let (workspace, models) = super::books::model_states(counters, &self.limits);
+        self.cycles.insert(
+            cycle_start,
+            CycleBooks {
+                workspace,
+                models,
+                changes: HashMap::new(),
+            },
+        );
+    }
+
+    /// Decide `request` (R6) and, when admitted, hold its reservation in the books.
+    /// The cycle of `request.now` must be loaded.
+    ///
+    /// Errors: [`StoreError::NotFound`] when the model left the catalog.
+    pub(crate) fn reserve(&mut self, request: &ReserveRequest) -> Result<Decision, StoreError> {
+        let cycle = self.plan.cycle_at(request.now)?;
+        let key = cycle_key(cycle.start);
+        let requested = request
+            .catalog
+            .get(&request.model)
+            .ok_or(StoreError::NotFound { what: "model" })?;
+        let snapshot = self.snapshot(key, cycle.end)?;
+        let (served, amount) =
+            match admit(&snapshot, &request.catalog, requested, &request.estimate) {
+                Admission::Admit { model, reservation } => (model, reservation),
+                Admission::Fallback { to, reservation, .. } => (to, reservation),
+                Admission::Block(blocked) => return Ok(Decision::Block(blocked)),
+            };
+        let served_model = request
+            .catalog
+            .get(&served)
+            .ok_or(StoreError::NotFound { what: "model" })?
+            .clone();
+        self.change(key, served.as_str(), 0, amount.get())?;
+        Ok(Decision::Admit(NewReservation {
+            reservation: Reservation {
+                id: ReservationId(uuid::Uuid::new_v4().to_string()),
+                requested: request.model.clone(),
+                served,
+                amount,
+                cycle,
+            },
+            cycle_start: key,
+            served: served_model,
+        }))
+    }
+
+    /// Whether finished usage of known `cost` on `model` fits the plan and the
+    /// model's cap at `at` (R6 without fallback: the usage already happened). The
+    /// cycle of `at` must be loaded.
+    ///
+    /// Errors: [`StoreError`] when `at` is outside the calendar or its cycle was
+    /// not loaded; a refusal is the inner `Err`.
+    pub(crate) fn admit_known_cost(
+        &self,
+        at: chrono::DateTime<chrono::Utc>,
+        model: &app::domain::Model,
+        cost: Nanos,
+    ) -> Result<Result<(), app::domain::Blocked>, StoreError> {
+        let cycle = self.plan.cycle_at(at)?;
+        let snapshot = self.snapshot(cycle_key(cycle.start), cycle.end)?;
+        Ok(app::domain::admit_known_cost(&snapshot, model, cost))
+    }
+
+    /// Add `spent` and `reserved` (nano-euros, either sign) to `model`'s and the
+    /// workspace's counters of the loaded cycle keyed `cycle_start`.
+    ///
+    /// Errors: [`StoreError::Database`] when the cycle was not loaded.
+    pub(crate) fn change(
+        &mut self,
+        cycle_start: i64,
+        model: &str,
+        spent: i64,
+        reserved: i64,
+    ) -> Result<(), StoreError> {
+        let books = self.cycle(cycle_start)?;
+        let add = |counter: &mut Counter| {
+            counter.spent = Nanos::new(counter.spent.get().saturating_add(spent));
+            counter.reserved = Nanos::new(counter.reserved.get().saturating_add(reserved));
+        };
+        add(&mut books.workspace);
+        add(&mut books
+            .models
+            .entry(ModelId::new(model))
+            .or_default()
+            .counter);
+        let total = books.changes.entry(model.to_owned()).or_default();
+        total.0 = total.0.saturating_add(spent);
+        total.1 = total.1.saturating_add(reserved);
+        Ok(())
+    }
+
+    /// The counters' changes to write: `(cycle_start, model id, spent, reserved)`,
+    /// nano-euros. The workspace's total row is changed along with each model's.
+    pub(crate) fn changes(&self) -> Vec<(i64, &str, i64, i64)> {
+        let mut changes: Vec<_> = self
+            .cycles
+            .iter()
+            .flat_map(|(key, books)| {
+                books
+                    .changes
+                    .iter()
+                    .filter(|(_, (spent, reserved))| *spent != 0 || *reserved != 0)
+                    .map(|(model, (spent, reserved))| (*key, model.as_str(), *spent, *reserved))
+            })
+            .collect();
+        // A fixed order, so two writers touch rows in the same order.
+        changes.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        changes
+    }
+
+    /// What admission reads, as the batch has left the loaded cycle `cycle_start`.
+    fn snapshot(
+        &self,
+        cycle_start: i64,
+        resets_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Snapshot<'_>, StoreError> {
+        let books = self.cycles.get(&cycle_start).ok_or_else(not_loaded)?;
+        Ok(Snapshot {
+            plan: self.plan.amounts,
+            automatic_fallback: self.automatic_fallback,
+            workspace: books.workspace,
+            models: &books.models,
+            resets_at,
+        })
+    }
+
+    fn cycle(&mut self, cycle_start: i64) -> Result<&mut CycleBooks, StoreError> {
+        self.cycles
+            .get_mut(&cycle_start)
+            .ok_or_else(not_loaded)
+    }
+}
+
+fn not_loaded() -> StoreError {
+    StoreError::Database("the books of a cycle were used before they were read".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use app::domain::{BillingCycle, Catalog, TokenEstimate};
+    use chrono::{NaiveDate, Utc};
+    use std::sync::Arc;
+
+    fn request() -> ReserveRequest {
+        ReserveRequest {
+            catalog: Arc::new(Catalog::new(vec![]).unwrap()),
+            model: ModelId::new("m"),
+            estimate: TokenEstimate {
+                prompt_tokens: 1,
+                output_cap: Some(1),
+                n: 1,
+            },
+            spender: app::store::Spender::default(),
+            owner: "test".into(),
+            lease_until: Utc::now(),
+            now: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_reservation_nobody_waits_for_is_skipped_or_released() {
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Reserve(Box::new(request()), reply);
+        assert!(!op.abandoned());
+        drop(answer);
+        // Gone before its batch ran: it is not made at all.
+        assert!(op.abandoned());
+
+        // Gone after it was admitted: the batcher must release it.
+        let cycle = BillingCycle::containing(
+            NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            chrono_tz::UTC,
+            Utc::now(),
+        )
+        .unwrap();
+        let admitted = Reservation {
+            id: ReservationId("r1".into()),
+            requested: ModelId::new("m"),
+            served: ModelId::new("m"),
+            amount: Nanos::new(5),
+            cycle,
+        };
+        let orphans = answer_all(
+            vec![op],
+            vec![Answer::Reserve(Ok(ReserveOutcome::Admitted(admitted)))],
+        );
+        assert_eq!(orphans, [ReservationId("r1".into())]);
+
+        // A caller still waiting gets its answer; nothing to release.
+        let (reply, answer) = oneshot::channel();
+        let blocked_or_not = answer_all(
+            vec![Op::Release(ReservationId("r2".into()), Some(reply))],
+            vec![Answer::Release(Ok(()))],
+        );
+        assert!(blocked_or_not.is_empty());
+        assert!(matches!(answer.blocking_recv(), Ok(Ok(()))));
+    }
+}
