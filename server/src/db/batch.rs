@@ -8,7 +8,8 @@
 //! applies them in arrival order inside one write transaction:
 //!
 //! - the plan, the settings and the limits are read once per batch, and each
-//!   cycle's counters once, into [`BatchBooks`];
+//!   cycle's counters once, into [`BatchBooks`], and only when the batch holds an
+//!   admission: settlements and releases read nothing but their reservation;
 //! - each admission is decided by the domain's `admit` on those books as the
 //!   operations before it in the batch left them, exactly as if they had been
 //!   committed one by one (the write lock is held throughout: SQLite `BEGIN
@@ -188,71 +189,105 @@ pub(crate) fn answer_all(ops: Vec<Op>, answers: Vec<Answer>) -> Vec<ReservationI
 pub(crate) struct NewReservation {
     pub reservation: Reservation,
     pub cycle_start: i64,
-    pub served: app::domain::Model,
+    /// The served model's prices, recorded with the hold (R3).
+    pub prices: app::domain::Prices,
 }
 
 /// What admission decided for one request against the batch's books.
 pub(crate) enum Decision {
-    Admit(NewReservation),
+    Admit(Box<NewReservation>),
     Block(app::domain::Blocked),
 }
 
 /// One cycle's counters as the batch has changed them so far.
-#[derive(Default)]
 struct CycleBooks {
     workspace: Counter,
     /// Counters with each model's limit, as `admit` reads them.
     models: HashMap<ModelId, ModelState>,
-    /// Changes to write, per model id: `(spent, reserved)` nano-euros.
-    changes: HashMap<String, (i64, i64)>,
 }
 
-/// The plan, settings, limits and counters a batch decides on, read once under
-/// the write lock and changed in memory as each operation applies (DESIGN.md R6).
-pub(crate) struct BatchBooks {
+impl CycleBooks {
+    fn add(&mut self, model: &str, spent: i64, reserved: i64) {
+        let add = |counter: &mut Counter| {
+            counter.spent = Nanos::new(counter.spent.get().saturating_add(spent));
+            counter.reserved = Nanos::new(counter.reserved.get().saturating_add(reserved));
+        };
+        add(&mut self.workspace);
+        add(&mut self.models.entry(ModelId::new(model)).or_default().counter);
+    }
+}
+
+/// What admission reads besides the counters: the plan, the fallback setting and
+/// every model limit.
+struct Rules {
     plan: PlanRecord,
     automatic_fallback: bool,
     limits: Vec<LimitRow>,
+}
+
+/// The books a batch works on, read under the write lock only as far as its
+/// operations need them, and changed in memory as each operation applies
+/// (DESIGN.md R6). Settlements and releases read nothing: they only add to the
+/// counters' changes. An admission needs the rules ([`BatchBooks::set_rules`]) and
+/// its cycle's counters ([`BatchBooks::load`]), which then include the changes of
+/// the operations before it.
+#[derive(Default)]
+pub(crate) struct BatchBooks {
+    rules: Option<Rules>,
     cycles: HashMap<i64, CycleBooks>,
+    /// Changes to write, per cycle and model id: `(spent, reserved)` nano-euros.
+    changes: HashMap<(i64, String), (i64, i64)>,
 }
 
 impl BatchBooks {
-    /// Books over the plan row and every model limit, no cycle loaded yet.
+    /// Whether [`BatchBooks::set_rules`] must be called before an admission.
+    pub(crate) fn needs_rules(&self) -> bool {
+        self.rules.is_none()
+    }
+
+    /// Take in the plan row and every model limit.
     ///
     /// Errors: [`StoreError::Database`] when the stored plan is unreadable.
-    pub(crate) fn new(plan: &PlanRow, limits: Vec<LimitRow>) -> Result<Self, StoreError> {
-        Ok(Self {
+    pub(crate) fn set_rules(&mut self, plan: &PlanRow, limits: Vec<LimitRow>) -> Result<(), StoreError> {
+        self.rules = Some(Rules {
             plan: plan.plan()?,
             automatic_fallback: plan.automatic_fallback,
             limits,
-            cycles: HashMap::new(),
-        })
+        });
+        Ok(())
+    }
+
+    fn rules(&self) -> Result<&Rules, StoreError> {
+        self.rules.as_ref().ok_or_else(not_loaded)
     }
 
     /// The counters' key of the cycle containing `at` (R1).
     ///
     /// Errors: [`StoreError::Invalid`] when `at` is outside the calendar.
     pub(crate) fn cycle_of(&self, at: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
-        Ok(cycle_key(self.plan.cycle_at(at)?.start))
+        Ok(cycle_key(self.rules()?.plan.cycle_at(at)?.start))
     }
 
     /// Whether the counters of the cycle keyed `cycle_start` must be loaded with
-    /// [`BatchBooks::load`] before use.
+    /// [`BatchBooks::load`] before an admission in it.
     pub(crate) fn needs(&self, cycle_start: i64) -> bool {
         !self.cycles.contains_key(&cycle_start)
     }
 
-    /// Take in the stored counters of the cycle keyed `cycle_start`.
-    pub(crate) fn load(&mut self, cycle_start: i64, counters: &[CounterRow]) {
-        let (workspace, models) = super::books::model_states(counters, &self.limits);
-        self.cycles.insert(
-            cycle_start,
-            CycleBooks {
-                workspace,
-                models,
-                changes: HashMap::new(),
-            },
-        );
+    /// Take in the stored counters of the cycle keyed `cycle_start`, plus the
+    /// changes the batch has made to them so far. Needs the rules.
+    ///
+    /// Errors: [`StoreError::Database`] when the rules were not loaded.
+    pub(crate) fn load(&mut self, cycle_start: i64, counters: &[CounterRow]) -> Result<(), StoreError> {
+        let (workspace, models) = super::books::model_states(counters, &self.rules()?.limits);
+        let mut books = CycleBooks { workspace, models };
+        for ((cycle, model), (spent, reserved)) in &self.changes {
+            if *cycle == cycle_start {
+                books.add(model, *spent, *reserved);
+            }
+        }
+        self.cycles.insert(cycle_start, books);
+        Ok(())
     }
 
     /// Decide `request` (R6) and, when admitted, hold its reservation in the books.
@@ -260,7 +295,7 @@ impl BatchBooks {
     ///
     /// Errors: [`StoreError::NotFound`] when the model left the catalog.
     pub(crate) fn reserve(&mut self, request: &ReserveRequest) -> Result<Decision, StoreError> {
-        let cycle = self.plan.cycle_at(request.now)?;
+        let cycle = self.rules()?.plan.cycle_at(request.now)?;
         let key = cycle_key(cycle.start);
         let requested = request
             .catalog
@@ -273,13 +308,13 @@ impl BatchBooks {
                 Admission::Fallback { to, reservation, .. } => (to, reservation),
                 Admission::Block(blocked) => return Ok(Decision::Block(blocked)),
             };
-        let served_model = request
+        let prices = request
             .catalog
             .get(&served)
             .ok_or(StoreError::NotFound { what: "model" })?
-            .clone();
-        self.change(key, served.as_str(), 0, amount.get())?;
-        Ok(Decision::Admit(NewReservation {
+            .prices;
+        self.change(key, served.as_str(), 0, amount.get());
+        Ok(Decision::Admit(Box::new(NewReservation {
             reservation: Reservation {
                 id: ReservationId(uuid::Uuid::new_v4().to_string()),
                 requested: request.model.clone(),
@@ -288,8 +323,8 @@ impl BatchBooks {
                 cycle,
             },
             cycle_start: key,
-            served: served_model,
-        }))
+            prices,
+        })))
     }
 
     /// Whether finished usage of known `cost` on `model` fits the plan and the
@@ -304,52 +339,33 @@ impl BatchBooks {
         model: &app::domain::Model,
         cost: Nanos,
     ) -> Result<Result<(), app::domain::Blocked>, StoreError> {
-        let cycle = self.plan.cycle_at(at)?;
+        let cycle = self.rules()?.plan.cycle_at(at)?;
         let snapshot = self.snapshot(cycle_key(cycle.start), cycle.end)?;
         Ok(app::domain::admit_known_cost(&snapshot, model, cost))
     }
 
     /// Add `spent` and `reserved` (nano-euros, either sign) to `model`'s and the
-    /// workspace's counters of the loaded cycle keyed `cycle_start`.
-    ///
-    /// Errors: [`StoreError::Database`] when the cycle was not loaded.
-    pub(crate) fn change(
-        &mut self,
-        cycle_start: i64,
-        model: &str,
-        spent: i64,
-        reserved: i64,
-    ) -> Result<(), StoreError> {
-        let books = self.cycle(cycle_start)?;
-        let add = |counter: &mut Counter| {
-            counter.spent = Nanos::new(counter.spent.get().saturating_add(spent));
-            counter.reserved = Nanos::new(counter.reserved.get().saturating_add(reserved));
-        };
-        add(&mut books.workspace);
-        add(&mut books
-            .models
-            .entry(ModelId::new(model))
-            .or_default()
-            .counter);
-        let total = books.changes.entry(model.to_owned()).or_default();
+    /// workspace's counters of the cycle keyed `cycle_start`.
+    pub(crate) fn change(&mut self, cycle_start: i64, model: &str, spent: i64, reserved: i64) {
+        if let Some(books) = self.cycles.get_mut(&cycle_start) {
+            books.add(model, spent, reserved);
+        }
+        let total = self
+            .changes
+            .entry((cycle_start, model.to_owned()))
+            .or_default();
         total.0 = total.0.saturating_add(spent);
         total.1 = total.1.saturating_add(reserved);
-        Ok(())
     }
 
     /// The counters' changes to write: `(cycle_start, model id, spent, reserved)`,
     /// nano-euros. The workspace's total row is changed along with each model's.
     pub(crate) fn changes(&self) -> Vec<(i64, &str, i64, i64)> {
         let mut changes: Vec<_> = self
-            .cycles
+            .changes
             .iter()
-            .flat_map(|(key, books)| {
-                books
-                    .changes
-                    .iter()
-                    .filter(|(_, (spent, reserved))| *spent != 0 || *reserved != 0)
-                    .map(|(model, (spent, reserved))| (*key, model.as_str(), *spent, *reserved))
-            })
+            .filter(|(_, (spent, reserved))| *spent != 0 || *reserved != 0)
+            .map(|((cycle, model), (spent, reserved))| (*cycle, model.as_str(), *spent, *reserved))
             .collect();
         // A fixed order, so two writers touch rows in the same order.
         changes.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
@@ -362,25 +378,20 @@ impl BatchBooks {
         cycle_start: i64,
         resets_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<Snapshot<'_>, StoreError> {
+        let rules = self.rules()?;
         let books = self.cycles.get(&cycle_start).ok_or_else(not_loaded)?;
         Ok(Snapshot {
-            plan: self.plan.amounts,
-            automatic_fallback: self.automatic_fallback,
+            plan: rules.plan.amounts,
+            automatic_fallback: rules.automatic_fallback,
             workspace: books.workspace,
             models: &books.models,
             resets_at,
         })
     }
-
-    fn cycle(&mut self, cycle_start: i64) -> Result<&mut CycleBooks, StoreError> {
-        self.cycles
-            .get_mut(&cycle_start)
-            .ok_or_else(not_loaded)
-    }
 }
 
 fn not_loaded() -> StoreError {
-    StoreError::Database("the books of a cycle were used before they were read".into())
+    StoreError::Database("the books were used before they were read".into())
 }
 
 #[cfg(test)]

@@ -141,6 +141,81 @@ impl EventRow {
     }
 }
 
+/// A ledger row with the columns that find it again: the reservation it
+/// settled, and the idempotency key it was recorded under.
+#[derive(sqlx::FromRow)]
+pub(crate) struct LedgerRow {
+    #[sqlx(flatten)]
+    pub event: EventRow,
+    pub reservation_id: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Whether no value of `values` repeats.
+pub(crate) fn all_distinct(values: &[&str]) -> bool {
+    let mut seen = std::collections::HashSet::with_capacity(values.len());
+    values.iter().all(|value| seen.insert(*value))
+}
+
+/// A new reservation as one element of the JSON array the batch inserts (the
+/// fields are the `reservations` columns).
+pub(crate) fn reservation_json(
+    request: &app::store::ReserveRequest,
+    new: &crate::db::batch::NewReservation,
+) -> serde_json::Value {
+    let prices = &new.prices;
+    serde_json::json!({
+        "id": new.reservation.id.0,
+        "cycle_start": new.cycle_start,
+        "requested_model": new.reservation.requested.as_str(),
+        "served_model": new.reservation.served.as_str(),
+        "amount_nanos": new.reservation.amount.get(),
+        "input_eur_per_mtok": prices.input.to_string(),
+        "cached_input_eur_per_mtok": prices.cached_input.to_string(),
+        "output_eur_per_mtok": prices.output.to_string(),
+        "user_id": request.spender.user_id,
+        "api_key_id": request.spender.api_key_id,
+        "owner": request.owner,
+        "lease_until": millis(request.lease_until),
+        "created_at": request.now.to_rfc3339(),
+    })
+}
+
+/// A settlement's ledger row as one element of the JSON array the batch inserts
+/// (the fields are the `usage_events` columns; flags as 0 or 1).
+///
+/// Errors: [`StoreError::Invalid`] for a token count past `i64::MAX`.
+pub(crate) fn event_json(
+    row: &ReservationRow,
+    usage: &Usage,
+    cost: Nanos,
+    (estimated, over_reservation): (bool, bool),
+    idempotency_key: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value, StoreError> {
+    Ok(serde_json::json!({
+        "cycle_start": row.cycle_start,
+        "occurred_at": now.to_rfc3339(),
+        "user_id": row.user_id,
+        "api_key_id": row.api_key_id,
+        "requested_model": row.requested_model,
+        "served_model": row.served_model,
+        "prompt_tokens": tokens(usage.prompt_tokens)?,
+        "cached_tokens": tokens(usage.cached_tokens)?,
+        "completion_tokens": tokens(usage.completion_tokens)?,
+        "reasoning_tokens": tokens(usage.reasoning_tokens)?,
+        "input_eur_per_mtok": row.input_eur_per_mtok,
+        "cached_input_eur_per_mtok": row.cached_input_eur_per_mtok,
+        "output_eur_per_mtok": row.output_eur_per_mtok,
+        "cost_nanos": cost.get(),
+        "reserved_nanos": row.amount_nanos,
+        "estimated": i32::from(estimated),
+        "over_reservation": i32::from(over_reservation),
+        "reservation_id": row.id,
+        "idempotency_key": idempotency_key,
+    }))
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct UserRow {
     pub id: i64,
@@ -493,10 +568,10 @@ macro_rules! impl_store {
 
                 let mut tx = self.begin_write().await?;
                 let plan_row = read_plan(&mut tx, Self::LOCK).await?;
-                let mut books =
-                    $crate::db::batch::BatchBooks::new(&plan_row, read_limits(&mut tx).await?)?;
+                let mut books = $crate::db::batch::BatchBooks::default();
+                books.set_rules(&plan_row, read_limits(&mut tx).await?)?;
                 let key = books.cycle_of(now)?;
-                books.load(key, &read_counters(&mut tx, key).await?);
+                books.load(key, &read_counters(&mut tx, key).await?)?;
                 let mut outcomes = Vec::with_capacity(records.len());
                 for record in records {
                     if let Some(event) = find_event(&mut tx, &record.idempotency_key).await? {
@@ -521,7 +596,7 @@ macro_rules! impl_store {
                         outcomes.push(RecordOutcome::Blocked(blocked));
                         continue;
                     }
-                    books.change(key, &row.served_model, cost.get(), 0)?;
+                    books.change(key, &row.served_model, cost.get(), 0);
                     let event = insert_event(
                         &mut tx,
                         &row,
@@ -948,130 +1023,242 @@ macro_rules! impl_store {
 
         /// One transaction over `ops`, in order; any error rolls back all of them.
         /// Blocks and unknown reservations are answers, not errors: they write nothing.
+        ///
+        /// Whatever the batch's size, it costs a fixed number of statements: the
+        /// rules and counters are read once (when it holds an admission), the
+        /// reservations it ends are deleted by one statement, its new reservations
+        /// and ledger rows are inserted by one each, and each model's counters are
+        /// changed once.
         async fn try_batch(
             writer: &sqlx::Pool<$db>,
             ops: &[$crate::db::batch::Op],
         ) -> Result<Vec<$crate::db::batch::Answer>, app::store::StoreError> {
             use $crate::db::batch::{Answer, BatchBooks, Decision, Op};
             use $crate::db::books::*;
-            use app::store::ReserveOutcome;
+            use app::store::{ReserveOutcome, StoreError};
 
+            let keys: Vec<&str> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Settle(settlement, _) => settlement.idempotency_key.as_deref(),
+                    _ => None,
+                })
+                .collect();
+            if ops.len() > 1 && !all_distinct(&keys) {
+                // A retried settlement racing its original: one per transaction.
+                return Err(StoreError::Database("one idempotency key twice in a batch".into()));
+            }
             let mut tx = writer.begin_with(<$store>::BEGIN).await.map_err(db_error)?;
-            let plan_row = read_plan(&mut tx, <$store>::LOCK).await?;
-            let mut books = BatchBooks::new(&plan_row, read_limits(&mut tx).await?)?;
+            let mut recorded = find_events(&mut tx, &keys).await?;
+            let ending: Vec<&str> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Settle(settlement, _) => Some(settlement.reservation.0.as_str()),
+                    Op::Release(id, _) => Some(id.0.as_str()),
+                    Op::Reserve(..) => None,
+                })
+                .collect();
+            let mut ended = take_reservations(&mut tx, &ending).await?;
+
+            let mut books = BatchBooks::default();
             let mut answers = Vec::with_capacity(ops.len());
+            let mut reservations = Vec::new();
+            let mut events = Vec::new();
             for op in ops {
                 answers.push(match op {
                     Op::Reserve(request, _) => {
+                        if books.needs_rules() {
+                            let plan_row = read_plan(&mut tx, <$store>::LOCK).await?;
+                            books.set_rules(&plan_row, read_limits(&mut tx).await?)?;
+                        }
                         let key = books.cycle_of(request.now)?;
                         if books.needs(key) {
-                            books.load(key, &read_counters(&mut tx, key).await?);
+                            books.load(key, &read_counters(&mut tx, key).await?)?;
                         }
                         match books.reserve(request)? {
-                            Decision::Block(blocked) => Answer::Reserve(Ok(ReserveOutcome::Blocked(blocked))),
+                            Decision::Block(blocked) => {
+                                Some(Answer::Reserve(Ok(ReserveOutcome::Blocked(blocked))))
+                            }
                             Decision::Admit(new) => {
-                                insert_reservation(&mut tx, request, &new).await?;
-                                Answer::Reserve(Ok(ReserveOutcome::Admitted(new.reservation)))
+                                reservations.push(reservation_json(request, &new));
+                                Some(Answer::Reserve(Ok(ReserveOutcome::Admitted(new.reservation))))
                             }
                         }
                     }
                     Op::Settle(settlement, _) => 'settle: {
                         if let Some(key) = &settlement.idempotency_key {
-                            if let Some(event) = find_event(&mut tx, key).await? {
-                                break 'settle Answer::Settle(Ok(event.record(false)));
+                            if let Some(event) = recorded.remove(key.as_str()) {
+                                break 'settle Some(Answer::Settle(Ok(event.record(false))));
                             }
                         }
-                        let Some(row) = take_reservation(&mut tx, &settlement.reservation).await? else {
-                            break 'settle Answer::Settle(Err(app::store::StoreError::NotFound {
+                        let Some(row) = ended.remove(settlement.reservation.0.as_str()) else {
+                            break 'settle Some(Answer::Settle(Err(StoreError::NotFound {
                                 what: "reservation",
-                            }));
+                            })));
                         };
                         let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
-                        if books.needs(row.cycle_start) {
-                            books.load(row.cycle_start, &read_counters(&mut tx, row.cycle_start).await?);
-                        }
-                        books.change(row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos)?;
-                        let usage = settlement.usage.clone().unwrap_or_default();
-                        let event = insert_event(
-                            &mut tx,
+                        books.change(row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos);
+                        events.push(event_json(
                             &row,
-                            &usage,
+                            &settlement.usage.clone().unwrap_or_default(),
                             cost,
-                            estimated,
-                            over,
+                            (estimated, over),
                             settlement.idempotency_key.as_deref(),
                             settlement.now,
-                        )
-                        .await?;
-                        Answer::Settle(Ok(event.record(true)))
+                        )?);
+                        // Answered once its ledger row has an id.
+                        None
                     }
-                    Op::Release(id, _) => match take_reservation(&mut tx, id).await? {
-                        None => Answer::Release(Err(app::store::StoreError::NotFound { what: "reservation" })),
+                    Op::Release(id, _) => match ended.remove(id.0.as_str()) {
+                        None => Some(Answer::Release(Err(StoreError::NotFound { what: "reservation" }))),
                         Some(row) => {
-                            if books.needs(row.cycle_start) {
-                                books.load(row.cycle_start, &read_counters(&mut tx, row.cycle_start).await?);
-                            }
-                            books.change(row.cycle_start, &row.served_model, 0, -row.amount_nanos)?;
-                            Answer::Release(Ok(()))
+                            books.change(row.cycle_start, &row.served_model, 0, -row.amount_nanos);
+                            Some(Answer::Release(Ok(())))
                         }
                     },
                 });
             }
+            insert_reservations(&mut tx, reservations).await?;
+            let mut inserted = insert_events(&mut tx, events).await?;
             for (cycle_start, model, spent, reserved) in books.changes() {
                 add_to_counters(&mut tx, cycle_start, model, spent, reserved).await?;
             }
+            let answers = ops
+                .iter()
+                .zip(answers)
+                .map(|(op, answer)| match (op, answer) {
+                    (_, Some(answer)) => Ok(answer),
+                    (Op::Settle(settlement, _), None) => inserted
+                        .remove(&settlement.reservation.0)
+                        .map(|event| Answer::Settle(Ok(event.record(true))))
+                        .ok_or_else(|| StoreError::Database("a ledger row was not written".into())),
+                    _ => Err(StoreError::Database("an operation was not answered".into())),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             tx.commit().await.map_err(db_error)?;
             Ok(answers)
         }
 
-        async fn insert_reservation(
+        /// Ledger rows already recorded under `keys`, by key.
+        async fn find_events(
             tx: &mut Tx,
-            request: &app::store::ReserveRequest,
-            new: &$crate::db::batch::NewReservation,
+            keys: &[&str],
+        ) -> Result<std::collections::HashMap<String, $crate::db::books::EventRow>, app::store::StoreError> {
+            use $crate::db::books::*;
+            if keys.is_empty() {
+                return Ok(Default::default());
+            }
+            let keys: Vec<_> = keys.iter().map(|key| serde_json::json!({ "key": key })).collect();
+            let rows: Vec<LedgerRow> = sqlx::query_as(&format!(
+                "SELECT id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
+                 reservation_id, idempotency_key FROM usage_events WHERE workspace_id = $2 AND \
+                 idempotency_key IN (SELECT value ->> 'key' FROM {})",
+                <$store>::JSON_ROWS
+            ))
+            .bind(serde_json::Value::from(keys).to_string())
+            .bind(WORKSPACE_ID)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|row| Some((row.idempotency_key?, row.event)))
+                .collect())
+        }
+
+        /// Delete the reservations `ids` that still exist and return them, by id.
+        async fn take_reservations(
+            tx: &mut Tx,
+            ids: &[&str],
+        ) -> Result<std::collections::HashMap<String, $crate::db::books::ReservationRow>, app::store::StoreError> {
+            use $crate::db::books::*;
+            if ids.is_empty() {
+                return Ok(Default::default());
+            }
+            let ids: Vec<_> = ids.iter().map(|id| serde_json::json!({ "id": id })).collect();
+            let rows: Vec<ReservationRow> = sqlx::query_as(&format!(
+                "DELETE FROM reservations WHERE workspace_id = $2 AND \
+                 id IN (SELECT value ->> 'id' FROM {}) RETURNING id, cycle_start, requested_model, \
+                 served_model, amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, \
+                 output_eur_per_mtok, user_id, api_key_id",
+                <$store>::JSON_ROWS
+            ))
+            .bind(serde_json::Value::from(ids).to_string())
+            .bind(WORKSPACE_ID)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            Ok(rows.into_iter().map(|row| (row.id.clone(), row)).collect())
+        }
+
+        /// Insert new reservations, each as made by [`reservation_json`].
+        async fn insert_reservations(
+            tx: &mut Tx,
+            rows: Vec<serde_json::Value>,
         ) -> Result<(), app::store::StoreError> {
             use $crate::db::books::*;
-            sqlx::query(
+            if rows.is_empty() {
+                return Ok(());
+            }
+            sqlx::query(&format!(
                 "INSERT INTO reservations (id, workspace_id, cycle_start, requested_model, served_model, \
                  amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
                  user_id, api_key_id, owner, lease_until, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
-            .bind(&new.reservation.id.0)
+                 SELECT value ->> 'id', $2, CAST(value ->> 'cycle_start' AS BIGINT), \
+                 value ->> 'requested_model', value ->> 'served_model', \
+                 CAST(value ->> 'amount_nanos' AS BIGINT), value ->> 'input_eur_per_mtok', \
+                 value ->> 'cached_input_eur_per_mtok', value ->> 'output_eur_per_mtok', \
+                 CAST(value ->> 'user_id' AS BIGINT), CAST(value ->> 'api_key_id' AS BIGINT), \
+                 value ->> 'owner', CAST(value ->> 'lease_until' AS BIGINT), value ->> 'created_at' \
+                 FROM {}",
+                <$store>::JSON_ROWS
+            ))
+            .bind(serde_json::Value::Array(rows).to_string())
             .bind(WORKSPACE_ID)
-            .bind(new.cycle_start)
-            .bind(new.reservation.requested.as_str())
-            .bind(new.reservation.served.as_str())
-            .bind(new.reservation.amount.get())
-            .bind(new.served.prices.input.to_string())
-            .bind(new.served.prices.cached_input.to_string())
-            .bind(new.served.prices.output.to_string())
-            .bind(request.spender.user_id)
-            .bind(request.spender.api_key_id)
-            .bind(&request.owner)
-            .bind(millis(request.lease_until))
-            .bind(request.now.to_rfc3339())
             .execute(&mut **tx)
             .await
             .map_err(db_error)?;
             Ok(())
         }
 
-        /// Delete a reservation and return it, if it still exists.
-        async fn take_reservation(
+        /// Insert ledger rows of settlements, each as made by [`event_json`];
+        /// returns them by reservation id.
+        async fn insert_events(
             tx: &mut Tx,
-            id: &app::store::ReservationId,
-        ) -> Result<Option<$crate::db::books::ReservationRow>, app::store::StoreError> {
+            rows: Vec<serde_json::Value>,
+        ) -> Result<std::collections::HashMap<String, $crate::db::books::EventRow>, app::store::StoreError> {
             use $crate::db::books::*;
-            sqlx::query_as(
-                "DELETE FROM reservations WHERE id = $1 AND workspace_id = $2 RETURNING id, cycle_start, \
-                 requested_model, served_model, amount_nanos, input_eur_per_mtok, \
-                 cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id",
-            )
-            .bind(&id.0)
+            if rows.is_empty() {
+                return Ok(Default::default());
+            }
+            let inserted: Vec<LedgerRow> = sqlx::query_as(&format!(
+                "INSERT INTO usage_events (workspace_id, cycle_start, occurred_at, user_id, api_key_id, \
+                 requested_model, served_model, prompt_tokens, cached_tokens, completion_tokens, \
+                 reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
+                 cost_nanos, reserved_nanos, estimated, over_reservation, reservation_id, idempotency_key) \
+                 SELECT $2, CAST(value ->> 'cycle_start' AS BIGINT), value ->> 'occurred_at', \
+                 CAST(value ->> 'user_id' AS BIGINT), CAST(value ->> 'api_key_id' AS BIGINT), \
+                 value ->> 'requested_model', value ->> 'served_model', \
+                 CAST(value ->> 'prompt_tokens' AS BIGINT), CAST(value ->> 'cached_tokens' AS BIGINT), \
+                 CAST(value ->> 'completion_tokens' AS BIGINT), CAST(value ->> 'reasoning_tokens' AS BIGINT), \
+                 value ->> 'input_eur_per_mtok', value ->> 'cached_input_eur_per_mtok', \
+                 value ->> 'output_eur_per_mtok', CAST(value ->> 'cost_nanos' AS BIGINT), \
+                 CAST(value ->> 'reserved_nanos' AS BIGINT), CAST(value ->> 'estimated' AS INTEGER) = 1, \
+                 CAST(value ->> 'over_reservation' AS INTEGER) = 1, value ->> 'reservation_id', \
+                 value ->> 'idempotency_key' FROM {} \
+                 RETURNING id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
+                 reservation_id, idempotency_key",
+                <$store>::JSON_ROWS
+            ))
+            .bind(serde_json::Value::Array(rows).to_string())
             .bind(WORKSPACE_ID)
-            .fetch_optional(&mut **tx)
+            .fetch_all(&mut **tx)
             .await
-            .map_err(db_error)
+            .map_err(db_error)?;
+            Ok(inserted
+                .into_iter()
+                .filter_map(|row| Some((row.reservation_id?, row.event)))
+                .collect())
         }
 
         // Statements shared by the operations above, over this backend's transaction.

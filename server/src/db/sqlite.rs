@@ -43,6 +43,8 @@ impl SqliteStore {
     const LOCK: &'static str = "";
     /// Take the write lock before the first read, so a snapshot cannot change.
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    /// The elements of the JSON array bound to `$1`, as rows with a `value` column.
+    const JSON_ROWS: &'static str = "json_each($1)";
 
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
