@@ -24,7 +24,7 @@ use super::error::GatewayError;
 use super::hold::{lease_until_from_now, Hold};
 use super::json::RawObject;
 use super::request::ChatRequest;
-use super::sse::{self, Decoder, Relay, Relayed, DONE_FRAME};
+use super::sse::{self, Eventsource, Relay, Relayed, DONE_FRAME};
 use super::upstream::{usage_from_upstream, Target};
 use super::{read_body, Gateway, SERVED_MODEL_HEADER};
 
@@ -361,41 +361,27 @@ impl Exchange {
 
         let timeout = self.target.timeout;
         let mut relay = Relay::new(&self.served, self.client_wants_usage, &self.target.name);
-        let mut decoder = Decoder::default();
-        let mut upstream = response.bytes_stream();
+        let mut upstream = response.bytes_stream().eventsource();
         let end = 'read: loop {
-            let chunk = match tokio::time::timeout(timeout, upstream.next()).await {
+            let event = match tokio::time::timeout(timeout, upstream.next()).await {
                 Err(_) => break 'read StreamEnd::TimedOut,
                 Ok(None) => break 'read StreamEnd::Eof,
                 Ok(Some(Err(e))) => {
-                    tracing::warn!(upstream = %self.target.name, error = %e.without_url(), "the upstream stream broke off");
+                    let error = match e {
+                        sse::EventStreamError::Transport(e) => e.without_url().to_string(),
+                        other => other.to_string(),
+                    };
+                    tracing::warn!(upstream = %self.target.name, %error, "the upstream stream broke off");
                     break 'read StreamEnd::Broken;
                 }
-                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Ok(event))) => event,
             };
-            let events = match decoder.push(&chunk) {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::warn!(upstream = %self.target.name, error = %e, "unusable upstream stream");
-                    break 'read StreamEnd::Broken;
-                }
-            };
-            for event in events {
-                match relay.relay(event) {
-                    Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
-                    Relayed::Nothing => {}
-                    Relayed::Done => break 'read StreamEnd::Done,
-                }
+            match relay.relay(event) {
+                Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
+                Relayed::Nothing => {}
+                Relayed::Done => break 'read StreamEnd::Done,
             }
         };
-        if end == StreamEnd::Eof {
-            if let Some(event) = std::mem::take(&mut decoder).finish() {
-                match relay.relay(event) {
-                    Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
-                    Relayed::Nothing | Relayed::Done => {}
-                }
-            }
-        }
         drop(upstream);
         let upstream_time = sent.elapsed();
         // Settle before the last byte (R7). A stream that ended without usage is
@@ -452,7 +438,7 @@ fn server_timing(gateway: Duration, upstream: Duration) -> String {
 /// An error as a stream event, so a client that already has a 200 learns why the
 /// stream ends early.
 fn error_frame(error: &GatewayError) -> Bytes {
-    sse::frame(&[], Some(&error.body()))
+    sse::data_frame(&error.body())
 }
 
 /// Sends `frame` to the client unless it has gone away; a client that takes no
