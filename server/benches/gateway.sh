@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Gateway throughput and latency: requests/s, p50 and p99 at 1, 16 and 64
 # connections, through the gateway and directly to the mock upstream, on SQLite
-# and (when TEST_DATABASE_URL is set) PostgreSQL.
+# and (when TEST_DATABASE_URL is set) PostgreSQL; then the latency at a fixed
+# rate (RATE requests/s, 2000 by default) with the gateway's added time.
 #
 #   server/benches/gateway.sh            # DURATION=10s per run by default
-#   DURATION=30s PROFILE=release server/benches/gateway.sh
+#   DURATION=30s RATE=2000 PROFILE=release server/benches/gateway.sh
 #
 # Load comes from wrk (Debian's `wrk` package) in its own process; the stack is
 # `server/benches/gateway.rs` (mock upstream + real router + fresh database),
@@ -14,16 +15,22 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-10s}
+RATE=${RATE:-2000}
 PROFILE=${PROFILE:-dev}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 
-bin=$(cargo build -q -p server --bench gateway --profile "$PROFILE" --message-format=json \
-  | python3 -c 'import json,sys
+# The path of bench target $1's executable, built with $PROFILE.
+build_bench() {
+  cargo build -q -p server --bench "$1" --profile "$PROFILE" --message-format=json \
+    | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gateway" and m.get("executable"):
-        print(m["executable"])')
-[ -x "$bin" ] || { echo "could not build the benchmark stack" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$1"
+}
+bin=$(build_bench gateway)
+rate_bin=$(build_bench gateway_rate)
+[ -x "$bin" ] && [ -x "$rate_bin" ] || { echo "could not build the benchmark stack" >&2; exit 1; }
 
 work=$(mktemp -d)
 stack_pid=
@@ -70,6 +77,10 @@ run_backend() {
     printf '%-9s %-8s %5s %s\n' "$backend" gateway "$c" "$(measure "$gateway" "$key" "$c")"
     printf '%-9s %-8s %5s %s\n' "$backend" direct "$c" "$(measure "$mock" none "$c")"
   done
+  echo "fixed rate: $RATE requests/s for ${DURATION%s} s (latencies in µs, p50/p99)"
+  printf '%-9s %-8s %7s %7s %6s %19s %13s\n' backend target sent 'req/s' non200 'client p50/p99' 'added p50/p99'
+  printf '%-9s %-8s %s\n' "$backend" gateway "$("$rate_bin" "$gateway" "$key" "$RATE" "${DURATION%s}")"
+  printf '%-9s %-8s %s\n' "$backend" direct "$("$rate_bin" "$mock" none "$RATE" "${DURATION%s}")"
   kill "$stack_pid"; wait "$stack_pid" 2>/dev/null || true; stack_pid=
   sed -n 's/^served; /  books after the runs: /p' "$work/stack.err"
   sed -n 's/^tollgate_settlements_total/  settlements/p' "$work/stack.err"

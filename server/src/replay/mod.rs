@@ -221,8 +221,9 @@ fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// One request and its answer, read to the last byte.
-async fn exchange(call: reqwest::RequestBuilder, requested: &str) -> (Outcome, Option<Duration>) {
+/// One request and its answer, read to the last byte: the outcome, and the
+/// gateway's own time from its `Server-Timing` header (non-streamed answers).
+pub async fn exchange(call: reqwest::RequestBuilder, requested: &str) -> (Outcome, Option<Duration>) {
     let failed = |e: reqwest::Error| {
         let message = e.without_url().to_string();
         (Outcome::Failed { message }, None)
@@ -680,7 +681,7 @@ pub async fn probe(options: &ReplayOptions) -> anyhow::Result<()> {
 }
 
 /// The `p`-th percentile (nearest rank) of sorted `values`; 0 when empty.
-fn percentile(sorted: &[u64], p: usize) -> u64 {
+pub fn percentile(sorted: &[u64], p: usize) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
