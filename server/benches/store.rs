@@ -1,6 +1,6 @@
 //! Reserve + settle pairs per second through the `Store` port (DESIGN.md R7), on a
 //! temporary SQLite file and, when `TEST_DATABASE_URL` is set, on a fresh
-//! PostgreSQL database; one task, then 16 concurrent tasks.
+//! PostgreSQL database; one task, then 16 and 64 concurrent tasks.
 //!
 //! Run: `cargo bench -p server --bench store` (prints its figures; no assertions).
 #![allow(
@@ -97,7 +97,7 @@ async fn pair(store: &SharedStore, catalog: &Arc<Catalog>) {
 }
 
 async fn run(name: &str, store: SharedStore, catalog: Arc<Catalog>) {
-    for tasks in [1usize, 16] {
+    for tasks in [1usize, 16, 64] {
         let per_task = PAIRS_PER_RUN / tasks;
         let start = Instant::now();
         let handles: Vec<_> = (0..tasks)

@@ -157,63 +157,48 @@ pub(crate) fn all_distinct(values: &[&str]) -> bool {
     values.iter().all(|value| seen.insert(*value))
 }
 
-/// A new reservation as one element of the JSON array the batch inserts (the
-/// fields are the `reservations` columns).
-pub(crate) fn reservation_json(
-    request: &app::store::ReserveRequest,
-    new: &crate::db::batch::NewReservation,
-) -> serde_json::Value {
-    let prices = &new.prices;
-    serde_json::json!({
-        "id": new.reservation.id.0,
-        "cycle_start": new.cycle_start,
-        "requested_model": new.reservation.requested.as_str(),
-        "served_model": new.reservation.served.as_str(),
-        "amount_nanos": new.reservation.amount.get(),
-        "input_eur_per_mtok": prices.input.to_string(),
-        "cached_input_eur_per_mtok": prices.cached_input.to_string(),
-        "output_eur_per_mtok": prices.output.to_string(),
-        "user_id": request.spender.user_id,
-        "api_key_id": request.spender.api_key_id,
-        "owner": request.owner,
-        "lease_until": millis(request.lease_until),
-        "created_at": request.now.to_rfc3339(),
-    })
+/// A ledger row to insert: the reservation it settles (an empty `id` for usage
+/// recorded without one), what was used and what it cost.
+pub(crate) struct NewEvent {
+    pub row: ReservationRow,
+    pub usage: Usage,
+    /// Nano-euros charged.
+    pub cost: Nanos,
+    pub estimated: bool,
+    pub over_reservation: bool,
+    pub idempotency_key: Option<String>,
+    pub now: DateTime<Utc>,
 }
 
-/// A settlement's ledger row as one element of the JSON array the batch inserts
-/// (the fields are the `usage_events` columns; flags as 0 or 1).
-///
-/// Errors: [`StoreError::Invalid`] for a token count past `i64::MAX`.
-pub(crate) fn event_json(
-    row: &ReservationRow,
-    usage: &Usage,
-    cost: Nanos,
-    (estimated, over_reservation): (bool, bool),
-    idempotency_key: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<serde_json::Value, StoreError> {
-    Ok(serde_json::json!({
-        "cycle_start": row.cycle_start,
-        "occurred_at": now.to_rfc3339(),
-        "user_id": row.user_id,
-        "api_key_id": row.api_key_id,
-        "requested_model": row.requested_model,
-        "served_model": row.served_model,
-        "prompt_tokens": tokens(usage.prompt_tokens)?,
-        "cached_tokens": tokens(usage.cached_tokens)?,
-        "completion_tokens": tokens(usage.completion_tokens)?,
-        "reasoning_tokens": tokens(usage.reasoning_tokens)?,
-        "input_eur_per_mtok": row.input_eur_per_mtok,
-        "cached_input_eur_per_mtok": row.cached_input_eur_per_mtok,
-        "output_eur_per_mtok": row.output_eur_per_mtok,
-        "cost_nanos": cost.get(),
-        "reserved_nanos": row.amount_nanos,
-        "estimated": i32::from(estimated),
-        "over_reservation": i32::from(over_reservation),
-        "reservation_id": row.id,
-        "idempotency_key": idempotency_key,
-    }))
+/// Row counts that `rows` rows are inserted or looked up in: powers of two,
+/// largest first. A batch then costs at most one statement per bit of its size,
+/// each of a shape the statement cache keeps (at most 7 shapes up to 64 rows).
+pub(crate) fn chunk_sizes(rows: usize) -> impl Iterator<Item = usize> {
+    (0..usize::BITS)
+        .rev()
+        .map(|bit| 1usize << bit)
+        .filter(move |size| rows & size != 0)
+}
+
+/// `($first, ..., $(first + columns - 1)), (...)` for `rows` rows: the
+/// placeholders of a multi-row `VALUES` (or, with one column, an `IN` list).
+pub(crate) fn placeholders(rows: usize, columns: usize, first: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        if row > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(first + row * columns + column).to_string());
+        }
+        out.push(')');
+    }
+    out
 }
 
 #[derive(sqlx::FromRow)]
@@ -574,7 +559,11 @@ macro_rules! impl_store {
                 books.load(key, &read_counters(&mut tx, key).await?)?;
                 let mut outcomes = Vec::with_capacity(records.len());
                 for record in records {
-                    if let Some(event) = find_event(&mut tx, &record.idempotency_key).await? {
+                    let idempotency_key = record.idempotency_key.as_str();
+                    if let Some(event) = find_events(&mut tx, &[idempotency_key])
+                        .await?
+                        .remove(idempotency_key)
+                    {
                         outcomes.push(RecordOutcome::Duplicate(event.record(false)));
                         continue;
                     }
@@ -597,17 +586,22 @@ macro_rules! impl_store {
                         continue;
                     }
                     books.change(key, &row.served_model, cost.get(), 0);
-                    let event = insert_event(
-                        &mut tx,
-                        &row,
-                        &record.usage,
+                    // One at a time: a key repeated within `records` must find the
+                    // row its first occurrence wrote.
+                    let event = NewEvent {
+                        row,
+                        usage: record.usage,
                         cost,
-                        false,
-                        false,
-                        Some(&record.idempotency_key),
+                        estimated: false,
+                        over_reservation: false,
+                        idempotency_key: Some(record.idempotency_key.clone()),
                         now,
-                    )
-                    .await?;
+                    };
+                    let event = insert_events(&mut tx, std::slice::from_ref(&event))
+                        .await?
+                        .pop()
+                        .ok_or_else(|| app::store::StoreError::Database("a ledger row was not written".into()))?
+                        .event;
                     outcomes.push(RecordOutcome::Recorded(event.record(true)));
                 }
                 for (cycle_start, model, spent, reserved) in books.changes() {
@@ -1080,8 +1074,9 @@ macro_rules! impl_store {
                                 Some(Answer::Reserve(Ok(ReserveOutcome::Blocked(blocked))))
                             }
                             Decision::Admit(new) => {
-                                reservations.push(reservation_json(request, &new));
-                                Some(Answer::Reserve(Ok(ReserveOutcome::Admitted(new.reservation))))
+                                let reservation = new.reservation.clone();
+                                reservations.push((&**request, *new));
+                                Some(Answer::Reserve(Ok(ReserveOutcome::Admitted(reservation))))
                             }
                         }
                     }
@@ -1098,14 +1093,15 @@ macro_rules! impl_store {
                         };
                         let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
                         books.change(row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos);
-                        events.push(event_json(
-                            &row,
-                            &settlement.usage.clone().unwrap_or_default(),
+                        events.push(NewEvent {
+                            row,
+                            usage: settlement.usage.clone().unwrap_or_default(),
                             cost,
-                            (estimated, over),
-                            settlement.idempotency_key.as_deref(),
-                            settlement.now,
-                        )?);
+                            estimated,
+                            over_reservation: over,
+                            idempotency_key: settlement.idempotency_key.clone(),
+                            now: settlement.now,
+                        });
                         // Answered once its ledger row has an id.
                         None
                     }
@@ -1118,8 +1114,12 @@ macro_rules! impl_store {
                     },
                 });
             }
-            insert_reservations(&mut tx, reservations).await?;
-            let mut inserted = insert_events(&mut tx, events).await?;
+            insert_reservations(&mut tx, &reservations).await?;
+            let mut inserted: std::collections::HashMap<String, EventRow> = insert_events(&mut tx, &events)
+                .await?
+                .into_iter()
+                .filter_map(|row| Some((row.reservation_id?, row.event)))
+                .collect();
             for (cycle_start, model, spent, reserved) in books.changes() {
                 add_to_counters(&mut tx, cycle_start, model, spent, reserved).await?;
             }
@@ -1145,25 +1145,25 @@ macro_rules! impl_store {
             keys: &[&str],
         ) -> Result<std::collections::HashMap<String, $crate::db::books::EventRow>, app::store::StoreError> {
             use $crate::db::books::*;
-            if keys.is_empty() {
-                return Ok(Default::default());
+            let mut found = std::collections::HashMap::new();
+            let mut rest = keys;
+            for size in chunk_sizes(keys.len()) {
+                let (chunk, tail) = rest.split_at(size);
+                rest = tail;
+                let sql = format!(
+                    "SELECT id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
+                     reservation_id, idempotency_key FROM usage_events \
+                     WHERE workspace_id = $1 AND idempotency_key IN {}",
+                    placeholders(1, size, 2)
+                );
+                let mut query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
+                for key in chunk {
+                    query = query.bind(*key);
+                }
+                let rows: Vec<LedgerRow> = query.fetch_all(&mut **tx).await.map_err(db_error)?;
+                found.extend(rows.into_iter().filter_map(|row| Some((row.idempotency_key?, row.event))));
             }
-            let keys: Vec<_> = keys.iter().map(|key| serde_json::json!({ "key": key })).collect();
-            let rows: Vec<LedgerRow> = sqlx::query_as(&format!(
-                "SELECT id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
-                 reservation_id, idempotency_key FROM usage_events WHERE workspace_id = $2 AND \
-                 idempotency_key IN (SELECT value ->> 'key' FROM {})",
-                <$store>::JSON_ROWS
-            ))
-            .bind(serde_json::Value::from(keys).to_string())
-            .bind(WORKSPACE_ID)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_error)?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|row| Some((row.idempotency_key?, row.event)))
-                .collect())
+            Ok(found)
         }
 
         /// Delete the reservations `ids` that still exist and return them, by id.
@@ -1172,93 +1172,118 @@ macro_rules! impl_store {
             ids: &[&str],
         ) -> Result<std::collections::HashMap<String, $crate::db::books::ReservationRow>, app::store::StoreError> {
             use $crate::db::books::*;
-            if ids.is_empty() {
-                return Ok(Default::default());
+            let mut taken = std::collections::HashMap::new();
+            let mut rest = ids;
+            for size in chunk_sizes(ids.len()) {
+                let (chunk, tail) = rest.split_at(size);
+                rest = tail;
+                let sql = format!(
+                    "DELETE FROM reservations WHERE workspace_id = $1 AND id IN {} \
+                     RETURNING id, cycle_start, requested_model, served_model, amount_nanos, \
+                     input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id",
+                    placeholders(1, size, 2)
+                );
+                let mut query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
+                for id in chunk {
+                    query = query.bind(*id);
+                }
+                let rows: Vec<ReservationRow> = query.fetch_all(&mut **tx).await.map_err(db_error)?;
+                taken.extend(rows.into_iter().map(|row| (row.id.clone(), row)));
             }
-            let ids: Vec<_> = ids.iter().map(|id| serde_json::json!({ "id": id })).collect();
-            let rows: Vec<ReservationRow> = sqlx::query_as(&format!(
-                "DELETE FROM reservations WHERE workspace_id = $2 AND \
-                 id IN (SELECT value ->> 'id' FROM {}) RETURNING id, cycle_start, requested_model, \
-                 served_model, amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, \
-                 output_eur_per_mtok, user_id, api_key_id",
-                <$store>::JSON_ROWS
-            ))
-            .bind(serde_json::Value::from(ids).to_string())
-            .bind(WORKSPACE_ID)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_error)?;
-            Ok(rows.into_iter().map(|row| (row.id.clone(), row)).collect())
+            Ok(taken)
         }
 
-        /// Insert new reservations, each as made by [`reservation_json`].
+        /// Insert the reservations a batch admitted.
         async fn insert_reservations(
             tx: &mut Tx,
-            rows: Vec<serde_json::Value>,
+            rows: &[(&app::store::ReserveRequest, $crate::db::batch::NewReservation)],
         ) -> Result<(), app::store::StoreError> {
             use $crate::db::books::*;
-            if rows.is_empty() {
-                return Ok(());
+            let mut rest = rows;
+            for size in chunk_sizes(rows.len()) {
+                let (chunk, tail) = rest.split_at(size);
+                rest = tail;
+                let sql = format!(
+                    "INSERT INTO reservations (id, workspace_id, cycle_start, requested_model, served_model, \
+                     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
+                     user_id, api_key_id, owner, lease_until, created_at) VALUES {}",
+                    placeholders(size, 14, 1)
+                );
+                let mut query = sqlx::query(&sql);
+                for (request, new) in chunk {
+                    query = query
+                        .bind(&new.reservation.id.0)
+                        .bind(WORKSPACE_ID)
+                        .bind(new.cycle_start)
+                        .bind(new.reservation.requested.as_str())
+                        .bind(new.reservation.served.as_str())
+                        .bind(new.reservation.amount.get())
+                        .bind(new.prices.input.to_string())
+                        .bind(new.prices.cached_input.to_string())
+                        .bind(new.prices.output.to_string())
+                        .bind(request.spender.user_id)
+                        .bind(request.spender.api_key_id)
+                        .bind(&request.owner)
+                        .bind(millis(request.lease_until))
+                        .bind(request.now.to_rfc3339());
+                }
+                query.execute(&mut **tx).await.map_err(db_error)?;
             }
-            sqlx::query(&format!(
-                "INSERT INTO reservations (id, workspace_id, cycle_start, requested_model, served_model, \
-                 amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
-                 user_id, api_key_id, owner, lease_until, created_at) \
-                 SELECT value ->> 'id', $2, CAST(value ->> 'cycle_start' AS BIGINT), \
-                 value ->> 'requested_model', value ->> 'served_model', \
-                 CAST(value ->> 'amount_nanos' AS BIGINT), value ->> 'input_eur_per_mtok', \
-                 value ->> 'cached_input_eur_per_mtok', value ->> 'output_eur_per_mtok', \
-                 CAST(value ->> 'user_id' AS BIGINT), CAST(value ->> 'api_key_id' AS BIGINT), \
-                 value ->> 'owner', CAST(value ->> 'lease_until' AS BIGINT), value ->> 'created_at' \
-                 FROM {}",
-                <$store>::JSON_ROWS
-            ))
-            .bind(serde_json::Value::Array(rows).to_string())
-            .bind(WORKSPACE_ID)
-            .execute(&mut **tx)
-            .await
-            .map_err(db_error)?;
             Ok(())
         }
 
-        /// Insert ledger rows of settlements, each as made by [`event_json`];
-        /// returns them by reservation id.
+        /// Insert ledger rows; returns them as written, in no particular order.
+        ///
+        /// Errors: [`app::store::StoreError::Invalid`] for a token count past
+        /// `i64::MAX`.
         async fn insert_events(
             tx: &mut Tx,
-            rows: Vec<serde_json::Value>,
-        ) -> Result<std::collections::HashMap<String, $crate::db::books::EventRow>, app::store::StoreError> {
+            events: &[$crate::db::books::NewEvent],
+        ) -> Result<Vec<$crate::db::books::LedgerRow>, app::store::StoreError> {
             use $crate::db::books::*;
-            if rows.is_empty() {
-                return Ok(Default::default());
+            let mut inserted = Vec::with_capacity(events.len());
+            let mut rest = events;
+            for size in chunk_sizes(events.len()) {
+                let (chunk, tail) = rest.split_at(size);
+                rest = tail;
+                let sql = format!(
+                    "INSERT INTO usage_events (workspace_id, cycle_start, occurred_at, user_id, api_key_id, \
+                     requested_model, served_model, prompt_tokens, cached_tokens, completion_tokens, \
+                     reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
+                     cost_nanos, reserved_nanos, estimated, over_reservation, reservation_id, idempotency_key) \
+                     VALUES {} RETURNING id, requested_model, served_model, cost_nanos, estimated, \
+                     over_reservation, reservation_id, idempotency_key",
+                    placeholders(size, 20, 1)
+                );
+                let mut query = sqlx::query_as(&sql);
+                for event in chunk {
+                    let row = &event.row;
+                    query = query
+                        .bind(WORKSPACE_ID)
+                        .bind(row.cycle_start)
+                        .bind(event.now.to_rfc3339())
+                        .bind(row.user_id)
+                        .bind(row.api_key_id)
+                        .bind(&row.requested_model)
+                        .bind(&row.served_model)
+                        .bind(tokens(event.usage.prompt_tokens)?)
+                        .bind(tokens(event.usage.cached_tokens)?)
+                        .bind(tokens(event.usage.completion_tokens)?)
+                        .bind(tokens(event.usage.reasoning_tokens)?)
+                        .bind(&row.input_eur_per_mtok)
+                        .bind(&row.cached_input_eur_per_mtok)
+                        .bind(&row.output_eur_per_mtok)
+                        .bind(event.cost.get())
+                        .bind(row.amount_nanos)
+                        .bind(event.estimated)
+                        .bind(event.over_reservation)
+                        .bind((!row.id.is_empty()).then_some(row.id.as_str()))
+                        .bind(event.idempotency_key.as_deref());
+                }
+                let rows: Vec<LedgerRow> = query.fetch_all(&mut **tx).await.map_err(db_error)?;
+                inserted.extend(rows);
             }
-            let inserted: Vec<LedgerRow> = sqlx::query_as(&format!(
-                "INSERT INTO usage_events (workspace_id, cycle_start, occurred_at, user_id, api_key_id, \
-                 requested_model, served_model, prompt_tokens, cached_tokens, completion_tokens, \
-                 reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
-                 cost_nanos, reserved_nanos, estimated, over_reservation, reservation_id, idempotency_key) \
-                 SELECT $2, CAST(value ->> 'cycle_start' AS BIGINT), value ->> 'occurred_at', \
-                 CAST(value ->> 'user_id' AS BIGINT), CAST(value ->> 'api_key_id' AS BIGINT), \
-                 value ->> 'requested_model', value ->> 'served_model', \
-                 CAST(value ->> 'prompt_tokens' AS BIGINT), CAST(value ->> 'cached_tokens' AS BIGINT), \
-                 CAST(value ->> 'completion_tokens' AS BIGINT), CAST(value ->> 'reasoning_tokens' AS BIGINT), \
-                 value ->> 'input_eur_per_mtok', value ->> 'cached_input_eur_per_mtok', \
-                 value ->> 'output_eur_per_mtok', CAST(value ->> 'cost_nanos' AS BIGINT), \
-                 CAST(value ->> 'reserved_nanos' AS BIGINT), CAST(value ->> 'estimated' AS INTEGER) = 1, \
-                 CAST(value ->> 'over_reservation' AS INTEGER) = 1, value ->> 'reservation_id', \
-                 value ->> 'idempotency_key' FROM {} \
-                 RETURNING id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
-                 reservation_id, idempotency_key",
-                <$store>::JSON_ROWS
-            ))
-            .bind(serde_json::Value::Array(rows).to_string())
-            .bind(WORKSPACE_ID)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_error)?;
-            Ok(inserted
-                .into_iter()
-                .filter_map(|row| Some((row.reservation_id?, row.event)))
-                .collect())
+            Ok(inserted)
         }
 
         // Statements shared by the operations above, over this backend's transaction.
@@ -1398,67 +1423,6 @@ macro_rules! impl_store {
             Ok(())
         }
 
-        async fn find_event(
-            tx: &mut Tx,
-            idempotency_key: &str,
-        ) -> Result<Option<$crate::db::books::EventRow>, app::store::StoreError> {
-            use $crate::db::books::*;
-            sqlx::query_as(
-                "SELECT id, requested_model, served_model, cost_nanos, estimated, over_reservation \
-                 FROM usage_events WHERE workspace_id = $1 AND idempotency_key = $2",
-            )
-            .bind(WORKSPACE_ID)
-            .bind(idempotency_key)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(db_error)
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        async fn insert_event(
-            tx: &mut Tx,
-            row: &$crate::db::books::ReservationRow,
-            usage: &app::domain::Usage,
-            cost: app::domain::Nanos,
-            estimated: bool,
-            over_reservation: bool,
-            idempotency_key: Option<&str>,
-            now: DateTime<Utc>,
-        ) -> Result<$crate::db::books::EventRow, app::store::StoreError> {
-            use $crate::db::books::*;
-            sqlx::query_as(
-                "INSERT INTO usage_events (workspace_id, cycle_start, occurred_at, user_id, api_key_id, \
-                 requested_model, served_model, prompt_tokens, cached_tokens, completion_tokens, \
-                 reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
-                 cost_nanos, reserved_nanos, estimated, over_reservation, reservation_id, idempotency_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
-                 RETURNING id, requested_model, served_model, cost_nanos, estimated, over_reservation",
-            )
-            .bind(WORKSPACE_ID)
-            .bind(row.cycle_start)
-            .bind(now.to_rfc3339())
-            .bind(row.user_id)
-            .bind(row.api_key_id)
-            .bind(&row.requested_model)
-            .bind(&row.served_model)
-            .bind(tokens(usage.prompt_tokens)?)
-            .bind(tokens(usage.cached_tokens)?)
-            .bind(tokens(usage.completion_tokens)?)
-            .bind(tokens(usage.reasoning_tokens)?)
-            .bind(&row.input_eur_per_mtok)
-            .bind(&row.cached_input_eur_per_mtok)
-            .bind(&row.output_eur_per_mtok)
-            .bind(cost.get())
-            .bind(row.amount_nanos)
-            .bind(estimated)
-            .bind(over_reservation)
-            .bind((!row.id.is_empty()).then_some(row.id.as_str()))
-            .bind(idempotency_key)
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(db_error)
-        }
-
         #[allow(clippy::too_many_arguments)]
         async fn audit(
             tx: &mut Tx,
@@ -1497,4 +1461,26 @@ pub(crate) fn limit_json(limit: &ModelLimit) -> serde_json::Value {
         "limit_eur": limit.limit.map(|n| n.to_money().amount().normalize().to_string()),
         "enabled": limit.enabled,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_split_into_powers_of_two() {
+        for rows in 0..=200usize {
+            let sizes: Vec<usize> = chunk_sizes(rows).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), rows);
+            assert!(sizes.iter().all(|size| size.is_power_of_two()));
+            assert!(sizes.windows(2).all(|pair| pair[0] > pair[1]));
+        }
+        assert_eq!(chunk_sizes(23).collect::<Vec<_>>(), [16, 4, 2, 1]);
+    }
+
+    #[test]
+    fn placeholders_number_rows_then_columns() {
+        assert_eq!(placeholders(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(1, 3, 2), "($2, $3, $4)");
+    }
 }

@@ -23,8 +23,6 @@ impl PostgresStore {
     const LOCK: &'static str = "FOR UPDATE OF p";
     /// A plain transaction: the plan row's lock serialises writers.
     const BEGIN: &'static str = "BEGIN";
-    /// The elements of the JSON array bound to `$1`, as rows with a `value` column.
-    const JSON_ROWS: &'static str = "jsonb_array_elements(CAST($1 AS jsonb))";
 
     /// Connect to `url` and apply migrations.
     ///

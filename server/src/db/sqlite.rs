@@ -43,8 +43,6 @@ impl SqliteStore {
     const LOCK: &'static str = "";
     /// Take the write lock before the first read, so a snapshot cannot change.
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
-    /// The elements of the JSON array bound to `$1`, as rows with a `value` column.
-    const JSON_ROWS: &'static str = "json_each($1)";
 
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
@@ -60,8 +58,11 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // A connection to a local file does not go stale: checking one before
+        // each use (sqlx's default) would add a round trip to every batch.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(ConnectError::Open)?;
@@ -71,6 +72,7 @@ impl SqliteStore {
             .map_err(ConnectError::Migrate)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;
