@@ -180,6 +180,16 @@ pub(crate) fn chunk_sizes(rows: usize) -> impl Iterator<Item = usize> {
         .filter(move |size| rows & size != 0)
 }
 
+/// `items` split by [`chunk_sizes`], in order.
+pub(crate) fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    chunk_sizes(items.len()).map(move |size| {
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        chunk
+    })
+}
+
 /// `($first, ..., $(first + columns - 1)), (...)` for `rows` rows: the
 /// placeholders of a multi-row `VALUES` (or, with one column, an `IN` list).
 pub(crate) fn placeholders(rows: usize, columns: usize, first: usize) -> String {
@@ -1139,31 +1149,48 @@ macro_rules! impl_store {
             Ok(answers)
         }
 
+        /// The rows `sql` returns for `values`: `sql` holds `{}` where the
+        /// `IN (...)` list of `$2, $3, ...` goes (`$1` is the workspace), and runs
+        /// once per chunk of `values`.
+        async fn fetch_in<R>(
+            tx: &mut Tx,
+            sql: &str,
+            values: &[&str],
+        ) -> Result<Vec<R>, app::store::StoreError>
+        where
+            R: for<'r> sqlx::FromRow<'r, <$db as sqlx::Database>::Row> + Send + Unpin,
+        {
+            use $crate::db::books::*;
+            let mut rows = Vec::with_capacity(values.len());
+            for chunk in chunks(values) {
+                let sql = sql.replacen("{}", &placeholders(1, chunk.len(), 2), 1);
+                let mut query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
+                for value in chunk {
+                    query = query.bind(*value);
+                }
+                rows.extend(query.fetch_all(&mut **tx).await.map_err(db_error)?);
+            }
+            Ok(rows)
+        }
+
         /// Ledger rows already recorded under `keys`, by key.
         async fn find_events(
             tx: &mut Tx,
             keys: &[&str],
         ) -> Result<std::collections::HashMap<String, $crate::db::books::EventRow>, app::store::StoreError> {
             use $crate::db::books::*;
-            let mut found = std::collections::HashMap::new();
-            let mut rest = keys;
-            for size in chunk_sizes(keys.len()) {
-                let (chunk, tail) = rest.split_at(size);
-                rest = tail;
-                let sql = format!(
-                    "SELECT id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
-                     reservation_id, idempotency_key FROM usage_events \
-                     WHERE workspace_id = $1 AND idempotency_key IN {}",
-                    placeholders(1, size, 2)
-                );
-                let mut query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
-                for key in chunk {
-                    query = query.bind(*key);
-                }
-                let rows: Vec<LedgerRow> = query.fetch_all(&mut **tx).await.map_err(db_error)?;
-                found.extend(rows.into_iter().filter_map(|row| Some((row.idempotency_key?, row.event))));
-            }
-            Ok(found)
+            let rows: Vec<LedgerRow> = fetch_in(
+                tx,
+                "SELECT id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
+                 reservation_id, idempotency_key FROM usage_events \
+                 WHERE workspace_id = $1 AND idempotency_key IN {}",
+                keys,
+            )
+            .await?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|row| Some((row.idempotency_key?, row.event)))
+                .collect())
         }
 
         /// Delete the reservations `ids` that still exist and return them, by id.
@@ -1172,25 +1199,15 @@ macro_rules! impl_store {
             ids: &[&str],
         ) -> Result<std::collections::HashMap<String, $crate::db::books::ReservationRow>, app::store::StoreError> {
             use $crate::db::books::*;
-            let mut taken = std::collections::HashMap::new();
-            let mut rest = ids;
-            for size in chunk_sizes(ids.len()) {
-                let (chunk, tail) = rest.split_at(size);
-                rest = tail;
-                let sql = format!(
-                    "DELETE FROM reservations WHERE workspace_id = $1 AND id IN {} \
-                     RETURNING id, cycle_start, requested_model, served_model, amount_nanos, \
-                     input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id",
-                    placeholders(1, size, 2)
-                );
-                let mut query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
-                for id in chunk {
-                    query = query.bind(*id);
-                }
-                let rows: Vec<ReservationRow> = query.fetch_all(&mut **tx).await.map_err(db_error)?;
-                taken.extend(rows.into_iter().map(|row| (row.id.clone(), row)));
-            }
-            Ok(taken)
+            let rows: Vec<ReservationRow> = fetch_in(
+                tx,
+                "DELETE FROM reservations WHERE workspace_id = $1 AND id IN {} \
+                 RETURNING id, cycle_start, requested_model, served_model, amount_nanos, \
+                 input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id",
+                ids,
+            )
+            .await?;
+            Ok(rows.into_iter().map(|row| (row.id.clone(), row)).collect())
         }
 
         /// Insert the reservations a batch admitted.
@@ -1199,15 +1216,12 @@ macro_rules! impl_store {
             rows: &[(&app::store::ReserveRequest, $crate::db::batch::NewReservation)],
         ) -> Result<(), app::store::StoreError> {
             use $crate::db::books::*;
-            let mut rest = rows;
-            for size in chunk_sizes(rows.len()) {
-                let (chunk, tail) = rest.split_at(size);
-                rest = tail;
+            for chunk in chunks(rows) {
                 let sql = format!(
                     "INSERT INTO reservations (id, workspace_id, cycle_start, requested_model, served_model, \
                      amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, \
                      user_id, api_key_id, owner, lease_until, created_at) VALUES {}",
-                    placeholders(size, 14, 1)
+                    placeholders(chunk.len(), 14, 1)
                 );
                 let mut query = sqlx::query(&sql);
                 for (request, new) in chunk {
@@ -1242,10 +1256,7 @@ macro_rules! impl_store {
         ) -> Result<Vec<$crate::db::books::LedgerRow>, app::store::StoreError> {
             use $crate::db::books::*;
             let mut inserted = Vec::with_capacity(events.len());
-            let mut rest = events;
-            for size in chunk_sizes(events.len()) {
-                let (chunk, tail) = rest.split_at(size);
-                rest = tail;
+            for chunk in chunks(events) {
                 let sql = format!(
                     "INSERT INTO usage_events (workspace_id, cycle_start, occurred_at, user_id, api_key_id, \
                      requested_model, served_model, prompt_tokens, cached_tokens, completion_tokens, \
@@ -1253,7 +1264,7 @@ macro_rules! impl_store {
                      cost_nanos, reserved_nanos, estimated, over_reservation, reservation_id, idempotency_key) \
                      VALUES {} RETURNING id, requested_model, served_model, cost_nanos, estimated, \
                      over_reservation, reservation_id, idempotency_key",
-                    placeholders(size, 20, 1)
+                    placeholders(chunk.len(), 20, 1)
                 );
                 let mut query = sqlx::query_as(&sql);
                 for event in chunk {
