@@ -128,21 +128,21 @@ impl Batcher {
     pub(crate) fn spawn<F, Fut>(mut execute: F) -> Batcher
     where
         F: FnMut(Vec<Op>) -> Fut + Send + 'static,
-        Fut: Future<Output = Vec<ReservationId>> + Send,
+        Fut: Future<Output = Vec<ReservationId>> + Send + 'static,
     {
         let (queue, mut inbox) = mpsc::channel::<Op>(QUEUE);
         tokio::spawn(async move {
             let mut ops: Vec<Op> = Vec::with_capacity(MAX_BATCH);
             while inbox.recv_many(&mut ops, MAX_BATCH).await > 0 {
                 let batch: Vec<Op> = ops.drain(..).filter(|op| !op.abandoned()).collect();
-                let orphans = execute(batch).await;
+                let orphans = run(execute(batch)).await;
                 if !orphans.is_empty() {
                     tracing::info!(
                         released = orphans.len(),
                         "released reservations whose callers went away"
                     );
                     let releases = orphans.into_iter().map(|id| Op::Release(id, None)).collect();
-                    execute(releases).await;
+                    run(execute(releases)).await;
                 }
             }
         });
@@ -157,7 +157,7 @@ impl Batcher {
             .map_err(|_| StoreError::Database("the store's writer has stopped".into()))?;
         answer
             .await
-            .map_err(|_| StoreError::Database("the store's writer has stopped".into()))?
+            .map_err(|_| StoreError::Database("the batch holding this write failed".into()))?
     }
 
     /// See `Store::reserve`.
@@ -174,6 +174,15 @@ impl Batcher {
     pub(crate) async fn release(&self, id: ReservationId) -> Result<(), StoreError> {
         self.submit(|reply| Op::Release(id, Some(reply))).await
     }
+}
+
+/// Run one batch in a task of its own: if it panicked, its callers get an error
+/// (their answers are dropped) and the batcher goes on with the next batch.
+async fn run(batch: impl Future<Output = Vec<ReservationId>> + Send + 'static) -> Vec<ReservationId> {
+    tokio::spawn(batch).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a batch of writes panicked; its callers were answered with an error");
+        Vec::new()
+    })
 }
 
 /// Answer every operation of a committed batch; returns the admitted reservations
