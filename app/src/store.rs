@@ -202,6 +202,12 @@ pub struct Settlement {
     pub usage: Option<Usage>,
     /// Makes a retried settlement count once.
     pub idempotency_key: Option<String>,
+    /// Refuse usage that costs more than the reservation
+    /// ([`StoreError::Invalid`] `usage_exceeds_reservation`, nothing written, the
+    /// hold kept). The usage API sets it: its caller declared the request's bounds
+    /// at admission. The gateway does not: what the provider reports is billed,
+    /// even beyond the reservation (R7).
+    pub within_reservation: bool,
     /// When the request finished.
     pub now: DateTime<Utc>,
 }

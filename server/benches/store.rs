@@ -90,6 +90,7 @@ async fn pair(store: &SharedStore, catalog: &Arc<Catalog>) {
             reservation: reservation.id,
             usage: Some(usage),
             idempotency_key: None,
+            within_reservation: false,
             now,
         })
         .await

@@ -1166,6 +1166,28 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     let id = admission["reservation_id"].as_str().unwrap().to_owned();
     assert_eq!(h.workspace().await.reserved, Nanos::new(7_000_000));
 
+    // Usage costing more than the admission reserved is refused, and nothing
+    // changes: the hold stays for a correct settlement.
+    let (status, refused) = h
+        .api(
+            &format!("/api/v1/admissions/{id}/settle"),
+            &json!({"usage": {"prompt_tokens": 100_000_000_000u64, "completion_tokens": 1}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "usage");
+    assert!(
+        refused["error"]["message"].as_str().unwrap().contains("more than the €0.01 reserved"),
+        "{refused}"
+    );
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: Nanos::ZERO,
+            reserved: Nanos::new(7_000_000)
+        }
+    );
+
     let usage = json!({"prompt_tokens": 900, "completion_tokens": 100,
         "prompt_tokens_details": {"cached_tokens": 300},
         "completion_tokens_details": {"reasoning_tokens": 60}});

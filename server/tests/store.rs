@@ -70,6 +70,7 @@ fn settlement(id: &ReservationId, usage: Option<Usage>) -> Settlement {
         reservation: id.clone(),
         usage,
         idempotency_key: None,
+        within_reservation: false,
         now: now(),
     }
 }

@@ -383,6 +383,22 @@ pub(crate) fn settlement_cost(
     Ok((cost, false, cost > reserved))
 }
 
+/// Why usage reported through the usage API was refused: it costs `cost`, more
+/// than `row` reserved for the bounds its caller declared at admission.
+pub(crate) fn usage_exceeds_reservation(cost: Nanos, row: &ReservationRow) -> StoreError {
+    use app::domain::format_eur;
+    StoreError::Invalid {
+        code: "usage_exceeds_reservation",
+        message: format!(
+            "the reported usage costs {}, more than the {} reserved for the bounds given at \
+             admission; report usage within those bounds, or record it with POST /api/v1/usage, \
+             which checks it against the limits",
+            format_eur(cost.to_money()),
+            format_eur(Nanos::new(row.amount_nanos).to_money()),
+        ),
+    }
+}
+
 /// Unix seconds of a cycle start, the counters' key.
 pub(crate) fn cycle_key(start: DateTime<Utc>) -> i64 {
     start.timestamp()
@@ -1102,6 +1118,11 @@ macro_rules! impl_store {
                             })));
                         };
                         let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
+                        if over && settlement.within_reservation {
+                            // An error, not an answer: the batch is rolled back, so the
+                            // reservation just deleted is kept.
+                            return Err(usage_exceeds_reservation(cost, &row));
+                        }
                         books.change(row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos);
                         events.push(NewEvent {
                             row,

@@ -138,6 +138,7 @@ async fn settle(
                 reservation: reservation.id.clone(),
                 usage,
                 idempotency_key: Some(settlement_key(&reservation.id)),
+                within_reservation: false,
                 now: Utc::now(),
             })
             .await;

@@ -247,6 +247,7 @@ pub async fn settle(
                 reservation: reservation.clone(),
                 usage,
                 idempotency_key: Some(settlement_key(&reservation)),
+                within_reservation: true,
                 now: Utc::now(),
             })
             .await
