@@ -1177,7 +1177,10 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     assert_eq!(status, 400, "{refused}");
     assert_eq!(refused["error"]["param"], "usage");
     assert!(
-        refused["error"]["message"].as_str().unwrap().contains("more than the €0.01 reserved"),
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than the €0.01 reserved"),
         "{refused}"
     );
     assert_eq!(

@@ -651,7 +651,9 @@ async fn one_bad_settlement_among_many_fails_alone(db: &TestDb) {
     let catalog = setup.catalog.clone();
     let mut held = Vec::new();
     for _ in 0..20 {
-        held.push(admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await));
+        held.push(admitted(
+            reserve(&store, &catalog, "mid", estimate(1000), now()).await,
+        ));
     }
     let bad = 7;
     let tasks: Vec<_> = held
@@ -660,7 +662,11 @@ async fn one_bad_settlement_among_many_fails_alone(db: &TestDb) {
         .map(|(i, reservation)| {
             let store = store.clone();
             // Its cost does not fit the books' integer nano-euros.
-            let tokens = if i == bad { usage(u64::MAX, 1) } else { usage(500, 100) };
+            let tokens = if i == bad {
+                usage(u64::MAX, 1)
+            } else {
+                usage(500, 100)
+            };
             let settle = settlement(&reservation.id, Some(tokens));
             tokio::spawn(async move { store.settle(settle).await })
         })

@@ -141,7 +141,10 @@ impl Batcher {
                         released = orphans.len(),
                         "released reservations whose callers went away"
                     );
-                    let releases = orphans.into_iter().map(|id| Op::Release(id, None)).collect();
+                    let releases = orphans
+                        .into_iter()
+                        .map(|id| Op::Release(id, None))
+                        .collect();
                     run(execute(releases)).await;
                 }
             }
@@ -161,13 +164,21 @@ impl Batcher {
     }
 
     /// See `Store::reserve`.
-    pub(crate) async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
-        self.submit(|reply| Op::Reserve(Box::new(request), reply)).await
+    pub(crate) async fn reserve(
+        &self,
+        request: ReserveRequest,
+    ) -> Result<ReserveOutcome, StoreError> {
+        self.submit(|reply| Op::Reserve(Box::new(request), reply))
+            .await
     }
 
     /// See `Store::settle`.
-    pub(crate) async fn settle(&self, settlement: Settlement) -> Result<UsageEventRecord, StoreError> {
-        self.submit(|reply| Op::Settle(Box::new(settlement), reply)).await
+    pub(crate) async fn settle(
+        &self,
+        settlement: Settlement,
+    ) -> Result<UsageEventRecord, StoreError> {
+        self.submit(|reply| Op::Settle(Box::new(settlement), reply))
+            .await
     }
 
     /// See `Store::release`.
@@ -178,7 +189,9 @@ impl Batcher {
 
 /// Run one batch in a task of its own: if it panicked, its callers get an error
 /// (their answers are dropped) and the batcher goes on with the next batch.
-async fn run(batch: impl Future<Output = Vec<ReservationId>> + Send + 'static) -> Vec<ReservationId> {
+async fn run(
+    batch: impl Future<Output = Vec<ReservationId>> + Send + 'static,
+) -> Vec<ReservationId> {
     tokio::spawn(batch).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "a batch of writes panicked; its callers were answered with an error");
         Vec::new()
@@ -257,7 +270,11 @@ impl BatchBooks {
     /// Take in the plan row and every model limit.
     ///
     /// Errors: [`StoreError::Database`] when the stored plan is unreadable.
-    pub(crate) fn set_rules(&mut self, plan: &PlanRow, limits: Vec<LimitRow>) -> Result<(), StoreError> {
+    pub(crate) fn set_rules(
+        &mut self,
+        plan: &PlanRow,
+        limits: Vec<LimitRow>,
+    ) -> Result<(), StoreError> {
         self.rules = Some(Rules {
             plan: plan.plan()?,
             automatic_fallback: plan.automatic_fallback,
@@ -287,7 +304,11 @@ impl BatchBooks {
     /// changes the batch has made to them so far. Needs the rules.
     ///
     /// Errors: [`StoreError::Database`] when the rules were not loaded.
-    pub(crate) fn load(&mut self, cycle_start: i64, counters: &[CounterRow]) -> Result<(), StoreError> {
+    pub(crate) fn load(
+        &mut self,
+        cycle_start: i64,
+        counters: &[CounterRow],
+    ) -> Result<(), StoreError> {
         let (workspace, models) = super::books::model_states(counters, &self.rules()?.limits);
         let mut books = CycleBooks { workspace, models };
         for ((cycle, model), (spent, reserved)) in &self.changes {
@@ -314,7 +335,9 @@ impl BatchBooks {
         let (served, amount) =
             match admit(&snapshot, &request.catalog, requested, &request.estimate) {
                 Admission::Admit { model, reservation } => (model, reservation),
-                Admission::Fallback { to, reservation, .. } => (to, reservation),
+                Admission::Fallback {
+                    to, reservation, ..
+                } => (to, reservation),
                 Admission::Block(blocked) => return Ok(Decision::Block(blocked)),
             };
         let prices = request

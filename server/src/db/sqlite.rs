@@ -93,10 +93,7 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        self.writer
-            .begin_with(Self::BEGIN)
-            .await
-            .map_err(db_error)
+        self.writer.begin_with(Self::BEGIN).await.map_err(db_error)
     }
 
     fn writer(&self) -> &SqlitePool {

@@ -135,7 +135,9 @@ mod tests {
 
     async fn decode_all(chunks: &[&'static [u8]]) -> Vec<Event> {
         use futures_util::StreamExt;
-        let pieces = chunks.iter().map(|c| Ok::<_, std::convert::Infallible>(Bytes::from_static(c)));
+        let pieces = chunks
+            .iter()
+            .map(|c| Ok::<_, std::convert::Infallible>(Bytes::from_static(c)));
         futures_util::stream::iter(pieces)
             .eventsource()
             .map(|event| event.unwrap())
@@ -157,10 +159,7 @@ mod tests {
             frame(&whole[1], whole[1].data.as_bytes()),
             Bytes::from_static(b"event: x\nid: 7\ndata: l1\ndata: l2\n\n")
         );
-        assert_eq!(
-            data_frame(b"{}"),
-            Bytes::from_static(b"data: {}\n\n")
-        );
+        assert_eq!(data_frame(b"{}"), Bytes::from_static(b"data: {}\n\n"));
     }
 
     fn event(data: &str) -> Event {

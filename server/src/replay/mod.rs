@@ -223,7 +223,10 @@ fn micros(duration: Duration) -> u64 {
 
 /// One request and its answer, read to the last byte: the outcome, and the
 /// gateway's own time from its `Server-Timing` header (non-streamed answers).
-pub async fn exchange(call: reqwest::RequestBuilder, requested: &str) -> (Outcome, Option<Duration>) {
+pub async fn exchange(
+    call: reqwest::RequestBuilder,
+    requested: &str,
+) -> (Outcome, Option<Duration>) {
     let failed = |e: reqwest::Error| {
         let message = e.without_url().to_string();
         (Outcome::Failed { message }, None)
