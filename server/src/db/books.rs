@@ -650,7 +650,8 @@ macro_rules! impl_store {
                 let plan_row = read_plan(&mut tx, "").await?;
                 let plan = plan_row.plan()?;
                 let cycle = plan.cycle_at(at)?;
-                let (counters, limits) = read_books(&mut tx, cycle_key(cycle.start)).await?;
+                let counters = read_counters(&mut tx, cycle_key(cycle.start)).await?;
+                let limits = read_limits(&mut tx).await?;
                 tx.commit().await.map_err(db_error)?;
                 let mut workspace = Counter::default();
                 let mut models: Vec<ModelBooks> = Vec::new();
@@ -1384,13 +1385,6 @@ macro_rules! impl_store {
                 .await
                 .map_err(db_error)?
                 .ok_or(app::store::StoreError::NotFound { what: "plan" })
-        }
-
-        async fn read_books(
-            tx: &mut Tx,
-            cycle_start: i64,
-        ) -> Result<(Vec<$crate::db::books::CounterRow>, Vec<$crate::db::books::LimitRow>), app::store::StoreError> {
-            Ok((read_counters(tx, cycle_start).await?, read_limits(tx).await?))
         }
 
         async fn read_counters(
