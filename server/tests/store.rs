@@ -530,6 +530,65 @@ async fn a_new_limit_applies_to_the_next_request(db: &TestDb) {
     assert_eq!(spent("mid"), Nanos::new(200_000));
 }
 
+/// A limit set through another connection (the CLI, or another replica) applies
+/// to this store's very next request, even though this store's writer has just
+/// admitted requests on the books it read before (DESIGN.md R6).
+async fn a_limit_set_elsewhere_applies_to_the_next_request(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let gateway = db.store(&setup).await;
+    let elsewhere = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    for _ in 0..3 {
+        let r = admitted(reserve(&gateway, &catalog, "big", estimate(100), now()).await);
+        assert_eq!(r.served.as_str(), "big");
+        gateway.release(&r.id).await.unwrap();
+    }
+    let v = elsewhere
+        .spend_snapshot(now())
+        .await
+        .unwrap()
+        .settings
+        .version;
+    elsewhere
+        .update_settings(&Actor::Cli, v, false, now())
+        .await
+        .unwrap();
+    let limit = |model: &str, nanos: i64| LimitChange {
+        model: ModelId::new(model),
+        expected_version: 0,
+        limit: ModelLimit {
+            limit: Some(Nanos::new(nanos)),
+            enabled: true,
+        },
+    };
+    // "mid" may spend one request's worth: 100 output tokens at €2/Mtok.
+    elsewhere
+        .update_model_limits(
+            &Actor::Cli,
+            &[limit("big", 0), limit("mid", 200_000)],
+            now(),
+        )
+        .await
+        .unwrap();
+    match reserve(&gateway, &catalog, "big", estimate(100), now()).await {
+        ReserveOutcome::Blocked(b) => assert_eq!(b.code, BlockCode::ModelLimitReached),
+        ReserveOutcome::Admitted(r) => panic!("admitted on {} past a limit of zero", r.served),
+    }
+    // Spend booked elsewhere counts here too.
+    let used = admitted(reserve(&elsewhere, &catalog, "mid", estimate(100), now()).await);
+    elsewhere
+        .settle(settlement(&used.id, Some(usage(0, 100))))
+        .await
+        .unwrap();
+    match reserve(&gateway, &catalog, "mid", estimate(100), now()).await {
+        ReserveOutcome::Blocked(b) => assert_eq!(b.code, BlockCode::ModelLimitReached),
+        ReserveOutcome::Admitted(r) => panic!("admitted on {} past its limit", r.served),
+    }
+    let snapshot = gateway.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    assert_eq!(snapshot.workspace.spent, Nanos::new(200_000));
+}
+
 /// The first request of a new cycle sees zero spend, with no job run in between.
 async fn a_new_cycle_starts_from_zero(db: &TestDb) {
     let setup = setup(2 * EUR / 1000, 0);
@@ -706,6 +765,7 @@ on_both_backends!(
     stale_writes_conflict_and_change_nothing,
     invalid_changes_are_typed_errors,
     a_new_limit_applies_to_the_next_request,
+    a_limit_set_elsewhere_applies_to_the_next_request,
     a_new_cycle_starts_from_zero,
     expired_leases_are_released,
     api_keys_authenticate_and_record_use_to_the_minute,

@@ -17,6 +17,13 @@
 //! - the counters' changes are summed and written once per model at the end;
 //! - callers get their answers only after the commit.
 //!
+//! The batcher keeps its write connection between batches, and on SQLite the
+//! books as well (see [`BatchBooks`]): a batch whose books nobody else has
+//! touched reads nothing but one version number. It starts a batch only after
+//! the callers just answered have had a turn to queue their next write, so
+//! writers that follow each other closely share batches instead of alternating
+//! in two half-full ones.
+//!
 //! If anything in a batch fails, it is rolled back whole and its operations run
 //! again one per transaction, so one bad operation fails alone and the others are
 //! unaffected. A reservation whose caller went away before the answer (a client
@@ -115,41 +122,126 @@ pub(crate) enum Answer {
 }
 
 /// The handle through which a store hands its hot-path writes to its batcher.
-#[derive(Debug, Clone)]
-pub(crate) struct Batcher {
+///
+/// The batcher keeps one write connection `C` for as long as it works: giving a
+/// pooled connection back after every batch costs a round trip (sqlx checks a
+/// connection on its return) that the next batch would wait for. Other writes of
+/// the store borrow that same connection between batches ([`Batcher::lend`]), so
+/// on SQLite every write of the process still takes its turn in one queue instead
+/// of contending for the file lock.
+#[derive(Debug)]
+pub(crate) struct Batcher<C> {
     queue: mpsc::Sender<Op>,
+    loans: mpsc::Sender<oneshot::Sender<Lent<C>>>,
 }
 
-impl Batcher {
-    /// Start the batcher task. `execute` applies one batch and answers each of its
-    /// operations (see [`answer_all`]); it returns the reservations whose callers
-    /// were gone, which are then released. The task ends when the last handle is
-    /// dropped.
-    pub(crate) fn spawn<F, Fut>(mut execute: F) -> Batcher
+impl<C> Clone for Batcher<C> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+            loans: self.loans.clone(),
+        }
+    }
+}
+
+/// The batcher's write connection and the books it last committed on it.
+pub(crate) struct Writer<C> {
+    pub conn: C,
+    /// The books as the last batch committed them, for a backend that can tell
+    /// whether anyone else wrote since ([`BatchBooks::carry_over`]); `None` when
+    /// they must be read again.
+    pub books: Option<BatchBooks>,
+}
+
+/// What a batch hands back: its writer, unless its connection must be replaced
+/// (after a database error or a panic), and the reservations whose callers were
+/// gone.
+pub(crate) type BatchEnd<C> = (Option<Writer<C>>, Vec<ReservationId>);
+
+impl<C: Send + 'static> Batcher<C> {
+    /// Start the batcher task. `connect` gives it a write connection, when it has
+    /// none; `execute` applies one batch on it and answers each of its operations
+    /// (see [`answer_all`]). The reservations whose callers were gone are then
+    /// released. The task ends when the last handle is dropped.
+    pub(crate) fn spawn<A, AF, F, Fut>(connect: A, mut execute: F) -> Batcher<C>
     where
-        F: FnMut(Vec<Op>) -> Fut + Send + 'static,
-        Fut: Future<Output = Vec<ReservationId>> + Send + 'static,
+        A: Fn() -> AF + Send + 'static,
+        AF: Future<Output = Result<C, StoreError>> + Send,
+        F: FnMut(Writer<C>, Vec<Op>) -> Fut + Send + 'static,
+        Fut: Future<Output = BatchEnd<C>> + Send + 'static,
     {
         let (queue, mut inbox) = mpsc::channel::<Op>(QUEUE);
+        let (loans, mut borrowers) = mpsc::channel::<oneshot::Sender<Lent<C>>>(QUEUE);
         tokio::spawn(async move {
+            let mut writer: Option<Writer<C>> = None;
             let mut ops: Vec<Op> = Vec::with_capacity(MAX_BATCH);
-            while inbox.recv_many(&mut ops, MAX_BATCH).await > 0 {
-                let batch: Vec<Op> = ops.drain(..).filter(|op| !op.abandoned()).collect();
-                let orphans = run(execute(batch)).await;
-                if !orphans.is_empty() {
-                    tracing::info!(
-                        released = orphans.len(),
-                        "released reservations whose callers went away"
-                    );
-                    let releases = orphans
-                        .into_iter()
-                        .map(|id| Op::Release(id, None))
-                        .collect();
-                    run(execute(releases)).await;
-                }
+            loop {
+                // Let the callers of the last batch queue their next write first.
+                tokio::task::yield_now().await;
+                // Batches and loans take turns (`select!` picks fairly), so neither
+                // can starve the other.
+                let work = tokio::select! {
+                    received = inbox.recv_many(&mut ops, MAX_BATCH) => match received {
+                        0 => break,
+                        _ => Work::Batch(ops.drain(..).filter(|op| !op.abandoned()).collect()),
+                    },
+                    Some(borrower) = borrowers.recv() => Work::Loan(borrower),
+                };
+                let current = match writer.take() {
+                    Some(current) => current,
+                    None => match connect().await {
+                        Ok(conn) => Writer { conn, books: None },
+                        Err(error) => {
+                            tracing::error!(%error, "the store's writer has no connection");
+                            work.fail(error);
+                            continue;
+                        }
+                    },
+                };
+                writer = match work {
+                    Work::Batch(batch) => {
+                        let (after, orphans) = run(execute(current, batch)).await;
+                        if orphans.is_empty() {
+                            after
+                        } else {
+                            tracing::info!(
+                                released = orphans.len(),
+                                "released reservations whose callers went away"
+                            );
+                            let releases = orphans
+                                .into_iter()
+                                .map(|id| Op::Release(id, None))
+                                .collect();
+                            match after {
+                                Some(after) => run(execute(after, releases)).await.0,
+                                // Their leases end them.
+                                None => None,
+                            }
+                        }
+                    }
+                    // The borrower may change anything: the books are read again.
+                    Work::Loan(borrower) => lend(current.conn, borrower)
+                        .await
+                        .map(|conn| Writer { conn, books: None }),
+                };
             }
         });
-        Batcher { queue }
+        Batcher { queue, loans }
+    }
+
+    /// The write connection, for a write outside the hot path; batches wait until
+    /// the [`Lent`] guard is dropped.
+    ///
+    /// Errors: [`StoreError::Database`] when the batcher has stopped or has no
+    /// connection.
+    pub(crate) async fn lend(&self) -> Result<Lent<C>, StoreError> {
+        let (borrower, loan) = oneshot::channel();
+        self.loans
+            .send(borrower)
+            .await
+            .map_err(|_| StoreError::Database("the store's writer has stopped".into()))?;
+        loan.await
+            .map_err(|_| StoreError::Database("the store's writer has no connection".into()))
     }
 
     async fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
@@ -187,15 +279,89 @@ impl Batcher {
     }
 }
 
+/// What the batcher does next.
+enum Work<C> {
+    Batch(Vec<Op>),
+    Loan(oneshot::Sender<Lent<C>>),
+}
+
+impl<C> Work<C> {
+    /// Answer whoever waits with `error`.
+    fn fail(self, error: StoreError) {
+        match self {
+            Work::Batch(ops) => {
+                for op in ops {
+                    op.fail(StoreError::Database(error.to_string()));
+                }
+            }
+            // Dropping the loan tells the borrower there is no connection.
+            Work::Loan(_) => {}
+        }
+    }
+}
+
 /// Run one batch in a task of its own: if it panicked, its callers get an error
-/// (their answers are dropped) and the batcher goes on with the next batch.
-async fn run(
-    batch: impl Future<Output = Vec<ReservationId>> + Send + 'static,
-) -> Vec<ReservationId> {
+/// (their answers are dropped), its connection is replaced and the batcher goes on
+/// with the next batch.
+async fn run<C: Send + 'static>(
+    batch: impl Future<Output = BatchEnd<C>> + Send + 'static,
+) -> BatchEnd<C> {
     tokio::spawn(batch).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "a batch of writes panicked; its callers were answered with an error");
-        Vec::new()
+        (None, Vec::new())
     })
+}
+
+/// Hand `conn` to `borrower` and wait for it to come back.
+async fn lend<C>(conn: C, borrower: oneshot::Sender<Lent<C>>) -> Option<C> {
+    let (give_back, returned) = oneshot::channel();
+    let loan = Lent {
+        conn: Some(conn),
+        give_back: Some(give_back),
+    };
+    match borrower.send(loan) {
+        // Only a forgotten guard never comes back: then a new connection is made.
+        Ok(()) => returned.await.ok(),
+        // The borrower stopped waiting.
+        Err(mut loan) => {
+            loan.give_back = None;
+            loan.conn.take()
+        }
+    }
+}
+
+/// The batcher's write connection, lent out; it goes back when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Lent<C> {
+    conn: Option<C>,
+    give_back: Option<oneshot::Sender<C>>,
+}
+
+impl<C> std::ops::Deref for Lent<C> {
+    type Target = C;
+
+    fn deref(&self) -> &C {
+        // Present until drop.
+        self.conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a lent connection is held until drop"))
+    }
+}
+
+impl<C> std::ops::DerefMut for Lent<C> {
+    fn deref_mut(&mut self) -> &mut C {
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a lent connection is held until drop"))
+    }
+}
+
+impl<C> Drop for Lent<C> {
+    fn drop(&mut self) {
+        if let (Some(conn), Some(give_back)) = (self.conn.take(), self.give_back.take()) {
+            let _ = give_back.send(conn);
+        }
+    }
 }
 
 /// Answer every operation of a committed batch; returns the admitted reservations
@@ -253,15 +419,57 @@ struct Rules {
 /// counters' changes. An admission needs the rules ([`BatchBooks::set_rules`]) and
 /// its cycle's counters ([`BatchBooks::load`]), which then include the changes of
 /// the operations before it.
+///
+/// On a backend whose connection can tell whether anyone else has written since
+/// it last looked (SQLite's `data_version`), the books a batch committed are
+/// carried over to the next batch ([`BatchBooks::carry_over`]), which then reads
+/// nothing unless someone else wrote in between ([`BatchBooks::check`]): every
+/// write of this process goes through the batcher's connection, and a write that
+/// borrows it drops the carried books.
 #[derive(Default)]
 pub(crate) struct BatchBooks {
     rules: Option<Rules>,
     cycles: HashMap<i64, CycleBooks>,
     /// Changes to write, per cycle and model id: `(spent, reserved)` nano-euros.
     changes: HashMap<(i64, String), (i64, i64)>,
+    /// The database's version (as the backend counts other writers' commits) that
+    /// `rules` and `cycles` were read at or checked against.
+    version: Option<i64>,
+    /// Whether this batch has checked the version, under its write lock.
+    checked: bool,
 }
 
 impl BatchBooks {
+    /// The books after their batch committed, for the next batch: the rules and
+    /// the counters read so far, with the batch's changes in them.
+    pub(crate) fn carry_over(self) -> BatchBooks {
+        BatchBooks {
+            rules: self.rules,
+            cycles: self.cycles,
+            changes: HashMap::new(),
+            version: self.version,
+            checked: false,
+        }
+    }
+
+    /// Whether [`BatchBooks::check`] must run before this batch's first admission.
+    pub(crate) fn needs_check(&self) -> bool {
+        !self.checked
+    }
+
+    /// Compare the database's `version`, read under the write lock, with the one
+    /// the books were read at: when someone else has written since, forget the
+    /// rules and counters (this batch's own changes are kept, and added again to
+    /// counters read anew).
+    pub(crate) fn check(&mut self, version: i64) {
+        if self.version != Some(version) {
+            self.rules = None;
+            self.cycles.clear();
+            self.version = Some(version);
+        }
+        self.checked = true;
+    }
+
     /// Whether [`BatchBooks::set_rules`] must be called before an admission.
     pub(crate) fn needs_rules(&self) -> bool {
         self.rules.is_none()

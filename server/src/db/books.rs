@@ -5,9 +5,13 @@
 //! [`impl_store!`] with concrete sqlx types, rather than written twice or made
 //! generic over `sqlx::Database` with a wall of trait bounds. What differs is
 //! supplied by each backend as inherent items:
-//! - `begin_write()`: a transaction that serialises writers (SQLite `BEGIN
-//!   IMMEDIATE` on its one writer connection; PostgreSQL a plain `BEGIN`),
-//! - `writer()`: where single-statement writes go (SQLite: the writer connection),
+//! - `write_connection()`: the connection a write outside the hot path uses
+//!   (SQLite: the one writer connection, lent by the batcher; PostgreSQL: one from
+//!   the pool), and `BEGIN`, the statement that opens its transaction (SQLite
+//!   `BEGIN IMMEDIATE`, PostgreSQL a plain `BEGIN`),
+//! - `BOOKS_VERSION`: a query for a number that changes whenever another
+//!   connection commits (SQLite `data_version`), when the backend has one: the
+//!   batcher then keeps its books from one batch to the next (`db::batch`),
 //! - `LOCK`: the suffix that makes the plan read lock the workspace for the rest
 //!   of the transaction (PostgreSQL `FOR UPDATE`; nothing on SQLite, where
 //!   `BEGIN IMMEDIATE` already holds the write lock).
@@ -170,24 +174,19 @@ pub(crate) struct NewEvent {
     pub now: DateTime<Utc>,
 }
 
-/// Row counts that `rows` rows are inserted or looked up in: powers of two,
-/// largest first. A batch then costs at most one statement per bit of its size,
-/// each of a shape the statement cache keeps (at most 7 shapes up to 64 rows).
-pub(crate) fn chunk_sizes(rows: usize) -> impl Iterator<Item = usize> {
-    (0..usize::BITS)
-        .rev()
-        .map(|bit| 1usize << bit)
-        .filter(move |size| rows & size != 0)
-}
+/// Most rows one statement inserts or looks up. A batch's rows fit in one
+/// statement per kind (`db::batch::MAX_BATCH`): a statement is a round trip to
+/// the database, which costs more than preparing a new shape once (the writer
+/// connection keeps up to [`STATEMENT_CACHE`] of them).
+pub(crate) const ROWS_PER_STATEMENT: usize = super::batch::MAX_BATCH;
 
-/// `items` split by [`chunk_sizes`], in order.
-pub(crate) fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
-    let mut rest = items;
-    chunk_sizes(items.len()).map(move |size| {
-        let (chunk, tail) = rest.split_at(size);
-        rest = tail;
-        chunk
-    })
+/// Prepared statements each connection keeps: every row count up to
+/// [`ROWS_PER_STATEMENT`] of the hot path's four multi-row statements, and the rest.
+pub(crate) const STATEMENT_CACHE: usize = 4 * ROWS_PER_STATEMENT + 64;
+
+/// `items` in statements of at most [`ROWS_PER_STATEMENT`] rows, in order.
+pub(crate) fn chunks<T>(items: &[T]) -> std::slice::Chunks<'_, T> {
+    items.chunks(ROWS_PER_STATEMENT)
 }
 
 /// `($first, ..., $(first + columns - 1)), (...)` for `rows` rows: the
@@ -260,6 +259,27 @@ impl ApiKeyRow {
                 .map(|t| instant("api_keys.revoked_at", t))
                 .transpose()?,
         })
+    }
+}
+
+/// An API key with its owner, as one query reads them.
+#[derive(sqlx::FromRow)]
+pub(crate) struct KeyOwnerRow {
+    #[sqlx(flatten)]
+    pub key: ApiKeyRow,
+    pub password_hash: String,
+    pub role: String,
+}
+
+impl KeyOwnerRow {
+    pub fn record(self) -> Result<(app::store::ApiKeyRecord, app::store::UserRecord), StoreError> {
+        let user = UserRow {
+            id: self.key.user_id,
+            email: self.key.owner_email.clone(),
+            password_hash: self.password_hash,
+            role: self.role,
+        };
+        Ok((self.key.record()?, user.record()?))
     }
 }
 
@@ -427,7 +447,8 @@ macro_rules! impl_store {
                 setup: &app::store::WorkspaceSetup,
             ) -> Result<(), app::store::StoreError> {
                 use $crate::db::books::*;
-                let mut tx = self.begin_write().await?;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 sqlx::query(
                     "INSERT INTO workspaces (id, name) VALUES ($1, $2) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name",
@@ -511,10 +532,12 @@ macro_rules! impl_store {
                 lease_until: DateTime<Utc>,
             ) -> Result<(), app::store::StoreError> {
                 use $crate::db::books::*;
+                let mut lent = self.write_connection().await?;
+                let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
                 let done = sqlx::query("UPDATE reservations SET lease_until = $1 WHERE id = $2")
                     .bind(millis(lease_until))
                     .bind(&reservation.0)
-                    .execute(self.writer())
+                    .execute(&mut *conn)
                     .await
                     .map_err(db_error)?;
                 if done.rows_affected() == 0 {
@@ -548,7 +571,8 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<u64, app::store::StoreError> {
                 use $crate::db::books::*;
-                let mut tx = self.begin_write().await?;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 let rows: Vec<(i64, String, i64)> = sqlx::query_as(
                     "DELETE FROM reservations WHERE workspace_id = $1 AND lease_until < $2 \
                      RETURNING cycle_start, served_model, amount_nanos",
@@ -577,7 +601,8 @@ macro_rules! impl_store {
                 use $crate::db::books::*;
                 use app::store::RecordOutcome;
 
-                let mut tx = self.begin_write().await?;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 let plan_row = read_plan(&mut tx, Self::LOCK).await?;
                 let mut books = $crate::db::batch::BatchBooks::default();
                 books.set_rules(&plan_row, read_limits(&mut tx).await?)?;
@@ -724,7 +749,8 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<app::store::SettingsRecord, app::store::StoreError> {
                 use $crate::db::books::*;
-                let mut tx = self.begin_write().await?;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 let current = read_plan(&mut tx, Self::LOCK).await?.settings();
                 if current.version != expected_version {
                     tx.rollback().await.map_err(db_error)?;
@@ -775,7 +801,8 @@ macro_rules! impl_store {
                         message: format!("{}: {e}", change.model),
                     })?;
                 }
-                let mut tx = self.begin_write().await?;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 read_plan(&mut tx, Self::LOCK).await?;
                 for change in changes {
                     let known: Option<(String,)> =
@@ -881,7 +908,8 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<app::store::UserRecord, app::store::StoreError> {
                 use $crate::db::books::*;
-                let mut tx = self.begin_write().await?;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 let taken: Option<(i64,)> =
                     sqlx::query_as("SELECT id FROM users WHERE lower(email) = lower($1)")
                         .bind(email)
@@ -933,6 +961,8 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<app::store::ApiKeyRecord, app::store::StoreError> {
                 use $crate::db::books::*;
+                let mut lent = self.write_connection().await?;
+                let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
                 let id: (i64,) = sqlx::query_as(
                     "INSERT INTO api_keys (workspace_id, user_id, name, key_hash, created_at) \
                      VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -942,7 +972,7 @@ macro_rules! impl_store {
                 .bind(name)
                 .bind(key_hash)
                 .bind(now.to_rfc3339())
-                .fetch_one(self.writer())
+                .fetch_one(&mut *conn)
                 .await
                 .map_err(db_error)?;
                 let mut keys = list_keys(&self.pool, KeyFilter::Id(id.0)).await?;
@@ -955,9 +985,12 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<Option<(app::store::ApiKeyRecord, app::store::UserRecord)>, app::store::StoreError> {
                 use $crate::db::books::*;
-                let Some(mut key) = list_keys(&self.pool, KeyFilter::LiveHash(key_hash))
+                // The key and its owner in one query: this runs for every request.
+                let Some((mut key, user)) = fetch_keys(&self.pool, KeyFilter::LiveHash(key_hash))
                     .await?
                     .pop()
+                    .map(KeyOwnerRow::record)
+                    .transpose()?
                 else {
                     return Ok(None);
                 };
@@ -968,16 +1001,17 @@ macro_rules! impl_store {
                     .last_used_at
                     .is_none_or(|at| now - at >= chrono::Duration::seconds(LAST_USED_PRECISION_SECS));
                 if stale {
+                    let mut lent = self.write_connection().await?;
+                    let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
                     sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                         .bind(now.to_rfc3339())
                         .bind(key.id)
-                        .execute(self.writer())
+                        .execute(&mut *conn)
                         .await
                         .map_err(db_error)?;
                     key.last_used_at = Some(now);
                 }
-                let user = app::store::Store::user_by_id(self, key.user_id).await?;
-                Ok(user.map(|user| (key, user)))
+                Ok(Some((key, user)))
             }
 
             async fn list_api_keys(
@@ -997,12 +1031,14 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<(), app::store::StoreError> {
                 use $crate::db::books::*;
+                let mut lent = self.write_connection().await?;
+                let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
                 let done = sqlx::query(
                     "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
                 )
                 .bind(now.to_rfc3339())
                 .bind(id)
-                .execute(self.writer())
+                .execute(&mut *conn)
                 .await
                 .map_err(db_error)?;
                 if done.rows_affected() == 0 {
@@ -1012,19 +1048,22 @@ macro_rules! impl_store {
             }
         }
 
-        /// Apply one batch of hot-path writes (see `db::batch`), answer each
-        /// operation, and return the admitted reservations nobody waits for.
+        /// Apply one batch of hot-path writes (see `db::batch`) on the batcher's
+        /// writer, answer each operation, and return the writer (none when its
+        /// connection failed and should be replaced) with the admitted reservations
+        /// nobody waits for.
         async fn execute_batch(
-            writer: sqlx::Pool<$db>,
+            writer: $crate::db::batch::Writer<sqlx::pool::PoolConnection<$db>>,
             ops: Vec<$crate::db::batch::Op>,
-        ) -> Vec<app::store::ReservationId> {
-            use $crate::db::batch::{answer_all, Answer};
-            if ops.is_empty() {
-                return Vec::new();
-            }
+        ) -> $crate::db::batch::BatchEnd<sqlx::pool::PoolConnection<$db>> {
+            use $crate::db::batch::{answer_all, Answer, Writer};
+            use app::store::StoreError;
+            let Writer { mut conn, mut books } = writer;
             if ops.len() > 1 {
-                match try_batch(&writer, &ops).await {
-                    Ok(answers) => return answer_all(ops, answers),
+                match try_batch(&mut conn, books.take(), &ops).await {
+                    Ok((answers, books)) => {
+                        return (Some(Writer { conn, books }), answer_all(ops, answers))
+                    }
                     Err(e) => tracing::warn!(
                         error = %e,
                         operations = ops.len(),
@@ -1032,14 +1071,24 @@ macro_rules! impl_store {
                     ),
                 }
             }
+            let mut healthy = true;
             let mut orphans = Vec::new();
             for op in ops {
-                let answers = try_batch(&writer, std::slice::from_ref(&op))
-                    .await
-                    .unwrap_or_else(|e| vec![Answer::Failed(e)]);
+                let answers = match try_batch(&mut conn, books.take(), std::slice::from_ref(&op)).await {
+                    Ok((answers, after)) => {
+                        books = after;
+                        answers
+                    }
+                    Err(e) => {
+                        healthy &= !matches!(e, StoreError::Database(_));
+                        vec![Answer::Failed(e)]
+                    }
+                };
                 orphans.extend(answer_all(vec![op], answers));
             }
-            orphans
+            // A database error may have broken the connection: the pool checks it
+            // and gives the batcher a sound one.
+            (healthy.then_some(Writer { conn, books }), orphans)
         }
 
         /// One transaction over `ops`, in order; any error rolls back all of them.
@@ -1051,9 +1100,10 @@ macro_rules! impl_store {
         /// and ledger rows are inserted by one each, and each model's counters are
         /// changed once.
         async fn try_batch(
-            writer: &sqlx::Pool<$db>,
+            conn: &mut <$db as sqlx::Database>::Connection,
+            carried: Option<$crate::db::batch::BatchBooks>,
             ops: &[$crate::db::batch::Op],
-        ) -> Result<Vec<$crate::db::batch::Answer>, app::store::StoreError> {
+        ) -> Result<(Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>), app::store::StoreError> {
             use $crate::db::batch::{Answer, BatchBooks, Decision, Op};
             use $crate::db::books::*;
             use app::store::{ReserveOutcome, StoreError};
@@ -1069,8 +1119,7 @@ macro_rules! impl_store {
                 // A retried settlement racing its original: one per transaction.
                 return Err(StoreError::Database("one idempotency key twice in a batch".into()));
             }
-            let mut tx = writer.begin_with(<$store>::BEGIN).await.map_err(db_error)?;
-            let mut recorded = find_events(&mut tx, &keys).await?;
+            let mut tx = begin(conn, <$store>::BEGIN).await?;
             let ending: Vec<&str> = ops
                 .iter()
                 .filter_map(|op| match op {
@@ -1080,14 +1129,39 @@ macro_rules! impl_store {
                 })
                 .collect();
             let mut ended = take_reservations(&mut tx, &ending).await?;
+            // A settlement deletes its reservation in the transaction that records
+            // it, so only a settlement whose reservation is gone can be a retry of
+            // one already recorded: only those keys are looked up.
+            let retried: Vec<&str> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Settle(settlement, _)
+                        if !ended.contains_key(settlement.reservation.0.as_str()) =>
+                    {
+                        settlement.idempotency_key.as_deref()
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut recorded = find_events(&mut tx, &retried).await?;
 
-            let mut books = BatchBooks::default();
+            let mut books = match <$store>::BOOKS_VERSION {
+                Some(_) => carried.unwrap_or_default(),
+                None => BatchBooks::default(),
+            };
             let mut answers = Vec::with_capacity(ops.len());
             let mut reservations = Vec::new();
             let mut events = Vec::new();
             for op in ops {
                 answers.push(match op {
                     Op::Reserve(request, _) => {
+                        if let (true, Some(version)) = (books.needs_check(), <$store>::BOOKS_VERSION) {
+                            let version: i64 = sqlx::query_scalar(version)
+                                .fetch_one(&mut *tx)
+                                .await
+                                .map_err(db_error)?;
+                            books.check(version);
+                        }
                         if books.needs_rules() {
                             let plan_row = read_plan(&mut tx, <$store>::LOCK).await?;
                             books.set_rules(&plan_row, read_limits(&mut tx).await?)?;
@@ -1108,15 +1182,15 @@ macro_rules! impl_store {
                         }
                     }
                     Op::Settle(settlement, _) => 'settle: {
-                        if let Some(key) = &settlement.idempotency_key {
-                            if let Some(event) = recorded.remove(key.as_str()) {
-                                break 'settle Some(Answer::Settle(Ok(event.record(false))));
-                            }
-                        }
                         let Some(row) = ended.remove(settlement.reservation.0.as_str()) else {
-                            break 'settle Some(Answer::Settle(Err(StoreError::NotFound {
-                                what: "reservation",
-                            })));
+                            let retry = settlement
+                                .idempotency_key
+                                .as_deref()
+                                .and_then(|key| recorded.remove(key));
+                            break 'settle Some(Answer::Settle(match retry {
+                                Some(event) => Ok(event.record(false)),
+                                None => Err(StoreError::NotFound { what: "reservation" }),
+                            }));
                         };
                         let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
                         if over && settlement.within_reservation {
@@ -1168,14 +1242,14 @@ macro_rules! impl_store {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             tx.commit().await.map_err(db_error)?;
-            Ok(answers)
+            Ok((answers, <$store>::BOOKS_VERSION.map(|_| books.carry_over())))
         }
 
         /// The rows `sql` returns for `values`: `sql` holds `{}` where the
         /// `IN (...)` list of `$2, $3, ...` goes (`$1` is the workspace), and runs
         /// once per chunk of `values`.
         async fn fetch_in<R>(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             sql: &str,
             values: &[&str],
         ) -> Result<Vec<R>, app::store::StoreError>
@@ -1197,7 +1271,7 @@ macro_rules! impl_store {
 
         /// Ledger rows already recorded under `keys`, by key.
         async fn find_events(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             keys: &[&str],
         ) -> Result<std::collections::HashMap<String, $crate::db::books::EventRow>, app::store::StoreError> {
             use $crate::db::books::*;
@@ -1217,7 +1291,7 @@ macro_rules! impl_store {
 
         /// Delete the reservations `ids` that still exist and return them, by id.
         async fn take_reservations(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             ids: &[&str],
         ) -> Result<std::collections::HashMap<String, $crate::db::books::ReservationRow>, app::store::StoreError> {
             use $crate::db::books::*;
@@ -1234,7 +1308,7 @@ macro_rules! impl_store {
 
         /// Insert the reservations a batch admitted.
         async fn insert_reservations(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             rows: &[(&app::store::ReserveRequest, $crate::db::batch::NewReservation)],
         ) -> Result<(), app::store::StoreError> {
             use $crate::db::books::*;
@@ -1273,7 +1347,7 @@ macro_rules! impl_store {
         /// Errors: [`app::store::StoreError::Invalid`] for a token count past
         /// `i64::MAX`.
         async fn insert_events(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             events: &[$crate::db::books::NewEvent],
         ) -> Result<Vec<$crate::db::books::LedgerRow>, app::store::StoreError> {
             use $crate::db::books::*;
@@ -1320,7 +1394,18 @@ macro_rules! impl_store {
         }
 
         // Statements shared by the operations above, over this backend's transaction.
-        type Tx = sqlx::Transaction<'static, $db>;
+        type Tx<'c> = sqlx::Transaction<'c, $db>;
+
+        /// A write transaction on `conn`, opened with `statement` (the backend's
+        /// `BEGIN`).
+        async fn begin<'c>(
+            conn: &'c mut <$db as sqlx::Database>::Connection,
+            statement: &'static str,
+        ) -> Result<Tx<'c>, app::store::StoreError> {
+            sqlx::Connection::begin_with(conn, statement)
+                .await
+                .map_err($crate::db::books::db_error)
+        }
 
         /// The user matching `condition` on `$1`, if any.
         async fn find_user<T>(
@@ -1345,6 +1430,18 @@ macro_rules! impl_store {
             pool: &sqlx::Pool<$db>,
             filter: $crate::db::books::KeyFilter<'_>,
         ) -> Result<Vec<app::store::ApiKeyRecord>, app::store::StoreError> {
+            fetch_keys(pool, filter)
+                .await?
+                .into_iter()
+                .map(|row| row.key.record())
+                .collect()
+        }
+
+        /// The API keys `filter` selects, newest first, each with its owner.
+        async fn fetch_keys(
+            pool: &sqlx::Pool<$db>,
+            filter: $crate::db::books::KeyFilter<'_>,
+        ) -> Result<Vec<$crate::db::books::KeyOwnerRow>, app::store::StoreError> {
             use $crate::db::books::*;
             let condition = match filter {
                 KeyFilter::Id(_) => "k.id = $2",
@@ -1354,7 +1451,7 @@ macro_rules! impl_store {
             };
             let sql = format!(
                 "SELECT k.id, k.name, k.user_id, u.email AS owner_email, k.created_at, k.last_used_at, \
-                 k.revoked_at FROM api_keys k JOIN users u ON u.id = k.user_id \
+                 k.revoked_at, u.password_hash, u.role FROM api_keys k JOIN users u ON u.id = k.user_id \
                  WHERE k.workspace_id = $1 AND {condition} ORDER BY k.id DESC"
             );
             let query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
@@ -1364,12 +1461,11 @@ macro_rules! impl_store {
                 KeyFilter::LiveHash(hash) => query.bind(hash.to_owned()),
                 KeyFilter::All => query.bind(String::new()),
             };
-            let rows: Vec<ApiKeyRow> = query.fetch_all(pool).await.map_err(db_error)?;
-            rows.into_iter().map(ApiKeyRow::record).collect()
+            query.fetch_all(pool).await.map_err(db_error)
         }
 
         async fn read_plan(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             lock: &str,
         ) -> Result<$crate::db::books::PlanRow, app::store::StoreError> {
             use $crate::db::books::*;
@@ -1388,7 +1484,7 @@ macro_rules! impl_store {
         }
 
         async fn read_counters(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             cycle_start: i64,
         ) -> Result<Vec<$crate::db::books::CounterRow>, app::store::StoreError> {
             use $crate::db::books::*;
@@ -1404,7 +1500,7 @@ macro_rules! impl_store {
         }
 
         async fn read_limits(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
         ) -> Result<Vec<$crate::db::books::LimitRow>, app::store::StoreError> {
             use $crate::db::books::*;
             sqlx::query_as(
@@ -1420,7 +1516,7 @@ macro_rules! impl_store {
         /// by the first hold or record; a negative delta only ever applies to rows
         /// that exist (CHECK constraints are tested on the proposed row of an upsert).
         async fn add_to_counters(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             cycle_start: i64,
             model: &str,
             spent_delta: i64,
@@ -1451,7 +1547,7 @@ macro_rules! impl_store {
 
         #[allow(clippy::too_many_arguments)]
         async fn audit(
-            tx: &mut Tx,
+            tx: &mut Tx<'_>,
             actor: &app::store::Actor,
             now: DateTime<Utc>,
             action: &str,
@@ -1494,14 +1590,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batches_split_into_powers_of_two() {
-        for rows in 0..=200usize {
-            let sizes: Vec<usize> = chunk_sizes(rows).collect();
-            assert_eq!(sizes.iter().sum::<usize>(), rows);
-            assert!(sizes.iter().all(|size| size.is_power_of_two()));
-            assert!(sizes.windows(2).all(|pair| pair[0] > pair[1]));
-        }
-        assert_eq!(chunk_sizes(23).collect::<Vec<_>>(), [16, 4, 2, 1]);
+    fn a_batch_takes_one_statement_per_kind() {
+        let rows: Vec<usize> = (0..super::super::batch::MAX_BATCH).collect();
+        assert_eq!(chunks(&rows).count(), 1);
+        let more: Vec<usize> = (0..ROWS_PER_STATEMENT * 2 + 1).collect();
+        let sizes: Vec<usize> = chunks(&more).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [ROWS_PER_STATEMENT, ROWS_PER_STATEMENT, 1]);
     }
 
     #[test]

@@ -6,7 +6,13 @@
 
 use app::store::StoreError;
 use chrono::{DateTime, Utc};
-use sqlx::{postgres::PgPoolOptions, PgPool, Postgres};
+use std::str::FromStr;
+
+use sqlx::{
+    pool::PoolConnection,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool, Postgres,
+};
 
 use super::{batch::Batcher, books::db_error, ConnectError};
 
@@ -14,8 +20,9 @@ use super::{batch::Batcher, books::db_error, ConnectError};
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    /// Reservations, settlements and releases, group-committed (`db::batch`).
-    batcher: Batcher,
+    /// Reservations, settlements and releases, group-committed (`db::batch`) on a
+    /// connection of the pool that it keeps.
+    batcher: Batcher<PoolConnection<Postgres>>,
 }
 
 impl PostgresStore {
@@ -23,14 +30,20 @@ impl PostgresStore {
     const LOCK: &'static str = "FOR UPDATE OF p";
     /// A plain transaction: the plan row's lock serialises writers.
     const BEGIN: &'static str = "BEGIN";
+    /// None: other replicas write all the time, so every batch reads the books
+    /// under the plan row's lock.
+    const BOOKS_VERSION: Option<&'static str> = None;
 
     /// Connect to `url` and apply migrations.
     ///
     /// Errors: [`ConnectError`] when the server cannot be reached or migrated.
     pub async fn open(url: &str) -> Result<Self, ConnectError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(ConnectError::Open)?
+            .statement_cache_capacity(super::books::STATEMENT_CACHE);
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;
         sqlx::migrate!("../migrations/postgres")
@@ -39,7 +52,13 @@ impl PostgresStore {
             .map_err(ConnectError::Migrate)?;
         let batcher = {
             let pool = pool.clone();
-            Batcher::spawn(move |ops| execute_batch(pool.clone(), ops))
+            Batcher::spawn(
+                move || {
+                    let pool = pool.clone();
+                    async move { pool.acquire().await.map_err(db_error) }
+                },
+                execute_batch,
+            )
         };
         Ok(Self { pool, batcher })
     }
@@ -49,12 +68,9 @@ impl PostgresStore {
         &self.pool
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
-        self.pool.begin().await.map_err(db_error)
-    }
-
-    fn writer(&self) -> &PgPool {
-        &self.pool
+    /// A connection of the pool: the plan row's lock serialises writers.
+    async fn write_connection(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        self.pool.acquire().await.map_err(db_error)
     }
 }
 

@@ -7,25 +7,32 @@ use std::{str::FromStr, time::Duration};
 use app::store::StoreError;
 use chrono::{DateTime, Utc};
 use sqlx::{
+    pool::PoolConnection,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
     Sqlite, SqlitePool,
 };
 
-use super::{batch::Batcher, books::db_error, ConnectError};
+use super::{
+    batch::{Batcher, Lent},
+    books::db_error,
+    ConnectError,
+};
 
 /// The SQLite adapter.
 ///
-/// SQLite has one writer at a time. Writes of this process queue for one writer
-/// connection in FIFO order instead of each taking the file lock in turn through
-/// `busy_timeout`, whose sleep-and-retry wastes milliseconds under load; readers use
-/// their own connections (WAL lets them read while the writer writes). Other
+/// SQLite has one writer at a time. Every write of this process goes through one
+/// writer connection, held by the batcher (`db::batch`): the hot path's writes are
+/// group-committed on it and the others borrow it between batches, so they queue
+/// in one line instead of each taking the file lock in turn through
+/// `busy_timeout`, whose sleep-and-retry wastes milliseconds under load. Readers
+/// use their own connections (WAL lets them read while the writer writes). Other
 /// processes (the CLI) still wait on `busy_timeout`.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    writer: SqlitePool,
-    /// Reservations, settlements and releases, group-committed (`db::batch`).
-    batcher: Batcher,
+    /// Reservations, settlements and releases, group-committed (`db::batch`), on
+    /// the writer connection it lends to the other writes.
+    batcher: Batcher<PoolConnection<Sqlite>>,
 }
 
 /// How durable an acknowledged write is (DESIGN.md §6).
@@ -43,6 +50,11 @@ impl SqliteStore {
     const LOCK: &'static str = "";
     /// Take the write lock before the first read, so a snapshot cannot change.
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    /// Changes whenever another connection (another process, or this one's
+    /// readers) commits: the batcher's connection does every other write of
+    /// this process, so its books stay exact until this changes (`db::batch`).
+    const BOOKS_VERSION: Option<&'static str> =
+        Some("SELECT data_version FROM pragma_data_version()");
 
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
@@ -57,6 +69,7 @@ impl SqliteStore {
                 Durability::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(Duration::from_secs(10))
+            .statement_cache_capacity(super::books::STATEMENT_CACHE)
             .foreign_keys(true);
         // A connection to a local file does not go stale: checking one before
         // each use (sqlx's default) would add a round trip to every batch.
@@ -76,15 +89,14 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;
-        let batcher = {
-            let writer = writer.clone();
-            Batcher::spawn(move |ops| execute_batch(writer.clone(), ops))
-        };
-        Ok(Self {
-            pool,
-            writer,
-            batcher,
-        })
+        let batcher = Batcher::spawn(
+            move || {
+                let writer = writer.clone();
+                async move { writer.acquire().await.map_err(db_error) }
+            },
+            execute_batch,
+        );
+        Ok(Self { pool, batcher })
     }
 
     /// The connection pool, shared with the session store.
@@ -92,12 +104,9 @@ impl SqliteStore {
         &self.pool
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        self.writer.begin_with(Self::BEGIN).await.map_err(db_error)
-    }
-
-    fn writer(&self) -> &SqlitePool {
-        &self.writer
+    /// The writer connection, lent by the batcher (see [`SqliteStore`]).
+    async fn write_connection(&self) -> Result<Lent<PoolConnection<Sqlite>>, StoreError> {
+        self.batcher.lend().await
     }
 }
 
