@@ -1,6 +1,7 @@
 //! Reserve + settle pairs per second through the `Store` port (DESIGN.md R7), on a
 //! temporary SQLite file and, when `TEST_DATABASE_URL` is set, on a fresh
-//! PostgreSQL database; one task, then 16 and 64 concurrent tasks.
+//! PostgreSQL database; one task, then 16 and 64 concurrent tasks, each measured
+//! for 5 seconds (`BENCH_SECONDS`) after a second of warm-up.
 //!
 //! Run: `cargo bench -p server --bench store` (prints its figures; no assertions).
 #![allow(
@@ -27,7 +28,12 @@ use chrono::{NaiveDate, Utc};
 use rust_decimal::Decimal;
 use server::db::{self, sqlite::Durability};
 
-const PAIRS_PER_RUN: usize = 4000;
+/// How long each configuration is measured, after [`WARM_UP`]: long enough that
+/// the statement caches are full and a batch's size has settled. `BENCH_SECONDS`
+/// overrides it.
+const MEASURE: Duration = Duration::from_secs(5);
+/// Pairs run, unmeasured, before each measurement.
+const WARM_UP: Duration = Duration::from_secs(1);
 
 fn setup() -> WorkspaceSetup {
     let price = |s: &str| PricePerMTok::new(Decimal::from_str(s).unwrap()).unwrap();
@@ -98,29 +104,43 @@ async fn pair(store: &SharedStore, catalog: &Arc<Catalog>) {
 }
 
 async fn run(name: &str, store: SharedStore, catalog: Arc<Catalog>) {
+    let measure = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(MEASURE, Duration::from_secs);
     for tasks in [1usize, 16, 64] {
-        let per_task = PAIRS_PER_RUN / tasks;
-        let start = Instant::now();
-        let handles: Vec<_> = (0..tasks)
-            .map(|_| {
-                let store = store.clone();
-                let catalog = catalog.clone();
-                tokio::spawn(async move {
-                    for _ in 0..per_task {
-                        pair(&store, &catalog).await;
-                    }
+        // Pairs each task runs until `until`.
+        let phase = |until: Instant| {
+            let handles: Vec<_> = (0..tasks)
+                .map(|_| {
+                    let store = store.clone();
+                    let catalog = catalog.clone();
+                    tokio::spawn(async move {
+                        let mut pairs = 0u64;
+                        while Instant::now() < until {
+                            pair(&store, &catalog).await;
+                            pairs += 1;
+                        }
+                        pairs
+                    })
                 })
-            })
-            .collect();
-        for h in handles {
-            h.await.unwrap();
-        }
+                .collect();
+            async move {
+                let mut pairs = 0;
+                for h in handles {
+                    pairs += h.await.unwrap();
+                }
+                pairs
+            }
+        };
+        phase(Instant::now() + WARM_UP).await;
+        let start = Instant::now();
+        let pairs = phase(start + measure).await;
         let elapsed = start.elapsed();
-        let pairs = per_task * tasks;
         println!(
-            "{name:<10} tasks={tasks:<3} pairs={pairs:<6} {:>8} pairs/s  {:>8} events/s (reserve or settle)  mean {:?}/pair",
-            pairs as u128 * 1_000_000 / elapsed.as_micros().max(1),
-            (2 * pairs) as u128 * 1_000_000 / elapsed.as_micros().max(1),
+            "{name:<10} tasks={tasks:<3} pairs={pairs:<7} {:>8} pairs/s  {:>8} events/s (reserve or settle)  mean {:?}/pair",
+            u128::from(pairs) * 1_000_000 / elapsed.as_micros().max(1),
+            u128::from(2 * pairs) * 1_000_000 / elapsed.as_micros().max(1),
             elapsed / u32::try_from(pairs).unwrap_or(u32::MAX).max(1),
         );
     }
