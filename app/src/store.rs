@@ -392,6 +392,14 @@ pub trait Store: Send + Sync + 'static {
     /// Decide admission (R6) on a consistent snapshot of plan, settings, limits and
     /// counters, and record the hold (R7), as one atomic step: concurrent calls, from
     /// one process or several sharing the database, can never pass a limit together.
+    ///
+    /// The request's API key (`spender.api_key_id`) is checked live in the same
+    /// step, so a key revoked a moment ago admits nothing, even for a request that
+    /// authenticated before the revocation (DESIGN.md §4).
+    ///
+    /// Errors: [`StoreError::NotFound`] (`what` = `"api key"`) for a revoked or
+    /// unknown key, `"model"` for a model outside the catalog;
+    /// [`StoreError::Database`] when the database fails.
     async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, StoreError>;
 
     /// Extend a live reservation's lease (streams renew while they run).

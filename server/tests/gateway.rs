@@ -1385,7 +1385,50 @@ on_both_backends!(
     the_upstream_key_never_leaks,
     usage_api_admits_settles_releases_and_records_once,
     a_restarted_gateway_leaves_no_reservations,
+    a_key_revoked_elsewhere_spends_nothing_more,
 );
+
+/// A key revoked by another process (the CLI) while the gateway still remembers
+/// it as live spends nothing more: the admission checks it again, so its next
+/// chat request and usage-API admission get 401 and the books do not move.
+async fn a_key_revoked_elsewhere_spends_nothing_more(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    assert_eq!(h.chat(&chat_body("big")).await.status(), 200);
+    let before = h.store.spend_snapshot(Utc::now()).await.unwrap().workspace;
+    let cli = server::db::connect(&db.url, Durability::Normal)
+        .await
+        .unwrap();
+    let keys = cli.list_api_keys(None).await.unwrap();
+    assert_eq!(keys.len(), 1, "the member's key only");
+    cli.revoke_api_key(keys[0].id, Utc::now()).await.unwrap();
+
+    assert_error(
+        h.chat(&chat_body("big")).await,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
+    .await;
+    let response = h
+        .post("/api/v1/admissions")
+        .json(&json!({"model": "big", "prompt_tokens": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
+    .await;
+    let after = h.store.spend_snapshot(Utc::now()).await.unwrap().workspace;
+    assert_eq!(after, before);
+    assert_eq!(after.reserved, app::domain::Nanos::ZERO);
+    assert_eq!(h.mock.received().len(), 1, "nothing more went upstream");
+}
 
 /// The official `openai` Python package against the gateway: non-streamed and
 /// streamed calls, the served model, and a 429 it does not retry.

@@ -589,6 +589,54 @@ async fn a_limit_set_elsewhere_applies_to_the_next_request(db: &TestDb) {
     assert_eq!(snapshot.workspace.spent, Nanos::new(200_000));
 }
 
+/// A reservation names its API key, and a key revoked (here through another
+/// connection, as the CLI does) admits nothing from then on (DESIGN.md §4).
+async fn a_revoked_key_admits_nothing(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let cli = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let user = store
+        .create_user(
+            "member@example.com",
+            "hash",
+            app::store::Role::Member,
+            now(),
+        )
+        .await
+        .unwrap();
+    let key = store
+        .create_api_key(user.id, "laptop", "0123abcd", now())
+        .await
+        .unwrap();
+    let request = || ReserveRequest {
+        catalog: catalog.clone(),
+        model: ModelId::new("mid"),
+        estimate: estimate(100),
+        spender: Spender {
+            user_id: Some(user.id),
+            api_key_id: Some(key.id),
+        },
+        owner: "test".into(),
+        lease_until: now() + Duration::minutes(1),
+        now: now(),
+    };
+    let held = admitted(store.reserve(request()).await.unwrap());
+    cli.revoke_api_key(key.id, now()).await.unwrap();
+    match store.reserve(request()).await {
+        Err(StoreError::NotFound { what }) => assert_eq!(what, "api key"),
+        other => panic!("a revoked key was answered {other:?}"),
+    }
+    // What it held before is still settled normally.
+    store
+        .settle(settlement(&held.id, Some(usage(0, 100))))
+        .await
+        .unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(200_000));
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+}
+
 /// The first request of a new cycle sees zero spend, with no job run in between.
 async fn a_new_cycle_starts_from_zero(db: &TestDb) {
     let setup = setup(2 * EUR / 1000, 0);
@@ -766,6 +814,7 @@ on_both_backends!(
     invalid_changes_are_typed_errors,
     a_new_limit_applies_to_the_next_request,
     a_limit_set_elsewhere_applies_to_the_next_request,
+    a_revoked_key_admits_nothing,
     a_new_cycle_starts_from_zero,
     expired_leases_are_released,
     api_keys_authenticate_and_record_use_to_the_minute,

@@ -29,7 +29,10 @@
 //! unaffected. A reservation whose caller went away before the answer (a client
 //! that disconnected) is released at once instead of waiting for its lease.
 
-use std::{collections::HashMap, future::Future};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+};
 
 use app::{
     domain::{admit, Admission, Counter, ModelId, ModelState, Nanos, Snapshot},
@@ -435,8 +438,8 @@ pub(crate) struct BatchBooks {
     /// The database's version (as the backend counts other writers' commits) that
     /// `rules` and `cycles` were read at or checked against.
     version: Option<i64>,
-    /// Whether this batch has checked the version, under its write lock.
-    checked: bool,
+    /// API keys known to be live (not revoked) at `version`.
+    live_keys: HashSet<i64>,
 }
 
 impl BatchBooks {
@@ -448,13 +451,8 @@ impl BatchBooks {
             cycles: self.cycles,
             changes: HashMap::new(),
             version: self.version,
-            checked: false,
+            live_keys: self.live_keys,
         }
-    }
-
-    /// Whether [`BatchBooks::check`] must run before this batch's first admission.
-    pub(crate) fn needs_check(&self) -> bool {
-        !self.checked
     }
 
     /// Compare the database's `version`, read under the write lock, with the one
@@ -465,9 +463,33 @@ impl BatchBooks {
         if self.version != Some(version) {
             self.rules = None;
             self.cycles.clear();
+            self.live_keys.clear();
             self.version = Some(version);
         }
-        self.checked = true;
+    }
+
+    /// Of the API keys `ids`, those not yet known to be live: they must be looked
+    /// up ([`BatchBooks::know_live_keys`]) before an admission spends on them.
+    pub(crate) fn unknown_keys(&self, ids: &[i64]) -> Vec<i64> {
+        let mut unknown: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.live_keys.contains(id))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        unknown
+    }
+
+    /// Take in API keys found live under the write lock.
+    pub(crate) fn know_live_keys(&mut self, ids: impl IntoIterator<Item = i64>) {
+        self.live_keys.extend(ids);
+    }
+
+    /// Whether the API key `id` was found live (DESIGN.md §4: a revoked key spends
+    /// nothing, not even with a request already past authentication).
+    pub(crate) fn key_is_live(&self, id: i64) -> bool {
+        self.live_keys.contains(&id)
     }
 
     /// Whether [`BatchBooks::set_rules`] must be called before an admission.

@@ -1149,18 +1149,39 @@ macro_rules! impl_store {
                 Some(_) => carried.unwrap_or_default(),
                 None => BatchBooks::default(),
             };
+            // The API keys admissions spend on, each checked live under the lock.
+            let spenders: Vec<i64> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Reserve(request, _) => Some(request.spender.api_key_id),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let admits = ops.iter().any(|op| matches!(op, Op::Reserve(..)));
+            if admits {
+                if let Some(version) = <$store>::BOOKS_VERSION {
+                    let version: i64 = sqlx::query_scalar(version)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    books.check(version);
+                }
+                let unknown = books.unknown_keys(&spenders);
+                books.know_live_keys(live_keys(&mut tx, &unknown).await?);
+            }
             let mut answers = Vec::with_capacity(ops.len());
             let mut reservations = Vec::new();
             let mut events = Vec::new();
             for op in ops {
                 answers.push(match op {
-                    Op::Reserve(request, _) => {
-                        if let (true, Some(version)) = (books.needs_check(), <$store>::BOOKS_VERSION) {
-                            let version: i64 = sqlx::query_scalar(version)
-                                .fetch_one(&mut *tx)
-                                .await
-                                .map_err(db_error)?;
-                            books.check(version);
+                    Op::Reserve(request, _) => 'reserve: {
+                        if let Some(key) = request.spender.api_key_id {
+                            if !books.key_is_live(key) {
+                                break 'reserve Some(Answer::Reserve(Err(StoreError::NotFound {
+                                    what: "api key",
+                                })));
+                            }
                         }
                         if books.needs_rules() {
                             let plan_row = read_plan(&mut tx, <$store>::LOCK).await?;
@@ -1267,6 +1288,24 @@ macro_rules! impl_store {
                 rows.extend(query.fetch_all(&mut **tx).await.map_err(db_error)?);
             }
             Ok(rows)
+        }
+
+        /// Of the API keys `ids`, those that exist and are not revoked.
+        async fn live_keys(tx: &mut Tx<'_>, ids: &[i64]) -> Result<Vec<i64>, app::store::StoreError> {
+            use $crate::db::books::*;
+            let mut live = Vec::with_capacity(ids.len());
+            for chunk in chunks(ids) {
+                let sql = format!(
+                    "SELECT id FROM api_keys WHERE workspace_id = $1 AND revoked_at IS NULL AND id IN {}",
+                    placeholders(1, chunk.len(), 2)
+                );
+                let mut query = sqlx::query_scalar::<_, i64>(&sql).bind(WORKSPACE_ID);
+                for id in chunk {
+                    query = query.bind(*id);
+                }
+                live.extend(query.fetch_all(&mut **tx).await.map_err(db_error)?);
+            }
+            Ok(live)
         }
 
         /// Ledger rows already recorded under `keys`, by key.

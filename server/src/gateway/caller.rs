@@ -1,6 +1,18 @@
 //! Who calls the gateway and the usage API: the owner of the API key sent as
 //! `Authorization: Bearer <key>` (DESIGN.md §4). Keys are looked up by their hash
 //! (`crate::auth::hash_api_key`); the key itself is never logged.
+//!
+//! The routes that spend (chat completions, usage-API admissions) remember a key
+//! found live for [`REMEMBER_FOR`] instead of reading it for every request: their
+//! admission checks the key again, in the store's atomic step, so a revoked key
+//! still spends nothing from the moment its revocation commits. Every other route
+//! reads the key each time.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use app::store::{ApiKeyRecord, Spender, UserRecord};
 use axum::http::{header, HeaderMap};
@@ -62,6 +74,63 @@ pub async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Call
         Some((key, user)) => Ok(Caller { key, user }),
         None => Err(GatewayError::InvalidApiKey),
     }
+}
+
+/// How long a key found live is taken on trust by the routes that spend, before
+/// it is read again (which also keeps its "last used" time to the minute).
+pub const REMEMBER_FOR: Duration = Duration::from_secs(30);
+/// Most keys remembered at once; past it, the oldest are forgotten.
+const REMEMBERED_KEYS: usize = 10_000;
+
+/// Callers of the routes that spend, by key hash, with when they were read.
+#[derive(Debug, Default)]
+pub struct CallerCache {
+    callers: Mutex<HashMap<String, (Caller, Instant)>>,
+}
+
+impl CallerCache {
+    fn get(&self, hash: &str) -> Option<Caller> {
+        let callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+        callers
+            .get(hash)
+            .filter(|(_, read)| read.elapsed() < REMEMBER_FOR)
+            .map(|(caller, _)| caller.clone())
+    }
+
+    fn remember(&self, hash: String, caller: Caller) {
+        let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+        if callers.len() >= REMEMBERED_KEYS {
+            callers.retain(|_, (_, read)| read.elapsed() < REMEMBER_FOR);
+            if callers.len() >= REMEMBERED_KEYS {
+                callers.clear();
+            }
+        }
+        callers.insert(hash, (caller, Instant::now()));
+    }
+
+    /// Forget the key `id`, found revoked.
+    pub fn forget(&self, id: i64) {
+        let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+        callers.retain(|_, (caller, _)| caller.key.id != id);
+    }
+}
+
+/// [`authenticate`] for a route whose every spend is admitted by the store, which
+/// checks the key again (see the module doc): a key found live less than
+/// [`REMEMBER_FOR`] ago is not read again.
+///
+/// Errors: as [`authenticate`].
+pub async fn authenticate_to_spend(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+) -> Result<Caller, GatewayError> {
+    let hash = crate::auth::hash_api_key(bearer(headers)?);
+    if let Some(caller) = gateway.callers.get(&hash) {
+        return Ok(caller);
+    }
+    let caller = authenticate(gateway, headers).await?;
+    gateway.callers.remember(hash, caller.clone());
+    Ok(caller)
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ async fn handle(
     model_label: &mut String,
 ) -> Result<Response, GatewayError> {
     let bytes = read_body(gateway, headers, body).await?;
-    let caller = super::caller::authenticate(gateway, headers).await?;
+    let caller = super::caller::authenticate_to_spend(gateway, headers).await?;
     let request = ChatRequest::parse(&bytes)?;
     let catalog = gateway.catalog.clone();
     let model = catalog
@@ -162,8 +162,9 @@ impl Gateway {
     /// Admission (R6) for `model`, holding the reservation until `lease_until`;
     /// counts the decision.
     ///
-    /// Errors: [`GatewayError::Blocked`] (429) when refused, [`GatewayError::Internal`]
-    /// when the store fails.
+    /// Errors: [`GatewayError::Blocked`] (429) when refused,
+    /// [`GatewayError::InvalidApiKey`] (401) when the spender's key was revoked since
+    /// it authenticated, [`GatewayError::Internal`] when the store fails.
     pub(crate) async fn reserve(
         &self,
         model: &app::domain::Model,
@@ -171,7 +172,7 @@ impl Gateway {
         spender: app::store::Spender,
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> Result<app::store::Reservation, GatewayError> {
-        let outcome = self
+        let outcome = match self
             .store
             .reserve(app::store::ReserveRequest {
                 catalog: self.catalog.clone(),
@@ -182,7 +183,18 @@ impl Gateway {
                 lease_until,
                 now: chrono::Utc::now(),
             })
-            .await?;
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(app::store::StoreError::NotFound { what: "api key" }) => {
+                // Revoked since it authenticated.
+                if let Some(key) = spender.api_key_id {
+                    self.callers.forget(key);
+                }
+                return Err(GatewayError::InvalidApiKey);
+            }
+            Err(e) => return Err(e.into()),
+        };
         match outcome {
             ReserveOutcome::Admitted(reservation) => {
                 let outcome = if reservation.served == reservation.requested {

@@ -58,6 +58,8 @@ pub struct Gateway {
     http: reqwest::Client,
     owner: String,
     metrics: Metrics,
+    /// Callers authenticated a moment ago, for the routes that spend.
+    callers: caller::CallerCache,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -128,6 +130,7 @@ impl Gateway {
                 uuid::Uuid::new_v4().simple()
             ),
             metrics: Metrics::new(),
+            callers: caller::CallerCache::default(),
         }
     }
 

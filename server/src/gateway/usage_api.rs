@@ -42,7 +42,10 @@ use super::error::GatewayError;
 use super::hold::settlement_key;
 use super::json::{is_null, optional_u64, required_string, RawObject};
 use super::upstream::parse_usage;
-use super::{caller::authenticate, read_body, Gateway};
+use super::{
+    caller::{authenticate, authenticate_to_spend},
+    read_body, Gateway,
+};
 
 /// Default lease of a usage API admission, seconds: the caller settles or releases
 /// it before then, or renews it.
@@ -130,7 +133,7 @@ pub async fn admit(
     let mut model_label = String::new();
     let result = async {
         let bytes = read_body(&gateway, &headers, body).await?;
-        let caller = authenticate(&gateway, &headers).await?;
+        let caller = authenticate_to_spend(&gateway, &headers).await?;
         let object = parse_object(&bytes)?;
         only_fields(
             &object,
