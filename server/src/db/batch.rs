@@ -138,6 +138,33 @@ pub(crate) struct Batcher<C> {
     loans: mpsc::Sender<oneshot::Sender<Lent<C>>>,
 }
 
+/// A [`Batcher`] handle that does not keep the batcher running.
+#[derive(Debug)]
+pub(crate) struct WeakBatcher<C> {
+    queue: mpsc::WeakSender<Op>,
+    loans: mpsc::WeakSender<oneshot::Sender<Lent<C>>>,
+}
+
+impl<C> WeakBatcher<C> {
+    /// The batcher, unless its store is gone.
+    pub(crate) fn upgrade(&self) -> Option<Batcher<C>> {
+        Some(Batcher {
+            queue: self.queue.upgrade()?,
+            loans: self.loans.upgrade()?,
+        })
+    }
+}
+
+impl<C> Batcher<C> {
+    /// A handle for a background task that must stop with the store.
+    pub(crate) fn downgrade(&self) -> WeakBatcher<C> {
+        WeakBatcher {
+            queue: self.queue.downgrade(),
+            loans: self.loans.downgrade(),
+        }
+    }
+}
+
 impl<C> Clone for Batcher<C> {
     fn clone(&self) -> Self {
         Self {
@@ -578,7 +605,10 @@ impl BatchBooks {
         self.change(key, served.as_str(), 0, amount.get());
         Ok(Decision::Admit(Box::new(NewReservation {
             reservation: Reservation {
-                id: ReservationId(uuid::Uuid::new_v4().to_string()),
+                // Time-ordered (version 7), so new ids go to the end of the
+                // reservations' and the ledger's key indexes instead of a random
+                // page each; 74 random bits keep them unguessable.
+                id: ReservationId(uuid::Uuid::now_v7().to_string()),
                 requested: request.model.clone(),
                 served,
                 amount,

@@ -18,7 +18,8 @@
 //!   each item admitted (no fallback: the usage already happened) and counted at
 //!   most once per idempotency key (scoped to the key's owner).
 //!
-//! Reservation ids are random UUIDs: whoever holds one may settle or release it.
+//! Reservation ids are time-ordered UUIDs (version 7) with 74 random bits, too many
+//! to guess: whoever holds one may settle or release it.
 //! `usage` objects take OpenAI's shape (`prompt_tokens`, `completion_tokens`,
 //! `prompt_tokens_details.cached_tokens`, `completion_tokens_details.reasoning_tokens`)
 //! or the two details flat (`cached_tokens`, `reasoning_tokens`).
