@@ -129,7 +129,7 @@ impl std::fmt::Display for Actor {
     }
 }
 
-/// Identifier of a reservation (a UUID v4, text).
+/// Identifier of a reservation (a UUID v7, text: time-ordered, 74 random bits).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ReservationId(pub String);
 

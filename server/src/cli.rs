@@ -357,17 +357,27 @@ fn is_plausible_email(email: &str) -> bool {
 async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
     match action {
         KeyAction::Create { email, name } => {
+            let name = name.trim();
+            anyhow::ensure!(
+                !name.is_empty(),
+                "--name must not be empty: it is how `tollgate key list` tells keys apart"
+            );
             let user = store.user_by_email(&email).await?.with_context(|| {
                 format!("no user has the email {email}: create it with `tollgate user create`")
             })?;
             let (key, hash) = auth::new_api_key();
             store
-                .create_api_key(user.id, &name, &hash, Utc::now())
+                .create_api_key(user.id, name, &hash, Utc::now())
                 .await?;
             // The key alone on stdout, so scripts can capture it.
             println!("{key}");
         }
         KeyAction::List { email } => {
+            if let Some(email) = &email {
+                store.user_by_email(email).await?.with_context(|| {
+                    format!("no user has the email {email} (its keys would be listed here)")
+                })?;
+            }
             println!("id\tname\towner\tcreated\tlast used\tstatus");
             for key in store.list_api_keys(email.as_deref()).await? {
                 println!(
@@ -387,10 +397,26 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 );
             }
         }
-        KeyAction::Revoke { key_id } => {
-            store.revoke_api_key(key_id, Utc::now()).await?;
-            println!("revoked key {key_id}");
-        }
+        KeyAction::Revoke { key_id } => match store.revoke_api_key(key_id, Utc::now()).await {
+            Ok(()) => println!("revoked key {key_id}"),
+            Err(app::store::StoreError::NotFound { .. }) => {
+                // Revoking twice is not an error (a script may run again), but
+                // the operator learns it, and an unknown id is one.
+                let key = store
+                    .list_api_keys(None)
+                    .await?
+                    .into_iter()
+                    .find(|key| key.id == key_id)
+                    .with_context(|| {
+                        format!("no API key has the id {key_id}: see `tollgate key list`")
+                    })?;
+                match key.revoked_at {
+                    Some(at) => println!("key {key_id} was already revoked on {}", at.to_rfc3339()),
+                    None => anyhow::bail!("key {key_id} could not be revoked; try again"),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        },
     }
     Ok(())
 }

@@ -1,0 +1,214 @@
+//! The operator's CLI (DESIGN.md §7), run as operators run it: the real
+//! `tollgate` binary against a fresh SQLite file, checking what it prints, its
+//! exit status and what it leaves in the books.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a failed step should stop the test at once, with its output"
+)]
+
+use std::process::{Command, Output};
+
+/// Runs `tollgate ARGS --database-url URL` in `dir`, with none of the
+/// `TOLLGATE_*` variables of the test's own environment, and `password` as
+/// `TOLLGATE_PASSWORD` when given.
+struct Cli {
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new() -> Cli {
+        Cli {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("tollgate.db").display())
+    }
+
+    fn run_with(&self, args: &[&str], password: Option<&str>) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command
+            .args(args)
+            .args(["--database-url", &self.url()])
+            .current_dir(self.dir.path());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("TOLLGATE_") {
+                command.env_remove(name);
+            }
+        }
+        if let Some(password) = password {
+            command.env("TOLLGATE_PASSWORD", password);
+        }
+        command.output().unwrap()
+    }
+
+    /// Stdout of a command that must succeed.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run_with(args, None);
+        assert!(
+            output.status.success(),
+            "`tollgate {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Stderr of a command that must fail.
+    fn fails(&self, args: &[&str]) -> String {
+        let output = self.run_with(args, None);
+        assert!(
+            !output.status.success(),
+            "`tollgate {}` should have failed; it printed {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stderr).unwrap()
+    }
+}
+
+#[test]
+fn users_and_keys() {
+    let cli = Cli::new();
+    let created = cli.run_with(
+        &[
+            "user",
+            "create",
+            "--email",
+            "ada@example.com",
+            "--role",
+            "admin",
+        ],
+        Some("a long enough password"),
+    );
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let again = cli.run_with(
+        &[
+            "user",
+            "create",
+            "--email",
+            "ADA@example.com",
+            "--role",
+            "member",
+        ],
+        Some("a long enough password"),
+    );
+    assert!(
+        !again.status.success(),
+        "an email is unique regardless of case"
+    );
+
+    // The key alone on stdout, once.
+    let key = cli.ok(&[
+        "key",
+        "create",
+        "--email",
+        "ada@example.com",
+        "--name",
+        "laptop",
+    ]);
+    let key = key.trim_end_matches('\n');
+    assert!(
+        key.starts_with("tg_") && !key.contains(char::is_whitespace),
+        "{key:?}"
+    );
+    let stderr = cli.fails(&[
+        "key",
+        "create",
+        "--email",
+        "ada@example.com",
+        "--name",
+        "  ",
+    ]);
+    assert!(stderr.contains("--name must not be empty"), "{stderr}");
+    let stderr = cli.fails(&["key", "create", "--email", "nobody@example.com"]);
+    assert!(
+        stderr.contains("no user has the email nobody@example.com"),
+        "{stderr}"
+    );
+
+    let list = cli.ok(&["key", "list"]);
+    assert!(!list.contains(key), "the key itself is never listed");
+    let row = list.lines().find(|line| line.contains("laptop")).unwrap();
+    let id = row.split('\t').next().unwrap().to_owned();
+    assert!(
+        row.contains("ada@example.com") && row.ends_with("active"),
+        "{row}"
+    );
+    assert!(cli
+        .ok(&["key", "list", "--email", "ada@example.com"])
+        .contains("laptop"));
+    let stderr = cli.fails(&["key", "list", "--email", "nobody@example.com"]);
+    assert!(
+        stderr.contains("no user has the email nobody@example.com"),
+        "{stderr}"
+    );
+
+    assert_eq!(
+        cli.ok(&["key", "revoke", &id]),
+        format!("revoked key {id}\n")
+    );
+    // Again: said, not an error, so a script may run twice.
+    assert!(cli
+        .ok(&["key", "revoke", &id])
+        .starts_with(&format!("key {id} was already revoked on ")));
+    assert!(cli
+        .ok(&["key", "list"])
+        .lines()
+        .any(|l| l.contains("laptop") && l.ends_with("revoked")));
+    let stderr = cli.fails(&["key", "revoke", "999"]);
+    assert!(stderr.contains("no API key has the id 999"), "{stderr}");
+}
+
+#[test]
+fn limits_fallback_and_their_audit() {
+    let cli = Cli::new();
+    cli.ok(&["limit", "set", "gpt-5", "--eur", "12.50"]);
+    let stderr = cli.fails(&["limit", "set", "gpt-5", "--eur", "-1"]);
+    assert!(!stderr.is_empty());
+    let stderr = cli.fails(&["limit", "set", "no-such-model", "--eur", "1"]);
+    assert!(stderr.contains("no-such-model"), "{stderr}");
+    cli.ok(&["limit", "clear", "gpt-5"]);
+    cli.ok(&["fallback", "off"]);
+    cli.ok(&["fallback", "on"]);
+    let stderr = cli.fails(&["fallback", "maybe"]);
+    assert!(!stderr.is_empty());
+
+    // Newest first: the two fallback changes, then the limit's clear and set.
+    let audit = cli.ok(&["audit", "--limit", "10"]);
+    let lines: Vec<&str> = audit.lines().filter(|l| l.contains("cli")).collect();
+    assert_eq!(lines.len(), 4, "{audit}");
+    assert!(
+        lines[0].contains("fallback") && lines[1].contains("fallback"),
+        "{audit}"
+    );
+    assert!(
+        lines[2].contains("gpt-5") && lines[3].contains("gpt-5"),
+        "{audit}"
+    );
+    assert!(lines[3].contains("12.5"), "the set limit, in EUR: {audit}");
+    assert_eq!(
+        cli.ok(&["audit", "--limit", "1"])
+            .lines()
+            .filter(|l| l.contains("cli"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn config_example_is_a_config_that_loads() {
+    let cli = Cli::new();
+    let example = cli.ok(&["config", "example"]);
+    let path = cli.dir.path().join("example.toml");
+    std::fs::write(&path, &example).unwrap();
+    // It names an upstream key variable; the config loads all the same.
+    server::config::Config::load(Some(&path), &server::config::Overrides::default()).unwrap();
+    let stderr = cli.fails(&["config", "example", "--no-such-flag"]);
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
