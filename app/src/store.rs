@@ -249,8 +249,12 @@ pub struct UsageRecord<'a> {
 pub enum RecordOutcome {
     /// Counted now.
     Recorded(UsageEventRecord),
-    /// Counted before under the same key; nothing changed.
+    /// Counted before under the same key, with the same model and token counts;
+    /// nothing changed.
     Duplicate(UsageEventRecord),
+    /// The key was used before for other usage (another model or other token
+    /// counts): nothing changed, and the event recorded under it is returned.
+    Conflict(UsageEventRecord),
     /// Refused by admission (R6): it would pass the plan or the model's cap.
     Blocked(Blocked),
 }

@@ -1309,6 +1309,38 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         h.workspace().await.spent,
         Nanos::new(2_350_000 + 1_500_000 + 1_050_000 + 1_000_000)
     );
+    // A key used again for other usage: a conflict, not a silent duplicate, and
+    // nothing counted; the other items of the batch still count.
+    let (status, reused) = h
+        .api(
+            "/api/v1/usage",
+            &json!({"records": [
+                {"idempotency_key": "run-1/a", "model": "mid", "usage": {"prompt_tokens": 1000, "completion_tokens": 501}},
+                {"idempotency_key": "run-1/c", "model": "mid", "usage": {"prompt_tokens": 0, "completion_tokens": 100}},
+                {"idempotency_key": "run-2/a", "model": "mid", "usage": {"prompt_tokens": 0, "completion_tokens": 100}},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{reused}");
+    let results = reused["results"].as_array().unwrap();
+    let outcomes: Vec<&str> = results
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["conflict", "conflict", "recorded"]);
+    assert_eq!(results[0]["code"], "idempotency_key_reused");
+    assert_eq!(
+        results[0]["event"]["cost_eur"], "0.0015",
+        "the event recorded under the key"
+    );
+    assert!(
+        results[1]["message"].as_str().unwrap().contains("big"),
+        "{reused}"
+    );
+    assert_eq!(
+        h.workspace().await.spent,
+        Nanos::new(2_350_000 + 1_500_000 + 1_050_000 + 1_000_000 + 200_000)
+    );
     let (status, bad) = h
         .api(
             "/api/v1/usage",

@@ -145,6 +145,31 @@ impl EventRow {
     }
 }
 
+/// A ledger row recorded under an idempotency key, with what it counted, to tell
+/// a retry from another use of the same key.
+#[derive(sqlx::FromRow)]
+pub(crate) struct RecordedRow {
+    #[sqlx(flatten)]
+    pub event: EventRow,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+}
+
+impl RecordedRow {
+    /// Whether this row counted `usage` of `model`.
+    ///
+    /// Errors: [`StoreError::Invalid`] for a token count past `i64::MAX`.
+    pub fn is_same(&self, model: &str, usage: &Usage) -> Result<bool, StoreError> {
+        Ok(self.event.served_model == model
+            && self.prompt_tokens == tokens(usage.prompt_tokens)?
+            && self.cached_tokens == tokens(usage.cached_tokens)?
+            && self.completion_tokens == tokens(usage.completion_tokens)?
+            && self.reasoning_tokens == tokens(usage.reasoning_tokens)?)
+    }
+}
+
 /// A ledger row with the columns that find it again: the reservation it
 /// settled, and the idempotency key it was recorded under.
 #[derive(sqlx::FromRow)]
@@ -611,11 +636,27 @@ macro_rules! impl_store {
                 let mut outcomes = Vec::with_capacity(records.len());
                 for record in records {
                     let idempotency_key = record.idempotency_key.as_str();
-                    if let Some(event) = find_events(&mut tx, &[idempotency_key])
-                        .await?
-                        .remove(idempotency_key)
-                    {
-                        outcomes.push(RecordOutcome::Duplicate(event.record(false)));
+                    let recorded: Option<RecordedRow> = sqlx::query_as(
+                        "SELECT id, requested_model, served_model, cost_nanos, estimated, \
+                         over_reservation, prompt_tokens, cached_tokens, completion_tokens, \
+                         reasoning_tokens FROM usage_events \
+                         WHERE workspace_id = $1 AND idempotency_key = $2",
+                    )
+                    .bind(WORKSPACE_ID)
+                    .bind(idempotency_key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                    if let Some(recorded) = recorded {
+                        // A retry repeats what it reports; the same key for other
+                        // usage is a mistake the caller must hear of.
+                        let same = recorded.is_same(record.model.id.as_str(), &record.usage)?;
+                        let event = recorded.event.record(false);
+                        outcomes.push(if same {
+                            RecordOutcome::Duplicate(event)
+                        } else {
+                            RecordOutcome::Conflict(event)
+                        });
                         continue;
                     }
                     let row = ReservationRow {

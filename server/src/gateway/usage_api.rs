@@ -14,9 +14,12 @@
 //! - `POST /api/v1/admissions/{id}/release` → `{"reservation_id", "released": true}`.
 //! - `POST /api/v1/admissions/{id}/renew` `{"lease_seconds"?}` → `{"reservation_id", "lease_until"}`.
 //! - `POST /api/v1/usage` `{"records": [{"idempotency_key", "model", "usage"}]}` →
-//!   `{"results": [{"idempotency_key", "outcome": "recorded"|"duplicate"|"blocked", ...}]}`,
+//!   `{"results": [{"idempotency_key", "outcome": "recorded"|"duplicate"|"conflict"|"blocked", ...}]}`,
 //!   each item admitted (no fallback: the usage already happened) and counted at
-//!   most once per idempotency key (scoped to the key's owner).
+//!   most once per idempotency key (scoped to the key's owner). A key seen before
+//!   with the same model and token counts is a `duplicate` (a retry); with other
+//!   usage, a `conflict` (`code` `idempotency_key_reused`): nothing is recorded
+//!   and the event recorded under it is returned.
 //!
 //! Reservation ids are time-ordered UUIDs (version 7) with 74 random bits, too many
 //! to guess: whoever holds one may settle or release it.
@@ -463,6 +466,18 @@ pub async fn record(
                     event: Some(EventView::new(None, &event)),
                     code: None,
                     message: None,
+                },
+                RecordOutcome::Conflict(event) => RecordView {
+                    idempotency_key: key.clone(),
+                    outcome: "conflict",
+                    code: Some("idempotency_key_reused"),
+                    message: Some(format!(
+                        "this idempotency key was already used for other usage (on {}, \
+                         costing {}); nothing was recorded: use a new key for new usage",
+                        event.served,
+                        app::domain::format_eur(event.cost.to_money())
+                    )),
+                    event: Some(EventView::new(None, &event)),
                 },
                 RecordOutcome::Blocked(blocked) => {
                     gateway
