@@ -211,7 +211,7 @@ async fn wrong_passwords_are_refused_and_rate_limited() {
     );
     let mut limited = false;
     for _ in 0..15 {
-        let (status, _, _) = panel
+        let (status, headers, body) = panel
             .send(post(
                 "/fn/login",
                 "email=ada@example.com&password=wrong",
@@ -220,6 +220,14 @@ async fn wrong_passwords_are_refused_and_rate_limited() {
             .await;
         if status == StatusCode::TOO_MANY_REQUESTS {
             limited = true;
+            assert!(body.contains("rate_limited"), "{body}");
+            // One attempt comes back every 6 s: the client is told when.
+            let retry_after: u64 = headers[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=6).contains(&retry_after), "Retry-After: {retry_after}");
             break;
         }
     }

@@ -17,12 +17,15 @@ use app::{
 };
 use axum::{
     extract::{ConnectInfo, Request, State},
-    http::{header, HeaderMap, Method, StatusCode},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     middleware::Next,
     response::{Html, IntoResponse, Response},
     Json,
 };
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{
+    clock::{Clock, DefaultClock},
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+};
 use tower_sessions::Session;
 
 /// What the access middleware needs.
@@ -97,12 +100,19 @@ pub async fn authorize(
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| addr.ip())
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-        if state.login_attempts.check_key(&ip).is_err() {
-            return refuse(
+        if let Err(not_until) = state.login_attempts.check_key(&ip) {
+            let mut response = refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 &ApiError::RateLimited.to_string(),
             );
+            // Whole seconds, rounded up, as `Retry-After` counts them.
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            return response;
         }
     }
 
