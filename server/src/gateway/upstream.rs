@@ -149,6 +149,7 @@ impl Target {
 /// The usage object as providers and usage API clients send it: OpenAI's nested
 /// details, or flat `cached_tokens`/`reasoning_tokens`.
 #[derive(Deserialize)]
+#[serde(expecting = "a usage object with token counts")]
 struct UsageWire {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
@@ -159,11 +160,13 @@ struct UsageWire {
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "an object")]
 struct PromptDetails {
     cached_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "an object")]
 struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
@@ -300,6 +303,12 @@ mod tests {
                 .unwrap_err()
                 .field,
             "cached_tokens"
+        );
+        // Named for the caller, not after a type of this crate.
+        let not_an_object = parse(r#""lots""#).unwrap_err().to_string();
+        assert!(
+            not_an_object.contains("expected a usage object") && !not_an_object.contains("Wire"),
+            "{not_an_object}"
         );
     }
 
