@@ -206,7 +206,7 @@ pub fn admit(
     let c = reservation(requested, estimate).unwrap_or(Nanos::MAX);
 
     if !has_room(workspace_used, c, allowance) {
-        return Admission::Block(plan_block(snapshot, c));
+        return Admission::Block(plan_block(snapshot, Ask::Estimate(c)));
     }
 
     let state = snapshot.model_state(&requested.id);
@@ -239,7 +239,13 @@ pub fn admit(
             }
         }
     }
-    Admission::Block(model_block(snapshot, requested, state.counter, cap, c))
+    Admission::Block(model_block(
+        snapshot,
+        requested,
+        state.counter,
+        cap,
+        Ask::Estimate(c),
+    ))
 }
 
 /// Admission of usage that already happened on `model` at a known `cost` in
@@ -256,7 +262,7 @@ pub fn admit_known_cost(
     cost: Nanos,
 ) -> Result<(), Blocked> {
     if !has_room(snapshot.workspace.used(), cost, snapshot.plan.allowance()) {
-        return Err(plan_block(snapshot, cost));
+        return Err(plan_block(snapshot, Ask::Known(cost)));
     }
     let state = snapshot.model_state(&model.id);
     match state.limit.active_cap() {
@@ -265,7 +271,13 @@ pub fn admit_known_cost(
                 automatic_fallback: false,
                 ..*snapshot
             };
-            Err(model_block(&no_fallback, model, state.counter, cap, cost))
+            Err(model_block(
+                &no_fallback,
+                model,
+                state.counter,
+                cap,
+                Ask::Known(cost),
+            ))
         }
         _ => Ok(()),
     }
@@ -283,8 +295,42 @@ fn reset_text(resets_at: DateTime<Utc>) -> String {
     resets_at.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
-/// An amount a request may cost, rounded up to cents so that a small hold never
-/// reads as "€0.00".
+/// What a blocked admission asked for, in nano-euros.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    /// A request's reservation (R7), `Nanos::MAX` when too large to count.
+    Estimate(Nanos),
+    /// Usage that already happened (the usage API's bulk recording).
+    Known(Nanos),
+}
+
+impl Ask {
+    /// "this request could cost up to €0.25": the amount rounded up to cents, so
+    /// that a small hold never reads as "€0.00".
+    fn cost_text(self) -> String {
+        match self {
+            Ask::Estimate(c) if c == Nanos::MAX => {
+                "this request could cost more than can be counted".into()
+            }
+            Ask::Estimate(c) => format!("this request could cost up to {}", format_eur_up(c)),
+            Ask::Known(c) => format!("this usage costs {}", format_eur_up(c)),
+        }
+    }
+
+    /// What the caller can do about it.
+    fn remedy(self, resets: &str) -> String {
+        match self {
+            Ask::Estimate(_) => format!(
+                "Ask for fewer output tokens (max_completion_tokens) or fewer choices (n), \
+                 or wait until the cycle resets on {resets}."
+            ),
+            Ask::Known(_) => {
+                format!("It was not recorded. The cycle resets on {resets}.")
+            }
+        }
+    }
+}
+
 fn format_eur_up(nanos: Nanos) -> String {
     let amount = nanos
         .to_money()
@@ -293,7 +339,17 @@ fn format_eur_up(nanos: Nanos) -> String {
     format_eur(Money::new(amount))
 }
 
-fn plan_block(snapshot: &Snapshot<'_>, c: Nanos) -> Blocked {
+/// What is left, rounded down to cents: never more than there is, so a figure
+/// spent (rounded to the nearest cent) plus this one never passes the limit.
+fn format_eur_left(nanos: Nanos) -> String {
+    let amount = nanos
+        .to_money()
+        .amount()
+        .round_dp_with_strategy(2, RoundingStrategy::ToNegativeInfinity);
+    format_eur(Money::new(amount))
+}
+
+fn plan_block(snapshot: &Snapshot<'_>, ask: Ask) -> Blocked {
     let allowance = snapshot.plan.allowance();
     let used = snapshot.workspace.used();
     let resets = reset_text(snapshot.resets_at);
@@ -307,12 +363,12 @@ fn plan_block(snapshot: &Snapshot<'_>, c: Nanos) -> Blocked {
         )
     } else {
         format!(
-            "Plan limit reached: this request could cost up to {}, but only {} of the \
-             workspace's allowance of {} for this billing cycle is left. Ask for fewer \
-             output tokens (max_completion_tokens) or wait until the cycle resets on {resets}.",
-            format_eur_up(c),
-            format_eur((allowance - used).to_money()),
+            "Plan limit reached: {}, but only {} of the workspace's allowance of {} for \
+             this billing cycle is left. {}",
+            ask.cost_text(),
+            format_eur_left(allowance - used),
             format_eur(allowance.to_money()),
+            ask.remedy(&resets),
         )
     };
     Blocked {
@@ -327,7 +383,7 @@ fn model_block(
     model: &Model,
     counter: Counter,
     cap: Nanos,
-    c: Nanos,
+    ask: Ask,
 ) -> Blocked {
     let used = counter.used();
     let situation = if used >= cap {
@@ -340,26 +396,35 @@ fn model_block(
         )
     } else {
         format!(
-            "this request could cost up to {}, but only {} of the {} limit of {} ({}) \
-             for this billing cycle is left",
-            format_eur_up(c),
-            format_eur((cap - used).to_money()),
+            "{}, but only {} of the {} limit of {} ({}) for this billing cycle is left",
+            ask.cost_text(),
+            format_eur_left(cap - used),
             format_eur(cap.to_money()),
             model.display_name,
             model.id,
         )
     };
-    let fallback = if snapshot.automatic_fallback {
-        "no cheaper model has room for it"
-    } else {
-        "automatic fallback to a cheaper model is off"
+    let message = match ask {
+        Ask::Known(_) => format!(
+            "Model limit reached: {situation}. The usage was not recorded. The limit \
+             resets on {}.",
+            reset_text(snapshot.resets_at),
+        ),
+        Ask::Estimate(_) => {
+            let fallback = if snapshot.automatic_fallback {
+                "no cheaper model has room for it"
+            } else {
+                "automatic fallback to a cheaper model is off"
+            };
+            format!(
+                "Model limit reached: {situation}, and {fallback}. The limit resets on {}.",
+                reset_text(snapshot.resets_at),
+            )
+        }
     };
     Blocked {
         code: BlockCode::ModelLimitReached,
-        message: format!(
-            "Model limit reached: {situation}, and {fallback}. The limit resets on {}.",
-            reset_text(snapshot.resets_at),
-        ),
+        message,
         resets_at: snapshot.resets_at,
     }
 }
@@ -513,6 +578,41 @@ mod tests {
         assert!(b.message.contains("2026-12-31 23:00 UTC"), "{}", b.message);
         assert_eq!(b.resets_at, resets());
         assert_eq!(b.code.as_str(), "plan_limit_reached");
+    }
+
+    #[test]
+    fn block_messages_never_overstate_what_is_left() {
+        let none = HashMap::new();
+        let mut snap = snapshot(&none, true);
+        // €12.255 used of €600: the tab shows €12.26 spent (nearest cent), so what
+        // is left reads €587.74, never €587.75 (the two would pass €600).
+        snap.workspace.spent = Nanos::new(12 * EUR + 255_000_000);
+        let huge = TokenEstimate {
+            prompt_tokens: 1000,
+            output_cap: Some(1000),
+            n: 1_000_000,
+        };
+        let Admission::Block(b) = decide(&snap, "gpt-5", &huge) else {
+            panic!("a billion output tokens fit a €600 plan")
+        };
+        assert!(b.message.contains("only €587.74 of"), "{}", b.message);
+        assert!(b.message.contains("fewer choices (n)"), "{}", b.message);
+
+        // An estimate too large to count is said so, not as i64::MAX nano-euros.
+        let uncountable = TokenEstimate {
+            prompt_tokens: u64::MAX,
+            output_cap: Some(u64::MAX),
+            n: u32::MAX,
+        };
+        let Admission::Block(b) = decide(&snap, "gpt-5", &uncountable) else {
+            panic!("an uncountable request was admitted")
+        };
+        assert!(
+            b.message.contains("more than can be counted"),
+            "{}",
+            b.message
+        );
+        assert!(!b.message.contains("9,223,372"), "{}", b.message);
     }
 
     #[test]
@@ -858,9 +958,16 @@ mod tests {
         assert_eq!(admit_known_cost(&snapshot, gpt5, Nanos::new(EUR)), Ok(()));
         let blocked = admit_known_cost(&snapshot, gpt5, Nanos::new(EUR + 1)).unwrap_err();
         assert_eq!(blocked.code, BlockCode::ModelLimitReached);
-        assert!(blocked
-            .message
-            .contains("automatic fallback to a cheaper model is off"));
+        // Said as what it is: usage that happened and was not recorded, with no
+        // advice about output tokens or fallback, which cannot apply to it.
+        assert!(
+            blocked.message.contains("this usage costs €1.01")
+                && blocked.message.contains("was not recorded")
+                && !blocked.message.contains("fallback")
+                && !blocked.message.contains("output tokens"),
+            "{}",
+            blocked.message
+        );
         // A model without a cap is held by the allowance alone.
         let other = catalog.models().iter().find(|m| m.id != gpt5.id).unwrap();
         assert_eq!(
