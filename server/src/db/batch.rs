@@ -10,6 +10,8 @@
 //! - the plan, the settings and the limits are read once per batch, and each
 //!   cycle's counters once, into [`BatchBooks`], and only when the batch holds an
 //!   admission: settlements and releases read nothing but their reservation;
+//! - the API keys the batch's admissions spend on are checked live (not revoked)
+//!   with one statement, so a revoked key admits nothing (DESIGN.md §4);
 //! - each admission is decided by the domain's `admit` on those books as the
 //!   operations before it in the batch left them, exactly as if they had been
 //!   committed one by one (the write lock is held throughout: SQLite `BEGIN
