@@ -199,7 +199,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url: cli.database_url.clone(),
         },
     )?;
-    let database = open(&config).await?;
+    // The config's workspace, plan and catalog are the server's to apply: another
+    // command, maybe run with another config (or none), must not change what a
+    // running server bills against. It applies them only to a new database.
+    let apply = match cli.command {
+        Command::Serve { .. } | Command::Demo | Command::Replay { .. } => Apply::Always,
+        _ => Apply::IfNew,
+    };
+    let database = open(&config, apply).await?;
     let store = database.store.clone();
     match cli.command {
         Command::Serve { .. } => serve(config, database).await,
@@ -476,14 +483,32 @@ async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()
     Ok(())
 }
 
-/// Open the database, migrate it and apply the config's workspace, plan and catalog.
-async fn open(config: &config::Config) -> anyhow::Result<db::Database> {
+/// When a command applies the config's workspace, plan and catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Apply {
+    /// Every time (`serve`, `demo`, `replay`): the config is the deployment's.
+    Always,
+    /// Only to a database without a workspace yet, so that `user create` works
+    /// before the first `serve`.
+    IfNew,
+}
+
+/// Open the database, migrate it and, as `apply` says, apply the config's
+/// workspace, plan and catalog.
+async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Database> {
     let database = db::open(&config.database_url, config.durability).await?;
-    database
-        .store
-        .apply_setup(&config.setup)
-        .await
-        .context("could not apply the config to the database")?;
+    let new = match database.store.workspace().await {
+        Ok(_) => false,
+        Err(app::store::StoreError::NotFound { .. }) => true,
+        Err(e) => return Err(e.into()),
+    };
+    if apply == Apply::Always || new {
+        database
+            .store
+            .apply_setup(&config.setup)
+            .await
+            .context("could not apply the config to the database")?;
+    }
     Ok(database)
 }
 
@@ -513,24 +538,25 @@ async fn limit(
         }
         LimitAction::Clear { model } => (model, ModelLimit::default()),
     };
-    let model = config
-        .setup
-        .catalog
-        .resolve(name)
-        .with_context(|| format!("{name:?} is not a model of the catalog"))?;
+    // The catalog is the one the server applied to the database, which the store
+    // checks the model against: this command's config only resolves aliases.
     let now = Utc::now();
-    let snapshot = store.spend_snapshot(now).await?;
-    let expected_version = snapshot
+    let id = config.setup.catalog.resolve(name).map_or_else(
+        || app::domain::ModelId::new(name.as_str()),
+        |model| model.id.clone(),
+    );
+    let expected_version = store
+        .spend_snapshot(now)
+        .await?
         .models
         .iter()
-        .find(|m| m.id == model.id)
-        .map(|m| m.limit.version)
-        .unwrap_or(0);
+        .find(|m| m.id == id)
+        .map_or(0, |m| m.limit.version);
     store
         .update_model_limits(
             &Actor::Cli,
             &[LimitChange {
-                model: model.id.clone(),
+                model: id.clone(),
                 expected_version,
                 limit,
             }],
@@ -540,11 +566,11 @@ async fn limit(
     match limit.limit {
         Some(cap) => println!(
             "{}: limit {} per cycle, {}",
-            model.id,
+            id,
             format_eur(cap.to_money()),
             if limit.enabled { "enabled" } else { "disabled" }
         ),
-        None => println!("{}: no limit (shared pool)", model.id),
+        None => println!("{id}: no limit (shared pool)"),
     }
     Ok(())
 }

@@ -26,6 +26,13 @@ impl Cli {
         format!("sqlite://{}", self.dir.path().join("tollgate.db").display())
     }
 
+    /// A store on the same database, to look at what commands left there.
+    async fn store(&self) -> app::store::SharedStore {
+        server::db::connect(&self.url(), server::db::sqlite::Durability::Normal)
+            .await
+            .unwrap()
+    }
+
     fn run_with(&self, args: &[&str], password: Option<&str>) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         command
@@ -211,4 +218,63 @@ fn config_example_is_a_config_that_loads() {
     server::config::Config::load(Some(&path), &server::config::Overrides::default()).unwrap();
     let stderr = cli.fails(&["config", "example", "--no-such-flag"]);
     assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
+
+/// The config's plan and catalog are the server's: a command run with another
+/// config, or none (the embedded default), leaves them as they are, so it cannot
+/// change what a running server bills against. Only a new database takes the
+/// command's config.
+#[tokio::test]
+async fn commands_leave_the_servers_plan_and_catalog_alone() {
+    let cli = Cli::new();
+    let config = cli.dir.path().join("house.toml");
+    std::fs::write(
+        &config,
+        r#"
+[workspace]
+name = "House"
+timezone = "Europe/Berlin"
+[plan]
+budget_eur = "42.00"
+overage_eur = "0"
+start = "2026-01-31"
+[[upstreams]]
+name = "house"
+base_url = "http://127.0.0.1:9/v1"
+[[models]]
+id = "house-model"
+upstream = "house"
+input_eur_per_mtok = "1"
+cached_input_eur_per_mtok = "0.1"
+output_eur_per_mtok = "2"
+max_output_tokens = 1000
+"#,
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    // A new database: the first command sets it up from its config.
+    cli.ok(&["--config", config, "key", "list"]);
+    let plan = || async {
+        cli.store()
+            .await
+            .spend_snapshot(chrono::Utc::now())
+            .await
+            .unwrap()
+            .plan
+    };
+    let before = plan().await;
+    assert_eq!(before.amounts.budget.get(), 42_000_000_000);
+
+    // Without --config: the embedded default (a €500 + €100 plan, UTC) is not applied.
+    cli.ok(&["key", "list"]);
+    cli.ok(&["audit"]);
+    assert_eq!(plan().await, before);
+    // Its limits are checked against the catalog in the database.
+    cli.ok(&["limit", "set", "house-model", "--eur", "5"]);
+    let stderr = cli.fails(&["limit", "set", "gpt-5", "--eur", "5"]);
+    assert!(
+        stderr.contains("gpt-5 is not a model of the catalog"),
+        "{stderr}"
+    );
+    assert_eq!(plan().await, before);
 }
