@@ -1180,7 +1180,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         refused["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("more than the €0.01 reserved"),
+            .contains("more than the €0.007 reserved"),
         "{refused}"
     );
     assert_eq!(

@@ -8,13 +8,12 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use rust_decimal::RoundingStrategy;
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{Catalog, Model, ModelId};
 use super::estimate::{reservation, TokenEstimate};
 use super::limits::ModelLimit;
-use super::money::{format_eur, Money, Nanos};
+use super::money::{format_eur_exact, Nanos};
 use super::status::PlanAmounts;
 
 /// Spend and holds for one cycle, in nano-euros (the per-cycle counters of DESIGN.md §6).
@@ -305,15 +304,14 @@ enum Ask {
 }
 
 impl Ask {
-    /// "this request could cost up to €0.25": the amount rounded up to cents, so
-    /// that a small hold never reads as "€0.00".
+    /// "this request could cost up to €0.00215".
     fn cost_text(self) -> String {
         match self {
             Ask::Estimate(c) if c == Nanos::MAX => {
                 "this request could cost more than can be counted".into()
             }
-            Ask::Estimate(c) => format!("this request could cost up to {}", format_eur_up(c)),
-            Ask::Known(c) => format!("this usage costs {}", format_eur_up(c)),
+            Ask::Estimate(c) => format!("this request could cost up to {}", eur(c)),
+            Ask::Known(c) => format!("this usage costs {}", eur(c)),
         }
     }
 
@@ -331,22 +329,11 @@ impl Ask {
     }
 }
 
-fn format_eur_up(nanos: Nanos) -> String {
-    let amount = nanos
-        .to_money()
-        .amount()
-        .round_dp_with_strategy(2, RoundingStrategy::ToPositiveInfinity);
-    format_eur(Money::new(amount))
-}
-
-/// What is left, rounded down to cents: never more than there is, so a figure
-/// spent (rounded to the nearest cent) plus this one never passes the limit.
-fn format_eur_left(nanos: Nanos) -> String {
-    let amount = nanos
-        .to_money()
-        .amount()
-        .round_dp_with_strategy(2, RoundingStrategy::ToNegativeInfinity);
-    format_eur(Money::new(amount))
+/// An amount for a refusal message, exact: the message compares amounts, and
+/// rounded to cents a small request could read as costing "€0.01" with "€0.01
+/// left".
+fn eur(nanos: Nanos) -> String {
+    format_eur_exact(nanos.to_money())
 }
 
 fn plan_block(snapshot: &Snapshot<'_>, ask: Ask) -> Blocked {
@@ -358,16 +345,16 @@ fn plan_block(snapshot: &Snapshot<'_>, ask: Ask) -> Blocked {
             "Plan limit reached: the workspace has used its allowance of {} for this \
              billing cycle ({} spent or held for requests in progress). Requests are \
              blocked until the cycle resets on {resets} or the operator raises the plan.",
-            format_eur(allowance.to_money()),
-            format_eur(used.to_money()),
+            eur(allowance),
+            eur(used),
         )
     } else {
         format!(
             "Plan limit reached: {}, but only {} of the workspace's allowance of {} for \
              this billing cycle is left. {}",
             ask.cost_text(),
-            format_eur_left(allowance - used),
-            format_eur(allowance.to_money()),
+            eur(allowance - used),
+            eur(allowance),
             ask.remedy(&resets),
         )
     };
@@ -391,15 +378,15 @@ fn model_block(
             "{} ({}) has used its limit of {} for this billing cycle ({} spent or held)",
             model.display_name,
             model.id,
-            format_eur(cap.to_money()),
-            format_eur(used.to_money()),
+            eur(cap),
+            eur(used),
         )
     } else {
         format!(
             "{}, but only {} of the {} limit of {} ({}) for this billing cycle is left",
             ask.cost_text(),
-            format_eur_left(cap - used),
-            format_eur(cap.to_money()),
+            eur(cap - used),
+            eur(cap),
             model.display_name,
             model.id,
         )
@@ -573,7 +560,9 @@ mod tests {
         let a = decide(&snap, "gpt-5", &EST);
         assert_eq!(block_code(&a), Some(BlockCode::PlanLimitReached));
         let Admission::Block(b) = a else { panic!() };
-        assert!(b.message.contains("up to €0.01"), "{}", b.message);
+        // Exact, so a tiny request does not read "up to €0.01, but only €0.01 left".
+        assert!(b.message.contains("up to €0.00194,"), "{}", b.message);
+        assert!(b.message.contains("only €0.001939999 of"), "{}", b.message);
         assert!(b.message.contains("€10.00"), "{}", b.message);
         assert!(b.message.contains("2026-12-31 23:00 UTC"), "{}", b.message);
         assert_eq!(b.resets_at, resets());
@@ -581,11 +570,11 @@ mod tests {
     }
 
     #[test]
-    fn block_messages_never_overstate_what_is_left() {
+    fn block_messages_give_exact_amounts() {
         let none = HashMap::new();
         let mut snap = snapshot(&none, true);
-        // €12.255 used of €600: the tab shows €12.26 spent (nearest cent), so what
-        // is left reads €587.74, never €587.75 (the two would pass €600).
+        // €12.255 used of €600: what is left is said exactly, €587.745, not
+        // rounded to a cent that, with the tab's €12.26 spent, would pass €600.
         snap.workspace.spent = Nanos::new(12 * EUR + 255_000_000);
         let huge = TokenEstimate {
             prompt_tokens: 1000,
@@ -595,7 +584,8 @@ mod tests {
         let Admission::Block(b) = decide(&snap, "gpt-5", &huge) else {
             panic!("a billion output tokens fit a €600 plan")
         };
-        assert!(b.message.contains("only €587.74 of"), "{}", b.message);
+        assert!(b.message.contains("only €587.745 of"), "{}", b.message);
+        assert!(b.message.contains("up to €8,600.00108,"), "{}", b.message);
         assert!(b.message.contains("fewer choices (n)"), "{}", b.message);
 
         // An estimate too large to count is said so, not as i64::MAX nano-euros.
@@ -961,7 +951,7 @@ mod tests {
         // Said as what it is: usage that happened and was not recorded, with no
         // advice about output tokens or fallback, which cannot apply to it.
         assert!(
-            blocked.message.contains("this usage costs €1.01")
+            blocked.message.contains("this usage costs €1.000000001")
                 && blocked.message.contains("was not recorded")
                 && !blocked.message.contains("fallback")
                 && !blocked.message.contains("output tokens"),

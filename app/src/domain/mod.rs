@@ -37,7 +37,7 @@ pub use cycle::{BillingCycle, CycleError};
 pub use estimate::{prompt_token_bound_from_bytes, reservation, EstimateError, TokenEstimate};
 pub use euro_input::{parse_eur_input, EuroInputError};
 pub use limits::{LimitError, ModelLimit};
-pub use money::{format_eur, Money, MoneyError, Nanos, PricePerMTok};
+pub use money::{format_eur, format_eur_exact, Money, MoneyError, Nanos, PricePerMTok};
 pub use pricing::{cost, PricingError, Usage, UsageError};
 pub use shares::{spend_by_model, ModelSpend};
 pub use status::{PlanAmounts, Status};

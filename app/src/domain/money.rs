@@ -298,10 +298,29 @@ pub fn format_eur(money: Money) -> String {
     cents.set_sign_positive(true);
     cents.rescale(2);
     let total_cents = cents.mantissa();
-    let euros = (total_cents / 100).to_string();
     let rest = total_cents % 100;
+    grouped(
+        negative,
+        &(total_cents / 100).to_string(),
+        &format!("{rest:02}"),
+    )
+}
 
-    let mut out = String::with_capacity(euros.len() + euros.len() / 3 + 8);
+/// `money` exactly, for a sentence that compares amounts: grouped like
+/// [`format_eur`], with every decimal it has and at least two: `€587.745`,
+/// `€0.004200001`, `€600.00`. Rounded to cents, such amounts could read as
+/// "€0.00, more than the €0.00 reserved" (DESIGN.md R2: exact amounts).
+pub fn format_eur_exact(money: Money) -> String {
+    let amount = money.0.normalize();
+    let negative = amount.is_sign_negative() && !amount.is_zero();
+    let text = amount.abs().to_string();
+    let (euros, fraction) = text.split_once('.').unwrap_or((&text, ""));
+    grouped(negative, euros, &format!("{fraction:0<2}"))
+}
+
+/// `-€1,234.` + `fraction`: the euro sign, the euros grouped by thousands.
+fn grouped(negative: bool, euros: &str, fraction: &str) -> String {
+    let mut out = String::with_capacity(euros.len() + euros.len() / 3 + fraction.len() + 4);
     if negative {
         out.push('-');
     }
@@ -314,10 +333,7 @@ pub fn format_eur(money: Money) -> String {
         out.push(digit);
     }
     out.push('.');
-    if rest < 10 {
-        out.push('0');
-    }
-    out.push_str(&rest.to_string());
+    out.push_str(fraction);
     out
 }
 
@@ -407,6 +423,16 @@ mod tests {
         assert_eq!([ten, ten, ten].into_iter().sum::<Money>(), eur(dec!(0.30)));
         let n = ten.to_nanos_rounded().unwrap();
         assert_eq!([n, n, n].iter().sum::<Nanos>().to_money(), eur(dec!(0.3)));
+    }
+
+    #[test]
+    fn format_eur_exact_keeps_every_decimal() {
+        assert_eq!(format_eur_exact(eur(dec!(587.745))), "€587.745");
+        assert_eq!(format_eur_exact(eur(dec!(1234567.5))), "€1,234,567.50");
+        assert_eq!(format_eur_exact(eur(dec!(0.004200001))), "€0.004200001");
+        assert_eq!(format_eur_exact(eur(dec!(600.000))), "€600.00");
+        assert_eq!(format_eur_exact(eur(dec!(-0.5))), "-€0.50");
+        assert_eq!(format_eur_exact(Money::ZERO), "€0.00");
     }
 
     #[test]

@@ -431,15 +431,16 @@ pub(crate) fn settlement_cost(
 /// Why usage reported through the usage API was refused: it costs `cost`, more
 /// than `row` reserved for the bounds its caller declared at admission.
 pub(crate) fn usage_exceeds_reservation(cost: Nanos, row: &ReservationRow) -> StoreError {
-    use app::domain::format_eur;
+    use app::domain::format_eur_exact;
+    // Exact: rounded to cents, both could read "€0.00".
     StoreError::Invalid {
         code: "usage_exceeds_reservation",
         message: format!(
             "the reported usage costs {}, more than the {} reserved for the bounds given at \
              admission; report usage within those bounds, or record it with POST /api/v1/usage, \
              which checks it against the limits",
-            format_eur(cost.to_money()),
-            format_eur(Nanos::new(row.amount_nanos).to_money()),
+            format_eur_exact(cost.to_money()),
+            format_eur_exact(Nanos::new(row.amount_nanos).to_money()),
         ),
     }
 }

@@ -475,7 +475,7 @@ pub async fn record(
                         "this idempotency key was already used for other usage (on {}, \
                          costing {}); nothing was recorded: use a new key for new usage",
                         event.served,
-                        app::domain::format_eur(event.cost.to_money())
+                        app::domain::format_eur_exact(event.cost.to_money())
                     )),
                     event: Some(EventView::new(None, &event)),
                 },
