@@ -17,8 +17,43 @@ async fn main() -> std::process::ExitCode {
     match server::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tollgate: {e:#}");
+            eprintln!("tollgate: {}", causes(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, `: `-separated, each said once: libraries often
+/// repeat their source's text in their own (sqlx: "error returned from
+/// database: X", then X).
+fn causes(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let inner = anyhow::anyhow!("database \"x\" does not exist");
+        let error = inner
+            .context("error returned from database: database \"x\" does not exist")
+            .context("could not open the database");
+        assert_eq!(
+            causes(&error),
+            "could not open the database: error returned from database: database \"x\" does not exist"
+        );
     }
 }
