@@ -151,7 +151,9 @@ pub enum LimitAction {
         /// Model id or alias.
         model: String,
         /// Amount in EUR, e.g. 12.50 (the tab's input rules apply).
-        #[arg(long)]
+        // Hyphen values too, so that `--eur -1` gets the tab's message about
+        // negative amounts rather than clap's "unexpected argument".
+        #[arg(long, allow_hyphen_values = true)]
         eur: String,
         /// Save the amount without enabling it.
         #[arg(long)]
@@ -224,6 +226,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     line.trim_end_matches(['\r', '\n']).to_owned()
                 }
             };
+            if password.is_empty() {
+                anyhow::bail!(
+                    "no password given: set TOLLGATE_PASSWORD or type it on standard input"
+                );
+            }
+            if password.trim().is_empty() {
+                anyhow::bail!("the password must not be only spaces");
+            }
             let email = email.trim();
             if !is_plausible_email(email) {
                 anyhow::bail!("--email {email:?} is not an email address");

@@ -6,11 +6,18 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let default_filter = || EnvFilter::new("info,sqlx::postgres::notice=warn");
+    let filter = match std::env::var("TOLLGATE_LOG") {
+        Err(_) => default_filter(),
+        Ok(text) => EnvFilter::try_new(&text).unwrap_or_else(|e| {
+            eprintln!(
+                "tollgate: TOLLGATE_LOG={text:?} is not a tracing filter ({e}); using the default"
+            );
+            default_filter()
+        }),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("TOLLGATE_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = server::cli::Cli::parse();

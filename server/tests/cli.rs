@@ -94,6 +94,29 @@ fn users_and_keys() {
         "{}",
         String::from_utf8_lossy(&created.stderr)
     );
+    for (password, says) in [
+        ("", "no password given"),
+        ("            ", "must not be only spaces"),
+        ("short", "at least 12 characters"),
+    ] {
+        let refused = cli.run_with(
+            &[
+                "user",
+                "create",
+                "--email",
+                "bob@example.com",
+                "--role",
+                "member",
+            ],
+            Some(password),
+        );
+        assert!(
+            !refused.status.success(),
+            "password {password:?} was accepted"
+        );
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(says), "{password:?}: {stderr}");
+    }
     let again = cli.run_with(
         &[
             "user",
@@ -177,7 +200,10 @@ fn limits_fallback_and_their_audit() {
     let cli = Cli::new();
     cli.ok(&["limit", "set", "gpt-5", "--eur", "12.50"]);
     let stderr = cli.fails(&["limit", "set", "gpt-5", "--eur", "-1"]);
-    assert!(!stderr.is_empty());
+    assert!(
+        stderr.contains("--eur \"-1\""),
+        "the tab's message, not clap's: {stderr}"
+    );
     let stderr = cli.fails(&["limit", "set", "no-such-model", "--eur", "1"]);
     assert!(stderr.contains("no-such-model"), "{stderr}");
     cli.ok(&["limit", "clear", "gpt-5"]);
@@ -277,4 +303,22 @@ max_output_tokens = 1000
         "{stderr}"
     );
     assert_eq!(plan().await, before);
+}
+
+/// A `TOLLGATE_LOG` that is not a tracing filter is said, not silently ignored.
+#[test]
+fn a_bad_log_filter_is_reported() {
+    let cli = Cli::new();
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["key", "list", "--database-url", &cli.url()])
+        .current_dir(cli.dir.path())
+        .env("TOLLGATE_LOG", "[[[")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "the command still runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("TOLLGATE_LOG=\"[[[\" is not a tracing filter"),
+        "{stderr}"
+    );
 }
