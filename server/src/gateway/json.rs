@@ -171,6 +171,20 @@ pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64
         .transpose()
 }
 
+/// The choice count `n` (OpenAI's field): 1 when absent or `null`.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `n` for anything but an integer
+/// from 1 to `u32::MAX`, negative numbers and zero included.
+pub(crate) fn choice_count(object: &RawObject) -> Result<u32, GatewayError> {
+    match object.get_present("n") {
+        None => Ok(1),
+        Some(raw) => serde_json::from_str::<u32>(raw.get())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| GatewayError::invalid_field("n", "`n` must be a positive integer")),
+    }
+}
+
 /// The request field `param` as a boolean, `None` when absent or `null`.
 ///
 /// Errors: [`GatewayError::InvalidField`] naming `param` for anything else.
@@ -215,6 +229,21 @@ pub(crate) fn required_string(object: &RawObject, param: &str) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn choice_counts_are_positive_integers_with_one_message() {
+        let n = |text: &str| choice_count(&RawObject::parse(text.as_bytes()).unwrap());
+        assert_eq!(n("{}").unwrap(), 1);
+        assert_eq!(n(r#"{"n":null}"#).unwrap(), 1);
+        assert_eq!(n(r#"{"n":3}"#).unwrap(), 3);
+        for bad in ["0", "-1", "1.5", "\"2\"", "4294967296"] {
+            let error = n(&format!(r#"{{"n":{bad}}}"#)).unwrap_err();
+            assert!(
+                error.to_string().contains("`n` must be a positive integer"),
+                "n = {bad}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn passes_fields_through_byte_for_byte() {

@@ -69,12 +69,7 @@ impl ChatRequest {
         let non_text_parts = count_non_text_parts(messages)?;
         let max_tokens = optional_u64(&body, "max_tokens")?;
         let max_completion_tokens = optional_u64(&body, "max_completion_tokens")?;
-        let n = match optional_u64(&body, "n")? {
-            None => 1,
-            Some(n) => u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                GatewayError::invalid_field("n", "`n` must be a positive integer")
-            })?,
-        };
+        let n = super::json::choice_count(&body)?;
         let stream = optional_bool(&body, "stream")?.unwrap_or(false);
         let client_wants_usage = match body.get_present("stream_options") {
             None => false,

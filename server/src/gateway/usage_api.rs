@@ -159,12 +159,7 @@ pub async fn admit(
         })?;
         let output_cap = optional_u64(&object, "max_completion_tokens")?
             .or(optional_u64(&object, "max_tokens")?);
-        let n = match optional_u64(&object, "n")? {
-            None => 1,
-            Some(n) => u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                GatewayError::invalid_field("n", "`n` must be a positive integer")
-            })?,
-        };
+        let n = super::json::choice_count(&object)?;
         let lease = lease_seconds(&object)?;
         let catalog = gateway.catalog.clone();
         let model = catalog
