@@ -385,6 +385,18 @@ async fn assert_error(
     body
 }
 
+/// A 401 for a missing, unknown or revoked API key, OpenAI-shaped.
+async fn assert_invalid_api_key(response: reqwest::Response) {
+    assert_error(
+        response,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Stories, each run on SQLite and (when configured) PostgreSQL.
 
@@ -951,14 +963,7 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         .send()
         .await
         .unwrap();
-    assert_error(
-        response,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        None,
-    )
-    .await;
+    assert_invalid_api_key(response).await;
     let response = h
         .client
         .post(format!("{}/v1/chat/completions", h.url))
@@ -967,28 +972,14 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         .send()
         .await
         .unwrap();
-    assert_error(
-        response,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        None,
-    )
-    .await;
+    assert_invalid_api_key(response).await;
     let response = h
         .client
         .get(format!("{}/v1/models", h.url))
         .send()
         .await
         .unwrap();
-    assert_error(
-        response,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        None,
-    )
-    .await;
+    assert_invalid_api_key(response).await;
     let key_id = h.store.list_api_keys(None).await.unwrap()[0].id;
     let user = h
         .store
@@ -1012,14 +1003,7 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         .send()
         .await
         .unwrap();
-    assert_error(
-        response,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        None,
-    )
-    .await;
+    assert_invalid_api_key(response).await;
 
     // 404: unknown model, unknown endpoint (JSON, never the HTML page).
     let response = chat(chat_body("gpt-unknown").to_string())
@@ -1434,28 +1418,14 @@ async fn a_key_revoked_elsewhere_spends_nothing_more(db: &TestDb) {
     assert_eq!(keys.len(), 1, "the member's key only");
     cli.revoke_api_key(keys[0].id, Utc::now()).await.unwrap();
 
-    assert_error(
-        h.chat(&chat_body("big")).await,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        None,
-    )
-    .await;
+    assert_invalid_api_key(h.chat(&chat_body("big")).await).await;
     let response = h
         .post("/api/v1/admissions")
         .json(&json!({"model": "big", "prompt_tokens": 10}))
         .send()
         .await
         .unwrap();
-    assert_error(
-        response,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        None,
-    )
-    .await;
+    assert_invalid_api_key(response).await;
     let after = h.store.spend_snapshot(Utc::now()).await.unwrap().workspace;
     assert_eq!(after, before);
     assert_eq!(after.reserved, app::domain::Nanos::ZERO);

@@ -474,14 +474,9 @@ pub(crate) struct BatchBooks {
 impl BatchBooks {
     /// The books after their batch committed, for the next batch: the rules and
     /// the counters read so far, with the batch's changes in them.
-    pub(crate) fn carry_over(self) -> BatchBooks {
-        BatchBooks {
-            rules: self.rules,
-            cycles: self.cycles,
-            changes: HashMap::new(),
-            version: self.version,
-            live_keys: self.live_keys,
-        }
+    pub(crate) fn carry_over(mut self) -> BatchBooks {
+        self.changes.clear();
+        self
     }
 
     /// Compare the database's `version`, read under the write lock, with the one

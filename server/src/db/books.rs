@@ -1146,7 +1146,7 @@ macro_rules! impl_store {
             carried: Option<$crate::db::batch::BatchBooks>,
             ops: &[$crate::db::batch::Op],
         ) -> Result<(Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>), app::store::StoreError> {
-            use $crate::db::batch::{Answer, BatchBooks, Decision, Op};
+            use $crate::db::batch::{Answer, Decision, Op};
             use $crate::db::books::*;
             use app::store::{ReserveOutcome, StoreError};
 
@@ -1187,10 +1187,8 @@ macro_rules! impl_store {
                 .collect();
             let mut recorded = find_events(&mut tx, &retried).await?;
 
-            let mut books = match <$store>::BOOKS_VERSION {
-                Some(_) => carried.unwrap_or_default(),
-                None => BatchBooks::default(),
-            };
+            // Only a backend with a books version carries books (see the end).
+            let mut books = carried.unwrap_or_default();
             // The API keys admissions spend on, each checked live under the lock.
             let spenders: Vec<i64> = ops
                 .iter()

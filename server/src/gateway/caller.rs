@@ -64,13 +64,13 @@ fn bearer(headers: &HeaderMap) -> Result<&str, GatewayError> {
 /// Errors: [`GatewayError::MissingApiKey`], [`GatewayError::InvalidApiKey`] for an
 /// unknown or revoked key (HTTP 401), [`GatewayError::Internal`] when the store fails.
 pub async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, GatewayError> {
-    let key = bearer(headers)?;
-    let hash = crate::auth::hash_api_key(key);
-    match gateway
-        .store
-        .authenticate_api_key(&hash, Utc::now())
-        .await?
-    {
+    look_up(gateway, &crate::auth::hash_api_key(bearer(headers)?)).await
+}
+
+/// The live key whose hash is `hash`, with its owner, read from the store (which
+/// marks it used).
+async fn look_up(gateway: &Gateway, hash: &str) -> Result<Caller, GatewayError> {
+    match gateway.store.authenticate_api_key(hash, Utc::now()).await? {
         Some((key, user)) => Ok(Caller { key, user }),
         None => Err(GatewayError::InvalidApiKey),
     }
@@ -128,7 +128,7 @@ pub async fn authenticate_to_spend(
     if let Some(caller) = gateway.callers.get(&hash) {
         return Ok(caller);
     }
-    let caller = authenticate(gateway, headers).await?;
+    let caller = look_up(gateway, &hash).await?;
     gateway.callers.remember(hash, caller.clone());
     Ok(caller)
 }
