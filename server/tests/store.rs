@@ -589,6 +589,48 @@ async fn a_limit_set_elsewhere_applies_to_the_next_request(db: &TestDb) {
     assert_eq!(snapshot.workspace.spent, Nanos::new(200_000));
 }
 
+/// A reservation that another connection ended (here its lease, swept by another
+/// replica) is not settled again by the store that admitted it, however sure
+/// that store was of it a moment before: the usage is refused, nothing is
+/// counted twice and no counter goes below zero (DESIGN.md R7).
+async fn a_reservation_ended_elsewhere_is_settled_once(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let gateway = db.store(&setup).await;
+    let elsewhere = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    // Batches on books the gateway keeps: one settled, one to be swept.
+    let settled = admitted(reserve(&gateway, &catalog, "mid", estimate(100), now()).await);
+    let swept = admitted(reserve(&gateway, &catalog, "mid", estimate(100), now()).await);
+    gateway
+        .settle(settlement(&settled.id, Some(usage(0, 10))))
+        .await
+        .unwrap();
+    let released = elsewhere
+        .release_expired(now() + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(released, 1);
+    match gateway
+        .settle(settlement(&swept.id, Some(usage(0, 10))))
+        .await
+    {
+        Err(StoreError::NotFound { what }) => assert_eq!(what, "reservation"),
+        other => panic!("a swept reservation was settled: {other:?}"),
+    }
+    let snapshot = gateway.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    assert_eq!(snapshot.workspace.spent, Nanos::new(20_000));
+    // The gateway goes on admitting and settling on the books as they are.
+    let next = admitted(reserve(&gateway, &catalog, "mid", estimate(100), now()).await);
+    gateway
+        .settle(settlement(&next.id, Some(usage(0, 10))))
+        .await
+        .unwrap();
+    let snapshot = elsewhere.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    assert_eq!(snapshot.workspace.spent, Nanos::new(40_000));
+}
+
 /// A reservation names its API key, and a key revoked (here through another
 /// connection, as the CLI does) admits nothing from then on (DESIGN.md §4).
 async fn a_revoked_key_admits_nothing(db: &TestDb) {
@@ -814,6 +856,7 @@ on_both_backends!(
     invalid_changes_are_typed_errors,
     a_new_limit_applies_to_the_next_request,
     a_limit_set_elsewhere_applies_to_the_next_request,
+    a_reservation_ended_elsewhere_is_settled_once,
     a_revoked_key_admits_nothing,
     a_new_cycle_starts_from_zero,
     expired_leases_are_released,

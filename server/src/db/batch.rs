@@ -16,7 +16,8 @@
 //!   operations before it in the batch left them, exactly as if they had been
 //!   committed one by one (the write lock is held throughout: SQLite `BEGIN
 //!   IMMEDIATE`, PostgreSQL the plan row `FOR UPDATE`);
-//! - the counters' changes are summed and written once per model at the end;
+//! - the counters' changes are summed per model and written at the end, all
+//!   models by one statement (`books::HotSql`);
 //! - callers get their answers only after the commit.
 //!
 //! The batcher keeps its write connection between batches, and on SQLite the
@@ -332,16 +333,21 @@ impl<C> Work<C> {
     }
 }
 
-/// Run one batch in a task of its own: if it panicked, its callers get an error
-/// (their answers are dropped), its connection is replaced and the batcher goes on
-/// with the next batch.
+/// Run one batch; if it panicked, its callers get an error (their answers are
+/// dropped), its connection is replaced and the batcher goes on with the next
+/// batch. It runs in the batcher's own task: a task of its own would add a hand
+/// over between threads to every batch.
 async fn run<C: Send + 'static>(
     batch: impl Future<Output = BatchEnd<C>> + Send + 'static,
 ) -> BatchEnd<C> {
-    tokio::spawn(batch).await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "a batch of writes panicked; its callers were answered with an error");
-        (None, Vec::new())
-    })
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(batch)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!("a batch of writes panicked; its callers were answered with an error");
+            (None, Vec::new())
+        })
 }
 
 /// Hand `conn` to `borrower` and wait for it to come back.

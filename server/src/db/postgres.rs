@@ -33,14 +33,18 @@ impl PostgresStore {
     /// None: other replicas write all the time, so every batch reads the books
     /// under the plan row's lock.
     const BOOKS_VERSION: Option<&'static str> = None;
+    /// A hot-path statement's JSON array argument, unpacked into rows (objects).
+    const JSON_ROWS: &'static str = "json_array_elements(CAST($1 AS json))";
+    /// The same, unpacked into values (as text).
+    const JSON_VALUES: &'static str = "json_array_elements_text(CAST($1 AS json))";
+    /// One string of several statements cannot take arguments here: each runs alone.
+    const JOIN_BATCH: bool = false;
 
     /// Connect to `url` and apply migrations.
     ///
     /// Errors: [`ConnectError`] when the server cannot be reached or migrated.
     pub async fn open(url: &str) -> Result<Self, ConnectError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(ConnectError::Open)?
-            .statement_cache_capacity(super::books::STATEMENT_CACHE);
+        let options = PgConnectOptions::from_str(url).map_err(ConnectError::Open)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .connect_with(options)

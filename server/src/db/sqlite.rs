@@ -55,6 +55,12 @@ impl SqliteStore {
     /// this process, so its books stay exact until this changes (`db::batch`).
     const BOOKS_VERSION: Option<&'static str> =
         Some("SELECT data_version FROM pragma_data_version()");
+    /// A hot-path statement's JSON array argument, unpacked into rows (objects).
+    const JSON_ROWS: &'static str = "json_each(?)";
+    /// The same, unpacked into values.
+    const JSON_VALUES: &'static str = "json_each(?)";
+    /// A batch goes to the database in two calls (`books::HotSql`).
+    const JOIN_BATCH: bool = true;
 
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
@@ -69,7 +75,6 @@ impl SqliteStore {
                 Durability::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(Duration::from_secs(10))
-            .statement_cache_capacity(super::books::STATEMENT_CACHE)
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
             .foreign_keys(true);
         // A connection to a local file does not go stale: checking one before
