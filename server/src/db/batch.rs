@@ -46,7 +46,7 @@ use app::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::books::{cycle_key, CounterRow, LimitRow, PlanRow};
+use super::books::{cycle_key, CounterRow, LimitRow, PlanRow, ReservationRow};
 
 /// Most operations applied in one transaction. Every operation of a batch waits
 /// for the whole batch, so this bounds the latency a burst adds.
@@ -252,10 +252,16 @@ impl<C: Send + 'static> Batcher<C> {
                             }
                         }
                     }
-                    // The borrower may change anything: the books are read again.
-                    Work::Loan(borrower) => lend(current.conn, borrower)
-                        .await
-                        .map(|conn| Writer { conn, books: None }),
+                    // The borrower may change anything: the books are read again,
+                    // unless it said it changed nothing they hold.
+                    Work::Loan(borrower) => {
+                        lend(current.conn, borrower)
+                            .await
+                            .map(|(conn, books_kept)| Writer {
+                                conn,
+                                books: current.books.filter(|_| books_kept),
+                            })
+                    }
                 };
             }
         });
@@ -350,12 +356,14 @@ async fn run<C: Send + 'static>(
         })
 }
 
-/// Hand `conn` to `borrower` and wait for it to come back.
-async fn lend<C>(conn: C, borrower: oneshot::Sender<Lent<C>>) -> Option<C> {
+/// Hand `conn` to `borrower` and wait for it to come back; with it, whether the
+/// borrower left the books alone ([`Lent::books_unchanged`]).
+async fn lend<C>(conn: C, borrower: oneshot::Sender<Lent<C>>) -> Option<(C, bool)> {
     let (give_back, returned) = oneshot::channel();
     let loan = Lent {
         conn: Some(conn),
         give_back: Some(give_back),
+        books_unchanged: false,
     };
     match borrower.send(loan) {
         // Only a forgotten guard never comes back: then a new connection is made.
@@ -363,7 +371,7 @@ async fn lend<C>(conn: C, borrower: oneshot::Sender<Lent<C>>) -> Option<C> {
         // The borrower stopped waiting.
         Err(mut loan) => {
             loan.give_back = None;
-            loan.conn.take()
+            loan.conn.take().map(|conn| (conn, true))
         }
     }
 }
@@ -372,7 +380,16 @@ async fn lend<C>(conn: C, borrower: oneshot::Sender<Lent<C>>) -> Option<C> {
 #[derive(Debug)]
 pub(crate) struct Lent<C> {
     conn: Option<C>,
-    give_back: Option<oneshot::Sender<C>>,
+    give_back: Option<oneshot::Sender<(C, bool)>>,
+    books_unchanged: bool,
+}
+
+impl<C> Lent<C> {
+    /// Say that the borrower changed nothing the books hold (a WAL checkpoint,
+    /// say), so the batcher keeps them instead of reading them again.
+    pub(crate) fn books_unchanged(&mut self) {
+        self.books_unchanged = true;
+    }
 }
 
 impl<C> std::ops::Deref for Lent<C> {
@@ -397,7 +414,7 @@ impl<C> std::ops::DerefMut for Lent<C> {
 impl<C> Drop for Lent<C> {
     fn drop(&mut self) {
         if let (Some(conn), Some(give_back)) = (self.conn.take(), self.give_back.take()) {
-            let _ = give_back.send(conn);
+            let _ = give_back.send((conn, self.books_unchanged));
         }
     }
 }
@@ -475,6 +492,9 @@ pub(crate) struct BatchBooks {
     version: Option<i64>,
     /// API keys known to be live (not revoked) at `version`.
     live_keys: HashSet<i64>,
+    /// The reservations this writer made that no batch has ended yet, as they
+    /// were written, by id; exact while `version` holds.
+    reservations: HashMap<String, ReservationRow>,
 }
 
 impl BatchBooks {
@@ -494,8 +514,54 @@ impl BatchBooks {
             self.rules = None;
             self.cycles.clear();
             self.live_keys.clear();
+            self.reservations.clear();
             self.version = Some(version);
         }
+    }
+
+    /// The books' version, when they were carried over and can be checked.
+    pub(crate) fn version(&self) -> Option<i64> {
+        self.version
+    }
+
+    /// Whether these books, as long as their version holds, decide all of `ops`
+    /// without reading anything: the rules, each admission's cycle and API key
+    /// are known, and each reservation the batch ends (`ending`) is one this
+    /// writer made. Returns those reservations.
+    pub(crate) fn decide_alone(&self, ops: &[Op], ending: &[&str]) -> Option<Vec<ReservationRow>> {
+        self.version?;
+        let rules = self.rules.as_ref()?;
+        for op in ops {
+            if let Op::Reserve(request, _) = op {
+                if let Some(key) = request.spender.api_key_id {
+                    if !self.live_keys.contains(&key) {
+                        return None;
+                    }
+                }
+                let cycle = rules.plan.cycle_at(request.now).ok()?;
+                if !self.cycles.contains_key(&cycle_key(cycle.start)) {
+                    return None;
+                }
+            }
+        }
+        ending
+            .iter()
+            .map(|id| self.reservations.get(*id).cloned())
+            .collect()
+    }
+
+    /// After a commit: the reservations the batch ended (`ended`, ids) are gone,
+    /// those it made (`made`) are known.
+    pub(crate) fn remember(
+        &mut self,
+        ended: &[&str],
+        made: impl IntoIterator<Item = ReservationRow>,
+    ) {
+        for id in ended {
+            self.reservations.remove(*id);
+        }
+        self.reservations
+            .extend(made.into_iter().map(|row| (row.id.clone(), row)));
     }
 
     /// Of the API keys `ids`, those not yet known to be live: they must be looked
@@ -749,5 +815,34 @@ mod tests {
         );
         assert!(blocked_or_not.is_empty());
         assert!(matches!(answer.blocking_recv(), Ok(Ok(()))));
+    }
+
+    #[tokio::test]
+    async fn a_loan_that_changed_nothing_keeps_the_books() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let batcher = {
+            let seen = seen.clone();
+            Batcher::spawn(
+                || async { Ok(()) },
+                move |writer: Writer<()>, ops: Vec<Op>| {
+                    seen.lock().unwrap().push(writer.books.is_some());
+                    let answers = ops.iter().map(|_| Answer::Release(Ok(()))).collect();
+                    let orphans = answer_all(ops, answers);
+                    let books = Some(BatchBooks::default());
+                    async move { (Some(Writer { conn: (), books }), orphans) }
+                },
+            )
+        };
+        let id = ReservationId("r".into());
+        // A new connection has no books; the next batch gets the first one's.
+        batcher.release(id.clone()).await.unwrap();
+        batcher.release(id.clone()).await.unwrap();
+        let mut lent = batcher.lend().await.unwrap();
+        lent.books_unchanged();
+        drop(lent);
+        batcher.release(id.clone()).await.unwrap();
+        drop(batcher.lend().await.unwrap());
+        batcher.release(id).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), [false, true, true, false]);
     }
 }

@@ -99,7 +99,7 @@ impl LimitRow {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 pub(crate) struct ReservationRow {
     pub id: String,
     pub cycle_start: i64,
@@ -295,13 +295,41 @@ pub(crate) struct HotSql {
     pub create_counters: String,
     /// Adds [`CounterChange`]s to their counter rows.
     pub add_to_counters: String,
-    /// The batch as two calls, `(open, close)`, on a backend that runs a string of
-    /// statements with arguments: `open` binds the ids to end and returns the
-    /// version's row, then the ended reservations; `close` binds the new
-    /// reservations, the ledger rows and the counter changes (twice) and returns
-    /// the ledger rows.
-    pub joined: Option<(String, String)>,
+    /// The batch in one or two calls, on a backend that runs a string of
+    /// statements with arguments (SQLite).
+    pub joined: Option<Joined>,
 }
+
+/// A batch's statements joined into strings, one call each (see [`HotSql`]).
+pub(crate) struct Joined {
+    /// `BEGIN`, the version, the reservations ended: binds the ids to end;
+    /// returns the version's row, then the ended reservations.
+    pub open: String,
+    /// The new reservations, the ledger rows, the counters, `COMMIT`: binds the new
+    /// reservations, the ledger rows and the counter changes (twice); returns the
+    /// ledger rows.
+    pub close: String,
+    /// The whole batch, for books that decided it without reading
+    /// (`db::batch::BatchBooks::decide_alone`): `BEGIN`, [`STALE_BOOKS_GUARD`], the
+    /// reservations ended, then as `close`. Binds the books' version and the ids
+    /// to end, then as `close`.
+    pub decided: String,
+}
+
+/// The name of the check that fails a batch decided on books another connection
+/// has changed since (SQLite).
+pub(crate) const STALE_BOOKS: &str = "stale_books";
+
+/// A table no row can enter, on each SQLite writer connection: its check fails
+/// for any version.
+pub(crate) const STALE_BOOKS_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS stale_books \
+    (version INTEGER, CONSTRAINT stale_books CHECK (version IS NULL))";
+
+/// Fails the batch, before it writes anything, when the database's version is
+/// not the books' (the one argument): then someone else wrote since they were
+/// read, and the batch must be decided again on books read anew.
+pub(crate) const STALE_BOOKS_GUARD: &str = "INSERT INTO temp.stale_books (version) \
+    SELECT data_version FROM pragma_data_version() WHERE data_version <> ?";
 
 impl HotSql {
     /// The statements for a backend whose JSON array argument is unpacked by
@@ -375,11 +403,17 @@ impl HotSql {
                 &sql.create_counters,
                 &sql.add_to_counters,
                 "COMMIT",
-            ];
-            (
-                open.into_iter().flatten().collect::<Vec<_>>().join(";\n"),
-                close.join(";\n"),
-            )
+            ]
+            .join(";\n");
+            let end_reservations = format!(
+                "DELETE FROM reservations WHERE workspace_id = {WORKSPACE_ID} \
+                 AND id IN (SELECT r.value FROM {values} AS r)"
+            );
+            Joined {
+                open: open.into_iter().flatten().collect::<Vec<_>>().join(";\n"),
+                decided: [begin, STALE_BOOKS_GUARD, &end_reservations, &close].join(";\n"),
+                close,
+            }
         });
         HotSql { joined, ..sql }
     }
@@ -411,6 +445,24 @@ pub(crate) struct NewReservationRow<'a> {
     pub lease_until: i64,
     /// RFC 3339.
     pub created_at: String,
+}
+
+impl NewReservationRow<'_> {
+    /// The reservation as a batch that ends it reads it back.
+    pub fn row(&self) -> ReservationRow {
+        ReservationRow {
+            id: self.id.to_owned(),
+            cycle_start: self.cycle_start,
+            requested_model: self.requested_model.to_owned(),
+            served_model: self.served_model.to_owned(),
+            amount_nanos: self.amount_nanos,
+            input_eur_per_mtok: self.input_eur_per_mtok.clone(),
+            cached_input_eur_per_mtok: self.cached_input_eur_per_mtok.clone(),
+            output_eur_per_mtok: self.output_eur_per_mtok.clone(),
+            user_id: self.user_id,
+            api_key_id: self.api_key_id,
+        }
+    }
 }
 
 /// A ledger row as [`HotSql::insert_events`] takes it.
@@ -1441,8 +1493,19 @@ macro_rules! impl_store {
                 // A retried settlement racing its original: one per transaction.
                 return Err(StoreError::Database("one idempotency key twice in a batch".into()));
             }
-            let result = batch_in_transaction(conn, carried, ops).await;
-            if result.is_err() {
+            let mut in_transaction = false;
+            let result = match batch_in_transaction(conn, carried, ops, &mut in_transaction).await {
+                // Decided on books someone else changed since: again, on books read anew.
+                Ok(None) => batch_in_transaction(conn, None, ops, &mut in_transaction)
+                    .await
+                    .and_then(|done| {
+                        done.ok_or_else(|| StoreError::Database("books just read were stale".into()))
+                    }),
+                done => done.and_then(|done| {
+                    done.ok_or_else(|| StoreError::Database("a batch was neither done nor stale".into()))
+                }),
+            };
+            if result.is_err() && in_transaction {
                 // Nothing of the batch is kept. A connection that cannot even roll
                 // back is replaced (a database error does that).
                 sqlx::query("ROLLBACK").execute(&mut *conn).await.map_err(db_error)?;
@@ -1451,12 +1514,18 @@ macro_rules! impl_store {
         }
 
         /// The body of [`try_batch`]: opens the transaction and, unless it fails,
-        /// commits it.
+        /// commits it. When the carried books decide the batch alone, it goes to
+        /// the database in one call, guarded: `None`, with nothing written, when
+        /// another connection had written since they were read. Keeps
+        /// `in_transaction` telling whether a transaction is open, which the caller
+        /// rolls back on an error.
+        #[allow(clippy::type_complexity)]
         async fn batch_in_transaction(
             conn: &mut <$db as sqlx::Database>::Connection,
             carried: Option<$crate::db::batch::BatchBooks>,
             ops: &[$crate::db::batch::Op],
-        ) -> Result<(Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>), app::store::StoreError> {
+            in_transaction: &mut bool,
+        ) -> Result<Option<(Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>)>, app::store::StoreError> {
             use $crate::db::batch::{Answer, Decision, Op};
             use $crate::db::books::*;
             use app::store::{ReserveOutcome, StoreError};
@@ -1469,7 +1538,20 @@ macro_rules! impl_store {
                     Op::Reserve(..) => None,
                 })
                 .collect();
-            let (version, ended) = open_batch(conn, &ending).await?;
+            // Only a backend with a books version carries books (see the end).
+            let mut books = carried.unwrap_or_default();
+            let known = books.decide_alone(ops, &ending);
+            let alone = known.is_some();
+            let (version, ended) = match known {
+                Some(known) => (None, known),
+                None => {
+                    *in_transaction = true;
+                    open_batch(conn, &ending).await?
+                }
+            };
+            if let Some(version) = version {
+                books.check(version);
+            }
             let mut ended: std::collections::HashMap<String, ReservationRow> =
                 ended.into_iter().map(|row| (row.id.clone(), row)).collect();
             // A settlement deletes its reservation in the transaction that records
@@ -1488,8 +1570,6 @@ macro_rules! impl_store {
                 .collect();
             let mut recorded = find_events(conn, &retried).await?;
 
-            // Only a backend with a books version carries books (see the end).
-            let mut books = carried.unwrap_or_default();
             // The API keys admissions spend on, each checked live under the lock.
             let spenders: Vec<i64> = ops
                 .iter()
@@ -1500,9 +1580,6 @@ macro_rules! impl_store {
                 .flatten()
                 .collect();
             if ops.iter().any(|op| matches!(op, Op::Reserve(..))) {
-                if let Some(version) = version {
-                    books.check(version);
-                }
                 let unknown = books.unknown_keys(&spenders);
                 books.know_live_keys(live_keys(conn, &unknown).await?);
             }
@@ -1600,12 +1677,23 @@ macro_rules! impl_store {
                 .map(NewEvent::json_row)
                 .collect::<Result<Vec<_>, _>>()?;
             let changes = books.changes();
-            let mut inserted: std::collections::HashMap<String, EventRow> =
-                close_batch(conn, &reservations, &events, &counter_changes(&changes))
-                    .await?
-                    .into_iter()
-                    .filter_map(|row| Some((row.reservation_id?, row.event)))
-                    .collect();
+            let counters = counter_changes(&changes);
+            *in_transaction = true;
+            let written = match books.version().filter(|_| alone) {
+                Some(version) => {
+                    close_decided(conn, version, &ending, &reservations, &events, &counters).await?
+                }
+                None => Some(close_batch(conn, &reservations, &events, &counters).await?),
+            };
+            // Committed, or (stale books) rolled back.
+            *in_transaction = false;
+            let Some(written) = written else {
+                return Ok(None);
+            };
+            let mut inserted: std::collections::HashMap<String, EventRow> = written
+                .into_iter()
+                .filter_map(|row| Some((row.reservation_id?, row.event)))
+                .collect();
             // Committed: from here on nothing may fail the batch as a whole, or its
             // operations would be applied again one by one.
             let answers = ops
@@ -1620,7 +1708,11 @@ macro_rules! impl_store {
                     _ => Answer::Failed(StoreError::Database("an operation was not answered".into())),
                 })
                 .collect();
-            Ok((answers, <$store>::BOOKS_VERSION.map(|_| books.carry_over())))
+            if <$store>::BOOKS_VERSION.is_none() {
+                return Ok(Some((answers, None)));
+            }
+            books.remember(&ending, reservations.iter().map(NewReservationRow::row));
+            Ok(Some((answers, Some(books.carry_over()))))
         }
 
         /// This backend's hot-path statements.
@@ -1648,8 +1740,8 @@ macro_rules! impl_store {
             use sqlx::{FromRow, Row};
             let sql = hot_sql();
             let ids = json_rows(ending)?;
-            if let Some((open, _)) = &sql.joined {
-                let mut rows = sqlx::query(open)
+            if let Some(joined) = &sql.joined {
+                let mut rows = sqlx::query(&joined.open)
                     .bind(ids)
                     .fetch_all(&mut *conn)
                     .await
@@ -1702,9 +1794,9 @@ macro_rules! impl_store {
         ) -> Result<Vec<$crate::db::books::LedgerRow>, app::store::StoreError> {
             use $crate::db::books::*;
             let sql = hot_sql();
-            if let Some((_, close)) = &sql.joined {
+            if let Some(joined) = &sql.joined {
                 let counters = json_rows(counters)?;
-                return sqlx::query_as(close)
+                return sqlx::query_as(&joined.close)
                     .bind(json_rows(reservations)?)
                     .bind(json_rows(events)?)
                     .bind(counters.clone())
@@ -1724,6 +1816,43 @@ macro_rules! impl_store {
             add_to_counters(conn, counters).await?;
             sqlx::query("COMMIT").execute(&mut *conn).await.map_err(db_error)?;
             Ok(inserted)
+        }
+
+        /// The whole batch in one call and committed, on books that decided it
+        /// without reading (`BatchBooks::decide_alone`) at `version`: `ending`
+        /// ends the reservations, the rest is as [`close_batch`]. `None`, rolled
+        /// back with nothing written, when the database is past `version`
+        /// (`books::STALE_BOOKS_GUARD`).
+        async fn close_decided(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            version: i64,
+            ending: &[&str],
+            reservations: &[$crate::db::books::NewReservationRow<'_>],
+            events: &[$crate::db::books::NewEventRow<'_>],
+            counters: &[$crate::db::books::CounterChange<'_>],
+        ) -> Result<Option<Vec<$crate::db::books::LedgerRow>>, app::store::StoreError> {
+            use $crate::db::books::*;
+            let Some(joined) = &hot_sql().joined else {
+                return Err(app::store::StoreError::Database("no joined batch on this backend".into()));
+            };
+            let counters = json_rows(counters)?;
+            let written = sqlx::query_as(&joined.decided)
+                .bind(version)
+                .bind(json_rows(ending)?)
+                .bind(json_rows(reservations)?)
+                .bind(json_rows(events)?)
+                .bind(counters.clone())
+                .bind(counters)
+                .fetch_all(&mut *conn)
+                .await;
+            match written {
+                Ok(rows) => Ok(Some(rows)),
+                Err(e) if e.as_database_error().is_some_and(|e| e.message().contains(STALE_BOOKS)) => {
+                    sqlx::query("ROLLBACK").execute(&mut *conn).await.map_err(db_error)?;
+                    Ok(None)
+                }
+                Err(e) => Err(db_error(e)),
+            }
         }
 
         /// Of the API keys `ids`, those that exist and are not revoked.
@@ -2052,7 +2181,14 @@ mod tests {
             "json_each(?)",
             true,
         );
-        let (open, close) = sqlite.joined.unwrap();
+        let Joined {
+            open,
+            close,
+            decided,
+        } = sqlite.joined.unwrap();
+        assert!(decided.starts_with("BEGIN IMMEDIATE;\nINSERT INTO temp.stale_books"));
+        assert!(decided.ends_with(&close));
+        assert_eq!(decided.matches('?').count(), 6);
         assert!(open.starts_with("BEGIN IMMEDIATE;\nSELECT 1;\nDELETE FROM reservations"));
         assert_eq!(open.matches('?').count(), 1);
         assert!(close.ends_with(";\nCOMMIT"));

@@ -98,7 +98,14 @@ impl SqliteStore {
         let batcher = Batcher::spawn(
             move || {
                 let writer = writer.clone();
-                async move { writer.acquire().await.map_err(db_error) }
+                async move {
+                    let mut conn = writer.acquire().await.map_err(db_error)?;
+                    sqlx::query(super::books::STALE_BOOKS_TABLE)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(db_error)?;
+                    Ok(conn)
+                }
             },
             execute_batch,
         );
@@ -167,11 +174,15 @@ async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<PoolConnection<Sqlite
             continue;
         }
         let restarted = match batcher.lend().await {
-            Ok(mut writer) => sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-                .execute(&mut **writer)
-                .await
-                .map(drop)
-                .map_err(db_error),
+            Ok(mut writer) => {
+                // A checkpoint moves pages, not what they say.
+                writer.books_unchanged();
+                sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+                    .execute(&mut **writer)
+                    .await
+                    .map(drop)
+                    .map_err(db_error)
+            }
             Err(error) => Err(error),
         };
         if let Err(error) = restarted {
