@@ -33,10 +33,8 @@ impl PostgresStore {
     /// None: other replicas write all the time, so every batch reads the books
     /// under the plan row's lock.
     const BOOKS_VERSION: Option<&'static str> = None;
-    /// A hot-path statement's JSON array argument, unpacked into rows (objects).
-    const JSON_ROWS: &'static str = "json_array_elements(CAST($1 AS json))";
-    /// The same, unpacked into values (as text).
-    const JSON_VALUES: &'static str = "json_array_elements_text(CAST($1 AS json))";
+    /// How a hot-path statement unpacks its JSON array argument.
+    const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonbElements;
     /// One string of several statements cannot take arguments here: each runs alone.
     const JOIN_BATCH: bool = false;
 

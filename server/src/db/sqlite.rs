@@ -55,10 +55,8 @@ impl SqliteStore {
     /// this process, so its books stay exact until this changes (`db::batch`).
     const BOOKS_VERSION: Option<&'static str> =
         Some("SELECT data_version FROM pragma_data_version()");
-    /// A hot-path statement's JSON array argument, unpacked into rows (objects).
-    const JSON_ROWS: &'static str = "json_each(?)";
-    /// The same, unpacked into values.
-    const JSON_VALUES: &'static str = "json_each(?)";
+    /// How a hot-path statement unpacks its JSON array argument.
+    const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonEach;
     /// A batch goes to the database in two calls (`books::HotSql`).
     const JOIN_BATCH: bool = true;
 
