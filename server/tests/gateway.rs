@@ -1336,6 +1336,22 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         (status, bad["error"]["param"].clone()),
         (400, json!("records[0].model"))
     );
+    let spent = h.workspace().await.spent;
+    for key in ["", "run-3\u{0}a", "run-3\na"] {
+        let (status, bad) = h
+            .api(
+                "/api/v1/usage",
+                &json!({"records": [{"idempotency_key": key, "model": "mid",
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1}}]}),
+            )
+            .await;
+        assert_eq!(
+            (status, bad["error"]["param"].clone()),
+            (400, json!("records[0].idempotency_key")),
+            "{key:?}: {bad}"
+        );
+    }
+    assert_eq!(h.workspace().await.spent, spent, "nothing counted");
 
     // Admission refuses what the plan cannot hold, as the gateway does.
     let (status, refused) = h

@@ -1554,6 +1554,10 @@ macro_rules! impl_store {
             (healthy.then_some(Writer { conn, books }), orphans)
         }
 
+        /// A batch's answers, in the order of its operations, and the books to
+        /// carry to the next batch.
+        type BatchDone = (Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>);
+
         /// One transaction over `ops`, in order; any error rolls back all of them.
         /// Blocks and unknown reservations are answers, not errors: they write nothing.
         ///
@@ -1563,7 +1567,7 @@ macro_rules! impl_store {
             conn: &mut <$db as sqlx::Database>::Connection,
             carried: Option<$crate::db::batch::BatchBooks>,
             ops: &[$crate::db::batch::Op],
-        ) -> Result<(Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>), app::store::StoreError> {
+        ) -> Result<BatchDone, app::store::StoreError> {
             use $crate::db::batch::Op;
             use $crate::db::books::*;
             use app::store::StoreError;
@@ -1581,15 +1585,14 @@ macro_rules! impl_store {
             }
             let mut in_transaction = false;
             let result = match batch_in_transaction(conn, carried, ops, &mut in_transaction).await {
+                Ok(Some(done)) => Ok(done),
                 // Decided on books someone else changed since: again, on books read anew.
                 Ok(None) => batch_in_transaction(conn, None, ops, &mut in_transaction)
                     .await
                     .and_then(|done| {
                         done.ok_or_else(|| StoreError::Database("books just read were stale".into()))
                     }),
-                done => done.and_then(|done| {
-                    done.ok_or_else(|| StoreError::Database("a batch was neither done nor stale".into()))
-                }),
+                Err(e) => Err(e),
             };
             if result.is_err() && in_transaction {
                 // Nothing of the batch is kept. A connection that cannot even roll
@@ -1605,13 +1608,12 @@ macro_rules! impl_store {
         /// another connection had written since they were read. Keeps
         /// `in_transaction` telling whether a transaction is open, which the caller
         /// rolls back on an error.
-        #[allow(clippy::type_complexity)]
         async fn batch_in_transaction(
             conn: &mut <$db as sqlx::Database>::Connection,
             carried: Option<$crate::db::batch::BatchBooks>,
             ops: &[$crate::db::batch::Op],
             in_transaction: &mut bool,
-        ) -> Result<Option<(Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>)>, app::store::StoreError> {
+        ) -> Result<Option<BatchDone>, app::store::StoreError> {
             use $crate::db::batch::{Answer, Decision, Op};
             use $crate::db::books::*;
             use app::store::{ReserveOutcome, StoreError};

@@ -393,11 +393,17 @@ pub async fn record(
             let record = parse_object(item.get().as_bytes()).map_err(at)?;
             only_fields(&record, &["idempotency_key", "model", "usage"]).map_err(at)?;
             let key = required_string(&record, "idempotency_key").map_err(at)?;
-            if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+            // No control characters: PostgreSQL cannot store NUL in text, and
+            // the key is shown back in logs and answers.
+            if key.is_empty()
+                || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS
+                || key.chars().any(char::is_control)
+            {
                 return Err(at(GatewayError::invalid_field(
                     "idempotency_key",
                     format!(
-                        "`idempotency_key` must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+                        "`idempotency_key` must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters, \
+                         none of them a control character"
                     ),
                 )));
             }
