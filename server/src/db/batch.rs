@@ -21,8 +21,9 @@
 //! - callers get their answers only after the commit.
 //!
 //! The batcher keeps its write connection between batches, and on SQLite the
-//! books as well (see [`BatchBooks`]): a batch whose books nobody else has
-//! touched reads nothing but one version number. It starts a batch only after
+//! books as well (see [`BatchBooks`]), with the reservations it made: a batch
+//! whose books nobody else has touched reads nothing, and goes to the database
+//! in one call that a version check guards (`books::HotSql`). It starts a batch only after
 //! the callers just answered have had a turn to queue their next write, so
 //! writers that follow each other closely share batches instead of alternating
 //! in two half-full ones.
