@@ -631,6 +631,7 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
         tracing::warn!("this binary was built without the frontend: pages will not hydrate (build with ./dev build)");
     }
     let state = http::AppState::new(Arc::new(config.clone()), store);
+    let gateway = state.gateway.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
@@ -647,6 +648,9 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // A request whose client went away still has its exchange running: it is
+    // settled before the process ends, or its usage would go unbilled.
+    gateway.finish_exchanges().await;
     sweeper.abort();
     Ok(())
 }

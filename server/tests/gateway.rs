@@ -832,6 +832,53 @@ async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
     .await;
 }
 
+/// A shutdown waits for the exchange of a client that went away, and the
+/// exchange is settled on its usage before the shutdown ends (R7): stopping the
+/// process must not leave tokens the provider bills uncounted.
+async fn shutdown_waits_for_abandoned_exchanges_to_settle(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let gate = Arc::new(Notify::new());
+    let usage = MockUsage {
+        prompt: 40,
+        completion: 30,
+        ..MockUsage::default()
+    };
+    h.mock.set(|b| {
+        b.usage = usage;
+        b.pause_after_first_piece = Some(gate.clone());
+    });
+    let mut body = chat_body("big");
+    body["stream"] = json!(true);
+    let response = h.chat(&body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    use futures::StreamExt as _;
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    let gateway = h.gateway.clone();
+    let mut shutdown = tokio::spawn(async move { gateway.finish_exchanges().await });
+    // The upstream is paused: the shutdown cannot have finished.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut shutdown)
+            .await
+            .is_err(),
+        "the shutdown ended with an exchange in flight"
+    );
+    gate.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("the shutdown waits no longer than the exchange")
+        .unwrap();
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: h.cost_of("big", usage),
+            reserved: Nanos::ZERO,
+        },
+        "settled before the shutdown ended"
+    );
+}
+
 /// A stream that ends without usage is billed its estimate, flagged (§4, R7).
 async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     let h = start(db, Options::default()).await;
@@ -1412,6 +1459,7 @@ on_both_backends!(
     upstream_errors_release_the_reservation,
     upstream_timeout_releases_the_reservation,
     client_disconnect_mid_stream_still_settles,
+    shutdown_waits_for_abandoned_exchanges_to_settle,
     stream_without_usage_is_billed_its_estimate,
     refusals_reserve_and_spend_nothing,
     the_upstream_key_never_leaks,

@@ -73,7 +73,7 @@ async fn handle(
     // while its reservation is being written must not leave the hold without an
     // owner (it would only be released by its lease).
     let (reply, answer) = oneshot::channel();
-    tokio::spawn(admit_and_exchange(
+    gateway.exchanges.spawn(admit_and_exchange(
         gateway.clone(),
         model.id.clone(),
         request,

@@ -115,9 +115,14 @@ impl Drop for Hold {
         let reservation = self.reservation.clone();
         tracing::error!(reservation = %reservation.id, "a request ended without settling its reservation: billing the estimate");
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                settle(&gateway, &reservation, None).await;
-            });
+            // Tracked with the exchanges, so a shutdown waits for it too.
+            let exchanges = gateway.exchanges.clone();
+            exchanges.spawn_on(
+                async move {
+                    settle(&gateway, &reservation, None).await;
+                },
+                &runtime,
+            );
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct Gateway {
     metrics: Metrics,
     /// Callers authenticated a moment ago, for the routes that spend.
     callers: caller::CallerCache,
+    /// The upstream exchanges in flight, each settling its own reservation
+    /// (`chat`): a shutdown waits for them ([`Gateway::finish_exchanges`]).
+    exchanges: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -131,7 +134,24 @@ impl Gateway {
             ),
             metrics: Metrics::new(),
             callers: caller::CallerCache::default(),
+            exchanges: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Wait until every upstream exchange in flight has ended and settled its
+    /// reservation (DESIGN.md R7), including those whose client has gone: the
+    /// usage happened and the provider bills it. For a shutdown, after the
+    /// server has stopped taking requests; each exchange is bounded by its
+    /// upstream's timeout.
+    pub async fn finish_exchanges(&self) {
+        self.exchanges.close();
+        if !self.exchanges.is_empty() {
+            tracing::info!(
+                in_flight = self.exchanges.len(),
+                "waiting for upstream exchanges to finish and settle"
+            );
+        }
+        self.exchanges.wait().await;
     }
 
     /// [`Gateway::new`] with the keys from the process environment, shared.
