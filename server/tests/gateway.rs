@@ -794,10 +794,10 @@ async fn upstream_timeout_releases_the_reservation(db: &TestDb) {
     assert_eq!(h.workspace().await, Counter::default());
 }
 
-/// A client that leaves mid-stream: the gateway reads the upstream to its end and
-/// settles the actual usage (R7).
-async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
-    let h = start(db, Options::default()).await;
+/// A stream on "big" whose client leaves after the first event, while the
+/// upstream is paused: returns the gate that lets the upstream finish, and the
+/// usage it will report.
+async fn abandon_a_paused_stream(h: &Harness) -> (Arc<Notify>, MockUsage) {
     let gate = Arc::new(Notify::new());
     let usage = MockUsage {
         prompt: 40,
@@ -816,8 +816,16 @@ async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
     use futures::StreamExt as _;
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
-    // The client leaves while the upstream is paused; then the upstream finishes.
     drop(stream);
+    (gate, usage)
+}
+
+/// A client that leaves mid-stream: the gateway reads the upstream to its end and
+/// settles the actual usage (R7).
+async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    // The client leaves while the upstream is paused; then the upstream finishes.
+    let (gate, usage) = abandon_a_paused_stream(&h).await;
     let reserved = h.workspace().await.reserved;
     assert!(reserved > Nanos::ZERO, "held while the stream runs");
     gate.notify_one();
@@ -837,24 +845,7 @@ async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
 /// process must not leave tokens the provider bills uncounted.
 async fn shutdown_waits_for_abandoned_exchanges_to_settle(db: &TestDb) {
     let h = start(db, Options::default()).await;
-    let gate = Arc::new(Notify::new());
-    let usage = MockUsage {
-        prompt: 40,
-        completion: 30,
-        ..MockUsage::default()
-    };
-    h.mock.set(|b| {
-        b.usage = usage;
-        b.pause_after_first_piece = Some(gate.clone());
-    });
-    let mut body = chat_body("big");
-    body["stream"] = json!(true);
-    let response = h.chat(&body).await;
-    assert_eq!(response.status(), 200);
-    let mut stream = response.bytes_stream();
-    use futures::StreamExt as _;
-    stream.next().await.unwrap().unwrap();
-    drop(stream);
+    let (gate, usage) = abandon_a_paused_stream(&h).await;
     let gateway = h.gateway.clone();
     let mut shutdown = tokio::spawn(async move { gateway.finish_exchanges().await });
     // The upstream is paused: the shutdown cannot have finished.

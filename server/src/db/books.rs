@@ -99,7 +99,7 @@ impl LimitRow {
     }
 }
 
-#[derive(sqlx::FromRow, Clone)]
+#[derive(sqlx::FromRow, Clone, serde::Serialize)]
 pub(crate) struct ReservationRow {
     pub id: String,
     pub cycle_start: i64,
@@ -515,40 +515,14 @@ pub(crate) fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, Store
 /// A reservation as [`HotSql::insert_reservations`] takes it.
 #[derive(serde::Serialize)]
 pub(crate) struct NewReservationRow<'a> {
-    pub id: &'a str,
-    pub cycle_start: i64,
-    pub requested_model: &'a str,
-    pub served_model: &'a str,
-    /// Nano-euros held.
-    pub amount_nanos: i64,
-    pub input_eur_per_mtok: String,
-    pub cached_input_eur_per_mtok: String,
-    pub output_eur_per_mtok: String,
-    pub user_id: Option<i64>,
-    pub api_key_id: Option<i64>,
+    /// What a batch that ends it reads back.
+    #[serde(flatten)]
+    pub row: ReservationRow,
     pub owner: &'a str,
     /// Unix milliseconds.
     pub lease_until: i64,
     /// RFC 3339.
     pub created_at: String,
-}
-
-impl NewReservationRow<'_> {
-    /// The reservation as a batch that ends it reads it back.
-    pub fn row(&self) -> ReservationRow {
-        ReservationRow {
-            id: self.id.to_owned(),
-            cycle_start: self.cycle_start,
-            requested_model: self.requested_model.to_owned(),
-            served_model: self.served_model.to_owned(),
-            amount_nanos: self.amount_nanos,
-            input_eur_per_mtok: self.input_eur_per_mtok.clone(),
-            cached_input_eur_per_mtok: self.cached_input_eur_per_mtok.clone(),
-            output_eur_per_mtok: self.output_eur_per_mtok.clone(),
-            user_id: self.user_id,
-            api_key_id: self.api_key_id,
-        }
-    }
 }
 
 /// A ledger row as [`HotSql::insert_events`] takes it.
@@ -1745,16 +1719,18 @@ macro_rules! impl_store {
             let reservations: Vec<NewReservationRow<'_>> = reservations
                 .iter()
                 .map(|(request, new)| NewReservationRow {
-                    id: &new.reservation.id.0,
-                    cycle_start: new.cycle_start,
-                    requested_model: new.reservation.requested.as_str(),
-                    served_model: new.reservation.served.as_str(),
-                    amount_nanos: new.reservation.amount.get(),
-                    input_eur_per_mtok: new.prices.input.to_string(),
-                    cached_input_eur_per_mtok: new.prices.cached_input.to_string(),
-                    output_eur_per_mtok: new.prices.output.to_string(),
-                    user_id: request.spender.user_id,
-                    api_key_id: request.spender.api_key_id,
+                    row: ReservationRow {
+                        id: new.reservation.id.0.clone(),
+                        cycle_start: new.cycle_start,
+                        requested_model: new.reservation.requested.to_string(),
+                        served_model: new.reservation.served.to_string(),
+                        amount_nanos: new.reservation.amount.get(),
+                        input_eur_per_mtok: new.prices.input.to_string(),
+                        cached_input_eur_per_mtok: new.prices.cached_input.to_string(),
+                        output_eur_per_mtok: new.prices.output.to_string(),
+                        user_id: request.spender.user_id,
+                        api_key_id: request.spender.api_key_id,
+                    },
                     owner: &request.owner,
                     lease_until: millis(request.lease_until),
                     created_at: request.now.to_rfc3339(),
@@ -1799,7 +1775,7 @@ macro_rules! impl_store {
             if <$store>::BOOKS_VERSION.is_none() {
                 return Ok(Some((answers, None)));
             }
-            books.remember(&ending, reservations.iter().map(NewReservationRow::row));
+            books.remember(&ending, reservations.into_iter().map(|new| new.row));
             Ok(Some((answers, Some(books.carry_over()))))
         }
 
@@ -2192,16 +2168,18 @@ mod tests {
             names
         }
         let reservation = NewReservationRow {
-            id: "r",
-            cycle_start: 0,
-            requested_model: "m",
-            served_model: "m",
-            amount_nanos: 1,
-            input_eur_per_mtok: "1".into(),
-            cached_input_eur_per_mtok: "1".into(),
-            output_eur_per_mtok: "1".into(),
-            user_id: None,
-            api_key_id: None,
+            row: ReservationRow {
+                id: "r".into(),
+                cycle_start: 0,
+                requested_model: "m".into(),
+                served_model: "m".into(),
+                amount_nanos: 1,
+                input_eur_per_mtok: "1".into(),
+                cached_input_eur_per_mtok: "1".into(),
+                output_eur_per_mtok: "1".into(),
+                user_id: None,
+                api_key_id: None,
+            },
             owner: "o",
             lease_until: 0,
             created_at: String::new(),
