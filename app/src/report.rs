@@ -24,13 +24,19 @@ pub struct CycleReport {
     pub resets_on: NaiveDate,
 }
 
-/// One catalog model in the report, spent or not.
+/// One model in the report: a catalog model, spent or not, or a model no longer in
+/// the catalog that has spend in the cycle (R8 lists every model with spend).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelReport {
     /// The model's API id.
     pub id: ModelId,
-    /// Its display name.
+    /// Its display name; the id for a model no longer in the catalog.
     pub display_name: String,
+    /// False for a model the config no longer lists: its spend still counts in the
+    /// cycle (and in the shares), but it takes no requests and no limit is saved for
+    /// it from the tab.
+    #[serde(default = "in_catalog_default")]
+    pub in_catalog: bool,
     /// Spent on it in the cycle, EUR (exact).
     #[serde(rename = "spent_eur")]
     pub spent: Money,
@@ -70,9 +76,13 @@ pub struct SpendReport {
     pub automatic_fallback: bool,
     /// Optimistic version of the settings, sent back on save.
     pub settings_version: i64,
-    /// Every catalog model, sorted as R8 sorts spend (amount descending, ties by
-    /// display name).
+    /// Every catalog model, and every model outside it with spend in the cycle,
+    /// sorted as R8 sorts spend (amount descending, ties by display name).
     pub models: Vec<ModelReport>,
+}
+
+fn in_catalog_default() -> bool {
+    true
 }
 
 impl SpendReport {
@@ -105,18 +115,27 @@ mod build {
 
     impl SpendReport {
         /// The report of `snapshot` over `catalog`: every catalog model, with its
-        /// spend, share (R8), limit and versions; status by R4.
+        /// spend, share (R8), limit and versions, then every model with spend that
+        /// the catalog no longer lists (R8: every model with spend has a row, and
+        /// the shares sum to 100.0 over the cycle's whole spend); status by R4.
         pub fn build(snapshot: &SpendSnapshot, catalog: &Catalog) -> SpendReport {
             let books = |id: &ModelId| snapshot.models.iter().find(|m| &m.id == id);
-            let spends = spend_by_model(catalog.models().iter().map(|m| {
+            let listed = catalog.models().iter().map(|m| {
                 let spent = books(&m.id).map(|b| b.counter.spent).unwrap_or(Nanos::ZERO);
                 (m.id.clone(), m.display_name.clone(), spent)
-            }));
+            });
+            let retired = snapshot
+                .models
+                .iter()
+                .filter(|b| b.counter.spent > Nanos::ZERO && catalog.get(&b.id).is_none())
+                .map(|b| (b.id.clone(), b.id.to_string(), b.counter.spent));
+            let spends = spend_by_model(listed.chain(retired));
             let models = spends
                 .into_iter()
                 .map(|row| {
                     let stored = books(&row.id).map(|b| b.limit).unwrap_or_default();
                     ModelReport {
+                        in_catalog: catalog.get(&row.id).is_some(),
                         spent: row.spent.to_money(),
                         share_percent: row.share_percent,
                         limit: stored.limit.limit.map(Nanos::to_money),
@@ -177,7 +196,7 @@ pub struct TabView {
     pub automatic_fallback: bool,
     /// Optimistic version of the settings, sent back on save.
     pub settings_version: i64,
-    /// Every catalog model in R8 order.
+    /// Every catalog model, and every other model with spend, in R8 order.
     pub models: Vec<ModelRowView>,
 }
 
@@ -192,6 +211,9 @@ pub struct ModelRowView {
     pub spent: String,
     /// True when the model has spend in the cycle (listed under Spend by model).
     pub has_spend: bool,
+    /// False for a model the config no longer lists: shown under Spend by model
+    /// only, with no Limit field.
+    pub in_catalog: bool,
     /// Share of the cycle's spend with one decimal, `63.2`.
     pub share_percent: String,
     /// The Limit field's value: the saved cap as `€12.50`, or empty.
@@ -229,6 +251,7 @@ impl From<&SpendReport> for TabView {
                     display_name: m.display_name.clone(),
                     spent: eur(m.spent),
                     has_spend: m.spent > Money::ZERO,
+                    in_catalog: m.in_catalog,
                     share_percent: m.share_percent.to_string(),
                     limit_input: m.limit.map(eur).unwrap_or_default(),
                     limit_enabled: m.limit_enabled,

@@ -28,13 +28,25 @@ struct Panel {
     router: Router,
     store: SharedStore,
     _db: TestDb,
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 impl Panel {
+    /// The panel on the embedded default config (the demo catalog).
     async fn new() -> Panel {
+        Panel::with_config(None).await
+    }
+
+    /// The panel on the config file `text`, or on the embedded default.
+    async fn with_config(text: Option<&str>) -> Panel {
         let db = TestDb::sqlite();
+        let file = text.map(|text| {
+            let mut file = tempfile::NamedTempFile::new().unwrap();
+            std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+            file
+        });
         let config = config::Config::load(
-            None,
+            file.as_ref().map(|f| f.path()),
             &config::Overrides {
                 listen: None,
                 database_url: Some(db.url.clone()),
@@ -61,7 +73,30 @@ impl Panel {
             router: http::router(state, database.sessions),
             store: database.store,
             _db: db,
+            _config: file,
         }
+    }
+
+    /// A new API key of the user `email`.
+    async fn api_key(&self, email: &str) -> String {
+        let user = self.store.user_by_email(email).await.unwrap().unwrap();
+        let (key, hash) = server::auth::new_api_key();
+        self.store
+            .create_api_key(user.id, "test", &hash, Utc::now())
+            .await
+            .unwrap();
+        key
+    }
+
+    /// `GET /api/v1/spend` with the API key `key`, as JSON.
+    async fn spend(&self, key: &str) -> serde_json::Value {
+        let request = Request::get("/api/v1/spend")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, body) = self.send(request).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_str(&body).unwrap()
     }
 
     async fn send(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
@@ -390,20 +425,8 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
 #[tokio::test]
 async fn spend_api_answers_administrators_keys_with_exact_decimals() {
     let panel = Panel::new().await;
-    let key_for = |email: &'static str| {
-        let store = panel.store.clone();
-        async move {
-            let user = store.user_by_email(email).await.unwrap().unwrap();
-            let (key, hash) = server::auth::new_api_key();
-            store
-                .create_api_key(user.id, "test", &hash, Utc::now())
-                .await
-                .unwrap();
-            key
-        }
-    };
-    let admin_key = key_for("ada@example.com").await;
-    let member_key = key_for("bob@example.com").await;
+    let admin_key = panel.api_key("ada@example.com").await;
+    let member_key = panel.api_key("bob@example.com").await;
     // 1,000,000 input + 100,000 output tokens of GPT-5 at 1.075 / 8.6 EUR per 1M.
     let catalog = config::Config::load(None, &config::Overrides::default())
         .unwrap()
@@ -468,6 +491,73 @@ async fn spend_api_answers_administrators_keys_with_exact_decimals() {
         );
     }
     assert!(json["reserved_eur"].is_string());
+}
+
+/// R8 lists every model with spend: a model the config stopped listing keeps its
+/// row under Spend by model (and in the spend API), its spend counts in the shares,
+/// and the Model limits form offers no limit for it.
+#[tokio::test]
+async fn spend_on_a_model_no_longer_in_the_catalog_keeps_its_row() {
+    // The demo catalog without GPT-5: the workspace spent on it before.
+    let example = config::EXAMPLE;
+    let without_gpt5 = &example[..example.find("[[models]]").unwrap()];
+    let mini = &example[example.find("id = \"gpt-5-mini\"").unwrap()..];
+    let text = format!("{without_gpt5}[[models]]\n{mini}");
+    let panel = Panel::with_config(Some(&text)).await;
+    let demo = config::Config::load(None, &config::Overrides::default())
+        .unwrap()
+        .setup
+        .catalog;
+    let usage = |prompt_tokens| app::domain::Usage {
+        prompt_tokens,
+        cached_tokens: 0,
+        completion_tokens: 0,
+        reasoning_tokens: 0,
+    };
+    // 3M input tokens of GPT-5 at the demo's 1.075 EUR per 1M: €3.225; 1M of
+    // GPT-5 Mini at 0.215: €0.215. Shares 93.75 / 6.25: the tenth left over goes
+    // to the larger amount.
+    let records = [("gpt-5", 3_000_000), ("gpt-5-mini", 1_000_000)].map(|(id, tokens)| {
+        app::store::UsageRecord {
+            idempotency_key: id.into(),
+            model: demo.resolve(id).unwrap(),
+            usage: usage(tokens),
+        }
+    });
+    panel
+        .store
+        .record_usage(&records, app::store::Spender::default(), Utc::now())
+        .await
+        .unwrap();
+
+    let json = panel.spend(&panel.api_key("ada@example.com").await).await;
+    assert_eq!(json["spent_eur"], "3.44");
+    let models = json["models"].as_array().unwrap();
+    let ids: Vec<_> = models.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["gpt-5", "gpt-5-mini"], "{json}");
+    assert_eq!(models[0]["spent_eur"], "3.225");
+    assert_eq!(models[0]["display_name"], "gpt-5");
+    assert_eq!(models[0]["in_catalog"], false);
+    assert_eq!(models[1]["in_catalog"], true);
+    let shares: Vec<_> = models
+        .iter()
+        .map(|m| m["share_percent"].as_str().unwrap())
+        .collect();
+    assert_eq!(shares, ["93.8", "6.2"], "shares over the whole spend");
+
+    let admin = panel.sign_in("ada@example.com").await;
+    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (limits_at, by_model_at) = (
+        body.find("id=\"limits-title\"").unwrap(),
+        body.find("id=\"by-model-title\"").unwrap(),
+    );
+    let by_model = &body[by_model_at..];
+    assert!(by_model.contains("data-model=\"gpt-5\""), "{by_model}");
+    assert!(by_model.contains("No longer in the catalog"), "{by_model}");
+    let limits = &body[limits_at..by_model_at];
+    assert!(!limits.contains("data-model=\"gpt-5\""), "{limits}");
+    assert!(limits.contains("data-model=\"gpt-5-mini\""), "{limits}");
 }
 
 #[tokio::test]

@@ -16,8 +16,9 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
         None => from_url().map(|e| ("form-error", e.to_string())),
     };
     // Catalog order is the order the operator configured; the report sorts by
-    // spend, so restore a stable order for the form.
-    let mut rows = view.models;
+    // spend, so restore a stable order for the form. A model the config no longer
+    // lists takes no requests, so it has no limit to set.
+    let mut rows: Vec<_> = view.models.into_iter().filter(|m| m.in_catalog).collect();
     rows.sort_by(|a, b| a.display_name.cmp(&b.display_name));
     view! {
         <section class="card" aria-labelledby="limits-title">

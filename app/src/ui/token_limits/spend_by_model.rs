@@ -23,9 +23,15 @@ pub fn SpendByModel(view: TabView) -> impl IntoView {
                     .into_iter()
                     .map(|row| {
                         let share = format!("{}%", row.share_percent);
+                        let retired = !row.in_catalog;
                         view! {
                             <li data-model=row.id.clone()>
-                                <span class="name">{row.display_name}</span>
+                                <span class="name">
+                                    {row.display_name}
+                                    <Show when=move || retired>
+                                        <span class="badge muted">" No longer in the catalog"</span>
+                                    </Show>
+                                </span>
                                 <span class="amount">{row.spent}</span>
                                 <span class="share">{share.clone()}</span>
                                 <span class="bar" aria-hidden="true">
