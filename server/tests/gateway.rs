@@ -967,19 +967,25 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
     assert_error(response, 400, "invalid_request_error", "invalid_json", None).await;
     for (body, param) in [
         (
-            json!({"model": "big", "messages": [], "max_tokens": -1}),
+            json!({"model": "big", "messages": [{}], "max_tokens": -1}),
             "max_tokens",
         ),
         (
-            json!({"model": "big", "messages": [], "max_completion_tokens": 1.5}),
+            json!({"model": "big", "messages": [{}], "max_completion_tokens": 1.5}),
             "max_completion_tokens",
         ),
-        (json!({"model": "big", "messages": [], "n": 0}), "n"),
+        (json!({"model": "big", "messages": [{}], "n": 0}), "n"),
         (
-            json!({"model": "big", "messages": [], "stream": "yes"}),
+            json!({"model": "big", "messages": [{}], "stream": "yes"}),
             "stream",
         ),
         (json!({"model": "big", "messages": "hello"}), "messages"),
+        (json!({"model": "big", "messages": []}), "messages"),
+        (
+            json!({"model": "big", "messages": [{"role": "user", "content": "hi"}],
+                   "max_tokens": 0}),
+            "max_tokens",
+        ),
         (json!({"messages": []}), "model"),
     ] {
         let response = chat(body.to_string()).send().await.unwrap();
@@ -1389,6 +1395,22 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             "{key:?}: {bad}"
         );
     }
+    // Usage too costly to book names its record, and the batch records nothing.
+    let (status, bad) = h
+        .api(
+            "/api/v1/usage",
+            &json!({"records": [
+                {"idempotency_key": "fine", "model": "mid",
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+                {"idempotency_key": "huge", "model": "mid",
+                 "usage": {"prompt_tokens": u64::MAX, "completion_tokens": 1}}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["error"]["param"].clone()),
+        (400, json!("records[1].usage")),
+        "{bad}"
+    );
     assert_eq!(h.workspace().await.spent, spent, "nothing counted");
 
     // Admission refuses what the plan cannot hold, as the gateway does.

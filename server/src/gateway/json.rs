@@ -171,6 +171,27 @@ pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64
         .transpose()
 }
 
+/// The output cap a request sets (R7), in tokens: `max_completion_tokens`, which
+/// supersedes the deprecated `max_tokens`, else `max_tokens`; `None` when neither
+/// is set (absent or `null`).
+///
+/// Errors: [`GatewayError::InvalidField`] naming the field when either is present
+/// and not an integer of at least 1 (OpenAI refuses a cap of 0 too, and the
+/// gateway does not forward a request bound to be refused).
+pub(crate) fn output_cap(object: &RawObject) -> Result<Option<u64>, GatewayError> {
+    let positive = |param: &str| -> Result<Option<u64>, GatewayError> {
+        match optional_u64(object, param) {
+            Ok(Some(0)) | Err(_) => Err(GatewayError::invalid_field(
+                param,
+                format!("`{param}` must be a positive integer"),
+            )),
+            Ok(cap) => Ok(cap),
+        }
+    };
+    let max_tokens = positive("max_tokens")?;
+    Ok(positive("max_completion_tokens")?.or(max_tokens))
+}
+
 /// The choice count `n` (OpenAI's field): 1 when absent or `null`.
 ///
 /// Errors: [`GatewayError::InvalidField`] naming `n` for anything but an integer

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::error::GatewayError;
 use super::json::{
-    is_null, optional_bool, optional_u64, raw_bool, raw_string, required_string, RawObject,
+    is_null, optional_bool, output_cap, raw_bool, raw_string, required_string, RawObject,
 };
 
 /// Request fields whose text reaches the model as prompt: their raw JSON byte
@@ -56,8 +56,8 @@ impl ChatRequest {
     ///
     /// Errors (HTTP 400): [`GatewayError::InvalidJson`] unless it is one JSON object
     /// without duplicate keys; [`GatewayError::InvalidField`] naming the field when
-    /// `model` is not a string, `messages` not an array of objects,
-    /// `max_tokens`/`max_completion_tokens` not non-negative integers, `n` not a
+    /// `model` is not a string, `messages` not a non-empty array of objects,
+    /// `max_tokens`/`max_completion_tokens` not positive integers, `n` not a
     /// positive integer, `stream` not a boolean, or `stream_options` not an object
     /// (with a boolean `include_usage`).
     pub fn parse(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
@@ -67,8 +67,7 @@ impl ChatRequest {
             GatewayError::invalid_field("messages", "you must provide `messages` (an array)")
         })?;
         let non_text_parts = count_non_text_parts(messages)?;
-        let max_tokens = optional_u64(&body, "max_tokens")?;
-        let max_completion_tokens = optional_u64(&body, "max_completion_tokens")?;
+        let output_cap = output_cap(&body)?;
         let n = super::json::choice_count(&body)?;
         let stream = optional_bool(&body, "stream")?.unwrap_or(false);
         let client_wants_usage = match body.get_present("stream_options") {
@@ -103,8 +102,7 @@ impl ChatRequest {
             client_wants_usage,
             estimate: TokenEstimate {
                 prompt_tokens,
-                // `max_completion_tokens` supersedes the deprecated `max_tokens`.
-                output_cap: max_completion_tokens.or(max_tokens),
+                output_cap,
                 n,
             },
             body,
@@ -135,11 +133,18 @@ impl ChatRequest {
 /// Counts the content parts of `messages` that are not text (R7: their bytes do
 /// not bound their tokens).
 ///
-/// Errors: [`GatewayError::InvalidField`] `messages` unless it is an array of objects.
+/// Errors: [`GatewayError::InvalidField`] `messages` unless it is an array of at
+/// least one object (OpenAI refuses an empty one).
 fn count_non_text_parts(messages: &RawValue) -> Result<u64, GatewayError> {
     let messages: Vec<MessageShape<'_>> = serde_json::from_str(messages.get()).map_err(|_| {
         GatewayError::invalid_field("messages", "`messages` must be an array of message objects")
     })?;
+    if messages.is_empty() {
+        return Err(GatewayError::invalid_field(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
     let mut count: u64 = 0;
     for content in messages.iter().filter_map(|m| m.content) {
         if is_null(content) || !content.get().starts_with('[') {
@@ -180,7 +185,7 @@ mod tests {
                 n: 3
             }
         );
-        let both = r#"{"model":"m","messages":[],"max_tokens":50,"max_completion_tokens":70}"#;
+        let both = r#"{"model":"m","messages":[{}],"max_tokens":50,"max_completion_tokens":70}"#;
         assert_eq!(
             ChatRequest::parse(both.as_bytes())
                 .unwrap()
@@ -188,7 +193,7 @@ mod tests {
                 .output_cap,
             Some(70)
         );
-        let none = r#"{"model":"m","messages":[],"max_tokens":null}"#;
+        let none = r#"{"model":"m","messages":[{}],"max_tokens":null}"#;
         let none = ChatRequest::parse(none.as_bytes()).unwrap();
         assert_eq!((none.estimate.output_cap, none.estimate.n), (None, 1));
     }
@@ -202,26 +207,37 @@ mod tests {
 
     #[test]
     fn invalid_fields_are_named() {
-        assert_eq!(error_param(r#"{"messages":[]}"#), "model");
-        assert_eq!(error_param(r#"{"model":1,"messages":[]}"#), "model");
+        assert_eq!(error_param(r#"{"messages":[{}]}"#), "model");
+        assert_eq!(error_param(r#"{"model":1,"messages":[{}]}"#), "model");
         assert_eq!(error_param(r#"{"model":"m"}"#), "messages");
         assert_eq!(error_param(r#"{"model":"m","messages":{}}"#), "messages");
         assert_eq!(error_param(r#"{"model":"m","messages":[1]}"#), "messages");
+        assert_eq!(error_param(r#"{"model":"m","messages":[]}"#), "messages");
         assert_eq!(
-            error_param(r#"{"model":"m","messages":[],"max_tokens":-1}"#),
+            error_param(r#"{"model":"m","messages":[{}],"max_tokens":0}"#),
             "max_tokens"
         );
         assert_eq!(
-            error_param(r#"{"model":"m","messages":[],"max_completion_tokens":1.5}"#),
+            error_param(
+                r#"{"model":"m","messages":[{}],"max_tokens":9,"max_completion_tokens":0}"#
+            ),
             "max_completion_tokens"
         );
-        assert_eq!(error_param(r#"{"model":"m","messages":[],"n":0}"#), "n");
         assert_eq!(
-            error_param(r#"{"model":"m","messages":[],"stream":"yes"}"#),
+            error_param(r#"{"model":"m","messages":[{}],"max_tokens":-1}"#),
+            "max_tokens"
+        );
+        assert_eq!(
+            error_param(r#"{"model":"m","messages":[{}],"max_completion_tokens":1.5}"#),
+            "max_completion_tokens"
+        );
+        assert_eq!(error_param(r#"{"model":"m","messages":[{}],"n":0}"#), "n");
+        assert_eq!(
+            error_param(r#"{"model":"m","messages":[{}],"stream":"yes"}"#),
             "stream"
         );
         assert_eq!(
-            error_param(r#"{"model":"m","messages":[],"stream_options":true}"#),
+            error_param(r#"{"model":"m","messages":[{}],"stream_options":true}"#),
             "stream_options"
         );
         assert!(matches!(
@@ -240,11 +256,11 @@ mod tests {
             out,
             r#"{"model":"real-model","messages":[{"role":"user","content":"x"}],"temperature":0.30000000000000004,"stream":true,"stream_options":{"other":1,"include_usage":true}}"#
         );
-        let plain = r#"{"model":"a","messages":[]}"#;
+        let plain = r#"{"model":"a","messages":[{}]}"#;
         let out = ChatRequest::parse(plain.as_bytes())
             .unwrap()
             .into_upstream_body("b")
             .unwrap();
-        assert_eq!(out, br#"{"model":"b","messages":[]}"#);
+        assert_eq!(out, br#"{"model":"b","messages":[{}]}"#);
     }
 }

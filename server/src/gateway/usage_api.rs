@@ -157,8 +157,7 @@ pub async fn admit(
                 "you must provide `prompt_tokens` (an upper bound, a non-negative integer)",
             )
         })?;
-        let output_cap = optional_u64(&object, "max_completion_tokens")?
-            .or(optional_u64(&object, "max_tokens")?);
+        let output_cap = super::json::output_cap(&object)?;
         let n = super::json::choice_count(&object)?;
         let lease = lease_seconds(&object)?;
         let catalog = gateway.catalog.clone();
@@ -421,6 +420,16 @@ pub async fn record(
                 ))
             })?;
             let usage = usage_field(usage_raw, "usage").map_err(at)?;
+            // Priced here too, so usage too costly to book names its record.
+            app::domain::cost(&model.prices, &usage)
+                .map_err(|e| e.to_string())
+                .and_then(|cost| cost.to_nanos_rounded().map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    at(GatewayError::invalid_field(
+                        "usage",
+                        format!("`usage` cannot be billed: {e}"),
+                    ))
+                })?;
             parsed.push((key, model, usage));
         }
         let records: Vec<UsageRecord<'_>> = parsed
