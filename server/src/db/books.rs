@@ -361,10 +361,26 @@ pub(crate) enum JsonDialect {
 }
 
 impl JsonDialect {
-    /// The rows (objects) of the argument as a `FROM` item `r`.
+    /// What a statement that reads [`JsonDialect::rows`] starts with.
+    ///
+    /// On SQLite, a CTE that makes each row's text once. `json_each` makes its
+    /// `value` column anew for every reference, and a row of fifteen columns read
+    /// as `r.value ->> 'name'` was made fifteen times: with 64 connections that
+    /// was about a sixth of the gateway process's CPU time (perf).
+    fn with_rows(self) -> &'static str {
+        match self {
+            JsonDialect::JsonEach => {
+                "WITH r (value) AS MATERIALIZED (SELECT value FROM json_each(?)) "
+            }
+            JsonDialect::JsonbElements => "",
+        }
+    }
+
+    /// The rows (objects) of the argument as a `FROM` item `r`, in a statement
+    /// that starts with [`JsonDialect::with_rows`].
     fn rows(self) -> &'static str {
         match self {
-            JsonDialect::JsonEach => "json_each(?) AS r",
+            JsonDialect::JsonEach => "r",
             JsonDialect::JsonbElements => "jsonb_array_elements(CAST($1 AS jsonb)) AS r",
         }
     }
@@ -410,14 +426,15 @@ impl HotSql {
                 .map(|(name, kind)| column(name, *kind))
                 .collect();
             format!(
-                "INSERT INTO {table} (workspace_id, {}) SELECT {WORKSPACE_ID}, {} FROM {}",
+                "{}INSERT INTO {table} (workspace_id, {}) SELECT {WORKSPACE_ID}, {} FROM {}",
+                json.with_rows(),
                 names.join(", "),
                 values.join(", "),
                 json.rows()
             )
         };
         let reservation_ids = json.any("id", Json::Text);
-        let rows = json.rows();
+        let (with_rows, rows) = (json.with_rows(), json.rows());
         let changes: Vec<String> = COUNTER_COLUMNS
             .iter()
             .map(|(name, kind)| format!("{} AS {name}", column(name, *kind)))
@@ -452,13 +469,13 @@ impl HotSql {
                 JsonDialect::JsonEach => vec![
                     // `WHERE true` tells SQLite's parser ON CONFLICT is not a join's.
                     format!(
-                        "INSERT INTO counters (workspace_id, cycle_start, model_id, spent_nanos, reserved_nanos) \
+                        "{with_rows}INSERT INTO counters (workspace_id, cycle_start, model_id, spent_nanos, reserved_nanos) \
                          SELECT {WORKSPACE_ID}, c.cycle_start, c.model_id, 0, 0 \
                          FROM (SELECT {changes} FROM {rows}) AS c WHERE true \
                          ON CONFLICT (workspace_id, cycle_start, model_id) DO NOTHING"
                     ),
                     format!(
-                        "UPDATE counters SET spent_nanos = counters.spent_nanos + c.spent_nanos, \
+                        "{with_rows}UPDATE counters SET spent_nanos = counters.spent_nanos + c.spent_nanos, \
                          reserved_nanos = counters.reserved_nanos + c.reserved_nanos \
                          FROM (SELECT {changes} FROM {rows}) AS c WHERE counters.workspace_id = {WORKSPACE_ID} \
                          AND counters.cycle_start = c.cycle_start AND counters.model_id = c.model_id"
