@@ -586,8 +586,27 @@ async fn limit(
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what service managers and containers send), so
-/// requests in flight finish and settle before the process exits.
+/// requests in flight finish and settle before the process exits. A second Ctrl-C
+/// or SIGTERM while they do ends the process at once, with status 130: what an
+/// operator who will not wait asks for. The reservations of the requests cut off
+/// are then released by their leases (R7).
 async fn shutdown_signal() {
+    stop_signal().await;
+    tracing::info!(
+        "shutting down: finishing requests in flight (a second Ctrl-C or SIGTERM stops at once)"
+    );
+    tokio::spawn(async {
+        stop_signal().await;
+        tracing::warn!(
+            "stopping at once: requests still in flight are cut off, and their \
+             reservations released when their leases end"
+        );
+        std::process::exit(130);
+    });
+}
+
+/// Resolves on the next Ctrl-C or SIGTERM.
+async fn stop_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -603,7 +622,6 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
-    tracing::info!("shutting down: finishing requests in flight");
 }
 
 /// How often any replica looks for reservations whose lease ended (R7).

@@ -8,6 +8,9 @@
 
 use std::process::{Command, Output};
 
+#[path = "common/upstream.rs"]
+mod upstream;
+
 /// Runs `tollgate ARGS --database-url URL` in `dir`, with none of the
 /// `TOLLGATE_*` variables of the test's own environment, and `password` as
 /// `TOLLGATE_PASSWORD` when given.
@@ -321,4 +324,130 @@ fn a_bad_log_filter_is_reported() {
         stderr.contains("TOLLGATE_LOG=\"[[[\" is not a tracing filter"),
         "{stderr}"
     );
+}
+
+/// `tollgate serve` stops gracefully on SIGTERM: it waits for the request in
+/// flight (here an upstream that answers in a minute). A second SIGTERM ends it at
+/// once, with status 130.
+#[tokio::test]
+async fn a_second_sigterm_stops_the_server_at_once() {
+    let cli = Cli::new();
+    let mock = upstream::MockUpstream::start().await;
+    mock.set(|b| b.delay = std::time::Duration::from_secs(60));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = cli.dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listen = "127.0.0.1:{port}"
+[[upstreams]]
+name = "slow"
+base_url = "{}"
+[[models]]
+id = "slow-model"
+upstream = "slow"
+input_eur_per_mtok = "1"
+output_eur_per_mtok = "2"
+max_output_tokens = 100
+"#,
+            mock.base_url
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let created = cli.run_with(
+        &[
+            "--config",
+            config,
+            "user",
+            "create",
+            "--email",
+            "ada@example.com",
+            "--role",
+            "member",
+        ],
+        Some("a long enough password"),
+    );
+    assert!(created.status.success(), "{created:?}");
+    let printed = cli.ok(&[
+        "--config",
+        config,
+        "key",
+        "create",
+        "--email",
+        "ada@example.com",
+    ]);
+    let key = printed
+        .split_whitespace()
+        .find(|word| word.starts_with("tg_"))
+        .unwrap()
+        .to_owned();
+
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", config, "serve", "--database-url", &cli.url()])
+        .current_dir(cli.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "the server did not come up");
+    let in_flight = tokio::spawn(
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"model": "slow-model",
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send(),
+    );
+    for _ in 0..100 {
+        if !mock.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(mock.received().len(), 1, "the request reached the upstream");
+
+    let sigterm = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    sigterm(server.id());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the request in flight"
+    );
+    sigterm(server.id());
+    let mut status = None;
+    for _ in 0..50 {
+        status = server.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let Some(status) = status else {
+        server.kill().unwrap();
+        panic!("the second SIGTERM did not stop the server");
+    };
+    assert_eq!(status.code(), Some(130));
+    in_flight.abort();
 }
