@@ -12,7 +12,8 @@ pub struct TokenEstimate {
     /// An upper bound on prompt tokens: the model's tokenizer count where one is kept,
     /// else [`prompt_token_bound_from_bytes`].
     pub prompt_tokens: u64,
-    /// The request's output cap per choice: `max_completion_tokens`, else `max_tokens`;
+    /// The request's output cap per choice: `max_completion_tokens`, else `max_tokens`
+    /// (the larger when a request sets both: both are forwarded);
     /// `None` when it sets neither (the model's `max_output_tokens` applies).
     pub output_cap: Option<u64>,
     /// Number of choices (`n`); 0 is read as 1, the API's default.

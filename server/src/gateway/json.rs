@@ -172,8 +172,10 @@ pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64
 }
 
 /// The output cap a request sets (R7), in tokens: `max_completion_tokens`, which
-/// supersedes the deprecated `max_tokens`, else `max_tokens`; `None` when neither
-/// is set (absent or `null`).
+/// supersedes the deprecated `max_tokens`, else `max_tokens`; the larger of the
+/// two when both are set, since both are forwarded and an upstream may honour
+/// either (servers that read only `max_tokens` exist), and the reservation must
+/// not undercount. `None` when neither is set (absent or `null`).
 ///
 /// Errors: [`GatewayError::InvalidField`] naming the field when either is present
 /// and not an integer of at least 1 (OpenAI refuses a cap of 0 too, and the
@@ -189,7 +191,8 @@ pub(crate) fn output_cap(object: &RawObject) -> Result<Option<u64>, GatewayError
         }
     };
     let max_tokens = positive("max_tokens")?;
-    Ok(positive("max_completion_tokens")?.or(max_tokens))
+    let max_completion_tokens = positive("max_completion_tokens")?;
+    Ok(max_completion_tokens.max(max_tokens))
 }
 
 /// The choice count `n` (OpenAI's field): 1 when absent or `null`.

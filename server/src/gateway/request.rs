@@ -150,11 +150,18 @@ fn count_non_text_parts(messages: &RawValue) -> Result<u64, GatewayError> {
         if is_null(content) || !content.get().starts_with('[') {
             continue;
         }
-        // Parts the upstream would refuse anyway count as nothing here.
-        if let Ok(parts) = serde_json::from_str::<Vec<PartShape>>(content.get()) {
+        // A part counts as text only when it plainly is one: a part whose shape
+        // cannot be read (a duplicated `type`, say) is held as a non-text part,
+        // so that no upstream's reading of it can exceed the reservation.
+        if let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(content.get()) {
             count += parts
                 .iter()
-                .filter(|part| !matches!(part.kind.as_deref(), Some("text" | "refusal")))
+                .filter(|part| {
+                    !matches!(
+                        serde_json::from_str::<PartShape>(part.get()),
+                        Ok(PartShape { kind: Some(kind) }) if kind == "text" || kind == "refusal"
+                    )
+                })
                 .count() as u64;
         }
     }
@@ -196,6 +203,20 @@ mod tests {
         let none = r#"{"model":"m","messages":[{}],"max_tokens":null}"#;
         let none = ChatRequest::parse(none.as_bytes()).unwrap();
         assert_eq!((none.estimate.output_cap, none.estimate.n), (None, 1));
+    }
+
+    #[test]
+    fn both_caps_hold_the_larger_and_unreadable_parts_are_not_text() {
+        let body = r#"{"model":"m","messages":[{}],"max_completion_tokens":1,"max_tokens":10000}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(request.estimate.output_cap, Some(10_000));
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert!(request.estimate.prompt_tokens >= NON_TEXT_PART_TOKENS);
+        let text =
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
+        let request = ChatRequest::parse(text.as_bytes()).unwrap();
+        assert!(request.estimate.prompt_tokens < NON_TEXT_PART_TOKENS);
     }
 
     #[test]
