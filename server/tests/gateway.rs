@@ -917,6 +917,7 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
 /// Refusals before admission (413, 400, 401, 404) are OpenAI-shaped JSON and
 /// reserve and spend nothing; nothing reaches the upstream.
 async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
+    use futures::StreamExt as _;
     let h = start(
         db,
         Options {
@@ -961,6 +962,22 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         None,
     )
     .await;
+
+    // A caller without a valid key gets 401 before its body is read: here a body
+    // that never ends.
+    let endless = futures::stream::iter([Ok::<_, std::io::Error>(b"{\"model\"".to_vec())])
+        .chain(futures::stream::pending());
+    let unread = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth("tg_not-a-key")
+        .body(reqwest::Body::wrap_stream(endless))
+        .send();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), unread)
+        .await
+        .expect("the body was awaited before the key was checked")
+        .unwrap();
+    assert_invalid_api_key(response).await;
 
     // 400, naming the field.
     let response = chat("{\"model\": \"big\", ".into()).send().await.unwrap();

@@ -61,8 +61,9 @@ async fn handle(
     started: Instant,
     model_label: &mut String,
 ) -> Result<Response, GatewayError> {
-    let bytes = read_body(gateway, headers, body).await?;
+    // The key first: a caller without one gets 401 before any of its body is read.
     let caller = super::caller::authenticate_to_spend(gateway, headers).await?;
+    let bytes = read_body(gateway, headers, body).await?;
     let request = ChatRequest::parse(&bytes)?;
     let catalog = gateway.catalog.clone();
     let model = catalog

@@ -136,8 +136,8 @@ pub async fn admit(
 ) -> Response {
     let mut model_label = String::new();
     let result = async {
-        let bytes = read_body(&gateway, &headers, body).await?;
         let caller = authenticate_to_spend(&gateway, &headers).await?;
+        let bytes = read_body(&gateway, &headers, body).await?;
         let object = parse_object(&bytes)?;
         only_fields(
             &object,
@@ -226,8 +226,8 @@ pub async fn settle(
     body: Body,
 ) -> Response {
     let result = async {
-        let bytes = read_body(&gateway, &headers, body).await?;
         authenticate(&gateway, &headers).await?;
+        let bytes = read_body(&gateway, &headers, body).await?;
         let object = parse_object(&bytes)?;
         only_fields(&object, &["usage"])?;
         let raw = object.get("usage").ok_or_else(|| {
@@ -310,8 +310,8 @@ pub async fn renew(
     body: Body,
 ) -> Response {
     let result = async {
-        let bytes = read_body(&gateway, &headers, body).await?;
         authenticate(&gateway, &headers).await?;
+        let bytes = read_body(&gateway, &headers, body).await?;
         let object = if bytes.iter().all(u8::is_ascii_whitespace) {
             RawObject::default()
         } else {
@@ -359,8 +359,8 @@ pub async fn record(
     body: Body,
 ) -> Response {
     let result = async {
-        let bytes = read_body(&gateway, &headers, body).await?;
         let caller = authenticate(&gateway, &headers).await?;
+        let bytes = read_body(&gateway, &headers, body).await?;
         let object = parse_object(&bytes)?;
         only_fields(&object, &["records"])?;
         let raw = object.get_present("records").ok_or_else(|| {
