@@ -75,6 +75,8 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
             .foreign_keys(true);
+        create_private(options.get_filename())
+            .map_err(|e| ConnectError::Open(sqlx::Error::Io(e)))?;
         // A connection to a local file does not go stale: checking one before
         // each use (sqlx's default) would add a round trip to every batch.
         let writer = SqlitePoolOptions::new()
@@ -123,6 +125,34 @@ impl SqliteStore {
 }
 
 super::books::impl_store!(SqliteStore, Sqlite);
+
+/// Creates the database file `path`, readable and writable by its owner only,
+/// unless it exists (or is SQLite's `:memory:`). It holds password hashes and the
+/// ids of live sessions, which are the session cookies' values; SQLite gives its
+/// WAL and shared-memory files the database file's mode. A file that exists keeps
+/// the mode its operator gave it.
+///
+/// Errors: the I/O error when the file cannot be created (a missing folder, no
+/// permission).
+fn create_private(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.as_os_str() == ":memory:" {
+        return Ok(());
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot create {}: {e}", path.display()),
+        )),
+    }
+}
 
 /// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
@@ -186,5 +216,36 @@ async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<PoolConnection<Sqlite
         if let Err(error) = restarted {
             tracing::warn!(%error, "could not restart the WAL");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_database_is_its_owners_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        let url = format!("sqlite://{}", path.display());
+        let store = SqliteStore::open(&url, Durability::Normal).await.unwrap();
+        let mode = |suffix: &str| {
+            let file = format!("{}{suffix}", path.display());
+            std::fs::metadata(file).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(mode(""), 0o600);
+        assert_eq!(mode("-wal"), 0o600, "the WAL holds the same data");
+        drop(store);
+
+        // A file the operator made keeps its mode.
+        let shared = dir.path().join("shared.db");
+        std::fs::File::create(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let url = format!("sqlite://{}", shared.display());
+        drop(SqliteStore::open(&url, Durability::Normal).await.unwrap());
+        let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
     }
 }
