@@ -379,6 +379,12 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 !name.is_empty(),
                 "--name must not be empty: it is how `tollgate key list` tells keys apart"
             );
+            // `key list` prints one key per line, its columns split by tabs.
+            anyhow::ensure!(
+                !name.chars().any(char::is_control),
+                "--name must not hold a tab, a line break or another control character: \
+                 `tollgate key list` prints one key per line, its columns split by tabs"
+            );
             let user = store.user_by_email(&email).await?.with_context(|| {
                 format!("no user has the email {email}: create it with `tollgate user create`")
             })?;

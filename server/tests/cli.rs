@@ -159,6 +159,17 @@ fn users_and_keys() {
         "  ",
     ]);
     assert!(stderr.contains("--name must not be empty"), "{stderr}");
+    for name in ["a\tb", "a\nfake\trow"] {
+        let stderr = cli.fails(&[
+            "key",
+            "create",
+            "--email",
+            "ada@example.com",
+            "--name",
+            name,
+        ]);
+        assert!(stderr.contains("control character"), "{name:?}: {stderr}");
+    }
     let stderr = cli.fails(&["key", "create", "--email", "nobody@example.com"]);
     assert!(
         stderr.contains("no user has the email nobody@example.com"),
