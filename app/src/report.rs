@@ -182,6 +182,9 @@ pub struct TabView {
     pub resets_on: String,
     /// Spent in the cycle, `€12.26`.
     pub spent: String,
+    /// Held for requests in flight (R7), exact: `€0.0042`, `€0.00`. Counted
+    /// against the allowance before they settle, so the tab shows it.
+    pub reserved: String,
     /// Plan budget.
     pub plan_budget: String,
     /// Overage limit.
@@ -236,6 +239,7 @@ impl From<&SpendReport> for TabView {
             last_day: day(report.cycle.last_day),
             resets_on: day(report.cycle.resets_on),
             spent: eur(report.spent),
+            reserved: crate::domain::format_eur_exact(report.reserved),
             plan_budget: eur(report.plan_budget),
             overage_limit: eur(report.overage_limit),
             allowance: eur(report.allowance()),

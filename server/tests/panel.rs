@@ -560,6 +560,42 @@ async fn spend_on_a_model_no_longer_in_the_catalog_keeps_its_row() {
     assert!(limits.contains("data-model=\"gpt-5-mini\""), "{limits}");
 }
 
+/// What is held for requests in flight counts against the allowance (R6, R7), so
+/// the tab shows it, exactly, as the spend API does.
+#[tokio::test]
+async fn the_tab_shows_what_is_held_for_requests_in_flight() {
+    let panel = Panel::new().await;
+    let catalog = config::Config::load(None, &config::Overrides::default())
+        .unwrap()
+        .setup
+        .catalog;
+    // 1,000 prompt tokens at 1.075 and 1,000 output tokens at 8.6 EUR per 1M.
+    let outcome = panel
+        .store
+        .reserve(app::store::ReserveRequest {
+            catalog,
+            model: app::domain::ModelId::new("gpt-5"),
+            estimate: app::domain::TokenEstimate {
+                prompt_tokens: 1_000,
+                output_cap: Some(1_000),
+                n: 1,
+            },
+            spender: app::store::Spender::default(),
+            owner: "panel-test".into(),
+            lease_until: Utc::now() + chrono::Duration::seconds(60),
+            now: Utc::now(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, app::store::ReserveOutcome::Admitted(_)));
+    let json = panel.spend(&panel.api_key("ada@example.com").await).await;
+    assert_eq!(json["reserved_eur"], "0.009675");
+    let admin = panel.sign_in("ada@example.com").await;
+    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("<span id=\"reserved\">€0.009675<"), "{body}");
+}
+
 #[tokio::test]
 async fn unknown_api_paths_answer_json_not_html() {
     let panel = Panel::new().await;

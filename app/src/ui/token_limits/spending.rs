@@ -72,6 +72,9 @@ pub fn SpendingAndBudget(
                 <span id="spent-of-allowance">{report.spent.clone()} " of " {report.allowance.clone()}</span>
                 " · " <span id="used-percent">{format!("{percent}%")}</span>
             </p>
+            <p class="reserved">
+                "Held for requests in flight: " <span id="reserved">{report.reserved.clone()}</span>
+            </p>
             <p class=status_class id="status" role="status">{report.status.label()}</p>
             <p class="resets">"Resets monthly · next reset " <span id="next-reset">{report.resets_on.clone()}</span></p>
 
