@@ -35,7 +35,6 @@ pub struct ModelReport {
     /// False for a model the config no longer lists: its spend still counts in the
     /// cycle (and in the shares), but it takes no requests and no limit is saved for
     /// it from the tab.
-    #[serde(default = "in_catalog_default")]
     pub in_catalog: bool,
     /// Spent on it in the cycle, EUR (exact).
     #[serde(rename = "spent_eur")]
@@ -79,10 +78,6 @@ pub struct SpendReport {
     /// Every catalog model, and every model outside it with spend in the cycle,
     /// sorted as R8 sorts spend (amount descending, ties by display name).
     pub models: Vec<ModelReport>,
-}
-
-fn in_catalog_default() -> bool {
-    true
 }
 
 impl SpendReport {

@@ -150,16 +150,11 @@ fn users_and_keys() {
         key.starts_with("tg_") && !key.contains(char::is_whitespace),
         "{key:?}"
     );
-    let stderr = cli.fails(&[
-        "key",
-        "create",
-        "--email",
-        "ada@example.com",
-        "--name",
-        "  ",
-    ]);
-    assert!(stderr.contains("--name must not be empty"), "{stderr}");
-    for name in ["a\tb", "a\nfake\trow"] {
+    for (name, says) in [
+        ("  ", "--name must not be empty"),
+        ("a\tb", "control character"),
+        ("a\nfake\trow", "control character"),
+    ] {
         let stderr = cli.fails(&[
             "key",
             "create",
@@ -168,7 +163,7 @@ fn users_and_keys() {
             "--name",
             name,
         ]);
-        assert!(stderr.contains("control character"), "{name:?}: {stderr}");
+        assert!(stderr.contains(says), "{name:?}: {stderr}");
     }
     let stderr = cli.fails(&["key", "create", "--email", "nobody@example.com"]);
     assert!(
