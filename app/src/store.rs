@@ -118,6 +118,8 @@ pub enum Actor {
     },
     /// The operator's command line (`tollgate limit set`, `fallback on`...).
     Cli,
+    /// The operator's config file, applied at start (a changed plan).
+    Config,
 }
 
 impl std::fmt::Display for Actor {
@@ -125,6 +127,7 @@ impl std::fmt::Display for Actor {
         match self {
             Actor::User { email, .. } => write!(f, "{email}"),
             Actor::Cli => write!(f, "cli"),
+            Actor::Config => write!(f, "config"),
         }
     }
 }
@@ -322,9 +325,9 @@ pub struct AuditRecord {
     pub id: i64,
     /// When the change was accepted.
     pub at: DateTime<Utc>,
-    /// Who made it (email, or `cli`).
+    /// Who made it (email, `cli`, or `config` for a plan applied at start).
     pub actor: String,
-    /// What kind of change (`settings.automatic_fallback`, `model_limit`).
+    /// What kind of change (`settings.automatic_fallback`, `model_limit`, `plan`).
     pub action: String,
     /// What it applied to (`workspace`, or a model id).
     pub subject: String,
@@ -386,7 +389,17 @@ pub struct ApiKeyRecord {
 pub trait Store: Send + Sync + 'static {
     /// Apply the operator's config: workspace name, plan and catalog (DESIGN.md §7).
     /// Creates the workspace and its settings on first start.
-    async fn apply_setup(&self, setup: &WorkspaceSetup) -> Result<(), StoreError>;
+    ///
+    /// A plan whose start date or timezone changed moves the boundaries of the
+    /// cycle containing `now` (R1): its counters are rebuilt from the ledger rows
+    /// that occurred within its new bounds and the holds in flight move to it, so
+    /// the spend so far keeps counting. Any change of the plan is audited, by
+    /// [`Actor::Config`].
+    async fn apply_setup(
+        &self,
+        setup: &WorkspaceSetup,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 
     /// The workspace this deployment serves.
     ///

@@ -81,7 +81,10 @@ max_output_tokens = 4096
     let config = Arc::new(Config::load(Some(&path), &Overrides::default()).unwrap());
     let database = server::db::open(&db.url, Durability::Normal).await.unwrap();
     let store = database.store.clone();
-    store.apply_setup(&config.setup).await.unwrap();
+    store
+        .apply_setup(&config.setup, chrono::Utc::now())
+        .await
+        .unwrap();
     let user = store
         .create_user(
             "bench@example.com",

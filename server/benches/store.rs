@@ -156,7 +156,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
         let store = db::connect(&url, Durability::Normal).await.unwrap();
-        store.apply_setup(&setup).await.unwrap();
+        store.apply_setup(&setup, chrono::Utc::now()).await.unwrap();
         run("sqlite", store, setup.catalog.clone()).await;
 
         match std::env::var("TEST_DATABASE_URL") {
@@ -176,7 +176,7 @@ fn main() {
                 let mut url = url::Url::parse(&admin).unwrap();
                 url.set_path(&name);
                 let store = db::connect(url.as_str(), Durability::Normal).await.unwrap();
-                store.apply_setup(&setup).await.unwrap();
+                store.apply_setup(&setup, chrono::Utc::now()).await.unwrap();
                 run("postgres", store.clone(), setup.catalog.clone()).await;
                 drop(store);
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -52,7 +52,7 @@ fn main() {
         std::fs::write(&path, config_text(&url)).unwrap();
         let config = config::Config::load(Some(&path), &config::Overrides::default()).unwrap();
         let database = db::open(&config.database_url, config.durability).await.unwrap();
-        database.store.apply_setup(&config.setup).await.unwrap();
+        database.store.apply_setup(&config.setup, chrono::Utc::now()).await.unwrap();
         let hash = server::auth::hash_password("bench password 123").unwrap();
         database.store.create_user("admin@example.com", &hash, Role::Admin, Utc::now()).await.unwrap();
         for i in 0..5 {

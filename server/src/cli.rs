@@ -521,7 +521,7 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
     if apply == Apply::Always || new {
         database
             .store
-            .apply_setup(&config.setup)
+            .apply_setup(&config.setup, chrono::Utc::now())
             .await
             .context("could not apply the config to the database")?;
     }

@@ -56,7 +56,11 @@ impl Panel {
         let database = db::open(&config.database_url, config.durability)
             .await
             .unwrap();
-        database.store.apply_setup(&config.setup).await.unwrap();
+        database
+            .store
+            .apply_setup(&config.setup, chrono::Utc::now())
+            .await
+            .unwrap();
         for (email, role) in [
             ("ada@example.com", Role::Admin),
             ("bob@example.com", Role::Member),

@@ -845,6 +845,103 @@ async fn one_bad_settlement_among_many_fails_alone(db: &TestDb) {
     assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
 }
 
+/// A plan whose start date or timezone changed mid-cycle moves the cycle's
+/// bounds (R1), not its spend: the new cycle counts what the ledger booked
+/// within its bounds plus the holds in flight, so the workspace cannot spend its
+/// plan twice, and moving back restores the first cycle's books.
+async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
+    // Three requests of 0.002 EUR each fill the plan.
+    let first = setup(6 * EUR / 1000, 0);
+    let store = db.store(&first).await;
+    let catalog = first.catalog.clone();
+    let bill = |at: DateTime<Utc>| {
+        let store = store.clone();
+        let catalog = catalog.clone();
+        async move {
+            let r = admitted(reserve(&store, &catalog, "mid", estimate(1000), at).await);
+            let mut settle = settlement(&r.id, None);
+            settle.now = at;
+            store.settle(settle).await.unwrap();
+        }
+    };
+    // Before and after the 5th of November, in the cycle from 31 October.
+    bill(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap()).await;
+    bill(now()).await;
+    let in_flight = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
+    assert!(matches!(
+        reserve(&store, &catalog, "mid", estimate(1000), now()).await,
+        ReserveOutcome::Blocked(_)
+    ));
+
+    // Cycles now renew on the 5th: the cycle of `now()` starts on 5 November,
+    // Berlin midnight, and holds one settled request and the one in flight.
+    let mut fifth = setup(6 * EUR / 1000, 0);
+    fifth.plan.start = chrono::NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
+    store.apply_setup(&fifth, now()).await.unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(
+        snapshot.cycle.start,
+        Utc.with_ymd_and_hms(2026, 11, 4, 23, 0, 0).unwrap()
+    );
+    assert_eq!(snapshot.workspace.spent, Nanos::new(2 * EUR / 1000));
+    assert_eq!(snapshot.workspace.reserved, in_flight.amount);
+    let mid = snapshot
+        .models
+        .iter()
+        .find(|m| m.id.as_str() == "mid")
+        .unwrap();
+    assert_eq!(mid.counter.spent, Nanos::new(2 * EUR / 1000));
+    assert_eq!(mid.counter.reserved, in_flight.amount);
+    // Room for exactly one more request, as the new cycle's books say.
+    let last = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
+    assert!(matches!(
+        reserve(&store, &catalog, "mid", estimate(1000), now()).await,
+        ReserveOutcome::Blocked(_)
+    ));
+    // The hold made before the change settles into the new cycle.
+    store.settle(settlement(&in_flight.id, None)).await.unwrap();
+    store.release(&last.id).await.unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(4 * EUR / 1000));
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+
+    // A timezone change re-cuts too, and the operator's change is audited.
+    let mut tokyo = setup(6 * EUR / 1000, 0);
+    tokyo.plan.timezone = chrono_tz::Asia::Tokyo;
+    store.apply_setup(&tokyo, now()).await.unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(
+        snapshot.cycle.start,
+        Utc.with_ymd_and_hms(2026, 10, 30, 15, 0, 0).unwrap()
+    );
+    assert_eq!(snapshot.workspace.spent, Nanos::new(6 * EUR / 1000));
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    let audit = store.audit_log(10).await.unwrap();
+    let plans: Vec<_> = audit.iter().filter(|a| a.action == "plan").collect();
+    assert_eq!(plans.len(), 2);
+    assert!(plans
+        .iter()
+        .all(|a| a.actor == "config" && a.subject == "workspace"));
+    assert!(
+        plans[0].old_value.contains("\"2026-01-05\""),
+        "{}",
+        plans[0].old_value
+    );
+    assert!(
+        plans[0].new_value.contains("\"Asia/Tokyo\""),
+        "{}",
+        plans[0].new_value
+    );
+
+    // A new budget alone moves no boundary and leaves the books as they are.
+    let mut raised = tokyo;
+    raised.plan.amounts.budget = Nanos::new(EUR);
+    store.apply_setup(&raised, now()).await.unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(6 * EUR / 1000));
+    assert_eq!(store.audit_log(10).await.unwrap().len(), audit.len() + 1);
+}
+
 on_both_backends!(
     one_bad_settlement_among_many_fails_alone,
     fifty_racing_requests_admit_exactly_ten,
@@ -859,6 +956,7 @@ on_both_backends!(
     a_reservation_ended_elsewhere_is_settled_once,
     a_revoked_key_admits_nothing,
     a_new_cycle_starts_from_zero,
+    a_changed_plan_start_keeps_the_spend_of_the_cycle,
     expired_leases_are_released,
     api_keys_authenticate_and_record_use_to_the_minute,
 );

@@ -49,6 +49,41 @@ pub(crate) struct PlanRow {
     pub settings_version: i64,
 }
 
+/// The plan's columns as stored: nano-euros, `YYYY-MM-DD` and an IANA name.
+#[derive(sqlx::FromRow, Debug, PartialEq, Eq)]
+pub(crate) struct PlanFields {
+    pub budget_nanos: i64,
+    pub overage_nanos: i64,
+    pub plan_start: String,
+    pub timezone: String,
+}
+
+impl PlanFields {
+    pub fn of(plan: &PlanRecord) -> Self {
+        PlanFields {
+            budget_nanos: plan.amounts.budget.get(),
+            overage_nanos: plan.amounts.overage.get(),
+            plan_start: plan.start.format("%Y-%m-%d").to_string(),
+            timezone: plan.timezone.name().to_owned(),
+        }
+    }
+
+    /// Whether moving from `self` to `new` moves the cycles' boundaries (R1).
+    pub fn recuts_cycles(&self, new: &PlanFields) -> bool {
+        self.plan_start != new.plan_start || self.timezone != new.timezone
+    }
+
+    /// The audit log's view: amounts as exact EUR strings.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "plan_budget_eur": eur_text(Nanos::new(self.budget_nanos)),
+            "overage_limit_eur": eur_text(Nanos::new(self.overage_nanos)),
+            "start": self.plan_start,
+            "timezone": self.timezone,
+        })
+    }
+}
+
 impl PlanRow {
     pub fn plan(&self) -> Result<PlanRecord, StoreError> {
         let start = NaiveDate::parse_from_str(&self.plan_start, "%Y-%m-%d")
@@ -880,10 +915,20 @@ macro_rules! impl_store {
             async fn apply_setup(
                 &self,
                 setup: &app::store::WorkspaceSetup,
+                now: DateTime<Utc>,
             ) -> Result<(), app::store::StoreError> {
                 use $crate::db::books::*;
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                let previous: Option<PlanFields> = sqlx::query_as(
+                    "SELECT budget_nanos, overage_nanos, plan_start, timezone FROM plans \
+                     WHERE workspace_id = $1",
+                )
+                .bind(WORKSPACE_ID)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let plan = PlanFields::of(&setup.plan);
                 sqlx::query(
                     "INSERT INTO workspaces (id, name) VALUES ($1, $2) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name",
@@ -900,13 +945,20 @@ macro_rules! impl_store {
                      plan_start = excluded.plan_start, timezone = excluded.timezone",
                 )
                 .bind(WORKSPACE_ID)
-                .bind(setup.plan.amounts.budget.get())
-                .bind(setup.plan.amounts.overage.get())
-                .bind(setup.plan.start.format("%Y-%m-%d").to_string())
-                .bind(setup.plan.timezone.name())
+                .bind(plan.budget_nanos)
+                .bind(plan.overage_nanos)
+                .bind(&plan.plan_start)
+                .bind(&plan.timezone)
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error)?;
+                if let Some(previous) = previous.filter(|previous| *previous != plan) {
+                    let config = app::store::Actor::Config;
+                    audit(&mut tx, &config, now, "plan", "workspace", &previous.json(), &plan.json()).await?;
+                    if previous.recuts_cycles(&plan) {
+                        recut_current_cycle(&mut tx, &setup.plan, now).await?;
+                    }
+                }
                 sqlx::query(
                     "INSERT INTO settings (workspace_id) VALUES ($1) ON CONFLICT (workspace_id) DO NOTHING",
                 )
@@ -2155,15 +2207,69 @@ macro_rules! impl_store {
             .map_err(db_error)?;
             Ok(())
         }
+
+        /// Re-cut the books after the plan's start date or timezone changed (DESIGN.md
+        /// R1): the cycle containing `now` has new bounds, so its counters are rebuilt
+        /// from the ledger rows that occurred within them, and every hold in flight
+        /// moves to it. Without this the workspace would start the rest of its cycle
+        /// from zero and could spend its plan twice. Ledger rows keep the cycle key
+        /// they were booked under: the ledger is append-only.
+        async fn recut_current_cycle(
+            tx: &mut Tx<'_>,
+            plan: &app::store::PlanRecord,
+            now: DateTime<Utc>,
+        ) -> Result<(), app::store::StoreError> {
+            use $crate::db::books::*;
+            let cycle = plan.cycle_at(now)?;
+            let key = cycle_key(cycle.start);
+            for statement in [
+                "UPDATE reservations SET cycle_start = $2 WHERE workspace_id = $1",
+                "UPDATE counters SET reserved_nanos = 0 WHERE workspace_id = $1 AND cycle_start <> $2",
+                "DELETE FROM counters WHERE workspace_id = $1 AND cycle_start = $2",
+            ] {
+                sqlx::query(statement)
+                    .bind(WORKSPACE_ID)
+                    .bind(key)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_error)?;
+            }
+            // `occurred_at` is RFC 3339 text in UTC, always with the offset `+00:00`:
+            // for those, the order of the text is the order of the instants.
+            let sums: Vec<(String, i64, i64)> = sqlx::query_as(
+                "SELECT model, CAST(SUM(spent) AS BIGINT), CAST(SUM(reserved) AS BIGINT) FROM ( \
+                 SELECT served_model AS model, cost_nanos AS spent, 0 AS reserved FROM usage_events \
+                 WHERE workspace_id = $1 AND occurred_at >= $2 AND occurred_at < $3 \
+                 UNION ALL \
+                 SELECT served_model, 0, amount_nanos FROM reservations WHERE workspace_id = $1 \
+                 ) books GROUP BY model ORDER BY model",
+            )
+            .bind(WORKSPACE_ID)
+            .bind(cycle.start.to_rfc3339())
+            .bind(cycle.end.to_rfc3339())
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            let changes: Vec<(i64, &str, i64, i64)> = sums
+                .iter()
+                .map(|(model, spent, reserved)| (key, model.as_str(), *spent, *reserved))
+                .collect();
+            add_to_counters(&mut **tx, &counter_changes(&changes)).await
+        }
     };
 }
 
 pub(crate) use impl_store;
 
 /// A model limit as the audit log shows it: amounts as exact EUR strings.
+/// An amount as the audit log writes it: exact EUR, no trailing zeros.
+fn eur_text(amount: Nanos) -> String {
+    amount.to_money().amount().normalize().to_string()
+}
+
 pub(crate) fn limit_json(limit: &ModelLimit) -> serde_json::Value {
     serde_json::json!({
-        "limit_eur": limit.limit.map(|n| n.to_money().amount().normalize().to_string()),
+        "limit_eur": limit.limit.map(eur_text),
         "enabled": limit.enabled,
     })
 }

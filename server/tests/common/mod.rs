@@ -67,7 +67,7 @@ impl TestDb {
     /// Open a store on it with `setup` applied.
     pub async fn store(&self, setup: &WorkspaceSetup) -> SharedStore {
         let store = db::connect(&self.url, Durability::Normal).await.unwrap();
-        store.apply_setup(setup).await.unwrap();
+        store.apply_setup(setup, chrono::Utc::now()).await.unwrap();
         store
     }
 }
@@ -180,7 +180,10 @@ impl Stack {
             .await
             .unwrap();
         let store = database.store.clone();
-        store.apply_setup(&config.setup).await.unwrap();
+        store
+            .apply_setup(&config.setup, chrono::Utc::now())
+            .await
+            .unwrap();
         let now = chrono::Utc::now();
         let user = store
             .create_user(
