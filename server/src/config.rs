@@ -26,6 +26,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tollgate.db";
 /// Gateway request bodies above this many bytes get 413 (DESIGN.md §4): 16 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// How long a client may take to send a gateway request's body, seconds.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT_SECS: u64 = 30;
+/// The longest `request_body_timeout_secs` accepted: an hour.
+const MAX_REQUEST_BODY_TIMEOUT_SECS: u64 = 3600;
 /// How long the gateway waits for an upstream's answer, and at most between two
 /// pieces of a streamed answer, when `[[upstreams]] timeout_secs` is not set:
 /// 10 minutes, since a non-streamed answer of a reasoning model arrives whole.
@@ -77,6 +81,7 @@ pub struct ConfigFile {
     listen: Option<String>,
     database_url: Option<String>,
     max_request_bytes: Option<usize>,
+    request_body_timeout_secs: Option<u64>,
     sqlite_synchronous: Option<String>,
     secure_cookies: Option<bool>,
     workspace: Option<WorkspaceSection>,
@@ -159,6 +164,10 @@ pub struct Config {
     pub database_url: String,
     /// Gateway request bodies above this many bytes get 413.
     pub max_request_bytes: usize,
+    /// A gateway request whose body has not fully arrived this long after its
+    /// headers gets 408 (`request_body_timeout_secs`, default 30 s, 1 s to an
+    /// hour), so a slow or stalled client cannot hold a connection forever.
+    pub request_body_timeout: std::time::Duration,
     /// SQLite durability (`sqlite_synchronous = "normal" | "full"`).
     pub durability: Durability,
     /// Mark the session cookie `Secure` (`secure_cookies`, default false): turn it on
@@ -239,6 +248,17 @@ impl Config {
         if max_request_bytes == 0 {
             return Err(invalid("max_request_bytes", "must be at least 1"));
         }
+        let body_seconds = file
+            .request_body_timeout_secs
+            .unwrap_or(DEFAULT_REQUEST_BODY_TIMEOUT_SECS);
+        if !(1..=MAX_REQUEST_BODY_TIMEOUT_SECS).contains(&body_seconds) {
+            return Err(invalid(
+                "request_body_timeout_secs",
+                format!(
+                    "must be a whole number of seconds from 1 to {MAX_REQUEST_BODY_TIMEOUT_SECS}"
+                ),
+            ));
+        }
         let durability = match file.sqlite_synchronous.as_deref() {
             None | Some("normal") => Durability::Normal,
             Some("full") => Durability::Full,
@@ -298,6 +318,7 @@ impl Config {
             listen,
             database_url,
             max_request_bytes,
+            request_body_timeout: std::time::Duration::from_secs(body_seconds),
             durability,
             secure_cookies: file.secure_cookies.unwrap_or(false),
             setup: WorkspaceSetup {
@@ -704,6 +725,21 @@ mod tests {
             ("listen = \"localhost\"", "listen", "address"),
             ("database_url = \"mysql://x\"", "database_url", "sqlite://"),
             ("sqlite_synchronous = \"off\"", "sqlite_synchronous", "full"),
+            (
+                "request_body_timeout_secs = 0",
+                "request_body_timeout_secs",
+                "from 1 to 3600",
+            ),
+            (
+                "request_body_timeout_secs = 3601",
+                "request_body_timeout_secs",
+                "from 1 to 3600",
+            ),
+            (
+                "request_body_timeout_secs = -5",
+                "request_body_timeout_secs",
+                "invalid value",
+            ),
         ];
         for (text, key, problem) in cases {
             let err = load_text(text).unwrap_err().to_string();

@@ -77,6 +77,7 @@ struct Options {
     budget_eur: &'static str,
     timeout_secs: u64,
     max_request_bytes: usize,
+    request_body_timeout_secs: u64,
 }
 
 impl Default for Options {
@@ -85,6 +86,7 @@ impl Default for Options {
             budget_eur: "100",
             timeout_secs: 30,
             max_request_bytes: 65_536,
+            request_body_timeout_secs: 30,
         }
     }
 }
@@ -111,6 +113,7 @@ fn config_text(db: &TestDb, mock: &MockUpstream, options: &Options) -> String {
 listen = "127.0.0.1:0"
 database_url = "{db}"
 max_request_bytes = {max}
+request_body_timeout_secs = {body_timeout}
 
 [workspace]
 name = "Gateway tests"
@@ -166,6 +169,7 @@ max_output_tokens = 1000
         budget = options.budget_eur,
         base = mock.base_url,
         timeout = options.timeout_secs,
+        body_timeout = options.request_body_timeout_secs,
     )
 }
 
@@ -922,6 +926,7 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         db,
         Options {
             max_request_bytes: 4_096,
+            request_body_timeout_secs: 1,
             ..Options::default()
         },
     )
@@ -978,6 +983,35 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         .expect("the body was awaited before the key was checked")
         .unwrap();
     assert_invalid_api_key(response).await;
+
+    // A member whose body stalls half-way gets 408 once the body's time is up,
+    // on the gateway and on the usage API alike.
+    for path in [
+        "/v1/chat/completions",
+        "/api/v1/admissions",
+        "/api/v1/usage",
+    ] {
+        let stalled =
+            futures::stream::iter([Ok::<_, std::io::Error>(b"{\"model\": \"big\"".to_vec())])
+                .chain(futures::stream::pending());
+        let response = h
+            .post(path)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(stalled))
+            .send();
+        let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+            .await
+            .expect("a stalled body was waited for past its timeout")
+            .unwrap();
+        assert_error(
+            response,
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            None,
+        )
+        .await;
+    }
 
     // 400, naming the field.
     let response = chat("{\"model\": \"big\", ".into()).send().await.unwrap();

@@ -27,6 +27,13 @@ pub enum GatewayError {
     /// The body could not be read from the client (HTTP 400).
     #[error("the request body could not be read")]
     UnreadableBody,
+    /// The body did not fully arrive within `request_body_timeout_secs` (HTTP
+    /// 408, code `request_timeout`). Nothing was reserved or spent.
+    #[error("the request body did not arrive within {seconds} s; nothing was spent, send the request again")]
+    RequestTimeout {
+        /// The configured limit, seconds.
+        seconds: u64,
+    },
     /// The body is not one JSON object (HTTP 400, code `invalid_json`).
     #[error("the request body is not a valid JSON object: {0}")]
     InvalidJson(String),
@@ -109,6 +116,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::UnreadableBody
             | GatewayError::InvalidJson(_)
             | GatewayError::InvalidField { .. } => StatusCode::BAD_REQUEST,
@@ -142,6 +150,7 @@ impl GatewayError {
         match self {
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
             GatewayError::UnreadableBody => "unreadable_body",
+            GatewayError::RequestTimeout { .. } => "request_timeout",
             GatewayError::InvalidJson(_) => "invalid_json",
             GatewayError::InvalidField { .. } => "invalid_value",
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "invalid_api_key",

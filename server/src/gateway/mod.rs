@@ -54,6 +54,7 @@ pub struct Gateway {
     store: SharedStore,
     catalog: Arc<Catalog>,
     max_request_bytes: usize,
+    request_body_timeout: Duration,
     upstreams: HashMap<String, Target>,
     http: reqwest::Client,
     owner: String,
@@ -125,6 +126,7 @@ impl Gateway {
             store,
             catalog: config.setup.catalog.clone(),
             max_request_bytes: config.max_request_bytes,
+            request_body_timeout: config.request_body_timeout,
             upstreams,
             http,
             owner: format!(
@@ -269,10 +271,11 @@ async fn render_metrics(State(gateway): State<SharedGateway>) -> Response {
 
 /// Reads a request body of at most `max_request_bytes` (DESIGN.md §4): a declared
 /// `Content-Length` over the limit is refused before anything else, a body that
-/// grows past it while read is refused too.
+/// grows past it while read is refused too. The whole body must arrive within
+/// `request_body_timeout_secs`.
 ///
 /// Errors: [`GatewayError::PayloadTooLarge`] (413), [`GatewayError::UnreadableBody`]
-/// (400) when the client breaks off.
+/// (400) when the client breaks off, [`GatewayError::RequestTimeout`] (408).
 async fn read_body(
     gateway: &Gateway,
     headers: &HeaderMap,
@@ -286,7 +289,16 @@ async fn read_body(
     if declared.is_some_and(|len| len > u64::try_from(limit).unwrap_or(u64::MAX)) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(
+        gateway.request_body_timeout,
+        axum::body::to_bytes(body, limit),
+    );
+    let Ok(read) = read.await else {
+        return Err(GatewayError::RequestTimeout {
+            seconds: gateway.request_body_timeout.as_secs(),
+        });
+    };
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit exceeded");
