@@ -327,7 +327,8 @@ pub struct AuditRecord {
     pub at: DateTime<Utc>,
     /// Who made it (email, `cli`, or `config` for a plan applied at start).
     pub actor: String,
-    /// What kind of change (`settings.automatic_fallback`, `model_limit`, `plan`).
+    /// What kind of change (`settings.automatic_fallback`, `model_limit`, `plan`,
+    /// `user.create`, `user.disable`, `api_key.create`, `api_key.revoke`).
     pub action: String,
     /// What it applied to (`workspace`, or a model id).
     pub subject: String,
@@ -362,6 +363,32 @@ pub struct UserRecord {
     pub password_hash: String,
     /// Admin or member.
     pub role: Role,
+}
+
+/// A user as `tollgate user list` shows it: never the password hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserListing {
+    /// Row id.
+    pub id: i64,
+    /// Login name.
+    pub email: String,
+    /// Admin or member.
+    pub role: Role,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was disabled, if it was.
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// How many of its keys are live (not revoked).
+    pub live_keys: i64,
+}
+
+/// What [`Store::disable_user`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisabledUser {
+    /// The user, as it was before.
+    pub user: UserRecord,
+    /// How many live keys it revoked.
+    pub keys_revoked: u64,
 }
 
 /// An API key's metadata; the key itself is only ever stored as a hash.
@@ -487,26 +514,51 @@ pub trait Store: Send + Sync + 'static {
     /// The audit log, newest first, at most `limit` rows.
     async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
 
-    /// Create a user.
+    /// Create a user, audited as `user.create` by `actor`.
     ///
-    /// Errors: [`StoreError::Invalid`] `email_taken` when the email (any case) exists.
+    /// Errors: [`StoreError::Invalid`] `email_taken` when the email (any case) exists,
+    /// a disabled user's included.
     async fn create_user(
         &self,
+        actor: &Actor,
         email: &str,
         password_hash: &str,
         role: Role,
         now: DateTime<Utc>,
     ) -> Result<UserRecord, StoreError>;
 
-    /// The user with this email (any case), if any.
+    /// The enabled user with this email (any case), if any.
     async fn user_by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError>;
 
-    /// The user with this id, if any.
+    /// The enabled user with this id, if any: a session whose user was disabled
+    /// finds none and is signed out.
     async fn user_by_id(&self, id: i64) -> Result<Option<UserRecord>, StoreError>;
 
-    /// Store a new API key's hash for `user_id`.
+    /// Every user, enabled or not, oldest first, with their live keys.
+    async fn list_users(&self) -> Result<Vec<UserListing>, StoreError>;
+
+    /// Disable the enabled user with this email (any case) and revoke their live
+    /// keys, in one transaction audited as `user.disable` by `actor`: they sign in
+    /// no more, their sessions end at their next request, and their keys admit
+    /// nothing (requests already admitted still settle). The row stays, since the
+    /// ledger names it.
+    ///
+    /// Errors: [`StoreError::NotFound`] (`what` = `"user"`) when no enabled user has
+    /// this email.
+    async fn disable_user(
+        &self,
+        actor: &Actor,
+        email: &str,
+        now: DateTime<Utc>,
+    ) -> Result<DisabledUser, StoreError>;
+
+    /// Store a new API key's hash for `user_id`, audited as `api_key.create`.
+    ///
+    /// Errors: [`StoreError::NotFound`] (`what` = `"user"`) when the user does not
+    /// exist or is disabled.
     async fn create_api_key(
         &self,
+        actor: &Actor,
         user_id: i64,
         name: &str,
         key_hash: &str,
@@ -524,10 +576,16 @@ pub trait Store: Send + Sync + 'static {
     /// Keys, newest first, optionally only those of the user with `email`.
     async fn list_api_keys(&self, email: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
 
-    /// Revoke a key: it authenticates nothing from now on.
+    /// Revoke a key, audited as `api_key.revoke`: it authenticates nothing from now
+    /// on.
     ///
     /// Errors: [`StoreError::NotFound`] for an unknown or already revoked key.
-    async fn revoke_api_key(&self, id: i64, now: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn revoke_api_key(
+        &self,
+        actor: &Actor,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 }
 
 /// The store as it is shared through axum state and the Leptos context.

@@ -87,6 +87,7 @@ max_output_tokens = 4096
         .unwrap();
     let user = store
         .create_user(
+            &app::store::Actor::Cli,
             "bench@example.com",
             "not-a-password-hash",
             Role::Member,
@@ -96,7 +97,7 @@ max_output_tokens = 4096
         .unwrap();
     let (key, hash) = server::auth::new_api_key();
     store
-        .create_api_key(user.id, "bench", &hash, Utc::now())
+        .create_api_key(&app::store::Actor::Cli, user.id, "bench", &hash, Utc::now())
         .await
         .unwrap();
     let mut state = AppState::new(config.clone(), store.clone());

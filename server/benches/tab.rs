@@ -54,7 +54,7 @@ fn main() {
         let database = db::open(&config.database_url, config.durability).await.unwrap();
         database.store.apply_setup(&config.setup, chrono::Utc::now()).await.unwrap();
         let hash = server::auth::hash_password("bench password 123").unwrap();
-        database.store.create_user("admin@example.com", &hash, Role::Admin, Utc::now()).await.unwrap();
+        database.store.create_user(&app::store::Actor::Cli, "admin@example.com", &hash, Role::Admin, Utc::now()).await.unwrap();
         for i in 0..5 {
             database
                 .store

@@ -116,6 +116,16 @@ pub enum UserAction {
         #[arg(long, value_parser = ["admin", "member"])]
         role: String,
     },
+    /// List users: id, email, role, created, status and live keys (never a
+    /// password).
+    List,
+    /// Disable the user with EMAIL: they sign in no more, their panel sessions
+    /// end, their keys are revoked. Their usage stays in the ledger.
+    Disable {
+        /// The user's email.
+        #[arg(long)]
+        email: String,
+    },
 }
 
 /// `tollgate key ...`
@@ -239,7 +249,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--email {email:?} is not an email address");
             }
             let hash = auth::hash_password(&password)?;
-            let user = store.create_user(email, &hash, role, Utc::now()).await?;
+            let user = store
+                .create_user(&Actor::Cli, email, &hash, role, Utc::now())
+                .await?;
             println!(
                 "created {} {} (id {})",
                 user.role.as_str(),
@@ -248,6 +260,58 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::User {
+            action: UserAction::List,
+        } => {
+            println!("id\temail\trole\tcreated\tstatus\tlive keys");
+            for user in store.list_users().await? {
+                let status = match user.disabled_at {
+                    Some(at) => format!("disabled {}", at.to_rfc3339()),
+                    None => "enabled".to_owned(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{status}\t{}",
+                    user.id,
+                    user.email,
+                    user.role.as_str(),
+                    user.created_at.to_rfc3339(),
+                    user.live_keys
+                );
+            }
+            Ok(())
+        }
+        Command::User {
+            action: UserAction::Disable { email },
+        } => match store
+            .disable_user(&Actor::Cli, email.trim(), Utc::now())
+            .await
+        {
+            Ok(done) => {
+                println!(
+                    "disabled {} {} (id {}); revoked {} key(s)",
+                    done.user.role.as_str(),
+                    done.user.email,
+                    done.user.id,
+                    done.keys_revoked
+                );
+                Ok(())
+            }
+            Err(app::store::StoreError::NotFound { .. }) => {
+                match listed_user(&store, &email).await?.disabled_at {
+                    // Disabling twice is not an error (a script may run again).
+                    Some(at) => {
+                        println!(
+                            "{} was already disabled on {}",
+                            email.trim(),
+                            at.to_rfc3339()
+                        );
+                        Ok(())
+                    }
+                    None => anyhow::bail!("{} could not be disabled; try again", email.trim()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Key { action } => key(&store, action).await,
         Command::Limit { action } => limit(&config, &store, action).await,
         Command::Fallback { state } => {
@@ -385,21 +449,24 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 "--name must not hold a tab, a line break or another control character: \
                  `tollgate key list` prints one key per line, its columns split by tabs"
             );
-            let user = store.user_by_email(&email).await?.with_context(|| {
-                format!("no user has the email {email}: create it with `tollgate user create`")
-            })?;
+            let user = listed_user(store, &email).await?;
+            if let Some(at) = user.disabled_at {
+                anyhow::bail!(
+                    "{} was disabled on {} and gets no new key",
+                    user.email,
+                    at.to_rfc3339()
+                );
+            }
             let (key, hash) = auth::new_api_key();
             store
-                .create_api_key(user.id, name, &hash, Utc::now())
+                .create_api_key(&Actor::Cli, user.id, name, &hash, Utc::now())
                 .await?;
             // The key alone on stdout, so scripts can capture it.
             println!("{key}");
         }
         KeyAction::List { email } => {
             if let Some(email) = &email {
-                store.user_by_email(email).await?.with_context(|| {
-                    format!("no user has the email {email} (its keys would be listed here)")
-                })?;
+                listed_user(store, email).await?;
             }
             println!("id\tname\towner\tcreated\tlast used\tstatus");
             for key in store.list_api_keys(email.as_deref()).await? {
@@ -420,7 +487,10 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 );
             }
         }
-        KeyAction::Revoke { key_id } => match store.revoke_api_key(key_id, Utc::now()).await {
+        KeyAction::Revoke { key_id } => match store
+            .revoke_api_key(&Actor::Cli, key_id, Utc::now())
+            .await
+        {
             Ok(()) => println!("revoked key {key_id}"),
             Err(app::store::StoreError::NotFound { .. }) => {
                 // Revoking twice is not an error (a script may run again), but
@@ -444,6 +514,19 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The user with `email` (any case), enabled or disabled.
+///
+/// Errors: when no user has it.
+async fn listed_user(store: &SharedStore, email: &str) -> anyhow::Result<app::store::UserListing> {
+    let email = email.trim();
+    store
+        .list_users()
+        .await?
+        .into_iter()
+        .find(|user| user.email.to_lowercase() == email.to_lowercase())
+        .with_context(|| format!("no user has the email {email}: see `tollgate user list`"))
+}
+
 /// The demo's accounts.
 pub const DEMO_ADMIN: &str = "admin@example.com";
 /// The demo's member account.
@@ -464,7 +547,9 @@ async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()
     let now = Utc::now();
     for (email, role) in [(DEMO_ADMIN, Role::Admin), (DEMO_MEMBER, Role::Member)] {
         if store.user_by_email(email).await?.is_none() {
-            store.create_user(email, &hash, role, now).await?;
+            store
+                .create_user(&Actor::Cli, email, &hash, role, now)
+                .await?;
             println!("created {} {email}", role.as_str());
         }
     }

@@ -202,6 +202,65 @@ fn users_and_keys() {
         .any(|l| l.contains("laptop") && l.ends_with("revoked")));
     let stderr = cli.fails(&["key", "revoke", "999"]);
     assert!(stderr.contains("no API key has the id 999"), "{stderr}");
+
+    // A user who leaves: disabled with their live keys, listed as such, kept.
+    let phone = cli
+        .ok(&[
+            "key",
+            "create",
+            "--email",
+            "ada@example.com",
+            "--name",
+            "phone",
+        ])
+        .trim()
+        .to_owned();
+    let users = cli.ok(&["user", "list"]);
+    assert!(
+        users.starts_with("id\temail\trole\tcreated\tstatus\tlive keys\n"),
+        "{users}"
+    );
+    let ada = users
+        .lines()
+        .find(|l| l.contains("ada@example.com"))
+        .unwrap();
+    assert!(
+        ada.contains("\tadmin\t") && ada.ends_with("\tenabled\t1"),
+        "{ada}"
+    );
+    let said = cli.ok(&["user", "disable", "--email", "ADA@example.com"]);
+    assert!(
+        said.starts_with("disabled admin ada@example.com (id ")
+            && said.ends_with("revoked 1 key(s)\n"),
+        "{said}"
+    );
+    let ada = cli.ok(&["user", "list"]);
+    let ada = ada.lines().find(|l| l.contains("ada@example.com")).unwrap();
+    assert!(
+        ada.contains("\tdisabled 20") && ada.ends_with("\t0"),
+        "{ada}"
+    );
+    assert!(cli
+        .ok(&["user", "disable", "--email", "ada@example.com"])
+        .starts_with("ada@example.com was already disabled on "));
+    let stderr = cli.fails(&["user", "disable", "--email", "nobody@example.com"]);
+    assert!(
+        stderr.contains("no user has the email nobody@example.com"),
+        "{stderr}"
+    );
+    let stderr = cli.fails(&["key", "create", "--email", "ada@example.com"]);
+    assert!(
+        stderr.contains("was disabled on") && stderr.contains("no new key"),
+        "{stderr}"
+    );
+    // Their keys stay listed, revoked.
+    assert!(cli
+        .ok(&["key", "list", "--email", "ada@example.com"])
+        .lines()
+        .all(|l| l.starts_with("id\t") || l.ends_with("revoked")));
+    let audit = cli.ok(&["audit"]);
+    assert!(audit.contains("user.disable"), "{audit}");
+    assert!(!audit.contains(&phone), "keys never reach the audit log");
 }
 
 #[test]

@@ -1085,10 +1085,13 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
     let (revoked, hash) = server::auth::new_api_key();
     let record = h
         .store
-        .create_api_key(user.id, "old", &hash, Utc::now())
+        .create_api_key(&Actor::Cli, user.id, "old", &hash, Utc::now())
         .await
         .unwrap();
-    h.store.revoke_api_key(record.id, Utc::now()).await.unwrap();
+    h.store
+        .revoke_api_key(&Actor::Cli, record.id, Utc::now())
+        .await
+        .unwrap();
     assert_ne!(record.id, key_id);
     let response = h
         .client
@@ -1544,7 +1547,9 @@ async fn a_key_revoked_elsewhere_spends_nothing_more(db: &TestDb) {
         .unwrap();
     let keys = cli.list_api_keys(None).await.unwrap();
     assert_eq!(keys.len(), 1, "the member's key only");
-    cli.revoke_api_key(keys[0].id, Utc::now()).await.unwrap();
+    cli.revoke_api_key(&Actor::Cli, keys[0].id, Utc::now())
+        .await
+        .unwrap();
 
     assert_invalid_api_key(h.chat(&chat_body("big")).await).await;
     let response = h

@@ -68,7 +68,7 @@ impl Panel {
             let hash = server::auth::hash_password(PASSWORD).unwrap();
             database
                 .store
-                .create_user(email, &hash, role, Utc::now())
+                .create_user(&app::store::Actor::Cli, email, &hash, role, Utc::now())
                 .await
                 .unwrap();
         }
@@ -86,7 +86,7 @@ impl Panel {
         let user = self.store.user_by_email(email).await.unwrap().unwrap();
         let (key, hash) = server::auth::new_api_key();
         self.store
-            .create_api_key(user.id, "test", &hash, Utc::now())
+            .create_api_key(&app::store::Actor::Cli, user.id, "test", &hash, Utc::now())
             .await
             .unwrap();
         key
@@ -109,6 +109,14 @@ impl Panel {
         let headers = response.headers().clone();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The audit log's rows of settings changes, newest first: without the rows
+    /// the fixture's users and keys left.
+    async fn settings_audit(&self) -> Vec<app::store::AuditRecord> {
+        let mut audit = self.store.audit_log(100).await.unwrap();
+        audit.retain(|row| !row.action.starts_with("user.") && !row.action.starts_with("api_key."));
+        audit
     }
 
     /// Sign in as `email` and return the session cookie.
@@ -188,7 +196,7 @@ async fn every_server_function_refuses_anonymous_and_member_callers() {
     }
     let after = panel.store.spend_snapshot(Utc::now()).await.unwrap();
     assert_eq!(before, after);
-    assert!(panel.store.audit_log(10).await.unwrap().is_empty());
+    assert!(panel.settings_audit().await.is_empty());
 }
 
 #[tokio::test]
@@ -377,7 +385,7 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
         Some("enabled_without_amount")
     );
     assert!(
-        panel.store.audit_log(10).await.unwrap().is_empty(),
+        panel.settings_audit().await.is_empty(),
         "a refused save wrote something"
     );
 
@@ -389,7 +397,7 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
         ))
         .await;
     assert!(status.is_success(), "{status} {text}");
-    let audit = panel.store.audit_log(10).await.unwrap();
+    let audit = panel.settings_audit().await;
     assert_eq!(audit.len(), 1);
     assert_eq!(
         (audit[0].actor.as_str(), audit[0].subject.as_str()),
@@ -406,7 +414,7 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
         ))
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{text}");
-    assert_eq!(panel.store.audit_log(10).await.unwrap().len(), 1);
+    assert_eq!(panel.settings_audit().await.len(), 1);
 
     let (status, _, text) = panel.send(post("/fn/token_limits", "", Some(&admin))).await;
     assert_eq!(status, StatusCode::OK);
@@ -666,4 +674,61 @@ async fn members_can_sign_out() {
     // The old cookie no longer opens the start page.
     let (status, _, _) = panel.send(get("/", Some(&member))).await;
     assert_eq!(status, StatusCode::FOUND);
+}
+
+/// An administrator the operator disables is signed out at their next request,
+/// their open session saves nothing, and they cannot sign in again.
+#[tokio::test]
+async fn a_disabled_administrator_is_signed_out_and_stays_out() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&admin))).await;
+    assert_eq!(status, StatusCode::OK);
+    let version = panel
+        .store
+        .spend_snapshot(Utc::now())
+        .await
+        .unwrap()
+        .settings
+        .version;
+
+    panel
+        .store
+        .disable_user(&app::store::Actor::Cli, "ada@example.com", Utc::now())
+        .await
+        .unwrap();
+    let (status, headers, _) = panel.send(get("/admin/token-limits", Some(&admin))).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert!(headers[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .starts_with("/login"));
+    let body = format!("settings_version={version}");
+    let (status, _, text) = panel
+        .send(post("/fn/save_automatic_fallback", &body, Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert!(
+        panel
+            .store
+            .spend_snapshot(Utc::now())
+            .await
+            .unwrap()
+            .settings
+            .automatic_fallback,
+        "nothing was saved"
+    );
+    let (status, headers, text) = panel
+        .send(post(
+            "/fn/login",
+            &format!(
+                "email=ada@example.com&password={}",
+                PASSWORD.replace(' ', "+")
+            ),
+            None,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert!(text.contains("invalid_credentials"), "{text}");
+    assert!(headers.get(header::SET_COOKIE).is_none());
 }

@@ -640,6 +640,7 @@ async fn a_revoked_key_admits_nothing(db: &TestDb) {
     let catalog = setup.catalog.clone();
     let user = store
         .create_user(
+            &Actor::Cli,
             "member@example.com",
             "hash",
             app::store::Role::Member,
@@ -648,7 +649,7 @@ async fn a_revoked_key_admits_nothing(db: &TestDb) {
         .await
         .unwrap();
     let key = store
-        .create_api_key(user.id, "laptop", "0123abcd", now())
+        .create_api_key(&Actor::Cli, user.id, "laptop", "0123abcd", now())
         .await
         .unwrap();
     let request = || ReserveRequest {
@@ -664,7 +665,9 @@ async fn a_revoked_key_admits_nothing(db: &TestDb) {
         now: now(),
     };
     let held = admitted(store.reserve(request()).await.unwrap());
-    cli.revoke_api_key(key.id, now()).await.unwrap();
+    cli.revoke_api_key(&Actor::Cli, key.id, now())
+        .await
+        .unwrap();
     match store.reserve(request()).await {
         Err(StoreError::NotFound { what }) => assert_eq!(what, "api key"),
         other => panic!("a revoked key was answered {other:?}"),
@@ -677,6 +680,131 @@ async fn a_revoked_key_admits_nothing(db: &TestDb) {
     let snapshot = store.spend_snapshot(now()).await.unwrap();
     assert_eq!(snapshot.workspace.spent, Nanos::new(200_000));
     assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+}
+
+/// A disabled user is found no more (sign-in, sessions), their keys are revoked
+/// in the same step and admit nothing, what they hold still settles, and every
+/// step is in the audit log.
+async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let cli = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let user = store
+        .create_user(
+            &Actor::Cli,
+            "Leaver@example.com",
+            "hash",
+            app::store::Role::Admin,
+            now(),
+        )
+        .await
+        .unwrap();
+    let laptop = store
+        .create_api_key(&Actor::Cli, user.id, "laptop", "hash-laptop", now())
+        .await
+        .unwrap();
+    let ci = store
+        .create_api_key(&Actor::Cli, user.id, "ci", "hash-ci", now())
+        .await
+        .unwrap();
+    store
+        .revoke_api_key(&Actor::Cli, ci.id, now())
+        .await
+        .unwrap();
+    let request = || ReserveRequest {
+        catalog: catalog.clone(),
+        model: ModelId::new("mid"),
+        estimate: estimate(100),
+        spender: Spender {
+            user_id: Some(user.id),
+            api_key_id: Some(laptop.id),
+        },
+        owner: "test".into(),
+        lease_until: now() + Duration::minutes(1),
+        now: now(),
+    };
+    let held = admitted(store.reserve(request()).await.unwrap());
+
+    let done = cli
+        .disable_user(&Actor::Cli, "leaver@EXAMPLE.com", now())
+        .await
+        .unwrap();
+    assert_eq!(done.user.id, user.id);
+    assert_eq!(done.keys_revoked, 1, "the live key only");
+    assert!(store
+        .user_by_email("leaver@example.com")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.user_by_id(user.id).await.unwrap().is_none());
+    assert!(store
+        .authenticate_api_key("hash-laptop", now())
+        .await
+        .unwrap()
+        .is_none());
+    match store.reserve(request()).await {
+        Err(StoreError::NotFound { what }) => assert_eq!(what, "api key"),
+        other => panic!("a disabled user's key was answered {other:?}"),
+    }
+    store
+        .settle(settlement(&held.id, Some(usage(0, 100))))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.spend_snapshot(now()).await.unwrap().workspace.spent,
+        Nanos::new(200_000)
+    );
+
+    // Disabled once: again is NotFound, a new key is refused, the email stays taken.
+    assert!(matches!(
+        cli.disable_user(&Actor::Cli, "leaver@example.com", now())
+            .await,
+        Err(StoreError::NotFound { what: "user" })
+    ));
+    assert!(matches!(
+        cli.create_api_key(&Actor::Cli, user.id, "new", "hash-new", now())
+            .await,
+        Err(StoreError::NotFound { what: "user" })
+    ));
+    assert!(matches!(
+        cli.create_user(
+            &Actor::Cli,
+            "leaver@example.com",
+            "hash",
+            app::store::Role::Member,
+            now()
+        )
+        .await,
+        Err(StoreError::Invalid {
+            code: "email_taken",
+            ..
+        })
+    ));
+    let listed = store.list_users().await.unwrap();
+    let leaver = listed.iter().find(|u| u.id == user.id).unwrap();
+    assert_eq!(leaver.disabled_at, Some(now()));
+    assert_eq!(leaver.live_keys, 0);
+    assert_eq!(leaver.role, app::store::Role::Admin);
+
+    let actions: Vec<(String, String)> = store
+        .audit_log(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.action, a.subject))
+        .collect();
+    let email = "Leaver@example.com".to_owned();
+    assert_eq!(
+        actions,
+        [
+            ("user.disable".to_owned(), email.clone()),
+            ("api_key.revoke".to_owned(), email.clone()),
+            ("api_key.create".to_owned(), email.clone()),
+            ("api_key.create".to_owned(), email.clone()),
+            ("user.create".to_owned(), email),
+        ]
+    );
 }
 
 /// The first request of a new cycle sees zero spend, with no job run in between.
@@ -747,11 +875,17 @@ async fn api_keys_authenticate_and_record_use_to_the_minute(db: &TestDb) {
     let store = db.store(&setup).await;
     let t0 = now();
     let user = store
-        .create_user("ada@example.com", "hash", app::store::Role::Member, t0)
+        .create_user(
+            &Actor::Cli,
+            "ada@example.com",
+            "hash",
+            app::store::Role::Member,
+            t0,
+        )
         .await
         .unwrap();
     let key = store
-        .create_api_key(user.id, "laptop", "hash-1", t0)
+        .create_api_key(&Actor::Cli, user.id, "laptop", "hash-1", t0)
         .await
         .unwrap();
     assert_eq!(key.last_used_at, None);
@@ -785,7 +919,7 @@ async fn api_keys_authenticate_and_record_use_to_the_minute(db: &TestDb) {
         t0 + Duration::seconds(60)
     );
 
-    store.revoke_api_key(key.id, t0).await.unwrap();
+    store.revoke_api_key(&Actor::Cli, key.id, t0).await.unwrap();
     assert_eq!(
         store.authenticate_api_key("hash-1", t0).await.unwrap(),
         None
@@ -955,6 +1089,7 @@ on_both_backends!(
     a_limit_set_elsewhere_applies_to_the_next_request,
     a_reservation_ended_elsewhere_is_settled_once,
     a_revoked_key_admits_nothing,
+    a_disabled_user_signs_in_no_more_and_spends_nothing,
     a_new_cycle_starts_from_zero,
     a_changed_plan_start_keeps_the_spend_of_the_cycle,
     expired_leases_are_released,

@@ -1405,6 +1405,7 @@ macro_rules! impl_store {
 
             async fn create_user(
                 &self,
+                actor: &app::store::Actor,
                 email: &str,
                 password_hash: &str,
                 role: app::store::Role,
@@ -1438,8 +1439,90 @@ macro_rules! impl_store {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db_error)?;
+                let new = serde_json::json!({ "id": row.id, "role": role.as_str() });
+                audit(&mut tx, actor, now, "user.create", email, &serde_json::json!({}), &new).await?;
                 tx.commit().await.map_err(db_error)?;
                 row.record()
+            }
+
+            async fn list_users(
+                &self,
+            ) -> Result<Vec<app::store::UserListing>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let rows: Vec<(i64, String, String, String, Option<String>, i64)> = sqlx::query_as(
+                    "SELECT u.id, u.email, u.role, u.created_at, u.disabled_at, \
+                     CAST((SELECT COUNT(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) AS BIGINT) \
+                     FROM users u WHERE u.workspace_id = $1 ORDER BY u.id",
+                )
+                .bind(WORKSPACE_ID)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|(id, email, role, created_at, disabled_at, live_keys)| {
+                        Ok(app::store::UserListing {
+                            id,
+                            email,
+                            role: role.parse().map_err(|e| corrupt("users.role", e))?,
+                            created_at: instant("users.created_at", &created_at)?,
+                            disabled_at: disabled_at
+                                .map(|at| instant("users.disabled_at", &at))
+                                .transpose()?,
+                            live_keys,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn disable_user(
+                &self,
+                actor: &app::store::Actor,
+                email: &str,
+                now: DateTime<Utc>,
+            ) -> Result<app::store::DisabledUser, app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                let at = now.to_rfc3339();
+                let row: Option<UserRow> = sqlx::query_as(
+                    "UPDATE users SET disabled_at = $1 \
+                     WHERE workspace_id = $2 AND lower(email) = lower($3) AND disabled_at IS NULL \
+                     RETURNING id, email, password_hash, role",
+                )
+                .bind(&at)
+                .bind(WORKSPACE_ID)
+                .bind(email)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let Some(row) = row else {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::NotFound { what: "user" });
+                };
+                let revoked = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+                )
+                .bind(&at)
+                .bind(row.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+                audit(
+                    &mut tx,
+                    actor,
+                    now,
+                    "user.disable",
+                    &row.email,
+                    &serde_json::json!({ "status": "enabled" }),
+                    &serde_json::json!({ "status": "disabled", "keys_revoked": revoked }),
+                )
+                .await?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(app::store::DisabledUser {
+                    user: row.record()?,
+                    keys_revoked: revoked,
+                })
             }
 
             async fn user_by_email(
@@ -1458,26 +1541,38 @@ macro_rules! impl_store {
 
             async fn create_api_key(
                 &self,
+                actor: &app::store::Actor,
                 user_id: i64,
                 name: &str,
                 key_hash: &str,
                 now: DateTime<Utc>,
             ) -> Result<app::store::ApiKeyRecord, app::store::StoreError> {
                 use $crate::db::books::*;
-                let mut lent = self.write_connection().await?;
-                let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
-                let id: (i64,) = sqlx::query_as(
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                // Only an enabled user gets a key: the insert selects its row.
+                let id: Option<(i64, String)> = sqlx::query_as(
                     "INSERT INTO api_keys (workspace_id, user_id, name, key_hash, created_at) \
-                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                     SELECT $1, u.id, $3, $4, $5 FROM users u \
+                     WHERE u.id = $2 AND u.workspace_id = $1 AND u.disabled_at IS NULL \
+                     RETURNING id, (SELECT email FROM users WHERE id = $2)",
                 )
                 .bind(WORKSPACE_ID)
                 .bind(user_id)
                 .bind(name)
                 .bind(key_hash)
                 .bind(now.to_rfc3339())
-                .fetch_one(&mut *conn)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_error)?;
+                let Some((key_id, owner)) = id else {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::NotFound { what: "user" });
+                };
+                let new = serde_json::json!({ "id": key_id, "name": name, "status": "active" });
+                audit(&mut tx, actor, now, "api_key.create", &owner, &serde_json::json!({}), &new).await?;
+                tx.commit().await.map_err(db_error)?;
+                let id = (key_id,);
                 let mut keys = list_keys(&self.pool, KeyFilter::Id(id.0)).await?;
                 keys.pop().ok_or(app::store::StoreError::NotFound { what: "api key" })
             }
@@ -1530,24 +1625,39 @@ macro_rules! impl_store {
 
             async fn revoke_api_key(
                 &self,
+                actor: &app::store::Actor,
                 id: i64,
                 now: DateTime<Utc>,
             ) -> Result<(), app::store::StoreError> {
                 use $crate::db::books::*;
-                let mut lent = self.write_connection().await?;
-                let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
-                let done = sqlx::query(
-                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                let revoked: Option<(String, String)> = sqlx::query_as(
+                    "UPDATE api_keys SET revoked_at = $1 \
+                     WHERE id = $2 AND workspace_id = $3 AND revoked_at IS NULL \
+                     RETURNING name, (SELECT email FROM users WHERE users.id = api_keys.user_id)",
                 )
                 .bind(now.to_rfc3339())
                 .bind(id)
-                .execute(&mut *conn)
+                .bind(WORKSPACE_ID)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_error)?;
-                if done.rows_affected() == 0 {
+                let Some((name, owner)) = revoked else {
+                    tx.rollback().await.map_err(db_error)?;
                     return Err(app::store::StoreError::NotFound { what: "api key" });
-                }
-                Ok(())
+                };
+                audit(
+                    &mut tx,
+                    actor,
+                    now,
+                    "api_key.revoke",
+                    &owner,
+                    &serde_json::json!({ "id": id, "name": name, "status": "active" }),
+                    &serde_json::json!({ "id": id, "name": name, "status": "revoked" }),
+                )
+                .await?;
+                tx.commit().await.map_err(db_error)
             }
         }
 
@@ -2085,7 +2195,9 @@ macro_rules! impl_store {
             T: for<'q> sqlx::Encode<'q, $db> + sqlx::Type<$db> + Send,
         {
             use $crate::db::books::*;
-            let sql = format!("SELECT id, email, password_hash, role FROM users WHERE {condition}");
+            let sql = format!(
+                "SELECT id, email, password_hash, role FROM users WHERE ({condition}) AND disabled_at IS NULL"
+            );
             let row: Option<UserRow> = sqlx::query_as(&sql)
                 .bind(value)
                 .fetch_optional(pool)
@@ -2113,7 +2225,9 @@ macro_rules! impl_store {
             use $crate::db::books::*;
             let condition = match filter {
                 KeyFilter::Id(_) => "k.id = $2",
-                KeyFilter::LiveHash(_) => "k.key_hash = $2 AND k.revoked_at IS NULL",
+                KeyFilter::LiveHash(_) => {
+                    "k.key_hash = $2 AND k.revoked_at IS NULL AND u.disabled_at IS NULL"
+                }
                 KeyFilter::OwnerEmail(_) => "lower(u.email) = lower($2)",
                 KeyFilter::All => "$2 = ''",
             };

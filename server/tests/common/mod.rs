@@ -187,6 +187,7 @@ impl Stack {
         let now = chrono::Utc::now();
         let user = store
             .create_user(
+                &app::store::Actor::Cli,
                 "member@example.com",
                 "not-a-password-hash",
                 app::store::Role::Member,
@@ -196,7 +197,7 @@ impl Stack {
             .unwrap();
         let (key, hash) = server::auth::new_api_key();
         store
-            .create_api_key(user.id, "tests", &hash, now)
+            .create_api_key(&app::store::Actor::Cli, user.id, "tests", &hash, now)
             .await
             .unwrap();
         let gateway = Arc::new(server::gateway::Gateway::new(&config, store.clone(), env));
