@@ -221,10 +221,13 @@ impl Config {
                 file.listen.unwrap_or_else(|| DEFAULT_LISTEN.into()),
             ),
         };
-        let listen: SocketAddr = listen.parse().map_err(|_| {
+        let listen = listen_address(&listen).ok_or_else(|| {
             invalid(
                 listen_key,
-                format!("{listen:?} is not an address like 127.0.0.1:8080"),
+                format!(
+                    "{listen:?} is not an address like 127.0.0.1:8080 or a host name and port \
+                     like localhost:8080"
+                ),
             )
         })?;
         let (db_key, database_url) = match &overrides.database_url {
@@ -242,6 +245,15 @@ impl Config {
             return Err(invalid(
                 db_key,
                 "must start with sqlite:// (a file) or postgres:// (a server)",
+            ));
+        }
+        let sqlite_file = database_url
+            .strip_prefix("sqlite:")
+            .map(|rest| rest.trim_start_matches('/').split('?').next().unwrap_or(""));
+        if sqlite_file.is_some_and(str::is_empty) {
+            return Err(invalid(
+                db_key,
+                "names no file: write sqlite://tollgate.db (relative) or sqlite:///var/lib/tollgate.db",
             ));
         }
         let max_request_bytes = file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
@@ -652,6 +664,15 @@ fn demo_catalog() -> (Vec<UpstreamSection>, Vec<ModelSection>) {
     (upstreams, models)
 }
 
+/// `text` as a socket address: an IP address and port, or a host name and port
+/// that resolves (`localhost:8080`), taking its first address.
+fn listen_address(text: &str) -> Option<SocketAddr> {
+    if let Ok(address) = text.parse() {
+        return Some(address);
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(text).ok()?.next()
+}
+
 /// A documented example config, printed by `tollgate config example`; it parses
 /// to a valid configuration (tested).
 pub const EXAMPLE: &str = include_str!("../tollgate.example.toml");
@@ -699,6 +720,13 @@ mod tests {
     }
 
     #[test]
+    fn a_host_name_listens_on_its_address() {
+        let config = load_text("listen = \"localhost:8080\"").unwrap();
+        assert!(config.listen.ip().is_loopback(), "{}", config.listen);
+        assert_eq!(config.listen.port(), 8080);
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let err = load_text("listen = \"127.0.0.1:1\"\nbudget = 5\n").unwrap_err();
         assert!(err.to_string().contains("budget"), "{err}");
@@ -723,6 +751,21 @@ mod tests {
                 "IANA",
             ),
             ("listen = \"localhost\"", "listen", "address"),
+            (
+                "listen = \"no-such-host.invalid:80\"",
+                "listen",
+                "host name",
+            ),
+            (
+                "database_url = \"sqlite://\"",
+                "database_url",
+                "names no file",
+            ),
+            (
+                "database_url = \"sqlite:///?mode=rwc\"",
+                "database_url",
+                "names no file",
+            ),
             ("database_url = \"mysql://x\"", "database_url", "sqlite://"),
             ("sqlite_synchronous = \"off\"", "sqlite_synchronous", "full"),
             (

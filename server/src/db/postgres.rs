@@ -43,6 +43,15 @@ impl PostgresStore {
     /// Errors: [`ConnectError`] when the server cannot be reached or migrated.
     pub async fn open(url: &str) -> Result<Self, ConnectError> {
         let options = PgConnectOptions::from_str(url).map_err(ConnectError::Open)?;
+        // One plain connection first: when the server is down or refuses us, the
+        // operator reads why (refused, unknown database, authentication), not the
+        // pool's "timed out" after half a minute.
+        let probe = sqlx::ConnectOptions::connect(&options)
+            .await
+            .map_err(ConnectError::Open)?;
+        sqlx::Connection::close(probe)
+            .await
+            .map_err(ConnectError::Open)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .connect_with(options)
