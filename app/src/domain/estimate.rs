@@ -62,16 +62,17 @@ pub fn prompt_token_bound_from_bytes(text_bytes: usize) -> u64 {
 /// The reservation for `estimate` on `model`, in nano-euros, rounded up (DESIGN.md R7).
 ///
 /// `prompt_tokens × input price + output tokens × n × output price`, prices per 1M
-/// tokens, where output tokens are the request's cap, bounded by the model's
-/// `max_output_tokens` (the model cannot produce more), or that maximum when the
-/// request sets no cap. Prompt tokens are priced at the higher of the input and
+/// tokens, where output tokens are the request's cap as it set it, or the model's
+/// `max_output_tokens` when it set none (R7). A cap above the catalog's maximum is
+/// reserved as asked: the request goes upstream unchanged, and an upstream that
+/// honours it would otherwise bill more than was held. Prompt tokens are priced at the higher of the input and
 /// cached-input prices, so the reservation holds even for a catalog whose cached
 /// price is the higher one. Computed in exact integer arithmetic and rounded up to
 /// whole nano-euros: it never undercounts the cost of any usage within the estimate.
 /// Errors with [`EstimateError::Overflow`] past `i64` nano-euros.
 pub fn reservation(model: &Model, estimate: &TokenEstimate) -> Result<Nanos, EstimateError> {
     let max_out = u64::from(model.max_output_tokens);
-    let per_choice = estimate.output_cap.map_or(max_out, |cap| cap.min(max_out));
+    let per_choice = estimate.output_cap.unwrap_or(max_out);
     let choices = u64::from(estimate.n.max(1));
     let output_tokens = u128::from(per_choice) * u128::from(choices);
     reservation_for(&model.prices, estimate.prompt_tokens, output_tokens)
@@ -169,7 +170,7 @@ mod tests {
     }
 
     #[test]
-    fn without_a_cap_the_model_maximum_applies_and_bounds_the_cap() {
+    fn without_a_cap_the_model_maximum_applies_and_a_cap_is_reserved_as_asked() {
         let m = model(dec!(1), dec!(1), dec!(10), 1_000);
         let none = TokenEstimate {
             prompt_tokens: 0,
@@ -177,11 +178,13 @@ mod tests {
             n: 1,
         };
         assert_eq!(reservation(&m, &none), Ok(Nanos::new(10_000_000)));
-        let huge = TokenEstimate {
-            output_cap: Some(1_000_000),
+        // Above the catalog's maximum: the upstream gets the request unchanged and
+        // may honour it, so all of it is held.
+        let above = TokenEstimate {
+            output_cap: Some(5_000),
             ..none
         };
-        assert_eq!(reservation(&m, &huge), Ok(Nanos::new(10_000_000)));
+        assert_eq!(reservation(&m, &above), Ok(Nanos::new(50_000_000)));
         let zero_n = TokenEstimate { n: 0, ..none };
         assert_eq!(reservation(&m, &zero_n), reservation(&m, &none));
     }
@@ -253,7 +256,7 @@ mod tests {
             let est = TokenEstimate { prompt_tokens: prompt, output_cap: Some(cap), n };
             let reserved = reservation(&m, &est).unwrap();
             let cached_tokens = prompt * cached_share / 100;
-            let completion = cap.min(128_000) * u64::from(n) * used_share / 100;
+            let completion = cap * u64::from(n) * used_share / 100;
             let usage = Usage {
                 prompt_tokens: prompt,
                 cached_tokens,
@@ -267,7 +270,7 @@ mod tests {
             let full = Usage {
                 prompt_tokens: prompt,
                 cached_tokens: if cached > input { prompt } else { 0 },
-                completion_tokens: cap.min(128_000) * u64::from(n),
+                completion_tokens: cap * u64::from(n),
                 reasoning_tokens: 0,
             };
             let full_cost: Money = cost(&m.prices, &full).unwrap();
