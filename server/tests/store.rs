@@ -926,6 +926,61 @@ async fn api_keys_authenticate_and_record_use_to_the_minute(db: &TestDb) {
     );
 }
 
+/// An upstream that reports absurd usage cannot break the books: each event is
+/// booked while the counters hold it, the one that would carry a counter past
+/// the largest whole number of nano-euros fails alone and keeps its hold, and
+/// the books stay readable and writable on both backends.
+async fn absurd_usage_never_breaks_the_books(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let held: Vec<_> = futures::future::join_all(
+        (0..4).map(|_| reserve(&store, &catalog, "mid", estimate(1000), now())),
+    )
+    .await
+    .into_iter()
+    .map(admitted)
+    .collect();
+    // 1.5 × 10^15 output tokens at 2 EUR per 1M: 3 × 10^9 EUR, 3 × 10^18 nano-euros.
+    let absurd = usage(0, 1_500_000_000_000_000);
+    let per_event = 3_000_000_000_000_000_000_i64;
+    for r in &held[..3] {
+        store.settle(settlement(&r.id, Some(absurd))).await.unwrap();
+    }
+    let err = store
+        .settle(settlement(&held[3].id, Some(absurd)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Database(_)), "{err}");
+
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(3 * per_event));
+    assert_eq!(
+        snapshot.workspace.reserved, held[3].amount,
+        "the hold is kept"
+    );
+    let ledger = store.ledger_totals(snapshot.cycle.start).await.unwrap();
+    assert_eq!(
+        (ledger.events, ledger.total),
+        (3, Nanos::new(3 * per_event))
+    );
+    // Still writable: the hold settles on real usage, a setting changes.
+    store
+        .settle(settlement(&held[3].id, Some(usage(0, 100))))
+        .await
+        .unwrap();
+    store
+        .update_settings(&Actor::Cli, snapshot.settings.version, false, now())
+        .await
+        .unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(
+        snapshot.workspace.spent,
+        Nanos::new(3 * per_event + 200_000)
+    );
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+}
+
 /// Settlements arriving together are booked in one transaction (group commit);
 /// one that cannot be booked fails alone, keeps its hold, and the others count.
 async fn one_bad_settlement_among_many_fails_alone(db: &TestDb) {
@@ -1078,6 +1133,7 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
 
 on_both_backends!(
     one_bad_settlement_among_many_fails_alone,
+    absurd_usage_never_breaks_the_books,
     fifty_racing_requests_admit_exactly_ten,
     two_replicas_admit_exactly_ten,
     random_operations_keep_ledger_equal_to_counters,
