@@ -423,6 +423,11 @@ async fn replay(
 
 /// A light check that catches typos (`alice`, `a@`); the login is the real test.
 fn is_plausible_email(email: &str) -> bool {
+    // RFC 5321's longest path; control characters would reach operators'
+    // terminals through `user list` and `audit`.
+    if email.len() > 254 || email.contains(char::is_control) {
+        return false;
+    }
     match email.split_once('@') {
         Some((local, domain)) => {
             !local.is_empty()

@@ -120,6 +120,22 @@ fn users_and_keys() {
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(stderr.contains(says), "{password:?}: {stderr}");
     }
+    let long = format!("{}@example.com", "a".repeat(250));
+    for email in [
+        "evil\u{1b}[2J@example.com",
+        "tab\t@example.com",
+        long.as_str(),
+    ] {
+        let refused = cli.run_with(
+            &["user", "create", "--email", email, "--role", "member"],
+            Some("a long enough password"),
+        );
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains("is not an email address"),
+            "{email:?}: {stderr}"
+        );
+    }
     let again = cli.run_with(
         &[
             "user",

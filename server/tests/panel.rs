@@ -624,6 +624,11 @@ async fn unknown_api_paths_answer_json_not_html() {
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["error"]["code"], "unknown_url", "{path}: {body}");
     }
+    // The spend API with the wrong method says so in the same shape.
+    let (status, _, body) = panel.send(post("/api/v1/spend", "", None)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "method_not_allowed", "{body}");
 }
 
 #[tokio::test]

@@ -255,7 +255,7 @@ async fn unknown_endpoint(
 }
 
 /// Answer an OpenAI-shaped 405 for a served path used with the wrong method.
-async fn method_not_allowed(method: Method) -> Response {
+pub(crate) async fn method_not_allowed(method: Method) -> Response {
     GatewayError::MethodNotAllowed(method.to_string()).into_response()
 }
 

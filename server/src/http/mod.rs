@@ -75,7 +75,10 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         .layer(CompressionLayer::new());
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/api/v1/spend", get(spend::spend))
+        .route(
+            "/api/v1/spend",
+            get(spend::spend).fallback(crate::gateway::method_not_allowed),
+        )
         .merge(crate::gateway::routes())
         .merge(panel)
         .with_state(state)
