@@ -309,3 +309,22 @@ async fn read_body(
         }
     })
 }
+
+/// A route's one path parameter (a model name, a reservation id), refused in the
+/// gateway's JSON error shape, 400 `invalid_value` with `param` `path`, when it is
+/// not valid UTF-8 after percent-decoding, instead of axum's plain-text answer.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(PathParam(value)),
+            Err(rejection) => Err(GatewayError::invalid_field("path", rejection.body_text())),
+        }
+    }
+}

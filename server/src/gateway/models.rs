@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use app::domain::Model;
 use axum::{
-    extract::{Path, State},
+    extract::State,
     http::HeaderMap,
     response::{IntoResponse, Response},
     Json,
@@ -64,7 +64,7 @@ pub async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap
 /// Describe one model, by id or alias.
 pub async fn retrieve_model(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    super::PathParam(name): super::PathParam,
     headers: HeaderMap,
 ) -> Response {
     let result = async {

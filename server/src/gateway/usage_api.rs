@@ -33,7 +33,7 @@ use app::domain::{Nanos, TokenEstimate, Usage};
 use app::store::{RecordOutcome, ReservationId, StoreError, UsageEventRecord, UsageRecord};
 use axum::{
     body::Body,
-    extract::{Path, State},
+    extract::State,
     http::HeaderMap,
     response::{IntoResponse, Response},
     Json,
@@ -221,7 +221,7 @@ impl EventView {
 /// Replace a reservation with the cost of the usage its request reported.
 pub async fn settle(
     State(gateway): State<Arc<Gateway>>,
-    Path(id): Path<String>,
+    super::PathParam(id): super::PathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -277,7 +277,7 @@ pub async fn settle(
 /// Release a reservation unbilled (the caller's request failed before any usage).
 pub async fn release(
     State(gateway): State<Arc<Gateway>>,
-    Path(id): Path<String>,
+    super::PathParam(id): super::PathParam,
     headers: HeaderMap,
 ) -> Response {
     let result = async {
@@ -305,7 +305,7 @@ pub async fn release(
 /// Extend a reservation's lease while the caller's request still runs.
 pub async fn renew(
     State(gateway): State<Arc<Gateway>>,
-    Path(id): Path<String>,
+    super::PathParam(id): super::PathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
