@@ -1150,35 +1150,22 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
     .await;
 
     // A path parameter that is not UTF-8 gets the JSON error shape too.
-    let response = h
-        .client
-        .get(format!("{}/v1/models/%FF", h.url))
-        .bearer_auth(&h.key)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        response,
-        400,
-        "invalid_request_error",
-        "invalid_value",
-        Some("path"),
-    )
-    .await;
-    let response = h
-        .post("/api/v1/admissions/%FF/settle")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        response,
-        400,
-        "invalid_request_error",
-        "invalid_value",
-        Some("path"),
-    )
-    .await;
+    for request in [
+        h.client
+            .get(format!("{}/v1/models/%FF", h.url))
+            .bearer_auth(&h.key),
+        h.post("/api/v1/admissions/%FF/settle").json(&json!({})),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_error(
+            response,
+            400,
+            "invalid_request_error",
+            "invalid_value",
+            Some("path"),
+        )
+        .await;
+    }
 
     assert!(h.mock.received().is_empty(), "nothing reached the upstream");
     assert_eq!(h.workspace().await, Counter::default());
