@@ -111,6 +111,15 @@ impl Panel {
         (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// The workspace's settings as stored now.
+    async fn settings(&self) -> app::store::SettingsRecord {
+        self.store
+            .spend_snapshot(Utc::now())
+            .await
+            .unwrap()
+            .settings
+    }
+
     /// The audit log's rows of settings changes, newest first: without the rows
     /// the fixture's users and keys left.
     async fn settings_audit(&self) -> Vec<app::store::AuditRecord> {
@@ -285,13 +294,7 @@ async fn wrong_passwords_are_refused_and_rate_limited() {
 async fn cross_site_posts_are_refused() {
     let panel = Panel::new().await;
     let admin = panel.sign_in("ada@example.com").await;
-    let version = panel
-        .store
-        .spend_snapshot(Utc::now())
-        .await
-        .unwrap()
-        .settings
-        .version;
+    let version = panel.settings().await.version;
     let body = format!("settings_version={version}");
     let mut request = post("/fn/save_automatic_fallback", &body, Some(&admin));
     request
@@ -305,29 +308,13 @@ async fn cross_site_posts_are_refused() {
         .insert("sec-fetch-site", "cross-site".parse().unwrap());
     let (status, _, _) = panel.send(request).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(
-        panel
-            .store
-            .spend_snapshot(Utc::now())
-            .await
-            .unwrap()
-            .settings
-            .automatic_fallback
-    );
+    assert!(panel.settings().await.automatic_fallback);
     // The same request from the panel itself goes through: fallback off.
     let (status, _, text) = panel
         .send(post("/fn/save_automatic_fallback", &body, Some(&admin)))
         .await;
     assert!(status.is_success(), "{status} {text}");
-    assert!(
-        !panel
-            .store
-            .spend_snapshot(Utc::now())
-            .await
-            .unwrap()
-            .settings
-            .automatic_fallback
-    );
+    assert!(!panel.settings().await.automatic_fallback);
 }
 
 #[tokio::test]
@@ -689,13 +676,7 @@ async fn a_disabled_administrator_is_signed_out_and_stays_out() {
     let admin = panel.sign_in("ada@example.com").await;
     let (status, _, _) = panel.send(get("/admin/token-limits", Some(&admin))).await;
     assert_eq!(status, StatusCode::OK);
-    let version = panel
-        .store
-        .spend_snapshot(Utc::now())
-        .await
-        .unwrap()
-        .settings
-        .version;
+    let version = panel.settings().await.version;
 
     panel
         .store
@@ -714,13 +695,7 @@ async fn a_disabled_administrator_is_signed_out_and_stays_out() {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
     assert!(
-        panel
-            .store
-            .spend_snapshot(Utc::now())
-            .await
-            .unwrap()
-            .settings
-            .automatic_fallback,
+        panel.settings().await.automatic_fallback,
         "nothing was saved"
     );
     let (status, headers, text) = panel

@@ -631,6 +631,31 @@ async fn a_reservation_ended_elsewhere_is_settled_once(db: &TestDb) {
     assert_eq!(snapshot.workspace.spent, Nanos::new(40_000));
 }
 
+/// A request for 100 output tokens on `mid` (0.0002 EUR) spent by `user_id`
+/// through the key `api_key_id`.
+fn keyed_request(catalog: &Arc<Catalog>, user_id: i64, api_key_id: i64) -> ReserveRequest {
+    ReserveRequest {
+        catalog: catalog.clone(),
+        model: ModelId::new("mid"),
+        estimate: estimate(100),
+        spender: Spender {
+            user_id: Some(user_id),
+            api_key_id: Some(api_key_id),
+        },
+        owner: "test".into(),
+        lease_until: now() + Duration::minutes(1),
+        now: now(),
+    }
+}
+
+/// A new user with `email` and `role`, created by the CLI.
+async fn user(store: &SharedStore, email: &str, role: app::store::Role) -> app::store::UserRecord {
+    store
+        .create_user(&Actor::Cli, email, "hash", role, now())
+        .await
+        .unwrap()
+}
+
 /// A reservation names its API key, and a key revoked (here through another
 /// connection, as the CLI does) admits nothing from then on (DESIGN.md §4).
 async fn a_revoked_key_admits_nothing(db: &TestDb) {
@@ -638,32 +663,12 @@ async fn a_revoked_key_admits_nothing(db: &TestDb) {
     let store = db.store(&setup).await;
     let cli = db.store(&setup).await;
     let catalog = setup.catalog.clone();
-    let user = store
-        .create_user(
-            &Actor::Cli,
-            "member@example.com",
-            "hash",
-            app::store::Role::Member,
-            now(),
-        )
-        .await
-        .unwrap();
+    let user = user(&store, "member@example.com", app::store::Role::Member).await;
     let key = store
         .create_api_key(&Actor::Cli, user.id, "laptop", "0123abcd", now())
         .await
         .unwrap();
-    let request = || ReserveRequest {
-        catalog: catalog.clone(),
-        model: ModelId::new("mid"),
-        estimate: estimate(100),
-        spender: Spender {
-            user_id: Some(user.id),
-            api_key_id: Some(key.id),
-        },
-        owner: "test".into(),
-        lease_until: now() + Duration::minutes(1),
-        now: now(),
-    };
+    let request = || keyed_request(&catalog, user.id, key.id);
     let held = admitted(store.reserve(request()).await.unwrap());
     cli.revoke_api_key(&Actor::Cli, key.id, now())
         .await
@@ -690,16 +695,7 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
     let store = db.store(&setup).await;
     let cli = db.store(&setup).await;
     let catalog = setup.catalog.clone();
-    let user = store
-        .create_user(
-            &Actor::Cli,
-            "Leaver@example.com",
-            "hash",
-            app::store::Role::Admin,
-            now(),
-        )
-        .await
-        .unwrap();
+    let user = user(&store, "Leaver@example.com", app::store::Role::Admin).await;
     let laptop = store
         .create_api_key(&Actor::Cli, user.id, "laptop", "hash-laptop", now())
         .await
@@ -712,18 +708,7 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
         .revoke_api_key(&Actor::Cli, ci.id, now())
         .await
         .unwrap();
-    let request = || ReserveRequest {
-        catalog: catalog.clone(),
-        model: ModelId::new("mid"),
-        estimate: estimate(100),
-        spender: Spender {
-            user_id: Some(user.id),
-            api_key_id: Some(laptop.id),
-        },
-        owner: "test".into(),
-        lease_until: now() + Duration::minutes(1),
-        now: now(),
-    };
+    let request = || keyed_request(&catalog, user.id, laptop.id);
     let held = admitted(store.reserve(request()).await.unwrap());
 
     let done = cli
@@ -874,16 +859,7 @@ async fn api_keys_authenticate_and_record_use_to_the_minute(db: &TestDb) {
     let setup = setup(100 * EUR, 0);
     let store = db.store(&setup).await;
     let t0 = now();
-    let user = store
-        .create_user(
-            &Actor::Cli,
-            "ada@example.com",
-            "hash",
-            app::store::Role::Member,
-            t0,
-        )
-        .await
-        .unwrap();
+    let user = user(&store, "ada@example.com", app::store::Role::Member).await;
     let key = store
         .create_api_key(&Actor::Cli, user.id, "laptop", "hash-1", t0)
         .await

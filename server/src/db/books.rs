@@ -41,10 +41,8 @@ pub(crate) const WORKSPACE_TOTAL: &str = "";
 /// The plan and settings, read (and on PostgreSQL locked) first in every write.
 #[derive(sqlx::FromRow)]
 pub(crate) struct PlanRow {
-    pub budget_nanos: i64,
-    pub overage_nanos: i64,
-    pub plan_start: String,
-    pub timezone: String,
+    #[sqlx(flatten)]
+    pub plan: PlanFields,
     pub automatic_fallback: bool,
     pub settings_version: i64,
 }
@@ -86,6 +84,20 @@ impl PlanFields {
 
 impl PlanRow {
     pub fn plan(&self) -> Result<PlanRecord, StoreError> {
+        self.plan.record()
+    }
+
+    pub fn settings(&self) -> SettingsRecord {
+        SettingsRecord {
+            automatic_fallback: self.automatic_fallback,
+            version: self.settings_version,
+        }
+    }
+}
+
+impl PlanFields {
+    /// The stored plan read back. Errors: [`StoreError`] for a corrupt date or zone.
+    pub fn record(&self) -> Result<PlanRecord, StoreError> {
         let start = NaiveDate::parse_from_str(&self.plan_start, "%Y-%m-%d")
             .map_err(|e| corrupt("plans.plan_start", e))?;
         let timezone = self
@@ -100,13 +112,6 @@ impl PlanRow {
             start,
             timezone,
         })
-    }
-
-    pub fn settings(&self) -> SettingsRecord {
-        SettingsRecord {
-            automatic_fallback: self.automatic_fallback,
-            version: self.settings_version,
-        }
     }
 }
 
