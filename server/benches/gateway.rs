@@ -103,23 +103,23 @@ max_output_tokens = 4096
     let mut state = AppState::new(config.clone(), store.clone());
     let gateway = Arc::new(Gateway::new(&config, store.clone(), |_| None));
     state.gateway = gateway.clone();
-    let app = server::http::router(state, database.sessions.clone())
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = server::http::router(state, database.sessions.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("MOCK={}", mock.base_url);
     println!("GATEWAY=http://{}/v1", listener.local_addr().unwrap());
     println!("KEY={key}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await
-        .unwrap();
+    let options = server::http::ServeOptions {
+        header_read_timeout: config.header_read_timeout,
+    };
+    server::http::serve(listener, app, options, async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+    .await;
     for line in gateway.metrics().render().lines() {
         if line.starts_with("tollgate_settlements_total")
             || line.starts_with("tollgate_requests_total")

@@ -757,11 +757,16 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
             .clone()
             .continuously_delete_expired(Duration::from_secs(3600)),
     );
-    let app =
-        http::router(state, sessions).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let options = http::ServeOptions {
+        header_read_timeout: config.header_read_timeout,
+    };
+    http::serve(
+        listener,
+        http::router(state, sessions),
+        options,
+        shutdown_signal(),
+    )
+    .await;
     // A request whose client went away still has its exchange running: it is
     // settled before the process ends, or its usage would go unbilled.
     gateway.finish_exchanges().await;

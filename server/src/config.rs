@@ -28,8 +28,11 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://tollgate.db";
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// How long a client may take to send a gateway request's body, seconds.
 pub const DEFAULT_REQUEST_BODY_TIMEOUT_SECS: u64 = 30;
-/// The longest `request_body_timeout_secs` accepted: an hour.
-const MAX_REQUEST_BODY_TIMEOUT_SECS: u64 = 3600;
+/// How long a client may take to send a request's headers, seconds.
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 30;
+/// The longest `request_body_timeout_secs` and `header_read_timeout_secs`
+/// accepted: an hour.
+const MAX_TIMEOUT_SECS: u64 = 3600;
 /// How long the gateway waits for an upstream's answer, and at most between two
 /// pieces of a streamed answer, when `[[upstreams]] timeout_secs` is not set:
 /// 10 minutes, since a non-streamed answer of a reasoning model arrives whole.
@@ -82,6 +85,7 @@ pub struct ConfigFile {
     database_url: Option<String>,
     max_request_bytes: Option<usize>,
     request_body_timeout_secs: Option<u64>,
+    header_read_timeout_secs: Option<u64>,
     sqlite_synchronous: Option<String>,
     secure_cookies: Option<bool>,
     workspace: Option<WorkspaceSection>,
@@ -168,6 +172,10 @@ pub struct Config {
     /// headers gets 408 (`request_body_timeout_secs`, default 30 s, 1 s to an
     /// hour), so a slow or stalled client cannot hold a connection forever.
     pub request_body_timeout: std::time::Duration,
+    /// A client that has not sent a whole request head this long after
+    /// connecting, or after its previous answer, is disconnected
+    /// (`header_read_timeout_secs`, default 30 s, 1 s to an hour).
+    pub header_read_timeout: std::time::Duration,
     /// SQLite durability (`sqlite_synchronous = "normal" | "full"`).
     pub durability: Durability,
     /// Mark the session cookie `Secure` (`secure_cookies`, default false): turn it on
@@ -260,17 +268,16 @@ impl Config {
         if max_request_bytes == 0 {
             return Err(invalid("max_request_bytes", "must be at least 1"));
         }
-        let body_seconds = file
-            .request_body_timeout_secs
-            .unwrap_or(DEFAULT_REQUEST_BODY_TIMEOUT_SECS);
-        if !(1..=MAX_REQUEST_BODY_TIMEOUT_SECS).contains(&body_seconds) {
-            return Err(invalid(
-                "request_body_timeout_secs",
-                format!(
-                    "must be a whole number of seconds from 1 to {MAX_REQUEST_BODY_TIMEOUT_SECS}"
-                ),
-            ));
-        }
+        let body_seconds = timeout_secs(
+            "request_body_timeout_secs",
+            file.request_body_timeout_secs,
+            DEFAULT_REQUEST_BODY_TIMEOUT_SECS,
+        )?;
+        let header_seconds = timeout_secs(
+            "header_read_timeout_secs",
+            file.header_read_timeout_secs,
+            DEFAULT_HEADER_READ_TIMEOUT_SECS,
+        )?;
         let durability = match file.sqlite_synchronous.as_deref() {
             None | Some("normal") => Durability::Normal,
             Some("full") => Durability::Full,
@@ -331,6 +338,7 @@ impl Config {
             database_url,
             max_request_bytes,
             request_body_timeout: std::time::Duration::from_secs(body_seconds),
+            header_read_timeout: std::time::Duration::from_secs(header_seconds),
             durability,
             secure_cookies: file.secure_cookies.unwrap_or(false),
             setup: WorkspaceSetup {
@@ -377,6 +385,19 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
             format!("{text:?} is not a decimal number like \"12.50\""),
         )
     })
+}
+
+/// A timeout key's value in seconds: `default` when absent, else 1 to an hour.
+fn timeout_secs(key: &str, value: Option<u64>, default: u64) -> Result<u64, ConfigError> {
+    let seconds = value.unwrap_or(default);
+    if (1..=MAX_TIMEOUT_SECS).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(invalid(
+            key,
+            format!("must be a whole number of seconds from 1 to {MAX_TIMEOUT_SECS}"),
+        ))
+    }
 }
 
 fn plan_amount(key: &str, text: &str) -> Result<app::domain::Nanos, ConfigError> {
@@ -782,6 +803,16 @@ mod tests {
                 "request_body_timeout_secs = -5",
                 "request_body_timeout_secs",
                 "invalid value",
+            ),
+            (
+                "header_read_timeout_secs = 0",
+                "header_read_timeout_secs",
+                "from 1 to 3600",
+            ),
+            (
+                "header_read_timeout_secs = \"30\"",
+                "header_read_timeout_secs",
+                "invalid type",
             ),
         ];
         for (text, key, problem) in cases {

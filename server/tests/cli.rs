@@ -65,6 +65,95 @@ impl Cli {
         String::from_utf8(output.stdout).unwrap()
     }
 
+    /// `tollgate --config CONFIG serve` on a free loopback port, its output
+    /// discarded: the process and its base URL, once `/healthz` answers.
+    async fn serve(&self, config: &str) -> (std::process::Child, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut server = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["--config", config, "serve", "--listen", &listen])
+            .args(["--database-url", &self.url()])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://{listen}");
+        let client = reqwest::Client::new();
+        let mut up = false;
+        for _ in 0..100 {
+            if client.get(format!("{base}/healthz")).send().await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        if !up {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            panic!("the server did not come up on {listen}");
+        }
+        (server, base)
+    }
+
+    /// A config file in the folder (`extra` lines first) with one model,
+    /// `slow-model`, on `mock`, and a member with an API key: the file's path and
+    /// the key.
+    fn slow_upstream(&self, mock: &upstream::MockUpstream, extra: &str) -> (String, String) {
+        let config = self.dir.path().join("tollgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{extra}
+[[upstreams]]
+name = "slow"
+base_url = "{}"
+[[models]]
+id = "slow-model"
+upstream = "slow"
+input_eur_per_mtok = "1"
+output_eur_per_mtok = "2"
+max_output_tokens = 100
+"#,
+                mock.base_url
+            ),
+        )
+        .unwrap();
+        let config = config.to_str().unwrap().to_owned();
+        let created = self.run_with(
+            &[
+                "--config",
+                &config,
+                "user",
+                "create",
+                "--email",
+                "ada@example.com",
+                "--role",
+                "member",
+            ],
+            Some("a long enough password"),
+        );
+        assert!(created.status.success(), "{created:?}");
+        let printed = self.ok(&[
+            "--config",
+            &config,
+            "key",
+            "create",
+            "--email",
+            "ada@example.com",
+        ]);
+        let key = printed
+            .split_whitespace()
+            .find(|word| word.starts_with("tg_"))
+            .unwrap()
+            .to_owned();
+        (config, key)
+    }
+
     /// Stderr of a command that must fail.
     fn fails(&self, args: &[&str]) -> String {
         let output = self.run_with(args, None);
@@ -415,78 +504,10 @@ async fn a_second_sigterm_stops_the_server_at_once() {
     let cli = Cli::new();
     let mock = upstream::MockUpstream::start().await;
     mock.set(|b| b.delay = std::time::Duration::from_secs(60));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = cli.dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-listen = "127.0.0.1:{port}"
-[[upstreams]]
-name = "slow"
-base_url = "{}"
-[[models]]
-id = "slow-model"
-upstream = "slow"
-input_eur_per_mtok = "1"
-output_eur_per_mtok = "2"
-max_output_tokens = 100
-"#,
-            mock.base_url
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
-    let created = cli.run_with(
-        &[
-            "--config",
-            config,
-            "user",
-            "create",
-            "--email",
-            "ada@example.com",
-            "--role",
-            "member",
-        ],
-        Some("a long enough password"),
-    );
-    assert!(created.status.success(), "{created:?}");
-    let printed = cli.ok(&[
-        "--config",
-        config,
-        "key",
-        "create",
-        "--email",
-        "ada@example.com",
-    ]);
-    let key = printed
-        .split_whitespace()
-        .find(|word| word.starts_with("tg_"))
-        .unwrap()
-        .to_owned();
-
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["--config", config, "serve", "--database-url", &cli.url()])
-        .current_dir(cli.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let (config, key) = cli.slow_upstream(&mock, "");
+    let config = config.as_str();
+    let (mut server, base) = cli.serve(config).await;
     let client = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..100 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(up, "the server did not come up");
     let in_flight = tokio::spawn(
         client
             .post(format!("{base}/v1/chat/completions"))
@@ -531,4 +552,90 @@ max_output_tokens = 100
     };
     assert_eq!(status.code(), Some(130));
     in_flight.abort();
+}
+
+/// A connection with no request in flight for `header_read_timeout_secs` is
+/// closed, whether its client sends nothing, trickles a request head a byte at a
+/// time or keeps it alive after an answer: such clients cannot pile up until the
+/// server runs out of sockets (slowloris). A request in flight longer than that
+/// (a slow upstream) is answered in full.
+#[tokio::test]
+async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cli = Cli::new();
+    let mock = upstream::MockUpstream::start().await;
+    mock.set(|b| b.delay = std::time::Duration::from_secs(3));
+    let (config, key) = cli.slow_upstream(&mock, "header_read_timeout_secs = 1");
+    let (mut server, base) = cli.serve(&config).await;
+    let address = base.trim_start_matches("http://").to_owned();
+
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let trickling = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (mut trickling_read, mut trickling_write) = trickling.into_split();
+    let trickle = tokio::spawn(async move {
+        trickling_write
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .await
+            .unwrap();
+        // A byte every 200 ms for up to 20 s: the head never ends.
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if trickling_write.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut kept_alive = tokio::net::TcpStream::connect(&address).await.unwrap();
+    kept_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0_u8; 12];
+    kept_alive.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+
+    /// Reads until the server closes the connection; false if it is still open
+    /// after 10 s (ten times the timeout).
+    async fn closed_by_server(stream: &mut (impl AsyncReadExt + Unpin)) -> bool {
+        let mut buffer = [0_u8; 1024];
+        let read_to_end = async {
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), read_to_end)
+            .await
+            .is_ok()
+    }
+    let slow_request = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "slow-model",
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send();
+    let (silent_closed, trickling_closed, kept_alive_closed, slow_answer) = tokio::join!(
+        closed_by_server(&mut silent),
+        closed_by_server(&mut trickling_read),
+        closed_by_server(&mut kept_alive),
+        slow_request,
+    );
+    trickle.abort();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(silent_closed, "a connection that sent nothing stayed open");
+    assert!(
+        trickling_closed,
+        "a connection trickling its headers stayed open"
+    );
+    assert!(
+        kept_alive_closed,
+        "an idle kept-alive connection stayed open"
+    );
+    let slow_answer = slow_answer.unwrap();
+    assert_eq!(slow_answer.status(), reqwest::StatusCode::OK);
+    assert_eq!(slow_answer.headers()["x-tollgate-model"], "slow-model");
 }

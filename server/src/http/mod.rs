@@ -16,7 +16,10 @@ use leptos_axum::{generate_route_list, LeptosRoutes};
 use tower_http::compression::CompressionLayer;
 use tower_sessions::{cookie::SameSite, Expiry, SessionManagerLayer};
 
+mod serve;
 mod spend;
+
+pub use serve::{serve, ServeOptions};
 
 use crate::{
     assets,

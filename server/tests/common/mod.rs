@@ -148,10 +148,15 @@ pub fn setup(budget: i64, overage: i64) -> WorkspaceSetup {
 pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
+    let options = server::http::ServeOptions {
+        header_read_timeout: std::time::Duration::from_secs(30),
+    };
+    let server = tokio::spawn(server::http::serve(
+        listener,
+        app,
+        options,
+        std::future::pending(),
+    ));
     (url, server)
 }
 
