@@ -455,6 +455,15 @@ pub trait Store: Send + Sync + 'static {
         lease_until: DateTime<Utc>,
     ) -> Result<(), StoreError>;
 
+    /// Whom a live reservation spends for (the user and API key it was admitted
+    /// with), or `None` when there is no such reservation (never made, or already
+    /// settled, released or expired). The usage API answers only the key that
+    /// asked for a reservation about it (DESIGN.md §4).
+    async fn reservation_spender(
+        &self,
+        reservation: &ReservationId,
+    ) -> Result<Option<Spender>, StoreError>;
+
     /// Replace a reservation with its actual cost: a ledger row and the counters, in
     /// one transaction (R7). With an idempotency key already used, returns the event
     /// recorded then and changes nothing.

@@ -21,7 +21,7 @@ use std::{
 
 use app::{
     domain::{cost, reservation, Counter, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
-    store::{Actor, LimitChange, SharedStore},
+    store::{Actor, LimitChange, Role, SharedStore},
 };
 use chrono::Utc;
 use common::TestDb;
@@ -211,6 +211,27 @@ impl Harness {
         self.client
             .post(format!("{}{path}", self.url))
             .bearer_auth(&self.key)
+    }
+
+    /// A new member with `email` and an API key of their own: the key.
+    async fn member_key(&self, email: &str) -> String {
+        let user = self
+            .store
+            .create_user(
+                &Actor::Cli,
+                email,
+                "not-a-password-hash",
+                Role::Member,
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        let (key, hash) = server::auth::new_api_key();
+        self.store
+            .create_api_key(&Actor::Cli, user.id, "second", &hash, Utc::now())
+            .await
+            .unwrap();
+        key
     }
 
     async fn chat(&self, body: &Value) -> reqwest::Response {
@@ -1330,6 +1351,28 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         )
         .await;
     let other_id = other["reservation_id"].as_str().unwrap().to_owned();
+    // Another member's key can neither renew, settle nor release it: 404, as if
+    // it did not exist, and the hold stays.
+    let held = h.workspace().await;
+    let stranger = h.member_key("stranger@example.com").await;
+    for (action, body) in [
+        ("renew", json!({})),
+        ("settle", json!({"usage": null})),
+        ("release", json!({})),
+    ] {
+        let response = h
+            .client
+            .post(format!("{}/api/v1/admissions/{other_id}/{action}", h.url))
+            .bearer_auth(&stranger)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{action}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
+    }
+    assert_eq!(h.workspace().await, held);
     let (status, renewed) = h
         .api(
             &format!("/api/v1/admissions/{other_id}/renew"),

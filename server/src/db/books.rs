@@ -1038,6 +1038,20 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn reservation_spender(
+                &self,
+                reservation: &app::store::ReservationId,
+            ) -> Result<Option<app::store::Spender>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let row: Option<(Option<i64>, Option<i64>)> =
+                    sqlx::query_as("SELECT user_id, api_key_id FROM reservations WHERE id = $1")
+                        .bind(&reservation.0)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                Ok(row.map(|(user_id, api_key_id)| app::store::Spender { user_id, api_key_id }))
+            }
+
             async fn settle(
                 &self,
                 settlement: app::store::Settlement,

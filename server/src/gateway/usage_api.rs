@@ -47,7 +47,7 @@ use super::hold::settlement_key;
 use super::json::{is_null, optional_u64, required_string, RawObject};
 use super::upstream::parse_usage;
 use super::{
-    caller::{authenticate, authenticate_to_spend},
+    caller::{authenticate, authenticate_to_spend, Caller},
     read_body, Gateway,
 };
 
@@ -218,6 +218,28 @@ impl EventView {
     }
 }
 
+/// The reservation `id`, unless it is live and was admitted for another key than
+/// the caller's: that one is answered 404 `reservation_not_found`, as if it did not
+/// exist, so a key can neither settle, release nor renew the holds of another
+/// (nor learn that they exist). A reservation no longer live is left to the store
+/// to answer (a retried settle gets the event it recorded).
+///
+/// Errors: [`GatewayError::ReservationNotFound`], [`GatewayError::Internal`] when
+/// the store fails.
+async fn callers_reservation(
+    gateway: &Gateway,
+    caller: &Caller,
+    id: String,
+) -> Result<ReservationId, GatewayError> {
+    let reservation = ReservationId(id);
+    match gateway.store.reservation_spender(&reservation).await? {
+        Some(spender) if spender.api_key_id != Some(caller.key.id) => {
+            Err(GatewayError::ReservationNotFound(reservation.0))
+        }
+        _ => Ok(reservation),
+    }
+}
+
 /// Replace a reservation with the cost of the usage its request reported.
 pub async fn settle(
     State(gateway): State<Arc<Gateway>>,
@@ -226,7 +248,7 @@ pub async fn settle(
     body: Body,
 ) -> Response {
     let result = async {
-        authenticate(&gateway, &headers).await?;
+        let caller = authenticate(&gateway, &headers).await?;
         let bytes = read_body(&gateway, &headers, body).await?;
         let object = parse_object(&bytes)?;
         only_fields(&object, &["usage"])?;
@@ -241,7 +263,7 @@ pub async fn settle(
         } else {
             Some(usage_field(raw, "usage")?)
         };
-        let reservation = ReservationId(id);
+        let reservation = callers_reservation(&gateway, &caller, id).await?;
         let event = gateway
             .store
             .settle(app::store::Settlement {
@@ -281,8 +303,8 @@ pub async fn release(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        authenticate(&gateway, &headers).await?;
-        let reservation = ReservationId(id);
+        let caller = authenticate(&gateway, &headers).await?;
+        let reservation = callers_reservation(&gateway, &caller, id).await?;
         gateway
             .store
             .release(&reservation)
@@ -310,7 +332,7 @@ pub async fn renew(
     body: Body,
 ) -> Response {
     let result = async {
-        authenticate(&gateway, &headers).await?;
+        let caller = authenticate(&gateway, &headers).await?;
         let bytes = read_body(&gateway, &headers, body).await?;
         let object = if bytes.iter().all(u8::is_ascii_whitespace) {
             RawObject::default()
@@ -320,7 +342,7 @@ pub async fn renew(
             object
         };
         let until = lease_until(lease_seconds(&object)?);
-        let reservation = ReservationId(id);
+        let reservation = callers_reservation(&gateway, &caller, id).await?;
         gateway
             .store
             .renew_lease(&reservation, until)
