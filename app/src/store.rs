@@ -328,7 +328,7 @@ pub struct AuditRecord {
     /// Who made it (email, `cli`, or `config` for a plan applied at start).
     pub actor: String,
     /// What kind of change (`settings.automatic_fallback`, `model_limit`, `plan`,
-    /// `user.create`, `user.disable`, `api_key.create`, `api_key.revoke`).
+    /// `user.create`, `user.disable`, `user.enable`, `api_key.create`, `api_key.revoke`).
     pub action: String,
     /// What it applied to (`workspace`, or a model id).
     pub subject: String,
@@ -560,6 +560,19 @@ pub trait Store: Send + Sync + 'static {
         email: &str,
         now: DateTime<Utc>,
     ) -> Result<DisabledUser, StoreError>;
+
+    /// Enable the disabled user with this email (any case) again, audited as
+    /// `user.enable` by `actor`: they can sign in and be given new keys. The keys
+    /// revoked when they were disabled stay revoked.
+    ///
+    /// Errors: [`StoreError::NotFound`] (`what` = `"user"`) when no disabled user
+    /// has this email.
+    async fn enable_user(
+        &self,
+        actor: &Actor,
+        email: &str,
+        now: DateTime<Utc>,
+    ) -> Result<UserRecord, StoreError>;
 
     /// Store a new API key's hash for `user_id`, audited as `api_key.create`.
     ///

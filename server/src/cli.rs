@@ -126,6 +126,13 @@ pub enum UserAction {
         #[arg(long)]
         email: String,
     },
+    /// Enable the disabled user with EMAIL again: they can sign in and be given
+    /// new keys (`tollgate key create`); their old keys stay revoked.
+    Enable {
+        /// The user's email.
+        #[arg(long)]
+        email: String,
+    },
 }
 
 /// `tollgate key ...`
@@ -308,6 +315,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         Ok(())
                     }
                     None => anyhow::bail!("{} could not be disabled; try again", email.trim()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        },
+        Command::User {
+            action: UserAction::Enable { email },
+        } => match store
+            .enable_user(&Actor::Cli, email.trim(), Utc::now())
+            .await
+        {
+            Ok(user) => {
+                println!(
+                    "enabled {} {} (id {}); their old keys stay revoked: \
+                     `tollgate key create --email {}` gives a new one",
+                    user.role.as_str(),
+                    user.email,
+                    user.id,
+                    user.email
+                );
+                Ok(())
+            }
+            Err(app::store::StoreError::NotFound { .. }) => {
+                // Enabling twice is not an error (a script may run again).
+                if listed_user(&store, &email).await?.disabled_at.is_none() {
+                    println!("{} is already enabled", email.trim());
+                    Ok(())
+                } else {
+                    anyhow::bail!("{} could not be enabled; try again", email.trim())
                 }
             }
             Err(e) => Err(e.into()),

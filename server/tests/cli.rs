@@ -363,8 +363,32 @@ fn users_and_keys() {
         .ok(&["key", "list", "--email", "ada@example.com"])
         .lines()
         .all(|l| l.starts_with("id\t") || l.ends_with("revoked")));
+    // Back again: enabled, a new key; the old ones stay revoked.
+    let said = cli.ok(&["user", "enable", "--email", "Ada@example.com"]);
+    assert!(
+        said.starts_with("enabled admin ada@example.com (id ")
+            && said.contains("old keys stay revoked"),
+        "{said}"
+    );
+    assert_eq!(
+        cli.ok(&["user", "enable", "--email", "ada@example.com"]),
+        "ada@example.com is already enabled\n"
+    );
+    let stderr = cli.fails(&["user", "enable", "--email", "nobody@example.com"]);
+    assert!(
+        stderr.contains("no user has the email nobody@example.com"),
+        "{stderr}"
+    );
+    let laptop = cli.ok(&["key", "create", "--email", "ada@example.com"]);
+    assert!(laptop.starts_with("tg_"), "{laptop}");
+    let ada = cli.ok(&["user", "list"]);
+    let ada = ada.lines().find(|l| l.contains("ada@example.com")).unwrap();
+    assert!(ada.ends_with("\tenabled\t1"), "{ada}");
     let audit = cli.ok(&["audit"]);
-    assert!(audit.contains("user.disable"), "{audit}");
+    assert!(
+        audit.contains("user.disable") && audit.contains("user.enable"),
+        "{audit}"
+    );
     assert!(!audit.contains(&phone), "keys never reach the audit log");
 }
 

@@ -688,7 +688,8 @@ async fn a_revoked_key_admits_nothing(db: &TestDb) {
 }
 
 /// A disabled user is found no more (sign-in, sessions), their keys are revoked
-/// in the same step and admit nothing, what they hold still settles, and every
+/// in the same step and admit nothing, what they hold still settles; enabled
+/// again, they are found and may get new keys while the old stay revoked; every
 /// step is in the audit log.
 async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
     let setup = setup(100 * EUR, 0);
@@ -772,6 +773,36 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
     assert_eq!(leaver.live_keys, 0);
     assert_eq!(leaver.role, app::store::Role::Admin);
 
+    // Enabled again: found again, may get a new key; the old ones stay revoked.
+    let back = cli
+        .enable_user(&Actor::Cli, "LEAVER@example.com", now())
+        .await
+        .unwrap();
+    assert_eq!(back.id, user.id);
+    assert!(store
+        .user_by_email("leaver@example.com")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(store
+        .authenticate_api_key("hash-laptop", now())
+        .await
+        .unwrap()
+        .is_none());
+    cli.create_api_key(&Actor::Cli, user.id, "new", "hash-new", now())
+        .await
+        .unwrap();
+    assert!(store
+        .authenticate_api_key("hash-new", now())
+        .await
+        .unwrap()
+        .is_some());
+    assert!(matches!(
+        cli.enable_user(&Actor::Cli, "leaver@example.com", now())
+            .await,
+        Err(StoreError::NotFound { what: "user" })
+    ));
+
     let actions: Vec<(String, String)> = store
         .audit_log(10)
         .await
@@ -783,6 +814,8 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
     assert_eq!(
         actions,
         [
+            ("api_key.create".to_owned(), email.clone()),
+            ("user.enable".to_owned(), email.clone()),
             ("user.disable".to_owned(), email.clone()),
             ("api_key.revoke".to_owned(), email.clone()),
             ("api_key.create".to_owned(), email.clone()),

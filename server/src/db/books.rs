@@ -1544,6 +1544,43 @@ macro_rules! impl_store {
                 })
             }
 
+            async fn enable_user(
+                &self,
+                actor: &app::store::Actor,
+                email: &str,
+                now: DateTime<Utc>,
+            ) -> Result<app::store::UserRecord, app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                let row: Option<UserRow> = sqlx::query_as(
+                    "UPDATE users SET disabled_at = NULL \
+                     WHERE workspace_id = $1 AND lower(email) = lower($2) AND disabled_at IS NOT NULL \
+                     RETURNING id, email, password_hash, role",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(email)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let Some(row) = row else {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::NotFound { what: "user" });
+                };
+                audit(
+                    &mut tx,
+                    actor,
+                    now,
+                    "user.enable",
+                    &row.email,
+                    &serde_json::json!({ "status": "disabled" }),
+                    &serde_json::json!({ "status": "enabled" }),
+                )
+                .await?;
+                tx.commit().await.map_err(db_error)?;
+                row.record()
+            }
+
             async fn user_by_email(
                 &self,
                 email: &str,
