@@ -1503,21 +1503,7 @@ macro_rules! impl_store {
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 let at = now.to_rfc3339();
-                let row: Option<UserRow> = sqlx::query_as(
-                    "UPDATE users SET disabled_at = $1 \
-                     WHERE workspace_id = $2 AND lower(email) = lower($3) AND disabled_at IS NULL \
-                     RETURNING id, email, password_hash, role",
-                )
-                .bind(&at)
-                .bind(WORKSPACE_ID)
-                .bind(email)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                let Some(row) = row else {
-                    tx.rollback().await.map_err(db_error)?;
-                    return Err(app::store::StoreError::NotFound { what: "user" });
-                };
+                let row = set_user_disabled_at(&mut tx, email, Some(&at)).await?;
                 let revoked = sqlx::query(
                     "UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
                 )
@@ -1553,20 +1539,7 @@ macro_rules! impl_store {
                 use $crate::db::books::*;
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
-                let row: Option<UserRow> = sqlx::query_as(
-                    "UPDATE users SET disabled_at = NULL \
-                     WHERE workspace_id = $1 AND lower(email) = lower($2) AND disabled_at IS NOT NULL \
-                     RETURNING id, email, password_hash, role",
-                )
-                .bind(WORKSPACE_ID)
-                .bind(email)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                let Some(row) = row else {
-                    tx.rollback().await.map_err(db_error)?;
-                    return Err(app::store::StoreError::NotFound { what: "user" });
-                };
+                let row = set_user_disabled_at(&mut tx, email, None).await?;
                 audit(
                     &mut tx,
                     actor,
@@ -2239,6 +2212,32 @@ macro_rules! impl_store {
             sqlx::Connection::begin_with(conn, statement)
                 .await
                 .map_err($crate::db::books::db_error)
+        }
+
+        /// Disables (`Some(instant)`, RFC 3339) the enabled user with `email` (any
+        /// case), or enables (`None`) the disabled one; returns its row.
+        ///
+        /// Errors: [`app::store::StoreError::NotFound`] (`what` = `"user"`) when no
+        /// user with that email is in the other state.
+        async fn set_user_disabled_at(
+            tx: &mut Tx<'_>,
+            email: &str,
+            disabled_at: Option<&str>,
+        ) -> Result<$crate::db::books::UserRow, app::store::StoreError> {
+            use $crate::db::books::*;
+            let row: Option<UserRow> = sqlx::query_as(
+                "UPDATE users SET disabled_at = $1 \
+                 WHERE workspace_id = $2 AND lower(email) = lower($3) AND (disabled_at IS NULL) = $4 \
+                 RETURNING id, email, password_hash, role",
+            )
+            .bind(disabled_at)
+            .bind(WORKSPACE_ID)
+            .bind(email)
+            .bind(disabled_at.is_some())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            row.ok_or(app::store::StoreError::NotFound { what: "user" })
         }
 
         /// The user matching `condition` on `$1`, if any.
