@@ -455,13 +455,16 @@ pub trait Store: Send + Sync + 'static {
         lease_until: DateTime<Utc>,
     ) -> Result<(), StoreError>;
 
-    /// Whom a live reservation spends for (the user and API key it was admitted
-    /// with), or `None` when there is no such reservation (never made, or already
-    /// settled, released or expired). The usage API answers only the key that
-    /// asked for a reservation about it (DESIGN.md §4).
+    /// Whom a reservation spends for (the user and API key it was admitted with):
+    /// read from the reservation while it is live, and once settled from the
+    /// ledger row recorded under `settlement_key` (its settlement's idempotency
+    /// key). `None` when neither exists (never made, released or expired). The
+    /// usage API answers only the key that asked for a reservation about it
+    /// (DESIGN.md §4).
     async fn reservation_spender(
         &self,
         reservation: &ReservationId,
+        settlement_key: &str,
     ) -> Result<Option<Spender>, StoreError>;
 
     /// Replace a reservation with its actual cost: a ledger row and the counters, in

@@ -1335,6 +1335,17 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     assert_eq!(status, 200);
     assert_eq!(again["event_id"], event["event_id"]);
     assert_eq!(again["newly_recorded"], false);
+    // Another key cannot read that settlement by settling again.
+    let stranger = h.member_key("stranger@example.com").await;
+    let response = h
+        .client
+        .post(format!("{}/api/v1/admissions/{id}/settle", h.url))
+        .bearer_auth(&stranger)
+        .json(&json!({"usage": usage}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
     assert_eq!(
         h.workspace().await,
         Counter {
@@ -1354,7 +1365,6 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     // Another member's key can neither renew, settle nor release it: 404, as if
     // it did not exist, and the hold stays.
     let held = h.workspace().await;
-    let stranger = h.member_key("stranger@example.com").await;
     for (action, body) in [
         ("renew", json!({})),
         ("settle", json!({"usage": null})),

@@ -1041,14 +1041,23 @@ macro_rules! impl_store {
             async fn reservation_spender(
                 &self,
                 reservation: &app::store::ReservationId,
+                settlement_key: &str,
             ) -> Result<Option<app::store::Spender>, app::store::StoreError> {
                 use $crate::db::books::*;
-                let row: Option<(Option<i64>, Option<i64>)> =
-                    sqlx::query_as("SELECT user_id, api_key_id FROM reservations WHERE id = $1")
-                        .bind(&reservation.0)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db_error)?;
+                // One of the two at most: settling deletes the reservation and
+                // records the row in one transaction.
+                let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+                    "SELECT user_id, api_key_id FROM reservations WHERE id = $1 \
+                     UNION ALL \
+                     SELECT user_id, api_key_id FROM usage_events \
+                     WHERE workspace_id = $2 AND idempotency_key = $3",
+                )
+                .bind(&reservation.0)
+                .bind(WORKSPACE_ID)
+                .bind(settlement_key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
                 Ok(row.map(|(user_id, api_key_id)| app::store::Spender { user_id, api_key_id }))
             }
 

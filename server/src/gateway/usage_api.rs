@@ -218,11 +218,11 @@ impl EventView {
     }
 }
 
-/// The reservation `id`, unless it is live and was admitted for another key than
-/// the caller's: that one is answered 404 `reservation_not_found`, as if it did not
-/// exist, so a key can neither settle, release nor renew the holds of another
-/// (nor learn that they exist). A reservation no longer live is left to the store
-/// to answer (a retried settle gets the event it recorded).
+/// The reservation `id`, unless it was admitted for another key than the
+/// caller's: that one is answered 404 `reservation_not_found`, as if it did not
+/// exist, so a key can neither settle, release nor renew the holds of another,
+/// nor read their settlements, nor learn that they exist. One that never existed
+/// or has ended unsettled is left to the store to answer.
 ///
 /// Errors: [`GatewayError::ReservationNotFound`], [`GatewayError::Internal`] when
 /// the store fails.
@@ -232,7 +232,12 @@ async fn callers_reservation(
     id: String,
 ) -> Result<ReservationId, GatewayError> {
     let reservation = ReservationId(id);
-    match gateway.store.reservation_spender(&reservation).await? {
+    let settled_as = settlement_key(&reservation);
+    match gateway
+        .store
+        .reservation_spender(&reservation, &settled_as)
+        .await?
+    {
         Some(spender) if spender.api_key_id != Some(caller.key.id) => {
             Err(GatewayError::ReservationNotFound(reservation.0))
         }
