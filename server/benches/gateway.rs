@@ -19,7 +19,6 @@ mod upstream;
 
 use std::sync::Arc;
 
-use app::store::Role;
 use chrono::Utc;
 use server::{
     config::{Config, Overrides},
@@ -85,21 +84,7 @@ max_output_tokens = 4096
         .apply_setup(&config.setup, chrono::Utc::now())
         .await
         .unwrap();
-    let user = store
-        .create_user(
-            &app::store::Actor::Cli,
-            "bench@example.com",
-            "not-a-password-hash",
-            Role::Member,
-            Utc::now(),
-        )
-        .await
-        .unwrap();
-    let (key, hash) = server::auth::new_api_key();
-    store
-        .create_api_key(&app::store::Actor::Cli, user.id, "bench", &hash, Utc::now())
-        .await
-        .unwrap();
+    let key = common::member_key(&store, "bench@example.com").await;
     let mut state = AppState::new(config.clone(), store.clone());
     let gateway = Arc::new(Gateway::new(&config, store.clone(), |_| None));
     state.gateway = gateway.clone();

@@ -21,7 +21,7 @@ use std::{
 
 use app::{
     domain::{cost, reservation, Counter, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
-    store::{Actor, LimitChange, Role, SharedStore},
+    store::{Actor, LimitChange, SharedStore},
 };
 use chrono::Utc;
 use common::TestDb;
@@ -211,27 +211,6 @@ impl Harness {
         self.client
             .post(format!("{}{path}", self.url))
             .bearer_auth(&self.key)
-    }
-
-    /// A new member with `email` and an API key of their own: the key.
-    async fn member_key(&self, email: &str) -> String {
-        let user = self
-            .store
-            .create_user(
-                &Actor::Cli,
-                email,
-                "not-a-password-hash",
-                Role::Member,
-                Utc::now(),
-            )
-            .await
-            .unwrap();
-        let (key, hash) = server::auth::new_api_key();
-        self.store
-            .create_api_key(&Actor::Cli, user.id, "second", &hash, Utc::now())
-            .await
-            .unwrap();
-        key
     }
 
     async fn chat(&self, body: &Value) -> reqwest::Response {
@@ -1336,7 +1315,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     assert_eq!(again["event_id"], event["event_id"]);
     assert_eq!(again["newly_recorded"], false);
     // Another key cannot read that settlement by settling again.
-    let stranger = h.member_key("stranger@example.com").await;
+    let stranger = common::member_key(&h.store, "stranger@example.com").await;
     let response = h
         .client
         .post(format!("{}/api/v1/admissions/{id}/settle", h.url))

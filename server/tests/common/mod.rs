@@ -160,6 +160,28 @@ pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
     (url, server)
 }
 
+/// A new member with `email` (no usable password) and an API key of their own,
+/// created in `store`: the key.
+pub async fn member_key(store: &SharedStore, email: &str) -> String {
+    let now = chrono::Utc::now();
+    let user = store
+        .create_user(
+            &app::store::Actor::Cli,
+            email,
+            "not-a-password-hash",
+            app::store::Role::Member,
+            now,
+        )
+        .await
+        .unwrap();
+    let (key, hash) = server::auth::new_api_key();
+    store
+        .create_api_key(&app::store::Actor::Cli, user.id, "tests", &hash, now)
+        .await
+        .unwrap();
+    key
+}
+
 /// The whole product on loopback: `config`'s database migrated and set up, a
 /// member with an API key, and the router (gateway, APIs, panel) serving.
 pub struct Stack {
@@ -189,22 +211,7 @@ impl Stack {
             .apply_setup(&config.setup, chrono::Utc::now())
             .await
             .unwrap();
-        let now = chrono::Utc::now();
-        let user = store
-            .create_user(
-                &app::store::Actor::Cli,
-                "member@example.com",
-                "not-a-password-hash",
-                app::store::Role::Member,
-                now,
-            )
-            .await
-            .unwrap();
-        let (key, hash) = server::auth::new_api_key();
-        store
-            .create_api_key(&app::store::Actor::Cli, user.id, "tests", &hash, now)
-            .await
-            .unwrap();
+        let key = member_key(&store, "member@example.com").await;
         let gateway = Arc::new(server::gateway::Gateway::new(&config, store.clone(), env));
         let mut state = server::http::AppState::new(config, store.clone());
         state.gateway = gateway.clone();
