@@ -580,9 +580,10 @@ async fn a_second_sigterm_stops_the_server_at_once() {
 
 /// A connection with no request in flight for `header_read_timeout_secs` is
 /// closed, whether its client sends nothing, trickles a request head a byte at a
-/// time or keeps it alive after an answer: such clients cannot pile up until the
-/// server runs out of sockets (slowloris). A request in flight longer than that
-/// (a slow upstream) is answered in full.
+/// time or keeps it alive after an answer, and so is one still trickling a body
+/// past `request_body_timeout_secs`, on any route: such clients cannot pile up
+/// until the server runs out of sockets (slowloris). A request in flight longer
+/// than that (a slow upstream) is answered in full.
 #[tokio::test]
 async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -590,7 +591,10 @@ async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
     let cli = Cli::new();
     let mock = upstream::MockUpstream::start().await;
     mock.set(|b| b.delay = std::time::Duration::from_secs(3));
-    let (config, key) = cli.slow_upstream(&mock, "header_read_timeout_secs = 1");
+    let (config, key) = cli.slow_upstream(
+        &mock,
+        "header_read_timeout_secs = 1\nrequest_body_timeout_secs = 1",
+    );
     let (mut server, base) = cli.serve(&config).await;
     let address = base.trim_start_matches("http://").to_owned();
 
@@ -606,6 +610,24 @@ async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
         for _ in 0..100 {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             if trickling_write.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+    });
+    // A body trickled to a panel route that needs no sign-in.
+    let slow_body = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (mut slow_body_read, mut slow_body_write) = slow_body.into_split();
+    let dribble = tokio::spawn(async move {
+        slow_body_write
+            .write_all(
+                b"POST /fn/logout HTTP/1.1\r\nHost: localhost\r\n\
+                  Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if slow_body_write.write_all(b"a").await.is_err() {
                 return;
             }
         }
@@ -641,13 +663,15 @@ async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
         .json(&serde_json::json!({"model": "slow-model",
             "messages": [{"role": "user", "content": "hi"}]}))
         .send();
-    let (silent_closed, trickling_closed, kept_alive_closed, slow_answer) = tokio::join!(
+    let (silent_closed, trickling_closed, slow_body_closed, kept_alive_closed, slow_answer) = tokio::join!(
         closed_by_server(&mut silent),
         closed_by_server(&mut trickling_read),
+        closed_by_server(&mut slow_body_read),
         closed_by_server(&mut kept_alive),
         slow_request,
     );
     trickle.abort();
+    dribble.abort();
     server.kill().unwrap();
     server.wait().unwrap();
     assert!(silent_closed, "a connection that sent nothing stayed open");
@@ -658,6 +682,10 @@ async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
     assert!(
         kept_alive_closed,
         "an idle kept-alive connection stayed open"
+    );
+    assert!(
+        slow_body_closed,
+        "a connection trickling a body stayed open"
     );
     let slow_answer = slow_answer.unwrap();
     assert_eq!(slow_answer.status(), reqwest::StatusCode::OK);

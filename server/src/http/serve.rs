@@ -8,8 +8,11 @@
 //!   would otherwise exhaust the process's file descriptors and lock everyone out
 //!   of the gateway and the panel. A request is in flight from its head until the
 //!   last byte of its answer, so a long non-streamed completion or a quiet stream
-//!   is never cut. Bodies have their own deadline (the gateway's
-//!   `request_body_timeout_secs`).
+//!   is never cut.
+//! - A request body must arrive within [`ServeOptions::request_body_timeout`]
+//!   of its head: the gateway answers 408 then, and on any route (the panel's
+//!   server functions too) a connection still receiving a body [`BODY_GRACE`]
+//!   later is closed.
 //! - Sockets are `TCP_NODELAY`: an answer, or a piece of a stream, leaves as soon
 //!   as it is written instead of waiting for the previous one's acknowledgement.
 //! - Handlers see the client's address (`ConnectInfo<SocketAddr>`), which the
@@ -49,7 +52,16 @@ pub struct ServeOptions {
     /// is closed: the time a client has to send a whole request head after it
     /// connects or after its previous answer (config `header_read_timeout_secs`).
     pub header_read_timeout: Duration,
+    /// The longest a request body may take to arrive, counted from its head
+    /// (config `request_body_timeout_secs`): the gateway answers 408 then; on any
+    /// route, a connection whose body is still arriving [`BODY_GRACE`] later is
+    /// closed.
+    pub request_body_timeout: Duration,
 }
+
+/// How long after `request_body_timeout` a connection still receiving a body is
+/// closed: time for the gateway's own 408 to go out first.
+pub const BODY_GRACE: Duration = Duration::from_secs(1);
 
 /// How long to wait before accepting again after `accept` failed for want of
 /// resources (file descriptors, memory): the failure would repeat at once.
@@ -125,8 +137,18 @@ async fn serve_connection(
         tower::service_fn(move |request: axum::http::Request<Incoming>| {
             let in_flight = activity.start();
             let router = router.clone();
+            let activity = activity.clone();
             async move {
-                let mut request = request.map(Body::new);
+                let mut request = request.map(|body| {
+                    if body.is_end_stream() {
+                        Body::new(body)
+                    } else {
+                        Body::new(Arriving {
+                            pending: Some(activity.body_started()),
+                            body,
+                        })
+                    }
+                });
                 request.extensions_mut().insert(ConnectInfo(client));
                 let response = router.oneshot(request).await?;
                 Ok::<_, Infallible>(response.map(|body| {
@@ -153,9 +175,10 @@ async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 stopping = true;
             }
-            // Nothing in flight: nothing is lost by closing it.
-            () = activity.idle_for(options.header_read_timeout) => {
-                tracing::debug!(%client, "closing a connection idle too long");
+            // Nothing in flight (nothing is lost by closing it), or a body still
+            // arriving past its deadline (its request has failed already).
+            () = activity.expired(options) => {
+                tracing::debug!(%client, "closing a connection idle or sending too slowly");
                 return;
             }
         }
@@ -173,44 +196,77 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// A connection's requests in flight, and since when it has had none.
+/// A connection's requests in flight, since when it has had none, and when the
+/// request bodies still arriving began.
 #[derive(Debug)]
 struct Activity {
-    /// (requests in flight, when the last one ended or the connection opened)
-    state: Mutex<(usize, Instant)>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    in_flight: usize,
+    /// When the last request ended, or the connection opened.
+    idle_since: Instant,
+    /// Bodies still arriving: (number, when its head arrived).
+    arriving: Vec<(u64, Instant)>,
+    next_body: u64,
 }
 
 impl Activity {
     fn new() -> Activity {
         Activity {
-            state: Mutex::new((0, Instant::now())),
+            state: Mutex::new(State {
+                in_flight: 0,
+                idle_since: Instant::now(),
+                arriving: Vec::new(),
+                next_body: 0,
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A request begins; it is in flight until the guard is dropped.
     fn start(self: &Arc<Self>) -> InFlight {
-        self.lock().0 += 1;
+        self.lock().in_flight += 1;
         InFlight(self.clone())
     }
 
-    /// Resolves once no request has been in flight for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
+    /// A request body begins to arrive; it has until the guard is dropped.
+    fn body_started(self: &Arc<Self>) -> BodyArriving {
+        let mut state = self.lock();
+        let number = state.next_body;
+        state.next_body += 1;
+        state.arriving.push((number, Instant::now()));
+        BodyArriving(self.clone(), number)
+    }
+
+    /// Resolves once no request has been in flight for the header read timeout,
+    /// or a body has been arriving for longer than its timeout and
+    /// [`BODY_GRACE`].
+    async fn expired(&self, options: ServeOptions) {
         loop {
-            let (in_flight, idle_since) = *self.lock();
-            let wake = if in_flight == 0 {
-                let deadline = idle_since + timeout;
-                if Instant::now() >= deadline {
-                    return;
-                }
-                deadline
-            } else {
-                Instant::now() + timeout
+            let now = Instant::now();
+            let deadline = {
+                let state = self.lock();
+                let idle =
+                    (state.in_flight == 0).then(|| state.idle_since + options.header_read_timeout);
+                let body = state
+                    .arriving
+                    .iter()
+                    .map(|(_, since)| *since + options.request_body_timeout + BODY_GRACE)
+                    .min();
+                idle.into_iter().chain(body).min()
             };
-            tokio::time::sleep_until(wake).await;
+            match deadline {
+                Some(deadline) if now >= deadline => return,
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                // Requests in flight with their bodies in: look again later.
+                None => tokio::time::sleep(options.header_read_timeout).await,
+            }
         }
     }
 }
@@ -222,8 +278,51 @@ struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut state = self.0.lock();
-        state.0 = state.0.saturating_sub(1);
-        state.1 = Instant::now();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        state.idle_since = Instant::now();
+    }
+}
+
+/// One request body still arriving (see [`Activity`]).
+#[derive(Debug)]
+struct BodyArriving(Arc<Activity>, u64);
+
+impl Drop for BodyArriving {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .arriving
+            .retain(|(number, _)| *number != self.1);
+    }
+}
+
+/// A request body that counts as arriving until its end, an error, or its drop.
+struct Arriving {
+    body: Incoming,
+    pending: Option<BodyArriving>,
+}
+
+impl HttpBody for Arriving {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.body.is_end_stream() {
+            self.pending = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
