@@ -1384,6 +1384,18 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         .await;
     assert_eq!(status, 404);
     assert_eq!(gone["error"]["code"], "reservation_not_found");
+    // An id PostgreSQL could not even compare is simply not found.
+    for (action, body) in [
+        ("settle", json!({"usage": null})),
+        ("release", json!({})),
+        ("renew", json!({})),
+    ] {
+        let (status, answer) = h
+            .api(&format!("/api/v1/admissions/abc%00def/{action}"), &body)
+            .await;
+        assert_eq!(status, 404, "{action}: {answer}");
+        assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
+    }
     assert_eq!(h.workspace().await.reserved, Nanos::ZERO);
 
     // Bad input names the field, and holds nothing.

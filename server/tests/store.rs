@@ -724,6 +724,12 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
         .unwrap()
         .is_none());
     assert!(store.user_by_id(user.id).await.unwrap().is_none());
+    // An email PostgreSQL could not even compare is nobody's.
+    assert!(store
+        .user_by_email("leaver\0@example.com")
+        .await
+        .unwrap()
+        .is_none());
     assert!(store
         .authenticate_api_key("hash-laptop", now())
         .await

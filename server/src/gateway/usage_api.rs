@@ -231,6 +231,10 @@ async fn callers_reservation(
     caller: &Caller,
     id: String,
 ) -> Result<ReservationId, GatewayError> {
+    // No reservation id has a NUL (PostgreSQL could not even look one up).
+    if id.contains('\0') {
+        return Err(GatewayError::ReservationNotFound(id));
+    }
     let reservation = ReservationId(id);
     let settled_as = settlement_key(&reservation);
     match gateway
