@@ -599,39 +599,38 @@ async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
     let address = base.trim_start_matches("http://").to_owned();
 
     let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let trickling = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let (mut trickling_read, mut trickling_write) = trickling.into_split();
-    let trickle = tokio::spawn(async move {
-        trickling_write
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
-            .await
-            .unwrap();
-        // A byte every 200 ms for up to 20 s: the head never ends.
-        for _ in 0..100 {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if trickling_write.write_all(b"a").await.is_err() {
-                return;
+    /// Connects, sends `start`, then a byte every 200 ms for up to 20 s: the read
+    /// half, and the task that writes.
+    async fn trickling(
+        address: &str,
+        start: &'static [u8],
+    ) -> (tokio::net::tcp::OwnedReadHalf, tokio::task::JoinHandle<()>) {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            write.write_all(start).await.unwrap();
+            for _ in 0..100 {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                if write.write_all(b"a").await.is_err() {
+                    return;
+                }
             }
-        }
-    });
+        });
+        (read, writer)
+    }
+    // A head that never ends.
+    let (mut trickling_read, trickle) = trickling(
+        &address,
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ",
+    )
+    .await;
     // A body trickled to a panel route that needs no sign-in.
-    let slow_body = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let (mut slow_body_read, mut slow_body_write) = slow_body.into_split();
-    let dribble = tokio::spawn(async move {
-        slow_body_write
-            .write_all(
-                b"POST /fn/logout HTTP/1.1\r\nHost: localhost\r\n\
-                  Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        for _ in 0..100 {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if slow_body_write.write_all(b"a").await.is_err() {
-                return;
-            }
-        }
-    });
+    let (mut slow_body_read, dribble) = trickling(
+        &address,
+        b"POST /fn/logout HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n",
+    )
+    .await;
     let mut kept_alive = tokio::net::TcpStream::connect(&address).await.unwrap();
     kept_alive
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")

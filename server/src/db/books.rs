@@ -1044,10 +1044,6 @@ macro_rules! impl_store {
                 settlement_key: &str,
             ) -> Result<Option<app::store::Spender>, app::store::StoreError> {
                 use $crate::db::books::*;
-                // PostgreSQL refuses a NUL in text; no id or key has one.
-                if reservation.0.contains('\0') || settlement_key.contains('\0') {
-                    return Ok(None);
-                }
                 // One of the two at most: settling deletes the reservation and
                 // records the row in one transaction.
                 let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(

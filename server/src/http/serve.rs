@@ -143,20 +143,12 @@ async fn serve_connection(
                     if body.is_end_stream() {
                         Body::new(body)
                     } else {
-                        Body::new(Arriving {
-                            pending: Some(activity.body_started()),
-                            body,
-                        })
+                        Guarded::body(body, activity.body_started())
                     }
                 });
                 request.extensions_mut().insert(ConnectInfo(client));
                 let response = router.oneshot(request).await?;
-                Ok::<_, Infallible>(response.map(|body| {
-                    Body::new(Tracked {
-                        body,
-                        _in_flight: in_flight,
-                    })
-                }))
+                Ok::<_, Infallible>(response.map(|body| Guarded::body(body, in_flight)))
             }
         })
     };
@@ -296,51 +288,45 @@ impl Drop for BodyArriving {
     }
 }
 
-/// A request body that counts as arriving until its end, an error, or its drop.
-struct Arriving {
-    body: Incoming,
-    pending: Option<BodyArriving>,
+/// A body holding `guard` until its last frame, an error, or its drop: a request
+/// body counts as arriving ([`BodyArriving`]), a response keeps its request in
+/// flight ([`InFlight`]).
+struct Guarded<B, G> {
+    body: B,
+    guard: Option<G>,
 }
 
-impl HttpBody for Arriving {
+impl<B, G> Guarded<B, G> {
+    fn body(body: B, guard: G) -> Body
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<axum::BoxError>,
+        G: Send + Unpin + 'static,
+    {
+        Body::new(Guarded {
+            body,
+            guard: Some(guard),
+        })
+    }
+}
+
+impl<B, G> HttpBody for Guarded<B, G>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    G: Unpin,
+{
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.body.is_end_stream() {
-            self.pending = None;
+            self.guard = None;
         }
         polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// A response body that keeps its request in flight until it is sent or dropped.
-struct Tracked {
-    body: Body,
-    _in_flight: InFlight,
-}
-
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
