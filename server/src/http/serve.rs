@@ -136,17 +136,16 @@ async fn serve_connection(
         let activity = activity.clone();
         tower::service_fn(move |request: axum::http::Request<Incoming>| {
             let in_flight = activity.start();
+            let mut request = request.map(|body| {
+                if body.is_end_stream() {
+                    Body::new(body)
+                } else {
+                    Guarded::body(body, activity.body_started())
+                }
+            });
+            request.extensions_mut().insert(ConnectInfo(client));
             let router = router.clone();
-            let activity = activity.clone();
             async move {
-                let mut request = request.map(|body| {
-                    if body.is_end_stream() {
-                        Body::new(body)
-                    } else {
-                        Guarded::body(body, activity.body_started())
-                    }
-                });
-                request.extensions_mut().insert(ConnectInfo(client));
                 let response = router.oneshot(request).await?;
                 Ok::<_, Infallible>(response.map(|body| Guarded::body(body, in_flight)))
             }
