@@ -69,6 +69,11 @@ impl Admin {
 /// Session key under which the signed-in user's id is stored.
 pub const SESSION_USER_ID: &str = "user_id";
 
+/// Session key under which the user's session epoch at sign-in is stored
+/// ([`crate::store::UserRecord::session_epoch`]); a session without one was signed
+/// in before epochs existed and counts as epoch 0.
+pub const SESSION_EPOCH: &str = "session_epoch";
+
 #[cfg(feature = "ssr")]
 mod server {
     use super::*;

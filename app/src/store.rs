@@ -357,12 +357,24 @@ pub use crate::auth::Role;
 pub struct UserRecord {
     /// Row id.
     pub id: i64,
-    /// Login name, unique regardless of case.
+    /// Login name, stored as [`normalized_email`] gives it.
     pub email: String,
     /// Argon2 PHC string.
     pub password_hash: String,
     /// Admin or member.
     pub role: Role,
+    /// Grows by one each time the user is disabled: a session signed in at an
+    /// older epoch is over, even once the user is enabled again.
+    pub session_epoch: i64,
+}
+
+/// An email address in the one form it is stored and compared in: trimmed and
+/// lower-cased character by character by Unicode's rules (`Émile@Example.COM` is
+/// `émile@example.com`), so one address is one user on SQLite and PostgreSQL, at
+/// sign-in and in the CLI alike. Character by character, so the result never
+/// depends on a letter's neighbours (a final `Σ` is `σ`, as anywhere else).
+pub fn normalized_email(email: &str) -> String {
+    email.trim().chars().flat_map(char::to_lowercase).collect()
 }
 
 /// A user as `tollgate user list` shows it: never the password hash.
@@ -385,7 +397,7 @@ pub struct UserListing {
 /// What [`Store::disable_user`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DisabledUser {
-    /// The user, as it was before.
+    /// The user, now disabled (its session epoch grown by one).
     pub user: UserRecord,
     /// How many live keys it revoked.
     pub keys_revoked: u64,
@@ -526,10 +538,11 @@ pub trait Store: Send + Sync + 'static {
     /// The audit log, newest first, at most `limit` rows.
     async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
 
-    /// Create a user, audited as `user.create` by `actor`.
+    /// Create a user, its email stored as [`normalized_email`] gives it, audited as
+    /// `user.create` by `actor`.
     ///
-    /// Errors: [`StoreError::Invalid`] `email_taken` when the email (any case) exists,
-    /// a disabled user's included.
+    /// Errors: [`StoreError::Invalid`] `email_taken` when a user (a disabled one
+    /// included) has this email already.
     async fn create_user(
         &self,
         actor: &Actor,
@@ -539,7 +552,8 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<UserRecord, StoreError>;
 
-    /// The enabled user with this email (any case), if any.
+    /// The enabled user with this email (compared as [`normalized_email`] gives it),
+    /// if any.
     async fn user_by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError>;
 
     /// The enabled user with this id, if any: a session whose user was disabled
@@ -549,11 +563,12 @@ pub trait Store: Send + Sync + 'static {
     /// Every user, enabled or not, oldest first, with their live keys.
     async fn list_users(&self) -> Result<Vec<UserListing>, StoreError>;
 
-    /// Disable the enabled user with this email (any case) and revoke their live
-    /// keys, in one transaction audited as `user.disable` by `actor`: they sign in
-    /// no more, their sessions end at their next request, and their keys admit
-    /// nothing (requests already admitted still settle). The row stays, since the
-    /// ledger names it.
+    /// Disable the enabled user with this email (compared as [`normalized_email`]
+    /// gives it) and revoke their live keys, in one transaction audited as
+    /// `user.disable` by `actor`: they sign in no more, their sessions end at their
+    /// next request and for good (their [`UserRecord::session_epoch`] grows), and
+    /// their keys admit nothing (requests already admitted still settle). The row
+    /// stays, since the ledger names it.
     ///
     /// Errors: [`StoreError::NotFound`] (`what` = `"user"`) when no enabled user has
     /// this email.
@@ -564,9 +579,10 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<DisabledUser, StoreError>;
 
-    /// Enable the disabled user with this email (any case) again, audited as
-    /// `user.enable` by `actor`: they can sign in and be given new keys. The keys
-    /// revoked when they were disabled stay revoked.
+    /// Enable the disabled user with this email (compared as [`normalized_email`]
+    /// gives it) again, audited as `user.enable` by `actor`: they can sign in and
+    /// be given new keys. The keys revoked and the sessions ended when they were
+    /// disabled stay so.
     ///
     /// Errors: [`StoreError::NotFound`] (`what` = `"user"`) when no disabled user
     /// has this email.
@@ -615,3 +631,23 @@ pub trait Store: Send + Sync + 'static {
 
 /// The store as it is shared through axum state and the Leptos context.
 pub type SharedStore = Arc<dyn Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::normalized_email;
+
+    #[test]
+    fn an_email_is_trimmed_and_lower_cased_by_unicode_rules() {
+        assert_eq!(normalized_email("  Ann@Example.COM "), "ann@example.com");
+        assert_eq!(normalized_email("Émile@Exemple.fr"), "émile@exemple.fr");
+        // Context-free: a final sigma folds as any other, so the result is the same
+        // whichever case the address was typed in.
+        assert_eq!(normalized_email("ΟΔΟΣ@x.gr"), normalized_email("οδοσ@x.gr"));
+        let once = normalized_email("İSTANBUL@x.tr");
+        assert_eq!(
+            normalized_email(&once),
+            once,
+            "folding twice changes nothing"
+        );
+    }
+}

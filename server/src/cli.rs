@@ -554,16 +554,18 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The user with `email` (any case), enabled or disabled.
+/// The user with `email` (compared as the store compares it,
+/// [`app::store::normalized_email`]), enabled or disabled.
 ///
 /// Errors: when no user has it.
 async fn listed_user(store: &SharedStore, email: &str) -> anyhow::Result<app::store::UserListing> {
     let email = email.trim();
+    let wanted = app::store::normalized_email(email);
     store
         .list_users()
         .await?
         .into_iter()
-        .find(|user| user.email.to_lowercase() == email.to_lowercase())
+        .find(|user| user.email == wanted)
         .with_context(|| format!("no user has the email {email}: see `tollgate user list`"))
 }
 

@@ -240,6 +240,44 @@ fn users_and_keys() {
         !again.status.success(),
         "an email is unique regardless of case"
     );
+    // Non-ASCII letters too, and the CLI finds the user by any spelling.
+    let emile = cli.run_with(
+        &[
+            "user",
+            "create",
+            "--email",
+            "Émile@example.com",
+            "--role",
+            "member",
+        ],
+        Some("a long enough password"),
+    );
+    assert!(
+        emile.status.success(),
+        "{}",
+        String::from_utf8_lossy(&emile.stderr)
+    );
+    let stderr = String::from_utf8_lossy(
+        &cli.run_with(
+            &[
+                "user",
+                "create",
+                "--email",
+                "émile@example.com",
+                "--role",
+                "member",
+            ],
+            Some("a long enough password"),
+        )
+        .stderr,
+    )
+    .into_owned();
+    assert!(stderr.contains("exists already"), "{stderr}");
+    let key = cli.ok(&["key", "create", "--email", "ÉMILE@example.com"]);
+    assert!(key.starts_with("tg_"), "{key}");
+    let listed = cli.ok(&["key", "list", "--email", "émile@EXAMPLE.com"]);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(listed.contains("\témile@example.com\t"), "{listed}");
 
     // The key alone on stdout, once.
     let key = cli.ok(&[

@@ -712,3 +712,41 @@ async fn a_disabled_administrator_is_signed_out_and_stays_out() {
     assert!(text.contains("invalid_credentials"), "{text}");
     assert!(headers.get(header::SET_COOKIE).is_none());
 }
+
+/// A session signed in before its user was disabled stays ended once the user is
+/// enabled again: only a new sign-in opens the tab.
+#[tokio::test]
+async fn a_session_ended_by_a_disable_stays_ended_after_enable() {
+    let panel = Panel::new().await;
+    let before = panel.sign_in("ada@example.com").await;
+    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&before))).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let cli = app::store::Actor::Cli;
+    panel
+        .store
+        .disable_user(&cli, "ada@example.com", Utc::now())
+        .await
+        .unwrap();
+    panel
+        .store
+        .enable_user(&cli, "ADA@example.com", Utc::now())
+        .await
+        .unwrap();
+    let (status, headers, _) = panel.send(get("/admin/token-limits", Some(&before))).await;
+    assert_eq!(status, StatusCode::FOUND, "the old session is over");
+    assert!(headers[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .starts_with("/login"));
+    let version = panel.settings().await.version;
+    let body = format!("settings_version={version}");
+    let (status, _, text) = panel
+        .send(post("/fn/save_automatic_fallback", &body, Some(&before)))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+
+    let after = panel.sign_in("ada@example.com").await;
+    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&after))).await;
+    assert_eq!(status, StatusCode::OK, "a new sign-in opens the tab");
+}

@@ -717,6 +717,7 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(done.user.id, user.id);
+    assert_eq!(done.user.session_epoch, 1, "its sessions are over");
     assert_eq!(done.keys_revoked, 1, "the live key only");
     assert!(store
         .user_by_email("leaver@example.com")
@@ -785,6 +786,10 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(back.id, user.id);
+    assert_eq!(
+        back.session_epoch, 1,
+        "sessions signed in before the disable stay ended"
+    );
     assert!(store
         .user_by_email("leaver@example.com")
         .await
@@ -816,7 +821,7 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
         .into_iter()
         .map(|a| (a.action, a.subject))
         .collect();
-    let email = "Leaver@example.com".to_owned();
+    let email = "leaver@example.com".to_owned();
     assert_eq!(
         actions,
         [
@@ -1146,7 +1151,105 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     assert_eq!(store.audit_log(10).await.unwrap().len(), audit.len() + 1);
 }
 
+/// An address is one user whatever the case it is typed in, non-ASCII letters
+/// included: stored folded, found, refused as taken, disabled, enabled and given
+/// keys by any spelling (`app::store::normalized_email`).
+async fn an_email_is_one_user_whatever_its_case(db: &TestDb) {
+    let store = db.store(&setup(100 * EUR, 0)).await;
+    let user = user(&store, " Émile@Exemple.FR ", app::store::Role::Member).await;
+    assert_eq!(user.email, "émile@exemple.fr");
+    let found = store.user_by_email("ÉMILE@exemple.fr").await.unwrap();
+    assert_eq!(found.map(|u| u.id), Some(user.id));
+    assert!(matches!(
+        store
+            .create_user(
+                &Actor::Cli,
+                "émile@EXEMPLE.fr",
+                "hash",
+                app::store::Role::Admin,
+                now()
+            )
+            .await,
+        Err(StoreError::Invalid {
+            code: "email_taken",
+            ..
+        })
+    ));
+    store
+        .create_api_key(&Actor::Cli, user.id, "laptop", "hash-laptop", now())
+        .await
+        .unwrap();
+    let keys = store.list_api_keys(Some("ÉMILE@EXEMPLE.FR")).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].owner_email, "émile@exemple.fr");
+    let done = store
+        .disable_user(&Actor::Cli, "Émile@exemple.fr", now())
+        .await
+        .unwrap();
+    assert_eq!(done.user.id, user.id);
+    let back = store
+        .enable_user(&Actor::Cli, "ÉMILE@EXEMPLE.FR", now())
+        .await
+        .unwrap();
+    assert_eq!(back.id, user.id);
+    assert_eq!(store.list_users().await.unwrap().len(), 1);
+}
+
+/// Rows written before emails were folded are folded when a store opens, the
+/// letters SQL's `lower()` leaves alone included; of two that fold to one address
+/// (where the backend's own index let both in), the first keeps it and the other
+/// its email as typed, and the store still opens.
+async fn emails_stored_before_folding_are_folded_at_start(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    user(&store, "zoe@example.com", app::store::Role::Member).await;
+    for email in ["Zoë@Example.COM", "Åsa@example.com"] {
+        insert_user_as_typed(db, email).await.unwrap();
+    }
+    // SQLite's index folds ASCII only and takes this one; PostgreSQL's `lower()`
+    // folds `Å` too (here, in C.UTF-8) and refuses it.
+    let both_kept = insert_user_as_typed(db, "åsa@example.com").await.is_ok();
+
+    let reopened = db.store(&setup).await;
+    let mut emails: Vec<String> = reopened
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.email)
+        .collect();
+    emails.sort();
+    let mut expected = vec!["zoe@example.com", "zoë@example.com", "åsa@example.com"];
+    if both_kept {
+        expected.insert(2, "Åsa@example.com");
+    }
+    assert_eq!(emails, expected);
+    let zoe = reopened.user_by_email("ZOË@example.com").await.unwrap();
+    assert_eq!(zoe.unwrap().email, "zoë@example.com");
+    let asa = reopened.user_by_email("ÅSA@example.com").await.unwrap();
+    assert_eq!(asa.unwrap().email, "åsa@example.com");
+}
+
+/// Inserts a member with `email` as typed, as versions before folding did.
+async fn insert_user_as_typed(db: &TestDb, email: &str) -> Result<(), sqlx::Error> {
+    let sql = "INSERT INTO users (workspace_id, email, password_hash, role, created_at) \
+               VALUES (1, $1, 'hash', 'member', '2026-11-01T00:00:00Z')";
+    if db.url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+        let done = sqlx::query(sql).bind(email).execute(&pool).await;
+        pool.close().await;
+        done.map(drop)
+    } else {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let done = sqlx::query(sql).bind(email).execute(&pool).await;
+        pool.close().await;
+        done.map(drop)
+    }
+}
+
 on_both_backends!(
+    an_email_is_one_user_whatever_its_case,
+    emails_stored_before_folding_are_folded_at_start,
     one_bad_settlement_among_many_fails_alone,
     absurd_usage_never_breaks_the_books,
     fifty_racing_requests_admit_exactly_ten,

@@ -75,7 +75,7 @@ mod server {
 
     use super::LimitInput;
     use crate::{
-        auth::{set_status, Admin, SESSION_USER_ID},
+        auth::{set_status, Admin, SESSION_EPOCH, SESSION_USER_ID},
         domain::{parse_eur_input, Catalog, ModelLimit},
         error::{ApiError, FieldError},
         report::{SpendReport, TabView},
@@ -132,6 +132,10 @@ mod server {
         session.cycle_id().await.map_err(|_| ApiError::Internal)?;
         session
             .insert(SESSION_USER_ID, user.id)
+            .await
+            .map_err(|_| ApiError::Internal)?;
+        session
+            .insert(SESSION_EPOCH, user.session_epoch)
             .await
             .map_err(|_| ApiError::Internal)?;
         leptos_axum::redirect(&safe_next(next));

@@ -11,7 +11,7 @@
 use std::{net::SocketAddr, num::NonZeroU32, sync::Arc};
 
 use app::{
-    auth::{CurrentUser, SESSION_USER_ID},
+    auth::{CurrentUser, SESSION_EPOCH, SESSION_USER_ID},
     error::ApiError,
     store::SharedStore,
 };
@@ -154,9 +154,16 @@ async fn malformed_call_as_bad_request(response: Response) -> Response {
     Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
+/// The session's user, if it is signed in, enabled, and was not disabled since it
+/// signed in (its session epoch is the user's).
 async fn current_user(store: &SharedStore, session: &Session) -> Option<CurrentUser> {
     let id: i64 = session.get(SESSION_USER_ID).await.ok().flatten()?;
+    let epoch: i64 = match session.get(SESSION_EPOCH).await {
+        Ok(epoch) => epoch.unwrap_or(0),
+        Err(_) => return None,
+    };
     match store.user_by_id(id).await {
+        Ok(Some(user)) if user.session_epoch != epoch => None,
         Ok(Some(user)) => Some(CurrentUser {
             id: user.id,
             email: user.email,

@@ -690,6 +690,7 @@ pub(crate) struct UserRow {
     pub email: String,
     pub password_hash: String,
     pub role: String,
+    pub session_epoch: i64,
 }
 
 impl UserRow {
@@ -699,6 +700,7 @@ impl UserRow {
             email: self.email,
             password_hash: self.password_hash,
             role: self.role.parse().map_err(|e| corrupt("users.role", e))?,
+            session_epoch: self.session_epoch,
         })
     }
 }
@@ -743,6 +745,7 @@ pub(crate) struct KeyOwnerRow {
     pub key: ApiKeyRow,
     pub password_hash: String,
     pub role: String,
+    pub session_epoch: i64,
 }
 
 impl KeyOwnerRow {
@@ -752,6 +755,7 @@ impl KeyOwnerRow {
             email: self.key.owner_email.clone(),
             password_hash: self.password_hash,
             role: self.role,
+            session_epoch: self.session_epoch,
         };
         Ok((self.key.record()?, user.record()?))
     }
@@ -1440,11 +1444,11 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<app::store::UserRecord, app::store::StoreError> {
                 use $crate::db::books::*;
+                let email = app::store::normalized_email(email);
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
-                let taken: Option<(i64,)> =
-                    sqlx::query_as("SELECT id FROM users WHERE lower(email) = lower($1)")
-                        .bind(email)
+                let taken: Option<(i64,)> = sqlx::query_as("SELECT id FROM users WHERE email = $1")
+                        .bind(&email)
                         .fetch_optional(&mut *tx)
                         .await
                         .map_err(db_error)?;
@@ -1457,10 +1461,10 @@ macro_rules! impl_store {
                 }
                 let row: UserRow = sqlx::query_as(
                     "INSERT INTO users (workspace_id, email, password_hash, role, created_at) \
-                     VALUES ($1, $2, $3, $4, $5) RETURNING id, email, password_hash, role",
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id, email, password_hash, role, session_epoch",
                 )
                 .bind(WORKSPACE_ID)
-                .bind(email)
+                .bind(&email)
                 .bind(password_hash)
                 .bind(role.as_str())
                 .bind(now.to_rfc3339())
@@ -1468,7 +1472,7 @@ macro_rules! impl_store {
                 .await
                 .map_err(db_error)?;
                 let new = serde_json::json!({ "id": row.id, "role": role.as_str() });
-                audit(&mut tx, actor, now, "user.create", email, &serde_json::json!({}), &new).await?;
+                audit(&mut tx, actor, now, "user.create", &email, &serde_json::json!({}), &new).await?;
                 tx.commit().await.map_err(db_error)?;
                 row.record()
             }
@@ -1571,7 +1575,7 @@ macro_rules! impl_store {
                 if email.contains('\0') {
                     return Ok(None);
                 }
-                find_user(&self.pool, "lower(email) = lower($1)", email.to_owned()).await
+                find_user(&self.pool, "email = $1", app::store::normalized_email(email)).await
             }
 
             async fn user_by_id(
@@ -2227,8 +2231,9 @@ macro_rules! impl_store {
                 .map_err($crate::db::books::db_error)
         }
 
-        /// Disables (`Some(instant)`, RFC 3339) the enabled user with `email` (any
-        /// case), or enables (`None`) the disabled one; returns its row.
+        /// Disables (`Some(instant)`, RFC 3339, and the user's sessions end) the
+        /// enabled user with `email` (normalized here), or enables (`None`) the
+        /// disabled one; returns its row.
         ///
         /// Errors: [`app::store::StoreError::NotFound`] (`what` = `"user"`) when no
         /// user with that email is in the other state.
@@ -2239,18 +2244,54 @@ macro_rules! impl_store {
         ) -> Result<$crate::db::books::UserRow, app::store::StoreError> {
             use $crate::db::books::*;
             let row: Option<UserRow> = sqlx::query_as(
-                "UPDATE users SET disabled_at = $1 \
-                 WHERE workspace_id = $2 AND lower(email) = lower($3) AND (disabled_at IS NULL) = $4 \
-                 RETURNING id, email, password_hash, role",
+                "UPDATE users SET disabled_at = $1, session_epoch = session_epoch + $5 \
+                 WHERE workspace_id = $2 AND email = $3 AND (disabled_at IS NULL) = $4 \
+                 RETURNING id, email, password_hash, role, session_epoch",
             )
             .bind(disabled_at)
             .bind(WORKSPACE_ID)
-            .bind(email)
+            .bind(app::store::normalized_email(email))
             .bind(disabled_at.is_some())
+            // Disabling ends every session for good (`UserRecord::session_epoch`).
+            .bind(i64::from(disabled_at.is_some()))
             .fetch_optional(&mut **tx)
             .await
             .map_err(db_error)?;
             row.ok_or(app::store::StoreError::NotFound { what: "user" })
+        }
+
+        /// Stores every email in its normalized form (`app::store::normalized_email`),
+        /// as versions that kept them as typed did not. Run at start-up, in Rust:
+        /// SQLite's `lower()` folds ASCII letters only. Rows already folded are not
+        /// written. Of old rows that fold to one address only one can have it
+        /// (the one already in lower case, else the oldest): the others keep their
+        /// email as typed, with a warning.
+        async fn fold_stored_emails(pool: &sqlx::Pool<$db>) -> Result<(), sqlx::Error> {
+            let users: Vec<(i64, String)> = sqlx::query_as("SELECT id, email FROM users ORDER BY id")
+                .fetch_all(pool)
+                .await?;
+            for (id, email) in users {
+                let folded = app::store::normalized_email(&email);
+                if folded == email {
+                    continue;
+                }
+                let done = sqlx::query("UPDATE users SET email = $1 WHERE id = $2")
+                    .bind(&folded)
+                    .bind(id)
+                    .execute(pool)
+                    .await;
+                match done {
+                    Ok(_) => {}
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => tracing::warn!(
+                        user = id,
+                        email,
+                        "another user has this email in lower case: this one keeps it as \
+                         typed, cannot sign in and is found by `tollgate user list` only"
+                    ),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
         }
 
         /// The user matching `condition` on `$1`, if any.
@@ -2264,7 +2305,7 @@ macro_rules! impl_store {
         {
             use $crate::db::books::*;
             let sql = format!(
-                "SELECT id, email, password_hash, role FROM users WHERE ({condition}) AND disabled_at IS NULL"
+                "SELECT id, email, password_hash, role, session_epoch FROM users WHERE ({condition}) AND disabled_at IS NULL"
             );
             let row: Option<UserRow> = sqlx::query_as(&sql)
                 .bind(value)
@@ -2296,18 +2337,18 @@ macro_rules! impl_store {
                 KeyFilter::LiveHash(_) => {
                     "k.key_hash = $2 AND k.revoked_at IS NULL AND u.disabled_at IS NULL"
                 }
-                KeyFilter::OwnerEmail(_) => "lower(u.email) = lower($2)",
+                KeyFilter::OwnerEmail(_) => "u.email = $2",
                 KeyFilter::All => "$2 = ''",
             };
             let sql = format!(
                 "SELECT k.id, k.name, k.user_id, u.email AS owner_email, k.created_at, k.last_used_at, \
-                 k.revoked_at, u.password_hash, u.role FROM api_keys k JOIN users u ON u.id = k.user_id \
+                 k.revoked_at, u.password_hash, u.role, u.session_epoch FROM api_keys k JOIN users u ON u.id = k.user_id \
                  WHERE k.workspace_id = $1 AND {condition} ORDER BY k.id DESC"
             );
             let query = sqlx::query_as(&sql).bind(WORKSPACE_ID);
             let query = match filter {
                 KeyFilter::Id(id) => query.bind(id),
-                KeyFilter::OwnerEmail(email) => query.bind(email.to_owned()),
+                KeyFilter::OwnerEmail(email) => query.bind(app::store::normalized_email(email)),
                 KeyFilter::LiveHash(hash) => query.bind(hash.to_owned()),
                 KeyFilter::All => query.bind(String::new()),
             };

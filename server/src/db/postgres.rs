@@ -61,6 +61,9 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(ConnectError::Migrate)?;
+        fold_stored_emails(&pool)
+            .await
+            .map_err(ConnectError::Open)?;
         let batcher = {
             let pool = pool.clone();
             Batcher::spawn(

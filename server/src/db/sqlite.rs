@@ -89,6 +89,9 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(ConnectError::Migrate)?;
+        fold_stored_emails(&writer)
+            .await
+            .map_err(ConnectError::Open)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .test_before_acquire(false)
