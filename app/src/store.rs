@@ -328,7 +328,8 @@ pub struct AuditRecord {
     /// Who made it (email, `cli`, or `config` for a plan applied at start).
     pub actor: String,
     /// What kind of change (`settings.automatic_fallback`, `model_limit`, `plan`,
-    /// `user.create`, `user.disable`, `user.enable`, `api_key.create`, `api_key.revoke`).
+    /// `user.create`, `user.disable`, `user.enable`, `user.password`, `api_key.create`,
+    /// `api_key.revoke`).
     pub action: String,
     /// What it applied to (`workspace`, or a model id).
     pub subject: String,
@@ -590,6 +591,22 @@ pub trait Store: Send + Sync + 'static {
         &self,
         actor: &Actor,
         email: &str,
+        now: DateTime<Utc>,
+    ) -> Result<UserRecord, StoreError>;
+
+    /// Replace the password of the user with this email (compared as
+    /// [`normalized_email`] gives it), enabled or disabled, audited as
+    /// `user.password` by `actor` (never with the hash): every session of the user
+    /// ends, since their [`UserRecord::session_epoch`] grows; their keys stay as
+    /// they are. `password_hash` is an Argon2 PHC string.
+    ///
+    /// Errors: [`StoreError::NotFound`] (`what` = `"user"`) when no user has this
+    /// email.
+    async fn set_password(
+        &self,
+        actor: &Actor,
+        email: &str,
+        password_hash: &str,
         now: DateTime<Utc>,
     ) -> Result<UserRecord, StoreError>;
 

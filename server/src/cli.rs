@@ -67,7 +67,8 @@ pub enum Command {
     },
     /// Fill the database with demo data: an administrator and a member (password
     /// from TOLLGATE_PASSWORD), and some usage in the current cycle. Safe to repeat:
-    /// existing users are kept and the usage is recorded once.
+    /// existing demo accounts are kept (given TOLLGATE_PASSWORD if theirs differs;
+    /// a disabled one stays disabled) and the usage is recorded once.
     Demo,
     /// Configuration helpers.
     Config {
@@ -129,6 +130,14 @@ pub enum UserAction {
     /// Enable the disabled user with EMAIL again: they can sign in and be given
     /// new keys (`tollgate key create`); their old keys stay revoked.
     Enable {
+        /// The user's email.
+        #[arg(long)]
+        email: String,
+    },
+    /// Set a new password for the user with EMAIL, from TOLLGATE_PASSWORD or, when
+    /// unset, the first line of standard input: their panel sessions end, their
+    /// keys stay.
+    Password {
         /// The user's email.
         #[arg(long)]
         email: String,
@@ -233,24 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             action: UserAction::Create { email, role },
         } => {
             let role: Role = role.parse()?;
-            let password = match std::env::var("TOLLGATE_PASSWORD") {
-                Ok(password) => password,
-                Err(_) => {
-                    let mut line = String::new();
-                    std::io::stdin()
-                        .read_line(&mut line)
-                        .context("could not read the password from standard input")?;
-                    line.trim_end_matches(['\r', '\n']).to_owned()
-                }
-            };
-            if password.is_empty() {
-                anyhow::bail!(
-                    "no password given: set TOLLGATE_PASSWORD or type it on standard input"
-                );
-            }
-            if password.trim().is_empty() {
-                anyhow::bail!("the password must not be only spaces");
-            }
+            let password = given_password()?;
             let email = email.trim();
             if !is_plausible_email(email) {
                 anyhow::bail!("--email {email:?} is not an email address");
@@ -347,6 +339,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Err(e) => Err(e.into()),
         },
+        Command::User {
+            action: UserAction::Password { email },
+        } => {
+            let hash = auth::hash_password(&given_password()?)?;
+            match store
+                .set_password(&Actor::Cli, email.trim(), &hash, Utc::now())
+                .await
+            {
+                Ok(user) => {
+                    println!(
+                        "set a new password for {} {} (id {}); their panel sessions ended",
+                        user.role.as_str(),
+                        user.email,
+                        user.id
+                    );
+                    Ok(())
+                }
+                Err(app::store::StoreError::NotFound { .. }) => anyhow::bail!(
+                    "no user has the email {}: see `tollgate user list`",
+                    email.trim()
+                ),
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Key { action } => key(&store, action).await,
         Command::Limit { action } => limit(&config, &store, action).await,
         Command::Fallback { state } => {
@@ -554,6 +570,31 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The password of `user create` and `user password`: TOLLGATE_PASSWORD or, when
+/// it is unset, the first line of standard input.
+///
+/// Errors: when none is given, it is only spaces, or standard input cannot be read
+/// (its length is checked when it is hashed).
+fn given_password() -> anyhow::Result<String> {
+    let password = match std::env::var("TOLLGATE_PASSWORD") {
+        Ok(password) => password,
+        Err(_) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("could not read the password from standard input")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if password.is_empty() {
+        anyhow::bail!("no password given: set TOLLGATE_PASSWORD or type it on standard input");
+    }
+    if password.trim().is_empty() {
+        anyhow::bail!("the password must not be only spaces");
+    }
+    Ok(password)
+}
+
 /// The user with `email` (compared as the store compares it,
 /// [`app::store::normalized_email`]), enabled or disabled.
 ///
@@ -582,17 +623,35 @@ const DEMO_USAGE: [(&str, u64, u64); 3] = [
     ("gpt-5", 1_000_000, 100_000),
 ];
 
+/// `tollgate demo`: see [`Command::Demo`].
+///
+/// Errors: without TOLLGATE_PASSWORD, with a password too short, when the config's
+/// plan has no cycle now, or when the store fails.
 async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()> {
     let password = std::env::var("TOLLGATE_PASSWORD")
         .context("set TOLLGATE_PASSWORD to the demo accounts' password")?;
     let hash = auth::hash_password(&password)?;
     let now = Utc::now();
     for (email, role) in [(DEMO_ADMIN, Role::Admin), (DEMO_MEMBER, Role::Member)] {
-        if store.user_by_email(email).await?.is_none() {
-            store
-                .create_user(&Actor::Cli, email, &hash, role, now)
-                .await?;
-            println!("created {} {email}", role.as_str());
+        match store.user_by_email(email).await? {
+            // Their sessions go on.
+            Some(user) if auth::verify_password(&password, &user.password_hash) => {}
+            // The password was changed, or the file that kept it was lost: the
+            // demo accounts get the one the operator is told.
+            Some(_) => {
+                store.set_password(&Actor::Cli, email, &hash, now).await?;
+                println!("set the password of {email} to TOLLGATE_PASSWORD");
+            }
+            None => match store.create_user(&Actor::Cli, email, &hash, role, now).await {
+                Ok(_) => println!("created {} {email}", role.as_str()),
+                Err(app::store::StoreError::Invalid {
+                    code: "email_taken",
+                    ..
+                }) => println!(
+                    "{email} is disabled: `tollgate user enable --email {email}` lets it sign in again"
+                ),
+                Err(e) => return Err(e.into()),
+            },
         }
     }
     let cycle = config.setup.plan.cycle_at(now)?;

@@ -167,6 +167,99 @@ max_output_tokens = 100
     }
 }
 
+/// `user password` gives a user a new password (TOLLGATE_PASSWORD or standard
+/// input, checked as at creation); `demo` gives the demo accounts the password it
+/// is given when theirs differs, and leaves a disabled one disabled instead of
+/// failing.
+#[tokio::test]
+async fn passwords_can_be_set_again() {
+    let cli = Cli::new();
+    let password_of = |email: &'static str| {
+        let cli = &cli;
+        async move {
+            let user = cli.store().await.user_by_email(email).await.unwrap();
+            user.map(|u| u.password_hash)
+        }
+    };
+    let demo = cli.run_with(&["demo"], Some("the first demo password"));
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let hash = password_of("admin@example.com").await.unwrap();
+    assert!(app::auth::verify_password("the first demo password", &hash));
+
+    let said = String::from_utf8(
+        cli.run_with(&["demo"], Some("the second demo password"))
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        said.contains("set the password of admin@example.com to TOLLGATE_PASSWORD"),
+        "{said}"
+    );
+    let hash = password_of("member@example.com").await.unwrap();
+    assert!(app::auth::verify_password(
+        "the second demo password",
+        &hash
+    ));
+    let said = String::from_utf8(
+        cli.run_with(&["demo"], Some("the second demo password"))
+            .stdout,
+    )
+    .unwrap();
+    assert!(!said.contains("set the password"), "unchanged: {said}");
+
+    cli.ok(&["user", "disable", "--email", "member@example.com"]);
+    let demo = cli.run_with(&["demo"], Some("the second demo password"));
+    let said = String::from_utf8_lossy(&demo.stdout);
+    assert!(
+        demo.status.success() && said.contains("member@example.com is disabled"),
+        "{said} {}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+
+    let set = cli.run_with(
+        &["user", "password", "--email", "ADMIN@example.com"],
+        Some("an operator's new password"),
+    );
+    let said = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        set.status.success()
+            && said.starts_with("set a new password for admin admin@example.com (id "),
+        "{said} {}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let hash = password_of("admin@example.com").await.unwrap();
+    assert!(app::auth::verify_password(
+        "an operator's new password",
+        &hash
+    ));
+    for (email, password, says) in [
+        ("admin@example.com", "short", "at least 12 characters"),
+        ("admin@example.com", "   ", "must not be only spaces"),
+        (
+            "nobody@example.com",
+            "a long enough password",
+            "no user has the email nobody@example.com",
+        ),
+    ] {
+        let refused = cli.run_with(&["user", "password", "--email", email], Some(password));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(says),
+            "{password:?}: {stderr}"
+        );
+    }
+    let hash = password_of("admin@example.com").await.unwrap();
+    assert!(
+        app::auth::verify_password("an operator's new password", &hash),
+        "a refused password changes nothing"
+    );
+    assert!(cli.ok(&["audit"]).contains("user.password"));
+}
+
 #[test]
 fn users_and_keys() {
     let cli = Cli::new();

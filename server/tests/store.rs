@@ -1195,6 +1195,68 @@ async fn an_email_is_one_user_whatever_its_case(db: &TestDb) {
     assert_eq!(store.list_users().await.unwrap().len(), 1);
 }
 
+/// A new password replaces the old one of a user, enabled or disabled, and ends
+/// their sessions (the epoch grows); their keys stay; the audit row says what
+/// happened without the hash.
+async fn a_new_password_ends_every_session(db: &TestDb) {
+    let store = db.store(&setup(100 * EUR, 0)).await;
+    let ada = user(&store, "ada@example.com", app::store::Role::Admin).await;
+    store
+        .create_api_key(&Actor::Cli, ada.id, "laptop", "hash-laptop", now())
+        .await
+        .unwrap();
+    let changed = store
+        .set_password(&Actor::Cli, "ADA@example.com", "new-hash", now())
+        .await
+        .unwrap();
+    assert_eq!(changed.id, ada.id);
+    assert_eq!(changed.password_hash, "new-hash");
+    assert_eq!(changed.session_epoch, ada.session_epoch + 1);
+    let found = store.user_by_email("ada@example.com").await.unwrap();
+    assert_eq!(found.unwrap().password_hash, "new-hash");
+    assert!(
+        store
+            .authenticate_api_key("hash-laptop", now())
+            .await
+            .unwrap()
+            .is_some(),
+        "the keys stay live"
+    );
+    let audit = &store.audit_log(1).await.unwrap()[0];
+    assert_eq!(
+        (audit.action.as_str(), audit.subject.as_str()),
+        ("user.password", "ada@example.com")
+    );
+    assert!(!audit.new_value.contains("hash") && !audit.old_value.contains("hash"));
+
+    // A disabled user's too: they sign in with it once enabled again.
+    store
+        .disable_user(&Actor::Cli, "ada@example.com", now())
+        .await
+        .unwrap();
+    let again = store
+        .set_password(&Actor::Cli, "ada@example.com", "newer-hash", now())
+        .await
+        .unwrap();
+    assert_eq!(
+        again.session_epoch,
+        ada.session_epoch + 3,
+        "disable, then this"
+    );
+    store
+        .enable_user(&Actor::Cli, "ada@example.com", now())
+        .await
+        .unwrap();
+    let found = store.user_by_email("ada@example.com").await.unwrap();
+    assert_eq!(found.unwrap().password_hash, "newer-hash");
+    assert!(matches!(
+        store
+            .set_password(&Actor::Cli, "nobody@example.com", "hash", now())
+            .await,
+        Err(StoreError::NotFound { what: "user" })
+    ));
+}
+
 /// Rows written before emails were folded are folded when a store opens, the
 /// letters SQL's `lower()` leaves alone included; of two that fold to one address
 /// (where the backend's own index let both in), the first keeps it and the other
@@ -1248,6 +1310,7 @@ async fn insert_user_as_typed(db: &TestDb, email: &str) -> Result<(), sqlx::Erro
 }
 
 on_both_backends!(
+    a_new_password_ends_every_session,
     an_email_is_one_user_whatever_its_case,
     emails_stored_before_folding_are_folded_at_start,
     one_bad_settlement_among_many_fails_alone,

@@ -1567,6 +1567,42 @@ macro_rules! impl_store {
                 row.record()
             }
 
+            async fn set_password(
+                &self,
+                actor: &app::store::Actor,
+                email: &str,
+                password_hash: &str,
+                now: DateTime<Utc>,
+            ) -> Result<app::store::UserRecord, app::store::StoreError> {
+                use $crate::db::books::*;
+                let mut conn = self.write_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                let row: UserRow = sqlx::query_as(
+                    "UPDATE users SET password_hash = $1, session_epoch = session_epoch + 1 \
+                     WHERE workspace_id = $2 AND email = $3 \
+                     RETURNING id, email, password_hash, role, session_epoch",
+                )
+                .bind(password_hash)
+                .bind(WORKSPACE_ID)
+                .bind(app::store::normalized_email(email))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?
+                .ok_or(app::store::StoreError::NotFound { what: "user" })?;
+                audit(
+                    &mut tx,
+                    actor,
+                    now,
+                    "user.password",
+                    &row.email,
+                    &serde_json::json!({}),
+                    &serde_json::json!({ "password": "changed", "sessions": "ended" }),
+                )
+                .await?;
+                tx.commit().await.map_err(db_error)?;
+                row.record()
+            }
+
             async fn user_by_email(
                 &self,
                 email: &str,
