@@ -186,6 +186,30 @@ pub struct Reservation {
     pub cycle: BillingCycle,
 }
 
+/// A hold in the books, as `tollgate reservation list` shows it (DESIGN.md R7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationListing {
+    /// Its id.
+    pub id: ReservationId,
+    /// The model the request asked for.
+    pub requested: ModelId,
+    /// The model that serves it.
+    pub served: ModelId,
+    /// Amount held, nano-euros.
+    pub amount: Nanos,
+    /// The email of the user whose key it was admitted for; `None` for usage
+    /// recorded without a key.
+    pub user_email: Option<String>,
+    /// The key it was admitted for.
+    pub api_key_id: Option<i64>,
+    /// The replica (or usage-API caller) holding it.
+    pub owner: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When its lease ends: any replica releases it then unless it is renewed.
+    pub lease_until: DateTime<Utc>,
+}
+
 /// The answer of [`Store::reserve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
@@ -492,6 +516,9 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// Errors: [`StoreError::NotFound`] when it is already gone.
     async fn release(&self, reservation: &ReservationId) -> Result<(), StoreError>;
+
+    /// Every hold in the books, oldest first, whatever its cycle or lease.
+    async fn list_reservations(&self) -> Result<Vec<ReservationListing>, StoreError>;
 
     /// Release every reservation whose lease ended before `now`, whoever owns it.
     /// Returns how many were released.

@@ -48,6 +48,11 @@ pub enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Look at the holds of requests in flight (DESIGN.md R7).
+    Reservation {
+        #[command(subcommand)]
+        action: ReservationAction,
+    },
     /// Set a model's limit per billing cycle (same rules and audit as the tab).
     Limit {
         #[command(subcommand)]
@@ -142,6 +147,16 @@ pub enum UserAction {
         #[arg(long)]
         email: String,
     },
+}
+
+/// `tollgate reservation ...`
+#[derive(Debug, Subcommand)]
+pub enum ReservationAction {
+    /// List the holds in the books, oldest first: id, requested and served model,
+    /// EUR held (exact), user, key id, owner (the replica or usage-API caller),
+    /// created, lease end, and `expired` once the lease has ended (any replica
+    /// releases it at its next sweep).
+    List,
 }
 
 /// `tollgate key ...`
@@ -392,6 +407,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     row.subject,
                     row.old_value,
                     row.new_value
+                );
+            }
+            Ok(())
+        }
+        Command::Reservation {
+            action: ReservationAction::List,
+        } => {
+            let now = Utc::now();
+            println!("id\trequested\tserved\treserved EUR\tuser\tkey\towner\tcreated\tlease until\tstatus");
+            for hold in store.list_reservations().await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    hold.id,
+                    hold.requested,
+                    hold.served,
+                    hold.amount.to_money().amount().normalize(),
+                    hold.user_email.as_deref().unwrap_or("-"),
+                    hold.api_key_id
+                        .map_or_else(|| "-".to_owned(), |id| id.to_string()),
+                    hold.owner,
+                    hold.created_at.to_rfc3339(),
+                    hold.lease_until.to_rfc3339(),
+                    if hold.lease_until < now {
+                        "expired"
+                    } else {
+                        "held"
+                    }
                 );
             }
             Ok(())

@@ -167,6 +167,68 @@ max_output_tokens = 100
     }
 }
 
+/// `reservation list` shows the holds of requests in flight, with the EUR held
+/// exactly, and marks those whose lease has ended.
+#[tokio::test]
+async fn holds_in_flight_are_listed() {
+    let cli = Cli::new();
+    let empty = cli.ok(&["reservation", "list"]);
+    assert_eq!(
+        empty,
+        "id\trequested\tserved\treserved EUR\tuser\tkey\towner\tcreated\tlease until\tstatus\n"
+    );
+    let config = server::config::Config::load(None, &server::config::Overrides::default()).unwrap();
+    let catalog = config.setup.catalog.clone();
+    let store = cli.store().await;
+    let now = chrono::Utc::now();
+    for (lease_until, max_tokens) in [
+        (now + chrono::Duration::minutes(5), 1_000),
+        (now - chrono::Duration::seconds(1), 3),
+    ] {
+        let outcome = store
+            .reserve(app::store::ReserveRequest {
+                catalog: catalog.clone(),
+                model: catalog.resolve("gpt-5").unwrap().id.clone(),
+                estimate: app::domain::TokenEstimate {
+                    prompt_tokens: 0,
+                    output_cap: Some(max_tokens),
+                    n: 1,
+                },
+                spender: app::store::Spender::default(),
+                owner: "replica-a".into(),
+                lease_until,
+                now,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(outcome, app::store::ReserveOutcome::Admitted(_)));
+    }
+    let listed = cli.ok(&["reservation", "list"]);
+    let rows: Vec<Vec<&str>> = listed
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    let gpt5 = catalog.resolve("gpt-5").unwrap();
+    for (row, (tokens, status)) in rows.iter().zip([(1_000, "held"), (3, "expired")]) {
+        let eur = gpt5.prices.output.eur_per_mtok() * rust_decimal::Decimal::from(tokens)
+            / rust_decimal::Decimal::from(1_000_000);
+        assert_eq!(
+            (row[1], row[2], row[3], row[4], row[6], row[9]),
+            (
+                "gpt-5",
+                "gpt-5",
+                eur.normalize().to_string().as_str(),
+                "-",
+                "replica-a",
+                status
+            ),
+            "{listed}"
+        );
+    }
+}
+
 /// `user password` gives a user a new password (TOLLGATE_PASSWORD or standard
 /// input, checked as at creation); `demo` gives the demo accounts the password it
 /// is given when theirs differs, and leaves a disabled one disabled instead of

@@ -1195,6 +1195,53 @@ async fn an_email_is_one_user_whatever_its_case(db: &TestDb) {
     assert_eq!(store.list_users().await.unwrap().len(), 1);
 }
 
+/// The holds of requests in flight are listed with their user, key, owner and
+/// lease, and leave the list once settled or released.
+async fn holds_in_flight_are_listed(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    assert!(store.list_reservations().await.unwrap().is_empty());
+    let ada = user(&store, "ada@example.com", app::store::Role::Member).await;
+    let key = store
+        .create_api_key(&Actor::Cli, ada.id, "laptop", "hash-laptop", now())
+        .await
+        .unwrap();
+    let keyed = admitted(
+        store
+            .reserve(keyed_request(&catalog, ada.id, key.id))
+            .await
+            .unwrap(),
+    );
+    let later = now() + Duration::seconds(1);
+    let anonymous = admitted(reserve(&store, &catalog, "mid", estimate(1000), later).await);
+
+    let listed = store.list_reservations().await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0].id, keyed.id, "oldest first");
+    assert_eq!(listed[0].amount, keyed.amount);
+    assert_eq!(listed[0].served, ModelId::new("mid"));
+    assert_eq!(listed[0].user_email.as_deref(), Some("ada@example.com"));
+    assert_eq!(listed[0].api_key_id, Some(key.id));
+    assert_eq!(listed[0].owner, "test");
+    assert_eq!(listed[0].lease_until, now() + Duration::minutes(1));
+    assert_eq!(listed[1].id, anonymous.id);
+    assert_eq!(
+        listed[1].amount,
+        Nanos::new(2_000_000),
+        "1000 tokens at 2 EUR per 1M"
+    );
+    assert_eq!(listed[1].user_email, None);
+    assert_eq!(listed[1].lease_until, later + Duration::minutes(5));
+
+    store
+        .settle(settlement(&keyed.id, Some(usage(0, 10))))
+        .await
+        .unwrap();
+    store.release(&anonymous.id).await.unwrap();
+    assert!(store.list_reservations().await.unwrap().is_empty());
+}
+
 /// A new password replaces the old one of a user, enabled or disabled, and ends
 /// their sessions (the epoch grows); their keys stay; the audit row says what
 /// happened without the hash.
@@ -1310,6 +1357,7 @@ async fn insert_user_as_typed(db: &TestDb, email: &str) -> Result<(), sqlx::Erro
 }
 
 on_both_backends!(
+    holds_in_flight_are_listed,
     a_new_password_ends_every_session,
     an_email_is_one_user_whatever_its_case,
     emails_stored_before_folding_are_folded_at_start,

@@ -1085,6 +1085,40 @@ macro_rules! impl_store {
                 self.batcher.release(reservation.clone()).await
             }
 
+            async fn list_reservations(
+                &self,
+            ) -> Result<Vec<app::store::ReservationListing>, app::store::StoreError> {
+                use $crate::db::books::*;
+                type Row = (String, String, String, i64, Option<String>, Option<i64>, String, String, i64);
+                let rows: Vec<Row> = sqlx::query_as(
+                    "SELECT r.id, r.requested_model, r.served_model, r.amount_nanos, u.email, \
+                     r.api_key_id, r.owner, r.created_at, r.lease_until \
+                     FROM reservations r LEFT JOIN users u ON u.id = r.user_id \
+                     WHERE r.workspace_id = $1 ORDER BY r.created_at, r.id",
+                )
+                .bind(WORKSPACE_ID)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|(id, requested, served, amount, user_email, api_key_id, owner, created_at, lease_until)| {
+                        Ok(app::store::ReservationListing {
+                            id: app::store::ReservationId(id),
+                            requested: app::domain::ModelId::new(requested),
+                            served: app::domain::ModelId::new(served),
+                            amount: app::domain::Nanos::new(amount),
+                            user_email,
+                            api_key_id,
+                            owner,
+                            created_at: instant("reservations.created_at", &created_at)?,
+                            lease_until: DateTime::from_timestamp_millis(lease_until).ok_or_else(|| {
+                                corrupt("reservations.lease_until", format!("{lease_until} ms is out of range"))
+                            })?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn release_expired(
                 &self,
                 now: DateTime<Utc>,
