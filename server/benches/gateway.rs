@@ -95,6 +95,7 @@ max_output_tokens = 4096
     println!("KEY={key}");
     let options = server::http::ServeOptions {
         header_read_timeout: config.header_read_timeout,
+        response_write_timeout: config.response_write_timeout,
         request_body_timeout: config.request_body_timeout,
     };
     server::http::serve(listener, app, options, async {

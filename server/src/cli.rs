@@ -897,6 +897,7 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
     );
     let options = http::ServeOptions {
         header_read_timeout: config.header_read_timeout,
+        response_write_timeout: config.response_write_timeout,
         request_body_timeout: config.request_body_timeout,
     };
     http::serve(

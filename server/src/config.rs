@@ -30,8 +30,10 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_REQUEST_BODY_TIMEOUT_SECS: u64 = 30;
 /// How long a client may take to send a request's headers, seconds.
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 30;
-/// The longest `request_body_timeout_secs` and `header_read_timeout_secs`
-/// accepted: an hour.
+/// How long a client may go without taking any of an answer sent to it, seconds.
+pub const DEFAULT_RESPONSE_WRITE_TIMEOUT_SECS: u64 = 30;
+/// The longest `request_body_timeout_secs`, `header_read_timeout_secs` and
+/// `response_write_timeout_secs` accepted: an hour.
 const MAX_TIMEOUT_SECS: u64 = 3600;
 /// How long the gateway waits for an upstream's answer, and at most between two
 /// pieces of a streamed answer, when `[[upstreams]] timeout_secs` is not set:
@@ -86,6 +88,7 @@ pub struct ConfigFile {
     max_request_bytes: Option<usize>,
     request_body_timeout_secs: Option<u64>,
     header_read_timeout_secs: Option<u64>,
+    response_write_timeout_secs: Option<u64>,
     sqlite_synchronous: Option<String>,
     secure_cookies: Option<bool>,
     workspace: Option<WorkspaceSection>,
@@ -176,6 +179,10 @@ pub struct Config {
     /// connecting, or after its previous answer, is disconnected
     /// (`header_read_timeout_secs`, default 30 s, 1 s to an hour).
     pub header_read_timeout: std::time::Duration,
+    /// A client that takes none of an answer sent to it for this long (it stopped
+    /// reading) is disconnected, and its request settled as one whose client went
+    /// away (`response_write_timeout_secs`, default 30 s, 1 s to an hour).
+    pub response_write_timeout: std::time::Duration,
     /// SQLite durability (`sqlite_synchronous = "normal" | "full"`).
     pub durability: Durability,
     /// Mark the session cookie `Secure` (`secure_cookies`, default false): turn it on
@@ -278,6 +285,11 @@ impl Config {
             file.header_read_timeout_secs,
             DEFAULT_HEADER_READ_TIMEOUT_SECS,
         )?;
+        let write_seconds = timeout_secs(
+            "response_write_timeout_secs",
+            file.response_write_timeout_secs,
+            DEFAULT_RESPONSE_WRITE_TIMEOUT_SECS,
+        )?;
         let durability = match file.sqlite_synchronous.as_deref() {
             None | Some("normal") => Durability::Normal,
             Some("full") => Durability::Full,
@@ -339,6 +351,7 @@ impl Config {
             max_request_bytes,
             request_body_timeout: std::time::Duration::from_secs(body_seconds),
             header_read_timeout: std::time::Duration::from_secs(header_seconds),
+            response_write_timeout: std::time::Duration::from_secs(write_seconds),
             durability,
             secure_cookies: file.secure_cookies.unwrap_or(false),
             setup: WorkspaceSetup {
@@ -807,6 +820,11 @@ mod tests {
             (
                 "header_read_timeout_secs = 0",
                 "header_read_timeout_secs",
+                "from 1 to 3600",
+            ),
+            (
+                "response_write_timeout_secs = 3601",
+                "response_write_timeout_secs",
                 "from 1 to 3600",
             ),
             (

@@ -771,6 +771,104 @@ async fn a_second_sigterm_stops_the_server_at_once() {
     in_flight.abort();
 }
 
+/// A client that stops reading a stream is disconnected once it has taken none of
+/// it for `response_write_timeout_secs`, and its request is settled (no hold is
+/// left); a stream that is only quiet upstream for longer than that is not cut.
+#[tokio::test]
+async fn clients_that_stop_reading_are_disconnected_and_quiet_streams_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cli = Cli::new();
+    let mock = upstream::MockUpstream::start().await;
+    let (config, key) = cli.slow_upstream(&mock, "response_write_timeout_secs = 1");
+    let (mut server, base) = cli.serve(&config).await;
+    let body = serde_json::json!({"model": "slow-model", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+
+    // Quiet for 3 s after its first piece, then on to the end.
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    mock.set(|b| b.pause_after_first_piece = Some(gate.clone()));
+    let quiet = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(quiet.status(), reqwest::StatusCode::OK);
+    let open = gate.clone();
+    let opener = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        open.notify_one();
+    });
+    let text = quiet.text().await.unwrap();
+    opener.await.unwrap();
+    assert!(
+        text.contains("data: [DONE]"),
+        "a quiet stream was cut: {text}"
+    );
+
+    // About 20 MB of stream, to a client that reads its first bytes and stops.
+    mock.set(|b| {
+        b.pause_after_first_piece = None;
+        b.stream_pieces = 150_000;
+    });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let mut stalled = socket.connect(address).await.unwrap();
+    let body = body.to_string();
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
+                 Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = [0_u8; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let mut rest = Vec::new();
+    let read_to_end = async {
+        let mut buffer = [0_u8; 65536];
+        loop {
+            match stalled.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), read_to_end)
+        .await
+        .is_ok();
+    let tail = String::from_utf8_lossy(&rest[rest.len().saturating_sub(200)..]).into_owned();
+    assert!(
+        closed && !tail.contains("[DONE]"),
+        "a client that stopped reading kept its connection (closed: {closed}, {} bytes \
+         read after, ending {tail:?})",
+        rest.len()
+    );
+
+    // Its request was settled all the same: no hold is left.
+    let mut holds = String::new();
+    for _ in 0..100 {
+        holds = cli.ok(&["--config", &config, "reservation", "list"]);
+        if holds.lines().count() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(holds.lines().count(), 1, "holds left: {holds}");
+}
+
 /// A connection with no request in flight for `header_read_timeout_secs` is
 /// closed, whether its client sends nothing, trickles a request head a byte at a
 /// time or keeps it alive after an answer, and so is one still trickling a body

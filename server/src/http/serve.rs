@@ -13,6 +13,11 @@
 //!   of its head: the gateway answers 408 then, and on any route (the panel's
 //!   server functions too) a connection still receiving a body [`BODY_GRACE`]
 //!   later is closed.
+//! - A client that takes none of an answer for
+//!   [`ServeOptions::response_write_timeout`] (it stopped reading, and the
+//!   server's buffers for it are full) is disconnected: otherwise it would hold
+//!   its connection and its request forever. An answer that is only waiting for
+//!   its next piece (a quiet stream) is not the client's doing and is never cut.
 //! - Sockets are `TCP_NODELAY`: an answer, or a piece of a stream, leaves as soon
 //!   as it is written instead of waiting for the previous one's acknowledgement.
 //! - Handlers see the client's address (`ConnectInfo<SocketAddr>`), which the
@@ -57,6 +62,9 @@ pub struct ServeOptions {
     /// route, a connection whose body is still arriving [`BODY_GRACE`] later is
     /// closed.
     pub request_body_timeout: Duration,
+    /// The longest a client may go without taking any of an answer it is sent
+    /// (config `response_write_timeout_secs`): the connection is closed then.
+    pub response_write_timeout: Duration,
 }
 
 /// How long after `request_body_timeout` a connection still receiving a body is
@@ -147,7 +155,12 @@ async fn serve_connection(
             let router = router.clone();
             async move {
                 let response = router.oneshot(request).await?;
-                Ok::<_, Infallible>(response.map(|body| Guarded::body(body, in_flight)))
+                let answer = Answering {
+                    activity: in_flight.0.clone(),
+                    _in_flight: in_flight,
+                    waiting: None,
+                };
+                Ok::<_, Infallible>(response.map(|body| Guarded::body(body, answer)))
             }
         })
     };
@@ -166,8 +179,9 @@ async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 stopping = true;
             }
-            // Nothing in flight (nothing is lost by closing it), or a body still
-            // arriving past its deadline (its request has failed already).
+            // Nothing in flight (nothing is lost by closing it), a body still
+            // arriving past its deadline (its request has failed already), or an
+            // answer the client has stopped taking.
             () = activity.expired(options) => {
                 tracing::debug!(%client, "closing a connection idle or sending too slowly");
                 return;
@@ -187,8 +201,9 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// A connection's requests in flight, since when it has had none, and when the
-/// request bodies still arriving began.
+/// A connection's requests in flight, since when it has had none, when the
+/// request bodies still arriving began, and since when answers have waited for
+/// the client to take a piece.
 #[derive(Debug)]
 struct Activity {
     state: Mutex<State>,
@@ -201,6 +216,8 @@ struct State {
     idle_since: Instant,
     /// Bodies still arriving: (number, when its head arrived).
     arriving: Vec<(u64, Instant)>,
+    /// Answers whose last piece the client has yet to take: (number, since when).
+    waiting: Vec<(u64, Instant)>,
     next_body: u64,
 }
 
@@ -211,6 +228,7 @@ impl Activity {
                 in_flight: 0,
                 idle_since: Instant::now(),
                 arriving: Vec::new(),
+                waiting: Vec::new(),
                 next_body: 0,
             }),
         }
@@ -229,15 +247,22 @@ impl Activity {
     /// A request body begins to arrive; it has until the guard is dropped.
     fn body_started(self: &Arc<Self>) -> BodyArriving {
         let mut state = self.lock();
-        let number = state.next_body;
-        state.next_body += 1;
+        let number = Self::number(&mut state);
         state.arriving.push((number, Instant::now()));
         BodyArriving(self.clone(), number)
     }
 
+    /// A number for a body, unique on this connection.
+    fn number(state: &mut State) -> u64 {
+        let number = state.next_body;
+        state.next_body += 1;
+        number
+    }
+
     /// Resolves once no request has been in flight for the header read timeout,
-    /// or a body has been arriving for longer than its timeout and
-    /// [`BODY_GRACE`].
+    /// a body has been arriving for longer than its timeout and [`BODY_GRACE`],
+    /// or an answer has waited for the client longer than the write timeout
+    /// (each seen within twice its length: state is looked at, not watched).
     async fn expired(&self, options: ServeOptions) {
         loop {
             let now = Instant::now();
@@ -250,13 +275,23 @@ impl Activity {
                     .iter()
                     .map(|(_, since)| *since + options.request_body_timeout + BODY_GRACE)
                     .min();
-                idle.into_iter().chain(body).min()
+                let answer = state
+                    .waiting
+                    .iter()
+                    .map(|(_, since)| *since + options.response_write_timeout)
+                    .min();
+                idle.into_iter().chain(body).chain(answer).min()
             };
+            // What a request or a frame starts after this look is seen at the
+            // next, so each limit is enforced within twice its length.
+            let recheck = options
+                .header_read_timeout
+                .min(options.request_body_timeout + BODY_GRACE)
+                .min(options.response_write_timeout);
             match deadline {
                 Some(deadline) if now >= deadline => return,
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                // Requests in flight with their bodies in: look again later.
-                None => tokio::time::sleep(options.header_read_timeout).await,
+                Some(deadline) => tokio::time::sleep_until(deadline.min(now + recheck)).await,
+                None => tokio::time::sleep(recheck).await,
             }
         }
     }
@@ -274,6 +309,57 @@ impl Drop for InFlight {
     }
 }
 
+/// An answer being sent: its request stays in flight, and each piece handed to
+/// hyper waits for the client until hyper asks for the next one (which it does
+/// as soon as it has room, so only a client that stopped reading keeps it
+/// waiting).
+struct Answering {
+    _in_flight: InFlight,
+    activity: Arc<Activity>,
+    waiting: Option<u64>,
+}
+
+impl Answering {
+    fn taken(&mut self) {
+        if let Some(number) = self.waiting.take() {
+            self.activity
+                .lock()
+                .waiting
+                .retain(|(waiting, _)| *waiting != number);
+        }
+    }
+}
+
+impl Watch for Answering {
+    fn polled(&mut self) {
+        self.taken();
+    }
+
+    fn handed(&mut self) {
+        let mut state = self.activity.lock();
+        let number = Activity::number(&mut state);
+        state.waiting.push((number, Instant::now()));
+        self.waiting = Some(number);
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        // `_in_flight` ends the request after this, as fields drop last.
+        self.taken();
+    }
+}
+
+/// What a [`Guarded`] body tells its connection as hyper polls it.
+trait Watch {
+    /// Hyper asks for the next piece: it has taken the ones before.
+    fn polled(&mut self) {}
+    /// A piece was handed to hyper.
+    fn handed(&mut self) {}
+}
+
+impl Watch for BodyArriving {}
+
 /// One request body still arriving (see [`Activity`]).
 #[derive(Debug)]
 struct BodyArriving(Arc<Activity>, u64);
@@ -287,9 +373,10 @@ impl Drop for BodyArriving {
     }
 }
 
-/// A body holding `guard` until its last frame, an error, or its drop: a request
-/// body counts as arriving ([`BodyArriving`]), a response keeps its request in
-/// flight ([`InFlight`]).
+/// A body holding `guard` until its last frame, an error, or its drop, and
+/// telling it when it is polled and hands out a frame ([`Watch`]): a request body
+/// counts as arriving ([`BodyArriving`]), a response keeps its request in flight
+/// and says whether the client takes it ([`Answering`]).
 struct Guarded<B, G> {
     body: B,
     guard: Option<G>,
@@ -300,7 +387,7 @@ impl<B, G> Guarded<B, G> {
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<axum::BoxError>,
-        G: Send + Unpin + 'static,
+        G: Watch + Send + Unpin + 'static,
     {
         Body::new(Guarded {
             body,
@@ -312,7 +399,7 @@ impl<B, G> Guarded<B, G> {
 impl<B, G> HttpBody for Guarded<B, G>
 where
     B: HttpBody<Data = Bytes> + Unpin,
-    G: Unpin,
+    G: Watch + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -321,9 +408,14 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(guard) = &mut self.guard {
+            guard.polled();
+        }
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.body.is_end_stream() {
             self.guard = None;
+        } else if let (Poll::Ready(Some(Ok(_))), Some(guard)) = (&polled, &mut self.guard) {
+            guard.handed();
         }
         polled
     }

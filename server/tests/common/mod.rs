@@ -150,6 +150,7 @@ pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let options = server::http::ServeOptions {
         header_read_timeout: std::time::Duration::from_secs(30),
+        response_write_timeout: std::time::Duration::from_secs(30),
         request_body_timeout: std::time::Duration::from_secs(30),
     };
     let server = tokio::spawn(server::http::serve(
