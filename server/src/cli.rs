@@ -514,7 +514,12 @@ async fn replay(
     Ok(())
 }
 
-/// A light check that catches typos (`alice`, `a@`); the login is the real test.
+/// The longest key name `tollgate key create --name` takes, in characters: a
+/// label that fits on a line of `tollgate key list`.
+const MAX_KEY_NAME_CHARS: usize = 100;
+
+/// A light check that catches typos (`alice`, `a@`, `a@@b.com`); the login is the
+/// real test.
 fn is_plausible_email(email: &str) -> bool {
     // RFC 5321's longest path; control characters would reach operators'
     // terminals through `user list` and `audit`.
@@ -524,6 +529,7 @@ fn is_plausible_email(email: &str) -> bool {
     match email.split_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
+                && !domain.contains('@')
                 && domain.contains('.')
                 && !domain.starts_with('.')
                 && !domain.ends_with('.')
@@ -546,6 +552,10 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 !name.chars().any(char::is_control),
                 "--name must not hold a tab, a line break or another control character: \
                  `tollgate key list` prints one key per line, its columns split by tabs"
+            );
+            anyhow::ensure!(
+                name.chars().count() <= MAX_KEY_NAME_CHARS,
+                "--name must have at most {MAX_KEY_NAME_CHARS} characters"
             );
             let user = listed_user(store, &email).await?;
             if let Some(at) = user.disabled_at {

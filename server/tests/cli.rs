@@ -368,6 +368,8 @@ fn users_and_keys() {
     for email in [
         "evil\u{1b}[2J@example.com",
         "tab\t@example.com",
+        "a@@example.com",
+        "a@b@example.com",
         long.as_str(),
     ] {
         let refused = cli.run_with(
@@ -448,9 +450,11 @@ fn users_and_keys() {
         key.starts_with("tg_") && !key.contains(char::is_whitespace),
         "{key:?}"
     );
+    let long_name = "n".repeat(101);
     for (name, says) in [
         ("  ", "--name must not be empty"),
         ("a\tb", "control character"),
+        (long_name.as_str(), "at most 100 characters"),
         ("a\nfake\trow", "control character"),
     ] {
         let stderr = cli.fails(&[
