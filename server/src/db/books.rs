@@ -294,6 +294,9 @@ const EVENT_COLUMNS: &[(&str, Json)] = &[
 const RESERVATION_RETURNING: &str = "id, cycle_start, requested_model, served_model, \
     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id";
 
+/// What a user is read or returned with: a [`UserRow`].
+pub(crate) const USER_COLUMNS: &str = "id, email, password_hash, role, session_epoch";
+
 /// What a ledger row is returned with: a [`LedgerRow`].
 const LEDGER_RETURNING: &str = "id, requested_model, served_model, cost_nanos, estimated, \
     over_reservation, reservation_id, idempotency_key";
@@ -1493,10 +1496,10 @@ macro_rules! impl_store {
                         message: format!("a user with the email {email} exists already"),
                     });
                 }
-                let row: UserRow = sqlx::query_as(
+                let row: UserRow = sqlx::query_as(&format!(
                     "INSERT INTO users (workspace_id, email, password_hash, role, created_at) \
-                     VALUES ($1, $2, $3, $4, $5) RETURNING id, email, password_hash, role, session_epoch",
-                )
+                     VALUES ($1, $2, $3, $4, $5) RETURNING {USER_COLUMNS}"
+                ))
                 .bind(WORKSPACE_ID)
                 .bind(&email)
                 .bind(password_hash)
@@ -1611,11 +1614,10 @@ macro_rules! impl_store {
                 use $crate::db::books::*;
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
-                let row: UserRow = sqlx::query_as(
+                let row: UserRow = sqlx::query_as(&format!(
                     "UPDATE users SET password_hash = $1, session_epoch = session_epoch + 1 \
-                     WHERE workspace_id = $2 AND email = $3 \
-                     RETURNING id, email, password_hash, role, session_epoch",
-                )
+                     WHERE workspace_id = $2 AND email = $3 RETURNING {USER_COLUMNS}"
+                ))
                 .bind(password_hash)
                 .bind(WORKSPACE_ID)
                 .bind(app::store::normalized_email(email))
@@ -2313,11 +2315,11 @@ macro_rules! impl_store {
             disabled_at: Option<&str>,
         ) -> Result<$crate::db::books::UserRow, app::store::StoreError> {
             use $crate::db::books::*;
-            let row: Option<UserRow> = sqlx::query_as(
+            let row: Option<UserRow> = sqlx::query_as(&format!(
                 "UPDATE users SET disabled_at = $1, session_epoch = session_epoch + $5 \
                  WHERE workspace_id = $2 AND email = $3 AND (disabled_at IS NULL) = $4 \
-                 RETURNING id, email, password_hash, role, session_epoch",
-            )
+                 RETURNING {USER_COLUMNS}"
+            ))
             .bind(disabled_at)
             .bind(WORKSPACE_ID)
             .bind(app::store::normalized_email(email))
@@ -2375,7 +2377,7 @@ macro_rules! impl_store {
         {
             use $crate::db::books::*;
             let sql = format!(
-                "SELECT id, email, password_hash, role, session_epoch FROM users WHERE ({condition}) AND disabled_at IS NULL"
+                "SELECT {USER_COLUMNS} FROM users WHERE ({condition}) AND disabled_at IS NULL"
             );
             let row: Option<UserRow> = sqlx::query_as(&sql)
                 .bind(value)

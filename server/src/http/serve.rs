@@ -156,8 +156,7 @@ async fn serve_connection(
             async move {
                 let response = router.oneshot(request).await?;
                 let answer = Answering {
-                    activity: in_flight.0.clone(),
-                    _in_flight: in_flight,
+                    in_flight,
                     waiting: None,
                 };
                 Ok::<_, Infallible>(response.map(|body| Guarded::body(body, answer)))
@@ -314,15 +313,15 @@ impl Drop for InFlight {
 /// as soon as it has room, so only a client that stopped reading keeps it
 /// waiting).
 struct Answering {
-    _in_flight: InFlight,
-    activity: Arc<Activity>,
+    in_flight: InFlight,
     waiting: Option<u64>,
 }
 
 impl Answering {
     fn taken(&mut self) {
         if let Some(number) = self.waiting.take() {
-            self.activity
+            self.in_flight
+                .0
                 .lock()
                 .waiting
                 .retain(|(waiting, _)| *waiting != number);
@@ -336,7 +335,7 @@ impl Watch for Answering {
     }
 
     fn handed(&mut self) {
-        let mut state = self.activity.lock();
+        let mut state = self.in_flight.0.lock();
         let number = Activity::number(&mut state);
         state.waiting.push((number, Instant::now()));
         self.waiting = Some(number);
@@ -345,7 +344,7 @@ impl Watch for Answering {
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        // `_in_flight` ends the request after this, as fields drop last.
+        // `in_flight` ends the request after this, as fields drop last.
         self.taken();
     }
 }
