@@ -24,6 +24,10 @@ use tower::ServiceExt;
 
 const PASSWORD: &str = "correct horse battery";
 
+/// How long a request may take before the test fails: far more than any takes
+/// on a debug build, far less than a CI run's time limit.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 struct Panel {
     router: Router,
     store: SharedStore,
@@ -103,11 +107,19 @@ impl Panel {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// The answer to `request`, its body read whole. A request unanswered after
+    /// [`PATIENCE`] fails the test, naming it, instead of hanging the suite.
     async fn send(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
-        let response = self.router.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let what = format!("{} {}", request.method(), request.uri());
+        let answer = async {
+            let response = self.router.clone().oneshot(request).await.unwrap();
+            let (parts, body) = response.into_parts();
+            (parts, body.collect().await.unwrap().to_bytes())
+        };
+        let (response, body) = tokio::time::timeout(PATIENCE, answer)
+            .await
+            .unwrap_or_else(|_| panic!("{what} was not answered within {PATIENCE:?}"));
+        let (status, headers) = (response.status, response.headers);
         (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 

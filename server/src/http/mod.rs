@@ -11,7 +11,7 @@ use axum::{
     Router,
 };
 use leptos::{config::LeptosOptions, prelude::provide_context};
-use leptos_axum::{generate_route_list, LeptosRoutes};
+use leptos_axum::{generate_route_list, AxumRouteListing, LeptosRoutes};
 
 use tower_http::compression::CompressionLayer;
 use tower_sessions::{cookie::SameSite, Expiry, SessionManagerLayer};
@@ -55,10 +55,25 @@ impl AppState {
     }
 }
 
+/// The panel's routes, generated once per process.
+///
+/// Leptos generates them by running the app with resource loading switched off
+/// for the whole process (`SuppressResourceLoad`, one global flag): a page that
+/// another router of the same process rendered meanwhile would wait forever for
+/// its resources (leptos-rs/leptos#4773). `tollgate serve` builds one router before
+/// it serves, but the tests build one each while others render, and hung now and
+/// then. Generated once, before any router exists, the flag is never set while a
+/// page renders.
+fn panel_routes() -> Vec<AxumRouteListing> {
+    static ROUTES: std::sync::LazyLock<Vec<AxumRouteListing>> =
+        std::sync::LazyLock::new(|| generate_route_list(App));
+    ROUTES.clone()
+}
+
 /// Build the whole HTTP surface over `state`: the admin panel (pages and server
 /// functions, behind sessions and the access middleware) and health.
 pub fn router(state: AppState, sessions: SessionBackend) -> Router {
-    let routes = generate_route_list(App);
+    let routes = panel_routes();
     let context = leptos_context(&state);
     let options = state.leptos_options.clone();
     let auth = AuthState::new(state.store.clone());
