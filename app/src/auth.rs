@@ -71,7 +71,7 @@ pub const SESSION_USER_ID: &str = "user_id";
 
 /// Session key under which the user's session epoch at sign-in is stored
 /// ([`crate::store::UserRecord::session_epoch`]); a session without one was signed
-/// in before epochs existed and counts as epoch 0.
+/// in before epochs existed and is signed out.
 pub const SESSION_EPOCH: &str = "session_epoch";
 
 #[cfg(feature = "ssr")]

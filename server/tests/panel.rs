@@ -31,6 +31,7 @@ const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 struct Panel {
     router: Router,
     store: SharedStore,
+    sessions: server::auth::sessions::SessionBackend,
     _db: TestDb,
     _config: Option<tempfile::NamedTempFile>,
 }
@@ -78,8 +79,9 @@ impl Panel {
         }
         let state = http::AppState::new(Arc::new(config), database.store.clone());
         Panel {
-            router: http::router(state, database.sessions),
+            router: http::router(state, database.sessions.clone()),
             store: database.store,
+            sessions: database.sessions,
             _db: db,
             _config: file,
         }
@@ -678,6 +680,32 @@ async fn members_can_sign_out() {
     // The old cookie no longer opens the start page.
     let (status, _, _) = panel.send(get("/", Some(&member))).await;
     assert_eq!(status, StatusCode::FOUND);
+}
+
+/// A session signed in by a version without session epochs, whose disables did
+/// not end sessions for good, is signed out: it may be one such a disable should
+/// have ended.
+#[tokio::test]
+async fn a_session_from_before_session_epochs_is_signed_out() {
+    use tower_sessions::SessionStore;
+    let panel = Panel::new().await;
+    let cookie = panel.sign_in("ada@example.com").await;
+    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&cookie))).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The record as such a version left it: the user's id and no epoch.
+    let id: tower_sessions::session::Id = cookie.split_once('=').unwrap().1.parse().unwrap();
+    let mut record = panel.sessions.load(&id).await.unwrap().unwrap();
+    assert!(record.data.remove(app::auth::SESSION_EPOCH).is_some());
+    assert!(record.data.contains_key(app::auth::SESSION_USER_ID));
+    panel.sessions.save(&record).await.unwrap();
+
+    let (status, headers, _) = panel.send(get("/admin/token-limits", Some(&cookie))).await;
+    assert_eq!(status, StatusCode::FOUND, "the old session is over");
+    assert!(headers[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .starts_with("/login"));
 }
 
 /// An administrator the operator disables is signed out at their next request,

@@ -154,14 +154,13 @@ async fn malformed_call_as_bad_request(response: Response) -> Response {
     Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
-/// The session's user, if it is signed in, enabled, and was not disabled since it
-/// signed in (its session epoch is the user's).
+/// The session's user, if it is signed in, enabled, and was not disabled nor given
+/// a new password since it signed in (its session epoch is the user's). A session
+/// without an epoch was signed in by a version that kept none, whose sessions a
+/// disable did not end for good: it is signed out, and its user signs in again.
 async fn current_user(store: &SharedStore, session: &Session) -> Option<CurrentUser> {
     let id: i64 = session.get(SESSION_USER_ID).await.ok().flatten()?;
-    let epoch: i64 = match session.get(SESSION_EPOCH).await {
-        Ok(epoch) => epoch.unwrap_or(0),
-        Err(_) => return None,
-    };
+    let epoch: i64 = session.get(SESSION_EPOCH).await.ok().flatten()?;
     match store.user_by_id(id).await {
         Ok(Some(user)) if user.session_epoch != epoch => None,
         Ok(Some(user)) => Some(CurrentUser {
