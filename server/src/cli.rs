@@ -14,6 +14,40 @@ use tower_sessions::session_store::ExpiredDeletion;
 
 use crate::{assets, auth, config, db, http, replay};
 
+/// `println!` for a command's output on stdout: when the reader has gone away
+/// (`tollgate user list | head -1`), the command ends with [`OutputClosed`]
+/// instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_output(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// The reader of the command's output went away before it was all written.
+///
+/// `main` ends the process quietly with status 141 (128 + SIGPIPE), what a shell
+/// reports for a command stopped by a closed pipe.
+#[derive(Debug, thiserror::Error)]
+#[error("the reader of the output went away")]
+pub struct OutputClosed;
+
+/// Writes `text` to stdout.
+///
+/// Errors: [`OutputClosed`] when the pipe's reader has gone away; the I/O error
+/// for any other failure (a full disk behind a redirection, say).
+fn write_output(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("could not write the output")),
+    }
+}
+
 /// Spend control for an organisation's use of large language models.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version)]
@@ -222,7 +256,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         action: ConfigAction::Example,
     } = &cli.command
     {
-        print!("{}", config::EXAMPLE);
+        write_output(config::EXAMPLE)?;
         return Ok(());
     }
     if let Command::Replay {
@@ -266,7 +300,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let user = store
                 .create_user(&Actor::Cli, email, &hash, role, Utc::now())
                 .await?;
-            println!(
+            outln!(
                 "created {} {} (id {})",
                 user.role.as_str(),
                 user.email,
@@ -277,13 +311,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User {
             action: UserAction::List,
         } => {
-            println!("id\temail\trole\tcreated\tstatus\tlive keys");
+            outln!("id\temail\trole\tcreated\tstatus\tlive keys");
             for user in store.list_users().await? {
                 let status = match user.disabled_at {
                     Some(at) => format!("disabled {}", at.to_rfc3339()),
                     None => "enabled".to_owned(),
                 };
-                println!(
+                outln!(
                     "{}\t{}\t{}\t{}\t{status}\t{}",
                     user.id,
                     user.email,
@@ -301,7 +335,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         {
             Ok(done) => {
-                println!(
+                outln!(
                     "disabled {} {} (id {}); revoked {} key(s)",
                     done.user.role.as_str(),
                     done.user.email,
@@ -314,7 +348,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 match listed_user(&store, &email).await?.disabled_at {
                     // Disabling twice is not an error (a script may run again).
                     Some(at) => {
-                        println!(
+                        outln!(
                             "{} was already disabled on {}",
                             email.trim(),
                             at.to_rfc3339()
@@ -333,7 +367,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         {
             Ok(user) => {
-                println!(
+                outln!(
                     "enabled {} {} (id {}); their old keys stay revoked: \
                      `tollgate key create --email {}` gives a new one",
                     user.role.as_str(),
@@ -346,7 +380,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Err(app::store::StoreError::NotFound { .. }) => {
                 // Enabling twice is not an error (a script may run again).
                 if listed_user(&store, &email).await?.disabled_at.is_none() {
-                    println!("{} is already enabled", email.trim());
+                    outln!("{} is already enabled", email.trim());
                     Ok(())
                 } else {
                     anyhow::bail!("{} could not be enabled; try again", email.trim())
@@ -363,7 +397,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
             {
                 Ok(user) => {
-                    println!(
+                    outln!(
                         "set a new password for {} {} (id {}); their panel sessions ended",
                         user.role.as_str(),
                         user.email,
@@ -384,10 +418,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let on = state == "on";
             let now = Utc::now();
             let current = store.spend_snapshot(now).await?.settings;
-            let saved = store
-                .update_settings(&Actor::Cli, current.version, on, now)
-                .await?;
-            println!(
+            let saved = write_latest(current.version, |version| {
+                store.update_settings(&Actor::Cli, version, on, now)
+            })
+            .await?;
+            outln!(
                 "automatic fallback: {}",
                 if saved.automatic_fallback {
                     "on"
@@ -399,7 +434,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit { limit } => {
             for row in store.audit_log(limit).await? {
-                println!(
+                outln!(
                     "{}\t{}\t{}\t{}\t{}\t{}",
                     row.at.to_rfc3339(),
                     row.actor,
@@ -415,9 +450,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             action: ReservationAction::List,
         } => {
             let now = Utc::now();
-            println!("id\trequested\tserved\treserved EUR\tuser\tkey\towner\tcreated\tlease until\tstatus");
+            outln!("id\trequested\tserved\treserved EUR\tuser\tkey\towner\tcreated\tlease until\tstatus");
             for hold in store.list_reservations().await? {
-                println!(
+                outln!(
                     "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     hold.id,
                     hold.requested,
@@ -448,7 +483,7 @@ async fn mock_upstream(listen: &str) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("could not listen on {listen}"))?;
-    println!(
+    outln!(
         "mock upstream for the replay on http://{}/v1",
         listener.local_addr()?
     );
@@ -496,7 +531,7 @@ async fn replay(
     let report = replay::send(&trace, &options).await?;
     let summary =
         replay::Summary::new(&report, &before, store, &config.setup.catalog, Utc::now()).await?;
-    print!("{}", summary.render(&options));
+    write_output(&summary.render(&options))?;
     if let Some(path) = json {
         let document = serde_json::json!({"summary": &summary, "requests": &report.sent});
         std::fs::write(&path, serde_json::to_vec_pretty(&document)?)
@@ -570,15 +605,15 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 .create_api_key(&Actor::Cli, user.id, name, &hash, Utc::now())
                 .await?;
             // The key alone on stdout, so scripts can capture it.
-            println!("{key}");
+            outln!("{key}");
         }
         KeyAction::List { email } => {
             if let Some(email) = &email {
                 listed_user(store, email).await?;
             }
-            println!("id\tname\towner\tcreated\tlast used\tstatus");
+            outln!("id\tname\towner\tcreated\tlast used\tstatus");
             for key in store.list_api_keys(email.as_deref()).await? {
-                println!(
+                outln!(
                     "{}\t{}\t{}\t{}\t{}\t{}",
                     key.id,
                     key.name,
@@ -599,7 +634,7 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
             .revoke_api_key(&Actor::Cli, key_id, Utc::now())
             .await
         {
-            Ok(()) => println!("revoked key {key_id}"),
+            Ok(()) => outln!("revoked key {key_id}"),
             Err(app::store::StoreError::NotFound { .. }) => {
                 // Revoking twice is not an error (a script may run again), but
                 // the operator learns it, and an unknown id is one.
@@ -612,7 +647,7 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                         format!("no API key has the id {key_id}: see `tollgate key list`")
                     })?;
                 match key.revoked_at {
-                    Some(at) => println!("key {key_id} was already revoked on {}", at.to_rfc3339()),
+                    Some(at) => outln!("key {key_id} was already revoked on {}", at.to_rfc3339()),
                     None => anyhow::bail!("key {key_id} could not be revoked; try again"),
                 }
             }
@@ -692,14 +727,14 @@ async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()
             // demo accounts get the one the operator is told.
             Some(_) => {
                 store.set_password(&Actor::Cli, email, &hash, now).await?;
-                println!("set the password of {email} to TOLLGATE_PASSWORD");
+                outln!("set the password of {email} to TOLLGATE_PASSWORD");
             }
             None => match store.create_user(&Actor::Cli, email, &hash, role, now).await {
-                Ok(_) => println!("created {} {email}", role.as_str()),
+                Ok(_) => outln!("created {} {email}", role.as_str()),
                 Err(app::store::StoreError::Invalid {
                     code: "email_taken",
                     ..
-                }) => println!(
+                }) => outln!(
                     "{email} is disabled: `tollgate user enable --email {email}` lets it sign in again"
                 ),
                 Err(e) => return Err(e.into()),
@@ -730,7 +765,7 @@ async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()
         .iter()
         .filter(|o| matches!(o, app::store::RecordOutcome::Recorded(_)))
         .count();
-    println!(
+    outln!(
         "recorded {recorded} demo usage events in the cycle starting {}",
         cycle.first_day
     );
@@ -806,27 +841,56 @@ async fn limit(
         .iter()
         .find(|m| m.id == id)
         .map_or(0, |m| m.limit.version);
-    store
-        .update_model_limits(
-            &Actor::Cli,
-            &[LimitChange {
-                model: id.clone(),
-                expected_version,
-                limit,
-            }],
-            now,
-        )
-        .await?;
+    write_latest(expected_version, |expected_version| {
+        let change = LimitChange {
+            model: id.clone(),
+            expected_version,
+            limit,
+        };
+        async move { store.update_model_limits(&Actor::Cli, &[change], now).await }
+    })
+    .await?;
     match limit.limit {
-        Some(cap) => println!(
+        Some(cap) => outln!(
             "{}: limit {} per cycle, {}",
             id,
             format_eur(cap.to_money()),
             if limit.enabled { "enabled" } else { "disabled" }
         ),
-        None => println!("{id}: no limit (shared pool)"),
+        None => outln!("{id}: no limit (shared pool)"),
     }
     Ok(())
+}
+
+/// How many times [`write_latest`] writes before it gives up.
+const WRITE_ATTEMPTS: u32 = 5;
+
+/// Runs the optimistic write `write` against `version`, the version the command
+/// read; when someone else wrote first (`StoreError::Conflict`), again against the
+/// version they left, at most [`WRITE_ATTEMPTS`] times in all. An operator's
+/// command names the value it wants, not the version it saw (`limit set`,
+/// `fallback on`): the last writer wins, as it would have a moment later. The tab
+/// keeps refusing stale saves (DESIGN.md §5).
+///
+/// Errors: the last attempt's error.
+async fn write_latest<T, F, Fut>(version: i64, mut write: F) -> Result<T, app::store::StoreError>
+where
+    F: FnMut(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<T, app::store::StoreError>>,
+{
+    let mut version = version;
+    let mut attempt = 1;
+    loop {
+        match write(version).await {
+            Err(app::store::StoreError::Conflict {
+                current_version, ..
+            }) if attempt < WRITE_ATTEMPTS => {
+                version = current_version;
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what service managers and containers send), so
@@ -922,4 +986,65 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
     gateway.finish_exchanges().await;
     sweeper.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use app::store::StoreError;
+
+    use super::*;
+
+    fn conflict(current_version: i64) -> StoreError {
+        StoreError::Conflict {
+            what: "settings".into(),
+            current_version,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_lost_a_race_is_made_again_on_the_version_it_lost_to() {
+        let seen = RefCell::new(Vec::new());
+        let done = write_latest(3, |version| {
+            seen.borrow_mut().push(version);
+            async move {
+                match version {
+                    3 => Err(conflict(4)),
+                    4 => Err(conflict(6)),
+                    _ => Ok(version),
+                }
+            }
+        })
+        .await;
+        assert_eq!(done.unwrap(), 6);
+        assert_eq!(*seen.borrow(), [3, 4, 6]);
+    }
+
+    #[tokio::test]
+    async fn writes_give_up_after_their_attempts_and_other_errors_at_once() {
+        let calls = RefCell::new(0_u32);
+        let done: Result<(), _> = write_latest(1, |version| {
+            *calls.borrow_mut() += 1;
+            async move { Err(conflict(version + 1)) }
+        })
+        .await;
+        assert!(matches!(
+            done,
+            Err(StoreError::Conflict {
+                current_version: 6,
+                ..
+            })
+        ));
+        assert_eq!(*calls.borrow(), WRITE_ATTEMPTS);
+
+        *calls.borrow_mut() = 0;
+        let done: Result<(), _> = write_latest(1, |_| {
+            *calls.borrow_mut() += 1;
+            async { Err(StoreError::NotFound { what: "model" }) }
+        })
+        .await;
+        assert!(matches!(done, Err(StoreError::NotFound { .. })));
+        assert_eq!(*calls.borrow(), 1);
+    }
 }

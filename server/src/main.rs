@@ -23,6 +23,11 @@ async fn main() -> std::process::ExitCode {
     let cli = server::cli::Cli::parse();
     match server::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of the output went away (`tollgate user list | head -1`):
+        // nothing to tell it, and the shell's status for a closed pipe.
+        Err(e) if e.downcast_ref::<server::cli::OutputClosed>().is_some() => {
+            std::process::ExitCode::from(141)
+        }
         Err(e) => {
             eprintln!("tollgate: {}", causes(&e));
             std::process::ExitCode::FAILURE

@@ -37,6 +37,11 @@ impl Cli {
     }
 
     fn run_with(&self, args: &[&str], password: Option<&str>) -> Output {
+        self.command(args, password).output().unwrap()
+    }
+
+    /// The command `run_with` runs, to start it some other way.
+    fn command(&self, args: &[&str], password: Option<&str>) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         command
             .args(args)
@@ -50,7 +55,7 @@ impl Cli {
         if let Some(password) = password {
             command.env("TOLLGATE_PASSWORD", password);
         }
-        command.output().unwrap()
+        command
     }
 
     /// Stdout of a command that must succeed.
@@ -587,6 +592,27 @@ fn users_and_keys() {
         "{audit}"
     );
     assert!(!audit.contains(&phone), "keys never reach the audit log");
+}
+
+/// A listing piped into a reader that stops early (`tollgate user list | head -1`)
+/// ends quietly, with the shell's status for a closed pipe, not a panic.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let cli = Cli::new();
+    for args in [["user", "list"], ["key", "list"], ["config", "example"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        // The reader is gone before the command writes a byte.
+        drop(reader);
+        let output = cli
+            .command(&args, None)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
 }
 
 #[test]
