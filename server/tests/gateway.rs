@@ -1528,6 +1528,25 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         "{bad}"
     );
     assert_eq!(h.workspace().await.spent, spent, "nothing counted");
+    // A count that cannot be read is named where the caller wrote it.
+    let (status, bad) = h
+        .api(
+            "/api/v1/usage",
+            &json!({"records": [
+                {"idempotency_key": "typo", "model": "mid",
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                           "prompt_tokens_details": {"cached_tokens": -1}}}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["error"]["param"].clone()),
+        (
+            400,
+            json!("records[0].usage.prompt_tokens_details.cached_tokens")
+        ),
+        "{bad}"
+    );
+    assert_eq!(h.workspace().await.spent, spent, "nothing counted");
 
     // Admission refuses what the plan cannot hold, as the gateway does.
     let (status, refused) = h

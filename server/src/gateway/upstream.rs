@@ -173,10 +173,11 @@ struct CompletionDetails {
 
 /// Why a usage object cannot be billed; the text names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {problem}")]
+#[error("{}{problem}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
 pub struct UsageParseError {
-    /// The field, e.g. `prompt_tokens` or `cached_tokens`.
-    pub field: &'static str,
+    /// Where in the usage object, as the caller wrote it: `prompt_tokens`,
+    /// `prompt_tokens_details.cached_tokens`, or empty for the object itself.
+    pub field: String,
     /// What is wrong with it.
     pub problem: String,
 }
@@ -189,44 +190,61 @@ pub struct UsageParseError {
 /// non-negative integer, when a flat and a nested count disagree, or when cached
 /// exceeds prompt or reasoning exceeds completion tokens.
 pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
-    let wire: UsageWire = serde_json::from_str(raw.get()).map_err(|e| UsageParseError {
-        field: "usage",
-        problem: format!("token counts must be non-negative integers ({e})"),
-    })?;
-    let missing = |field: &'static str| UsageParseError {
-        field,
+    let wire: UsageWire =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(raw.get()))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                UsageParseError {
+                    // The library writes the object itself as ".".
+                    field: if path == "." { String::new() } else { path },
+                    problem: format!("token counts must be non-negative integers ({})", e.inner()),
+                }
+            })?;
+    let missing = |field: &str| UsageParseError {
+        field: field.to_owned(),
         problem: "missing".into(),
     };
-    let both = |field: &'static str, flat: Option<u64>, nested: Option<u64>| match (flat, nested) {
+    // A detail count given flat, nested, or both (then equal); the field it was
+    // read from, for the errors.
+    let detail = |flat_name: &'static str,
+                  nested_name: &'static str,
+                  flat: Option<u64>,
+                  nested: Option<u64>| match (flat, nested) {
         (Some(a), Some(b)) if a != b => Err(UsageParseError {
-            field,
-            problem: format!("given twice with different values ({a} and {b})"),
+            field: flat_name.to_owned(),
+            problem: format!("given twice with different values ({a}, and {b} in {nested_name})"),
         }),
-        (a, b) => Ok(a.or(b).unwrap_or(0)),
+        (None, Some(b)) => Ok((b, nested_name)),
+        (a, _) => Ok((a.unwrap_or(0), flat_name)),
     };
+    let (cached_tokens, cached_field) = detail(
+        "cached_tokens",
+        "prompt_tokens_details.cached_tokens",
+        wire.cached_tokens,
+        wire.prompt_tokens_details.and_then(|d| d.cached_tokens),
+    )?;
+    let (reasoning_tokens, reasoning_field) = detail(
+        "reasoning_tokens",
+        "completion_tokens_details.reasoning_tokens",
+        wire.reasoning_tokens,
+        wire.completion_tokens_details
+            .and_then(|d| d.reasoning_tokens),
+    )?;
     let usage = Usage {
         prompt_tokens: wire.prompt_tokens.ok_or_else(|| missing("prompt_tokens"))?,
         completion_tokens: wire
             .completion_tokens
             .ok_or_else(|| missing("completion_tokens"))?,
-        cached_tokens: both(
-            "cached_tokens",
-            wire.cached_tokens,
-            wire.prompt_tokens_details.and_then(|d| d.cached_tokens),
-        )?,
-        reasoning_tokens: both(
-            "reasoning_tokens",
-            wire.reasoning_tokens,
-            wire.completion_tokens_details
-                .and_then(|d| d.reasoning_tokens),
-        )?,
+        cached_tokens,
+        reasoning_tokens,
     };
     usage.validate().map_err(|e| UsageParseError {
         field: if e.code() == "cached_exceeds_prompt" {
-            "cached_tokens"
+            cached_field
         } else {
-            "reasoning_tokens"
-        },
+            reasoning_field
+        }
+        .to_owned(),
         problem: e.to_string(),
     })?;
     Ok(usage)
@@ -290,7 +308,26 @@ mod tests {
             parse(r#"{"prompt_tokens":-1,"completion_tokens":1}"#)
                 .unwrap_err()
                 .field,
-            "usage"
+            "prompt_tokens"
+        );
+        // Each error names the field where the caller wrote the count.
+        assert_eq!(
+            parse(r#"{"prompt_tokens":1,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":"2"}}"#)
+                .unwrap_err()
+                .field,
+            "prompt_tokens_details.cached_tokens"
+        );
+        assert_eq!(
+            parse(r#"{"prompt_tokens":1,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":2}}"#)
+                .unwrap_err()
+                .field,
+            "prompt_tokens_details.cached_tokens"
+        );
+        assert_eq!(
+            parse(r#"{"prompt_tokens":1,"completion_tokens":1,"reasoning_tokens":2}"#)
+                .unwrap_err()
+                .field,
+            "reasoning_tokens"
         );
         assert_eq!(
             parse(r#"{"prompt_tokens":1,"completion_tokens":1,"cached_tokens":2}"#)
@@ -305,7 +342,9 @@ mod tests {
             "cached_tokens"
         );
         // Named for the caller, not after a type of this crate.
-        let not_an_object = parse(r#""lots""#).unwrap_err().to_string();
+        let not_an_object = parse(r#""lots""#).unwrap_err();
+        assert_eq!(not_an_object.field, "", "the object itself");
+        let not_an_object = not_an_object.to_string();
         assert!(
             not_an_object.contains("expected a usage object") && !not_an_object.contains("Wire"),
             "{not_an_object}"

@@ -109,7 +109,7 @@ fn parse_object(bytes: &[u8]) -> Result<RawObject, GatewayError> {
 /// Errors: [`GatewayError::InvalidField`] naming `{param}.{field}`.
 fn usage_field(raw: &RawValue, param: &str) -> Result<Usage, GatewayError> {
     parse_usage(raw).map_err(|e| {
-        let param = if e.field == "usage" {
+        let param = if e.field.is_empty() {
             param.to_owned()
         } else {
             format!("{param}.{}", e.field)
