@@ -388,18 +388,29 @@ pub struct UserRecord {
     pub password_hash: String,
     /// Admin or member.
     pub role: Role,
-    /// Grows by one each time the user is disabled: a session signed in at an
-    /// older epoch is over, even once the user is enabled again.
+    /// Grows by one each time the user is disabled or given a new password: a
+    /// session signed in at an older epoch is over, even once the user is enabled
+    /// again.
     pub session_epoch: i64,
 }
 
-/// An email address in the one form it is stored and compared in: trimmed and
+/// An email address in the one form it is stored and compared in: trimmed,
 /// lower-cased character by character by Unicode's rules (`Émile@Example.COM` is
-/// `émile@example.com`), so one address is one user on SQLite and PostgreSQL, at
-/// sign-in and in the CLI alike. Character by character, so the result never
-/// depends on a letter's neighbours (a final `Σ` is `σ`, as anywhere else).
+/// `émile@example.com`), then composed (NFC: an `é` typed as `e` and a combining
+/// accent is the one code point `é`), so one address is one user on SQLite and
+/// PostgreSQL, at sign-in and in the CLI alike. Character by character, so the
+/// result never depends on a letter's neighbours (a final `Σ` is `σ`, as anywhere
+/// else). Letters that only full case folding would merge stay apart (`ß` and
+/// `ss`: distinct addresses to a mail server too).
+#[cfg(feature = "ssr")]
 pub fn normalized_email(email: &str) -> String {
-    email.trim().chars().flat_map(char::to_lowercase).collect()
+    use unicode_normalization::UnicodeNormalization;
+    email
+        .trim()
+        .chars()
+        .flat_map(char::to_lowercase)
+        .nfc()
+        .collect()
 }
 
 /// A user as `tollgate user list` shows it: never the password hash.
@@ -676,7 +687,7 @@ pub trait Store: Send + Sync + 'static {
 /// The store as it is shared through axum state and the Leptos context.
 pub type SharedStore = Arc<dyn Store>;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ssr"))]
 mod tests {
     use super::normalized_email;
 
@@ -687,6 +698,9 @@ mod tests {
         // Context-free: a final sigma folds as any other, so the result is the same
         // whichever case the address was typed in.
         assert_eq!(normalized_email("ΟΔΟΣ@x.gr"), normalized_email("οδοσ@x.gr"));
+        // Composed and decomposed accents are one address.
+        assert_eq!(normalized_email("E\u{301}mile@x.fr"), "\u{e9}mile@x.fr");
+        assert_eq!(normalized_email("\u{e9}mile@x.fr"), "\u{e9}mile@x.fr");
         let once = normalized_email("İSTANBUL@x.tr");
         assert_eq!(
             normalized_email(&once),
