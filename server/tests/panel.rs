@@ -125,6 +125,14 @@ impl Panel {
         (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// Asserts that the session `cookie` is over: the tab sends it to sign in.
+    async fn assert_signed_out(&self, cookie: &str) {
+        let (status, headers, _) = self.send(get("/admin/token-limits", Some(cookie))).await;
+        assert_eq!(status, StatusCode::FOUND, "the session is over");
+        let location = headers[header::LOCATION].to_str().unwrap();
+        assert!(location.starts_with("/login"), "{location}");
+    }
+
     /// The workspace's settings as stored now.
     async fn settings(&self) -> app::store::SettingsRecord {
         self.store
@@ -700,12 +708,7 @@ async fn a_session_from_before_session_epochs_is_signed_out() {
     assert!(record.data.contains_key(app::auth::SESSION_USER_ID));
     panel.sessions.save(&record).await.unwrap();
 
-    let (status, headers, _) = panel.send(get("/admin/token-limits", Some(&cookie))).await;
-    assert_eq!(status, StatusCode::FOUND, "the old session is over");
-    assert!(headers[header::LOCATION]
-        .to_str()
-        .unwrap()
-        .starts_with("/login"));
+    panel.assert_signed_out(&cookie).await;
 }
 
 /// An administrator the operator disables is signed out at their next request,
@@ -723,12 +726,7 @@ async fn a_disabled_administrator_is_signed_out_and_stays_out() {
         .disable_user(&app::store::Actor::Cli, "ada@example.com", Utc::now())
         .await
         .unwrap();
-    let (status, headers, _) = panel.send(get("/admin/token-limits", Some(&admin))).await;
-    assert_eq!(status, StatusCode::FOUND);
-    assert!(headers[header::LOCATION]
-        .to_str()
-        .unwrap()
-        .starts_with("/login"));
+    panel.assert_signed_out(&admin).await;
     let body = format!("settings_version={version}");
     let (status, _, text) = panel
         .send(post("/fn/save_automatic_fallback", &body, Some(&admin)))
@@ -773,12 +771,7 @@ async fn a_session_ended_by_a_disable_stays_ended_after_enable() {
         .enable_user(&cli, "ADA@example.com", Utc::now())
         .await
         .unwrap();
-    let (status, headers, _) = panel.send(get("/admin/token-limits", Some(&before))).await;
-    assert_eq!(status, StatusCode::FOUND, "the old session is over");
-    assert!(headers[header::LOCATION]
-        .to_str()
-        .unwrap()
-        .starts_with("/login"));
+    panel.assert_signed_out(&before).await;
     let version = panel.settings().await.version;
     let body = format!("settings_version={version}");
     let (status, _, text) = panel
