@@ -300,8 +300,10 @@ pub struct StoredLimit {
 pub struct LimitChange {
     /// The model (must be in the catalog).
     pub model: ModelId,
-    /// The version the editor loaded (0 when the model had no saved limit).
-    pub expected_version: i64,
+    /// The version the editor loaded (0 when the model had no saved limit), or
+    /// `None` to write over whatever is stored: the operator's CLI, whose commands
+    /// name the value they want, not a version they saw.
+    pub expected_version: Option<i64>,
     /// The new setting, validated by R5 before anything is written.
     pub limit: ModelLimit,
 }
@@ -551,14 +553,15 @@ pub trait Store: Send + Sync + 'static {
     /// Sums over the ledger for the cycle starting at `cycle_start`.
     async fn ledger_totals(&self, cycle_start: DateTime<Utc>) -> Result<LedgerTotals, StoreError>;
 
-    /// Set automatic fallback if the stored version is still `expected_version`,
-    /// writing an audit row in the same transaction.
+    /// Set automatic fallback if the stored version is still `expected_version`
+    /// (`None`: whatever is stored, as the CLI's `fallback on|off` asks), writing an
+    /// audit row in the same transaction.
     ///
     /// Errors: [`StoreError::Conflict`] on a stale version; nothing is written.
     async fn update_settings(
         &self,
         actor: &Actor,
-        expected_version: i64,
+        expected_version: Option<i64>,
         automatic_fallback: bool,
         now: DateTime<Utc>,
     ) -> Result<SettingsRecord, StoreError>;

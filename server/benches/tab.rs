@@ -62,7 +62,7 @@ fn main() {
                     &app::store::Actor::Cli,
                     &[app::store::LimitChange {
                         model: app::domain::ModelId::new(format!("model-{:02}", i * 7)),
-                        expected_version: 0,
+                        expected_version: Some(0),
                         limit: app::domain::ModelLimit { limit: Some(app::domain::Nanos::new(5_000_000_000_000)), enabled: true },
                     }],
                     Utc::now(),

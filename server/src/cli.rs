@@ -416,12 +416,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Limit { action } => limit(&config, &store, action).await,
         Command::Fallback { state } => {
             let on = state == "on";
-            let now = Utc::now();
-            let current = store.spend_snapshot(now).await?.settings;
-            let saved = write_latest(current.version, |version| {
-                store.update_settings(&Actor::Cli, version, on, now)
-            })
-            .await?;
+            // The operator names the state, not a version: whatever another
+            // writer left is written over (the tab refuses stale saves).
+            let saved = store
+                .update_settings(&Actor::Cli, None, on, Utc::now())
+                .await?;
             outln!(
                 "automatic fallback: {}",
                 if saved.automatic_fallback {
@@ -834,22 +833,20 @@ async fn limit(
         || app::domain::ModelId::new(name.as_str()),
         |model| model.id.clone(),
     );
-    let expected_version = store
-        .spend_snapshot(now)
-        .await?
-        .models
-        .iter()
-        .find(|m| m.id == id)
-        .map_or(0, |m| m.limit.version);
-    write_latest(expected_version, |expected_version| {
-        let change = LimitChange {
-            model: id.clone(),
-            expected_version,
-            limit,
-        };
-        async move { store.update_model_limits(&Actor::Cli, &[change], now).await }
-    })
-    .await?;
+    // The operator names the limit, not a version: whatever another writer left
+    // is written over, as `limit set` a moment later would (the tab refuses stale
+    // saves).
+    store
+        .update_model_limits(
+            &Actor::Cli,
+            &[LimitChange {
+                model: id.clone(),
+                expected_version: None,
+                limit,
+            }],
+            now,
+        )
+        .await?;
     match limit.limit {
         Some(cap) => outln!(
             "{}: limit {} per cycle, {}",
@@ -860,37 +857,6 @@ async fn limit(
         None => outln!("{id}: no limit (shared pool)"),
     }
     Ok(())
-}
-
-/// How many times [`write_latest`] writes before it gives up.
-const WRITE_ATTEMPTS: u32 = 5;
-
-/// Runs the optimistic write `write` against `version`, the version the command
-/// read; when someone else wrote first (`StoreError::Conflict`), again against the
-/// version they left, at most [`WRITE_ATTEMPTS`] times in all. An operator's
-/// command names the value it wants, not the version it saw (`limit set`,
-/// `fallback on`): the last writer wins, as it would have a moment later. The tab
-/// keeps refusing stale saves (DESIGN.md §5).
-///
-/// Errors: the last attempt's error.
-async fn write_latest<T, F, Fut>(version: i64, mut write: F) -> Result<T, app::store::StoreError>
-where
-    F: FnMut(i64) -> Fut,
-    Fut: std::future::Future<Output = Result<T, app::store::StoreError>>,
-{
-    let mut version = version;
-    let mut attempt = 1;
-    loop {
-        match write(version).await {
-            Err(app::store::StoreError::Conflict {
-                current_version, ..
-            }) if attempt < WRITE_ATTEMPTS => {
-                version = current_version;
-                attempt += 1;
-            }
-            done => return done,
-        }
-    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what service managers and containers send), so
@@ -986,65 +952,4 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
     gateway.finish_exchanges().await;
     sweeper.abort();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::cell::RefCell;
-
-    use app::store::StoreError;
-
-    use super::*;
-
-    fn conflict(current_version: i64) -> StoreError {
-        StoreError::Conflict {
-            what: "settings".into(),
-            current_version,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_write_that_lost_a_race_is_made_again_on_the_version_it_lost_to() {
-        let seen = RefCell::new(Vec::new());
-        let done = write_latest(3, |version| {
-            seen.borrow_mut().push(version);
-            async move {
-                match version {
-                    3 => Err(conflict(4)),
-                    4 => Err(conflict(6)),
-                    _ => Ok(version),
-                }
-            }
-        })
-        .await;
-        assert_eq!(done.unwrap(), 6);
-        assert_eq!(*seen.borrow(), [3, 4, 6]);
-    }
-
-    #[tokio::test]
-    async fn writes_give_up_after_their_attempts_and_other_errors_at_once() {
-        let calls = RefCell::new(0_u32);
-        let done: Result<(), _> = write_latest(1, |version| {
-            *calls.borrow_mut() += 1;
-            async move { Err(conflict(version + 1)) }
-        })
-        .await;
-        assert!(matches!(
-            done,
-            Err(StoreError::Conflict {
-                current_version: 6,
-                ..
-            })
-        ));
-        assert_eq!(*calls.borrow(), WRITE_ATTEMPTS);
-
-        *calls.borrow_mut() = 0;
-        let done: Result<(), _> = write_latest(1, |_| {
-            *calls.borrow_mut() += 1;
-            async { Err(StoreError::NotFound { what: "model" }) }
-        })
-        .await;
-        assert!(matches!(done, Err(StoreError::NotFound { .. })));
-        assert_eq!(*calls.borrow(), 1);
-    }
 }

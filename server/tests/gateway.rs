@@ -293,7 +293,7 @@ impl Harness {
                 &Actor::Cli,
                 &[LimitChange {
                     model: ModelId::new(model),
-                    expected_version: version,
+                    expected_version: Some(version),
                     limit: ModelLimit {
                         limit: Some(Nanos::new(eur_nanos)),
                         enabled: true,
@@ -313,7 +313,7 @@ impl Harness {
             .unwrap()
             .settings;
         self.store
-            .update_settings(&Actor::Cli, settings.version, on, Utc::now())
+            .update_settings(&Actor::Cli, Some(settings.version), on, Utc::now())
             .await
             .unwrap();
     }

@@ -112,7 +112,7 @@ async fn replay_matches_the_trace(db: &TestDb) {
             &Actor::Cli,
             &[LimitChange {
                 model: ModelId::new("claude-sonnet-4-5"),
-                expected_version: 0,
+                expected_version: Some(0),
                 limit: ModelLimit {
                     limit: Some(Nanos::new(cap)),
                     enabled: true,
@@ -124,7 +124,7 @@ async fn replay_matches_the_trace(db: &TestDb) {
         .unwrap();
     let settings = store.spend_snapshot(now).await.unwrap().settings;
     store
-        .update_settings(&Actor::Cli, settings.version, true, now)
+        .update_settings(&Actor::Cli, Some(settings.version), true, now)
         .await
         .unwrap();
 

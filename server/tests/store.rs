@@ -111,6 +111,52 @@ async fn fifty_racing_requests_admit_exactly_ten(db: &TestDb) {
     assert_eq!(snapshot.workspace.reserved, Nanos::new(20 * EUR / 1000));
 }
 
+/// Writes without a version (the CLI's `limit set`, `fallback on|off`) racing
+/// from two pools, as two operators' scripts would: every one lands, in turn, and
+/// each is audited; none is refused as stale.
+async fn writes_without_a_version_all_land(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let stores = [db.store(&setup).await, db.store(&setup).await];
+    let tasks: Vec<_> = (1..=20_i64)
+        .map(|eur| {
+            let store = stores[usize::from(eur % 2 == 0)].clone();
+            tokio::spawn(async move {
+                let change = LimitChange {
+                    model: ModelId::new("big"),
+                    expected_version: None,
+                    limit: ModelLimit {
+                        limit: Some(Nanos::new(eur * EUR)),
+                        enabled: true,
+                    },
+                };
+                store
+                    .update_model_limits(&Actor::Cli, &[change], now())
+                    .await?;
+                store
+                    .update_settings(&Actor::Cli, None, eur % 2 == 0, now())
+                    .await
+                    .map(drop)
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let snapshot = stores[0].spend_snapshot(now()).await.unwrap();
+    let big = snapshot
+        .models
+        .iter()
+        .find(|m| m.id.as_str() == "big")
+        .unwrap();
+    assert_eq!(big.limit.version, 20, "each write made a version");
+    let audit = stores[0].audit_log(100).await.unwrap();
+    let limit_rows = audit
+        .iter()
+        .filter(|row| row.action == "model_limit")
+        .count();
+    assert_eq!(limit_rows, 20);
+}
+
 /// Two pools on one database race like two replicas: still exactly ten.
 async fn two_replicas_admit_exactly_ten(db: &TestDb) {
     let setup = setup(20 * EUR / 1000, 0);
@@ -148,7 +194,7 @@ async fn random_operations_keep_ledger_equal_to_counters(db: &TestDb) {
             &[
                 LimitChange {
                     model: ModelId::new("big"),
-                    expected_version: 0,
+                    expected_version: Some(0),
                     limit: ModelLimit {
                         limit: Some(Nanos::new(5 * EUR)),
                         enabled: true,
@@ -156,7 +202,7 @@ async fn random_operations_keep_ledger_equal_to_counters(db: &TestDb) {
                 },
                 LimitChange {
                     model: ModelId::new("mid"),
-                    expected_version: 0,
+                    expected_version: Some(0),
                     limit: ModelLimit {
                         limit: Some(Nanos::new(3 * EUR)),
                         enabled: true,
@@ -338,12 +384,12 @@ async fn stale_writes_conflict_and_change_nothing(db: &TestDb) {
     let v = store.spend_snapshot(now()).await.unwrap().settings;
     assert!(v.automatic_fallback, "fallback is on by default");
     let saved = store
-        .update_settings(&admin, v.version, false, now())
+        .update_settings(&admin, Some(v.version), false, now())
         .await
         .unwrap();
     assert_eq!(saved.version, v.version + 1);
     let err = store
-        .update_settings(&admin, v.version, true, now())
+        .update_settings(&admin, Some(v.version), true, now())
         .await
         .unwrap_err();
     assert!(
@@ -367,7 +413,7 @@ async fn stale_writes_conflict_and_change_nothing(db: &TestDb) {
             &admin,
             &[LimitChange {
                 model: ModelId::new("big"),
-                expected_version: 0,
+                expected_version: Some(0),
                 limit: cap(5),
             }],
             now(),
@@ -381,12 +427,12 @@ async fn stale_writes_conflict_and_change_nothing(db: &TestDb) {
             &[
                 LimitChange {
                     model: ModelId::new("mid"),
-                    expected_version: 0,
+                    expected_version: Some(0),
                     limit: cap(1),
                 },
                 LimitChange {
                     model: ModelId::new("big"),
-                    expected_version: 0,
+                    expected_version: Some(0),
                     limit: cap(9),
                 },
             ],
@@ -422,7 +468,7 @@ async fn invalid_changes_are_typed_errors(db: &TestDb) {
     let store = db.store(&setup).await;
     let change = |model: &str, limit: ModelLimit| LimitChange {
         model: ModelId::new(model),
-        expected_version: 0,
+        expected_version: Some(0),
         limit,
     };
     let err = store
@@ -491,7 +537,7 @@ async fn a_new_limit_applies_to_the_next_request(db: &TestDb) {
             &Actor::Cli,
             &[LimitChange {
                 model: ModelId::new("big"),
-                expected_version: 0,
+                expected_version: Some(0),
                 limit: ModelLimit {
                     limit: Some(Nanos::ZERO),
                     enabled: true,
@@ -505,7 +551,7 @@ async fn a_new_limit_applies_to_the_next_request(db: &TestDb) {
     assert_eq!((r.requested.as_str(), r.served.as_str()), ("big", "mid"));
     let v = store.spend_snapshot(now()).await.unwrap().settings.version;
     store
-        .update_settings(&Actor::Cli, v, false, now())
+        .update_settings(&Actor::Cli, Some(v), false, now())
         .await
         .unwrap();
     match reserve(&store, &catalog, "big", estimate(100), now()).await {
@@ -550,12 +596,12 @@ async fn a_limit_set_elsewhere_applies_to_the_next_request(db: &TestDb) {
         .settings
         .version;
     elsewhere
-        .update_settings(&Actor::Cli, v, false, now())
+        .update_settings(&Actor::Cli, Some(v), false, now())
         .await
         .unwrap();
     let limit = |model: &str, nanos: i64| LimitChange {
         model: ModelId::new(model),
-        expected_version: 0,
+        expected_version: Some(0),
         limit: ModelLimit {
             limit: Some(Nanos::new(nanos)),
             enabled: true,
@@ -990,7 +1036,7 @@ async fn absurd_usage_never_breaks_the_books(db: &TestDb) {
         .await
         .unwrap();
     store
-        .update_settings(&Actor::Cli, snapshot.settings.version, false, now())
+        .update_settings(&Actor::Cli, Some(snapshot.settings.version), false, now())
         .await
         .unwrap();
     let snapshot = store.spend_snapshot(now()).await.unwrap();
@@ -1380,6 +1426,7 @@ on_both_backends!(
     one_bad_settlement_among_many_fails_alone,
     absurd_usage_never_breaks_the_books,
     fifty_racing_requests_admit_exactly_ten,
+    writes_without_a_version_all_land,
     two_replicas_admit_exactly_ten,
     random_operations_keep_ledger_equal_to_counters,
     retried_batches_count_once,

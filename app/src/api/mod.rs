@@ -167,7 +167,7 @@ mod server {
     ) -> Result<(), ApiError> {
         let store = expect_context::<SharedStore>();
         match store
-            .update_settings(&Actor::from(admin), version, on, Utc::now())
+            .update_settings(&Actor::from(admin), Some(version), on, Utc::now())
             .await
         {
             Ok(_) => Ok(()),
@@ -227,7 +227,7 @@ mod server {
             }
             changes.push(LimitChange {
                 model: model.id.clone(),
-                expected_version: row.version,
+                expected_version: Some(row.version),
                 limit,
             });
         }

@@ -1316,7 +1316,7 @@ macro_rules! impl_store {
             async fn update_settings(
                 &self,
                 actor: &app::store::Actor,
-                expected_version: i64,
+                expected_version: Option<i64>,
                 automatic_fallback: bool,
                 now: DateTime<Utc>,
             ) -> Result<app::store::SettingsRecord, app::store::StoreError> {
@@ -1324,7 +1324,7 @@ macro_rules! impl_store {
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
                 let current = read_plan(&mut tx, Self::LOCK).await?.settings();
-                if current.version != expected_version {
+                if expected_version.is_some_and(|expected| expected != current.version) {
                     tx.rollback().await.map_err(db_error)?;
                     return Err(app::store::StoreError::Conflict {
                         what: "settings".into(),
@@ -1409,7 +1409,7 @@ macro_rules! impl_store {
                     if old == change.limit {
                         continue;
                     }
-                    if version != change.expected_version {
+                    if change.expected_version.is_some_and(|expected| expected != version) {
                         tx.rollback().await.map_err(db_error)?;
                         return Err(StoreError::Conflict {
                             what: change.model.to_string(),
