@@ -1546,6 +1546,19 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         ),
         "{bad}"
     );
+    // An array of counts is not a usage object, whatever order it is in.
+    let (status, bad) = h
+        .api(
+            "/api/v1/usage",
+            &json!({"records": [
+                {"idempotency_key": "array", "model": "mid", "usage": [100, 10, null, null]}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["error"]["param"].clone()),
+        (400, json!("records[0].usage")),
+        "{bad}"
+    );
     assert_eq!(h.workspace().await.spent, spent, "nothing counted");
 
     // Admission refuses what the plan cannot hold, as the gateway does.

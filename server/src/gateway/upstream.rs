@@ -190,6 +190,14 @@ pub struct UsageParseError {
 /// non-negative integer, when a flat and a nested count disagree, or when cached
 /// exceeds prompt or reasoning exceeds completion tokens.
 pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
+    // serde would also read a struct from an array of its fields in order.
+    if !raw.get().trim_start().starts_with('{') {
+        return Err(UsageParseError {
+            field: String::new(),
+            problem: "must be an object of token counts (`prompt_tokens`, `completion_tokens`, …)"
+                .into(),
+        });
+    }
     let wire: UsageWire =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(raw.get()))
             .map_err(|e| {
@@ -341,13 +349,24 @@ mod tests {
                 .field,
             "cached_tokens"
         );
+        // Anything but an object is refused, an array of counts too.
+        for not_an_object in [r#""lots""#, "[100, 10]", "12"] {
+            let error = parse(not_an_object).unwrap_err();
+            assert_eq!(error.field, "", "the object itself");
+            assert!(
+                error.to_string().starts_with("must be an object"),
+                "{not_an_object}: {error}"
+            );
+        }
         // Named for the caller, not after a type of this crate.
-        let not_an_object = parse(r#""lots""#).unwrap_err();
-        assert_eq!(not_an_object.field, "", "the object itself");
-        let not_an_object = not_an_object.to_string();
+        let error =
+            parse(r#"{"prompt_tokens":1,"completion_tokens":1,"prompt_tokens_details":"x"}"#)
+                .unwrap_err();
+        assert_eq!(error.field, "prompt_tokens_details");
+        let text = error.to_string();
         assert!(
-            not_an_object.contains("expected a usage object") && !not_an_object.contains("Wire"),
-            "{not_an_object}"
+            text.contains("expected an object") && !text.contains("Details"),
+            "{text}"
         );
     }
 
