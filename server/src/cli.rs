@@ -552,12 +552,22 @@ async fn replay(
 /// label that fits on a line of `tollgate key list`.
 const MAX_KEY_NAME_CHARS: usize = 100;
 
+/// True for a character that does not show as itself: a control character (a
+/// tab, a line break, an escape that drives a terminal) or an invisible format
+/// character (a right-to-left override that shows `gpj.exe` as `exe.jpg`, a
+/// zero-width space). Names and emails holding one would print in `user list`,
+/// `key list` and `audit` as something they are not.
+fn is_hidden(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.is_control() || c.general_category() == GeneralCategory::Format
+}
+
 /// A light check that catches typos (`alice`, `a@`, `a@@b.com`); the login is the
 /// real test.
 fn is_plausible_email(email: &str) -> bool {
-    // RFC 5321's longest path; control characters would reach operators'
+    // RFC 5321's longest path; hidden characters would reach operators'
     // terminals through `user list` and `audit`.
-    if email.len() > 254 || email.contains(char::is_control) {
+    if email.len() > 254 || email.contains(is_hidden) {
         return false;
     }
     match email.split_once('@') {
@@ -583,9 +593,10 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
             );
             // `key list` prints one key per line, its columns split by tabs.
             anyhow::ensure!(
-                !name.chars().any(char::is_control),
-                "--name must not hold a tab, a line break or another control character: \
-                 `tollgate key list` prints one key per line, its columns split by tabs"
+                !name.contains(is_hidden),
+                "--name must not hold a tab, a line break, another control character or \
+                 an invisible one (a zero-width space, a direction override): \
+                 `tollgate key list` prints one key per line as it reads"
             );
             anyhow::ensure!(
                 name.chars().count() <= MAX_KEY_NAME_CHARS,

@@ -375,6 +375,7 @@ fn users_and_keys() {
         "tab\t@example.com",
         "a@@example.com",
         "a@b@example.com",
+        "zero\u{200b}width@example.com",
         long.as_str(),
     ] {
         let refused = cli.run_with(
@@ -461,6 +462,7 @@ fn users_and_keys() {
         ("a\tb", "control character"),
         (long_name.as_str(), "at most 100 characters"),
         ("a\nfake\trow", "control character"),
+        ("gpj\u{202e}.exe", "direction override"),
     ] {
         let stderr = cli.fails(&[
             "key",
