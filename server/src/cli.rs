@@ -187,7 +187,8 @@ pub enum UserAction {
 #[derive(Debug, Subcommand)]
 pub enum ReservationAction {
     /// List the holds in the books, oldest first: id, requested and served model,
-    /// EUR held (exact), user, key id, owner (the replica or usage-API caller),
+    /// EUR held (exact), user, key id (a usage-API hold's caller), owner (the
+    /// replica that admitted it),
     /// created, lease end, and `expired` once the lease has ended (any replica
     /// releases it at its next sweep).
     List,
