@@ -188,9 +188,8 @@ pub enum UserAction {
 pub enum ReservationAction {
     /// List the holds in the books, oldest first: id, requested and served model,
     /// EUR held (exact), user, key id (a usage-API hold's caller), owner (the
-    /// replica that admitted it),
-    /// created, lease end, and `expired` once the lease has ended (any replica
-    /// releases it at its next sweep).
+    /// replica that admitted it), created, lease end, and `expired` once the
+    /// lease has ended (any replica releases it at its next sweep).
     List,
 }
 
