@@ -157,6 +157,46 @@ async fn writes_without_a_version_all_land(db: &TestDb) {
     assert_eq!(limit_rows, 20);
 }
 
+/// Saves of the tab based on one version racing from two pools (two replicas):
+/// one lands, the others are refused as stale, and the audit has one row.
+async fn stale_settings_saves_racing_lose(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let stores = [db.store(&setup).await, db.store(&setup).await];
+    let before = stores[0].spend_snapshot(now()).await.unwrap().settings;
+    let tasks: Vec<_> = (0..10_usize)
+        .map(|i| {
+            let store = stores[i % 2].clone();
+            tokio::spawn(async move {
+                store
+                    .update_settings(
+                        &Actor::Cli,
+                        Some(before.version),
+                        !before.automatic_fallback,
+                        now(),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut saved = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => saved += 1,
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(saved, 1, "one save per version");
+    let after = stores[0].spend_snapshot(now()).await.unwrap().settings;
+    assert_eq!(after.version, before.version + 1);
+    let audit = stores[0].audit_log(100).await.unwrap();
+    let rows = audit
+        .iter()
+        .filter(|row| row.action == "settings.automatic_fallback")
+        .count();
+    assert_eq!(rows, 1, "{audit:?}");
+}
+
 /// Two pools on one database race like two replicas: still exactly ten.
 async fn two_replicas_admit_exactly_ten(db: &TestDb) {
     let setup = setup(20 * EUR / 1000, 0);
@@ -1427,6 +1467,7 @@ on_both_backends!(
     absurd_usage_never_breaks_the_books,
     fifty_racing_requests_admit_exactly_ten,
     writes_without_a_version_all_land,
+    stale_settings_saves_racing_lose,
     two_replicas_admit_exactly_ten,
     random_operations_keep_ledger_equal_to_counters,
     retried_batches_count_once,

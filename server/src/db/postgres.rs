@@ -26,8 +26,13 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Lock the plan row read first in every write (see the module docs).
-    const LOCK: &'static str = "FOR UPDATE OF p";
+    /// Lock the plan row read first in every write (see the module docs), and the
+    /// settings row read with it. Both, not the plan's alone: a transaction that
+    /// waited for the lock reads the rows it locks as the writer before it left
+    /// them, but any other row of the same statement as its snapshot had it
+    /// (PostgreSQL's READ COMMITTED), so the settings' version would be stale and
+    /// a stale save of the tab would pass its check.
+    const LOCK: &'static str = "FOR UPDATE";
     /// A plain transaction: the plan row's lock serialises writers.
     const BEGIN: &'static str = "BEGIN";
     /// None: other replicas write all the time, so every batch reads the books
