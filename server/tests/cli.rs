@@ -596,6 +596,31 @@ fn users_and_keys() {
     assert!(!audit.contains(&phone), "keys never reach the audit log");
 }
 
+/// Commands started at once on a new database file migrate it one after the
+/// other and all succeed (they raced to create the same tables).
+#[test]
+fn commands_started_at_once_on_a_new_file_all_succeed() {
+    let cli = Cli::new();
+    let children: Vec<_> = (0..12)
+        .map(|i| {
+            let state = if i % 2 == 0 { "on" } else { "off" };
+            cli.command(&["fallback", state], None)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// A listing piped into a reader that stops early (`tollgate user list | head -1`)
 /// ends quietly, with the shell's status for a closed pipe, not a panic.
 #[test]

@@ -77,6 +77,10 @@ impl SqliteStore {
             .foreign_keys(true);
         create_private(options.get_filename())
             .map_err(|e| ConnectError::Open(sqlx::Error::Io(e)))?;
+        // Held until the schema is migrated and the emails folded.
+        let _migrating = lock_for_migration(options.get_filename())
+            .await
+            .map_err(|e| ConnectError::Open(sqlx::Error::Io(e)))?;
         // A connection to a local file does not go stale: checking one before
         // each use (sqlx's default) would add a round trip to every batch.
         let writer = SqlitePoolOptions::new()
@@ -155,6 +159,36 @@ fn create_private(path: &std::path::Path) -> std::io::Result<()> {
             format!("cannot create {}: {e}", path.display()),
         )),
     }
+}
+
+/// Takes an exclusive lock for migrating the database file at `path`: an advisory
+/// `flock` on the folder that holds it, waiting for any other process that holds
+/// it. Returns the open folder, which holds the lock until dropped; `None` for
+/// `:memory:`.
+///
+/// Every process migrates the database as it opens it (`tollgate serve` and each
+/// CLI command): on a new file, several commands started at once raced to create
+/// the same tables and failed (`table plans already exists`). With the lock they
+/// migrate one after the other, and the later ones find nothing to do. The folder
+/// is locked, not the file: closing a descriptor of the file would drop the POSIX
+/// locks SQLite holds on it in this process.
+///
+/// Errors: the I/O error when the folder cannot be opened or locked.
+async fn lock_for_migration(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    if path.as_os_str() == ":memory:" {
+        return Ok(None);
+    }
+    let folder = match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    tokio::task::spawn_blocking(move || {
+        let folder = std::fs::File::open(&folder)?;
+        folder.lock()?;
+        Ok(Some(folder))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// How often the WAL is checkpointed into the database file.
