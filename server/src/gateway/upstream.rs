@@ -159,16 +159,56 @@ struct UsageWire {
     completion_tokens_details: Option<CompletionDetails>,
 }
 
-#[derive(Deserialize)]
-#[serde(expecting = "an object")]
+/// `prompt_tokens_details`: its `cached_tokens`.
 struct PromptDetails {
     cached_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
-#[serde(expecting = "an object")]
+/// `completion_tokens_details`: its `reasoning_tokens`.
 struct CompletionDetails {
     reasoning_tokens: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for PromptDetails {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let cached_tokens = deserializer.deserialize_map(OneCount("cached_tokens"))?;
+        Ok(PromptDetails { cached_tokens })
+    }
+}
+
+impl<'de> Deserialize<'de> for CompletionDetails {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let reasoning_tokens = deserializer.deserialize_map(OneCount("reasoning_tokens"))?;
+        Ok(CompletionDetails { reasoning_tokens })
+    }
+}
+
+/// Reads the count named `.0` out of a details object, the other fields ignored.
+/// Written by hand because serde's derive would also read a struct from an array
+/// of its fields (`"prompt_tokens_details": [4]` billed as 4 cached tokens).
+struct OneCount(&'static str);
+
+impl<'de> serde::de::Visitor<'de> for OneCount {
+    type Value = Option<u64>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("an object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Option<u64>, A::Error> {
+        let mut count = None;
+        let mut seen = false;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key != self.0 {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            } else if std::mem::replace(&mut seen, true) {
+                return Err(serde::de::Error::duplicate_field(self.0));
+            } else {
+                count = map.next_value()?;
+            }
+        }
+        Ok(count)
+    }
 }
 
 /// Why a usage object cannot be billed; the text names the field.
@@ -205,7 +245,10 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
                 UsageParseError {
                     // The library writes the object itself as ".".
                     field: if path == "." { String::new() } else { path },
-                    problem: format!("token counts must be non-negative integers ({})", e.inner()),
+                    problem: format!(
+                        "{} (token counts are non-negative integers, their details objects)",
+                        e.inner()
+                    ),
                 }
             })?;
     let missing = |field: &str| UsageParseError {
@@ -349,6 +392,17 @@ mod tests {
                 .field,
             "cached_tokens"
         );
+        // Details given as an array are refused, not read as their fields.
+        for details in [
+            r#""prompt_tokens_details":[4]"#,
+            r#""completion_tokens_details":[1]"#,
+        ] {
+            let error = parse(&format!(
+                r#"{{"prompt_tokens":9,"completion_tokens":9,{details}}}"#
+            ))
+            .unwrap_err();
+            assert!(error.field.ends_with("_details"), "{details}: {error}");
+        }
         // Anything but an object is refused, an array of counts too.
         for not_an_object in [r#""lots""#, "[100, 10]", "12"] {
             let error = parse(not_an_object).unwrap_err();
