@@ -183,7 +183,16 @@ async fn lock_for_migration(path: &std::path::Path) -> std::io::Result<Option<st
         _ => std::path::PathBuf::from("."),
     };
     tokio::task::spawn_blocking(move || {
-        let folder = std::fs::File::open(&folder)?;
+        let folder = match std::fs::File::open(&folder) {
+            Ok(folder) => folder,
+            // A folder that can be entered but not listed: migrate unlocked, as
+            // before, rather than refuse a database that opens.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::warn!(folder = %folder.display(), "cannot lock the database's folder for migrating: migrating without");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         folder.lock()?;
         Ok(Some(folder))
     })
