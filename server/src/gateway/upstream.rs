@@ -155,59 +155,42 @@ struct UsageWire {
     completion_tokens: Option<u64>,
     cached_tokens: Option<u64>,
     reasoning_tokens: Option<u64>,
-    prompt_tokens_details: Option<PromptDetails>,
-    completion_tokens_details: Option<CompletionDetails>,
+    prompt_tokens_details: Option<ObjectOnly<PromptDetails>>,
+    completion_tokens_details: Option<ObjectOnly<CompletionDetails>>,
 }
 
-/// `prompt_tokens_details`: its `cached_tokens`.
+#[derive(Deserialize)]
+#[serde(expecting = "an object")]
 struct PromptDetails {
     cached_tokens: Option<u64>,
 }
 
-/// `completion_tokens_details`: its `reasoning_tokens`.
+#[derive(Deserialize)]
+#[serde(expecting = "an object")]
 struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
 
-impl<'de> Deserialize<'de> for PromptDetails {
+/// `T` read from a JSON object only. serde's derive also reads a struct from an
+/// array of its fields in order (`"prompt_tokens_details": [4]` would be 4 cached
+/// tokens): this takes the object alone and hands it to `T`'s derive.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let cached_tokens = deserializer.deserialize_map(OneCount("cached_tokens"))?;
-        Ok(PromptDetails { cached_tokens })
-    }
-}
-
-impl<'de> Deserialize<'de> for CompletionDetails {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let reasoning_tokens = deserializer.deserialize_map(OneCount("reasoning_tokens"))?;
-        Ok(CompletionDetails { reasoning_tokens })
-    }
-}
-
-/// Reads the count named `.0` out of a details object, the other fields ignored.
-/// Written by hand because serde's derive would also read a struct from an array
-/// of its fields (`"prompt_tokens_details": [4]` billed as 4 cached tokens).
-struct OneCount(&'static str);
-
-impl<'de> serde::de::Visitor<'de> for OneCount {
-    type Value = Option<u64>;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-        formatter.write_str("an object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Option<u64>, A::Error> {
-        let mut count = None;
-        let mut seen = false;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key != self.0 {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            } else if std::mem::replace(&mut seen, true) {
-                return Err(serde::de::Error::duplicate_field(self.0));
-            } else {
-                count = map.next_value()?;
+        struct Object<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Object<T> {
+            type Value = T;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
             }
         }
-        Ok(count)
+        deserializer
+            .deserialize_map(Object(std::marker::PhantomData))
+            .map(ObjectOnly)
     }
 }
 
@@ -272,14 +255,14 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
         "cached_tokens",
         "prompt_tokens_details.cached_tokens",
         wire.cached_tokens,
-        wire.prompt_tokens_details.and_then(|d| d.cached_tokens),
+        wire.prompt_tokens_details.and_then(|d| d.0.cached_tokens),
     )?;
     let (reasoning_tokens, reasoning_field) = detail(
         "reasoning_tokens",
         "completion_tokens_details.reasoning_tokens",
         wire.reasoning_tokens,
         wire.completion_tokens_details
-            .and_then(|d| d.reasoning_tokens),
+            .and_then(|d| d.0.reasoning_tokens),
     )?;
     let usage = Usage {
         prompt_tokens: wire.prompt_tokens.ok_or_else(|| missing("prompt_tokens"))?,
