@@ -125,6 +125,13 @@ impl Panel {
         (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// The Token Limits tab as the session `cookie` sees it, which must open it.
+    async fn open_tab(&self, cookie: &str) -> String {
+        let (status, _, body) = self.send(get("/admin/token-limits", Some(cookie))).await;
+        assert_eq!(status, StatusCode::OK, "the tab opens: {body}");
+        body
+    }
+
     /// Asserts that the session `cookie` is over: the tab sends it to sign in.
     async fn assert_signed_out(&self, cookie: &str) {
         let (status, headers, _) = self.send(get("/admin/token-limits", Some(cookie))).await;
@@ -253,8 +260,7 @@ async fn pages_redirect_anonymous_users_and_refuse_members() {
     );
 
     let admin = panel.sign_in("ada@example.com").await;
-    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
-    assert_eq!(status, StatusCode::OK);
+    let body = panel.open_tab(&admin).await;
     for text in [
         "Spending &amp; Budget",
         "Model limits",
@@ -567,8 +573,7 @@ async fn spend_on_a_model_no_longer_in_the_catalog_keeps_its_row() {
     assert_eq!(shares, ["93.8", "6.2"], "shares over the whole spend");
 
     let admin = panel.sign_in("ada@example.com").await;
-    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
-    assert_eq!(status, StatusCode::OK);
+    let body = panel.open_tab(&admin).await;
     let (limits_at, by_model_at) = (
         body.find("id=\"limits-title\"").unwrap(),
         body.find("id=\"by-model-title\"").unwrap(),
@@ -612,8 +617,7 @@ async fn the_tab_shows_what_is_held_for_requests_in_flight() {
     let json = panel.spend(&panel.api_key("ada@example.com").await).await;
     assert_eq!(json["reserved_eur"], "0.009675");
     let admin = panel.sign_in("ada@example.com").await;
-    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
-    assert_eq!(status, StatusCode::OK);
+    let body = panel.open_tab(&admin).await;
     assert!(body.contains("<span id=\"reserved\">€0.009675<"), "{body}");
 }
 
@@ -698,8 +702,7 @@ async fn a_session_from_before_session_epochs_is_signed_out() {
     use tower_sessions::SessionStore;
     let panel = Panel::new().await;
     let cookie = panel.sign_in("ada@example.com").await;
-    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&cookie))).await;
-    assert_eq!(status, StatusCode::OK);
+    panel.open_tab(&cookie).await;
 
     // The record as such a version left it: the user's id and no epoch.
     let id: tower_sessions::session::Id = cookie.split_once('=').unwrap().1.parse().unwrap();
@@ -717,8 +720,7 @@ async fn a_session_from_before_session_epochs_is_signed_out() {
 async fn a_disabled_administrator_is_signed_out_and_stays_out() {
     let panel = Panel::new().await;
     let admin = panel.sign_in("ada@example.com").await;
-    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&admin))).await;
-    assert_eq!(status, StatusCode::OK);
+    panel.open_tab(&admin).await;
     let version = panel.settings().await.version;
 
     panel
@@ -757,8 +759,7 @@ async fn a_disabled_administrator_is_signed_out_and_stays_out() {
 async fn a_session_ended_by_a_disable_stays_ended_after_enable() {
     let panel = Panel::new().await;
     let before = panel.sign_in("ada@example.com").await;
-    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&before))).await;
-    assert_eq!(status, StatusCode::OK);
+    panel.open_tab(&before).await;
 
     let cli = app::store::Actor::Cli;
     panel
@@ -780,6 +781,5 @@ async fn a_session_ended_by_a_disable_stays_ended_after_enable() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
 
     let after = panel.sign_in("ada@example.com").await;
-    let (status, _, _) = panel.send(get("/admin/token-limits", Some(&after))).await;
-    assert_eq!(status, StatusCode::OK, "a new sign-in opens the tab");
+    panel.open_tab(&after).await;
 }
