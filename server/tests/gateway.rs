@@ -1528,37 +1528,28 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         "{bad}"
     );
     assert_eq!(h.workspace().await.spent, spent, "nothing counted");
-    // A count that cannot be read is named where the caller wrote it.
-    let (status, bad) = h
-        .api(
-            "/api/v1/usage",
-            &json!({"records": [
-                {"idempotency_key": "typo", "model": "mid",
-                 "usage": {"prompt_tokens": 1, "completion_tokens": 1,
-                           "prompt_tokens_details": {"cached_tokens": -1}}}]}),
-        )
-        .await;
-    assert_eq!(
-        (status, bad["error"]["param"].clone()),
+    // A count that cannot be read is named where the caller wrote it; an array
+    // of counts is not a usage object, whatever order it is in.
+    for (usage, param) in [
         (
-            400,
-            json!("records[0].usage.prompt_tokens_details.cached_tokens")
+            json!({"prompt_tokens": 1, "completion_tokens": 1,
+                   "prompt_tokens_details": {"cached_tokens": -1}}),
+            "records[0].usage.prompt_tokens_details.cached_tokens",
         ),
-        "{bad}"
-    );
-    // An array of counts is not a usage object, whatever order it is in.
-    let (status, bad) = h
-        .api(
-            "/api/v1/usage",
-            &json!({"records": [
-                {"idempotency_key": "array", "model": "mid", "usage": [100, 10, null, null]}]}),
-        )
-        .await;
-    assert_eq!(
-        (status, bad["error"]["param"].clone()),
-        (400, json!("records[0].usage")),
-        "{bad}"
-    );
+        (json!([100, 10, null, null]), "records[0].usage"),
+    ] {
+        let (status, bad) = h
+            .api(
+                "/api/v1/usage",
+                &json!({"records": [{"idempotency_key": "unread", "model": "mid", "usage": usage}]}),
+            )
+            .await;
+        assert_eq!(
+            (status, bad["error"]["param"].clone()),
+            (400, json!(param)),
+            "{bad}"
+        );
+    }
     assert_eq!(h.workspace().await.spent, spent, "nothing counted");
 
     // Admission refuses what the plan cannot hold, as the gateway does.
