@@ -122,6 +122,62 @@ pub(crate) struct CounterRow {
     pub reserved_nanos: i64,
 }
 
+/// One row of [`HotSql::read_books`]: a model limit, a counter or a live API key.
+#[derive(sqlx::FromRow)]
+pub(crate) struct BooksRow {
+    /// `limit`, `counter` or `key`.
+    pub kind: String,
+    /// The model's id; empty for a key.
+    pub model_id: String,
+    /// A limit's nano-euros (none when unset), a counter's spent nano-euros, or
+    /// a key's id.
+    pub amount: Option<i64>,
+    /// A counter's reserved nano-euros.
+    pub reserved: i64,
+    /// A limit's enabled toggle.
+    pub enabled: bool,
+    /// A limit's version.
+    pub version: i64,
+}
+
+/// What [`HotSql::read_books`] read, sorted by kind.
+#[derive(Default)]
+pub(crate) struct ReadBooks {
+    pub limits: Vec<LimitRow>,
+    pub counters: Vec<CounterRow>,
+    /// Ids of live API keys.
+    pub live_keys: Vec<i64>,
+}
+
+impl ReadBooks {
+    /// Sort `rows` by kind.
+    ///
+    /// Errors: [`StoreError::Database`] for a row of no known kind, or a counter
+    /// or key without its amount.
+    pub fn sort(rows: Vec<BooksRow>) -> Result<ReadBooks, StoreError> {
+        let mut books = ReadBooks::default();
+        let missing = || StoreError::Database("a books row without its amount".into());
+        for row in rows {
+            match row.kind.as_str() {
+                "limit" => books.limits.push(LimitRow {
+                    model_id: row.model_id,
+                    limit_nanos: row.amount,
+                    enabled: row.enabled,
+                    version: row.version,
+                }),
+                "counter" => books.counters.push(CounterRow {
+                    model_id: row.model_id,
+                    spent_nanos: row.amount.ok_or_else(missing)?,
+                    reserved_nanos: row.reserved,
+                }),
+                "key" => books.live_keys.push(row.amount.ok_or_else(missing)?),
+                other => return Err(StoreError::Database(format!("a books row of kind {other}"))),
+            }
+        }
+        Ok(books)
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct LimitRow {
     pub model_id: String,
@@ -328,8 +384,10 @@ pub(crate) struct HotSql {
     pub take_reservations: String,
     /// The ledger rows recorded under the idempotency keys given, as [`LedgerRow`]s.
     pub find_events: String,
-    /// Of the API key ids given, those live (not revoked).
-    pub live_keys: String,
+    /// What an admission reads after the plan, in one round trip, as
+    /// [`BooksRow`]s: every model limit, the counters of the cycle keyed `$1`,
+    /// and which of the API key ids given as `$2` (a JSON array) are live.
+    pub read_books: String,
     /// Inserts [`NewReservationRow`]s.
     pub insert_reservations: String,
     /// Inserts [`NewEventRow`]s, returning [`LedgerRow`]s.
@@ -337,9 +395,44 @@ pub(crate) struct HotSql {
     /// Adds [`CounterChange`]s to their counter rows, creating the missing ones,
     /// in one or two statements (each takes the changes).
     pub add_to_counters: Vec<String>,
+    /// On PostgreSQL, [`HotSql::insert_reservations`], [`HotSql::insert_events`]
+    /// and [`HotSql::add_to_counters`] as one statement (data-modifying `WITH`
+    /// queries), one round trip: binds the new reservations, the ledger rows and
+    /// the counter changes; returns the ledger rows.
+    pub write: Option<String>,
     /// The batch in one or two calls, on a backend that runs a string of
     /// statements with arguments (SQLite).
     pub joined: Option<Joined>,
+}
+
+/// PostgreSQL: the counter changes of argument `$param` as `c`, and `changed`,
+/// the counter rows that existed, with the changes added.
+fn pg_counter_changes(param: usize) -> String {
+    let changes: Vec<String> = COUNTER_COLUMNS
+        .iter()
+        .map(|(name, kind)| format!("{} AS {name}", column(name, *kind)))
+        .collect();
+    format!(
+        "c AS (SELECT {} FROM {}), \
+         changed AS (UPDATE counters SET spent_nanos = counters.spent_nanos + c.spent_nanos, \
+         reserved_nanos = counters.reserved_nanos + c.reserved_nanos \
+         FROM c WHERE counters.workspace_id = {WORKSPACE_ID} \
+         AND counters.cycle_start = c.cycle_start AND counters.model_id = c.model_id \
+         RETURNING counters.cycle_start, counters.model_id)",
+        changes.join(", "),
+        JsonDialect::JsonbElements.rows(param)
+    )
+}
+
+/// PostgreSQL: inserts the counter rows of `c` that `changed` did not find, with
+/// their changes (see [`pg_counter_changes`]).
+fn pg_counters_created() -> String {
+    format!(
+        "INSERT INTO counters (workspace_id, cycle_start, model_id, spent_nanos, reserved_nanos) \
+         SELECT {WORKSPACE_ID}, c.cycle_start, c.model_id, c.spent_nanos, c.reserved_nanos FROM c \
+         WHERE NOT EXISTS (SELECT 1 FROM changed \
+         WHERE changed.cycle_start = c.cycle_start AND changed.model_id = c.model_id)"
+    )
 }
 
 /// A batch's statements joined into strings, one call each (see [`HotSql`]).
@@ -420,11 +513,14 @@ impl JsonDialect {
     }
 
     /// The rows (objects) of the argument as a `FROM` item `r`, in a statement
-    /// that starts with [`JsonDialect::with_rows`].
-    fn rows(self) -> &'static str {
+    /// that starts with [`JsonDialect::with_rows`]. On PostgreSQL the argument is
+    /// the statement's `$param` (SQLite's `?` are numbered by their order).
+    fn rows(self, param: usize) -> String {
         match self {
-            JsonDialect::JsonEach => "r",
-            JsonDialect::JsonbElements => "jsonb_array_elements(CAST($1 AS jsonb)) AS r",
+            JsonDialect::JsonEach => "r".to_owned(),
+            JsonDialect::JsonbElements => {
+                format!("jsonb_array_elements(CAST(${param} AS jsonb)) AS r")
+            }
         }
     }
 
@@ -433,12 +529,22 @@ impl JsonDialect {
     /// gateway bench at 2,000 requests/s, its added median was 7.1-7.5 ms, and
     /// 10.5-10.9 ms with `IN` over the set-returning function.
     fn any(self, column: &str, json: Json) -> String {
+        self.any_of(column, json, None)
+    }
+
+    /// As [`JsonDialect::any`], with the argument `$param` instead of the next
+    /// (SQLite `?`) or the first (PostgreSQL).
+    fn any_of(self, column: &str, json: Json, param: Option<usize>) -> String {
         match self {
-            JsonDialect::JsonEach => format!("{column} IN (SELECT r.value FROM json_each(?) AS r)"),
+            JsonDialect::JsonEach => {
+                let param = param.map_or("?".to_owned(), |n| format!("${n}"));
+                format!("{column} IN (SELECT r.value FROM json_each({param}) AS r)")
+            }
             JsonDialect::JsonbElements => format!(
                 "{column} = ANY(ARRAY(SELECT CAST(r.value AS {}) \
-                 FROM jsonb_array_elements_text(CAST($1 AS jsonb)) AS r))",
-                json.sql_type()
+                 FROM jsonb_array_elements_text(CAST(${} AS jsonb)) AS r))",
+                json.sql_type(),
+                param.unwrap_or(1)
             ),
         }
     }
@@ -462,7 +568,8 @@ impl HotSql {
         json: JsonDialect,
         join: bool,
     ) -> HotSql {
-        let insert = |table: &str, columns: &[(&str, Json)]| {
+        // An insert of the rows of argument `param` into `table`.
+        let insert = |table: &str, columns: &[(&str, Json)], param: usize| {
             let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
             let values: Vec<String> = columns
                 .iter()
@@ -473,11 +580,11 @@ impl HotSql {
                 json.with_rows(),
                 names.join(", "),
                 values.join(", "),
-                json.rows()
+                json.rows(param)
             )
         };
         let reservation_ids = json.any("id", Json::Text);
-        let (with_rows, rows) = (json.with_rows(), json.rows());
+        let (with_rows, rows) = (json.with_rows(), json.rows(1));
         let changes: Vec<String> = COUNTER_COLUMNS
             .iter()
             .map(|(name, kind)| format!("{} AS {name}", column(name, *kind)))
@@ -495,15 +602,19 @@ impl HotSql {
                  AND {}",
                 json.any("idempotency_key", Json::Text)
             ),
-            live_keys: format!(
-                "SELECT id FROM api_keys WHERE workspace_id = {WORKSPACE_ID} AND revoked_at IS NULL \
-                 AND {}",
-                json.any("id", Json::Integer)
+            read_books: format!(
+                "SELECT 'limit' AS kind, model_id, limit_nanos AS amount, CAST(0 AS bigint) AS reserved, \
+                 enabled, version FROM model_limits WHERE workspace_id = {WORKSPACE_ID} \
+                 UNION ALL SELECT 'counter', model_id, spent_nanos, reserved_nanos, false, 0 \
+                 FROM counters WHERE workspace_id = {WORKSPACE_ID} AND cycle_start = $1 \
+                 UNION ALL SELECT 'key', '', id, 0, false, 0 FROM api_keys \
+                 WHERE workspace_id = {WORKSPACE_ID} AND revoked_at IS NULL AND {}",
+                json.any_of("id", Json::Integer, Some(2))
             ),
-            insert_reservations: insert("reservations", RESERVATION_COLUMNS),
+            insert_reservations: insert("reservations", RESERVATION_COLUMNS, 1),
             insert_events: format!(
                 "{} RETURNING {LEDGER_RETURNING}",
-                insert("usage_events", EVENT_COLUMNS)
+                insert("usage_events", EVENT_COLUMNS, 1)
             ),
             add_to_counters: match json {
                 // Rows missing are created at zero, then every row is changed. A
@@ -527,19 +638,20 @@ impl HotSql {
                 // One statement, one round trip: the rows that exist are changed,
                 // the others inserted with the change. Writers that could create
                 // the same row hold the plan row's lock.
-                JsonDialect::JsonbElements => vec![format!(
-                    "WITH c AS (SELECT {changes} FROM {rows}), \
-                     changed AS (UPDATE counters SET spent_nanos = counters.spent_nanos + c.spent_nanos, \
-                     reserved_nanos = counters.reserved_nanos + c.reserved_nanos \
-                     FROM c WHERE counters.workspace_id = {WORKSPACE_ID} \
-                     AND counters.cycle_start = c.cycle_start AND counters.model_id = c.model_id \
-                     RETURNING counters.cycle_start, counters.model_id) \
-                     INSERT INTO counters (workspace_id, cycle_start, model_id, spent_nanos, reserved_nanos) \
-                     SELECT {WORKSPACE_ID}, c.cycle_start, c.model_id, c.spent_nanos, c.reserved_nanos FROM c \
-                     WHERE NOT EXISTS (SELECT 1 FROM changed \
-                     WHERE changed.cycle_start = c.cycle_start AND changed.model_id = c.model_id)"
-                )],
+                JsonDialect::JsonbElements => {
+                    vec![format!("WITH {} {}", pg_counter_changes(1), pg_counters_created())]
+                }
             },
+            write: matches!(json, JsonDialect::JsonbElements).then(|| {
+                format!(
+                    "WITH new_reservations AS ({}), {}, created AS ({}) \
+                     {} RETURNING {LEDGER_RETURNING}",
+                    insert("reservations", RESERVATION_COLUMNS, 1),
+                    pg_counter_changes(3),
+                    pg_counters_created(),
+                    insert("usage_events", EVENT_COLUMNS, 2),
+                )
+            }),
             joined: None,
         };
         let joined = join.then(|| {
@@ -1938,30 +2050,41 @@ macro_rules! impl_store {
                 })
                 .flatten()
                 .collect();
-            if ops.iter().any(|op| matches!(op, Op::Reserve(..))) {
-                let unknown = books.unknown_keys(&spenders);
-                books.know_live_keys(live_keys(conn, &unknown).await?);
-            }
+            // Checked with what the first admission that reads has to read.
+            let mut keys_to_check = books.unknown_keys(&spenders);
             let mut answers = Vec::with_capacity(ops.len());
             let mut reservations = Vec::new();
             let mut events = Vec::new();
             for op in ops {
                 answers.push(match op {
                     Op::Reserve(request, _) => 'reserve: {
+                        // The plan first: on PostgreSQL its lock orders the writers,
+                        // and what is read after it is current (READ COMMITTED).
+                        let plan_row = match books.needs_rules() {
+                            true => Some(read_plan(conn, <$store>::LOCK).await?),
+                            false => None,
+                        };
+                        let key = match &plan_row {
+                            Some(row) => cycle_key(row.plan()?.cycle_at(request.now)?.start),
+                            None => books.cycle_of(request.now)?,
+                        };
+                        if plan_row.is_some() || books.needs(key) || !keys_to_check.is_empty() {
+                            let keys = std::mem::take(&mut keys_to_check);
+                            let read = read_books(conn, key, &keys).await?;
+                            if let Some(row) = &plan_row {
+                                books.set_rules(row, read.limits)?;
+                            }
+                            if books.needs(key) {
+                                books.load(key, &read.counters)?;
+                            }
+                            books.know_live_keys(read.live_keys);
+                        }
                         if let Some(key) = request.spender.api_key_id {
                             if !books.key_is_live(key) {
                                 break 'reserve Some(Answer::Reserve(Err(StoreError::NotFound {
                                     what: "api key",
                                 })));
                             }
-                        }
-                        if books.needs_rules() {
-                            let plan_row = read_plan(conn, <$store>::LOCK).await?;
-                            books.set_rules(&plan_row, read_limits(conn).await?)?;
-                        }
-                        let key = books.cycle_of(request.now)?;
-                        if books.needs(key) {
-                            books.load(key, &read_counters(conn, key).await?)?;
                         }
                         match books.reserve(request)? {
                             Decision::Block(blocked) => {
@@ -2165,6 +2288,17 @@ macro_rules! impl_store {
                     .await
                     .map_err(db_error);
             }
+            if let Some(write) = &sql.write {
+                let inserted = sqlx::query_as(write)
+                    .bind(json_rows(reservations)?)
+                    .bind(json_rows(events)?)
+                    .bind(json_rows(counters)?)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(db_error)?;
+                sqlx::query("COMMIT").execute(&mut *conn).await.map_err(db_error)?;
+                return Ok(inserted);
+            }
             if !reservations.is_empty() {
                 sqlx::query(&sql.insert_reservations)
                     .bind(json_rows(reservations)?)
@@ -2215,20 +2349,22 @@ macro_rules! impl_store {
             }
         }
 
-        /// Of the API keys `ids`, those that exist and are not revoked.
-        async fn live_keys(
+        /// What an admission reads after the plan (`HotSql::read_books`): every
+        /// model limit, the counters of the cycle keyed `cycle_start`, and which of
+        /// the API keys `ids` exist and are not revoked.
+        async fn read_books(
             conn: &mut <$db as sqlx::Database>::Connection,
+            cycle_start: i64,
             ids: &[i64],
-        ) -> Result<Vec<i64>, app::store::StoreError> {
+        ) -> Result<$crate::db::books::ReadBooks, app::store::StoreError> {
             use $crate::db::books::*;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            sqlx::query_scalar(&hot_sql().live_keys)
+            let rows: Vec<BooksRow> = sqlx::query_as(&hot_sql().read_books)
+                .bind(cycle_start)
                 .bind(json_rows(ids)?)
                 .fetch_all(&mut *conn)
                 .await
-                .map_err(db_error)
+                .map_err(db_error)?;
+            ReadBooks::sort(rows)
         }
 
         /// Ledger rows already recorded under `keys`, by key.
@@ -2682,5 +2818,20 @@ mod tests {
         // One round trip for the counters, which creates the rows it needs.
         assert_eq!(postgres.add_to_counters.len(), 1);
         assert!(postgres.add_to_counters[0].contains("INSERT INTO counters"));
+        // A batch's writes in one round trip, each with its own argument.
+        let write = postgres.write.unwrap();
+        for (table, param) in [("reservations", 1), ("usage_events", 2)] {
+            assert!(write.contains(&format!(
+                "INSERT INTO {table} (workspace_id, {}",
+                if table == "reservations" {
+                    "id"
+                } else {
+                    "cycle_start"
+                }
+            )));
+            assert!(write.contains(&format!("CAST(${param} AS jsonb)")));
+        }
+        assert!(write.contains("CAST($3 AS jsonb)) AS r), changed AS (UPDATE counters"));
+        assert!(sqlite.write.is_none());
     }
 }
