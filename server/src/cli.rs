@@ -553,13 +553,22 @@ async fn replay(
 const MAX_KEY_NAME_CHARS: usize = 100;
 
 /// True for a character that does not show as itself: a control character (a
-/// tab, a line break, an escape that drives a terminal) or an invisible format
-/// character (a right-to-left override that shows `gpj.exe` as `exe.jpg`, a
-/// zero-width space). Names and emails holding one would print in `user list`,
-/// `key list` and `audit` as something they are not.
+/// tab, a line break, an escape that drives a terminal), a format character (a
+/// right-to-left override that shows `gpj.exe` as `exe.jpg`, a zero-width space),
+/// any other character Unicode says to draw as nothing (its
+/// Default_Ignorable_Code_Point property: variation selectors, the combining
+/// grapheme joiner, Hangul fillers), or the Braille pattern without dots, which
+/// draws as a blank. Names and emails holding one would print in `user list`,
+/// `key list` and `audit` like others that they are not.
 fn is_hidden(c: char) -> bool {
-    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
-    c.is_control() || c.general_category() == GeneralCategory::Format
+    use icu_properties::{
+        props::{DefaultIgnorableCodePoint, GeneralCategory},
+        CodePointMapData, CodePointSetData,
+    };
+    c.is_control()
+        || CodePointMapData::<GeneralCategory>::new().get(c) == GeneralCategory::Format
+        || CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
+        || c == '\u{2800}'
 }
 
 /// A light check that catches typos (`alice`, `a@`, `a@@b.com`); the login is the

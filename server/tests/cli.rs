@@ -377,6 +377,16 @@ fn users_and_keys() {
         "a@b@example.com",
         "zero\u{200b}width@example.com",
         long.as_str(),
+        // Drawn as nothing (Default_Ignorable_Code_Point) or as a blank: each
+        // would make a user who prints like another.
+        "a\u{34f}da@example.com",
+        "ada\u{fe0f}@example.com",
+        "ada\u{e0100}@example.com",
+        "ada\u{180b}@example.com",
+        "ada\u{17b4}@example.com",
+        "ada\u{3164}@example.com",
+        "ada\u{115f}@example.com",
+        "ada\u{2800}@example.com",
     ] {
         let refused = cli.run_with(
             &["user", "create", "--email", email, "--role", "member"],
