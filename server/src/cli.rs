@@ -293,7 +293,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let role: Role = role.parse()?;
             let password = given_password()?;
             let email = email.trim();
-            if !is_plausible_email(email) {
+            // Checked as it will be stored: lower case can be longer (`İ`).
+            if !is_plausible_email(email)
+                || !is_plausible_email(&app::store::normalized_email(email))
+            {
                 anyhow::bail!("--email {email:?} is not an email address");
             }
             let hash = auth::hash_password(&password)?;
@@ -620,11 +623,29 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 );
             }
             let (key, hash) = auth::new_api_key();
-            store
+            let created = store
                 .create_api_key(&Actor::Cli, user.id, name, &hash, Utc::now())
                 .await?;
-            // The key alone on stdout, so scripts can capture it.
-            outln!("{key}");
+            // The key alone on stdout, so scripts can capture it. It is shown
+            // this once: a key nobody could read is revoked at once rather than
+            // left live with a secret that is lost.
+            if let Err(error) = write_output(&format!("{key}\n")) {
+                store
+                    .revoke_api_key(&Actor::Cli, created.id, Utc::now())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "key {} was created but could not be shown ({error}), \
+                             and revoking it failed: revoke it with `tollgate key revoke {}`",
+                            created.id, created.id
+                        )
+                    })?;
+                eprintln!(
+                    "key {} could not be shown ({error}) and was revoked: create another",
+                    created.id
+                );
+                return Err(error);
+            }
         }
         KeyAction::List { email } => {
             if let Some(email) = &email {

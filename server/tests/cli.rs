@@ -370,6 +370,9 @@ fn users_and_keys() {
         assert!(stderr.contains(says), "{password:?}: {stderr}");
     }
     let long = format!("{}@example.com", "a".repeat(250));
+    // 254 bytes as typed, 255 in lower case, as it would be stored.
+    let longer_in_lower_case = format!("\u{130}{}@example.com", "a".repeat(240));
+    assert_eq!(longer_in_lower_case.len(), 254);
     for email in [
         "evil\u{1b}[2J@example.com",
         "tab\t@example.com",
@@ -377,6 +380,7 @@ fn users_and_keys() {
         "a@b@example.com",
         "zero\u{200b}width@example.com",
         long.as_str(),
+        longer_in_lower_case.as_str(),
         // Drawn as nothing (Default_Ignorable_Code_Point) or as a blank: each
         // would make a user who prints like another.
         "a\u{34f}da@example.com",
@@ -650,6 +654,38 @@ fn output_to_a_closed_pipe_ends_quietly() {
         assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+
+    // A key is shown once: one that nobody could read is revoked, not left live.
+    let made = cli.run_with(
+        &[
+            "user",
+            "create",
+            "--email",
+            "ada@example.com",
+            "--role",
+            "member",
+        ],
+        Some("a long enough password"),
+    );
+    assert!(made.status.success(), "{made:?}");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = cli
+        .command(&["key", "create", "--email", "ada@example.com"], None)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+    assert!(
+        stderr.contains("could not be shown") && stderr.contains("was revoked"),
+        "{stderr}"
+    );
+    let keys = cli.ok(&["key", "list", "--email", "ada@example.com"]);
+    let rows: Vec<&str> = keys.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{keys}");
+    assert!(rows[0].ends_with("\trevoked"), "{keys}");
 }
 
 #[test]
