@@ -1264,6 +1264,13 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     assert_eq!(admission["fallback"], false);
     assert!(admission["lease_until"].as_str().unwrap().ends_with('Z'));
     let id = admission["reservation_id"].as_str().unwrap().to_owned();
+    // The lease answered is the lease stored, to the millisecond.
+    let held = h.store.list_reservations().await.unwrap();
+    let stored = held.iter().find(|r| r.id.0 == id).unwrap().lease_until;
+    assert_eq!(
+        admission["lease_until"],
+        stored.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
     assert_eq!(h.workspace().await.reserved, Nanos::new(7_000_000));
 
     // Usage costing more than the admission reserved is refused, and nothing

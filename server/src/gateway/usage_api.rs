@@ -165,6 +165,8 @@ pub async fn admit(
             .resolve(&name)
             .ok_or_else(|| GatewayError::ModelNotFound(name.clone()))?;
         model_label.push_str(model.id.as_str());
+        // The lease as stored is the lease as answered.
+        let until = lease_until(lease);
         let reservation = gateway
             .reserve(
                 model,
@@ -174,7 +176,7 @@ pub async fn admit(
                     n,
                 },
                 caller.spender(),
-                lease_until(lease),
+                until,
             )
             .await?;
         let view = AdmissionView {
@@ -183,7 +185,7 @@ pub async fn admit(
             served_model: reservation.served.to_string(),
             fallback: reservation.served != reservation.requested,
             reserved_eur: eur(reservation.amount),
-            lease_until: rfc3339(lease_until(lease)),
+            lease_until: rfc3339(until),
         };
         Ok(Json(view).into_response())
     }
