@@ -40,6 +40,14 @@ impl Cli {
         self.command(args, password).output().unwrap()
     }
 
+    /// `tollgate user create --email EMAIL --role ROLE` with a valid password.
+    fn create_user(&self, email: &str, role: &str) -> Output {
+        self.run_with(
+            &["user", "create", "--email", email, "--role", role],
+            Some("a long enough password"),
+        )
+    }
+
     /// The command `run_with` runs, to start it some other way.
     fn command(&self, args: &[&str], password: Option<&str>) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
@@ -330,17 +338,7 @@ async fn passwords_can_be_set_again() {
 #[test]
 fn users_and_keys() {
     let cli = Cli::new();
-    let created = cli.run_with(
-        &[
-            "user",
-            "create",
-            "--email",
-            "ada@example.com",
-            "--role",
-            "admin",
-        ],
-        Some("a long enough password"),
-    );
+    let created = cli.create_user("ada@example.com", "admin");
     assert!(
         created.status.success(),
         "{}",
@@ -392,63 +390,27 @@ fn users_and_keys() {
         "ada\u{115f}@example.com",
         "ada\u{2800}@example.com",
     ] {
-        let refused = cli.run_with(
-            &["user", "create", "--email", email, "--role", "member"],
-            Some("a long enough password"),
-        );
+        let refused = cli.create_user(email, "member");
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(
             !refused.status.success() && stderr.contains("is not an email address"),
             "{email:?}: {stderr}"
         );
     }
-    let again = cli.run_with(
-        &[
-            "user",
-            "create",
-            "--email",
-            "ADA@example.com",
-            "--role",
-            "member",
-        ],
-        Some("a long enough password"),
-    );
+    let again = cli.create_user("ADA@example.com", "member");
     assert!(
         !again.status.success(),
         "an email is unique regardless of case"
     );
     // Non-ASCII letters too, and the CLI finds the user by any spelling.
-    let emile = cli.run_with(
-        &[
-            "user",
-            "create",
-            "--email",
-            "Émile@example.com",
-            "--role",
-            "member",
-        ],
-        Some("a long enough password"),
-    );
+    let emile = cli.create_user("Émile@example.com", "member");
     assert!(
         emile.status.success(),
         "{}",
         String::from_utf8_lossy(&emile.stderr)
     );
-    let stderr = String::from_utf8_lossy(
-        &cli.run_with(
-            &[
-                "user",
-                "create",
-                "--email",
-                "émile@example.com",
-                "--role",
-                "member",
-            ],
-            Some("a long enough password"),
-        )
-        .stderr,
-    )
-    .into_owned();
+    let stderr = String::from_utf8_lossy(&cli.create_user("émile@example.com", "member").stderr)
+        .into_owned();
     assert!(stderr.contains("exists already"), "{stderr}");
     let key = cli.ok(&["key", "create", "--email", "ÉMILE@example.com"]);
     assert!(key.starts_with("tg_"), "{key}");
@@ -640,42 +602,27 @@ fn commands_started_at_once_on_a_new_file_all_succeed() {
 #[test]
 fn output_to_a_closed_pipe_ends_quietly() {
     let cli = Cli::new();
-    for args in [["user", "list"], ["key", "list"], ["config", "example"]] {
+    // `args` run with a stdout whose reader is gone before it writes a byte.
+    let into_closed_pipe = |args: &[&str]| {
         let (reader, writer) = std::io::pipe().unwrap();
-        // The reader is gone before the command writes a byte.
         drop(reader);
-        let output = cli
-            .command(&args, None)
+        cli.command(args, None)
             .stdout(writer)
             .stderr(std::process::Stdio::piped())
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    for args in [["user", "list"], ["key", "list"], ["config", "example"]] {
+        let output = into_closed_pipe(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 
     // A key is shown once: one that nobody could read is revoked, not left live.
-    let made = cli.run_with(
-        &[
-            "user",
-            "create",
-            "--email",
-            "ada@example.com",
-            "--role",
-            "member",
-        ],
-        Some("a long enough password"),
-    );
+    let made = cli.create_user("ada@example.com", "member");
     assert!(made.status.success(), "{made:?}");
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let output = cli
-        .command(&["key", "create", "--email", "ada@example.com"], None)
-        .stdout(writer)
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .unwrap();
+    let output = into_closed_pipe(&["key", "create", "--email", "ada@example.com"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(141), "{stderr}");
     assert!(
