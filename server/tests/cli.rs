@@ -919,6 +919,70 @@ async fn clients_that_stop_reading_are_disconnected_and_quiet_streams_are_not() 
     assert_eq!(holds.lines().count(), 1, "holds left: {holds}");
 }
 
+/// A large non-streamed answer to a client that reads it slowly is written out
+/// whole, although hyper takes all of it at once and the connection then has no
+/// request in flight for longer than `header_read_timeout_secs`.
+#[tokio::test]
+async fn a_large_answer_read_slowly_arrives_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cli = Cli::new();
+    let mock = upstream::MockUpstream::start().await;
+    mock.set(|b| b.content = "x".repeat(4_000_000));
+    let (config, key) = cli.slow_upstream(&mock, "header_read_timeout_secs = 1");
+    let (mut server, base) = cli.serve(&config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let mut slow = socket.connect(address).await.unwrap();
+    let body = serde_json::json!({"model": "slow-model",
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    slow.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // About 1.3 MB/s: three seconds for the answer.
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 65536];
+    let whole = loop {
+        match slow.read(&mut buffer).await {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+        }
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .and_then(|n| n.trim().parse().ok())
+                .expect("a content-length");
+            if received.len() >= end + 4 + length {
+                break Some(received.split_off(end + 4));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let whole =
+        whole.unwrap_or_else(|| panic!("the answer was cut after {} bytes", received.len()));
+    let answer: serde_json::Value = serde_json::from_slice(&whole).unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .map(str::len),
+        Some(4_000_000)
+    );
+}
+
 /// A connection with no request in flight for `header_read_timeout_secs` is
 /// closed, whether its client sends nothing, trickles a request head a byte at a
 /// time or keeps it alive after an answer, and so is one still trickling a body

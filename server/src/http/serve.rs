@@ -6,9 +6,12 @@
 //!   [`ServeOptions::header_read_timeout`] is closed: one that connects and sends nothing, one that trickles a request head
 //!   a byte at a time, one kept alive after its last answer. Enough such clients
 //!   would otherwise exhaust the process's file descriptors and lock everyone out
-//!   of the gateway and the panel. A request is in flight from its head until the
-//!   last byte of its answer, so a long non-streamed completion or a quiet stream
-//!   is never cut.
+//!   of the gateway and the panel. A request is in flight from its head until
+//!   hyper has taken the last byte of its answer, so a long non-streamed
+//!   completion or a quiet stream is never cut. Closing is graceful: what hyper
+//!   has taken but not yet written (a large answer to a client that reads it
+//!   slowly) is still written, as long as the client keeps taking some of it
+//!   within [`ServeOptions::response_write_timeout`].
 //! - A request body must arrive within [`ServeOptions::request_body_timeout`]
 //!   of its head: the gateway answers 408 then, and on any route (the panel's
 //!   server functions too) a connection still receiving a body [`BODY_GRACE`]
@@ -116,7 +119,7 @@ pub async fn serve(
         }
         connections.spawn(serve_connection(
             builder.clone(),
-            TokioIo::new(stream),
+            stream,
             client,
             router.clone(),
             options,
@@ -133,13 +136,17 @@ pub async fn serve(
 /// the server stops (then its requests in flight finish first).
 async fn serve_connection(
     builder: auto::Builder<TokioExecutor>,
-    io: TokioIo<tokio::net::TcpStream>,
+    stream: tokio::net::TcpStream,
     client: SocketAddr,
     router: Router,
     options: ServeOptions,
     stop: CancellationToken,
 ) {
     let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Metered {
+        stream,
+        activity: activity.clone(),
+    });
     let service = {
         let activity = activity.clone();
         tower::service_fn(move |request: axum::http::Request<Incoming>| {
@@ -166,6 +173,8 @@ async fn serve_connection(
     let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let mut connection = std::pin::pin!(connection);
     let mut stopping = false;
+    // Since when the connection has been closing: hyper writes out what it has.
+    let mut closing: Option<Instant> = None;
     loop {
         tokio::select! {
             ended = connection.as_mut() => {
@@ -178,11 +187,26 @@ async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 stopping = true;
             }
-            // Nothing in flight (nothing is lost by closing it), a body still
-            // arriving past its deadline (its request has failed already), or an
-            // answer the client has stopped taking.
-            () = activity.expired(options) => {
-                tracing::debug!(%client, "closing a connection idle or sending too slowly");
+            expired = activity.expired(options), if closing.is_none() => match expired {
+                // Nothing in flight: hyper writes out what it has taken of the
+                // last answer, if anything, then closes.
+                Expired::Idle => {
+                    if !stopping {
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    closing = Some(Instant::now());
+                }
+                // A body still arriving past its deadline (its request has failed
+                // already), or an answer the client has stopped taking.
+                Expired::Stuck => {
+                    tracing::debug!(%client, "closing a connection sending or reading too slowly");
+                    return;
+                }
+            },
+            // Closing, and the client has taken nothing of what is left for the
+            // write timeout.
+            () = activity.stalled(closing.unwrap_or_else(Instant::now), options), if closing.is_some() => {
+                tracing::debug!(%client, "closing a connection idle or reading too slowly");
                 return;
             }
         }
@@ -218,6 +242,16 @@ struct State {
     /// Answers whose last piece the client has yet to take: (number, since when).
     waiting: Vec<(u64, Instant)>,
     next_body: u64,
+    /// When a write to the socket last took some bytes.
+    last_write: Instant,
+}
+
+/// Why a connection's time is up ([`Activity::expired`]).
+enum Expired {
+    /// No request in flight for the header read timeout.
+    Idle,
+    /// A body arriving, or an answer waiting for the client, past its deadline.
+    Stuck,
 }
 
 impl Activity {
@@ -229,6 +263,7 @@ impl Activity {
                 arriving: Vec::new(),
                 waiting: Vec::new(),
                 next_body: 0,
+                last_write: Instant::now(),
             }),
         }
     }
@@ -262,7 +297,7 @@ impl Activity {
     /// a body has been arriving for longer than its timeout and [`BODY_GRACE`],
     /// or an answer has waited for the client longer than the write timeout
     /// (each seen within twice its length: state is looked at, not watched).
-    async fn expired(&self, options: ServeOptions) {
+    async fn expired(&self, options: ServeOptions) -> Expired {
         loop {
             let now = Instant::now();
             let deadline = {
@@ -279,7 +314,11 @@ impl Activity {
                     .iter()
                     .map(|(_, since)| *since + options.response_write_timeout)
                     .min();
-                idle.into_iter().chain(body).chain(answer).min()
+                let idle = idle.map(|at| (at, Expired::Idle));
+                let stuck = body.into_iter().chain(answer).min();
+                idle.into_iter()
+                    .chain(stuck.map(|at| (at, Expired::Stuck)))
+                    .min_by_key(|(at, _)| *at)
             };
             // What a request or a frame starts after this look is seen at the
             // next, so each limit is enforced within twice its length.
@@ -288,11 +327,85 @@ impl Activity {
                 .min(options.request_body_timeout + BODY_GRACE)
                 .min(options.response_write_timeout);
             match deadline {
-                Some(deadline) if now >= deadline => return,
-                Some(deadline) => tokio::time::sleep_until(deadline.min(now + recheck)).await,
+                Some((deadline, why)) if now >= deadline => return why,
+                Some((deadline, _)) => tokio::time::sleep_until(deadline.min(now + recheck)).await,
                 None => tokio::time::sleep(recheck).await,
             }
         }
+    }
+
+    /// Resolves once no write to the socket has taken a byte for the write
+    /// timeout, counted from `since` at the earliest.
+    async fn stalled(&self, since: Instant, options: ServeOptions) {
+        loop {
+            let deadline = self.lock().last_write.max(since) + options.response_write_timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    fn wrote(&self) {
+        self.lock().last_write = Instant::now();
+    }
+}
+
+/// A connection's socket, telling its [`Activity`] when a write takes bytes.
+struct Metered {
+    stream: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Metered {
+    fn note(&self, written: &Poll<std::io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.wrote();
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Metered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Metered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Behaviour {
     pub delay: Duration,
     /// Content pieces of a stream.
     pub stream_pieces: usize,
+    /// The content of a non-streamed answer (JSON-safe text).
+    pub content: String,
     /// When set, a stream stops after its first piece until this is notified.
     pub pause_after_first_piece: Option<Arc<Notify>>,
     /// Keep what was received, for [`MockUpstream::received`] (off in benchmarks).
@@ -73,6 +75,7 @@ impl Default for Behaviour {
             usage_in_stream: true,
             delay: Duration::ZERO,
             stream_pieces: 3,
+            content: "Hello from the mock.".into(),
             pause_after_first_piece: None,
             record_requests: true,
         }
@@ -189,7 +192,8 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         // `score` carries more digits than an f64 holds: the gateway must pass it on
         // as it is.
         let text = format!(
-            r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":1767225600,"model":"{model}","choices":[{{"index":0,"message":{{"role":"assistant","content":"Hello from the mock."}},"logprobs":null,"finish_reason":"stop"}}],"usage":{},"score":0.1000000000000000055511151231257827,"system_fingerprint":null}}"#,
+            r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":1767225600,"model":"{model}","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{},"score":0.1000000000000000055511151231257827,"system_fingerprint":null}}"#,
+            behaviour.content,
             usage_json(behaviour.usage)
         );
         return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
