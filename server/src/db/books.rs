@@ -410,13 +410,18 @@ pub(crate) struct HotSql {
     pub joined: Option<Joined>,
 }
 
-/// PostgreSQL: the counter changes of argument `$param` as `c`, and `changed`,
-/// the counter rows that existed, with the changes added.
-fn pg_counter_changes(param: usize) -> String {
-    let changes: Vec<String> = COUNTER_COLUMNS
+/// The columns of a [`CounterChange`] read out of a row `r`, named as its fields.
+fn change_columns() -> String {
+    let columns: Vec<String> = COUNTER_COLUMNS
         .iter()
         .map(|(name, kind)| format!("{} AS {name}", column(name, *kind)))
         .collect();
+    columns.join(", ")
+}
+
+/// PostgreSQL: the counter changes of argument `$param` as `c`, and `changed`,
+/// the counter rows that existed, with the changes added.
+fn pg_counter_changes(param: usize) -> String {
     format!(
         "c AS (SELECT {} FROM {}), \
          changed AS (UPDATE counters SET spent_nanos = counters.spent_nanos + c.spent_nanos, \
@@ -424,7 +429,7 @@ fn pg_counter_changes(param: usize) -> String {
          FROM c WHERE counters.workspace_id = {WORKSPACE_ID} \
          AND counters.cycle_start = c.cycle_start AND counters.model_id = c.model_id \
          RETURNING counters.cycle_start, counters.model_id)",
-        changes.join(", "),
+        change_columns(),
         JsonDialect::JsonbElements.rows(param)
     )
 }
@@ -590,11 +595,7 @@ impl HotSql {
         };
         let reservation_ids = json.any("id", Json::Text);
         let (with_rows, rows) = (json.with_rows(), json.rows(1));
-        let changes: Vec<String> = COUNTER_COLUMNS
-            .iter()
-            .map(|(name, kind)| format!("{} AS {name}", column(name, *kind)))
-            .collect();
-        let changes = changes.join(", ");
+        let changes = change_columns();
         let sql = HotSql {
             begin,
             version,
