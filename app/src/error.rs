@@ -32,9 +32,12 @@ pub enum ApiError {
     /// Wrong email or password (401); says nothing about which.
     #[error("The email or password is not correct.")]
     InvalidCredentials,
-    /// Too many attempts (429).
-    #[error("Too many attempts: wait a minute and try again.")]
-    RateLimited,
+    /// Too many sign-in attempts (429); the next is allowed in `seconds`.
+    #[error("Too many attempts: try again in {seconds} s.")]
+    RateLimited {
+        /// Whole seconds until the next attempt is allowed.
+        seconds: u64,
+    },
     /// Input refused (422); nothing was saved. `fields` says which and why.
     #[error("{message}")]
     Invalid {
@@ -67,7 +70,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized | ApiError::InvalidCredentials => 401,
             ApiError::Forbidden => 403,
-            ApiError::RateLimited => 429,
+            ApiError::RateLimited { .. } => 429,
             ApiError::Invalid { .. } => 422,
             ApiError::Conflict { .. } => 409,
             ApiError::Internal => 500,
@@ -81,7 +84,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::InvalidCredentials => "invalid_credentials",
-            ApiError::RateLimited => "rate_limited",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Invalid { .. } => "invalid",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Internal => "internal",

@@ -312,6 +312,10 @@ async fn wrong_passwords_are_refused_and_rate_limited() {
                 .parse()
                 .unwrap();
             assert!((1..=6).contains(&retry_after), "Retry-After: {retry_after}");
+            assert!(
+                body.contains(&format!("try again in {retry_after} s")),
+                "{body}"
+            );
             break;
         }
     }

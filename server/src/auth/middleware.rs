@@ -101,17 +101,17 @@ pub async fn authorize(
             .map(|ConnectInfo(addr)| addr.ip())
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         if let Err(not_until) = state.login_attempts.check_key(&ip) {
+            // Whole seconds, rounded up, as `Retry-After` counts them.
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
             let mut response = refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
-                &ApiError::RateLimited.to_string(),
+                &ApiError::RateLimited { seconds }.to_string(),
             );
-            // Whole seconds, rounded up, as `Retry-After` counts them.
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             return response;
         }
     }
