@@ -556,8 +556,10 @@ async fn replay(
 const MAX_KEY_NAME_CHARS: usize = 100;
 
 /// True for a character that does not show as itself: a control character (a
-/// tab, a line break, an escape that drives a terminal), a format character (a
-/// right-to-left override that shows `gpj.exe` as `exe.jpg`, a zero-width space),
+/// tab, a line break, an escape that drives a terminal), a Unicode line or
+/// paragraph separator, a space other than U+0020 (a no-break space), a
+/// private-use or unassigned code point, a format character (a right-to-left
+/// override that shows `gpj.exe` as `exe.jpg`, a zero-width space),
 /// any other character Unicode says to draw as nothing (its
 /// Default_Ignorable_Code_Point property: variation selectors, the combining
 /// grapheme joiner, Hangul fillers), or the Braille pattern without dots, which
@@ -568,8 +570,20 @@ fn is_hidden(c: char) -> bool {
         props::{DefaultIgnorableCodePoint, GeneralCategory},
         CodePointMapData, CodePointSetData,
     };
+    let category = CodePointMapData::<GeneralCategory>::new().get(c);
     c.is_control()
-        || CodePointMapData::<GeneralCategory>::new().get(c) == GeneralCategory::Format
+        || matches!(
+            category,
+            GeneralCategory::Format
+                // U+2028 and U+2029 end a line as \n does.
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+                // Drawn as a terminal's font pleases, often as nothing.
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Unassigned
+        )
+        // Spaces other than the plain one (a no-break space prints as one).
+        || (category == GeneralCategory::SpaceSeparator && c != ' ')
         || CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
         || c == '\u{2800}'
 }
@@ -606,9 +620,10 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
             // `key list` prints one key per line, its columns split by tabs.
             anyhow::ensure!(
                 !name.contains(is_hidden),
-                "--name must not hold a tab, a line break, another control character or \
-                 an invisible one (a zero-width space, a direction override): \
-                 `tollgate key list` prints one key per line as it reads"
+                "--name must not hold a tab, a line break, another control character, \
+                 a space other than the plain one (a no-break space), a private-use or \
+                 unassigned character, or an invisible one (a zero-width space, a \
+                 direction override): `tollgate key list` prints one key per line as it reads"
             );
             anyhow::ensure!(
                 name.chars().count() <= MAX_KEY_NAME_CHARS,

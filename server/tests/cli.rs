@@ -389,6 +389,10 @@ fn users_and_keys() {
         "ada\u{3164}@example.com",
         "ada\u{115f}@example.com",
         "ada\u{2800}@example.com",
+        "a\u{e000}b@example.com",
+        "a\u{f0000}b@example.com",
+        "a\u{ffff}b@example.com",
+        "a\u{378}b@example.com",
     ] {
         let refused = cli.create_user(email, "member");
         let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -439,6 +443,12 @@ fn users_and_keys() {
         (long_name.as_str(), "at most 100 characters"),
         ("a\nfake\trow", "control character"),
         ("gpj\u{202e}.exe", "direction override"),
+        ("a\u{2028}b", "line break"),
+        ("a\u{2029}b", "line break"),
+        ("a\u{a0}b", "no-break space"),
+        ("a\u{3000}b", "no-break space"),
+        ("a\u{e000}b", "private-use"),
+        ("a\u{378}b", "private-use"),
     ] {
         let stderr = cli.fails(&[
             "key",
