@@ -78,6 +78,8 @@ struct Options {
     timeout_secs: u64,
     max_request_bytes: usize,
     request_body_timeout_secs: u64,
+    /// The upstream key's variable ends in a line break, as read from a file.
+    upstream_key_line_break: bool,
 }
 
 impl Default for Options {
@@ -87,6 +89,7 @@ impl Default for Options {
             timeout_secs: 30,
             max_request_bytes: 65_536,
             request_body_timeout_secs: 30,
+            upstream_key_line_break: false,
         }
     }
 }
@@ -181,7 +184,10 @@ async fn start(db: &TestDb, options: Options) -> Harness {
     std::fs::write(&path, config_text(db, &mock, &options)).unwrap();
     let config = Arc::new(Config::load(Some(&path), &Overrides::default()).unwrap());
     let upstream_key = format!("sk-upstream-{}-DO-NOT-LEAK", uuid::Uuid::new_v4().simple());
-    let lookup_key = upstream_key.clone();
+    let lookup_key = match options.upstream_key_line_break {
+        true => format!("{upstream_key}\r\n"),
+        false => upstream_key.clone(),
+    };
     let stack = common::Stack::start(config.clone(), move |name| {
         (name == KEY_VAR).then(|| lookup_key.clone())
     })
@@ -1622,10 +1628,29 @@ on_both_backends!(
     stream_without_usage_is_billed_its_estimate,
     refusals_reserve_and_spend_nothing,
     the_upstream_key_never_leaks,
+    an_upstream_key_read_from_a_file_loses_its_line_break,
     usage_api_admits_settles_releases_and_records_once,
     a_restarted_gateway_leaves_no_reservations,
     a_key_revoked_elsewhere_spends_nothing_more,
 );
+
+/// An upstream key whose variable ends in a line break (a secret file's last
+/// line) is sent without it: with it, no request could be built.
+async fn an_upstream_key_read_from_a_file_loses_its_line_break(db: &TestDb) {
+    let h = start(
+        db,
+        Options {
+            upstream_key_line_break: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    assert_eq!(h.chat(&chat_body("big")).await.status(), 200);
+    assert_eq!(
+        h.mock.received()[0].authorization.as_deref(),
+        Some(format!("Bearer {}", h.upstream_key).as_str())
+    );
+}
 
 /// A key revoked by another process (the CLI) while the gateway still remembers
 /// it as live spends nothing more: the admission checks it again, so its next

@@ -97,12 +97,26 @@ impl Gateway {
             .iter()
             .map(|u| {
                 let key = u.api_key_env.as_deref().and_then(|var| {
-                    let key = env(var).filter(|k| !k.is_empty());
-                    if key.is_none() {
-                        tracing::warn!(upstream = %u.name, variable = %var,
-                            "the upstream's key variable is unset: calling it without a key");
+                    // A secret file's trailing line break is not part of the key.
+                    let key = env(var)
+                        .map(|k| k.trim().to_owned())
+                        .filter(|k| !k.is_empty());
+                    match key {
+                        None => {
+                            tracing::warn!(upstream = %u.name, variable = %var,
+                                "the upstream's key variable is unset or empty: calling it without a key");
+                            None
+                        }
+                        // Every request would fail to build, as "builder error".
+                        Some(key) if HeaderValue::from_str(&key).is_err() => {
+                            tracing::error!(upstream = %u.name, variable = %var,
+                                "the upstream's key holds a character an HTTP header cannot carry \
+                                 (a line break or another control character inside it): \
+                                 calling it without a key");
+                            None
+                        }
+                        Some(key) => Some(Secret::new(key)),
                     }
-                    key.map(Secret::new)
                 });
                 let target = Target {
                     name: u.name.clone(),
@@ -158,7 +172,17 @@ impl Gateway {
 
     /// [`Gateway::new`] with the keys from the process environment, shared.
     pub fn from_env(config: &Config, store: SharedStore) -> SharedGateway {
-        Arc::new(Gateway::new(config, store, |name| std::env::var(name).ok()))
+        Arc::new(Gateway::new(config, store, |name| {
+            match std::env::var(name) {
+                Ok(value) => Some(value),
+                Err(std::env::VarError::NotPresent) => None,
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    tracing::error!(variable = %name,
+                        "an upstream's key variable is not valid UTF-8, so it cannot be a key");
+                    None
+                }
+            }
+        }))
     }
 
     /// This process's metrics.
