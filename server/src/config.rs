@@ -271,6 +271,22 @@ impl Config {
                 "names no file: write sqlite://tollgate.db (relative) or sqlite:///var/lib/tollgate.db",
             ));
         }
+        // An in-memory database is thrown away when the process ends: a user
+        // created by one command would be gone for the next.
+        let in_memory = sqlite_file == Some(":memory:")
+            || database_url.strip_prefix("sqlite:").is_some_and(|rest| {
+                rest.split_once('?').is_some_and(|(_, query)| {
+                    url::form_urlencoded::parse(query.as_bytes())
+                        .any(|(key, value)| key == "mode" && value == "memory")
+                })
+            });
+        if in_memory {
+            return Err(invalid(
+                db_key,
+                "is an in-memory database, gone when the process ends: name a file, \
+                 like sqlite://tollgate.db",
+            ));
+        }
         let max_request_bytes = file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
         if max_request_bytes == 0 {
             return Err(invalid("max_request_bytes", "must be at least 1"));
@@ -799,6 +815,21 @@ mod tests {
                 "database_url = \"sqlite:///?mode=rwc\"",
                 "database_url",
                 "names no file",
+            ),
+            (
+                "database_url = \"sqlite::memory:\"",
+                "database_url",
+                "in-memory",
+            ),
+            (
+                "database_url = \"sqlite://:memory:\"",
+                "database_url",
+                "in-memory",
+            ),
+            (
+                "database_url = \"sqlite://books.db?mode=memory&cache=shared\"",
+                "database_url",
+                "in-memory",
             ),
             ("database_url = \"mysql://x\"", "database_url", "sqlite://"),
             ("sqlite_synchronous = \"off\"", "sqlite_synchronous", "full"),
