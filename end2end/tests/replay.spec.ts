@@ -69,7 +69,8 @@ const children: ChildProcess[] = [];
 
 test.beforeAll(async () => {
   test.setTimeout(300_000);
-  const dir = mkdtempSync(join(tmpdir(), "tollgate-replay-"));
+  // Inside the suite's folder, which `./dev e2e` removes when the tests end.
+  const dir = mkdtempSync(join(process.env.TOLLGATE_E2E_DIR ?? tmpdir(), "replay-"));
   const [mockPort, port] = [await freePort(), await freePort()];
   base = `http://127.0.0.1:${port}`;
   const swaps: Record<string, string> = {
