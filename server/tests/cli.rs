@@ -831,12 +831,41 @@ async fn a_second_sigterm_stops_the_server_at_once() {
     in_flight.abort();
 }
 
+/// A connection to the server at `base` with a 4 KiB receive buffer, so that the
+/// server soon waits for its reader, on which a chat completion with `body` and
+/// the API key `key` has been sent.
+async fn post_with_a_small_window(
+    base: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let mut stream = socket.connect(address).await.unwrap();
+    let body = body.to_string();
+    stream
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
+                 Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
 /// A client that stops reading a stream is disconnected once it has taken none of
 /// it for `response_write_timeout_secs`, and its request is settled (no hold is
 /// left); a stream that is only quiet upstream for longer than that is not cut.
 #[tokio::test]
 async fn clients_that_stop_reading_are_disconnected_and_quiet_streams_are_not() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
 
     let cli = Cli::new();
     let mock = upstream::MockUpstream::start().await;
@@ -873,23 +902,7 @@ async fn clients_that_stop_reading_are_disconnected_and_quiet_streams_are_not() 
         b.pause_after_first_piece = None;
         b.stream_pieces = 150_000;
     });
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let address: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
-    let mut stalled = socket.connect(address).await.unwrap();
-    let body = body.to_string();
-    stalled
-        .write_all(
-            format!(
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
-                 Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+    let mut stalled = post_with_a_small_window(&base, &key, &body).await;
     let mut head = [0_u8; 12];
     stalled.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
@@ -934,31 +947,16 @@ async fn clients_that_stop_reading_are_disconnected_and_quiet_streams_are_not() 
 /// request in flight for longer than `header_read_timeout_secs`.
 #[tokio::test]
 async fn a_large_answer_read_slowly_arrives_whole() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
 
     let cli = Cli::new();
     let mock = upstream::MockUpstream::start().await;
     mock.set(|b| b.content = "x".repeat(4_000_000));
     let (config, key) = cli.slow_upstream(&mock, "header_read_timeout_secs = 1");
     let (mut server, base) = cli.serve(&config).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let address: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
-    let mut slow = socket.connect(address).await.unwrap();
     let body = serde_json::json!({"model": "slow-model",
-        "messages": [{"role": "user", "content": "hi"}]})
-    .to_string();
-    slow.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
-             Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+        "messages": [{"role": "user", "content": "hi"}]});
+    let mut slow = post_with_a_small_window(&base, &key, &body).await;
     // About 1.3 MB/s: three seconds for the answer.
     let mut received = Vec::new();
     let mut buffer = [0_u8; 65536];
