@@ -33,7 +33,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -230,6 +233,11 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 #[derive(Debug)]
 struct Activity {
     state: Mutex<State>,
+    /// When the connection opened; [`Activity::last_write`] counts from it.
+    opened: Instant,
+    /// Nanoseconds after `opened` at which a write to the socket last took
+    /// some bytes.
+    last_write: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -242,8 +250,6 @@ struct State {
     /// Answers whose last piece the client has yet to take: (number, since when).
     waiting: Vec<(u64, Instant)>,
     next_body: u64,
-    /// When a write to the socket last took some bytes.
-    last_write: Instant,
 }
 
 /// Why a connection's time is up ([`Activity::expired`]).
@@ -263,8 +269,9 @@ impl Activity {
                 arriving: Vec::new(),
                 waiting: Vec::new(),
                 next_body: 0,
-                last_write: Instant::now(),
             }),
+            opened: Instant::now(),
+            last_write: AtomicU64::new(0),
         }
     }
 
@@ -338,7 +345,9 @@ impl Activity {
     /// timeout, counted from `since` at the earliest.
     async fn stalled(&self, since: Instant, options: ServeOptions) {
         loop {
-            let deadline = self.lock().last_write.max(since) + options.response_write_timeout;
+            let nanos = self.last_write.load(Ordering::Relaxed);
+            let last_write = self.opened + Duration::from_nanos(nanos);
+            let deadline = last_write.max(since) + options.response_write_timeout;
             if Instant::now() >= deadline {
                 return;
             }
@@ -346,8 +355,11 @@ impl Activity {
         }
     }
 
+    /// A write took some bytes. Called on every write of the socket, so it
+    /// takes no lock.
     fn wrote(&self) {
-        self.lock().last_write = Instant::now();
+        let nanos = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_write.store(nanos, Ordering::Relaxed);
     }
 }
 
