@@ -3,6 +3,10 @@
 # connections, through the gateway and directly to the mock upstream, on SQLite
 # and (when TEST_DATABASE_URL is set) PostgreSQL; then the latency at a fixed
 # rate (RATE requests/s, 2000 by default) with the gateway's added time.
+# Each wrk run also prints the stack process's CPU time and context switches per
+# request (from /proc, all its threads; PostgreSQL's own processes are not in
+# it): steadier than requests/s on a shared virtual machine, where a thread that
+# sleeps and is woken costs tens of microseconds.
 #
 #   server/benches/gateway.sh            # DURATION=10s per run by default
 #   DURATION=30s RATE=2000 PROFILE=release server/benches/gateway.sh
@@ -42,7 +46,18 @@ trap cleanup EXIT
 
 body='{"model":"bench","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}'
 
-# One wrk run: prints "requests/s p50 p99".
+# The stack process's CPU time (clock ticks) and context switches so far, summed
+# over its threads: "ticks switches".
+stack_usage() {
+  local ticks switches
+  ticks=$(sed 's/.*) //' "/proc/$stack_pid/stat" | awk '{print $12 + $13}')
+  switches=$(cat /proc/"$stack_pid"/task/*/status 2>/dev/null \
+    | awk '/^(non)?voluntary_ctxt_switches/ {n += $2} END {print n}')
+  echo "$ticks $switches"
+}
+
+# One wrk run: prints "requests/s p50 p99 cpu/req switches/req", the last two
+# the stack process's CPU time (µs) and context switches per request.
 measure() {
   local url=$1 key=$2 connections=$3 threads=$(( $3 < 2 ? $3 : 2 ))
   cat > "$work/post.lua" <<LUA
@@ -51,14 +66,21 @@ wrk.body = '$body'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $key"
 LUA
+  local before; before=$(stack_usage)
   wrk -t"$threads" -c"$connections" -d"$DURATION" --latency -s "$work/post.lua" "$url/chat/completions" > "$work/wrk.out"
+  local after; after=$(stack_usage)
   local non2xx; non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.out")
   [ -z "$non2xx" ] || echo "  (warning: $non2xx non-2xx answers)" >&2
-  awk '
+  awk -v before="$before" -v after="$after" -v hz="$(getconf CLK_TCK)" '
+    /requests in/ {n=$1}
     /Requests\/sec/ {rps=$2}
     /^ +50%/ {p50=$2}
     /^ +99%/ {p99=$2}
-    END {printf "%10s %10s %10s\n", rps, p50, p99}' "$work/wrk.out"
+    END {
+      split(before, b, " "); split(after, a, " ")
+      printf "%10s %10s %10s %10.0f %10.2f\n", rps, p50, p99,
+        (a[1] - b[1]) * 1e6 / hz / n, (a[2] - b[2]) / n
+    }' "$work/wrk.out"
 }
 
 run_backend() {
@@ -72,7 +94,7 @@ run_backend() {
   mock=$(sed -n 's/^MOCK=//p' "$work/stack.out")
   key=$(sed -n 's/^KEY=//p' "$work/stack.out")
   DURATION=2s measure "$gateway" "$key" 16 > /dev/null   # warm-up: pools, caches
-  printf '%-9s %-8s %5s %10s %10s %10s\n' backend target conns 'req/s' p50 p99
+  printf '%-9s %-8s %5s %10s %10s %10s %10s %10s\n' backend target conns 'req/s' p50 p99 'cpu µs/req' 'switch/req'
   for c in 1 16 64; do
     printf '%-9s %-8s %5s %s\n' "$backend" gateway "$c" "$(measure "$gateway" "$key" "$c")"
     printf '%-9s %-8s %5s %s\n' "$backend" direct "$c" "$(measure "$mock" none "$c")"
