@@ -435,6 +435,21 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
     assert_eq!(status, StatusCode::CONFLICT, "{text}");
     assert_eq!(panel.settings_audit().await.len(), 1);
 
+    // One model twice in a save (only a hand-made request can): a field error, not
+    // a conflict, and nothing is written.
+    let (status, _, text) = panel
+        .send(post(
+            "/fn/save_model_limits",
+            &form(&[("gpt-4o", "3", true), ("gpt-4o", "4", true)]),
+            Some(&admin),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["fields"][0]["code"], "duplicate_model", "{text}");
+    assert_eq!(error["fields"][0]["field"], "gpt-4o", "{text}");
+    assert_eq!(panel.settings_audit().await.len(), 1);
+
     let (status, _, text) = panel.send(post("/fn/token_limits", "", Some(&admin))).await;
     assert_eq!(status, StatusCode::OK);
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -176,11 +176,14 @@ mod server {
     }
 
     /// Parse every row first: any invalid field refuses the whole save (DESIGN.md §3).
+    /// A model named by two rows is refused too (`duplicate_model`): the tab
+    /// sends each once, and the second row's version would otherwise look stale.
     pub async fn save_model_limits(admin: &Admin, rows: Vec<LimitInput>) -> Result<(), ApiError> {
         let store = expect_context::<SharedStore>();
         let catalog = expect_context::<Arc<Catalog>>();
         let mut changes = Vec::with_capacity(rows.len());
         let mut fields = Vec::new();
+        let mut named = std::collections::HashSet::new();
         for row in rows {
             let Some(model) = catalog.get(&row.model.as_str().into()) else {
                 fields.push(FieldError {
@@ -190,6 +193,17 @@ mod server {
                 });
                 continue;
             };
+            if !named.insert(model.id.clone()) {
+                fields.push(FieldError {
+                    field: row.model.clone(),
+                    code: "duplicate_model".into(),
+                    message: format!(
+                        "{} is named twice: give each model one limit per save.",
+                        row.model
+                    ),
+                });
+                continue;
+            }
             let enabled = row.enabled.is_some();
             let text = row.limit.trim();
             let limit = if text.is_empty() {
