@@ -147,6 +147,13 @@ pub enum CatalogError {
     /// A model declares `max_output_tokens = 0`: it could answer nothing.
     #[error("model \"{0}\" has max_output_tokens = 0")]
     ZeroMaxOutputTokens(String),
+    /// A model id or alias holds whitespace or a control character: callers, the
+    /// CLI and the tab could not name it as written.
+    #[error("model name {0:?} holds whitespace or a control character")]
+    UnwritableName(String),
+    /// A model's display name is blank: the tab and the spend API would show nothing.
+    #[error("model \"{0}\" has a blank display name")]
+    BlankDisplayName(String),
 }
 
 impl CatalogError {
@@ -159,6 +166,8 @@ impl CatalogError {
             CatalogError::DuplicateAlias(_) => "duplicate_alias",
             CatalogError::AliasIsModelId { .. } => "alias_is_model_id",
             CatalogError::ZeroMaxOutputTokens(_) => "zero_max_output_tokens",
+            CatalogError::UnwritableName(_) => "unwritable_model_name",
+            CatalogError::BlankDisplayName(_) => "blank_display_name",
         }
     }
 }
@@ -189,9 +198,10 @@ pub struct Catalog {
 impl Catalog {
     /// Validates `models` and builds the lookups.
     ///
-    /// Errors (the first found, in catalog order): an empty id or alias, a duplicate id
-    /// or alias, an alias that is also an id, or `max_output_tokens = 0`; see
-    /// [`CatalogError`].
+    /// Errors (the first found, in catalog order): an empty id or alias, an id or
+    /// alias with whitespace or a control character in it, a blank display name, a
+    /// duplicate id or alias, an alias that is also an id, or `max_output_tokens =
+    /// 0`; see [`CatalogError`].
     pub fn new(models: Vec<Model>) -> Result<Catalog, CatalogError> {
         let mut names: HashMap<String, Entry> = HashMap::with_capacity(models.len() * 2);
         for (index, model) in models.iter().enumerate() {
@@ -199,6 +209,12 @@ impl Catalog {
                 return Err(CatalogError::EmptyId {
                     display_name: model.display_name.clone(),
                 });
+            }
+            if !writable(model.id.as_str()) {
+                return Err(CatalogError::UnwritableName(model.id.to_string()));
+            }
+            if model.display_name.trim().is_empty() {
+                return Err(CatalogError::BlankDisplayName(model.id.to_string()));
             }
             if model.max_output_tokens == 0 {
                 return Err(CatalogError::ZeroMaxOutputTokens(model.id.to_string()));
@@ -216,6 +232,9 @@ impl Catalog {
                     return Err(CatalogError::EmptyAlias {
                         model: model.id.to_string(),
                     });
+                }
+                if !writable(alias) {
+                    return Err(CatalogError::UnwritableName(alias.clone()));
                 }
                 match names.get(alias.as_str()) {
                     Some(existing) if existing.is_id => {
@@ -303,6 +322,12 @@ impl Catalog {
             .iter()
             .filter_map(|&i| self.models.get(i))
     }
+}
+
+/// True when `name` (a model id or alias) can be written as it is: no whitespace
+/// and no control character anywhere in it.
+fn writable(name: &str) -> bool {
+    !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 #[cfg(test)]
@@ -393,6 +418,26 @@ pub(super) mod tests {
         assert_eq!(
             Catalog::new(vec![empty_alias]).err(),
             Some(CatalogError::EmptyAlias { model: "e".into() })
+        );
+
+        for name in [" m ", "m\tn", "m\u{0}", "m\u{a0}n"] {
+            assert_eq!(
+                Catalog::new(vec![model(name, (1, 0), (1, 0))]).err(),
+                Some(CatalogError::UnwritableName(name.into()))
+            );
+            let mut aliased = model("f", (1, 0), (1, 0));
+            aliased.aliases = vec![name.into()];
+            assert_eq!(
+                Catalog::new(vec![aliased]).err().map(|e| e.code()),
+                Some("unwritable_model_name")
+            );
+        }
+
+        let mut nameless = model("g", (1, 0), (1, 0));
+        nameless.display_name = " ".into();
+        assert_eq!(
+            Catalog::new(vec![nameless]).err(),
+            Some(CatalogError::BlankDisplayName("g".into()))
         );
 
         let mut zero = model("z", (1, 0), (1, 0));
