@@ -101,22 +101,19 @@ impl Gateway {
                     let key = env(var)
                         .map(|k| k.trim().to_owned())
                         .filter(|k| !k.is_empty());
-                    match key {
-                        None => {
-                            tracing::warn!(upstream = %u.name, variable = %var,
-                                "the upstream's key variable is unset or empty: calling it without a key");
-                            None
-                        }
-                        // Every request would fail to build, as "builder error".
-                        Some(key) if HeaderValue::from_str(&key).is_err() => {
-                            tracing::error!(upstream = %u.name, variable = %var,
-                                "the upstream's key holds a character an HTTP header cannot carry \
-                                 (a line break or another control character inside it): \
-                                 calling it without a key");
-                            None
-                        }
-                        Some(key) => Some(Secret::new(key)),
+                    let Some(key) = key else {
+                        tracing::warn!(upstream = %u.name, variable = %var,
+                            "the upstream's key variable is unset or empty: calling it without a key");
+                        return None;
+                    };
+                    let secret = Secret::new(key);
+                    if secret.is_none() {
+                        tracing::error!(upstream = %u.name, variable = %var,
+                            "the upstream's key holds a character an HTTP header cannot carry \
+                             (a line break or another control character inside it): \
+                             calling it without a key");
                     }
+                    secret
                 });
                 let target = Target {
                     name: u.name.clone(),

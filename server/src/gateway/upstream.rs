@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use app::domain::Usage;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -14,23 +14,26 @@ use serde_json::value::RawValue;
 use super::error::GatewayError;
 use super::json::RawObject;
 
-/// An upstream key, read from the environment at start. `Debug` never shows it.
+/// An upstream key, read from the environment at start, with the `Authorization`
+/// header that carries it, built once and marked sensitive. `Debug` never shows it.
 #[derive(Clone)]
-pub struct Secret(String);
+pub struct Secret {
+    key: String,
+    authorization: HeaderValue,
+}
 
 impl Secret {
-    /// Wraps `key`.
-    pub fn new(key: String) -> Secret {
-        Secret(key)
-    }
-
-    fn expose(&self) -> &str {
-        &self.0
+    /// Wraps `key`; `None` when no HTTP header can carry it (a line break or another
+    /// control character inside it).
+    pub fn new(key: String) -> Option<Secret> {
+        let mut authorization = HeaderValue::try_from(format!("Bearer {key}")).ok()?;
+        authorization.set_sensitive(true);
+        Some(Secret { key, authorization })
     }
 
     /// True when `haystack` contains the key.
     fn appears_in(&self, haystack: &[u8]) -> bool {
-        let needle = self.0.as_bytes();
+        let needle = self.key.as_bytes();
         !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
     }
 }
@@ -80,7 +83,7 @@ impl Target {
             )
             .body(body);
         if let Some(key) = &self.key {
-            request = request.bearer_auth(key.expose());
+            request = request.header(header::AUTHORIZATION, key.authorization.clone());
         }
         match tokio::time::timeout(self.timeout, request.send()).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
@@ -409,7 +412,7 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let secret = Secret::new("sk-very-secret".into());
+        let secret = Secret::new("sk-very-secret".into()).unwrap();
         assert_eq!(format!("{secret:?}"), "Secret(***)");
         assert!(secret.appears_in(b"xx sk-very-secret yy"));
         assert!(!secret.appears_in(b"sk-very-secre"));
