@@ -262,10 +262,12 @@ impl Config {
                 "must start with sqlite:// (a file) or postgres:// (a server)",
             ));
         }
-        let sqlite_file = database_url
-            .strip_prefix("sqlite:")
-            .map(|rest| rest.trim_start_matches('/').split('?').next().unwrap_or(""));
-        if sqlite_file.is_some_and(str::is_empty) {
+        // A SQLite URL's file and its query (`?mode=...`).
+        let sqlite = database_url.strip_prefix("sqlite:").map(|rest| {
+            let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+            (file.trim_start_matches('/'), query)
+        });
+        if sqlite.is_some_and(|(file, _)| file.is_empty()) {
             return Err(invalid(
                 db_key,
                 "names no file: write sqlite://tollgate.db (relative) or sqlite:///var/lib/tollgate.db",
@@ -273,13 +275,11 @@ impl Config {
         }
         // An in-memory database is thrown away when the process ends: a user
         // created by one command would be gone for the next.
-        let in_memory = sqlite_file == Some(":memory:")
-            || database_url.strip_prefix("sqlite:").is_some_and(|rest| {
-                rest.split_once('?').is_some_and(|(_, query)| {
-                    url::form_urlencoded::parse(query.as_bytes())
-                        .any(|(key, value)| key == "mode" && value == "memory")
-                })
-            });
+        let in_memory = sqlite.is_some_and(|(file, query)| {
+            file == ":memory:"
+                || url::form_urlencoded::parse(query.as_bytes())
+                    .any(|(key, value)| key == "mode" && value == "memory")
+        });
         if in_memory {
             return Err(invalid(
                 db_key,
