@@ -1,8 +1,9 @@
 //! The stack `server/benches/gateway.sh` measures: the mock upstream of the tests and
 //! the real router over a fresh database (SQLite in a temporary folder, or
 //! PostgreSQL on the server of `TEST_DATABASE_URL` when `BENCH_BACKEND=postgres`),
-//! with one member's API key. Prints `MOCK=`, `GATEWAY=` and `KEY=` lines, then
-//! serves until SIGINT or SIGTERM.
+//! with one member's API key, and a bare forwarding proxy to the same mock (the
+//! floor under any gateway on this stack: see [`forward`]). Prints `MOCK=`,
+//! `PROXY=`, `GATEWAY=` and `KEY=` lines, then serves until SIGINT or SIGTERM.
 //!
 //! Not a Criterion bench: the load comes from `wrk` in another process, so the
 //! numbers include real HTTP on loopback, as clients see them.
@@ -19,6 +20,14 @@ mod upstream;
 
 use std::sync::Arc;
 
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{header::CONTENT_TYPE, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+    Router,
+};
 use chrono::Utc;
 use server::{
     config::{Config, Overrides},
@@ -91,6 +100,7 @@ max_output_tokens = 4096
     let app = server::http::router(state, database.sessions.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("MOCK={}", mock.base_url);
+    println!("PROXY={}", start_proxy(&mock.base_url).await);
     println!("GATEWAY=http://{}/v1", listener.local_addr().unwrap());
     println!("KEY={key}");
     let options = server::http::ServeOptions {
@@ -120,4 +130,52 @@ max_output_tokens = 4096
         snapshot.workspace.spent.to_money(),
         snapshot.workspace.reserved.to_money()
     );
+}
+
+/// Where the bare proxy forwards, with an HTTP client set up as the gateway's.
+struct Proxy {
+    client: reqwest::Client,
+    url: String,
+}
+
+/// Starts the bare proxy in front of the mock at `base_url` (up to `/v1`);
+/// returns its own base URL.
+async fn start_proxy(base_url: &str) -> String {
+    let proxy = Arc::new(Proxy {
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .unwrap(),
+        url: format!("{base_url}/chat/completions"),
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(forward))
+        .with_state(proxy);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{address}/v1")
+}
+
+/// The least any gateway on this stack does for a request: the body read, posted
+/// unchanged to the upstream over a pooled connection, and the answer's body read
+/// and returned. No key, no pricing, no books, no JSON: what the benchmark's
+/// `proxy` rows measure is the cost of the second HTTP exchange alone.
+async fn forward(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Response {
+    let sent = proxy
+        .client
+        .post(&proxy.url)
+        .header(CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await;
+    let Ok(answer) = sent else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
+    let status = answer.status();
+    match answer.bytes().await {
+        Ok(body) => (status, [(CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+    }
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Gateway throughput and latency: requests/s, p50 and p99 at 1, 16 and 64
-# connections, through the gateway and directly to the mock upstream, on SQLite
-# and (when TEST_DATABASE_URL is set) PostgreSQL; then the latency at a fixed
-# rate (RATE requests/s, 2000 by default) with the gateway's added time.
+# connections, through the gateway, through a bare forwarding proxy (the second
+# HTTP exchange alone: the floor under any gateway on this stack) and directly to
+# the mock upstream, on SQLite and (when TEST_DATABASE_URL is set) PostgreSQL;
+# then the latency at a fixed rate (RATE requests/s, 2000 by default) with the
+# gateway's added time.
 # Each wrk run also prints the stack process's CPU time and context switches per
 # request (from /proc, all its threads; PostgreSQL's own processes are not in
 # it): steadier than requests/s on a shared virtual machine, where a thread that
@@ -23,17 +25,20 @@ RATE=${RATE:-2000}
 PROFILE=${PROFILE:-dev}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 
-# The path of bench target $1's executable, built with $PROFILE.
-build_bench() {
-  cargo build -q -p server --bench "$1" --profile "$PROFILE" --message-format=json \
+# Both bench targets, built with $PROFILE in one cargo call (one call, so that a
+# release build whose embedded site is missing recompiles the server once, not
+# once per target); prints "NAME PATH" per executable.
+build_benches() {
+  cargo build -q -p server --bench gateway --bench gateway_rate --profile "$PROFILE" --message-format=json \
     | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
-        print(m["executable"])' "$1"
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])'
 }
-bin=$(build_bench gateway)
-rate_bin=$(build_bench gateway_rate)
+built=$(build_benches)
+bin=$(awk '$1 == "gateway" {print $2}' <<< "$built")
+rate_bin=$(awk '$1 == "gateway_rate" {print $2}' <<< "$built")
 [ -x "$bin" ] && [ -x "$rate_bin" ] || { echo "could not build the benchmark stack" >&2; exit 1; }
 
 work=$(mktemp -d)
@@ -89,19 +94,22 @@ run_backend() {
   stack_pid=$!
   for _ in $(seq 1 100); do grep -q '^KEY=' "$work/stack.out" 2>/dev/null && break; sleep 0.1; done
   grep -q '^KEY=' "$work/stack.out" || { cat "$work/stack.err" >&2; exit 1; }
-  local gateway mock key
+  local gateway mock proxy key
   gateway=$(sed -n 's/^GATEWAY=//p' "$work/stack.out")
   mock=$(sed -n 's/^MOCK=//p' "$work/stack.out")
+  proxy=$(sed -n 's/^PROXY=//p' "$work/stack.out")
   key=$(sed -n 's/^KEY=//p' "$work/stack.out")
   DURATION=2s measure "$gateway" "$key" 16 > /dev/null   # warm-up: pools, caches
   printf '%-9s %-8s %5s %10s %10s %10s %10s %10s\n' backend target conns 'req/s' p50 p99 'cpu µs/req' 'switch/req'
   for c in 1 16 64; do
     printf '%-9s %-8s %5s %s\n' "$backend" gateway "$c" "$(measure "$gateway" "$key" "$c")"
+    printf '%-9s %-8s %5s %s\n' "$backend" proxy "$c" "$(measure "$proxy" none "$c")"
     printf '%-9s %-8s %5s %s\n' "$backend" direct "$c" "$(measure "$mock" none "$c")"
   done
   echo "fixed rate: $RATE requests/s for ${DURATION%s} s (latencies in µs, p50/p99)"
   printf '%-9s %-8s %7s %7s %6s %19s %13s\n' backend target sent 'req/s' non200 'client p50/p99' 'added p50/p99'
   printf '%-9s %-8s %s\n' "$backend" gateway "$("$rate_bin" "$gateway" "$key" "$RATE" "${DURATION%s}")"
+  printf '%-9s %-8s %s\n' "$backend" proxy "$("$rate_bin" "$proxy" none "$RATE" "${DURATION%s}")"
   printf '%-9s %-8s %s\n' "$backend" direct "$("$rate_bin" "$mock" none "$RATE" "${DURATION%s}")"
   kill "$stack_pid"; wait "$stack_pid" 2>/dev/null || true; stack_pid=
   sed -n 's/^served; /  books after the runs: /p' "$work/stack.err"
