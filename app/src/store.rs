@@ -271,6 +271,24 @@ pub struct UsageRecord<'a> {
     pub usage: Usage,
 }
 
+/// What one ledger row counted (see [`Store::recorded_usage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedUsage {
+    /// The model whose counter was charged.
+    pub served: ModelId,
+    /// The token counts reported; `None` when the row billed its reservation's
+    /// estimate because no usage was reported (R7).
+    pub usage: Option<Usage>,
+}
+
+impl RecordedUsage {
+    /// Whether a settlement reporting `usage` (`None`: no usage, bill the
+    /// estimate) repeats what this row counted, token for token.
+    pub fn repeats(&self, usage: Option<&Usage>) -> bool {
+        self.usage.as_ref() == usage
+    }
+}
+
 /// The fate of one [`UsageRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordOutcome {
@@ -516,6 +534,16 @@ pub trait Store: Send + Sync + 'static {
         reservation: &ReservationId,
         settlement_key: &str,
     ) -> Result<Option<Spender>, StoreError>;
+
+    /// What the ledger row recorded under `idempotency_key` counted, `None` when no
+    /// row has that key. The usage API tells a retried settlement, which repeats
+    /// what it reports, from one that reports other usage (DESIGN.md §4).
+    ///
+    /// Errors: [`StoreError::Database`] when the database fails.
+    async fn recorded_usage(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<RecordedUsage>, StoreError>;
 
     /// Replace a reservation with its actual cost: a ledger row and the counters, in
     /// one transaction (R7). With an idempotency key already used, returns the event

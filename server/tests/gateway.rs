@@ -1327,6 +1327,27 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     assert_eq!(status, 200);
     assert_eq!(again["event_id"], event["event_id"]);
     assert_eq!(again["newly_recorded"], false);
+    // Settling again with other usage, or with none, is refused: 409, and the
+    // counters below show nothing more was recorded.
+    for other in [
+        json!({"usage": {"prompt_tokens": 900, "completion_tokens": 101,
+            "prompt_tokens_details": {"cached_tokens": 300},
+            "completion_tokens_details": {"reasoning_tokens": 60}}}),
+        json!({"usage": null}),
+    ] {
+        let (status, conflict) = h
+            .api(&format!("/api/v1/admissions/{id}/settle"), &other)
+            .await;
+        assert_eq!(status, 409, "{conflict}");
+        assert_eq!(conflict["error"]["code"], "already_settled");
+        assert!(
+            conflict["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("(on big, costing 0.00235 EUR)"),
+            "{conflict}"
+        );
+    }
     // Another key cannot read that settlement by settling again.
     let stranger = common::member_key(&h.store, "stranger@example.com").await;
     let response = h
@@ -1563,6 +1584,31 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             "{bad}"
         );
     }
+    assert_eq!(h.workspace().await.spent, spent, "nothing counted");
+
+    // A reservation billed its estimate (no usage) settles again only the same way.
+    let (_, admission) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "mid", "prompt_tokens": 10, "max_completion_tokens": 10}),
+        )
+        .await;
+    let id = admission["reservation_id"].as_str().unwrap().to_owned();
+    let settle = format!("/api/v1/admissions/{id}/settle");
+    let (status, estimated) = h.api(&settle, &json!({"usage": null})).await;
+    assert_eq!((status, estimated["estimated"].clone()), (200, json!(true)));
+    let spent = h.workspace().await.spent;
+    let (status, again) = h.api(&settle, &json!({"usage": null})).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["event_id"], estimated["event_id"]);
+    let (status, conflict) = h
+        .api(
+            &settle,
+            &json!({"usage": {"prompt_tokens": 10, "completion_tokens": 10}}),
+        )
+        .await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["error"]["code"], "already_settled");
     assert_eq!(h.workspace().await.spent, spent, "nothing counted");
 
     // Admission refuses what the plan cannot hold, as the gateway does.

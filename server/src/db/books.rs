@@ -257,7 +257,29 @@ pub(crate) struct RecordedRow {
     pub reasoning_tokens: i64,
 }
 
+/// Selects the [`RecordedRow`] of the workspace (`$1`) under an idempotency key (`$2`).
+pub(crate) const RECORDED_BY_KEY: &str = "SELECT id, requested_model, served_model, cost_nanos, \
+     estimated, over_reservation, prompt_tokens, cached_tokens, completion_tokens, \
+     reasoning_tokens FROM usage_events WHERE workspace_id = $1 AND idempotency_key = $2";
+
 impl RecordedRow {
+    /// What this row counted: its usage, or none when it billed an estimate.
+    ///
+    /// Errors: [`StoreError::Database`] for a negative token count (a corrupt row).
+    pub fn recorded_usage(self) -> Result<app::store::RecordedUsage, StoreError> {
+        let count = |value: i64| u64::try_from(value).map_err(|e| corrupt("token count", e));
+        let usage = Usage {
+            prompt_tokens: count(self.prompt_tokens)?,
+            cached_tokens: count(self.cached_tokens)?,
+            completion_tokens: count(self.completion_tokens)?,
+            reasoning_tokens: count(self.reasoning_tokens)?,
+        };
+        Ok(app::store::RecordedUsage {
+            served: ModelId::new(self.event.served_model),
+            usage: (!self.event.estimated).then_some(usage),
+        })
+    }
+
     /// Whether this row counted `usage` of `model`.
     ///
     /// Errors: [`StoreError::Invalid`] for a token count past `i64::MAX`.
@@ -1186,6 +1208,20 @@ macro_rules! impl_store {
                 Ok(row.map(|(user_id, api_key_id)| app::store::Spender { user_id, api_key_id }))
             }
 
+            async fn recorded_usage(
+                &self,
+                idempotency_key: &str,
+            ) -> Result<Option<app::store::RecordedUsage>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let row: Option<RecordedRow> = sqlx::query_as(RECORDED_BY_KEY)
+                    .bind(WORKSPACE_ID)
+                    .bind(idempotency_key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.map(RecordedRow::recorded_usage).transpose()
+            }
+
             async fn settle(
                 &self,
                 settlement: app::store::Settlement,
@@ -1287,12 +1323,7 @@ macro_rules! impl_store {
                 let mut outcomes = Vec::with_capacity(records.len());
                 for record in records {
                     let idempotency_key = record.idempotency_key.as_str();
-                    let recorded: Option<RecordedRow> = sqlx::query_as(
-                        "SELECT id, requested_model, served_model, cost_nanos, estimated, \
-                         over_reservation, prompt_tokens, cached_tokens, completion_tokens, \
-                         reasoning_tokens FROM usage_events \
-                         WHERE workspace_id = $1 AND idempotency_key = $2",
-                    )
+                    let recorded: Option<RecordedRow> = sqlx::query_as(RECORDED_BY_KEY)
                     .bind(WORKSPACE_ID)
                     .bind(idempotency_key)
                     .fetch_optional(&mut *tx)

@@ -73,6 +73,19 @@ pub enum GatewayError {
     /// code `reservation_not_found`): settled, released, expired or never made.
     #[error("reservation {0} is not held: it was settled, released or expired, or never existed")]
     ReservationNotFound(String),
+    /// The usage API settles a reservation that was settled before with other
+    /// usage (HTTP 409, code `already_settled`): nothing was recorded. A retry
+    /// reports what the first settlement did and gets its event back.
+    #[error(
+        "this reservation was already settled with other usage (on {served}, costing {cost_eur} EUR); \
+         nothing was recorded: a retried settlement must report the same usage"
+    )]
+    AlreadySettled {
+        /// The model the first settlement charged.
+        served: String,
+        /// What it cost, an exact decimal in EUR.
+        cost_eur: String,
+    },
     /// Admission refused the request (HTTP 429, type `insufficient_quota`, code
     /// `plan_limit_reached` or `model_limit_reached`, header `x-should-retry: false`;
     /// DESIGN.md R6, §4).
@@ -125,6 +138,7 @@ impl GatewayError {
             | GatewayError::UnknownEndpoint { .. }
             | GatewayError::ReservationNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::AlreadySettled { .. } => StatusCode::CONFLICT,
             GatewayError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamRejected { status, .. } => *status,
             GatewayError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
@@ -158,6 +172,7 @@ impl GatewayError {
             GatewayError::UnknownEndpoint { .. } => "unknown_url",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::ReservationNotFound(_) => "reservation_not_found",
+            GatewayError::AlreadySettled { .. } => "already_settled",
             GatewayError::Blocked(blocked) => blocked.code.as_str(),
             GatewayError::UpstreamRejected { .. } => "upstream_rejected",
             GatewayError::UpstreamFailed(_) => "upstream_error",

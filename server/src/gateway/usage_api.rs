@@ -10,7 +10,9 @@
 //! - `POST /api/v1/admissions/{id}/settle` `{"usage": {...} | null}` → the ledger
 //!   event: `{"reservation_id", "event_id", "requested_model", "served_model", "cost_eur",
 //!   "estimated", "over_reservation", "newly_recorded"}`. `usage: null` bills the
-//!   reservation (flagged as estimated). Settling twice returns the same event.
+//!   reservation (flagged as estimated). Settling again with the same usage (a
+//!   retry) returns the same event; with other usage, 409 `already_settled`, and
+//!   nothing changes.
 //! - `POST /api/v1/admissions/{id}/release` → `{"reservation_id", "released": true}`.
 //! - `POST /api/v1/admissions/{id}/renew` `{"lease_seconds"?}` → `{"reservation_id", "lease_until"}`.
 //! - `POST /api/v1/usage` `{"records": [{"idempotency_key", "model", "usage"}]}` →
@@ -300,6 +302,20 @@ pub async fn settle(
             gateway
                 .metrics
                 .settlement(served, if event.estimated { "estimate" } else { "usage" });
+        } else {
+            // A retry repeats what it reports; other usage for a settled
+            // reservation is a mistake its caller must hear of, as with the bulk
+            // recording's idempotency keys.
+            let recorded = gateway
+                .store
+                .recorded_usage(&settlement_key(&reservation))
+                .await?;
+            if recorded.is_some_and(|recorded| !recorded.repeats(usage.as_ref())) {
+                return Err(GatewayError::AlreadySettled {
+                    served: event.served.to_string(),
+                    cost_eur: eur(event.cost),
+                });
+            }
         }
         Ok(Json(EventView::new(Some(&reservation), &event)).into_response())
     }
