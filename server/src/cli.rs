@@ -100,8 +100,15 @@ pub enum Command {
     },
     /// Print the audit log, newest first.
     Audit {
-        /// How many rows at most.
-        #[arg(long, default_value_t = 50)]
+        /// How many rows at most (1 or more).
+        // A negative number is read as a value, to be refused as one rather
+        // than as an unknown flag.
+        #[arg(
+            long,
+            default_value_t = 50,
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(u32).range(1..)
+        )]
         limit: u32,
     },
     /// Fill the database with demo data: an administrator and a member (password

@@ -682,6 +682,15 @@ fn limits_fallback_and_their_audit() {
             .count(),
         1
     );
+    // A count of rows that is not one names the option and the range.
+    for bad in ["0", "-1"] {
+        let error = cli.fails(&["audit", "--limit", bad]);
+        assert!(
+            error.contains(&format!("invalid value '{bad}' for '--limit <LIMIT>'"))
+                && error.contains("is not in 1.."),
+            "{error}"
+        );
+    }
 }
 
 #[test]
