@@ -274,8 +274,6 @@ pub struct UsageRecord<'a> {
 /// What one ledger row counted (see [`Store::recorded_usage`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedUsage {
-    /// The model whose counter was charged.
-    pub served: ModelId,
     /// The token counts reported; `None` when the row billed its reservation's
     /// estimate because no usage was reported (R7).
     pub usage: Option<Usage>,

@@ -275,7 +275,6 @@ impl RecordedRow {
             reasoning_tokens: count(self.reasoning_tokens)?,
         };
         Ok(app::store::RecordedUsage {
-            served: ModelId::new(self.event.served_model),
             usage: (!self.event.estimated).then_some(usage),
         })
     }
