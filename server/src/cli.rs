@@ -283,17 +283,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url: cli.database_url.clone(),
         },
     )?;
+    if let Command::Serve { .. } = cli.command {
+        // A server that cannot listen (the address is taken: another server
+        // runs there) must change nothing, so it binds before it applies its
+        // config to the database that server may be billing against.
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("could not listen on {}", config.listen))?;
+        let database = open(&config, Apply::Always).await?;
+        return serve(config, database, listener).await;
+    }
     // The config's workspace, plan and catalog are the server's to apply: another
     // command, maybe run with another config (or none), must not change what a
     // running server bills against. It applies them only to a new database.
     let apply = match cli.command {
-        Command::Serve { .. } | Command::Demo | Command::Replay { .. } => Apply::Always,
+        Command::Demo | Command::Replay { .. } => Apply::Always,
         _ => Apply::IfNew,
     };
     let database = open(&config, apply).await?;
     let store = database.store.clone();
     match cli.command {
-        Command::Serve { .. } => serve(config, database).await,
+        // Both answered above.
+        Command::Serve { .. } | Command::Config { .. } => Ok(()),
         Command::User {
             action: UserAction::Create { email, role },
         } => {
@@ -483,7 +494,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => demo(&config, &store).await,
-        Command::Config { .. } => Ok(()),
         Command::Replay { action } => replay(&config, &store, action).await,
     }
 }
@@ -964,7 +974,11 @@ async fn stop_signal() {
 /// How often any replica looks for reservations whose lease ended (R7).
 const LEASE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 
-async fn serve(config: config::Config, database: db::Database) -> anyhow::Result<()> {
+async fn serve(
+    config: config::Config,
+    database: db::Database,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
     let store = database.store.clone();
     let released = store.release_expired(Utc::now()).await?;
     if released > 0 {
@@ -987,9 +1001,6 @@ async fn serve(config: config::Config, database: db::Database) -> anyhow::Result
     }
     let state = http::AppState::new(Arc::new(config.clone()), store);
     let gateway = state.gateway.clone();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("could not listen on {}", config.listen))?;
     let local = listener.local_addr()?;
     tracing::info!(database = %db::redact_url(&config.database_url), "Tollgate is serving on http://{local}");
     let sessions = database.sessions.clone();

@@ -1112,3 +1112,49 @@ async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
     assert_eq!(slow_answer.status(), reqwest::StatusCode::OK);
     assert_eq!(slow_answer.headers()["x-tollgate-model"], "slow-model");
 }
+
+/// A `serve` that cannot listen (another server runs on the address) changes
+/// nothing: the workspace name and plan of its config do not reach the database
+/// that other server bills against.
+#[tokio::test]
+async fn a_serve_that_cannot_listen_changes_nothing() {
+    let cli = Cli::new();
+    let first = cli.dir.path().join("first.toml");
+    std::fs::write(
+        &first,
+        "[workspace]\nname = \"Acme\"\n[plan]\nbudget_eur = \"100\"\n",
+    )
+    .unwrap();
+    // Any command applies the config to a new database.
+    cli.ok(&["--config", first.to_str().unwrap(), "reservation", "list"]);
+    let store = cli.store().await;
+    let before = store.spend_snapshot(chrono::Utc::now()).await.unwrap().plan;
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let other = cli.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        "[workspace]\nname = \"Other\"\n[plan]\nbudget_eur = \"7\"\n",
+    )
+    .unwrap();
+    let error = cli.fails(&[
+        "--config",
+        other.to_str().unwrap(),
+        "serve",
+        "--listen",
+        &listen,
+    ]);
+    assert!(
+        error.contains(&format!("could not listen on {listen}")),
+        "{error}"
+    );
+    assert_eq!(store.workspace().await.unwrap().name, "Acme");
+    let after = store.spend_snapshot(chrono::Utc::now()).await.unwrap().plan;
+    assert_eq!(after, before);
+    assert_eq!(
+        before.amounts.budget,
+        app::domain::Nanos::new(100_000_000_000),
+        "€100"
+    );
+}
