@@ -802,3 +802,24 @@ async fn a_session_ended_by_a_disable_stays_ended_after_enable() {
     let after = panel.sign_in("ada@example.com").await;
     panel.open_tab(&after).await;
 }
+
+/// A page's path with a trailing slash is sent to the path without it (the
+/// panel's router would otherwise render the tab under the fallback's 404); a
+/// path that would then name another host is not.
+#[tokio::test]
+async fn trailing_slashes_redirect_to_the_page() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    for (path, location) in [
+        ("/admin/token-limits/", "/admin/token-limits"),
+        ("/admin/token-limits//?tab=1", "/admin/token-limits?tab=1"),
+    ] {
+        let (status, headers, _) = panel.send(get(path, Some(&admin))).await;
+        assert_eq!(status, StatusCode::PERMANENT_REDIRECT, "{path}");
+        assert_eq!(headers[header::LOCATION], location, "{path}");
+    }
+    let (status, headers, _) = panel.send(get("//evil.example/", Some(&admin))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!headers.contains_key(header::LOCATION));
+    panel.open_tab(&admin).await;
+}
