@@ -924,6 +924,36 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
         .contains("tollgate_settlements_total{kind=\"estimate\",model=\"big\"} 1"));
 }
 
+/// An upstream that answers a streamed request with plain JSON (it ignored
+/// `stream`): the client gets a 502 saying so, not an empty stream, and the usage
+/// the JSON reported is billed (R7), not the estimate.
+async fn a_stream_answered_without_a_stream_is_a_502_billed_its_usage(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.mock.set(|b| b.ignore_stream = true);
+    let response = h
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"big","messages":[{"role":"user","content":"Hi"}],"max_tokens":100,"stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "upstream_error");
+    assert_eq!(
+        error["error"]["message"],
+        "The model provider answered a streamed request without a stream."
+    );
+    assert_eq!(h.mock.received().len(), 1, "one call upstream");
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: h.cost_of("big", upstream::Behaviour::default().usage),
+            reserved: Nanos::ZERO
+        }
+    );
+}
+
 /// Refusals before admission (413, 400, 401, 404) are OpenAI-shaped JSON and
 /// reserve and spend nothing; nothing reaches the upstream.
 async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
@@ -1672,6 +1702,7 @@ on_both_backends!(
     client_disconnect_mid_stream_still_settles,
     shutdown_waits_for_abandoned_exchanges_to_settle,
     stream_without_usage_is_billed_its_estimate,
+    a_stream_answered_without_a_stream_is_a_502_billed_its_usage,
     refusals_reserve_and_spend_nothing,
     the_upstream_key_never_leaks,
     an_upstream_key_read_from_a_file_loses_its_line_break,

@@ -25,7 +25,7 @@ use super::hold::{lease_until_from_now, Hold};
 use super::json::RawObject;
 use super::request::ChatRequest;
 use super::sse::{self, Eventsource, Relay, Relayed, DONE_FRAME};
-use super::upstream::{usage_from_upstream, Target};
+use super::upstream::{is_event_stream, usage_from_upstream, Target};
 use super::{read_body, Gateway, SERVED_MODEL_HEADER};
 
 const ENDPOINT: &str = "chat_completions";
@@ -250,26 +250,28 @@ impl Exchange {
                 return;
             }
         };
-        if !response.status().is_success() {
-            let (error, usage) = self.target.failure(response).await;
-            let upstream_time = sent.elapsed();
-            match usage {
-                Some(usage) => {
-                    hold.settle(Some(usage)).await;
-                }
-                None => hold.release().await,
-            }
-            self.finish_metrics(before_upstream, sent, upstream_time);
-            let _ = reply.send(Err(error));
-            return;
-        }
-        if self.stream {
-            self.relay_stream(hold, response, reply, before_upstream, sent)
+        let (error, usage) = if !response.status().is_success() {
+            self.target.failure(response).await
+        } else if !self.stream {
+            return self
+                .complete(hold, response, reply, before_upstream, sent)
+                .await;
+        } else if is_event_stream(response.headers()) {
+            return self
+                .relay_stream(hold, response, reply, before_upstream, sent)
                 .await;
         } else {
-            self.complete(hold, response, reply, before_upstream, sent)
-                .await;
+            self.target.unstreamed(response).await
+        };
+        let upstream_time = sent.elapsed();
+        match usage {
+            Some(usage) => {
+                hold.settle(Some(usage)).await;
+            }
+            None => hold.release().await,
         }
+        self.finish_metrics(before_upstream, sent, upstream_time);
+        let _ = reply.send(Err(error));
     }
 
     fn finish_metrics(&self, before_upstream: Duration, sent: Instant, upstream_time: Duration) {

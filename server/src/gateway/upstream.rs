@@ -106,15 +106,7 @@ impl Target {
     /// the answer reported, if any (billed instead of released, R7).
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
-        let body = match tokio::time::timeout(self.timeout, response.bytes()).await {
-            Ok(Ok(body)) => body,
-            _ => Bytes::new(),
-        };
-        let object = RawObject::parse(&body).ok();
-        let usage = object
-            .as_ref()
-            .and_then(|o| o.get_present("usage"))
-            .and_then(|raw| usage_from_upstream(raw, &self.name));
+        let (body, object, usage) = self.read_unrelayed(response).await;
         let mentions_key = self.key.as_ref().is_some_and(|k| k.appears_in(&body));
         let error = match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -147,6 +139,53 @@ impl Target {
         };
         (error, usage)
     }
+
+    /// Reads a successful answer to a streamed request that is not an event
+    /// stream (an upstream that ignored `stream`): nothing of it can be relayed,
+    /// so it is a 502, and the usage it reported, if any, is billed (R7).
+    pub async fn unstreamed(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        tracing::warn!(upstream = %self.name, content_type, "the upstream answered a streamed request without a stream");
+        let (_, _, usage) = self.read_unrelayed(response).await;
+        (
+            GatewayError::UpstreamFailed(
+                "The model provider answered a streamed request without a stream.".into(),
+            ),
+            usage,
+        )
+    }
+
+    /// The body of an answer that is not relayed (empty if it cannot be read in
+    /// time), as a JSON object when it is one, and the usage it reported.
+    async fn read_unrelayed(
+        &self,
+        response: reqwest::Response,
+    ) -> (Bytes, Option<RawObject>, Option<Usage>) {
+        let body = match tokio::time::timeout(self.timeout, response.bytes()).await {
+            Ok(Ok(body)) => body,
+            _ => Bytes::new(),
+        };
+        let object = RawObject::parse(&body).ok();
+        let usage = object
+            .as_ref()
+            .and_then(|o| o.get_present("usage"))
+            .and_then(|raw| usage_from_upstream(raw, &self.name));
+        (body, object, usage)
+    }
+}
+
+/// Whether `headers` say the body is an event stream (SSE).
+pub fn is_event_stream(headers: &header::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 /// The usage object as providers and usage API clients send it: OpenAI's nested

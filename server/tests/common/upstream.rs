@@ -59,6 +59,9 @@ pub struct Behaviour {
     pub pause_after_first_piece: Option<Arc<Notify>>,
     /// Keep what was received, for [`MockUpstream::received`] (off in benchmarks).
     pub record_requests: bool,
+    /// Answer a streamed request with the non-streamed JSON, as an upstream that
+    /// ignores `stream` does.
+    pub ignore_stream: bool,
 }
 
 impl Default for Behaviour {
@@ -78,6 +81,7 @@ impl Default for Behaviour {
             content: "Hello from the mock.".into(),
             pause_after_first_piece: None,
             record_requests: true,
+            ignore_stream: false,
         }
     }
 }
@@ -187,7 +191,7 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     }
     let request: serde_json::Value = serde_json::from_str(&body).unwrap();
     let model = request["model"].as_str().unwrap_or("").to_owned();
-    let stream = request["stream"].as_bool().unwrap_or(false);
+    let stream = request["stream"].as_bool().unwrap_or(false) && !behaviour.ignore_stream;
     if !stream {
         // `score` carries more digits than an f64 holds: the gateway must pass it on
         // as it is.
