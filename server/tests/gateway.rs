@@ -1371,7 +1371,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             conflict["error"]["message"]
                 .as_str()
                 .unwrap()
-                .contains("(on big, costing 0.00235 EUR)"),
+                .contains("(on big, costing €0.00235)"),
             "{conflict}"
         );
     }

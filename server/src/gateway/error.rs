@@ -77,14 +77,14 @@ pub enum GatewayError {
     /// usage (HTTP 409, code `already_settled`): nothing was recorded. A retry
     /// reports what the first settlement did and gets its event back.
     #[error(
-        "this reservation was already settled with other usage (on {served}, costing {cost_eur} EUR); \
+        "this reservation was already settled with other usage (on {served}, costing {cost}); \
          nothing was recorded: a retried settlement must report the same usage"
     )]
     AlreadySettled {
         /// The model the first settlement charged.
         served: String,
-        /// What it cost, an exact decimal in EUR.
-        cost_eur: String,
+        /// What it cost, in EUR, exact and with its sign (`€0.00235`).
+        cost: String,
     },
     /// Admission refused the request (HTTP 429, type `insufficient_quota`, code
     /// `plan_limit_reached` or `model_limit_reached`, header `x-should-retry: false`;

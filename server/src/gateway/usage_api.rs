@@ -313,7 +313,7 @@ pub async fn settle(
             if recorded.is_some_and(|recorded| !recorded.repeats(usage.as_ref())) {
                 return Err(GatewayError::AlreadySettled {
                     served: event.served.to_string(),
-                    cost_eur: eur(event.cost),
+                    cost: app::domain::format_eur_exact(event.cost.to_money()),
                 });
             }
         }
