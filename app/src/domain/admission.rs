@@ -375,20 +375,18 @@ fn model_block(
     let used = counter.used();
     let situation = if used >= cap {
         format!(
-            "{} ({}) has used its limit of {} for this billing cycle ({} spent or held)",
-            model.display_name,
-            model.id,
+            "{} has used its limit of {} for this billing cycle ({} spent or held)",
+            model.label(),
             eur(cap),
             eur(used),
         )
     } else {
         format!(
-            "{}, but only {} of the {} limit of {} ({}) for this billing cycle is left",
+            "{}, but only {} of the {} limit of {} for this billing cycle is left",
             ask.cost_text(),
             eur(cap - used),
             eur(cap),
-            model.display_name,
-            model.id,
+            model.label(),
         )
     };
     let message = match ask {

@@ -107,6 +107,16 @@ pub struct Model {
 }
 
 impl Model {
+    /// The model as messages name it: `GPT-5 (gpt-5)`, or the id alone when the
+    /// display name is the id.
+    pub fn label(&self) -> String {
+        if self.display_name == self.id.as_str() {
+            self.id.to_string()
+        } else {
+            format!("{} ({})", self.display_name, self.id)
+        }
+    }
+
     /// True when `self` is strictly cheaper than `other`: lower output price, or the
     /// same output price and a lower input price (DESIGN.md R6). Equal prices are not
     /// cheaper, so fallback never moves sideways.
@@ -366,6 +376,14 @@ pub(super) mod tests {
 
     fn ids<'a>(it: impl Iterator<Item = &'a Model>) -> Vec<&'a str> {
         it.map(|m| m.id.as_str()).collect()
+    }
+
+    #[test]
+    fn labels_name_the_id_once_when_it_is_the_display_name() {
+        let mut gpt5 = model("gpt-5", (125, 2), (10, 0));
+        assert_eq!(gpt5.label(), "GPT-5 (gpt-5)");
+        gpt5.display_name = "gpt-5".into();
+        assert_eq!(gpt5.label(), "gpt-5");
     }
 
     #[test]
