@@ -20,7 +20,14 @@ pub struct FieldError {
 }
 
 /// Errors of server functions.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+///
+/// On the wire, every error is one JSON object with its `code` and a `message`
+/// for a person, plus `seconds` (`rate_limited`) or `fields` (`invalid`):
+/// `{"code": "forbidden", "message": "Only administrators can see and change
+/// token limits."}`. Written by [`ApiError`]'s `Serialize`, read back by the
+/// derived `Deserialize`, which ignores the message of a variant that carries
+/// none.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Deserialize)]
 #[serde(tag = "code", rename_all = "snake_case")]
 pub enum ApiError {
     /// Not signed in (401; pages redirect to the login).
@@ -101,13 +108,40 @@ impl ApiError {
     }
 }
 
+impl Serialize for ApiError {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("code", self.code())?;
+        match self {
+            // Their message is their own field: written as it is, so that it
+            // reads back unchanged.
+            ApiError::Invalid { message, .. }
+            | ApiError::Conflict { message }
+            | ApiError::Transport { message } => map.serialize_entry("message", message)?,
+            other => map.serialize_entry("message", &other.to_string())?,
+        }
+        match self {
+            ApiError::RateLimited { seconds } => map.serialize_entry("seconds", seconds)?,
+            ApiError::Invalid { fields, .. } => map.serialize_entry("fields", fields)?,
+            _ => {}
+        }
+        map.end()
+    }
+}
+
 impl FromServerFnError for ApiError {
     type Encoder = JsonEncoding;
 
     fn from_server_fn_error(value: ServerFnErrorErr) -> Self {
-        ApiError::Transport {
-            message: value.to_string(),
-        }
+        let message = match value {
+            // The server decodes only a call's arguments, but some of server_fn's
+            // codecs report that failure with the client's wording ("results").
+            #[cfg(feature = "ssr")]
+            ServerFnErrorErr::Deserialization(detail) => ServerFnErrorErr::Args(detail).to_string(),
+            other => other.to_string(),
+        };
+        ApiError::Transport { message }
     }
 }
 
@@ -134,5 +168,51 @@ impl From<crate::store::StoreError> for ApiError {
                 ApiError::Internal
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_written_with_its_code_and_message_and_reads_back() {
+        let errors = [
+            ApiError::Unauthorized,
+            ApiError::Forbidden,
+            ApiError::InvalidCredentials,
+            ApiError::RateLimited { seconds: 7 },
+            ApiError::Invalid {
+                message: "Nothing was saved.".into(),
+                fields: vec![FieldError {
+                    field: "gpt-5".into(),
+                    code: "negative".into(),
+                    message: "A limit cannot be negative.".into(),
+                }],
+            },
+            ApiError::Conflict {
+                message: "Reload.".into(),
+            },
+            ApiError::Internal,
+            ApiError::Transport {
+                message: "bad body".into(),
+            },
+        ];
+        for error in errors {
+            let json = serde_json::to_value(&error).unwrap();
+            assert_eq!(json["code"], error.code(), "{json}");
+            let message = json["message"].as_str().unwrap();
+            assert!(!message.is_empty(), "{json}");
+            assert_eq!(
+                serde_json::from_value::<ApiError>(json.clone()).unwrap(),
+                error,
+                "{json}"
+            );
+        }
+        assert_eq!(
+            serde_json::to_value(ApiError::Forbidden).unwrap(),
+            serde_json::json!({"code": "forbidden",
+                "message": "Only administrators can see and change token limits."})
+        );
     }
 }

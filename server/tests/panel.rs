@@ -227,6 +227,15 @@ async fn every_server_function_refuses_anonymous_and_member_callers() {
         assert!(text.contains("\"code\":\"unauthorized\""), "{path}: {text}");
         let (status, _, text) = panel.send(post(path, body, Some(&member))).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path} member: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (json["code"].as_str(), json["message"].as_str()),
+            (
+                Some("forbidden"),
+                Some("Only administrators can see and change token limits.")
+            ),
+            "{path}: {text}"
+        );
         assert!(
             !text.contains("€") && !text.contains("gpt-5"),
             "{path} leaked: {text}"
@@ -448,6 +457,26 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
     let error: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(error["fields"][0]["code"], "duplicate_model", "{text}");
     assert_eq!(error["fields"][0]["field"], "gpt-4o", "{text}");
+    assert_eq!(panel.settings_audit().await.len(), 1);
+
+    // A row naming no model (only a hand-made request can) is told so.
+    let (status, _, text) = panel
+        .send(post(
+            "/fn/save_model_limits",
+            &form(&[("gpt-4o", "3", true), ("", "4", true)]),
+            Some(&admin),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (&error["fields"][0]["field"], &error["fields"][0]["code"]),
+        (
+            &serde_json::json!("model"),
+            &serde_json::json!("missing_model")
+        ),
+        "{text}"
+    );
     assert_eq!(panel.settings_audit().await.len(), 1);
 
     let (status, _, text) = panel.send(post("/fn/token_limits", "", Some(&admin))).await;

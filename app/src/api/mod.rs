@@ -185,6 +185,14 @@ mod server {
         let mut fields = Vec::new();
         let mut named = std::collections::HashSet::new();
         for row in rows {
+            if row.model.trim().is_empty() {
+                fields.push(FieldError {
+                    field: "model".into(),
+                    code: "missing_model".into(),
+                    message: "Each limit row must name a model of the catalog.".into(),
+                });
+                continue;
+            }
             let Some(model) = catalog.get(&row.model.as_str().into()) else {
                 fields.push(FieldError {
                     field: row.model.clone(),
