@@ -512,14 +512,19 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Database`] when the database fails.
     async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, StoreError>;
 
-    /// Extend a live reservation's lease (streams renew while they run).
+    /// Extend a live reservation's lease to `lease_until` (streams renew while
+    /// they run); a lease already ending later is kept, never shortened. Returns
+    /// the lease's end now in force.
     ///
-    /// Errors: [`StoreError::NotFound`] when it was settled, released or expired.
+    /// Errors: [`StoreError::NotFound`] when it was settled or released, or its
+    /// lease ended before `now` (expired, even if not yet swept: an expired hold
+    /// is not revived).
     async fn renew_lease(
         &self,
         reservation: &ReservationId,
         lease_until: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
+        now: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, StoreError>;
 
     /// Whom a reservation spends for (the user and API key it was admitted with):
     /// read from the reservation while it is live, and once settled from the

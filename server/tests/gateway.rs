@@ -229,10 +229,15 @@ impl Harness {
     }
 
     async fn api(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.api_text(path, body.to_string()).await
+    }
+
+    /// [`Harness::api`] with a body of any text, valid JSON or not.
+    async fn api_text(&self, path: &str, body: String) -> (u16, Value) {
         let response = self
             .post(path)
             .header("content-type", "application/json")
-            .body(body.to_string())
+            .body(body)
             .send()
             .await
             .unwrap();
@@ -1430,6 +1435,15 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         )
         .await;
     assert_eq!(status, 200, "{renewed}");
+    // A shorter renewal keeps the longer lease.
+    let (status, kept) = h
+        .api(
+            &format!("/api/v1/admissions/{other_id}/renew"),
+            &json!({"lease_seconds": 10}),
+        )
+        .await;
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!(kept["lease_until"], renewed["lease_until"]);
     let (status, released) = h
         .api(
             &format!("/api/v1/admissions/{other_id}/release"),
@@ -1445,17 +1459,23 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         .await;
     assert_eq!(status, 404);
     assert_eq!(gone["error"]["code"], "reservation_not_found");
-    // An id PostgreSQL could not even compare is simply not found.
+    // An id PostgreSQL could not even compare is simply not found, and a long
+    // one is not echoed whole.
+    let long = "x".repeat(4000);
     for (action, body) in [
         ("settle", json!({"usage": null})),
         ("release", json!({})),
         ("renew", json!({})),
     ] {
-        let (status, answer) = h
-            .api(&format!("/api/v1/admissions/abc%00def/{action}"), &body)
-            .await;
-        assert_eq!(status, 404, "{action}: {answer}");
-        assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
+        for id in ["abc%00def", &long] {
+            let (status, answer) = h
+                .api(&format!("/api/v1/admissions/{id}/{action}"), &body)
+                .await;
+            assert_eq!(status, 404, "{action}: {answer}");
+            assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(message.len() < 200, "{action}: {message}");
+        }
     }
     assert_eq!(h.workspace().await.reserved, Nanos::ZERO);
 
@@ -1480,6 +1500,19 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         (status, bad["error"]["param"].clone()),
         (400, json!("prompt_tokns"))
     );
+    for lease in ["0", "3601", "-1", "1.5", r#""60""#, "true"] {
+        let (status, bad) = h
+            .api_text(
+                "/api/v1/admissions",
+                format!(r#"{{"model": "big", "prompt_tokens": 5, "lease_seconds": {lease}}}"#),
+            )
+            .await;
+        assert_eq!(status, 400, "{lease}: {bad}");
+        assert_eq!(
+            bad["error"]["message"], "`lease_seconds` must be an integer from 1 to 3600 (seconds)",
+            "{lease}"
+        );
+    }
 
     // Bulk: three records, sent twice, counted once.
     let records = json!({"records": [
@@ -1558,18 +1591,36 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         (400, json!("records[0].model"))
     );
     let spent = h.workspace().await.spent;
-    for key in ["", "run-3\u{0}a", "run-3\na"] {
+    // Empty, NUL, newline, a number, a lone surrogate (not Unicode), absent:
+    // each is told the one rule.
+    for key in [
+        r#""""#,
+        r#""run-3\u0000a""#,
+        r#""run-3\na""#,
+        "5",
+        r#""run-3\ud800""#,
+        "null",
+    ] {
         let (status, bad) = h
-            .api(
+            .api_text(
                 "/api/v1/usage",
-                &json!({"records": [{"idempotency_key": key, "model": "mid",
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1}}]}),
+                format!(
+                    r#"{{"records": [{{"idempotency_key": {key}, "model": "mid",
+                    "usage": {{"prompt_tokens": 1, "completion_tokens": 1}}}}]}}"#
+                ),
             )
             .await;
         assert_eq!(
             (status, bad["error"]["param"].clone()),
             (400, json!("records[0].idempotency_key")),
-            "{key:?}: {bad}"
+            "{key}: {bad}"
+        );
+        assert!(
+            bad["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("must be a string of 1 to 200 Unicode characters"),
+            "{key}: {bad}"
         );
     }
     // Usage too costly to book names its record, and the batch records nothing.

@@ -947,7 +947,8 @@ async fn a_new_cycle_starts_from_zero(db: &TestDb) {
     admitted(reserve(&store, &catalog, "mid", estimate(1000), boundary).await);
 }
 
-/// Holds whose lease ended are released by anyone; live ones are kept.
+/// Holds whose lease ended are released by anyone; live ones are kept. Renewing
+/// extends a live lease, never shortens it, and does not revive an ended one.
 async fn expired_leases_are_released(db: &TestDb) {
     let setup = setup(100 * EUR, 0);
     let store = db.store(&setup).await;
@@ -970,10 +971,15 @@ async fn expired_leases_are_released(db: &TestDb) {
         store.settle(settlement(&stale.id, None)).await,
         Err(StoreError::NotFound { .. })
     ));
-    store
-        .renew_lease(&live.id, now() + Duration::hours(1))
+    let hour = now() + Duration::hours(1);
+    let renewed = store.renew_lease(&live.id, hour, now()).await.unwrap();
+    assert_eq!(renewed.timestamp_millis(), hour.timestamp_millis());
+    // A shorter renewal keeps the longer lease.
+    let kept = store
+        .renew_lease(&live.id, now() + Duration::minutes(1), now())
         .await
         .unwrap();
+    assert_eq!(kept, renewed);
     assert_eq!(
         store
             .release_expired(now() + Duration::minutes(30))
@@ -981,6 +987,24 @@ async fn expired_leases_are_released(db: &TestDb) {
             .unwrap(),
         0
     );
+    // Ended but not yet swept: not renewed, and the sweep still releases it.
+    let ended = admitted(
+        reserve(
+            &store,
+            &catalog,
+            "mid",
+            estimate(1000),
+            now() - Duration::minutes(6),
+        )
+        .await,
+    );
+    assert!(matches!(
+        store
+            .renew_lease(&ended.id, now() + Duration::hours(1), now())
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.release_expired(now()).await.unwrap(), 1);
 }
 
 /// Keys authenticate until revoked, and "last used" is written at most once a

@@ -1168,20 +1168,26 @@ macro_rules! impl_store {
                 &self,
                 reservation: &app::store::ReservationId,
                 lease_until: DateTime<Utc>,
-            ) -> Result<(), app::store::StoreError> {
+                now: DateTime<Utc>,
+            ) -> Result<DateTime<Utc>, app::store::StoreError> {
                 use $crate::db::books::*;
                 let mut lent = self.write_connection().await?;
                 let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
-                let done = sqlx::query("UPDATE reservations SET lease_until = $1 WHERE id = $2")
-                    .bind(millis(lease_until))
-                    .bind(&reservation.0)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-                if done.rows_affected() == 0 {
-                    return Err(app::store::StoreError::NotFound { what: "reservation" });
-                }
-                Ok(())
+                let until: Option<i64> = sqlx::query_scalar(
+                    "UPDATE reservations \
+                     SET lease_until = CASE WHEN lease_until < $1 THEN $1 ELSE lease_until END \
+                     WHERE id = $2 AND lease_until >= $3 RETURNING lease_until",
+                )
+                .bind(millis(lease_until))
+                .bind(&reservation.0)
+                .bind(millis(now))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_error)?;
+                let until = until.ok_or(app::store::StoreError::NotFound { what: "reservation" })?;
+                DateTime::from_timestamp_millis(until).ok_or_else(|| {
+                    corrupt("reservations.lease_until", format!("{until} ms is out of range"))
+                })
             }
 
             async fn reservation_spender(

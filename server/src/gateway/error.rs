@@ -71,7 +71,11 @@ pub enum GatewayError {
     MethodNotAllowed(String),
     /// The usage API names a reservation that is not held (any more) (HTTP 404,
     /// code `reservation_not_found`): settled, released, expired or never made.
-    #[error("reservation {0} is not held: it was settled, released or expired, or never existed")]
+    /// The message shows at most [`SHOWN_ID_CHARS`] characters of the id.
+    #[error(
+        "reservation {} is not held: it was settled, released or expired, or never existed",
+        shown_id(.0)
+    )]
     ReservationNotFound(String),
     /// The usage API settles a reservation that was settled before with other
     /// usage (HTTP 409, code `already_settled`): nothing was recorded. A retry
@@ -114,6 +118,17 @@ pub enum GatewayError {
     /// logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Most characters of a caller's reservation id an error message repeats: real
+/// ids have 36, and a longer one is cut, not echoed whole.
+pub const SHOWN_ID_CHARS: usize = 64;
+
+fn shown_id(id: &str) -> String {
+    match id.char_indices().nth(SHOWN_ID_CHARS) {
+        Some((end, _)) => format!("{}…", &id[..end]),
+        None => id.to_owned(),
+    }
 }
 
 impl GatewayError {

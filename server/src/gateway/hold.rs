@@ -55,8 +55,11 @@ impl Hold {
                 tokio::time::interval_at(tokio::time::Instant::now() + RENEW_EVERY, RENEW_EVERY);
             loop {
                 tick.tick().await;
-                match store.renew_lease(&id, lease_until_from_now()).await {
-                    Ok(()) => {}
+                match store
+                    .renew_lease(&id, lease_until_from_now(), Utc::now())
+                    .await
+                {
+                    Ok(_) => {}
                     Err(StoreError::NotFound { .. }) => {
                         tracing::warn!(reservation = %id, "a live request's reservation is gone (lease expired?)");
                         break;

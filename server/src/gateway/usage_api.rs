@@ -14,7 +14,10 @@
 //!   retry) returns the same event; with other usage, 409 `already_settled`, and
 //!   nothing changes.
 //! - `POST /api/v1/admissions/{id}/release` → `{"reservation_id", "released": true}`.
-//! - `POST /api/v1/admissions/{id}/renew` `{"lease_seconds"?}` → `{"reservation_id", "lease_until"}`.
+//! - `POST /api/v1/admissions/{id}/renew` `{"lease_seconds"?}` → `{"reservation_id", "lease_until"}`:
+//!   the lease ends `lease_seconds` from now, or later if it already did (a
+//!   renewal never shortens a lease). A lease that has ended is not renewed:
+//!   404 `reservation_not_found`, even before the sweep releases its hold.
 //! - `POST /api/v1/usage` `{"records": [{"idempotency_key", "model", "usage"}]}` →
 //!   `{"results": [{"idempotency_key", "outcome": "recorded"|"duplicate"|"conflict"|"blocked", ...}]}`,
 //!   each item admitted (no fallback: the usage already happened) and counted at
@@ -86,15 +89,18 @@ fn only_fields(object: &RawObject, allowed: &[&str]) -> Result<(), GatewayError>
     }
 }
 
+/// `lease_seconds`, [`DEFAULT_LEASE_SECONDS`] when absent or null.
+///
+/// Errors: [`GatewayError::InvalidField`] stating the rule when it is not an
+/// integer from 1 to [`MAX_LEASE_SECONDS`], whatever its type.
 fn lease_seconds(object: &RawObject) -> Result<u64, GatewayError> {
-    let seconds = optional_u64(object, "lease_seconds")?.unwrap_or(DEFAULT_LEASE_SECONDS);
-    if (1..=MAX_LEASE_SECONDS).contains(&seconds) {
-        Ok(seconds)
-    } else {
-        Err(GatewayError::invalid_field(
+    let seconds = optional_u64(object, "lease_seconds").map(|s| s.unwrap_or(DEFAULT_LEASE_SECONDS));
+    match seconds {
+        Ok(seconds) if (1..=MAX_LEASE_SECONDS).contains(&seconds) => Ok(seconds),
+        _ => Err(GatewayError::invalid_field(
             "lease_seconds",
-            format!("`lease_seconds` must be between 1 and {MAX_LEASE_SECONDS}"),
-        ))
+            format!("`lease_seconds` must be an integer from 1 to {MAX_LEASE_SECONDS} (seconds)"),
+        )),
     }
 }
 
@@ -370,9 +376,9 @@ pub async fn renew(
         };
         let until = lease_until(lease_seconds(&object)?);
         let reservation = callers_reservation(&gateway, &caller, id).await?;
-        gateway
+        let until = gateway
             .store
-            .renew_lease(&reservation, until)
+            .renew_lease(&reservation, until, Utc::now())
             .await
             .map_err(|e| match e {
                 StoreError::NotFound { .. } => {
@@ -440,20 +446,24 @@ pub async fn record(
             };
             let record = parse_object(item.get().as_bytes()).map_err(at)?;
             only_fields(&record, &["idempotency_key", "model", "usage"]).map_err(at)?;
-            let key = required_string(&record, "idempotency_key").map_err(at)?;
-            // No control characters: PostgreSQL cannot store NUL in text, and
-            // the key is shown back in logs and answers.
+            // One rule for every way a key can be wrong (absent, not a string, not
+            // Unicode, too long). No control characters: PostgreSQL cannot store
+            // NUL in text, and the key is shown back in logs and answers.
+            let invalid_key = || {
+                at(GatewayError::invalid_field(
+                    "idempotency_key",
+                    format!(
+                        "`idempotency_key` must be a string of 1 to {MAX_IDEMPOTENCY_KEY_CHARS} \
+                         Unicode characters, none of them a control character"
+                    ),
+                ))
+            };
+            let key = required_string(&record, "idempotency_key").map_err(|_| invalid_key())?;
             if key.is_empty()
                 || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS
                 || key.chars().any(char::is_control)
             {
-                return Err(at(GatewayError::invalid_field(
-                    "idempotency_key",
-                    format!(
-                        "`idempotency_key` must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters, \
-                         none of them a control character"
-                    ),
-                )));
+                return Err(invalid_key());
             }
             let name = required_string(&record, "model").map_err(at)?;
             let model = catalog.resolve(&name).ok_or_else(|| {
