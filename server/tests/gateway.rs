@@ -401,7 +401,7 @@ async fn assert_error(
 }
 
 /// A 401 for a missing, unknown or revoked API key, OpenAI-shaped.
-async fn assert_invalid_api_key(response: reqwest::Response) {
+async fn assert_invalid_api_key(response: reqwest::Response) -> Value {
     assert_error(
         response,
         401,
@@ -409,7 +409,7 @@ async fn assert_invalid_api_key(response: reqwest::Response) {
         "invalid_api_key",
         None,
     )
-    .await;
+    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -1008,6 +1008,44 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         None,
     )
     .await;
+
+    // A compressed body is refused unread (415), on the gateway and the usage
+    // API.
+    for path in ["/v1/chat/completions", "/api/v1/usage"] {
+        let response = h
+            .post(path)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(vec![0x1f, 0x8b, 0x08, 0x00])
+            .send()
+            .await
+            .unwrap();
+        assert_error(
+            response,
+            415,
+            "invalid_request_error",
+            "unsupported_content_encoding",
+            None,
+        )
+        .await;
+    }
+
+    // Two keys in one request: neither is guessed to be the one that spends.
+    let response = h
+        .post("/v1/chat/completions")
+        .header("authorization", "Bearer tg_another-key")
+        .body(chat_body("big").to_string())
+        .send()
+        .await
+        .unwrap();
+    let body = assert_invalid_api_key(response).await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 `Authorization` headers"),
+        "{body}"
+    );
 
     // A caller without a valid key gets 401 before its body is read: here a body
     // that never ends.

@@ -42,11 +42,15 @@ impl Caller {
 /// The bearer token of `headers`, if the request sent one.
 ///
 /// Errors: [`GatewayError::MissingApiKey`] without an `Authorization: Bearer`
+/// header, [`GatewayError::SeveralApiKeys`] with more than one `Authorization`
 /// header, [`GatewayError::InvalidApiKey`] when it is not readable text.
 fn bearer(headers: &HeaderMap) -> Result<&str, GatewayError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(GatewayError::MissingApiKey)?;
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(GatewayError::MissingApiKey)?;
+    let more = values.count();
+    if more > 0 {
+        return Err(GatewayError::SeveralApiKeys(more + 1));
+    }
     let text = value.to_str().map_err(|_| GatewayError::InvalidApiKey)?;
     let (scheme, token) = text.split_once(' ').ok_or(GatewayError::MissingApiKey)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -160,5 +164,11 @@ mod tests {
             bearer(&HeaderMap::new()),
             Err(GatewayError::MissingApiKey)
         ));
+        let mut two = headers("Bearer tg_abc");
+        two.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tg_def"),
+        );
+        assert!(matches!(bearer(&two), Err(GatewayError::SeveralApiKeys(2))));
     }
 }

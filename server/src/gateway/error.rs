@@ -24,6 +24,11 @@ pub enum GatewayError {
         /// The configured limit, bytes.
         limit: usize,
     },
+    /// The body is sent compressed (`Content-Encoding` other than `identity`),
+    /// which this gateway does not read (HTTP 415, code
+    /// `unsupported_content_encoding`). Nothing was reserved or spent.
+    #[error("the request body is sent with `Content-Encoding: {0}`, which this gateway does not read; send it uncompressed")]
+    UnsupportedContentEncoding(String),
     /// The body could not be read from the client (HTTP 400).
     #[error("the request body could not be read")]
     UnreadableBody,
@@ -49,6 +54,12 @@ pub enum GatewayError {
     /// No `Authorization: Bearer` header (HTTP 401, code `invalid_api_key`).
     #[error("you didn't provide an API key: send it as `Authorization: Bearer <key>`")]
     MissingApiKey,
+    /// More than one `Authorization` header (HTTP 401, code `invalid_api_key`):
+    /// which key should spend is not guessed.
+    #[error(
+        "the request sends {0} `Authorization` headers; send one: `Authorization: Bearer <key>`"
+    )]
+    SeveralApiKeys(usize),
     /// The key is unknown or revoked (HTTP 401, code `invalid_api_key`).
     #[error("incorrect API key provided")]
     InvalidApiKey,
@@ -145,10 +156,13 @@ impl GatewayError {
         match self {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::UnsupportedContentEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::UnreadableBody
             | GatewayError::InvalidJson(_)
             | GatewayError::InvalidField { .. } => StatusCode::BAD_REQUEST,
-            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::MissingApiKey
+            | GatewayError::SeveralApiKeys(_)
+            | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::ModelNotFound(_)
             | GatewayError::UnknownEndpoint { .. }
             | GatewayError::ReservationNotFound(_) => StatusCode::NOT_FOUND,
@@ -179,10 +193,13 @@ impl GatewayError {
         match self {
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
             GatewayError::UnreadableBody => "unreadable_body",
+            GatewayError::UnsupportedContentEncoding(_) => "unsupported_content_encoding",
             GatewayError::RequestTimeout { .. } => "request_timeout",
             GatewayError::InvalidJson(_) => "invalid_json",
             GatewayError::InvalidField { .. } => "invalid_value",
-            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::MissingApiKey
+            | GatewayError::SeveralApiKeys(_)
+            | GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::UnknownEndpoint { .. } => "unknown_url",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",

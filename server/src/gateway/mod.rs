@@ -293,10 +293,12 @@ async fn render_metrics(State(gateway): State<SharedGateway>) -> Response {
 /// Reads a request body of at most `max_request_bytes` (DESIGN.md §4): a declared
 /// `Content-Length` over the limit is refused before anything else, a body that
 /// grows past it while read is refused too. The whole body must arrive within
-/// `request_body_timeout_secs`.
+/// `request_body_timeout_secs`. A compressed body is refused unread.
 ///
-/// Errors: [`GatewayError::PayloadTooLarge`] (413), [`GatewayError::UnreadableBody`]
-/// (400) when the client breaks off, [`GatewayError::RequestTimeout`] (408).
+/// Errors: [`GatewayError::PayloadTooLarge`] (413),
+/// [`GatewayError::UnsupportedContentEncoding`] (415) for a `Content-Encoding`
+/// other than `identity`, [`GatewayError::UnreadableBody`] (400) when the client
+/// breaks off, [`GatewayError::RequestTimeout`] (408).
 async fn read_body(
     gateway: &Gateway,
     headers: &HeaderMap,
@@ -309,6 +311,15 @@ async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > u64::try_from(limit).unwrap_or(u64::MAX)) {
         return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    for encoding in headers.get_all(header::CONTENT_ENCODING) {
+        let encoding = String::from_utf8_lossy(encoding.as_bytes());
+        let encoding = encoding.trim();
+        if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
+            return Err(GatewayError::UnsupportedContentEncoding(
+                encoding.chars().take(40).collect(),
+            ));
+        }
     }
     let read = tokio::time::timeout(
         gateway.request_body_timeout,
