@@ -726,6 +726,19 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["code"], "transport", "{path}: {text}");
     }
+    // A body that is not UTF-8 is an error in the call's arguments (server_fn
+    // reports it in the words of a client reading results).
+    let mut request = post("/fn/save_automatic_fallback", "", Some(&admin));
+    *request.body_mut() = Body::from(b"automatic_fallback=\xff\xfe".to_vec());
+    let (status, _, text) = panel.send(request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["code"], "transport", "{text}");
+    let message = json["message"].as_str().unwrap();
+    assert!(
+        message.contains("arguments") && !message.contains("results"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
