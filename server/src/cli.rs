@@ -23,6 +23,17 @@ macro_rules! outln {
     };
 }
 
+/// `eprintln!` that cannot panic: a line for the operator on stderr, dropped
+/// when stderr cannot be written (its reader went away). A log pipeline that
+/// fails must not stop the command, nor a server (DESIGN.md §7).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// The reader of the command's output went away before it was all written.
 ///
 /// `main` ends the process quietly with status 141 (128 + SIGPIPE), what a shell
@@ -537,7 +548,7 @@ async fn replay(
     replay::probe(&options).await?;
     let trace = replay::trace::embedded()?;
     let selected = options.select(&trace);
-    eprintln!(
+    crate::say!(
         "replaying {} requests to {} at {}× (about {} s)…",
         selected.len(),
         options.gateway,
@@ -672,7 +683,7 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                             created.id, created.id
                         )
                     })?;
-                eprintln!(
+                crate::say!(
                     "key {} could not be shown ({error}) and was revoked: create another",
                     created.id
                 );

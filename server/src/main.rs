@@ -10,7 +10,7 @@ async fn main() -> std::process::ExitCode {
     let filter = match std::env::var("TOLLGATE_LOG") {
         Err(_) => default_filter(),
         Ok(text) => EnvFilter::try_new(&text).unwrap_or_else(|e| {
-            eprintln!(
+            server::say!(
                 "tollgate: TOLLGATE_LOG={text:?} is not a tracing filter ({e}); using the default"
             );
             default_filter()
@@ -19,6 +19,9 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped: tracing's own report of
+        // it goes through `eprintln!`, which panics when stderr is a closed pipe.
+        .log_internal_errors(false)
         .init();
     let cli = server::cli::Cli::parse();
     match server::cli::run(cli).await {
@@ -29,7 +32,7 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(141)
         }
         Err(e) => {
-            eprintln!("tollgate: {}", causes(&e));
+            server::say!("tollgate: {}", causes(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -81,6 +81,16 @@ impl Cli {
     /// `tollgate --config CONFIG serve` on a free loopback port, its output
     /// discarded: the process and its base URL, once `/healthz` answers.
     async fn serve(&self, config: &str) -> (std::process::Child, String) {
+        self.serve_logging_to(config, std::process::Stdio::null())
+            .await
+    }
+
+    /// [`Cli::serve`] with its log (stderr) sent to `log`.
+    async fn serve_logging_to(
+        &self,
+        config: &str,
+        log: std::process::Stdio,
+    ) -> (std::process::Child, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -92,7 +102,7 @@ impl Cli {
             .args(["--database-url", &self.url()])
             .current_dir(self.dir.path())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let base = format!("http://{listen}");
@@ -117,6 +127,11 @@ impl Cli {
     /// `slow-model`, on `mock`, and a member with an API key: the file's path and
     /// the key.
     fn slow_upstream(&self, mock: &upstream::MockUpstream, extra: &str) -> (String, String) {
+        self.upstream_at(&mock.base_url, extra)
+    }
+
+    /// [`Cli::slow_upstream`] with the upstream at `base_url`.
+    fn upstream_at(&self, base_url: &str, extra: &str) -> (String, String) {
         let config = self.dir.path().join("tollgate.toml");
         std::fs::write(
             &config,
@@ -132,7 +147,7 @@ input_eur_per_mtok = "1"
 output_eur_per_mtok = "2"
 max_output_tokens = 100
 "#,
-                mock.base_url
+                base_url
             ),
         )
         .unwrap();
@@ -1157,4 +1172,58 @@ async fn a_serve_that_cannot_listen_changes_nothing() {
         app::domain::Nanos::new(100_000_000_000),
         "€100"
     );
+}
+
+/// Logging to a stderr whose reader has gone away (`tollgate serve 2>&1 |
+/// shipper`, the shipper restarting) stops nothing: the server keeps serving
+/// requests that log, and a command whose error cannot be shown still exits 1,
+/// not with a panic.
+#[tokio::test]
+async fn a_closed_log_pipe_stops_nothing() {
+    let cli = Cli::new();
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    // An upstream nobody listens on: each request logs a warning.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}/v1", nobody.local_addr().unwrap());
+    drop(nobody);
+    let (config, key) = cli.upstream_at(&base_url, "");
+
+    let refused = cli
+        .command(
+            &[
+                "--config",
+                &config,
+                "limit",
+                "set",
+                "no-such-model",
+                "--eur",
+                "5",
+            ],
+            None,
+        )
+        .stderr(closed())
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+
+    let (mut server, base) = cli.serve_logging_to(&config, closed().into()).await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"model": "slow-model",
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("the server answers after logging to a closed pipe");
+        assert_eq!(response.status(), 502);
+    }
+    assert_eq!(server.try_wait().unwrap(), None, "the server stopped");
+    server.kill().unwrap();
+    server.wait().unwrap();
 }
