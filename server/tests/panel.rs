@@ -860,8 +860,49 @@ async fn trailing_slashes_redirect_to_the_page() {
         assert_eq!(status, StatusCode::PERMANENT_REDIRECT, "{path}");
         assert_eq!(headers[header::LOCATION], location, "{path}");
     }
+    // A path that would start with `//` (another host, to a browser) is sent
+    // to a path of this host.
     let (status, headers, _) = panel.send(get("//evil.example/", Some(&admin))).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(!headers.contains_key(header::LOCATION));
+    assert_eq!(status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(headers[header::LOCATION], "/evil.example");
     panel.open_tab(&admin).await;
+}
+
+/// However its path is spelled (`/./`, `/../`, `//`, `%2e`, `%61`), a page gets
+/// its access rule before anything renders, and then one address (DESIGN.md §5).
+#[tokio::test]
+async fn every_spelling_of_a_page_gets_its_access_rule() {
+    let panel = Panel::new().await;
+    let member = panel.sign_in("bob@example.com").await;
+    let admin = panel.sign_in("ada@example.com").await;
+    for path in [
+        "/./admin/token-limits",
+        "/foo/../admin/token-limits",
+        "//admin/token-limits",
+        "/%2e/admin/token-limits",
+        "/%61dmin/token-limits",
+    ] {
+        let (status, headers, _) = panel.send(get(path, None)).await;
+        assert_eq!(status, StatusCode::FOUND, "{path} anonymous");
+        assert!(
+            headers[header::LOCATION]
+                .to_str()
+                .unwrap()
+                .starts_with("/login"),
+            "{path}"
+        );
+        let (status, _, text) = panel.send(get(path, Some(&member))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path} member");
+        assert!(!text.contains("Token Limits ·"), "{path} member: {text}");
+        // Dot-segments and empty segments are another spelling of the page:
+        // the administrator is sent to its one address. A percent-encoded
+        // letter makes another path, which the router does not know.
+        let (status, headers, _) = panel.send(get(path, Some(&admin))).await;
+        if path.contains("%61") {
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path} admin");
+        } else {
+            assert_eq!(status, StatusCode::PERMANENT_REDIRECT, "{path} admin");
+            assert_eq!(headers[header::LOCATION], "/admin/token-limits", "{path}");
+        }
+    }
 }

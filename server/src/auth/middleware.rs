@@ -59,6 +59,27 @@ enum Access {
     AdminFunction,
 }
 
+/// The page or function `path` names, as the panel's router reads it: its
+/// dot-segments resolved as a browser resolves them (`/./a`, `/b/../a`, and
+/// `%2e` for a dot; WHATWG's rules, by the `url` crate) and its empty segments
+/// dropped (`//a//b/` → `/a/b`). Access is decided on this path, never on the
+/// raw one, so no spelling of `/admin/token-limits` escapes its rule.
+pub(crate) fn canonical_path(path: &str) -> String {
+    // A fixed host: only the path of what is parsed is kept.
+    let resolved = url::Url::parse(&format!("http://panel.invalid{path}"));
+    let resolved = resolved.as_ref().map_or(path, url::Url::path);
+    let segments: Vec<&str> = resolved.split('/').filter(|s| !s.is_empty()).collect();
+    format!("/{}", segments.join("/"))
+}
+
+/// The path access is decided on: [`canonical_path`] of the percent-decoded
+/// canonical path, so that `/%61dmin/token-limits` and `/%2Fadmin` are `/admin`
+/// pages too.
+fn access_path(path: &str) -> String {
+    let canonical = canonical_path(path);
+    canonical_path(&percent_encoding::percent_decode_str(&canonical).decode_utf8_lossy())
+}
+
 fn access(path: &str) -> Access {
     if path == "/admin" || path.starts_with("/admin/") {
         Access::AdminPage
@@ -82,7 +103,7 @@ pub async fn authorize(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let path = request.uri().path().to_owned();
+    let path = access_path(request.uri().path());
     let unsafe_method = !matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
@@ -234,4 +255,36 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
         Json(serde_json::json!({ "code": code, "message": message })),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spelling_of_a_path_is_decided_as_the_path() {
+        for spelling in [
+            "/admin/token-limits",
+            "/admin/token-limits/",
+            "/./admin/token-limits",
+            "/foo/../admin/token-limits",
+            "/%2e/admin/token-limits",
+            "/x/%2E%2E/admin/token-limits",
+            "//admin//token-limits",
+            "/%61dmin/token-limits",
+            "/%2Fadmin/token-limits",
+        ] {
+            assert_eq!(access_path(spelling), "/admin/token-limits", "{spelling}");
+            assert!(matches!(access(&access_path(spelling)), Access::AdminPage));
+        }
+        assert_eq!(
+            access_path("/fn//save_model_limits"),
+            "/fn/save_model_limits"
+        );
+        assert_eq!(access_path("/../.."), "/");
+        assert_eq!(access_path(""), "/");
+        // Redirects keep the encoding; only the spelling of the path changes.
+        assert_eq!(canonical_path("/a%20b/./c/"), "/a%20b/c");
+        assert_eq!(canonical_path("//evil.example/"), "/evil.example");
+    }
 }

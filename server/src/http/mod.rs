@@ -117,15 +117,15 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Serve an embedded file, send a page's path written with a trailing slash to
-/// the path without it (308), or render the app's "not found" page with status
-/// 404.
+/// Serve an embedded file, send a page's path written another way (a trailing
+/// slash, `//`, `/./`, `/../`) to its canonical path (308), or render the app's
+/// "not found" page with status 404.
 async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Response {
     if let Some(response) = assets::serve(request.uri().path(), request.headers()) {
         return response;
     }
     if matches!(*request.method(), Method::GET | Method::HEAD) {
-        if let Some(location) = without_trailing_slash(request.uri()) {
+        if let Some(location) = canonical_location(request.uri()) {
             // The panel's router would match `/admin/token-limits/` to the tab
             // and render it under this fallback's 404: one page, one address.
             return Redirect::permanent(&location).into_response();
@@ -143,17 +143,16 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
     response
 }
 
-/// `uri`'s path and query with the path's trailing slashes removed, when it has
-/// any and is not the root. `None` for a path that would then start with `//`,
-/// which a browser reads as another host (`//evil.example/` → `//evil.example`).
-fn without_trailing_slash(uri: &Uri) -> Option<String> {
-    let path = uri.path();
-    let trimmed = path.trim_end_matches('/');
-    if trimmed.len() == path.len() || trimmed.is_empty() || trimmed.starts_with("//") {
+/// `uri`'s canonical path (see `auth::middleware::canonical_path`) and its
+/// query, when the path is written otherwise. Never starts with `//`, which a
+/// browser would read as another host.
+fn canonical_location(uri: &Uri) -> Option<String> {
+    let canonical = crate::auth::middleware::canonical_path(uri.path());
+    if canonical == uri.path() {
         return None;
     }
     Some(match uri.query() {
-        Some(query) => format!("{trimmed}?{query}"),
-        None => trimmed.to_owned(),
+        Some(query) => format!("{canonical}?{query}"),
+        None => canonical,
     })
 }
