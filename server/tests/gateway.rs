@@ -1776,7 +1776,38 @@ async fn a_restarted_gateway_leaves_no_reservations(db: &TestDb) {
     assert_eq!(snapshot.workspace, Counter::default());
 }
 
+/// `/healthz` answers `ok` while the database answers, and 503 once it is gone
+/// (PostgreSQL: the database is dropped under the running server).
+async fn health_follows_the_database(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let health = || async {
+        let response = h
+            .client
+            .get(format!("{}/healthz", h.url))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(health().await, (200, "ok".to_owned()));
+    if !db.url.starts_with("postgres") {
+        return;
+    }
+    let admin_url = std::env::var("TEST_DATABASE_URL").unwrap();
+    let name = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (status, text) = health().await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("database"), "{text}");
+}
+
 on_both_backends!(
+    health_follows_the_database,
     non_streaming_round_trip,
     streaming_round_trip,
     streamed_and_not_streamed_cost_the_same,

@@ -112,9 +112,27 @@ fn leptos_context(state: &AppState) -> impl Fn() + Clone + Send + Sync + 'static
     }
 }
 
-/// Answer a liveness probe: `ok` while the process serves HTTP.
-async fn healthz() -> &'static str {
-    "ok"
+/// How long `/healthz` waits for the database.
+pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Answer a health probe: `ok` (200) while the process serves HTTP and its
+/// database answers a read within [`HEALTH_TIMEOUT`]; otherwise 503 Service
+/// Unavailable with the reason in a line of text, so that a load balancer stops
+/// sending requests that could only fail (nothing can be admitted without the
+/// books).
+async fn healthz(State(state): State<AppState>) -> Response {
+    let problem = match tokio::time::timeout(HEALTH_TIMEOUT, state.store.workspace()).await {
+        Ok(Ok(_)) => return "ok".into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health check: the database failed a read");
+            "the database failed a read".to_owned()
+        }
+        Err(_) => format!(
+            "the database did not answer within {} s",
+            HEALTH_TIMEOUT.as_secs()
+        ),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, problem).into_response()
 }
 
 /// Serve an embedded file, send a page's path written another way (a trailing
