@@ -109,7 +109,8 @@ struct WorkspaceSection {
 struct PlanSection {
     budget_eur: Option<String>,
     overage_eur: Option<String>,
-    start: Option<String>,
+    /// A string (`"2026-01-31"`) or a TOML date (`2026-01-31`).
+    start: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -340,7 +341,20 @@ impl Config {
             "plan.overage_eur",
             plan.overage_eur.as_deref().unwrap_or("100.00"),
         )?;
-        let start_text = plan.start.unwrap_or_else(|| "2026-01-01".into());
+        let start_text = match plan.start {
+            None => "2026-01-01".to_owned(),
+            Some(toml::Value::String(text)) => text,
+            // A TOML date writes itself as `2026-01-31`; one with a time or
+            // an offset does not parse below, and is refused.
+            Some(toml::Value::Datetime(date)) => date.to_string(),
+            Some(other) => return Err(invalid(
+                "plan.start",
+                format!(
+                    "must be a date like 2026-01-31 (a string or a TOML date); this is a TOML {}",
+                    other.type_str()
+                ),
+            )),
+        };
         let start = NaiveDate::parse_from_str(&start_text, "%Y-%m-%d").map_err(|_| {
             invalid(
                 "plan.start",
@@ -479,6 +493,20 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 format!("upstreams[{i}].base_url"),
                 "must be an http:// or https:// URL",
             ));
+        }
+        // A name the environment cannot hold would leave the upstream keyless
+        // with a warning about a variable nobody can set.
+        if let Some(var) = &u.api_key_env {
+            if var.trim().is_empty() || var.contains(['=', '\0']) {
+                return Err(invalid(
+                    format!("upstreams[{i}].api_key_env"),
+                    format!(
+                        "{var:?} is not an environment variable's name: name the one that \
+                         holds the key (OPENAI_API_KEY), or leave the key out for an upstream \
+                         that takes none"
+                    ),
+                ));
+            }
         }
         let timeout_secs = u.timeout_secs.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS);
         if !(1..=86_400).contains(&timeout_secs) {
@@ -795,6 +823,15 @@ mod tests {
                 "decimal",
             ),
             ("[plan]\nstart = \"2026-02-30\"", "plan.start", "date"),
+            ("[plan]\nstart = 2026-01-31T10:00:00", "plan.start", "date"),
+            ("[plan]\nstart = 20260131", "plan.start", "TOML integer"),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\napi_key_env = \"\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\ninput_eur_per_mtok = \"1\"\n\
+                 output_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "upstreams[0].api_key_env",
+                "environment variable",
+            ),
             (
                 "[workspace]\ntimezone = \"Mars/Olympus\"",
                 "workspace.timezone",
@@ -876,6 +913,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("budget_eur"), "{err}");
+    }
+
+    #[test]
+    fn plan_start_is_a_string_or_a_toml_date() {
+        for text in [
+            "[plan]\nstart = \"2026-01-31\"",
+            "[plan]\nstart = 2026-01-31",
+        ] {
+            let config = load_text(text).unwrap();
+            assert_eq!(
+                config.setup.plan.start,
+                NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
+                "{text}"
+            );
+        }
     }
 
     #[test]
