@@ -177,8 +177,10 @@ pub struct TabView {
     pub resets_on: String,
     /// Spent in the cycle, `€12.26`.
     pub spent: String,
-    /// Held for requests in flight (R7), exact: `€0.0042`, `€0.00`. Counted
-    /// against the allowance before they settle, so the tab shows it.
+    /// Held for requests in flight (R7), in cents like every figure of the tab
+    /// (R2): `€1.25`, `€0.00`; a hold that rounds to nothing but is not nothing
+    /// is `less than €0.01`. Counted against the allowance before they settle,
+    /// so the tab shows it.
     pub reserved: String,
     /// Plan budget.
     pub plan_budget: String,
@@ -225,6 +227,17 @@ pub struct ModelRowView {
     pub limit_reached: bool,
 }
 
+/// `money` in cents, or `less than €0.01` for a positive amount that rounds to
+/// `€0.00` (a few requests' holds): the tab must not say nothing is held.
+fn held(money: Money) -> String {
+    let cents = crate::domain::format_eur(money);
+    if money > Money::ZERO && cents == "€0.00" {
+        "less than €0.01".to_owned()
+    } else {
+        cents
+    }
+}
+
 impl From<&SpendReport> for TabView {
     fn from(report: &SpendReport) -> TabView {
         let day = |date: NaiveDate| date.format("%-d %b %Y").to_string();
@@ -234,7 +247,7 @@ impl From<&SpendReport> for TabView {
             last_day: day(report.cycle.last_day),
             resets_on: day(report.cycle.resets_on),
             spent: eur(report.spent),
-            reserved: crate::domain::format_eur_exact(report.reserved),
+            reserved: held(report.reserved),
             plan_budget: eur(report.plan_budget),
             overage_limit: eur(report.overage_limit),
             allowance: eur(report.allowance()),
@@ -259,5 +272,20 @@ impl From<&SpendReport> for TabView {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_show_in_cents_and_never_as_nothing_when_something_is_held() {
+        let held_of = |mantissa: i64, scale: u32| held(Money::new(Decimal::new(mantissa, scale)));
+        assert_eq!(held_of(0, 0), "€0.00");
+        assert_eq!(held_of(418, 6), "less than €0.01");
+        assert_eq!(held_of(4_999, 6), "less than €0.01");
+        assert_eq!(held_of(5, 3), "€0.01");
+        assert_eq!(held_of(1_234, 3), "€1.23");
     }
 }

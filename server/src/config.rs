@@ -347,13 +347,15 @@ impl Config {
             // A TOML date writes itself as `2026-01-31`; one with a time or
             // an offset does not parse below, and is refused.
             Some(toml::Value::Datetime(date)) => date.to_string(),
-            Some(other) => return Err(invalid(
-                "plan.start",
-                format!(
+            Some(other) => {
+                return Err(invalid(
+                    "plan.start",
+                    format!(
                     "must be a date like 2026-01-31 (a string or a TOML date); this is a TOML {}",
                     other.type_str()
                 ),
-            )),
+                ))
+            }
         };
         let start = NaiveDate::parse_from_str(&start_text, "%Y-%m-%d").map_err(|_| {
             invalid(

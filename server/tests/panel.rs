@@ -666,7 +666,8 @@ async fn the_tab_shows_what_is_held_for_requests_in_flight() {
     assert_eq!(json["reserved_eur"], "0.009675");
     let admin = panel.sign_in("ada@example.com").await;
     let body = panel.open_tab(&admin).await;
-    assert!(body.contains("<span id=\"reserved\">€0.009675<"), "{body}");
+    // The tab shows cents, like its other figures (R2).
+    assert!(body.contains("<span id=\"reserved\">€0.01<"), "{body}");
 }
 
 #[tokio::test]
