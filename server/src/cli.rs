@@ -930,7 +930,18 @@ async fn limit(
             }],
             now,
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // Aliases live in the config, not in the database.
+            app::store::StoreError::Invalid {
+                code: "unknown_model",
+                message,
+            } => anyhow::anyhow!(
+                "{message}: name the model by its id, or pass the server's --config \
+                 to name it by an alias"
+            ),
+            other => other.into(),
+        })?;
     match limit.limit {
         Some(cap) => outln!(
             "{}: limit {} per cycle, {}",

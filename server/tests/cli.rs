@@ -773,7 +773,8 @@ max_output_tokens = 1000
     cli.ok(&["limit", "set", "house-model", "--eur", "5"]);
     let stderr = cli.fails(&["limit", "set", "gpt-5", "--eur", "5"]);
     assert!(
-        stderr.contains("gpt-5 is not a model of the catalog"),
+        stderr.contains("gpt-5 is not a model of the catalog")
+            && stderr.contains("by its id, or pass the server's --config"),
         "{stderr}"
     );
     assert_eq!(plan().await, before);
