@@ -86,6 +86,7 @@ fn bench(c: &mut Criterion) {
         },
         models: &states,
         resets_at: Utc.with_ymd_and_hms(2026, 12, 31, 23, 0, 0).unwrap(),
+        timezone: chrono_tz::Tz::UTC,
     };
     let estimate = TokenEstimate {
         prompt_tokens: 4_000,

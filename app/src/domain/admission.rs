@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{Catalog, Model, ModelId};
@@ -81,6 +82,9 @@ pub struct Snapshot<'a> {
     pub models: &'a HashMap<ModelId, ModelState>,
     /// End of the current billing cycle (R1), quoted in block messages.
     pub resets_at: DateTime<Utc>,
+    /// The workspace's timezone: block messages quote the reset as the tab
+    /// does, on its local date (R1).
+    pub timezone: Tz,
 }
 
 impl Snapshot<'_> {
@@ -115,7 +119,8 @@ pub struct Blocked {
     /// Which limit refused it.
     pub code: BlockCode,
     /// A sentence for a person: which limit (naming the model for a model limit),
-    /// the amounts, and when the limit resets (UTC).
+    /// the amounts, and when the limit resets (its local date and time, and the
+    /// instant in UTC when the workspace is in another timezone).
     pub message: String,
     /// When the cycle ends and the limit has room again (R1), UTC.
     pub resets_at: DateTime<Utc>,
@@ -289,9 +294,23 @@ fn admit_on(model: &Model, reservation: Nanos) -> Admission {
     }
 }
 
-/// "2026-12-31 23:00 UTC": the reset instant as the messages quote it.
-fn reset_text(resets_at: DateTime<Utc>) -> String {
-    resets_at.format("%Y-%m-%d %H:%M UTC").to_string()
+/// The reset as the messages quote it: on its local date, as the tab's "Resets
+/// on" shows it (R1), with the instant in UTC too when the workspace's timezone
+/// is another: "31 Dec 2026 at 00:00 Europe/Berlin (2026-12-30 23:00 UTC)",
+/// "31 Dec 2026 at 00:00 UTC".
+fn reset_text(snapshot: &Snapshot<'_>) -> String {
+    let local = snapshot.resets_at.with_timezone(&snapshot.timezone);
+    let mut text = local.format("%-d %b %Y at %H:%M").to_string();
+    if snapshot.timezone == Tz::UTC {
+        text.push_str(" UTC");
+    } else {
+        text.push_str(&format!(
+            " {} ({})",
+            snapshot.timezone.name(),
+            snapshot.resets_at.format("%Y-%m-%d %H:%M UTC")
+        ));
+    }
+    text
 }
 
 /// What a blocked admission asked for, in nano-euros.
@@ -339,7 +358,7 @@ fn eur(nanos: Nanos) -> String {
 fn plan_block(snapshot: &Snapshot<'_>, ask: Ask) -> Blocked {
     let allowance = snapshot.plan.allowance();
     let used = snapshot.workspace.used();
-    let resets = reset_text(snapshot.resets_at);
+    let resets = reset_text(snapshot);
     let message = if used >= allowance {
         format!(
             "Plan limit reached: the workspace has used its allowance of {} for this \
@@ -393,7 +412,7 @@ fn model_block(
         Ask::Known(_) => format!(
             "Model limit reached: {situation}. The usage was not recorded. The limit \
              resets on {}.",
-            reset_text(snapshot.resets_at),
+            reset_text(snapshot),
         ),
         Ask::Estimate(_) => {
             let fallback = if snapshot.automatic_fallback {
@@ -403,7 +422,7 @@ fn model_block(
             };
             format!(
                 "Model limit reached: {situation}, and {fallback}. The limit resets on {}.",
-                reset_text(snapshot.resets_at),
+                reset_text(snapshot),
             )
         }
     };
@@ -490,6 +509,7 @@ mod tests {
             workspace: Counter::default(),
             models,
             resets_at: resets(),
+            timezone: Tz::UTC,
         }
     }
 
@@ -562,8 +582,23 @@ mod tests {
         assert!(b.message.contains("up to €0.00194,"), "{}", b.message);
         assert!(b.message.contains("only €0.001939999 of"), "{}", b.message);
         assert!(b.message.contains("€10.00"), "{}", b.message);
-        assert!(b.message.contains("2026-12-31 23:00 UTC"), "{}", b.message);
+        assert!(
+            b.message.contains("31 Dec 2026 at 23:00 UTC."),
+            "{}",
+            b.message
+        );
         assert_eq!(b.resets_at, resets());
+        // In the workspace's timezone, on the date the tab shows.
+        snap.timezone = chrono_tz::Europe::Berlin;
+        let Admission::Block(b) = decide(&snap, "gpt-5", &EST) else {
+            panic!()
+        };
+        assert!(
+            b.message
+                .contains("1 Jan 2027 at 00:00 Europe/Berlin (2026-12-31 23:00 UTC)."),
+            "{}",
+            b.message
+        );
         assert_eq!(b.code.as_str(), "plan_limit_reached");
     }
 
@@ -720,7 +755,11 @@ mod tests {
         assert!(b.message.contains("GPT-5 (gpt-5)"), "{}", b.message);
         assert!(b.message.contains("€1.00"), "{}", b.message);
         assert!(b.message.contains("no cheaper model"), "{}", b.message);
-        assert!(b.message.contains("2026-12-31 23:00 UTC"), "{}", b.message);
+        assert!(
+            b.message.contains("31 Dec 2026 at 23:00 UTC"),
+            "{}",
+            b.message
+        );
         assert_eq!(b.code.as_str(), "model_limit_reached");
 
         // The cheapest model has nowhere to go.
@@ -863,6 +902,7 @@ mod tests {
                             workspace,
                             models: &models,
                             resets_at: resets(),
+                            timezone: Tz::UTC,
                         };
                         let decision = admit(&snap, &c, requested, &est);
                         if let (Some(served), Some(r)) = (decision.served_model(), decision.reservation()) {
@@ -942,6 +982,7 @@ mod tests {
             },
             models: &models,
             resets_at: chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 31, 23, 0, 0).unwrap(),
+            timezone: Tz::UTC,
         };
         // Exactly up to the cap fits; one nano-euro more is refused without fallback.
         assert_eq!(admit_known_cost(&snapshot, gpt5, Nanos::new(EUR)), Ok(()));

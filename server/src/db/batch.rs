@@ -748,6 +748,7 @@ impl BatchBooks {
             workspace: books.workspace,
             models: &books.models,
             resets_at,
+            timezone: rules.plan.timezone,
         })
     }
 }
