@@ -927,6 +927,32 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
         .metrics()
         .await
         .contains("tollgate_settlements_total{kind=\"estimate\",model=\"big\"} 1"));
+
+    // Closed without usage and without `[DONE]`: the client learns that the
+    // answer was cut (an error event), and the estimate is billed again.
+    h.mock.set(|b| b.done_in_stream = false);
+    let send = || {
+        h.post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#
+            ))
+            .send()
+    };
+    let payloads = sse_payloads(send().await.unwrap()).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    assert_eq!(h.workspace().await.spent, estimate + estimate);
+
+    // With its usage but without `[DONE]`: a whole answer, ended as one and
+    // billed its usage (12 prompt tokens at 2, 5 output tokens at 10 per 1M).
+    h.mock.set(|b| b.usage_in_stream = true);
+    let payloads = sse_payloads(send().await.unwrap()).await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        h.workspace().await.spent,
+        estimate + estimate + Nanos::new(12 * 2_000 + 5 * 10_000)
+    );
 }
 
 /// An upstream that answers a streamed request with plain JSON (it ignored

@@ -413,7 +413,17 @@ impl Exchange {
         }
         let last = match end {
             StreamEnd::Done => Some(Bytes::from_static(DONE_FRAME)),
-            StreamEnd::Eof => None,
+            // Usage comes last (the gateway asked for it): the answer was whole,
+            // and only `[DONE]` is missing.
+            StreamEnd::Eof if relay.usage.is_some() => Some(Bytes::from_static(DONE_FRAME)),
+            // Closed before its usage: the client must not take a cut answer for
+            // a whole one.
+            StreamEnd::Eof => {
+                tracing::warn!(upstream = %self.target.name, "the upstream stream ended without its usage or [DONE]");
+                Some(error_frame(&GatewayError::UpstreamFailed(
+                    "The model provider's stream ended before it finished.".into(),
+                )))
+            }
             StreamEnd::TimedOut => Some(error_frame(&GatewayError::UpstreamTimeout)),
             StreamEnd::Broken => Some(error_frame(&GatewayError::UpstreamFailed(
                 "The model provider's stream broke off.".into(),

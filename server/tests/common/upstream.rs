@@ -62,6 +62,8 @@ pub struct Behaviour {
     /// Answer a streamed request with the non-streamed JSON, as an upstream that
     /// ignores `stream` does.
     pub ignore_stream: bool,
+    /// Whether a stream ends with `data: [DONE]` (else the connection just closes).
+    pub done_in_stream: bool,
 }
 
 impl Default for Behaviour {
@@ -82,6 +84,7 @@ impl Default for Behaviour {
             pause_after_first_piece: None,
             record_requests: true,
             ignore_stream: false,
+            done_in_stream: true,
         }
     }
 }
@@ -228,7 +231,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
                 usage_json(behaviour.usage)
             ));
         }
-        out.push("data: [DONE]\n\n".to_owned());
+        if behaviour.done_in_stream {
+            out.push("data: [DONE]\n\n".to_owned());
+        }
         for (i, frame) in out.into_iter().enumerate() {
             // The mock keeps writing after the client left: a real upstream does.
             let _ = frames.send(Bytes::from(frame)).await;
