@@ -1035,6 +1035,34 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
     )
     .await;
 
+    // An output cap the model cannot produce is a bad request, not a quota
+    // error (big produces at most 1,000 tokens).
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "big", "messages": [{"role": "user", "content": "hi"}],
+                "max_completion_tokens": 1001}),
+        ),
+        (
+            "/api/v1/admissions",
+            json!({"model": "big", "prompt_tokens": 10, "max_tokens": 5000}),
+        ),
+    ] {
+        let (status, answer) = h.api(path, &body).await;
+        assert_eq!(
+            (status, &answer["error"]["param"]),
+            (400, &json!("max_tokens")),
+            "{path}: {answer}"
+        );
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than the 1000 output tokens"),
+            "{answer}"
+        );
+    }
+
     // A compressed body is refused unread (415), on the gateway and the usage
     // API.
     for path in ["/v1/chat/completions", "/api/v1/usage"] {

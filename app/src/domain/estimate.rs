@@ -64,8 +64,9 @@ pub fn prompt_token_bound_from_bytes(text_bytes: usize) -> u64 {
 /// `prompt_tokens × input price + output tokens × n × output price`, prices per 1M
 /// tokens, where output tokens are the request's cap as it set it, or the model's
 /// `max_output_tokens` when it set none (R7). A cap above the catalog's maximum is
-/// reserved as asked: the request goes upstream unchanged, and an upstream that
-/// honours it would otherwise bill more than was held. Prompt tokens are priced at the higher of the input and
+/// reserved as asked (the gateway and the usage API refuse one before admission,
+/// but this function holds for any estimate): an upstream that honoured it would
+/// otherwise bill more than was held. Prompt tokens are priced at the higher of the input and
 /// cached-input prices, so the reservation holds even for a catalog whose cached
 /// price is the higher one. Computed in exact integer arithmetic and rounded up to
 /// whole nano-euros: it never undercounts the cost of any usage within the estimate.

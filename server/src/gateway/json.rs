@@ -195,6 +195,30 @@ pub(crate) fn output_cap(object: &RawObject) -> Result<Option<u64>, GatewayError
     Ok(max_completion_tokens.max(max_tokens))
 }
 
+/// Refuses an output cap (R7) above `model`'s `max_output_tokens`: the model
+/// cannot produce that many tokens, its provider would refuse the request, and
+/// held as asked it would be answered as a quota error (429) instead of a bad
+/// request.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `max_tokens`.
+pub(crate) fn within_max_output(
+    model: &app::domain::Model,
+    cap: Option<u64>,
+) -> Result<(), GatewayError> {
+    match cap {
+        Some(cap) if cap > u64::from(model.max_output_tokens) => Err(GatewayError::invalid_field(
+            "max_tokens",
+            format!(
+                "`max_tokens`/`max_completion_tokens` is {cap}, more than the {} output tokens \
+                 {} can produce",
+                model.max_output_tokens,
+                model.label()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The choice count `n` (OpenAI's field): 1 when absent or `null`.
 ///
 /// Errors: [`GatewayError::InvalidField`] naming `n` for anything but an integer

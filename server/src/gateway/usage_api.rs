@@ -173,6 +173,7 @@ pub async fn admit(
             .resolve(&name)
             .ok_or_else(|| GatewayError::ModelNotFound(name.clone()))?;
         model_label.push_str(model.id.as_str());
+        super::json::within_max_output(model, output_cap)?;
         // The lease as stored is the lease as answered.
         let until = lease_until(lease);
         let reservation = gateway
