@@ -59,12 +59,28 @@ fn write_output(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `--config`/`TOLLGATE_CONFIG` as a path. An empty one is refused, not read as
+/// "no config": a script whose variable came out empty would otherwise run on
+/// the embedded demo configuration, and `serve` would apply its plan and catalog
+/// to the books.
+fn config_path(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        Err(
+            "an empty path names no file (is TOLLGATE_CONFIG set to nothing?): \
+             name the config file, or leave both unset for the embedded default"
+                .into(),
+        )
+    } else {
+        Ok(PathBuf::from(text))
+    }
+}
+
 /// Spend control for an organisation's use of large language models.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version)]
 pub struct Cli {
     /// The TOML config file (default: the embedded demo configuration).
-    #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
+    #[arg(long, global = true, env = "TOLLGATE_CONFIG", value_parser = config_path)]
     pub config: Option<PathBuf>,
     /// sqlite://FILE or postgres://USER@HOST/DB (overrides the config file).
     #[arg(long, global = true, env = "TOLLGATE_DATABASE_URL")]

@@ -798,6 +798,29 @@ fn a_bad_log_filter_is_reported() {
     );
 }
 
+/// An empty `TOLLGATE_CONFIG` is refused, not taken for "no config": `serve`
+/// would apply the embedded demo plan and catalog to the books.
+#[test]
+fn an_empty_config_variable_is_refused() {
+    let cli = Cli::new();
+    for args in [
+        &["key", "list"][..],
+        &["serve", "--listen", "127.0.0.1:0"][..],
+    ] {
+        let output = cli
+            .command(args, None)
+            .env("TOLLGATE_CONFIG", "")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("is TOLLGATE_CONFIG set to nothing?"),
+            "{stderr}"
+        );
+    }
+}
+
 /// `tollgate serve` stops gracefully on SIGTERM: it waits for the request in
 /// flight (here an upstream that answers in a minute). A second SIGTERM ends it at
 /// once, with status 130.
