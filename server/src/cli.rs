@@ -303,6 +303,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { listen } => listen.clone(),
         _ => None,
     };
+    let explicit_config = cli.config.is_some();
     let config = config::Config::load(
         cli.config.as_deref(),
         &config::Overrides {
@@ -461,7 +462,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Key { action } => key(&store, action).await,
-        Command::Limit { action } => limit(&config, &store, action).await,
+        Command::Limit { action } => limit(&config, explicit_config, &store, action).await,
         Command::Fallback { state } => {
             let on = state == "on";
             // The operator names the state, not a version: whatever another
@@ -902,6 +903,7 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
 
 async fn limit(
     config: &config::Config,
+    explicit_config: bool,
     store: &SharedStore,
     action: LimitAction,
 ) -> anyhow::Result<()> {
@@ -927,12 +929,15 @@ async fn limit(
         LimitAction::Clear { model } => (model, ModelLimit::default()),
     };
     // The catalog is the one the server applied to the database, which the store
-    // checks the model against: this command's config only resolves aliases.
+    // checks the model against: this command's config file only resolves
+    // aliases. Without a file there is none to read them from: the embedded
+    // demo catalog's aliases (`openai/gpt-5` → `gpt-5`) would name models of
+    // another catalog, so the name is taken as an id.
     let now = Utc::now();
-    let id = config.setup.catalog.resolve(name).map_or_else(
-        || app::domain::ModelId::new(name.as_str()),
-        |model| model.id.clone(),
-    );
+    let id = match config.setup.catalog.resolve(name) {
+        Some(model) if explicit_config => model.id.clone(),
+        _ => app::domain::ModelId::new(name.as_str()),
+    };
     // The operator names the limit, not a version: whatever another writer left
     // is written over, as `limit set` a moment later would (the tab refuses stale
     // saves).

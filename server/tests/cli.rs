@@ -777,6 +777,13 @@ max_output_tokens = 1000
             && stderr.contains("by its id, or pass the server's --config"),
         "{stderr}"
     );
+    // Nor are aliases read from the embedded default's catalog (where
+    // `openai/gpt-5` is `gpt-5`): without a config file, a name is an id.
+    let stderr = cli.fails(&["limit", "set", "openai/gpt-5", "--eur", "5"]);
+    assert!(
+        stderr.contains("openai/gpt-5 is not a model of the catalog"),
+        "{stderr}"
+    );
     assert_eq!(plan().await, before);
 }
 
