@@ -496,16 +496,19 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 "must be an http:// or https:// URL",
             ));
         }
-        // A name the environment cannot hold would leave the upstream keyless
-        // with a warning about a variable nobody can set.
+        // A name no shell can set (empty, `MOCK_KEY ` with its space) would
+        // leave the upstream keyless, with a warning about a variable nobody
+        // set: names are letters, digits and `_`, not starting with a digit.
         if let Some(var) = &u.api_key_env {
-            if var.trim().is_empty() || var.contains(['=', '\0']) {
+            let portable = var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && var.chars().next().is_some_and(|c| !c.is_ascii_digit());
+            if !portable {
                 return Err(invalid(
                     format!("upstreams[{i}].api_key_env"),
                     format!(
-                        "{var:?} is not an environment variable's name: name the one that \
-                         holds the key (OPENAI_API_KEY), or leave the key out for an upstream \
-                         that takes none"
+                        "{var:?} is not an environment variable's name (letters, digits and \
+                         `_`, not starting with a digit): name the one that holds the key \
+                         (OPENAI_API_KEY), or leave the key out for an upstream that takes none"
                     ),
                 ));
             }
@@ -833,6 +836,13 @@ mod tests {
                  output_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "upstreams[0].api_key_env",
                 "environment variable",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\napi_key_env = \"MOCK_KEY \"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\ninput_eur_per_mtok = \"1\"\n\
+                 output_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "upstreams[0].api_key_env",
+                "\"MOCK_KEY \" is not an environment variable's name",
             ),
             (
                 "[workspace]\ntimezone = \"Mars/Olympus\"",
