@@ -526,17 +526,19 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<DateTime<Utc>, StoreError>;
 
-    /// Whom a reservation spends for (the user and API key it was admitted with):
-    /// read from the reservation while it is live, and once settled from the
-    /// ledger row recorded under `settlement_key` (its settlement's idempotency
-    /// key). `None` when neither exists (never made, released or expired). The
-    /// usage API answers only the key that asked for a reservation about it
-    /// (DESIGN.md §4).
+    /// Whom a reservation spends for (the user and API key it was admitted with),
+    /// with the end of its lease while it is held: read from the reservation
+    /// while it is held (`Some(lease_until)`, which may already be past if the
+    /// sweep has not released it yet), and once settled from the ledger row
+    /// recorded under `settlement_key` (its settlement's idempotency key; no
+    /// lease). `None` when neither exists (never made, released or swept). The
+    /// usage API answers only the key that asked for a reservation about it, and
+    /// takes a hold whose lease has ended for gone (DESIGN.md §4, R7).
     async fn reservation_spender(
         &self,
         reservation: &ReservationId,
         settlement_key: &str,
-    ) -> Result<Option<Spender>, StoreError>;
+    ) -> Result<Option<(Spender, Option<DateTime<Utc>>)>, StoreError>;
 
     /// What the ledger row recorded under `idempotency_key` counted, `None` when no
     /// row has that key. The usage API tells a retried settlement, which repeats

@@ -1571,6 +1571,33 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     }
     assert_eq!(h.workspace().await.reserved, Nanos::ZERO);
 
+    // A hold whose lease has ended is gone for settle, release and renew alike,
+    // before the sweep releases it as after; it is never billed.
+    let (status, brief) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "mid", "prompt_tokens": 10, "lease_seconds": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{brief}");
+    let brief_id = brief["reservation_id"].as_str().unwrap().to_owned();
+    let spent = h.workspace().await.spent;
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    for (action, body) in [
+        ("settle", json!({"usage": null})),
+        ("release", json!({})),
+        ("renew", json!({})),
+    ] {
+        let (status, answer) = h
+            .api(&format!("/api/v1/admissions/{brief_id}/{action}"), &body)
+            .await;
+        assert_eq!(status, 404, "{action}: {answer}");
+        assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
+    }
+    assert_eq!(h.workspace().await.spent, spent);
+    h.store.release_expired(Utc::now()).await.unwrap();
+    assert_eq!(h.workspace().await.reserved, Nanos::ZERO);
+
     // Bad input names the field, and holds nothing.
     let (status, bad) = h
         .api(

@@ -1194,14 +1194,17 @@ macro_rules! impl_store {
                 &self,
                 reservation: &app::store::ReservationId,
                 settlement_key: &str,
-            ) -> Result<Option<app::store::Spender>, app::store::StoreError> {
+            ) -> Result<
+                Option<(app::store::Spender, Option<DateTime<Utc>>)>,
+                app::store::StoreError,
+            > {
                 use $crate::db::books::*;
                 // One of the two at most: settling deletes the reservation and
                 // records the row in one transaction.
-                let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
-                    "SELECT user_id, api_key_id FROM reservations WHERE id = $1 \
+                let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
+                    "SELECT user_id, api_key_id, lease_until FROM reservations WHERE id = $1 \
                      UNION ALL \
-                     SELECT user_id, api_key_id FROM usage_events \
+                     SELECT user_id, api_key_id, NULL FROM usage_events \
                      WHERE workspace_id = $2 AND idempotency_key = $3",
                 )
                 .bind(&reservation.0)
@@ -1210,7 +1213,17 @@ macro_rules! impl_store {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db_error)?;
-                Ok(row.map(|(user_id, api_key_id)| app::store::Spender { user_id, api_key_id }))
+                row.map(|(user_id, api_key_id, lease_until)| {
+                    let lease_until = lease_until
+                        .map(|ms| {
+                            DateTime::from_timestamp_millis(ms).ok_or_else(|| {
+                                corrupt("reservations.lease_until", format!("{ms} ms is out of range"))
+                            })
+                        })
+                        .transpose()?;
+                    Ok((app::store::Spender { user_id, api_key_id }, lease_until))
+                })
+                .transpose()
             }
 
             async fn recorded_usage(

@@ -16,8 +16,10 @@
 //! - `POST /api/v1/admissions/{id}/release` → `{"reservation_id", "released": true}`.
 //! - `POST /api/v1/admissions/{id}/renew` `{"lease_seconds"?}` → `{"reservation_id", "lease_until"}`:
 //!   the lease ends `lease_seconds` from now, or later if it already did (a
-//!   renewal never shortens a lease). A lease that has ended is not renewed:
-//!   404 `reservation_not_found`, even before the sweep releases its hold.
+//!   renewal never shortens a lease).
+//!
+//! A hold whose lease has ended is gone for settle, release and renew: 404
+//! `reservation_not_found`, even before the sweep releases it.
 //! - `POST /api/v1/usage` `{"records": [{"idempotency_key", "model", "usage"}]}` →
 //!   `{"results": [{"idempotency_key", "outcome": "recorded"|"duplicate"|"conflict"|"blocked", ...}]}`,
 //!   each item admitted (no fallback: the usage already happened) and counted at
@@ -232,8 +234,9 @@ impl EventView {
 /// The reservation `id`, unless it was admitted for another key than the
 /// caller's: that one is answered 404 `reservation_not_found`, as if it did not
 /// exist, so a key can neither settle, release nor renew the holds of another,
-/// nor read their settlements, nor learn that they exist. One that never existed
-/// or has ended unsettled is left to the store to answer.
+/// nor read their settlements, nor learn that they exist. A hold whose lease has
+/// ended is answered 404 too, before the sweep releases it as after (R7). One
+/// that never existed or was released is left to the store to answer.
 ///
 /// Errors: [`GatewayError::ReservationNotFound`], [`GatewayError::Internal`] when
 /// the store fails.
@@ -253,7 +256,12 @@ async fn callers_reservation(
         .reservation_spender(&reservation, &settled_as)
         .await?
     {
-        Some(spender) if spender.api_key_id != Some(caller.key.id) => {
+        Some((spender, _)) if spender.api_key_id != Some(caller.key.id) => {
+            Err(GatewayError::ReservationNotFound(reservation.0))
+        }
+        // Ended, though the sweep has not released it yet: gone for settle,
+        // release and renew alike, whichever runs first.
+        Some((_, Some(lease_until))) if lease_until < Utc::now() => {
             Err(GatewayError::ReservationNotFound(reservation.0))
         }
         _ => Ok(reservation),
