@@ -742,6 +742,21 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
     );
 }
 
+/// An administrator calling a server function that does not exist gets JSON
+/// with a code and a message, not the HTML page.
+#[tokio::test]
+async fn unknown_server_functions_answer_json() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    for path in ["/fn/nope", "/fn//nope", "/fn/token_limits/extra"] {
+        let (status, _, text) = panel.send(post(path, "", Some(&admin))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["code"], "unknown_server_function", "{path}");
+        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}
+
 #[tokio::test]
 async fn members_can_sign_out() {
     let panel = Panel::new().await;

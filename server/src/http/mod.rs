@@ -135,12 +135,24 @@ async fn healthz(State(state): State<AppState>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, problem).into_response()
 }
 
-/// Serve an embedded file, send a page's path written another way (a trailing
-/// slash, `//`, `/./`, `/../`) to its canonical path (308), or render the app's
-/// "not found" page with status 404.
+/// Serve an embedded file, answer an unknown server function in JSON (404,
+/// code `unknown_server_function`), send a page's path written another way (a
+/// trailing slash, `//`, `/./`, `/../`) to its canonical path (308), or render
+/// the app's "not found" page with status 404.
 async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Response {
     if let Some(response) = assets::serve(request.uri().path(), request.headers()) {
         return response;
+    }
+    if crate::auth::middleware::canonical_path(request.uri().path()).starts_with("/fn/") {
+        // Callers of server functions read JSON errors, not the HTML page.
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({
+                "code": "unknown_server_function",
+                "message": "There is no server function at this path.",
+            })),
+        )
+            .into_response();
     }
     if matches!(*request.method(), Method::GET | Method::HEAD) {
         if let Some(location) = canonical_location(request.uri()) {
