@@ -19,6 +19,8 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a file or a log shipper gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A log line that cannot be written is dropped: tracing's own report of
         // it goes through `eprintln!`, which panics when stderr is a closed pipe.
         .log_internal_errors(false)

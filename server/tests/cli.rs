@@ -805,6 +805,21 @@ fn a_bad_log_filter_is_reported() {
     );
 }
 
+/// Logs written to a file or a pipe are plain text, without terminal colours.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let cli = Cli::new();
+    let output = cli
+        .command(&["key", "list"], None)
+        .env("TOLLGATE_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.is_empty(), "the command logged nothing to look at");
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
+}
+
 /// An empty `TOLLGATE_CONFIG` is refused, not taken for "no config": `serve`
 /// would apply the embedded demo plan and catalog to the books.
 #[test]
