@@ -351,9 +351,10 @@ impl Config {
                 return Err(invalid(
                     "plan.start",
                     format!(
-                    "must be a date like 2026-01-31 (a string or a TOML date); this is a TOML {}",
-                    other.type_str()
-                ),
+                        "must be a date like 2026-01-31 (a string or a TOML date); \
+                         this is a TOML {}",
+                        other.type_str()
+                    ),
                 ))
             }
         };

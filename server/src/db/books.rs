@@ -1050,6 +1050,19 @@ pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
 }
 
+/// A stored `reservations.lease_until` (milliseconds since the epoch, see
+/// [`millis`]) as an instant.
+///
+/// Errors: [`StoreError::Database`] (logged as corrupt) past chrono's range.
+pub(crate) fn lease_instant(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| {
+        corrupt(
+            "reservations.lease_until",
+            format!("{ms} ms is out of range"),
+        )
+    })
+}
+
 /// `u64` token counts as stored (`BIGINT`); counts past `i64::MAX` are refused.
 pub(crate) fn tokens(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::Invalid {
@@ -1184,10 +1197,7 @@ macro_rules! impl_store {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db_error)?;
-                let until = until.ok_or(app::store::StoreError::NotFound { what: "reservation" })?;
-                DateTime::from_timestamp_millis(until).ok_or_else(|| {
-                    corrupt("reservations.lease_until", format!("{until} ms is out of range"))
-                })
+                lease_instant(until.ok_or(app::store::StoreError::NotFound { what: "reservation" })?)
             }
 
             async fn reservation_spender(
@@ -1214,14 +1224,10 @@ macro_rules! impl_store {
                 .await
                 .map_err(db_error)?;
                 row.map(|(user_id, api_key_id, lease_until)| {
-                    let lease_until = lease_until
-                        .map(|ms| {
-                            DateTime::from_timestamp_millis(ms).ok_or_else(|| {
-                                corrupt("reservations.lease_until", format!("{ms} ms is out of range"))
-                            })
-                        })
-                        .transpose()?;
-                    Ok((app::store::Spender { user_id, api_key_id }, lease_until))
+                    Ok((
+                        app::store::Spender { user_id, api_key_id },
+                        lease_until.map(lease_instant).transpose()?,
+                    ))
                 })
                 .transpose()
             }
@@ -1286,9 +1292,7 @@ macro_rules! impl_store {
                             api_key_id,
                             owner,
                             created_at: instant("reservations.created_at", &created_at)?,
-                            lease_until: DateTime::from_timestamp_millis(lease_until).ok_or_else(|| {
-                                corrupt("reservations.lease_until", format!("{lease_until} ms is out of range"))
-                            })?,
+                            lease_until: lease_instant(lease_until)?,
                         })
                     })
                     .collect()

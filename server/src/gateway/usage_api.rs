@@ -17,9 +17,6 @@
 //! - `POST /api/v1/admissions/{id}/renew` `{"lease_seconds"?}` → `{"reservation_id", "lease_until"}`:
 //!   the lease ends `lease_seconds` from now, or later if it already did (a
 //!   renewal never shortens a lease).
-//!
-//! A hold whose lease has ended is gone for settle, release and renew: 404
-//! `reservation_not_found`, even before the sweep releases it.
 //! - `POST /api/v1/usage` `{"records": [{"idempotency_key", "model", "usage"}]}` →
 //!   `{"results": [{"idempotency_key", "outcome": "recorded"|"duplicate"|"conflict"|"blocked", ...}]}`,
 //!   each item admitted (no fallback: the usage already happened) and counted at
@@ -27,6 +24,9 @@
 //!   with the same model and token counts is a `duplicate` (a retry); with other
 //!   usage, a `conflict` (`code` `idempotency_key_reused`): nothing is recorded
 //!   and the event recorded under it is returned.
+//!
+//! A hold whose lease has ended is gone for settle, release and renew: 404
+//! `reservation_not_found`, even before the sweep releases it.
 //!
 //! Reservation ids are time-ordered UUIDs (version 7) with 74 random bits, too many
 //! to guess: whoever holds one may settle or release it.

@@ -143,7 +143,8 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
     if let Some(response) = assets::serve(request.uri().path(), request.headers()) {
         return response;
     }
-    if crate::auth::middleware::canonical_path(request.uri().path()).starts_with("/fn/") {
+    let canonical = crate::auth::middleware::canonical_path(request.uri().path());
+    if canonical.starts_with("/fn/") {
         // Callers of server functions read JSON errors, not the HTML page.
         return (
             StatusCode::NOT_FOUND,
@@ -155,7 +156,7 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
             .into_response();
     }
     if matches!(*request.method(), Method::GET | Method::HEAD) {
-        if let Some(location) = canonical_location(request.uri()) {
+        if let Some(location) = canonical_location(request.uri(), canonical) {
             // The panel's router would match `/admin/token-limits/` to the tab
             // and render it under this fallback's 404: one page, one address.
             return Redirect::permanent(&location).into_response();
@@ -173,11 +174,10 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
     response
 }
 
-/// `uri`'s canonical path (see `auth::middleware::canonical_path`) and its
-/// query, when the path is written otherwise. Never starts with `//`, which a
-/// browser would read as another host.
-fn canonical_location(uri: &Uri) -> Option<String> {
-    let canonical = crate::auth::middleware::canonical_path(uri.path());
+/// `canonical`, `uri`'s canonical path (`auth::middleware::canonical_path`),
+/// with `uri`'s query, when the path is written otherwise. Never starts with
+/// `//`, which a browser would read as another host.
+fn canonical_location(uri: &Uri, canonical: String) -> Option<String> {
     if canonical == uri.path() {
         return None;
     }
