@@ -232,6 +232,13 @@ impl Harness {
         self.api_text(path, body.to_string()).await
     }
 
+    /// `POST /api/v1/admissions/{id}/{action}` (`settle`, `release`, `renew`)
+    /// with `body`, through [`Harness::api`].
+    async fn on_admission(&self, id: &str, action: &str, body: &Value) -> (u16, Value) {
+        self.api(&format!("/api/v1/admissions/{id}/{action}"), body)
+            .await
+    }
+
     /// [`Harness::api`] with a body of any text, valid JSON or not.
     async fn api_text(&self, path: &str, body: String) -> (u16, Value) {
         let response = self
@@ -398,6 +405,16 @@ async fn assert_error(
         "{body}"
     );
     body
+}
+
+/// Each route on one usage-API reservation, with a body it accepts: settle
+/// (billing the hold), release and renew.
+fn admission_actions() -> [(&'static str, Value); 3] {
+    [
+        ("settle", json!({"usage": null})),
+        ("release", json!({})),
+        ("renew", json!({})),
+    ]
 }
 
 /// A 401 for a missing, unknown or revoked API key, OpenAI-shaped.
@@ -1409,8 +1426,9 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     // Usage costing more than the admission reserved is refused, and nothing
     // changes: the hold stays for a correct settlement.
     let (status, refused) = h
-        .api(
-            &format!("/api/v1/admissions/{id}/settle"),
+        .on_admission(
+            &id,
+            "settle",
             &json!({"usage": {"prompt_tokens": 100_000_000_000u64, "completion_tokens": 1}}),
         )
         .await;
@@ -1435,10 +1453,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         "prompt_tokens_details": {"cached_tokens": 300},
         "completion_tokens_details": {"reasoning_tokens": 60}});
     let (status, event) = h
-        .api(
-            &format!("/api/v1/admissions/{id}/settle"),
-            &json!({"usage": usage}),
-        )
+        .on_admission(&id, "settle", &json!({"usage": usage}))
         .await;
     assert_eq!(status, 200, "{event}");
     // 600 × 2 + 300 × 0.5 + 100 × 10 = 2350 EUR per 1M tokens.
@@ -1446,10 +1461,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     assert_eq!(event["newly_recorded"], true);
     assert_eq!(event["estimated"], false);
     let (status, again) = h
-        .api(
-            &format!("/api/v1/admissions/{id}/settle"),
-            &json!({"usage": usage}),
-        )
+        .on_admission(&id, "settle", &json!({"usage": usage}))
         .await;
     assert_eq!(status, 200);
     assert_eq!(again["event_id"], event["event_id"]);
@@ -1459,9 +1471,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     let mut more = usage.clone();
     more["completion_tokens"] = json!(101);
     for other in [json!({"usage": more}), json!({"usage": null})] {
-        let (status, conflict) = h
-            .api(&format!("/api/v1/admissions/{id}/settle"), &other)
-            .await;
+        let (status, conflict) = h.on_admission(&id, "settle", &other).await;
         assert_eq!(status, 409, "{conflict}");
         assert_eq!(conflict["error"]["code"], "already_settled");
         assert!(
@@ -1502,11 +1512,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     // Another member's key can neither renew, settle nor release it: 404, as if
     // it did not exist, and the hold stays.
     let held = h.workspace().await;
-    for (action, body) in [
-        ("renew", json!({})),
-        ("settle", json!({"usage": null})),
-        ("release", json!({})),
-    ] {
+    for (action, body) in admission_actions() {
         let response = h
             .client
             .post(format!("{}/api/v1/admissions/{other_id}/{action}", h.url))
@@ -1521,48 +1527,26 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     }
     assert_eq!(h.workspace().await, held);
     let (status, renewed) = h
-        .api(
-            &format!("/api/v1/admissions/{other_id}/renew"),
-            &json!({"lease_seconds": 120}),
-        )
+        .on_admission(&other_id, "renew", &json!({"lease_seconds": 120}))
         .await;
     assert_eq!(status, 200, "{renewed}");
     // A shorter renewal keeps the longer lease.
     let (status, kept) = h
-        .api(
-            &format!("/api/v1/admissions/{other_id}/renew"),
-            &json!({"lease_seconds": 10}),
-        )
+        .on_admission(&other_id, "renew", &json!({"lease_seconds": 10}))
         .await;
     assert_eq!(status, 200, "{kept}");
     assert_eq!(kept["lease_until"], renewed["lease_until"]);
-    let (status, released) = h
-        .api(
-            &format!("/api/v1/admissions/{other_id}/release"),
-            &json!({}),
-        )
-        .await;
+    let (status, released) = h.on_admission(&other_id, "release", &json!({})).await;
     assert_eq!((status, released["released"].clone()), (200, json!(true)));
-    let (status, gone) = h
-        .api(
-            &format!("/api/v1/admissions/{other_id}/release"),
-            &json!({}),
-        )
-        .await;
+    let (status, gone) = h.on_admission(&other_id, "release", &json!({})).await;
     assert_eq!(status, 404);
     assert_eq!(gone["error"]["code"], "reservation_not_found");
     // An id PostgreSQL could not even compare is simply not found, and a long
     // one is not echoed whole.
     let long = "x".repeat(4000);
-    for (action, body) in [
-        ("settle", json!({"usage": null})),
-        ("release", json!({})),
-        ("renew", json!({})),
-    ] {
+    for (action, body) in admission_actions() {
         for id in ["abc%00def", &long] {
-            let (status, answer) = h
-                .api(&format!("/api/v1/admissions/{id}/{action}"), &body)
-                .await;
+            let (status, answer) = h.on_admission(id, action, &body).await;
             assert_eq!(status, 404, "{action}: {answer}");
             assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
             let message = answer["error"]["message"].as_str().unwrap();
@@ -1583,14 +1567,8 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
     let brief_id = brief["reservation_id"].as_str().unwrap().to_owned();
     let spent = h.workspace().await.spent;
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    for (action, body) in [
-        ("settle", json!({"usage": null})),
-        ("release", json!({})),
-        ("renew", json!({})),
-    ] {
-        let (status, answer) = h
-            .api(&format!("/api/v1/admissions/{brief_id}/{action}"), &body)
-            .await;
+    for (action, body) in admission_actions() {
+        let (status, answer) = h.on_admission(&brief_id, action, &body).await;
         assert_eq!(status, 404, "{action}: {answer}");
         assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
     }
