@@ -59,20 +59,12 @@ fn write_output(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `--config`/`TOLLGATE_CONFIG` as a path. An empty one is refused, not read as
-/// "no config": a script whose variable came out empty would otherwise run on
-/// the embedded demo configuration, and `serve` would apply its plan and catalog
-/// to the books.
-fn config_path(text: &str) -> Result<PathBuf, String> {
-    if text.is_empty() {
-        Err(
-            "an empty path names no file (is TOLLGATE_CONFIG set to nothing?): \
-             name the config file, or leave both unset for the embedded default"
-                .into(),
-        )
-    } else {
-        Ok(PathBuf::from(text))
-    }
+/// `--config`/`TOLLGATE_CONFIG` as a path, an empty one included: clap reads
+/// the variable again where `--config` overrides it, so refusing it here would
+/// refuse an explicit `--config` too. [`run`] refuses an empty path that is
+/// left in force.
+fn config_path(text: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(text))
 }
 
 /// Spend control for an organisation's use of large language models.
@@ -303,6 +295,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { listen } => listen.clone(),
         _ => None,
     };
+    // An empty path is refused, not read as "no config": a script whose
+    // variable came out empty would otherwise run on the embedded demo
+    // configuration, and `serve` would apply its plan and catalog to the books.
+    if cli
+        .config
+        .as_ref()
+        .is_some_and(|path| path.as_os_str().is_empty())
+    {
+        anyhow::bail!(
+            "--config: an empty path names no file (is TOLLGATE_CONFIG set to nothing?): \
+             name the config file, or leave both unset for the embedded default"
+        );
+    }
     let explicit_config = cli.config.is_some();
     let config = config::Config::load(
         cli.config.as_deref(),
@@ -954,6 +959,10 @@ async fn limit(
         .await
         .map_err(|e| match e {
             // Aliases live in the config, not in the database.
+            app::store::StoreError::Invalid {
+                code: "unknown_model",
+                message,
+            } if explicit_config => anyhow::anyhow!("{message}"),
             app::store::StoreError::Invalid {
                 code: "unknown_model",
                 message,

@@ -834,12 +834,29 @@ fn an_empty_config_variable_is_refused() {
             .env("TOLLGATE_CONFIG", "")
             .output()
             .unwrap();
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {output:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             stderr.contains("is TOLLGATE_CONFIG set to nothing?"),
             "{stderr}"
         );
+    }
+    // An explicit --config overrides the empty variable, before or after the
+    // command; `config example` reads no config.
+    let file = cli.dir.path().join("t.toml");
+    std::fs::write(&file, "[workspace]\nname = \"T\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    for args in [
+        &["--config", file, "key", "list"][..],
+        &["key", "list", "--config", file][..],
+        &["config", "example"][..],
+    ] {
+        let output = cli
+            .command(args, None)
+            .env("TOLLGATE_CONFIG", "")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {output:?}");
     }
 }
 

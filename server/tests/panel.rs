@@ -748,7 +748,13 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
 async fn unknown_server_functions_answer_json() {
     let panel = Panel::new().await;
     let admin = panel.sign_in("ada@example.com").await;
-    for path in ["/fn/nope", "/fn//nope", "/fn/token_limits/extra"] {
+    for path in [
+        "/fn/nope",
+        "/fn//nope",
+        "/fn/token_limits/extra",
+        "/fn/",
+        "/fn",
+    ] {
         let (status, _, text) = panel.send(post(path, "", Some(&admin))).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {text}");
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();

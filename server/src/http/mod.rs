@@ -144,7 +144,7 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
         return response;
     }
     let canonical = crate::auth::middleware::canonical_path(request.uri().path());
-    if canonical.starts_with("/fn/") {
+    if canonical == "/fn" || canonical.starts_with("/fn/") {
         // Callers of server functions read JSON errors, not the HTML page.
         return (
             StatusCode::NOT_FOUND,
