@@ -235,7 +235,8 @@ impl EventView {
 /// caller's: that one is answered 404 `reservation_not_found`, as if it did not
 /// exist, so a key can neither settle, release nor renew the holds of another,
 /// nor read their settlements, nor learn that they exist. A hold whose lease has
-/// ended is answered 404 too, before the sweep releases it as after (R7). One
+/// ended is answered 404 too, before the sweep releases it as after, and is
+/// released on the spot (R7). One
 /// that never existed or was released is left to the store to answer.
 ///
 /// Errors: [`GatewayError::ReservationNotFound`], [`GatewayError::Internal`] when
@@ -260,8 +261,13 @@ async fn callers_reservation(
             Err(GatewayError::ReservationNotFound(reservation.0))
         }
         // Ended, though the sweep has not released it yet: gone for settle,
-        // release and renew alike, whichever runs first.
+        // release and renew alike, whichever runs first. Released here, as the
+        // sweep would, so that its hold stops counting against the limits now.
         Some((_, Some(lease_until))) if lease_until < Utc::now() => {
+            match gateway.store.release(&reservation).await {
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
             Err(GatewayError::ReservationNotFound(reservation.0))
         }
         _ => Ok(reservation),
