@@ -21,12 +21,12 @@
 //! - callers get their answers only after the commit.
 //!
 //! The batcher keeps its write connection between batches, and on SQLite the
-//! books as well (see [`BatchBooks`]), with the reservations it made: a batch
-//! whose books nobody else has touched reads nothing, and goes to the database
-//! in one call that a version check guards (`books::HotSql`). It starts a batch only after
-//! the callers just answered have had a turn to queue their next write, so
+//! books as well (see [`BatchBooks`]): a batch whose books nobody else has
+//! touched reads nothing but the reservations it ends. It starts a batch only
+//! after the callers just answered have had a turn to queue their next write, so
 //! writers that follow each other closely share batches instead of alternating
-//! in two half-full ones.
+//! in two half-full ones. What a batch asks of the database is [`HotPath`], which
+//! each backend implements.
 //!
 //! If anything in a batch fails, it is rolled back whole and its operations run
 //! again one per transaction, so one bad operation fails alone and the others are
@@ -47,7 +47,11 @@ use app::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::books::{cycle_key, CounterRow, LimitRow, PlanRow, ReservationRow};
+use super::books::{
+    all_distinct, counter_changes, cycle_key, millis, settlement_cost, usage_exceeds_reservation,
+    CounterChange, CounterRow, EventRow, LedgerRow, LimitRow, NewEvent, NewEventRow,
+    NewReservationRow, PlanRow, ReadBooks, ReservationRow,
+};
 
 /// Most operations applied in one transaction. Every operation of a batch waits
 /// for the whole batch, so this bounds the latency a burst adds.
@@ -319,6 +323,345 @@ impl<C: Send + 'static> Batcher<C> {
     }
 }
 
+/// What a batch asks of the database, on a backend's writer connection. Every
+/// call but [`HotPath::begin`] runs inside the transaction it opens, which
+/// [`HotPath::write`] commits and [`HotPath::rollback`] ends with nothing kept.
+pub(crate) trait HotPath: Send {
+    /// Opens the batch's write transaction, holding the write lock (SQLite
+    /// `BEGIN IMMEDIATE`; on PostgreSQL [`HotPath::read_plan`] takes it). Returns
+    /// the books' version where the backend has one: a number that changes
+    /// whenever another connection commits (SQLite `data_version`), so that
+    /// books carried over from the last batch can be trusted while it holds.
+    fn begin(&mut self) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
+    /// Deletes the reservations of `ids` that exist, returning them.
+    fn take_reservations(
+        &mut self,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<Vec<ReservationRow>, StoreError>> + Send;
+
+    /// The ledger rows recorded under the idempotency keys `keys`, by key.
+    fn find_events(
+        &mut self,
+        keys: &[&str],
+    ) -> impl Future<Output = Result<HashMap<String, EventRow>, StoreError>> + Send;
+
+    /// The plan and settings; on PostgreSQL locks the plan row, which orders the
+    /// writers of every replica (DESIGN.md R6).
+    ///
+    /// Errors: [`StoreError::NotFound`] when the workspace has no plan.
+    fn read_plan(&mut self) -> impl Future<Output = Result<PlanRow, StoreError>> + Send;
+
+    /// What an admission reads after the plan (`books::HotSql::read_books`):
+    /// every model limit, the counters of the cycle keyed `cycle_start`, and
+    /// which of the API keys `ids` exist and are not revoked.
+    fn read_books(
+        &mut self,
+        cycle_start: i64,
+        ids: &[i64],
+    ) -> impl Future<Output = Result<ReadBooks, StoreError>> + Send;
+
+    /// Writes the batch's new reservations, ledger rows and counter changes, and
+    /// commits; returns the ledger rows as written, in no particular order.
+    fn write(
+        &mut self,
+        reservations: &[NewReservationRow<'_>],
+        events: &[NewEventRow<'_>],
+        counters: &[CounterChange<'_>],
+    ) -> impl Future<Output = Result<Vec<LedgerRow>, StoreError>> + Send;
+
+    /// Ends the open transaction, keeping nothing of it.
+    fn rollback(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Marks the connection as broken: it is closed when dropped, not reused.
+    fn discard(&mut self);
+}
+
+/// Apply one batch of hot-path writes on the batcher's writer, answer each
+/// operation, and return the writer (none when its connection failed and should
+/// be replaced) with the admitted reservations nobody waits for.
+///
+/// The batch is one transaction; if it fails, it is rolled back whole and its
+/// operations run again one per transaction, so one bad operation fails alone.
+pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -> BatchEnd<C> {
+    let Writer {
+        mut conn,
+        mut books,
+    } = writer;
+    if ops.len() > 1 {
+        match try_batch(&mut conn, books.take(), &ops).await {
+            Ok((answers, books)) => {
+                return (Some(Writer { conn, books }), answer_all(ops, answers))
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                operations = ops.len(),
+                "a batch of writes failed and was rolled back; applying them one by one"
+            ),
+        }
+    }
+    let mut healthy = true;
+    let mut orphans = Vec::new();
+    for op in ops {
+        let answers = match try_batch(&mut conn, books.take(), std::slice::from_ref(&op)).await {
+            Ok((answers, after)) => {
+                books = after;
+                answers
+            }
+            Err(e) => {
+                healthy &= !matches!(e, StoreError::Database(_));
+                vec![Answer::Failed(e)]
+            }
+        };
+        orphans.extend(answer_all(vec![op], answers));
+    }
+    // A database error may have broken the connection (or left a transaction
+    // open): it is closed, and the batcher connects anew.
+    if !healthy {
+        conn.discard();
+    }
+    (healthy.then_some(Writer { conn, books }), orphans)
+}
+
+/// A batch's answers, in the order of its operations, and the books to carry to
+/// the next batch.
+type BatchDone = (Vec<Answer>, Option<BatchBooks>);
+
+/// One transaction over `ops`, in order; any error rolls back all of them. Blocks
+/// and unknown reservations are answers, not errors: they write nothing.
+async fn try_batch<C: HotPath>(
+    conn: &mut C,
+    carried: Option<BatchBooks>,
+    ops: &[Op],
+) -> Result<BatchDone, StoreError> {
+    let keys: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Settle(settlement, _) => settlement.idempotency_key.as_deref(),
+            _ => None,
+        })
+        .collect();
+    if ops.len() > 1 && !all_distinct(&keys) {
+        // A retried settlement racing its original: one per transaction.
+        return Err(StoreError::Database(
+            "one idempotency key twice in a batch".into(),
+        ));
+    }
+    let mut in_transaction = false;
+    let result = batch_in_transaction(conn, carried, ops, &mut in_transaction).await;
+    if result.is_err() && in_transaction {
+        // Nothing of the batch is kept. A connection that cannot even roll back is
+        // replaced (a database error does that).
+        conn.rollback().await?;
+    }
+    result
+}
+
+/// The body of [`try_batch`]: opens the transaction and, unless it fails,
+/// commits it. Keeps `in_transaction` telling whether a transaction is open,
+/// which the caller rolls back on an error.
+async fn batch_in_transaction<C: HotPath>(
+    conn: &mut C,
+    carried: Option<BatchBooks>,
+    ops: &[Op],
+    in_transaction: &mut bool,
+) -> Result<BatchDone, StoreError> {
+    let ending: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Settle(settlement, _) => Some(settlement.reservation.0.as_str()),
+            Op::Release(id, _) => Some(id.0.as_str()),
+            Op::Reserve(..) => None,
+        })
+        .collect();
+    *in_transaction = true;
+    let version = conn.begin().await?;
+    // Only a backend with a books version carries books (see the end).
+    let mut books = carried.filter(|_| version.is_some()).unwrap_or_default();
+    if let Some(version) = version {
+        books.check(version);
+    }
+    let mut ended: HashMap<String, ReservationRow> = if ending.is_empty() {
+        HashMap::new()
+    } else {
+        conn.take_reservations(&ending)
+            .await?
+            .into_iter()
+            .map(|row| (row.id.clone(), row))
+            .collect()
+    };
+    // A settlement deletes its reservation in the transaction that records it, so
+    // only a settlement whose reservation is gone can be a retry of one already
+    // recorded: only those keys are looked up.
+    let retried: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Settle(settlement, _) if !ended.contains_key(settlement.reservation.0.as_str()) => {
+                settlement.idempotency_key.as_deref()
+            }
+            _ => None,
+        })
+        .collect();
+    let mut recorded = if retried.is_empty() {
+        HashMap::new()
+    } else {
+        conn.find_events(&retried).await?
+    };
+
+    // The API keys admissions spend on, each checked live under the lock.
+    let spenders: Vec<i64> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Reserve(request, _) => Some(request.spender.api_key_id),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    // Checked with what the first admission that reads has to read.
+    let mut keys_to_check = books.unknown_keys(&spenders);
+    let mut answers = Vec::with_capacity(ops.len());
+    let mut reservations = Vec::new();
+    let mut events = Vec::new();
+    for op in ops {
+        answers.push(match op {
+            Op::Reserve(request, _) => 'reserve: {
+                // The plan first: on PostgreSQL its lock orders the writers, and
+                // what is read after it is current (READ COMMITTED).
+                let plan_row = match books.needs_rules() {
+                    true => Some(conn.read_plan().await?),
+                    false => None,
+                };
+                let key = match &plan_row {
+                    Some(row) => cycle_key(row.plan()?.cycle_at(request.now)?.start),
+                    None => books.cycle_of(request.now)?,
+                };
+                if plan_row.is_some() || books.needs(key) || !keys_to_check.is_empty() {
+                    let keys = std::mem::take(&mut keys_to_check);
+                    let read = conn.read_books(key, &keys).await?;
+                    if let Some(row) = &plan_row {
+                        books.set_rules(row, read.limits)?;
+                    }
+                    if books.needs(key) {
+                        books.load(key, &read.counters)?;
+                    }
+                    books.know_live_keys(read.live_keys);
+                }
+                if let Some(key) = request.spender.api_key_id {
+                    if !books.key_is_live(key) {
+                        break 'reserve Some(Answer::Reserve(Err(StoreError::NotFound {
+                            what: "api key",
+                        })));
+                    }
+                }
+                match books.reserve(request)? {
+                    Decision::Block(blocked) => {
+                        Some(Answer::Reserve(Ok(ReserveOutcome::Blocked(blocked))))
+                    }
+                    Decision::Admit(new) => {
+                        let reservation = new.reservation.clone();
+                        reservations.push((&**request, *new));
+                        Some(Answer::Reserve(Ok(ReserveOutcome::Admitted(reservation))))
+                    }
+                }
+            }
+            Op::Settle(settlement, _) => 'settle: {
+                let Some(row) = ended.remove(settlement.reservation.0.as_str()) else {
+                    let retry = settlement
+                        .idempotency_key
+                        .as_deref()
+                        .and_then(|key| recorded.remove(key));
+                    break 'settle Some(Answer::Settle(match retry {
+                        Some(event) => Ok(event.record(false)),
+                        None => Err(StoreError::NotFound {
+                            what: "reservation",
+                        }),
+                    }));
+                };
+                let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
+                if over && settlement.within_reservation {
+                    // An error, not an answer: the batch is rolled back, so the
+                    // reservation just deleted is kept.
+                    return Err(usage_exceeds_reservation(cost, &row));
+                }
+                books.change(
+                    row.cycle_start,
+                    &row.served_model,
+                    cost.get(),
+                    -row.amount_nanos,
+                );
+                events.push(NewEvent {
+                    row,
+                    usage: settlement.usage.unwrap_or_default(),
+                    cost,
+                    estimated,
+                    over_reservation: over,
+                    idempotency_key: settlement.idempotency_key.clone(),
+                    now: settlement.now,
+                });
+                // Answered once its ledger row has an id.
+                None
+            }
+            Op::Release(id, _) => match ended.remove(id.0.as_str()) {
+                None => Some(Answer::Release(Err(StoreError::NotFound {
+                    what: "reservation",
+                }))),
+                Some(row) => {
+                    books.change(row.cycle_start, &row.served_model, 0, -row.amount_nanos);
+                    Some(Answer::Release(Ok(())))
+                }
+            },
+        });
+    }
+    let reservations: Vec<NewReservationRow<'_>> = reservations
+        .iter()
+        .map(|(request, new)| NewReservationRow {
+            row: ReservationRow {
+                id: new.reservation.id.0.clone(),
+                cycle_start: new.cycle_start,
+                requested_model: new.reservation.requested.to_string(),
+                served_model: new.reservation.served.to_string(),
+                amount_nanos: new.reservation.amount.get(),
+                input_eur_per_mtok: new.prices.input.to_string(),
+                cached_input_eur_per_mtok: new.prices.cached_input.to_string(),
+                output_eur_per_mtok: new.prices.output.to_string(),
+                user_id: request.spender.user_id,
+                api_key_id: request.spender.api_key_id,
+            },
+            owner: &request.owner,
+            lease_until: millis(request.lease_until),
+            created_at: request.now.to_rfc3339(),
+        })
+        .collect();
+    let events = events
+        .iter()
+        .map(NewEvent::json_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let changes = books.changes();
+    let counters = counter_changes(&changes);
+    let written = conn.write(&reservations, &events, &counters).await?;
+    // Committed.
+    *in_transaction = false;
+    let mut inserted: HashMap<String, EventRow> = written
+        .into_iter()
+        .filter_map(|row| Some((row.reservation_id?, row.event)))
+        .collect();
+    // Committed: from here on nothing may fail the batch as a whole, or its
+    // operations would be applied again one by one.
+    let answers = ops
+        .iter()
+        .zip(answers)
+        .map(|(op, answer)| match (op, answer) {
+            (_, Some(answer)) => answer,
+            (Op::Settle(settlement, _), None) => match inserted.remove(&settlement.reservation.0) {
+                Some(event) => Answer::Settle(Ok(event.record(true))),
+                None => Answer::Failed(StoreError::Database("a ledger row was not written".into())),
+            },
+            _ => Answer::Failed(StoreError::Database("an operation was not answered".into())),
+        })
+        .collect();
+    Ok((answers, version.map(|_| books.carry_over())))
+}
+
 /// What the batcher does next.
 enum Work<C> {
     Batch(Vec<Op>),
@@ -493,9 +836,6 @@ pub(crate) struct BatchBooks {
     version: Option<i64>,
     /// API keys known to be live (not revoked) at `version`.
     live_keys: HashSet<i64>,
-    /// The reservations this writer made that no batch has ended yet, as they
-    /// were written, by id; exact while `version` holds.
-    reservations: HashMap<String, ReservationRow>,
 }
 
 impl BatchBooks {
@@ -515,54 +855,8 @@ impl BatchBooks {
             self.rules = None;
             self.cycles.clear();
             self.live_keys.clear();
-            self.reservations.clear();
             self.version = Some(version);
         }
-    }
-
-    /// The books' version, when they were carried over and can be checked.
-    pub(crate) fn version(&self) -> Option<i64> {
-        self.version
-    }
-
-    /// Whether these books, as long as their version holds, decide all of `ops`
-    /// without reading anything: the rules, each admission's cycle and API key
-    /// are known, and each reservation the batch ends (`ending`) is one this
-    /// writer made. Returns those reservations.
-    pub(crate) fn decide_alone(&self, ops: &[Op], ending: &[&str]) -> Option<Vec<ReservationRow>> {
-        self.version?;
-        let rules = self.rules.as_ref()?;
-        for op in ops {
-            if let Op::Reserve(request, _) = op {
-                if let Some(key) = request.spender.api_key_id {
-                    if !self.live_keys.contains(&key) {
-                        return None;
-                    }
-                }
-                let cycle = rules.plan.cycle_at(request.now).ok()?;
-                if !self.cycles.contains_key(&cycle_key(cycle.start)) {
-                    return None;
-                }
-            }
-        }
-        ending
-            .iter()
-            .map(|id| self.reservations.get(*id).cloned())
-            .collect()
-    }
-
-    /// After a commit: the reservations the batch ended (`ended`, ids) are gone,
-    /// those it made (`made`) are known.
-    pub(crate) fn remember(
-        &mut self,
-        ended: &[&str],
-        made: impl IntoIterator<Item = ReservationRow>,
-    ) {
-        for id in ended {
-            self.reservations.remove(*id);
-        }
-        self.reservations
-            .extend(made.into_iter().map(|row| (row.id.clone(), row)));
     }
 
     /// Of the API keys `ids`, those not yet known to be live: they must be looked

@@ -9,16 +9,14 @@
 //!   (SQLite: the one writer connection, lent by the batcher; PostgreSQL: one from
 //!   the pool), and `BEGIN`, the statement that opens its transaction (SQLite
 //!   `BEGIN IMMEDIATE`, PostgreSQL a plain `BEGIN`),
-//! - `BOOKS_VERSION`: a query for a number that changes whenever another
-//!   connection commits (SQLite `data_version`), when the backend has one: the
-//!   batcher then keeps its books from one batch to the next (`db::batch`),
 //! - `LOCK`: the suffix that makes the plan read lock the workspace for the rest
 //!   of the transaction (PostgreSQL `FOR UPDATE`; nothing on SQLite, where
 //!   `BEGIN IMMEDIATE` already holds the write lock),
-//! - `JSON` and `JOIN_BATCH`: how the hot path's statements unpack their one
-//!   JSON array argument ([`JsonDialect`]), and whether a batch's statements go to
-//!   the database joined in two calls (SQLite) or a statement at a time
-//!   (PostgreSQL; see [`HotSql`]).
+//! - `JSON`: how the hot path's statements unpack their one JSON array argument
+//!   ([`JsonDialect`]).
+//!
+//! The hot path's batches (`db::batch`) run through each backend's
+//! `db::batch::HotPath`: sqlx on PostgreSQL, rusqlite on SQLite (`db::sqlite`).
 //!
 //! The budget rules themselves stay in `app::domain`; this module only gives them a
 //! consistent snapshot and applies their answer (STYLE.md).
@@ -386,26 +384,14 @@ const LEDGER_RETURNING: &str = "id, requested_model, served_model, cost_nanos, e
 /// `json_array_elements`). So every statement has one shape whatever the batch's
 /// size, and stays prepared.
 ///
-/// On SQLite a batch takes two calls to the database whatever it holds
-/// ([`HotSql::joined`]): `open` (`BEGIN IMMEDIATE`, the books' version, the
-/// reservations the batch ends) and `close` (the new reservations, the ledger rows,
-/// the counters, `COMMIT`). Every call goes through the connection's worker
-/// thread, and that hand-over, not SQLite's work, was most of a batch's time: five
-/// to seven of them made a batch of one or two operations take 280 µs (median)
-/// at 2,000 requests/s. sqlx's SQLite driver runs a query string of several
-/// statements in order, binding `?` arguments across them (its `VirtualStatement`,
-/// also what runs migrations); its `fetch_all` returns the rows of all of them.
-/// PostgreSQL runs each statement on its own: one string of several statements
-/// cannot take arguments there. Its round trips are cut instead by statements
-/// that do several things: all of a batch's writes go in one ([`HotSql::write`]),
-/// and what an admission reads after the plan's lock in another
-/// ([`HotSql::read_books`]); a batch that admits and settles takes six round
-/// trips (it took ten one statement each).
+/// A batch's calls depend on what it holds and on the backend (see
+/// `db::batch::HotPath`). PostgreSQL runs each statement on its own, in a round
+/// trip: they are cut by statements that do several things: all of a batch's
+/// writes go in one ([`HotSql::write`]), and what an admission reads after the
+/// plan's lock in another ([`HotSql::read_books`]); a batch that admits and
+/// settles takes six round trips (it took ten one statement each). On SQLite the
+/// statements run in the batcher's own thread, where a call costs no round trip.
 pub(crate) struct HotSql {
-    /// Opens the batch's transaction.
-    pub begin: &'static str,
-    /// Reads the books' version (`db::batch::BatchBooks`), where the backend has one.
-    pub version: Option<&'static str>,
     /// Deletes the reservations whose ids are given, returning [`ReservationRow`]s.
     pub take_reservations: String,
     /// The ledger rows recorded under the idempotency keys given, as [`LedgerRow`]s.
@@ -426,9 +412,6 @@ pub(crate) struct HotSql {
     /// queries), one round trip: binds the new reservations, the ledger rows and
     /// the counter changes; returns the ledger rows.
     pub write: Option<String>,
-    /// The batch in one or two calls, on a backend that runs a string of
-    /// statements with arguments (SQLite).
-    pub joined: Option<Joined>,
 }
 
 /// The columns of a [`CounterChange`] read out of a row `r`, named as its fields.
@@ -465,37 +448,6 @@ fn pg_counters_created() -> String {
          WHERE changed.cycle_start = c.cycle_start AND changed.model_id = c.model_id)"
     )
 }
-
-/// A batch's statements joined into strings, one call each (see [`HotSql`]).
-pub(crate) struct Joined {
-    /// `BEGIN`, the version, the reservations ended: binds the ids to end;
-    /// returns the version's row, then the ended reservations.
-    pub open: String,
-    /// The new reservations, the ledger rows, the counters, `COMMIT`: binds the new
-    /// reservations, the ledger rows and the counter changes (twice); returns the
-    /// ledger rows.
-    pub close: String,
-    /// The whole batch, for books that decided it without reading
-    /// (`db::batch::BatchBooks::decide_alone`): `BEGIN`, [`STALE_BOOKS_GUARD`], the
-    /// reservations ended, then as `close`. Binds the books' version and the ids
-    /// to end, then as `close`.
-    pub decided: String,
-}
-
-/// The name of the check that fails a batch decided on books another connection
-/// has changed since (SQLite).
-pub(crate) const STALE_BOOKS: &str = "stale_books";
-
-/// A table no row can enter, on each SQLite writer connection: its check fails
-/// for any version.
-pub(crate) const STALE_BOOKS_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS stale_books \
-    (version INTEGER, CONSTRAINT stale_books CHECK (version IS NULL))";
-
-/// Fails the batch, before it writes anything, when the database's version is
-/// not the books' (the one argument): then someone else wrote since they were
-/// read, and the batch must be decided again on books read anew.
-pub(crate) const STALE_BOOKS_GUARD: &str = "INSERT INTO temp.stale_books (version) \
-    SELECT data_version FROM pragma_data_version() WHERE data_version <> ?";
 
 impl Json {
     fn sql_type(self) -> &'static str {
@@ -591,14 +543,8 @@ fn column(name: &str, json: Json) -> String {
 
 impl HotSql {
     /// The statements for a backend that opens a transaction with `begin`, reads
-    /// its books' version with `version`, unpacks JSON as `json` says, and joins a
-    /// batch's statements into one or two calls when `join`.
-    pub fn new(
-        begin: &'static str,
-        version: Option<&'static str>,
-        json: JsonDialect,
-        join: bool,
-    ) -> HotSql {
+    /// its books' version with `version`, and unpacks JSON as `json` says.
+    pub fn new(json: JsonDialect) -> HotSql {
         // An insert of the rows of argument `param` into `table`.
         let insert = |table: &str, columns: &[(&str, Json)], param: usize| {
             let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
@@ -617,9 +563,7 @@ impl HotSql {
         let reservation_ids = json.any("id", Json::Text);
         let (with_rows, rows) = (json.with_rows(), json.rows(1));
         let changes = change_columns();
-        let sql = HotSql {
-            begin,
-            version,
+        HotSql {
             take_reservations: format!(
                 "DELETE FROM reservations WHERE workspace_id = {WORKSPACE_ID} \
                  AND {reservation_ids} RETURNING {RESERVATION_RETURNING}"
@@ -679,29 +623,19 @@ impl HotSql {
                     insert("usage_events", EVENT_COLUMNS, 2),
                 )
             }),
-            joined: None,
-        };
-        let joined = join.then(|| {
-            let open = [Some(begin), version, Some(sql.take_reservations.as_str())];
-            let close = [&sql.insert_reservations, &sql.insert_events]
-                .into_iter()
-                .chain(&sql.add_to_counters)
-                .map(String::as_str)
-                .chain(["COMMIT"])
-                .collect::<Vec<_>>()
-                .join(";\n");
-            let end_reservations = format!(
-                "DELETE FROM reservations WHERE workspace_id = {WORKSPACE_ID} \
-                 AND {reservation_ids}"
-            );
-            Joined {
-                open: open.into_iter().flatten().collect::<Vec<_>>().join(";\n"),
-                decided: [begin, STALE_BOOKS_GUARD, &end_reservations, &close].join(";\n"),
-                close,
-            }
-        });
-        HotSql { joined, ..sql }
+        }
     }
+}
+
+/// Reads the workspace's [`PlanRow`] (the workspace's id bound as `$1`), with
+/// `lock` after it (the backend's `LOCK`).
+pub(crate) fn plan_query(lock: &str) -> String {
+    format!(
+        "SELECT p.budget_nanos, p.overage_nanos, p.plan_start, p.timezone, \
+         s.automatic_fallback, s.version AS settings_version \
+         FROM plans p JOIN settings s ON s.workspace_id = p.workspace_id \
+         WHERE p.workspace_id = $1 {lock}"
+    )
 }
 
 /// A JSON array of `rows`, the one argument of a [`HotSql`] statement.
@@ -1950,500 +1884,12 @@ macro_rules! impl_store {
             }
         }
 
-        /// Apply one batch of hot-path writes (see `db::batch`) on the batcher's
-        /// writer, answer each operation, and return the writer (none when its
-        /// connection failed and should be replaced) with the admitted reservations
-        /// nobody waits for.
-        async fn execute_batch(
-            writer: $crate::db::batch::Writer<sqlx::pool::PoolConnection<$db>>,
-            ops: Vec<$crate::db::batch::Op>,
-        ) -> $crate::db::batch::BatchEnd<sqlx::pool::PoolConnection<$db>> {
-            use $crate::db::batch::{answer_all, Answer, Writer};
-            use app::store::StoreError;
-            let Writer { mut conn, mut books } = writer;
-            if ops.len() > 1 {
-                match try_batch(&mut conn, books.take(), &ops).await {
-                    Ok((answers, books)) => {
-                        return (Some(Writer { conn, books }), answer_all(ops, answers))
-                    }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        operations = ops.len(),
-                        "a batch of writes failed and was rolled back; applying them one by one"
-                    ),
-                }
-            }
-            let mut healthy = true;
-            let mut orphans = Vec::new();
-            for op in ops {
-                let answers = match try_batch(&mut conn, books.take(), std::slice::from_ref(&op)).await {
-                    Ok((answers, after)) => {
-                        books = after;
-                        answers
-                    }
-                    Err(e) => {
-                        healthy &= !matches!(e, StoreError::Database(_));
-                        vec![Answer::Failed(e)]
-                    }
-                };
-                orphans.extend(answer_all(vec![op], answers));
-            }
-            // A database error may have broken the connection (or left a transaction
-            // open): it is closed, and the batcher connects anew.
-            if !healthy {
-                conn.close_on_drop();
-            }
-            (healthy.then_some(Writer { conn, books }), orphans)
-        }
-
-        /// A batch's answers, in the order of its operations, and the books to
-        /// carry to the next batch.
-        type BatchDone = (Vec<$crate::db::batch::Answer>, Option<$crate::db::batch::BatchBooks>);
-
-        /// One transaction over `ops`, in order; any error rolls back all of them.
-        /// Blocks and unknown reservations are answers, not errors: they write nothing.
-        ///
-        /// Whatever the batch's size, it costs a fixed number of statements (see
-        /// `HotSql`): on SQLite two calls to the database once the books are known.
-        async fn try_batch(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            carried: Option<$crate::db::batch::BatchBooks>,
-            ops: &[$crate::db::batch::Op],
-        ) -> Result<BatchDone, app::store::StoreError> {
-            use $crate::db::batch::Op;
-            use $crate::db::books::*;
-            use app::store::StoreError;
-
-            let keys: Vec<&str> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    Op::Settle(settlement, _) => settlement.idempotency_key.as_deref(),
-                    _ => None,
-                })
-                .collect();
-            if ops.len() > 1 && !all_distinct(&keys) {
-                // A retried settlement racing its original: one per transaction.
-                return Err(StoreError::Database("one idempotency key twice in a batch".into()));
-            }
-            let mut in_transaction = false;
-            let result = match batch_in_transaction(conn, carried, ops, &mut in_transaction).await {
-                Ok(Some(done)) => Ok(done),
-                // Decided on books someone else changed since: again, on books read anew.
-                Ok(None) => batch_in_transaction(conn, None, ops, &mut in_transaction)
-                    .await
-                    .and_then(|done| {
-                        done.ok_or_else(|| StoreError::Database("books just read were stale".into()))
-                    }),
-                Err(e) => Err(e),
-            };
-            if result.is_err() && in_transaction {
-                // Nothing of the batch is kept. A connection that cannot even roll
-                // back is replaced (a database error does that).
-                sqlx::query("ROLLBACK").execute(&mut *conn).await.map_err(db_error)?;
-            }
-            result
-        }
-
-        /// The body of [`try_batch`]: opens the transaction and, unless it fails,
-        /// commits it. When the carried books decide the batch alone, it goes to
-        /// the database in one call, guarded: `None`, with nothing written, when
-        /// another connection had written since they were read. Keeps
-        /// `in_transaction` telling whether a transaction is open, which the caller
-        /// rolls back on an error.
-        async fn batch_in_transaction(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            carried: Option<$crate::db::batch::BatchBooks>,
-            ops: &[$crate::db::batch::Op],
-            in_transaction: &mut bool,
-        ) -> Result<Option<BatchDone>, app::store::StoreError> {
-            use $crate::db::batch::{Answer, Decision, Op};
-            use $crate::db::books::*;
-            use app::store::{ReserveOutcome, StoreError};
-
-            let ending: Vec<&str> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    Op::Settle(settlement, _) => Some(settlement.reservation.0.as_str()),
-                    Op::Release(id, _) => Some(id.0.as_str()),
-                    Op::Reserve(..) => None,
-                })
-                .collect();
-            // Only a backend with a books version carries books (see the end).
-            let mut books = carried.unwrap_or_default();
-            let known = books.decide_alone(ops, &ending);
-            let alone = known.is_some();
-            let (version, ended) = match known {
-                Some(known) => (None, known),
-                None => {
-                    *in_transaction = true;
-                    open_batch(conn, &ending).await?
-                }
-            };
-            if let Some(version) = version {
-                books.check(version);
-            }
-            let mut ended: std::collections::HashMap<String, ReservationRow> =
-                ended.into_iter().map(|row| (row.id.clone(), row)).collect();
-            // A settlement deletes its reservation in the transaction that records
-            // it, so only a settlement whose reservation is gone can be a retry of
-            // one already recorded: only those keys are looked up.
-            let retried: Vec<&str> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    Op::Settle(settlement, _)
-                        if !ended.contains_key(settlement.reservation.0.as_str()) =>
-                    {
-                        settlement.idempotency_key.as_deref()
-                    }
-                    _ => None,
-                })
-                .collect();
-            let mut recorded = find_events(conn, &retried).await?;
-
-            // The API keys admissions spend on, each checked live under the lock.
-            let spenders: Vec<i64> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    Op::Reserve(request, _) => Some(request.spender.api_key_id),
-                    _ => None,
-                })
-                .flatten()
-                .collect();
-            // Checked with what the first admission that reads has to read.
-            let mut keys_to_check = books.unknown_keys(&spenders);
-            let mut answers = Vec::with_capacity(ops.len());
-            let mut reservations = Vec::new();
-            let mut events = Vec::new();
-            for op in ops {
-                answers.push(match op {
-                    Op::Reserve(request, _) => 'reserve: {
-                        // The plan first: on PostgreSQL its lock orders the writers,
-                        // and what is read after it is current (READ COMMITTED).
-                        let plan_row = match books.needs_rules() {
-                            true => Some(read_plan(conn, <$store>::LOCK).await?),
-                            false => None,
-                        };
-                        let key = match &plan_row {
-                            Some(row) => cycle_key(row.plan()?.cycle_at(request.now)?.start),
-                            None => books.cycle_of(request.now)?,
-                        };
-                        if plan_row.is_some() || books.needs(key) || !keys_to_check.is_empty() {
-                            let keys = std::mem::take(&mut keys_to_check);
-                            let read = read_books(conn, key, &keys).await?;
-                            if let Some(row) = &plan_row {
-                                books.set_rules(row, read.limits)?;
-                            }
-                            if books.needs(key) {
-                                books.load(key, &read.counters)?;
-                            }
-                            books.know_live_keys(read.live_keys);
-                        }
-                        if let Some(key) = request.spender.api_key_id {
-                            if !books.key_is_live(key) {
-                                break 'reserve Some(Answer::Reserve(Err(StoreError::NotFound {
-                                    what: "api key",
-                                })));
-                            }
-                        }
-                        match books.reserve(request)? {
-                            Decision::Block(blocked) => {
-                                Some(Answer::Reserve(Ok(ReserveOutcome::Blocked(blocked))))
-                            }
-                            Decision::Admit(new) => {
-                                let reservation = new.reservation.clone();
-                                reservations.push((&**request, *new));
-                                Some(Answer::Reserve(Ok(ReserveOutcome::Admitted(reservation))))
-                            }
-                        }
-                    }
-                    Op::Settle(settlement, _) => 'settle: {
-                        let Some(row) = ended.remove(settlement.reservation.0.as_str()) else {
-                            let retry = settlement
-                                .idempotency_key
-                                .as_deref()
-                                .and_then(|key| recorded.remove(key));
-                            break 'settle Some(Answer::Settle(match retry {
-                                Some(event) => Ok(event.record(false)),
-                                None => Err(StoreError::NotFound { what: "reservation" }),
-                            }));
-                        };
-                        let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
-                        if over && settlement.within_reservation {
-                            // An error, not an answer: the batch is rolled back, so the
-                            // reservation just deleted is kept.
-                            return Err(usage_exceeds_reservation(cost, &row));
-                        }
-                        books.change(row.cycle_start, &row.served_model, cost.get(), -row.amount_nanos);
-                        events.push(NewEvent {
-                            row,
-                            usage: settlement.usage.clone().unwrap_or_default(),
-                            cost,
-                            estimated,
-                            over_reservation: over,
-                            idempotency_key: settlement.idempotency_key.clone(),
-                            now: settlement.now,
-                        });
-                        // Answered once its ledger row has an id.
-                        None
-                    }
-                    Op::Release(id, _) => match ended.remove(id.0.as_str()) {
-                        None => Some(Answer::Release(Err(StoreError::NotFound { what: "reservation" }))),
-                        Some(row) => {
-                            books.change(row.cycle_start, &row.served_model, 0, -row.amount_nanos);
-                            Some(Answer::Release(Ok(())))
-                        }
-                    },
-                });
-            }
-            let reservations: Vec<NewReservationRow<'_>> = reservations
-                .iter()
-                .map(|(request, new)| NewReservationRow {
-                    row: ReservationRow {
-                        id: new.reservation.id.0.clone(),
-                        cycle_start: new.cycle_start,
-                        requested_model: new.reservation.requested.to_string(),
-                        served_model: new.reservation.served.to_string(),
-                        amount_nanos: new.reservation.amount.get(),
-                        input_eur_per_mtok: new.prices.input.to_string(),
-                        cached_input_eur_per_mtok: new.prices.cached_input.to_string(),
-                        output_eur_per_mtok: new.prices.output.to_string(),
-                        user_id: request.spender.user_id,
-                        api_key_id: request.spender.api_key_id,
-                    },
-                    owner: &request.owner,
-                    lease_until: millis(request.lease_until),
-                    created_at: request.now.to_rfc3339(),
-                })
-                .collect();
-            let events = events
-                .iter()
-                .map(NewEvent::json_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            let changes = books.changes();
-            let counters = counter_changes(&changes);
-            *in_transaction = true;
-            let written = match books.version().filter(|_| alone) {
-                Some(version) => {
-                    close_decided(conn, version, &ending, &reservations, &events, &counters).await?
-                }
-                None => Some(close_batch(conn, &reservations, &events, &counters).await?),
-            };
-            // Committed, or (stale books) rolled back.
-            *in_transaction = false;
-            let Some(written) = written else {
-                return Ok(None);
-            };
-            let mut inserted: std::collections::HashMap<String, EventRow> = written
-                .into_iter()
-                .filter_map(|row| Some((row.reservation_id?, row.event)))
-                .collect();
-            // Committed: from here on nothing may fail the batch as a whole, or its
-            // operations would be applied again one by one.
-            let answers = ops
-                .iter()
-                .zip(answers)
-                .map(|(op, answer)| match (op, answer) {
-                    (_, Some(answer)) => answer,
-                    (Op::Settle(settlement, _), None) => match inserted.remove(&settlement.reservation.0) {
-                        Some(event) => Answer::Settle(Ok(event.record(true))),
-                        None => Answer::Failed(StoreError::Database("a ledger row was not written".into())),
-                    },
-                    _ => Answer::Failed(StoreError::Database("an operation was not answered".into())),
-                })
-                .collect();
-            if <$store>::BOOKS_VERSION.is_none() {
-                return Ok(Some((answers, None)));
-            }
-            books.remember(&ending, reservations.into_iter().map(|new| new.row));
-            Ok(Some((answers, Some(books.carry_over()))))
-        }
-
         /// This backend's hot-path statements.
         fn hot_sql() -> &'static $crate::db::books::HotSql {
             static HOT: std::sync::LazyLock<$crate::db::books::HotSql> = std::sync::LazyLock::new(|| {
-                $crate::db::books::HotSql::new(
-                    <$store>::BEGIN,
-                    <$store>::BOOKS_VERSION,
-                    <$store>::JSON,
-                    <$store>::JOIN_BATCH,
-                )
+                $crate::db::books::HotSql::new(<$store>::JSON)
             });
             &HOT
-        }
-
-        /// Open a batch's transaction and end the reservations `ending` that still
-        /// exist; returns the books' version (on a backend that has one) and the
-        /// ended reservations.
-        async fn open_batch(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            ending: &[&str],
-        ) -> Result<(Option<i64>, Vec<$crate::db::books::ReservationRow>), app::store::StoreError> {
-            use $crate::db::books::*;
-            use sqlx::{FromRow, Row};
-            let sql = hot_sql();
-            let ids = json_rows(ending)?;
-            if let Some(joined) = &sql.joined {
-                let mut rows = sqlx::query(&joined.open)
-                    .bind(ids)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_error)?
-                    .into_iter();
-                let version = match sql.version {
-                    Some(_) => Some(
-                        rows.next()
-                            .ok_or_else(|| app::store::StoreError::Database("no books version".into()))?
-                            .try_get::<i64, _>(0)
-                            .map_err(db_error)?,
-                    ),
-                    None => None,
-                };
-                let ended = rows
-                    .map(|row| ReservationRow::from_row(&row))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(db_error)?;
-                return Ok((version, ended));
-            }
-            sqlx::query(sql.begin).execute(&mut *conn).await.map_err(db_error)?;
-            let version = match sql.version {
-                Some(version) => Some(
-                    sqlx::query_scalar(version)
-                        .fetch_one(&mut *conn)
-                        .await
-                        .map_err(db_error)?,
-                ),
-                None => None,
-            };
-            let ended = if ending.is_empty() {
-                Vec::new()
-            } else {
-                sqlx::query_as(&sql.take_reservations)
-                    .bind(ids)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_error)?
-            };
-            Ok((version, ended))
-        }
-
-        /// Write a batch's new reservations, ledger rows and counter changes, and
-        /// commit; returns the ledger rows as written, in no particular order.
-        async fn close_batch(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            reservations: &[$crate::db::books::NewReservationRow<'_>],
-            events: &[$crate::db::books::NewEventRow<'_>],
-            counters: &[$crate::db::books::CounterChange<'_>],
-        ) -> Result<Vec<$crate::db::books::LedgerRow>, app::store::StoreError> {
-            use $crate::db::books::*;
-            let sql = hot_sql();
-            if let Some(joined) = &sql.joined {
-                let counters = json_rows(counters)?;
-                return sqlx::query_as(&joined.close)
-                    .bind(json_rows(reservations)?)
-                    .bind(json_rows(events)?)
-                    .bind(counters.clone())
-                    .bind(counters)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_error);
-            }
-            if let Some(write) = &sql.write {
-                let inserted = sqlx::query_as(write)
-                    .bind(json_rows(reservations)?)
-                    .bind(json_rows(events)?)
-                    .bind(json_rows(counters)?)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-                sqlx::query("COMMIT").execute(&mut *conn).await.map_err(db_error)?;
-                return Ok(inserted);
-            }
-            if !reservations.is_empty() {
-                sqlx::query(&sql.insert_reservations)
-                    .bind(json_rows(reservations)?)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-            }
-            let inserted = insert_events(conn, events).await?;
-            add_to_counters(conn, counters).await?;
-            sqlx::query("COMMIT").execute(&mut *conn).await.map_err(db_error)?;
-            Ok(inserted)
-        }
-
-        /// The whole batch in one call and committed, on books that decided it
-        /// without reading (`BatchBooks::decide_alone`) at `version`: `ending`
-        /// ends the reservations, the rest is as [`close_batch`]. `None`, rolled
-        /// back with nothing written, when the database is past `version`
-        /// (`books::STALE_BOOKS_GUARD`).
-        async fn close_decided(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            version: i64,
-            ending: &[&str],
-            reservations: &[$crate::db::books::NewReservationRow<'_>],
-            events: &[$crate::db::books::NewEventRow<'_>],
-            counters: &[$crate::db::books::CounterChange<'_>],
-        ) -> Result<Option<Vec<$crate::db::books::LedgerRow>>, app::store::StoreError> {
-            use $crate::db::books::*;
-            let Some(joined) = &hot_sql().joined else {
-                return Err(app::store::StoreError::Database("no joined batch on this backend".into()));
-            };
-            let counters = json_rows(counters)?;
-            let written = sqlx::query_as(&joined.decided)
-                .bind(version)
-                .bind(json_rows(ending)?)
-                .bind(json_rows(reservations)?)
-                .bind(json_rows(events)?)
-                .bind(counters.clone())
-                .bind(counters)
-                .fetch_all(&mut *conn)
-                .await;
-            match written {
-                Ok(rows) => Ok(Some(rows)),
-                Err(e) if e.as_database_error().is_some_and(|e| e.message().contains(STALE_BOOKS)) => {
-                    sqlx::query("ROLLBACK").execute(&mut *conn).await.map_err(db_error)?;
-                    Ok(None)
-                }
-                Err(e) => Err(db_error(e)),
-            }
-        }
-
-        /// What an admission reads after the plan (`HotSql::read_books`): every
-        /// model limit, the counters of the cycle keyed `cycle_start`, and which of
-        /// the API keys `ids` exist and are not revoked.
-        async fn read_books(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            cycle_start: i64,
-            ids: &[i64],
-        ) -> Result<$crate::db::books::ReadBooks, app::store::StoreError> {
-            use $crate::db::books::*;
-            let rows: Vec<BooksRow> = sqlx::query_as(&hot_sql().read_books)
-                .bind(cycle_start)
-                .bind(json_rows(ids)?)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db_error)?;
-            ReadBooks::sort(rows)
-        }
-
-        /// Ledger rows already recorded under `keys`, by key.
-        async fn find_events(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            keys: &[&str],
-        ) -> Result<std::collections::HashMap<String, $crate::db::books::EventRow>, app::store::StoreError> {
-            use $crate::db::books::*;
-            if keys.is_empty() {
-                return Ok(std::collections::HashMap::new());
-            }
-            let rows: Vec<LedgerRow> = sqlx::query_as(&hot_sql().find_events)
-                .bind(json_rows(keys)?)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db_error)?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|row| Some((row.idempotency_key?, row.event)))
-                .collect())
         }
 
         /// Insert ledger rows; returns them as written, in no particular order.
@@ -2627,13 +2073,7 @@ macro_rules! impl_store {
             lock: &str,
         ) -> Result<$crate::db::books::PlanRow, app::store::StoreError> {
             use $crate::db::books::*;
-            let sql = format!(
-                "SELECT p.budget_nanos, p.overage_nanos, p.plan_start, p.timezone, \
-                 s.automatic_fallback, s.version AS settings_version \
-                 FROM plans p JOIN settings s ON s.workspace_id = p.workspace_id \
-                 WHERE p.workspace_id = $1 {lock}"
-            );
-            sqlx::query_as(&sql)
+            sqlx::query_as(&plan_query(lock))
                 .bind(WORKSPACE_ID)
                 .fetch_optional(&mut *conn)
                 .await
@@ -2850,27 +2290,9 @@ mod tests {
     }
 
     #[test]
-    fn sqlite_takes_a_batch_in_two_calls_postgres_statement_by_statement() {
-        let sqlite = HotSql::new(
-            "BEGIN IMMEDIATE",
-            Some("SELECT 1"),
-            JsonDialect::JsonEach,
-            true,
-        );
-        let Joined {
-            open,
-            close,
-            decided,
-        } = sqlite.joined.unwrap();
-        assert!(decided.starts_with("BEGIN IMMEDIATE;\nINSERT INTO temp.stale_books"));
-        assert!(decided.ends_with(&close));
-        assert_eq!(decided.matches('?').count(), 6);
-        assert!(open.starts_with("BEGIN IMMEDIATE;\nSELECT 1;\nDELETE FROM reservations"));
-        assert_eq!(open.matches('?').count(), 1);
-        assert!(close.ends_with(";\nCOMMIT"));
-        assert_eq!(close.matches('?').count(), 4);
-        let postgres = HotSql::new("BEGIN", None, JsonDialect::JsonbElements, false);
-        assert!(postgres.joined.is_none());
+    fn postgres_writes_a_batch_in_one_statement() {
+        let sqlite = HotSql::new(JsonDialect::JsonEach);
+        let postgres = HotSql::new(JsonDialect::JsonbElements);
         assert!(postgres
             .insert_events
             .contains("FROM jsonb_array_elements(CAST($1 AS jsonb)) AS r RETURNING"));

@@ -14,7 +14,14 @@ use sqlx::{
     PgPool, Postgres,
 };
 
-use super::{batch::Batcher, books::db_error, ConnectError};
+use super::{
+    batch::{execute_batch, Batcher, HotPath},
+    books::{
+        db_error, json_rows, CounterChange, EventRow, LedgerRow, NewEventRow, NewReservationRow,
+        PlanRow, ReadBooks, ReservationRow,
+    },
+    ConnectError,
+};
 
 /// The PostgreSQL adapter.
 #[derive(Debug, Clone)]
@@ -35,13 +42,8 @@ impl PostgresStore {
     const LOCK: &'static str = "FOR UPDATE";
     /// A plain transaction: the plan row's lock serialises writers.
     const BEGIN: &'static str = "BEGIN";
-    /// None: other replicas write all the time, so every batch reads the books
-    /// under the plan row's lock.
-    const BOOKS_VERSION: Option<&'static str> = None;
     /// How a hot-path statement unpacks its JSON array argument.
     const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonbElements;
-    /// One string of several statements cannot take arguments here: each runs alone.
-    const JOIN_BATCH: bool = false;
 
     /// Connect to `url` and apply migrations.
     ///
@@ -94,3 +96,91 @@ impl PostgresStore {
 }
 
 super::books::impl_store!(PostgresStore, Postgres);
+
+/// The hot path on PostgreSQL, a round trip per call (`books::HotSql`). The plan
+/// row's lock, taken by `read_plan` and in every other write, orders the writers
+/// of every replica. There is no books version: other replicas write all the
+/// time, so every batch reads the books under the plan row's lock, and nothing is
+/// carried from one batch to the next.
+impl HotPath for PoolConnection<Postgres> {
+    async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
+        sqlx::query(PostgresStore::BEGIN)
+            .execute(&mut **self)
+            .await
+            .map_err(db_error)?;
+        Ok(None)
+    }
+
+    async fn take_reservations(&mut self, ids: &[&str]) -> Result<Vec<ReservationRow>, StoreError> {
+        sqlx::query_as(&hot_sql().take_reservations)
+            .bind(json_rows(ids)?)
+            .fetch_all(&mut **self)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn find_events(
+        &mut self,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, EventRow>, StoreError> {
+        let rows: Vec<LedgerRow> = sqlx::query_as(&hot_sql().find_events)
+            .bind(json_rows(keys)?)
+            .fetch_all(&mut **self)
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| Some((row.idempotency_key?, row.event)))
+            .collect())
+    }
+
+    async fn read_plan(&mut self) -> Result<PlanRow, StoreError> {
+        read_plan(self, PostgresStore::LOCK).await
+    }
+
+    async fn read_books(&mut self, cycle_start: i64, ids: &[i64]) -> Result<ReadBooks, StoreError> {
+        let rows = sqlx::query_as(&hot_sql().read_books)
+            .bind(cycle_start)
+            .bind(json_rows(ids)?)
+            .fetch_all(&mut **self)
+            .await
+            .map_err(db_error)?;
+        ReadBooks::sort(rows)
+    }
+
+    async fn write(
+        &mut self,
+        reservations: &[NewReservationRow<'_>],
+        events: &[NewEventRow<'_>],
+        counters: &[CounterChange<'_>],
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let write = hot_sql()
+            .write
+            .as_deref()
+            .ok_or_else(|| StoreError::Database("no one-statement write here".into()))?;
+        let inserted = sqlx::query_as(write)
+            .bind(json_rows(reservations)?)
+            .bind(json_rows(events)?)
+            .bind(json_rows(counters)?)
+            .fetch_all(&mut **self)
+            .await
+            .map_err(db_error)?;
+        sqlx::query("COMMIT")
+            .execute(&mut **self)
+            .await
+            .map_err(db_error)?;
+        Ok(inserted)
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        sqlx::query("ROLLBACK")
+            .execute(&mut **self)
+            .await
+            .map(drop)
+            .map_err(db_error)
+    }
+
+    fn discard(&mut self) {
+        self.close_on_drop();
+    }
+}

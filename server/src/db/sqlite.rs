@@ -13,8 +13,11 @@ use sqlx::{
 };
 
 use super::{
-    batch::{Batcher, Lent, WeakBatcher},
-    books::db_error,
+    batch::{execute_batch, Batcher, HotPath, Lent, WeakBatcher},
+    books::{
+        db_error, json_rows, plan_query, CounterChange, EventRow, LedgerRow, NewEventRow,
+        NewReservationRow, PlanFields, PlanRow, ReadBooks, ReservationRow, WORKSPACE_ID,
+    },
     ConnectError,
 };
 
@@ -27,12 +30,19 @@ use super::{
 /// `busy_timeout`, whose sleep-and-retry wastes milliseconds under load. Readers
 /// use their own connections (WAL lets them read while the writer writes). Other
 /// processes (the CLI) still wait on `busy_timeout`.
+///
+/// The batches themselves run on a connection of their own, opened with rusqlite
+/// and used in the batcher's task ([`SqliteWriter`]): sqlx runs each SQLite
+/// connection on a worker thread of its own, and every call to it is handed over
+/// there and back, two thread wake-ups a call. On this machine's 2 virtual CPUs
+/// those hand-overs, not SQLite's work, were most of what the gateway added to a
+/// request (`server/benches/gateway.sh`).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
     /// Reservations, settlements and releases, group-committed (`db::batch`), on
-    /// the writer connection it lends to the other writes.
-    batcher: Batcher<PoolConnection<Sqlite>>,
+    /// the writer whose sqlx connection it lends to the other writes.
+    batcher: Batcher<SqliteWriter>,
 }
 
 /// How durable an acknowledged write is (DESIGN.md §6).
@@ -50,15 +60,14 @@ impl SqliteStore {
     const LOCK: &'static str = "";
     /// Take the write lock before the first read, so a snapshot cannot change.
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
-    /// Changes whenever another connection (another process, or this one's
-    /// readers) commits: the batcher's connection does every other write of
-    /// this process, so its books stay exact until this changes (`db::batch`).
-    const BOOKS_VERSION: Option<&'static str> =
-        Some("SELECT data_version FROM pragma_data_version()");
+    /// The books' version, read by the hot path's connection: it changes
+    /// whenever another connection commits (another process, this one's readers,
+    /// or the batcher's sqlx connection while lent). Every batch is written on
+    /// the hot path's connection, so the books it carries from batch to batch
+    /// stay exact until this changes (`db::batch`).
+    const BOOKS_VERSION: &'static str = "SELECT data_version FROM pragma_data_version()";
     /// How a hot-path statement unpacks its JSON array argument.
     const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonEach;
-    /// A batch goes to the database in two calls (`books::HotSql`).
-    const JOIN_BATCH: bool = true;
 
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
@@ -72,7 +81,7 @@ impl SqliteStore {
                 Durability::Normal => SqliteSynchronous::Normal,
                 Durability::Full => SqliteSynchronous::Full,
             })
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
             .foreign_keys(true);
         create_private(options.get_filename())
@@ -96,6 +105,10 @@ impl SqliteStore {
         fold_stored_emails(&writer)
             .await
             .map_err(ConnectError::Open)?;
+        let hot_options = HotOptions {
+            path: options.get_filename().to_owned(),
+            durability,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .test_before_acquire(false)
@@ -105,13 +118,11 @@ impl SqliteStore {
         let batcher = Batcher::spawn(
             move || {
                 let writer = writer.clone();
+                let hot_options = hot_options.clone();
                 async move {
-                    let mut conn = writer.acquire().await.map_err(db_error)?;
-                    sqlx::query(super::books::STALE_BOOKS_TABLE)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(db_error)?;
-                    Ok(conn)
+                    let conn = writer.acquire().await.map_err(db_error)?;
+                    let hot = hot_options.open()?;
+                    Ok(SqliteWriter { conn, hot })
                 }
             },
             execute_batch,
@@ -126,9 +137,275 @@ impl SqliteStore {
     }
 
     /// The writer connection, lent by the batcher (see [`SqliteStore`]).
-    async fn write_connection(&self) -> Result<Lent<PoolConnection<Sqlite>>, StoreError> {
+    async fn write_connection(&self) -> Result<Lent<SqliteWriter>, StoreError> {
         self.batcher.lend().await
     }
+}
+
+/// The batcher's two connections to the database file: sqlx's, which it lends to
+/// the writes outside the hot path (this dereferences to it), and rusqlite's, on
+/// which it runs the hot path's batches ([`HotPath`]). The batcher uses one at a
+/// time, so they never wait for each other's lock.
+#[derive(Debug)]
+pub(crate) struct SqliteWriter {
+    conn: PoolConnection<Sqlite>,
+    hot: rusqlite::Connection,
+}
+
+impl std::ops::Deref for SqliteWriter {
+    type Target = PoolConnection<Sqlite>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for SqliteWriter {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
+/// How the hot path's connection is opened: the file and the settings of the
+/// store's other connections.
+#[derive(Debug, Clone)]
+struct HotOptions {
+    path: std::path::PathBuf,
+    durability: Durability,
+}
+
+impl HotOptions {
+    /// Opens the hot path's connection to the (already migrated) database file.
+    ///
+    /// Errors: [`StoreError::Database`] when the file cannot be opened or set up.
+    fn open(&self) -> Result<rusqlite::Connection, StoreError> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(hot_error)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(hot_error)?;
+        let synchronous = match self.durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)
+            .map_err(hot_error)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(hot_error)?;
+        // Checkpoints are the checkpoint task's (see `checkpoint`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(hot_error)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+            .map_err(hot_error)?;
+        Ok(conn)
+    }
+}
+
+/// The hot path on SQLite: each call runs at once on the batcher's rusqlite
+/// connection, in the batcher's own task (a batch of one or two operations takes
+/// tens of microseconds), with statements prepared once and kept.
+impl HotPath for SqliteWriter {
+    async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
+        self.hot
+            .prepare_cached(SqliteStore::BEGIN)
+            .and_then(|mut begin| begin.execute([]))
+            .map_err(hot_error)?;
+        self.hot
+            .prepare_cached(SqliteStore::BOOKS_VERSION)
+            .and_then(|mut version| version.query_row([], |row| row.get(0)))
+            .map(Some)
+            .map_err(hot_error)
+    }
+
+    async fn take_reservations(&mut self, ids: &[&str]) -> Result<Vec<ReservationRow>, StoreError> {
+        let ids = json_rows(ids)?;
+        let mut taken = self
+            .hot
+            .prepare_cached(&hot_sql().take_reservations)
+            .map_err(hot_error)?;
+        let rows = taken
+            .query_map([ids], |row| {
+                Ok(ReservationRow {
+                    id: row.get("id")?,
+                    cycle_start: row.get("cycle_start")?,
+                    requested_model: row.get("requested_model")?,
+                    served_model: row.get("served_model")?,
+                    amount_nanos: row.get("amount_nanos")?,
+                    input_eur_per_mtok: row.get("input_eur_per_mtok")?,
+                    cached_input_eur_per_mtok: row.get("cached_input_eur_per_mtok")?,
+                    output_eur_per_mtok: row.get("output_eur_per_mtok")?,
+                    user_id: row.get("user_id")?,
+                    api_key_id: row.get("api_key_id")?,
+                })
+            })
+            .map_err(hot_error)?;
+        rows.collect::<Result<_, _>>().map_err(hot_error)
+    }
+
+    async fn find_events(
+        &mut self,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, EventRow>, StoreError> {
+        let keys = json_rows(keys)?;
+        let mut find = self
+            .hot
+            .prepare_cached(&hot_sql().find_events)
+            .map_err(hot_error)?;
+        let rows = find.query_map([keys], ledger_row).map_err(hot_error)?;
+        let mut found = std::collections::HashMap::new();
+        for row in rows {
+            let row = row.map_err(hot_error)?;
+            if let Some(key) = row.idempotency_key {
+                found.insert(key, row.event);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn read_plan(&mut self) -> Result<PlanRow, StoreError> {
+        use rusqlite::OptionalExtension;
+        let mut read = self
+            .hot
+            .prepare_cached(&plan_query(SqliteStore::LOCK))
+            .map_err(hot_error)?;
+        let row = read
+            .query_row([WORKSPACE_ID], |row| {
+                Ok(PlanRow {
+                    plan: PlanFields {
+                        budget_nanos: row.get("budget_nanos")?,
+                        overage_nanos: row.get("overage_nanos")?,
+                        plan_start: row.get("plan_start")?,
+                        timezone: row.get("timezone")?,
+                    },
+                    automatic_fallback: row.get("automatic_fallback")?,
+                    settings_version: row.get("settings_version")?,
+                })
+            })
+            .optional()
+            .map_err(hot_error)?;
+        row.ok_or(StoreError::NotFound { what: "plan" })
+    }
+
+    async fn read_books(&mut self, cycle_start: i64, ids: &[i64]) -> Result<ReadBooks, StoreError> {
+        let ids = json_rows(ids)?;
+        let mut read = self
+            .hot
+            .prepare_cached(&hot_sql().read_books)
+            .map_err(hot_error)?;
+        let rows = read
+            .query_map(rusqlite::params![cycle_start, ids], |row| {
+                Ok(super::books::BooksRow {
+                    kind: row.get("kind")?,
+                    model_id: row.get("model_id")?,
+                    amount: row.get("amount")?,
+                    reserved: row.get("reserved")?,
+                    enabled: row.get("enabled")?,
+                    version: row.get("version")?,
+                })
+            })
+            .map_err(hot_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(hot_error)?;
+        ReadBooks::sort(rows)
+    }
+
+    async fn write(
+        &mut self,
+        reservations: &[NewReservationRow<'_>],
+        events: &[NewEventRow<'_>],
+        counters: &[CounterChange<'_>],
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let sql = hot_sql();
+        let run = |statement: &str, rows: String| {
+            self.hot
+                .prepare_cached(statement)
+                .and_then(|mut statement| statement.execute([rows]))
+                .map_err(hot_error)
+        };
+        if !reservations.is_empty() {
+            run(&sql.insert_reservations, json_rows(reservations)?)?;
+        }
+        let mut inserted = Vec::with_capacity(events.len());
+        if !events.is_empty() {
+            let mut insert = self
+                .hot
+                .prepare_cached(&sql.insert_events)
+                .map_err(hot_error)?;
+            for row in insert
+                .query_map([json_rows(events)?], ledger_row)
+                .map_err(hot_error)?
+            {
+                inserted.push(row.map_err(hot_error)?);
+            }
+        }
+        if !counters.is_empty() {
+            let counters = json_rows(counters)?;
+            for statement in &sql.add_to_counters {
+                run(statement, counters.clone())?;
+            }
+        }
+        self.hot
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([]))
+            .map_err(hot_error)?;
+        Ok(inserted)
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.hot
+            .prepare_cached("ROLLBACK")
+            .and_then(|mut rollback| rollback.execute([]))
+            .map(drop)
+            .map_err(hot_error)
+    }
+
+    fn discard(&mut self) {
+        // The rusqlite connection closes when the writer is dropped.
+        self.conn.close_on_drop();
+    }
+}
+
+/// A [`LedgerRow`] read from the hot path's connection.
+fn ledger_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LedgerRow> {
+    Ok(LedgerRow {
+        event: EventRow {
+            id: row.get("id")?,
+            requested_model: row.get("requested_model")?,
+            served_model: row.get("served_model")?,
+            cost_nanos: row.get("cost_nanos")?,
+            estimated: row.get("estimated")?,
+            over_reservation: row.get("over_reservation")?,
+        },
+        reservation_id: row.get("reservation_id")?,
+        idempotency_key: row.get("idempotency_key")?,
+    })
+}
+
+/// A hot-path error as the store reports it: a broken rule of the books (a
+/// constraint) as [`StoreError::Invalid`], as [`db_error`] does for sqlx's,
+/// anything else as [`StoreError::Database`].
+fn hot_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ffi;
+    if let rusqlite::Error::SqliteFailure(failure, _) = &e {
+        if matches!(
+            failure.extended_code,
+            ffi::SQLITE_CONSTRAINT_UNIQUE
+                | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                | ffi::SQLITE_CONSTRAINT_FOREIGNKEY
+                | ffi::SQLITE_CONSTRAINT_NOTNULL
+                | ffi::SQLITE_CONSTRAINT_CHECK
+        ) {
+            tracing::warn!(error = %e, "constraint violation");
+            return StoreError::Invalid {
+                code: "constraint_violation",
+                message: "the change breaks a rule of the books and was not saved".into(),
+            };
+        }
+    }
+    tracing::error!(error = %e, "database error");
+    StoreError::Database(e.to_string())
 }
 
 super::books::impl_store!(SqliteStore, Sqlite);
@@ -200,6 +477,9 @@ async fn lock_for_migration(path: &std::path::Path) -> std::io::Result<Option<st
     .map_err(std::io::Error::other)?
 }
 
+/// How long a connection waits for another process's write lock (the CLI's).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (4 KiB pages written) past which the checkpoint also makes the
@@ -225,7 +505,7 @@ const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// 6.3-6.7 ms with SQLite's own checkpoints, 2.5-3.5 ms with this task, 1.9 ms
 /// with no checkpoint at all. A larger WAL was slower (8-10 ms at 32,000 frames):
 /// finding a page in it takes longer the more frames it holds. Ends with the store.
-async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<PoolConnection<Sqlite>>) {
+async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -251,8 +531,9 @@ async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<PoolConnection<Sqlite
             Ok(mut writer) => {
                 // A checkpoint moves pages, not what they say.
                 writer.books_unchanged();
+                let conn: &mut sqlx::SqliteConnection = &mut writer;
                 sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-                    .execute(&mut **writer)
+                    .execute(conn)
                     .await
                     .map(drop)
                     .map_err(db_error)
