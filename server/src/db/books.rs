@@ -400,17 +400,16 @@ pub(crate) struct HotSql {
     /// [`BooksRow`]s: every model limit, the counters of the cycle keyed `$1`,
     /// and which of the API key ids given as `$2` (a JSON array) are live.
     pub read_books: String,
-    /// Inserts [`NewReservationRow`]s.
-    pub insert_reservations: String,
     /// Inserts [`NewEventRow`]s, returning [`LedgerRow`]s.
     pub insert_events: String,
     /// Adds [`CounterChange`]s to their counter rows, creating the missing ones,
     /// in one or two statements (each takes the changes).
     pub add_to_counters: Vec<String>,
-    /// On PostgreSQL, [`HotSql::insert_reservations`], [`HotSql::insert_events`]
-    /// and [`HotSql::add_to_counters`] as one statement (data-modifying `WITH`
-    /// queries), one round trip: binds the new reservations, the ledger rows and
-    /// the counter changes; returns the ledger rows.
+    /// On PostgreSQL, a batch's writes as one statement (data-modifying `WITH`
+    /// queries), one round trip: inserts the new reservations
+    /// ([`NewReservationRow`]s), then as [`HotSql::insert_events`] and
+    /// [`HotSql::add_to_counters`]; binds the new reservations, the ledger rows
+    /// and the counter changes; returns the ledger rows.
     pub write: Option<String>,
 }
 
@@ -582,7 +581,6 @@ impl HotSql {
                  WHERE workspace_id = {WORKSPACE_ID} AND revoked_at IS NULL AND {}",
                 json.any_of("id", Json::Integer, Some(2))
             ),
-            insert_reservations: insert("reservations", RESERVATION_COLUMNS, 1),
             insert_events: format!(
                 "{} RETURNING {LEDGER_RETURNING}",
                 insert("usage_events", EVENT_COLUMNS, 1)
@@ -645,7 +643,7 @@ pub(crate) fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, Store
     serde_json::to_string(rows).map_err(|e| StoreError::Database(format!("rows as JSON: {e}")))
 }
 
-/// A reservation as [`HotSql::insert_reservations`] takes it.
+/// A reservation as a batch writes it (`db::batch::HotPath::write`).
 #[derive(serde::Serialize)]
 pub(crate) struct NewReservationRow<'a> {
     /// What a batch that ends it reads back.
