@@ -144,6 +144,9 @@ pub struct Upstream {
     pub name: String,
     /// Base URL, e.g. `https://api.openai.com/v1` (no trailing slash).
     pub base_url: String,
+    /// `{base_url}/chat/completions`, parsed once here rather than on every
+    /// request forwarded to it.
+    pub chat_completions_url: url::Url,
     /// The environment variable holding the key (the key never sits in the file).
     pub api_key_env: Option<String>,
     /// How long the gateway waits for the answer's headers (or, non-streamed, its
@@ -521,9 +524,18 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 "must be between 1 and 86400 seconds",
             ));
         }
+        let base_url = u.base_url.trim_end_matches('/').to_owned();
+        let chat_completions_url = url::Url::parse(&format!("{base_url}/chat/completions"))
+            .map_err(|e| {
+                invalid(
+                    format!("upstreams[{i}].base_url"),
+                    format!("{:?} is not a URL: {e}", u.base_url),
+                )
+            })?;
         out.push(Upstream {
             name: u.name,
-            base_url: u.base_url.trim_end_matches('/').to_owned(),
+            base_url,
+            chat_completions_url,
             api_key_env: u.api_key_env,
             timeout: std::time::Duration::from_secs(timeout_secs),
         });

@@ -222,13 +222,17 @@ impl HotPath for SqliteWriter {
     }
 
     async fn take_reservations(&mut self, ids: &[&str]) -> Result<Vec<ReservationRow>, StoreError> {
-        let mut take = self
+        let mut find = self
             .hot
-            .prepare_cached(TAKE_RESERVATION)
+            .prepare_cached(FIND_RESERVATION)
+            .map_err(hot_error)?;
+        let mut delete = self
+            .hot
+            .prepare_cached(DELETE_RESERVATION)
             .map_err(hot_error)?;
         let mut taken = Vec::with_capacity(ids.len());
         for id in ids {
-            let row = take
+            let row = find
                 .query_row(rusqlite::params![WORKSPACE_ID, id], |row| {
                     Ok(ReservationRow {
                         id: row.get("id")?,
@@ -245,7 +249,12 @@ impl HotPath for SqliteWriter {
                 })
                 .optional()
                 .map_err(hot_error)?;
-            taken.extend(row);
+            if let Some(row) = row {
+                delete
+                    .execute(rusqlite::params![WORKSPACE_ID, id])
+                    .map_err(hot_error)?;
+                taken.push(row);
+            }
         }
         Ok(taken)
     }
@@ -351,34 +360,42 @@ impl HotPath for SqliteWriter {
         if !events.is_empty() {
             let mut insert = hot.prepare_cached(INSERT_EVENT).map_err(hot_error)?;
             for event in events {
-                let row = insert
-                    .query_row(
-                        rusqlite::params![
-                            WORKSPACE_ID,
-                            event.cycle_start,
-                            event.occurred_at,
-                            event.user_id,
-                            event.api_key_id,
-                            event.requested_model,
-                            event.served_model,
-                            event.prompt_tokens,
-                            event.cached_tokens,
-                            event.completion_tokens,
-                            event.reasoning_tokens,
-                            event.input_eur_per_mtok,
-                            event.cached_input_eur_per_mtok,
-                            event.output_eur_per_mtok,
-                            event.cost_nanos,
-                            event.reserved_nanos,
-                            event.estimated,
-                            event.over_reservation,
-                            event.reservation_id,
-                            event.idempotency_key,
-                        ],
-                        ledger_row,
-                    )
+                insert
+                    .execute(rusqlite::params![
+                        WORKSPACE_ID,
+                        event.cycle_start,
+                        event.occurred_at,
+                        event.user_id,
+                        event.api_key_id,
+                        event.requested_model,
+                        event.served_model,
+                        event.prompt_tokens,
+                        event.cached_tokens,
+                        event.completion_tokens,
+                        event.reasoning_tokens,
+                        event.input_eur_per_mtok,
+                        event.cached_input_eur_per_mtok,
+                        event.output_eur_per_mtok,
+                        event.cost_nanos,
+                        event.reserved_nanos,
+                        event.estimated,
+                        event.over_reservation,
+                        event.reservation_id,
+                        event.idempotency_key,
+                    ])
                     .map_err(hot_error)?;
-                inserted.push(row);
+                inserted.push(LedgerRow {
+                    event: EventRow {
+                        id: hot.last_insert_rowid(),
+                        requested_model: event.requested_model.to_owned(),
+                        served_model: event.served_model.to_owned(),
+                        cost_nanos: event.cost_nanos,
+                        estimated: event.estimated,
+                        over_reservation: event.over_reservation,
+                    },
+                    reservation_id: event.reservation_id.map(str::to_owned),
+                    idempotency_key: event.idempotency_key.map(str::to_owned),
+                });
             }
         }
         if !counters.is_empty() {
@@ -432,13 +449,17 @@ impl HotPath for SqliteWriter {
 // The hot path's writes on SQLite, a row per call: in the batcher's task a call
 // costs no round trip, and binding a row's values directly costs less than
 // writing it as JSON for SQLite to parse (`books::HotSql`, which the other
-// writes of ledger rows and counters still use).
+// writes of ledger rows and counters still use). None has a `RETURNING` clause:
+// SQLite gathers returned rows in a temporary table, with a page cache of its
+// own made for each statement run.
 
-/// Deletes the reservation `?2` of workspace `?1`, returning it as a
-/// [`ReservationRow`].
-const TAKE_RESERVATION: &str = "DELETE FROM reservations WHERE workspace_id = ?1 AND id = ?2 \
-    RETURNING id, cycle_start, requested_model, served_model, amount_nanos, \
-    input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id";
+/// The reservation `?2` of workspace `?1`, as a [`ReservationRow`].
+const FIND_RESERVATION: &str = "SELECT id, cycle_start, requested_model, served_model, \
+    amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
+    api_key_id FROM reservations WHERE workspace_id = ?1 AND id = ?2";
+
+/// Deletes the reservation `?2` of workspace `?1`.
+const DELETE_RESERVATION: &str = "DELETE FROM reservations WHERE workspace_id = ?1 AND id = ?2";
 
 /// Inserts a [`NewReservationRow`] of workspace `?1`.
 const INSERT_RESERVATION: &str = "INSERT INTO reservations (workspace_id, id, cycle_start, \
@@ -446,15 +467,14 @@ const INSERT_RESERVATION: &str = "INSERT INTO reservations (workspace_id, id, cy
     output_eur_per_mtok, user_id, api_key_id, owner, lease_until, created_at) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
-/// Inserts a [`NewEventRow`] of workspace `?1`, returning it as a [`LedgerRow`].
+/// Inserts a [`NewEventRow`] of workspace `?1`; its id is the connection's last
+/// inserted row id.
 const INSERT_EVENT: &str = "INSERT INTO usage_events (workspace_id, cycle_start, occurred_at, \
     user_id, api_key_id, requested_model, served_model, prompt_tokens, cached_tokens, \
     completion_tokens, reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, \
     output_eur_per_mtok, cost_nanos, reserved_nanos, estimated, over_reservation, \
     reservation_id, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
-    ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20) \
-    RETURNING id, requested_model, served_model, cost_nanos, estimated, over_reservation, \
-    reservation_id, idempotency_key";
+    ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
 
 /// Adds `?1` spent and `?2` reserved nano-euros to the counter of workspace `?3`,
 /// cycle `?4` and model `?5` ([`CounterChange`]), if it exists.

@@ -117,7 +117,7 @@ impl Gateway {
                 });
                 let target = Target {
                     name: u.name.clone(),
-                    chat_url: format!("{}/chat/completions", u.base_url),
+                    chat_url: u.chat_completions_url.clone(),
                     key,
                     timeout: u.timeout,
                 };

@@ -50,7 +50,7 @@ pub struct Target {
     /// The upstream's name (config `[[upstreams]] name`), for logs.
     pub name: String,
     /// `{base_url}/chat/completions`.
-    pub chat_url: String,
+    pub chat_url: reqwest::Url,
     /// The key from the environment variable `api_key_env`, if set.
     pub key: Option<Secret>,
     /// Wait at most this long for the answer's headers, a non-streamed body, or the
@@ -71,7 +71,7 @@ impl Target {
         stream: bool,
     ) -> Result<reqwest::Response, GatewayError> {
         let mut request = client
-            .post(&self.chat_url)
+            .post(self.chat_url.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header(
                 header::ACCEPT,
