@@ -880,21 +880,28 @@ pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 /// Map a sqlx error: constraint violations become typed errors (STYLE.md), the rest
 /// is logged and answered generically.
 pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
-    if let sqlx::Error::Database(db) = &e {
-        let kind = db.kind();
-        if matches!(
-            kind,
+    let broke_a_rule = e.as_database_error().is_some_and(|db| {
+        matches!(
+            db.kind(),
             sqlx::error::ErrorKind::UniqueViolation
                 | sqlx::error::ErrorKind::ForeignKeyViolation
                 | sqlx::error::ErrorKind::NotNullViolation
                 | sqlx::error::ErrorKind::CheckViolation
-        ) {
-            tracing::warn!(error = %db, "constraint violation");
-            return StoreError::Invalid {
-                code: "constraint_violation",
-                message: "the change breaks a rule of the books and was not saved".into(),
-            };
-        }
+        )
+    });
+    database_error(&e, broke_a_rule)
+}
+
+/// A database's error as the store answers it, logged: when it `broke_a_rule`
+/// of the books (a unique, foreign key, not-null or check constraint),
+/// [`StoreError::Invalid`] `constraint_violation`; else [`StoreError::Database`].
+pub(crate) fn database_error(e: &dyn std::fmt::Display, broke_a_rule: bool) -> StoreError {
+    if broke_a_rule {
+        tracing::warn!(error = %e, "constraint violation");
+        return StoreError::Invalid {
+            code: "constraint_violation",
+            message: "the change breaks a rule of the books and was not saved".into(),
+        };
     }
     tracing::error!(error = %e, "database error");
     StoreError::Database(e.to_string())

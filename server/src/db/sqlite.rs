@@ -17,8 +17,9 @@ use sqlx::{
 use super::{
     batch::{execute_batch, Batcher, HotPath, Lent, WeakBatcher},
     books::{
-        db_error, json_rows, plan_query, CounterChange, EventRow, LedgerRow, NewEventRow,
-        NewReservationRow, PlanFields, PlanRow, ReadBooks, ReservationRow, WORKSPACE_ID,
+        database_error, db_error, json_rows, plan_query, CounterChange, EventRow, LedgerRow,
+        NewEventRow, NewReservationRow, PlanFields, PlanRow, ReadBooks, ReservationRow,
+        WORKSPACE_ID,
     },
     ConnectError,
 };
@@ -503,29 +504,23 @@ fn ledger_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LedgerRow> {
     })
 }
 
-/// A hot-path error as the store reports it: a broken rule of the books (a
-/// constraint) as [`StoreError::Invalid`], as [`db_error`] does for sqlx's,
-/// anything else as [`StoreError::Database`].
+/// A hot-path error as the store reports it, as [`db_error`] does sqlx's: the
+/// constraints sqlx sorts as broken rules of the books give
+/// [`StoreError::Invalid`], anything else [`StoreError::Database`].
 fn hot_error(e: rusqlite::Error) -> StoreError {
     use rusqlite::ffi;
-    if let rusqlite::Error::SqliteFailure(failure, _) = &e {
-        if matches!(
+    let broke_a_rule = matches!(
+        &e,
+        rusqlite::Error::SqliteFailure(failure, _) if matches!(
             failure.extended_code,
             ffi::SQLITE_CONSTRAINT_UNIQUE
                 | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
                 | ffi::SQLITE_CONSTRAINT_FOREIGNKEY
                 | ffi::SQLITE_CONSTRAINT_NOTNULL
                 | ffi::SQLITE_CONSTRAINT_CHECK
-        ) {
-            tracing::warn!(error = %e, "constraint violation");
-            return StoreError::Invalid {
-                code: "constraint_violation",
-                message: "the change breaks a rule of the books and was not saved".into(),
-            };
-        }
-    }
-    tracing::error!(error = %e, "database error");
-    StoreError::Database(e.to_string())
+        )
+    );
+    database_error(&e, broke_a_rule)
 }
 
 super::books::impl_store!(SqliteStore, Sqlite);
@@ -621,10 +616,12 @@ const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// the passive ones did most of the copying, after which the next write starts
 /// the WAL over.
 ///
-/// Measured with the gateway bench at 2,000 requests/s (the gateway's added p99):
-/// 6.3-6.7 ms with SQLite's own checkpoints, 2.5-3.5 ms with this task, 1.9 ms
-/// with no checkpoint at all. A larger WAL was slower (8-10 ms at 32,000 frames):
-/// finding a page in it takes longer the more frames it holds. Ends with the store.
+/// Measured with the gateway bench at 2,000 requests/s (the gateway's added p99),
+/// when the hot path ran on sqlx: 6.3-6.7 ms with SQLite's own checkpoints,
+/// 2.5-3.5 ms with this task, 1.9 ms with no checkpoint at all. A larger WAL was
+/// slower (8-10 ms at 32,000 frames). On rusqlite (2026-12-04): 0.64-1.1 ms in
+/// most runs with this task, 0.5 ms without; a `RESTART` held writes for 1.4-3.1
+/// ms, and restarting at 64,000 frames gave 1.4-18 ms. Ends with the store.
 async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -671,6 +668,39 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn hot_path_errors_are_sorted_as_sqlx_sorts_them() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL CHECK (n >= 0) UNIQUE)",
+        )
+        .unwrap();
+        let insert = |n: Option<i64>| {
+            conn.execute("INSERT INTO t (n) VALUES (?1)", [n])
+                .map_err(hot_error)
+        };
+        insert(Some(1)).unwrap();
+        for broken in [Some(-1), None, Some(1)] {
+            assert!(
+                matches!(
+                    insert(broken),
+                    Err(StoreError::Invalid {
+                        code: "constraint_violation",
+                        ..
+                    })
+                ),
+                "{broken:?}"
+            );
+        }
+        // A trigger's abort is not one of those rules (sqlx's kind is `Other`).
+        conn.execute_batch(
+            "CREATE TRIGGER t_stays BEFORE DELETE ON t BEGIN SELECT RAISE(ABORT, 'kept'); END",
+        )
+        .unwrap();
+        let deleted = conn.execute("DELETE FROM t", []).map_err(hot_error);
+        assert!(matches!(deleted, Err(StoreError::Database(m)) if m.contains("kept")));
+    }
 
     #[tokio::test]
     async fn a_new_database_is_its_owners_alone() {
