@@ -600,6 +600,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (4 KiB pages written) past which the checkpoint also makes the
 /// next write start the WAL over, so that it stops growing: about 64 MB.
 const RESTART_AT_FRAMES: i64 = 16_000;
+/// WAL frames a `RESTART` checkpoint may find still to copy: it copies them with
+/// every write held, so the passive checkpoints must have caught up first (after
+/// a long read by another process, the WAL can hold gigabytes).
+const RESTART_BEHIND_AT_MOST: i64 = 2_000;
 /// How long a `RESTART` checkpoint may wait for readers, holding up every write
 /// meanwhile. Readers of this process finish in well under that; a reader that
 /// does not (another process's long read transaction: a backup, an `sqlite3`
@@ -621,8 +625,9 @@ const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// anyone. Under steady writes a passive checkpoint never catches up with the
 /// last frames, so the WAL would only grow: past [`RESTART_AT_FRAMES`] the task
 /// borrows the writer between two batches for a `RESTART` checkpoint
-/// ([`restart_wal`]), short since the passive ones did most of the copying,
-/// after which the next write starts the WAL over. While another process holds
+/// ([`restart_wal`]), after which the next write starts the WAL over. It does
+/// so only once the passive ones have left at most [`RESTART_BEHIND_AT_MOST`]
+/// frames to copy, since it copies them with every write held. While another process holds
 /// a read transaction open, a `RESTART` cannot finish: it gives up after
 /// [`RESTART_WAIT`] and is tried again [`RESTART_BACKOFF`] later, the WAL
 /// growing meanwhile, rather than hold up the writes.
@@ -632,7 +637,12 @@ const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// 2.5-3.5 ms with this task, 1.9 ms with no checkpoint at all. A larger WAL was
 /// slower (8-10 ms at 32,000 frames). On rusqlite (2026-12-04): 0.64-1.1 ms in
 /// most runs with this task, 0.5 ms without; a `RESTART` held writes for 1.4-3.1
-/// ms, and restarting at 64,000 frames gave 1.4-18 ms. Ends with the store.
+/// ms, and restarting at 64,000 frames gave 1.4-18 ms. With another process
+/// reading for 45 s meanwhile, the WAL grew to 2 GB and the p99 to 0.9-3.9 ms
+/// (before [`RESTART_WAIT`], writes stopped for the whole read); once the read
+/// ended, one write waited about 0.5 s, most of it the first commit after the
+/// restart truncating the WAL file to [`WAL_SIZE_LIMIT`] (0.1-0.4 s for a 2 GB
+/// file on this machine's disk). Ends with the store.
 async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -646,14 +656,14 @@ async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
         let passive: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&pool)
             .await;
-        let frames = match passive {
-            Ok((_, frames, _)) => frames,
+        let (frames, checkpointed) = match passive {
+            Ok((_, frames, checkpointed)) => (frames, checkpointed),
             Err(error) => {
                 tracing::warn!(%error, "could not checkpoint the WAL");
                 continue;
             }
         };
-        if frames < RESTART_AT_FRAMES || tokio::time::Instant::now() < next_restart {
+        if !restart_due(frames, checkpointed) || tokio::time::Instant::now() < next_restart {
             continue;
         }
         let restarted = match batcher.lend().await {
@@ -676,6 +686,13 @@ async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
             Err(error) => tracing::warn!(%error, "could not restart the WAL"),
         }
     }
+}
+
+/// Whether the WAL, `frames` long with `checkpointed` of them in the database
+/// file, is due a `RESTART`: past [`RESTART_AT_FRAMES`], with at most
+/// [`RESTART_BEHIND_AT_MOST`] left to copy.
+fn restart_due(frames: i64, checkpointed: i64) -> bool {
+    frames >= RESTART_AT_FRAMES && frames - checkpointed <= RESTART_BEHIND_AT_MOST
 }
 
 /// What a `RESTART` checkpoint did.
@@ -716,6 +733,8 @@ async fn restart_wal(conn: &mut sqlx::SqliteConnection) -> Result<Restart, Store
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
+    use sqlx::ConnectOptions;
+
     use super::*;
 
     #[test]
@@ -751,15 +770,32 @@ mod tests {
         assert!(matches!(deleted, Err(StoreError::Database(m)) if m.contains("kept")));
     }
 
+    #[test]
+    fn the_wal_restarts_once_the_passive_checkpoints_have_caught_up() {
+        assert!(!restart_due(RESTART_AT_FRAMES - 1, RESTART_AT_FRAMES - 1));
+        assert!(restart_due(RESTART_AT_FRAMES, RESTART_AT_FRAMES));
+        assert!(restart_due(20_000, 20_000 - RESTART_BEHIND_AT_MOST));
+        // A backlog, left by another process's long read: copied passively first.
+        assert!(!restart_due(20_000, 20_000 - RESTART_BEHIND_AT_MOST - 1));
+        assert!(!restart_due(500_000, 0));
+    }
+
     #[tokio::test]
     async fn a_restart_gives_up_on_another_process_s_reader_instead_of_holding_up_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("books.db");
-        let url = format!("sqlite://{}", path.display());
-        let store = SqliteStore::open(&url, Durability::Normal).await.unwrap();
-        let mut writer = store.write_connection().await.unwrap();
-        writer.books_unchanged();
-        let conn: &mut sqlx::SqliteConnection = &mut writer;
+        // The writer's settings, without the store's own checkpoint task, whose
+        // passive checkpoints would at times hold the checkpoint lock here.
+        let mut writer = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await
+            .unwrap();
+        let conn = &mut writer;
         let write = |n: i64| format!("INSERT INTO scratch (n) VALUES ({n})");
         sqlx::query("CREATE TABLE scratch (n INTEGER NOT NULL)")
             .execute(&mut *conn)
