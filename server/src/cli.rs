@@ -896,6 +896,15 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
         Err(app::store::StoreError::NotFound { .. }) => true,
         Err(e) => return Err(e.into()),
     };
+    if new && apply == Apply::IfNew {
+        // An operator in the wrong directory would otherwise get an empty
+        // database of the same name without a word (the default URL is relative).
+        say!(
+            "{} held no workspace: set up a new one from the config. \
+             Not the database you meant? Give --config, --database-url or TOLLGATE_DATABASE_URL.",
+            db::redact_url(&config.database_url)
+        );
+    }
     if apply == Apply::Always || new {
         database
             .store

@@ -359,6 +359,16 @@ fn users_and_keys() {
         "{}",
         String::from_utf8_lossy(&created.stderr)
     );
+    // The first command on a database says it was new; the next ones do not.
+    let new_database = format!("{} held no workspace", cli.url());
+    let stderr = String::from_utf8_lossy(&created.stderr);
+    assert!(stderr.contains(&new_database), "{stderr}");
+    let listed = cli.run_with(&["user", "list"], None);
+    let stderr = String::from_utf8_lossy(&listed.stderr);
+    assert!(
+        listed.status.success() && !stderr.contains(&new_database),
+        "{stderr}"
+    );
     for (password, says) in [
         ("", "no password given"),
         ("            ", "must not be only spaces"),
