@@ -583,7 +583,12 @@ pub trait Store: Send + Sync + 'static {
     /// The books of the cycle containing `at`.
     async fn spend_snapshot(&self, at: DateTime<Utc>) -> Result<SpendSnapshot, StoreError>;
 
-    /// Sums over the ledger for the cycle starting at `cycle_start`.
+    /// Sums over the ledger for the cycle starting at `cycle_start`: the rows its
+    /// counters count, so that the two are equal (DESIGN.md R2). Those are the
+    /// rows booked under the cycle; after a change of the plan's start date or
+    /// timezone moved the cycle's bounds (R1), the rows that occurred within the
+    /// new bounds up to the change, whatever cycle they were booked under, then
+    /// the rows booked under the cycle.
     async fn ledger_totals(&self, cycle_start: DateTime<Utc>) -> Result<LedgerTotals, StoreError>;
 
     /// Set automatic fallback if the stored version is still `expected_version`

@@ -1167,12 +1167,31 @@ async fn one_bad_settlement_among_many_fails_alone(db: &TestDb) {
 /// A plan whose start date or timezone changed mid-cycle moves the cycle's
 /// bounds (R1), not its spend: the new cycle counts what the ledger booked
 /// within its bounds plus the holds in flight, so the workspace cannot spend its
-/// plan twice, and moving back restores the first cycle's books.
+/// plan twice, and moving back restores the first cycle's books. The ledger's
+/// sums for each cycle stay equal to its counters (R2).
 async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     // Three requests of 0.002 EUR each fill the plan.
     let first = setup(6 * EUR / 1000, 0);
     let store = db.store(&first).await;
     let catalog = first.catalog.clone();
+    let ledger_matches = |snapshot: app::store::SpendSnapshot| {
+        let store = store.clone();
+        async move {
+            let ledger = store.ledger_totals(snapshot.cycle.start).await.unwrap();
+            assert_eq!(
+                ledger.total, snapshot.workspace.spent,
+                "{:?}",
+                snapshot.cycle
+            );
+            let counted: Vec<_> = snapshot
+                .models
+                .iter()
+                .filter(|m| m.counter.spent != Nanos::ZERO)
+                .map(|m| (m.id.clone(), m.counter.spent))
+                .collect();
+            assert_eq!(ledger.by_model, counted, "{:?}", snapshot.cycle);
+        }
+    };
     let bill = |at: DateTime<Utc>| {
         let store = store.clone();
         let catalog = catalog.clone();
@@ -1211,6 +1230,7 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
         .unwrap();
     assert_eq!(mid.counter.spent, Nanos::new(2 * EUR / 1000));
     assert_eq!(mid.counter.reserved, in_flight.amount);
+    ledger_matches(snapshot).await;
     // Room for exactly one more request, as the new cycle's books say.
     let last = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
     assert!(matches!(
@@ -1223,6 +1243,7 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     let snapshot = store.spend_snapshot(now()).await.unwrap();
     assert_eq!(snapshot.workspace.spent, Nanos::new(4 * EUR / 1000));
     assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    ledger_matches(snapshot).await;
 
     // A timezone change re-cuts too, and the operator's change is audited.
     let mut tokyo = setup(6 * EUR / 1000, 0);
@@ -1235,6 +1256,7 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     );
     assert_eq!(snapshot.workspace.spent, Nanos::new(6 * EUR / 1000));
     assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    ledger_matches(snapshot).await;
     let audit = store.audit_log(10).await.unwrap();
     let plans: Vec<_> = audit.iter().filter(|a| a.action == "plan").collect();
     assert_eq!(plans.len(), 2);
@@ -1259,6 +1281,22 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     let snapshot = store.spend_snapshot(now()).await.unwrap();
     assert_eq!(snapshot.workspace.spent, Nanos::new(6 * EUR / 1000));
     assert_eq!(store.audit_log(10).await.unwrap().len(), audit.len() + 1);
+
+    // Back to the first plan: its cycle holds the three requests again, and a
+    // fourth, booked under it, is in its ledger too.
+    store.apply_setup(&first, now()).await.unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(
+        snapshot.cycle.start,
+        Utc.with_ymd_and_hms(2026, 10, 30, 23, 0, 0).unwrap()
+    );
+    assert_eq!(snapshot.workspace.spent, Nanos::new(6 * EUR / 1000));
+    ledger_matches(snapshot).await;
+    store.apply_setup(&setup(EUR, 0), now()).await.unwrap();
+    bill(now() + chrono::Duration::seconds(1)).await;
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(8 * EUR / 1000));
+    ledger_matches(snapshot).await;
 }
 
 /// An address is one user whatever the case it is typed in, non-ASCII letters

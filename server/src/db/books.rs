@@ -1404,15 +1404,43 @@ macro_rules! impl_store {
             ) -> Result<app::store::LedgerTotals, app::store::StoreError> {
                 use $crate::db::books::*;
                 use app::domain::{ModelId, Nanos};
-                let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-                    "SELECT served_model, CAST(SUM(cost_nanos) AS BIGINT), CAST(COUNT(*) AS BIGINT) \
-                     FROM usage_events WHERE workspace_id = $1 AND cycle_start = $2 \
-                     GROUP BY served_model ORDER BY served_model",
+                let key = cycle_key(cycle_start);
+                let recut_at: Option<String> = sqlx::query_scalar(
+                    "SELECT recut_at FROM cycle_recuts WHERE workspace_id = $1 AND cycle_start = $2",
                 )
                 .bind(WORKSPACE_ID)
-                .bind(cycle_key(cycle_start))
-                .fetch_all(&self.pool)
+                .bind(key)
+                .fetch_optional(&self.pool)
                 .await
+                .map_err(db_error)?;
+                let rows: Vec<(String, i64, i64)> = match recut_at {
+                    None => sqlx::query_as(
+                        "SELECT served_model, CAST(SUM(cost_nanos) AS BIGINT), CAST(COUNT(*) AS BIGINT) \
+                         FROM usage_events WHERE workspace_id = $1 AND cycle_start = $2 \
+                         GROUP BY served_model ORDER BY served_model",
+                    )
+                    .bind(WORKSPACE_ID)
+                    .bind(key)
+                    .fetch_all(&self.pool)
+                    .await,
+                    // As `recut_current_cycle` rebuilt the counters: the rows that
+                    // occurred in the cycle up to its recut, whatever their key,
+                    // then the rows booked under its key. (RFC 3339 texts in UTC
+                    // with the same offset sort as their instants.)
+                    Some(recut_at) => sqlx::query_as(
+                        "SELECT served_model, CAST(SUM(cost_nanos) AS BIGINT), CAST(COUNT(*) AS BIGINT) \
+                         FROM usage_events WHERE workspace_id = $1 \
+                         AND ((occurred_at >= $3 AND occurred_at <= $4) \
+                              OR (cycle_start = $2 AND occurred_at > $4)) \
+                         GROUP BY served_model ORDER BY served_model",
+                    )
+                    .bind(WORKSPACE_ID)
+                    .bind(key)
+                    .bind(cycle_start.to_rfc3339())
+                    .bind(recut_at)
+                    .fetch_all(&self.pool)
+                    .await,
+                }
                 .map_err(db_error)?;
                 let mut totals = app::store::LedgerTotals::default();
                 for (model, sum, count) in rows {
@@ -2148,7 +2176,9 @@ macro_rules! impl_store {
         /// from the ledger rows that occurred within them, and every hold in flight
         /// moves to it. Without this the workspace would start the rest of its cycle
         /// from zero and could spend its plan twice. Ledger rows keep the cycle key
-        /// they were booked under: the ledger is append-only.
+        /// they were booked under (the ledger is append-only); the recut's time is
+        /// recorded in `cycle_recuts`, so that the ledger's sums for the cycle
+        /// (`ledger_totals`) take the same rows as its counters.
         async fn recut_current_cycle(
             tx: &mut Tx<'_>,
             plan: &app::store::PlanRecord,
@@ -2157,6 +2187,16 @@ macro_rules! impl_store {
             use $crate::db::books::*;
             let cycle = plan.cycle_at(now)?;
             let key = cycle_key(cycle.start);
+            sqlx::query(
+                "INSERT INTO cycle_recuts (workspace_id, cycle_start, recut_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (workspace_id, cycle_start) DO UPDATE SET recut_at = excluded.recut_at",
+            )
+            .bind(WORKSPACE_ID)
+            .bind(key)
+            .bind(now.to_rfc3339())
+            .execute(&mut **tx)
+            .await
+            .map_err(db_error)?;
             for statement in [
                 "UPDATE reservations SET cycle_start = $2 WHERE workspace_id = $1",
                 "UPDATE counters SET reserved_nanos = 0 WHERE workspace_id = $1 AND cycle_start <> $2",
