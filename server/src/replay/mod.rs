@@ -574,10 +574,10 @@ impl Summary {
         let yes = |b: bool| if b { "yes" } else { "NO" };
         let _ = writeln!(
             out,
-            "ledger sum = counters         {} (ledger {} nano-euros, counters {})",
+            "ledger sum = counters         {} (this cycle: ledger {} nano-euros, counters {})",
             yes(self.ledger_equals_counters),
             self.ledger_nanos,
-            self.total_books_nanos
+            self.cycle_spent_nanos
         );
         let _ = writeln!(
             out,
