@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use app::{
-    domain::{format_eur, parse_eur_input, ModelLimit},
+    domain::{format_eur, parse_eur_input, ModelLimit, Nanos},
     store::{Actor, LimitChange, Role, SharedStore},
 };
 use chrono::Utc;
@@ -133,7 +133,8 @@ pub enum Command {
     /// Fill the database with demo data: an administrator and a member (password
     /// from TOLLGATE_PASSWORD), and some usage in the current cycle. Safe to repeat:
     /// existing demo accounts are kept (given TOLLGATE_PASSWORD if theirs differs;
-    /// a disabled one stays disabled) and the usage is recorded once.
+    /// a disabled one stays disabled) and the usage is recorded only in a cycle
+    /// without spend yet.
     Demo,
     /// Configuration helpers.
     Config {
@@ -808,7 +809,8 @@ pub const DEMO_ADMIN: &str = "admin@example.com";
 pub const DEMO_MEMBER: &str = "member@example.com";
 
 /// Demo usage in the current cycle: `(model, prompt tokens, completion tokens)`.
-/// Recorded through admission like any usage (DESIGN.md §4), once per cycle.
+/// Recorded through admission like any usage (DESIGN.md §4), and only in a cycle
+/// without spend yet: once per cycle, and never on top of real usage.
 const DEMO_USAGE: [(&str, u64, u64); 3] = [
     ("claude-sonnet-4-5", 2_000_000, 200_000),
     ("gpt-5-mini", 4_000_000, 1_000_000),
@@ -847,6 +849,15 @@ async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()
         }
     }
     let cycle = config.setup.plan.cycle_at(now)?;
+    // Keyed by cycle, the usage would be booked again in a cycle whose start a
+    // new plan date moved (R1), on top of the usage it already holds.
+    if store.spend_snapshot(now).await?.workspace.spent != Nanos::ZERO {
+        outln!(
+            "the cycle starting {} already has spend: no demo usage added",
+            cycle.first_day
+        );
+        return Ok(());
+    }
     let mut records = Vec::new();
     for (model, prompt, completion) in DEMO_USAGE {
         let Some(model) = config.setup.catalog.resolve(model) else {

@@ -1300,3 +1300,42 @@ async fn a_closed_log_pipe_stops_nothing() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// `demo` books its usage in a cycle without spend only: once the plan's start
+/// date moves the current cycle's bounds (R1), the usage already booked moves
+/// with it, and running `demo` again adds nothing on top.
+#[tokio::test]
+async fn demo_usage_is_not_booked_again_after_the_cycle_moves() {
+    let cli = Cli::new();
+    let first = cli.run_with(&["demo"], Some("a demo password"));
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success() && said.contains("recorded 3 demo usage events"),
+        "{said} {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let spent = || async {
+        let store = cli.store().await;
+        let snapshot = store.spend_snapshot(chrono::Utc::now()).await.unwrap();
+        let ledger = store.ledger_totals(snapshot.cycle.start).await.unwrap();
+        (snapshot.cycle.start, snapshot.workspace.spent, ledger.total)
+    };
+    let (first_start, booked, ledger) = spent().await;
+    assert!(booked.get() > 0);
+    assert_eq!(ledger, booked);
+
+    // The embedded plan renews on the 1st; this one on the 15th.
+    let config = cli.dir.path().join("moved.toml");
+    std::fs::write(&config, "[plan]\nstart = \"2026-01-15\"\n").unwrap();
+    let config = config.display().to_string();
+    let again = cli.run_with(&["demo", "--config", &config], Some("a demo password"));
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && said.contains("already has spend: no demo usage added"),
+        "{said} {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let (start, spent_now, ledger) = spent().await;
+    assert_ne!(start, first_start, "the cycle was recut");
+    assert_eq!((spent_now, ledger), (booked, booked));
+}
