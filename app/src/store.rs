@@ -499,6 +499,13 @@ pub trait Store: Send + Sync + 'static {
     /// Errors: [`StoreError::NotFound`] before the first start-up seeded it.
     async fn workspace(&self) -> Result<WorkspaceRecord, StoreError>;
 
+    /// How long the write this process has under way has been running, waiting
+    /// for the database's write lock included; `None` while no write is under
+    /// way. Writes held up for long (another process holding the SQLite file's
+    /// write lock, a PostgreSQL lock, a stalled disk) make `/healthz` answer 503,
+    /// since nothing can be admitted meanwhile (DESIGN.md R6).
+    fn write_held_for(&self) -> Option<std::time::Duration>;
+
     /// Decide admission (R6) on a consistent snapshot of plan, settings, limits and
     /// counters, and record the hold (R7), as one atomic step: concurrent calls, from
     /// one process or several sharing the database, can never pass a limit together.

@@ -1865,8 +1865,99 @@ async fn health_follows_the_database(db: &TestDb) {
     assert!(text.contains("database"), "{text}");
 }
 
+/// A connection of another process holding the database's write lock: SQLite's
+/// file lock (`BEGIN IMMEDIATE`), PostgreSQL's lock on the plan row that orders
+/// the writers of every replica.
+enum WriteLockHolder {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl WriteLockHolder {
+    async fn take(url: &str) -> WriteLockHolder {
+        use sqlx::Connection as _;
+        if url.starts_with("postgres") {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+            sqlx::query("SELECT 1 FROM plans FOR UPDATE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            WriteLockHolder::Postgres(conn)
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            WriteLockHolder::Sqlite(conn)
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            WriteLockHolder::Sqlite(mut conn) => {
+                sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+            }
+            WriteLockHolder::Postgres(mut conn) => {
+                sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+}
+
+/// While another process holds the write lock, a request waits for it; once it
+/// has waited [`server::http::HEALTH_TIMEOUT`], `/healthz` says writes are held
+/// up (503), although reads still answer; when the lock is let go, the request
+/// is served and `/healthz` is `ok` again.
+async fn health_reports_writes_held_up(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let health = || async {
+        let response = h
+            .client
+            .get(format!("{}/healthz", h.url))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(health().await, (200, "ok".to_owned()));
+    let holder = WriteLockHolder::take(&db.url).await;
+    let taken = tokio::time::Instant::now();
+    let body = chat_body("test/big");
+    let (answer, held_up) = tokio::join!(h.chat(&body), async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        let held_up = loop {
+            let (status, text) = health().await;
+            if status != 200 {
+                break (status, text);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/healthz stayed ok while writes waited 8 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // Not before the request had waited that long.
+        assert!(taken.elapsed() >= server::http::HEALTH_TIMEOUT);
+        holder.release().await;
+        held_up
+    });
+    assert_eq!(held_up.0, 503, "{}", held_up.1);
+    assert!(
+        held_up
+            .1
+            .starts_with("writes to the database have been held up for"),
+        "{}",
+        held_up.1
+    );
+    assert_eq!(answer.status(), 200);
+    assert_eq!(health().await, (200, "ok".to_owned()));
+}
+
 on_both_backends!(
     health_follows_the_database,
+    health_reports_writes_held_up,
     non_streaming_round_trip,
     streaming_round_trip,
     streamed_and_not_streamed_cost_the_same,

@@ -36,6 +36,8 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use app::{
@@ -144,6 +146,25 @@ pub(crate) enum Answer {
 pub(crate) struct Batcher<C> {
     queue: mpsc::Sender<Op>,
     loans: mpsc::Sender<oneshot::Sender<Lent<C>>>,
+    busy: Busy,
+}
+
+/// When the batcher took up the work it is on (a batch or a loan), or `None`
+/// while it waits for work: how long writes have been held up, for `/healthz`.
+#[derive(Debug, Clone, Default)]
+struct Busy(Arc<Mutex<Option<Instant>>>);
+
+impl Busy {
+    fn set(&self, since: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = since;
+    }
+
+    fn elapsed(&self) -> Option<Duration> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|since| since.elapsed())
+    }
 }
 
 /// A [`Batcher`] handle that does not keep the batcher running.
@@ -151,6 +172,7 @@ pub(crate) struct Batcher<C> {
 pub(crate) struct WeakBatcher<C> {
     queue: mpsc::WeakSender<Op>,
     loans: mpsc::WeakSender<oneshot::Sender<Lent<C>>>,
+    busy: Busy,
 }
 
 impl<C> WeakBatcher<C> {
@@ -159,6 +181,7 @@ impl<C> WeakBatcher<C> {
         Some(Batcher {
             queue: self.queue.upgrade()?,
             loans: self.loans.upgrade()?,
+            busy: self.busy.clone(),
         })
     }
 }
@@ -169,7 +192,15 @@ impl<C> Batcher<C> {
         WeakBatcher {
             queue: self.queue.downgrade(),
             loans: self.loans.downgrade(),
+            busy: self.busy.clone(),
         }
+    }
+
+    /// How long the write the batcher is on (a batch of the hot path, or a
+    /// connection lent for another write) has been running, waiting for the
+    /// database's write lock included; `None` while no write is under way.
+    pub(crate) fn busy_for(&self) -> Option<Duration> {
+        self.busy.elapsed()
     }
 }
 
@@ -178,6 +209,7 @@ impl<C> Clone for Batcher<C> {
         Self {
             queue: self.queue.clone(),
             loans: self.loans.clone(),
+            busy: self.busy.clone(),
         }
     }
 }
@@ -210,10 +242,13 @@ impl<C: Send + 'static> Batcher<C> {
     {
         let (queue, mut inbox) = mpsc::channel::<Op>(QUEUE);
         let (loans, mut borrowers) = mpsc::channel::<oneshot::Sender<Lent<C>>>(QUEUE);
+        let busy = Busy::default();
+        let working = busy.clone();
         tokio::spawn(async move {
             let mut writer: Option<Writer<C>> = None;
             let mut ops: Vec<Op> = Vec::with_capacity(MAX_BATCH);
             loop {
+                working.set(None);
                 // Let the callers of the last batch queue their next write first.
                 tokio::task::yield_now().await;
                 // Batches and loans take turns (`select!` picks fairly), so neither
@@ -225,6 +260,7 @@ impl<C: Send + 'static> Batcher<C> {
                     },
                     Some(borrower) = borrowers.recv() => Work::Loan(borrower),
                 };
+                working.set(Some(Instant::now()));
                 let current = match writer.take() {
                     Some(current) => current,
                     None => match connect().await {
@@ -270,7 +306,7 @@ impl<C: Send + 'static> Batcher<C> {
                 };
             }
         });
-        Batcher { queue, loans }
+        Batcher { queue, loans, busy }
     }
 
     /// The write connection, for a write outside the hot path; batches wait until
@@ -332,6 +368,7 @@ pub(crate) trait HotPath: Send {
     /// the books' version where the backend has one: a number that changes
     /// whenever another connection commits (SQLite `data_version`), so that
     /// books carried over from the last batch can be trusted while it holds.
+    /// When it fails, no transaction is left open.
     fn begin(&mut self) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
 
     /// Deletes the reservations of `ids` that exist, returning them.
@@ -474,8 +511,9 @@ async fn batch_in_transaction<C: HotPath>(
             Op::Reserve(..) => None,
         })
         .collect();
-    *in_transaction = true;
     let version = conn.begin().await?;
+    // Only now: a `begin` that failed (SQLite busy) left no transaction to end.
+    *in_transaction = true;
     // Only a backend with a books version carries books (see the end).
     let mut books = carried.filter(|_| version.is_some()).unwrap_or_default();
     if let Some(version) = version {

@@ -1095,6 +1095,10 @@ macro_rules! impl_store {
                 tx.commit().await.map_err(db_error)
             }
 
+            fn write_held_for(&self) -> Option<std::time::Duration> {
+                self.batcher.busy_for()
+            }
+
             async fn workspace(
                 &self,
             ) -> Result<app::store::WorkspaceRecord, app::store::StoreError> {

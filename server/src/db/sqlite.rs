@@ -215,11 +215,15 @@ impl HotPath for SqliteWriter {
             .prepare_cached(SqliteStore::BEGIN)
             .and_then(|mut begin| begin.execute([]))
             .map_err(hot_error)?;
-        self.hot
+        let version = self
+            .hot
             .prepare_cached(SqliteStore::BOOKS_VERSION)
-            .and_then(|mut version| version.query_row([], |row| row.get(0)))
-            .map(Some)
-            .map_err(hot_error)
+            .and_then(|mut version| version.query_row([], |row| row.get(0)));
+        if version.is_err() {
+            // `begin` fails with no transaction open (the batch's contract).
+            let _ = self.hot.execute_batch("ROLLBACK");
+        }
+        version.map(Some).map_err(hot_error)
     }
 
     async fn take_reservations(&mut self, ids: &[&str]) -> Result<Vec<ReservationRow>, StoreError> {

@@ -115,12 +115,25 @@ fn leptos_context(state: &AppState) -> impl Fn() + Clone + Send + Sync + 'static
 /// How long `/healthz` waits for the database.
 pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Answer a health probe: `ok` (200) while the process serves HTTP and its
-/// database answers a read within [`HEALTH_TIMEOUT`]; otherwise 503 Service
+/// Answer a health probe: `ok` (200) while the process serves HTTP, its
+/// database answers a read within [`HEALTH_TIMEOUT`] and no write of the process
+/// has been held up that long (`Store::write_held_for`); otherwise 503 Service
 /// Unavailable with the reason in a line of text, so that a load balancer stops
 /// sending requests that could only fail (nothing can be admitted without the
 /// books).
 async fn healthz(State(state): State<AppState>) -> Response {
+    if let Some(held) = state.store.write_held_for() {
+        if held >= HEALTH_TIMEOUT {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "writes to the database have been held up for {} s",
+                    held.as_secs()
+                ),
+            )
+                .into_response();
+        }
+    }
     let problem = match tokio::time::timeout(HEALTH_TIMEOUT, state.store.workspace()).await {
         Ok(Ok(_)) => return "ok".into_response(),
         Ok(Err(e)) => {
