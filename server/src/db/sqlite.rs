@@ -618,6 +618,11 @@ const RESTART_WAIT: Duration = Duration::from_millis(5);
 const RESTART_BACKOFF: Duration = Duration::from_secs(5);
 /// Bytes a WAL file is truncated to once it starts over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+/// WAL frames past which the checkpoint that starts the WAL over also truncates
+/// the file to nothing (`TRUNCATE`), so that the disk space a WAL grown behind
+/// another process's long read took is given back at once, not at the next
+/// write, which could be hours away on an idle workspace.
+const TRUNCATE_PAST_FRAMES: i64 = 2 * RESTART_AT_FRAMES;
 
 /// Checkpoints the WAL in the background, off the writer's path (DESIGN.md §6).
 ///
@@ -644,9 +649,10 @@ const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// ms, and restarting at 64,000 frames gave 1.4-18 ms. With another process
 /// reading for 45 s meanwhile, the WAL grew to 2 GB and the p99 to 0.9-3.9 ms
 /// (before [`RESTART_WAIT`], writes stopped for the whole read); once the read
-/// ended, one write waited about 0.5 s, most of it the first commit after the
-/// restart truncating the WAL file to [`WAL_SIZE_LIMIT`] (0.1-0.4 s for a 2 GB
-/// file on this machine's disk). Ends with the store.
+/// ended, one write waited about 0.5 s, most of it the truncation of the 2 GB
+/// WAL file (0.1-0.4 s on this machine's disk), which the first commit after a
+/// `RESTART` did then, and a `TRUNCATE` ([`Reset`]) now does in the checkpoint,
+/// so that an idle store gives the space back too. Ends with the store.
 async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -674,7 +680,7 @@ async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
             Ok(mut writer) => {
                 // A checkpoint moves pages, not what they say.
                 writer.books_unchanged();
-                restart_wal(&mut writer).await
+                restart_wal(&mut writer, Reset::for_frames(frames)).await
             }
             Err(error) => Err(error),
         };
@@ -699,7 +705,37 @@ fn restart_due(frames: i64, checkpointed: i64) -> bool {
     frames >= RESTART_AT_FRAMES && frames - checkpointed <= RESTART_BEHIND_AT_MOST
 }
 
-/// What a `RESTART` checkpoint did.
+/// How a checkpoint starts the WAL over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    /// `RESTART`: the next write starts the WAL over, truncating the file to
+    /// [`WAL_SIZE_LIMIT`] if it is larger.
+    Restart,
+    /// `TRUNCATE`: as `RESTART`, and the file is truncated to nothing at once.
+    Truncate,
+}
+
+impl Reset {
+    /// The reset for a WAL `frames` long: [`Reset::Truncate`] past
+    /// [`TRUNCATE_PAST_FRAMES`], else [`Reset::Restart`], which lets the next
+    /// writes reuse the file's space instead of growing it again.
+    fn for_frames(frames: i64) -> Reset {
+        if frames > TRUNCATE_PAST_FRAMES {
+            Reset::Truncate
+        } else {
+            Reset::Restart
+        }
+    }
+
+    fn statement(self) -> &'static str {
+        match self {
+            Reset::Restart => "PRAGMA wal_checkpoint(RESTART)",
+            Reset::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
+        }
+    }
+}
+
+/// What a `RESTART` (or `TRUNCATE`) checkpoint did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Restart {
     /// Every frame is in the database file; the next write starts the WAL over.
@@ -708,19 +744,22 @@ enum Restart {
     Busy,
 }
 
-/// Runs a `RESTART` checkpoint on `conn`, waiting at most [`RESTART_WAIT`] for
-/// readers, then gives `conn` its [`BUSY_TIMEOUT`] back.
+/// Runs a `RESTART` or `TRUNCATE` checkpoint (`reset`) on `conn`, waiting at
+/// most [`RESTART_WAIT`] for readers, then gives `conn` its [`BUSY_TIMEOUT`] back.
 ///
 /// Errors: [`StoreError::Database`] when a statement fails; the busy timeout is
 /// restored first whenever it can be.
-async fn restart_wal(conn: &mut sqlx::SqliteConnection) -> Result<Restart, StoreError> {
+async fn restart_wal(
+    conn: &mut sqlx::SqliteConnection,
+    reset: Reset,
+) -> Result<Restart, StoreError> {
     let set_busy_timeout = |wait: Duration| format!("PRAGMA busy_timeout = {}", wait.as_millis());
     sqlx::query(&set_busy_timeout(RESTART_WAIT))
         .execute(&mut *conn)
         .await
         .map_err(db_error)?;
     // (busy, frames in the WAL, frames checkpointed)
-    let checkpoint: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+    let checkpoint: Result<(i64, i64, i64), _> = sqlx::query_as(reset.statement())
         .fetch_one(&mut *conn)
         .await;
     sqlx::query(&set_busy_timeout(BUSY_TIMEOUT))
@@ -784,6 +823,62 @@ mod tests {
         assert!(!restart_due(500_000, 0));
     }
 
+    #[test]
+    fn only_a_wal_grown_well_past_its_restart_point_is_truncated() {
+        assert_eq!(Reset::for_frames(RESTART_AT_FRAMES), Reset::Restart);
+        assert_eq!(Reset::for_frames(TRUNCATE_PAST_FRAMES), Reset::Restart);
+        assert_eq!(Reset::for_frames(TRUNCATE_PAST_FRAMES + 1), Reset::Truncate);
+        assert_eq!(Reset::for_frames(500_000), Reset::Truncate);
+    }
+
+    #[tokio::test]
+    async fn a_truncating_reset_gives_the_wal_s_space_back_without_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("books.db");
+        let mut conn = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE scratch (n BLOB NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for _ in 0..64 {
+            sqlx::query("INSERT INTO scratch (n) VALUES (randomblob(16384))")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let wal = || {
+            std::fs::metadata(dir.path().join("books.db-wal"))
+                .unwrap()
+                .len()
+        };
+        assert!(wal() > 1024 * 1024, "{} bytes", wal());
+        assert_eq!(
+            restart_wal(&mut conn, Reset::Restart).await.unwrap(),
+            Restart::Done
+        );
+        assert!(
+            wal() > 1024 * 1024,
+            "a restart leaves the file to the next write"
+        );
+        assert_eq!(
+            restart_wal(&mut conn, Reset::Truncate).await.unwrap(),
+            Restart::Done
+        );
+        assert_eq!(wal(), 0);
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scratch")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(rows, 64);
+    }
+
     #[tokio::test]
     async fn a_restart_gives_up_on_another_process_s_reader_instead_of_holding_up_writes() {
         let dir = tempfile::tempdir().unwrap();
@@ -819,7 +914,7 @@ mod tests {
         // The connection's busy timeout is 10 s: a checkpoint that waited on it
         // would still be waiting here.
         let within = Duration::from_secs(2);
-        let restarted = tokio::time::timeout(within, restart_wal(conn)).await;
+        let restarted = tokio::time::timeout(within, restart_wal(conn, Reset::Restart)).await;
         assert_eq!(
             restarted
                 .expect("the checkpoint waited for the reader")
@@ -838,7 +933,7 @@ mod tests {
 
         // Once the reader is done, the WAL starts over.
         outside.execute_batch("COMMIT").unwrap();
-        let restarted = tokio::time::timeout(within, restart_wal(conn)).await;
+        let restarted = tokio::time::timeout(within, restart_wal(conn, Reset::Restart)).await;
         assert_eq!(restarted.unwrap().unwrap(), Restart::Done);
         sqlx::query(&write(4)).execute(&mut *conn).await.unwrap();
         let (_, frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
