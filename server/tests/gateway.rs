@@ -213,6 +213,17 @@ impl Drop for Harness {
 }
 
 impl Harness {
+    /// `GET /healthz`: its status and text.
+    async fn health(&self) -> (u16, String) {
+        let response = self
+            .client
+            .get(format!("{}/healthz", self.url))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.client
             .post(format!("{}{path}", self.url))
@@ -1839,16 +1850,7 @@ async fn a_restarted_gateway_leaves_no_reservations(db: &TestDb) {
 /// (PostgreSQL: the database is dropped under the running server).
 async fn health_follows_the_database(db: &TestDb) {
     let h = start(db, Options::default()).await;
-    let health = || async {
-        let response = h
-            .client
-            .get(format!("{}/healthz", h.url))
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.text().await.unwrap())
-    };
-    assert_eq!(health().await, (200, "ok".to_owned()));
+    assert_eq!(h.health().await, (200, "ok".to_owned()));
     if !db.url.starts_with("postgres") {
         return;
     }
@@ -1860,7 +1862,7 @@ async fn health_follows_the_database(db: &TestDb) {
         .execute(&mut admin)
         .await
         .unwrap();
-    let (status, text) = health().await;
+    let (status, text) = h.health().await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("database"), "{text}");
 }
@@ -1912,23 +1914,14 @@ impl WriteLockHolder {
 /// is served and `/healthz` is `ok` again.
 async fn health_reports_writes_held_up(db: &TestDb) {
     let h = start(db, Options::default()).await;
-    let health = || async {
-        let response = h
-            .client
-            .get(format!("{}/healthz", h.url))
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.text().await.unwrap())
-    };
-    assert_eq!(health().await, (200, "ok".to_owned()));
+    assert_eq!(h.health().await, (200, "ok".to_owned()));
     let holder = WriteLockHolder::take(&db.url).await;
     let taken = tokio::time::Instant::now();
     let body = chat_body("test/big");
     let (answer, held_up) = tokio::join!(h.chat(&body), async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
         let held_up = loop {
-            let (status, text) = health().await;
+            let (status, text) = h.health().await;
             if status != 200 {
                 break (status, text);
             }
@@ -1952,7 +1945,7 @@ async fn health_reports_writes_held_up(db: &TestDb) {
         held_up.1
     );
     assert_eq!(answer.status(), 200);
-    assert_eq!(health().await, (200, "ok".to_owned()));
+    assert_eq!(h.health().await, (200, "ok".to_owned()));
 }
 
 on_both_backends!(
