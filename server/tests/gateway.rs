@@ -607,6 +607,12 @@ async fn streamed_and_not_streamed_cost_the_same(db: &TestDb) {
     // reasoning tokens are inside the 300 output tokens and are not billed twice.
     let one = Nanos::new(4_400_000);
     assert_eq!(h.cost_of("big", usage), one);
+    // Listed before any request, at zero.
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("tollgate_spend_nanoeuros_total{model=\"big\"} 0\n"),
+        "{metrics}"
+    );
 
     let response = h.chat(&chat_body("big")).await;
     assert_eq!(response.status(), 200);

@@ -62,6 +62,17 @@ impl Metrics {
         Metrics::build().expect("the gateway metric definitions are valid")
     }
 
+    /// [`Metrics::new`] with the spend series of each of `models` (catalog ids)
+    /// present at 0: `/metrics` lists every model before its first request, and
+    /// a rate over spend starts from zero instead of from the first settlement.
+    pub fn for_models<'a>(models: impl IntoIterator<Item = &'a str>) -> Metrics {
+        let metrics = Metrics::new();
+        for model in models {
+            metrics.spend.with_label_values(&[model]);
+        }
+        metrics
+    }
+
     fn build() -> Result<Metrics, prometheus::Error> {
         let metrics = Metrics::build_unregistered()?;
         let registry = &metrics.registry;
@@ -215,5 +226,19 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn each_model_s_spend_is_listed_at_zero_from_the_start() {
+        let text = Metrics::for_models(["big", "small"]).render();
+        for line in [
+            "tollgate_spend_nanoeuros_total{model=\"big\"} 0",
+            "tollgate_spend_nanoeuros_total{model=\"small\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(!Metrics::new()
+            .render()
+            .contains("tollgate_spend_nanoeuros_total{"));
     }
 }

@@ -145,7 +145,14 @@ impl Gateway {
                 std::process::id(),
                 uuid::Uuid::new_v4().simple()
             ),
-            metrics: Metrics::new(),
+            metrics: Metrics::for_models(
+                config
+                    .setup
+                    .catalog
+                    .models()
+                    .iter()
+                    .map(|model| model.id.as_str()),
+            ),
             callers: caller::CallerCache::default(),
             exchanges: tokio_util::task::TaskTracker::new(),
         }
