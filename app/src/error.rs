@@ -59,6 +59,10 @@ pub enum ApiError {
         /// What to do about it.
         message: String,
     },
+    /// Another program kept the database busy past the server's wait (503);
+    /// nothing was changed, and the same request may succeed a moment later.
+    #[error("The database is busy with another program's write; nothing was changed. Try again in a moment.")]
+    Unavailable,
     /// Something failed on the server (500); the detail is in the server log.
     #[error("Something went wrong on the server; nothing was changed.")]
     Internal,
@@ -80,6 +84,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => 429,
             ApiError::Invalid { .. } => 422,
             ApiError::Conflict { .. } => 409,
+            ApiError::Unavailable => 503,
             ApiError::Internal => 500,
             ApiError::Transport { .. } => 400,
         }
@@ -94,6 +99,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Invalid { .. } => "invalid",
             ApiError::Conflict { .. } => "conflict",
+            ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
             ApiError::Transport { .. } => "transport",
         }
@@ -163,6 +169,7 @@ impl From<crate::store::StoreError> for ApiError {
                     message,
                 }],
             },
+            StoreError::Busy(_) => ApiError::Unavailable,
             StoreError::NotFound { .. } | StoreError::Database(_) => {
                 // Already logged where it happened; the browser learns nothing internal.
                 ApiError::Internal
@@ -193,6 +200,7 @@ mod tests {
             ApiError::Conflict {
                 message: "Reload.".into(),
             },
+            ApiError::Unavailable,
             ApiError::Internal,
             ApiError::Transport {
                 message: "bad body".into(),
@@ -214,5 +222,16 @@ mod tests {
             serde_json::json!({"code": "forbidden",
                 "message": "Only administrators can see and change token limits."})
         );
+    }
+
+    #[cfg(feature = "ssr")]
+    #[test]
+    fn a_busy_database_is_a_503_to_try_again_not_a_500() {
+        use crate::store::StoreError;
+        let busy = ApiError::from(StoreError::Busy("database is locked".into()));
+        assert_eq!((busy.status(), busy.code()), (503, "unavailable"));
+        assert!(busy.to_string().contains("nothing was changed"), "{busy}");
+        let failed = ApiError::from(StoreError::Database("disk I/O error".into()));
+        assert_eq!(failed.status(), 500);
     }
 }

@@ -43,6 +43,12 @@ pub enum StoreError {
         /// A sentence for a person.
         message: String,
     },
+    /// Another connection kept the database's write lock past the wait (SQLite
+    /// `database is locked` after its busy timeout, PostgreSQL `lock_not_available`):
+    /// HTTP 503, code `database_busy`. Nothing was written; the same call may
+    /// succeed once the other writer is done.
+    #[error("the database is busy with another connection's write: {0}")]
+    Busy(String),
     /// The database failed or could not be reached (HTTP 500; the detail is logged,
     /// never shown).
     #[error("database error: {0}")]
@@ -56,6 +62,7 @@ impl StoreError {
             StoreError::NotFound { .. } => "not_found",
             StoreError::Conflict { .. } => "conflict",
             StoreError::Invalid { code, .. } => code,
+            StoreError::Busy(_) => "database_busy",
             StoreError::Database(_) => "internal_error",
         }
     }

@@ -1954,6 +1954,43 @@ async fn health_reports_writes_held_up(db: &TestDb) {
     assert_eq!(h.health().await, (200, "ok".to_owned()));
 }
 
+/// A request that waits for SQLite's write lock past the store's busy timeout
+/// (another process holding it, 10 s) gets 503 `database_busy` with
+/// `retry-after`, an answer SDKs retry, and nothing is reserved or spent; once
+/// the lock is let go, requests are served again. (On PostgreSQL a request waits
+/// for the plan row's lock as long as it is held: there is no timeout to pass.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing() {
+    let db = TestDb::sqlite();
+    let h = start(&db, Options::default()).await;
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+    let _ = served.bytes().await.unwrap();
+    let before = h.workspace().await;
+
+    let holder = WriteLockHolder::take(&db.url).await;
+    let refused = h.chat(&chat_body("test/big")).await;
+    holder.release().await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body = assert_error(refused, 503, "api_error", "database_busy", None).await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was spent"),
+        "{body}"
+    );
+    assert_eq!(h.workspace().await, before);
+    assert_eq!(
+        h.mock.received().len(),
+        1,
+        "the refused request went nowhere"
+    );
+
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+}
+
 on_both_backends!(
     health_follows_the_database,
     health_reports_writes_held_up,

@@ -880,31 +880,64 @@ pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 /// Map a sqlx error: constraint violations become typed errors (STYLE.md), the rest
 /// is logged and answered generically.
 pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
-    let broke_a_rule = e.as_database_error().is_some_and(|db| {
-        matches!(
-            db.kind(),
-            sqlx::error::ErrorKind::UniqueViolation
-                | sqlx::error::ErrorKind::ForeignKeyViolation
-                | sqlx::error::ErrorKind::NotNullViolation
-                | sqlx::error::ErrorKind::CheckViolation
-        )
-    });
-    database_error(&e, broke_a_rule)
+    let fault = match e.as_database_error() {
+        Some(db)
+            if matches!(
+                db.kind(),
+                sqlx::error::ErrorKind::UniqueViolation
+                    | sqlx::error::ErrorKind::ForeignKeyViolation
+                    | sqlx::error::ErrorKind::NotNullViolation
+                    | sqlx::error::ErrorKind::CheckViolation
+            ) =>
+        {
+            Fault::BrokeARule
+        }
+        Some(db) if db.code().is_some_and(|code| is_busy_code(&code)) => Fault::Busy,
+        _ => Fault::Other,
+    };
+    database_error(&e, fault)
 }
 
-/// A database's error as the store answers it, logged: when it `broke_a_rule`
-/// of the books (a unique, foreign key, not-null or check constraint),
-/// [`StoreError::Invalid`] `constraint_violation`; else [`StoreError::Database`].
-pub(crate) fn database_error(e: &dyn std::fmt::Display, broke_a_rule: bool) -> StoreError {
-    if broke_a_rule {
-        tracing::warn!(error = %e, "constraint violation");
-        return StoreError::Invalid {
-            code: "constraint_violation",
-            message: "the change breaks a rule of the books and was not saved".into(),
-        };
+/// Whether a database error code says another connection held a lock too long:
+/// SQLite `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6), in their extended forms too
+/// (sqlx gives SQLite's extended code as a number), or PostgreSQL's
+/// `lock_not_available` (`55P03`).
+fn is_busy_code(code: &str) -> bool {
+    code == "55P03" || code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+}
+
+/// What kind of failure a database error is, for [`database_error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// A unique, foreign key, not-null or check constraint of the books.
+    BrokeARule,
+    /// A lock held by another connection past the wait.
+    Busy,
+    /// Anything else.
+    Other,
+}
+
+/// A database's error as the store answers it, logged: for a [`Fault::BrokeARule`],
+/// [`StoreError::Invalid`] `constraint_violation`; for a [`Fault::Busy`],
+/// [`StoreError::Busy`]; else [`StoreError::Database`].
+pub(crate) fn database_error(e: &dyn std::fmt::Display, fault: Fault) -> StoreError {
+    match fault {
+        Fault::BrokeARule => {
+            tracing::warn!(error = %e, "constraint violation");
+            StoreError::Invalid {
+                code: "constraint_violation",
+                message: "the change breaks a rule of the books and was not saved".into(),
+            }
+        }
+        Fault::Busy => {
+            tracing::warn!(error = %e, "another connection held the database's lock too long");
+            StoreError::Busy(e.to_string())
+        }
+        Fault::Other => {
+            tracing::error!(error = %e, "database error");
+            StoreError::Database(e.to_string())
+        }
     }
-    tracing::error!(error = %e, "database error");
-    StoreError::Database(e.to_string())
 }
 
 /// Counters and limits of a cycle as the admission snapshot wants them.
@@ -1859,15 +1892,24 @@ macro_rules! impl_store {
                     .last_used_at
                     .is_none_or(|at| now - at >= chrono::Duration::seconds(LAST_USED_PRECISION_SECS));
                 if stale {
-                    let mut lent = self.write_connection().await?;
-                    let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
-                    sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
-                        .bind(now.to_rfc3339())
-                        .bind(key.id)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(db_error)?;
-                    key.last_used_at = Some(now);
+                    // A date for the operator only: a request is not refused because
+                    // it could not be written (another process holding the lock, say).
+                    let written = match self.write_connection().await {
+                        Ok(mut lent) => {
+                            let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
+                            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                                .bind(now.to_rfc3339())
+                                .bind(key.id)
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(db_error)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match written {
+                        Ok(_) => key.last_used_at = Some(now),
+                        Err(e) => tracing::warn!(key = key.id, error = %e, "could not record when an API key was last used"),
+                    }
                 }
                 Ok(Some((key, user)))
             }
@@ -2256,6 +2298,20 @@ pub(crate) fn limit_json(limit: &ModelLimit) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_timeouts_are_told_from_other_database_errors() {
+        // SQLite BUSY, LOCKED, BUSY_RECOVERY, BUSY_SNAPSHOT, LOCKED_SHAREDCACHE;
+        // PostgreSQL lock_not_available.
+        for busy in ["5", "6", "261", "517", "262", "55P03"] {
+            assert!(is_busy_code(busy), "{busy}");
+        }
+        // SQLite ERROR, READONLY, FULL, CONSTRAINT_UNIQUE; PostgreSQL
+        // unique_violation, deadlock_detected, a code that only ends in 5.
+        for other in ["1", "8", "13", "2067", "23505", "40P01", "08005"] {
+            assert!(!is_busy_code(other), "{other}");
+        }
+    }
 
     #[test]
     fn the_json_rows_carry_every_column_their_statements_read() {

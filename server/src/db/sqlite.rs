@@ -17,7 +17,7 @@ use sqlx::{
 use super::{
     batch::{execute_batch, Batcher, HotPath, Lent, WeakBatcher},
     books::{
-        database_error, db_error, json_rows, plan_query, CounterChange, EventRow, LedgerRow,
+        database_error, db_error, json_rows, plan_query, CounterChange, EventRow, Fault, LedgerRow,
         NewEventRow, NewReservationRow, PlanFields, PlanRow, ReadBooks, ReservationRow,
         WORKSPACE_ID,
     },
@@ -513,18 +513,30 @@ fn ledger_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LedgerRow> {
 /// [`StoreError::Invalid`], anything else [`StoreError::Database`].
 fn hot_error(e: rusqlite::Error) -> StoreError {
     use rusqlite::ffi;
-    let broke_a_rule = matches!(
-        &e,
-        rusqlite::Error::SqliteFailure(failure, _) if matches!(
-            failure.extended_code,
-            ffi::SQLITE_CONSTRAINT_UNIQUE
-                | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
-                | ffi::SQLITE_CONSTRAINT_FOREIGNKEY
-                | ffi::SQLITE_CONSTRAINT_NOTNULL
-                | ffi::SQLITE_CONSTRAINT_CHECK
-        )
-    );
-    database_error(&e, broke_a_rule)
+    let fault = match &e {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(
+                failure.extended_code,
+                ffi::SQLITE_CONSTRAINT_UNIQUE
+                    | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    | ffi::SQLITE_CONSTRAINT_FOREIGNKEY
+                    | ffi::SQLITE_CONSTRAINT_NOTNULL
+                    | ffi::SQLITE_CONSTRAINT_CHECK
+            ) =>
+        {
+            Fault::BrokeARule
+        }
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(
+                failure.code,
+                ffi::ErrorCode::DatabaseBusy | ffi::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            Fault::Busy
+        }
+        _ => Fault::Other,
+    };
+    database_error(&e, fault)
 }
 
 super::books::impl_store!(SqliteStore, Sqlite);
@@ -829,6 +841,40 @@ mod tests {
         assert_eq!(Reset::for_frames(TRUNCATE_PAST_FRAMES), Reset::Restart);
         assert_eq!(Reset::for_frames(TRUNCATE_PAST_FRAMES + 1), Reset::Truncate);
         assert_eq!(Reset::for_frames(500_000), Reset::Truncate);
+    }
+
+    #[tokio::test]
+    async fn a_lock_held_past_the_wait_is_busy_not_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("books.db");
+        let holder = rusqlite::Connection::open(&path).unwrap();
+        holder
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (n INTEGER); BEGIN IMMEDIATE")
+            .unwrap();
+        // The hot path's connection (rusqlite) and the others' (sqlx), each
+        // waiting no time at all for the lock.
+        let hot = rusqlite::Connection::open(&path).unwrap();
+        hot.busy_timeout(Duration::ZERO).unwrap();
+        let begun = hot.execute_batch("BEGIN IMMEDIATE").map_err(hot_error);
+        assert!(matches!(begun, Err(StoreError::Busy(_))), "{begun:?}");
+        let mut other = SqliteConnectOptions::new()
+            .filename(&path)
+            .busy_timeout(Duration::ZERO)
+            .connect()
+            .await
+            .unwrap();
+        let inserted = sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut other)
+            .await
+            .map_err(db_error);
+        assert!(matches!(inserted, Err(StoreError::Busy(_))), "{inserted:?}");
+        assert_eq!(inserted.unwrap_err().code(), "database_busy");
+        // Once the lock is let go, the same write goes through.
+        holder.execute_batch("COMMIT").unwrap();
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

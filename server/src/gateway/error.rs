@@ -125,6 +125,12 @@ pub enum GatewayError {
     /// `upstream_timeout`).
     #[error("the model provider did not answer in time")]
     UpstreamTimeout,
+    /// Another program kept the database's write lock past the store's wait
+    /// (HTTP 503, code `database_busy`, header `retry-after`); nothing was reserved
+    /// or spent, and the same request may succeed a moment later. The detail is
+    /// logged, never sent.
+    #[error("the gateway's database is busy with another program's write; nothing was spent: try again in a moment")]
+    DatabaseBusy(String),
     /// A bug or a database failure (HTTP 500, code `internal_error`). The detail is
     /// logged, never sent.
     #[error("internal error: {0}")]
@@ -172,6 +178,7 @@ impl GatewayError {
             GatewayError::UpstreamRejected { status, .. } => *status,
             GatewayError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::DatabaseBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -182,6 +189,7 @@ impl GatewayError {
             GatewayError::Blocked(_) => "insufficient_quota",
             GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
+            | GatewayError::DatabaseBusy(_)
             | GatewayError::Internal(_) => "api_error",
             _ => "invalid_request_error",
         }
@@ -209,6 +217,7 @@ impl GatewayError {
             GatewayError::UpstreamRejected { .. } => "upstream_rejected",
             GatewayError::UpstreamFailed(_) => "upstream_error",
             GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::DatabaseBusy(_) => "database_busy",
             GatewayError::Internal(_) => "internal_error",
         }
     }
@@ -266,14 +275,23 @@ impl GatewayError {
 
 impl From<StoreError> for GatewayError {
     fn from(error: StoreError) -> GatewayError {
-        GatewayError::Internal(format!("store: {error}"))
+        match error {
+            StoreError::Busy(detail) => GatewayError::DatabaseBusy(detail),
+            other => GatewayError::Internal(format!("store: {other}")),
+        }
     }
 }
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        if let GatewayError::Internal(detail) = &self {
-            tracing::error!(detail = %detail, "gateway request failed");
+        match &self {
+            GatewayError::Internal(detail) => {
+                tracing::error!(detail = %detail, "gateway request failed");
+            }
+            GatewayError::DatabaseBusy(detail) => {
+                tracing::warn!(detail = %detail, "gateway request refused: the database is busy");
+            }
+            _ => {}
         }
         let status = self.status();
         let body = match &self {
@@ -292,6 +310,9 @@ impl IntoResponse for GatewayError {
             // Official SDKs retry a 429 unless told not to; this one cannot succeed
             // until the cycle resets or the operator raises a limit (DESIGN.md §4).
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if matches!(self, GatewayError::DatabaseBusy(_)) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }

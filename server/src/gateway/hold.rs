@@ -168,7 +168,9 @@ async fn settle(
                     "the upstream reported inconsistent usage: billing the estimate");
                 usage = None;
             }
-            Err(StoreError::Database(detail)) if attempt < END_ATTEMPTS => {
+            Err(StoreError::Database(detail) | StoreError::Busy(detail))
+                if attempt < END_ATTEMPTS =>
+            {
                 tracing::warn!(reservation = %reservation.id, error = %detail, attempt, "settlement failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
             }
@@ -192,7 +194,9 @@ async fn release(gateway: &Gateway, reservation: &Reservation) {
                 gateway.metrics.settlement(served, "released");
                 return;
             }
-            Err(StoreError::Database(detail)) if attempt < END_ATTEMPTS => {
+            Err(StoreError::Database(detail) | StoreError::Busy(detail))
+                if attempt < END_ATTEMPTS =>
+            {
                 tracing::warn!(reservation = %reservation.id, error = %detail, attempt, "release failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
             }
