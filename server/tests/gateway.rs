@@ -987,6 +987,21 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
         h.workspace().await.spent,
         estimate + estimate + Nanos::new(12 * 2_000 + 5 * 10_000)
     );
+
+    // A first event that is not UTF-8: the stream cannot be read past it, and
+    // nothing reached the client, but the upstream did answer (and bills its
+    // work): the estimate is billed, not released.
+    h.mock.set(|b| b.invalid_utf8_first = true);
+    let payloads = sse_payloads(send().await.unwrap()).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: estimate + estimate + Nanos::new(12 * 2_000 + 5 * 10_000) + estimate,
+            reserved: Nanos::ZERO
+        }
+    );
 }
 
 /// An upstream that answers a streamed request with plain JSON (it ignored

@@ -378,6 +378,9 @@ impl Exchange {
         let timeout = self.target.timeout;
         let mut relay = Relay::new(&self.served, self.client_wants_usage, &self.target.name);
         let mut upstream = response.bytes_stream().eventsource();
+        // Whether the upstream sent something it had to work for, even if it
+        // could not be relayed (bytes that are not UTF-8, say).
+        let mut upstream_answered = false;
         let end = 'read: loop {
             let event = match tokio::time::timeout(timeout, upstream.next()).await {
                 Err(_) => break 'read StreamEnd::TimedOut,
@@ -385,7 +388,10 @@ impl Exchange {
                 Ok(Some(Err(e))) => {
                     let error = match e {
                         sse::EventStreamError::Transport(e) => e.without_url().to_string(),
-                        other => other.to_string(),
+                        other => {
+                            upstream_answered = true;
+                            other.to_string()
+                        }
                     };
                     tracing::warn!(upstream = %self.target.name, %error, "the upstream stream broke off");
                     break 'read StreamEnd::Broken;
@@ -401,12 +407,14 @@ impl Exchange {
         drop(upstream);
         let upstream_time = sent.elapsed();
         // Settle before the last byte (R7). A stream that ended without usage is
-        // billed its estimate, flagged (§4); one that broke before relaying
-        // anything is released; one that broke midway had content delivered, so it
-        // is billed like a stream without usage.
+        // billed its estimate, flagged (§4); one whose connection broke before
+        // anything came is released; one that broke midway had content delivered,
+        // and one that sent an event it could not be read past had answered: both
+        // are billed like a stream without usage.
         let bill = relay.usage.is_some()
             || matches!(end, StreamEnd::Done | StreamEnd::Eof)
-            || relay.relayed_content;
+            || relay.relayed_content
+            || upstream_answered;
         if bill {
             hold.settle(relay.usage).await;
         } else {

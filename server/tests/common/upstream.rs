@@ -64,6 +64,9 @@ pub struct Behaviour {
     pub ignore_stream: bool,
     /// Whether a stream ends with `data: [DONE]` (else the connection just closes).
     pub done_in_stream: bool,
+    /// The stream's first event carries bytes that are not UTF-8 (a broken
+    /// upstream): the rest follows as usual.
+    pub invalid_utf8_first: bool,
 }
 
 impl Default for Behaviour {
@@ -85,6 +88,7 @@ impl Default for Behaviour {
             record_requests: true,
             ignore_stream: false,
             done_in_stream: true,
+            invalid_utf8_first: false,
         }
     }
 }
@@ -235,8 +239,14 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
             out.push("data: [DONE]\n\n".to_owned());
         }
         for (i, frame) in out.into_iter().enumerate() {
+            let frame = match i == 0 && behaviour.invalid_utf8_first {
+                true => Bytes::from_static(
+                    b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\xff\xfe\"}}]}\n\n",
+                ),
+                false => Bytes::from(frame),
+            };
             // The mock keeps writing after the client left: a real upstream does.
-            let _ = frames.send(Bytes::from(frame)).await;
+            let _ = frames.send(frame).await;
             if i == 1 {
                 if let Some(gate) = &behaviour.pause_after_first_piece {
                     gate.notified().await;
