@@ -810,12 +810,27 @@ async fn upstream_errors_release_the_reservation(db: &TestDb) {
     assert_eq!(response.status(), 400);
     assert_eq!(response.json::<Value>().await.unwrap(), upstream_error);
 
-    assert_eq!(h.mock.received().len(), 3);
+    // The provider's own rate limit: its 429 and when to try again, passed on.
+    let rate_limited = json!({"error": {"message": "Rate limit reached.",
+        "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
+    h.mock.set(|b| {
+        b.status = 429;
+        b.error_body = rate_limited.to_string();
+        b.retry_after = Some(("3", "2500"));
+    });
+    let response = h.chat(&chat_body("big")).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "3");
+    assert_eq!(response.headers()["retry-after-ms"], "2500");
+    assert!(response.headers().get("x-should-retry").is_none());
+    assert_eq!(response.json::<Value>().await.unwrap(), rate_limited);
+
+    assert_eq!(h.mock.received().len(), 4);
     assert_eq!(h.workspace().await, Counter::default());
     assert!(h
         .metrics()
         .await
-        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 3"));
+        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 4"));
 }
 
 /// An upstream slower than its timeout: 504, the hold released, nothing spent.

@@ -8,7 +8,7 @@
 use app::domain::Blocked;
 use app::store::StoreError;
 use axum::{
-    http::{header, HeaderValue, StatusCode},
+    http::{header, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -108,13 +108,17 @@ pub enum GatewayError {
     Blocked(Blocked),
     /// The upstream refused the request with a 4xx status, passed on with that status
     /// (HTTP 4xx). `body` is the upstream's own JSON error, when it is one and does
-    /// not contain the upstream key; otherwise a generic message is sent.
+    /// not contain the upstream key; otherwise a generic message is sent. The
+    /// upstream's `Retry-After` and `Retry-After-Ms` (seconds, milliseconds) go
+    /// with it, so that a client rate-limited by the provider waits as told.
     #[error("the model provider refused the request (HTTP {status})")]
     UpstreamRejected {
         /// The upstream's status (4xx).
         status: StatusCode,
         /// The upstream's JSON error body, safe to pass on.
         body: Option<Bytes>,
+        /// The upstream's retry headers, by name, as it sent them.
+        retry: Vec<(HeaderName, HeaderValue)>,
     },
     /// The upstream failed, was unreachable, answered garbage, or refused the
     /// gateway's own credentials (HTTP 502, code `upstream_error`). The message is
@@ -302,6 +306,11 @@ impl IntoResponse for GatewayError {
         };
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
+        if let GatewayError::UpstreamRejected { retry, .. } = &self {
+            for (name, value) in retry {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

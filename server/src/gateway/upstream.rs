@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use app::domain::Usage;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -106,6 +106,16 @@ impl Target {
     /// the answer reported, if any (billed instead of released, R7).
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
+        let retry: Vec<(HeaderName, HeaderValue)> = [
+            header::RETRY_AFTER,
+            HeaderName::from_static("retry-after-ms"),
+        ]
+        .into_iter()
+        .filter_map(|name| {
+            let value = response.headers().get(&name)?.clone();
+            Some((name, value))
+        })
+        .collect();
         let (body, object, usage) = self.read_unrelayed(response).await;
         let mentions_key = self.key.as_ref().is_some_and(|k| k.appears_in(&body));
         let error = match status {
@@ -127,6 +137,7 @@ impl Target {
                 GatewayError::UpstreamRejected {
                     status: s,
                     body: passable.then_some(body),
+                    retry,
                 }
             }
             s => {

@@ -67,6 +67,9 @@ pub struct Behaviour {
     /// The stream's first event carries bytes that are not UTF-8 (a broken
     /// upstream): the rest follows as usual.
     pub invalid_utf8_first: bool,
+    /// `Retry-After` and `Retry-After-Ms` of a non-200 answer, as a rate-limited
+    /// provider sends them.
+    pub retry_after: Option<(&'static str, &'static str)>,
 }
 
 impl Default for Behaviour {
@@ -89,6 +92,7 @@ impl Default for Behaviour {
             ignore_stream: false,
             done_in_stream: true,
             invalid_utf8_first: false,
+            retry_after: None,
         }
     }
 }
@@ -189,12 +193,18 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         let text = behaviour
             .error_body
             .replace("{auth}", authorization.as_deref().unwrap_or(""));
-        return (
+        let mut answer = (
             StatusCode::from_u16(behaviour.status).unwrap(),
             [(header::CONTENT_TYPE, "application/json")],
             text,
         )
             .into_response();
+        if let Some((seconds, millis)) = behaviour.retry_after {
+            let headers = answer.headers_mut();
+            headers.insert(header::RETRY_AFTER, seconds.parse().unwrap());
+            headers.insert("retry-after-ms", millis.parse().unwrap());
+        }
+        return answer;
     }
     let request: serde_json::Value = serde_json::from_str(&body).unwrap();
     let model = request["model"].as_str().unwrap_or("").to_owned();
