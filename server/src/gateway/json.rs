@@ -185,7 +185,10 @@ pub(crate) fn output_cap(object: &RawObject) -> Result<Option<u64>, GatewayError
         match optional_u64(object, param) {
             Ok(Some(0)) | Err(_) => Err(GatewayError::invalid_field(
                 param,
-                format!("`{param}` must be a positive integer"),
+                format!(
+                    "`{param}` must be a whole number of at least 1, and at most the model's \
+                     maximum output tokens"
+                ),
             )),
             Ok(cap) => Ok(cap),
         }
@@ -229,7 +232,12 @@ pub(crate) fn choice_count(object: &RawObject) -> Result<u32, GatewayError> {
         Some(raw) => serde_json::from_str::<u32>(raw.get())
             .ok()
             .filter(|n| *n > 0)
-            .ok_or_else(|| GatewayError::invalid_field("n", "`n` must be a positive integer")),
+            .ok_or_else(|| {
+                GatewayError::invalid_field(
+                    "n",
+                    format!("`n` must be a whole number from 1 to {}", u32::MAX),
+                )
+            }),
     }
 }
 
@@ -284,10 +292,12 @@ mod tests {
         assert_eq!(n("{}").unwrap(), 1);
         assert_eq!(n(r#"{"n":null}"#).unwrap(), 1);
         assert_eq!(n(r#"{"n":3}"#).unwrap(), 3);
-        for bad in ["0", "-1", "1.5", "\"2\"", "4294967296"] {
+        for bad in ["0", "-1", "1.5", "\"2\"", "4294967296", "100000000000"] {
             let error = n(&format!(r#"{{"n":{bad}}}"#)).unwrap_err();
             assert!(
-                error.to_string().contains("`n` must be a positive integer"),
+                error
+                    .to_string()
+                    .contains("`n` must be a whole number from 1 to 4294967295"),
                 "n = {bad}: {error}"
             );
         }
