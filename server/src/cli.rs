@@ -615,8 +615,9 @@ const MAX_KEY_NAME_CHARS: usize = 100;
 /// Default_Ignorable_Code_Point property: variation selectors, the combining
 /// grapheme joiner, Hangul fillers), or the Braille pattern without dots, which
 /// draws as a blank. Names and emails holding one would print in `user list`,
-/// `key list` and `audit` like others that they are not.
-fn is_hidden(c: char) -> bool {
+/// `key list` and `audit` like others that they are not, and a model's display
+/// name holding one would show on the tab as another model's.
+pub(crate) fn is_hidden(c: char) -> bool {
     use icu_properties::{
         props::{DefaultIgnorableCodePoint, GeneralCategory},
         CodePointMapData, CodePointSetData,

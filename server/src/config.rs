@@ -562,9 +562,42 @@ fn build_catalog(
             None => input,
         };
         let output = price(&key("output_eur_per_mtok"), &m.output_eur_per_mtok)?;
+        if cached_input > input {
+            return Err(invalid(
+                key("cached_input_eur_per_mtok"),
+                format!(
+                    "{} is more than input_eur_per_mtok ({}): a cached input token never \
+                     costs more than an uncached one (R3)",
+                    cached_input.eur_per_mtok(),
+                    input.eur_per_mtok()
+                ),
+            ));
+        }
+        let display_name = m.display_name.unwrap_or_else(|| m.id.clone());
+        if display_name.trim().is_empty() || display_name.contains(crate::cli::is_hidden) {
+            return Err(invalid(
+                key("display_name"),
+                format!(
+                    "{display_name:?} must be visible text: no line breaks, tabs, \
+                     direction overrides or other characters that show as nothing"
+                ),
+            ));
+        }
+        if let Some(j) = out
+            .iter()
+            .position(|other: &Model| other.display_name == display_name)
+        {
+            return Err(invalid(
+                key("display_name"),
+                format!(
+                    "{display_name:?} is already the display name of models[{j}]: the tab \
+                     would show two models alike"
+                ),
+            ));
+        }
         out.push(Model {
             id: ModelId::new(m.id.clone()),
-            display_name: m.display_name.unwrap_or_else(|| m.id.clone()),
+            display_name,
             aliases: m.aliases,
             upstream: m.upstream,
             upstream_model: m.upstream_model.unwrap_or(m.id),
@@ -856,6 +889,36 @@ mod tests {
                  output_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "upstreams[0].api_key_env",
                 "\"MOCK_KEY \" is not an environment variable's name",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\ninput_eur_per_mtok = \"1\"\n\
+                 cached_input_eur_per_mtok = \"1.5\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].cached_input_eur_per_mtok",
+                "1.5 is more than input_eur_per_mtok (1)",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\ndisplay_name = \"A\\u202eB\\nC\"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].display_name",
+                "must be visible text",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\ndisplay_name = \" \"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].display_name",
+                "must be visible text",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\ndisplay_name = \"Model\"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1\n\
+                 [[models]]\nid = \"n\"\ndisplay_name = \"Model\"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"2\"\noutput_eur_per_mtok = \"2\"\nmax_output_tokens = 1",
+                "models[1].display_name",
+                "already the display name of models[0]",
             ),
             (
                 "[workspace]\ntimezone = \"Mars/Olympus\"",
