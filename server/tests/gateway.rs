@@ -1984,11 +1984,14 @@ async fn health_reports_writes_held_up(db: &TestDb) {
     assert_eq!(h.health().await, (200, "ok".to_owned()));
 }
 
-/// A request that waits for SQLite's write lock past the store's busy timeout
-/// (another process holding it, 10 s) gets 503 `database_busy` with
-/// `retry-after`, an answer SDKs retry, and nothing is reserved or spent; once
-/// the lock is let go, requests are served again. (On PostgreSQL a request waits
-/// for the plan row's lock as long as it is held: there is no timeout to pass.)
+/// Requests that wait for SQLite's write lock past the store's busy timeout
+/// (another process holding it, 10 s) get 503 `database_busy` with
+/// `retry-after`, an answer SDKs retry, and nothing is reserved or spent. However
+/// long the lock is held, no request waits much more than twice that timeout:
+/// the writes queued behind a refused one are refused with it, not tried one by
+/// one, each waiting the whole timeout again. Once the lock is let go, requests
+/// are served again. (On PostgreSQL a request waits for the plan row's lock as
+/// long as it is held: there is no timeout to pass.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing() {
     let db = TestDb::sqlite();
@@ -1999,22 +2002,42 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing() {
     let before = h.workspace().await;
 
     let holder = WriteLockHolder::take(&db.url).await;
-    let refused = h.chat(&chat_body("test/big")).await;
-    holder.release().await;
-    assert_eq!(refused.headers()["retry-after"], "1");
-    let body = assert_error(refused, 503, "api_error", "database_busy", None).await;
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("nothing was spent"),
-        "{body}"
+    let taken = tokio::time::Instant::now();
+    let held = Duration::from_secs(24);
+    // One request, then three more while the first still waits.
+    let send = |after: u64| {
+        let h = &h;
+        async move {
+            tokio::time::sleep(Duration::from_secs(after)).await;
+            let sent = tokio::time::Instant::now();
+            let response = h.chat(&chat_body("test/big")).await;
+            (response, sent.elapsed())
+        }
+    };
+    let (answers, ()) = tokio::join!(
+        futures::future::join_all([send(0), send(1), send(3), send(6)]),
+        async {
+            tokio::time::sleep_until(taken + held).await;
+            holder.release().await;
+        }
     );
+    for (refused, waited) in answers {
+        assert!(waited < Duration::from_secs(22), "waited {waited:?}");
+        assert_eq!(refused.headers()["retry-after"], "1");
+        let body = assert_error(refused, 503, "api_error", "database_busy", None).await;
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("nothing was spent"),
+            "{body}"
+        );
+    }
     assert_eq!(h.workspace().await, before);
     assert_eq!(
         h.mock.received().len(),
         1,
-        "the refused request went nowhere"
+        "the refused requests went nowhere"
     );
 
     let served = h.chat(&chat_body("test/big")).await;

@@ -430,6 +430,22 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
             Ok((answers, books)) => {
                 return (Some(Writer { conn, books }), answer_all(ops, answers))
             }
+            // Another connection's lock, not one operation's fault: one by one,
+            // each would wait the whole busy timeout again, and the writes queued
+            // behind them longer still. All are answered busy at once.
+            Err(StoreError::Busy(detail)) => {
+                tracing::warn!(
+                    error = %detail,
+                    operations = ops.len(),
+                    "the database stayed locked by another connection: a batch of writes was refused"
+                );
+                let answers = ops
+                    .iter()
+                    .map(|_| Answer::Failed(StoreError::Busy(detail.clone())))
+                    .collect();
+                let orphans = answer_all(ops, answers);
+                return (Some(Writer { conn, books: None }), orphans);
+            }
             Err(e) => tracing::warn!(
                 error = %e,
                 operations = ops.len(),

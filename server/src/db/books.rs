@@ -835,6 +835,10 @@ impl KeyOwnerRow {
     }
 }
 
+/// How long a request waits at most for its key's `last_used_at` to be written
+/// before it goes on without (the database busy with another process's write).
+pub(crate) const LAST_USED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How often at most a key's `last_used_at` is written, seconds.
 pub(crate) const LAST_USED_PRECISION_SECS: i64 = 60;
 
@@ -1894,21 +1898,22 @@ macro_rules! impl_store {
                 if stale {
                     // A date for the operator only: a request is not refused because
                     // it could not be written (another process holding the lock, say).
-                    let written = match self.write_connection().await {
-                        Ok(mut lent) => {
-                            let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
-                            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
-                                .bind(now.to_rfc3339())
-                                .bind(key.id)
-                                .execute(&mut *conn)
-                                .await
-                                .map_err(db_error)
-                        }
-                        Err(e) => Err(e),
+                    // Nor held up for long: it runs before the request's body is read,
+                    // which has its own deadline.
+                    let write = async {
+                        let mut lent = self.write_connection().await?;
+                        let conn: &mut <$db as sqlx::Database>::Connection = &mut lent;
+                        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                            .bind(now.to_rfc3339())
+                            .bind(key.id)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(db_error)
                     };
-                    match written {
-                        Ok(_) => key.last_used_at = Some(now),
-                        Err(e) => tracing::warn!(key = key.id, error = %e, "could not record when an API key was last used"),
+                    match tokio::time::timeout(LAST_USED_WAIT, write).await {
+                        Ok(Ok(_)) => key.last_used_at = Some(now),
+                        Ok(Err(e)) => tracing::warn!(key = key.id, error = %e, "could not record when an API key was last used"),
+                        Err(_) => tracing::warn!(key = key.id, "recording when an API key was last used took too long: skipped"),
                     }
                 }
                 Ok(Some((key, user)))
