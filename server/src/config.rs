@@ -543,6 +543,21 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
     Ok(out)
 }
 
+/// True for a character a model's display name may not hold: a control
+/// character (a line break, a tab), a line or paragraph separator, a space other
+/// than U+0020, or a bidirectional formatting character, which reorders the text
+/// after it (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069). Joiners
+/// and variation selectors stay allowed: emoji (`👩‍💻`, `❤️`) and several scripts
+/// (Persian, Devanagari) need them.
+fn breaks_a_display_name(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 fn build_catalog(
     models: Vec<ModelSection>,
     upstreams: &[Upstream],
@@ -574,12 +589,29 @@ fn build_catalog(
             ));
         }
         let display_name = m.display_name.unwrap_or_else(|| m.id.clone());
-        if display_name.trim().is_empty() || display_name.contains(crate::cli::is_hidden) {
+        let visible = display_name
+            .chars()
+            .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c));
+        if !visible || display_name.contains(breaks_a_display_name) {
             return Err(invalid(
                 key("display_name"),
                 format!(
-                    "{display_name:?} must be visible text: no line breaks, tabs, \
-                     direction overrides or other characters that show as nothing"
+                    "{display_name:?} must be visible text on one line: no line breaks, \
+                     tabs or direction overrides"
+                ),
+            ));
+        }
+        if display_name
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            != display_name
+        {
+            return Err(invalid(
+                key("display_name"),
+                format!(
+                    "{display_name:?} has spaces at an end or several in a row, which the \
+                     tab does not show: write single spaces between words"
                 ),
             ));
         }
@@ -902,14 +934,21 @@ mod tests {
                  [[models]]\nid = \"m\"\ndisplay_name = \"A\\u202eB\\nC\"\nupstream = \"u\"\n\
                  input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "models[0].display_name",
-                "must be visible text",
+                "must be visible text on one line",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\ndisplay_name = \"GPT  5\"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].display_name",
+                "several in a row",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
                  [[models]]\nid = \"m\"\ndisplay_name = \" \"\nupstream = \"u\"\n\
                  input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "models[0].display_name",
-                "must be visible text",
+                "must be visible text on one line",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
@@ -1015,6 +1054,27 @@ mod tests {
                 NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn display_names_in_any_script_and_with_emoji_are_accepted() {
+        for name in [
+            "❤️ Love",
+            "👩‍💻 Coder",
+            "🏳️‍🌈 Pride",
+            "می‌خواهم",
+            "क्‍ष",
+            "漢字モデル",
+            "Ünö Café",
+        ] {
+            let text = format!(
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\ndisplay_name = \"{name}\"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1"
+            );
+            let config = load_text(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(config.setup.catalog.models()[0].display_name, name);
         }
     }
 
