@@ -1113,16 +1113,23 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
         ),
     ] {
         let (status, answer) = h.api(path, &body).await;
+        let param = ["max_completion_tokens", "max_tokens"]
+            .into_iter()
+            .find(|field| body.get(field).is_some())
+            .unwrap();
         assert_eq!(
             (status, &answer["error"]["param"]),
-            (400, &json!("max_tokens")),
+            (400, &json!(param)),
             "{path}: {answer}"
         );
         assert!(
             answer["error"]["message"]
                 .as_str()
                 .unwrap()
-                .contains("more than the 1000 output tokens"),
+                .contains(&format!(
+                    "`{param}` is {}, more than the 1000 output tokens",
+                    body[param]
+                )),
             "{answer}"
         );
     }

@@ -70,7 +70,7 @@ async fn handle(
         .resolve(&request.model)
         .ok_or_else(|| GatewayError::ModelNotFound(request.model.clone()))?;
     model_label.push_str(model.id.as_str());
-    super::json::within_max_output(model, request.estimate.output_cap)?;
+    super::json::within_max_output(model, request.output_cap())?;
     // From admission on, the work runs in its own task: a client that goes away
     // while its reservation is being written must not leave the hold without an
     // owner (it would only be released by its lease).

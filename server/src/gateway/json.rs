@@ -171,7 +171,16 @@ pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64
         .transpose()
 }
 
-/// The output cap a request sets (R7), in tokens: `max_completion_tokens`, which
+/// An output cap a request sets (R7): how many tokens, and the field that said so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutputCap {
+    /// Output tokens.
+    pub tokens: u64,
+    /// `max_completion_tokens` or `max_tokens`.
+    pub param: &'static str,
+}
+
+/// The output cap a request sets (R7): `max_completion_tokens`, which
 /// supersedes the deprecated `max_tokens`, else `max_tokens`; the larger of the
 /// two when both are set, since both are forwarded and an upstream may honour
 /// either (servers that read only `max_tokens` exist), and the reservation must
@@ -180,8 +189,8 @@ pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64
 /// Errors: [`GatewayError::InvalidField`] naming the field when either is present
 /// and not an integer of at least 1 (OpenAI refuses a cap of 0 too, and the
 /// gateway does not forward a request bound to be refused).
-pub(crate) fn output_cap(object: &RawObject) -> Result<Option<u64>, GatewayError> {
-    let positive = |param: &str| -> Result<Option<u64>, GatewayError> {
+pub(crate) fn output_cap(object: &RawObject) -> Result<Option<OutputCap>, GatewayError> {
+    let positive = |param: &'static str| -> Result<Option<OutputCap>, GatewayError> {
         match optional_u64(object, param) {
             Ok(Some(0)) | Err(_) => Err(GatewayError::invalid_field(
                 param,
@@ -190,12 +199,15 @@ pub(crate) fn output_cap(object: &RawObject) -> Result<Option<u64>, GatewayError
                      maximum output tokens"
                 ),
             )),
-            Ok(cap) => Ok(cap),
+            Ok(cap) => Ok(cap.map(|tokens| OutputCap { tokens, param })),
         }
     };
     let max_tokens = positive("max_tokens")?;
     let max_completion_tokens = positive("max_completion_tokens")?;
-    Ok(max_completion_tokens.max(max_tokens))
+    Ok(match (max_completion_tokens, max_tokens) {
+        (Some(newer), Some(older)) if older.tokens > newer.tokens => Some(older),
+        (newer, older) => newer.or(older),
+    })
 }
 
 /// Refuses an output cap (R7) above `model`'s `max_output_tokens`: the model
@@ -203,21 +215,22 @@ pub(crate) fn output_cap(object: &RawObject) -> Result<Option<u64>, GatewayError
 /// held as asked it would be answered as a quota error (429) instead of a bad
 /// request.
 ///
-/// Errors: [`GatewayError::InvalidField`] naming `max_tokens`.
+/// Errors: [`GatewayError::InvalidField`] naming the field that set the cap.
 pub(crate) fn within_max_output(
     model: &app::domain::Model,
-    cap: Option<u64>,
+    cap: Option<OutputCap>,
 ) -> Result<(), GatewayError> {
     match cap {
-        Some(cap) if cap > u64::from(model.max_output_tokens) => Err(GatewayError::invalid_field(
-            "max_tokens",
-            format!(
-                "`max_tokens`/`max_completion_tokens` is {cap}, more than the {} output tokens \
-                 {} can produce",
-                model.max_output_tokens,
-                model.label()
-            ),
-        )),
+        Some(OutputCap { tokens, param }) if tokens > u64::from(model.max_output_tokens) => {
+            Err(GatewayError::invalid_field(
+                param,
+                format!(
+                    "`{param}` is {tokens}, more than the {} output tokens {} can produce",
+                    model.max_output_tokens,
+                    model.label()
+                ),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -301,6 +314,26 @@ mod tests {
                 "n = {bad}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn the_output_cap_is_the_larger_field_and_says_which() {
+        let cap = |text: &str| output_cap(&RawObject::parse(text.as_bytes()).unwrap()).unwrap();
+        let said = |tokens, param| Some(OutputCap { tokens, param });
+        assert_eq!(cap("{}"), None);
+        assert_eq!(cap(r#"{"max_tokens":7}"#), said(7, "max_tokens"));
+        assert_eq!(
+            cap(r#"{"max_completion_tokens":7,"max_tokens":null}"#),
+            said(7, "max_completion_tokens")
+        );
+        assert_eq!(
+            cap(r#"{"max_completion_tokens":7,"max_tokens":9}"#),
+            said(9, "max_tokens")
+        );
+        assert_eq!(
+            cap(r#"{"max_completion_tokens":9,"max_tokens":9}"#),
+            said(9, "max_completion_tokens")
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::error::GatewayError;
 use super::json::{
-    is_null, optional_bool, output_cap, raw_bool, raw_string, required_string, RawObject,
+    is_null, optional_bool, output_cap, raw_bool, raw_string, required_string, OutputCap, RawObject,
 };
 
 /// Request fields whose text reaches the model as prompt: their raw JSON byte
@@ -37,6 +37,8 @@ pub struct ChatRequest {
     pub client_wants_usage: bool,
     /// What the request may consume (R7).
     pub estimate: TokenEstimate,
+    /// The output cap of `estimate`, with the field that set it.
+    output_cap: Option<OutputCap>,
 }
 
 #[derive(Deserialize)]
@@ -102,11 +104,17 @@ impl ChatRequest {
             client_wants_usage,
             estimate: TokenEstimate {
                 prompt_tokens,
-                output_cap,
+                output_cap: output_cap.map(|cap| cap.tokens),
                 n,
             },
+            output_cap,
             body,
         })
+    }
+
+    /// The output cap (R7), with the field that set it, for an error naming it.
+    pub(crate) fn output_cap(&self) -> Option<OutputCap> {
+        self.output_cap
     }
 
     /// The body to send upstream: the client's, with `model` set to

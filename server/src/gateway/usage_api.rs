@@ -183,7 +183,7 @@ pub async fn admit(
                 model,
                 TokenEstimate {
                     prompt_tokens,
-                    output_cap,
+                    output_cap: output_cap.map(|cap| cap.tokens),
                     n,
                 },
                 caller.spender(),
