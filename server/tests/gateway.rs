@@ -824,13 +824,26 @@ async fn upstream_errors_release_the_reservation(db: &TestDb) {
     assert_eq!(response.headers()["retry-after-ms"], "2500");
     assert!(response.headers().get("x-should-retry").is_none());
     assert_eq!(response.json::<Value>().await.unwrap(), rate_limited);
+    // An HTTP date is a Retry-After too; values a client cannot read are dropped.
+    for (seconds, millis, kept) in [
+        ("Fri, 04 Dec 2026 16:00:00 GMT", "-5", true),
+        ("1.5", "abc", false),
+        ("-5", "99999999999999999999", false),
+    ] {
+        h.mock.set(|b| b.retry_after = Some((seconds, millis)));
+        let response = h.chat(&chat_body("big")).await;
+        assert_eq!(response.status(), 429);
+        let headers = response.headers();
+        assert_eq!(headers.get("retry-after").is_some(), kept, "{seconds}");
+        assert!(headers.get("retry-after-ms").is_none(), "{millis}");
+    }
 
-    assert_eq!(h.mock.received().len(), 4);
+    assert_eq!(h.mock.received().len(), 7);
     assert_eq!(h.workspace().await, Counter::default());
     assert!(h
         .metrics()
         .await
-        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 4"));
+        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 7"));
 }
 
 /// An upstream slower than its timeout: 504, the hold released, nothing spent.

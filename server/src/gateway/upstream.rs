@@ -106,16 +106,7 @@ impl Target {
     /// the answer reported, if any (billed instead of released, R7).
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
-        let retry: Vec<(HeaderName, HeaderValue)> = [
-            header::RETRY_AFTER,
-            HeaderName::from_static("retry-after-ms"),
-        ]
-        .into_iter()
-        .filter_map(|name| {
-            let value = response.headers().get(&name)?.clone();
-            Some((name, value))
-        })
-        .collect();
+        let retry = retry_headers(response.headers());
         let (body, object, usage) = self.read_unrelayed(response).await;
         let mentions_key = self.key.as_ref().is_some_and(|k| k.appears_in(&body));
         let error = match status {
@@ -347,6 +338,32 @@ pub fn usage_from_upstream(raw: &RawValue, upstream: &str) -> Option<Usage> {
             None
         }
     }
+}
+
+/// The retry headers of an upstream's refusal that a client can act on, to pass
+/// on with it: `Retry-After` as whole seconds or an HTTP date (RFC 9110), and
+/// `Retry-After-Ms` (OpenAI's) as whole milliseconds. Other values are dropped:
+/// a client would read them as it pleases, or fail on them.
+fn retry_headers(headers: &axum::http::HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let whole = |text: &str| {
+        !text.is_empty() && text.len() <= 10 && text.bytes().all(|b| b.is_ascii_digit())
+    };
+    let mut out = Vec::new();
+    if let Some(value) = headers.get(header::RETRY_AFTER) {
+        if value
+            .to_str()
+            .is_ok_and(|text| whole(text) || httpdate::parse_http_date(text).is_ok())
+        {
+            out.push((header::RETRY_AFTER, value.clone()));
+        }
+    }
+    let millis = HeaderName::from_static("retry-after-ms");
+    if let Some(value) = headers.get(&millis) {
+        if value.to_str().is_ok_and(whole) {
+            out.push((millis, value.clone()));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
