@@ -37,8 +37,8 @@ pub struct ChatRequest {
     pub client_wants_usage: bool,
     /// What the request may consume (R7).
     pub estimate: TokenEstimate,
-    /// The output cap of `estimate`, with the field that set it.
-    output_cap: Option<OutputCap>,
+    /// The field that set `estimate.output_cap`, when one did.
+    output_cap_param: &'static str,
 }
 
 #[derive(Deserialize)]
@@ -107,14 +107,17 @@ impl ChatRequest {
                 output_cap: output_cap.map(|cap| cap.tokens),
                 n,
             },
-            output_cap,
+            output_cap_param: output_cap.map_or("max_tokens", |cap| cap.param),
             body,
         })
     }
 
     /// The output cap (R7), with the field that set it, for an error naming it.
     pub(crate) fn output_cap(&self) -> Option<OutputCap> {
-        self.output_cap
+        self.estimate.output_cap.map(|tokens| OutputCap {
+            tokens,
+            param: self.output_cap_param,
+        })
     }
 
     /// The body to send upstream: the client's, with `model` set to
