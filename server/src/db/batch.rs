@@ -439,12 +439,11 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
                     operations = ops.len(),
                     "the database stayed locked by another connection: a batch of writes was refused"
                 );
-                let answers = ops
-                    .iter()
-                    .map(|_| Answer::Failed(StoreError::Busy(detail.clone())))
-                    .collect();
-                let orphans = answer_all(ops, answers);
-                return (Some(Writer { conn, books: None }), orphans);
+                for op in ops {
+                    op.fail(StoreError::Busy(detail.clone()));
+                }
+                // Nothing was admitted, so no reservation is left without a caller.
+                return (Some(Writer { conn, books: None }), Vec::new());
             }
             Err(e) => tracing::warn!(
                 error = %e,

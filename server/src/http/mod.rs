@@ -122,17 +122,19 @@ pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2
 /// sending requests that could only fail (nothing can be admitted without the
 /// books).
 async fn healthz(State(state): State<AppState>) -> Response {
-    if let Some(held) = state.store.write_held_for() {
-        if held >= HEALTH_TIMEOUT {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "writes to the database have been held up for {} s",
-                    held.as_secs()
-                ),
-            )
-                .into_response();
-        }
+    if let Some(held) = state
+        .store
+        .write_held_for()
+        .filter(|held| *held >= HEALTH_TIMEOUT)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "writes to the database have been held up for {} s",
+                held.as_secs()
+            ),
+        )
+            .into_response();
     }
     let problem = match tokio::time::timeout(HEALTH_TIMEOUT, state.store.workspace()).await {
         Ok(Ok(_)) => return "ok".into_response(),
