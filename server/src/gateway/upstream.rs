@@ -345,25 +345,28 @@ pub fn usage_from_upstream(raw: &RawValue, upstream: &str) -> Option<Usage> {
 /// `Retry-After-Ms` (OpenAI's) as whole milliseconds. Other values are dropped:
 /// a client would read them as it pleases, or fail on them.
 fn retry_headers(headers: &axum::http::HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
-    let whole = |text: &str| {
+    fn whole(text: &str) -> bool {
         !text.is_empty() && text.len() <= 10 && text.bytes().all(|b| b.is_ascii_digit())
-    };
-    let mut out = Vec::new();
-    if let Some(value) = headers.get(header::RETRY_AFTER) {
-        if value
-            .to_str()
-            .is_ok_and(|text| whole(text) || httpdate::parse_http_date(text).is_ok())
-        {
-            out.push((header::RETRY_AFTER, value.clone()));
-        }
     }
-    let millis = HeaderName::from_static("retry-after-ms");
-    if let Some(value) = headers.get(&millis) {
-        if value.to_str().is_ok_and(whole) {
-            out.push((millis, value.clone()));
-        }
+    fn seconds_or_date(text: &str) -> bool {
+        whole(text) || httpdate::parse_http_date(text).is_ok()
     }
-    out
+    /// A header and whether a value of it can be read.
+    type Readable = (HeaderName, fn(&str) -> bool);
+    let headers_read: [Readable; 2] = [
+        (header::RETRY_AFTER, seconds_or_date),
+        (HeaderName::from_static("retry-after-ms"), whole),
+    ];
+    headers_read
+        .into_iter()
+        .filter_map(|(name, readable)| {
+            let value = headers.get(&name)?;
+            value
+                .to_str()
+                .is_ok_and(readable)
+                .then(|| (name, value.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
