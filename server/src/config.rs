@@ -558,6 +558,35 @@ fn breaks_a_display_name(c: char) -> bool {
         )
 }
 
+/// Why `name` cannot be a model's display name beside the models `earlier` in
+/// the catalog, if it cannot: it shows nothing, breaks a line or reorders text
+/// ([`breaks_a_display_name`]), has spaces the tab would not show, or is
+/// another model's.
+fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
+    let visible = name
+        .chars()
+        .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c));
+    if !visible || name.contains(breaks_a_display_name) {
+        return Err(format!(
+            "{name:?} must be visible text on one line: no line breaks, tabs or direction \
+             overrides"
+        ));
+    }
+    if name.split_whitespace().collect::<Vec<_>>().join(" ") != name {
+        return Err(format!(
+            "{name:?} has spaces at an end or several in a row, which the tab does not \
+             show: write single spaces between words"
+        ));
+    }
+    match earlier.iter().position(|other| other.display_name == name) {
+        Some(j) => Err(format!(
+            "{name:?} is already the display name of models[{j}]: the tab would show two \
+             models alike"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn build_catalog(
     models: Vec<ModelSection>,
     upstreams: &[Upstream],
@@ -589,44 +618,8 @@ fn build_catalog(
             ));
         }
         let display_name = m.display_name.unwrap_or_else(|| m.id.clone());
-        let visible = display_name
-            .chars()
-            .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c));
-        if !visible || display_name.contains(breaks_a_display_name) {
-            return Err(invalid(
-                key("display_name"),
-                format!(
-                    "{display_name:?} must be visible text on one line: no line breaks, \
-                     tabs or direction overrides"
-                ),
-            ));
-        }
-        if display_name
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            != display_name
-        {
-            return Err(invalid(
-                key("display_name"),
-                format!(
-                    "{display_name:?} has spaces at an end or several in a row, which the \
-                     tab does not show: write single spaces between words"
-                ),
-            ));
-        }
-        if let Some(j) = out
-            .iter()
-            .position(|other: &Model| other.display_name == display_name)
-        {
-            return Err(invalid(
-                key("display_name"),
-                format!(
-                    "{display_name:?} is already the display name of models[{j}]: the tab \
-                     would show two models alike"
-                ),
-            ));
-        }
+        check_display_name(&display_name, &out)
+            .map_err(|problem| invalid(key("display_name"), problem))?;
         out.push(Model {
             id: ModelId::new(m.id.clone()),
             display_name,
