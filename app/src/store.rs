@@ -242,6 +242,13 @@ pub struct Settlement {
     /// at admission. The gateway does not: what the provider reports is billed,
     /// even beyond the reservation (R7).
     pub within_reservation: bool,
+    /// When the sweep has already released the reservation because its lease ran
+    /// out, bill the usage all the same from the lapsed hold's record (its cycle,
+    /// its prices; kept a week), counting nothing as released twice. The gateway
+    /// sets it: its provider served the request, and only a database held up
+    /// past the lease kept it from renewing and settling (DESIGN.md R7). The
+    /// usage API does not: its caller owns the lease, and a lapsed one is gone.
+    pub bill_if_lapsed: bool,
     /// When the request finished.
     pub now: DateTime<Utc>,
 }

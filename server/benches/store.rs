@@ -97,6 +97,7 @@ async fn pair(store: &SharedStore, catalog: &Arc<Catalog>) {
             usage: Some(usage),
             idempotency_key: None,
             within_reservation: false,
+            bill_if_lapsed: false,
             now,
         })
         .await

@@ -2064,6 +2064,82 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing() {
     assert_eq!(served.status(), 200);
 }
 
+/// A request served while the database was held up past the tries made while it
+/// waits (three of SQLite's 10 s lock timeouts) gets its answer, and its
+/// settlement goes on after the answer until the lock is let go: billed once,
+/// nothing left reserved (DESIGN.md R7). Without it, the usage went unbilled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settlement_held_up_past_the_answer_is_billed_after() {
+    let db = TestDb::sqlite();
+    let h = start(&db, Options::default()).await;
+    let first = h.chat(&chat_body("test/big")).await;
+    assert_eq!(first.status(), 200);
+    let _ = first.bytes().await.unwrap();
+    let one = h.workspace().await;
+
+    h.mock.set(|b| b.delay = Duration::from_millis(1500));
+    let (answer, holder) = tokio::join!(
+        async {
+            let response = h.chat(&chat_body("test/big")).await;
+            let status = response.status();
+            (status, response.bytes().await.unwrap())
+        },
+        async {
+            // Taken once the request is admitted, before its upstream answers.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            WriteLockHolder::take(&db.url).await
+        }
+    );
+    assert_eq!(answer.0, 200, "{:?}", answer.1);
+    // Answered with the lock still held: the settlement has not landed.
+    assert_eq!(h.workspace().await.spent, one.spent);
+    holder.release().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let settled = loop {
+        let now = h.workspace().await;
+        if now.reserved == Nanos::ZERO || tokio::time::Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(settled.reserved, Nanos::ZERO, "the hold was never settled");
+    assert_eq!(settled.spent, one.spent.checked_add(one.spent).unwrap());
+}
+
+/// A request whose hold was released by the sweep while its upstream answered
+/// (its lease ran out; here another replica sweeps as if it had) is billed all
+/// the same, from the lapsed hold: the provider served it (DESIGN.md R7).
+async fn a_request_whose_lease_ran_out_is_billed_all_the_same(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let first = h.chat(&chat_body("big")).await;
+    assert_eq!(first.status(), 200);
+    let _ = first.bytes().await.unwrap();
+    let one = h.workspace().await;
+
+    let elsewhere = server::db::open(&db.url, Durability::Normal)
+        .await
+        .unwrap()
+        .store;
+    h.mock.set(|b| b.delay = Duration::from_millis(1000));
+    let body = chat_body("big");
+    let (answer, swept) = tokio::join!(h.chat(&body), async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        elsewhere
+            .release_expired(Utc::now() + chrono::TimeDelta::minutes(5))
+            .await
+            .unwrap()
+    });
+    assert_eq!(swept, 1, "the request's hold was not swept");
+    assert_eq!(answer.status(), 200);
+    let _ = answer.bytes().await.unwrap();
+    let after = h.workspace().await;
+    assert_eq!(after.reserved, Nanos::ZERO);
+    assert_eq!(after.spent, one.spent.checked_add(one.spent).unwrap());
+    let snapshot = elsewhere.spend_snapshot(Utc::now()).await.unwrap();
+    let ledger = elsewhere.ledger_totals(snapshot.cycle.start).await.unwrap();
+    assert_eq!((ledger.events, ledger.total), (2, after.spent));
+}
+
 on_both_backends!(
     health_follows_the_database,
     health_reports_writes_held_up,
@@ -2084,6 +2160,7 @@ on_both_backends!(
     an_upstream_key_read_from_a_file_loses_its_line_break,
     usage_api_admits_settles_releases_and_records_once,
     a_restarted_gateway_leaves_no_reservations,
+    a_request_whose_lease_ran_out_is_billed_all_the_same,
     a_key_revoked_elsewhere_spends_nothing_more,
 );
 

@@ -71,6 +71,7 @@ fn settlement(id: &ReservationId, usage: Option<Usage>) -> Settlement {
         usage,
         idempotency_key: None,
         within_reservation: false,
+        bill_if_lapsed: false,
         now: now(),
     }
 }
@@ -715,6 +716,60 @@ async fn a_reservation_ended_elsewhere_is_settled_once(db: &TestDb) {
     let snapshot = elsewhere.spend_snapshot(now()).await.unwrap();
     assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
     assert_eq!(snapshot.workspace.spent, Nanos::new(40_000));
+}
+
+/// A gateway's settlement that comes after the sweep released its hold (the
+/// database was held up past the lease while the provider served the request)
+/// is billed from the lapsed hold: spent once, nothing released twice, the
+/// ledger equal to the counters. The usage API's settlement of a lapsed hold is
+/// refused, and a lapsed hold is kept for `LAPSED_KEPT` only (DESIGN.md R7).
+async fn a_late_settlement_bills_a_lapsed_hold(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let gateway = db.store(&setup).await;
+    let elsewhere = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    let late = admitted(reserve(&gateway, &catalog, "mid", estimate(100), now()).await);
+    let refused = admitted(reserve(&gateway, &catalog, "mid", estimate(100), now()).await);
+    let forgotten = admitted(reserve(&gateway, &catalog, "mid", estimate(100), now()).await);
+    let swept_at = now() + Duration::hours(1);
+    assert_eq!(elsewhere.release_expired(swept_at).await.unwrap(), 3);
+    let late_settlement = || Settlement {
+        idempotency_key: Some(format!("settle:{}", late.id)),
+        bill_if_lapsed: true,
+        ..settlement(&late.id, Some(usage(0, 10)))
+    };
+    let event = gateway.settle(late_settlement()).await.unwrap();
+    assert!(event.newly_recorded);
+    assert_eq!(event.cost, Nanos::new(20_000));
+    assert!(!event.estimated);
+    // Settled again (a retry): the same event, counted once.
+    let again = gateway.settle(late_settlement()).await.unwrap();
+    assert!(!again.newly_recorded);
+    assert_eq!(again.id, event.id);
+    match gateway
+        .settle(settlement(&refused.id, Some(usage(0, 10))))
+        .await
+    {
+        Err(StoreError::NotFound { what }) => assert_eq!(what, "reservation"),
+        other => panic!("the usage API settled a lapsed hold: {other:?}"),
+    }
+    // A week later the sweep forgets the lapsed holds.
+    let week = swept_at + server::db::LAPSED_KEPT + Duration::minutes(1);
+    assert_eq!(elsewhere.release_expired(week).await.unwrap(), 0);
+    let forgotten_settlement = Settlement {
+        bill_if_lapsed: true,
+        ..settlement(&forgotten.id, Some(usage(0, 10)))
+    };
+    assert!(matches!(
+        gateway.settle(forgotten_settlement).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let snapshot = elsewhere.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    assert_eq!(snapshot.workspace.spent, Nanos::new(20_000));
+    let ledger = elsewhere.ledger_totals(snapshot.cycle.start).await.unwrap();
+    assert_eq!(ledger.events, 1);
+    assert_eq!(ledger.total, snapshot.workspace.spent);
 }
 
 /// A request for 100 output tokens on `mid` (0.0002 EUR) spent by `user_id`
@@ -1539,6 +1594,7 @@ on_both_backends!(
     a_new_limit_applies_to_the_next_request,
     a_limit_set_elsewhere_applies_to_the_next_request,
     a_reservation_ended_elsewhere_is_settled_once,
+    a_late_settlement_bills_a_lapsed_hold,
     a_revoked_key_admits_nothing,
     a_disabled_user_signs_in_no_more_and_spends_nothing,
     a_new_cycle_starts_from_zero,

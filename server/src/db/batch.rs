@@ -359,6 +359,16 @@ impl<C: Send + 'static> Batcher<C> {
     }
 }
 
+/// Which holds [`HotPath::take_reservations`] takes (DESIGN.md R7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holds {
+    /// Reservations in force (`reservations`): counted as reserved.
+    Live,
+    /// Reservations the sweep released when their lease ran out
+    /// (`lapsed_reservations`): kept to bill a late settlement, counted nowhere.
+    Lapsed,
+}
+
 /// What a batch asks of the database, on a backend's writer connection. Every
 /// call but [`HotPath::begin`] runs inside the transaction it opens, which
 /// [`HotPath::write`] commits and [`HotPath::rollback`] ends with nothing kept.
@@ -371,10 +381,11 @@ pub(crate) trait HotPath: Send {
     /// When it fails, no transaction is left open.
     fn begin(&mut self) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
 
-    /// Deletes the reservations of `ids` that exist, returning them.
+    /// Deletes the `holds` of `ids` that exist, returning them.
     fn take_reservations(
         &mut self,
         ids: &[&str],
+        holds: Holds,
     ) -> impl Future<Output = Result<Vec<ReservationRow>, StoreError>> + Send;
 
     /// The ledger rows recorded under the idempotency keys `keys`, by key.
@@ -537,7 +548,7 @@ async fn batch_in_transaction<C: HotPath>(
     let mut ended: HashMap<String, ReservationRow> = if ending.is_empty() {
         HashMap::new()
     } else {
-        conn.take_reservations(&ending)
+        conn.take_reservations(&ending, Holds::Live)
             .await?
             .into_iter()
             .map(|row| (row.id.clone(), row))
@@ -559,6 +570,34 @@ async fn batch_in_transaction<C: HotPath>(
         HashMap::new()
     } else {
         conn.find_events(&retried).await?
+    };
+    // Neither held nor recorded: a gateway's settlement may come after the sweep
+    // released its hold (its lease ran out while the database was held up); it is
+    // billed from the lapsed hold. Looked up only then, so almost never.
+    let late: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Settle(settlement, _)
+                if settlement.bill_if_lapsed
+                    && !ended.contains_key(settlement.reservation.0.as_str())
+                    && !settlement
+                        .idempotency_key
+                        .as_deref()
+                        .is_some_and(|key| recorded.contains_key(key)) =>
+            {
+                Some(settlement.reservation.0.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    let mut lapsed: HashMap<String, ReservationRow> = if late.is_empty() {
+        HashMap::new()
+    } else {
+        conn.take_reservations(&late, Holds::Lapsed)
+            .await?
+            .into_iter()
+            .map(|row| (row.id.clone(), row))
+            .collect()
     };
 
     // The API keys admissions spend on, each checked live under the lock.
@@ -618,17 +657,30 @@ async fn batch_in_transaction<C: HotPath>(
                 }
             }
             Op::Settle(settlement, _) => 'settle: {
-                let Some(row) = ended.remove(settlement.reservation.0.as_str()) else {
-                    let retry = settlement
-                        .idempotency_key
-                        .as_deref()
-                        .and_then(|key| recorded.remove(key));
-                    break 'settle Some(Answer::Settle(match retry {
-                        Some(event) => Ok(event.record(false)),
-                        None => Err(StoreError::NotFound {
-                            what: "reservation",
-                        }),
-                    }));
+                let id = settlement.reservation.0.as_str();
+                // What the hold still counts as reserved: nothing once it lapsed.
+                let (row, held) = match (ended.remove(id), lapsed.remove(id)) {
+                    (Some(row), _) => {
+                        let held = row.amount_nanos;
+                        (row, held)
+                    }
+                    (None, Some(row)) => {
+                        tracing::warn!(reservation = id, model = %row.served_model,
+                            "billing a request whose reservation's lease had run out");
+                        (row, 0)
+                    }
+                    (None, None) => {
+                        let retry = settlement
+                            .idempotency_key
+                            .as_deref()
+                            .and_then(|key| recorded.remove(key));
+                        break 'settle Some(Answer::Settle(match retry {
+                            Some(event) => Ok(event.record(false)),
+                            None => Err(StoreError::NotFound {
+                                what: "reservation",
+                            }),
+                        }));
+                    }
                 };
                 let (cost, estimated, over) = settlement_cost(&row, settlement.usage.as_ref())?;
                 if over && settlement.within_reservation {
@@ -636,12 +688,7 @@ async fn batch_in_transaction<C: HotPath>(
                     // reservation just deleted is kept.
                     return Err(usage_exceeds_reservation(cost, &row));
                 }
-                books.change(
-                    row.cycle_start,
-                    &row.served_model,
-                    cost.get(),
-                    -row.amount_nanos,
-                );
+                books.change(row.cycle_start, &row.served_model, cost.get(), -held);
                 events.push(NewEvent {
                     row,
                     usage: settlement.usage.unwrap_or_default(),

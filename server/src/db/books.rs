@@ -394,6 +394,8 @@ const LEDGER_RETURNING: &str = "id, requested_model, served_model, cost_nanos, e
 pub(crate) struct HotSql {
     /// Deletes the reservations whose ids are given, returning [`ReservationRow`]s.
     pub take_reservations: String,
+    /// As [`HotSql::take_reservations`], from the lapsed holds.
+    pub take_lapsed: String,
     /// The ledger rows recorded under the idempotency keys given, as [`LedgerRow`]s.
     pub find_events: String,
     /// What an admission reads after the plan, in one round trip, as
@@ -565,6 +567,10 @@ impl HotSql {
         HotSql {
             take_reservations: format!(
                 "DELETE FROM reservations WHERE workspace_id = {WORKSPACE_ID} \
+                 AND {reservation_ids} RETURNING {RESERVATION_RETURNING}"
+            ),
+            take_lapsed: format!(
+                "DELETE FROM lapsed_reservations WHERE workspace_id = {WORKSPACE_ID} \
                  AND {reservation_ids} RETURNING {RESERVATION_RETURNING}"
             ),
             find_events: format!(
@@ -1016,6 +1022,10 @@ pub(crate) fn usage_exceeds_reservation(cost: Nanos, row: &ReservationRow) -> St
     }
 }
 
+/// How long a hold the sweep released when its lease ran out is kept for a late
+/// settlement to bill (`lapsed_reservations`, DESIGN.md R7).
+pub const LAPSED_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
 /// Unix seconds of a cycle start, the counters' key.
 pub(crate) fn cycle_key(start: DateTime<Utc>) -> i64 {
     start.timestamp()
@@ -1285,6 +1295,29 @@ macro_rules! impl_store {
                 use $crate::db::books::*;
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                // Kept, so that a request served all the same is billed when its
+                // settlement comes late (`Settlement::bill_if_lapsed`).
+                sqlx::query(
+                    "INSERT INTO lapsed_reservations (id, workspace_id, cycle_start, \
+                     requested_model, served_model, amount_nanos, input_eur_per_mtok, \
+                     cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id, lapsed_at) \
+                     SELECT id, workspace_id, cycle_start, requested_model, served_model, \
+                     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, \
+                     output_eur_per_mtok, user_id, api_key_id, $3 FROM reservations \
+                     WHERE workspace_id = $1 AND lease_until < $2 ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(millis(now))
+                .bind(millis(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                sqlx::query("DELETE FROM lapsed_reservations WHERE workspace_id = $1 AND lapsed_at < $2")
+                    .bind(WORKSPACE_ID)
+                    .bind(millis(now - LAPSED_KEPT))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
                 let rows: Vec<(i64, String, i64)> = sqlx::query_as(
                     "DELETE FROM reservations WHERE workspace_id = $1 AND lease_until < $2 \
                      RETURNING cycle_start, served_model, amount_nanos",
@@ -2250,6 +2283,7 @@ macro_rules! impl_store {
             .map_err(db_error)?;
             for statement in [
                 "UPDATE reservations SET cycle_start = $2 WHERE workspace_id = $1",
+                "UPDATE lapsed_reservations SET cycle_start = $2 WHERE workspace_id = $1",
                 "UPDATE counters SET reserved_nanos = 0 WHERE workspace_id = $1 AND cycle_start <> $2",
                 "DELETE FROM counters WHERE workspace_id = $1 AND cycle_start = $2",
             ] {

@@ -6,6 +6,8 @@ mod books;
 pub mod postgres;
 pub mod sqlite;
 
+pub use books::LAPSED_KEPT;
+
 use std::sync::Arc;
 
 use app::store::SharedStore;

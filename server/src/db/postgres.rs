@@ -15,7 +15,7 @@ use sqlx::{
 };
 
 use super::{
-    batch::{execute_batch, Batcher, HotPath},
+    batch::{execute_batch, Batcher, Holds, HotPath},
     books::{
         db_error, json_rows, CounterChange, EventRow, LedgerRow, NewEventRow, NewReservationRow,
         PlanRow, ReadBooks, ReservationRow,
@@ -111,12 +111,20 @@ impl HotPath for PoolConnection<Postgres> {
         Ok(None)
     }
 
-    async fn take_reservations(&mut self, ids: &[&str]) -> Result<Vec<ReservationRow>, StoreError> {
-        sqlx::query_as(&hot_sql().take_reservations)
-            .bind(json_rows(ids)?)
-            .fetch_all(&mut **self)
-            .await
-            .map_err(db_error)
+    async fn take_reservations(
+        &mut self,
+        ids: &[&str],
+        holds: Holds,
+    ) -> Result<Vec<ReservationRow>, StoreError> {
+        let sql = hot_sql();
+        sqlx::query_as(match holds {
+            Holds::Live => &sql.take_reservations,
+            Holds::Lapsed => &sql.take_lapsed,
+        })
+        .bind(json_rows(ids)?)
+        .fetch_all(&mut **self)
+        .await
+        .map_err(db_error)
     }
 
     async fn find_events(

@@ -15,7 +15,7 @@ use sqlx::{
 };
 
 use super::{
-    batch::{execute_batch, Batcher, HotPath, Lent, WeakBatcher},
+    batch::{execute_batch, Batcher, Holds, HotPath, Lent, WeakBatcher},
     books::{
         database_error, db_error, json_rows, plan_query, CounterChange, EventRow, Fault, LedgerRow,
         NewEventRow, NewReservationRow, PlanFields, PlanRow, ReadBooks, ReservationRow,
@@ -226,15 +226,17 @@ impl HotPath for SqliteWriter {
         version.map(Some).map_err(hot_error)
     }
 
-    async fn take_reservations(&mut self, ids: &[&str]) -> Result<Vec<ReservationRow>, StoreError> {
-        let mut find = self
-            .hot
-            .prepare_cached(FIND_RESERVATION)
-            .map_err(hot_error)?;
-        let mut delete = self
-            .hot
-            .prepare_cached(DELETE_RESERVATION)
-            .map_err(hot_error)?;
+    async fn take_reservations(
+        &mut self,
+        ids: &[&str],
+        holds: Holds,
+    ) -> Result<Vec<ReservationRow>, StoreError> {
+        let (find, delete) = match holds {
+            Holds::Live => (FIND_RESERVATION, DELETE_RESERVATION),
+            Holds::Lapsed => (FIND_LAPSED, DELETE_LAPSED),
+        };
+        let mut find = self.hot.prepare_cached(find).map_err(hot_error)?;
+        let mut delete = self.hot.prepare_cached(delete).map_err(hot_error)?;
         let mut taken = Vec::with_capacity(ids.len());
         for id in ids {
             let row = find
@@ -465,6 +467,14 @@ const FIND_RESERVATION: &str = "SELECT id, cycle_start, requested_model, served_
 
 /// Deletes the reservation `?2` of workspace `?1`.
 const DELETE_RESERVATION: &str = "DELETE FROM reservations WHERE workspace_id = ?1 AND id = ?2";
+
+/// As [`FIND_RESERVATION`], among the holds whose lease ran out.
+const FIND_LAPSED: &str = "SELECT id, cycle_start, requested_model, served_model, \
+    amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
+    api_key_id FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2";
+
+/// As [`DELETE_RESERVATION`], among the holds whose lease ran out.
+const DELETE_LAPSED: &str = "DELETE FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2";
 
 /// Inserts a [`NewReservationRow`] of workspace `?1`.
 const INSERT_RESERVATION: &str = "INSERT INTO reservations (workspace_id, id, cycle_start, \

@@ -6,8 +6,12 @@
 //! without ending it (a panic), `Drop` settles it with no usage, i.e. bills the
 //! estimate and flags the event: a spend control errs on the side of counting.
 //! Should the whole process die, the lease runs out and any replica releases it.
+//! A settlement that the database held up past its lease is billed all the same,
+//! from the lapsed hold the sweep keeps (`Settlement::bill_if_lapsed`).
 
 use std::{sync::Arc, time::Duration};
+
+use backon::{ExponentialBuilder, Retryable};
 
 use app::domain::Usage;
 use app::store::{Reservation, ReservationId, Settlement, StoreError, UsageEventRecord};
@@ -21,7 +25,8 @@ use super::Gateway;
 pub const LEASE: Duration = Duration::from_secs(60);
 /// How often a live request renews its lease: three chances before it ends.
 pub const RENEW_EVERY: Duration = Duration::from_secs(20);
-/// Store calls that end a hold are tried this often when the database fails.
+/// Store calls that end a hold are tried this often while the request waits,
+/// when the database fails.
 const END_ATTEMPTS: u32 = 3;
 
 /// The idempotency key of the settlement of `reservation`: a retried settle (here
@@ -87,8 +92,11 @@ impl Hold {
     /// reserved amount, flagged) when `usage` is `None` (R7, DESIGN.md §4). Usage
     /// the store refuses as inconsistent is billed as the estimate instead.
     ///
-    /// Returns the ledger event, or `None` when the store could not record it (then
-    /// logged, counted as `failed`, and the lease will release the hold).
+    /// Returns the ledger event, or `None` when the store could not record it in
+    /// the tries made while the request waits: then, if the database was only
+    /// held up, the settlement goes on after the answer (some 13 minutes of
+    /// tries, billed even once the lease has run out); otherwise, and if those
+    /// tries fail too, it is logged with its usage and counted as `failed`.
     pub async fn settle(mut self, usage: Option<Usage>) -> Option<UsageEventRecord> {
         self.end();
         settle(&self.gateway, &self.reservation, usage).await
@@ -130,82 +138,169 @@ impl Drop for Hold {
     }
 }
 
+/// The store's failures worth trying again: the database held up or gone for a
+/// moment ([`StoreError::Busy`], [`StoreError::Database`]).
+fn transient(error: &StoreError) -> bool {
+    matches!(error, StoreError::Busy(_) | StoreError::Database(_))
+}
+
+/// Retries while the request waits: [`END_ATTEMPTS`] tries in all, 50 then 100 ms
+/// apart (each try may itself wait out the database's lock timeout).
+fn while_answering() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_times(END_ATTEMPTS as usize - 1)
+}
+
+/// Retries of a settlement after the answer has gone out: from 1 s apart up to
+/// 30 s apart, 30 tries in all (some 13 minutes, plus the tries' own waits).
+fn after_answering() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .with_max_times(LATE_ATTEMPTS)
+        .with_jitter()
+}
+
+/// How often a settlement is tried after the answer has gone out (see
+/// [`after_answering`]).
+const LATE_ATTEMPTS: usize = 30;
+
+/// Settles `reservation` (see [`Hold::settle`]). When the database is held up
+/// past the tries made while the request waits, the settlement goes on in the
+/// background, tracked with the exchanges (a shutdown waits for it), and is
+/// billed even if the sweep released the hold meanwhile
+/// (`Settlement::bill_if_lapsed`): the provider served the request (R7).
 async fn settle(
-    gateway: &Gateway,
+    gateway: &Arc<Gateway>,
     reservation: &Reservation,
     usage: Option<Usage>,
 ) -> Option<UsageEventRecord> {
-    let served = reservation.served.as_str();
     let mut usage = usage;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = gateway
-            .store
-            .settle(Settlement {
-                reservation: reservation.id.clone(),
-                usage,
-                idempotency_key: Some(settlement_key(&reservation.id)),
-                within_reservation: false,
-                now: Utc::now(),
-            })
-            .await;
-        match result {
-            Ok(event) => {
-                if event.newly_recorded {
-                    gateway.metrics.spend(served, event.cost.get());
-                    gateway
-                        .metrics
-                        .settlement(served, if event.estimated { "estimate" } else { "usage" });
+    let mut result = try_settle(gateway, reservation, usage, Tries::WhileAnswering).await;
+    if let (Err(StoreError::Invalid { message, .. }), Some(_)) = (&result, usage) {
+        tracing::warn!(reservation = %reservation.id, model = %reservation.served, problem = %message,
+            "the upstream reported inconsistent usage: billing the estimate");
+        usage = None;
+        result = try_settle(gateway, reservation, usage, Tries::WhileAnswering).await;
+    }
+    match result {
+        Ok(event) => Some(settled(gateway, reservation, event)),
+        Err(e) if transient(&e) => {
+            tracing::warn!(reservation = %reservation.id, model = %reservation.served, ?usage, error = %e,
+                "could not settle yet: settling after the answer");
+            let (gateway, reservation) = (gateway.clone(), reservation.clone());
+            let exchanges = gateway.exchanges.clone();
+            exchanges.spawn(async move {
+                match try_settle(&gateway, &reservation, usage, Tries::AfterAnswering).await {
+                    Ok(event) => {
+                        tracing::info!(reservation = %reservation.id, "settled after the answer");
+                        settled(&gateway, &reservation, event);
+                    }
+                    Err(e) => unsettled(&gateway, &reservation, usage, &e),
                 }
-                if event.over_reservation {
-                    tracing::warn!(reservation = %reservation.id, model = served, "the upstream billed more than was reserved");
-                }
-                return Some(event);
-            }
-            Err(StoreError::Invalid { message, .. }) if usage.is_some() => {
-                tracing::warn!(reservation = %reservation.id, model = served, problem = %message,
-                    "the upstream reported inconsistent usage: billing the estimate");
-                usage = None;
-            }
-            Err(StoreError::Database(detail) | StoreError::Busy(detail))
-                if attempt < END_ATTEMPTS =>
-            {
-                tracing::warn!(reservation = %reservation.id, error = %detail, attempt, "settlement failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-            }
-            Err(e) => {
-                tracing::error!(reservation = %reservation.id, model = served, error = %e,
-                    "could not settle a reservation: its lease will release it unbilled");
-                gateway.metrics.settlement(served, "failed");
-                return None;
-            }
+            });
+            None
+        }
+        Err(e) => {
+            unsettled(gateway, reservation, usage, &e);
+            None
         }
     }
 }
 
+/// When to stop trying a settlement again.
+#[derive(Clone, Copy)]
+enum Tries {
+    /// While the request waits: [`while_answering`].
+    WhileAnswering,
+    /// After the answer: [`after_answering`], and once a shutdown has begun
+    /// ([`Gateway::finish_exchanges`]) a failed try is the last, so the process
+    /// waits for the try under way, not for the whole schedule.
+    AfterAnswering,
+}
+
+/// One settlement of `reservation`, tried again on transient failures as
+/// `tries` says.
+async fn try_settle(
+    gateway: &Gateway,
+    reservation: &Reservation,
+    usage: Option<Usage>,
+    tries: Tries,
+) -> Result<UsageEventRecord, StoreError> {
+    let attempt = || {
+        gateway.store.settle(Settlement {
+            reservation: reservation.id.clone(),
+            usage,
+            idempotency_key: Some(settlement_key(&reservation.id)),
+            within_reservation: false,
+            bill_if_lapsed: true,
+            now: Utc::now(),
+        })
+    };
+    attempt
+        .retry(match tries {
+            Tries::WhileAnswering => while_answering(),
+            Tries::AfterAnswering => after_answering(),
+        })
+        .when(|e| {
+            transient(e)
+                && (matches!(tries, Tries::WhileAnswering) || !gateway.exchanges.is_closed())
+        })
+        .notify(|e, _| {
+            tracing::warn!(reservation = %reservation.id, error = %e, "settlement failed; retrying")
+        })
+        .await
+}
+
+/// Counts a settlement recorded for `reservation`; returns its event.
+fn settled(
+    gateway: &Gateway,
+    reservation: &Reservation,
+    event: UsageEventRecord,
+) -> UsageEventRecord {
+    let served = reservation.served.as_str();
+    if event.newly_recorded {
+        gateway.metrics.spend(served, event.cost.get());
+        gateway
+            .metrics
+            .settlement(served, if event.estimated { "estimate" } else { "usage" });
+    }
+    if event.over_reservation {
+        tracing::warn!(reservation = %reservation.id, model = served, "the upstream billed more than was reserved");
+    }
+    event
+}
+
+/// Reports a settlement given up: the usage is not billed.
+fn unsettled(
+    gateway: &Gateway,
+    reservation: &Reservation,
+    usage: Option<Usage>,
+    error: &StoreError,
+) {
+    let served = reservation.served.as_str();
+    tracing::error!(reservation = %reservation.id, model = served, ?usage, error = %error,
+        "could not settle a reservation: this usage is not billed");
+    gateway.metrics.settlement(served, "failed");
+}
+
 async fn release(gateway: &Gateway, reservation: &Reservation) {
     let served = reservation.served.as_str();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match gateway.store.release(&reservation.id).await {
-            Ok(()) => {
-                gateway.metrics.settlement(served, "released");
-                return;
-            }
-            Err(StoreError::Database(detail) | StoreError::Busy(detail))
-                if attempt < END_ATTEMPTS =>
-            {
-                tracing::warn!(reservation = %reservation.id, error = %detail, attempt, "release failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-            }
-            Err(e) => {
-                tracing::error!(reservation = %reservation.id, model = served, error = %e,
-                    "could not release a reservation: its lease will");
-                gateway.metrics.settlement(served, "failed");
-                return;
-            }
+    let attempt = || gateway.store.release(&reservation.id);
+    let result = attempt
+        .retry(while_answering())
+        .when(transient)
+        .notify(|e, _| {
+            tracing::warn!(reservation = %reservation.id, error = %e, "release failed; retrying")
+        })
+        .await;
+    match result {
+        Ok(()) => gateway.metrics.settlement(served, "released"),
+        Err(e) => {
+            tracing::error!(reservation = %reservation.id, model = served, error = %e,
+                "could not release a reservation: its lease will");
+            gateway.metrics.settlement(served, "failed");
         }
     }
 }

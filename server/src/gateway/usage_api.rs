@@ -305,6 +305,7 @@ pub async fn settle(
                 usage,
                 idempotency_key: Some(settlement_key(&reservation)),
                 within_reservation: true,
+                bill_if_lapsed: false,
                 now: Utc::now(),
             })
             .await
