@@ -1243,6 +1243,7 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
             "max_completion_tokens",
         ),
         (json!({"model": "big", "messages": [{}], "n": 0}), "n"),
+        (json!({"model": "big", "messages": [{}], "n": 129}), "n"),
         (
             json!({"model": "big", "messages": [{}], "stream": "yes"}),
             "stream",

@@ -235,20 +235,24 @@ pub(crate) fn within_max_output(
     }
 }
 
+/// The most choices a request may ask for: OpenAI's own bound on `n`.
+pub(crate) const MAX_CHOICES: u32 = 128;
+
 /// The choice count `n` (OpenAI's field): 1 when absent or `null`.
 ///
 /// Errors: [`GatewayError::InvalidField`] naming `n` for anything but an integer
-/// from 1 to `u32::MAX`, negative numbers and zero included.
+/// from 1 to [`MAX_CHOICES`], negative numbers and zero included: a request the
+/// provider would refuse is refused before anything is reserved for it.
 pub(crate) fn choice_count(object: &RawObject) -> Result<u32, GatewayError> {
     match object.get_present("n") {
         None => Ok(1),
         Some(raw) => serde_json::from_str::<u32>(raw.get())
             .ok()
-            .filter(|n| *n > 0)
+            .filter(|n| (1..=MAX_CHOICES).contains(n))
             .ok_or_else(|| {
                 GatewayError::invalid_field(
                     "n",
-                    format!("`n` must be a whole number from 1 to {}", u32::MAX),
+                    format!("`n` must be a whole number from 1 to {MAX_CHOICES}"),
                 )
             }),
     }
@@ -305,12 +309,21 @@ mod tests {
         assert_eq!(n("{}").unwrap(), 1);
         assert_eq!(n(r#"{"n":null}"#).unwrap(), 1);
         assert_eq!(n(r#"{"n":3}"#).unwrap(), 3);
-        for bad in ["0", "-1", "1.5", "\"2\"", "4294967296", "100000000000"] {
+        assert_eq!(n(r#"{"n":128}"#).unwrap(), 128);
+        for bad in [
+            "0",
+            "-1",
+            "1.5",
+            "\"2\"",
+            "129",
+            "4294967296",
+            "100000000000",
+        ] {
             let error = n(&format!(r#"{{"n":{bad}}}"#)).unwrap_err();
             assert!(
                 error
                     .to_string()
-                    .contains("`n` must be a whole number from 1 to 4294967295"),
+                    .contains("`n` must be a whole number from 1 to 128"),
                 "n = {bad}: {error}"
             );
         }
