@@ -545,15 +545,7 @@ async fn batch_in_transaction<C: HotPath>(
     if let Some(version) = version {
         books.check(version);
     }
-    let mut ended: HashMap<String, ReservationRow> = if ending.is_empty() {
-        HashMap::new()
-    } else {
-        conn.take_reservations(&ending, Holds::Live)
-            .await?
-            .into_iter()
-            .map(|row| (row.id.clone(), row))
-            .collect()
-    };
+    let mut ended = take_by_id(conn, &ending, Holds::Live).await?;
     // A settlement deletes its reservation in the transaction that records it, so
     // only a settlement whose reservation is gone can be a retry of one already
     // recorded: only those keys are looked up.
@@ -590,15 +582,7 @@ async fn batch_in_transaction<C: HotPath>(
             _ => None,
         })
         .collect();
-    let mut lapsed: HashMap<String, ReservationRow> = if late.is_empty() {
-        HashMap::new()
-    } else {
-        conn.take_reservations(&late, Holds::Lapsed)
-            .await?
-            .into_iter()
-            .map(|row| (row.id.clone(), row))
-            .collect()
-    };
+    let mut lapsed = take_by_id(conn, &late, Holds::Lapsed).await?;
 
     // The API keys admissions spend on, each checked live under the lock.
     let spenders: Vec<i64> = ops
@@ -760,6 +744,23 @@ async fn batch_in_transaction<C: HotPath>(
         })
         .collect();
     Ok((answers, version.map(|_| books.carry_over())))
+}
+
+/// [`HotPath::take_reservations`] by id, asking nothing when `ids` is empty.
+async fn take_by_id<C: HotPath>(
+    conn: &mut C,
+    ids: &[&str],
+    holds: Holds,
+) -> Result<HashMap<String, ReservationRow>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(conn
+        .take_reservations(ids, holds)
+        .await?
+        .into_iter()
+        .map(|row| (row.id.clone(), row))
+        .collect())
 }
 
 /// What the batcher does next.
