@@ -1016,17 +1016,21 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
         estimate + estimate + Nanos::new(12 * 2_000 + 5 * 10_000)
     );
 
-    // A first event that is not UTF-8: the stream cannot be read past it, and
-    // nothing reached the client, but the upstream did answer (and bills its
-    // work): the estimate is billed, not released.
+    // A first event with bytes that are not UTF-8: decoded as the event stream
+    // format says (U+FFFD for each), it is relayed and the stream read on to its
+    // usage, which is billed (it once broke the stream, billed the estimate).
     h.mock.set(|b| b.invalid_utf8_first = true);
     let payloads = sse_payloads(send().await.unwrap()).await;
-    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    let first: Value = serde_json::from_str(&payloads[0]).unwrap();
+    assert_eq!(
+        first["choices"][0]["delta"]["content"], "\u{fffd}\u{fffd}",
+        "{payloads:?}"
+    );
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
     assert_eq!(
         h.workspace().await,
         Counter {
-            spent: estimate + estimate + Nanos::new(12 * 2_000 + 5 * 10_000) + estimate,
+            spent: estimate + estimate + Nanos::new(2 * (12 * 2_000 + 5 * 10_000)),
             reserved: Nanos::ZERO
         }
     );

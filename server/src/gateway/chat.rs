@@ -377,9 +377,9 @@ impl Exchange {
 
         let timeout = self.target.timeout;
         let mut relay = Relay::new(&self.served, self.client_wants_usage, &self.target.name);
-        let mut upstream = response.bytes_stream().eventsource();
+        let mut upstream = Box::pin(sse::decoded(response.bytes_stream()).eventsource());
         // Whether the upstream sent something it had to work for, even if it
-        // could not be relayed (bytes that are not UTF-8, say).
+        // could not be relayed (lines the event stream parser refuses, say).
         let mut upstream_answered = false;
         let end = 'read: loop {
             let event = match tokio::time::timeout(timeout, upstream.next()).await {

@@ -7,6 +7,8 @@
 //! format: `\n`, `\r\n` or `\r` line ends, multi-line data, `event:` and `id:`).
 //! Comments (keep-alives) are not relayed, and an event cut off by the end of the
 //! stream, without its closing blank line, is dropped, as the format requires.
+//! Before that, the bytes are decoded as the format says ([`decoded`]): a byte
+//! sequence that is not UTF-8 becomes U+FFFD, and the stream goes on past it.
 
 use app::domain::Usage;
 use bytes::Bytes;
@@ -15,6 +17,46 @@ use serde_json::value::RawValue;
 
 use super::json::RawObject;
 use super::upstream::usage_from_upstream;
+
+/// `bytes` decoded as UTF-8 the way the event stream format requires (WHATWG
+/// HTML, "Parsing an event stream": UTF-8 decode, a leading byte order mark
+/// dropped, every sequence that is not UTF-8 replaced with U+FFFD), by
+/// `encoding_rs`'s streaming decoder, so that a character split across two
+/// chunks is kept whole. The chunks are re-encoded as UTF-8 bytes for
+/// [`Eventsource`], which would otherwise stop at the first bad byte, losing the
+/// rest of the answer and its usage. Transport errors pass through unchanged.
+pub fn decoded<S, E>(bytes: S) -> impl futures_util::Stream<Item = Result<Bytes, E>>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>>,
+{
+    use futures_util::StreamExt;
+    let decoder = encoding_rs::UTF_8.new_decoder();
+    futures_util::stream::unfold(Some((Box::pin(bytes), decoder)), |state| async move {
+        let (mut bytes, mut decoder) = state?;
+        match bytes.next().await {
+            Some(Ok(chunk)) => {
+                let text = decode(&mut decoder, &chunk, false);
+                Some((Ok(text), Some((bytes, decoder))))
+            }
+            Some(Err(e)) => Some((Err(e), Some((bytes, decoder)))),
+            // What is left of a sequence cut off by the end becomes U+FFFD.
+            None => Some((Ok(decode(&mut decoder, &[], true)), None)),
+        }
+    })
+}
+
+/// Decodes `chunk` (the last one when `last`) with `decoder`, replacing what is
+/// not UTF-8 with U+FFFD.
+fn decode(decoder: &mut encoding_rs::Decoder, chunk: &[u8], last: bool) -> Bytes {
+    // Room for the worst case, so that one call decodes the whole chunk.
+    let room = decoder
+        .max_utf8_buffer_length(chunk.len())
+        .unwrap_or(chunk.len().saturating_mul(3).saturating_add(4));
+    let mut text = String::with_capacity(room);
+    let (_, read, _) = decoder.decode_to_string(chunk, &mut text, last);
+    debug_assert_eq!(read, chunk.len());
+    Bytes::from(text)
+}
 
 /// What the relay made of one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +180,7 @@ mod tests {
         let pieces = chunks
             .iter()
             .map(|c| Ok::<_, std::convert::Infallible>(Bytes::from_static(c)));
-        futures_util::stream::iter(pieces)
+        decoded(futures_util::stream::iter(pieces))
             .eventsource()
             .map(|event| event.unwrap())
             .collect()
@@ -160,6 +202,29 @@ mod tests {
             Bytes::from_static(b"event: x\nid: 7\ndata: l1\ndata: l2\n\n")
         );
         assert_eq!(data_frame(b"{}"), Bytes::from_static(b"data: {}\n\n"));
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_utf8_become_replacement_characters() {
+        // "é" (C3 A9) split between chunks stays whole; FF and a lone C3 do not
+        // stop the stream; a sequence cut off by its end is replaced too.
+        let events = decode_all(&[
+            b"\xef\xbb\xbfdata: caf\xc3",
+            b"\xa9 \xff\n\n: keep-alive \xc3\n\ndata: [DONE]\n\n",
+            b"data: tail \xe2\x82",
+        ])
+        .await;
+        let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["café \u{fffd}", "[DONE]"]);
+        let whole: Vec<Vec<u8>> =
+            futures_util::StreamExt::collect::<Vec<_>>(decoded(futures_util::stream::iter([
+                Ok::<_, std::convert::Infallible>(Bytes::from_static(b"data: tail \xe2\x82")),
+            ])))
+            .await
+            .into_iter()
+            .map(|chunk| chunk.unwrap().to_vec())
+            .collect();
+        assert_eq!(whole.concat(), "data: tail \u{fffd}".as_bytes());
     }
 
     fn event(data: &str) -> Event {
