@@ -794,7 +794,25 @@ async fn upstream_errors_release_the_reservation(db: &TestDb) {
     let h = start(db, Options::default()).await;
     h.mock.set(|b| b.status = 500);
     let response = h.chat(&chat_body("big")).await;
+    assert!(response.headers().get("retry-after").is_none());
     assert_error(response, 502, "api_error", "upstream_error", None).await;
+    // An overloaded provider's wait is passed on with the 502.
+    h.mock.set(|b| {
+        b.status = 503;
+        b.retry_after = Some(("7", "7000"));
+    });
+    let response = h.chat(&chat_body("big")).await;
+    assert_eq!(response.headers()["retry-after"], "7");
+    assert_eq!(response.headers()["retry-after-ms"], "7000");
+    let body = assert_error(response, 502, "api_error", "upstream_error", None).await;
+    assert_eq!(
+        body["error"]["message"],
+        "The model provider failed (HTTP 503)."
+    );
+    h.mock.set(|b| {
+        b.status = 500;
+        b.retry_after = None;
+    });
     let mut body = chat_body("big");
     body["stream"] = json!(true);
     let response = h.chat(&body).await;
@@ -838,12 +856,12 @@ async fn upstream_errors_release_the_reservation(db: &TestDb) {
         assert!(headers.get("retry-after-ms").is_none(), "{millis}");
     }
 
-    assert_eq!(h.mock.received().len(), 7);
+    assert_eq!(h.mock.received().len(), 8);
     assert_eq!(h.workspace().await, Counter::default());
     assert!(h
         .metrics()
         .await
-        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 7"));
+        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 8"));
 }
 
 /// An upstream slower than its timeout: 504, the hold released, nothing spent.

@@ -125,6 +125,18 @@ pub enum GatewayError {
     /// safe to show; details are logged.
     #[error("{0}")]
     UpstreamFailed(String),
+    /// The upstream answered with a server error or another status that is
+    /// neither success nor a client error (HTTP 502, code `upstream_error`). Its
+    /// `Retry-After` and `Retry-After-Ms` go with it, as with
+    /// [`GatewayError::UpstreamRejected`], so that a client told by the provider
+    /// to wait (a 503 while it is overloaded, say) waits as told.
+    #[error("The model provider failed (HTTP {}).", .status.as_u16())]
+    UpstreamStatus {
+        /// The upstream's status.
+        status: StatusCode,
+        /// The upstream's retry headers, by name, as it sent them.
+        retry: Vec<(HeaderName, HeaderValue)>,
+    },
     /// The upstream did not answer within its `timeout_secs` (HTTP 504, code
     /// `upstream_timeout`).
     #[error("the model provider did not answer in time")]
@@ -180,7 +192,9 @@ impl GatewayError {
             GatewayError::AlreadySettled { .. } => StatusCode::CONFLICT,
             GatewayError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamRejected { status, .. } => *status,
-            GatewayError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamFailed(_) | GatewayError::UpstreamStatus { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::DatabaseBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -192,6 +206,7 @@ impl GatewayError {
         match self {
             GatewayError::Blocked(_) => "insufficient_quota",
             GatewayError::UpstreamFailed(_)
+            | GatewayError::UpstreamStatus { .. }
             | GatewayError::UpstreamTimeout
             | GatewayError::DatabaseBusy(_)
             | GatewayError::Internal(_) => "api_error",
@@ -219,7 +234,9 @@ impl GatewayError {
             GatewayError::AlreadySettled { .. } => "already_settled",
             GatewayError::Blocked(blocked) => blocked.code.as_str(),
             GatewayError::UpstreamRejected { .. } => "upstream_rejected",
-            GatewayError::UpstreamFailed(_) => "upstream_error",
+            GatewayError::UpstreamFailed(_) | GatewayError::UpstreamStatus { .. } => {
+                "upstream_error"
+            }
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::DatabaseBusy(_) => "database_busy",
             GatewayError::Internal(_) => "internal_error",
@@ -306,7 +323,9 @@ impl IntoResponse for GatewayError {
         };
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        if let GatewayError::UpstreamRejected { retry, .. } = &self {
+        if let GatewayError::UpstreamRejected { retry, .. }
+        | GatewayError::UpstreamStatus { retry, .. } = &self
+        {
             for (name, value) in retry {
                 headers.insert(name.clone(), value.clone());
             }

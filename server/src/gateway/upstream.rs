@@ -102,7 +102,8 @@ impl Target {
     /// Reads an unsuccessful answer and maps it (DESIGN.md §4): the upstream's own 4xx
     /// JSON error is passed on with its status, unless it mentions the key; a
     /// 401/403 means the gateway's credentials are wrong, which is the operator's
-    /// problem (502); 5xx and anything else is a 502. Returns the error and the usage
+    /// problem (502); 5xx and anything else is a 502 with the upstream's retry
+    /// headers. Returns the error and the usage
     /// the answer reported, if any (billed instead of released, R7).
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
@@ -131,12 +132,9 @@ impl Target {
                     retry,
                 }
             }
-            s => {
-                tracing::warn!(upstream = %self.name, status = s.as_u16(), "the upstream failed");
-                GatewayError::UpstreamFailed(format!(
-                    "The model provider failed (HTTP {}).",
-                    s.as_u16()
-                ))
+            status => {
+                tracing::warn!(upstream = %self.name, status = status.as_u16(), "the upstream failed");
+                GatewayError::UpstreamStatus { status, retry }
             }
         };
         (error, usage)
