@@ -24,7 +24,7 @@ use app::{
     store::{Actor, LimitChange, SharedStore},
 };
 use chrono::Utc;
-use common::TestDb;
+use common::{TestDb, WriteLockHolder};
 use serde_json::{json, Value};
 use server::{
     config::{Config, Overrides},
@@ -1944,47 +1944,6 @@ async fn health_follows_the_database(db: &TestDb) {
     let (status, text) = h.health().await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("database"), "{text}");
-}
-
-/// A connection of another process holding the database's write lock: SQLite's
-/// file lock (`BEGIN IMMEDIATE`), PostgreSQL's lock on the plan row that orders
-/// the writers of every replica.
-enum WriteLockHolder {
-    Sqlite(sqlx::SqliteConnection),
-    Postgres(sqlx::PgConnection),
-}
-
-impl WriteLockHolder {
-    async fn take(url: &str) -> WriteLockHolder {
-        use sqlx::Connection as _;
-        if url.starts_with("postgres") {
-            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-            sqlx::query("SELECT 1 FROM plans FOR UPDATE")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            WriteLockHolder::Postgres(conn)
-        } else {
-            let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            WriteLockHolder::Sqlite(conn)
-        }
-    }
-
-    async fn release(self) {
-        match self {
-            WriteLockHolder::Sqlite(mut conn) => {
-                sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
-            }
-            WriteLockHolder::Postgres(mut conn) => {
-                sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
-            }
-        }
-    }
 }
 
 /// While another process holds the write lock, a request waits for it; once it

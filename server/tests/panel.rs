@@ -17,7 +17,7 @@ use axum::{
     Router,
 };
 use chrono::Utc;
-use common::TestDb;
+use common::{TestDb, WriteLockHolder};
 use http_body_util::BodyExt;
 use server::{config, db, http};
 use tower::ServiceExt;
@@ -32,7 +32,7 @@ struct Panel {
     router: Router,
     store: SharedStore,
     sessions: server::auth::sessions::SessionBackend,
-    _db: TestDb,
+    db: TestDb,
     _config: Option<tempfile::NamedTempFile>,
 }
 
@@ -82,7 +82,7 @@ impl Panel {
             router: http::router(state, database.sessions.clone()),
             store: database.store,
             sessions: database.sessions,
-            _db: db,
+            db,
             _config: file,
         }
     }
@@ -780,6 +780,32 @@ async fn members_can_sign_out() {
 /// A session signed in by a version without session epochs, whose disables did
 /// not end sessions for good, is signed out: it may be one such a disable should
 /// have ended.
+/// A sign-in while another program holds SQLite's write lock past the wait is
+/// answered 503 `unavailable` (try again), not a bare 500 from the session layer,
+/// and leaves no session behind; once the lock is let go, the same sign-in works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_under_a_long_lock_gets_503_and_no_session() {
+    let panel = Panel::new().await;
+    let form = format!(
+        "email=ada@example.com&password={}",
+        PASSWORD.replace(' ', "+")
+    );
+
+    let holder = WriteLockHolder::take(&panel.db.url).await;
+    let (status, headers, body) = panel.send(post("/fn/login", &form, None)).await;
+    holder.release().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["code"], "unavailable", "{body}");
+    assert!(
+        headers.get(header::SET_COOKIE).is_none(),
+        "no session for a failed sign-in: {headers:?}"
+    );
+
+    let cookie = panel.sign_in("ada@example.com").await;
+    panel.open_tab(&cookie).await;
+}
+
 #[tokio::test]
 async fn a_session_from_before_session_epochs_is_signed_out() {
     use tower_sessions::SessionStore;

@@ -101,6 +101,25 @@ mod server {
         }
     }
 
+    /// A failure of the session store as the caller is answered (and logged):
+    /// [`ApiError::Unavailable`] (503) when another program held the database's
+    /// write lock past the wait, so that a sign-in or sign-out under a long
+    /// SQLite lock can be tried again, else [`ApiError::Internal`]. The store
+    /// (tower-sessions' sqlx store) reports its database's error as text only:
+    /// SQLite's `SQLITE_BUSY` and `SQLITE_LOCKED` say "database is locked" and
+    /// "database table is locked".
+    fn session_failed(e: tower_sessions::session::Error) -> ApiError {
+        let text = e.to_string();
+        let error = if text.contains("is locked") {
+            ApiError::Unavailable
+        } else {
+            ApiError::Internal
+        };
+        leptos::logging::error!("session store: {text}");
+        set_status(&error);
+        error
+    }
+
     fn fail<T>(e: ApiError) -> Result<T, ApiError> {
         set_status(&e);
         Err(e)
@@ -129,15 +148,23 @@ mod server {
             return fail(ApiError::InvalidCredentials);
         };
         // A new session id at sign-in defeats session fixation.
-        session.cycle_id().await.map_err(|_| ApiError::Internal)?;
+        session.cycle_id().await.map_err(session_failed)?;
         session
             .insert(SESSION_USER_ID, user.id)
             .await
-            .map_err(|_| ApiError::Internal)?;
+            .map_err(session_failed)?;
         session
             .insert(SESSION_EPOCH, user.session_epoch)
             .await
-            .map_err(|_| ApiError::Internal)?;
+            .map_err(session_failed)?;
+        // Stored here rather than by the session layer after the answer, which
+        // would turn a failure into a bare 500 (it does not store again for an
+        // answer that is an error).
+        if let Err(e) = session.save().await {
+            // Nothing of this sign-in is kept: the layer stores no empty session.
+            session.clear().await;
+            return Err(session_failed(e));
+        }
         leptos_axum::redirect(&safe_next(next));
         Ok(())
     }
@@ -146,7 +173,7 @@ mod server {
         let session: tower_sessions::Session = leptos_axum::extract()
             .await
             .map_err(|_| ApiError::Internal)?;
-        session.flush().await.map_err(|_| ApiError::Internal)?;
+        session.flush().await.map_err(session_failed)?;
         leptos_axum::redirect("/login");
         Ok(())
     }
