@@ -561,7 +561,9 @@ fn breaks_a_display_name(c: char) -> bool {
 /// Why `name` cannot be a model's display name beside the models `earlier` in
 /// the catalog, if it cannot: it shows nothing, breaks a line or reorders text
 /// ([`breaks_a_display_name`]), has spaces the tab would not show, or is
-/// another model's.
+/// another model's or looks like it: the same skeleton (Unicode's UTS #39
+/// confusable detection), which catches one text in two normal forms (NFC and
+/// NFD) and letters of another script drawn alike (Cyrillic `Р` for Latin `P`).
 fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
     let visible = name
         .chars()
@@ -578,10 +580,21 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
              show: write single spaces between words"
         ));
     }
-    match earlier.iter().position(|other| other.display_name == name) {
-        Some(j) => Err(format!(
+    let skeleton = |text: &str| unicode_security::skeleton(text).collect::<String>();
+    let drawn = skeleton(name);
+    match earlier
+        .iter()
+        .enumerate()
+        .find(|(_, other)| skeleton(&other.display_name) == drawn)
+    {
+        Some((j, other)) if other.display_name == name => Err(format!(
             "{name:?} is already the display name of models[{j}]: the tab would show two \
              models alike"
+        )),
+        Some((j, other)) => Err(format!(
+            "{name:?} looks like {:?}, the display name of models[{j}]: the tab would show \
+             two models alike",
+            other.display_name
         )),
         None => Ok(()),
     }
@@ -1048,6 +1061,66 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A config of one upstream and one model per display name of `names`.
+    fn catalog_of(names: &[&str]) -> String {
+        let mut text =
+            "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n".to_owned();
+        for (i, name) in names.iter().enumerate() {
+            text += &format!(
+                "[[models]]\nid = \"m{i}\"\ndisplay_name = \"{name}\"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"{i}\"\noutput_eur_per_mtok = \"{i}\"\n\
+                 max_output_tokens = 1\n"
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn display_names_that_look_alike_are_refused() {
+        for (first, second) in [
+            // One text in its composed (NFC) and decomposed (NFD) forms.
+            ("Caf\u{e9} Pro", "Cafe\u{301} Pro"),
+            // A Cyrillic Er and Te among Latin letters.
+            ("GPT 5", "G\u{420}\u{422} 5"),
+            // A capital I for a small L.
+            ("Claude", "CIaude"),
+        ] {
+            let err = load_text(&catalog_of(&[first, second]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("models[1].display_name") && err.contains("looks like"),
+                "{second:?} after {first:?} gave {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn display_names_of_real_catalogs_are_told_apart() {
+        let names = [
+            "GPT-4o",
+            "GPT-4o mini",
+            "GPT-4.1",
+            "GPT-4.1 mini",
+            "GPT-5",
+            "o1",
+            "o3",
+            "o3 mini",
+            "o4-mini",
+            "Claude Opus 4.1",
+            "Claude Sonnet 4.5",
+            "Claude Haiku 4.5",
+            "Mistral Large",
+            "Mistral Small",
+            "Llama 3.1 70B",
+            "Llama 3.1 8B",
+            "Gemini 2.5 Pro",
+            "Gemini 2.5 Flash",
+        ];
+        let config = load_text(&catalog_of(&names)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.setup.catalog.models().len(), names.len());
     }
 
     #[test]
