@@ -1053,9 +1053,17 @@ async fn serve(
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
     let store = database.store.clone();
-    let released = store.release_expired(Utc::now()).await?;
-    if released > 0 {
-        tracing::info!(released, "released reservations left by a stopped process");
+    match store.release_expired(Utc::now()).await {
+        Ok(0) => {}
+        Ok(released) => {
+            tracing::info!(released, "released reservations left by a stopped process")
+        }
+        // Another process has the SQLite file's write lock this moment: the
+        // sweeper below tries again.
+        Err(app::store::StoreError::Busy(detail)) => {
+            tracing::warn!(error = %detail, "could not release expired reservations yet: the database is busy")
+        }
+        Err(e) => return Err(e.into()),
     }
     let sweeper = {
         let store = store.clone();

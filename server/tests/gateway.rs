@@ -21,7 +21,7 @@ use std::{
 
 use app::{
     domain::{cost, reservation, Counter, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
-    store::{Actor, LimitChange, SharedStore},
+    store::{Actor, LimitChange, SharedStore, StoreError},
 };
 use chrono::Utc;
 use common::{TestDb, WriteLockHolder};
@@ -2050,6 +2050,8 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing() {
 /// waits (three of SQLite's 10 s lock timeouts) gets its answer, and its
 /// settlement goes on after the answer until the lock is let go: billed once,
 /// nothing left reserved (DESIGN.md R7). Without it, the usage went unbilled.
+/// The lease sweeps of the same process meanwhile give up at once instead of
+/// holding the writer for 10 s each, which put the answer off to about a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_settlement_held_up_past_the_answer_is_billed_after() {
     let db = TestDb::sqlite();
@@ -2060,19 +2062,46 @@ async fn a_settlement_held_up_past_the_answer_is_billed_after() {
     let one = h.workspace().await;
 
     h.mock.set(|b| b.delay = Duration::from_millis(1500));
-    let (answer, holder) = tokio::join!(
+    let answered = Notify::new();
+    let ((answer, waited), (holder, sweeps)) = tokio::join!(
         async {
+            let sent = tokio::time::Instant::now();
             let response = h.chat(&chat_body("test/big")).await;
             let status = response.status();
-            (status, response.bytes().await.unwrap())
+            let body = response.bytes().await.unwrap();
+            answered.notify_one();
+            ((status, body), sent.elapsed())
         },
         async {
             // Taken once the request is admitted, before its upstream answers.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            WriteLockHolder::take(&db.url).await
+            let holder = WriteLockHolder::take(&db.url).await;
+            // This process's lease sweep, every 2 s until the answer.
+            let mut sweeps = Vec::new();
+            loop {
+                tokio::select! {
+                    () = answered.notified() => break,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                sweeps.push(h.store.release_expired(Utc::now()).await);
+            }
+            (holder, sweeps)
         }
     );
     assert_eq!(answer.0, 200, "{:?}", answer.1);
+    // Each waited for the settlement's try under way, if any, then gave up.
+    assert!(sweeps.len() >= 2, "{sweeps:?}");
+    for swept in &sweeps {
+        assert!(
+            matches!(swept, Err(StoreError::Busy(_))),
+            "a sweep under the lock: {swept:?}"
+        );
+    }
+    // Three tries of 10 s each, not held up by the sweeps between them.
+    assert!(
+        waited < Duration::from_secs(40),
+        "answered after {waited:?}"
+    );
     // Answered with the lock still held: the settlement has not landed.
     assert_eq!(h.workspace().await.spent, one.spent);
     holder.release().await;

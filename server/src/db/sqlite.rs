@@ -72,6 +72,17 @@ impl SqliteStore {
     /// How a hot-path statement unpacks its JSON array argument.
     const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonEach;
 
+    /// Give the writer connection `conn` the lock wait of a lease sweep
+    /// (`sweeping`: [`SWEEP_WAIT`]) or of every other write ([`BUSY_TIMEOUT`]).
+    ///
+    /// Errors: [`StoreError::Database`] when the setting cannot be changed.
+    async fn lock_wait_for_sweep(
+        conn: &mut sqlx::SqliteConnection,
+        sweeping: bool,
+    ) -> Result<(), StoreError> {
+        set_lock_wait(conn, if sweeping { SWEEP_WAIT } else { BUSY_TIMEOUT }).await
+    }
+
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
     /// Errors: [`ConnectError`] when the file cannot be opened or migrated.
@@ -621,6 +632,27 @@ async fn lock_for_migration(path: &std::path::Path) -> std::io::Result<Option<st
 /// How long a connection waits for another process's write lock (the CLI's).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the lease sweep (`Store::release_expired`, DESIGN.md R7) waits for
+/// another process's write lock, instead of [`BUSY_TIMEOUT`]: it borrows the
+/// writer that every write of this process goes through, so settlements and
+/// saves would wait behind it the whole time. A sweep that cannot start gives
+/// up; the next one, a few seconds later, tries again.
+const SWEEP_WAIT: Duration = Duration::from_millis(100);
+
+/// Set how long `conn` waits for another connection's lock (`busy_timeout`).
+///
+/// Errors: [`StoreError::Database`] when the statement fails.
+async fn set_lock_wait(
+    conn: &mut sqlx::SqliteConnection,
+    wait: Duration,
+) -> Result<(), StoreError> {
+    sqlx::query(&format!("PRAGMA busy_timeout = {}", wait.as_millis()))
+        .execute(conn)
+        .await
+        .map(drop)
+        .map_err(db_error)
+}
+
 /// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (4 KiB pages written) past which the checkpoint also makes the
@@ -775,19 +807,12 @@ async fn restart_wal(
     conn: &mut sqlx::SqliteConnection,
     reset: Reset,
 ) -> Result<Restart, StoreError> {
-    let set_busy_timeout = |wait: Duration| format!("PRAGMA busy_timeout = {}", wait.as_millis());
-    sqlx::query(&set_busy_timeout(RESTART_WAIT))
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
+    set_lock_wait(conn, RESTART_WAIT).await?;
     // (busy, frames in the WAL, frames checkpointed)
     let checkpoint: Result<(i64, i64, i64), _> = sqlx::query_as(reset.statement())
         .fetch_one(&mut *conn)
         .await;
-    sqlx::query(&set_busy_timeout(BUSY_TIMEOUT))
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
+    set_lock_wait(conn, BUSY_TIMEOUT).await?;
     match checkpoint.map_err(db_error)? {
         (0, _, _) => Ok(Restart::Done),
         _ => Ok(Restart::Busy),
