@@ -1479,6 +1479,43 @@ async fn the_upstream_key_never_leaks(db: &TestDb) {
     assert!(!logs.contains(&h.upstream_key), "the key is in the logs");
 }
 
+/// Idempotency keys of `POST /api/v1/usage` belong to the user whose API key
+/// sends them: the same record again under another key of that user is a
+/// duplicate (a platform may rotate its key between retries); under another
+/// user's key it is a record of its own.
+#[tokio::test]
+async fn usage_records_are_told_apart_per_user_not_per_key() {
+    let db = TestDb::sqlite();
+    let h = start(&db, Options::default()).await;
+    let records = json!({"records": [{"idempotency_key": "run-1/a", "model": "big",
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 500}}]});
+    let send = |key: String| {
+        let (h, records) = (&h, &records);
+        async move {
+            let response = h
+                .client
+                .post(format!("{}/api/v1/usage", h.url))
+                .bearer_auth(key)
+                .json(records)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            body["results"][0]["outcome"].as_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(send(h.key.clone()).await, "recorded");
+    let one = h.workspace().await.spent;
+    assert!(one > Nanos::ZERO);
+    let rotated = common::another_key(&h.store, "member@example.com").await;
+    assert_eq!(send(rotated).await, "duplicate");
+    assert_eq!(h.workspace().await.spent, one);
+    let elsewhere = common::member_key(&h.store, "platform-b@example.com").await;
+    assert_eq!(send(elsewhere).await, "recorded");
+    assert_eq!(h.workspace().await.spent, one.checked_add(one).unwrap());
+}
+
 /// The usage API: admission → settle (exact decimal strings), release, renew, a
 /// retried bulk record counted once, and the 429 of admission.
 async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
@@ -1773,9 +1810,14 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             "usage": {"prompt_tokens": 1, "completion_tokens": 1}}]}),
         )
         .await;
+    // As an admission naming it would be, with the record's field.
     assert_eq!(
-        (status, bad["error"]["param"].clone()),
-        (400, json!("records[0].model"))
+        (
+            status,
+            bad["error"]["param"].clone(),
+            bad["error"]["code"].clone()
+        ),
+        (404, json!("records[0].model"), json!("model_not_found"))
     );
     let spent = h.workspace().await.spent;
     // Empty, NUL, newline, a number, a lone surrogate (not Unicode), absent:

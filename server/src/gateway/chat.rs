@@ -68,7 +68,7 @@ async fn handle(
     let catalog = gateway.catalog.clone();
     let model = catalog
         .resolve(&request.model)
-        .ok_or_else(|| GatewayError::ModelNotFound(request.model.clone()))?;
+        .ok_or_else(|| GatewayError::model_not_found(&request.model))?;
     model_label.push_str(model.id.as_str());
     super::json::within_max_output(model, request.output_cap())?;
     // From admission on, the work runs in its own task: a client that goes away

@@ -64,9 +64,15 @@ pub enum GatewayError {
     #[error("incorrect API key provided")]
     InvalidApiKey,
     /// The model name is neither an id nor an alias of the catalog (HTTP 404, code
-    /// `model_not_found`, param `model`).
-    #[error("the model `{0}` does not exist or you do not have access to it")]
-    ModelNotFound(String),
+    /// `model_not_found`, param `model`, or the field that named it, such as
+    /// `records[2].model` in a bulk usage body).
+    #[error("the model `{name}` does not exist or you do not have access to it")]
+    ModelNotFound {
+        /// The name as sent.
+        name: String,
+        /// The field that sent it.
+        param: String,
+    },
     /// An endpoint this gateway does not serve (HTTP 404, code `unknown_url`).
     #[error(
         "unknown URL ({method} {path}): this server answers /v1/chat/completions, /v1/models and the usage API under /api/v1"
@@ -165,6 +171,14 @@ fn shown_id(id: &str) -> String {
 }
 
 impl GatewayError {
+    /// [`GatewayError::ModelNotFound`] for the name `name` sent in `model`.
+    pub fn model_not_found(name: &str) -> Self {
+        GatewayError::ModelNotFound {
+            name: name.to_owned(),
+            param: "model".to_owned(),
+        }
+    }
+
     /// An invalid request field `param` with `message`.
     pub fn invalid_field(param: impl Into<String>, message: impl Into<String>) -> GatewayError {
         GatewayError::InvalidField {
@@ -185,7 +199,7 @@ impl GatewayError {
             GatewayError::MissingApiKey
             | GatewayError::SeveralApiKeys(_)
             | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            GatewayError::ModelNotFound(_)
+            GatewayError::ModelNotFound { .. }
             | GatewayError::UnknownEndpoint { .. }
             | GatewayError::ReservationNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -227,7 +241,7 @@ impl GatewayError {
             GatewayError::MissingApiKey
             | GatewayError::SeveralApiKeys(_)
             | GatewayError::InvalidApiKey => "invalid_api_key",
-            GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::ModelNotFound { .. } => "model_not_found",
             GatewayError::UnknownEndpoint { .. } => "unknown_url",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::ReservationNotFound(_) => "reservation_not_found",
@@ -246,7 +260,7 @@ impl GatewayError {
     fn param(&self) -> Option<&str> {
         match self {
             GatewayError::InvalidField { param, .. } => Some(param),
-            GatewayError::ModelNotFound(_) => Some("model"),
+            GatewayError::ModelNotFound { param, .. } => Some(param),
             _ => None,
         }
     }

@@ -72,7 +72,7 @@ pub async fn retrieve_model(
         let model = gateway
             .catalog
             .resolve(&name)
-            .ok_or_else(|| GatewayError::ModelNotFound(name.clone()))?;
+            .ok_or_else(|| GatewayError::model_not_found(&name))?;
         Ok::<_, GatewayError>(Json(ModelObject::from(model)).into_response())
     }
     .await;

@@ -173,7 +173,7 @@ pub async fn admit(
         let catalog = gateway.catalog.clone();
         let model = catalog
             .resolve(&name)
-            .ok_or_else(|| GatewayError::ModelNotFound(name.clone()))?;
+            .ok_or_else(|| GatewayError::model_not_found(&name))?;
         model_label.push_str(model.id.as_str());
         super::json::within_max_output(model, output_cap)?;
         // The lease as stored is the lease as answered.
@@ -458,6 +458,10 @@ pub async fn record(
                     format!("records[{i}]"),
                     "each record must be an object",
                 ),
+                GatewayError::ModelNotFound { name, param } => GatewayError::ModelNotFound {
+                    name,
+                    param: format!("records[{i}].{param}"),
+                },
                 other => other,
             };
             let record = parse_object(item.get().as_bytes()).map_err(at)?;
@@ -482,12 +486,9 @@ pub async fn record(
                 return Err(invalid_key());
             }
             let name = required_string(&record, "model").map_err(at)?;
-            let model = catalog.resolve(&name).ok_or_else(|| {
-                at(GatewayError::invalid_field(
-                    "model",
-                    format!("the model `{name}` does not exist"),
-                ))
-            })?;
+            let model = catalog
+                .resolve(&name)
+                .ok_or_else(|| at(GatewayError::model_not_found(&name)))?;
             let usage_raw = record.get_present("usage").ok_or_else(|| {
                 at(GatewayError::invalid_field(
                     "usage",

@@ -184,6 +184,23 @@ pub async fn member_key(store: &SharedStore, email: &str) -> String {
     key
 }
 
+/// A new API key of the existing user `email`, created in `store`: the key.
+pub async fn another_key(store: &SharedStore, email: &str) -> String {
+    let user = store.user_by_email(email).await.unwrap().unwrap();
+    let (key, hash) = server::auth::new_api_key();
+    store
+        .create_api_key(
+            &app::store::Actor::Cli,
+            user.id,
+            "rotated",
+            &hash,
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    key
+}
+
 /// The whole product on loopback: `config`'s database migrated and set up, a
 /// member with an API key, and the router (gateway, APIs, panel) serving.
 pub struct Stack {
