@@ -587,8 +587,13 @@ pub trait Store: Send + Sync + 'static {
     /// Every hold in the books, oldest first, whatever its cycle or lease.
     async fn list_reservations(&self) -> Result<Vec<ReservationListing>, StoreError>;
 
-    /// Release every reservation whose lease ended before `now`, whoever owns it.
-    /// Returns how many were released.
+    /// Release every reservation whose lease ended before `now`, whoever owns it
+    /// (DESIGN.md R7), keeping each for a late settlement. Returns how many were
+    /// released.
+    ///
+    /// Errors: [`StoreError::Busy`] when another process holds SQLite's write
+    /// lock: a sweep waits only a moment for it (it runs again soon, and this
+    /// process's other writes would wait behind it).
     async fn release_expired(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Record finished usage reported in bulk (usage API), each item admitted (R6,
