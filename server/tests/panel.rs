@@ -89,13 +89,7 @@ impl Panel {
 
     /// A new API key of the user `email`.
     async fn api_key(&self, email: &str) -> String {
-        let user = self.store.user_by_email(email).await.unwrap().unwrap();
-        let (key, hash) = server::auth::new_api_key();
-        self.store
-            .create_api_key(&app::store::Actor::Cli, user.id, "test", &hash, Utc::now())
-            .await
-            .unwrap();
-        key
+        common::another_key(&self.store, email).await
     }
 
     /// `GET /api/v1/spend` with the API key `key`, as JSON.

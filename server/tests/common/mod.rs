@@ -165,23 +165,17 @@ pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
 /// A new member with `email` (no usable password) and an API key of their own,
 /// created in `store`: the key.
 pub async fn member_key(store: &SharedStore, email: &str) -> String {
-    let now = chrono::Utc::now();
-    let user = store
+    store
         .create_user(
             &app::store::Actor::Cli,
             email,
             "not-a-password-hash",
             app::store::Role::Member,
-            now,
+            chrono::Utc::now(),
         )
         .await
         .unwrap();
-    let (key, hash) = server::auth::new_api_key();
-    store
-        .create_api_key(&app::store::Actor::Cli, user.id, "tests", &hash, now)
-        .await
-        .unwrap();
-    key
+    another_key(store, email).await
 }
 
 /// A new API key of the existing user `email`, created in `store`: the key.
@@ -192,7 +186,7 @@ pub async fn another_key(store: &SharedStore, email: &str) -> String {
         .create_api_key(
             &app::store::Actor::Cli,
             user.id,
-            "rotated",
+            "tests",
             &hash,
             chrono::Utc::now(),
         )
