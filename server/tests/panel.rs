@@ -17,7 +17,7 @@ use axum::{
     Router,
 };
 use chrono::Utc;
-use common::{TestDb, WriteLockHolder};
+use common::{lock::WriteLockHolder, TestDb};
 use http_body_util::BodyExt;
 use server::{config, db, http};
 use tower::ServiceExt;
