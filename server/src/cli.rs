@@ -12,7 +12,7 @@ use chrono::Utc;
 use clap::{Parser, Subcommand};
 use tower_sessions::session_store::ExpiredDeletion;
 
-use crate::{assets, auth, config, db, http, replay};
+use crate::{assets, auth, config, db, gateway, http, replay};
 
 /// `println!` for a command's output on stdout: when the reader has gone away
 /// (`tollgate user list | head -1`), the command ends with [`OutputClosed`]
@@ -1044,7 +1044,22 @@ async fn stop_signal() {
     }
 }
 
-/// How often any replica looks for reservations whose lease ended (R7).
+/// Settles what waits in the settlement spool, logging what is left (the
+/// database is still held up) and a folder that cannot be read.
+async fn replay_spool(gateway: &gateway::Gateway) {
+    match gateway.replay_spool().await {
+        Ok(replayed) if replayed.left > 0 => {
+            tracing::warn!(left = replayed.left, spool = %gateway.spool_dir().display(),
+                "settlements wait in the spool: the database is busy; trying again at the next sweep")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(spool = %gateway.spool_dir().display(), error = %e,
+            "cannot read the settlement spool"),
+    }
+}
+
+/// How often any replica looks for reservations whose lease ended (R7), and
+/// replays the settlement spool.
 const LEASE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 
 async fn serve(
@@ -1065,23 +1080,32 @@ async fn serve(
         }
         Err(e) => return Err(e.into()),
     }
+    if !assets::has_frontend() {
+        tracing::warn!("this binary was built without the frontend: pages will not hydrate (build with ./dev build)");
+    }
+    let state = http::AppState::new(Arc::new(config.clone()), store.clone());
+    let gateway = state.gateway.clone();
+    if let Err(e) = gateway.prepare_spool().await {
+        tracing::error!(spool = %gateway.spool_dir().display(), error = %e,
+            "cannot create the settlement spool's folder (`settlement_spool`): a settlement \
+             the database holds up is lost if the process stops before it is written");
+    }
+    // Settlements a stopped process could not write: billed before new requests.
+    replay_spool(&gateway).await;
     let sweeper = {
-        let store = store.clone();
+        let (store, gateway) = (store.clone(), gateway.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(LEASE_SWEEP_INTERVAL);
+            tick.tick().await;
             loop {
                 tick.tick().await;
                 if let Err(e) = store.release_expired(Utc::now()).await {
                     tracing::warn!(error = %e, "could not release expired reservations");
                 }
+                replay_spool(&gateway).await;
             }
         })
     };
-    if !assets::has_frontend() {
-        tracing::warn!("this binary was built without the frontend: pages will not hydrate (build with ./dev build)");
-    }
-    let state = http::AppState::new(Arc::new(config.clone()), store);
-    let gateway = state.gateway.clone();
     let local = listener.local_addr()?;
     tracing::info!(database = %db::redact_url(&config.database_url), "Tollgate is serving on http://{local}");
     let sessions = database.sessions.clone();

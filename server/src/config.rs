@@ -79,6 +79,22 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The settlement spool's folder when the config names none: beside a SQLite
+/// file (its path with `-settlements` appended, as SQLite names its `-wal`),
+/// or `tollgate-settlements` in the working directory for PostgreSQL.
+///
+/// Errors: the problem, when a SQLite URL does not parse.
+fn default_settlement_spool(database_url: &str) -> Result<std::path::PathBuf, String> {
+    if !database_url.starts_with("sqlite:") {
+        return Ok(std::path::PathBuf::from("tollgate-settlements"));
+    }
+    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(database_url)
+        .map_err(|e| format!("is not a SQLite URL: {e}"))?;
+    let mut folder = options.get_filename().as_os_str().to_owned();
+    folder.push("-settlements");
+    Ok(folder.into())
+}
+
 /// The file as written (every key optional; defaults fill the gaps).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +107,7 @@ pub struct ConfigFile {
     response_write_timeout_secs: Option<u64>,
     sqlite_synchronous: Option<String>,
     secure_cookies: Option<bool>,
+    settlement_spool: Option<String>,
     workspace: Option<WorkspaceSection>,
     plan: Option<PlanSection>,
     upstreams: Option<Vec<UpstreamSection>>,
@@ -192,6 +209,12 @@ pub struct Config {
     /// Mark the session cookie `Secure` (`secure_cookies`, default false): turn it on
     /// when the panel is served over TLS (DESIGN.md §5).
     pub secure_cookies: bool,
+    /// The folder of the settlement spool (`settlement_spool`): settlements the
+    /// database could not take before their answer went out, kept until it does
+    /// (`gateway::spool`). By default the SQLite file's path with `-settlements`
+    /// appended, or `tollgate-settlements` in the working directory on
+    /// PostgreSQL.
+    pub settlement_spool: std::path::PathBuf,
     /// Workspace name, plan and catalog, applied to the database at start.
     pub setup: WorkspaceSetup,
     /// Upstreams by name.
@@ -291,6 +314,17 @@ impl Config {
                  like sqlite://tollgate.db",
             ));
         }
+        let settlement_spool = match file.settlement_spool {
+            Some(folder) if folder.trim().is_empty() => {
+                return Err(invalid(
+                    "settlement_spool",
+                    "names no folder: write a path like /var/lib/tollgate/settlements",
+                ))
+            }
+            Some(folder) => std::path::PathBuf::from(folder),
+            None => default_settlement_spool(&database_url)
+                .map_err(|problem| invalid(db_key, problem))?,
+        };
         let max_request_bytes = file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
         if max_request_bytes == 0 {
             return Err(invalid("max_request_bytes", "must be at least 1"));
@@ -390,6 +424,7 @@ impl Config {
             response_write_timeout: std::time::Duration::from_secs(write_seconds),
             durability,
             secure_cookies: file.secure_cookies.unwrap_or(false),
+            settlement_spool,
             setup: WorkspaceSetup {
                 name,
                 plan: PlanRecord {
@@ -1173,6 +1208,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("upstreams[0].timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn the_settlement_spool_sits_beside_the_database_unless_named() {
+        let spool = |text: &str| load_text(text).unwrap().settlement_spool;
+        assert_eq!(spool(""), std::path::Path::new("tollgate.db-settlements"));
+        assert_eq!(
+            spool("database_url = \"sqlite:///var/lib/tollgate/books.db?mode=rwc\""),
+            std::path::Path::new("/var/lib/tollgate/books.db-settlements")
+        );
+        assert_eq!(
+            spool("database_url = \"postgres://tollgate@db/books\""),
+            std::path::Path::new("tollgate-settlements")
+        );
+        assert_eq!(
+            spool("settlement_spool = \"/srv/spool\""),
+            std::path::Path::new("/srv/spool")
+        );
+        // Follows the database the environment names.
+        let file = parse_file("").unwrap();
+        let overridden = Config::from_file(
+            file,
+            &Overrides {
+                listen: None,
+                database_url: Some("sqlite://other.db".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            overridden.settlement_spool,
+            std::path::Path::new("other.db-settlements")
+        );
+        let err = load_text("settlement_spool = \" \"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`settlement_spool`: names no folder"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 
 use std::process::{Command, Output};
 
+#[path = "common/lock.rs"]
+mod lock;
 #[path = "common/upstream.rs"]
 mod upstream;
 
@@ -1338,4 +1340,102 @@ async fn demo_usage_is_not_booked_again_after_the_cycle_moves() {
     let (start, spent_now, ledger) = spent().await;
     assert_ne!(start, first_start, "the cycle was recut");
     assert_eq!((spent_now, ledger), (booked, booked));
+}
+
+/// A settlement the database could not take before its answer went out
+/// (another process held SQLite's write lock through the request's tries) is
+/// written to the settlement spool beside the database file first: a server
+/// stopped by SIGTERM before the lock ends loses none, and the next start
+/// bills it, once (DESIGN.md R7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_pending_at_shutdown_is_billed_by_the_next_start() {
+    use std::time::Duration;
+    let cli = Cli::new();
+    let mock = upstream::MockUpstream::start().await;
+    let (config, key) = cli.slow_upstream(&mock, "");
+    let (mut server, base) = cli.serve(&config).await;
+    let client = reqwest::Client::new();
+    let chat = || {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"model": "slow-model",
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let first = chat().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let _ = first.bytes().await.unwrap();
+    let store = cli.store().await;
+    let spent = |snapshot: app::store::SpendSnapshot| snapshot.workspace;
+    let one = spent(store.spend_snapshot(chrono::Utc::now()).await.unwrap());
+    assert!(one.spent.get() > 0);
+
+    mock.set(|b| b.delay = Duration::from_millis(1500));
+    let (answer, holder) = tokio::join!(
+        async {
+            let response = chat().await.unwrap();
+            (response.status(), response.bytes().await.unwrap())
+        },
+        async {
+            // Taken once the request is admitted, before its upstream answers.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            lock::WriteLockHolder::take(&cli.url()).await
+        }
+    );
+    assert_eq!(answer.0, 200, "{:?}", answer.1);
+    let spool = cli.dir.path().join("tollgate.db-settlements");
+    let entries = || -> Vec<String> {
+        match std::fs::read_dir(&spool) {
+            Ok(listing) => listing
+                .map(|item| item.unwrap().file_name().into_string().unwrap())
+                .filter(|name| name.ends_with(".json"))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    };
+    assert_eq!(entries().len(), 1, "spooled before the answer went out");
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_settlements_total{kind=\"spooled\",model=\"slow-model\"} 1"),
+        "{metrics}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut exited = None;
+    for _ in 0..300 {
+        exited = server.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(exited) = exited else {
+        server.kill().unwrap();
+        panic!("the server did not stop within 30 s of SIGTERM");
+    };
+    assert!(exited.success(), "{exited:?}");
+    assert_eq!(entries().len(), 1, "still waiting in the spool");
+    holder.release().await;
+    let stopped = spent(store.spend_snapshot(chrono::Utc::now()).await.unwrap());
+    assert_eq!(stopped.spent, one.spent, "not billed before the next start");
+
+    let (mut server, _) = cli.serve(&config).await;
+    let restarted = spent(store.spend_snapshot(chrono::Utc::now()).await.unwrap());
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(restarted.spent.get(), 2 * one.spent.get());
+    assert_eq!(restarted.reserved.get(), 0);
+    assert_eq!(entries(), Vec::<String>::new());
 }

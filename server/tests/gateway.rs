@@ -24,7 +24,7 @@ use app::{
     store::{Actor, LimitChange, SharedStore, StoreError},
 };
 use chrono::Utc;
-use common::{TestDb, WriteLockHolder};
+use common::{lock::WriteLockHolder, TestDb};
 use serde_json::{json, Value};
 use server::{
     config::{Config, Overrides},
@@ -110,11 +110,17 @@ struct Harness {
     _config_dir: tempfile::TempDir,
 }
 
-fn config_text(db: &TestDb, mock: &MockUpstream, options: &Options) -> String {
+fn config_text(
+    db: &TestDb,
+    mock: &MockUpstream,
+    options: &Options,
+    spool: &std::path::Path,
+) -> String {
     format!(
         r#"
 listen = "127.0.0.1:0"
 database_url = "{db}"
+settlement_spool = "{spool}"
 max_request_bytes = {max}
 request_body_timeout_secs = {body_timeout}
 
@@ -168,6 +174,7 @@ output_eur_per_mtok = "0.5"
 max_output_tokens = 1000
 "#,
         db = db.url,
+        spool = spool.display(),
         max = options.max_request_bytes,
         budget = options.budget_eur,
         base = mock.base_url,
@@ -181,7 +188,8 @@ async fn start(db: &TestDb, options: Options) -> Harness {
     let mock = MockUpstream::start().await;
     let config_dir = tempfile::tempdir().unwrap();
     let path = config_dir.path().join("tollgate.toml");
-    std::fs::write(&path, config_text(db, &mock, &options)).unwrap();
+    let spool = config_dir.path().join("settlements");
+    std::fs::write(&path, config_text(db, &mock, &options, &spool)).unwrap();
     let config = Arc::new(Config::load(Some(&path), &Overrides::default()).unwrap());
     let upstream_key = format!("sk-upstream-{}-DO-NOT-LEAK", uuid::Uuid::new_v4().simple());
     let lookup_key = match options.upstream_key_line_break {
@@ -1967,6 +1975,93 @@ async fn a_restarted_gateway_leaves_no_reservations(db: &TestDb) {
     assert_eq!(snapshot.workspace, Counter::default());
 }
 
+/// What waits in the settlement spool is billed by a replay exactly once
+/// (DESIGN.md R7): a hold the sweep released meanwhile is billed from its
+/// lapsed record, a settlement already recorded counts nothing again, and one
+/// whose hold is unknown is refused; each leaves the spool.
+async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
+    use server::gateway::{
+        hold::Replayed,
+        spool::{PendingSettlement, Spool},
+    };
+    let h = start(db, Options::default()).await;
+    let (status, admission) = h
+        .api(
+            "/api/v1/admissions",
+            &json!({"model": "test/big", "prompt_tokens": 1000, "max_completion_tokens": 500}),
+        )
+        .await;
+    assert_eq!(status, 200, "{admission}");
+    let id = admission["reservation_id"].as_str().unwrap();
+    let usage = MockUsage {
+        prompt: 800,
+        cached: 300,
+        completion: 400,
+        reasoning: 100,
+    };
+    let entry = PendingSettlement {
+        reservation: app::store::ReservationId(id.to_owned()),
+        served: "big".into(),
+        usage: Some(Usage {
+            prompt_tokens: usage.prompt,
+            cached_tokens: usage.cached,
+            completion_tokens: usage.completion,
+            reasoning_tokens: usage.reasoning,
+        }),
+        finished_at: Utc::now(),
+    };
+    // What a process stopped under a held-up database leaves behind.
+    let spool = Spool::new(h.config.settlement_spool.clone());
+    spool.put(&entry).await.unwrap();
+    let unknown = PendingSettlement {
+        reservation: app::store::ReservationId(uuid::Uuid::now_v7().to_string()),
+        ..entry.clone()
+    };
+    spool.put(&unknown).await.unwrap();
+    // Its lease ran out meanwhile and a replica's sweep released the hold.
+    assert_eq!(
+        h.store
+            .release_expired(Utc::now() + chrono::TimeDelta::minutes(5))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(h.workspace().await, Counter::default());
+
+    // A replay by the gateway of this process: the entries were another's.
+    let replayed = h.gateway.replay_spool().await.unwrap();
+    assert_eq!(
+        replayed,
+        Replayed {
+            billed: 1,
+            already_recorded: 0,
+            refused: 1,
+            left: 0
+        }
+    );
+    let billed = h.cost_of("big", usage);
+    assert_eq!(
+        h.workspace().await,
+        Counter {
+            spent: billed,
+            reserved: Nanos::ZERO
+        }
+    );
+    assert_eq!(h.model_counter("big").await.spent, billed);
+    assert_eq!(spool.entries().await.unwrap(), []);
+
+    // The same entry again (its removal was lost, or another process replays a
+    // copy): found recorded, counted once.
+    spool.put(&entry).await.unwrap();
+    spool.unclaim(&entry.reservation);
+    let again = h.gateway.replay_spool().await.unwrap();
+    assert_eq!(again.already_recorded, 1);
+    assert_eq!(again.billed, 0);
+    assert_eq!(h.workspace().await.spent, billed);
+    assert_eq!(spool.entries().await.unwrap(), []);
+    assert_eq!(h.gateway.replay_spool().await.unwrap(), Replayed::default());
+}
+
 /// `/healthz` answers `ok` while the database answers, and 503 once it is gone
 /// (PostgreSQL: the database is dropped under the running server).
 async fn health_follows_the_database(db: &TestDb) {
@@ -2213,6 +2308,7 @@ on_both_backends!(
     an_upstream_key_read_from_a_file_loses_its_line_break,
     usage_api_admits_settles_releases_and_records_once,
     a_restarted_gateway_leaves_no_reservations,
+    the_settlement_spool_is_replayed_exactly_once,
     a_request_whose_lease_ran_out_is_billed_all_the_same,
     a_key_revoked_elsewhere_spends_nothing_more,
 );

@@ -6,8 +6,10 @@
 //! without ending it (a panic), `Drop` settles it with no usage, i.e. bills the
 //! estimate and flags the event: a spend control errs on the side of counting.
 //! Should the whole process die, the lease runs out and any replica releases it.
-//! A settlement that the database held up past its lease is billed all the same,
-//! from the lapsed hold the sweep keeps (`Settlement::bill_if_lapsed`).
+//! A settlement that the database held up is written to the settlement spool
+//! before the answer goes out ([`super::spool`]), so a process stopped before
+//! the database answers loses none ([`replay_spool`]); it is billed even past its
+//! lease, from the lapsed hold the sweep keeps (`Settlement::bill_if_lapsed`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,6 +20,7 @@ use app::store::{Reservation, ReservationId, Settlement, StoreError, UsageEventR
 use chrono::Utc;
 use tokio::task::JoinHandle;
 
+use super::spool::PendingSettlement;
 use super::Gateway;
 
 /// How long a reservation is held without renewal. A crashed process's holds
@@ -94,9 +97,10 @@ impl Hold {
     ///
     /// Returns the ledger event, or `None` when the store could not record it in
     /// the tries made while the request waits: then, if the database was only
-    /// held up, the settlement goes on after the answer (some 13 minutes of
-    /// tries, billed even once the lease has run out); otherwise, and if those
-    /// tries fail too, it is logged with its usage and counted as `failed`.
+    /// held up, the settlement is spooled to disk and goes on after the answer
+    /// (some 13 minutes of tries, then the lease sweeps' replays; billed even
+    /// once the lease has run out); otherwise it is logged with its usage and
+    /// counted as `failed`.
     pub async fn settle(mut self, usage: Option<Usage>) -> Option<UsageEventRecord> {
         self.end();
         settle(&self.gateway, &self.reservation, usage).await
@@ -167,46 +171,139 @@ fn after_answering() -> ExponentialBuilder {
 const LATE_ATTEMPTS: usize = 30;
 
 /// Settles `reservation` (see [`Hold::settle`]). When the database is held up
-/// past the tries made while the request waits, the settlement goes on in the
-/// background, tracked with the exchanges (a shutdown waits for it), and is
-/// billed even if the sweep released the hold meanwhile
-/// (`Settlement::bill_if_lapsed`): the provider served the request (R7).
+/// past the tries made while the request waits, the settlement is written to
+/// the spool ([`super::spool`]) before the answer goes out, then goes on in the
+/// background, tracked with the exchanges (a shutdown waits for the try under
+/// way); one still unsettled is left in the spool for the lease sweep, or the
+/// next start, to replay. Either way it is billed even if the sweep released
+/// the hold meanwhile (`Settlement::bill_if_lapsed`): the provider served the
+/// request (R7).
 async fn settle(
     gateway: &Arc<Gateway>,
     reservation: &Reservation,
     usage: Option<Usage>,
 ) -> Option<UsageEventRecord> {
-    let mut usage = usage;
-    let mut result = try_settle(gateway, reservation, usage, Tries::WhileAnswering).await;
-    if let (Err(StoreError::Invalid { message, .. }), Some(_)) = (&result, usage) {
-        tracing::warn!(reservation = %reservation.id, model = %reservation.served, problem = %message,
+    let mut pending = PendingSettlement {
+        reservation: reservation.id.clone(),
+        served: reservation.served.as_str().to_owned(),
+        usage,
+        finished_at: Utc::now(),
+    };
+    let mut result = try_settle(gateway, &pending, Tries::WhileAnswering).await;
+    if let (Err(StoreError::Invalid { message, .. }), Some(_)) = (&result, pending.usage) {
+        tracing::warn!(reservation = %pending.reservation, model = %pending.served, problem = %message,
             "the upstream reported inconsistent usage: billing the estimate");
-        usage = None;
-        result = try_settle(gateway, reservation, usage, Tries::WhileAnswering).await;
+        pending.usage = None;
+        result = try_settle(gateway, &pending, Tries::WhileAnswering).await;
     }
     match result {
-        Ok(event) => Some(settled(gateway, reservation, event)),
+        Ok(event) => Some(settled(gateway, &pending, event)),
         Err(e) if transient(&e) => {
-            tracing::warn!(reservation = %reservation.id, model = %reservation.served, ?usage, error = %e,
-                "could not settle yet: settling after the answer");
-            let (gateway, reservation) = (gateway.clone(), reservation.clone());
+            tracing::warn!(reservation = %pending.reservation, model = %pending.served, usage = ?pending.usage,
+                error = %e, "could not settle yet: settling after the answer");
+            let spooled = match gateway.spool.put(&pending).await {
+                Ok(()) => {
+                    gateway.metrics.settlement(&pending.served, "spooled");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(reservation = %pending.reservation, spool = %gateway.spool.dir().display(),
+                        error = %e, "could not write the settlement to the spool: \
+                         it is lost if the process stops before the database answers");
+                    false
+                }
+            };
+            let gateway = gateway.clone();
             let exchanges = gateway.exchanges.clone();
             exchanges.spawn(async move {
-                match try_settle(&gateway, &reservation, usage, Tries::AfterAnswering).await {
+                let result = try_settle(&gateway, &pending, Tries::AfterAnswering).await;
+                match result {
                     Ok(event) => {
-                        tracing::info!(reservation = %reservation.id, "settled after the answer");
-                        settled(&gateway, &reservation, event);
+                        tracing::info!(reservation = %pending.reservation, "settled after the answer");
+                        settled(&gateway, &pending, event);
                     }
-                    Err(e) => unsettled(&gateway, &reservation, usage, &e),
+                    Err(e) if spooled && transient(&e) => {
+                        tracing::warn!(reservation = %pending.reservation, error = %e,
+                            "could not settle after the answer: left in the settlement spool \
+                             for the next lease sweep or start");
+                        gateway.spool.unclaim(&pending.reservation);
+                        return;
+                    }
+                    Err(e) => unsettled(&gateway, &pending, &e),
+                }
+                if spooled {
+                    gateway.spool.remove(&pending.reservation).await;
                 }
             });
             None
         }
         Err(e) => {
-            unsettled(gateway, reservation, usage, &e);
+            unsettled(gateway, &pending, &e);
             None
         }
     }
+}
+
+/// What a replay of the settlement spool did ([`replay_spool`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Settlements written to the ledger now.
+    pub billed: usize,
+    /// Settlements found already recorded (by this process's background tries
+    /// or another process); nothing counted again.
+    pub already_recorded: usize,
+    /// Settlements the store refused for good (their hold is gone: released
+    /// more than a week ago); logged as errors with their usage, not billed.
+    pub refused: usize,
+    /// Settlements left in the spool: the database is still held up.
+    pub left: usize,
+}
+
+/// Settles what waits in `gateway`'s settlement spool ([`super::spool`]) and is
+/// not being settled by a task of this process: at start-up and at each lease
+/// sweep. Each is tried once; at the first that the database cannot take yet
+/// ([`StoreError::Busy`], [`StoreError::Database`]) the replay stops, and the
+/// rest waits for the next. A settlement already recorded counts nothing twice
+/// (its idempotency key), so processes sharing the spool may replay it at once.
+///
+/// Errors: the I/O error when the spool's folder cannot be listed.
+pub async fn replay_spool(gateway: &Gateway) -> std::io::Result<Replayed> {
+    let mut replayed = Replayed::default();
+    let entries = gateway.spool.entries().await?;
+    let mut waiting = entries.iter();
+    for pending in waiting.by_ref() {
+        if !gateway.spool.claim(&pending.reservation) {
+            continue;
+        }
+        match try_settle(gateway, pending, Tries::Once).await {
+            Ok(event) => {
+                match event.newly_recorded {
+                    true => replayed.billed += 1,
+                    false => replayed.already_recorded += 1,
+                }
+                settled(gateway, pending, event);
+            }
+            Err(e) if transient(&e) => {
+                gateway.spool.unclaim(&pending.reservation);
+                replayed.left = 1 + waiting.len();
+                break;
+            }
+            Err(e) => {
+                replayed.refused += 1;
+                unsettled(gateway, pending, &e);
+            }
+        }
+        gateway.spool.remove(&pending.reservation).await;
+    }
+    if replayed.billed + replayed.refused > 0 {
+        tracing::info!(
+            billed = replayed.billed,
+            refused = replayed.refused,
+            left = replayed.left,
+            "replayed the settlement spool"
+        );
+    }
+    Ok(replayed)
 }
 
 /// When to stop trying a settlement again.
@@ -218,48 +315,50 @@ enum Tries {
     /// ([`Gateway::finish_exchanges`]) a failed try is the last, so the process
     /// waits for the try under way, not for the whole schedule.
     AfterAnswering,
+    /// One try: a replay of the spool, which the next sweep repeats.
+    Once,
 }
 
-/// One settlement of `reservation`, tried again on transient failures as
-/// `tries` says.
+/// One settlement, tried again on transient failures as `tries` says.
 async fn try_settle(
     gateway: &Gateway,
-    reservation: &Reservation,
-    usage: Option<Usage>,
+    pending: &PendingSettlement,
     tries: Tries,
 ) -> Result<UsageEventRecord, StoreError> {
     let attempt = || {
         gateway.store.settle(Settlement {
-            reservation: reservation.id.clone(),
-            usage,
-            idempotency_key: Some(settlement_key(&reservation.id)),
+            reservation: pending.reservation.clone(),
+            usage: pending.usage,
+            idempotency_key: Some(settlement_key(&pending.reservation)),
             within_reservation: false,
             bill_if_lapsed: true,
-            now: Utc::now(),
+            now: pending.finished_at,
         })
     };
+    let schedule = match tries {
+        Tries::WhileAnswering => while_answering(),
+        Tries::AfterAnswering => after_answering(),
+        Tries::Once => ExponentialBuilder::default().with_max_times(0),
+    };
     attempt
-        .retry(match tries {
-            Tries::WhileAnswering => while_answering(),
-            Tries::AfterAnswering => after_answering(),
-        })
+        .retry(schedule)
         .when(|e| {
             transient(e)
                 && (matches!(tries, Tries::WhileAnswering) || !gateway.exchanges.is_closed())
         })
         .notify(|e, _| {
-            tracing::warn!(reservation = %reservation.id, error = %e, "settlement failed; retrying")
+            tracing::warn!(reservation = %pending.reservation, error = %e, "settlement failed; retrying")
         })
         .await
 }
 
-/// Counts a settlement recorded for `reservation`; returns its event.
+/// Counts a settlement recorded; returns its event.
 fn settled(
     gateway: &Gateway,
-    reservation: &Reservation,
+    pending: &PendingSettlement,
     event: UsageEventRecord,
 ) -> UsageEventRecord {
-    let served = reservation.served.as_str();
+    let served = pending.served.as_str();
     if event.newly_recorded {
         gateway.metrics.spend(served, event.cost.get());
         gateway
@@ -267,20 +366,15 @@ fn settled(
             .settlement(served, if event.estimated { "estimate" } else { "usage" });
     }
     if event.over_reservation {
-        tracing::warn!(reservation = %reservation.id, model = served, "the upstream billed more than was reserved");
+        tracing::warn!(reservation = %pending.reservation, model = served, "the upstream billed more than was reserved");
     }
     event
 }
 
 /// Reports a settlement given up: the usage is not billed.
-fn unsettled(
-    gateway: &Gateway,
-    reservation: &Reservation,
-    usage: Option<Usage>,
-    error: &StoreError,
-) {
-    let served = reservation.served.as_str();
-    tracing::error!(reservation = %reservation.id, model = served, ?usage, error = %error,
+fn unsettled(gateway: &Gateway, pending: &PendingSettlement, error: &StoreError) {
+    let served = pending.served.as_str();
+    tracing::error!(reservation = %pending.reservation, model = served, usage = ?pending.usage, error = %error,
         "could not settle a reservation: this usage is not billed");
     gateway.metrics.settlement(served, "failed");
 }

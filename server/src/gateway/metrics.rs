@@ -50,7 +50,10 @@ impl Metrics {
     ///   model (R2: integers, so it adds up exactly);
     /// - `tollgate_settlements_total{model, kind}`: how holds ended: `usage` (billed
     ///   the reported usage), `estimate` (no usage reported: billed the reservation),
-    ///   `released`, `failed` (the store refused or failed; the lease will expire);
+    ///   `released`, `failed` (the store refused or failed; the lease will expire),
+    ///   and `spooled`: a settlement the database could not take before its
+    ///   answer, written to the settlement spool (counted again as `usage` or
+    ///   `estimate` once billed; a rate above zero means a database held up);
     /// - `tollgate_upstream_duration_seconds{model, stream}`: from sending the
     ///   upstream request to its last byte;
     /// - `tollgate_gateway_overhead_seconds{endpoint, stream}`: the request's time in

@@ -19,6 +19,7 @@ mod json;
 pub mod metrics;
 pub mod models;
 pub mod request;
+pub mod spool;
 pub mod sse;
 pub mod upstream;
 pub mod usage_api;
@@ -64,6 +65,8 @@ pub struct Gateway {
     /// The upstream exchanges in flight, each settling its own reservation
     /// (`chat`): a shutdown waits for them ([`Gateway::finish_exchanges`]).
     exchanges: tokio_util::task::TaskTracker,
+    /// Settlements the database has not taken yet, on disk ([`spool`]).
+    spool: spool::Spool,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -155,6 +158,7 @@ impl Gateway {
             ),
             callers: caller::CallerCache::default(),
             exchanges: tokio_util::task::TaskTracker::new(),
+            spool: spool::Spool::new(config.settlement_spool.clone()),
         }
     }
 
@@ -187,6 +191,26 @@ impl Gateway {
                 }
             }
         }))
+    }
+
+    /// Settles what waits in the settlement spool (see [`hold::replay_spool`]).
+    ///
+    /// Errors: the I/O error when the spool's folder cannot be listed.
+    pub async fn replay_spool(&self) -> std::io::Result<hold::Replayed> {
+        hold::replay_spool(self).await
+    }
+
+    /// Creates the settlement spool's folder if it is missing (see
+    /// [`spool::Spool::prepare`]).
+    ///
+    /// Errors: the I/O error.
+    pub async fn prepare_spool(&self) -> std::io::Result<()> {
+        self.spool.prepare().await
+    }
+
+    /// The settlement spool's folder.
+    pub fn spool_dir(&self) -> &std::path::Path {
+        self.spool.dir()
     }
 
     /// This process's metrics.
