@@ -94,6 +94,15 @@ impl Default for Options {
     }
 }
 
+/// A counter with `spent` settled and nothing held: the books once every
+/// request has ended.
+fn settled(spent: Nanos) -> Counter {
+    Counter {
+        spent,
+        reserved: Nanos::ZERO,
+    }
+}
+
 struct Harness {
     /// `http://127.0.0.1:PORT` of the gateway.
     url: String,
@@ -249,6 +258,14 @@ impl Harness {
 
     async fn api(&self, path: &str, body: &Value) -> (u16, Value) {
         self.api_text(path, body.to_string()).await
+    }
+
+    /// `POST /api/v1/admissions` with `body`, which must be admitted (200): the
+    /// admission.
+    async fn admit(&self, body: &Value) -> Value {
+        let (status, admission) = self.api("/api/v1/admissions", body).await;
+        assert_eq!(status, 200, "{admission}");
+        admission
     }
 
     /// `POST /api/v1/admissions/{id}/{action}` (`settle`, `release`, `renew`)
@@ -497,13 +514,7 @@ async fn non_streaming_round_trip(db: &TestDb) {
         },
     );
     assert_eq!(expected, Nanos::new(74_000));
-    assert_eq!(
-        h.workspace().await,
-        Counter {
-            spent: expected,
-            reserved: Nanos::ZERO
-        }
-    );
+    assert_eq!(h.workspace().await, settled(expected));
     assert_eq!(h.model_counter("big").await.spent, expected);
 
     // The catalog, OpenAI-shaped, behind the same key.
@@ -575,13 +586,7 @@ async fn streaming_round_trip(db: &TestDb) {
         },
     );
     // `[DONE]` was read, so the settlement is in the books already.
-    assert_eq!(
-        h.workspace().await,
-        Counter {
-            spent: one,
-            reserved: Nanos::ZERO
-        }
-    );
+    assert_eq!(h.workspace().await, settled(one));
 
     // A client that asks for usage gets the usage chunk, with the served model.
     body["stream_options"] = json!({"include_usage": true});
@@ -590,13 +595,7 @@ async fn streaming_round_trip(db: &TestDb) {
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"]["prompt_tokens"], 12);
     assert_eq!(usage_chunk["model"], "big");
-    assert_eq!(
-        h.workspace().await,
-        Counter {
-            spent: Nanos::new(2 * one.get()),
-            reserved: Nanos::ZERO
-        }
-    );
+    assert_eq!(h.workspace().await, settled(Nanos::new(2 * one.get())));
 }
 
 /// The same request costs the same streamed and not, to the nano-euro (§4), here
@@ -721,13 +720,7 @@ async fn fifty_concurrent_requests_against_a_plan_for_ten(db: &TestDb) {
     }
     assert_eq!((served, blocked), (10, 40));
     assert_eq!(h.mock.received().len(), 10);
-    assert_eq!(
-        h.workspace().await,
-        Counter {
-            spent: Nanos::new(10_000_000),
-            reserved: Nanos::ZERO
-        }
-    );
+    assert_eq!(h.workspace().await, settled(Nanos::new(10_000_000)));
     let metrics = h.metrics().await;
     for line in [
         "tollgate_requests_total{endpoint=\"chat_completions\",model=\"flat\",outcome=\"ok\"} 10",
@@ -934,11 +927,7 @@ async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
     gate.notify_one();
     let expected = h.cost_of("big", usage);
     eventually("the abandoned stream is settled on its usage", || async {
-        h.workspace().await
-            == Counter {
-                spent: expected,
-                reserved: Nanos::ZERO,
-            }
+        h.workspace().await == settled(expected)
     })
     .await;
 }
@@ -965,10 +954,7 @@ async fn shutdown_waits_for_abandoned_exchanges_to_settle(db: &TestDb) {
         .unwrap();
     assert_eq!(
         h.workspace().await,
-        Counter {
-            spent: h.cost_of("big", usage),
-            reserved: Nanos::ZERO,
-        },
+        settled(h.cost_of("big", usage)),
         "settled before the shutdown ended"
     );
 }
@@ -1004,13 +990,7 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
         estimate,
         Nanos::new((messages.len() as i64 + 16) * 2_000 + 1_000_000)
     );
-    assert_eq!(
-        h.workspace().await,
-        Counter {
-            spent: estimate,
-            reserved: Nanos::ZERO
-        }
-    );
+    assert_eq!(h.workspace().await, settled(estimate));
     assert!(h
         .metrics()
         .await
@@ -1055,10 +1035,7 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
     assert_eq!(
         h.workspace().await,
-        Counter {
-            spent: estimate + estimate + Nanos::new(2 * (12 * 2_000 + 5 * 10_000)),
-            reserved: Nanos::ZERO
-        }
+        settled(estimate + estimate + Nanos::new(2 * (12 * 2_000 + 5 * 10_000)))
     );
 }
 
@@ -1085,10 +1062,7 @@ async fn a_stream_answered_without_a_stream_is_a_502_billed_its_usage(db: &TestD
     assert_eq!(h.mock.received().len(), 1, "one call upstream");
     assert_eq!(
         h.workspace().await,
-        Counter {
-            spent: h.cost_of("big", upstream::Behaviour::default().usage),
-            reserved: Nanos::ZERO
-        }
+        settled(h.cost_of("big", upstream::Behaviour::default().usage))
     );
 }
 
@@ -1535,13 +1509,9 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         },
     )
     .await;
-    let (status, admission) = h
-        .api(
-            "/api/v1/admissions",
-            &json!({"model": "test/big", "prompt_tokens": 1000, "max_completion_tokens": 500}),
-        )
+    let admission = h
+        .admit(&json!({"model": "test/big", "prompt_tokens": 1000, "max_completion_tokens": 500}))
         .await;
-    assert_eq!(status, 200, "{admission}");
     // 1000 × 2 + 500 × 10 = 7000 EUR per 1M tokens.
     assert_eq!(admission["reserved_eur"], "0.007");
     assert_eq!(admission["served_model"], "big");
@@ -1628,13 +1598,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
-    assert_eq!(
-        h.workspace().await,
-        Counter {
-            spent: Nanos::new(2_350_000),
-            reserved: Nanos::ZERO
-        }
-    );
+    assert_eq!(h.workspace().await, settled(Nanos::new(2_350_000)));
 
     // Release, renew, and their 404 once gone.
     let (_, other) = h
@@ -1692,13 +1656,9 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
 
     // A hold whose lease has ended is gone for settle, release and renew alike,
     // before the sweep releases it as after; it is never billed.
-    let (status, brief) = h
-        .api(
-            "/api/v1/admissions",
-            &json!({"model": "mid", "prompt_tokens": 10, "lease_seconds": 1}),
-        )
+    let brief = h
+        .admit(&json!({"model": "mid", "prompt_tokens": 10, "lease_seconds": 1}))
         .await;
-    assert_eq!(status, 200, "{brief}");
     let brief_id = brief["reservation_id"].as_str().unwrap().to_owned();
     let spent = h.workspace().await.spent;
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
@@ -1942,13 +1902,9 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
 /// have expired: a new instance releases them at start (R7).
 async fn a_restarted_gateway_leaves_no_reservations(db: &TestDb) {
     let h = start(db, Options::default()).await;
-    let (status, admission) = h
-        .api(
-            "/api/v1/admissions",
-            &json!({"model": "big", "prompt_tokens": 10, "lease_seconds": 60}),
-        )
+    let admission = h
+        .admit(&json!({"model": "big", "prompt_tokens": 10, "lease_seconds": 60}))
         .await;
-    assert_eq!(status, 200);
     let held = h.workspace().await.reserved;
     assert!(held > Nanos::ZERO);
     drop(admission);
@@ -1985,13 +1941,9 @@ async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
         spool::{PendingSettlement, Spool},
     };
     let h = start(db, Options::default()).await;
-    let (status, admission) = h
-        .api(
-            "/api/v1/admissions",
-            &json!({"model": "test/big", "prompt_tokens": 1000, "max_completion_tokens": 500}),
-        )
+    let admission = h
+        .admit(&json!({"model": "test/big", "prompt_tokens": 1000, "max_completion_tokens": 500}))
         .await;
-    assert_eq!(status, 200, "{admission}");
     let id = admission["reservation_id"].as_str().unwrap();
     let usage = MockUsage {
         prompt: 800,
@@ -2040,13 +1992,7 @@ async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
         }
     );
     let billed = h.cost_of("big", usage);
-    assert_eq!(
-        h.workspace().await,
-        Counter {
-            spent: billed,
-            reserved: Nanos::ZERO
-        }
-    );
+    assert_eq!(h.workspace().await, settled(billed));
     assert_eq!(h.model_counter("big").await.spent, billed);
     assert_eq!(spool.entries().await.unwrap(), []);
 
