@@ -2129,6 +2129,40 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing() {
     assert_eq!(served.status(), 200);
 }
 
+/// Once a batch of the hot path has waited its 10 s for another process's lock
+/// on the SQLite file in vain, the process's other writes (here a usage-API
+/// record) wait only a moment for it: refused with 503 `database_busy` at once,
+/// nothing recorded, instead of holding every write of the process behind them
+/// for another 10 s each. Once the lock is let go they are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_writes_do_not_wait_out_a_lock_the_hot_path_met() {
+    let db = TestDb::sqlite();
+    let h = start(&db, Options::default()).await;
+    let records = json!({"records": [
+        {"idempotency_key": "held/1", "model": "mid", "usage": {"prompt_tokens": 1000, "completion_tokens": 500}},
+    ]});
+    let holder = WriteLockHolder::take(&db.url).await;
+    let refused = h.chat(&chat_body("test/big")).await;
+    assert_error(refused, 503, "api_error", "database_busy", None).await;
+
+    let sent = tokio::time::Instant::now();
+    let (status, body) = h.api("/api/v1/usage", &records).await;
+    let waited = sent.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "database_busy", "{body}");
+    // Not the 10 s a write waits for a lock not known to be held.
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+
+    holder.release().await;
+    assert_eq!(h.workspace().await, Counter::default());
+    let (status, body) = h.api("/api/v1/usage", &records).await;
+    assert_eq!(status, 200, "{body}");
+    // 1000 × 0.5 + 500 × 2 = 1500 EUR per 1M tokens.
+    assert_eq!(h.workspace().await, settled(Nanos::new(1_500_000)));
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+}
+
 /// A request served while the database was held up past the tries made while it
 /// waits (three of SQLite's 10 s lock timeouts) gets its answer, and its
 /// settlement goes on after the answer until the lock is let go: billed once,

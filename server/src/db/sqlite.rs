@@ -2,7 +2,14 @@
 //! `BEGIN IMMEDIATE`, which takes the database's write lock before the first read,
 //! so an admission's snapshot cannot change under it.
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use rusqlite::OptionalExtension;
 
@@ -46,6 +53,11 @@ pub struct SqliteStore {
     /// Reservations, settlements and releases, group-committed (`db::batch`), on
     /// the writer whose sqlx connection it lends to the other writes.
     batcher: Batcher<SqliteWriter>,
+    /// Set when a batch found the file's write lock held by another process past
+    /// [`BUSY_TIMEOUT`], cleared when one takes it again: meanwhile the writes
+    /// the writer is lent for wait [`HELD_WAIT`] for it (see
+    /// [`SqliteStore::write_connection`]).
+    held_elsewhere: Arc<AtomicBool>,
 }
 
 /// How durable an acknowledged write is (DESIGN.md §6).
@@ -129,20 +141,33 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;
+        let held_elsewhere = Arc::new(AtomicBool::new(false));
         let batcher = Batcher::spawn(
-            move || {
-                let writer = writer.clone();
-                let hot_options = hot_options.clone();
-                async move {
-                    let conn = writer.acquire().await.map_err(db_error)?;
-                    let hot = hot_options.open()?;
-                    Ok(SqliteWriter { conn, hot })
+            {
+                let held_elsewhere = held_elsewhere.clone();
+                move || {
+                    let writer = writer.clone();
+                    let hot_options = hot_options.clone();
+                    let held_elsewhere = held_elsewhere.clone();
+                    async move {
+                        let conn = writer.acquire().await.map_err(db_error)?;
+                        let hot = hot_options.open()?;
+                        Ok(SqliteWriter {
+                            conn,
+                            hot,
+                            held_elsewhere,
+                        })
+                    }
                 }
             },
             execute_batch,
         );
         tokio::spawn(checkpoint(pool.clone(), batcher.downgrade()));
-        Ok(Self { pool, batcher })
+        Ok(Self {
+            pool,
+            batcher,
+            held_elsewhere,
+        })
     }
 
     /// The connection pool, shared with the session store.
@@ -150,9 +175,24 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// The writer connection, lent by the batcher (see [`SqliteStore`]).
+    /// The writer connection, lent by the batcher (see [`SqliteStore`]). While
+    /// another process is known to hold the file's write lock (a batch waited
+    /// [`BUSY_TIMEOUT`] for it in vain), the write waits only [`HELD_WAIT`] for
+    /// it: each write lent the writer would otherwise hold it, and every write of
+    /// the process queued behind it (a settlement's tries among them), for the
+    /// whole 10 s, one after the other. One that cannot start then fails at once
+    /// with [`StoreError::Busy`], as the batches queued behind a refused one do.
+    ///
+    /// Errors: [`StoreError::Database`] when the batcher has stopped or the lock
+    /// wait cannot be set.
     async fn write_connection(&self) -> Result<Lent<SqliteWriter>, StoreError> {
-        self.batcher.lend().await
+        let mut lent = self.batcher.lend().await?;
+        let wait = match self.held_elsewhere.load(Ordering::Relaxed) {
+            true => HELD_WAIT,
+            false => BUSY_TIMEOUT,
+        };
+        set_lock_wait(&mut lent.conn, wait).await?;
+        Ok(lent)
     }
 }
 
@@ -164,6 +204,8 @@ impl SqliteStore {
 pub(crate) struct SqliteWriter {
     conn: PoolConnection<Sqlite>,
     hot: rusqlite::Connection,
+    /// The store's `held_elsewhere`, which each batch's `BEGIN` sets or clears.
+    held_elsewhere: Arc<AtomicBool>,
 }
 
 impl std::ops::Deref for SqliteWriter {
@@ -222,10 +264,15 @@ impl HotOptions {
 /// tens of microseconds), with statements prepared once and kept.
 impl HotPath for SqliteWriter {
     async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
-        self.hot
+        let begun = self
+            .hot
             .prepare_cached(SqliteStore::BEGIN)
             .and_then(|mut begin| begin.execute([]))
-            .map_err(hot_error)?;
+            .map_err(hot_error);
+        // Busy only once the whole `BUSY_TIMEOUT` has passed: another process's lock.
+        self.held_elsewhere
+            .store(matches!(begun, Err(StoreError::Busy(_))), Ordering::Relaxed);
+        begun?;
         let version = self
             .hot
             .prepare_cached(SqliteStore::BOOKS_VERSION)
@@ -638,6 +685,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// saves would wait behind it the whole time. A sweep that cannot start gives
 /// up; the next one, a few seconds later, tries again.
 const SWEEP_WAIT: Duration = Duration::from_millis(100);
+
+/// How long a write lent the writer waits for the file's write lock while
+/// another process is known to hold it ([`SqliteStore::write_connection`]):
+/// enough for this process's own session writes, and for a lock let go just
+/// now.
+const HELD_WAIT: Duration = Duration::from_millis(100);
 
 /// Set how long `conn` waits for another connection's lock (`busy_timeout`).
 ///
