@@ -520,6 +520,17 @@ pub trait Store: Send + Sync + 'static {
     /// since nothing can be admitted meanwhile (DESIGN.md R6).
     fn write_held_for(&self) -> Option<std::time::Duration>;
 
+    /// Checks again a write lock a write of this process found held by another
+    /// process, for `/healthz`. On SQLite, once a write of the hot path has
+    /// waited its whole lock timeout in vain, this takes the file's write lock
+    /// (waiting 0.1 s) and lets it go at once, writing nothing; while nothing is
+    /// known to hold it, it does nothing. On PostgreSQL it does nothing: writers
+    /// wait for the plan row's lock without a timeout.
+    ///
+    /// Errors: [`StoreError::Busy`] while another process still holds the lock;
+    /// [`StoreError::Database`] when the database fails.
+    async fn check_write_lock(&self) -> Result<(), StoreError>;
+
     /// Decide admission (R6) on a consistent snapshot of plan, settings, limits and
     /// counters, and record the hold (R7), as one atomic step: concurrent calls, from
     /// one process or several sharing the database, can never pass a limit together.

@@ -2133,7 +2133,8 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing() {
 /// on the SQLite file in vain, the process's other writes (here a usage-API
 /// record) wait only a moment for it: refused with 503 `database_busy` at once,
 /// nothing recorded, instead of holding every write of the process behind them
-/// for another 10 s each. Once the lock is let go they are served again.
+/// for another 10 s each; and `/healthz` answers 503 until the lock is free,
+/// even with no write waiting. Once the lock is let go they are served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn other_writes_do_not_wait_out_a_lock_the_hot_path_met() {
     let db = TestDb::sqlite();
@@ -2152,8 +2153,17 @@ async fn other_writes_do_not_wait_out_a_lock_the_hot_path_met() {
     assert_eq!(body["error"]["code"], "database_busy", "{body}");
     // Not the 10 s a write waits for a lock not known to be held.
     assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    // No write of the process waits now, yet the replica is not ready.
+    assert_eq!(
+        h.health().await,
+        (
+            503,
+            "another process holds the database's write lock".to_owned()
+        )
+    );
 
     holder.release().await;
+    assert_eq!(h.health().await, (200, "ok".to_owned()));
     assert_eq!(h.workspace().await, Counter::default());
     let (status, body) = h.api("/api/v1/usage", &records).await;
     assert_eq!(status, 200, "{body}");

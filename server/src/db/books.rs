@@ -1146,6 +1146,10 @@ macro_rules! impl_store {
                 self.batcher.busy_for()
             }
 
+            async fn check_write_lock(&self) -> Result<(), app::store::StoreError> {
+                self.check_held_write_lock().await
+            }
+
             async fn workspace(
                 &self,
             ) -> Result<app::store::WorkspaceRecord, app::store::StoreError> {

@@ -54,6 +54,12 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Nothing to check (`Store::check_write_lock`): on PostgreSQL writers wait
+    /// for the plan row's lock as long as it is held.
+    async fn check_held_write_lock(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Connect to `url` and apply migrations.
     ///
     /// Errors: [`ConnectError`] when the server cannot be reached or migrated.

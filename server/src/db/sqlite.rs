@@ -175,6 +175,30 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// `Store::check_write_lock`: while another process is known to hold the
+    /// file's write lock, takes it (waiting [`HELD_WAIT`]) and lets it go at once;
+    /// once it could, the lock is no longer known held.
+    ///
+    /// Errors: [`StoreError::Busy`] while it is still held.
+    async fn check_held_write_lock(&self) -> Result<(), StoreError> {
+        if !self.held_elsewhere.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut conn = self.write_connection().await?;
+        // Nothing is written: the books the batcher carries stay exact.
+        conn.books_unchanged();
+        sqlx::query(SqliteStore::BEGIN)
+            .execute(&mut *conn.conn)
+            .await
+            .map_err(db_error)?;
+        sqlx::query("ROLLBACK")
+            .execute(&mut *conn.conn)
+            .await
+            .map_err(db_error)?;
+        self.held_elsewhere.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The writer connection, lent by the batcher (see [`SqliteStore`]). While
     /// another process is known to hold the file's write lock (a batch waited
     /// [`BUSY_TIMEOUT`] for it in vain), the write waits only [`HELD_WAIT`] for

@@ -1,6 +1,10 @@
 //! The axum router: Leptos pages and server functions, the embedded site, health.
 
-use app::{shell, store::SharedStore, App};
+use app::{
+    shell,
+    store::{SharedStore, StoreError},
+    App,
+};
 use axum::{
     body::Body,
     extract::{FromRef, Request, State},
@@ -116,8 +120,10 @@ fn leptos_context(state: &AppState) -> impl Fn() + Clone + Send + Sync + 'static
 pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Answer a health probe: `ok` (200) while the process serves HTTP, its
-/// database answers a read within [`HEALTH_TIMEOUT`] and no write of the process
-/// has been held up that long (`Store::write_held_for`); otherwise 503 Service
+/// database answers a read within [`HEALTH_TIMEOUT`], no write of the process
+/// has been held up that long (`Store::write_held_for`) and the write lock a
+/// write of the process found held by another process is free again
+/// (`Store::check_write_lock`); otherwise 503 Service
 /// Unavailable with the reason in a line of text, so that a load balancer stops
 /// sending requests that could only fail (nothing can be admitted without the
 /// books).
@@ -135,6 +141,34 @@ async fn healthz(State(state): State<AppState>) -> Response {
             ),
         )
             .into_response();
+    }
+    match tokio::time::timeout(HEALTH_TIMEOUT, state.store.check_write_lock()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(StoreError::Busy(_))) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "another process holds the database's write lock",
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health check: the database failed a write-lock check");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database failed a write-lock check",
+            )
+                .into_response();
+        }
+        Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the database's write lock did not come free within {} s",
+                    HEALTH_TIMEOUT.as_secs()
+                ),
+            )
+                .into_response()
+        }
     }
     let problem = match tokio::time::timeout(HEALTH_TIMEOUT, state.store.workspace()).await {
         Ok(Ok(_)) => return "ok".into_response(),
