@@ -703,24 +703,45 @@ async fn the_site_is_served_compressed_to_browsers_that_accept_it() {
 async fn malformed_server_function_calls_get_400_not_a_crash() {
     let panel = Panel::new().await;
     let admin = panel.sign_in("ada@example.com").await;
-    for (path, body, cookie) in [
-        ("/fn/login", "email=ada@example.com", None),
+    let (status, _, text) = panel
+        .send(post("/fn/login", "email=ada@example.com", None))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["code"], "transport", "{text}");
+    // A version that is not a number is named as the field at fault, and
+    // nothing is saved.
+    let before = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    for (path, body, field) in [
         (
             "/fn/save_model_limits",
-            "rows[0][model]=gpt-5&rows[0][version]=abc",
-            Some(admin.as_str()),
+            "rows[0][model]=gpt-5&rows[0][limit]=5&rows[0][version]=abc",
+            "gpt-5",
         ),
         (
             "/fn/save_automatic_fallback",
             "settings_version=x",
-            Some(admin.as_str()),
+            "settings_version",
+        ),
+        (
+            "/fn/save_automatic_fallback",
+            "automatic_fallback=on&settings_version=",
+            "settings_version",
         ),
     ] {
-        let (status, _, text) = panel.send(post(path, body, cookie)).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {text}");
+        let (status, _, text) = panel.send(post(path, body, Some(&admin))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {text}");
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(json["code"], "transport", "{path}: {text}");
+        assert_eq!(json["code"], "invalid", "{path}: {text}");
+        assert_eq!(json["fields"][0]["field"], field, "{path}: {text}");
+        assert_eq!(
+            json["fields"][0]["code"], "invalid_version",
+            "{path}: {text}"
+        );
     }
+    let after = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    assert_eq!(after.settings, before.settings);
+    assert_eq!(after.models, before.models);
     // A body that is not UTF-8 is an error in the call's arguments (server_fn
     // reports it in the words of a client reading results).
     let mut request = post("/fn/save_automatic_fallback", "", Some(&admin));

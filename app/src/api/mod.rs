@@ -19,9 +19,11 @@ pub struct LimitInput {
     /// The Enabled toggle: present (any value) when on, as an HTML checkbox sends it.
     #[serde(default)]
     pub enabled: Option<String>,
-    /// The limit's version when the form was loaded.
+    /// The limit's version when the form was loaded: a whole number as the page
+    /// wrote it; absent counts as 0 (no limit saved yet). Text that is not one
+    /// refuses the save (`invalid_version`).
     #[serde(default)]
-    pub version: i64,
+    pub version: Option<String>,
 }
 
 /// The signed-in user, or `None`.
@@ -53,10 +55,10 @@ pub async fn token_limits() -> Result<TabView, ApiError> {
 #[server(prefix = "/fn", endpoint = "save_automatic_fallback")]
 pub async fn save_automatic_fallback(
     automatic_fallback: Option<String>,
-    settings_version: i64,
+    settings_version: String,
 ) -> Result<(), ApiError> {
     let admin = crate::auth::require_admin().await?;
-    server::save_automatic_fallback(&admin, automatic_fallback.is_some(), settings_version).await
+    server::save_automatic_fallback(&admin, automatic_fallback.is_some(), &settings_version).await
 }
 
 /// Save every model limit of the form, all or nothing (administrators only).
@@ -187,11 +189,32 @@ mod server {
         }
     }
 
+    /// A form's version field as the page wrote it: a whole number, or the
+    /// field error `invalid_version` naming `field` (a form not made by the page).
+    fn parse_version(field: &str, text: &str) -> Result<i64, FieldError> {
+        text.trim().parse().map_err(|_| FieldError {
+            field: field.into(),
+            code: "invalid_version".into(),
+            message: "This form was not sent as the page made it (its version is not a \
+                      whole number): reload the page and make the change again."
+                .into(),
+        })
+    }
+
     pub async fn save_automatic_fallback(
         admin: &Admin,
         on: bool,
-        version: i64,
+        version: &str,
     ) -> Result<(), ApiError> {
+        let version = match parse_version("settings_version", version) {
+            Ok(version) => version,
+            Err(field) => {
+                return fail(ApiError::Invalid {
+                    message: "Nothing was saved: reload the page and make the change again.".into(),
+                    fields: vec![field],
+                })
+            }
+        };
         let store = expect_context::<SharedStore>();
         match store
             .update_settings(&Actor::from(admin), Some(version), on, Utc::now())
@@ -274,9 +297,21 @@ mod server {
                 });
                 continue;
             }
+            let version = match row
+                .version
+                .as_deref()
+                .map(|text| parse_version(&row.model, text))
+            {
+                None => 0,
+                Some(Ok(version)) => version,
+                Some(Err(field)) => {
+                    fields.push(field);
+                    continue;
+                }
+            };
             changes.push(LimitChange {
                 model: model.id.clone(),
-                expected_version: Some(row.version),
+                expected_version: Some(version),
                 limit,
             });
         }
