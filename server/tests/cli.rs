@@ -20,6 +20,32 @@ struct Cli {
     dir: tempfile::TempDir,
 }
 
+/// A `tollgate serve` process, killed when dropped, so that a test that fails
+/// leaves no server running.
+struct Server(std::process::Child);
+
+impl std::ops::Deref for Server {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Already gone when the test stopped it.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Cli {
     fn new() -> Cli {
         Cli {
@@ -82,17 +108,13 @@ impl Cli {
 
     /// `tollgate --config CONFIG serve` on a free loopback port, its output
     /// discarded: the process and its base URL, once `/healthz` answers.
-    async fn serve(&self, config: &str) -> (std::process::Child, String) {
+    async fn serve(&self, config: &str) -> (Server, String) {
         self.serve_logging_to(config, std::process::Stdio::null())
             .await
     }
 
     /// [`Cli::serve`] with its log (stderr) sent to `log`.
-    async fn serve_logging_to(
-        &self,
-        config: &str,
-        log: std::process::Stdio,
-    ) -> (std::process::Child, String) {
+    async fn serve_logging_to(&self, config: &str, log: std::process::Stdio) -> (Server, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -122,7 +144,7 @@ impl Cli {
             server.wait().unwrap();
             panic!("the server did not come up on {listen}");
         }
-        (server, base)
+        (Server(server), base)
     }
 
     /// A config file in the folder (`extra` lines first) with one model,
