@@ -324,6 +324,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("could not listen on {}", config.listen))?;
+        // Settlements the database holds up are kept there: a folder that cannot
+        // take them stops the start, before the database is touched.
+        gateway::spool::Spool::new(config.settlement_spool.clone())
+            .prepare()
+            .await
+            .map_err(|e| config::ConfigError::Invalid {
+                key: "settlement_spool".into(),
+                problem: format!(
+                    "cannot keep settlements in {}: {e}",
+                    config.settlement_spool.display()
+                ),
+            })?;
         let database = open(&config, Apply::Always).await?;
         return serve(config, database, listener).await;
     }
@@ -1062,6 +1074,32 @@ async fn replay_spool(gateway: &gateway::Gateway) {
 /// replays the settlement spool.
 const LEASE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 
+/// How long after a sweep found the database held up (another process's lock on
+/// the SQLite file, PostgreSQL away) the sweeps release nothing. Requests still
+/// running could not renew their leases meanwhile; released, their holds would
+/// free room that other requests then take, and spend would pass the allowance
+/// when the running ones are billed (R6, R7). Their keepers renew within
+/// `RENEW_RETRY` of the database answering again, well within this.
+const SWEEP_GRACE: Duration = Duration::from_secs(30);
+
+/// When the lease sweeper may release expired holds again (see [`SWEEP_GRACE`]).
+#[derive(Debug, Default)]
+struct SweepGrace {
+    until: Option<tokio::time::Instant>,
+}
+
+impl SweepGrace {
+    /// Whether a sweep at `now` may release holds.
+    fn may_release(&self, now: tokio::time::Instant) -> bool {
+        self.until.is_none_or(|until| now >= until)
+    }
+
+    /// A sweep at `now` found the database held up.
+    fn held_up(&mut self, now: tokio::time::Instant) {
+        self.until = Some(now + SWEEP_GRACE);
+    }
+}
+
 async fn serve(
     config: config::Config,
     database: db::Database,
@@ -1085,11 +1123,6 @@ async fn serve(
     }
     let state = http::AppState::new(Arc::new(config.clone()), store.clone());
     let gateway = state.gateway.clone();
-    if let Err(e) = gateway.prepare_spool().await {
-        tracing::error!(spool = %gateway.spool_dir().display(), error = %e,
-            "cannot create the settlement spool's folder (`settlement_spool`): a settlement \
-             the database holds up is lost if the process stops before it is written");
-    }
     // Settlements a stopped process could not write: billed before new requests.
     replay_spool(&gateway).await;
     let sweeper = {
@@ -1097,12 +1130,19 @@ async fn serve(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(LEASE_SWEEP_INTERVAL);
             tick.tick().await;
+            let mut grace = SweepGrace::default();
             loop {
                 tick.tick().await;
+                // Settled first: a spooled settlement's hold is then not released
+                // (and its room given to another request) before it is billed.
+                replay_spool(&gateway).await;
+                if !grace.may_release(tokio::time::Instant::now()) {
+                    continue;
+                }
                 if let Err(e) = store.release_expired(Utc::now()).await {
+                    grace.held_up(tokio::time::Instant::now());
                     tracing::warn!(error = %e, "could not release expired reservations");
                 }
-                replay_spool(&gateway).await;
             }
         })
     };
@@ -1131,4 +1171,22 @@ async fn serve(
     gateway.finish_exchanges().await;
     sweeper.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeps_release_nothing_for_a_while_after_the_database_was_held_up() {
+        let start = tokio::time::Instant::now();
+        let mut grace = SweepGrace::default();
+        assert!(grace.may_release(start));
+        grace.held_up(start);
+        assert!(!grace.may_release(start + Duration::from_secs(29)));
+        assert!(grace.may_release(start + SWEEP_GRACE));
+        // A keeper's next try, plus the 10 s a write may wait for the lock,
+        // comes within the grace.
+        assert!(gateway::hold::RENEW_RETRY + Duration::from_secs(10) < SWEEP_GRACE);
+    }
 }

@@ -1461,3 +1461,37 @@ async fn a_settlement_pending_at_shutdown_is_billed_by_the_next_start() {
     assert_eq!(restarted.reserved.get(), 0);
     assert_eq!(entries(), Vec::<String>::new());
 }
+
+/// A settlement spool folder that cannot take entries (a file stands in its
+/// place) stops `serve` at start with the key named, before the database is
+/// touched, instead of failing the first settlement that needs it.
+#[test]
+fn serve_refuses_a_spool_folder_it_cannot_write() {
+    let cli = Cli::new();
+    let blocker = cli.dir.path().join("not-a-folder");
+    std::fs::write(&blocker, b"").unwrap();
+    let config = cli.dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "settlement_spool = \"{}\"\n",
+            blocker.join("settlements").display()
+        ),
+    )
+    .unwrap();
+    let error = cli.fails(&[
+        "--config",
+        config.to_str().unwrap(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        error.contains("invalid config: `settlement_spool`: cannot keep settlements in"),
+        "{error}"
+    );
+    assert!(
+        !cli.dir.path().join("tollgate.db").exists(),
+        "the database was touched"
+    );
+}

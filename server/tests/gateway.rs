@@ -1970,13 +1970,31 @@ async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
         ..entry.clone()
     };
     spool.put(&unknown).await.unwrap();
-    // Its lease ran out meanwhile and a replica's sweep released the hold.
+    // Usage the store refuses as inconsistent is billed as the estimate, as it
+    // would have been before the answer.
+    let second = h
+        .admit(&json!({"model": "mid", "prompt_tokens": 1000, "max_completion_tokens": 500}))
+        .await;
+    assert_eq!(second["reserved_eur"], "0.0015");
+    let inconsistent = PendingSettlement {
+        reservation: app::store::ReservationId(
+            second["reservation_id"].as_str().unwrap().to_owned(),
+        ),
+        served: "mid".into(),
+        usage: Some(Usage {
+            prompt_tokens: 1_000_000_000_000_000_000,
+            ..Usage::default()
+        }),
+        finished_at: Utc::now(),
+    };
+    spool.put(&inconsistent).await.unwrap();
+    // Their leases ran out meanwhile and a replica's sweep released the holds.
     assert_eq!(
         h.store
             .release_expired(Utc::now() + chrono::TimeDelta::minutes(5))
             .await
             .unwrap(),
-        1
+        2
     );
     assert_eq!(h.workspace().await, Counter::default());
 
@@ -1985,15 +2003,17 @@ async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
     assert_eq!(
         replayed,
         Replayed {
-            billed: 1,
+            billed: 2,
             already_recorded: 0,
             refused: 1,
             left: 0
         }
     );
     let billed = h.cost_of("big", usage);
-    assert_eq!(h.workspace().await, settled(billed));
+    let estimate = Nanos::new(1_500_000);
+    assert_eq!(h.workspace().await, settled(billed + estimate));
     assert_eq!(h.model_counter("big").await.spent, billed);
+    assert_eq!(h.model_counter("mid").await.spent, estimate);
     assert_eq!(spool.entries().await.unwrap(), []);
 
     // The same entry again (its removal was lost, or another process replays a
@@ -2003,7 +2023,7 @@ async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
     let again = h.gateway.replay_spool().await.unwrap();
     assert_eq!(again.already_recorded, 1);
     assert_eq!(again.billed, 0);
-    assert_eq!(h.workspace().await.spent, billed);
+    assert_eq!(h.workspace().await.spent, billed + estimate);
     assert_eq!(spool.entries().await.unwrap(), []);
     assert_eq!(h.gateway.replay_spool().await.unwrap(), Replayed::default());
 }

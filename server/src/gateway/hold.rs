@@ -28,6 +28,10 @@ use super::Gateway;
 pub const LEASE: Duration = Duration::from_secs(60);
 /// How often a live request renews its lease: three chances before it ends.
 pub const RENEW_EVERY: Duration = Duration::from_secs(20);
+/// How soon a renewal that failed (the database held up) is tried again, so
+/// that the lease is renewed as soon as the database answers, before a sweep
+/// can release the hold of a request still running (see `cli`'s sweeper).
+pub const RENEW_RETRY: Duration = Duration::from_secs(2);
 /// Store calls that end a hold are tried this often while the request waits,
 /// when the database fails.
 const END_ATTEMPTS: u32 = 3;
@@ -59,21 +63,21 @@ impl Hold {
         let store = gateway.store.clone();
         let id = reservation.id.clone();
         let keeper = tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval_at(tokio::time::Instant::now() + RENEW_EVERY, RENEW_EVERY);
+            let mut wait = RENEW_EVERY;
             loop {
-                tick.tick().await;
+                tokio::time::sleep(wait).await;
                 match store
                     .renew_lease(&id, lease_until_from_now(), Utc::now())
                     .await
                 {
-                    Ok(_) => {}
+                    Ok(_) => wait = RENEW_EVERY,
                     Err(StoreError::NotFound { .. }) => {
                         tracing::warn!(reservation = %id, "a live request's reservation is gone (lease expired?)");
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(reservation = %id, error = %e, "could not renew a lease")
+                        tracing::warn!(reservation = %id, error = %e, "could not renew a lease; trying again shortly");
+                        wait = RENEW_RETRY;
                     }
                 }
             }
@@ -189,14 +193,7 @@ async fn settle(
         usage,
         finished_at: Utc::now(),
     };
-    let mut result = try_settle(gateway, &pending, Tries::WhileAnswering).await;
-    if let (Err(StoreError::Invalid { message, .. }), Some(_)) = (&result, pending.usage) {
-        tracing::warn!(reservation = %pending.reservation, model = %pending.served, problem = %message,
-            "the upstream reported inconsistent usage: billing the estimate");
-        pending.usage = None;
-        result = try_settle(gateway, &pending, Tries::WhileAnswering).await;
-    }
-    match result {
+    match settle_or_estimate(gateway, &mut pending, Tries::WhileAnswering).await {
         Ok(event) => Some(settled(gateway, &pending, event)),
         Err(e) if transient(&e) => {
             tracing::warn!(reservation = %pending.reservation, model = %pending.served, usage = ?pending.usage,
@@ -216,7 +213,8 @@ async fn settle(
             let gateway = gateway.clone();
             let exchanges = gateway.exchanges.clone();
             exchanges.spawn(async move {
-                let result = try_settle(&gateway, &pending, Tries::AfterAnswering).await;
+                let mut pending = pending;
+                let result = settle_or_estimate(&gateway, &mut pending, Tries::AfterAnswering).await;
                 match result {
                     Ok(event) => {
                         tracing::info!(reservation = %pending.reservation, "settled after the answer");
@@ -270,18 +268,18 @@ pub struct Replayed {
 pub async fn replay_spool(gateway: &Gateway) -> std::io::Result<Replayed> {
     let mut replayed = Replayed::default();
     let entries = gateway.spool.entries().await?;
-    let mut waiting = entries.iter();
-    for pending in waiting.by_ref() {
+    let mut waiting = entries.into_iter();
+    while let Some(mut pending) = waiting.next() {
         if !gateway.spool.claim(&pending.reservation) {
             continue;
         }
-        match try_settle(gateway, pending, Tries::Once).await {
+        match settle_or_estimate(gateway, &mut pending, Tries::Once).await {
             Ok(event) => {
                 match event.newly_recorded {
                     true => replayed.billed += 1,
                     false => replayed.already_recorded += 1,
                 }
-                settled(gateway, pending, event);
+                settled(gateway, &pending, event);
             }
             Err(e) if transient(&e) => {
                 gateway.spool.unclaim(&pending.reservation);
@@ -290,7 +288,7 @@ pub async fn replay_spool(gateway: &Gateway) -> std::io::Result<Replayed> {
             }
             Err(e) => {
                 replayed.refused += 1;
-                unsettled(gateway, pending, &e);
+                unsettled(gateway, &pending, &e);
             }
         }
         gateway.spool.remove(&pending.reservation).await;
@@ -317,6 +315,27 @@ enum Tries {
     AfterAnswering,
     /// One try: a replay of the spool, which the next sweep repeats.
     Once,
+}
+
+/// [`try_settle`], and when the store refuses the usage as inconsistent (a
+/// count past what the ledger holds, say), the estimate instead: the request
+/// was served, and a spend control errs on the side of counting (R7).
+/// `pending.usage` is then `None`.
+async fn settle_or_estimate(
+    gateway: &Gateway,
+    pending: &mut PendingSettlement,
+    tries: Tries,
+) -> Result<UsageEventRecord, StoreError> {
+    let result = try_settle(gateway, pending, tries).await;
+    match (&result, pending.usage) {
+        (Err(StoreError::Invalid { message, .. }), Some(_)) => {
+            tracing::warn!(reservation = %pending.reservation, model = %pending.served, problem = %message,
+                "the upstream reported inconsistent usage: billing the estimate");
+            pending.usage = None;
+            try_settle(gateway, pending, tries).await
+        }
+        _ => result,
+    }
 }
 
 /// One settlement, tried again on transient failures as `tries` says.

@@ -200,14 +200,6 @@ impl Gateway {
         hold::replay_spool(self).await
     }
 
-    /// Creates the settlement spool's folder if it is missing (see
-    /// [`spool::Spool::prepare`]).
-    ///
-    /// Errors: the I/O error.
-    pub async fn prepare_spool(&self) -> std::io::Result<()> {
-        self.spool.prepare().await
-    }
-
     /// The settlement spool's folder.
     pub fn spool_dir(&self) -> &std::path::Path {
         self.spool.dir()

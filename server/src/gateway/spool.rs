@@ -73,16 +73,26 @@ impl Spool {
         &self.dir
     }
 
-    /// Creates the folder (owner only) if it is missing, so that a folder that
-    /// cannot be made is reported when the server starts rather than when a
-    /// settlement needs it.
+    /// Creates the folder (owner only) if it is missing and writes a file in it
+    /// the way an entry is written, then removes it, so that a folder that
+    /// cannot take entries stops the server at start rather than fail the
+    /// first settlement that needs it.
     ///
-    /// Errors: the I/O error (no permission, a file in the way).
+    /// Errors: the I/O error (no permission, a file in the way, a read-only or
+    /// full file system).
     pub async fn prepare(&self) -> std::io::Result<()> {
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || create_private_dir(&dir))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        tokio::task::spawn_blocking(move || {
+            create_private_dir(&dir)?;
+            // Hidden, so never taken for an entry.
+            let probe = dir.join(".write-check");
+            let mut file = atomic_write_file::AtomicWriteFile::open(&probe)?;
+            file.write_all(b"{}")?;
+            file.commit()?;
+            std::fs::remove_file(probe)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
     /// Writes `entry` durably (synced with its folder before this returns) and
@@ -160,20 +170,35 @@ impl Spool {
         self.claimed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `{dir}/{reservation}.json`. Reservation ids are UUIDs; any other text
-    /// (never made by the store) is hex-encoded, so a name is always one plain
-    /// path component.
+    /// `{dir}/{reservation}.json`: see [`entry_name`].
     fn path_of(&self, reservation: &ReservationId) -> PathBuf {
-        let id = &reservation.0;
-        let plain = !id.is_empty()
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        let name = match plain {
-            true => id.clone(),
-            false => format!("x{}", hex::encode(id)),
-        };
-        self.dir.join(format!("{name}{ENTRY}"))
+        self.dir.join(entry_name(reservation))
+    }
+}
+
+/// The file name of `reservation`'s entry: `{id}.json` for a UUID (the store's
+/// ids), `x{hex of the id}.json` for any other text, so a name is always one
+/// plain path component, and a file of another name (an operator's, in a
+/// folder shared with other files) is never taken for an entry.
+fn entry_name(reservation: &ReservationId) -> String {
+    let id = &reservation.0;
+    match uuid::Uuid::try_parse(id) {
+        Ok(uuid) if uuid.hyphenated().to_string() == *id => format!("{id}{ENTRY}"),
+        _ => format!("x{}{ENTRY}", hex::encode(id)),
+    }
+}
+
+/// Whether `name` is the file name of some reservation's entry.
+fn is_entry_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(ENTRY) else {
+        return false;
+    };
+    match stem.strip_prefix('x') {
+        Some(hex) => hex::decode(hex)
+            .ok()
+            .and_then(|id| String::from_utf8(id).ok())
+            .is_some_and(|id| entry_name(&ReservationId(id)) == name),
+        None => entry_name(&ReservationId(stem.to_owned())) == name,
     }
 }
 
@@ -194,16 +219,28 @@ fn read_entries(dir: &Path) -> std::io::Result<Vec<PendingSettlement>> {
     };
     let mut entries = Vec::new();
     for item in listing {
-        let path = item?.path();
-        let is_entry = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| !name.starts_with('.') && name.ends_with(ENTRY));
-        if !is_entry {
+        let item = item?;
+        // Only regular files named as entries: never a folder, a link or a FIFO
+        // (reading one would wait for a writer forever), nor another's file.
+        let Some(name) = item.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !is_entry_name(&name) || !item.file_type()?.is_file() {
             continue;
         }
+        let path = item.path();
         let read = std::fs::read(&path).and_then(|bytes| {
-            serde_json::from_slice::<PendingSettlement>(&bytes).map_err(std::io::Error::other)
+            let entry = serde_json::from_slice::<PendingSettlement>(&bytes)
+                .map_err(std::io::Error::other)?;
+            // Removed by its reservation's name once settled: any other name
+            // would be replayed for ever.
+            match entry_name(&entry.reservation) == name {
+                true => Ok(entry),
+                false => Err(std::io::Error::other(format!(
+                    "it holds the settlement of reservation {}, not of its own name",
+                    entry.reservation
+                ))),
+            }
         });
         match read {
             Ok(entry) => entries.push(entry),
@@ -274,30 +311,53 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::new(dir.path().join("a/b"));
-        spool.put(&entry("r-1", None, 0)).await.unwrap();
+        let id = "0193a1b2-0000-7000-8000-00000000000a";
+        spool.put(&entry(id, None, 0)).await.unwrap();
         let mode = std::fs::metadata(spool.dir()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         let names: Vec<String> = std::fs::read_dir(spool.dir())
             .unwrap()
             .map(|item| item.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, ["r-1.json"]);
+        assert_eq!(names, [format!("{id}.json")]);
     }
 
     #[tokio::test]
     async fn an_unreadable_entry_is_set_aside_and_other_files_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::new(dir.path().to_owned());
-        spool.put(&entry("good", None, 0)).await.unwrap();
-        std::fs::write(dir.path().join("bad.json"), b"{\"reservation\":").unwrap();
+        let good = entry("0193a1b2-0000-7000-8000-000000000001", None, 0);
+        spool.put(&good).await.unwrap();
+        let bad = "0193a1b2-0000-7000-8000-000000000002";
+        std::fs::write(dir.path().join(format!("{bad}.json")), b"{\"reservation\":").unwrap();
+        // Whole, but of another reservation than its name says.
+        let moved = "0193a1b2-0000-7000-8000-000000000003";
+        std::fs::copy(
+            dir.path().join(format!("{}.json", good.reservation)),
+            dir.path().join(format!("{moved}.json")),
+        )
+        .unwrap();
+        // Not entries: left as they are, never read.
         std::fs::write(dir.path().join(".good.json.tmp1234"), b"{").unwrap();
-        std::fs::write(dir.path().join("notes.txt"), b"operator's").unwrap();
-        assert_eq!(spool.entries().await.unwrap(), [entry("good", None, 0)]);
-        assert!(dir.path().join("bad.unreadable").exists());
-        assert!(!dir.path().join("bad.json").exists());
+        std::fs::write(dir.path().join("package.json"), b"{}").unwrap();
+        std::fs::create_dir(dir.path().join("0193a1b2-0000-7000-8000-000000000004.json")).unwrap();
+        let fifo = dir.path().join("0193a1b2-0000-7000-8000-000000000005.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+
+        assert_eq!(spool.entries().await.unwrap(), std::slice::from_ref(&good));
+        for set_aside in [bad, moved] {
+            assert!(dir.path().join(format!("{set_aside}.unreadable")).exists());
+            assert!(!dir.path().join(format!("{set_aside}.json")).exists());
+        }
         assert!(dir.path().join(".good.json.tmp1234").exists());
+        assert!(dir.path().join("package.json").exists());
+        assert!(fifo.exists());
         // Not reported again.
-        assert_eq!(spool.entries().await.unwrap(), [entry("good", None, 0)]);
+        assert_eq!(spool.entries().await.unwrap(), std::slice::from_ref(&good));
     }
 
     #[tokio::test]
