@@ -524,8 +524,8 @@ pub trait Store: Send + Sync + 'static {
     /// process, for `/healthz`. On SQLite, once a write of the hot path has
     /// waited its whole lock timeout in vain, this takes the file's write lock
     /// (waiting 0.1 s) and lets it go at once, writing nothing; while nothing is
-    /// known to hold it, it does nothing. On PostgreSQL it does nothing: writers
-    /// wait for the plan row's lock without a timeout.
+    /// known to hold it, it does nothing. On PostgreSQL it does nothing: each
+    /// write waits for the plan row's lock up to its own lock timeout (10 s).
     ///
     /// Errors: [`StoreError::Busy`] while another process still holds the lock;
     /// [`StoreError::Database`] when the database fails.

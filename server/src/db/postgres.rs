@@ -54,8 +54,9 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Nothing to check (`Store::check_write_lock`): on PostgreSQL writers wait
-    /// for the plan row's lock as long as it is held.
+    /// Nothing to check (`Store::check_write_lock`): on PostgreSQL a write
+    /// waits for the plan row's lock up to `lock_timeout` and is then refused
+    /// busy; no lock is remembered as held between writes.
     async fn check_held_write_lock(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -64,7 +65,13 @@ impl PostgresStore {
     ///
     /// Errors: [`ConnectError`] when the server cannot be reached or migrated.
     pub async fn open(url: &str) -> Result<Self, ConnectError> {
-        let options = PgConnectOptions::from_str(url).map_err(ConnectError::Open)?;
+        // A lock held longer than this (another session inside a transaction on
+        // the plan row, say) fails the statement with `lock_not_available`,
+        // answered as busy (503 with Retry-After), as SQLite's busy timeout
+        // does, instead of holding requests for as long as it is held.
+        let options = PgConnectOptions::from_str(url)
+            .map_err(ConnectError::Open)?
+            .options([("lock_timeout", "10s")]);
         // One plain connection first: when the server is down or refuses us, the
         // operator reads why (refused, unknown database, authentication), not the
         // pool's "timed out" after half a minute.
