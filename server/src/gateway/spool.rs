@@ -202,6 +202,22 @@ fn is_entry_name(name: &str) -> bool {
     }
 }
 
+/// Where the unreadable entry `path` is kept: `{stem}.unreadable`, or
+/// `{stem}.2.unreadable` and so on when an earlier one of the same name is
+/// kept there already, so none is overwritten.
+fn set_aside_name(path: &Path) -> PathBuf {
+    let first = path.with_extension(&UNREADABLE[1..]);
+    let stem = path.with_extension("");
+    std::iter::once(first)
+        .chain((2..).map(|n| {
+            let mut name = stem.clone().into_os_string();
+            name.push(format!(".{n}{UNREADABLE}"));
+            PathBuf::from(name)
+        }))
+        .find(|candidate| !candidate.exists())
+        .unwrap_or_else(|| unreachable!("the names go on without end"))
+}
+
 /// Creates `dir` and its missing parents, readable by their owner only.
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -247,7 +263,7 @@ fn read_entries(dir: &Path) -> std::io::Result<Vec<PendingSettlement>> {
             // Settled and removed by another process since the listing.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                let kept = path.with_extension(&UNREADABLE[1..]);
+                let kept = set_aside_name(&path);
                 tracing::error!(file = %path.display(), kept = %kept.display(), error = %e,
                     "an entry of the settlement spool cannot be read: kept aside, not billed");
                 if let Err(e) = std::fs::rename(&path, &kept) {
@@ -358,6 +374,17 @@ mod tests {
         assert!(fifo.exists());
         // Not reported again.
         assert_eq!(spool.entries().await.unwrap(), std::slice::from_ref(&good));
+        // Another unreadable entry of the same name keeps the first one.
+        std::fs::write(dir.path().join(format!("{bad}.json")), b"[]").unwrap();
+        assert_eq!(spool.entries().await.unwrap(), std::slice::from_ref(&good));
+        assert_eq!(
+            std::fs::read(dir.path().join(format!("{bad}.unreadable"))).unwrap(),
+            b"{\"reservation\":"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(format!("{bad}.2.unreadable"))).unwrap(),
+            b"[]"
+        );
     }
 
     #[tokio::test]
