@@ -930,14 +930,38 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
         );
     }
     if apply == Apply::Always || new {
-        database
-            .store
-            .apply_setup(&config.setup, chrono::Utc::now())
+        use backon::Retryable;
+        // Another process holding the SQLite file's write lock (a backup, a
+        // shell in a transaction) holds up the start, rather than end it: each
+        // try waits 10 s for the lock, then the start tries again, for some
+        // five minutes.
+        let apply = || {
+            database
+                .store
+                .apply_setup(&config.setup, chrono::Utc::now())
+        };
+        apply
+            .retry(
+                backon::ConstantBuilder::default()
+                    .with_delay(Duration::from_secs(1))
+                    .with_max_times(APPLY_TRIES),
+            )
+            .when(|e| matches!(e, app::store::StoreError::Busy(_)))
+            .notify(|_, _| {
+                tracing::warn!(
+                    "another process holds the database's write lock: \
+                     waiting to apply the config"
+                )
+            })
             .await
             .context("could not apply the config to the database")?;
     }
     Ok(database)
 }
+
+/// How often the config is tried again on a database another process holds
+/// locked (see [`open`]).
+const APPLY_TRIES: usize = 27;
 
 async fn limit(
     config: &config::Config,

@@ -1495,3 +1495,57 @@ fn serve_refuses_a_spool_folder_it_cannot_write() {
         "the database was touched"
     );
 }
+
+/// `serve` started while another process holds the SQLite file's write lock
+/// (a backup, a shell inside a transaction) waits for it, saying so, and serves
+/// once it is let go, instead of ending after one 10 s wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_waits_for_a_lock_held_at_start() {
+    use std::time::Duration;
+    let cli = Cli::new();
+    let config = cli.dir.path().join("tollgate.toml");
+    std::fs::write(&config, "[workspace]\nname = \"Acme\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    // The database exists before the lock is taken.
+    cli.ok(&["--config", config, "reservation", "list"]);
+    let holder = lock::WriteLockHolder::take(&cli.url()).await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = cli.dir.path().join("serve.log");
+    let server = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", config, "serve", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--database-url", &cli.url()])
+        .current_dir(cli.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server(server);
+    // Past the first try's 10 s wait.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(server.try_wait().unwrap().is_none(), "serve gave up");
+    holder.release().await;
+
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..150 {
+        if client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "not serving 15 s after the lock was let go");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("waiting to apply the config"), "{logged}");
+}
