@@ -1297,55 +1297,48 @@ macro_rules! impl_store {
                 now: DateTime<Utc>,
             ) -> Result<u64, app::store::StoreError> {
                 use $crate::db::books::*;
-                let mut conn = self.write_connection().await?;
                 // The sweep comes again a few seconds later: on SQLite it does not
                 // hold up this process's writes while another process has the lock.
-                Self::lock_wait_for_sweep(&mut conn, true).await?;
-                let swept = async {
-                    let mut tx = begin(&mut conn, Self::BEGIN).await?;
-                    // Kept, so that a request served all the same is billed when its
-                    // settlement comes late (`Settlement::bill_if_lapsed`).
-                    sqlx::query(
-                        "INSERT INTO lapsed_reservations (id, workspace_id, cycle_start, \
-                         requested_model, served_model, amount_nanos, input_eur_per_mtok, \
-                         cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id, lapsed_at) \
-                         SELECT id, workspace_id, cycle_start, requested_model, served_model, \
-                         amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, \
-                         output_eur_per_mtok, user_id, api_key_id, $3 FROM reservations \
-                         WHERE workspace_id = $1 AND lease_until < $2 ON CONFLICT (id) DO NOTHING",
-                    )
+                let mut conn = self.sweep_connection().await?;
+                let mut tx = begin(&mut conn, Self::BEGIN).await?;
+                // Kept, so that a request served all the same is billed when its
+                // settlement comes late (`Settlement::bill_if_lapsed`).
+                sqlx::query(
+                    "INSERT INTO lapsed_reservations (id, workspace_id, cycle_start, \
+                     requested_model, served_model, amount_nanos, input_eur_per_mtok, \
+                     cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id, lapsed_at) \
+                     SELECT id, workspace_id, cycle_start, requested_model, served_model, \
+                     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, \
+                     output_eur_per_mtok, user_id, api_key_id, $3 FROM reservations \
+                     WHERE workspace_id = $1 AND lease_until < $2 ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(millis(now))
+                .bind(millis(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                sqlx::query("DELETE FROM lapsed_reservations WHERE workspace_id = $1 AND lapsed_at < $2")
                     .bind(WORKSPACE_ID)
-                    .bind(millis(now))
-                    .bind(millis(now))
+                    .bind(millis(now - LAPSED_KEPT))
                     .execute(&mut *tx)
                     .await
                     .map_err(db_error)?;
-                    sqlx::query("DELETE FROM lapsed_reservations WHERE workspace_id = $1 AND lapsed_at < $2")
-                        .bind(WORKSPACE_ID)
-                        .bind(millis(now - LAPSED_KEPT))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-                        "DELETE FROM reservations WHERE workspace_id = $1 AND lease_until < $2 \
-                         RETURNING cycle_start, served_model, amount_nanos",
-                    )
-                    .bind(WORKSPACE_ID)
-                    .bind(millis(now))
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                    let mut released = $crate::db::batch::BatchBooks::default();
-                    for (cycle_start, served, amount) in &rows {
-                        released.change(*cycle_start, served, 0, -amount);
-                    }
-                    add_to_counters(&mut tx, &counter_changes(&released.changes())).await?;
-                    tx.commit().await.map_err(db_error)?;
-                    Ok::<_, app::store::StoreError>(rows)
+                let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+                    "DELETE FROM reservations WHERE workspace_id = $1 AND lease_until < $2 \
+                     RETURNING cycle_start, served_model, amount_nanos",
+                )
+                .bind(WORKSPACE_ID)
+                .bind(millis(now))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let mut released = $crate::db::batch::BatchBooks::default();
+                for (cycle_start, served, amount) in &rows {
+                    released.change(*cycle_start, served, 0, -amount);
                 }
-                .await;
-                Self::lock_wait_for_sweep(&mut conn, false).await?;
-                let rows = swept?;
+                add_to_counters(&mut tx, &counter_changes(&released.changes())).await?;
+                tx.commit().await.map_err(db_error)?;
                 if !rows.is_empty() {
                     tracing::info!(released = rows.len(), "released reservations whose lease ended");
                 }

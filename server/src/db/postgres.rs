@@ -45,13 +45,10 @@ impl PostgresStore {
     /// How a hot-path statement unpacks its JSON array argument.
     const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonbElements;
 
-    /// Nothing to change for a lease sweep: on PostgreSQL it writes on a pool
-    /// connection of its own, so its waits hold up no other write.
-    async fn lock_wait_for_sweep(
-        _conn: &mut sqlx::PgConnection,
-        _sweeping: bool,
-    ) -> Result<(), StoreError> {
-        Ok(())
+    /// The connection for a lease sweep: any of the pool's, whose waits hold up
+    /// no other write.
+    async fn sweep_connection(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        self.write_connection().await
     }
 
     /// Nothing to check (`Store::check_write_lock`): on PostgreSQL a write

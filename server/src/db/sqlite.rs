@@ -55,7 +55,7 @@ pub struct SqliteStore {
     batcher: Batcher<SqliteWriter>,
     /// Set when a batch found the file's write lock held by another process past
     /// [`BUSY_TIMEOUT`], cleared when one takes it again: meanwhile the writes
-    /// the writer is lent for wait [`HELD_WAIT`] for it (see
+    /// the writer is lent for wait [`SHORT_WAIT`] for it (see
     /// [`SqliteStore::write_connection`]).
     held_elsewhere: Arc<AtomicBool>,
 }
@@ -83,17 +83,6 @@ impl SqliteStore {
     const BOOKS_VERSION: &'static str = "SELECT data_version FROM pragma_data_version()";
     /// How a hot-path statement unpacks its JSON array argument.
     const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonEach;
-
-    /// Give the writer connection `conn` the lock wait of a lease sweep
-    /// (`sweeping`: [`SWEEP_WAIT`]) or of every other write ([`BUSY_TIMEOUT`]).
-    ///
-    /// Errors: [`StoreError::Database`] when the setting cannot be changed.
-    async fn lock_wait_for_sweep(
-        conn: &mut sqlx::SqliteConnection,
-        sweeping: bool,
-    ) -> Result<(), StoreError> {
-        set_lock_wait(conn, if sweeping { SWEEP_WAIT } else { BUSY_TIMEOUT }).await
-    }
 
     /// Open the file named by `url` (created if missing) and apply migrations.
     ///
@@ -176,7 +165,7 @@ impl SqliteStore {
     }
 
     /// `Store::check_write_lock`: while another process is known to hold the
-    /// file's write lock, takes it (waiting [`HELD_WAIT`]) and lets it go at once;
+    /// file's write lock, takes it (waiting [`SHORT_WAIT`]) and lets it go at once;
     /// once it could, the lock is no longer known held.
     ///
     /// Errors: [`StoreError::Busy`] while it is still held.
@@ -201,7 +190,7 @@ impl SqliteStore {
 
     /// The writer connection, lent by the batcher (see [`SqliteStore`]). While
     /// another process is known to hold the file's write lock (a batch waited
-    /// [`BUSY_TIMEOUT`] for it in vain), the write waits only [`HELD_WAIT`] for
+    /// [`BUSY_TIMEOUT`] for it in vain), the write waits only [`SHORT_WAIT`] for
     /// it: each write lent the writer would otherwise hold it, and every write of
     /// the process queued behind it (a settlement's tries among them), for the
     /// whole 10 s, one after the other. One that cannot start then fails at once
@@ -210,11 +199,27 @@ impl SqliteStore {
     /// Errors: [`StoreError::Database`] when the batcher has stopped or the lock
     /// wait cannot be set.
     async fn write_connection(&self) -> Result<Lent<SqliteWriter>, StoreError> {
-        let mut lent = self.batcher.lend().await?;
         let wait = match self.held_elsewhere.load(Ordering::Relaxed) {
-            true => HELD_WAIT,
+            true => SHORT_WAIT,
             false => BUSY_TIMEOUT,
         };
+        self.lend_waiting(wait).await
+    }
+
+    /// The writer connection for the lease sweep (`Store::release_expired`,
+    /// DESIGN.md R7): it waits only [`SHORT_WAIT`] for another process's write
+    /// lock, since every write of this process would wait behind it; a sweep
+    /// that cannot start gives up, and the next one tries again.
+    ///
+    /// Errors: as [`SqliteStore::write_connection`].
+    async fn sweep_connection(&self) -> Result<Lent<SqliteWriter>, StoreError> {
+        self.lend_waiting(SHORT_WAIT).await
+    }
+
+    /// The writer connection, waiting at most `wait` for another process's
+    /// write lock (each loan sets its own wait).
+    async fn lend_waiting(&self, wait: Duration) -> Result<Lent<SqliteWriter>, StoreError> {
+        let mut lent = self.batcher.lend().await?;
         set_lock_wait(&mut lent.conn, wait).await?;
         Ok(lent)
     }
@@ -703,18 +708,12 @@ async fn lock_for_migration(path: &std::path::Path) -> std::io::Result<Option<st
 /// How long a connection waits for another process's write lock (the CLI's).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long the lease sweep (`Store::release_expired`, DESIGN.md R7) waits for
-/// another process's write lock, instead of [`BUSY_TIMEOUT`]: it borrows the
-/// writer that every write of this process goes through, so settlements and
-/// saves would wait behind it the whole time. A sweep that cannot start gives
-/// up; the next one, a few seconds later, tries again.
-const SWEEP_WAIT: Duration = Duration::from_millis(100);
-
-/// How long a write lent the writer waits for the file's write lock while
-/// another process is known to hold it ([`SqliteStore::write_connection`]):
-/// enough for this process's own session writes, and for a lock let go just
-/// now.
-const HELD_WAIT: Duration = Duration::from_millis(100);
+/// How long a write lent the writer waits for the file's write lock instead of
+/// [`BUSY_TIMEOUT`] when waiting longer would only hold up every other write of
+/// the process: the lease sweep's, and any while another process is known to
+/// hold the lock ([`SqliteStore::write_connection`]). Enough for this process's
+/// own session writes, and for a lock let go just now.
+const SHORT_WAIT: Duration = Duration::from_millis(100);
 
 /// Set how long `conn` waits for another connection's lock (`busy_timeout`).
 ///
