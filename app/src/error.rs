@@ -63,6 +63,11 @@ pub enum ApiError {
     /// nothing was changed, and the same request may succeed a moment later.
     #[error("The database is busy with another program's write; nothing was changed. Try again in a moment.")]
     Unavailable,
+    /// The server cannot reach its database, or the database cannot write (a
+    /// PostgreSQL server down, a full disk), 503; nothing was changed, and the
+    /// same request may succeed once an operator has it working again.
+    #[error("The server cannot reach or write to its database just now; nothing was changed. Try again later.")]
+    DatabaseUnavailable,
     /// Something failed on the server (500); the detail is in the server log.
     #[error("Something went wrong on the server; nothing was changed.")]
     Internal,
@@ -84,7 +89,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => 429,
             ApiError::Invalid { .. } => 422,
             ApiError::Conflict { .. } => 409,
-            ApiError::Unavailable => 503,
+            ApiError::Unavailable | ApiError::DatabaseUnavailable => 503,
             ApiError::Internal => 500,
             ApiError::Transport { .. } => 400,
         }
@@ -100,6 +105,7 @@ impl ApiError {
             ApiError::Invalid { .. } => "invalid",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Unavailable => "unavailable",
+            ApiError::DatabaseUnavailable => "database_unavailable",
             ApiError::Internal => "internal",
             ApiError::Transport { .. } => "transport",
         }
@@ -170,6 +176,7 @@ impl From<crate::store::StoreError> for ApiError {
                 }],
             },
             StoreError::Busy(_) => ApiError::Unavailable,
+            StoreError::Unavailable(_) => ApiError::DatabaseUnavailable,
             StoreError::NotFound { .. } | StoreError::Database(_) => {
                 // Already logged where it happened; the browser learns nothing internal.
                 ApiError::Internal
@@ -201,6 +208,7 @@ mod tests {
                 message: "Reload.".into(),
             },
             ApiError::Unavailable,
+            ApiError::DatabaseUnavailable,
             ApiError::Internal,
             ApiError::Transport {
                 message: "bad body".into(),
@@ -226,12 +234,21 @@ mod tests {
 
     #[cfg(feature = "ssr")]
     #[test]
-    fn a_busy_database_is_a_503_to_try_again_not_a_500() {
+    fn a_busy_or_unreachable_database_is_a_503_to_try_again_not_a_500() {
         use crate::store::StoreError;
         let busy = ApiError::from(StoreError::Busy("database is locked".into()));
         assert_eq!((busy.status(), busy.code()), (503, "unavailable"));
         assert!(busy.to_string().contains("nothing was changed"), "{busy}");
-        let failed = ApiError::from(StoreError::Database("disk I/O error".into()));
+        let unreachable = ApiError::from(StoreError::Unavailable("connection refused".into()));
+        assert_eq!(
+            (unreachable.status(), unreachable.code()),
+            (503, "database_unavailable")
+        );
+        assert!(
+            unreachable.to_string().contains("nothing was changed"),
+            "{unreachable}"
+        );
+        let failed = ApiError::from(StoreError::Database("no such column".into()));
         assert_eq!(failed.status(), 500);
     }
 }

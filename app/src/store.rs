@@ -49,8 +49,18 @@ pub enum StoreError {
     /// succeed once the other writer is done.
     #[error("the database is busy with another connection's write: {0}")]
     Busy(String),
-    /// The database failed or could not be reached (HTTP 500; the detail is logged,
-    /// never shown).
+    /// The database cannot be reached or cannot write for now: a PostgreSQL
+    /// server down, refusing connections or read-only, no connection of the pool
+    /// free within its wait (10 s), a SQLite file or journal that cannot be
+    /// written, a full disk, an I/O error. HTTP 503, code `database_unavailable`;
+    /// the detail is logged, never shown. Nothing was written, unless the
+    /// connection broke during the commit itself: then a hold may have been
+    /// kept (its lease releases it) and a settlement may have been recorded (its
+    /// idempotency key keeps a retry from counting it twice).
+    #[error("the database cannot be reached or written: {0}")]
+    Unavailable(String),
+    /// The database failed in another way, or a bug (HTTP 500; the detail is
+    /// logged, never shown).
     #[error("database error: {0}")]
     Database(String),
 }
@@ -63,6 +73,7 @@ impl StoreError {
             StoreError::Conflict { .. } => "conflict",
             StoreError::Invalid { code, .. } => code,
             StoreError::Busy(_) => "database_busy",
+            StoreError::Unavailable(_) => "database_unavailable",
             StoreError::Database(_) => "internal_error",
         }
     }

@@ -2147,6 +2147,57 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing(db: &Test
     assert_eq!(served.status(), 200);
 }
 
+/// When the PostgreSQL server goes out of reach (here the link to it is cut,
+/// closing the connections the store had and refusing new ones), a request is
+/// answered 503 `database_unavailable` with `retry-after`, not 500, and sent
+/// nowhere; `/healthz` says 503. Once the server can be reached again, requests
+/// are served without a restart, and the books hold the served ones only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let server = url::Url::parse(&db.url).unwrap();
+    let link = common::cut::Link::start(format!(
+        "{}:{}",
+        server.host_str().unwrap(),
+        server.port().unwrap_or(5432)
+    ))
+    .await;
+    let h = start(
+        &db.reached_at(link.url_through(&db.url)),
+        Options::default(),
+    )
+    .await;
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+    let _ = served.bytes().await.unwrap();
+    let one = h.workspace().await;
+    assert!(one.spent > Nanos::ZERO);
+
+    link.cut();
+    let refused = h.chat(&chat_body("test/big")).await;
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let body = assert_error(refused, 503, "api_error", "database_unavailable", None).await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("nothing was spent"), "{body}");
+    assert!(!message.contains("127.0.0.1"), "{body}");
+    let (status, text) = h.health().await;
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(
+        h.mock.received().len(),
+        1,
+        "the refused request went nowhere"
+    );
+
+    link.mend();
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+    let _ = served.bytes().await.unwrap();
+    assert_eq!(h.workspace().await, settled(one.spent + one.spent));
+    assert_eq!(h.health().await, (200, "ok".to_owned()));
+}
+
 /// Once a batch of the hot path has waited its 10 s for another process's lock
 /// on the SQLite file in vain, the process's other writes (here a usage-API
 /// record) wait only a moment for it: refused with 503 `database_busy` at once,

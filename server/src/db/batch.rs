@@ -456,6 +456,16 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
                 // Nothing was admitted, so no reservation is left without a caller.
                 return (Some(Writer { conn, books: None }), Vec::new());
             }
+            // The database out of reach (or unable to write) fails every
+            // operation alike: all are answered at once, and the connection,
+            // which may be broken, is replaced.
+            Err(StoreError::Unavailable(detail)) => {
+                for op in ops {
+                    op.fail(StoreError::Unavailable(detail.clone()));
+                }
+                conn.discard();
+                return (None, Vec::new());
+            }
             Err(e) => tracing::warn!(
                 error = %e,
                 operations = ops.len(),
@@ -472,7 +482,7 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
                 answers
             }
             Err(e) => {
-                healthy &= !matches!(e, StoreError::Database(_));
+                healthy &= !matches!(e, StoreError::Database(_) | StoreError::Unavailable(_));
                 vec![Answer::Failed(e)]
             }
         };

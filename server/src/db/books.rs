@@ -903,9 +903,45 @@ pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
             Fault::BrokeARule
         }
         Some(db) if db.code().is_some_and(|code| is_busy_code(&code)) => Fault::Busy,
-        _ => Fault::Other,
+        Some(db) if db.code().is_some_and(|code| is_unavailable_code(&code)) => Fault::Unavailable,
+        Some(_) => Fault::Other,
+        None if matches!(
+            e,
+            sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+        ) =>
+        {
+            Fault::Unavailable
+        }
+        None => Fault::Other,
     };
     database_error(&e, fault)
+}
+
+/// Whether a database error code says the database cannot be reached or cannot
+/// write for now, whatever the statement: PostgreSQL's classes `08` (connection
+/// exception) and `53` (insufficient resources: a full disk, no memory, too many
+/// connections), `57P01` to `57P03` (the server shutting down or starting up),
+/// `25006` (a read-only server, a standby) and `58030` (an I/O error); SQLite's
+/// `SQLITE_READONLY` (8), `SQLITE_IOERR` (10), `SQLITE_FULL` (13) and
+/// `SQLITE_CANTOPEN` (14), in their extended forms too.
+fn is_unavailable_code(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "25006" | "58030")
+        || sqlite_primary_code(code).is_some_and(|n| matches!(n, 8 | 10 | 13 | 14))
+}
+
+/// The primary result code (the low byte) of a SQLite error code as sqlx gives
+/// it, a number of at most four digits (extended codes included); `None` for
+/// PostgreSQL's five-character SQLSTATEs, some of which are digits only.
+fn sqlite_primary_code(code: &str) -> Option<i32> {
+    (code.len() < 5)
+        .then(|| code.parse::<i32>().ok())
+        .flatten()
+        .map(|n| n & 0xff)
 }
 
 /// Whether a database error code says another connection held a lock too long:
@@ -913,7 +949,7 @@ pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
 /// (sqlx gives SQLite's extended code as a number), or PostgreSQL's
 /// `lock_not_available` (`55P03`).
 fn is_busy_code(code: &str) -> bool {
-    code == "55P03" || code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+    code == "55P03" || sqlite_primary_code(code).is_some_and(|n| matches!(n, 5 | 6))
 }
 
 /// What kind of failure a database error is, for [`database_error`].
@@ -923,6 +959,8 @@ pub(crate) enum Fault {
     BrokeARule,
     /// A lock held by another connection past the wait.
     Busy,
+    /// The database out of reach or unable to write (`StoreError::Unavailable`).
+    Unavailable,
     /// Anything else.
     Other,
 }
@@ -942,6 +980,10 @@ pub(crate) fn database_error(e: &dyn std::fmt::Display, fault: Fault) -> StoreEr
         Fault::Busy => {
             tracing::warn!(error = %e, "another connection held the database's lock too long");
             StoreError::Busy(e.to_string())
+        }
+        Fault::Unavailable => {
+            tracing::error!(error = %e, "the database cannot be reached or cannot write");
+            StoreError::Unavailable(e.to_string())
         }
         Fault::Other => {
             tracing::error!(error = %e, "database error");
@@ -2353,8 +2395,46 @@ mod tests {
         }
         // SQLite ERROR, READONLY, FULL, CONSTRAINT_UNIQUE; PostgreSQL
         // unique_violation, deadlock_detected, a code that only ends in 5.
-        for other in ["1", "8", "13", "2067", "23505", "40P01", "08005"] {
+        // PostgreSQL insufficient_privilege: digits only, whose number ends in
+        // the byte 5 but is no SQLite code.
+        for other in ["1", "8", "13", "2067", "23505", "40P01", "08005", "42501"] {
             assert!(!is_busy_code(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_database_out_of_reach_is_told_from_a_broken_statement() {
+        // SQLite READONLY, READONLY_DBMOVED, IOERR, IOERR_WRITE, FULL, CANTOPEN;
+        // PostgreSQL connection_failure, admin_shutdown, cannot_connect_now,
+        // disk_full, too_many_connections, read_only_sql_transaction, io_error.
+        for down in [
+            "8", "1032", "10", "778", "13", "14", "08006", "57P01", "57P03", "53100", "53300",
+            "25006", "58030",
+        ] {
+            assert!(is_unavailable_code(down), "{down}");
+        }
+        // SQLite ERROR, BUSY, CONSTRAINT_UNIQUE; PostgreSQL unique_violation,
+        // undefined_column, lock_not_available, and unterminated_c_string,
+        // digits only, whose number ends in SQLite's READONLY byte.
+        for other in ["1", "5", "2067", "23505", "42703", "55P03", "22024"] {
+            assert!(!is_unavailable_code(other), "{other}");
+        }
+        for (error, unavailable) in [
+            (
+                sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
+                true,
+            ),
+            (sqlx::Error::PoolTimedOut, true),
+            (sqlx::Error::PoolClosed, true),
+            (sqlx::Error::RowNotFound, false),
+            (sqlx::Error::Protocol("unexpected message".into()), false),
+        ] {
+            let answered = db_error(error);
+            assert_eq!(
+                matches!(answered, StoreError::Unavailable(_)),
+                unavailable,
+                "{answered:?}"
+            );
         }
     }
 

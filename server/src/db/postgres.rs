@@ -23,6 +23,11 @@ use super::{
     ConnectError,
 };
 
+/// Longest a write or a read waits for a connection of the pool (all in use,
+/// or the server refusing new ones) before it is answered
+/// `StoreError::Unavailable` (HTTP 503): the same wait as for a lock.
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The PostgreSQL adapter.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -80,6 +85,7 @@ impl PostgresStore {
             .map_err(ConnectError::Open)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;

@@ -631,6 +631,17 @@ fn hot_error(e: rusqlite::Error) -> StoreError {
         {
             Fault::Busy
         }
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(
+                failure.code,
+                ffi::ErrorCode::ReadOnly
+                    | ffi::ErrorCode::SystemIoFailure
+                    | ffi::ErrorCode::DiskFull
+                    | ffi::ErrorCode::CannotOpen
+            ) =>
+        {
+            Fault::Unavailable
+        }
         _ => Fault::Other,
     };
     database_error(&e, fault)
@@ -952,6 +963,46 @@ mod tests {
         assert_eq!(Reset::for_frames(TRUNCATE_PAST_FRAMES), Reset::Restart);
         assert_eq!(Reset::for_frames(TRUNCATE_PAST_FRAMES + 1), Reset::Truncate);
         assert_eq!(Reset::for_frames(500_000), Reset::Truncate);
+    }
+
+    /// A file the process may not write (opened read-only here; a read-only
+    /// mount, a full disk and I/O errors alike) is the database out of reach, a
+    /// 503 to try again later, on both kinds of connection.
+    #[tokio::test]
+    async fn a_file_that_cannot_be_written_is_unavailable_not_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("books.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (n INTEGER)")
+            .unwrap();
+        let hot = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let inserted = hot
+            .execute("INSERT INTO t (n) VALUES (1)", [])
+            .map_err(hot_error);
+        assert!(
+            matches!(inserted, Err(StoreError::Unavailable(_))),
+            "{inserted:?}"
+        );
+        let mut other = SqliteConnectOptions::new()
+            .filename(&path)
+            .read_only(true)
+            .connect()
+            .await
+            .unwrap();
+        let inserted = sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut other)
+            .await
+            .map_err(db_error);
+        assert!(
+            matches!(inserted, Err(StoreError::Unavailable(_))),
+            "{inserted:?}"
+        );
+        assert_eq!(inserted.unwrap_err().code(), "database_unavailable");
     }
 
     #[tokio::test]

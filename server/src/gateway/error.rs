@@ -153,6 +153,12 @@ pub enum GatewayError {
     /// logged, never sent.
     #[error("the gateway's database is busy with another program's write; nothing was spent: try again in a moment")]
     DatabaseBusy(String),
+    /// The gateway's database cannot be reached or cannot write (a PostgreSQL
+    /// server down, a full disk: `StoreError::Unavailable`; HTTP 503, code
+    /// `database_unavailable`, header `retry-after`); nothing was reserved or
+    /// spent. The detail is logged, never sent.
+    #[error("the gateway cannot reach or write to its database just now; nothing was spent: try again later")]
+    DatabaseUnavailable(String),
     /// A bug or a database failure (HTTP 500, code `internal_error`). The detail is
     /// logged, never sent.
     #[error("internal error: {0}")]
@@ -210,7 +216,9 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::DatabaseBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::DatabaseBusy(_) | GatewayError::DatabaseUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -223,6 +231,7 @@ impl GatewayError {
             | GatewayError::UpstreamStatus { .. }
             | GatewayError::UpstreamTimeout
             | GatewayError::DatabaseBusy(_)
+            | GatewayError::DatabaseUnavailable(_)
             | GatewayError::Internal(_) => "api_error",
             _ => "invalid_request_error",
         }
@@ -253,6 +262,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::DatabaseBusy(_) => "database_busy",
+            GatewayError::DatabaseUnavailable(_) => "database_unavailable",
             GatewayError::Internal(_) => "internal_error",
         }
     }
@@ -312,6 +322,7 @@ impl From<StoreError> for GatewayError {
     fn from(error: StoreError) -> GatewayError {
         match error {
             StoreError::Busy(detail) => GatewayError::DatabaseBusy(detail),
+            StoreError::Unavailable(detail) => GatewayError::DatabaseUnavailable(detail),
             other => GatewayError::Internal(format!("store: {other}")),
         }
     }
@@ -325,6 +336,9 @@ impl IntoResponse for GatewayError {
             }
             GatewayError::DatabaseBusy(detail) => {
                 tracing::warn!(detail = %detail, "gateway request refused: the database is busy");
+            }
+            GatewayError::DatabaseUnavailable(detail) => {
+                tracing::error!(detail = %detail, "gateway request refused: the database is out of reach");
             }
             _ => {}
         }
@@ -353,8 +367,15 @@ impl IntoResponse for GatewayError {
             // until the cycle resets or the operator raises a limit (DESIGN.md §4).
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
-        if matches!(self, GatewayError::DatabaseBusy(_)) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match self {
+            GatewayError::DatabaseBusy(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // Not a lock that ends in a moment: an operator may have to act.
+            GatewayError::DatabaseUnavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
         }
         response
     }
@@ -393,6 +414,25 @@ mod tests {
         let body = String::from_utf8(error.body()).unwrap();
         assert!(!body.contains("secret"), "{body}");
         assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_database_out_of_reach_is_a_503_to_retry_without_its_detail() {
+        let error = GatewayError::from(StoreError::Unavailable(
+            "error communicating with database: 10.0.0.7:5432 refused".into(),
+        ));
+        assert_eq!(
+            json(&error)["error"]["code"],
+            "database_unavailable",
+            "{}",
+            json(&error)
+        );
+        let body = String::from_utf8(error.body()).unwrap();
+        assert!(!body.contains("10.0.0.7"), "{body}");
+        assert!(body.contains("nothing was spent"), "{body}");
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "5");
     }
 
     #[test]

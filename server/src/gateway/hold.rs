@@ -147,9 +147,13 @@ impl Drop for Hold {
 }
 
 /// The store's failures worth trying again: the database held up or gone for a
-/// moment ([`StoreError::Busy`], [`StoreError::Database`]).
+/// moment ([`StoreError::Busy`], [`StoreError::Unavailable`],
+/// [`StoreError::Database`]).
 fn transient(error: &StoreError) -> bool {
-    matches!(error, StoreError::Busy(_) | StoreError::Database(_))
+    matches!(
+        error,
+        StoreError::Busy(_) | StoreError::Unavailable(_) | StoreError::Database(_)
+    )
 }
 
 /// Retries while the request waits: [`END_ATTEMPTS`] tries in all, 50 then 100 ms
@@ -260,8 +264,8 @@ pub struct Replayed {
 /// Settles what waits in `gateway`'s settlement spool ([`super::spool`]) and is
 /// not being settled by a task of this process: at start-up and at each lease
 /// sweep. Each is tried once; at the first that the database cannot take yet
-/// ([`StoreError::Busy`], [`StoreError::Database`]) the replay stops, and the
-/// rest waits for the next. A settlement already recorded counts nothing twice
+/// ([`StoreError::Busy`], [`StoreError::Unavailable`], [`StoreError::Database`])
+/// the replay stops, and the rest waits for the next. A settlement already recorded counts nothing twice
 /// (its idempotency key), so processes sharing the spool may replay it at once.
 ///
 /// Errors: the I/O error when the spool's folder cannot be listed.

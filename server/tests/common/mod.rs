@@ -64,6 +64,16 @@ impl TestDb {
         })
     }
 
+    /// The same database reached at `url` (through a [`cut::Link`], say); the
+    /// database is still removed when `self` is dropped, not this one.
+    pub fn reached_at(&self, url: String) -> TestDb {
+        TestDb {
+            url,
+            _dir: None,
+            pg_drop: None,
+        }
+    }
+
     /// Open a store on it with `setup` applied.
     pub async fn store(&self, setup: &WorkspaceSetup) -> SharedStore {
         let store = db::connect(&self.url, Durability::Normal).await.unwrap();
@@ -265,4 +275,5 @@ macro_rules! on_both_backends {
     };
 }
 
+pub mod cut;
 pub mod lock;
