@@ -532,13 +532,17 @@ pub trait Store: Send + Sync + 'static {
     fn write_held_for(&self) -> Option<std::time::Duration>;
 
     /// Checks again a write lock a write of this process found held by another
-    /// process, for `/healthz`. On SQLite, once a write of the hot path has
-    /// waited its whole lock timeout in vain, this takes the file's write lock
-    /// (waiting 0.1 s) and lets it go at once, writing nothing; while nothing is
-    /// known to hold it, it does nothing. On PostgreSQL it does nothing: each
-    /// write waits for the plan row's lock up to its own lock timeout (10 s).
+    /// process, or a database a write found unable to take writes, for
+    /// `/healthz`. On SQLite, once a write of the hot path has waited its whole
+    /// lock timeout in vain, this takes the file's write lock (waiting 0.1 s)
+    /// and lets it go at once, writing nothing; once one found the file unable
+    /// to take writes ([`StoreError::Unavailable`]: read-only, full), it commits
+    /// a write that changes nothing the store reads. On PostgreSQL, once one
+    /// found the database out of reach or read-only, it locks the plan row in a
+    /// transaction it rolls back. Otherwise it does nothing.
     ///
     /// Errors: [`StoreError::Busy`] while another process still holds the lock;
+    /// [`StoreError::Unavailable`] while the database still cannot take writes;
     /// [`StoreError::Database`] when the database fails.
     async fn check_write_lock(&self) -> Result<(), StoreError>;
 

@@ -2198,6 +2198,78 @@ async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
     assert_eq!(h.health().await, (200, "ok".to_owned()));
 }
 
+/// When the PostgreSQL database turns read-only (a standby after a failover,
+/// say; here `default_transaction_read_only` and the sessions ended), requests
+/// get 503 `database_unavailable`, and `/healthz`, whose reads still work,
+/// answers 503 as long as the database refuses writes, so that a load balancer
+/// stops sending requests that could only fail; once it takes writes again,
+/// `/healthz` is `ok` and requests are served, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let h = start(&db, Options::default()).await;
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+    let _ = served.bytes().await.unwrap();
+    let one = h.workspace().await;
+
+    let name = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
+    let set_read_only = |on: bool| {
+        let name = name.clone();
+        async move {
+            use sqlx::Connection as _;
+            let admin_url = std::env::var("TEST_DATABASE_URL").unwrap();
+            let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+            let setting = match on {
+                true => "SET default_transaction_read_only = on",
+                false => "RESET default_transaction_read_only",
+            };
+            sqlx::query(&format!("ALTER DATABASE {name} {setting}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            // Sessions take the setting when they start.
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&name)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        }
+    };
+    set_read_only(true).await;
+    // The first request may meet a session that was ended, the next ones a
+    // read-only one: all are refused alike.
+    for _ in 0..3 {
+        let refused = h.chat(&chat_body("test/big")).await;
+        assert_error(refused, 503, "api_error", "database_unavailable", None).await;
+    }
+    let (status, text) = h.health().await;
+    assert_eq!(
+        (status, text.as_str()),
+        (503, "the database cannot be reached or cannot take writes")
+    );
+    assert_eq!(
+        h.mock.received().len(),
+        1,
+        "the refused requests went nowhere"
+    );
+
+    set_read_only(false).await;
+    eventually("/healthz ok once the database takes writes", || async {
+        h.health().await.0 == 200
+    })
+    .await;
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+    let _ = served.bytes().await.unwrap();
+    assert_eq!(h.workspace().await, settled(one.spent + one.spent));
+}
+
 /// Once a batch of the hot path has waited its 10 s for another process's lock
 /// on the SQLite file in vain, the process's other writes (here a usage-API
 /// record) wait only a moment for it: refused with 503 `database_busy` at once,

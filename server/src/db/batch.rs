@@ -36,7 +36,10 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     time::{Duration, Instant},
 };
 
@@ -147,6 +150,7 @@ pub(crate) struct Batcher<C> {
     queue: mpsc::Sender<Op>,
     loans: mpsc::Sender<oneshot::Sender<Lent<C>>>,
     busy: Busy,
+    unwritable: Arc<AtomicBool>,
 }
 
 /// When the batcher took up the work it is on (a batch or a loan), or `None`
@@ -173,6 +177,7 @@ pub(crate) struct WeakBatcher<C> {
     queue: mpsc::WeakSender<Op>,
     loans: mpsc::WeakSender<oneshot::Sender<Lent<C>>>,
     busy: Busy,
+    unwritable: Arc<AtomicBool>,
 }
 
 impl<C> WeakBatcher<C> {
@@ -182,6 +187,7 @@ impl<C> WeakBatcher<C> {
             queue: self.queue.upgrade()?,
             loans: self.loans.upgrade()?,
             busy: self.busy.clone(),
+            unwritable: self.unwritable.clone(),
         })
     }
 }
@@ -193,6 +199,7 @@ impl<C> Batcher<C> {
             queue: self.queue.downgrade(),
             loans: self.loans.downgrade(),
             busy: self.busy.clone(),
+            unwritable: self.unwritable.clone(),
         }
     }
 
@@ -202,6 +209,19 @@ impl<C> Batcher<C> {
     pub(crate) fn busy_for(&self) -> Option<Duration> {
         self.busy.elapsed()
     }
+
+    /// Whether the last write of the hot path found the database out of reach or
+    /// unable to write ([`StoreError::Unavailable`]) and none has gone through
+    /// since, nor [`Batcher::writable_again`] said otherwise: `/healthz` then
+    /// checks the database takes writes.
+    pub(crate) fn unwritable(&self) -> bool {
+        self.unwritable.load(Ordering::Relaxed)
+    }
+
+    /// A write went through outside the hot path: the database takes writes.
+    pub(crate) fn writable_again(&self) {
+        self.unwritable.store(false, Ordering::Relaxed);
+    }
 }
 
 impl<C> Clone for Batcher<C> {
@@ -210,6 +230,7 @@ impl<C> Clone for Batcher<C> {
             queue: self.queue.clone(),
             loans: self.loans.clone(),
             busy: self.busy.clone(),
+            unwritable: self.unwritable.clone(),
         }
     }
 }
@@ -306,7 +327,12 @@ impl<C: Send + 'static> Batcher<C> {
                 };
             }
         });
-        Batcher { queue, loans, busy }
+        Batcher {
+            queue,
+            loans,
+            busy,
+            unwritable: Arc::default(),
+        }
     }
 
     /// The write connection, for a write outside the hot path; batches wait until
@@ -330,9 +356,15 @@ impl<C: Send + 'static> Batcher<C> {
             .send(op(reply))
             .await
             .map_err(|_| StoreError::Database("the store's writer has stopped".into()))?;
-        answer
+        let answer = answer
             .await
-            .map_err(|_| StoreError::Database("the batch holding this write failed".into()))?
+            .map_err(|_| StoreError::Database("the batch holding this write failed".into()))?;
+        match &answer {
+            Ok(_) => self.writable_again(),
+            Err(StoreError::Unavailable(_)) => self.unwritable.store(true, Ordering::Relaxed),
+            Err(_) => {}
+        }
+        answer
     }
 
     /// See `Store::reserve`.

@@ -56,10 +56,28 @@ impl PostgresStore {
         self.write_connection().await
     }
 
-    /// Nothing to check (`Store::check_write_lock`): on PostgreSQL a write
-    /// waits for the plan row's lock up to `lock_timeout` and is then refused
-    /// busy; no lock is remembered as held between writes.
+    /// `Store::check_write_lock`. No lock is remembered as held between writes
+    /// (a write waits for the plan row's lock up to `lock_timeout` and is then
+    /// refused busy); but once a write of the hot path found the database out of
+    /// reach or unable to write, this locks the plan row as every write does, in
+    /// a transaction it rolls back: a server in read-only mode (a standby, say)
+    /// refuses that as it refuses the writes. Once it could, the database is
+    /// known to take writes again.
+    ///
+    /// Errors: [`StoreError::Unavailable`] while it still cannot;
+    /// [`StoreError::Busy`] when another session holds the plan row past the
+    /// lock timeout.
     async fn check_held_write_lock(&self) -> Result<(), StoreError> {
+        if !self.batcher.unwritable() {
+            return Ok(());
+        }
+        let mut conn = self.write_connection().await?;
+        conn.begin().await?;
+        let locked = conn.read_plan().await;
+        let ended = conn.rollback().await;
+        locked?;
+        ended?;
+        self.batcher.writable_again();
         Ok(())
     }
 

@@ -166,25 +166,43 @@ impl SqliteStore {
 
     /// `Store::check_write_lock`: while another process is known to hold the
     /// file's write lock, takes it (waiting [`SHORT_WAIT`]) and lets it go at once;
-    /// once it could, the lock is no longer known held.
+    /// once it could, the lock is no longer known held. Once a write of the hot
+    /// path found the file unable to take writes (read-only, a full disk, an I/O
+    /// error), it commits a write that changes nothing the store reads (the
+    /// file header's `user_version`, set to what it is): only a write that
+    /// reaches the file tells. Once it could, the file is known to take writes.
     ///
-    /// Errors: [`StoreError::Busy`] while it is still held.
+    /// Errors: [`StoreError::Busy`] while the lock is still held;
+    /// [`StoreError::Unavailable`] while the file still cannot be written.
     async fn check_held_write_lock(&self) -> Result<(), StoreError> {
-        if !self.held_elsewhere.load(Ordering::Relaxed) {
+        let unwritable = self.batcher.unwritable();
+        if !unwritable && !self.held_elsewhere.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mut conn = self.write_connection().await?;
-        // Nothing is written: the books the batcher carries stay exact.
-        conn.books_unchanged();
-        sqlx::query(SqliteStore::BEGIN)
-            .execute(&mut *conn.conn)
-            .await
-            .map_err(db_error)?;
-        sqlx::query("ROLLBACK")
-            .execute(&mut *conn.conn)
-            .await
-            .map_err(db_error)?;
+        if unwritable {
+            let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+                .fetch_one(&mut *conn.conn)
+                .await
+                .map_err(db_error)?;
+            sqlx::query(&format!("PRAGMA user_version = {version}"))
+                .execute(&mut *conn.conn)
+                .await
+                .map_err(db_error)?;
+        } else {
+            // Nothing is written: the books the batcher carries stay exact.
+            conn.books_unchanged();
+            sqlx::query(SqliteStore::BEGIN)
+                .execute(&mut *conn.conn)
+                .await
+                .map_err(db_error)?;
+            sqlx::query("ROLLBACK")
+                .execute(&mut *conn.conn)
+                .await
+                .map_err(db_error)?;
+        }
         self.held_elsewhere.store(false, Ordering::Relaxed);
+        self.batcher.writable_again();
         Ok(())
     }
 

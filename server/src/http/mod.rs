@@ -121,8 +121,9 @@ pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2
 
 /// Answer a health probe: `ok` (200) while the process serves HTTP, its
 /// database answers a read within [`HEALTH_TIMEOUT`], no write of the process
-/// has been held up that long (`Store::write_held_for`) and the write lock a
-/// write of the process found held by another process is free again
+/// has been held up that long (`Store::write_held_for`), the write lock a
+/// write of the process found held by another process is free again and a
+/// database a write found unable to take writes takes them again
 /// (`Store::check_write_lock`); otherwise 503 Service
 /// Unavailable with the reason in a line of text, so that a load balancer stops
 /// sending requests that could only fail (nothing can be admitted without the
@@ -151,6 +152,14 @@ async fn healthz(State(state): State<AppState>) -> Response {
             )
                 .into_response()
         }
+        Ok(Err(StoreError::Unavailable(e))) => {
+            tracing::warn!(error = %e, "health check: the database cannot take writes");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database cannot be reached or cannot take writes",
+            )
+                .into_response();
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "health check: the database failed a write-lock check");
             return (
@@ -163,7 +172,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
-                    "the database's write lock did not come free within {} s",
+                    "the database did not take a write check within {} s",
                     HEALTH_TIMEOUT.as_secs()
                 ),
             )
