@@ -1012,10 +1012,7 @@ mod tests {
             .connect()
             .await
             .unwrap();
-        let inserted = sqlx::query("INSERT INTO t (n) VALUES (1)")
-            .execute(&mut other)
-            .await
-            .map_err(db_error);
+        let inserted = insert_one(&mut other).await;
         assert!(
             matches!(inserted, Err(StoreError::Unavailable(_))),
             "{inserted:?}"
@@ -1043,18 +1040,21 @@ mod tests {
             .connect()
             .await
             .unwrap();
-        let inserted = sqlx::query("INSERT INTO t (n) VALUES (1)")
-            .execute(&mut other)
-            .await
-            .map_err(db_error);
+        let inserted = insert_one(&mut other).await;
         assert!(matches!(inserted, Err(StoreError::Busy(_))), "{inserted:?}");
         assert_eq!(inserted.unwrap_err().code(), "database_busy");
         // Once the lock is let go, the same write goes through.
         holder.execute_batch("COMMIT").unwrap();
+        insert_one(&mut other).await.unwrap();
+    }
+
+    /// A row into the table `t` of the tests above, on a connection of sqlx.
+    async fn insert_one(conn: &mut sqlx::SqliteConnection) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO t (n) VALUES (1)")
-            .execute(&mut other)
+            .execute(conn)
             .await
-            .unwrap();
+            .map(drop)
+            .map_err(db_error)
     }
 
     #[tokio::test]
