@@ -16,7 +16,7 @@ use crate::domain::{
 };
 
 /// Errors every store operation can return; each names its HTTP status.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A row the caller named does not exist (HTTP 404).
     #[error("{what} not found")]

@@ -148,7 +148,7 @@ pub(crate) enum Answer {
 #[derive(Debug)]
 pub(crate) struct Batcher<C> {
     queue: mpsc::Sender<Op>,
-    loans: mpsc::Sender<oneshot::Sender<Lent<C>>>,
+    loans: mpsc::Sender<Borrower<C>>,
     busy: Busy,
     unwritable: Arc<AtomicBool>,
 }
@@ -175,7 +175,7 @@ impl Busy {
 #[derive(Debug)]
 pub(crate) struct WeakBatcher<C> {
     queue: mpsc::WeakSender<Op>,
-    loans: mpsc::WeakSender<oneshot::Sender<Lent<C>>>,
+    loans: mpsc::WeakSender<Borrower<C>>,
     busy: Busy,
     unwritable: Arc<AtomicBool>,
 }
@@ -262,7 +262,7 @@ impl<C: Send + 'static> Batcher<C> {
         Fut: Future<Output = BatchEnd<C>> + Send + 'static,
     {
         let (queue, mut inbox) = mpsc::channel::<Op>(QUEUE);
-        let (loans, mut borrowers) = mpsc::channel::<oneshot::Sender<Lent<C>>>(QUEUE);
+        let (loans, mut borrowers) = mpsc::channel::<Borrower<C>>(QUEUE);
         let busy = Busy::default();
         let working = busy.clone();
         tokio::spawn(async move {
@@ -288,6 +288,14 @@ impl<C: Send + 'static> Batcher<C> {
                         Ok(conn) => Writer { conn, books: None },
                         Err(error) => {
                             tracing::error!(%error, "the store's writer has no connection");
+                            // The database out of reach: every write queued
+                            // meanwhile would wait as long again for a connection
+                            // in its turn, so they are refused with this one.
+                            if matches!(error, StoreError::Unavailable(_)) {
+                                while let Ok(op) = inbox.try_recv() {
+                                    op.fail(error.clone());
+                                }
+                            }
                             work.fail(error);
                             continue;
                         }
@@ -347,7 +355,7 @@ impl<C: Send + 'static> Batcher<C> {
             .await
             .map_err(|_| StoreError::Database("the store's writer has stopped".into()))?;
         loan.await
-            .map_err(|_| StoreError::Database("the store's writer has no connection".into()))
+            .map_err(|_| StoreError::Database("the store's writer has no connection".into()))?
     }
 
     async fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
@@ -808,7 +816,7 @@ async fn take_by_id<C: HotPath>(
 /// What the batcher does next.
 enum Work<C> {
     Batch(Vec<Op>),
-    Loan(oneshot::Sender<Lent<C>>),
+    Loan(Borrower<C>),
 }
 
 impl<C> Work<C> {
@@ -817,11 +825,12 @@ impl<C> Work<C> {
         match self {
             Work::Batch(ops) => {
                 for op in ops {
-                    op.fail(StoreError::Database(error.to_string()));
+                    op.fail(error.clone());
                 }
             }
-            // Dropping the loan tells the borrower there is no connection.
-            Work::Loan(_) => {}
+            Work::Loan(borrower) => {
+                let _ = borrower.send(Err(error));
+            }
         }
     }
 }
@@ -845,23 +854,27 @@ async fn run<C: Send + 'static>(
 
 /// Hand `conn` to `borrower` and wait for it to come back; with it, whether the
 /// borrower left the books alone ([`Lent::books_unchanged`]).
-async fn lend<C>(conn: C, borrower: oneshot::Sender<Lent<C>>) -> Option<(C, bool)> {
+async fn lend<C>(conn: C, borrower: Borrower<C>) -> Option<(C, bool)> {
     let (give_back, returned) = oneshot::channel();
     let loan = Lent {
         conn: Some(conn),
         give_back: Some(give_back),
         books_unchanged: false,
     };
-    match borrower.send(loan) {
+    match borrower.send(Ok(loan)) {
         // Only a forgotten guard never comes back: then a new connection is made.
         Ok(()) => returned.await.ok(),
-        // The borrower stopped waiting.
-        Err(mut loan) => {
+        // The borrower stopped waiting: the loan comes back as it was sent.
+        Err(unsent) => unsent.ok().and_then(|mut loan| {
             loan.give_back = None;
             loan.conn.take().map(|conn| (conn, true))
-        }
+        }),
     }
 }
+
+/// Who waits for the write connection ([`Batcher::lend`]), and is told why not
+/// when there is none.
+type Borrower<C> = oneshot::Sender<Result<Lent<C>, StoreError>>;
 
 /// The batcher's write connection, lent out; it goes back when this is dropped.
 #[derive(Debug)]

@@ -7,10 +7,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, PoisonError,
-    },
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use tokio::{
@@ -18,53 +15,48 @@ use tokio::{
     task::{AbortHandle, JoinHandle},
 };
 
-/// Forwards every connection made to [`Link::addr`] to the server; while cut,
-/// the connections it carried are closed and new ones are closed on arrival.
+/// Forwards every connection made to [`Link::addr`] to the server. Cut, it
+/// closes the connections it carried and stops listening, so that new ones are
+/// refused, as when the server is down.
 pub struct Link {
     /// Where the store connects instead of the server.
     pub addr: SocketAddr,
-    cut: Arc<AtomicBool>,
+    server: String,
     carried: Arc<Mutex<Vec<AbortHandle>>>,
-    acceptor: JoinHandle<()>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Link {
     /// A link to `server` (`host:port`) on a free loopback port.
     pub async fn start(server: String) -> Link {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let carried = Arc::new(Mutex::new(Vec::<AbortHandle>::new()));
-        let acceptor = {
-            let (cut, carried) = (cut.clone(), carried.clone());
-            tokio::spawn(async move {
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    if cut.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let server = server.clone();
-                    let forward = tokio::spawn(async move {
-                        if let Ok(mut upstream) = TcpStream::connect(server).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                        }
-                    });
-                    carried
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(forward.abort_handle());
-                }
-            })
+        let link = Link {
+            addr: listener.local_addr().unwrap(),
+            server,
+            carried: Arc::default(),
+            acceptor: Mutex::new(None),
         };
-        Link {
-            addr,
-            cut,
-            carried,
-            acceptor,
-        }
+        link.listen(listener);
+        link
+    }
+
+    fn listen(&self, listener: TcpListener) {
+        let (server, carried) = (self.server.clone(), self.carried.clone());
+        let acceptor = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let server = server.clone();
+                let forward = tokio::spawn(async move {
+                    if let Ok(mut upstream) = TcpStream::connect(server).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+                carried
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(forward.abort_handle());
+            }
+        });
+        *self.acceptor.lock().unwrap_or_else(PoisonError::into_inner) = Some(acceptor);
     }
 
     /// `url` (a `postgres://` URL) sent through the link.
@@ -75,10 +67,16 @@ impl Link {
         url.to_string()
     }
 
-    /// Closes every connection carried so far and every new one, as when the
-    /// server goes down.
+    /// Closes every connection carried so far and refuses new ones.
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
+        if let Some(acceptor) = self
+            .acceptor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            acceptor.abort();
+        }
         for forward in self
             .carried
             .lock()
@@ -89,15 +87,21 @@ impl Link {
         }
     }
 
-    /// Carries new connections again.
-    pub fn mend(&self) {
-        self.cut.store(false, Ordering::SeqCst);
+    /// Listens again on the same address and carries new connections.
+    pub async fn mend(&self) {
+        // The aborted acceptor lets its listener go once it has stopped.
+        for _ in 0..500 {
+            if let Ok(listener) = TcpListener::bind(self.addr).await {
+                return self.listen(listener);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("could not listen on {} again", self.addr);
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.acceptor.abort();
         self.cut();
     }
 }
