@@ -303,6 +303,21 @@ impl Harness {
         self.books().await.0
     }
 
+    /// Once the database is back after an outage in which every request was
+    /// refused, `/healthz` turns `ok` and a request is served; the books then
+    /// hold twice `one` (a request's spend before the outage): the refused
+    /// requests spent nothing.
+    async fn serves_again_spending_only_what_it_served(&self, one: Counter) {
+        eventually("/healthz ok once the database is back", || async {
+            self.health().await.0 == 200
+        })
+        .await;
+        let served = self.chat(&chat_body("test/big")).await;
+        assert_eq!(served.status(), 200);
+        let _ = served.bytes().await.unwrap();
+        assert_eq!(self.workspace().await, settled(one.spent + one.spent));
+    }
+
     async fn model_counter(&self, id: &str) -> Counter {
         self.books().await.1.get(id).copied().unwrap_or_default()
     }
@@ -2203,14 +2218,7 @@ async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
     );
 
     link.mend().await;
-    eventually("/healthz ok once the database is back", || async {
-        h.health().await.0 == 200
-    })
-    .await;
-    let served = h.chat(&chat_body("test/big")).await;
-    assert_eq!(served.status(), 200);
-    let _ = served.bytes().await.unwrap();
-    assert_eq!(h.workspace().await, settled(one.spent + one.spent));
+    h.serves_again_spending_only_what_it_served(one).await;
 }
 
 /// When the PostgreSQL database turns read-only (a standby after a failover,
@@ -2275,14 +2283,7 @@ async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
     );
 
     set_read_only(false).await;
-    eventually("/healthz ok once the database takes writes", || async {
-        h.health().await.0 == 200
-    })
-    .await;
-    let served = h.chat(&chat_body("test/big")).await;
-    assert_eq!(served.status(), 200);
-    let _ = served.bytes().await.unwrap();
-    assert_eq!(h.workspace().await, settled(one.spent + one.spent));
+    h.serves_again_spending_only_what_it_served(one).await;
 }
 
 /// Once a batch of the hot path has waited its 10 s for another process's lock
