@@ -2044,10 +2044,14 @@ async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
 }
 
 /// `/healthz` answers `ok` while the database answers, and 503 once it is gone
-/// (PostgreSQL: the database is dropped under the running server).
+/// (PostgreSQL: the database is dropped under the running server); requests
+/// are then refused with 503 `database_unavailable`, not 500.
 async fn health_follows_the_database(db: &TestDb) {
     let h = start(db, Options::default()).await;
     assert_eq!(h.health().await, (200, "ok".to_owned()));
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+    let _ = served.bytes().await.unwrap();
     if !db.url.starts_with("postgres") {
         return;
     }
@@ -2062,6 +2066,11 @@ async fn health_follows_the_database(db: &TestDb) {
     let (status, text) = h.health().await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("database"), "{text}");
+    // The first on the connection the drop ended, the next on a new one.
+    for _ in 0..2 {
+        let refused = h.chat(&chat_body("test/big")).await;
+        assert_error(refused, 503, "api_error", "database_unavailable", None).await;
+    }
 }
 
 /// While another process holds the write lock, a request waits for it; once it

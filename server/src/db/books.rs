@@ -922,15 +922,21 @@ pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
 
 /// Whether a database error code says the database cannot be reached or cannot
 /// write for now, whatever the statement: PostgreSQL's classes `08` (connection
-/// exception) and `53` (insufficient resources: a full disk, no memory, too many
-/// connections), `57P01` to `57P03` (the server shutting down or starting up),
-/// `25006` (a read-only server, a standby) and `58030` (an I/O error); SQLite's
-/// `SQLITE_READONLY` (8), `SQLITE_IOERR` (10), `SQLITE_FULL` (13) and
-/// `SQLITE_CANTOPEN` (14), in their extended forms too.
+/// exception), `28` (the server refusing the configured user or password) and
+/// `53` (insufficient resources: a full disk, no memory, too many connections),
+/// `3D000` (the database gone: dropped or renamed), `57P01` to `57P03` (the
+/// server shutting down or starting up), `25006` (a read-only server, a
+/// standby) and `58030` (an I/O error); SQLite's `SQLITE_READONLY` (8),
+/// `SQLITE_IOERR` (10), `SQLITE_FULL` (13) and `SQLITE_CANTOPEN` (14), in their
+/// extended forms too.
 fn is_unavailable_code(code: &str) -> bool {
     code.starts_with("08")
+        || code.starts_with("28")
         || code.starts_with("53")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "25006" | "58030")
+        || matches!(
+            code,
+            "3D000" | "57P01" | "57P02" | "57P03" | "25006" | "58030"
+        )
         || sqlite_primary_code(code).is_some_and(|n| matches!(n, 8 | 10 | 13 | 14))
 }
 
@@ -2406,10 +2412,11 @@ mod tests {
     fn a_database_out_of_reach_is_told_from_a_broken_statement() {
         // SQLite READONLY, READONLY_DBMOVED, IOERR, IOERR_WRITE, FULL, CANTOPEN;
         // PostgreSQL connection_failure, admin_shutdown, cannot_connect_now,
-        // disk_full, too_many_connections, read_only_sql_transaction, io_error.
+        // disk_full, too_many_connections, read_only_sql_transaction, io_error,
+        // invalid_catalog_name, invalid_password.
         for down in [
             "8", "1032", "10", "778", "13", "14", "08006", "57P01", "57P03", "53100", "53300",
-            "25006", "58030",
+            "25006", "58030", "3D000", "28P01",
         ] {
             assert!(is_unavailable_code(down), "{down}");
         }
