@@ -2171,19 +2171,9 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing(db: &Test
     assert_eq!(served.status(), 200);
 }
 
-/// When the PostgreSQL server goes out of reach (here the link to it is cut,
-/// closing the connections the store had and refusing new ones), a request is
-/// answered 503 `database_unavailable` with `retry-after`, not 500, and sent
-/// nowhere; `/healthz` says 503. Requests sent at once while no connection can
-/// be made are all refused alike once the pool has waited its 10 s for one: the
-/// writes queued behind the first refused do not each wait for another try.
-/// Once the server can be reached again, requests are served without a
-/// restart, and the books hold the served ones only.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
-    let Some(db) = TestDb::postgres().await else {
-        return;
-    };
+/// A gateway on `db` (PostgreSQL) reached through a [`common::cut::Link`], and
+/// the books after one request served: the spend of one request.
+async fn start_through_link(db: &TestDb) -> (Harness, common::cut::Link, Counter) {
     let server = url::Url::parse(&db.url).unwrap();
     let link = common::cut::Link::start(format!(
         "{}:{}",
@@ -2201,6 +2191,59 @@ async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
     let _ = served.bytes().await.unwrap();
     let one = h.workspace().await;
     assert!(one.spent > Nanos::ZERO);
+    (h, link, one)
+}
+
+/// When the network to PostgreSQL stops carrying anything without closing a
+/// connection (a firewall dropping packets, a paused host; here the link is
+/// frozen), a request is refused with 503 `database_unavailable` once the
+/// database has not answered a statement for 15 s, instead of waiting for as
+/// long as TCP takes to give up, and so are the requests behind it. Once the
+/// network carries again, requests are served, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_stops_answering_gets_503_not_a_hang() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let (h, link, one) = start_through_link(&db).await;
+
+    link.freeze();
+    let send = |after: u64| {
+        let h = &h;
+        async move {
+            tokio::time::sleep(Duration::from_secs(after)).await;
+            tokio::time::timeout(Duration::from_secs(60), h.chat(&chat_body("test/big")))
+                .await
+                .expect("no answer within 60 s")
+        }
+    };
+    for refused in futures::future::join_all([send(0), send(2), send(4)]).await {
+        assert_error(refused, 503, "api_error", "database_unavailable", None).await;
+    }
+    assert_eq!(
+        h.mock.received().len(),
+        1,
+        "the refused requests went nowhere"
+    );
+
+    link.mend().await;
+    h.serves_again_spending_only_what_it_served(one).await;
+}
+
+/// When the PostgreSQL server goes out of reach (here the link to it is cut,
+/// closing the connections the store had and refusing new ones), a request is
+/// answered 503 `database_unavailable` with `retry-after`, not 500, and sent
+/// nowhere; `/healthz` says 503. Requests sent at once while no connection can
+/// be made are all refused alike once the pool has waited its 10 s for one: the
+/// writes queued behind the first refused do not each wait for another try.
+/// Once the server can be reached again, requests are served without a
+/// restart, and the books hold the served ones only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let (h, link, one) = start_through_link(&db).await;
 
     link.cut();
     let refused = h.chat(&chat_body("test/big")).await;

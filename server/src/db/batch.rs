@@ -515,7 +515,14 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
     }
     let mut healthy = true;
     let mut orphans = Vec::new();
+    let mut out_of_reach: Option<StoreError> = None;
     for op in ops {
+        // Once the database is out of reach, on a connection whose transaction
+        // may still be open, nothing more is tried on it.
+        if let Some(error) = &out_of_reach {
+            op.fail(error.clone());
+            continue;
+        }
         let answers = match try_batch(&mut conn, books.take(), std::slice::from_ref(&op)).await {
             Ok((answers, after)) => {
                 books = after;
@@ -523,6 +530,9 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
             }
             Err(e) => {
                 healthy &= !matches!(e, StoreError::Database(_) | StoreError::Unavailable(_));
+                if matches!(e, StoreError::Unavailable(_)) {
+                    out_of_reach = Some(e.clone());
+                }
                 vec![Answer::Failed(e)]
             }
         };
@@ -562,10 +572,16 @@ async fn try_batch<C: HotPath>(
     }
     let mut in_transaction = false;
     let result = batch_in_transaction(conn, carried, ops, &mut in_transaction).await;
-    if result.is_err() && in_transaction {
+    match &result {
         // Nothing of the batch is kept. A connection that cannot even roll back is
         // replaced (a database error does that).
-        conn.rollback().await?;
+        Err(e) if in_transaction && !matches!(e, StoreError::Unavailable(_)) => {
+            conn.rollback().await?;
+        }
+        // The database out of reach: a rollback would wait as long again. The
+        // connection is replaced ([`execute_batch`]), and closing it ends the
+        // transaction with nothing kept.
+        _ => {}
     }
     result
 }

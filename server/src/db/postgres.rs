@@ -140,6 +140,38 @@ impl PostgresStore {
 
 super::books::impl_store!(PostgresStore, Postgres);
 
+/// Longest the hot path waits for the answer to one statement. A lock is waited
+/// for 10 s at most (`lock_timeout`), so a statement unanswered after this is
+/// on a connection the network has lost without a word (a firewall dropping
+/// packets, a paused host): the batch fails as the database out of reach
+/// (`StoreError::Unavailable`, HTTP 503), its connection is replaced, and the
+/// writes queued behind it do not wait for TCP to give up.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The result of `statement`, or [`StoreError::Unavailable`] when the database
+/// has not answered it within [`ANSWER_WAIT`].
+async fn answered<T>(
+    statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    answered_store(async { statement.await.map_err(db_error) }).await
+}
+
+/// [`answered`] for a statement whose errors are already the store's.
+async fn answered_store<T>(
+    statement: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(ANSWER_WAIT, statement)
+        .await
+        .unwrap_or_else(|_| {
+            let detail = format!(
+                "no answer from the database within {} s",
+                ANSWER_WAIT.as_secs()
+            );
+            tracing::error!("{detail}: its connection is given up");
+            Err(StoreError::Unavailable(detail))
+        })
+}
+
 /// The hot path on PostgreSQL, a round trip per call (`books::HotSql`). The plan
 /// row's lock, taken by `read_plan` and in every other write, orders the writers
 /// of every replica. There is no books version: other replicas write all the
@@ -147,10 +179,7 @@ super::books::impl_store!(PostgresStore, Postgres);
 /// carried from one batch to the next.
 impl HotPath for PoolConnection<Postgres> {
     async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
-        sqlx::query(PostgresStore::BEGIN)
-            .execute(&mut **self)
-            .await
-            .map_err(db_error)?;
+        answered(sqlx::query(PostgresStore::BEGIN).execute(&mut **self)).await?;
         Ok(None)
     }
 
@@ -160,25 +189,27 @@ impl HotPath for PoolConnection<Postgres> {
         holds: Holds,
     ) -> Result<Vec<ReservationRow>, StoreError> {
         let sql = hot_sql();
-        sqlx::query_as(match holds {
-            Holds::Live => &sql.take_reservations,
-            Holds::Lapsed => &sql.take_lapsed,
-        })
-        .bind(json_rows(ids)?)
-        .fetch_all(&mut **self)
+        answered(
+            sqlx::query_as(match holds {
+                Holds::Live => &sql.take_reservations,
+                Holds::Lapsed => &sql.take_lapsed,
+            })
+            .bind(json_rows(ids)?)
+            .fetch_all(&mut **self),
+        )
         .await
-        .map_err(db_error)
     }
 
     async fn find_events(
         &mut self,
         keys: &[&str],
     ) -> Result<std::collections::HashMap<String, EventRow>, StoreError> {
-        let rows: Vec<LedgerRow> = sqlx::query_as(&hot_sql().find_events)
-            .bind(json_rows(keys)?)
-            .fetch_all(&mut **self)
-            .await
-            .map_err(db_error)?;
+        let rows: Vec<LedgerRow> = answered(
+            sqlx::query_as(&hot_sql().find_events)
+                .bind(json_rows(keys)?)
+                .fetch_all(&mut **self),
+        )
+        .await?;
         Ok(rows
             .into_iter()
             .filter_map(|row| Some((row.idempotency_key?, row.event)))
@@ -186,16 +217,17 @@ impl HotPath for PoolConnection<Postgres> {
     }
 
     async fn read_plan(&mut self) -> Result<PlanRow, StoreError> {
-        read_plan(self, PostgresStore::LOCK).await
+        answered_store(read_plan(self, PostgresStore::LOCK)).await
     }
 
     async fn read_books(&mut self, cycle_start: i64, ids: &[i64]) -> Result<ReadBooks, StoreError> {
-        let rows = sqlx::query_as(&hot_sql().read_books)
-            .bind(cycle_start)
-            .bind(json_rows(ids)?)
-            .fetch_all(&mut **self)
-            .await
-            .map_err(db_error)?;
+        let rows = answered(
+            sqlx::query_as(&hot_sql().read_books)
+                .bind(cycle_start)
+                .bind(json_rows(ids)?)
+                .fetch_all(&mut **self),
+        )
+        .await?;
         ReadBooks::sort(rows)
     }
 
@@ -209,26 +241,22 @@ impl HotPath for PoolConnection<Postgres> {
             .write
             .as_deref()
             .ok_or_else(|| StoreError::Database("no one-statement write here".into()))?;
-        let inserted = sqlx::query_as(write)
-            .bind(json_rows(reservations)?)
-            .bind(json_rows(events)?)
-            .bind(json_rows(counters)?)
-            .fetch_all(&mut **self)
-            .await
-            .map_err(db_error)?;
-        sqlx::query("COMMIT")
-            .execute(&mut **self)
-            .await
-            .map_err(db_error)?;
+        let inserted = answered(
+            sqlx::query_as(write)
+                .bind(json_rows(reservations)?)
+                .bind(json_rows(events)?)
+                .bind(json_rows(counters)?)
+                .fetch_all(&mut **self),
+        )
+        .await?;
+        answered(sqlx::query("COMMIT").execute(&mut **self)).await?;
         Ok(inserted)
     }
 
     async fn rollback(&mut self) -> Result<(), StoreError> {
-        sqlx::query("ROLLBACK")
-            .execute(&mut **self)
+        answered(sqlx::query("ROLLBACK").execute(&mut **self))
             .await
             .map(drop)
-            .map_err(db_error)
     }
 
     fn discard(&mut self) {

@@ -1,5 +1,5 @@
-//! A TCP link between the store and its PostgreSQL server that a test can cut
-//! and mend, for the tests of a database out of reach.
+//! A TCP link between the store and its PostgreSQL server that a test can cut,
+//! freeze and mend, for the tests of a database out of reach.
 #![allow(
     clippy::unwrap_used,
     reason = "a broken fixture should stop the test at once"
@@ -12,16 +12,20 @@ use std::{
 
 use tokio::{
     net::{TcpListener, TcpStream},
+    sync::watch,
     task::{AbortHandle, JoinHandle},
 };
 
 /// Forwards every connection made to [`Link::addr`] to the server. Cut, it
 /// closes the connections it carried and stops listening, so that new ones are
-/// refused, as when the server is down.
+/// refused, as when the server is down. Frozen, it keeps every connection open
+/// and accepts new ones but carries nothing either way, as a network that drops
+/// packets without a word.
 pub struct Link {
     /// Where the store connects instead of the server.
     pub addr: SocketAddr,
     server: String,
+    frozen: watch::Sender<bool>,
     carried: Arc<Mutex<Vec<AbortHandle>>>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
 }
@@ -33,6 +37,7 @@ impl Link {
         let link = Link {
             addr: listener.local_addr().unwrap(),
             server,
+            frozen: watch::Sender::new(false),
             carried: Arc::default(),
             acceptor: Mutex::new(None),
         };
@@ -42,13 +47,23 @@ impl Link {
 
     fn listen(&self, listener: TcpListener) {
         let (server, carried) = (self.server.clone(), self.carried.clone());
+        let frozen = self.frozen.clone();
         let acceptor = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let server = server.clone();
+                let mut frozen = frozen.subscribe();
                 let forward = tokio::spawn(async move {
-                    if let Ok(mut upstream) = TcpStream::connect(server).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    let Ok(mut upstream) = TcpStream::connect(server).await else {
+                        return;
+                    };
+                    if !*frozen.borrow_and_update() {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => return,
+                            _ = frozen.wait_for(|frozen| *frozen) => {}
+                        }
                     }
+                    // Frozen: both ends stay open, and nothing goes through.
+                    std::future::pending::<()>().await;
                 });
                 carried
                     .lock()
@@ -65,6 +80,12 @@ impl Link {
         url.set_host(Some(&self.addr.ip().to_string())).unwrap();
         url.set_port(Some(self.addr.port())).unwrap();
         url.to_string()
+    }
+
+    /// Carries nothing more, on the connections it has and on new ones, and
+    /// closes none.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
     }
 
     /// Closes every connection carried so far and refuses new ones.
@@ -87,8 +108,11 @@ impl Link {
         }
     }
 
-    /// Listens again on the same address and carries new connections.
+    /// After [`Link::cut`]: listens again on the same address and carries new
+    /// connections (a frozen link is cut first).
     pub async fn mend(&self) {
+        self.cut();
+        self.frozen.send_replace(false);
         // The aborted acceptor lets its listener go once it has stopped.
         for _ in 0..500 {
             if let Ok(listener) = TcpListener::bind(self.addr).await {
