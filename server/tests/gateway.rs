@@ -303,6 +303,19 @@ impl Harness {
         self.books().await.0
     }
 
+    /// Each of `answers` is 503 `database_unavailable`, and none went upstream,
+    /// which has seen only the one request served before the outage.
+    async fn refused_as_unavailable(&self, answers: Vec<reqwest::Response>) {
+        for refused in answers {
+            assert_error(refused, 503, "api_error", "database_unavailable", None).await;
+        }
+        assert_eq!(
+            self.mock.received().len(),
+            1,
+            "the refused requests went nowhere"
+        );
+    }
+
     /// Once the database is back after an outage in which every request was
     /// refused, `/healthz` turns `ok` and a request is served; the books then
     /// hold twice `one` (a request's spend before the outage): the refused
@@ -2217,14 +2230,8 @@ async fn a_database_that_stops_answering_gets_503_not_a_hang() {
                 .expect("no answer within 60 s")
         }
     };
-    for refused in futures::future::join_all([send(0), send(2), send(4)]).await {
-        assert_error(refused, 503, "api_error", "database_unavailable", None).await;
-    }
-    assert_eq!(
-        h.mock.received().len(),
-        1,
-        "the refused requests went nowhere"
-    );
+    h.refused_as_unavailable(futures::future::join_all([send(0), send(2), send(4)]).await)
+        .await;
 
     link.mend().await;
     h.serves_again_spending_only_what_it_served(one).await;
@@ -2259,15 +2266,8 @@ async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
     let body = chat_body("test/big");
     let refused = futures::future::join_all((0..100).map(|_| h.chat(&body))).await;
     let waited = sent.elapsed();
-    for refused in refused {
-        assert_error(refused, 503, "api_error", "database_unavailable", None).await;
-    }
+    h.refused_as_unavailable(refused).await;
     assert!(waited < Duration::from_secs(18), "waited {waited:?}");
-    assert_eq!(
-        h.mock.received().len(),
-        1,
-        "the refused requests went nowhere"
-    );
 
     link.mend().await;
     h.serves_again_spending_only_what_it_served(one).await;
@@ -2319,19 +2319,15 @@ async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
     set_read_only(true).await;
     // The first request may meet a session that was ended, the next ones a
     // read-only one: all are refused alike.
+    let mut refused = Vec::new();
     for _ in 0..3 {
-        let refused = h.chat(&chat_body("test/big")).await;
-        assert_error(refused, 503, "api_error", "database_unavailable", None).await;
+        refused.push(h.chat(&chat_body("test/big")).await);
     }
+    h.refused_as_unavailable(refused).await;
     let (status, text) = h.health().await;
     assert_eq!(
         (status, text.as_str()),
         (503, "the database cannot be reached or cannot take writes")
-    );
-    assert_eq!(
-        h.mock.received().len(),
-        1,
-        "the refused requests went nowhere"
     );
 
     set_read_only(false).await;
