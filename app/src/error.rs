@@ -158,6 +158,32 @@ impl FromServerFnError for ApiError {
 }
 
 #[cfg(feature = "ssr")]
+impl ApiError {
+    /// A failure of the session store as callers are answered:
+    /// [`ApiError::Unavailable`] (503) when another program held the database's
+    /// write lock past the wait, so that a sign-in or sign-out under a long
+    /// SQLite lock can be tried again; [`ApiError::DatabaseUnavailable`] (503)
+    /// when the database could not be reached; else [`ApiError::Internal`]. The
+    /// store (tower-sessions' sqlx store) reports its database's error as text
+    /// only: SQLite's `SQLITE_BUSY` and `SQLITE_LOCKED` say "database is locked"
+    /// and "database table is locked"; sqlx says "error communicating with
+    /// database" for a connection that failed and "pool timed out" when none
+    /// could be had.
+    pub fn from_session_store(e: &tower_sessions::session::Error) -> ApiError {
+        let text = e.to_string();
+        if text.contains("is locked") {
+            ApiError::Unavailable
+        } else if text.contains("error communicating with database")
+            || text.contains("pool timed out")
+        {
+            ApiError::DatabaseUnavailable
+        } else {
+            ApiError::Internal
+        }
+    }
+}
+
+#[cfg(feature = "ssr")]
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         use crate::store::StoreError;

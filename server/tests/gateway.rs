@@ -2187,13 +2187,7 @@ async fn a_lock_held_past_the_busy_timeout_gets_503_and_spends_nothing(db: &Test
 /// A gateway on `db` (PostgreSQL) reached through a [`common::cut::Link`], and
 /// the books after one request served: the spend of one request.
 async fn start_through_link(db: &TestDb) -> (Harness, common::cut::Link, Counter) {
-    let server = url::Url::parse(&db.url).unwrap();
-    let link = common::cut::Link::start(format!(
-        "{}:{}",
-        server.host_str().unwrap(),
-        server.port().unwrap_or(5432)
-    ))
-    .await;
+    let link = common::cut::Link::to_server_of(&db.url).await;
     let h = start(
         &db.reached_at(link.url_through(&db.url)),
         Options::default(),

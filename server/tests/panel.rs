@@ -45,6 +45,13 @@ impl Panel {
     /// The panel on the config file `text`, or on the embedded default.
     async fn with_config(text: Option<&str>) -> Panel {
         let db = TestDb::sqlite();
+        let url = db.url.clone();
+        Panel::on(text, db, url).await
+    }
+
+    /// The panel on the config file `text` (or the embedded default) and the
+    /// database `db`, reached at `url`.
+    async fn on(text: Option<&str>, db: TestDb, url: String) -> Panel {
         let file = text.map(|text| {
             let mut file = tempfile::NamedTempFile::new().unwrap();
             std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
@@ -54,7 +61,7 @@ impl Panel {
             file.as_ref().map(|f| f.path()),
             &config::Overrides {
                 listen: None,
-                database_url: Some(db.url.clone()),
+                database_url: Some(url),
             },
         )
         .unwrap();
@@ -819,6 +826,55 @@ async fn a_sign_in_under_a_long_lock_gets_503_and_no_session() {
 
     let cookie = panel.sign_in("ada@example.com").await;
     panel.open_tab(&cookie).await;
+}
+
+/// While the database is out of reach (PostgreSQL; here the link to it is cut),
+/// a signed-in administrator is not taken for signed out: the tab answers 503
+/// with the reason instead of sending them to sign in, a save is refused with
+/// 503 `database_unavailable` instead of 401, and so is a sign-in. Once the
+/// database is back, the same session opens the tab again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_out_of_reach_is_not_a_sign_out() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let link = common::cut::Link::to_server_of(&db.url).await;
+    let url = link.url_through(&db.url);
+    let panel = Panel::on(None, db, url).await;
+    let admin = panel.sign_in("ada@example.com").await;
+    panel.open_tab(&admin).await;
+    let version = panel.settings().await.version;
+
+    link.cut();
+    let (status, headers, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    assert!(
+        body.contains("cannot reach or write to its database"),
+        "{body}"
+    );
+    let body = format!("settings_version={version}");
+    let (status, _, body) = panel
+        .send(post("/fn/save_automatic_fallback", &body, Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["code"], "database_unavailable", "{body}");
+    let form = format!(
+        "email=ada@example.com&password={}",
+        PASSWORD.replace(' ', "+")
+    );
+    let (status, _, body) = panel.send(post("/fn/login", &form, None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["code"], "database_unavailable", "{body}");
+
+    link.mend().await;
+    panel.open_tab(&admin).await;
+    assert!(
+        panel.settings().await.automatic_fallback,
+        "nothing was saved"
+    );
 }
 
 #[tokio::test]

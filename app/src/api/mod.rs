@@ -104,27 +104,10 @@ mod server {
     }
 
     /// A failure of the session store as the caller is answered (and logged):
-    /// [`ApiError::Unavailable`] (503) when another program held the database's
-    /// write lock past the wait, so that a sign-in or sign-out under a long
-    /// SQLite lock can be tried again; [`ApiError::DatabaseUnavailable`] (503)
-    /// when the database could not be reached; else [`ApiError::Internal`]. The
-    /// store (tower-sessions' sqlx store) reports its database's error as text
-    /// only: SQLite's `SQLITE_BUSY` and `SQLITE_LOCKED` say "database is locked"
-    /// and "database table is locked"; sqlx says "error communicating with
-    /// database" for a connection that failed and "pool timed out" when none
-    /// could be had.
+    /// see [`ApiError::from_session_store`].
     fn session_failed(e: tower_sessions::session::Error) -> ApiError {
-        let text = e.to_string();
-        let error = if text.contains("is locked") {
-            ApiError::Unavailable
-        } else if text.contains("error communicating with database")
-            || text.contains("pool timed out")
-        {
-            ApiError::DatabaseUnavailable
-        } else {
-            ApiError::Internal
-        };
-        leptos::logging::error!("session store: {text}");
+        let error = ApiError::from_session_store(&e);
+        leptos::logging::error!("session store: {e}");
         set_status(&error);
         error
     }
@@ -143,10 +126,10 @@ mod server {
         let session: tower_sessions::Session = leptos_axum::extract()
             .await
             .map_err(|_| ApiError::Internal)?;
-        let user = store
-            .user_by_email(email.trim())
-            .await
-            .map_err(ApiError::from)?;
+        let user = match store.user_by_email(email.trim()).await {
+            Ok(user) => user,
+            Err(e) => return fail(e.into()),
+        };
         // Verify against a dummy hash for unknown emails so both take as long.
         let hash = user
             .as_ref()

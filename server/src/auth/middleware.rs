@@ -13,7 +13,7 @@ use std::{net::SocketAddr, num::NonZeroU32, sync::Arc};
 use app::{
     auth::{CurrentUser, SESSION_EPOCH, SESSION_USER_ID},
     error::ApiError,
-    store::SharedStore,
+    store::{SharedStore, StoreError},
 };
 use axum::{
     extract::{ConnectInfo, Request, State},
@@ -137,7 +137,16 @@ pub async fn authorize(
         }
     }
 
-    let user = current_user(&state.store, &session).await;
+    let user = match current_user(&state.store, &session).await {
+        Ok(user) => user,
+        // Who is signed in cannot be told: a page or a function that needs it
+        // is refused for now (503), not sent to sign in again.
+        Err(e) => match access(&path) {
+            Access::Public => None,
+            Access::SignedInPage | Access::AdminPage => return unavailable_page(&e),
+            Access::AdminFunction => return api_error(&e),
+        },
+    };
     if let Some(user) = &user {
         request.extensions_mut().insert(user.clone());
     }
@@ -179,20 +188,41 @@ async fn malformed_call_as_bad_request(response: Response) -> Response {
 /// a new password since it signed in (its session epoch is the user's). A session
 /// without an epoch was signed in by a version that kept none, whose sessions a
 /// disable did not end for good: it is signed out, and its user signs in again.
-async fn current_user(store: &SharedStore, session: &Session) -> Option<CurrentUser> {
-    let id: i64 = session.get(SESSION_USER_ID).await.ok().flatten()?;
-    let epoch: i64 = session.get(SESSION_EPOCH).await.ok().flatten()?;
+/// A session or user that cannot be read is signed out, unless the database is
+/// busy or out of reach: that is the error (503), since the session may well
+/// be valid.
+async fn current_user(
+    store: &SharedStore,
+    session: &Session,
+) -> Result<Option<CurrentUser>, ApiError> {
+    let read = async {
+        let id: Option<i64> = session.get(SESSION_USER_ID).await?;
+        let epoch: Option<i64> = session.get(SESSION_EPOCH).await?;
+        Ok::<_, tower_sessions::session::Error>(id.zip(epoch))
+    };
+    let (id, epoch) = match read.await {
+        Ok(Some(signed_in)) => signed_in,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the session");
+            return match ApiError::from_session_store(&e) {
+                ApiError::Internal => Ok(None),
+                held_up => Err(held_up),
+            };
+        }
+    };
     match store.user_by_id(id).await {
-        Ok(Some(user)) if user.session_epoch != epoch => None,
-        Ok(Some(user)) => Some(CurrentUser {
+        Ok(Some(user)) if user.session_epoch != epoch => Ok(None),
+        Ok(Some(user)) => Ok(Some(CurrentUser {
             id: user.id,
             email: user.email,
             role: user.role,
-        }),
-        Ok(None) => None,
+        })),
+        Ok(None) => Ok(None),
+        Err(e @ (StoreError::Busy(_) | StoreError::Unavailable(_))) => Err(e.into()),
         Err(e) => {
             tracing::warn!(error = %e, "could not load the session's user");
-            None
+            Ok(None)
         }
     }
 }
@@ -241,6 +271,24 @@ fn forbidden_page() -> Response {
         <p>The Admin Panel is for administrators of the workspace.</p>\
         <p><a href=\"/\">Go to the start page</a></p></main></body></html>";
     (StatusCode::FORBIDDEN, Html(body)).into_response()
+}
+
+/// A page that cannot be shown for now: `error` (503) as a line of HTML, with
+/// `Retry-After`.
+fn unavailable_page(error: &ApiError) -> Response {
+    let body = format!(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>Unavailable · Tollgate</title></head>\
+         <body><main class=\"centered\"><h1>Unavailable for now</h1><p>{error}</p>\
+         </main></body></html>"
+    );
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    (
+        status,
+        [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+        Html(body),
+    )
+        .into_response()
 }
 
 /// A server function's error, as the function itself would have encoded it.

@@ -31,6 +31,18 @@ pub struct Link {
 }
 
 impl Link {
+    /// A link to the server of `url` (a `postgres://` URL) on a free loopback
+    /// port.
+    pub async fn to_server_of(url: &str) -> Link {
+        let url = url::Url::parse(url).unwrap();
+        Link::start(format!(
+            "{}:{}",
+            url.host_str().unwrap(),
+            url.port().unwrap_or(5432)
+        ))
+        .await
+    }
+
     /// A link to `server` (`host:port`) on a free loopback port.
     pub async fn start(server: String) -> Link {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
