@@ -2267,6 +2267,50 @@ async fn a_database_out_of_reach_gets_503_and_serves_again_once_back() {
     h.serves_again_spending_only_what_it_served(one).await;
 }
 
+/// A connection to the server of `TEST_DATABASE_URL`, outside the database
+/// under test.
+async fn admin_connection() -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    let admin_url = std::env::var("TEST_DATABASE_URL").unwrap();
+    sqlx::PgConnection::connect(&admin_url).await.unwrap()
+}
+
+/// Ends every session on the PostgreSQL database `name`, as a restart of the
+/// server does.
+async fn end_sessions(name: &str) {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(name)
+    .execute(&mut admin_connection().await)
+    .await
+    .unwrap();
+}
+
+/// When PostgreSQL ended the gateway's sessions while it was idle (a restart
+/// of the server, an operator's `pg_terminate_backend`), the next request is
+/// served: the hot path's connection, idle for a second or more, is checked
+/// before it is used and replaced when it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_ended_while_idle_cost_no_request() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let h = start(&db, Options::default()).await;
+    let name = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
+    for _ in 0..2 {
+        let served = h.chat(&chat_body("test/big")).await;
+        assert_eq!(served.status(), 200);
+        let _ = served.bytes().await.unwrap();
+        end_sessions(&name).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let served = h.chat(&chat_body("test/big")).await;
+    assert_eq!(served.status(), 200);
+    let _ = served.bytes().await.unwrap();
+}
+
 /// When the PostgreSQL database turns read-only (a standby after a failover,
 /// say; here `default_transaction_read_only` and the sessions ended), requests
 /// get 503 `database_unavailable`, and `/healthz`, whose reads still work,
@@ -2288,26 +2332,16 @@ async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
     let set_read_only = |on: bool| {
         let name = name.clone();
         async move {
-            use sqlx::Connection as _;
-            let admin_url = std::env::var("TEST_DATABASE_URL").unwrap();
-            let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
             let setting = match on {
                 true => "SET default_transaction_read_only = on",
                 false => "RESET default_transaction_read_only",
             };
             sqlx::query(&format!("ALTER DATABASE {name} {setting}"))
-                .execute(&mut admin)
+                .execute(&mut admin_connection().await)
                 .await
                 .unwrap();
             // Sessions take the setting when they start.
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-            )
-            .bind(&name)
-            .execute(&mut admin)
-            .await
-            .unwrap();
+            end_sessions(&name).await;
         }
     };
     set_read_only(true).await;

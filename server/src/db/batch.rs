@@ -293,7 +293,7 @@ impl<C: Send + 'static> Batcher<C> {
                             // in its turn, so they are refused with this one.
                             if matches!(error, StoreError::Unavailable(_)) {
                                 while let Ok(op) = inbox.try_recv() {
-                                    op.fail(error.clone());
+                                    fail_all(vec![op], &error);
                                 }
                             }
                             work.fail(error);
@@ -499,10 +499,8 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
             // The database out of reach (or unable to write) fails every
             // operation alike: all are answered at once, and the connection,
             // which may be broken, is replaced.
-            Err(StoreError::Unavailable(detail)) => {
-                for op in ops {
-                    op.fail(StoreError::Unavailable(detail.clone()));
-                }
+            Err(error @ StoreError::Unavailable(_)) => {
+                fail_all(ops, &error);
                 conn.discard();
                 return (None, Vec::new());
             }
@@ -932,6 +930,13 @@ impl<C> Drop for Lent<C> {
         if let (Some(conn), Some(give_back)) = (self.conn.take(), self.give_back.take()) {
             let _ = give_back.send((conn, self.books_unchanged));
         }
+    }
+}
+
+/// Answer every operation of a batch that could not run with `error`.
+pub(crate) fn fail_all(ops: Vec<Op>, error: &StoreError) {
+    for op in ops {
+        op.fail(error.clone());
     }
 }
 

@@ -6,7 +6,7 @@
 
 use app::store::StoreError;
 use chrono::{DateTime, Utc};
-use std::str::FromStr;
+use std::{str::FromStr, time::Instant};
 
 use sqlx::{
     pool::PoolConnection,
@@ -15,7 +15,7 @@ use sqlx::{
 };
 
 use super::{
-    batch::{execute_batch, Batcher, Holds, HotPath},
+    batch::{execute_batch, fail_all, Batcher, Holds, HotPath, Writer},
     books::{
         db_error, json_rows, CounterChange, EventRow, LedgerRow, NewEventRow, NewReservationRow,
         PlanRow, ReadBooks, ReservationRow,
@@ -115,13 +115,31 @@ impl PostgresStore {
             .await
             .map_err(ConnectError::Open)?;
         let batcher = {
-            let pool = pool.clone();
+            let (connecting, checking) = (pool.clone(), pool.clone());
+            let mut last_batch = Instant::now();
             Batcher::spawn(
                 move || {
-                    let pool = pool.clone();
+                    let pool = connecting.clone();
                     async move { pool.acquire().await.map_err(db_error) }
                 },
-                execute_batch,
+                move |writer, ops| {
+                    let idle = last_batch.elapsed() >= IDLE_CHECK;
+                    last_batch = Instant::now();
+                    let pool = checking.clone();
+                    async move {
+                        let writer = match idle {
+                            true => match alive_or_new(writer, &pool).await {
+                                Ok(writer) => writer,
+                                Err(error) => {
+                                    fail_all(ops, &error);
+                                    return (None, Vec::new());
+                                }
+                            },
+                            false => writer,
+                        };
+                        execute_batch(writer, ops).await
+                    }
+                },
             )
         };
         Ok(Self { pool, batcher })
@@ -139,6 +157,32 @@ impl PostgresStore {
 }
 
 super::books::impl_store!(PostgresStore, Postgres);
+
+/// How long the batcher's connection may sit idle before a batch checks it is
+/// still alive: a server restarted, or a session ended, meanwhile would
+/// otherwise fail the first batch after it (503) for nothing.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `writer`, when its connection answers a ping (within [`ANSWER_WAIT`]); else
+/// a new connection of `pool`, with no books carried.
+///
+/// Errors: [`StoreError::Unavailable`] when no connection can be had.
+async fn alive_or_new(
+    mut writer: Writer<PoolConnection<Postgres>>,
+    pool: &PgPool,
+) -> Result<Writer<PoolConnection<Postgres>>, StoreError> {
+    let pinged = tokio::time::timeout(ANSWER_WAIT, sqlx::Connection::ping(&mut *writer.conn)).await;
+    if matches!(pinged, Ok(Ok(()))) {
+        return Ok(writer);
+    }
+    tracing::info!("the hot path's connection was lost while idle: connecting anew");
+    writer.conn.close_on_drop();
+    drop(writer);
+    Ok(Writer {
+        conn: pool.acquire().await.map_err(db_error)?,
+        books: None,
+    })
+}
 
 /// Longest the hot path waits for the answer to one statement. A lock is waited
 /// for 10 s at most (`lock_timeout`), so a statement unanswered after this is
