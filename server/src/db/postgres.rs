@@ -6,7 +6,7 @@
 
 use app::store::StoreError;
 use chrono::{DateTime, Utc};
-use std::{str::FromStr, time::Instant};
+use std::str::FromStr;
 
 use sqlx::{
     pool::PoolConnection,
@@ -15,7 +15,7 @@ use sqlx::{
 };
 
 use super::{
-    batch::{execute_batch, fail_all, Batcher, Holds, HotPath, Writer},
+    batch::{execute_batch, Batcher, Holds, HotPath},
     books::{
         db_error, json_rows, CounterChange, EventRow, LedgerRow, NewEventRow, NewReservationRow,
         PlanRow, ReadBooks, ReservationRow,
@@ -34,7 +34,7 @@ pub struct PostgresStore {
     pool: PgPool,
     /// Reservations, settlements and releases, group-committed (`db::batch`) on a
     /// connection of the pool that it keeps.
-    batcher: Batcher<PoolConnection<Postgres>>,
+    batcher: Batcher<PgWriter>,
 }
 
 impl PostgresStore {
@@ -71,7 +71,10 @@ impl PostgresStore {
         if !self.batcher.unwritable() {
             return Ok(());
         }
-        let mut conn = self.write_connection().await?;
+        let mut conn = PgWriter {
+            conn: self.write_connection().await?,
+            pool: self.pool.clone(),
+        };
         conn.begin().await?;
         let locked = conn.read_plan().await;
         let ended = conn.rollback().await;
@@ -115,31 +118,18 @@ impl PostgresStore {
             .await
             .map_err(ConnectError::Open)?;
         let batcher = {
-            let (connecting, checking) = (pool.clone(), pool.clone());
-            let mut last_batch = Instant::now();
+            let pool = pool.clone();
             Batcher::spawn(
                 move || {
-                    let pool = connecting.clone();
-                    async move { pool.acquire().await.map_err(db_error) }
-                },
-                move |writer, ops| {
-                    let idle = last_batch.elapsed() >= IDLE_CHECK;
-                    last_batch = Instant::now();
-                    let pool = checking.clone();
+                    let pool = pool.clone();
                     async move {
-                        let writer = match idle {
-                            true => match alive_or_new(writer, &pool).await {
-                                Ok(writer) => writer,
-                                Err(error) => {
-                                    fail_all(ops, &error);
-                                    return (None, Vec::new());
-                                }
-                            },
-                            false => writer,
-                        };
-                        execute_batch(writer, ops).await
+                        Ok(PgWriter {
+                            conn: pool.acquire().await.map_err(db_error)?,
+                            pool,
+                        })
                     }
                 },
+                execute_batch,
             )
         };
         Ok(Self { pool, batcher })
@@ -158,30 +148,12 @@ impl PostgresStore {
 
 super::books::impl_store!(PostgresStore, Postgres);
 
-/// How long the batcher's connection may sit idle before a batch checks it is
-/// still alive: a server restarted, or a session ended, meanwhile would
-/// otherwise fail the first batch after it (503) for nothing.
-const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// `writer`, when its connection answers a ping (within [`ANSWER_WAIT`]); else
-/// a new connection of `pool`, with no books carried.
-///
-/// Errors: [`StoreError::Unavailable`] when no connection can be had.
-async fn alive_or_new(
-    mut writer: Writer<PoolConnection<Postgres>>,
-    pool: &PgPool,
-) -> Result<Writer<PoolConnection<Postgres>>, StoreError> {
-    let pinged = tokio::time::timeout(ANSWER_WAIT, sqlx::Connection::ping(&mut *writer.conn)).await;
-    if matches!(pinged, Ok(Ok(()))) {
-        return Ok(writer);
-    }
-    tracing::info!("the hot path's connection was lost while idle: connecting anew");
-    writer.conn.close_on_drop();
-    drop(writer);
-    Ok(Writer {
-        conn: pool.acquire().await.map_err(db_error)?,
-        books: None,
-    })
+/// The batcher's connection on PostgreSQL, with the pool it came from, from
+/// which a connection found lost at the start of a batch is replaced.
+#[derive(Debug)]
+pub(crate) struct PgWriter {
+    conn: PoolConnection<Postgres>,
+    pool: PgPool,
 }
 
 /// Longest the hot path waits for the answer to one statement. A lock is waited
@@ -221,9 +193,21 @@ async fn answered_store<T>(
 /// of every replica. There is no books version: other replicas write all the
 /// time, so every batch reads the books under the plan row's lock, and nothing is
 /// carried from one batch to the next.
-impl HotPath for PoolConnection<Postgres> {
+impl HotPath for PgWriter {
+    /// A connection lost since its last batch (a server restart, an ended
+    /// session, a moment's network failure) fails its `BEGIN`: nothing of the
+    /// batch has run, so it begins again on a new connection of the pool, and
+    /// only if that fails too is the database out of reach.
     async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
-        answered(sqlx::query(PostgresStore::BEGIN).execute(&mut **self)).await?;
+        let begun = answered(sqlx::query(PostgresStore::BEGIN).execute(&mut *self.conn)).await;
+        if let Err(StoreError::Unavailable(_)) = begun {
+            tracing::info!("the hot path's connection was lost: connecting anew");
+            self.conn.close_on_drop();
+            self.conn = self.pool.acquire().await.map_err(db_error)?;
+            answered(sqlx::query(PostgresStore::BEGIN).execute(&mut *self.conn)).await?;
+        } else {
+            begun?;
+        }
         Ok(None)
     }
 
@@ -239,7 +223,7 @@ impl HotPath for PoolConnection<Postgres> {
                 Holds::Lapsed => &sql.take_lapsed,
             })
             .bind(json_rows(ids)?)
-            .fetch_all(&mut **self),
+            .fetch_all(&mut *self.conn),
         )
         .await
     }
@@ -251,7 +235,7 @@ impl HotPath for PoolConnection<Postgres> {
         let rows: Vec<LedgerRow> = answered(
             sqlx::query_as(&hot_sql().find_events)
                 .bind(json_rows(keys)?)
-                .fetch_all(&mut **self),
+                .fetch_all(&mut *self.conn),
         )
         .await?;
         Ok(rows
@@ -261,7 +245,7 @@ impl HotPath for PoolConnection<Postgres> {
     }
 
     async fn read_plan(&mut self) -> Result<PlanRow, StoreError> {
-        answered_store(read_plan(self, PostgresStore::LOCK)).await
+        answered_store(read_plan(&mut self.conn, PostgresStore::LOCK)).await
     }
 
     async fn read_books(&mut self, cycle_start: i64, ids: &[i64]) -> Result<ReadBooks, StoreError> {
@@ -269,7 +253,7 @@ impl HotPath for PoolConnection<Postgres> {
             sqlx::query_as(&hot_sql().read_books)
                 .bind(cycle_start)
                 .bind(json_rows(ids)?)
-                .fetch_all(&mut **self),
+                .fetch_all(&mut *self.conn),
         )
         .await?;
         ReadBooks::sort(rows)
@@ -290,20 +274,20 @@ impl HotPath for PoolConnection<Postgres> {
                 .bind(json_rows(reservations)?)
                 .bind(json_rows(events)?)
                 .bind(json_rows(counters)?)
-                .fetch_all(&mut **self),
+                .fetch_all(&mut *self.conn),
         )
         .await?;
-        answered(sqlx::query("COMMIT").execute(&mut **self)).await?;
+        answered(sqlx::query("COMMIT").execute(&mut *self.conn)).await?;
         Ok(inserted)
     }
 
     async fn rollback(&mut self) -> Result<(), StoreError> {
-        answered(sqlx::query("ROLLBACK").execute(&mut **self))
+        answered(sqlx::query("ROLLBACK").execute(&mut *self.conn))
             .await
             .map(drop)
     }
 
     fn discard(&mut self) {
-        self.close_on_drop();
+        self.conn.close_on_drop();
     }
 }
