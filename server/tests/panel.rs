@@ -860,6 +860,8 @@ async fn a_database_out_of_reach_is_not_a_sign_out() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let error: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["code"], "database_unavailable", "{body}");
+    let (status, _, body) = panel.send(post("/fn/me", "", Some(&admin))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let form = format!(
         "email=ada@example.com&password={}",
         PASSWORD.replace(' ', "+")

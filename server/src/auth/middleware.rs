@@ -142,6 +142,9 @@ pub async fn authorize(
         // Who is signed in cannot be told: a page or a function that needs it
         // is refused for now (503), not sent to sign in again.
         Err(e) => match access(&path) {
+            // `/fn/me` would say "signed out", and signing in or out needs the
+            // database too.
+            Access::Public if path.starts_with("/fn/") => return api_error(&e),
             Access::Public => None,
             Access::SignedInPage | Access::AdminPage => return unavailable_page(&e),
             Access::AdminFunction => return api_error(&e),
