@@ -293,7 +293,7 @@ impl<C: Send + 'static> Batcher<C> {
                             // in its turn, so they are refused with this one.
                             if matches!(error, StoreError::Unavailable(_)) {
                                 while let Ok(op) = inbox.try_recv() {
-                                    fail_all(vec![op], &error);
+                                    op.fail(error.clone());
                                 }
                             }
                             work.fail(error);
@@ -837,11 +837,7 @@ impl<C> Work<C> {
     /// Answer whoever waits with `error`.
     fn fail(self, error: StoreError) {
         match self {
-            Work::Batch(ops) => {
-                for op in ops {
-                    op.fail(error.clone());
-                }
-            }
+            Work::Batch(ops) => fail_all(ops, &error),
             Work::Loan(borrower) => {
                 let _ = borrower.send(Err(error));
             }
@@ -934,7 +930,7 @@ impl<C> Drop for Lent<C> {
 }
 
 /// Answer every operation of a batch that could not run with `error`.
-pub(crate) fn fail_all(ops: Vec<Op>, error: &StoreError) {
+fn fail_all(ops: Vec<Op>, error: &StoreError) {
     for op in ops {
         op.fail(error.clone());
     }
