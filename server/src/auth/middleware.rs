@@ -139,15 +139,14 @@ pub async fn authorize(
 
     let user = match current_user(&state.store, &session).await {
         Ok(user) => user,
-        // Who is signed in cannot be told: a page or a function that needs it
-        // is refused for now (503), not sent to sign in again.
+        // Who is signed in cannot be told: every server function is refused for
+        // now (503; `/fn/me` would say "signed out", and signing in or out needs
+        // the database too), and so is a page that needs a user, rather than
+        // sent to sign in again.
+        Err(e) if path.starts_with("/fn/") => return api_error(&e),
         Err(e) => match access(&path) {
-            // `/fn/me` would say "signed out", and signing in or out needs the
-            // database too.
-            Access::Public if path.starts_with("/fn/") => return api_error(&e),
             Access::Public => None,
-            Access::SignedInPage | Access::AdminPage => return unavailable_page(&e),
-            Access::AdminFunction => return api_error(&e),
+            _ => return unavailable_page(&e),
         },
     };
     if let Some(user) = &user {
