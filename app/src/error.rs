@@ -71,8 +71,17 @@ pub enum ApiError {
     /// Something failed on the server (500); the detail is in the server log.
     #[error("Something went wrong on the server; nothing was changed.")]
     Internal,
-    /// The request could not be carried or decoded (a malformed body, a network
-    /// failure); from the server-function layer (400 when the server answers it).
+    /// The call's arguments could not be read (400): a field missing, of the
+    /// wrong type, or a body that is not UTF-8. Nothing ran, so nothing changed;
+    /// `message` names what is wrong.
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong with the arguments, naming the field at fault.
+        message: String,
+    },
+    /// The request could not be carried or its answer read (a network failure,
+    /// an answer that is not JSON); from the server-function layer, on the side
+    /// that found it.
     #[error("The request could not be processed: {message}")]
     Transport {
         /// What went wrong.
@@ -91,7 +100,7 @@ impl ApiError {
             ApiError::Conflict { .. } => 409,
             ApiError::Unavailable | ApiError::DatabaseUnavailable => 503,
             ApiError::Internal => 500,
-            ApiError::Transport { .. } => 400,
+            ApiError::BadRequest { .. } | ApiError::Transport { .. } => 400,
         }
     }
 
@@ -107,6 +116,7 @@ impl ApiError {
             ApiError::Unavailable => "unavailable",
             ApiError::DatabaseUnavailable => "database_unavailable",
             ApiError::Internal => "internal",
+            ApiError::BadRequest { .. } => "bad_request",
             ApiError::Transport { .. } => "transport",
         }
     }
@@ -130,6 +140,7 @@ impl Serialize for ApiError {
             // reads back unchanged.
             ApiError::Invalid { message, .. }
             | ApiError::Conflict { message }
+            | ApiError::BadRequest { message }
             | ApiError::Transport { message } => map.serialize_entry("message", message)?,
             other => map.serialize_entry("message", &other.to_string())?,
         }
@@ -146,19 +157,34 @@ impl FromServerFnError for ApiError {
     type Encoder = JsonEncoding;
 
     fn from_server_fn_error(value: ServerFnErrorErr) -> Self {
-        let message = match value {
+        match value {
             // The server decodes only a call's arguments, but some of server_fn's
             // codecs report that failure with the client's wording ("results").
             #[cfg(feature = "ssr")]
-            ServerFnErrorErr::Deserialization(detail) => ServerFnErrorErr::Args(detail).to_string(),
-            other => other.to_string(),
-        };
-        ApiError::Transport { message }
+            ServerFnErrorErr::Args(detail) | ServerFnErrorErr::Deserialization(detail) => {
+                ApiError::bad_arguments(&detail)
+            }
+            #[cfg(feature = "ssr")]
+            ServerFnErrorErr::MissingArg(name) => {
+                ApiError::bad_arguments(&format!("missing field `{name}`"))
+            }
+            other => ApiError::Transport {
+                message: other.to_string(),
+            },
+        }
     }
 }
 
 #[cfg(feature = "ssr")]
 impl ApiError {
+    /// [`ApiError::BadRequest`] for arguments the server could not decode, as
+    /// serde described the fault (`missing field `password``).
+    fn bad_arguments(detail: &str) -> ApiError {
+        ApiError::BadRequest {
+            message: format!("The call's arguments are not valid ({detail}); nothing was changed."),
+        }
+    }
+
     /// A failure of the session store as callers are answered:
     /// [`ApiError::Unavailable`] (503) when another program held the database's
     /// write lock past the wait, so that a sign-in or sign-out under a long
@@ -236,6 +262,9 @@ mod tests {
             ApiError::Unavailable,
             ApiError::DatabaseUnavailable,
             ApiError::Internal,
+            ApiError::BadRequest {
+                message: "missing field `password`".into(),
+            },
             ApiError::Transport {
                 message: "bad body".into(),
             },

@@ -715,7 +715,11 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(json["code"], "transport", "{text}");
+    assert_eq!(json["code"], "bad_request", "{text}");
+    assert!(
+        json["message"].as_str().unwrap().contains("`password`"),
+        "the missing field is named: {text}"
+    );
     // A version that is not a number is named as the field at fault, and
     // nothing is saved.
     let before = panel.store.spend_snapshot(Utc::now()).await.unwrap();
@@ -756,7 +760,7 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
     let (status, _, text) = panel.send(request).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(json["code"], "transport", "{text}");
+    assert_eq!(json["code"], "bad_request", "{text}");
     let message = json["message"].as_str().unwrap();
     assert!(
         message.contains("arguments") && !message.contains("results"),

@@ -178,9 +178,9 @@ async fn malformed_call_as_bad_request(response: Response) -> Response {
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(ApiError::Internal)).into_response();
     };
-    let is_transport = serde_json::from_slice::<ApiError>(&bytes)
-        .is_ok_and(|e| matches!(e, ApiError::Transport { .. }));
-    if is_transport {
+    let is_malformed = serde_json::from_slice::<ApiError>(&bytes)
+        .is_ok_and(|e| matches!(e, ApiError::BadRequest { .. } | ApiError::Transport { .. }));
+    if is_malformed {
         parts.status = StatusCode::BAD_REQUEST;
     }
     Response::from_parts(parts, axum::body::Body::from(bytes))
