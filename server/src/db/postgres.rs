@@ -178,14 +178,17 @@ async fn answered_store<T>(
 ) -> Result<T, StoreError> {
     tokio::time::timeout(ANSWER_WAIT, statement)
         .await
-        .unwrap_or_else(|_| {
-            let detail = format!(
-                "no answer from the database within {} s",
-                ANSWER_WAIT.as_secs()
-            );
-            tracing::error!("{detail}: its connection is given up");
-            Err(StoreError::Unavailable(detail))
-        })
+        .unwrap_or_else(|_| Err(no_answer()))
+}
+
+/// The error of a statement the database left unanswered for [`ANSWER_WAIT`].
+fn no_answer() -> StoreError {
+    let detail = format!(
+        "no answer from the database within {} s",
+        ANSWER_WAIT.as_secs()
+    );
+    tracing::error!("{detail}: its connection is given up");
+    StoreError::Unavailable(detail)
 }
 
 /// The hot path on PostgreSQL, a round trip per call (`books::HotSql`). The plan
@@ -197,9 +200,18 @@ impl HotPath for PgWriter {
     /// A connection lost since its last batch (a server restart, an ended
     /// session, a moment's network failure) fails its `BEGIN`: nothing of the
     /// batch has run, so it begins again on a new connection of the pool, and
-    /// only if that fails too is the database out of reach.
+    /// only if that fails too is the database out of reach. A `BEGIN` left
+    /// unanswered for [`ANSWER_WAIT`] is not tried again: a network that carries
+    /// nothing would only keep the new connection waiting as long as the pool
+    /// lets it (10 s), and every write queued behind the batch with it.
     async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
-        let begun = answered(sqlx::query(PostgresStore::BEGIN).execute(&mut *self.conn)).await;
+        let begun = tokio::time::timeout(
+            ANSWER_WAIT,
+            sqlx::query(PostgresStore::BEGIN).execute(&mut *self.conn),
+        )
+        .await
+        .map_err(|_| no_answer())?
+        .map_err(db_error);
         if let Err(StoreError::Unavailable(_)) = begun {
             tracing::info!("the hot path's connection was lost: connecting anew");
             self.conn.close_on_drop();
