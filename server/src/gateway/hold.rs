@@ -100,8 +100,9 @@ impl Hold {
     /// the store refuses as inconsistent is billed as the estimate instead.
     ///
     /// Returns the ledger event, or `None` when the store could not record it in
-    /// the tries made while the request waits: then, if the database was only
-    /// held up, the settlement is spooled to disk and goes on after the answer
+    /// the tries made while the request waits (one, when the database was held
+    /// up past its own wait): then, if the database was only held up, the
+    /// settlement is spooled to disk and goes on after the answer
     /// (some 13 minutes of tries, then the lease sweeps' replays; billed even
     /// once the lease has run out); otherwise it is logged with its usage and
     /// counted as `failed`.
@@ -110,7 +111,8 @@ impl Hold {
         settle(&self.gateway, &self.reservation, usage).await
     }
 
-    /// Releases the reservation unbilled (upstream error before any usage, R7).
+    /// Releases the reservation unbilled (upstream error before any usage, R7);
+    /// after the answer when the database is held up.
     pub async fn release(mut self) {
         self.end();
         release(&self.gateway, &self.reservation).await;
@@ -156,8 +158,16 @@ fn transient(error: &StoreError) -> bool {
     )
 }
 
+/// Failures that have already waited as long as the store lets a write wait
+/// (SQLite's lock timeout, 10 s; PostgreSQL's wait for an answer or a
+/// connection, 10 to 15 s): tried again only after the answer has gone out, since
+/// each try while the request waits would put its answer off as long again.
+fn held_up(error: &StoreError) -> bool {
+    matches!(error, StoreError::Busy(_) | StoreError::Unavailable(_))
+}
+
 /// Retries while the request waits: [`END_ATTEMPTS`] tries in all, 50 then 100 ms
-/// apart (each try may itself wait out the database's lock timeout).
+/// apart, of a failure that did not wait ([`held_up`]).
 fn while_answering() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
@@ -367,7 +377,10 @@ async fn try_settle(
         .retry(schedule)
         .when(|e| {
             transient(e)
-                && (matches!(tries, Tries::WhileAnswering) || !gateway.exchanges.is_closed())
+                && match tries {
+                    Tries::WhileAnswering => !held_up(e),
+                    Tries::AfterAnswering | Tries::Once => !gateway.exchanges.is_closed(),
+                }
         })
         .notify(|e, _| {
             tracing::warn!(reservation = %pending.reservation, error = %e, "settlement failed; retrying")
@@ -402,16 +415,43 @@ fn unsettled(gateway: &Gateway, pending: &PendingSettlement, error: &StoreError)
     gateway.metrics.settlement(served, "failed");
 }
 
-async fn release(gateway: &Gateway, reservation: &Reservation) {
+/// Releases `reservation` (see [`Hold::release`]). When the database is held up
+/// ([`held_up`]), the answer goes out at once and the release is tried again
+/// after it, tracked with the exchanges; if those tries fail too, the lease
+/// ends the hold (R7).
+async fn release(gateway: &Arc<Gateway>, reservation: &Reservation) {
     let served = reservation.served.as_str();
     let attempt = || gateway.store.release(&reservation.id);
     let result = attempt
         .retry(while_answering())
-        .when(transient)
+        .when(|e| transient(e) && !held_up(e))
         .notify(|e, _| {
             tracing::warn!(reservation = %reservation.id, error = %e, "release failed; retrying")
         })
         .await;
+    match result {
+        Err(e) if held_up(&e) => {
+            tracing::warn!(reservation = %reservation.id, model = served, error = %e,
+                "could not release yet: releasing after the answer");
+            let gateway = gateway.clone();
+            let reservation = reservation.clone();
+            let exchanges = gateway.exchanges.clone();
+            exchanges.spawn(async move {
+                let attempt = || gateway.store.release(&reservation.id);
+                let result = attempt
+                    .retry(after_answering())
+                    .when(|e| transient(e) && !gateway.exchanges.is_closed())
+                    .await;
+                released(&gateway, &reservation, result);
+            });
+        }
+        result => released(gateway, reservation, result),
+    }
+}
+
+/// Counts a release done, or reports one given up (the lease ends the hold).
+fn released(gateway: &Gateway, reservation: &Reservation, result: Result<(), StoreError>) {
+    let served = reservation.served.as_str();
     match result {
         Ok(()) => gateway.metrics.settlement(served, "released"),
         Err(e) => {
