@@ -2241,6 +2241,52 @@ async fn a_database_that_stops_answering_gets_503_not_a_hang() {
     h.serves_again_spending_only_what_it_served(one).await;
 }
 
+/// A request in flight when the network to PostgreSQL freezes gets its
+/// provider's answer once its settlement has waited 15 s for the database (not
+/// after three tries, some 45 to 60 s), and is billed exactly once when the
+/// network carries again, with nothing left reserved (DESIGN.md R7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_in_flight_when_the_database_stops_answering_is_answered_then_billed() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let (h, link, one) = start_through_link(&db).await;
+
+    h.mock.set(|b| b.delay = Duration::from_millis(1500));
+    let (status, waited) = tokio::join!(
+        async {
+            let sent = tokio::time::Instant::now();
+            let response = h.chat(&chat_body("test/big")).await;
+            let status = response.status();
+            let _ = response.bytes().await.unwrap();
+            (status, sent.elapsed())
+        },
+        async {
+            // Once the request is admitted, before its upstream answers.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            link.freeze();
+        }
+    )
+    .0;
+    assert_eq!(status, 200);
+    assert!(
+        waited < Duration::from_secs(25),
+        "answered after {waited:?}"
+    );
+
+    link.mend().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let after = loop {
+        let now = h.workspace().await;
+        if now.reserved == Nanos::ZERO || tokio::time::Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(after.reserved, Nanos::ZERO, "the hold was never settled");
+    assert_eq!(after.spent, one.spent.checked_add(one.spent).unwrap());
+}
+
 /// When the PostgreSQL server goes out of reach (here the link to it is cut,
 /// closing the connections the store had and refusing new ones), a request is
 /// answered 503 `database_unavailable` with `retry-after`, not 500, and sent
