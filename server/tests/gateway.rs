@@ -303,6 +303,24 @@ impl Harness {
         self.books().await.0
     }
 
+    /// The workspace's books once nothing is reserved, waiting up to `within`
+    /// for the holds still ending in the background; fails the test if one
+    /// is left.
+    async fn workspace_once_nothing_is_reserved(&self, within: Duration) -> Counter {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let now = self.workspace().await;
+            if now.reserved == Nanos::ZERO {
+                return now;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a hold was left after {within:?}: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Each of `answers` is 503 `database_unavailable`, and none went upstream,
     /// which has seen only the one request served before the outage.
     async fn refused_as_unavailable(&self, answers: Vec<reqwest::Response>) {
@@ -2275,15 +2293,9 @@ async fn a_request_in_flight_when_the_database_stops_answering_is_answered_then_
     );
 
     link.mend().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
-    let after = loop {
-        let now = h.workspace().await;
-        if now.reserved == Nanos::ZERO || tokio::time::Instant::now() > deadline {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    assert_eq!(after.reserved, Nanos::ZERO, "the hold was never settled");
+    let after = h
+        .workspace_once_nothing_is_reserved(Duration::from_secs(45))
+        .await;
     assert_eq!(after.spent, one.spent.checked_add(one.spent).unwrap());
 }
 
@@ -2521,15 +2533,9 @@ async fn a_settlement_held_up_past_the_answer_is_billed_after() {
     // Answered with the lock still held: the settlement has not landed.
     assert_eq!(h.workspace().await.spent, one.spent);
     holder.release().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let settled = loop {
-        let now = h.workspace().await;
-        if now.reserved == Nanos::ZERO || tokio::time::Instant::now() > deadline {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(settled.reserved, Nanos::ZERO, "the hold was never settled");
+    let settled = h
+        .workspace_once_nothing_is_reserved(Duration::from_secs(20))
+        .await;
     assert_eq!(settled.spent, one.spent.checked_add(one.spent).unwrap());
 }
 
@@ -2570,14 +2576,9 @@ async fn a_release_held_up_past_the_answer_is_made_after() {
     // Answered with the lock still held: the hold is still counted.
     assert!(h.workspace().await.reserved > Nanos::ZERO);
     holder.release().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let after = loop {
-        let now = h.workspace().await;
-        if now.reserved == Nanos::ZERO || tokio::time::Instant::now() > deadline {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let after = h
+        .workspace_once_nothing_is_reserved(Duration::from_secs(20))
+        .await;
     assert_eq!(after, one, "released, and nothing billed");
 }
 
