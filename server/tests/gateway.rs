@@ -303,6 +303,17 @@ impl Harness {
         self.books().await.0
     }
 
+    /// Serves one request for `model` and returns the books after it: the
+    /// spend of one request, for a test to compare with later.
+    async fn serve_one(&self, model: &str) -> Counter {
+        let served = self.chat(&chat_body(model)).await;
+        assert_eq!(served.status(), 200);
+        let _ = served.bytes().await.unwrap();
+        let one = self.workspace().await;
+        assert!(one.spent > Nanos::ZERO);
+        one
+    }
+
     /// The workspace's books once nothing is reserved, waiting up to `within`
     /// for the holds still ending in the background; fails the test if one
     /// is left.
@@ -2211,11 +2222,7 @@ async fn start_through_link(db: &TestDb) -> (Harness, common::cut::Link, Counter
         Options::default(),
     )
     .await;
-    let served = h.chat(&chat_body("test/big")).await;
-    assert_eq!(served.status(), 200);
-    let _ = served.bytes().await.unwrap();
-    let one = h.workspace().await;
-    assert!(one.spent > Nanos::ZERO);
+    let one = h.serve_one("test/big").await;
     (h, link, one)
 }
 
@@ -2390,10 +2397,7 @@ async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
         return;
     };
     let h = start(&db, Options::default()).await;
-    let served = h.chat(&chat_body("test/big")).await;
-    assert_eq!(served.status(), 200);
-    let _ = served.bytes().await.unwrap();
-    let one = h.workspace().await;
+    let one = h.serve_one("test/big").await;
 
     let name = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
     let set_read_only = |on: bool| {
@@ -2484,10 +2488,7 @@ async fn other_writes_do_not_wait_out_a_lock_the_hot_path_met() {
 async fn a_settlement_held_up_past_the_answer_is_billed_after() {
     let db = TestDb::sqlite();
     let h = start(&db, Options::default()).await;
-    let first = h.chat(&chat_body("test/big")).await;
-    assert_eq!(first.status(), 200);
-    let _ = first.bytes().await.unwrap();
-    let one = h.workspace().await;
+    let one = h.serve_one("test/big").await;
 
     h.mock.set(|b| b.delay = Duration::from_millis(1500));
     let answered = Notify::new();
@@ -2547,10 +2548,7 @@ async fn a_settlement_held_up_past_the_answer_is_billed_after() {
 async fn a_release_held_up_past_the_answer_is_made_after() {
     let db = TestDb::sqlite();
     let h = start(&db, Options::default()).await;
-    let first = h.chat(&chat_body("test/big")).await;
-    assert_eq!(first.status(), 200);
-    let _ = first.bytes().await.unwrap();
-    let one = h.workspace().await;
+    let one = h.serve_one("test/big").await;
 
     h.mock.set(|b| {
         b.status = 500;
@@ -2587,10 +2585,7 @@ async fn a_release_held_up_past_the_answer_is_made_after() {
 /// the same, from the lapsed hold: the provider served it (DESIGN.md R7).
 async fn a_request_whose_lease_ran_out_is_billed_all_the_same(db: &TestDb) {
     let h = start(db, Options::default()).await;
-    let first = h.chat(&chat_body("big")).await;
-    assert_eq!(first.status(), 200);
-    let _ = first.bytes().await.unwrap();
-    let one = h.workspace().await;
+    let one = h.serve_one("big").await;
 
     let elsewhere = server::db::open(&db.url, Durability::Normal)
         .await
