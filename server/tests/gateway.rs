@@ -2388,9 +2388,10 @@ async fn sessions_ended_cost_no_request() {
 /// When the PostgreSQL database turns read-only (a standby after a failover,
 /// say; here `default_transaction_read_only` and the sessions ended), requests
 /// get 503 `database_unavailable`, and `/healthz`, whose reads still work,
-/// answers 503 as long as the database refuses writes, so that a load balancer
-/// stops sending requests that could only fail; once it takes writes again,
-/// `/healthz` is `ok` and requests are served, with no restart.
+/// answers 503 as long as the database refuses writes, from before any write
+/// has failed, so that a load balancer stops sending requests that could only
+/// fail; once it takes writes again, `/healthz` is `ok` and requests are
+/// served, with no restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
     let Some(db) = TestDb::postgres().await else {
@@ -2416,6 +2417,11 @@ async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
         }
     };
     set_read_only(true).await;
+    let unwritable = (
+        503,
+        "the database cannot be reached or cannot take writes".to_owned(),
+    );
+    assert_eq!(h.health().await, unwritable, "before any write failed");
     // The first request may meet a session that was ended, the next ones a
     // read-only one: all are refused alike.
     let mut refused = Vec::new();
@@ -2423,11 +2429,7 @@ async fn a_database_that_turns_read_only_is_reported_until_it_takes_writes() {
         refused.push(h.chat(&chat_body("test/big")).await);
     }
     h.refused_as_unavailable(refused).await;
-    let (status, text) = h.health().await;
-    assert_eq!(
-        (status, text.as_str()),
-        (503, "the database cannot be reached or cannot take writes")
-    );
+    assert_eq!(h.health().await, unwritable);
 
     set_read_only(false).await;
     h.serves_again_spending_only_what_it_served(one).await;

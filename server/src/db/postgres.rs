@@ -58,18 +58,29 @@ impl PostgresStore {
 
     /// `Store::check_write_lock`. No lock is remembered as held between writes
     /// (a write waits for the plan row's lock up to `lock_timeout` and is then
-    /// refused busy); but once a write of the hot path found the database out of
-    /// reach or unable to write, this locks the plan row as every write does, in
-    /// a transaction it rolls back: a server in read-only mode (a standby, say)
-    /// refuses that as it refuses the writes. Once it could, the database is
-    /// known to take writes again.
+    /// refused busy). A server that would refuse every write (a standby, or
+    /// `default_transaction_read_only`) says so to a read of
+    /// `transaction_read_only`, before any write has failed. Once a write of
+    /// the hot path found the database out of reach or unable to write, this
+    /// also locks the plan row as every write does, in a transaction it rolls
+    /// back; once it could, the database is known to take writes again.
     ///
     /// Errors: [`StoreError::Unavailable`] while it still cannot;
     /// [`StoreError::Busy`] when another session holds the plan row past the
     /// lock timeout.
     async fn check_held_write_lock(&self) -> Result<(), StoreError> {
         if !self.batcher.unwritable() {
-            return Ok(());
+            let read_only: String =
+                sqlx::query_scalar("SELECT current_setting('transaction_read_only')")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+            return match read_only.as_str() {
+                "off" => Ok(()),
+                _ => Err(StoreError::Unavailable(
+                    "the database is read-only (transaction_read_only is on)".into(),
+                )),
+            };
         }
         let mut conn = PgWriter {
             conn: self.write_connection().await?,
