@@ -832,6 +832,21 @@ async fn a_sign_in_under_a_long_lock_gets_503_and_no_session() {
     panel.open_tab(&cookie).await;
 }
 
+/// A panel on PostgreSQL (`None` when `TEST_DATABASE_URL` is unset) reached
+/// through a [`common::cut::Link`], with an administrator signed in who has
+/// opened the tab: the panel, the link, the session cookie and the settings'
+/// version.
+async fn admin_through_link() -> Option<(Panel, common::cut::Link, String, i64)> {
+    let db = TestDb::postgres().await?;
+    let link = common::cut::Link::to_server_of(&db.url).await;
+    let url = link.url_through(&db.url);
+    let panel = Panel::on(None, db, url).await;
+    let admin = panel.sign_in("ada@example.com").await;
+    panel.open_tab(&admin).await;
+    let version = panel.settings().await.version;
+    Some((panel, link, admin, version))
+}
+
 /// While the database is out of reach (PostgreSQL; here the link to it is cut),
 /// a signed-in administrator is not taken for signed out: the tab answers 503
 /// with the reason instead of sending them to sign in, a save is refused with
@@ -839,15 +854,9 @@ async fn a_sign_in_under_a_long_lock_gets_503_and_no_session() {
 /// database is back, the same session opens the tab again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_out_of_reach_is_not_a_sign_out() {
-    let Some(db) = TestDb::postgres().await else {
+    let Some((panel, link, admin, version)) = admin_through_link().await else {
         return;
     };
-    let link = common::cut::Link::to_server_of(&db.url).await;
-    let url = link.url_through(&db.url);
-    let panel = Panel::on(None, db, url).await;
-    let admin = panel.sign_in("ada@example.com").await;
-    panel.open_tab(&admin).await;
-    let version = panel.settings().await.version;
 
     link.cut();
     let (status, headers, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
@@ -874,6 +883,40 @@ async fn a_database_out_of_reach_is_not_a_sign_out() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let error: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["code"], "database_unavailable", "{body}");
+
+    link.mend().await;
+    panel.open_tab(&admin).await;
+    assert!(
+        panel.settings().await.automatic_fallback,
+        "nothing was saved"
+    );
+}
+
+/// When the network to PostgreSQL stops carrying packets without closing a
+/// connection (here the link is frozen), a signed-in administrator's tab and
+/// saves are answered 503 once the pool has waited its 10 s for a connection
+/// that answers (each is checked before use), instead of waiting for TCP to
+/// give up; once the network carries again, the same session opens the tab,
+/// nothing saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_holds_the_tab_up_for_seconds_not_minutes() {
+    let Some((panel, link, admin, version)) = admin_through_link().await else {
+        return;
+    };
+
+    link.freeze();
+    let sent = std::time::Instant::now();
+    let body = format!("settings_version={version}");
+    let ((page, _, _), (save, _, saved)) = tokio::join!(
+        panel.send(get("/admin/token-limits", Some(&admin))),
+        panel.send(post("/fn/save_automatic_fallback", &body, Some(&admin))),
+    );
+    let waited = sent.elapsed();
+    assert_eq!(page, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(save, StatusCode::SERVICE_UNAVAILABLE, "{saved}");
+    let error: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(error["code"], "database_unavailable", "{saved}");
+    assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
 
     link.mend().await;
     panel.open_tab(&admin).await;
