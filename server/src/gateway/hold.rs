@@ -438,10 +438,15 @@ async fn release(gateway: &Arc<Gateway>, reservation: &Reservation) {
             let exchanges = gateway.exchanges.clone();
             exchanges.spawn(async move {
                 let attempt = || gateway.store.release(&reservation.id);
-                let result = attempt
+                let result = match attempt
                     .retry(after_answering())
                     .when(|e| transient(e) && !gateway.exchanges.is_closed())
-                    .await;
+                    .await
+                {
+                    // Its lease ran out meanwhile, and a sweep released it.
+                    Err(StoreError::NotFound { .. }) => Ok(()),
+                    result => result,
+                };
                 released(&gateway, &reservation, result);
             });
         }
