@@ -179,16 +179,22 @@ mod server {
         }
     }
 
-    /// A form's version field as the page wrote it: a whole number, or the
-    /// field error `invalid_version` naming `field` (a form not made by the page).
+    /// A form's version field as the page wrote it: a whole number of zero or
+    /// more (versions start at 0), or the field error `invalid_version` naming
+    /// `field` (a form not made by the page).
     fn parse_version(field: &str, text: &str) -> Result<i64, FieldError> {
-        text.trim().parse().map_err(|_| FieldError {
-            field: field.into(),
-            code: "invalid_version".into(),
-            message: "This form was not sent as the page made it (its version is not a \
-                      whole number): reload the page and make the change again."
-                .into(),
-        })
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|version| i64::try_from(version).ok())
+            .ok_or_else(|| FieldError {
+                field: field.into(),
+                code: "invalid_version".into(),
+                message: "This form was not sent as the page made it (its version is not a \
+                          whole number of zero or more): reload the page and make the change \
+                          again."
+                    .into(),
+            })
     }
 
     pub async fn save_automatic_fallback(
