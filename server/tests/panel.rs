@@ -773,6 +773,62 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
     );
 }
 
+/// A server function's arguments come form-encoded: a body of another type (JSON,
+/// plain text) is refused with 415 `unsupported_media_type` and nothing saved,
+/// instead of being read as a form and reported as missing the fields it has; a
+/// form with a charset is a form. A server function called with GET is told so
+/// in JSON (405 `method_not_allowed`, `Allow: POST`), not with an empty body.
+#[tokio::test]
+async fn server_functions_take_forms_by_post_and_say_so() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let version = panel.settings().await.version;
+    for (content_type, body) in [
+        (
+            "application/json",
+            format!(r#"{{"settings_version":"{version}"}}"#),
+        ),
+        ("text/plain", format!("settings_version={version}")),
+        ("nonsense", format!("settings_version={version}")),
+    ] {
+        let mut request = post("/fn/save_automatic_fallback", &body, Some(&admin));
+        request.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        let (status, _, text) = panel.send(request).await;
+        assert_eq!(
+            status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type}: {text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["code"], "unsupported_media_type", "{text}");
+    }
+    assert!(
+        panel.settings().await.automatic_fallback,
+        "nothing was saved"
+    );
+    let mut request = post(
+        "/fn/save_automatic_fallback",
+        &format!("settings_version={version}"),
+        Some(&admin),
+    );
+    request.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-www-form-urlencoded; charset=UTF-8"),
+    );
+    let (status, _, text) = panel.send(request).await;
+    assert!(status.is_success(), "{status}: {text}");
+    assert!(!panel.settings().await.automatic_fallback, "saved");
+
+    let (status, headers, text) = panel.send(get("/fn/token_limits", Some(&admin))).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{text}");
+    assert_eq!(headers[header::ALLOW], "POST");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["code"], "method_not_allowed", "{text}");
+}
+
 /// An administrator calling a server function that does not exist gets JSON
 /// with a code and a message, not the HTML page.
 #[tokio::test]

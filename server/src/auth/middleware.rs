@@ -115,6 +115,14 @@ pub async fn authorize(
             "Requests from other sites cannot change anything here.",
         );
     }
+    if path.starts_with("/fn/") && unsafe_method && !is_form_encoded(request.headers()) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Server functions take their arguments form-encoded \
+             (application/x-www-form-urlencoded); nothing was changed.",
+        );
+    }
     if path == "/fn/login" && unsafe_method {
         let ip = request
             .extensions()
@@ -164,10 +172,44 @@ pub async fn authorize(
         (Access::AdminFunction, Some(_)) if !is_admin => api_error(&ApiError::Forbidden),
         (Access::AdminPage | Access::AdminFunction, Some(_)) => next.run(request).await,
     };
-    if path.starts_with("/fn/") && response.status() == StatusCode::INTERNAL_SERVER_ERROR {
-        return malformed_call_as_bad_request(response).await;
+    if path.starts_with("/fn/") {
+        match response.status() {
+            StatusCode::INTERNAL_SERVER_ERROR => {
+                return malformed_call_as_bad_request(response).await
+            }
+            // The router's own answer has no body: said in the functions' shape,
+            // keeping its `Allow`.
+            StatusCode::METHOD_NOT_ALLOWED => {
+                let mut answer = refuse(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "Server functions are called with POST.",
+                );
+                if let Some(allow) = response.headers().get(header::ALLOW) {
+                    answer.headers_mut().insert(header::ALLOW, allow.clone());
+                }
+                return answer;
+            }
+            _ => {}
+        }
     }
     response
+}
+
+/// Whether a request's body is form-encoded, as every server function's
+/// arguments are (server_fn's `PostUrl`), or says no type: a JSON body would be
+/// read as a form and reported as missing its fields.
+fn is_form_encoded(headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers.get(header::CONTENT_TYPE) else {
+        return true;
+    };
+    content_type
+        .to_str()
+        .ok()
+        .and_then(|text| text.parse::<mime::Mime>().ok())
+        .is_some_and(|parsed| {
+            parsed.essence_str() == mime::APPLICATION_WWW_FORM_URLENCODED.essence_str()
+        })
 }
 
 /// A server function whose arguments could not be decoded never runs, so it cannot
