@@ -355,7 +355,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             action: UserAction::Create { email, role },
         } => {
             let role: Role = role.parse()?;
-            let password = given_password()?;
             let email = email.trim();
             // Checked as it will be stored: lower case can be longer (`İ`).
             if !is_plausible_email(email)
@@ -363,6 +362,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 anyhow::bail!("--email {email:?} is not an email address");
             }
+            // Asked for only once the arguments hold: nobody types a password
+            // for a command that cannot run.
+            let password = given_password()?;
             let hash = auth::hash_password(&password)?;
             let user = store
                 .create_user(&Actor::Cli, email, &hash, role, Utc::now())

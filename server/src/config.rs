@@ -665,6 +665,12 @@ fn build_catalog(
                 ),
             ));
         }
+        if m.max_output_tokens == 0 {
+            return Err(invalid(
+                key("max_output_tokens"),
+                "must be at least 1: a model that may write no token cannot answer",
+            ));
+        }
         let display_name = m.display_name.unwrap_or_else(|| m.id.clone());
         check_display_name(&display_name, &out)
             .map_err(|problem| invalid(key("display_name"), problem))?;
@@ -976,6 +982,13 @@ mod tests {
                  input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "models[0].display_name",
                 "must be visible text on one line",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\ninput_eur_per_mtok = \"1\"\n\
+                 output_eur_per_mtok = \"1\"\nmax_output_tokens = 0",
+                "models[0].max_output_tokens",
+                "must be at least 1",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\

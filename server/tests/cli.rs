@@ -450,6 +450,23 @@ fn users_and_keys() {
             "{email:?}: {stderr}"
         );
     }
+    // Refused before a password is asked for (here none is given).
+    let refused = cli.run_with(
+        &[
+            "user",
+            "create",
+            "--email",
+            "not-an-email",
+            "--role",
+            "member",
+        ],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("is not an email address"),
+        "{stderr}"
+    );
     let again = cli.create_user("ADA@example.com", "member");
     assert!(
         !again.status.success(),
