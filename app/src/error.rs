@@ -179,7 +179,7 @@ impl FromServerFnError for ApiError {
 impl ApiError {
     /// [`ApiError::BadRequest`] for arguments the server could not decode, as
     /// serde described the fault (`missing field `password``).
-    fn bad_arguments(detail: &str) -> ApiError {
+    pub fn bad_arguments(detail: &str) -> ApiError {
         ApiError::BadRequest {
             message: format!("The call's arguments are not valid ({detail}); nothing was changed."),
         }

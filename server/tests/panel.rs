@@ -720,6 +720,31 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
         json["message"].as_str().unwrap().contains("`password`"),
         "the missing field is named: {text}"
     );
+    // An argument of the wrong shape is named, in the words of the form, not
+    // of the parser's types.
+    for (path, body, named) in [
+        ("/fn/save_model_limits", "rows=1", "`rows`"),
+        ("/fn/save_model_limits", "rows[0]=x", "`rows[0]`"),
+        (
+            "/fn/save_model_limits",
+            "rows[0][model][a]=gpt-5",
+            "`rows[0].model`",
+        ),
+        (
+            "/fn/save_automatic_fallback",
+            "settings_version[a]=5",
+            "`settings_version`",
+        ),
+        ("/fn/login", "email[a]=x&password=p", "`email`"),
+    ] {
+        let (status, _, text) = panel.send(post(path, body, Some(&admin))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["code"], "bad_request", "{text}");
+        let message = json["message"].as_str().unwrap();
+        assert!(message.contains(named), "{body}: {text}");
+        assert!(!message.contains("QsDeserializer"), "{body}: {text}");
+    }
     // A version that is not a number is named as the field at fault, and
     // nothing is saved.
     let before = panel.store.spend_snapshot(Utc::now()).await.unwrap();

@@ -28,6 +28,8 @@ use governor::{
 };
 use tower_sessions::Session;
 
+use super::arguments;
+
 /// What the access middleware needs.
 #[derive(Clone)]
 pub struct AuthState {
@@ -123,6 +125,19 @@ pub async fn authorize(
              (application/x-www-form-urlencoded); nothing was changed.",
         );
     }
+    // Kept to name the argument at fault should the call be refused as malformed.
+    let mut call_body = None;
+    if unsafe_method && arguments::takes_arguments(&path) {
+        let (parts, body) = request.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, arguments::MAX_CALL_BYTES).await else {
+            return api_error(&ApiError::bad_arguments(&format!(
+                "the body could not be read, or is larger than {} bytes",
+                arguments::MAX_CALL_BYTES
+            )));
+        };
+        call_body = Some(bytes.clone());
+        request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    }
     if path == "/fn/login" && unsafe_method {
         let ip = request
             .extensions()
@@ -175,7 +190,11 @@ pub async fn authorize(
     if path.starts_with("/fn/") {
         match response.status() {
             StatusCode::INTERNAL_SERVER_ERROR => {
-                return malformed_call_as_bad_request(response).await
+                let problem = call_body
+                    .as_deref()
+                    .and_then(|body| std::str::from_utf8(body).ok())
+                    .and_then(|body| arguments::argument_problem(&path, body));
+                return malformed_call_as_bad_request(response, problem).await;
             }
             // The router's own answer has no body: said in the functions' shape,
             // keeping its `Allow`.
@@ -214,18 +233,23 @@ fn is_form_encoded(headers: &HeaderMap) -> bool {
 
 /// A server function whose arguments could not be decoded never runs, so it cannot
 /// set its status, and the server-function layer answers 500. The caller sent a
-/// malformed request: answer 400 with the same body.
-async fn malformed_call_as_bad_request(response: Response) -> Response {
+/// malformed request: answer 400 with the same body, or with `problem` (the
+/// argument at fault named, [`arguments::argument_problem`]) when there is one.
+async fn malformed_call_as_bad_request(response: Response, problem: Option<String>) -> Response {
     let (mut parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(ApiError::Internal)).into_response();
     };
-    let is_malformed = serde_json::from_slice::<ApiError>(&bytes)
-        .is_ok_and(|e| matches!(e, ApiError::BadRequest { .. } | ApiError::Transport { .. }));
-    if is_malformed {
-        parts.status = StatusCode::BAD_REQUEST;
+    match (serde_json::from_slice::<ApiError>(&bytes), problem) {
+        (Ok(ApiError::BadRequest { .. }), Some(problem)) => {
+            api_error(&ApiError::bad_arguments(&problem))
+        }
+        (Ok(ApiError::BadRequest { .. } | ApiError::Transport { .. }), _) => {
+            parts.status = StatusCode::BAD_REQUEST;
+            Response::from_parts(parts, axum::body::Body::from(bytes))
+        }
+        _ => Response::from_parts(parts, axum::body::Body::from(bytes)),
     }
-    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// The session's user, if it is signed in, enabled, and was not disabled nor given

@@ -2,6 +2,7 @@
 //! shown once, stored as a SHA-256 hash: a key has 256 bits of entropy, so a fast
 //! hash is enough and lookups stay O(1)).
 
+pub mod arguments;
 pub mod middleware;
 pub mod sessions;
 
