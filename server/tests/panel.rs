@@ -801,7 +801,8 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
 /// A server function's arguments come form-encoded: a body of another type (JSON,
 /// plain text) is refused with 415 `unsupported_media_type` and nothing saved,
 /// instead of being read as a form and reported as missing the fields it has; a
-/// form with a charset is a form. A server function called with GET is told so
+/// form with a charset is a form. A compressed body is refused with 415
+/// `unsupported_content_encoding`, one past 1 MiB with 413 `payload_too_large`. A server function called with GET is told so
 /// in JSON (405 `method_not_allowed`, `Allow: POST`), not with an empty body.
 #[tokio::test]
 async fn server_functions_take_forms_by_post_and_say_so() {
@@ -830,6 +831,27 @@ async fn server_functions_take_forms_by_post_and_say_so() {
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["code"], "unsupported_media_type", "{text}");
     }
+    // Compressed, or larger than a form of the tab can be: refused alike.
+    let mut request = post(
+        "/fn/save_automatic_fallback",
+        &format!("settings_version={version}"),
+        Some(&admin),
+    );
+    request.headers_mut().insert(
+        header::CONTENT_ENCODING,
+        header::HeaderValue::from_static("gzip"),
+    );
+    let (status, _, text) = panel.send(request).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{text}");
+    assert!(text.contains("unsupported_content_encoding"), "{text}");
+    let big = format!("settings_version={version}&pad={}", "x".repeat(2 << 20));
+    let mut request = post("/fn/save_automatic_fallback", &big, Some(&admin));
+    request
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, header::HeaderValue::from(big.len()));
+    let (status, _, text) = panel.send(request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    assert!(text.contains("payload_too_large"), "{text}");
     assert!(
         panel.settings().await.automatic_fallback,
         "nothing was saved"

@@ -16,7 +16,9 @@ pub struct LimitInput {
     /// The Limit field as typed (EUR; empty = shared pool).
     #[serde(default)]
     pub limit: String,
-    /// The Enabled toggle: present (any value) when on, as an HTML checkbox sends it.
+    /// The Enabled toggle: on when sent with a value, as an HTML checkbox sends
+    /// it (`on`); off when absent or empty (the form parser reads an empty value
+    /// as none).
     #[serde(default)]
     pub enabled: Option<String>,
     /// The limit's version when the form was loaded: a whole number as the page
@@ -51,7 +53,9 @@ pub async fn token_limits() -> Result<TabView, ApiError> {
     server::token_limits(&admin).await
 }
 
-/// Save the automatic fallback toggle, based on `settings_version` (administrators only).
+/// Save the automatic fallback toggle, based on `settings_version` (administrators
+/// only): on when `automatic_fallback` is sent with a value (the checkbox's `on`),
+/// off when absent or empty.
 #[server(prefix = "/fn", endpoint = "save_automatic_fallback")]
 pub async fn save_automatic_fallback(
     automatic_fallback: Option<String>,

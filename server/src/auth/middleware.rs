@@ -117,6 +117,14 @@ pub async fn authorize(
             "Requests from other sites cannot change anything here.",
         );
     }
+    if path.starts_with("/fn/") && unsafe_method && is_encoded(request.headers()) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding",
+            "Server functions take their arguments uncompressed (no Content-Encoding); \
+             nothing was changed.",
+        );
+    }
     if path.starts_with("/fn/") && unsafe_method && !is_form_encoded(request.headers()) {
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -128,6 +136,20 @@ pub async fn authorize(
     // Kept to name the argument at fault should the call be refused as malformed.
     let mut call_body = None;
     if unsafe_method && arguments::takes_arguments(&path) {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > arguments::MAX_CALL_BYTES as u64) {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!(
+                    "A server function call's body is at most {} bytes; nothing was changed.",
+                    arguments::MAX_CALL_BYTES
+                ),
+            );
+        }
         let (parts, body) = request.into_parts();
         let Ok(bytes) = axum::body::to_bytes(body, arguments::MAX_CALL_BYTES).await else {
             return api_error(&ApiError::bad_arguments(&format!(
@@ -213,6 +235,15 @@ pub async fn authorize(
         }
     }
     response
+}
+
+/// Whether a request's body says it is compressed (any `Content-Encoding` but
+/// `identity`): server functions read it as it comes.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 /// Whether a request's body is form-encoded, as every server function's
