@@ -318,7 +318,7 @@ pub async fn replay_spool(gateway: &Gateway) -> std::io::Result<Replayed> {
     Ok(replayed)
 }
 
-/// When to stop trying a settlement again.
+/// When to stop trying a settlement or a release again.
 #[derive(Clone, Copy)]
 enum Tries {
     /// While the request waits: [`while_answering`].
@@ -368,24 +368,35 @@ async fn try_settle(
             now: pending.finished_at,
         })
     };
-    let schedule = match tries {
-        Tries::WhileAnswering => while_answering(),
-        Tries::AfterAnswering => after_answering(),
-        Tries::Once => ExponentialBuilder::default().with_max_times(0),
-    };
     attempt
-        .retry(schedule)
-        .when(|e| {
-            transient(e)
-                && match tries {
-                    Tries::WhileAnswering => !held_up(e),
-                    Tries::AfterAnswering | Tries::Once => !gateway.exchanges.is_closed(),
-                }
-        })
+        .retry(tries.schedule())
+        .when(|e| tries.again(gateway, e))
         .notify(|e, _| {
             tracing::warn!(reservation = %pending.reservation, error = %e, "settlement failed; retrying")
         })
         .await
+}
+
+impl Tries {
+    /// How far apart the tries are, and how many.
+    fn schedule(self) -> ExponentialBuilder {
+        match self {
+            Tries::WhileAnswering => while_answering(),
+            Tries::AfterAnswering => after_answering(),
+            Tries::Once => ExponentialBuilder::default().with_max_times(0),
+        }
+    }
+
+    /// Whether a try that failed with `error` is made again: a transient
+    /// failure, while the request waits only one that did not already wait
+    /// ([`held_up`]), after the answer only until a shutdown has begun.
+    fn again(self, gateway: &Gateway, error: &StoreError) -> bool {
+        transient(error)
+            && match self {
+                Tries::WhileAnswering => !held_up(error),
+                Tries::AfterAnswering | Tries::Once => !gateway.exchanges.is_closed(),
+            }
+    }
 }
 
 /// Counts a settlement recorded; returns its event.
@@ -420,28 +431,15 @@ fn unsettled(gateway: &Gateway, pending: &PendingSettlement, error: &StoreError)
 /// after it, tracked with the exchanges; if those tries fail too, the lease
 /// ends the hold (R7).
 async fn release(gateway: &Arc<Gateway>, reservation: &Reservation) {
-    let served = reservation.served.as_str();
-    let attempt = || gateway.store.release(&reservation.id);
-    let result = attempt
-        .retry(while_answering())
-        .when(|e| transient(e) && !held_up(e))
-        .notify(|e, _| {
-            tracing::warn!(reservation = %reservation.id, error = %e, "release failed; retrying")
-        })
-        .await;
-    match result {
+    match try_release(gateway, reservation, Tries::WhileAnswering).await {
         Err(e) if held_up(&e) => {
-            tracing::warn!(reservation = %reservation.id, model = served, error = %e,
+            tracing::warn!(reservation = %reservation.id, model = reservation.served.as_str(), error = %e,
                 "could not release yet: releasing after the answer");
             let gateway = gateway.clone();
             let reservation = reservation.clone();
             let exchanges = gateway.exchanges.clone();
             exchanges.spawn(async move {
-                let attempt = || gateway.store.release(&reservation.id);
-                let result = match attempt
-                    .retry(after_answering())
-                    .when(|e| transient(e) && !gateway.exchanges.is_closed())
-                    .await
+                let result = match try_release(&gateway, &reservation, Tries::AfterAnswering).await
                 {
                     // Its lease ran out meanwhile, and a sweep released it.
                     Err(StoreError::NotFound { .. }) => Ok(()),
@@ -452,6 +450,22 @@ async fn release(gateway: &Arc<Gateway>, reservation: &Reservation) {
         }
         result => released(gateway, reservation, result),
     }
+}
+
+/// One release, tried again on transient failures as `tries` says.
+async fn try_release(
+    gateway: &Gateway,
+    reservation: &Reservation,
+    tries: Tries,
+) -> Result<(), StoreError> {
+    let attempt = || gateway.store.release(&reservation.id);
+    attempt
+        .retry(tries.schedule())
+        .when(|e| tries.again(gateway, e))
+        .notify(|e, _| {
+            tracing::warn!(reservation = %reservation.id, error = %e, "release failed; retrying")
+        })
+        .await
 }
 
 /// Counts a release done, or reports one given up (the lease ends the hold).
