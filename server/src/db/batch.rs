@@ -484,15 +484,13 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
             // Another connection's lock, not one operation's fault: one by one,
             // each would wait the whole busy timeout again, and the writes queued
             // behind them longer still. All are answered busy at once.
-            Err(StoreError::Busy(detail)) => {
+            Err(error @ StoreError::Busy(_)) => {
                 tracing::warn!(
-                    error = %detail,
+                    %error,
                     operations = ops.len(),
                     "the database stayed locked by another connection: a batch of writes was refused"
                 );
-                for op in ops {
-                    op.fail(StoreError::Busy(detail.clone()));
-                }
+                fail_all(ops, &error);
                 // Nothing was admitted, so no reservation is left without a caller.
                 return (Some(Writer { conn, books: None }), Vec::new());
             }
