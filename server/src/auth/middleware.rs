@@ -117,48 +117,13 @@ pub async fn authorize(
             "Requests from other sites cannot change anything here.",
         );
     }
-    if path.starts_with("/fn/") && unsafe_method && is_encoded(request.headers()) {
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_content_encoding",
-            "Server functions take their arguments uncompressed (no Content-Encoding); \
-             nothing was changed.",
-        );
-    }
-    if path.starts_with("/fn/") && unsafe_method && !is_form_encoded(request.headers()) {
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Server functions take their arguments form-encoded \
-             (application/x-www-form-urlencoded); nothing was changed.",
-        );
-    }
     // Kept to name the argument at fault should the call be refused as malformed.
     let mut call_body = None;
-    if unsafe_method && arguments::takes_arguments(&path) {
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > arguments::MAX_CALL_BYTES as u64) {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!(
-                    "A server function call's body is at most {} bytes; nothing was changed.",
-                    arguments::MAX_CALL_BYTES
-                ),
-            );
-        }
-        let (parts, body) = request.into_parts();
-        let Ok(bytes) = axum::body::to_bytes(body, arguments::MAX_CALL_BYTES).await else {
-            return api_error(&ApiError::bad_arguments(&format!(
-                "the body could not be read, or is larger than {} bytes",
-                arguments::MAX_CALL_BYTES
-            )));
+    if path.starts_with("/fn/") && unsafe_method {
+        (request, call_body) = match check_call(&path, request).await {
+            Ok(checked) => checked,
+            Err(refused) => return refused,
         };
-        call_body = Some(bytes.clone());
-        request = Request::from_parts(parts, axum::body::Body::from(bytes));
     }
     if path == "/fn/login" && unsafe_method {
         let ip = request
@@ -235,6 +200,60 @@ pub async fn authorize(
         }
     }
     response
+}
+
+/// What every server function call's body must be before anything runs: not
+/// compressed (415 `unsupported_content_encoding`), form-encoded (415
+/// `unsupported_media_type`), and for a function that takes arguments at most
+/// [`arguments::MAX_CALL_BYTES`] (413 `payload_too_large`; 400 when it cannot
+/// be read). Returns the request with, for such a function, its body, kept to
+/// name the argument at fault should the call be refused as malformed.
+async fn check_call(
+    path: &str,
+    request: Request,
+) -> Result<(Request, Option<axum::body::Bytes>), Response> {
+    if is_encoded(request.headers()) {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding",
+            "Server functions take their arguments uncompressed (no Content-Encoding); \
+             nothing was changed.",
+        ));
+    }
+    if !is_form_encoded(request.headers()) {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Server functions take their arguments form-encoded \
+             (application/x-www-form-urlencoded); nothing was changed.",
+        ));
+    }
+    if !arguments::takes_arguments(path) {
+        return Ok((request, None));
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > arguments::MAX_CALL_BYTES as u64) {
+        return Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!(
+                "A server function call's body is at most {} bytes; nothing was changed.",
+                arguments::MAX_CALL_BYTES
+            ),
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, arguments::MAX_CALL_BYTES).await else {
+        return Err(api_error(&ApiError::bad_arguments(&format!(
+            "the body could not be read, or is larger than {} bytes",
+            arguments::MAX_CALL_BYTES
+        ))));
+    };
+    let request = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+    Ok((request, Some(bytes)))
 }
 
 /// Whether a request's body says it is compressed (any `Content-Encoding` but
