@@ -806,23 +806,31 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
 /// in JSON (405 `method_not_allowed`, `Allow: POST`), not with an empty body.
 #[tokio::test]
 async fn server_functions_take_forms_by_post_and_say_so() {
+    use header::{HeaderName, HeaderValue};
     let panel = Panel::new().await;
     let admin = panel.sign_in("ada@example.com").await;
     let version = panel.settings().await.version;
+    // A save of the fallback toggle (off) with `name: value` among its headers.
+    let save_with = |name: HeaderName, value: HeaderValue, body: &str| {
+        let mut request = post("/fn/save_automatic_fallback", body, Some(&admin));
+        request.headers_mut().insert(name, value);
+        panel.send(request)
+    };
+    let form = format!("settings_version={version}");
     for (content_type, body) in [
         (
             "application/json",
             format!(r#"{{"settings_version":"{version}"}}"#),
         ),
-        ("text/plain", format!("settings_version={version}")),
-        ("nonsense", format!("settings_version={version}")),
+        ("text/plain", form.clone()),
+        ("nonsense", form.clone()),
     ] {
-        let mut request = post("/fn/save_automatic_fallback", &body, Some(&admin));
-        request.headers_mut().insert(
+        let (status, _, text) = save_with(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static(content_type),
-        );
-        let (status, _, text) = panel.send(request).await;
+            HeaderValue::from_static(content_type),
+            &body,
+        )
+        .await;
         assert_eq!(
             status,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -832,40 +840,21 @@ async fn server_functions_take_forms_by_post_and_say_so() {
         assert_eq!(json["code"], "unsupported_media_type", "{text}");
     }
     // Compressed, or larger than a form of the tab can be: refused alike.
-    let mut request = post(
-        "/fn/save_automatic_fallback",
-        &format!("settings_version={version}"),
-        Some(&admin),
-    );
-    request.headers_mut().insert(
-        header::CONTENT_ENCODING,
-        header::HeaderValue::from_static("gzip"),
-    );
-    let (status, _, text) = panel.send(request).await;
+    let gzip = HeaderValue::from_static("gzip");
+    let (status, _, text) = save_with(header::CONTENT_ENCODING, gzip, &form).await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{text}");
     assert!(text.contains("unsupported_content_encoding"), "{text}");
-    let big = format!("settings_version={version}&pad={}", "x".repeat(2 << 20));
-    let mut request = post("/fn/save_automatic_fallback", &big, Some(&admin));
-    request
-        .headers_mut()
-        .insert(header::CONTENT_LENGTH, header::HeaderValue::from(big.len()));
-    let (status, _, text) = panel.send(request).await;
+    let big = format!("{form}&pad={}", "x".repeat(2 << 20));
+    let length = HeaderValue::from(big.len());
+    let (status, _, text) = save_with(header::CONTENT_LENGTH, length, &big).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
     assert!(text.contains("payload_too_large"), "{text}");
     assert!(
         panel.settings().await.automatic_fallback,
         "nothing was saved"
     );
-    let mut request = post(
-        "/fn/save_automatic_fallback",
-        &format!("settings_version={version}"),
-        Some(&admin),
-    );
-    request.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/x-www-form-urlencoded; charset=UTF-8"),
-    );
-    let (status, _, text) = panel.send(request).await;
+    let charset = HeaderValue::from_static("application/x-www-form-urlencoded; charset=UTF-8");
+    let (status, _, text) = save_with(header::CONTENT_TYPE, charset, &form).await;
     assert!(status.is_success(), "{status}: {text}");
     assert!(!panel.settings().await.automatic_fallback, "saved");
 
