@@ -1602,3 +1602,48 @@ on_both_backends!(
     expired_leases_are_released,
     api_keys_authenticate_and_record_use_to_the_minute,
 );
+
+/// PostgreSQL: the holds that every request inserts and deletes leave dead rows
+/// behind, which the store's own vacuum removes within seconds, whether or not
+/// the server's autovacuum runs (it is off on the test server), so that
+/// settlements do not look their hold up through them (`db::postgres`,
+/// `VACUUM_EVERY`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_holds_ended_leave_no_dead_rows_behind() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    for _ in 0..200 {
+        let hold = admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+        store
+            .settle(settlement(&hold.id, Some(usage(5, 5))))
+            .await
+            .unwrap();
+    }
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    // (vacuums run by hand or by the store, dead rows) of the reservations table.
+    let stats = || {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT vacuum_count, n_dead_tup FROM pg_stat_user_tables WHERE relname = 'reservations'",
+        )
+        .fetch_one(&pool)
+    };
+    // A vacuum that starts from here on finds every hold above ended.
+    let (vacuums_before, _) = stats().await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = stats().await.unwrap();
+    while (seen.0 <= vacuums_before || seen.1 > 0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        seen = stats().await.unwrap();
+    }
+    assert!(
+        seen.0 > vacuums_before,
+        "the reservations table was not vacuumed within 10 s"
+    );
+    assert_eq!(seen.1, 0, "dead rows left in the reservations table");
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    pool.close().await;
+}
