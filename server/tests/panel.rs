@@ -460,6 +460,25 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
     assert_eq!(error["fields"][0]["field"], "gpt-4o", "{text}");
     assert_eq!(panel.settings_audit().await.len(), 1);
 
+    // More rows than the catalog has models (only a hand-made request can): one
+    // error for the whole save, not one per row, and nothing is written.
+    let models = config::Config::load(None, &config::Overrides::default())
+        .unwrap()
+        .setup
+        .catalog
+        .models()
+        .len();
+    let rows = vec![("gpt-4o", "3", true); models + 1];
+    let (status, _, text) = panel
+        .send(post("/fn/save_model_limits", &form(&rows), Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["fields"].as_array().map(Vec::len), Some(1), "{text}");
+    assert_eq!(error["fields"][0]["code"], "too_many_rows", "{text}");
+    assert_eq!(error["fields"][0]["field"], "rows", "{text}");
+    assert_eq!(panel.settings_audit().await.len(), 1);
+
     // A row naming no model (only a hand-made request can) is told so.
     let (status, _, text) = panel
         .send(post(

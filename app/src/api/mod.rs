@@ -228,9 +228,25 @@ mod server {
     /// Parse every row first: any invalid field refuses the whole save (DESIGN.md §3).
     /// A model named by two rows is refused too (`duplicate_model`): the tab
     /// sends each once, and the second row's version would otherwise look stale.
+    /// A save of more rows than the catalog has models is refused whole, with one
+    /// error (`too_many_rows`), before any row is read.
     pub async fn save_model_limits(admin: &Admin, rows: Vec<LimitInput>) -> Result<(), ApiError> {
         let store = expect_context::<SharedStore>();
         let catalog = expect_context::<Arc<Catalog>>();
+        let models = catalog.models().len();
+        if rows.len() > models {
+            return fail(ApiError::Invalid {
+                message: "Nothing was saved: the tab sends one row per model.".into(),
+                fields: vec![FieldError {
+                    field: "rows".into(),
+                    code: "too_many_rows".into(),
+                    message: format!(
+                        "This save has {} rows; the catalog has {models} models, one row each.",
+                        rows.len()
+                    ),
+                }],
+            });
+        }
         let mut changes = Vec::with_capacity(rows.len());
         let mut fields = Vec::new();
         let mut named = std::collections::HashSet::new();
