@@ -101,11 +101,18 @@ run_backend() {
   key=$(sed -n 's/^KEY=//p' "$work/stack.out")
   DURATION=2s measure "$gateway" "$key" 16 > /dev/null   # warm-up: pools, caches
   printf '%-9s %-8s %5s %10s %10s %10s %10s %10s\n' backend target conns 'req/s' p50 p99 'cpu µs/req' 'switch/req'
+  local shares=() row through direct g d
   for c in 1 16 64; do
-    printf '%-9s %-8s %5s %s\n' "$backend" gateway "$c" "$(measure "$gateway" "$key" "$c")"
+    through=$(measure "$gateway" "$key" "$c")
+    printf '%-9s %-8s %5s %s\n' "$backend" gateway "$c" "$through"
     printf '%-9s %-8s %5s %s\n' "$backend" proxy "$c" "$(measure "$proxy" none "$c")"
-    printf '%-9s %-8s %5s %s\n' "$backend" direct "$c" "$(measure "$mock" none "$c")"
+    direct=$(measure "$mock" none "$c")
+    printf '%-9s %-8s %5s %s\n' "$backend" direct "$c" "$direct"
+    read -r g _ <<< "$through"; read -r d _ <<< "$direct"
+    row=$(awk -v g="$g" -v d="$d" 'BEGIN {printf "%.1f%%", 100 * g / d}')
+    shares+=("$c: $row")
   done
+  echo "gateway req/s as a share of the mock's, by connections: ${shares[*]}"
   # The runs above leave the page cache full of the database's dirty pages; the
   # kernel writing them back would stall the fixed-rate run's commits on the
   # disk. Flushed first, each measurement starts from a quiet disk.
