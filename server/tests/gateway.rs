@@ -2045,10 +2045,13 @@ async fn the_settlement_spool_is_replayed_exactly_once(db: &TestDb) {
         finished_at: Utc::now(),
     };
     spool.put(&inconsistent).await.unwrap();
-    // Their leases ran out meanwhile and a replica's sweep released the holds.
+    // Their leases (the usage API's default, 5 minutes) ran out meanwhile and a
+    // replica's sweep released the holds. A minute past them: 5 minutes from
+    // now could fall on the millisecond the second lease ends, which is not yet
+    // past it.
     assert_eq!(
         h.store
-            .release_expired(Utc::now() + chrono::TimeDelta::minutes(5))
+            .release_expired(Utc::now() + chrono::TimeDelta::minutes(6))
             .await
             .unwrap(),
         2
