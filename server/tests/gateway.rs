@@ -2744,3 +2744,74 @@ async fn the_official_openai_python_sdk_works_unchanged() {
         "{metrics}"
     );
 }
+
+/// Answers given before the request's body is read (401 for a bad key, at once
+/// whatever the body; 404 for an unknown URL; 415 for a compressed body) leave
+/// the connection usable: the body is still read and thrown away, and the
+/// client's next request on the same connection is answered. Here each body is
+/// sent 20 ms after its head, as Python's `http.client` may, on one connection
+/// without retries. A body declared larger than the gateway takes is not read:
+/// its 413 says `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_given_before_the_body_is_read_keep_the_connection() {
+    use http_body_util::BodyExt as _;
+    let db = TestDb::sqlite();
+    let h = start(&db, Options::default()).await;
+    let address = h.url.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let bad_key = "Bearer tg_not-a-key".to_owned();
+    let good_key = format!("Bearer {}", h.key);
+    let chat = bytes::Bytes::from(chat_body("big").to_string());
+    let too_large = bytes::Bytes::from(vec![b' '; Options::default().max_request_bytes + 1]);
+    for (path, authorization, encoding, body, status) in [
+        ("/v1/chat/completions", &bad_key, "identity", &chat, 401),
+        ("/api/v1/usage", &bad_key, "identity", &chat, 401),
+        ("/v1/no-such-endpoint", &good_key, "identity", &chat, 404),
+        ("/v1/chat/completions", &good_key, "gzip", &chat, 415),
+        ("/v1/chat/completions", &bad_key, "identity", &chat, 401),
+        ("/v1/chat/completions", &good_key, "identity", &chat, 200),
+        (
+            "/v1/chat/completions",
+            &good_key,
+            "identity",
+            &too_large,
+            413,
+        ),
+    ] {
+        let body = body.clone();
+        let length = body.len();
+        let later = futures::stream::once(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(body))
+        });
+        let request = axum::http::Request::post(path)
+            .header("host", &address)
+            .header("authorization", authorization)
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .header("content-length", length)
+            .body(http_body_util::StreamBody::new(later))
+            .unwrap();
+        sender
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("the connection was closed before {path}: {e}"));
+        let response = sender
+            .send_request(request)
+            .await
+            .unwrap_or_else(|e| panic!("{path} got no answer: {e}"));
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        let closes = response
+            .headers()
+            .get("connection")
+            .is_some_and(|value| value == "close");
+        assert_eq!(closes, status == 413, "{path}: {:?}", response.headers());
+        let _ = response.into_body().collect().await;
+    }
+}

@@ -362,6 +362,17 @@ impl IntoResponse for GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if matches!(
+            self,
+            GatewayError::PayloadTooLarge { .. }
+                | GatewayError::RequestTimeout { .. }
+                | GatewayError::UnreadableBody
+        ) {
+            // The body was not read to its end, and will not be: the next
+            // request on this connection could not be told from its rest
+            // (`http::drain`).
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if matches!(self, GatewayError::Blocked(_)) {
             // Official SDKs retry a 429 unless told not to; this one cannot succeed
             // until the cycle resets or the operator raises a limit (DESIGN.md §4).

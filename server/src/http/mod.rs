@@ -20,6 +20,7 @@ use leptos_axum::{generate_route_list, AxumRouteListing, LeptosRoutes};
 use tower_http::compression::CompressionLayer;
 use tower_sessions::{cookie::SameSite, Expiry, SessionManagerLayer};
 
+mod drain;
 mod serve;
 mod spend;
 
@@ -103,6 +104,10 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         )
         .merge(crate::gateway::routes())
         .merge(panel)
+        .layer(middleware::from_fn_with_state(
+            drain::Limits::of(&state.config),
+            drain::drain_unread,
+        ))
         .with_state(state)
 }
 
