@@ -61,6 +61,8 @@ test("a limit typed as 12,50 is saved, shown as €12.50 and audited", async ({ 
   await enabledSwitch(page, "GPT-5").check();
   await page.locator("#save-limits").click();
   await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  // The field shows the saved amount as the server writes it, without a reload.
+  await expect(limitInput(page, "GPT-5")).toHaveValue("€12.50");
   await page.reload();
   await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
   await expect(limitInput(page, "GPT-5")).toHaveValue("€12.50");

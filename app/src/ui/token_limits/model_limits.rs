@@ -77,6 +77,7 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
                                                 autocomplete="off"
                                                 placeholder="Shared pool"
                                                 value=row.limit_input.clone()
+                                                prop:value=row.limit_input.clone()
                                                 aria-invalid=invalid
                                                 aria-describedby=error_id.clone()
                                             />
