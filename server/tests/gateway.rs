@@ -2815,3 +2815,30 @@ async fn answers_given_before_the_body_is_read_keep_the_connection() {
         let _ = response.into_body().collect().await;
     }
 }
+
+/// A request that waits for `100 Continue` and is answered 401 first may never
+/// send its body (RFC 9110 §10.1.1): its answer closes the connection, so the
+/// client does not send its next request where the server still waits for
+/// that body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_a_request_expecting_continue_closes_the_connection() {
+    let db = TestDb::sqlite();
+    let h = start(&db, Options::default()).await;
+    let response = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth("tg_not-a-key")
+        .header("expect", "100-continue")
+        .header("content-type", "application/json")
+        .body(chat_body("big").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "{:?}",
+        response.headers()
+    );
+}

@@ -55,13 +55,21 @@ impl Limits {
 /// and thrown away in the background, within [`Limits`], unless the answer
 /// closes the connection anyway (`Connection: close`: a body too large, or too
 /// slow, for the gateway). A body that says it is larger than the bytes left to
-/// read (`Content-Length`) is not read: the answer gets `Connection: close`, so
-/// the client knows not to send another request on it.
+/// read (`Content-Length`) is not read, nor is the body of a request that
+/// expects `100 Continue` (its client may never send it): the answer gets
+/// `Connection: close`, so the client knows not to send another request on
+/// it.
 pub(crate) async fn drain_unread(
     State(limits): State<Limits>,
     request: Request,
     next: Next,
 ) -> Response {
+    // A client that waits for `100 Continue` may send its next request
+    // instead of the body once it has a final answer (RFC 9110 §10.1.1).
+    let expects_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let left = Left::default();
     let request = request.map(|body| Body::new(Unread::new(body, left.clone())));
     let mut response = next.run(request).await;
@@ -77,7 +85,7 @@ pub(crate) async fn drain_unread(
         return response;
     }
     let room = limits.bytes.saturating_sub(read);
-    if body.size_hint().lower() > u64::try_from(room).unwrap_or(u64::MAX) {
+    if expects_continue || body.size_hint().lower() > u64::try_from(room).unwrap_or(u64::MAX) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
