@@ -64,6 +64,10 @@ pub(crate) async fn drain_unread(
     request: Request,
     next: Next,
 ) -> Response {
+    // A request without a body (a page, `/v1/models`) leaves nothing to drain.
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
     // A client that waits for `100 Continue` may send its next request
     // instead of the body once it has a final answer (RFC 9110 §10.1.1).
     let expects_continue = request
