@@ -198,7 +198,14 @@ async fn vacuum_holds(pool: PgPool, batcher: WeakBatcher<PgWriter>) {
         if batcher.upgrade().is_none() {
             return;
         }
-        match answered(sqlx::raw_sql(VACUUM_HOLDS).execute(&pool)).await {
+        // Not `answered`: its log line at every unanswered try is what the
+        // `failing` flag keeps out of an outage's log.
+        let vacuumed =
+            tokio::time::timeout(ANSWER_WAIT, sqlx::raw_sql(VACUUM_HOLDS).execute(&pool))
+                .await
+                .map_err(|_| format!("no answer within {} s", ANSWER_WAIT.as_secs()))
+                .and_then(|done| done.map_err(|e| e.to_string()));
+        match vacuumed {
             Ok(_) if failing => {
                 tracing::info!("the reservations table is vacuumed again");
                 failing = false;
