@@ -977,7 +977,8 @@ async fn a_disabled_user_signs_in_no_more_and_spends_nothing(db: &TestDb) {
     );
 }
 
-/// The first request of a new cycle sees zero spend, with no job run in between.
+/// The first request of a new cycle sees zero spend, with no job run in between,
+/// and a request of the cycle before still sees that cycle's.
 async fn a_new_cycle_starts_from_zero(db: &TestDb) {
     let setup = setup(2 * EUR / 1000, 0);
     let store = db.store(&setup).await;
@@ -999,6 +1000,16 @@ async fn a_new_cycle_starts_from_zero(db: &TestDb) {
     let after = store.spend_snapshot(boundary).await.unwrap();
     assert_eq!(after.cycle.start, boundary);
     assert_eq!(after.workspace.spent, Nanos::ZERO);
+    let first = admitted(reserve(&store, &catalog, "mid", estimate(1000), boundary).await);
+    store.release(&first.id).await.unwrap();
+    // The new cycle has counters now, and room. A request stamped a moment
+    // before the boundary (on a replica whose clock is behind, say) is still
+    // held to the spend of its own cycle.
+    let late = boundary - Duration::seconds(1);
+    assert!(matches!(
+        reserve(&store, &catalog, "mid", estimate(1000), late).await,
+        ReserveOutcome::Blocked(_)
+    ));
     admitted(reserve(&store, &catalog, "mid", estimate(1000), boundary).await);
 }
 
@@ -1646,4 +1657,95 @@ async fn postgres_holds_ended_leave_no_dead_rows_behind() {
     let snapshot = store.spend_snapshot(now()).await.unwrap();
     assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
     pool.close().await;
+}
+
+/// PostgreSQL: a role that may not make temporary objects in its database (its
+/// `TEMPORARY` privilege revoked) cannot make the function that opens a batch in
+/// one round trip (`db::postgres`); the gateway's batches then ask step by step,
+/// and admit and settle as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_role_refused_temporary_objects_admits_and_settles() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let setup = setup(100 * EUR, 0);
+    // The schema, made by the owner.
+    drop(db.store(&setup).await);
+    let role = format!("tollgate_no_temp_{}", uuid::Uuid::new_v4().simple());
+    let db = WithRole {
+        db: Some(db),
+        role: role.clone(),
+    };
+    let db = db.db.as_ref().unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let database = url.path().trim_start_matches('/').to_owned();
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    for grant in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC"),
+        format!("GRANT CREATE ON DATABASE {database} TO {role}"),
+        format!("GRANT USAGE, CREATE ON SCHEMA public, tower_sessions TO {role}"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public, tower_sessions \
+             TO {role}"
+        ),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public, tower_sessions TO {role}"),
+    ] {
+        sqlx::query(&grant).execute(&admin).await.unwrap();
+    }
+    let may_make_temporary: bool =
+        sqlx::query_scalar("SELECT has_database_privilege($1, $2, 'TEMPORARY')")
+            .bind(&role)
+            .bind(&database)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert!(!may_make_temporary);
+    url.set_username(&role).unwrap();
+    let store = db.reached_at(url.to_string()).store(&setup).await;
+    // 1,000 prompt tokens at 0.5 EUR and 500 output tokens at 2 EUR per million.
+    let spent = Nanos::new(EUR / 2000 + EUR / 1000);
+    for _ in 0..3 {
+        let hold = admitted(reserve(&store, &setup.catalog, "mid", estimate(1000), now()).await);
+        let record = store
+            .settle(settlement(&hold.id, Some(usage(1000, 500))))
+            .await
+            .unwrap();
+        assert_eq!(record.cost, spent);
+    }
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(3 * spent.get()));
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    drop(store);
+    admin.close().await;
+}
+
+/// A test database and a role made for it, both dropped when this is, the
+/// database first (the role holds privileges in it), pass or fail.
+struct WithRole {
+    db: Option<TestDb>,
+    role: String,
+}
+
+impl Drop for WithRole {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        let role = self.role.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use sqlx::Connection;
+                let admin_url = std::env::var("TEST_DATABASE_URL").unwrap();
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
 }

@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::books::{
     all_distinct, counter_changes, cycle_key, millis, settlement_cost, usage_exceeds_reservation,
     CounterChange, CounterRow, EventRow, LedgerRow, LimitRow, NewEvent, NewEventRow,
-    NewReservationRow, PlanRow, ReadBooks, ReservationRow,
+    NewReservationRow, Opened, PlanRow, ReadBooks, ReservationRow,
 };
 
 /// Most operations applied in one transaction. Every operation of a batch waits
@@ -428,6 +428,24 @@ pub(crate) trait HotPath: Send {
         holds: Holds,
     ) -> impl Future<Output = Result<Vec<ReservationRow>, StoreError>> + Send;
 
+    /// What the batch reads before deciding, in one call where the backend can:
+    /// deletes and returns the live holds of `ids` (as
+    /// [`HotPath::take_reservations`]), and when `spenders` is given (the batch
+    /// admits), reads the plan as [`HotPath::read_plan`] does (locking it), then
+    /// the books as [`HotPath::read_books`] does for those API key ids and the
+    /// latest cycle with counters. `None` where the backend has no such call
+    /// (SQLite, whose calls cost no round trip): the batch asks step by step.
+    ///
+    /// Errors: as the calls it stands for.
+    fn open(
+        &mut self,
+        ids: &[&str],
+        spenders: Option<&[i64]>,
+    ) -> impl Future<Output = Result<Option<Opened>, StoreError>> + Send {
+        let _ = (ids, spenders);
+        std::future::ready(Ok(None))
+    }
+
     /// The ledger rows recorded under the idempotency keys `keys`, by key.
     fn find_events(
         &mut self,
@@ -607,7 +625,25 @@ async fn batch_in_transaction<C: HotPath>(
     if let Some(version) = version {
         books.check(version);
     }
-    let mut ended = take_by_id(conn, &ending, Holds::Live).await?;
+    // The API keys admissions spend on, each checked live under the lock.
+    let spenders: Vec<i64> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Reserve(request, _) => Some(request.spender.api_key_id),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    // Where the backend can, the holds ended and what the admissions read are
+    // read in one call; what it did not read is read below as it is needed.
+    let admits = ops.iter().any(|op| matches!(op, Op::Reserve(..))) && books.needs_rules();
+    let (mut ended, mut opened) = match conn
+        .open(&ending, admits.then_some(spenders.as_slice()))
+        .await?
+    {
+        Some(opened) => (by_id(opened.ended), opened.admitting),
+        None => (take_by_id(conn, &ending, Holds::Live).await?, None),
+    };
     // A settlement deletes its reservation in the transaction that records it, so
     // only a settlement whose reservation is gone can be a retry of one already
     // recorded: only those keys are looked up.
@@ -646,15 +682,6 @@ async fn batch_in_transaction<C: HotPath>(
         .collect();
     let mut lapsed = take_by_id(conn, &late, Holds::Lapsed).await?;
 
-    // The API keys admissions spend on, each checked live under the lock.
-    let spenders: Vec<i64> = ops
-        .iter()
-        .filter_map(|op| match op {
-            Op::Reserve(request, _) => Some(request.spender.api_key_id),
-            _ => None,
-        })
-        .flatten()
-        .collect();
     // Checked with what the first admission that reads has to read.
     let mut keys_to_check = books.unknown_keys(&spenders);
     let mut answers = Vec::with_capacity(ops.len());
@@ -666,7 +693,10 @@ async fn batch_in_transaction<C: HotPath>(
                 // The plan first: on PostgreSQL its lock orders the writers, and
                 // what is read after it is current (READ COMMITTED).
                 let plan_row = match books.needs_rules() {
-                    true => Some(conn.read_plan().await?),
+                    true => match opened.as_mut().and_then(|books| books.plan.take()) {
+                        Some(row) => Some(row),
+                        None => Some(conn.read_plan().await?),
+                    },
                     false => None,
                 };
                 let key = match &plan_row {
@@ -675,7 +705,10 @@ async fn batch_in_transaction<C: HotPath>(
                 };
                 if plan_row.is_some() || books.needs(key) || !keys_to_check.is_empty() {
                     let keys = std::mem::take(&mut keys_to_check);
-                    let read = conn.read_books(key, &keys).await?;
+                    let read = match opened.take().and_then(|books| books.of_cycle(key)) {
+                        Some(read) => read,
+                        None => conn.read_books(key, &keys).await?,
+                    };
                     if let Some(row) = &plan_row {
                         books.set_rules(row, read.limits)?;
                     }
@@ -817,12 +850,12 @@ async fn take_by_id<C: HotPath>(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    Ok(conn
-        .take_reservations(ids, holds)
-        .await?
-        .into_iter()
-        .map(|row| (row.id.clone(), row))
-        .collect())
+    Ok(by_id(conn.take_reservations(ids, holds).await?))
+}
+
+/// Holds by id.
+fn by_id(rows: Vec<ReservationRow>) -> HashMap<String, ReservationRow> {
+    rows.into_iter().map(|row| (row.id.clone(), row)).collect()
 }
 
 /// What the batcher does next.

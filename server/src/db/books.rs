@@ -122,7 +122,7 @@ pub(crate) struct CounterRow {
 }
 
 /// One row of [`HotSql::read_books`]: a model limit, a counter or a live API key.
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct BooksRow {
     /// `limit`, `counter` or `key`.
     pub kind: String,
@@ -177,6 +177,122 @@ impl ReadBooks {
     }
 }
 
+/// What a batch reads before its operations, in one call where the backend can
+/// (`db::batch::HotPath::open`; on PostgreSQL [`HotSql::open_batch`], one
+/// round trip instead of three).
+pub(crate) struct Opened {
+    /// The holds the batch ends, deleted.
+    pub ended: Vec<ReservationRow>,
+    /// When the batch admits: the plan row, locked, and the books read after
+    /// its lock.
+    pub admitting: Option<OpenedBooks>,
+}
+
+/// The books an admitting batch read after the plan's lock ([`Opened`]).
+pub(crate) struct OpenedBooks {
+    /// The plan row, until the batch's first admission takes it.
+    pub plan: Option<PlanRow>,
+    /// The `cycle_start` of the latest cycle that has counters; none when no
+    /// cycle has any yet.
+    pub latest_cycle: Option<i64>,
+    /// Every model limit, the counters of `latest_cycle`, and which of the
+    /// batch's API keys are live.
+    pub books: ReadBooks,
+}
+
+impl OpenedBooks {
+    /// The books for the cycle keyed `cycle_start`. Those read when it is the
+    /// latest cycle with counters; when it is later (the cycle's first batch),
+    /// the same without counters, as it has none yet; none when it is earlier
+    /// (a request stamped just before the cycle turned, say), whose counters
+    /// were not read: the caller reads them ([`HotSql::read_books`]).
+    pub fn of_cycle(self, cycle_start: i64) -> Option<ReadBooks> {
+        match self.latest_cycle {
+            Some(latest) if latest > cycle_start => None,
+            Some(latest) if latest < cycle_start => Some(ReadBooks {
+                counters: Vec::new(),
+                ..self.books
+            }),
+            _ => Some(self.books),
+        }
+    }
+}
+
+/// A [`PlanRow`] as the JSON object [`HotSql::open_batch`] returns (serde's
+/// `flatten` would read it through floats).
+#[derive(serde::Deserialize)]
+struct PlanJson {
+    budget_nanos: i64,
+    overage_nanos: i64,
+    plan_start: String,
+    timezone: String,
+    automatic_fallback: bool,
+    settings_version: i64,
+}
+
+impl From<PlanJson> for PlanRow {
+    fn from(row: PlanJson) -> PlanRow {
+        PlanRow {
+            plan: PlanFields {
+                budget_nanos: row.budget_nanos,
+                overage_nanos: row.overage_nanos,
+                plan_start: row.plan_start,
+                timezone: row.timezone,
+            },
+            automatic_fallback: row.automatic_fallback,
+            settings_version: row.settings_version,
+        }
+    }
+}
+
+impl Opened {
+    /// What [`HotSql::open_batch`] returned, as `(kind, JSON object)` rows:
+    /// `hold` ([`ReservationRow`]), `plan` ([`PlanRow`]), `cycle` (the latest
+    /// counted cycle's start, or `null`) and `books` ([`BooksRow`]). The `cycle`
+    /// row comes whenever the books were read, even with no plan.
+    ///
+    /// Errors: [`StoreError::NotFound`] when the books were read but the
+    /// workspace has no plan; [`StoreError::Database`] for a row that cannot be
+    /// read.
+    pub fn from_rows(rows: Vec<(String, String)>) -> Result<Opened, StoreError> {
+        fn parse<T: serde::de::DeserializeOwned>(kind: &str, data: &str) -> Result<T, StoreError> {
+            serde_json::from_str(data).map_err(|e| {
+                StoreError::Database(format!("a {kind} row of the batch's opening: {e}"))
+            })
+        }
+        let mut ended = Vec::new();
+        let mut plan = None;
+        let mut latest_cycle = None;
+        let mut admitting = false;
+        let mut books = Vec::new();
+        for (kind, data) in rows {
+            match kind.as_str() {
+                "hold" => ended.push(parse(&kind, &data)?),
+                "plan" => plan = Some(PlanRow::from(parse::<PlanJson>(&kind, &data)?)),
+                "cycle" => {
+                    admitting = true;
+                    latest_cycle = parse(&kind, &data)?;
+                }
+                "books" => books.push(parse(&kind, &data)?),
+                other => {
+                    return Err(StoreError::Database(format!(
+                        "a row of kind {other} in the batch's opening"
+                    )))
+                }
+            }
+        }
+        let admitting = match admitting {
+            true => Some(OpenedBooks {
+                plan: Some(plan.ok_or(StoreError::NotFound { what: "plan" })?),
+                latest_cycle,
+                books: ReadBooks::sort(books)?,
+            }),
+            false => None,
+        };
+        Ok(Opened { ended, admitting })
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct LimitRow {
     pub model_id: String,
@@ -194,7 +310,7 @@ impl LimitRow {
     }
 }
 
-#[derive(sqlx::FromRow, Clone, serde::Serialize)]
+#[derive(sqlx::FromRow, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ReservationRow {
     pub id: String,
     pub cycle_start: i64,
@@ -386,11 +502,13 @@ const LEDGER_RETURNING: &str = "id, requested_model, served_model, cost_nanos, e
 ///
 /// A batch's calls depend on what it holds and on the backend (see
 /// `db::batch::HotPath`). PostgreSQL runs each statement on its own, in a round
-/// trip: they are cut by statements that do several things: all of a batch's
-/// writes go in one ([`HotSql::write`]), and what an admission reads after the
-/// plan's lock in another ([`HotSql::read_books`]); a batch that admits and
-/// settles takes six round trips (it took ten one statement each). On SQLite the
-/// statements run in the batcher's own thread, where a call costs no round trip.
+/// trip: they are cut by statements that do several things: all that a batch
+/// reads before deciding goes in one call ([`HotSql::open_batch`]: the holds it
+/// ends, the plan's lock, the limits, counters and keys), and all its writes in
+/// one statement ([`HotSql::write`]); a batch that admits and settles takes four
+/// round trips with `BEGIN` and `COMMIT` (it took six before the one call, and
+/// ten with one statement each). On SQLite the statements run in the batcher's
+/// own thread, where a call costs no round trip.
 pub(crate) struct HotSql {
     /// Deletes the reservations whose ids are given, returning [`ReservationRow`]s.
     pub take_reservations: String,
@@ -407,6 +525,24 @@ pub(crate) struct HotSql {
     /// Adds [`CounterChange`]s to their counter rows, creating the missing ones,
     /// in one or two statements (each takes the changes).
     pub add_to_counters: Vec<String>,
+    /// On PostgreSQL, the function that opens a batch in one round trip
+    /// (made on each connection of the hot path before its first batch),
+    /// instead of three statements: it deletes the holds
+    /// whose ids are its first argument (a JSON array) as
+    /// [`HotSql::take_reservations`], and when its second is true locks and
+    /// reads the plan row ([`plan_query`]), then reads what
+    /// [`HotSql::read_books`] does, with the API key ids of its third argument,
+    /// for the latest cycle that has counters (which it also returns). Each of
+    /// its statements sees what was committed before it began (a PL/pgSQL
+    /// function's statements take their snapshots one by one under READ
+    /// COMMITTED), so the books are read as the writer before this one left
+    /// them, as they are when read in a statement of their own after the lock.
+    /// What it returns is read by [`Opened::from_rows`].
+    ///
+    /// A temporary function (`pg_temp`), made from this module's statements by
+    /// the process that calls it: replicas of different versions never share
+    /// one, and nothing is added to the schema.
+    pub open_batch: Option<OpenBatchSql>,
     /// On PostgreSQL, a batch's writes as one statement (data-modifying `WITH`
     /// queries), one round trip: inserts the new reservations
     /// ([`NewReservationRow`]s), then as [`HotSql::insert_events`] and
@@ -564,11 +700,12 @@ impl HotSql {
         let reservation_ids = json.any("id", Json::Text);
         let (with_rows, rows) = (json.with_rows(), json.rows(1));
         let changes = change_columns();
+        let take_reservations = format!(
+            "DELETE FROM reservations WHERE workspace_id = {WORKSPACE_ID} \
+             AND {reservation_ids} RETURNING {RESERVATION_RETURNING}"
+        );
         HotSql {
-            take_reservations: format!(
-                "DELETE FROM reservations WHERE workspace_id = {WORKSPACE_ID} \
-                 AND {reservation_ids} RETURNING {RESERVATION_RETURNING}"
-            ),
+            take_reservations: take_reservations.clone(),
             take_lapsed: format!(
                 "DELETE FROM lapsed_reservations WHERE workspace_id = {WORKSPACE_ID} \
                  AND {reservation_ids} RETURNING {RESERVATION_RETURNING}"
@@ -578,15 +715,7 @@ impl HotSql {
                  AND {}",
                 json.any("idempotency_key", Json::Text)
             ),
-            read_books: format!(
-                "SELECT 'limit' AS kind, model_id, limit_nanos AS amount, CAST(0 AS bigint) AS reserved, \
-                 enabled, version FROM model_limits WHERE workspace_id = {WORKSPACE_ID} \
-                 UNION ALL SELECT 'counter', model_id, spent_nanos, reserved_nanos, false, 0 \
-                 FROM counters WHERE workspace_id = {WORKSPACE_ID} AND cycle_start = $1 \
-                 UNION ALL SELECT 'key', '', id, 0, false, 0 FROM api_keys \
-                 WHERE workspace_id = {WORKSPACE_ID} AND revoked_at IS NULL AND {}",
-                json.any_of("id", Json::Integer, Some(2))
-            ),
+            read_books: read_books(json, "$1", 2),
             insert_events: format!(
                 "{} RETURNING {LEDGER_RETURNING}",
                 insert("usage_events", EVENT_COLUMNS, 1)
@@ -617,6 +746,28 @@ impl HotSql {
                     vec![format!("WITH {} {}", pg_counter_changes(1), pg_counters_created())]
                 }
             },
+            open_batch: matches!(json, JsonDialect::JsonbElements).then(|| {
+                let create = format!(
+                    "CREATE OR REPLACE FUNCTION {OPEN_BATCH}(text, boolean, text) \
+                     RETURNS TABLE (kind text, data text) LANGUAGE plpgsql AS $body$ \
+                     DECLARE latest bigint; \
+                     BEGIN \
+                     RETURN QUERY WITH t AS ({take_reservations}) SELECT 'hold', CAST(to_jsonb(t) AS text) FROM t; \
+                     IF $2 THEN \
+                     RETURN QUERY SELECT 'plan', CAST(to_jsonb(p) AS text) FROM ({}) AS p; \
+                     SELECT max(cycle_start) INTO latest FROM counters WHERE workspace_id = {WORKSPACE_ID}; \
+                     RETURN QUERY SELECT 'cycle', COALESCE(CAST(latest AS text), 'null'); \
+                     RETURN QUERY SELECT 'books', CAST(to_jsonb(b) AS text) FROM ({}) AS b; \
+                     END IF; \
+                     END $body$",
+                    plan_select(&WORKSPACE_ID.to_string(), "FOR UPDATE"),
+                    read_books(json, "latest", 3),
+                );
+                OpenBatchSql {
+                    create,
+                    call: format!("SELECT kind, data FROM {OPEN_BATCH}($1, $2, $3)"),
+                }
+            }),
             write: matches!(json, JsonDialect::JsonbElements).then(|| {
                 format!(
                     "WITH new_reservations AS ({}), {}, created AS ({}) \
@@ -634,12 +785,44 @@ impl HotSql {
 /// Reads the workspace's [`PlanRow`] (the workspace's id bound as `$1`), with
 /// `lock` after it (the backend's `LOCK`).
 pub(crate) fn plan_query(lock: &str) -> String {
+    plan_select("$1", lock)
+}
+
+/// As [`plan_query`], for the workspace whose id is the SQL `workspace`.
+fn plan_select(workspace: &str, lock: &str) -> String {
     format!(
         "SELECT p.budget_nanos, p.overage_nanos, p.plan_start, p.timezone, \
          s.automatic_fallback, s.version AS settings_version \
          FROM plans p JOIN settings s ON s.workspace_id = p.workspace_id \
-         WHERE p.workspace_id = $1 {lock}"
+         WHERE p.workspace_id = {workspace} {lock}"
     )
+}
+
+/// [`HotSql::read_books`] for the cycle whose key is the SQL `cycle`, with the
+/// API key ids as the JSON array argument `$keys`.
+fn read_books(json: JsonDialect, cycle: &str, keys: usize) -> String {
+    format!(
+        "SELECT 'limit' AS kind, model_id, limit_nanos AS amount, CAST(0 AS bigint) AS reserved, \
+         enabled, version FROM model_limits WHERE workspace_id = {WORKSPACE_ID} \
+         UNION ALL SELECT 'counter', model_id, spent_nanos, reserved_nanos, false, 0 \
+         FROM counters WHERE workspace_id = {WORKSPACE_ID} AND cycle_start = {cycle} \
+         UNION ALL SELECT 'key', '', id, 0, false, 0 FROM api_keys \
+         WHERE workspace_id = {WORKSPACE_ID} AND revoked_at IS NULL AND {}",
+        json.any_of("id", Json::Integer, Some(keys))
+    )
+}
+
+/// The name of [`HotSql::open_batch`]'s function, in the session's own schema.
+const OPEN_BATCH: &str = "pg_temp.tollgate_open_batch";
+
+/// [`HotSql::open_batch`]: the function, and how it is called.
+pub(crate) struct OpenBatchSql {
+    /// Makes the function (`CREATE OR REPLACE`), on the connection that calls it.
+    pub create: String,
+    /// The call: binds the ids of the holds to end (a JSON array), whether to
+    /// read the books, and the API key ids (a JSON array); returns `kind` and
+    /// `data`, both text.
+    pub call: String,
 }
 
 /// A JSON array of `rows`, the one argument of a [`HotSql`] statement.
@@ -2551,5 +2734,129 @@ mod tests {
         }
         assert!(write.contains("CAST($3 AS jsonb)) AS r), changed AS (UPDATE counters"));
         assert!(sqlite.write.is_none());
+    }
+
+    #[test]
+    fn postgres_opens_a_batch_in_one_call() {
+        let sqlite = HotSql::new(JsonDialect::JsonEach);
+        let postgres = HotSql::new(JsonDialect::JsonbElements);
+        assert!(sqlite.open_batch.is_none());
+        let open = postgres.open_batch.unwrap();
+        assert!(open
+            .create
+            .starts_with(&format!("CREATE OR REPLACE FUNCTION {OPEN_BATCH}(")));
+        assert!(open
+            .call
+            .contains(&format!("FROM {OPEN_BATCH}($1, $2, $3)")));
+        // In this order: the holds, then the plan's lock, then the books of the
+        // latest cycle with counters, read by statements of their own.
+        let at = |text: &str| open.create.find(text).unwrap();
+        assert!(at("DELETE FROM reservations") < at("FOR UPDATE"));
+        assert!(at("FOR UPDATE") < at("SELECT max(cycle_start) INTO latest"));
+        assert!(at("SELECT max(cycle_start) INTO latest") < at("cycle_start = latest"));
+        assert!(open
+            .create
+            .contains("FROM jsonb_array_elements_text(CAST($3 AS jsonb))"));
+    }
+
+    fn books_row(kind: &str, model_id: &str, amount: i64) -> String {
+        serde_json::json!({
+            "kind": kind, "model_id": model_id, "amount": amount,
+            "reserved": 0, "enabled": true, "version": 0,
+        })
+        .to_string()
+    }
+
+    fn opened_books(latest_cycle: Option<i64>) -> OpenedBooks {
+        OpenedBooks {
+            plan: None,
+            latest_cycle,
+            books: ReadBooks::sort(vec![
+                BooksRow {
+                    kind: "limit".into(),
+                    model_id: "mid".into(),
+                    amount: Some(5),
+                    reserved: 0,
+                    enabled: true,
+                    version: 1,
+                },
+                BooksRow {
+                    kind: "counter".into(),
+                    model_id: "mid".into(),
+                    amount: Some(3),
+                    reserved: 1,
+                    enabled: false,
+                    version: 0,
+                },
+            ])
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn books_read_at_opening_serve_only_the_cycle_they_are_of() {
+        // The latest cycle with counters: its counters.
+        let same = opened_books(Some(20)).of_cycle(20).unwrap();
+        assert_eq!((same.limits.len(), same.counters.len()), (1, 1));
+        // A later cycle has no counters yet.
+        let later = opened_books(Some(20)).of_cycle(30).unwrap();
+        assert_eq!((later.limits.len(), later.counters.len()), (1, 0));
+        // An earlier one's counters were not read.
+        assert!(opened_books(Some(20)).of_cycle(10).is_none());
+        // No counters anywhere: none for any cycle.
+        assert!(opened_books(None).of_cycle(10).is_some());
+    }
+
+    #[test]
+    fn a_batch_opening_is_read_by_kind() {
+        let row = |kind: &str, data: String| (kind.to_owned(), data);
+        let hold = serde_json::json!({
+            "id": "r1", "cycle_start": 20, "requested_model": "big", "served_model": "mid",
+            "amount_nanos": 7, "input_eur_per_mtok": "1", "cached_input_eur_per_mtok": "0.5",
+            "output_eur_per_mtok": "2", "user_id": null, "api_key_id": 4,
+        })
+        .to_string();
+        let plan = serde_json::json!({
+            "budget_nanos": 100, "overage_nanos": 5, "plan_start": "2026-10-31",
+            "timezone": "Europe/Berlin", "automatic_fallback": true, "settings_version": 3,
+        })
+        .to_string();
+        // Holds only: no books.
+        let opened = Opened::from_rows(vec![row("hold", hold.clone())]).unwrap();
+        assert_eq!(opened.ended.len(), 1);
+        assert_eq!(opened.ended[0].api_key_id, Some(4));
+        assert!(opened.admitting.is_none());
+        // Books of a workspace that has spent nothing yet.
+        let opened = Opened::from_rows(vec![
+            row("hold", hold),
+            row("plan", plan.clone()),
+            row("cycle", "null".into()),
+            row("books", books_row("key", "", 4)),
+        ])
+        .unwrap();
+        let books = opened.admitting.unwrap();
+        assert_eq!(books.latest_cycle, None);
+        assert_eq!(books.plan.unwrap().settings_version, 3);
+        assert_eq!(books.books.live_keys, [4]);
+        let opened = Opened::from_rows(vec![
+            row("plan", plan),
+            row("cycle", "20".into()),
+            row("books", books_row("counter", "mid", 9)),
+        ])
+        .unwrap();
+        assert_eq!(opened.admitting.unwrap().latest_cycle, Some(20));
+        // Books without a plan: the workspace has none.
+        assert!(matches!(
+            Opened::from_rows(vec![row("cycle", "null".into())]),
+            Err(StoreError::NotFound { what: "plan" })
+        ));
+        assert!(matches!(
+            Opened::from_rows(vec![row("ledger", "{}".into())]),
+            Err(StoreError::Database(_))
+        ));
+        assert!(matches!(
+            Opened::from_rows(vec![row("hold", "{\"id\": 1}".into())]),
+            Err(StoreError::Database(_))
+        ));
     }
 }

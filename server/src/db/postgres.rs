@@ -18,7 +18,7 @@ use super::{
     batch::{execute_batch, Batcher, Holds, HotPath, WeakBatcher},
     books::{
         db_error, json_rows, CounterChange, EventRow, LedgerRow, NewEventRow, NewReservationRow,
-        PlanRow, ReadBooks, ReservationRow,
+        Opened, PlanRow, ReadBooks, ReservationRow,
     },
     ConnectError,
 };
@@ -82,10 +82,7 @@ impl PostgresStore {
                 )),
             };
         }
-        let mut conn = PgWriter {
-            conn: self.write_connection().await?,
-            pool: self.pool.clone(),
-        };
+        let mut conn = PgWriter::new(self.write_connection().await?, self.pool.clone());
         conn.begin().await?;
         let locked = conn.read_plan().await;
         let ended = conn.rollback().await;
@@ -133,12 +130,7 @@ impl PostgresStore {
             Batcher::spawn(
                 move || {
                     let pool = pool.clone();
-                    async move {
-                        Ok(PgWriter {
-                            conn: pool.acquire().await.map_err(db_error)?,
-                            pool,
-                        })
-                    }
+                    async move { Ok(PgWriter::new(pool.acquire().await.map_err(db_error)?, pool)) }
                 },
                 execute_batch,
             )
@@ -228,6 +220,69 @@ async fn vacuum_holds(pool: PgPool, batcher: WeakBatcher<PgWriter>) {
 pub(crate) struct PgWriter {
     conn: PoolConnection<Postgres>,
     pool: PgPool,
+    /// Whether `conn` has the function that opens a batch
+    /// (`books::HotSql::open_batch`, a temporary function of its session).
+    open_batch: OpenBatch,
+}
+
+/// Whether a connection has the function that opens a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenBatch {
+    /// Not made yet on this connection.
+    Unmade,
+    /// Made: a batch opens in one round trip.
+    Made,
+    /// Refused: the role may not make temporary objects in the database (its
+    /// `TEMPORARY` privilege revoked). Batches ask step by step.
+    Refused,
+}
+
+impl PgWriter {
+    fn new(conn: PoolConnection<Postgres>, pool: PgPool) -> PgWriter {
+        PgWriter {
+            conn,
+            pool,
+            open_batch: OpenBatch::Unmade,
+        }
+    }
+
+    /// Opens a batch's transaction on this connection, first making the function
+    /// that opens a batch if the connection has not got it yet: outside the
+    /// transaction, so that a batch rolled back does not take it away. A role
+    /// refused temporary objects (SQLSTATE 42501) gets a warning, and its batches
+    /// ask step by step.
+    async fn begin_here(&mut self) -> Result<(), StoreError> {
+        if self.open_batch == OpenBatch::Unmade {
+            if let Some(sql) = &hot_sql().open_batch {
+                let made = sqlx::query(&sql.create)
+                    .persistent(false)
+                    .execute(&mut *self.conn)
+                    .await;
+                self.open_batch = match made {
+                    Ok(_) => OpenBatch::Made,
+                    Err(e) if is_insufficient_privilege(&e) => {
+                        tracing::warn!(error = %e, "the database refuses this role temporary \
+                            objects (its TEMPORARY privilege): each batch of the gateway takes \
+                            two more round trips");
+                        OpenBatch::Refused
+                    }
+                    Err(e) => return Err(db_error(e)),
+                };
+            }
+        }
+        sqlx::query(PostgresStore::BEGIN)
+            .execute(&mut *self.conn)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+}
+
+/// Whether `e` is PostgreSQL's `insufficient_privilege` (SQLSTATE 42501).
+fn is_insufficient_privilege(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "42501")
 }
 
 /// Longest the hot path waits for the answer to one statement. A lock is waited
@@ -265,8 +320,9 @@ fn no_answer() -> StoreError {
     StoreError::Unavailable(detail)
 }
 
-/// The hot path on PostgreSQL, a round trip per call (`books::HotSql`). The plan
-/// row's lock, taken by `read_plan` and in every other write, orders the writers
+/// The hot path on PostgreSQL, a round trip per call (`books::HotSql`); a batch
+/// reads what it needs before deciding in one of them (`open`). The plan
+/// row's lock, taken by `open` or `read_plan` and in every other write, orders the writers
 /// of every replica. There is no books version: other replicas write all the
 /// time, so every batch reads the books under the plan row's lock, and nothing is
 /// carried from one batch to the next.
@@ -279,22 +335,44 @@ impl HotPath for PgWriter {
     /// nothing would only keep the new connection waiting as long as the pool
     /// lets it (10 s), and every write queued behind the batch with it.
     async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
-        let begun = tokio::time::timeout(
-            ANSWER_WAIT,
-            sqlx::query(PostgresStore::BEGIN).execute(&mut *self.conn),
-        )
-        .await
-        .map_err(|_| no_answer())?
-        .map_err(db_error);
+        let begun = tokio::time::timeout(ANSWER_WAIT, self.begin_here())
+            .await
+            .map_err(|_| no_answer())?;
         if let Err(StoreError::Unavailable(_)) = begun {
             tracing::info!("the hot path's connection was lost: connecting anew");
             self.conn.close_on_drop();
             self.conn = self.pool.acquire().await.map_err(db_error)?;
-            answered(sqlx::query(PostgresStore::BEGIN).execute(&mut *self.conn)).await?;
+            self.open_batch = OpenBatch::Unmade;
+            answered_store(self.begin_here()).await?;
         } else {
             begun?;
         }
         Ok(None)
+    }
+
+    /// One round trip, `books::HotSql::open_batch`; none where the connection
+    /// could not make its function (the batch then asks step by step).
+    async fn open(
+        &mut self,
+        ids: &[&str],
+        spenders: Option<&[i64]>,
+    ) -> Result<Option<Opened>, StoreError> {
+        let Some(sql) = hot_sql()
+            .open_batch
+            .as_ref()
+            .filter(|_| self.open_batch == OpenBatch::Made)
+        else {
+            return Ok(None);
+        };
+        let rows = answered(
+            sqlx::query_as(&sql.call)
+                .bind(json_rows(ids)?)
+                .bind(spenders.is_some())
+                .bind(json_rows(spenders.unwrap_or_default())?)
+                .fetch_all(&mut *self.conn),
+        )
+        .await?;
+        Opened::from_rows(rows).map(Some)
     }
 
     async fn take_reservations(
