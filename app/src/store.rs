@@ -279,6 +279,10 @@ pub struct UsageEventRecord {
     pub estimated: bool,
     /// True when the cost exceeded the reservation (R7).
     pub over_reservation: bool,
+    /// True when billed from a hold whose lease had expired: the sweep had
+    /// released it, and its room was free for other requests before this cost
+    /// was recorded (R7).
+    pub lease_expired: bool,
     /// False when this settlement repeated an earlier one (same idempotency key)
     /// and nothing new was counted.
     pub newly_recorded: bool,

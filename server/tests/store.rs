@@ -742,10 +742,12 @@ async fn a_late_settlement_bills_a_lapsed_hold(db: &TestDb) {
     assert!(event.newly_recorded);
     assert_eq!(event.cost, Nanos::new(20_000));
     assert!(!event.estimated);
+    assert!(event.lease_expired);
     // Settled again (a retry): the same event, counted once.
     let again = gateway.settle(late_settlement()).await.unwrap();
     assert!(!again.newly_recorded);
     assert_eq!(again.id, event.id);
+    assert!(again.lease_expired);
     match gateway
         .settle(settlement(&refused.id, Some(usage(0, 10))))
         .await
@@ -770,6 +772,13 @@ async fn a_late_settlement_bills_a_lapsed_hold(db: &TestDb) {
     let ledger = elsewhere.ledger_totals(snapshot.cycle.start).await.unwrap();
     assert_eq!(ledger.events, 1);
     assert_eq!(ledger.total, snapshot.workspace.spent);
+    // A hold settled in its lease is not flagged.
+    let in_time = admitted(reserve(&gateway, &catalog, "mid", estimate(100), swept_at).await);
+    let in_time = gateway
+        .settle(settlement(&in_time.id, Some(usage(0, 10))))
+        .await
+        .unwrap();
+    assert!(!in_time.lease_expired);
 }
 
 /// A request for 100 output tokens on `mid` (0.0002 EUR) spent by `user_id`

@@ -738,15 +738,15 @@ async fn batch_in_transaction<C: HotPath>(
             Op::Settle(settlement, _) => 'settle: {
                 let id = settlement.reservation.0.as_str();
                 // What the hold still counts as reserved: nothing once it lapsed.
-                let (row, held) = match (ended.remove(id), lapsed.remove(id)) {
+                let (row, held, lease_expired) = match (ended.remove(id), lapsed.remove(id)) {
                     (Some(row), _) => {
                         let held = row.amount_nanos;
-                        (row, held)
+                        (row, held, false)
                     }
                     (None, Some(row)) => {
                         tracing::warn!(reservation = id, model = %row.served_model,
                             "billing a request whose reservation's lease had run out");
-                        (row, 0)
+                        (row, 0, true)
                     }
                     (None, None) => {
                         let retry = settlement
@@ -774,6 +774,7 @@ async fn batch_in_transaction<C: HotPath>(
                     cost,
                     estimated,
                     over_reservation: over,
+                    lease_expired,
                     idempotency_key: settlement.idempotency_key.clone(),
                     now: settlement.now,
                 });

@@ -343,6 +343,7 @@ pub(crate) struct EventRow {
     pub cost_nanos: i64,
     pub estimated: bool,
     pub over_reservation: bool,
+    pub lease_expired: bool,
 }
 
 impl EventRow {
@@ -354,6 +355,7 @@ impl EventRow {
             cost: Nanos::new(self.cost_nanos),
             estimated: self.estimated,
             over_reservation: self.over_reservation,
+            lease_expired: self.lease_expired,
             newly_recorded,
         }
     }
@@ -373,7 +375,7 @@ pub(crate) struct RecordedRow {
 
 /// Selects the [`RecordedRow`] of the workspace (`$1`) under an idempotency key (`$2`).
 pub(crate) const RECORDED_BY_KEY: &str = "SELECT id, requested_model, served_model, cost_nanos, \
-     estimated, over_reservation, prompt_tokens, cached_tokens, completion_tokens, \
+     estimated, over_reservation, lease_expired, prompt_tokens, cached_tokens, completion_tokens, \
      reasoning_tokens FROM usage_events WHERE workspace_id = $1 AND idempotency_key = $2";
 
 impl RecordedRow {
@@ -430,6 +432,8 @@ pub(crate) struct NewEvent {
     pub cost: Nanos,
     pub estimated: bool,
     pub over_reservation: bool,
+    /// Billed from a hold whose lease had expired (R7).
+    pub lease_expired: bool,
     pub idempotency_key: Option<String>,
     pub now: DateTime<Utc>,
 }
@@ -478,6 +482,7 @@ const EVENT_COLUMNS: &[(&str, Json)] = &[
     ("reserved_nanos", Json::Integer),
     ("estimated", Json::Boolean),
     ("over_reservation", Json::Boolean),
+    ("lease_expired", Json::Boolean),
     ("reservation_id", Json::Text),
     ("idempotency_key", Json::Text),
 ];
@@ -491,7 +496,7 @@ pub(crate) const USER_COLUMNS: &str = "id, email, password_hash, role, session_e
 
 /// What a ledger row is returned with: a [`LedgerRow`].
 const LEDGER_RETURNING: &str = "id, requested_model, served_model, cost_nanos, estimated, \
-    over_reservation, reservation_id, idempotency_key";
+    over_reservation, lease_expired, reservation_id, idempotency_key";
 
 /// The hot path's statements for one backend.
 ///
@@ -868,6 +873,7 @@ pub(crate) struct NewEventRow<'a> {
     pub reserved_nanos: i64,
     pub estimated: bool,
     pub over_reservation: bool,
+    pub lease_expired: bool,
     pub reservation_id: Option<&'a str>,
     pub idempotency_key: Option<&'a str>,
 }
@@ -896,6 +902,7 @@ impl NewEvent {
             reserved_nanos: row.amount_nanos,
             estimated: self.estimated,
             over_reservation: self.over_reservation,
+            lease_expired: self.lease_expired,
             reservation_id: (!row.id.is_empty()).then_some(row.id.as_str()),
             idempotency_key: self.idempotency_key.as_deref(),
         })
@@ -1640,6 +1647,7 @@ macro_rules! impl_store {
                         cost,
                         estimated: false,
                         over_reservation: false,
+                        lease_expired: false,
                         idempotency_key: Some(record.idempotency_key.clone()),
                         now,
                     };
@@ -2679,6 +2687,7 @@ mod tests {
             reserved_nanos: 0,
             estimated: false,
             over_reservation: false,
+            lease_expired: false,
             reservation_id: None,
             idempotency_key: None,
         };

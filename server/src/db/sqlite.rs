@@ -492,6 +492,7 @@ impl HotPath for SqliteWriter {
                         event.reserved_nanos,
                         event.estimated,
                         event.over_reservation,
+                        event.lease_expired,
                         event.reservation_id,
                         event.idempotency_key,
                     ])
@@ -504,6 +505,7 @@ impl HotPath for SqliteWriter {
                         cost_nanos: event.cost_nanos,
                         estimated: event.estimated,
                         over_reservation: event.over_reservation,
+                        lease_expired: event.lease_expired,
                     },
                     reservation_id: event.reservation_id.map(str::to_owned),
                     idempotency_key: event.idempotency_key.map(str::to_owned),
@@ -593,8 +595,8 @@ const INSERT_EVENT: &str = "INSERT INTO usage_events (workspace_id, cycle_start,
     user_id, api_key_id, requested_model, served_model, prompt_tokens, cached_tokens, \
     completion_tokens, reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, \
     output_eur_per_mtok, cost_nanos, reserved_nanos, estimated, over_reservation, \
-    reservation_id, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
-    ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
+    lease_expired, reservation_id, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+    ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
 
 /// Adds `?1` spent and `?2` reserved nano-euros to the counter of workspace `?3`,
 /// cycle `?4` and model `?5` ([`CounterChange`]), if it exists.
@@ -617,6 +619,7 @@ fn ledger_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LedgerRow> {
             cost_nanos: row.get("cost_nanos")?,
             estimated: row.get("estimated")?,
             over_reservation: row.get("over_reservation")?,
+            lease_expired: row.get("lease_expired")?,
         },
         reservation_id: row.get("reservation_id")?,
         idempotency_key: row.get("idempotency_key")?,
