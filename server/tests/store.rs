@@ -1739,22 +1739,8 @@ struct WithRole {
 impl Drop for WithRole {
     fn drop(&mut self) {
         drop(self.db.take());
-        let role = self.role.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                use sqlx::Connection;
-                let admin_url = std::env::var("TEST_DATABASE_URL").unwrap();
-                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
+        if let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") {
+            common::run_as_admin(admin_url, format!("DROP ROLE IF EXISTS {}", self.role));
+        }
     }
 }

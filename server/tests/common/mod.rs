@@ -85,25 +85,31 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((admin_url, name)) = self.pg_drop.take() {
-            // Best effort on a separate thread: Drop cannot await.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    use sqlx::Connection;
-                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
-                        let _ =
-                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                                .execute(&mut conn)
-                                .await;
-                    }
-                });
-            })
-            .join();
+            run_as_admin(
+                admin_url,
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            );
         }
     }
+}
+
+/// Runs `sql` on PostgreSQL at `admin_url` and waits for it, from anywhere: on a
+/// thread and runtime of its own, as a `Drop` cannot await. Best effort: a
+/// failure is ignored (this cleans up after tests).
+pub fn run_as_admin(admin_url: String, sql: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use sqlx::Connection;
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                let _ = sqlx::query(&sql).execute(&mut conn).await;
+            }
+        });
+    })
+    .join();
 }
 
 fn price(text: &str) -> PricePerMTok {
