@@ -67,6 +67,7 @@ async fn run() {
         format!(
             r#"
 database_url = "{db}"
+settlement_spool = "{spool}"
 [plan]
 budget_eur = "1000000"
 overage_eur = "0"
@@ -82,7 +83,8 @@ output_eur_per_mtok = "0.60"
 max_output_tokens = 4096
 "#,
             db = db.url,
-            base = mock.base_url
+            base = mock.base_url,
+            spool = dir.path().join("settlements").display(),
         ),
     )
     .unwrap();
