@@ -2614,6 +2614,14 @@ async fn a_request_whose_lease_ran_out_is_billed_all_the_same(db: &TestDb) {
     let snapshot = elsewhere.spend_snapshot(Utc::now()).await.unwrap();
     let ledger = elsewhere.ledger_totals(snapshot.cycle.start).await.unwrap();
     assert_eq!((ledger.events, ledger.total), (2, after.spent));
+    // Counted as usage, and as billed after its lease: once.
+    let metrics = h.metrics().await;
+    for line in [
+        "tollgate_settlements_total{kind=\"usage\",model=\"big\"} 2",
+        "tollgate_settlements_total{kind=\"lease_expired\",model=\"big\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
 }
 
 on_both_backends!(

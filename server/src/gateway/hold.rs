@@ -411,6 +411,9 @@ fn settled(
         gateway
             .metrics
             .settlement(served, if event.estimated { "estimate" } else { "usage" });
+        if event.lease_expired {
+            gateway.metrics.settlement(served, "lease_expired");
+        }
     }
     if event.over_reservation {
         tracing::warn!(reservation = %pending.reservation, model = served, "the upstream billed more than was reserved");

@@ -53,7 +53,10 @@ impl Metrics {
     ///   `released`, `failed` (the store refused or failed; the lease will expire),
     ///   and `spooled`: a settlement the database could not take before its
     ///   answer, written to the settlement spool (counted again as `usage` or
-    ///   `estimate` once billed; a rate above zero means a database held up);
+    ///   `estimate` once billed; a rate above zero means a database held up),
+    ///   and `lease_expired`: one billed after the sweep had released its hold
+    ///   (counted also as `usage` or `estimate`; the ledger row is flagged so,
+    ///   R7: the hold's room was free for other requests meanwhile);
     /// - `tollgate_upstream_duration_seconds{model, stream}`: from sending the
     ///   upstream request to its last byte;
     /// - `tollgate_gateway_overhead_seconds{endpoint, stream}`: the request's time in
