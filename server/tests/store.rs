@@ -1744,3 +1744,24 @@ impl Drop for WithRole {
         }
     }
 }
+
+/// PostgreSQL: a database whose default isolation is REPEATABLE READ (or
+/// SERIALIZABLE) changes nothing: the store's writes run at READ COMMITTED, so
+/// two replicas racing for room for 10 admit exactly 10, none failing on a
+/// serialization error (`db::postgres`, `BEGIN`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_stricter_default_isolation_changes_nothing() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let database = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {database} SET default_transaction_isolation = 'repeatable read'"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    two_replicas_admit_exactly_ten(&db).await;
+}

@@ -45,8 +45,12 @@ impl PostgresStore {
     /// (PostgreSQL's READ COMMITTED), so the settings' version would be stale and
     /// a stale save of the tab would pass its check.
     const LOCK: &'static str = "FOR UPDATE";
-    /// A plain transaction: the plan row's lock serialises writers.
-    const BEGIN: &'static str = "BEGIN";
+    /// A transaction at READ COMMITTED, whatever the database's
+    /// `default_transaction_isolation`: the plan row's lock serialises writers,
+    /// and each statement after it reads what the writer before committed (the
+    /// batch's opening call relies on it). At REPEATABLE READ a writer that waited
+    /// for the lock would fail with a serialization error.
+    const BEGIN: &'static str = "BEGIN ISOLATION LEVEL READ COMMITTED";
     /// How a hot-path statement unpacks its JSON array argument.
     const JSON: super::books::JsonDialect = super::books::JsonDialect::JsonbElements;
 
