@@ -86,7 +86,11 @@ impl PostgresStore {
                 )),
             };
         }
-        let mut conn = PgWriter::new(self.write_connection().await?, self.pool.clone());
+        // A probe, not a batch: it has no use for the function that opens one.
+        let mut conn = PgWriter {
+            open_batch: OpenBatch::StepByStep,
+            ..PgWriter::new(self.write_connection().await?, self.pool.clone())
+        };
         conn.begin().await?;
         let locked = conn.read_plan().await;
         let ended = conn.rollback().await;
@@ -236,9 +240,10 @@ enum OpenBatch {
     Unmade,
     /// Made: a batch opens in one round trip.
     Made,
-    /// Refused: the role may not make temporary objects in the database (its
-    /// `TEMPORARY` privilege revoked). Batches ask step by step.
-    Refused,
+    /// Not to be made: the role may not make temporary objects in the database
+    /// (its `TEMPORARY` privilege revoked), or the connection only probes the
+    /// plan row's lock (`check_held_write_lock`). Batches ask step by step.
+    StepByStep,
 }
 
 impl PgWriter {
@@ -268,7 +273,7 @@ impl PgWriter {
                         tracing::warn!(error = %e, "the database refuses this role temporary \
                             objects (its TEMPORARY privilege): each batch of the gateway takes \
                             two more round trips");
-                        OpenBatch::Refused
+                        OpenBatch::StepByStep
                     }
                     Err(e) => return Err(db_error(e)),
                 };
