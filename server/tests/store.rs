@@ -1765,3 +1765,48 @@ async fn postgres_a_stricter_default_isolation_changes_nothing() {
     admin.close().await;
     two_replicas_admit_exactly_ten(&db).await;
 }
+
+/// PostgreSQL: timeouts an operator may set on the database are answered as
+/// what they are (DESIGN.md §6): a session ended by `idle_session_timeout`
+/// (57P05) is a lost connection, replaced at the next write; a statement
+/// cancelled by a `statement_timeout` shorter than the lock wait (57014), while
+/// another session holds the plan row, is the database busy, not a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_timeouts_set_on_the_database_are_answered_as_such() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let database = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    for setting in ["idle_session_timeout = '1s'", "statement_timeout = '1s'"] {
+        sqlx::query(&format!("ALTER DATABASE {database} SET {setting}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    // The hot path's connection is ended while idle.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    let mut holder = admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM plans FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let blocked = store
+        .reserve(app::store::ReserveRequest {
+            catalog: setup.catalog.clone(),
+            model: ModelId::new("mid"),
+            estimate: estimate(10),
+            spender: Spender::default(),
+            owner: "test".into(),
+            lease_until: now() + Duration::minutes(5),
+            now: now(),
+        })
+        .await;
+    assert!(matches!(blocked, Err(StoreError::Busy(_))), "{blocked:?}");
+    holder.rollback().await.unwrap();
+    admin.close().await;
+}

@@ -1125,7 +1125,7 @@ fn is_unavailable_code(code: &str) -> bool {
         || code.starts_with("53")
         || matches!(
             code,
-            "3D000" | "57P01" | "57P02" | "57P03" | "25006" | "58030"
+            "3D000" | "57P01" | "57P02" | "57P03" | "57P05" | "25006" | "58030"
         )
         || sqlite_primary_code(code).is_some_and(|n| matches!(n, 8 | 10 | 13 | 14))
 }
@@ -1145,7 +1145,10 @@ fn sqlite_primary_code(code: &str) -> Option<i32> {
 /// (sqlx gives SQLite's extended code as a number), or PostgreSQL's
 /// `lock_not_available` (`55P03`).
 fn is_busy_code(code: &str) -> bool {
-    code == "55P03" || sqlite_primary_code(code).is_some_and(|n| matches!(n, 5 | 6))
+    // 55P03 a lock not granted within `lock_timeout`; 57014 a statement
+    // cancelled, as a `statement_timeout` the operator set below it does.
+    matches!(code, "55P03" | "57014")
+        || sqlite_primary_code(code).is_some_and(|n| matches!(n, 5 | 6))
 }
 
 /// What kind of failure a database error is, for [`database_error`].
