@@ -84,8 +84,9 @@ impl Spool {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             create_private_dir(&dir)?;
-            // Hidden, so never taken for an entry.
-            let probe = dir.join(".write-check");
+            // Hidden, so never taken for an entry; a name of its own, since
+            // several processes may check one folder at the same instant.
+            let probe = dir.join(format!(".write-check-{}", uuid::Uuid::new_v4()));
             let mut file = atomic_write_file::AtomicWriteFile::open(&probe)?;
             file.write_all(b"{}")?;
             file.commit()?;
@@ -410,5 +411,22 @@ mod tests {
         let pending = entry("r-1", None, 0);
         assert!(spool.put(&pending).await.is_err());
         assert!(spool.claim(&pending.reservation));
+    }
+
+    /// Several processes started at once in one folder each check it: none
+    /// may take another's check file for its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn processes_checking_one_folder_at_once_all_pass_and_leave_it_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("spool");
+        let checks = (0..64).map(|_| {
+            let spool = Spool::new(folder.clone());
+            tokio::spawn(async move { spool.prepare().await })
+        });
+        for check in futures::future::join_all(checks).await {
+            check.unwrap().unwrap();
+        }
+        let left: Vec<_> = std::fs::read_dir(&folder).unwrap().collect();
+        assert!(left.is_empty(), "left in the folder: {left:?}");
     }
 }
