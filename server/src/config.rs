@@ -449,26 +449,27 @@ fn parse_file(text: &str) -> Result<ConfigFile, String> {
 }
 
 fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
-    // rust_decimal's `FromStr` falls back to scientific notation ("1e3" = 1000):
-    // an amount of money is written out, so an exponent is refused, not guessed.
-    let text = text.trim();
-    let plain = text
-        .strip_prefix('-')
-        .unwrap_or(text)
-        .bytes()
-        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'_');
-    if !plain {
-        return Err(invalid(
-            key,
-            format!("{text:?} is not a decimal number like \"12.50\""),
-        ));
-    }
-    text.parse::<Decimal>().map_err(|_| {
+    // Written out as the CLI and the tab take it: digits with at most one
+    // point. rust_decimal's `FromStr` would also take an exponent ("1e3" =
+    // 1000) and underscores ("1_000"), and a space around it would be a typo
+    // the file keeps: refused, not guessed.
+    let not_plain = || {
         invalid(
             key,
-            format!("{text:?} is not a decimal number like \"12.50\""),
+            format!(
+                "{text:?} is not a decimal number like \"12.50\" \
+                 (digits and one point; no spaces, underscores or exponent)"
+            ),
         )
-    })
+    };
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let plain = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && digits.bytes().filter(|&b| b == b'.').count() <= 1;
+    if !plain {
+        return Err(not_plain());
+    }
+    text.parse::<Decimal>().map_err(|_| not_plain())
 }
 
 /// A timeout key's value in seconds: `default` when absent, else 1 to an hour.
@@ -947,6 +948,12 @@ mod tests {
         let cases = [
             ("[plan]\nbudget_eur = \"-1\"", "plan.budget_eur", "negative"),
             ("[plan]\nbudget_eur = \"abc\"", "plan.budget_eur", "decimal"),
+            ("[plan]\nbudget_eur = \"1_000\"", "plan.budget_eur", "underscores"),
+            ("[plan]\nbudget_eur = \" 1.00\"", "plan.budget_eur", "no spaces"),
+            ("[plan]\nbudget_eur = \"1.00 \"", "plan.budget_eur", "no spaces"),
+            ("[plan]\nbudget_eur = \"+1.00\"", "plan.budget_eur", "decimal"),
+            ("[plan]\nbudget_eur = \"1.0.0\"", "plan.budget_eur", "one point"),
+            ("[plan]\nbudget_eur = \"\"", "plan.budget_eur", "decimal"),
             (
                 "[plan]\noverage_eur = \"1e3\"",
                 "plan.overage_eur",
