@@ -15,7 +15,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io::Write as _,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -24,7 +24,7 @@ use app::{
     store::{Actor, LimitChange, SharedStore, StoreError},
 };
 use chrono::Utc;
-use common::{lock::WriteLockHolder, TestDb};
+use common::{lock::WriteLockHolder, Logs, TestDb};
 use serde_json::{json, Value};
 use server::{
     config::{Config, Overrides},
@@ -41,31 +41,19 @@ const KEY_VAR: &str = "TOLLGATE_TEST_UPSTREAM_KEY";
 // ---------------------------------------------------------------------------
 // Logs: one global subscriber writing into memory, so tests can read every line.
 
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+fn captured_logs() -> Logs {
+    static LOGS: OnceLock<Logs> = OnceLock::new();
     LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = buffer.clone();
+        let logs = Logs::default();
+        let writer = logs.clone();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(
                 "debug,server=trace,reqwest=trace,hyper=trace,hyper_util=trace",
             ))
             .with_ansi(false)
-            .with_writer(move || LogWriter(writer.clone()))
+            .with_writer(move || writer.clone())
             .try_init();
-        buffer
+        logs
     })
     .clone()
 }
@@ -1510,7 +1498,7 @@ async fn the_upstream_key_never_leaks(db: &TestDb) {
         assert!(!body.contains(&h.upstream_key), "leaked in {body}");
         assert!(!body.contains("DO-NOT-LEAK"), "leaked in {body}");
     }
-    let logs = String::from_utf8(captured_logs().lock().unwrap().clone()).unwrap();
+    let logs = captured_logs().text();
     assert!(
         logs.contains("refused the gateway's credentials"),
         "the log capture works"

@@ -1680,28 +1680,11 @@ async fn postgres_a_role_refused_temporary_objects_admits_and_settles() {
     let setup = setup(100 * EUR, 0);
     // The schema, made by the owner.
     drop(db.store(&setup).await);
-    let role = format!("tollgate_no_temp_{}", uuid::Uuid::new_v4().simple());
-    let db = WithRole {
-        db: Some(db),
-        role: role.clone(),
-    };
-    let db = db.db.as_ref().unwrap();
-    let mut url = url::Url::parse(&db.url).unwrap();
-    let database = url.path().trim_start_matches('/').to_owned();
     let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
-    for grant in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC"),
-        format!("GRANT CREATE ON DATABASE {database} TO {role}"),
-        format!("GRANT USAGE, CREATE ON SCHEMA public, tower_sessions TO {role}"),
-        format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public, tower_sessions \
-             TO {role}"
-        ),
-        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public, tower_sessions TO {role}"),
-    ] {
-        sqlx::query(&grant).execute(&admin).await.unwrap();
-    }
+    let (db, url) = WithRole::not_owning(db, &admin, Temporary::Refused).await;
+    let role = db.role.clone();
+    let db = db.db.as_ref().unwrap();
+    let database = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
     let may_make_temporary: bool =
         sqlx::query_scalar("SELECT has_database_privilege($1, $2, 'TEMPORARY')")
             .bind(&role)
@@ -1710,8 +1693,7 @@ async fn postgres_a_role_refused_temporary_objects_admits_and_settles() {
             .await
             .unwrap();
     assert!(!may_make_temporary);
-    url.set_username(&role).unwrap();
-    let store = db.reached_at(url.to_string()).store(&setup).await;
+    let store = db.reached_at(url).store(&setup).await;
     // 1,000 prompt tokens at 0.5 EUR and 500 output tokens at 2 EUR per million.
     let spent = Nanos::new(EUR / 2000 + EUR / 1000);
     for _ in 0..3 {
@@ -1729,11 +1711,116 @@ async fn postgres_a_role_refused_temporary_objects_admits_and_settles() {
     admin.close().await;
 }
 
+/// PostgreSQL: the store's vacuum of its reservations table (`db::postgres`)
+/// logs no line a second: not when another session holds the table's vacuum
+/// lock (another replica's vacuum, autovacuum), and for a role that may not
+/// vacuum the table one warning that it is left to autovacuum.
+#[tokio::test]
+async fn postgres_the_vacuum_of_holds_does_not_fill_the_log() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    // Current-thread runtime: every task of the store logs on this thread.
+    let logs = common::Logs::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_ansi(false)
+            .with_writer({
+                let logs = logs.clone();
+                move || logs.clone()
+            })
+            .finish(),
+    );
+    let ticks = std::time::Duration::from_millis(3500);
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut vacuuming = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE reservations IN SHARE UPDATE EXCLUSIVE MODE")
+        .execute(&mut *vacuuming)
+        .await
+        .unwrap();
+    tokio::time::sleep(ticks).await;
+    vacuuming.rollback().await.unwrap();
+    drop(store);
+    assert_eq!(
+        logs.text(),
+        "",
+        "while another session held the vacuum lock"
+    );
+
+    let (db, url) = WithRole::not_owning(db, &admin, Temporary::Allowed).await;
+    let store = db.db.as_ref().unwrap().reached_at(url).store(&setup).await;
+    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    tokio::time::sleep(ticks).await;
+    drop(store);
+    let text = logs.text();
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "as a role that owns nothing: {text}"
+    );
+    assert!(
+        text.contains("may not vacuum the reservations table") && text.contains("autovacuum"),
+        "{text}"
+    );
+    admin.close().await;
+}
+
 /// A test database and a role made for it, both dropped when this is, the
 /// database first (the role holds privileges in it), pass or fail.
 struct WithRole {
     db: Option<TestDb>,
     role: String,
+}
+
+/// Whether a role made by [`WithRole::not_owning`] may make temporary objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Temporary {
+    Allowed,
+    /// Its database's `TEMPORARY` privilege revoked from `PUBLIC`.
+    Refused,
+}
+
+impl WithRole {
+    /// A login role that may read and write `db`'s tables (made already, by
+    /// the owner) but owns none of them, and the URL of `db` as that role.
+    async fn not_owning(
+        db: TestDb,
+        admin: &sqlx::PgPool,
+        temporary: Temporary,
+    ) -> (WithRole, String) {
+        let role = format!("tollgate_not_owner_{}", uuid::Uuid::new_v4().simple());
+        let mut url = url::Url::parse(&db.url).unwrap();
+        let database = url.path()[1..].to_owned();
+        let db = WithRole {
+            db: Some(db),
+            role: role.clone(),
+        };
+        let mut grants = vec![
+            format!("CREATE ROLE {role} LOGIN"),
+            format!("GRANT CREATE ON DATABASE {database} TO {role}"),
+            format!("GRANT USAGE, CREATE ON SCHEMA public, tower_sessions TO {role}"),
+            format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public, \
+                 tower_sessions TO {role}"
+            ),
+            format!(
+                "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public, tower_sessions TO {role}"
+            ),
+        ];
+        if temporary == Temporary::Refused {
+            grants.push(format!(
+                "REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC"
+            ));
+        }
+        for grant in grants {
+            sqlx::query(&grant).execute(admin).await.unwrap();
+        }
+        url.set_username(&role).unwrap();
+        (db, url.to_string())
+    }
 }
 
 impl Drop for WithRole {

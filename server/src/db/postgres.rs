@@ -123,7 +123,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(ConnectError::Open)?;
         sqlx::migrate!("../migrations/postgres")
@@ -143,7 +143,14 @@ impl PostgresStore {
                 execute_batch,
             )
         };
-        tokio::spawn(vacuum_holds(pool.clone(), batcher.downgrade()));
+        // Its own connection, which does not show the vacuum's warnings: one that
+        // skips the table while another session vacuums it (another replica,
+        // autovacuum) is routine, and would log a line a second.
+        let quiet = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.options([("client_min_messages", "error")]));
+        tokio::spawn(vacuum_holds(quiet, batcher.downgrade()));
         Ok(Self { pool, batcher })
     }
 
@@ -187,16 +194,38 @@ const VACUUM_HOLDS: &str = "VACUUM (SKIP_LOCKED, TRUNCATE false) reservations";
 ///
 /// A vacuum that fails (the database out of reach, say) is tried again at the
 /// next tick; the first failure after a success is logged as a warning, the
-/// rest at debug level, so an outage does not log a line a second. A role that
-/// does not own the table gets only PostgreSQL's warning, and no vacuum.
+/// rest at debug level, so an outage does not log a line a second. A vacuum
+/// that skips the table because another session vacuums it is not logged
+/// (`pool`'s sessions show errors only). A role that may not vacuum the table
+/// ([`may_vacuum_holds`]) gets one warning, and the table is left to
+/// autovacuum.
 async fn vacuum_holds(pool: PgPool, batcher: WeakBatcher<PgWriter>) {
     let mut tick = tokio::time::interval(VACUUM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut allowed = false;
     loop {
         tick.tick().await;
         if batcher.upgrade().is_none() {
             return;
+        }
+        if !allowed {
+            match may_vacuum_holds(&pool).await {
+                Ok(true) => allowed = true,
+                Ok(false) => {
+                    tracing::warn!(
+                        "this role may not vacuum the reservations table (only its owner, \
+                         the database's owner or a superuser may): it is left to autovacuum, \
+                         and admissions slow down as its dead rows pile up"
+                    );
+                    return;
+                }
+                // The database out of reach: asked again at the next tick.
+                Err(error) => {
+                    tracing::debug!(%error, "could not ask whether this role may vacuum");
+                    continue;
+                }
+            }
         }
         // Not `answered`: its log line at every unanswered try is what the
         // `failing` flag keeps out of an outage's log.
@@ -220,6 +249,24 @@ async fn vacuum_holds(pool: PgPool, batcher: WeakBatcher<PgWriter>) {
             }
         }
     }
+}
+
+/// Whether the session's role may vacuum the reservations table: it is a
+/// superuser, or has the rights of the table's owner or of the database's
+/// owner, or (PostgreSQL 17 and later) the table's `MAINTAIN` privilege.
+async fn may_vacuum_holds(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT r.rolsuper \
+             OR pg_has_role(c.relowner, 'USAGE') \
+             OR pg_has_role(d.datdba, 'USAGE') \
+             OR CASE WHEN current_setting('server_version_num')::int >= 170000 \
+                     THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END \
+         FROM pg_roles r, pg_class c, pg_database d \
+         WHERE r.rolname = current_user AND c.oid = 'reservations'::regclass \
+           AND d.datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// The batcher's connection on PostgreSQL, with the pool it came from, from

@@ -6,7 +6,10 @@
     reason = "a broken fixture should stop the test at once"
 )]
 
-use std::{str::FromStr, sync::Arc};
+use std::{
+    str::FromStr,
+    sync::{Arc, Mutex},
+};
 
 use app::{
     domain::{Catalog, Model, ModelId, Nanos, PlanAmounts, PricePerMTok, Prices},
@@ -283,3 +286,25 @@ macro_rules! on_both_backends {
 
 pub mod cut;
 pub mod lock;
+
+/// Log lines kept in memory for a test to read: the writer of a
+/// `tracing_subscriber::fmt` subscriber (`with_writer(move || logs.clone())`).
+#[derive(Debug, Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
