@@ -1897,3 +1897,69 @@ async fn postgres_timeouts_set_on_the_database_are_answered_as_such() {
     holder.rollback().await.unwrap();
     admin.close().await;
 }
+
+/// Writers of other replicas queued on the plan row: the hot path's statement
+/// waits for the lock in turns, each within `lock_timeout`, longer in all than
+/// the hot path waits for an answer. It is answered busy, not taken for a lost
+/// connection.
+#[tokio::test]
+async fn postgres_a_write_queued_behind_several_writers_is_answered_busy() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut first = admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM plans FOR UPDATE")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    // The second writer queues behind the first, and holds the row once the
+    // first is done.
+    let second = tokio::spawn({
+        let admin = admin.clone();
+        async move {
+            let mut second = admin.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM plans FOR UPDATE")
+                .execute(&mut *second)
+                .await
+                .unwrap();
+            second
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let blocked = tokio::spawn({
+        let store = store.clone();
+        let catalog = setup.catalog.clone();
+        async move {
+            store
+                .reserve(ReserveRequest {
+                    model: ModelId::new("mid"),
+                    catalog,
+                    estimate: estimate(10),
+                    spender: Spender::default(),
+                    owner: "test".into(),
+                    lease_until: now() + Duration::minutes(5),
+                    now: now(),
+                })
+                .await
+        }
+    });
+    // The hot path's statement now waits behind the second writer; the first
+    // lets go before the lock timeout, and the second holds on.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    first.rollback().await.unwrap();
+    let second = second.await.unwrap();
+    let blocked = blocked.await.unwrap();
+    assert!(
+        matches!(blocked, Err(StoreError::Busy(_))),
+        "{blocked:?} after {:?}",
+        started.elapsed()
+    );
+    second.rollback().await.unwrap();
+    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    admin.close().await;
+}

@@ -86,11 +86,9 @@ impl PostgresStore {
                 )),
             };
         }
-        // A probe, not a batch: it has no use for the function that opens one.
-        let mut conn = PgWriter {
-            open_batch: OpenBatch::StepByStep,
-            ..PgWriter::new(self.write_connection().await?, self.pool.clone())
-        };
+        // A probe, not a batch: it has no use for the hot path's session.
+        let mut conn = PgWriter::new(self.write_connection().await?, self.pool.clone());
+        conn.open_batch = OpenBatch::Probe;
         conn.begin().await?;
         let locked = conn.read_plan().await;
         let ended = conn.rollback().await;
@@ -275,22 +273,54 @@ async fn may_vacuum_holds(pool: &PgPool) -> Result<bool, sqlx::Error> {
 pub(crate) struct PgWriter {
     conn: PoolConnection<Postgres>,
     pool: PgPool,
-    /// Whether `conn` has the function that opens a batch
+    /// Whether `conn`'s session is set up for the hot path: its statement
+    /// timeout ([`HOT_STATEMENT_TIMEOUT`]) and the function that opens a batch
     /// (`books::HotSql::open_batch`, a temporary function of its session).
     open_batch: OpenBatch,
 }
 
-/// Whether a connection has the function that opens a batch.
+/// How far a connection's session is set up for the hot path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpenBatch {
-    /// Not made yet on this connection.
+    /// Not set up yet.
     Unmade,
-    /// Made: a batch opens in one round trip.
+    /// Set up, with the function: a batch opens in one round trip.
     Made,
-    /// Not to be made: the role may not make temporary objects in the database
-    /// (its `TEMPORARY` privilege revoked), or the connection only probes the
-    /// plan row's lock (`check_held_write_lock`). Batches ask step by step.
+    /// Set up without the function: the role may not make temporary objects
+    /// in the database (its `TEMPORARY` privilege revoked). Batches ask step by
+    /// step.
     StepByStep,
+    /// Never set up: the connection only probes the plan row's lock
+    /// (`check_held_write_lock`), and goes back to the pool as it came.
+    Probe,
+}
+
+/// The statement timeout of the hot path's sessions, unless the database sets
+/// a shorter one: below [`ANSWER_WAIT`], so that a statement that waits for the
+/// plan row's lock in turns (behind a queue of other replicas' writers, each
+/// turn with its own `lock_timeout`) is ended by the database as busy
+/// (SQLSTATE 57014: HTTP 503 `database_busy`), before the hot path takes its
+/// connection for lost (`database_unavailable`).
+const HOT_STATEMENT_TIMEOUT: &str = "12s";
+
+/// Sets a session's statement timeout to [`HOT_STATEMENT_TIMEOUT`] where it is
+/// off or longer; one the database sets shorter is kept.
+fn set_hot_statement_timeout() -> String {
+    format!(
+        "SELECT set_config('statement_timeout', '{HOT_STATEMENT_TIMEOUT}', false) \
+         WHERE current_setting('statement_timeout')::interval = '0' \
+            OR current_setting('statement_timeout')::interval > '{HOT_STATEMENT_TIMEOUT}'"
+    )
+}
+
+impl Drop for PgWriter {
+    /// A session set up for the hot path is closed rather than given back to
+    /// the pool, whose other users keep the database's statement timeout.
+    fn drop(&mut self) {
+        if self.open_batch != OpenBatch::Probe {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 impl PgWriter {
@@ -302,13 +332,19 @@ impl PgWriter {
         }
     }
 
-    /// Opens a batch's transaction on this connection, first making the function
-    /// that opens a batch if the connection has not got it yet: outside the
-    /// transaction, so that a batch rolled back does not take it away. A role
-    /// refused temporary objects (SQLSTATE 42501) gets a warning, and its batches
-    /// ask step by step.
+    /// Opens a batch's transaction on this connection, first setting up its
+    /// session if it is not yet: the statement timeout, and the function that
+    /// opens a batch, outside the transaction, so that a batch rolled back does
+    /// not take them away. A role refused temporary objects (SQLSTATE 42501)
+    /// gets a warning, and its batches ask step by step.
     async fn begin_here(&mut self) -> Result<(), StoreError> {
         if self.open_batch == OpenBatch::Unmade {
+            sqlx::query(&set_hot_statement_timeout())
+                .persistent(false)
+                .execute(&mut *self.conn)
+                .await
+                .map_err(db_error)?;
+            self.open_batch = OpenBatch::StepByStep;
             if let Some(sql) = &hot_sql().open_batch {
                 let made = sqlx::query(&sql.create)
                     .persistent(false)
@@ -322,7 +358,10 @@ impl PgWriter {
                             two more round trips");
                         OpenBatch::StepByStep
                     }
-                    Err(e) => return Err(db_error(e)),
+                    Err(e) => {
+                        self.open_batch = OpenBatch::Unmade;
+                        return Err(db_error(e));
+                    }
                 };
             }
         }
@@ -398,7 +437,9 @@ impl HotPath for PgWriter {
             tracing::info!("the hot path's connection was lost: connecting anew");
             self.conn.close_on_drop();
             self.conn = self.pool.acquire().await.map_err(db_error)?;
-            self.open_batch = OpenBatch::Unmade;
+            if self.open_batch != OpenBatch::Probe {
+                self.open_batch = OpenBatch::Unmade;
+            }
             answered_store(self.begin_here()).await?;
         } else {
             begun?;
