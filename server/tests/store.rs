@@ -1898,6 +1898,53 @@ async fn postgres_timeouts_set_on_the_database_are_answered_as_such() {
     admin.close().await;
 }
 
+/// PostgreSQL: a connection lost between an admission's `COMMIT` and its
+/// answer. The admission is answered `Unavailable` (its caller gets 503 and
+/// never uses the hold), though the database kept the hold; the next batch, on
+/// a new connection, releases it, instead of its holding room until its lease
+/// ends (DESIGN.md R7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_hold_committed_without_an_answer_is_released() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let setup = setup(100 * EUR, 0);
+    let link = common::cut::Link::to_server_of(&db.url).await;
+    let store = db.reached_at(link.url_through(&db.url)).store(&setup).await;
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let holds = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM reservations")
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+
+    link.lose_answer_to_next_commit();
+    let lost = store
+        .reserve(ReserveRequest {
+            catalog: setup.catalog.clone(),
+            model: ModelId::new("mid"),
+            estimate: estimate(10),
+            spender: Spender::default(),
+            owner: "test".into(),
+            lease_until: now() + Duration::minutes(5),
+            now: now(),
+        })
+        .await;
+    assert!(matches!(lost, Err(StoreError::Unavailable(_))), "{lost:?}");
+    assert_eq!(holds().await, 1, "the database kept the hold");
+
+    let hold = admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    assert_eq!(holds().await, 1, "only the new hold is left");
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, hold.amount);
+    store.release(&hold.id).await.unwrap();
+    assert_eq!(holds().await, 0);
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.reserved, Nanos::ZERO);
+    admin.close().await;
+}
+
 /// Writers of other replicas queued on the plan row: the hot path's statement
 /// waits for the lock in turns, each within `lock_timeout`, longer in all than
 /// the hot path waits for an answer. It is answered busy, not taken for a lost

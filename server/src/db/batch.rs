@@ -246,14 +246,16 @@ pub(crate) struct Writer<C> {
 
 /// What a batch hands back: its writer, unless its connection must be replaced
 /// (after a database error or a panic), and the reservations whose callers were
-/// gone.
+/// gone or were answered an error though the database may have committed them.
 pub(crate) type BatchEnd<C> = (Option<Writer<C>>, Vec<ReservationId>);
 
 impl<C: Send + 'static> Batcher<C> {
     /// Start the batcher task. `connect` gives it a write connection, when it has
     /// none; `execute` applies one batch on it and answers each of its operations
     /// (see [`answer_all`]). The reservations whose callers were gone are then
-    /// released. The task ends when the last handle is dropped.
+    /// released; if the batch lost its connection, with the next batch, on the
+    /// next connection (once: if that fails too, their leases end them). The
+    /// task ends when the last handle is dropped.
     pub(crate) fn spawn<A, AF, F, Fut>(connect: A, mut execute: F) -> Batcher<C>
     where
         A: Fn() -> AF + Send + 'static,
@@ -268,6 +270,8 @@ impl<C: Send + 'static> Batcher<C> {
         tokio::spawn(async move {
             let mut writer: Option<Writer<C>> = None;
             let mut ops: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+            // Reservations to release with the next batch.
+            let mut unreleased: Vec<ReservationId> = Vec::new();
             loop {
                 working.set(None);
                 // Let the callers of the last batch queue their next write first.
@@ -302,23 +306,35 @@ impl<C: Send + 'static> Batcher<C> {
                     },
                 };
                 writer = match work {
-                    Work::Batch(batch) => {
+                    Work::Batch(mut batch) => {
+                        if !unreleased.is_empty() {
+                            batch
+                                .splice(0..0, unreleased.drain(..).map(|id| Op::Release(id, None)));
+                        }
                         let (after, orphans) = run(execute(current, batch)).await;
-                        if orphans.is_empty() {
-                            after
-                        } else {
-                            tracing::info!(
-                                released = orphans.len(),
-                                "released reservations whose callers went away"
-                            );
-                            let releases = orphans
-                                .into_iter()
-                                .map(|id| Op::Release(id, None))
-                                .collect();
-                            match after {
-                                Some(after) => run(execute(after, releases)).await.0,
-                                // Their leases end them.
-                                None => None,
+                        match after {
+                            _ if orphans.is_empty() => after,
+                            Some(after) => {
+                                tracing::info!(
+                                    released = orphans.len(),
+                                    "released reservations whose callers went away"
+                                );
+                                let releases = orphans
+                                    .into_iter()
+                                    .map(|id| Op::Release(id, None))
+                                    .collect();
+                                run(execute(after, releases)).await.0
+                            }
+                            None => {
+                                tracing::warn!(
+                                    reservations = orphans.len(),
+                                    "a batch lost its connection: reservations no one will \
+                                     use (their callers went away, or were answered an error \
+                                     though the database may have kept them) are released \
+                                     with the next batch"
+                                );
+                                unreleased = orphans;
+                                None
                             }
                         }
                     }
@@ -494,8 +510,10 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
         mut conn,
         mut books,
     } = writer;
+    // Holds whose commit went unanswered: released by the batcher.
+    let mut unanswered = Vec::new();
     if ops.len() > 1 {
-        match try_batch(&mut conn, books.take(), &ops).await {
+        match try_batch(&mut conn, books.take(), &ops, &mut unanswered).await {
             Ok((answers, books)) => {
                 return (Some(Writer { conn, books }), answer_all(ops, answers))
             }
@@ -518,7 +536,7 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
             Err(error @ StoreError::Unavailable(_)) => {
                 fail_all(ops, &error);
                 conn.discard();
-                return (None, Vec::new());
+                return (None, unanswered);
             }
             Err(e) => tracing::warn!(
                 error = %e,
@@ -537,7 +555,14 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
             op.fail(error.clone());
             continue;
         }
-        let answers = match try_batch(&mut conn, books.take(), std::slice::from_ref(&op)).await {
+        let answers = match try_batch(
+            &mut conn,
+            books.take(),
+            std::slice::from_ref(&op),
+            &mut unanswered,
+        )
+        .await
+        {
             Ok((answers, after)) => {
                 books = after;
                 answers
@@ -552,6 +577,7 @@ pub(crate) async fn execute_batch<C: HotPath>(writer: Writer<C>, ops: Vec<Op>) -
         };
         orphans.extend(answer_all(vec![op], answers));
     }
+    orphans.append(&mut unanswered);
     // A database error may have broken the connection (or left a transaction
     // open): it is closed, and the batcher connects anew.
     if !healthy {
@@ -566,10 +592,17 @@ type BatchDone = (Vec<Answer>, Option<BatchBooks>);
 
 /// One transaction over `ops`, in order; any error rolls back all of them. Blocks
 /// and unknown reservations are answers, not errors: they write nothing.
+///
+/// When the database went out of reach while the transaction was being
+/// written or committed ([`StoreError::Unavailable`] from `HotPath::write`), it
+/// may have committed all the same: the holds it was taking are then put in
+/// `unanswered_holds`, for the caller to release (their admissions were
+/// answered with the error, so no one will use them).
 async fn try_batch<C: HotPath>(
     conn: &mut C,
     carried: Option<BatchBooks>,
     ops: &[Op],
+    unanswered_holds: &mut Vec<ReservationId>,
 ) -> Result<BatchDone, StoreError> {
     let keys: Vec<&str> = ops
         .iter()
@@ -585,7 +618,11 @@ async fn try_batch<C: HotPath>(
         ));
     }
     let mut in_transaction = false;
-    let result = batch_in_transaction(conn, carried, ops, &mut in_transaction).await;
+    let mut writing = Vec::new();
+    let result = batch_in_transaction(conn, carried, ops, &mut in_transaction, &mut writing).await;
+    if let Err(StoreError::Unavailable(_)) = &result {
+        unanswered_holds.append(&mut writing);
+    }
     match &result {
         // Nothing of the batch is kept. A connection that cannot even roll back is
         // replaced (a database error does that).
@@ -602,12 +639,14 @@ async fn try_batch<C: HotPath>(
 
 /// The body of [`try_batch`]: opens the transaction and, unless it fails,
 /// commits it. Keeps `in_transaction` telling whether a transaction is open,
-/// which the caller rolls back on an error.
+/// which the caller rolls back on an error, and puts in `writing` the holds it
+/// takes once it writes them.
 async fn batch_in_transaction<C: HotPath>(
     conn: &mut C,
     carried: Option<BatchBooks>,
     ops: &[Op],
     in_transaction: &mut bool,
+    writing: &mut Vec<ReservationId>,
 ) -> Result<BatchDone, StoreError> {
     let ending: Vec<&str> = ops
         .iter()
@@ -818,6 +857,10 @@ async fn batch_in_transaction<C: HotPath>(
         .collect::<Result<Vec<_>, _>>()?;
     let changes = books.changes();
     let counters = counter_changes(&changes);
+    *writing = reservations
+        .iter()
+        .map(|new| ReservationId(new.row.id.clone()))
+        .collect();
     let written = conn.write(&reservations, &events, &counters).await?;
     // Committed.
     *in_transaction = false;
