@@ -44,6 +44,19 @@ async fn reserve(
     estimate: TokenEstimate,
     at: DateTime<Utc>,
 ) -> ReserveOutcome {
+    try_reserve(store, catalog, model, estimate, at)
+        .await
+        .unwrap()
+}
+
+/// [`reserve`], with the store's error.
+async fn try_reserve(
+    store: &SharedStore,
+    catalog: &Arc<Catalog>,
+    model: &str,
+    estimate: TokenEstimate,
+    at: DateTime<Utc>,
+) -> Result<ReserveOutcome, StoreError> {
     store
         .reserve(ReserveRequest {
             catalog: catalog.clone(),
@@ -55,7 +68,6 @@ async fn reserve(
             now: at,
         })
         .await
-        .unwrap()
 }
 
 fn admitted(outcome: ReserveOutcome) -> app::store::Reservation {
@@ -1882,17 +1894,7 @@ async fn postgres_timeouts_set_on_the_database_are_answered_as_such() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let blocked = store
-        .reserve(app::store::ReserveRequest {
-            catalog: setup.catalog.clone(),
-            model: ModelId::new("mid"),
-            estimate: estimate(10),
-            spender: Spender::default(),
-            owner: "test".into(),
-            lease_until: now() + Duration::minutes(5),
-            now: now(),
-        })
-        .await;
+    let blocked = try_reserve(&store, &setup.catalog, "mid", estimate(10), now()).await;
     assert!(matches!(blocked, Err(StoreError::Busy(_))), "{blocked:?}");
     holder.rollback().await.unwrap();
     admin.close().await;
@@ -1920,17 +1922,7 @@ async fn postgres_a_hold_committed_without_an_answer_is_released() {
     };
 
     link.lose_answer_to_next_commit();
-    let lost = store
-        .reserve(ReserveRequest {
-            catalog: setup.catalog.clone(),
-            model: ModelId::new("mid"),
-            estimate: estimate(10),
-            spender: Spender::default(),
-            owner: "test".into(),
-            lease_until: now() + Duration::minutes(5),
-            now: now(),
-        })
-        .await;
+    let lost = try_reserve(&store, &setup.catalog, "mid", estimate(10), now()).await;
     assert!(matches!(lost, Err(StoreError::Unavailable(_))), "{lost:?}");
     assert_eq!(holds().await, 1, "the database kept the hold");
 
@@ -1981,19 +1973,7 @@ async fn postgres_a_write_queued_behind_several_writers_is_answered_busy() {
     let blocked = tokio::spawn({
         let store = store.clone();
         let catalog = setup.catalog.clone();
-        async move {
-            store
-                .reserve(ReserveRequest {
-                    model: ModelId::new("mid"),
-                    catalog,
-                    estimate: estimate(10),
-                    spender: Spender::default(),
-                    owner: "test".into(),
-                    lease_until: now() + Duration::minutes(5),
-                    now: now(),
-                })
-                .await
-        }
+        async move { try_reserve(&store, &catalog, "mid", estimate(10), now()).await }
     });
     // The hot path's statement now waits behind the second writer; the first
     // lets go before the lock timeout, and the second holds on.
