@@ -32,9 +32,9 @@ pub struct ModelReport {
     pub id: ModelId,
     /// Its display name; the id for a model no longer in the catalog.
     pub display_name: String,
-    /// False for a model the config no longer lists: its spend still counts in the
-    /// cycle (and in the shares), but it takes no requests and no limit is saved for
-    /// it from the tab.
+    /// False for a model the catalog the books were set up with no longer lists:
+    /// its spend still counts in the cycle (and in the shares), but it takes no
+    /// requests and no limit is saved for it from the tab.
     pub in_catalog: bool,
     /// Spent on it in the cycle, EUR (exact).
     #[serde(rename = "spent_eur")]
@@ -105,32 +105,34 @@ impl SpendReport {
 #[cfg(feature = "ssr")]
 mod build {
     use super::*;
-    use crate::domain::{spend_by_model, Catalog, Nanos};
+    use crate::domain::{spend_by_model, Nanos};
     use crate::store::SpendSnapshot;
 
     impl SpendReport {
-        /// The report of `snapshot` over `catalog`: every catalog model, with its
-        /// spend, share (R8), limit and versions, then every model with spend that
-        /// the catalog no longer lists (R8: every model with spend has a row, and
-        /// the shares sum to 100.0 over the cycle's whole spend); status by R4.
-        pub fn build(snapshot: &SpendSnapshot, catalog: &Catalog) -> SpendReport {
+        /// The report of `snapshot`: every model of the catalog the books were
+        /// set up with, with its spend, share (R8), limit and versions, then every
+        /// model with spend that the catalog no longer lists (R8: every model with
+        /// spend has a row, and the shares sum to 100.0 over the cycle's whole
+        /// spend); status by R4.
+        pub fn build(snapshot: &SpendSnapshot) -> SpendReport {
             let books = |id: &ModelId| snapshot.models.iter().find(|m| &m.id == id);
-            let listed = catalog.models().iter().map(|m| {
+            let listed = |id: &ModelId| snapshot.catalog.iter().any(|m| &m.id == id);
+            let catalog = snapshot.catalog.iter().map(|m| {
                 let spent = books(&m.id).map(|b| b.counter.spent).unwrap_or(Nanos::ZERO);
                 (m.id.clone(), m.display_name.clone(), spent)
             });
             let retired = snapshot
                 .models
                 .iter()
-                .filter(|b| b.counter.spent > Nanos::ZERO && catalog.get(&b.id).is_none())
+                .filter(|b| b.counter.spent > Nanos::ZERO && !listed(&b.id))
                 .map(|b| (b.id.clone(), b.id.to_string(), b.counter.spent));
-            let spends = spend_by_model(listed.chain(retired));
+            let spends = spend_by_model(catalog.chain(retired));
             let models = spends
                 .into_iter()
                 .map(|row| {
                     let stored = books(&row.id).map(|b| b.limit).unwrap_or_default();
                     ModelReport {
-                        in_catalog: catalog.get(&row.id).is_some(),
+                        in_catalog: listed(&row.id),
                         spent: row.spent.to_money(),
                         share_percent: row.share_percent,
                         limit: stored.limit.limit.map(Nanos::to_money),

@@ -373,8 +373,21 @@ pub struct ModelBooks {
     pub limit: StoredLimit,
 }
 
-/// Everything the Token Limits tab and `GET /api/v1/spend` show, read in one
-/// consistent step from the counters (never from the ledger; R8).
+/// A model of the catalog the books were last set up with (the config's
+/// `[[models]]` as the last `serve` applied them), so that a report read from
+/// the database lists the catalog the limits are checked against, whichever
+/// process reads it (the CLI's config may be another, or none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogEntry {
+    /// The model's API id.
+    pub id: ModelId,
+    /// Its display name.
+    pub display_name: String,
+}
+
+/// Everything the Token Limits tab, `GET /api/v1/spend` and `tollgate spend`
+/// show, read in one consistent step from the counters (never from the ledger;
+/// R8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendSnapshot {
     /// The plan.
@@ -385,8 +398,10 @@ pub struct SpendSnapshot {
     pub settings: SettingsRecord,
     /// The workspace's totals in the cycle.
     pub workspace: Counter,
-    /// Every model that has a counter or a limit row (catalog order is the caller's).
+    /// Every model that has a counter or a limit row (in no order).
     pub models: Vec<ModelBooks>,
+    /// The catalog the books were set up with, in the config's order.
+    pub catalog: Vec<CatalogEntry>,
 }
 
 /// One row of the audit log.

@@ -6,6 +6,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use app::{
     domain::{format_eur, parse_eur_input, ModelLimit, Nanos},
+    report::{SpendReport, TabView},
     store::{Actor, LimitChange, Role, SharedStore},
 };
 use chrono::Utc;
@@ -116,6 +117,16 @@ pub enum Command {
         /// `on` or `off`.
         #[arg(value_parser = ["on", "off"])]
         state: String,
+    },
+    /// Print the current billing cycle's books as the Token Limits tab shows
+    /// them: period, status, spent and reserved against the plan, automatic
+    /// fallback, then each model's spend, share and limit (exact EUR, tab
+    /// separated). Read from the database, so the catalog is the one the server
+    /// applied, whatever config this command is given.
+    Spend {
+        /// Print the report of `GET /api/v1/spend` instead, as the same JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the audit log, newest first.
     Audit {
@@ -500,6 +511,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Spend { json } => spend(&store, json).await,
         Command::Audit { limit } => {
             for row in store.audit_log(limit).await? {
                 outln!(
@@ -900,6 +912,55 @@ async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()
         "recorded {recorded} demo usage events in the cycle starting {}",
         cycle.first_day
     );
+    Ok(())
+}
+
+/// `tollgate spend`: the current cycle's [`SpendReport`] (DESIGN.md §3, R4, R8),
+/// as the JSON of `GET /api/v1/spend` or as lines for the operator: one
+/// `name<TAB>value` line per figure, a blank line, then a table of the models in
+/// R8 order. Amounts are exact EUR (the tab rounds them to cents).
+///
+/// Errors: the store's, or an output that cannot be written.
+async fn spend(store: &SharedStore, json: bool) -> anyhow::Result<()> {
+    let report = SpendReport::build(&store.spend_snapshot(Utc::now()).await?);
+    if json {
+        let mut text = serde_json::to_string_pretty(&report)?;
+        text.push('\n');
+        return write_output(&text);
+    }
+    let tab = TabView::from(&report);
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    outln!("billing period\t{} – {}", tab.first_day, tab.last_day);
+    outln!("resets on\t{}", tab.resets_on);
+    outln!("status\t{}", report.status.label());
+    outln!("spent EUR\t{}", report.spent);
+    outln!("reserved EUR\t{}", report.reserved);
+    outln!("plan budget EUR\t{}", report.plan_budget);
+    outln!("overage limit EUR\t{}", report.overage_limit);
+    outln!("allowance EUR\t{}", report.allowance());
+    outln!("used\t{}%", tab.used_percent);
+    outln!("automatic fallback\t{}", on_off(report.automatic_fallback));
+    outln!("");
+    outln!("model\tname\tspent EUR\tshare %\tlimit EUR\tlimit");
+    // The tab's rows are the report's, in the same order.
+    for (model, row) in report.models.iter().zip(&tab.models) {
+        let limit = match (model.in_catalog, model.limit) {
+            (false, _) => "not in the catalog",
+            (true, None) => "none",
+            (true, Some(_)) if row.limit_reached => "enabled, reached",
+            (true, Some(_)) if model.limit_enabled => "enabled",
+            (true, Some(_)) => "disabled",
+        };
+        outln!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            model.id,
+            model.display_name,
+            model.spent,
+            model.share_percent,
+            model.limit.map(|cap| cap.to_string()).unwrap_or_default(),
+            limit
+        );
+    }
     Ok(())
 }
 

@@ -838,6 +838,169 @@ max_output_tokens = 1000
     assert_eq!(plan().await, before);
 }
 
+/// `spend` prints the current cycle's books as the tab shows them, in exact
+/// EUR, over the catalog the books were set up with, whatever config it is
+/// given (here none: the embedded default lists other models); `--json` prints
+/// the report of `GET /api/v1/spend`.
+#[tokio::test]
+async fn spend_prints_the_books_of_the_cycle() {
+    let cli = Cli::new();
+    let config = cli.dir.path().join("house.toml");
+    std::fs::write(
+        &config,
+        r#"
+[workspace]
+name = "House"
+timezone = "Europe/Berlin"
+[plan]
+budget_eur = "42.00"
+overage_eur = "8"
+start = "2026-01-31"
+[[upstreams]]
+name = "house"
+base_url = "http://127.0.0.1:9/v1"
+[[models]]
+id = "house-model"
+display_name = "House model"
+upstream = "house"
+input_eur_per_mtok = "1"
+output_eur_per_mtok = "2"
+max_output_tokens = 10000
+[[models]]
+id = "cheap-model"
+display_name = "Cheap model"
+upstream = "house"
+input_eur_per_mtok = "0.5"
+output_eur_per_mtok = "1"
+max_output_tokens = 1000
+"#,
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    // A new database, set up from the house config.
+    cli.ok(&["--config", config, "key", "list"]);
+    let catalog = server::config::Config::load(
+        Some(std::path::Path::new(config)),
+        &server::config::Overrides::default(),
+    )
+    .unwrap()
+    .setup
+    .catalog;
+    let store = cli.store().await;
+    let now = chrono::Utc::now();
+    let reserve = |model: &str, prompt_tokens: u64, output_cap: u64| {
+        let store = store.clone();
+        let request = app::store::ReserveRequest {
+            catalog: catalog.clone(),
+            model: catalog.resolve(model).unwrap().id.clone(),
+            estimate: app::domain::TokenEstimate {
+                prompt_tokens,
+                output_cap: Some(output_cap),
+                n: 1,
+            },
+            spender: app::store::Spender::default(),
+            owner: "replica-a".into(),
+            lease_until: now + chrono::Duration::minutes(5),
+            now,
+        };
+        async move {
+            match store.reserve(request).await.unwrap() {
+                app::store::ReserveOutcome::Admitted(reservation) => reservation,
+                blocked => panic!("{blocked:?}"),
+            }
+        }
+    };
+    // 10,000 input and 5,000 output tokens of House model: €0.01 + €0.01.
+    let settled = reserve("house-model", 10_000, 5_000).await;
+    store
+        .settle(app::store::Settlement {
+            reservation: settled.id,
+            usage: Some(app::domain::Usage {
+                prompt_tokens: 10_000,
+                cached_tokens: 0,
+                completion_tokens: 5_000,
+                reasoning_tokens: 0,
+            }),
+            idempotency_key: None,
+            within_reservation: false,
+            bill_if_lapsed: false,
+            now,
+        })
+        .await
+        .unwrap();
+    // A hold of up to 100 output tokens of Cheap model: €0.0001.
+    reserve("cheap-model", 0, 100).await;
+    cli.ok(&["limit", "set", "house-model", "--eur", "0.05"]);
+    cli.ok(&["limit", "set", "cheap-model", "--eur", "5", "--disabled"]);
+    let cycle = store.spend_snapshot(now).await.unwrap().cycle;
+    let day = |date: chrono::NaiveDate| date.format("%-d %b %Y").to_string();
+
+    let printed = cli.ok(&["spend"]);
+    assert_eq!(
+        printed,
+        format!(
+            "billing period\t{} – {}\n\
+             resets on\t{}\n\
+             status\tWithin plan budget\n\
+             spent EUR\t0.02\n\
+             reserved EUR\t0.0001\n\
+             plan budget EUR\t42\n\
+             overage limit EUR\t8\n\
+             allowance EUR\t50\n\
+             used\t0.0%\n\
+             automatic fallback\ton\n\
+             \n\
+             model\tname\tspent EUR\tshare %\tlimit EUR\tlimit\n\
+             house-model\tHouse model\t0.02\t100.0\t0.05\tenabled\n\
+             cheap-model\tCheap model\t0\t0.0\t5\tdisabled\n",
+            day(cycle.first_day),
+            day(cycle.last_day),
+            day(cycle.last_day.succ_opt().unwrap()),
+        )
+    );
+
+    // A limit used up is said; one cleared is none.
+    cli.ok(&["limit", "set", "house-model", "--eur", "0.02"]);
+    cli.ok(&["limit", "clear", "cheap-model"]);
+    let printed = cli.ok(&["spend"]);
+    let models: Vec<&str> = printed.lines().skip(12).collect();
+    assert_eq!(
+        models,
+        [
+            "house-model\tHouse model\t0.02\t100.0\t0.02\tenabled, reached",
+            "cheap-model\tCheap model\t0\t0.0\t\tnone",
+        ],
+        "{printed}"
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&cli.ok(&["spend", "--json"])).unwrap();
+    assert_eq!(json["spent_eur"], "0.02");
+    assert_eq!(json["reserved_eur"], "0.0001");
+    assert_eq!(json["plan_budget_eur"], "42");
+    assert_eq!(json["status"], "within_plan_budget");
+    assert_eq!(json["cycle"]["first_day"], cycle.first_day.to_string());
+    let models: Vec<(&str, &str, &str, bool)> = json["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap(),
+                m["spent_eur"].as_str().unwrap(),
+                m["share_percent"].as_str().unwrap(),
+                m["in_catalog"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        models,
+        [
+            ("house-model", "0.02", "100.0", true),
+            ("cheap-model", "0", "0.0", true)
+        ]
+    );
+}
+
 /// A `TOLLGATE_LOG` that is not a tracing filter is said, not silently ignored.
 #[test]
 fn a_bad_log_filter_is_reported() {

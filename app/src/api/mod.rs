@@ -176,9 +176,8 @@ mod server {
 
     pub async fn token_limits(_admin: &Admin) -> Result<TabView, ApiError> {
         let store = expect_context::<SharedStore>();
-        let catalog = expect_context::<Arc<Catalog>>();
         match store.spend_snapshot(Utc::now()).await {
-            Ok(snapshot) => Ok(TabView::from(&SpendReport::build(&snapshot, &catalog))),
+            Ok(snapshot) => Ok(TabView::from(&SpendReport::build(&snapshot))),
             Err(e) => fail(e.into()),
         }
     }

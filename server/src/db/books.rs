@@ -1672,7 +1672,7 @@ macro_rules! impl_store {
             ) -> Result<app::store::SpendSnapshot, app::store::StoreError> {
                 use $crate::db::books::*;
                 use app::domain::{Counter, ModelId};
-                use app::store::{ModelBooks, SpendSnapshot, StoredLimit};
+                use app::store::{CatalogEntry, ModelBooks, SpendSnapshot, StoredLimit};
 
                 // One transaction, so the counters and limits are of one moment.
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
@@ -1681,6 +1681,13 @@ macro_rules! impl_store {
                 let cycle = plan.cycle_at(at)?;
                 let counters = read_counters(&mut tx, cycle_key(cycle.start)).await?;
                 let limits = read_limits(&mut tx).await?;
+                let catalog: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT id, display_name FROM models WHERE workspace_id = $1 ORDER BY position",
+                )
+                .bind(WORKSPACE_ID)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
                 tx.commit().await.map_err(db_error)?;
                 let mut workspace = Counter::default();
                 let mut models: Vec<ModelBooks> = Vec::new();
@@ -1717,6 +1724,10 @@ macro_rules! impl_store {
                     settings: plan_row.settings(),
                     workspace,
                     models,
+                    catalog: catalog
+                        .into_iter()
+                        .map(|(id, display_name)| CatalogEntry { id: ModelId::new(id), display_name })
+                        .collect(),
                 })
             }
 

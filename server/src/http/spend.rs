@@ -32,9 +32,7 @@ pub async fn spend(State(state): State<AppState>, headers: HeaderMap) -> Respons
         );
     }
     match state.store.spend_snapshot(Utc::now()).await {
-        Ok(snapshot) => {
-            Json(SpendReport::build(&snapshot, &state.config.setup.catalog)).into_response()
-        }
+        Ok(snapshot) => Json(SpendReport::build(&snapshot)).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "could not read the spend");
             error(
