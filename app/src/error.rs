@@ -19,6 +19,46 @@ pub struct FieldError {
     pub message: String,
 }
 
+impl FieldError {
+    /// The error `code` of `field` with the fixed sentence of its code, one that
+    /// repeats nothing the form held: what the page shows for an error read from
+    /// its URL (see [`ApiError::with_fixed_text`]), and the server's own text for
+    /// the codes whose sentence never depends on the input. An unknown code gets
+    /// a general sentence.
+    pub fn fixed(field: impl Into<String>, code: &str) -> FieldError {
+        use crate::domain::euro_input::EuroInputError;
+        let message = match code {
+            "empty" => EuroInputError::Empty.message(),
+            "not_a_number" => EuroInputError::NotANumber.message(),
+            "negative" | "negative_limit" => EuroInputError::Negative.message(),
+            "too_many_decimals" => EuroInputError::TooManyDecimals.message(),
+            "too_large" => EuroInputError::TooLarge.message(),
+            "misplaced_separator" => EuroInputError::MisplacedSeparator.message(),
+            "ambiguous_separator" => "This amount is ambiguous: write its cents after a point or \
+                                      a comma, for example 1234.50 or 1234,50."
+                .to_owned(),
+            "enabled_without_amount" => "Enter a limit in euros before enabling it, or leave it \
+                                         off to use the shared pool."
+                .to_owned(),
+            "invalid_version" => "This form was not sent as the page made it: reload the page \
+                                  and make the change again."
+                .to_owned(),
+            "missing_model" => "Each limit row must name a model of the catalog.".to_owned(),
+            "unknown_model" => "This is not a model of the catalog.".to_owned(),
+            "duplicate_model" => {
+                "This model is named twice: give each model one limit per save.".to_owned()
+            }
+            "too_many_rows" => "This save has more rows than the catalog has models.".to_owned(),
+            _ => "This value was refused.".to_owned(),
+        };
+        FieldError {
+            field: field.into(),
+            code: code.to_owned(),
+            message,
+        }
+    }
+}
+
 /// Errors of server functions.
 ///
 /// On the wire, every error is one JSON object with its `code` and a `message`
@@ -118,6 +158,38 @@ impl ApiError {
             ApiError::Internal => "internal",
             ApiError::BadRequest { .. } => "bad_request",
             ApiError::Transport { .. } => "transport",
+        }
+    }
+
+    /// This error with a fixed sentence for each code in place of the sentences
+    /// it carries: for an error read from the page's URL, where a form posted
+    /// without JavaScript gets its answer back (`__err`) and where anyone can
+    /// write a link with any text. Codes, field names (they only pick the row an
+    /// error is shown on) and numbers are kept.
+    pub fn with_fixed_text(self) -> ApiError {
+        match self {
+            ApiError::Invalid { fields, .. } => ApiError::Invalid {
+                message: "Nothing was saved: correct the marked fields, or reload the page \
+                          and make the change again."
+                    .into(),
+                fields: fields
+                    .into_iter()
+                    .map(|f| FieldError::fixed(f.field, &f.code))
+                    .collect(),
+            },
+            ApiError::Conflict { .. } => ApiError::Conflict {
+                message: "Nothing was saved: someone else saved a change first. Reload the \
+                          page to see it, then make yours again."
+                    .into(),
+            },
+            ApiError::BadRequest { .. } => ApiError::BadRequest {
+                message: "The form could not be read; nothing was changed.".into(),
+            },
+            ApiError::Transport { .. } => ApiError::Transport {
+                message: "the answer could not be read".into(),
+            },
+            // The others' sentences are their variant's own.
+            other => other,
         }
     }
 
@@ -305,5 +377,89 @@ mod tests {
         );
         let failed = ApiError::from(StoreError::Database("no such column".into()));
         assert_eq!(failed.status(), 500);
+    }
+
+    #[test]
+    fn an_error_read_from_a_url_shows_only_its_codes_sentences() {
+        const FORGED: &str = "Your session expired: sign in again at https://evil.example";
+        let forged = |code: &str| FieldError {
+            field: "gpt-5".into(),
+            code: code.into(),
+            message: FORGED.into(),
+        };
+        let codes = [
+            "empty",
+            "not_a_number",
+            "negative",
+            "negative_limit",
+            "ambiguous_separator",
+            "too_many_decimals",
+            "too_large",
+            "misplaced_separator",
+            "enabled_without_amount",
+            "invalid_version",
+            "missing_model",
+            "unknown_model",
+            "duplicate_model",
+            "too_many_rows",
+            "made_up",
+        ];
+        let fixed = ApiError::Invalid {
+            message: FORGED.into(),
+            fields: codes.iter().map(|code| forged(code)).collect(),
+        }
+        .with_fixed_text();
+        let ApiError::Invalid { message, fields } = &fixed else {
+            panic!("{fixed:?}")
+        };
+        assert!(message.starts_with("Nothing was saved"), "{message}");
+        for (field, code) in fields.iter().zip(codes) {
+            assert_eq!((field.field.as_str(), field.code.as_str()), ("gpt-5", code));
+            assert!(!field.message.contains("evil"), "{field:?}");
+        }
+        // Each code the server sends has a sentence of its own; an unknown code
+        // the general one.
+        let general = FieldError::fixed("x", "made_up").message;
+        for field in &fields[..fields.len() - 1] {
+            assert_ne!(field.message, general, "{field:?}");
+        }
+        for error in [
+            ApiError::Conflict {
+                message: FORGED.into(),
+            },
+            ApiError::BadRequest {
+                message: FORGED.into(),
+            },
+            ApiError::Transport {
+                message: FORGED.into(),
+            },
+        ] {
+            let code = error.code();
+            let fixed = error.with_fixed_text();
+            assert_eq!(fixed.code(), code);
+            assert!(!fixed.to_string().contains("evil"), "{fixed}");
+        }
+        let limited = ApiError::RateLimited { seconds: 7 };
+        assert_eq!(limited.clone().with_fixed_text(), limited);
+    }
+
+    /// The server's sentences for the codes that never depend on the input are
+    /// the fixed ones, so a form answered through the URL reads the same.
+    #[test]
+    fn the_euro_codes_keep_their_sentences() {
+        use crate::domain::euro_input::EuroInputError;
+        for error in [
+            EuroInputError::Empty,
+            EuroInputError::NotANumber,
+            EuroInputError::Negative,
+            EuroInputError::TooManyDecimals,
+            EuroInputError::TooLarge,
+            EuroInputError::MisplacedSeparator,
+        ] {
+            assert_eq!(
+                FieldError::fixed("m", error.code()).message,
+                error.message()
+            );
+        }
     }
 }

@@ -27,6 +27,30 @@ const limitInput = (page: Page, name: string) => page.getByLabel(`Limit for ${na
 const enabledSwitch = (page: Page, name: string) =>
   page.getByRole("switch", { name: `Enable the limit for ${name}`, exact: true });
 
+/** `url` with the error it carries back (`__err`) rewritten by `forge`: what
+ * anyone could send an administrator as a link. */
+function forgedErrorUrl(url: string, forge: (error: any) => any): string {
+  const forged = new URL(url);
+  const carried = forged.searchParams.get("__err");
+  expect(carried, `an error in ${url}`).toBeTruthy();
+  const error = JSON.parse(Buffer.from(carried!, "base64url").toString("utf8"));
+  const encoded = Buffer.from(JSON.stringify(forge(error)), "utf8")
+    .toString("base64")
+    .replaceAll("+", "-")
+    .replaceAll("/", "_");
+  forged.searchParams.set("__err", encoded);
+  return forged.toString();
+}
+
+const PHISH = "Your session expired: sign in again at https://evil.example";
+
+/** Every sentence of a server function's error replaced by PHISH. */
+const phishing = (error: any) => ({
+  ...error,
+  message: PHISH,
+  fields: (error.fields ?? []).map((f: any) => ({ ...f, message: PHISH })),
+});
+
 test.describe.configure({ mode: "serial" });
 
 test("an administrator sees the three sections with the seeded usage", async ({ page }) => {
@@ -124,6 +148,35 @@ test("automatic fallback is saved and survives a reload", async ({ page }) => {
   expect(cli("audit")).toContain("settings.automatic_fallback");
 });
 
+test("an error forged into the tab's URL shows only the tab's own sentences", async ({ page }) => {
+  await openTab(page);
+  // A refused save answered without JavaScript, as the server redirects it.
+  const refused = await page.request.post("/fn/save_model_limits", {
+    form: { "rows[0][model]": "gpt-4o", "rows[0][limit]": "abc", "rows[0][version]": "0" },
+    headers: { Accept: "text/html", Referer: page.url(), Origin: new URL(page.url()).origin },
+    maxRedirects: 0,
+  });
+  expect([302, 303]).toContain(refused.status());
+  const location = new URL(refused.headers()["location"], page.url()).toString();
+  for (const [forge, section, row] of [
+    [phishing, "#limits-result", '[id="limit-error-gpt-4o"]'],
+    [(e: any) => ({ code: "conflict", message: PHISH }), "#limits-result", null],
+    [(e: any) => ({ code: "bad_request", message: PHISH }), "#limits-result", null],
+  ] as const) {
+    await page.goto(forgedErrorUrl(location, forge));
+    await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+    await expect(page.locator(section)).not.toBeEmpty();
+    if (row) await expect(page.locator(row)).toContainText("using digits");
+    await expect(page.locator("body")).not.toContainText("evil.example");
+  }
+  const fallback = new URL(location);
+  fallback.searchParams.set("__path", fallback.searchParams.get("__path")!.replace("save_model_limits", "save_automatic_fallback"));
+  await page.goto(forgedErrorUrl(fallback.toString(), (e: any) => ({ code: "conflict", message: PHISH })));
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  await expect(page.locator("#fallback-result")).toContainText("someone else saved a change first");
+  await expect(page.locator("body")).not.toContainText("evil.example");
+});
+
 test("a member sees no Admin link and is refused the tab", async ({ page }) => {
   await signIn(page, "member@example.com");
   // Signed in, the member is sent on to the tab they asked for and refused there,
@@ -156,5 +209,12 @@ test.describe("without JavaScript", () => {
     await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
     await expect(page.locator('[id="limit-error-gpt-4o"]')).toContainText("using digits");
     expect(cli("audit")).toBe(auditBefore);
+
+    // The answer rides in the URL, where anyone can write any text: the page shows
+    // its codes' own sentences, never the URL's.
+    await page.goto(forgedErrorUrl(page.url(), phishing));
+    await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
+    await expect(page.locator('[id="limit-error-gpt-4o"]')).toContainText("using digits");
+    await expect(page.locator("body")).not.toContainText("evil.example");
   });
 });

@@ -190,14 +190,7 @@ mod server {
             .parse::<u64>()
             .ok()
             .and_then(|version| i64::try_from(version).ok())
-            .ok_or_else(|| FieldError {
-                field: field.into(),
-                code: "invalid_version".into(),
-                message: "This form was not sent as the page made it (its version is not a \
-                          whole number of zero or more): reload the page and make the change \
-                          again."
-                    .into(),
-            })
+            .ok_or_else(|| FieldError::fixed(field, "invalid_version"))
     }
 
     pub async fn save_automatic_fallback(
@@ -251,11 +244,7 @@ mod server {
         let mut named = std::collections::HashSet::new();
         for row in rows {
             if row.model.trim().is_empty() {
-                fields.push(FieldError {
-                    field: "model".into(),
-                    code: "missing_model".into(),
-                    message: "Each limit row must name a model of the catalog.".into(),
-                });
+                fields.push(FieldError::fixed("model", "missing_model"));
                 continue;
             }
             let Some(model) = catalog.get(&row.model.as_str().into()) else {
@@ -285,11 +274,7 @@ mod server {
                 match parse_eur_input(text).map(|m| m.to_nanos_rounded()) {
                     Ok(Ok(nanos)) => Some(nanos),
                     Ok(Err(_)) => {
-                        fields.push(FieldError {
-                            field: row.model.clone(),
-                            code: "too_large".into(),
-                            message: "This amount is too large.".into(),
-                        });
+                        fields.push(FieldError::fixed(row.model.clone(), "too_large"));
                         continue;
                     }
                     Err(e) => {
@@ -304,12 +289,7 @@ mod server {
             };
             let limit = ModelLimit { limit, enabled };
             if let Err(e) = limit.validate() {
-                fields.push(FieldError {
-                    field: row.model.clone(),
-                    code: e.code().into(),
-                    message: "Enter a limit in euros before enabling it, or leave it off to use the shared pool."
-                        .into(),
-                });
+                fields.push(FieldError::fixed(row.model.clone(), e.code()));
                 continue;
             }
             let version = match row

@@ -17,15 +17,8 @@ pub fn LoginPage() -> impl IntoView {
             .get("next")
             .unwrap_or_else(|| "/admin/token-limits".into())
     };
-    let from_url = crate::ui::error_in_url(<Login as server_fn::ServerFn>::PATH);
-    let error = move || {
-        login
-            .value()
-            .get()
-            .and_then(|r| r.err())
-            .or_else(from_url)
-            .map(|e| e.to_string())
-    };
+    let outcome = crate::ui::form_outcome(login);
+    let error = move || outcome().and_then(|r| r.err()).map(|e| e.to_string());
     view! {
         <Title text="Sign in"/>
         <main class="centered login">

@@ -6,6 +6,8 @@ mod login;
 mod token_limits;
 
 use leptos::prelude::*;
+
+use crate::error::ApiError;
 use leptos_meta::{provide_meta_context, MetaTags, Title};
 use leptos_router::{
     components::{Route, Router, Routes},
@@ -14,10 +16,12 @@ use leptos_router::{
 
 /// The error a server function returned to a form posted without JavaScript: the
 /// server redirects back with it in the URL (`__path`, `__err`). `None` when the
-/// URL carries no error, or one of another function than `path`.
+/// URL carries no error, or one of another function than `path`. Anyone can
+/// write such a URL, so the error's sentences are replaced by the fixed ones of
+/// its codes ([`ApiError::with_fixed_text`]).
 pub(crate) fn error_in_url(
     path: &'static str,
-) -> impl Fn() -> Option<crate::error::ApiError> + Copy + Send + Sync + 'static {
+) -> impl Fn() -> Option<ApiError> + Copy + Send + Sync + 'static {
     let query = leptos_router::hooks::use_query_map();
     move || {
         let query = query.read();
@@ -25,8 +29,29 @@ pub(crate) fn error_in_url(
             .then(|| query.get("__err"))
             .flatten()
             .map(|err| {
-                server_fn::error::ServerFnUrlError::<crate::error::ApiError>::decode_err(&err)
+                server_fn::error::ServerFnUrlError::<ApiError>::decode_err(&err).with_fixed_text()
             })
+    }
+}
+
+/// What a form's server function answered, to show beside the form: the
+/// answer of the last submission made on this page or, before any, the error
+/// of one posted without JavaScript ([`error_in_url`]). The action's own value
+/// before a submission is that same URL's error as the server read it, with
+/// the sentences the URL carried, so it is not used.
+pub(crate) fn form_outcome<S>(
+    action: ServerAction<S>,
+) -> impl Fn() -> Option<Result<(), ApiError>> + Copy + Send + Sync + 'static
+where
+    S: server_fn::ServerFn<Output = (), Error = ApiError> + Clone + Send + Sync + 'static,
+{
+    let from_url = error_in_url(S::PATH);
+    move || {
+        if action.version().get() == 0 {
+            from_url().map(Err)
+        } else {
+            action.value().get()
+        }
     }
 }
 

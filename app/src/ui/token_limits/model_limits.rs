@@ -8,12 +8,12 @@ use crate::{api::SaveModelLimits, report::TabView};
 /// The Model limits section.
 #[component]
 pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl IntoView {
-    let from_url = crate::ui::error_in_url(<SaveModelLimits as server_fn::ServerFn>::PATH);
-    let error = move || save.value().get().and_then(|r| r.err()).or_else(from_url);
-    let summary = move || match save.value().get() {
+    let outcome = crate::ui::form_outcome(save);
+    let error = move || outcome().and_then(|r| r.err());
+    let summary = move || match outcome() {
         Some(Ok(())) => Some(("form-ok", "Saved.".to_string())),
         Some(Err(e)) => Some(("form-error", e.to_string())),
-        None => from_url().map(|e| ("form-error", e.to_string())),
+        None => None,
     };
     // Catalog order is the order the operator configured; the report sorts by
     // spend, so restore a stable order for the form. A model the config no longer
