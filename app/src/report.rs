@@ -86,19 +86,23 @@ impl SpendReport {
         self.plan_budget + self.overage_limit
     }
 
-    /// Spent over allowance in percent, one decimal, capped at 100.0 for the bar;
-    /// 100.0 for an allowance of zero (nothing can be spent).
+    /// Spent over allowance in percent, rounded down to one decimal: above
+    /// 100.0 when usage reported beyond its hold took the spend past the
+    /// allowance (R7); 100.0 for an allowance of zero (nothing can be spent).
     pub fn used_percent(&self) -> Decimal {
         let allowance = self.allowance().amount();
         if allowance <= Decimal::ZERO {
             return Decimal::new(1000, 1);
         }
         let percent = self.spent.amount() * Decimal::ONE_HUNDRED / allowance;
-        let mut percent = percent
-            .min(Decimal::ONE_HUNDRED)
-            .round_dp_with_strategy(1, rust_decimal::RoundingStrategy::ToZero);
+        let mut percent = percent.round_dp_with_strategy(1, rust_decimal::RoundingStrategy::ToZero);
         percent.rescale(1);
         percent
+    }
+
+    /// [`SpendReport::used_percent`] capped at 100.0: how full the progress bar is.
+    pub fn bar_percent(&self) -> Decimal {
+        self.used_percent().min(Decimal::new(1000, 1))
     }
 }
 
@@ -190,8 +194,11 @@ pub struct TabView {
     pub overage_limit: String,
     /// Plan budget plus overage limit.
     pub allowance: String,
-    /// Spent over allowance, percent with one decimal, capped at 100.0 (`2.0`).
+    /// Spent over allowance, percent with one decimal (`2.0`; above `100.0`
+    /// when usage reported beyond its hold passed the allowance).
     pub used_percent: String,
+    /// How full the progress bar is: `used_percent` capped at `100.0`.
+    pub bar_percent: String,
     /// R4 status.
     pub status: Status,
     /// The automatic fallback toggle.
@@ -254,6 +261,7 @@ impl From<&SpendReport> for TabView {
             overage_limit: eur(report.overage_limit),
             allowance: eur(report.allowance()),
             used_percent: report.used_percent().to_string(),
+            bar_percent: report.bar_percent().to_string(),
             status: report.status,
             automatic_fallback: report.automatic_fallback,
             settings_version: report.settings_version,
@@ -289,5 +297,57 @@ mod tests {
         assert_eq!(held_of(4_999, 6), "less than €0.01");
         assert_eq!(held_of(5, 3), "€0.01");
         assert_eq!(held_of(1_234, 3), "€1.23");
+    }
+
+    /// The text says how far past the allowance the spend went; only the bar
+    /// stops at 100.0.
+    #[test]
+    fn the_percentage_used_is_the_real_one_and_the_bar_is_capped() {
+        let report = |spent: &str, budget: &str, overage: &str| {
+            let eur = |text: &str| Money::new(text.parse::<Decimal>().unwrap());
+            let day = NaiveDate::from_ymd_opt(2026, 12, 1).unwrap();
+            let at = day.and_hms_opt(0, 0, 0).unwrap().and_utc();
+            SpendReport {
+                cycle: CycleReport {
+                    start: at,
+                    end: at,
+                    first_day: day,
+                    last_day: day,
+                    resets_on: day,
+                },
+                status: Status::WithinPlanBudget,
+                plan_budget: eur(budget),
+                overage_limit: eur(overage),
+                spent: eur(spent),
+                reserved: Money::ZERO,
+                automatic_fallback: true,
+                settings_version: 0,
+                models: Vec::new(),
+            }
+        };
+        let shown = |report: SpendReport| {
+            let tab = TabView::from(&report);
+            (tab.used_percent, tab.bar_percent)
+        };
+        assert_eq!(
+            shown(report("12.26", "500", "100")),
+            ("2.0".into(), "2.0".into())
+        );
+        assert_eq!(
+            shown(report("600", "500", "100")),
+            ("100.0".into(), "100.0".into())
+        );
+        assert_eq!(
+            shown(report("0.05082", "0.01", "0")),
+            ("508.2".into(), "100.0".into())
+        );
+        assert_eq!(
+            shown(report("599.99", "500", "100")),
+            ("99.9".into(), "99.9".into())
+        );
+        assert_eq!(
+            shown(report("0", "0", "0")),
+            ("100.0".into(), "100.0".into())
+        );
     }
 }

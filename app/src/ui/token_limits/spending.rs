@@ -25,12 +25,14 @@ pub fn SpendingAndBudget(
 ) -> impl IntoView {
     let report = view;
     let percent = report.used_percent.clone();
+    let bar = report.bar_percent.clone();
     let status_class = match report.status {
         Status::WithinPlanBudget => "status ok",
         Status::UsingOverage => "status warn",
         Status::LimitReached => "status stop",
     };
-    let result = move || match save.value().get() {
+    let outcome = crate::ui::form_outcome(save);
+    let result = move || match outcome() {
         Some(Ok(())) => Some(("form-ok", "Saved.".to_string())),
         Some(Err(e)) => Some(("form-error", e.to_string())),
         None => None,
@@ -64,9 +66,10 @@ pub fn SpendingAndBudget(
                 aria-label="Spent of the allowance"
                 aria-valuemin="0"
                 aria-valuemax="100"
-                aria-valuenow=percent.clone()
+                aria-valuenow=bar.clone()
+                aria-valuetext=format!("{percent}%")
             >
-                <div class="progress-fill" style=format!("width: {percent}%")></div>
+                <div class="progress-fill" style=format!("width: {bar}%")></div>
             </div>
             <p class="progress-text">
                 <span id="spent-of-allowance">{report.spent.clone()} " of " {report.allowance.clone()}</span>
