@@ -666,6 +666,15 @@ pub(crate) fn is_hidden(c: char) -> bool {
         || c == '\u{2800}'
 }
 
+/// Whether two texts are drawn alike: the same skeleton by Unicode's
+/// confusable detection (UTS #39), which catches one text in two normal forms
+/// (NFC and NFD) and letters of another script drawn alike (Cyrillic `е` for
+/// Latin `e`). Models' display names (config) and users' emails (store) are
+/// compared with it.
+pub(crate) fn looks_alike(a: &str, b: &str) -> bool {
+    unicode_security::skeleton(a).eq(unicode_security::skeleton(b))
+}
+
 /// A light check that catches typos (`alice`, `a@`, `a@@b.com`); the login is the
 /// real test.
 fn is_plausible_email(email: &str) -> bool {

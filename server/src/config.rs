@@ -462,10 +462,17 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
             ),
         )
     };
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    let plain = !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        && digits.bytes().filter(|&b| b == b'.').count() <= 1;
+    // Amounts and prices are never negative; "-0" is refused with the rest, as
+    // the CLI and the tab refuse any minus sign.
+    if text.starts_with('-') {
+        return Err(invalid(
+            key,
+            format!("{text:?} is negative: amounts and prices must not be negative"),
+        ));
+    }
+    let plain = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && text.bytes().filter(|&b| b == b'.').count() <= 1;
     if !plain {
         return Err(not_plain());
     }
@@ -487,9 +494,6 @@ fn timeout_secs(key: &str, value: Option<u64>, default: u64) -> Result<u64, Conf
 
 fn plan_amount(key: &str, text: &str) -> Result<app::domain::Nanos, ConfigError> {
     let value = decimal(key, text)?;
-    if value.is_sign_negative() {
-        return Err(invalid(key, "must not be negative"));
-    }
     if value > Decimal::from(MAX_PLAN_EUR) {
         return Err(invalid(key, format!("must not exceed {MAX_PLAN_EUR} EUR")));
     }
@@ -616,12 +620,10 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
              show: write single spaces between words"
         ));
     }
-    let skeleton = |text: &str| unicode_security::skeleton(text).collect::<String>();
-    let drawn = skeleton(name);
     match earlier
         .iter()
         .enumerate()
-        .find(|(_, other)| skeleton(&other.display_name) == drawn)
+        .find(|(_, other)| crate::cli::looks_alike(&other.display_name, name))
     {
         Some((j, other)) if other.display_name == name => Err(format!(
             "{name:?} is already the display name of models[{j}]: the tab would show two \
@@ -947,6 +949,8 @@ mod tests {
     fn invalid_values_name_the_key_and_the_problem() {
         let cases = [
             ("[plan]\nbudget_eur = \"-1\"", "plan.budget_eur", "negative"),
+            ("[plan]\nbudget_eur = \"-0\"", "plan.budget_eur", "negative"),
+            ("[plan]\noverage_eur = \"-0.00\"", "plan.overage_eur", "negative"),
             ("[plan]\nbudget_eur = \"abc\"", "plan.budget_eur", "decimal"),
             ("[plan]\nbudget_eur = \"1_000\"", "plan.budget_eur", "underscores"),
             ("[plan]\nbudget_eur = \" 1.00\"", "plan.budget_eur", "no spaces"),
@@ -982,6 +986,13 @@ mod tests {
                  cached_input_eur_per_mtok = \"1.5\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "models[0].cached_input_eur_per_mtok",
                 "1.5 is more than input_eur_per_mtok (1)",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\ninput_eur_per_mtok = \"-0\"\n\
+                 output_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].input_eur_per_mtok",
+                "negative",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\

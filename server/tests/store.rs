@@ -1420,6 +1420,37 @@ async fn an_email_is_one_user_whatever_its_case(db: &TestDb) {
         .create_api_key(&Actor::Cli, user.id, "laptop", "hash-laptop", now())
         .await
         .unwrap();
+    // Another letter is another user; an address drawn like a user's
+    // (Cyrillic `е` for the Latin `e`) is refused, naming the user it looks like.
+    store
+        .create_user(
+            &Actor::Cli,
+            "emile@exemple.fr",
+            "hash",
+            app::store::Role::Member,
+            now(),
+        )
+        .await
+        .unwrap();
+    match store
+        .create_user(
+            &Actor::Cli,
+            "\u{0435}mile@exemple.fr",
+            "hash",
+            app::store::Role::Admin,
+            now(),
+        )
+        .await
+    {
+        Err(StoreError::Invalid {
+            code: "email_look_alike",
+            message,
+        }) => assert!(
+            message.contains("existing user emile@exemple.fr"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
     let keys = store.list_api_keys(Some("ÉMILE@EXEMPLE.FR")).await.unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].owner_email, "émile@exemple.fr");
@@ -1433,7 +1464,7 @@ async fn an_email_is_one_user_whatever_its_case(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(back.id, user.id);
-    assert_eq!(store.list_users().await.unwrap().len(), 1);
+    assert_eq!(store.list_users().await.unwrap().len(), 2);
 }
 
 /// The holds of requests in flight are listed with their user, key, owner and

@@ -1967,6 +1967,25 @@ macro_rules! impl_store {
                         message: format!("a user with the email {email} exists already"),
                     });
                 }
+                // Two addresses drawn alike (a Cyrillic `е` for a Latin `e`) would
+                // be two users that `user list`, the audit log and the panel
+                // show as one, and an operator disabling one by its email could
+                // find the other.
+                let emails: Vec<(String,)> = sqlx::query_as("SELECT email FROM users WHERE workspace_id = $1")
+                    .bind(WORKSPACE_ID)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                if let Some((other,)) = emails.iter().find(|(other,)| $crate::cli::looks_alike(other, &email)) {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Err(app::store::StoreError::Invalid {
+                        code: "email_look_alike",
+                        message: format!(
+                            "{email} looks like the email of the existing user {other} \
+                             (Unicode's confusable detection draws them alike): use another"
+                        ),
+                    });
+                }
                 let row: UserRow = sqlx::query_as(&format!(
                     "INSERT INTO users (workspace_id, email, password_hash, role, created_at) \
                      VALUES ($1, $2, $3, $4, $5) RETURNING {USER_COLUMNS}"
