@@ -556,6 +556,17 @@ async fn spend_api_answers_administrators_keys_with_exact_decimals() {
     let (status, _, body) = panel.send(request(Some(&member_key))).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(!body.contains("1.935"), "{body}");
+    // Shaped and worded as the gateway's other errors.
+    let refused: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        refused,
+        serde_json::json!({"error": {
+            "message": "Only administrators' API keys can read the workspace's spend",
+            "type": "permission_error",
+            "param": null,
+            "code": "forbidden",
+        }})
+    );
 
     let (status, _, body) = panel.send(request(Some(&admin_key))).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -63,6 +63,10 @@ pub enum GatewayError {
     /// The key is unknown or revoked (HTTP 401, code `invalid_api_key`).
     #[error("incorrect API key provided")]
     InvalidApiKey,
+    /// A member's key on a route for administrators' keys (HTTP 403, type
+    /// `permission_error`, code `forbidden`); the text says what it may not do.
+    #[error("only administrators' API keys can {0}")]
+    Forbidden(&'static str),
     /// The model name is neither an id nor an alias of the catalog (HTTP 404, code
     /// `model_not_found`, param `model`, or the field that named it, such as
     /// `records[2].model` in a bulk usage body).
@@ -205,6 +209,7 @@ impl GatewayError {
             GatewayError::MissingApiKey
             | GatewayError::SeveralApiKeys(_)
             | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::ModelNotFound { .. }
             | GatewayError::UnknownEndpoint { .. }
             | GatewayError::ReservationNotFound(_) => StatusCode::NOT_FOUND,
@@ -233,6 +238,7 @@ impl GatewayError {
             | GatewayError::DatabaseBusy(_)
             | GatewayError::DatabaseUnavailable(_)
             | GatewayError::Internal(_) => "api_error",
+            GatewayError::Forbidden(_) => "permission_error",
             _ => "invalid_request_error",
         }
     }
@@ -250,6 +256,7 @@ impl GatewayError {
             GatewayError::MissingApiKey
             | GatewayError::SeveralApiKeys(_)
             | GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::Forbidden(_) => "forbidden",
             GatewayError::ModelNotFound { .. } => "model_not_found",
             GatewayError::UnknownEndpoint { .. } => "unknown_url",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",

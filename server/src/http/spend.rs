@@ -5,49 +5,30 @@
 use app::{auth::Role, report::SpendReport};
 use axum::{
     extract::State,
-    http::{HeaderMap, StatusCode},
+    http::HeaderMap,
     response::{IntoResponse, Response},
     Json,
 };
 use chrono::Utc;
 
 use super::AppState;
-use crate::gateway::caller::authenticate;
+use crate::gateway::{caller::authenticate, error::GatewayError};
 
 /// Answer the spend report of the current cycle to an administrator's key.
 ///
-/// Errors: 401 without a valid key, 403 for a member's key (OpenAI-shaped bodies),
-/// 500 when the database fails.
+/// Errors (OpenAI-shaped bodies): 401 without a valid key, 403 `forbidden` for
+/// a member's key, 503 `database_busy` / `database_unavailable` when the
+/// database cannot answer, 500 when it fails otherwise.
 pub async fn spend(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let caller = match authenticate(&state.gateway, &headers).await {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
     if caller.user.role != Role::Admin {
-        return error(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "forbidden",
-            "only administrators' API keys can read the workspace's spend",
-        );
+        return GatewayError::Forbidden("read the workspace's spend").into_response();
     }
     match state.store.spend_snapshot(Utc::now()).await {
         Ok(snapshot) => Json(SpendReport::build(&snapshot)).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "could not read the spend");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal_error",
-                "the spend could not be read",
-            )
-        }
+        Err(e) => GatewayError::from(e).into_response(),
     }
-}
-
-fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({
-        "error": { "message": message, "type": kind, "param": null, "code": code }
-    });
-    (status, Json(body)).into_response()
 }
