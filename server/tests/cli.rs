@@ -206,6 +206,46 @@ max_output_tokens = 100
         (config, key)
     }
 
+    /// A config file in the folder, `house.toml`: workspace House in
+    /// Europe/Berlin, a plan of €42 + €8 from 31 January 2026, and two models on
+    /// an upstream nothing answers at: House model (`house-model`, €1 / €2 per
+    /// million input / output tokens) and Cheap model (`cheap-model`, €0.50 /
+    /// €1). Its path.
+    fn house_config(&self) -> String {
+        let config = self.dir.path().join("house.toml");
+        std::fs::write(
+            &config,
+            r#"
+[workspace]
+name = "House"
+timezone = "Europe/Berlin"
+[plan]
+budget_eur = "42.00"
+overage_eur = "8"
+start = "2026-01-31"
+[[upstreams]]
+name = "house"
+base_url = "http://127.0.0.1:9/v1"
+[[models]]
+id = "house-model"
+display_name = "House model"
+upstream = "house"
+input_eur_per_mtok = "1"
+output_eur_per_mtok = "2"
+max_output_tokens = 10000
+[[models]]
+id = "cheap-model"
+display_name = "Cheap model"
+upstream = "house"
+input_eur_per_mtok = "0.5"
+output_eur_per_mtok = "1"
+max_output_tokens = 1000
+"#,
+        )
+        .unwrap();
+        config.to_str().unwrap().to_owned()
+    }
+
     /// Stderr of a command that must fail.
     fn fails(&self, args: &[&str]) -> String {
         let output = self.run_with(args, None);
@@ -778,31 +818,8 @@ fn config_example_is_a_config_that_loads() {
 #[tokio::test]
 async fn commands_leave_the_servers_plan_and_catalog_alone() {
     let cli = Cli::new();
-    let config = cli.dir.path().join("house.toml");
-    std::fs::write(
-        &config,
-        r#"
-[workspace]
-name = "House"
-timezone = "Europe/Berlin"
-[plan]
-budget_eur = "42.00"
-overage_eur = "0"
-start = "2026-01-31"
-[[upstreams]]
-name = "house"
-base_url = "http://127.0.0.1:9/v1"
-[[models]]
-id = "house-model"
-upstream = "house"
-input_eur_per_mtok = "1"
-cached_input_eur_per_mtok = "0.1"
-output_eur_per_mtok = "2"
-max_output_tokens = 1000
-"#,
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+    let config = cli.house_config();
+    let config = config.as_str();
     // A new database: the first command sets it up from its config.
     cli.ok(&["--config", config, "key", "list"]);
     let plan = || async {
@@ -845,38 +862,8 @@ max_output_tokens = 1000
 #[tokio::test]
 async fn spend_prints_the_books_of_the_cycle() {
     let cli = Cli::new();
-    let config = cli.dir.path().join("house.toml");
-    std::fs::write(
-        &config,
-        r#"
-[workspace]
-name = "House"
-timezone = "Europe/Berlin"
-[plan]
-budget_eur = "42.00"
-overage_eur = "8"
-start = "2026-01-31"
-[[upstreams]]
-name = "house"
-base_url = "http://127.0.0.1:9/v1"
-[[models]]
-id = "house-model"
-display_name = "House model"
-upstream = "house"
-input_eur_per_mtok = "1"
-output_eur_per_mtok = "2"
-max_output_tokens = 10000
-[[models]]
-id = "cheap-model"
-display_name = "Cheap model"
-upstream = "house"
-input_eur_per_mtok = "0.5"
-output_eur_per_mtok = "1"
-max_output_tokens = 1000
-"#,
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+    let config = cli.house_config();
+    let config = config.as_str();
     // A new database, set up from the house config.
     cli.ok(&["--config", config, "key", "list"]);
     let catalog = server::config::Config::load(
