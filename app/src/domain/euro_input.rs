@@ -68,6 +68,22 @@ impl EuroInputError {
         }
     }
 
+    /// The error whose [`EuroInputError::code`] is `code`, for the codes whose
+    /// sentence depends on nothing typed: all but `ambiguous_separator`, whose
+    /// sentence repeats the input. `None` for that one and for unknown codes.
+    pub fn of_code(code: &str) -> Option<EuroInputError> {
+        [
+            EuroInputError::Empty,
+            EuroInputError::NotANumber,
+            EuroInputError::Negative,
+            EuroInputError::TooManyDecimals,
+            EuroInputError::TooLarge,
+            EuroInputError::MisplacedSeparator,
+        ]
+        .into_iter()
+        .find(|e| e.code() == code)
+    }
+
     /// One sentence, shown next to the field, telling the person what to type instead.
     pub fn message(&self) -> String {
         match self {
@@ -418,6 +434,15 @@ mod tests {
         assert!(EuroInputError::TooLarge
             .message()
             .contains("€1,000,000,000.00"));
+        // Each is found again by its code, but the one whose sentence repeats
+        // the input.
+        for error in all {
+            let again = EuroInputError::of_code(error.code());
+            match error {
+                EuroInputError::AmbiguousSeparator { .. } => assert_eq!(again, None),
+                error => assert_eq!(again, Some(error)),
+            }
+        }
     }
 
     #[test]
