@@ -414,8 +414,8 @@ pub struct AuditRecord {
     /// Who made it (email, `cli`, or `config` for a plan applied at start).
     pub actor: String,
     /// What kind of change (`settings.automatic_fallback`, `model_limit`, `plan`,
-    /// `user.create`, `user.disable`, `user.enable`, `user.password`, `api_key.create`,
-    /// `api_key.revoke`).
+    /// `workspace.name`, `catalog`, `user.create`, `user.disable`, `user.enable`,
+    /// `user.password`, `api_key.create`, `api_key.revoke`).
     pub action: String,
     /// What it applied to (`workspace`, or a model id).
     pub subject: String,

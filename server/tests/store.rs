@@ -1386,6 +1386,74 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     ledger_matches(snapshot).await;
 }
 
+/// A config applied again with another workspace name or another catalog is
+/// audited as a change of the plan is (actor `config`), with the values before
+/// and after; the same config applied again is no change, and neither is the
+/// first set-up.
+async fn a_new_name_or_catalog_is_audited(db: &TestDb) {
+    let first = setup(EUR, 0);
+    let store = db.store(&first).await;
+    store.apply_setup(&first, now()).await.unwrap();
+    let audit = || async { store.audit_log(50).await.unwrap() };
+    assert_eq!(audit().await, Vec::new());
+
+    let mut renamed = first.clone();
+    renamed.name = "Acme".into();
+    store.apply_setup(&renamed, now()).await.unwrap();
+    // Without `small`, and `mid` dearer.
+    let mut repriced = renamed.clone();
+    let models: Vec<_> = common::catalog()
+        .models()
+        .iter()
+        .filter(|m| m.id.as_str() != "small")
+        .cloned()
+        .map(|mut m| {
+            if m.id.as_str() == "mid" {
+                m.prices.output = app::domain::PricePerMTok::new("2.5".parse().unwrap()).unwrap();
+            }
+            m
+        })
+        .collect();
+    repriced.catalog = std::sync::Arc::new(app::domain::Catalog::new(models).unwrap());
+    store.apply_setup(&repriced, now()).await.unwrap();
+    store.apply_setup(&repriced, now()).await.unwrap();
+
+    let rows = audit().await;
+    let changes: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|a| (a.actor.as_str(), a.action.as_str(), a.subject.as_str()))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("config", "catalog", "workspace"),
+            ("config", "workspace.name", "workspace"),
+        ]
+    );
+    let json = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+    assert_eq!(
+        json(&rows[1].old_value),
+        serde_json::json!({"name": "Test workspace"})
+    );
+    assert_eq!(
+        json(&rows[1].new_value),
+        serde_json::json!({"name": "Acme"})
+    );
+    let (old, new) = (json(&rows[0].old_value), json(&rows[0].new_value));
+    let ids = |models: &serde_json::Value| -> Vec<String> {
+        models
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&old), ["big", "mid", "small"]);
+    assert_eq!(ids(&new), ["big", "mid"]);
+    assert_eq!(old[1]["output_eur_per_mtok"], "2");
+    assert_eq!(new[1]["output_eur_per_mtok"], "2.5");
+}
+
 /// An address is one user whatever the case it is typed in, non-ASCII letters
 /// included: stored folded, found, refused as taken, disabled, enabled and given
 /// keys by any spelling (`app::store::normalized_email`).
@@ -1642,6 +1710,7 @@ on_both_backends!(
     holds_in_flight_are_listed,
     a_new_password_ends_every_session,
     an_email_is_one_user_whatever_its_case,
+    a_new_name_or_catalog_is_audited,
     emails_stored_before_folding_are_folded_at_start,
     one_bad_settlement_among_many_fails_alone,
     absurd_usage_never_breaks_the_books,

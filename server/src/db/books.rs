@@ -81,6 +81,44 @@ impl PlanFields {
     }
 }
 
+/// A model of the catalog as the `models` table keeps it (prices as exact
+/// decimal text, EUR per million tokens), in the config's order.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct CatalogRow {
+    pub id: String,
+    pub display_name: String,
+    pub input_eur_per_mtok: String,
+    pub cached_input_eur_per_mtok: String,
+    pub output_eur_per_mtok: String,
+    pub max_output_tokens: i64,
+}
+
+impl CatalogRow {
+    /// `model` as it is stored.
+    pub fn of(model: &app::domain::Model) -> CatalogRow {
+        CatalogRow {
+            id: model.id.to_string(),
+            display_name: model.display_name.clone(),
+            input_eur_per_mtok: model.prices.input.to_string(),
+            cached_input_eur_per_mtok: model.prices.cached_input.to_string(),
+            output_eur_per_mtok: model.prices.output.to_string(),
+            max_output_tokens: i64::from(model.max_output_tokens),
+        }
+    }
+
+    /// The row as the audit log shows a catalog change.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "display_name": self.display_name,
+            "input_eur_per_mtok": self.input_eur_per_mtok,
+            "cached_input_eur_per_mtok": self.cached_input_eur_per_mtok,
+            "output_eur_per_mtok": self.output_eur_per_mtok,
+            "max_output_tokens": self.max_output_tokens,
+        })
+    }
+}
+
 impl PlanRow {
     pub fn plan(&self) -> Result<PlanRecord, StoreError> {
         self.plan.record()
@@ -1320,6 +1358,23 @@ macro_rules! impl_store {
                 .await
                 .map_err(db_error)?;
                 let plan = PlanFields::of(&setup.plan);
+                let previous_name: Option<String> =
+                    sqlx::query_scalar("SELECT name FROM workspaces WHERE id = $1")
+                        .bind(WORKSPACE_ID)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                let previous_catalog: Vec<CatalogRow> = sqlx::query_as(
+                    "SELECT id, display_name, input_eur_per_mtok, cached_input_eur_per_mtok, \
+                     output_eur_per_mtok, max_output_tokens FROM models WHERE workspace_id = $1 \
+                     ORDER BY position",
+                )
+                .bind(WORKSPACE_ID)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let catalog: Vec<CatalogRow> =
+                    setup.catalog.models().iter().map(CatalogRow::of).collect();
                 sqlx::query(
                     "INSERT INTO workspaces (id, name) VALUES ($1, $2) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name",
@@ -1343,8 +1398,18 @@ macro_rules! impl_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error)?;
+                let config = app::store::Actor::Config;
+                // A database set up before has its changes audited, as the
+                // tab's are; the first set-up is no change.
+                if let Some(name) = previous_name.filter(|name| *name != setup.name) {
+                    let (old, new) = (serde_json::json!({ "name": name }), serde_json::json!({ "name": setup.name }));
+                    audit(&mut tx, &config, now, "workspace.name", "workspace", &old, &new).await?;
+                }
+                if previous.is_some() && previous_catalog != catalog {
+                    let json = |rows: &[CatalogRow]| serde_json::Value::from_iter(rows.iter().map(CatalogRow::json));
+                    audit(&mut tx, &config, now, "catalog", "workspace", &json(&previous_catalog), &json(&catalog)).await?;
+                }
                 if let Some(previous) = previous.filter(|previous| *previous != plan) {
-                    let config = app::store::Actor::Config;
                     audit(&mut tx, &config, now, "plan", "workspace", &previous.json(), &plan.json()).await?;
                     if previous.recuts_cycles(&plan) {
                         recut_current_cycle(&mut tx, &setup.plan, now).await?;
@@ -1362,20 +1427,20 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_error)?;
-                for (position, model) in setup.catalog.models().iter().enumerate() {
+                for (position, model) in catalog.iter().enumerate() {
                     sqlx::query(
                         "INSERT INTO models (workspace_id, id, display_name, position, input_eur_per_mtok, \
                          cached_input_eur_per_mtok, output_eur_per_mtok, max_output_tokens) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                     )
                     .bind(WORKSPACE_ID)
-                    .bind(model.id.as_str())
+                    .bind(&model.id)
                     .bind(&model.display_name)
                     .bind(i64::try_from(position).unwrap_or(i64::MAX))
-                    .bind(model.prices.input.to_string())
-                    .bind(model.prices.cached_input.to_string())
-                    .bind(model.prices.output.to_string())
-                    .bind(i64::from(model.max_output_tokens))
+                    .bind(&model.input_eur_per_mtok)
+                    .bind(&model.cached_input_eur_per_mtok)
+                    .bind(&model.output_eur_per_mtok)
+                    .bind(model.max_output_tokens)
                     .execute(&mut *tx)
                     .await
                     .map_err(db_error)?;
