@@ -988,6 +988,28 @@ async fn spend_prints_the_books_of_the_cycle() {
     );
 }
 
+/// A PostgreSQL URL that asks for TLS is refused at once, naming the mode and
+/// what to use instead (this build speaks no TLS), with the password masked.
+#[test]
+fn a_database_url_asking_for_tls_is_refused_plainly() {
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let url = format!("postgres://app:secret@127.0.0.1:9/tollgate?sslmode={mode}");
+        let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["--database-url", &url, "key", "list"])
+            .env_remove("TOLLGATE_CONFIG")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(
+            stderr.contains(&format!("asks for TLS (sslmode={mode})"))
+                && stderr.contains("sslmode=disable or prefer")
+                && !stderr.contains("secret"),
+            "{stderr}"
+        );
+    }
+}
+
 /// A `TOLLGATE_LOG` that is not a tracing filter is said, not silently ignored.
 #[test]
 fn a_bad_log_filter_is_reported() {

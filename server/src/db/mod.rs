@@ -20,6 +20,14 @@ pub enum ConnectError {
     /// The URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
     #[error("unsupported database URL {0:?}: use sqlite://FILE or postgres://USER@HOST/DB")]
     UnsupportedScheme(String),
+    /// The PostgreSQL URL asks for TLS (`sslmode=require`, `verify-ca` or
+    /// `verify-full`), which this build does not speak: refused before any
+    /// connection is tried.
+    #[error(
+        "{0} asks for TLS (sslmode={1}), which this build of Tollgate does not speak: \
+         reach PostgreSQL on loopback or a private network with sslmode=disable or prefer"
+    )]
+    TlsRequired(String, &'static str),
     /// The database could not be reached or opened.
     #[error("could not open the database: {0}")]
     Open(#[source] sqlx::Error),

@@ -109,6 +109,16 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(ConnectError::Open)?
             .options([("lock_timeout", "10s")]);
+        // sqlx would try, then fail with its own words on how it was built.
+        let tls = match options.get_ssl_mode() {
+            sqlx::postgres::PgSslMode::Require => Some("require"),
+            sqlx::postgres::PgSslMode::VerifyCa => Some("verify-ca"),
+            sqlx::postgres::PgSslMode::VerifyFull => Some("verify-full"),
+            _ => None,
+        };
+        if let Some(mode) = tls {
+            return Err(ConnectError::TlsRequired(super::redact_url(url), mode));
+        }
         // One plain connection first: when the server is down or refuses us, the
         // operator reads why (refused, unknown database, authentication), not the
         // pool's "timed out" after half a minute.
