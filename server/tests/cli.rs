@@ -986,6 +986,28 @@ async fn spend_prints_the_books_of_the_cycle() {
             ("cheap-model", "0", "0.0", true)
         ]
     );
+
+    // A server started on a catalog without House model: its spend stays in the
+    // cycle, listed by id, with no limit to set.
+    let mut setup = server::config::Config::load(
+        Some(std::path::Path::new(config)),
+        &server::config::Overrides::default(),
+    )
+    .unwrap()
+    .setup;
+    let cheap = catalog.resolve("cheap-model").unwrap().clone();
+    setup.catalog = std::sync::Arc::new(app::domain::Catalog::new(vec![cheap]).unwrap());
+    store.apply_setup(&setup, now).await.unwrap();
+    let printed = cli.ok(&["--config", config, "spend"]);
+    let models: Vec<&str> = printed.lines().skip(12).collect();
+    assert_eq!(
+        models,
+        [
+            "house-model\thouse-model\t0.02\t100.0\t0.02\tnot in the catalog",
+            "cheap-model\tCheap model\t0\t0.0\t\tnone",
+        ],
+        "{printed}"
+    );
 }
 
 /// A PostgreSQL URL that asks for TLS is refused at once, naming the mode and
