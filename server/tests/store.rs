@@ -1863,6 +1863,22 @@ async fn postgres_the_vacuum_of_holds_does_not_fill_the_log() {
     );
 
     let (db, url) = WithRole::not_owning(db, &admin, Temporary::Allowed).await;
+    // A store open for less than a vacuum's interval, as for a command of the
+    // CLI, says nothing of the vacuum.
+    let brief = db
+        .db
+        .as_ref()
+        .unwrap()
+        .reached_at(url.clone())
+        .store(&setup)
+        .await;
+    brief
+        .update_settings(&Actor::Cli, None, false, now())
+        .await
+        .unwrap();
+    drop(brief);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(logs.text(), "", "from a store open for a moment");
     let store = db.db.as_ref().unwrap().reached_at(url).store(&setup).await;
     admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
     tokio::time::sleep(ticks).await;

@@ -208,7 +208,10 @@ const VACUUM_HOLDS: &str = "VACUUM (SKIP_LOCKED, TRUNCATE false) reservations";
 /// ([`may_vacuum_holds`]) gets one warning, and the table is left to
 /// autovacuum.
 async fn vacuum_holds(pool: PgPool, batcher: WeakBatcher<PgWriter>) {
-    let mut tick = tokio::time::interval(VACUUM_EVERY);
+    // The first a tick from now: a store opened for one command of the CLI has
+    // no holds to vacuum and says nothing of a vacuum it will not need.
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + VACUUM_EVERY, VACUUM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     let mut allowed = false;
