@@ -45,6 +45,10 @@ impl FieldError {
                 "invalid_version" => "This form was not sent as the page made it: reload \
                                       the page and make the change again."
                     .to_owned(),
+                "invalid_enabled" => "This form was not sent as the page made it (its Enabled \
+                                      toggle is neither on nor off): reload the page and make \
+                                      the change again."
+                    .to_owned(),
                 "missing_model" => "Each limit row must name a model of the catalog.".to_owned(),
                 "unknown_model" => "This is not a model of the catalog.".to_owned(),
                 "duplicate_model" => {
@@ -403,6 +407,7 @@ mod tests {
             "misplaced_separator",
             "enabled_without_amount",
             "invalid_version",
+            "invalid_enabled",
             "missing_model",
             "unknown_model",
             "duplicate_model",

@@ -676,7 +676,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<SettingsRecord, StoreError>;
 
     /// Apply model limit changes all or nothing: each validated (R5, model in the
-    /// catalog) and checked against its version; one audit row per changed model.
+    /// catalog, except that the stored limit of a model the catalog dropped may be
+    /// cleared) and checked against its version; one audit row per changed model.
     ///
     /// Errors: [`StoreError::Invalid`] or [`StoreError::Conflict`]; nothing is written.
     async fn update_model_limits(

@@ -471,6 +471,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User {
             action: UserAction::Password { email },
         } => {
+            // Asked for only once the user is known, as `user create` does.
+            listed_user(&store, &email).await?;
             let hash = auth::hash_password(&given_password()?)?;
             match store
                 .set_password(&Actor::Cli, email.trim(), &hash, Utc::now())

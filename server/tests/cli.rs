@@ -398,6 +398,12 @@ async fn passwords_can_be_set_again() {
             "a long enough password",
             "no user has the email nobody@example.com",
         ),
+        // The user is looked for before the password is read or checked.
+        (
+            "nobody@example.com",
+            "short",
+            "no user has the email nobody@example.com",
+        ),
     ] {
         let refused = cli.run_with(&["user", "password", "--email", email], Some(password));
         let stderr = String::from_utf8_lossy(&refused.stderr);

@@ -813,6 +813,45 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
     let after = panel.store.spend_snapshot(Utc::now()).await.unwrap();
     assert_eq!(after.settings, before.settings);
     assert_eq!(after.models, before.models);
+    // The Enabled toggle is on or off, never guessed: a value but `on`, `true`,
+    // `off` or `false` refuses the save; `off` saves the limit disabled.
+    let gpt5 = |snapshot: &app::store::SpendSnapshot| {
+        snapshot
+            .models
+            .iter()
+            .find(|m| m.id.as_str() == "gpt-5")
+            .map(|m| m.limit)
+            .unwrap_or_default()
+    };
+    let save = |enabled: &str| {
+        format!(
+            "rows[0][model]=gpt-5&rows[0][limit]=5&rows[0][enabled]={enabled}&rows[0][version]={}",
+            gpt5(&after).version
+        )
+    };
+    let (status, _, text) = panel
+        .send(post("/fn/save_model_limits", &save("maybe"), Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["fields"][0]["field"], "gpt-5", "{text}");
+    assert_eq!(json["fields"][0]["code"], "invalid_enabled", "{text}");
+    assert_eq!(
+        panel.store.spend_snapshot(Utc::now()).await.unwrap().models,
+        after.models
+    );
+    let (status, _, text) = panel
+        .send(post("/fn/save_model_limits", &save("off"), Some(&admin)))
+        .await;
+    assert!(status.is_success(), "{status}: {text}");
+    let saved = gpt5(&panel.store.spend_snapshot(Utc::now()).await.unwrap());
+    assert_eq!(
+        saved.limit,
+        app::domain::ModelLimit {
+            limit: Some(app::domain::Nanos::new(5_000_000_000)),
+            enabled: false
+        }
+    );
     // A body that is not UTF-8 is an error in the call's arguments (server_fn
     // reports it in the words of a client reading results).
     let mut request = post("/fn/save_automatic_fallback", "", Some(&admin));

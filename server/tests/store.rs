@@ -1397,6 +1397,18 @@ async fn a_new_name_or_catalog_is_audited(db: &TestDb) {
     let audit = || async { store.audit_log(50).await.unwrap() };
     assert_eq!(audit().await, Vec::new());
 
+    let limit = |nanos: Option<i64>| app::store::LimitChange {
+        model: ModelId::new("small"),
+        expected_version: None,
+        limit: ModelLimit {
+            limit: nanos.map(Nanos::new),
+            enabled: nanos.is_some(),
+        },
+    };
+    store
+        .update_model_limits(&Actor::Cli, &[limit(Some(EUR))], now())
+        .await
+        .unwrap();
     let mut renamed = first.clone();
     renamed.name = "Acme".into();
     store.apply_setup(&renamed, now()).await.unwrap();
@@ -1418,7 +1430,35 @@ async fn a_new_name_or_catalog_is_audited(db: &TestDb) {
     store.apply_setup(&repriced, now()).await.unwrap();
     store.apply_setup(&repriced, now()).await.unwrap();
 
-    let rows = audit().await;
+    // The dropped model's limit can be cleared, not set.
+    let refused = store
+        .update_model_limits(&Actor::Cli, &[limit(Some(2 * EUR))], now())
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::Invalid {
+                code: "unknown_model",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    store
+        .update_model_limits(&Actor::Cli, &[limit(None)], now())
+        .await
+        .unwrap();
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert!(snapshot
+        .models
+        .iter()
+        .all(|m| m.limit.limit == ModelLimit::default()));
+
+    let rows: Vec<_> = audit()
+        .await
+        .into_iter()
+        .filter(|a| a.actor == "config")
+        .collect();
     let changes: Vec<(&str, &str, &str)> = rows
         .iter()
         .map(|a| (a.actor.as_str(), a.action.as_str(), a.subject.as_str()))

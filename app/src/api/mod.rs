@@ -16,9 +16,10 @@ pub struct LimitInput {
     /// The Limit field as typed (EUR; empty = shared pool).
     #[serde(default)]
     pub limit: String,
-    /// The Enabled toggle: on when sent with a value, as an HTML checkbox sends
-    /// it (`on`); off when absent or empty (the form parser reads an empty value
-    /// as none).
+    /// The Enabled toggle: on when sent as an HTML checkbox sends it (`on`; a
+    /// script may send `true`), off when absent, empty (the form parser reads an
+    /// empty value as none), `off` or `false`. Any other value refuses the save
+    /// (`invalid_enabled`) rather than be read as on.
     #[serde(default)]
     pub enabled: Option<String>,
     /// The limit's version when the form was loaded: a whole number as the page
@@ -266,7 +267,14 @@ mod server {
                 });
                 continue;
             }
-            let enabled = row.enabled.is_some();
+            let enabled = match row.enabled.as_deref().map(str::trim) {
+                None | Some("off" | "false") => false,
+                Some("on" | "true") => true,
+                Some(_) => {
+                    fields.push(FieldError::fixed(row.model.clone(), "invalid_enabled"));
+                    continue;
+                }
+            };
             let text = row.limit.trim();
             let limit = if text.is_empty() {
                 None

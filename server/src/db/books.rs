@@ -1920,13 +1920,6 @@ macro_rules! impl_store {
                             .fetch_optional(&mut *tx)
                             .await
                             .map_err(db_error)?;
-                    if known.is_none() {
-                        tx.rollback().await.map_err(db_error)?;
-                        return Err(StoreError::Invalid {
-                            code: "unknown_model",
-                            message: format!("{} is not a model of the catalog", change.model),
-                        });
-                    }
                     let current: Option<LimitRow> = sqlx::query_as(
                         "SELECT model_id, limit_nanos, enabled, version FROM model_limits \
                          WHERE workspace_id = $1 AND model_id = $2",
@@ -1936,6 +1929,17 @@ macro_rules! impl_store {
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(db_error)?;
+                    // The limit of a model the catalog dropped can still be
+                    // cleared, so that it does not come back with the model.
+                    let clears_a_stored_limit =
+                        change.limit == app::domain::ModelLimit::default() && current.is_some();
+                    if known.is_none() && !clears_a_stored_limit {
+                        tx.rollback().await.map_err(db_error)?;
+                        return Err(StoreError::Invalid {
+                            code: "unknown_model",
+                            message: format!("{} is not a model of the catalog", change.model),
+                        });
+                    }
                     let (old, version) = current
                         .map(|row| (row.limit(), row.version))
                         .unwrap_or_default();
