@@ -6,13 +6,13 @@ mod login;
 mod token_limits;
 
 use leptos::prelude::*;
-
-use crate::error::ApiError;
 use leptos_meta::{provide_meta_context, MetaTags, Title};
 use leptos_router::{
     components::{Route, Router, Routes},
     path, SsrMode,
 };
+
+use crate::error::ApiError;
 
 /// The error a server function returned to a form posted without JavaScript: the
 /// server redirects back with it in the URL (`__path`, `__err`). `None` when the

@@ -1364,15 +1364,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await
                         .map_err(db_error)?;
-                let previous_catalog: Vec<CatalogRow> = sqlx::query_as(
-                    "SELECT id, display_name, input_eur_per_mtok, cached_input_eur_per_mtok, \
-                     output_eur_per_mtok, max_output_tokens FROM models WHERE workspace_id = $1 \
-                     ORDER BY position",
-                )
-                .bind(WORKSPACE_ID)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_error)?;
+                let previous_catalog = read_catalog(&mut tx).await?;
                 let catalog: Vec<CatalogRow> =
                     setup.catalog.models().iter().map(CatalogRow::of).collect();
                 sqlx::query(
@@ -1746,13 +1738,7 @@ macro_rules! impl_store {
                 let cycle = plan.cycle_at(at)?;
                 let counters = read_counters(&mut tx, cycle_key(cycle.start)).await?;
                 let limits = read_limits(&mut tx).await?;
-                let catalog: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT id, display_name FROM models WHERE workspace_id = $1 ORDER BY position",
-                )
-                .bind(WORKSPACE_ID)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_error)?;
+                let catalog = read_catalog(&mut tx).await?;
                 tx.commit().await.map_err(db_error)?;
                 let mut workspace = Counter::default();
                 let mut models: Vec<ModelBooks> = Vec::new();
@@ -1791,7 +1777,7 @@ macro_rules! impl_store {
                     models,
                     catalog: catalog
                         .into_iter()
-                        .map(|(id, display_name)| CatalogEntry { id: ModelId::new(id), display_name })
+                        .map(|row| CatalogEntry { id: ModelId::new(row.id), display_name: row.display_name })
                         .collect(),
                 })
             }
@@ -2024,35 +2010,30 @@ macro_rules! impl_store {
                 let email = app::store::normalized_email(email);
                 let mut conn = self.write_connection().await?;
                 let mut tx = begin(&mut conn, Self::BEGIN).await?;
-                let taken: Option<(i64,)> = sqlx::query_as("SELECT id FROM users WHERE email = $1")
-                        .bind(&email)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                if taken.is_some() {
-                    tx.rollback().await.map_err(db_error)?;
-                    return Err(app::store::StoreError::Invalid {
-                        code: "email_taken",
-                        message: format!("a user with the email {email} exists already"),
-                    });
-                }
-                // Two addresses drawn alike (a Cyrillic `е` for a Latin `e`) would
-                // be two users that `user list`, the audit log and the panel
-                // show as one, and an operator disabling one by its email could
-                // find the other.
-                let emails: Vec<(String,)> = sqlx::query_as("SELECT email FROM users WHERE workspace_id = $1")
+                // One address is one user, and two addresses drawn alike (a
+                // Cyrillic `е` for a Latin `e`) would be two users that `user
+                // list`, the audit log and the panel show as one, and an operator
+                // disabling one by its email could find the other.
+                let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM users WHERE workspace_id = $1")
                     .bind(WORKSPACE_ID)
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(db_error)?;
-                if let Some((other,)) = emails.iter().find(|(other,)| $crate::cli::looks_alike(other, &email)) {
+                if let Some(other) = emails.iter().find(|other| $crate::cli::looks_alike(other, &email)) {
                     tx.rollback().await.map_err(db_error)?;
-                    return Err(app::store::StoreError::Invalid {
-                        code: "email_look_alike",
-                        message: format!(
-                            "{email} looks like the email of the existing user {other} \
-                             (Unicode's confusable detection draws them alike): use another"
-                        ),
+                    return Err(if *other == email {
+                        app::store::StoreError::Invalid {
+                            code: "email_taken",
+                            message: format!("a user with the email {email} exists already"),
+                        }
+                    } else {
+                        app::store::StoreError::Invalid {
+                            code: "email_look_alike",
+                            message: format!(
+                                "{email} looks like the email of the existing user {other} \
+                                 (Unicode's confusable detection draws them alike): use another"
+                            ),
+                        }
                     });
                 }
                 let row: UserRow = sqlx::query_as(&format!(
@@ -2556,6 +2537,22 @@ macro_rules! impl_store {
             )
             .bind(WORKSPACE_ID)
             .bind(cycle_start)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_error)
+        }
+
+        /// The catalog the books were last set up with, in the config's order.
+        async fn read_catalog(
+            conn: &mut <$db as sqlx::Database>::Connection,
+        ) -> Result<Vec<$crate::db::books::CatalogRow>, app::store::StoreError> {
+            use $crate::db::books::*;
+            sqlx::query_as(
+                "SELECT id, display_name, input_eur_per_mtok, cached_input_eur_per_mtok, \
+                 output_eur_per_mtok, max_output_tokens FROM models WHERE workspace_id = $1 \
+                 ORDER BY position",
+            )
+            .bind(WORKSPACE_ID)
             .fetch_all(&mut *conn)
             .await
             .map_err(db_error)
