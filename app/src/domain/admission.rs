@@ -192,8 +192,9 @@ fn has_room(used: Nanos, reservation: Nanos, limit: Nanos) -> bool {
 /// 2. the requested model's active cap has `spent + reserved ≥ cap` or `+ c > cap`:
 ///    with automatic fallback on, serve on the most expensive strictly cheaper model
 ///    (output price, then input price) whose own active cap, if any, has room for its
-///    own reservation and whose reservation fits the allowance; with none, or with
-///    fallback off, block, `model_limit_reached`;
+///    own reservation and whose reservation fits the allowance, passing over any whose
+///    `max_output_tokens` is below the request's output cap (it would refuse the
+///    request upstream); with none, or with fallback off, block, `model_limit_reached`;
 /// 3. otherwise admit on the requested model.
 ///
 /// Fallback only walks down the price order once: it never picks a dearer or
@@ -221,8 +222,19 @@ pub fn admit(
         return admit_on(requested, c);
     }
 
+    // A cheaper model whose own output maximum is below the output the request
+    // asks for would only refuse it upstream: it is passed over, and a block
+    // says so when it was the only reason.
+    let mut output_too_large = None;
     if snapshot.automatic_fallback {
         for candidate in catalog.cheaper_than(&requested.id) {
+            if let Some(cap) = estimate
+                .output_cap
+                .filter(|cap| *cap > u64::from(candidate.max_output_tokens))
+            {
+                output_too_large = Some(cap);
+                continue;
+            }
             let Ok(candidate_c) = reservation(candidate, estimate) else {
                 continue;
             };
@@ -249,6 +261,7 @@ pub fn admit(
         state.counter,
         cap,
         Ask::Estimate(c),
+        output_too_large,
     ))
 }
 
@@ -281,6 +294,7 @@ pub fn admit_known_cost(
                 state.counter,
                 cap,
                 Ask::Known(cost),
+                None,
             ))
         }
         _ => Ok(()),
@@ -384,12 +398,15 @@ fn plan_block(snapshot: &Snapshot<'_>, ask: Ask) -> Blocked {
     }
 }
 
+/// A `model_limit_reached` block of a request on `model`; `output_too_large`
+/// is the output cap of a request that a cheaper model was passed over for.
 fn model_block(
     snapshot: &Snapshot<'_>,
     model: &Model,
     counter: Counter,
     cap: Nanos,
     ask: Ask,
+    output_too_large: Option<u64>,
 ) -> Blocked {
     let used = counter.used();
     let situation = if used >= cap {
@@ -415,10 +432,13 @@ fn model_block(
             reset_text(snapshot),
         ),
         Ask::Estimate(_) => {
-            let fallback = if snapshot.automatic_fallback {
-                "no cheaper model has room for it"
-            } else {
-                "automatic fallback to a cheaper model is off"
+            let fallback = match (snapshot.automatic_fallback, output_too_large) {
+                (false, _) => "automatic fallback to a cheaper model is off".to_owned(),
+                (true, None) => "no cheaper model has room for it".to_owned(),
+                (true, Some(tokens)) => format!(
+                    "no cheaper model has room for it and can produce the {tokens} output \
+                     tokens it asks for"
+                ),
             };
             format!(
                 "Model limit reached: {situation}, and {fallback}. The limit resets on {}.",
@@ -738,6 +758,51 @@ mod tests {
         assert_eq!(
             decide(&snapshot(&m, true), "gpt-5", &EST),
             fallback_to("mini", C_MINI)
+        );
+    }
+
+    #[test]
+    fn fallback_passes_over_a_model_that_cannot_produce_the_output_asked() {
+        let mut mini = model("mini", (216, 3), (172, 2));
+        mini.max_output_tokens = 100;
+        let c = Catalog::new(vec![
+            model("gpt-5", (108, 2), (860, 2)),
+            mini,
+            model("nano", (43, 3), (344, 3)),
+        ])
+        .unwrap();
+        let full = states(&[("gpt-5", state(EUR, Some(EUR)))]);
+        let snap = snapshot(&full, true);
+        let requested = c.resolve("gpt-5").unwrap();
+        let asking = |output_cap| TokenEstimate { output_cap, ..EST };
+        // mini can produce the 100 tokens asked, not 101; nano (1000) can.
+        assert_eq!(
+            admit(&snap, &c, requested, &asking(Some(100))).served_model(),
+            Some(&ModelId::from("mini"))
+        );
+        assert_eq!(
+            admit(&snap, &c, requested, &asking(Some(101))).served_model(),
+            Some(&ModelId::from("nano"))
+        );
+        // A request that sets no cap is held at each model's own maximum.
+        assert_eq!(
+            admit(&snap, &c, requested, &asking(None)).served_model(),
+            Some(&ModelId::from("mini"))
+        );
+        // With nano full too, the block says why mini was passed over.
+        let full = states(&[
+            ("gpt-5", state(EUR, Some(EUR))),
+            ("nano", state(EUR, Some(EUR))),
+        ]);
+        let a = admit(&snapshot(&full, true), &c, requested, &asking(Some(500)));
+        let Admission::Block(b) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(b.code, BlockCode::ModelLimitReached);
+        assert!(
+            b.message.contains("can produce the 500 output tokens"),
+            "{}",
+            b.message
         );
     }
 
