@@ -1386,6 +1386,47 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     ledger_matches(snapshot).await;
 }
 
+/// A plan start moved by whole months on the same day moves no boundary (R1):
+/// the change is audited, the cycle's counters stay as they were, and a request
+/// admitted in the cycle before and settled in this one stays in the cycle it
+/// was booked to, counted once (R2).
+async fn a_start_moved_by_whole_months_keeps_the_books(db: &TestDb) {
+    let first = setup(EUR, 0);
+    let store = db.store(&first).await;
+    let catalog = first.catalog.clone();
+    let before_the_boundary = Utc.with_ymd_and_hms(2026, 10, 30, 12, 0, 0).unwrap();
+    let late =
+        admitted(reserve(&store, &catalog, "mid", estimate(1000), before_the_boundary).await);
+    store.settle(settlement(&late.id, None)).await.unwrap();
+    let r = admitted(reserve(&store, &catalog, "mid", estimate(500), now()).await);
+    store.settle(settlement(&r.id, None)).await.unwrap();
+    let before = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(before.workspace.spent, Nanos::new(EUR / 1000));
+
+    // 31 March instead of 31 January: the same boundaries, clamped alike.
+    let mut moved = setup(EUR, 0);
+    moved.plan.start = chrono::NaiveDate::from_ymd_opt(2026, 3, 31).unwrap();
+    store.apply_setup(&moved, now()).await.unwrap();
+    let after = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(after.cycle, before.cycle);
+    assert_eq!(after.workspace, before.workspace);
+    assert_eq!(after.models, before.models);
+    let ledger = store.ledger_totals(after.cycle.start).await.unwrap();
+    assert_eq!(ledger.total, after.workspace.spent);
+    let previous = store
+        .ledger_totals(Utc.with_ymd_and_hms(2026, 9, 29, 22, 0, 0).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(previous.total, Nanos::new(2 * EUR / 1000));
+    let audit = store.audit_log(10).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.action == "plan" && a.new_value.contains("\"2026-03-31\"")),
+        "{audit:?}"
+    );
+}
+
 /// A config applied again with another workspace name or another catalog is
 /// audited as a change of the plan is (actor `config`), with the values before
 /// and after; the same config applied again is no change, and neither is the
@@ -1771,6 +1812,7 @@ on_both_backends!(
     a_disabled_user_signs_in_no_more_and_spends_nothing,
     a_new_cycle_starts_from_zero,
     a_changed_plan_start_keeps_the_spend_of_the_cycle,
+    a_start_moved_by_whole_months_keeps_the_books,
     expired_leases_are_released,
     api_keys_authenticate_and_record_use_to_the_minute,
 );
@@ -2054,6 +2096,44 @@ async fn postgres_timeouts_set_on_the_database_are_answered_as_such() {
     assert!(matches!(blocked, Err(StoreError::Busy(_))), "{blocked:?}");
     holder.rollback().await.unwrap();
     admin.close().await;
+}
+
+/// PostgreSQL: a database emptied under a running store (dropped and made again,
+/// say) has no tables: every call is answered `Unavailable` (503 to its caller,
+/// as for a database out of reach), not as a fault of the store (500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_database_emptied_under_the_store_is_unavailable() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query("DROP SCHEMA public CASCADE")
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("CREATE SCHEMA public")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let admission = try_reserve(&store, &setup.catalog, "mid", estimate(10), now()).await;
+    assert!(
+        matches!(admission, Err(StoreError::Unavailable(_))),
+        "{admission:?}"
+    );
+    let snapshot = store.spend_snapshot(now()).await;
+    assert!(
+        matches!(snapshot, Err(StoreError::Unavailable(_))),
+        "{snapshot:?}"
+    );
+    // A gateway request's key and a sign-in's user are looked up first.
+    let key = store.authenticate_api_key("0".repeat(64).as_str(), now()).await;
+    assert!(matches!(key, Err(StoreError::Unavailable(_))), "{key:?}");
+    let user = store.user_by_email("ada@example.com").await;
+    assert!(matches!(user, Err(StoreError::Unavailable(_))), "{user:?}");
 }
 
 /// PostgreSQL: a connection lost between an admission's `COMMIT` and its

@@ -65,9 +65,25 @@ impl PlanFields {
         }
     }
 
-    /// Whether moving from `self` to `new` moves the cycles' boundaries (R1).
-    pub fn recuts_cycles(&self, new: &PlanFields) -> bool {
-        self.plan_start != new.plan_start || self.timezone != new.timezone
+    /// Whether moving from `self` to `new` moves the bounds of the cycle that
+    /// holds `now` (R1), the one whose counters are live. A start date moved by
+    /// whole months on the same day (or a zone with the same midnights) moves
+    /// none: its counters stay as they are, and a request admitted in the cycle
+    /// before and settled in this one stays in the cycle it was booked to. A
+    /// stored plan that cannot be read counts as moved.
+    ///
+    /// Errors: [`StoreError::Invalid`] when `now` is outside `new`'s calendar.
+    pub fn recuts_cycle_at(
+        &self,
+        new: &PlanRecord,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let bounds = |cycle: app::domain::BillingCycle| (cycle.start, cycle.end);
+        let new = bounds(new.cycle_at(now)?);
+        Ok(self
+            .record()
+            .and_then(|old| old.cycle_at(now))
+            .map_or(true, |old| bounds(old) != new))
     }
 
     /// The audit log's view: amounts as exact EUR strings.
@@ -1152,7 +1168,9 @@ pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
 /// write for now, whatever the statement: PostgreSQL's classes `08` (connection
 /// exception), `28` (the server refusing the configured user or password) and
 /// `53` (insufficient resources: a full disk, no memory, too many connections),
-/// `3D000` (the database gone: dropped or renamed), `57P01` to `57P03` (the
+/// `3D000` (the database gone: dropped or renamed), `42P01` and `3F000` (its
+/// tables or schema gone: the database emptied, or dropped and made again under
+/// a running server, which migrates it only when started), `57P01` to `57P03` (the
 /// server shutting down or starting up), `25006` (a read-only server, a
 /// standby) and `58030` (an I/O error); SQLite's `SQLITE_READONLY` (8),
 /// `SQLITE_IOERR` (10), `SQLITE_FULL` (13) and `SQLITE_CANTOPEN` (14), in their
@@ -1163,7 +1181,7 @@ fn is_unavailable_code(code: &str) -> bool {
         || code.starts_with("53")
         || matches!(
             code,
-            "3D000" | "57P01" | "57P02" | "57P03" | "57P05" | "25006" | "58030"
+            "3D000" | "42P01" | "3F000" | "57P01" | "57P02" | "57P03" | "57P05" | "25006" | "58030"
         )
         || sqlite_primary_code(code).is_some_and(|n| matches!(n, 8 | 10 | 13 | 14))
 }
@@ -1403,7 +1421,7 @@ macro_rules! impl_store {
                 }
                 if let Some(previous) = previous.filter(|previous| *previous != plan) {
                     audit(&mut tx, &config, now, "plan", "workspace", &previous.json(), &plan.json()).await?;
-                    if previous.recuts_cycles(&plan) {
+                    if previous.recuts_cycle_at(&setup.plan, now)? {
                         recut_current_cycle(&mut tx, &setup.plan, now).await?;
                     }
                 }
@@ -2703,10 +2721,11 @@ mod tests {
         // SQLite READONLY, READONLY_DBMOVED, IOERR, IOERR_WRITE, FULL, CANTOPEN;
         // PostgreSQL connection_failure, admin_shutdown, cannot_connect_now,
         // disk_full, too_many_connections, read_only_sql_transaction, io_error,
-        // invalid_catalog_name, invalid_password.
+        // invalid_catalog_name, invalid_password, undefined_table,
+        // invalid_schema_name.
         for down in [
             "8", "1032", "10", "778", "13", "14", "08006", "57P01", "57P03", "53100", "53300",
-            "25006", "58030", "3D000", "28P01",
+            "25006", "58030", "3D000", "28P01", "42P01", "3F000",
         ] {
             assert!(is_unavailable_code(down), "{down}");
         }
