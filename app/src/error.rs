@@ -45,9 +45,9 @@ impl FieldError {
                 "invalid_version" => "This form was not sent as the page made it: reload \
                                       the page and make the change again."
                     .to_owned(),
-                "invalid_enabled" => "This form was not sent as the page made it (its Enabled \
-                                      toggle is neither on nor off): reload the page and make \
-                                      the change again."
+                "invalid_enabled" => "This form was not sent as the page made it (a toggle \
+                                      is neither on nor off): reload the page and make the \
+                                      change again."
                     .to_owned(),
                 "missing_model" => "Each limit row must name a model of the catalog.".to_owned(),
                 "unknown_model" => "This is not a model of the catalog.".to_owned(),

@@ -717,11 +717,18 @@ async fn unknown_api_paths_answer_json_not_html() {
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["error"]["code"], "unknown_url", "{path}: {body}");
     }
-    // The spend API with the wrong method says so in the same shape.
-    let (status, _, body) = panel.send(post("/api/v1/spend", "", None)).await;
-    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(json["error"]["code"], "method_not_allowed", "{body}");
+    // The spend API, the health probe and the metrics with the wrong method say
+    // so in the same shape, and which method they take.
+    for path in ["/api/v1/spend", "/healthz", "/metrics"] {
+        let (status, headers, body) = panel.send(post(path, "", None)).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            json["error"]["code"], "method_not_allowed",
+            "{path}: {body}"
+        );
+        assert_eq!(headers[header::ALLOW], "GET,HEAD", "{path}");
+    }
 }
 
 #[tokio::test]
@@ -734,6 +741,52 @@ async fn the_site_is_served_compressed_to_browsers_that_accept_it() {
     let response = panel.router.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()[header::CONTENT_ENCODING], "gzip");
+}
+
+/// Every kind of the panel's answers tells browsers: never in another site's
+/// frame, never run as another type, and never send its addresses elsewhere.
+#[tokio::test]
+async fn panel_answers_keep_browsers_safe() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let answers = [
+        ("the sign-in page", get("/login", None)),
+        ("the tab", get("/admin/token-limits", Some(&admin))),
+        ("a redirect to sign in", get("/admin/token-limits", None)),
+        ("an unknown page", get("/nope", Some(&admin))),
+        (
+            "a refused sign-in",
+            post("/fn/login", "email=x&password=y", None),
+        ),
+        (
+            "a refused save",
+            post(
+                "/fn/save_automatic_fallback",
+                "settings_version=x",
+                Some(&admin),
+            ),
+        ),
+        ("the stylesheet", get("/pkg/tollgate.css", None)),
+    ];
+    for (what, request) in answers {
+        let (status, headers, body) = panel.send(request).await;
+        assert!(
+            status != StatusCode::INTERNAL_SERVER_ERROR,
+            "{what}: {body}"
+        );
+        for (name, value) in [
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "same-origin"),
+        ] {
+            assert_eq!(
+                headers.get(&name).map(|v| v.to_str().unwrap()),
+                Some(value),
+                "{what} ({status}): {name}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -852,6 +905,42 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
             enabled: false
         }
     );
+    // The automatic fallback toggle is read the same way: `off` and `false` save
+    // it off, any value but the four refuses the save.
+    let fallback = |value: &str, version: i64| {
+        format!("automatic_fallback={value}&settings_version={version}")
+    };
+    let settings = panel.settings().await;
+    assert!(settings.automatic_fallback, "on by default");
+    let (status, _, text) = panel
+        .send(post(
+            "/fn/save_automatic_fallback",
+            &fallback("maybe", settings.version),
+            Some(&admin),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["fields"][0]["field"], "automatic_fallback", "{text}");
+    assert_eq!(json["fields"][0]["code"], "invalid_enabled", "{text}");
+    assert_eq!(panel.settings().await, settings);
+    for (value, on) in [
+        ("off", false),
+        ("true", true),
+        ("false", false),
+        ("on", true),
+    ] {
+        let version = panel.settings().await.version;
+        let (status, _, text) = panel
+            .send(post(
+                "/fn/save_automatic_fallback",
+                &fallback(value, version),
+                Some(&admin),
+            ))
+            .await;
+        assert!(status.is_success(), "{value}: {status}: {text}");
+        assert_eq!(panel.settings().await.automatic_fallback, on, "{value}");
+    }
     // A body that is not UTF-8 is an error in the call's arguments (server_fn
     // reports it in the words of a client reading results).
     let mut request = post("/fn/save_automatic_fallback", "", Some(&admin));

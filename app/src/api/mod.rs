@@ -17,9 +17,8 @@ pub struct LimitInput {
     #[serde(default)]
     pub limit: String,
     /// The Enabled toggle: on when sent as an HTML checkbox sends it (`on`; a
-    /// script may send `true`), off when absent, empty (the form parser reads an
-    /// empty value as none), `off` or `false`. Any other value refuses the save
-    /// (`invalid_enabled`) rather than be read as on.
+    /// script may send `true`), off when absent, empty, `off` or `false`. Any
+    /// other value refuses the save (`invalid_enabled`) rather than be read as on.
     #[serde(default)]
     pub enabled: Option<String>,
     /// The limit's version when the form was loaded: a whole number as the page
@@ -55,15 +54,16 @@ pub async fn token_limits() -> Result<TabView, ApiError> {
 }
 
 /// Save the automatic fallback toggle, based on `settings_version` (administrators
-/// only): on when `automatic_fallback` is sent with a value (the checkbox's `on`),
-/// off when absent or empty.
+/// only). `automatic_fallback` is read as a checkbox sends it: on for `on` (a
+/// script may send `true`), off when absent, empty, `off` or `false`; any other
+/// value refuses the save (`invalid_enabled`) rather than be read as on.
 #[server(prefix = "/fn", endpoint = "save_automatic_fallback")]
 pub async fn save_automatic_fallback(
     automatic_fallback: Option<String>,
     settings_version: String,
 ) -> Result<(), ApiError> {
     let admin = crate::auth::require_admin().await?;
-    server::save_automatic_fallback(&admin, automatic_fallback.is_some(), &settings_version).await
+    server::save_automatic_fallback(&admin, automatic_fallback.as_deref(), &settings_version).await
 }
 
 /// Save every model limit of the form, all or nothing (administrators only).
@@ -194,13 +194,27 @@ mod server {
             .ok_or_else(|| FieldError::fixed(field, "invalid_version"))
     }
 
+    /// A toggle as a form sends it (a checkbox: `on` when ticked, nothing when
+    /// not): on for `on` or `true`, off when absent (the form parser reads an
+    /// empty value as absent), `off` or `false`, and the field error
+    /// `invalid_enabled` naming `field` for anything else.
+    fn parse_toggle(field: &str, value: Option<&str>) -> Result<bool, FieldError> {
+        match value.map(str::trim) {
+            None | Some("" | "off" | "false") => Ok(false),
+            Some("on" | "true") => Ok(true),
+            Some(_) => Err(FieldError::fixed(field, "invalid_enabled")),
+        }
+    }
+
     pub async fn save_automatic_fallback(
         admin: &Admin,
-        on: bool,
+        automatic_fallback: Option<&str>,
         version: &str,
     ) -> Result<(), ApiError> {
-        let version = match parse_version("settings_version", version) {
-            Ok(version) => version,
+        let parsed = parse_toggle("automatic_fallback", automatic_fallback)
+            .and_then(|on| Ok((on, parse_version("settings_version", version)?)));
+        let (on, version) = match parsed {
+            Ok(parsed) => parsed,
             Err(field) => {
                 return fail(ApiError::Invalid {
                     message: "Nothing was saved: reload the page and make the change again.".into(),
@@ -267,11 +281,10 @@ mod server {
                 });
                 continue;
             }
-            let enabled = match row.enabled.as_deref().map(str::trim) {
-                None | Some("off" | "false") => false,
-                Some("on" | "true") => true,
-                Some(_) => {
-                    fields.push(FieldError::fixed(row.model.clone(), "invalid_enabled"));
+            let enabled = match parse_toggle(&row.model, row.enabled.as_deref()) {
+                Ok(enabled) => enabled,
+                Err(field) => {
+                    fields.push(field);
                     continue;
                 }
             };

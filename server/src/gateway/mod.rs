@@ -279,7 +279,7 @@ where
         )
         // Any other usage API path answers JSON too, never the panel's HTML 404.
         .route("/api/v1/{*rest}", any(unknown_endpoint))
-        .route("/metrics", get(render_metrics))
+        .route("/metrics", get(render_metrics).fallback(method_not_allowed))
 }
 
 /// Answer an OpenAI-shaped 404 for an endpoint the gateway does not serve.

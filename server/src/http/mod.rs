@@ -8,7 +8,7 @@ use app::{
 use axum::{
     body::Body,
     extract::{FromRef, Request, State},
-    http::{Method, StatusCode, Uri},
+    http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri},
     middleware,
     response::{IntoResponse, Redirect, Response},
     routing::get,
@@ -17,7 +17,7 @@ use axum::{
 use leptos::{config::LeptosOptions, prelude::provide_context};
 use leptos_axum::{generate_route_list, AxumRouteListing, LeptosRoutes};
 
-use tower_http::compression::CompressionLayer;
+use tower_http::{compression::CompressionLayer, set_header::SetResponseHeaderLayer};
 use tower_sessions::{cookie::SameSite, Expiry, SessionManagerLayer};
 
 mod drain;
@@ -88,7 +88,7 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         .with_same_site(SameSite::Strict)
         .with_secure(state.config.secure_cookies)
         .with_expiry(Expiry::OnInactivity(time::Duration::hours(8)));
-    let panel = Router::new()
+    let mut panel = Router::new()
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(auth, authorize))
@@ -96,8 +96,17 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         // Pages and the site (the wasm shrinks to about a third) are compressed;
         // the gateway's routes are not, so a stream's events are never held back.
         .layer(CompressionLayer::new());
+    for (name, value) in PANEL_HEADERS {
+        panel = panel.layer(SetResponseHeaderLayer::if_not_present(
+            name,
+            HeaderValue::from_static(value),
+        ));
+    }
     Router::new()
-        .route("/healthz", get(healthz))
+        .route(
+            "/healthz",
+            get(healthz).fallback(crate::gateway::method_not_allowed),
+        )
         .route(
             "/api/v1/spend",
             get(spend::spend).fallback(crate::gateway::method_not_allowed),
@@ -110,6 +119,22 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         ))
         .with_state(state)
 }
+
+/// Headers on every answer of the panel (pages, server functions, the site's
+/// files), for browsers:
+/// - no other site may show the panel in a frame, where a click on it could be
+///   stolen (`X-Frame-Options`, and `frame-ancestors` for browsers that read
+///   only the policy);
+/// - a file is only ever run as the type it is served as (`nosniff`);
+/// - the panel's addresses are never sent to other sites, while its own forms
+///   keep theirs: a form posted without JavaScript is sent back to the page it
+///   came from (its `Referer`), with any error.
+const PANEL_HEADERS: [(HeaderName, &str); 4] = [
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::REFERRER_POLICY, "same-origin"),
+];
 
 /// What server functions and pages find in the Leptos context.
 fn leptos_context(state: &AppState) -> impl Fn() + Clone + Send + Sync + 'static {
