@@ -1261,24 +1261,7 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     let first = setup(6 * EUR / 1000, 0);
     let store = db.store(&first).await;
     let catalog = first.catalog.clone();
-    let ledger_matches = |snapshot: app::store::SpendSnapshot| {
-        let store = store.clone();
-        async move {
-            let ledger = store.ledger_totals(snapshot.cycle.start).await.unwrap();
-            assert_eq!(
-                ledger.total, snapshot.workspace.spent,
-                "{:?}",
-                snapshot.cycle
-            );
-            let counted: Vec<_> = snapshot
-                .models
-                .iter()
-                .filter(|m| m.counter.spent != Nanos::ZERO)
-                .map(|m| (m.id.clone(), m.counter.spent))
-                .collect();
-            assert_eq!(ledger.by_model, counted, "{:?}", snapshot.cycle);
-        }
-    };
+    let ledger_matches = |snapshot| assert_ledger_matches(&store, snapshot);
     let bill = |at: DateTime<Utc>| {
         let store = store.clone();
         let catalog = catalog.clone();
@@ -1384,6 +1367,67 @@ async fn a_changed_plan_start_keeps_the_spend_of_the_cycle(db: &TestDb) {
     let snapshot = store.spend_snapshot(now()).await.unwrap();
     assert_eq!(snapshot.workspace.spent, Nanos::new(8 * EUR / 1000));
     ledger_matches(snapshot).await;
+}
+
+/// Asserts that the ledger's sums for the cycle of `snapshot` equal its counters,
+/// in total and model by model (R2).
+async fn assert_ledger_matches(store: &SharedStore, snapshot: app::store::SpendSnapshot) {
+    let ledger = store.ledger_totals(snapshot.cycle.start).await.unwrap();
+    assert_eq!(
+        ledger.total, snapshot.workspace.spent,
+        "{:?}",
+        snapshot.cycle
+    );
+    let counted: Vec<_> = snapshot
+        .models
+        .iter()
+        .filter(|m| m.counter.spent != Nanos::ZERO)
+        .map(|m| (m.id.clone(), m.counter.spent))
+        .collect();
+    assert_eq!(ledger.by_model, counted, "{:?}", snapshot.cycle);
+}
+
+/// When a new plan start moves the current cycle's bounds (R1), a request
+/// admitted in the cycle before and settled in this one is counted in the cycle
+/// of its admission under the new bounds: not in the new cycle when it was
+/// admitted before it began, in it when it was admitted after. Counted once
+/// either way, and the ledger's sums follow the counters (R2).
+async fn a_recut_counts_a_request_in_the_cycle_of_its_admission(db: &TestDb) {
+    let first = setup(EUR, 0);
+    let store = db.store(&first).await;
+    let catalog = first.catalog.clone();
+    let bill = |output: u64, admitted_at: DateTime<Utc>| {
+        let store = store.clone();
+        let catalog = catalog.clone();
+        async move {
+            let r = admitted(reserve(&store, &catalog, "mid", estimate(output), admitted_at).await);
+            store.settle(settlement(&r.id, None)).await.unwrap();
+        }
+    };
+    let spent = || async { store.spend_snapshot(now()).await.unwrap().workspace.spent };
+    // 0.002 EUR admitted on 30 October, the cycle before (it begins on 31
+    // October in Berlin), settled on 10 November; 0.001 admitted on 2 November;
+    // 0.0005 on 10 November.
+    bill(1000, Utc.with_ymd_and_hms(2026, 10, 30, 12, 0, 0).unwrap()).await;
+    bill(500, Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap()).await;
+    bill(250, now()).await;
+    assert_eq!(spent().await, Nanos::new(EUR / 1000 + EUR / 2000));
+
+    // Cycles from the 5th: the cycle of 10 November holds only what was admitted
+    // since 5 November.
+    let mut fifth = setup(EUR, 0);
+    fifth.plan.start = chrono::NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
+    store.apply_setup(&fifth, now()).await.unwrap();
+    assert_eq!(spent().await, Nanos::new(EUR / 2000));
+    assert_ledger_matches(&store, store.spend_snapshot(now()).await.unwrap()).await;
+
+    // Cycles from the 25th: the cycle of 10 November began on 25 October and
+    // holds all three.
+    let mut late = setup(EUR, 0);
+    late.plan.start = chrono::NaiveDate::from_ymd_opt(2026, 1, 25).unwrap();
+    store.apply_setup(&late, now()).await.unwrap();
+    assert_eq!(spent().await, Nanos::new(EUR * 35 / 10_000));
+    assert_ledger_matches(&store, store.spend_snapshot(now()).await.unwrap()).await;
 }
 
 /// A plan start moved by whole months on the same day moves no boundary (R1):
@@ -1813,6 +1857,7 @@ on_both_backends!(
     a_new_cycle_starts_from_zero,
     a_changed_plan_start_keeps_the_spend_of_the_cycle,
     a_start_moved_by_whole_months_keeps_the_books,
+    a_recut_counts_a_request_in_the_cycle_of_its_admission,
     expired_leases_are_released,
     api_keys_authenticate_and_record_use_to_the_minute,
 );
@@ -2130,7 +2175,9 @@ async fn postgres_a_database_emptied_under_the_store_is_unavailable() {
         "{snapshot:?}"
     );
     // A gateway request's key and a sign-in's user are looked up first.
-    let key = store.authenticate_api_key("0".repeat(64).as_str(), now()).await;
+    let key = store
+        .authenticate_api_key("0".repeat(64).as_str(), now())
+        .await;
     assert!(matches!(key, Err(StoreError::Unavailable(_))), "{key:?}");
     let user = store.user_by_email("ada@example.com").await;
     assert!(matches!(user, Err(StoreError::Unavailable(_))), "{user:?}");

@@ -845,10 +845,10 @@ async fn batch_in_transaction<C: HotPath>(
                 output_eur_per_mtok: new.prices.output.to_string(),
                 user_id: request.spender.user_id,
                 api_key_id: request.spender.api_key_id,
+                created_at: Some(request.now.to_rfc3339()),
             },
             owner: &request.owner,
             lease_until: millis(request.lease_until),
-            created_at: request.now.to_rfc3339(),
         })
         .collect();
     let events = events

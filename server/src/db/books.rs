@@ -376,6 +376,11 @@ pub(crate) struct ReservationRow {
     pub output_eur_per_mtok: String,
     pub user_id: Option<i64>,
     pub api_key_id: Option<i64>,
+    /// When the request was admitted, RFC 3339 in UTC: the instant that chose
+    /// its cycle (R1). `None` for usage recorded without a hold, and for a hold
+    /// that lapsed before this was kept.
+    #[serde(default)]
+    pub created_at: Option<String>,
 }
 
 impl ReservationRow {
@@ -521,6 +526,7 @@ const RESERVATION_COLUMNS: &[(&str, Json)] = &[
 const EVENT_COLUMNS: &[(&str, Json)] = &[
     ("cycle_start", Json::Integer),
     ("occurred_at", Json::Text),
+    ("admitted_at", Json::Text),
     ("user_id", Json::Integer),
     ("api_key_id", Json::Integer),
     ("requested_model", Json::Text),
@@ -543,7 +549,8 @@ const EVENT_COLUMNS: &[(&str, Json)] = &[
 
 /// What a reservation is returned with when a batch ends it.
 const RESERVATION_RETURNING: &str = "id, cycle_start, requested_model, served_model, \
-    amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id";
+    amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
+    api_key_id, created_at";
 
 /// What a user is read or returned with: a [`UserRow`].
 pub(crate) const USER_COLUMNS: &str = "id, email, password_hash, role, session_epoch";
@@ -900,8 +907,6 @@ pub(crate) struct NewReservationRow<'a> {
     pub owner: &'a str,
     /// Unix milliseconds.
     pub lease_until: i64,
-    /// RFC 3339.
-    pub created_at: String,
 }
 
 /// A ledger row as [`HotSql::insert_events`] takes it.
@@ -910,6 +915,8 @@ pub(crate) struct NewEventRow<'a> {
     pub cycle_start: i64,
     /// RFC 3339.
     pub occurred_at: String,
+    /// RFC 3339: when the hold it settles was taken ([`ReservationRow::created_at`]).
+    pub admitted_at: Option<&'a str>,
     pub user_id: Option<i64>,
     pub api_key_id: Option<i64>,
     pub requested_model: &'a str,
@@ -941,6 +948,7 @@ impl NewEvent {
         Ok(NewEventRow {
             cycle_start: row.cycle_start,
             occurred_at: self.now.to_rfc3339(),
+            admitted_at: row.created_at.as_deref(),
             user_id: row.user_id,
             api_key_id: row.api_key_id,
             requested_model: &row.requested_model,
@@ -1622,10 +1630,11 @@ macro_rules! impl_store {
                 sqlx::query(
                     "INSERT INTO lapsed_reservations (id, workspace_id, cycle_start, \
                      requested_model, served_model, amount_nanos, input_eur_per_mtok, \
-                     cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id, lapsed_at) \
+                     cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id, created_at, \
+                     lapsed_at) \
                      SELECT id, workspace_id, cycle_start, requested_model, served_model, \
                      amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, \
-                     output_eur_per_mtok, user_id, api_key_id, $3 FROM reservations \
+                     output_eur_per_mtok, user_id, api_key_id, created_at, $3 FROM reservations \
                      WHERE workspace_id = $1 AND lease_until < $2 ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(WORKSPACE_ID)
@@ -1709,6 +1718,7 @@ macro_rules! impl_store {
                         output_eur_per_mtok: record.model.prices.output.to_string(),
                         user_id: spender.user_id,
                         api_key_id: spender.api_key_id,
+                        created_at: None,
                     };
                     let (cost, _, _) = settlement_cost(&row, Some(&record.usage))?;
                     // Each item sees the ones before it: the books change as they go.
@@ -1825,14 +1835,15 @@ macro_rules! impl_store {
                     .bind(key)
                     .fetch_all(&self.pool)
                     .await,
-                    // As `recut_current_cycle` rebuilt the counters: the rows that
-                    // occurred in the cycle up to its recut, whatever their key,
-                    // then the rows booked under its key. (RFC 3339 texts in UTC
-                    // with the same offset sort as their instants.)
+                    // As `recut_current_cycle` rebuilt the counters: the rows
+                    // recorded up to its recut whose request was admitted in the
+                    // cycle, whatever their key, then the rows booked under its
+                    // key. (RFC 3339 texts in UTC with the same offset sort as
+                    // their instants.)
                     Some(recut_at) => sqlx::query_as(
                         "SELECT served_model, CAST(SUM(cost_nanos) AS BIGINT), CAST(COUNT(*) AS BIGINT) \
                          FROM usage_events WHERE workspace_id = $1 \
-                         AND ((occurred_at >= $3 AND occurred_at <= $4) \
+                         AND ((COALESCE(admitted_at, occurred_at) >= $3 AND occurred_at <= $4) \
                               OR (cycle_start = $2 AND occurred_at > $4)) \
                          GROUP BY served_model ORDER BY served_model",
                     )
@@ -2617,9 +2628,11 @@ macro_rules! impl_store {
             Ok(())
         }
 
-        /// Re-cut the books after the plan's start date or timezone changed (DESIGN.md
-        /// R1): the cycle containing `now` has new bounds, so its counters are rebuilt
-        /// from the ledger rows that occurred within them, and every hold in flight
+        /// Re-cut the books after the plan's start date or timezone moved the bounds
+        /// of the cycle containing `now` (DESIGN.md R1): its counters are rebuilt
+        /// from the ledger rows whose request was admitted within them (the instant
+        /// that books a request to a cycle: one admitted before a boundary and
+        /// settled after it stays in the cycle before), and every hold in flight
         /// moves to it. Without this the workspace would start the rest of its cycle
         /// from zero and could spend its plan twice. Ledger rows keep the cycle key
         /// they were booked under (the ledger is append-only); the recut's time is
@@ -2656,12 +2669,15 @@ macro_rules! impl_store {
                     .await
                     .map_err(db_error)?;
             }
-            // `occurred_at` is RFC 3339 text in UTC, always with the offset `+00:00`:
-            // for those, the order of the text is the order of the instants.
+            // `admitted_at` and `occurred_at` are RFC 3339 text in UTC, always with
+            // the offset `+00:00`: for those, the order of the text is the order of
+            // the instants. A row without `admitted_at` (usage recorded without a
+            // hold, or written before the column) was admitted when it occurred.
             let sums: Vec<(String, i64, i64)> = sqlx::query_as(
                 "SELECT model, CAST(SUM(spent) AS BIGINT), CAST(SUM(reserved) AS BIGINT) FROM ( \
                  SELECT served_model AS model, cost_nanos AS spent, 0 AS reserved FROM usage_events \
-                 WHERE workspace_id = $1 AND occurred_at >= $2 AND occurred_at < $3 \
+                 WHERE workspace_id = $1 AND COALESCE(admitted_at, occurred_at) >= $2 \
+                 AND COALESCE(admitted_at, occurred_at) < $3 \
                  UNION ALL \
                  SELECT served_model, 0, amount_nanos FROM reservations WHERE workspace_id = $1 \
                  ) books GROUP BY model ORDER BY model",
@@ -2778,10 +2794,10 @@ mod tests {
                 output_eur_per_mtok: "1".into(),
                 user_id: None,
                 api_key_id: None,
+                created_at: None,
             },
             owner: "o",
             lease_until: 0,
-            created_at: String::new(),
         };
         assert_eq!(
             keys(serde_json::to_value(&reservation).unwrap()),
@@ -2790,6 +2806,7 @@ mod tests {
         let event = NewEventRow {
             cycle_start: 0,
             occurred_at: String::new(),
+            admitted_at: None,
             user_id: None,
             api_key_id: None,
             requested_model: "m",

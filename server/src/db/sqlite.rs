@@ -357,6 +357,7 @@ impl HotPath for SqliteWriter {
                         output_eur_per_mtok: row.get("output_eur_per_mtok")?,
                         user_id: row.get("user_id")?,
                         api_key_id: row.get("api_key_id")?,
+                        created_at: row.get("created_at")?,
                     })
                 })
                 .optional()
@@ -463,7 +464,7 @@ impl HotPath for SqliteWriter {
                         row.api_key_id,
                         new.owner,
                         new.lease_until,
-                        new.created_at,
+                        row.created_at,
                     ])
                     .map_err(hot_error)?;
             }
@@ -495,6 +496,7 @@ impl HotPath for SqliteWriter {
                         event.lease_expired,
                         event.reservation_id,
                         event.idempotency_key,
+                        event.admitted_at,
                     ])
                     .map_err(hot_error)?;
                 inserted.push(LedgerRow {
@@ -570,7 +572,7 @@ impl HotPath for SqliteWriter {
 /// The reservation `?2` of workspace `?1`, as a [`ReservationRow`].
 const FIND_RESERVATION: &str = "SELECT id, cycle_start, requested_model, served_model, \
     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
-    api_key_id FROM reservations WHERE workspace_id = ?1 AND id = ?2";
+    api_key_id, created_at FROM reservations WHERE workspace_id = ?1 AND id = ?2";
 
 /// Deletes the reservation `?2` of workspace `?1`.
 const DELETE_RESERVATION: &str = "DELETE FROM reservations WHERE workspace_id = ?1 AND id = ?2";
@@ -578,7 +580,7 @@ const DELETE_RESERVATION: &str = "DELETE FROM reservations WHERE workspace_id = 
 /// As [`FIND_RESERVATION`], among the holds whose lease ran out.
 const FIND_LAPSED: &str = "SELECT id, cycle_start, requested_model, served_model, \
     amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
-    api_key_id FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2";
+    api_key_id, created_at FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2";
 
 /// As [`DELETE_RESERVATION`], among the holds whose lease ran out.
 const DELETE_LAPSED: &str = "DELETE FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2";
@@ -595,8 +597,8 @@ const INSERT_EVENT: &str = "INSERT INTO usage_events (workspace_id, cycle_start,
     user_id, api_key_id, requested_model, served_model, prompt_tokens, cached_tokens, \
     completion_tokens, reasoning_tokens, input_eur_per_mtok, cached_input_eur_per_mtok, \
     output_eur_per_mtok, cost_nanos, reserved_nanos, estimated, over_reservation, \
-    lease_expired, reservation_id, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-    ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
+    lease_expired, reservation_id, idempotency_key, admitted_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, \
+    ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
 
 /// Adds `?1` spent and `?2` reserved nano-euros to the counter of workspace `?3`,
 /// cycle `?4` and model `?5` ([`CounterChange`]), if it exists.
