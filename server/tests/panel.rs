@@ -743,6 +743,43 @@ async fn the_site_is_served_compressed_to_browsers_that_accept_it() {
     assert_eq!(response.headers()[header::CONTENT_ENCODING], "gzip");
 }
 
+/// A form posted without JavaScript is sent back to its page: with the error in
+/// its address when refused, without any earlier error (and without a bare `?`)
+/// once saved.
+#[tokio::test]
+async fn forms_posted_without_javascript_return_to_their_page() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let page = "http://tollgate.test/admin/token-limits";
+    let browser_post = |body: String, referer: &str| {
+        let mut request = post("/fn/save_automatic_fallback", &body, Some(&admin));
+        let headers = request.headers_mut();
+        headers.insert(header::ACCEPT, "text/html,*/*".parse().unwrap());
+        headers.insert(header::REFERER, referer.parse().unwrap());
+        request
+    };
+    let version = panel.settings().await.version;
+    let (status, headers, _) = panel
+        .send(browser_post(
+            format!("automatic_fallback=maybe&settings_version={version}"),
+            page,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::FOUND);
+    let refused = headers[header::LOCATION].to_str().unwrap().to_owned();
+    assert!(refused.starts_with(&format!("{page}?__path=")), "{refused}");
+    assert!(refused.contains("&__err="), "{refused}");
+    let (status, headers, _) = panel
+        .send(browser_post(
+            format!("automatic_fallback=off&settings_version={version}"),
+            &refused,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(headers[header::LOCATION], page);
+    assert!(!panel.settings().await.automatic_fallback);
+}
+
 /// Every kind of the panel's answers tells browsers: never in another site's
 /// frame, never run as another type, and never send its addresses elsewhere.
 #[tokio::test]

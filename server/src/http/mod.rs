@@ -92,6 +92,7 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(auth, authorize))
+        .layer(middleware::map_response(tidy_location))
         .layer(session_layer)
         // Pages and the site (the wasm shrinks to about a third) are compressed;
         // the gateway's routes are not, so a stream's events are never held back.
@@ -135,6 +136,23 @@ const PANEL_HEADERS: [(HeaderName, &str); 4] = [
     (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
     (header::REFERRER_POLICY, "same-origin"),
 ];
+
+/// Drops the bare `?` that ends a redirect to a page whose query held only the
+/// error of an earlier post: a form posted without JavaScript is sent back to
+/// its page (server_fn's redirect to its `Referer`), and the error's `__path`
+/// and `__err` are taken out of that address when the post succeeds.
+async fn tidy_location(mut response: Response) -> Response {
+    let tidied = response
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|location| location.to_str().ok())
+        .and_then(|location| location.strip_suffix('?'))
+        .and_then(|location| HeaderValue::from_str(location).ok());
+    if let Some(location) = tidied {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
 
 /// What server functions and pages find in the Leptos context.
 fn leptos_context(state: &AppState) -> impl Fn() + Clone + Send + Sync + 'static {
