@@ -251,7 +251,13 @@ pub enum KeyAction {
     },
     /// Revoke a key by its id (from `key list`).
     Revoke {
-        /// The key's id.
+        /// The key's id (1 or more).
+        // A negative number is read as a value, to be refused as one rather
+        // than as an unknown flag.
+        #[arg(
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(i64).range(1..)
+        )]
         key_id: i64,
     },
 }

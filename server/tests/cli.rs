@@ -609,6 +609,15 @@ fn users_and_keys() {
         .any(|l| l.contains("laptop") && l.ends_with("revoked")));
     let stderr = cli.fails(&["key", "revoke", "999"]);
     assert!(stderr.contains("no API key has the id 999"), "{stderr}");
+    // An id that cannot be one names the argument and the range.
+    for bad in ["0", "-1"] {
+        let error = cli.fails(&["key", "revoke", bad]);
+        assert!(
+            error.contains(&format!("invalid value '{bad}' for '<KEY_ID>'"))
+                && error.contains("is not in 1.."),
+            "{error}"
+        );
+    }
 
     // A user who leaves: disabled with their live keys, listed as such, kept.
     let phone = cli
