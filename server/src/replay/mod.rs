@@ -340,7 +340,9 @@ pub struct Summary {
     pub wall_ms: u64,
     /// Answers per second of wall time.
     pub requests_per_second: String,
-    /// Latency seen by the replay, p50 and p99, microseconds.
+    /// Latency seen by the replay, p50 and p99, microseconds: of every request
+    /// sent, refused and streamed ones included (so not comparable with the
+    /// added latency, which is measured on non-streamed answers only).
     pub latency_p50_us: u64,
     /// See `latency_p50_us`.
     pub latency_p99_us: u64,
@@ -599,7 +601,7 @@ impl Summary {
         );
         let _ = writeln!(
             out,
-            "latency seen by the client    p50 {} µs, p99 {} µs",
+            "latency seen by the client    p50 {} µs, p99 {} µs (every request, refused ones included)",
             self.latency_p50_us, self.latency_p99_us
         );
         if self.served_requested + self.served_fallback > 0 && self.added_p99_us > 0 {
