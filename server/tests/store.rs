@@ -15,7 +15,7 @@ use app::{
     domain::{BlockCode, Catalog, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
     store::{
         Actor, LimitChange, RecordOutcome, ReservationId, ReserveOutcome, ReserveRequest,
-        Settlement, SharedStore, Spender, StoreError, UsageRecord,
+        Settlement, SharedStore, Spender, StoreError, UsageRecord, WorkspaceSetup,
     },
 };
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -2143,18 +2143,26 @@ async fn postgres_timeouts_set_on_the_database_are_answered_as_such() {
     admin.close().await;
 }
 
+/// PostgreSQL's test database (kept while the first value lives) with a store
+/// on it that has admitted one request, so its hot path is connected, and a pool
+/// of the administrator's own beside it; `None` when `TEST_DATABASE_URL` is unset.
+async fn postgres_store_in_use() -> Option<(TestDb, WorkspaceSetup, SharedStore, sqlx::PgPool)> {
+    let db = TestDb::postgres().await?;
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    Some((db, setup, store, admin))
+}
+
 /// PostgreSQL: a database emptied under a running store (dropped and made again,
 /// say) has no tables: every call is answered `Unavailable` (503 to its caller,
 /// as for a database out of reach), not as a fault of the store (500).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_database_emptied_under_the_store_is_unavailable() {
-    let Some(db) = TestDb::postgres().await else {
+    let Some((_db, setup, store, admin)) = postgres_store_in_use().await else {
         return;
     };
-    let setup = setup(100 * EUR, 0);
-    let store = db.store(&setup).await;
-    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
-    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
     sqlx::query("DROP SCHEMA public CASCADE")
         .execute(&admin)
         .await
@@ -2226,13 +2234,9 @@ async fn postgres_a_hold_committed_without_an_answer_is_released() {
 /// connection.
 #[tokio::test]
 async fn postgres_a_write_queued_behind_several_writers_is_answered_busy() {
-    let Some(db) = TestDb::postgres().await else {
+    let Some((_db, setup, store, admin)) = postgres_store_in_use().await else {
         return;
     };
-    let setup = setup(100 * EUR, 0);
-    let store = db.store(&setup).await;
-    admitted(reserve(&store, &setup.catalog, "mid", estimate(10), now()).await);
-    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
     let mut first = admin.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM plans FOR UPDATE")
         .execute(&mut *first)

@@ -554,6 +554,15 @@ mod tests {
         }
     }
 
+    /// Asserts that `a` blocks with `code` and a message that says `says`.
+    fn assert_blocked(a: &Admission, code: BlockCode, says: &str) {
+        let Admission::Block(b) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(b.code, code);
+        assert!(b.message.contains(says), "{}", b.message);
+    }
+
     fn block_code(a: &Admission) -> Option<BlockCode> {
         match a {
             Admission::Block(b) => Some(b.code),
@@ -795,14 +804,10 @@ mod tests {
             ("nano", state(EUR, Some(EUR))),
         ]);
         let a = admit(&snapshot(&full, true), &c, requested, &asking(Some(500)));
-        let Admission::Block(b) = a else {
-            panic!("{a:?}")
-        };
-        assert_eq!(b.code, BlockCode::ModelLimitReached);
-        assert!(
-            b.message.contains("can produce the 500 output tokens"),
-            "{}",
-            b.message
+        assert_blocked(
+            &a,
+            BlockCode::ModelLimitReached,
+            "can produce the 500 output tokens",
         );
     }
 
@@ -837,14 +842,10 @@ mod tests {
     fn fallback_off_blocks_and_says_so() {
         let full = states(&[("gpt-5", state(EUR, Some(EUR)))]);
         let a = decide(&snapshot(&full, false), "gpt-5", &EST);
-        let Admission::Block(b) = a else {
-            panic!("{a:?}")
-        };
-        assert_eq!(b.code, BlockCode::ModelLimitReached);
-        assert!(
-            b.message.contains("fallback to a cheaper model is off"),
-            "{}",
-            b.message
+        assert_blocked(
+            &a,
+            BlockCode::ModelLimitReached,
+            "fallback to a cheaper model is off",
         );
     }
 
