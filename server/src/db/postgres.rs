@@ -158,6 +158,7 @@ impl PostgresStore {
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options.options([("client_min_messages", "error")]));
+        tokio::spawn(watch_clock(quiet.clone(), batcher.downgrade()));
         tokio::spawn(vacuum_holds(quiet, batcher.downgrade()));
         Ok(Self { pool, batcher })
     }
@@ -184,6 +185,79 @@ const VACUUM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// (`TRUNCATE false`: that takes the table's exclusive lock, which would hold
 /// up every admission while it lasts).
 const VACUUM_HOLDS: &str = "VACUUM (SKIP_LOCKED, TRUNCATE false) reservations";
+
+/// How far this machine's clock may be from the database server's before
+/// [`watch_clock`] warns.
+pub(crate) const CLOCK_SKEW_TOLERATED: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
+/// How often [`watch_clock`] compares the clocks.
+const CLOCK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How far the database server's clock, read as `database` by a query sent at
+/// `sent` and answered at `answered` (this machine's clock), is ahead of this
+/// machine's (negative when behind): `database` against the midpoint of the
+/// round trip.
+pub(crate) fn clock_skew(
+    sent: DateTime<Utc>,
+    answered: DateTime<Utc>,
+    database: DateTime<Utc>,
+) -> chrono::TimeDelta {
+    database - (sent + (answered - sent) / 2)
+}
+
+/// Compares this machine's clock with the database server's, a second after
+/// the store opens (a command of the CLI is over by then and says nothing),
+/// then every [`CLOCK_CHECK_EVERY`], while the store lives. Replicas stamp
+/// holds and sweep leases by their own clocks, and cut cycles by them (README,
+/// DESIGN.md R1, R7): a clock more than [`CLOCK_SKEW_TOLERATED`] from the
+/// server's is logged as a warning, once until it is back within it, which is
+/// logged too. The server's clock stands for the other replicas', which are
+/// compared with it in turn. A comparison that fails is skipped.
+async fn watch_clock(pool: PgPool, batcher: WeakBatcher<PgWriter>) {
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + VACUUM_EVERY,
+        CLOCK_CHECK_EVERY,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut skewed = false;
+    loop {
+        tick.tick().await;
+        if batcher.upgrade().is_none() {
+            return;
+        }
+        let sent = Utc::now();
+        let read = tokio::time::timeout(
+            ANSWER_WAIT,
+            sqlx::query_scalar::<_, DateTime<Utc>>("SELECT clock_timestamp()").fetch_one(&pool),
+        )
+        .await;
+        let Ok(Ok(database)) = read else {
+            continue;
+        };
+        let skew = clock_skew(sent, Utc::now(), database);
+        let off = skew.abs() > CLOCK_SKEW_TOLERATED;
+        if off && !skewed {
+            tracing::warn!(
+                skew_ms = skew.num_milliseconds(),
+                "this machine's clock is {} ms {} the database server's: replicas must keep \
+                 their clocks in step (NTP), or holds are released early and cycles turn at \
+                 different times",
+                skew.num_milliseconds().abs(),
+                if skew > chrono::TimeDelta::zero() {
+                    "behind"
+                } else {
+                    "ahead of"
+                },
+            );
+        } else if !off && skewed {
+            tracing::info!(
+                skew_ms = skew.num_milliseconds(),
+                "this machine's clock is in step with the database server's again"
+            );
+        }
+        skewed = off;
+    }
+}
 
 /// Vacuums the reservations table every [`VACUUM_EVERY`], on a connection of
 /// the pool, until the store is gone (DESIGN.md §6, R7).
@@ -563,5 +637,32 @@ impl HotPath for PgWriter {
 
     fn discard(&mut self) {
         self.conn.close_on_drop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(millis: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_800_000_000_000 + millis).unwrap()
+    }
+
+    #[test]
+    fn the_database_clock_is_compared_with_the_middle_of_the_round_trip() {
+        // Sent at 0, answered at 10 ms: the server read its clock at about 5 ms.
+        assert_eq!(clock_skew(at(0), at(10), at(5)), chrono::TimeDelta::zero());
+        // A server 2 s ahead, and one 1.5 s behind.
+        assert_eq!(
+            clock_skew(at(0), at(10), at(2_005)),
+            chrono::TimeDelta::seconds(2)
+        );
+        assert_eq!(
+            clock_skew(at(0), at(10), at(-1_495)),
+            chrono::TimeDelta::milliseconds(-1_500)
+        );
+        // A slow answer is no skew: the server's reading falls within the trip.
+        let slow = clock_skew(at(0), at(3_000), at(2_000));
+        assert!(slow.abs() <= CLOCK_SKEW_TOLERATED, "{slow}");
     }
 }
