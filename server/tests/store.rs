@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 
 use app::{
-    domain::{BlockCode, Catalog, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
+    domain::{BlockCode, Catalog, Counter, ModelId, ModelLimit, Nanos, TokenEstimate, Usage},
     store::{
         Actor, LimitChange, RecordOutcome, ReservationId, ReserveOutcome, ReserveRequest,
         Settlement, SharedStore, Spender, StoreError, UsageRecord, WorkspaceSetup,
@@ -1414,29 +1414,49 @@ async fn a_recut_counts_a_request_in_the_cycle_of_its_admission(db: &TestDb) {
             store.settle(settlement(&r.id, None)).await.unwrap();
         }
     };
-    let spent = || async { store.spend_snapshot(now()).await.unwrap().workspace.spent };
+    let books = || async { store.spend_snapshot(now()).await.unwrap().workspace };
+    let spent = |nanos| Counter {
+        spent: Nanos::new(nanos),
+        reserved: Nanos::ZERO,
+    };
     // 0.002 EUR admitted on 30 October, the cycle before (it begins on 31
     // October in Berlin), settled on 10 November; 0.001 admitted on 2 November;
-    // 0.0005 on 10 November.
-    bill(1000, Utc.with_ymd_and_hms(2026, 10, 30, 12, 0, 0).unwrap()).await;
+    // 0.0005 on 10 November. And a hold of 0.004 taken on 30 October, still in
+    // flight.
+    let october = Utc.with_ymd_and_hms(2026, 10, 30, 12, 0, 0).unwrap();
+    bill(1000, october).await;
     bill(500, Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap()).await;
     bill(250, now()).await;
-    assert_eq!(spent().await, Nanos::new(EUR / 1000 + EUR / 2000));
+    let in_flight = admitted(reserve(&store, &catalog, "mid", estimate(2000), october).await);
+    assert_eq!(books().await, spent(EUR / 1000 + EUR / 2000));
 
     // Cycles from the 5th: the cycle of 10 November holds only what was admitted
-    // since 5 November.
+    // since 5 November; the hold stays in the cycle before.
     let mut fifth = setup(EUR, 0);
     fifth.plan.start = chrono::NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
     store.apply_setup(&fifth, now()).await.unwrap();
-    assert_eq!(spent().await, Nanos::new(EUR / 2000));
+    assert_eq!(books().await, spent(EUR / 2000));
     assert_ledger_matches(&store, store.spend_snapshot(now()).await.unwrap()).await;
 
     // Cycles from the 25th: the cycle of 10 November began on 25 October and
-    // holds all three.
+    // holds all three, and the hold.
     let mut late = setup(EUR, 0);
     late.plan.start = chrono::NaiveDate::from_ymd_opt(2026, 1, 25).unwrap();
     store.apply_setup(&late, now()).await.unwrap();
-    assert_eq!(spent().await, Nanos::new(EUR * 35 / 10_000));
+    let mut expected = spent(EUR * 35 / 10_000);
+    expected.reserved = in_flight.amount;
+    assert_eq!(books().await, expected);
+    assert_ledger_matches(&store, store.spend_snapshot(now()).await.unwrap()).await;
+
+    // Back to the 5th, then settled: billed to the cycle it was admitted in, not
+    // this one, and counted nowhere twice; back to the 25th, it is in this one.
+    store.apply_setup(&fifth, now()).await.unwrap();
+    assert_eq!(books().await, spent(EUR / 2000));
+    store.settle(settlement(&in_flight.id, None)).await.unwrap();
+    assert_eq!(books().await, spent(EUR / 2000));
+    assert_ledger_matches(&store, store.spend_snapshot(now()).await.unwrap()).await;
+    store.apply_setup(&late, now()).await.unwrap();
+    assert_eq!(books().await, spent(EUR * 75 / 10_000));
     assert_ledger_matches(&store, store.spend_snapshot(now()).await.unwrap()).await;
 }
 

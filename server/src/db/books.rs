@@ -1255,6 +1255,24 @@ pub(crate) fn database_error(e: &dyn std::fmt::Display, fault: Fault) -> StoreEr
     }
 }
 
+/// The key of the cycle of `plan` that a hold taken at `created_at` (RFC 3339)
+/// is booked to when the books are recut with `current` as the cycle of now
+/// (DESIGN.md R1): the cycle of its admission, or `current` for a hold admitted
+/// within it (or later, by a clock ahead), and for one whose admission is not
+/// known (a lapsed hold kept before it was recorded).
+pub(crate) fn admission_cycle_key(
+    plan: &PlanRecord,
+    current: &app::domain::BillingCycle,
+    created_at: Option<&str>,
+) -> i64 {
+    created_at
+        .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
+        .map(|at| at.with_timezone(&Utc))
+        .filter(|at| *at < current.start)
+        .and_then(|at| plan.cycle_at(at).ok())
+        .map_or(cycle_key(current.start), |cycle| cycle_key(cycle.start))
+}
+
 /// Counters and limits of a cycle as the admission snapshot wants them.
 pub(crate) fn model_states(
     counters: &[CounterRow],
@@ -2629,15 +2647,17 @@ macro_rules! impl_store {
         }
 
         /// Re-cut the books after the plan's start date or timezone moved the bounds
-        /// of the cycle containing `now` (DESIGN.md R1): its counters are rebuilt
-        /// from the ledger rows whose request was admitted within them (the instant
-        /// that books a request to a cycle: one admitted before a boundary and
-        /// settled after it stays in the cycle before), and every hold in flight
-        /// moves to it. Without this the workspace would start the rest of its cycle
-        /// from zero and could spend its plan twice. Ledger rows keep the cycle key
-        /// they were booked under (the ledger is append-only); the recut's time is
-        /// recorded in `cycle_recuts`, so that the ledger's sums for the cycle
-        /// (`ledger_totals`) take the same rows as its counters.
+        /// of the cycle containing `now` (DESIGN.md R1). A request counts in the cycle
+        /// it was admitted in, under the new bounds: the cycle's counters are rebuilt
+        /// from the ledger rows whose request was admitted within them (one admitted
+        /// before a boundary and settled after it stays in the cycle before), and
+        /// each hold in flight (or lapsed) is booked to the cycle of its admission,
+        /// this one or an earlier one, whose counters hold it until it ends. Without
+        /// this the workspace would start the rest of its cycle from zero and could
+        /// spend its plan twice. Ledger rows keep the cycle key they were booked under
+        /// (the ledger is append-only); the recut's time is recorded in
+        /// `cycle_recuts`, so that the ledger's sums for the cycle (`ledger_totals`)
+        /// take the same rows as its counters.
         async fn recut_current_cycle(
             tx: &mut Tx<'_>,
             plan: &app::store::PlanRecord,
@@ -2656,9 +2676,27 @@ macro_rules! impl_store {
             .execute(&mut **tx)
             .await
             .map_err(db_error)?;
+            for table in ["reservations", "lapsed_reservations"] {
+                let holds: Vec<(String, Option<String>)> = sqlx::query_as(&format!(
+                    "SELECT id, created_at FROM {table} WHERE workspace_id = $1"
+                ))
+                .bind(WORKSPACE_ID)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db_error)?;
+                for (id, created_at) in holds {
+                    sqlx::query(&format!(
+                        "UPDATE {table} SET cycle_start = $2 WHERE workspace_id = $1 AND id = $3"
+                    ))
+                    .bind(WORKSPACE_ID)
+                    .bind(admission_cycle_key(plan, &cycle, created_at.as_deref()))
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_error)?;
+                }
+            }
             for statement in [
-                "UPDATE reservations SET cycle_start = $2 WHERE workspace_id = $1",
-                "UPDATE lapsed_reservations SET cycle_start = $2 WHERE workspace_id = $1",
                 "UPDATE counters SET reserved_nanos = 0 WHERE workspace_id = $1 AND cycle_start <> $2",
                 "DELETE FROM counters WHERE workspace_id = $1 AND cycle_start = $2",
             ] {
@@ -2673,24 +2711,26 @@ macro_rules! impl_store {
             // the offset `+00:00`: for those, the order of the text is the order of
             // the instants. A row without `admitted_at` (usage recorded without a
             // hold, or written before the column) was admitted when it occurred.
-            let sums: Vec<(String, i64, i64)> = sqlx::query_as(
-                "SELECT model, CAST(SUM(spent) AS BIGINT), CAST(SUM(reserved) AS BIGINT) FROM ( \
-                 SELECT served_model AS model, cost_nanos AS spent, 0 AS reserved FROM usage_events \
-                 WHERE workspace_id = $1 AND COALESCE(admitted_at, occurred_at) >= $2 \
+            let sums: Vec<(i64, String, i64, i64)> = sqlx::query_as(
+                "SELECT cycle_start, model, CAST(SUM(spent) AS BIGINT), CAST(SUM(reserved) AS BIGINT) \
+                 FROM ( \
+                 SELECT $4 AS cycle_start, served_model AS model, cost_nanos AS spent, 0 AS reserved \
+                 FROM usage_events WHERE workspace_id = $1 AND COALESCE(admitted_at, occurred_at) >= $2 \
                  AND COALESCE(admitted_at, occurred_at) < $3 \
                  UNION ALL \
-                 SELECT served_model, 0, amount_nanos FROM reservations WHERE workspace_id = $1 \
-                 ) books GROUP BY model ORDER BY model",
+                 SELECT cycle_start, served_model, 0, amount_nanos FROM reservations WHERE workspace_id = $1 \
+                 ) books GROUP BY cycle_start, model ORDER BY cycle_start, model",
             )
             .bind(WORKSPACE_ID)
             .bind(cycle.start.to_rfc3339())
             .bind(cycle.end.to_rfc3339())
+            .bind(key)
             .fetch_all(&mut **tx)
             .await
             .map_err(db_error)?;
             let changes: Vec<(i64, &str, i64, i64)> = sums
                 .iter()
-                .map(|(model, spent, reserved)| (key, model.as_str(), *spent, *reserved))
+                .map(|(cycle_start, model, spent, reserved)| (*cycle_start, model.as_str(), *spent, *reserved))
                 .collect();
             add_to_counters(&mut **tx, &counter_changes(&changes)).await
         }
