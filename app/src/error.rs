@@ -266,6 +266,18 @@ impl ApiError {
         }
     }
 
+    /// Where a form posted without JavaScript to the server function at `path` is
+    /// sent back with this error: `referer` (the page it was posted from) with
+    /// the function's path and the error in its query (`__path`, `__err`), as
+    /// server_fn sends back the functions' own errors, which the page reads
+    /// ([`crate::ui`]). `None` when `referer` is not an absolute URL.
+    pub fn back_to_form(&self, path: &str, referer: &str) -> Option<String> {
+        server_fn::error::ServerFnUrlError::new(path, self.clone())
+            .to_url(referer)
+            .ok()
+            .map(String::from)
+    }
+
     /// A failure of the session store as callers are answered:
     /// [`ApiError::Unavailable`] (503) when another program held the database's
     /// write lock past the wait, so that a sign-in or sign-out under a long

@@ -10,7 +10,10 @@ mod common;
 
 use std::sync::Arc;
 
-use app::store::{Role, SharedStore};
+use app::{
+    error::ApiError,
+    store::{Role, SharedStore},
+};
 use axum::{
     body::Body,
     http::{header, Request, StatusCode},
@@ -326,10 +329,33 @@ async fn wrong_passwords_are_refused_and_rate_limited() {
                 body.contains(&format!("try again in {retry_after} s")),
                 "{body}"
             );
+            // In the shape the page's script reads, with the wait in seconds.
+            let error: ApiError = serde_json::from_str(&body).unwrap();
+            assert!(
+                matches!(error, ApiError::RateLimited { seconds } if seconds == retry_after),
+                "{error:?}"
+            );
             break;
         }
     }
     assert!(limited, "15 quick wrong logins were never rate limited");
+    // A sign-in posted without JavaScript comes back to its page with the error,
+    // as the function's own errors do.
+    let mut request = post("/fn/login", "email=ada@example.com&password=wrong", None);
+    let page = "http://tollgate.test/login";
+    request
+        .headers_mut()
+        .insert(header::ACCEPT, "text/html,*/*".parse().unwrap());
+    request
+        .headers_mut()
+        .insert(header::REFERER, page.parse().unwrap());
+    let (status, headers, _) = panel.send(request).await;
+    assert_eq!(status, StatusCode::FOUND);
+    let location = headers[header::LOCATION].to_str().unwrap();
+    assert!(
+        location.starts_with(&format!("{page}?__path=%2Ffn%2Flogin&__err=")),
+        "{location}"
+    );
 }
 
 #[tokio::test]
@@ -1137,6 +1163,72 @@ async fn admin_through_link() -> Option<(Panel, common::cut::Link, String, i64)>
     panel.open_tab(&admin).await;
     let version = panel.settings().await.version;
     Some((panel, link, admin, version))
+}
+
+/// A PostgreSQL database renamed under the panel (its role refused would do
+/// the same): the session store's error does not say that the database is out
+/// of reach, but a signed-in administrator is not taken for signed out all the
+/// same: the tab answers 503 and a save 503 `database_unavailable`; once the
+/// database has its name again, the same session opens the tab.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_renamed_is_not_a_sign_out() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let url = db.url.clone();
+    let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
+    let panel = Panel::on(None, db, url.clone()).await;
+    let admin = panel.sign_in("ada@example.com").await;
+    panel.open_tab(&admin).await;
+    let version = panel.settings().await.version;
+    let mut maintenance = url::Url::parse(&url).unwrap();
+    maintenance.set_path("/postgres");
+    let server = sqlx::PgPool::connect(maintenance.as_str()).await.unwrap();
+    let rename = |from: String, to: String| {
+        let server = server.clone();
+        async move {
+            // The panel's pools connect again now and then: ended, then renamed,
+            // until no connection comes in between.
+            for _ in 0..50 {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(&from)
+                .execute(&server)
+                .await
+                .unwrap();
+                let renamed = sqlx::query(&format!("ALTER DATABASE \"{from}\" RENAME TO \"{to}\""))
+                    .execute(&server)
+                    .await;
+                if renamed.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("{from} could not be renamed");
+        }
+    };
+    let moved = format!("{name}_moved");
+    rename(name.clone(), moved.clone()).await;
+    let (status, _, body) = panel.send(get("/admin/token-limits", Some(&admin))).await;
+    let (save_status, _, save) = panel
+        .send(post(
+            "/fn/save_automatic_fallback",
+            &format!("settings_version={version}"),
+            Some(&admin),
+        ))
+        .await;
+    rename(moved, name).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(save_status, StatusCode::SERVICE_UNAVAILABLE, "{save}");
+    let error: serde_json::Value = serde_json::from_str(&save).unwrap();
+    assert_eq!(error["code"], "database_unavailable", "{save}");
+    panel.open_tab(&admin).await;
+    assert!(
+        panel.settings().await.automatic_fallback,
+        "nothing was saved"
+    );
 }
 
 /// While the database is out of reach (PostgreSQL; here the link to it is cut),

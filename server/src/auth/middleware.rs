@@ -135,11 +135,8 @@ pub async fn authorize(
             // Whole seconds, rounded up, as `Retry-After` counts them.
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-            let mut response = refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                &ApiError::RateLimited { seconds }.to_string(),
-            );
+            let mut response =
+                refuse_call(request.headers(), &path, &ApiError::RateLimited { seconds });
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -153,7 +150,7 @@ pub async fn authorize(
         // now (503; `/fn/me` would say "signed out", and signing in or out needs
         // the database too), and so is a page that needs a user, rather than
         // sent to sign in again.
-        Err(e) if path.starts_with("/fn/") => return api_error(&e),
+        Err(e) if path.starts_with("/fn/") => return refuse_call(request.headers(), &path, &e),
         Err(e) => match access(&path) {
             Access::Public => None,
             _ => return unavailable_page(&e),
@@ -165,13 +162,17 @@ pub async fn authorize(
     let is_admin = user
         .as_ref()
         .is_some_and(|u| u.role == app::auth::Role::Admin);
+    let refused = {
+        let (headers, path) = (request.headers().clone(), path.as_str());
+        move |e: &ApiError| refuse_call(&headers, path, e)
+    };
     let response = match (access(&path), &user) {
         (Access::Public, _) => next.run(request).await,
         (Access::SignedInPage | Access::AdminPage, None) => to_login(&path),
         (Access::SignedInPage, Some(_)) => next.run(request).await,
         (Access::AdminPage, Some(_)) if !is_admin => forbidden_page(),
-        (Access::AdminFunction, None) => api_error(&ApiError::Unauthorized),
-        (Access::AdminFunction, Some(_)) if !is_admin => api_error(&ApiError::Forbidden),
+        (Access::AdminFunction, None) => refused(&ApiError::Unauthorized),
+        (Access::AdminFunction, Some(_)) if !is_admin => refused(&ApiError::Forbidden),
         (Access::AdminPage | Access::AdminFunction, Some(_)) => next.run(request).await,
     };
     if path.starts_with("/fn/") {
@@ -308,7 +309,10 @@ async fn malformed_call_as_bad_request(response: Response, problem: Option<Strin
 /// disable did not end for good: it is signed out, and its user signs in again.
 /// A session or user that cannot be read is signed out, unless the database is
 /// busy or out of reach: that is the error (503), since the session may well
-/// be valid.
+/// be valid. The session store tells only some such failures apart by its
+/// words; for any other, the store is asked for the workspace, whose error
+/// says whether the database can be reached (a role refused, a database
+/// renamed or emptied: 503).
 async fn current_user(
     store: &SharedStore,
     session: &Session,
@@ -324,7 +328,10 @@ async fn current_user(
         Err(e) => {
             tracing::warn!(error = %e, "could not read the session");
             return match ApiError::from_session_store(&e) {
-                ApiError::Internal => Ok(None),
+                ApiError::Internal => match store.workspace().await {
+                    Err(e @ (StoreError::Busy(_) | StoreError::Unavailable(_))) => Err(e.into()),
+                    _ => Ok(None),
+                },
                 held_up => Err(held_up),
             };
         }
@@ -407,6 +414,29 @@ fn unavailable_page(error: &ApiError) -> Response {
         Html(body),
     )
         .into_response()
+}
+
+/// A server function call refused with `e` before the function ran: for a form
+/// posted without JavaScript (a browser asking for HTML, with the page it was
+/// posted from in `Referer`), a redirect back to that page with the error in its
+/// address, as server_fn answers the functions' own errors
+/// ([`ApiError::back_to_form`]); for any other caller, the error as the function
+/// would have encoded it.
+fn refuse_call(headers: &HeaderMap, path: &str, e: &ApiError) -> Response {
+    let asks_for_html = headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    let back = headers
+        .get(header::REFERER)
+        .and_then(|referer| referer.to_str().ok())
+        .filter(|_| asks_for_html)
+        .and_then(|referer| e.back_to_form(path, referer))
+        .and_then(|location| HeaderValue::from_str(&location).ok());
+    match back {
+        Some(location) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),
+        None => api_error(e),
+    }
 }
 
 /// A server function's error, as the function itself would have encoded it.
