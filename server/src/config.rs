@@ -674,6 +674,17 @@ fn build_catalog(
                 "must be at least 1: a model that may write no token cannot answer",
             ));
         }
+        if let Some(name) = &m.upstream_model {
+            if name.trim().is_empty() || name.trim() != name || name.chars().any(char::is_control) {
+                return Err(invalid(
+                    key("upstream_model"),
+                    format!(
+                        "{name:?} is not a model's name at the provider (no spaces around it, no \
+                         control characters): leave the key out to send the model's id"
+                    ),
+                ));
+            }
+        }
         let display_name = m.display_name.unwrap_or_else(|| m.id.clone());
         check_display_name(&display_name, &out)
             .map_err(|problem| invalid(key("display_name"), problem))?;
@@ -1007,6 +1018,20 @@ mod tests {
                  output_eur_per_mtok = \"1\"\nmax_output_tokens = 0",
                 "models[0].max_output_tokens",
                 "must be at least 1",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\nupstream_model = \"\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].upstream_model",
+                "leave the key out",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\nupstream_model = \" gpt-5\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].upstream_model",
+                "no spaces around it",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
