@@ -247,6 +247,19 @@ max_output_tokens = 1000
     }
 
     /// Stderr of a command that must fail.
+    /// Asserts that `args` followed by 0, then by -1, is refused as a value of
+    /// `argument` (as clap names it) below its range from 1.
+    fn refuses_below_one(&self, args: &[&str], argument: &str) {
+        for bad in ["0", "-1"] {
+            let error = self.fails(&[args, &[bad]].concat());
+            assert!(
+                error.contains(&format!("invalid value '{bad}' for '{argument}'"))
+                    && error.contains("is not in 1.."),
+                "{error}"
+            );
+        }
+    }
+
     fn fails(&self, args: &[&str]) -> String {
         let output = self.run_with(args, None);
         assert!(
@@ -610,14 +623,7 @@ fn users_and_keys() {
     let stderr = cli.fails(&["key", "revoke", "999"]);
     assert!(stderr.contains("no API key has the id 999"), "{stderr}");
     // An id that cannot be one names the argument and the range.
-    for bad in ["0", "-1"] {
-        let error = cli.fails(&["key", "revoke", bad]);
-        assert!(
-            error.contains(&format!("invalid value '{bad}' for '<KEY_ID>'"))
-                && error.contains("is not in 1.."),
-            "{error}"
-        );
-    }
+    cli.refuses_below_one(&["key", "revoke"], "<KEY_ID>");
 
     // A user who leaves: disabled with their live keys, listed as such, kept.
     let phone = cli
@@ -804,14 +810,7 @@ fn limits_fallback_and_their_audit() {
         1
     );
     // A count of rows that is not one names the option and the range.
-    for bad in ["0", "-1"] {
-        let error = cli.fails(&["audit", "--limit", bad]);
-        assert!(
-            error.contains(&format!("invalid value '{bad}' for '--limit <LIMIT>'"))
-                && error.contains("is not in 1.."),
-            "{error}"
-        );
-    }
+    cli.refuses_below_one(&["audit", "--limit"], "--limit <LIMIT>");
 }
 
 #[test]
