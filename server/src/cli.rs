@@ -428,6 +428,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     done.user.id,
                     done.keys_revoked
                 );
+                // Allowed (an operator may mean it), but said: nobody can open
+                // the tab until an administrator is enabled or created.
+                let admin_left = store.list_users().await.map(|users| {
+                    users
+                        .iter()
+                        .any(|u| u.role == app::store::Role::Admin && u.disabled_at.is_none())
+                });
+                if done.user.role == app::store::Role::Admin && admin_left.is_ok_and(|left| !left) {
+                    say!(
+                        "warning: no enabled administrator is left to open the Token Limits tab; \
+                         `tollgate user enable --email {}` or `tollgate user create --role admin` \
+                         gives it one again",
+                        done.user.email
+                    );
+                }
                 Ok(())
             }
             Err(app::store::StoreError::NotFound { .. }) => {

@@ -650,11 +650,19 @@ fn users_and_keys() {
         ada.contains("\tadmin\t") && ada.ends_with("\tenabled\t1"),
         "{ada}"
     );
-    let said = cli.ok(&["user", "disable", "--email", "ADA@example.com"]);
+    let disabled = cli.run_with(&["user", "disable", "--email", "ADA@example.com"], None);
+    assert!(disabled.status.success());
+    let said = String::from_utf8_lossy(&disabled.stdout);
     assert!(
         said.starts_with("disabled admin ada@example.com (id ")
             && said.ends_with("revoked 1 key(s)\n"),
         "{said}"
+    );
+    // The last enabled administrator: allowed, and said.
+    let warned = String::from_utf8_lossy(&disabled.stderr);
+    assert!(
+        warned.contains("warning: no enabled administrator is left"),
+        "{warned}"
     );
     let ada = cli.ok(&["user", "list"]);
     let ada = ada.lines().find(|l| l.contains("ada@example.com")).unwrap();
