@@ -212,7 +212,7 @@ mod server {
         version: &str,
     ) -> Result<(), ApiError> {
         let parsed = parse_toggle("automatic_fallback", automatic_fallback)
-            .and_then(|on| Ok((on, parse_version("settings_version", version)?)));
+            .and_then(|on| parse_version("settings_version", version).map(|version| (on, version)));
         let (on, version) = match parsed {
             Ok(parsed) => parsed,
             Err(field) => {

@@ -135,8 +135,11 @@ pub async fn authorize(
             // Whole seconds, rounded up, as `Retry-After` counts them.
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-            let mut response =
-                refuse_call(request.headers(), &path, &ApiError::RateLimited { seconds });
+            let mut response = refuse_call(
+                form_page(request.headers()).as_deref(),
+                &path,
+                &ApiError::RateLimited { seconds },
+            );
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -150,7 +153,9 @@ pub async fn authorize(
         // now (503; `/fn/me` would say "signed out", and signing in or out needs
         // the database too), and so is a page that needs a user, rather than
         // sent to sign in again.
-        Err(e) if path.starts_with("/fn/") => return refuse_call(request.headers(), &path, &e),
+        Err(e) if path.starts_with("/fn/") => {
+            return refuse_call(form_page(request.headers()).as_deref(), &path, &e)
+        }
         Err(e) => match access(&path) {
             Access::Public => None,
             _ => return unavailable_page(&e),
@@ -162,10 +167,12 @@ pub async fn authorize(
     let is_admin = user
         .as_ref()
         .is_some_and(|u| u.role == app::auth::Role::Admin);
-    let refused = {
-        let (headers, path) = (request.headers().clone(), path.as_str());
-        move |e: &ApiError| refuse_call(&headers, path, e)
-    };
+    // Read before the request is handed on, for a call refused below.
+    let page = path
+        .starts_with("/fn/")
+        .then(|| form_page(request.headers()))
+        .flatten();
+    let refused = |e: &ApiError| refuse_call(page.as_deref(), &path, e);
     let response = match (access(&path), &user) {
         (Access::Public, _) => next.run(request).await,
         (Access::SignedInPage | Access::AdminPage, None) => to_login(&path),
@@ -416,22 +423,29 @@ fn unavailable_page(error: &ApiError) -> Response {
         .into_response()
 }
 
-/// A server function call refused with `e` before the function ran: for a form
-/// posted without JavaScript (a browser asking for HTML, with the page it was
-/// posted from in `Referer`), a redirect back to that page with the error in its
-/// address, as server_fn answers the functions' own errors
-/// ([`ApiError::back_to_form`]); for any other caller, the error as the function
-/// would have encoded it.
-fn refuse_call(headers: &HeaderMap, path: &str, e: &ApiError) -> Response {
+/// The page a form posted without JavaScript was sent from: its `Referer`, when
+/// the request asks for HTML as a browser's form post does. `None` for a call
+/// made by a script.
+fn form_page(headers: &HeaderMap) -> Option<String> {
     let asks_for_html = headers
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
-    let back = headers
+    headers
         .get(header::REFERER)
         .and_then(|referer| referer.to_str().ok())
         .filter(|_| asks_for_html)
-        .and_then(|referer| e.back_to_form(path, referer))
+        .map(str::to_owned)
+}
+
+/// A server function call refused with `e` before the function ran: for a form
+/// posted without JavaScript from `page` ([`form_page`]), a redirect back to
+/// that page with the error in its address, as server_fn answers the functions'
+/// own errors ([`ApiError::back_to_form`]); for any other caller, the error as
+/// the function would have encoded it.
+fn refuse_call(page: Option<&str>, path: &str, e: &ApiError) -> Response {
+    let back = page
+        .and_then(|page| e.back_to_form(path, page))
         .and_then(|location| HeaderValue::from_str(&location).ok());
     match back {
         Some(location) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),

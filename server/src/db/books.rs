@@ -78,12 +78,11 @@ impl PlanFields {
         new: &PlanRecord,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let bounds = |cycle: app::domain::BillingCycle| (cycle.start, cycle.end);
-        let new = bounds(new.cycle_at(now)?);
+        let new = new.cycle_at(now)?;
         Ok(self
             .record()
             .and_then(|old| old.cycle_at(now))
-            .map_or(true, |old| bounds(old) != new))
+            .map_or(true, |old| old != new))
     }
 
     /// The audit log's view: amounts as exact EUR strings.
@@ -547,10 +546,18 @@ const EVENT_COLUMNS: &[(&str, Json)] = &[
     ("idempotency_key", Json::Text),
 ];
 
+/// The columns a reservation is read back with, a [`ReservationRow`], as a
+/// literal for `concat!` (SQLite's hot path reads the same ones).
+macro_rules! reservation_columns {
+    () => {
+        "id, cycle_start, requested_model, served_model, amount_nanos, input_eur_per_mtok, \
+         cached_input_eur_per_mtok, output_eur_per_mtok, user_id, api_key_id, created_at"
+    };
+}
+pub(crate) use reservation_columns;
+
 /// What a reservation is returned with when a batch ends it.
-const RESERVATION_RETURNING: &str = "id, cycle_start, requested_model, served_model, \
-    amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
-    api_key_id, created_at";
+const RESERVATION_RETURNING: &str = reservation_columns!();
 
 /// What a user is read or returned with: a [`UserRow`].
 pub(crate) const USER_COLUMNS: &str = "id, email, password_hash, role, session_epoch";
@@ -2676,15 +2683,30 @@ macro_rules! impl_store {
             .execute(&mut **tx)
             .await
             .map_err(db_error)?;
+            // Holds admitted within the cycle (or at an unknown time) are booked to
+            // it in one statement; only those admitted before it, few, one by one.
+            // (RFC 3339 texts in UTC with the same offset sort as their instants.)
+            let start = cycle.start.to_rfc3339();
             for table in ["reservations", "lapsed_reservations"] {
-                let holds: Vec<(String, Option<String>)> = sqlx::query_as(&format!(
-                    "SELECT id, created_at FROM {table} WHERE workspace_id = $1"
+                sqlx::query(&format!(
+                    "UPDATE {table} SET cycle_start = $2 WHERE workspace_id = $1 \
+                     AND (created_at IS NULL OR created_at >= $3)"
                 ))
                 .bind(WORKSPACE_ID)
+                .bind(key)
+                .bind(&start)
+                .execute(&mut **tx)
+                .await
+                .map_err(db_error)?;
+                let earlier: Vec<(String, Option<String>)> = sqlx::query_as(&format!(
+                    "SELECT id, created_at FROM {table} WHERE workspace_id = $1 AND created_at < $2"
+                ))
+                .bind(WORKSPACE_ID)
+                .bind(&start)
                 .fetch_all(&mut **tx)
                 .await
                 .map_err(db_error)?;
-                for (id, created_at) in holds {
+                for (id, created_at) in earlier {
                     sqlx::query(&format!(
                         "UPDATE {table} SET cycle_start = $2 WHERE workspace_id = $1 AND id = $3"
                     ))

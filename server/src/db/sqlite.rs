@@ -570,17 +570,21 @@ impl HotPath for SqliteWriter {
 // own made for each statement run.
 
 /// The reservation `?2` of workspace `?1`, as a [`ReservationRow`].
-const FIND_RESERVATION: &str = "SELECT id, cycle_start, requested_model, served_model, \
-    amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
-    api_key_id, created_at FROM reservations WHERE workspace_id = ?1 AND id = ?2";
+const FIND_RESERVATION: &str = concat!(
+    "SELECT ",
+    super::books::reservation_columns!(),
+    " FROM reservations WHERE workspace_id = ?1 AND id = ?2"
+);
 
 /// Deletes the reservation `?2` of workspace `?1`.
 const DELETE_RESERVATION: &str = "DELETE FROM reservations WHERE workspace_id = ?1 AND id = ?2";
 
 /// As [`FIND_RESERVATION`], among the holds whose lease ran out.
-const FIND_LAPSED: &str = "SELECT id, cycle_start, requested_model, served_model, \
-    amount_nanos, input_eur_per_mtok, cached_input_eur_per_mtok, output_eur_per_mtok, user_id, \
-    api_key_id, created_at FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2";
+const FIND_LAPSED: &str = concat!(
+    "SELECT ",
+    super::books::reservation_columns!(),
+    " FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2"
+);
 
 /// As [`DELETE_RESERVATION`], among the holds whose lease ran out.
 const DELETE_LAPSED: &str = "DELETE FROM lapsed_reservations WHERE workspace_id = ?1 AND id = ?2";
