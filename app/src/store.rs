@@ -296,6 +296,10 @@ pub struct UsageRecord<'a> {
     /// The model that was used (aliases resolved). No fallback applies: the usage
     /// already happened on this model.
     pub model: &'a Model,
+    /// The model as the caller named it (a catalog id or an alias). A retry that
+    /// names the model of the row recorded under its key repeats that row, even
+    /// when a config change has since made the name an alias of another model.
+    pub model_as_sent: &'a str,
     /// Token counts.
     pub usage: Usage,
 }

@@ -925,6 +925,7 @@ async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()
         records.push(app::store::UsageRecord {
             idempotency_key: format!("demo-{}-{}", cycle.start.timestamp(), model.id),
             model,
+            model_as_sent: model.id.as_str(),
             usage: app::domain::Usage {
                 prompt_tokens: prompt,
                 cached_tokens: 0,

@@ -562,6 +562,7 @@ async fn spend_api_answers_administrators_keys_with_exact_decimals() {
     let record = app::store::UsageRecord {
         idempotency_key: "k".into(),
         model: catalog.resolve("gpt-5").unwrap(),
+        model_as_sent: "gpt-5",
         usage,
     };
     panel
@@ -653,6 +654,7 @@ async fn spend_on_a_model_no_longer_in_the_catalog_keeps_its_row() {
         app::store::UsageRecord {
             idempotency_key: id.into(),
             model: demo.resolve(id).unwrap(),
+            model_as_sent: id,
             usage: usage(tokens),
         }
     });

@@ -370,6 +370,7 @@ async fn retried_batches_count_once(db: &TestDb) {
         .map(|i| UsageRecord {
             idempotency_key: format!("batch-1-{i}"),
             model: mid,
+            model_as_sent: "mid",
             usage: usage(1000, 500),
         })
         .collect();
@@ -402,6 +403,52 @@ async fn retried_batches_count_once(db: &TestDb) {
     assert_eq!(snapshot.workspace.spent, Nanos::new(6_500_000));
 }
 
+/// A retried record names the model it named the first time, though a config
+/// change has since made that name an alias of another model: still a duplicate,
+/// answered with the row recorded the first time. The same key naming another
+/// model is a conflict.
+async fn a_retry_naming_a_model_now_an_alias_is_a_duplicate(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let (small, mid) = (
+        setup.catalog.resolve("small").unwrap(),
+        setup.catalog.resolve("mid").unwrap(),
+    );
+    let record = |model, model_as_sent| UsageRecord {
+        idempotency_key: "renamed-1".into(),
+        model,
+        model_as_sent,
+        usage: usage(1000, 500),
+    };
+    let first = store
+        .record_usage(&[record(small, "small")], Spender::default(), now())
+        .await
+        .unwrap();
+    let RecordOutcome::Recorded(recorded) = &first[0] else {
+        panic!("first record: {first:?}");
+    };
+    // `small` is now an alias of `mid`: the retry resolves to `mid`.
+    let retry = store
+        .record_usage(&[record(mid, "small")], Spender::default(), now())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&retry[0], RecordOutcome::Duplicate(event) if event.id == recorded.id),
+        "{retry:?}"
+    );
+    let other = store
+        .record_usage(&[record(mid, "mid")], Spender::default(), now())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&other[0], RecordOutcome::Conflict(event) if event.id == recorded.id),
+        "{other:?}"
+    );
+    // Counted once, at `small`'s prices: 1000 × 0.1 + 500 × 0.5 EUR per 1M.
+    let snapshot = store.spend_snapshot(now()).await.unwrap();
+    assert_eq!(snapshot.workspace.spent, Nanos::new(350_000));
+}
+
 /// Recording usage goes through admission: a batch item past the plan is refused.
 async fn recorded_usage_cannot_pass_the_plan(db: &TestDb) {
     let setup = setup(2 * EUR / 1000, 0);
@@ -411,6 +458,7 @@ async fn recorded_usage_cannot_pass_the_plan(db: &TestDb) {
         .map(|i| UsageRecord {
             idempotency_key: format!("k{i}"),
             model: mid,
+            model_as_sent: "mid",
             usage: usage(0, 500),
         })
         .collect();
@@ -1875,6 +1923,7 @@ on_both_backends!(
     two_replicas_admit_exactly_ten,
     random_operations_keep_ledger_equal_to_counters,
     retried_batches_count_once,
+    a_retry_naming_a_model_now_an_alias_is_a_duplicate,
     recorded_usage_cannot_pass_the_plan,
     stale_writes_conflict_and_change_nothing,
     invalid_changes_are_typed_errors,

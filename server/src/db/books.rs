@@ -453,15 +453,21 @@ impl RecordedRow {
         })
     }
 
-    /// Whether this row counted `usage` of `model`.
+    /// Whether this row counted `usage` of `record`'s model: the one it resolves
+    /// to now, or the one it names (the model the row recorded may have become
+    /// an alias since).
     ///
     /// Errors: [`StoreError::Invalid`] for a token count past `i64::MAX`.
-    pub fn is_same(&self, model: &str, usage: &Usage) -> Result<bool, StoreError> {
-        Ok(self.event.served_model == model
-            && self.prompt_tokens == tokens(usage.prompt_tokens)?
-            && self.cached_tokens == tokens(usage.cached_tokens)?
-            && self.completion_tokens == tokens(usage.completion_tokens)?
-            && self.reasoning_tokens == tokens(usage.reasoning_tokens)?)
+    pub fn is_same(&self, record: &app::store::UsageRecord<'_>) -> Result<bool, StoreError> {
+        let usage = &record.usage;
+        let model = self.event.served_model.as_str();
+        Ok(
+            (model == record.model.id.as_str() || model == record.model_as_sent)
+                && self.prompt_tokens == tokens(usage.prompt_tokens)?
+                && self.cached_tokens == tokens(usage.cached_tokens)?
+                && self.completion_tokens == tokens(usage.completion_tokens)?
+                && self.reasoning_tokens == tokens(usage.reasoning_tokens)?,
+        )
     }
 }
 
@@ -1723,7 +1729,7 @@ macro_rules! impl_store {
                     if let Some(recorded) = recorded {
                         // A retry repeats what it reports; the same key for other
                         // usage is a mistake the caller must hear of.
-                        let same = recorded.is_same(record.model.id.as_str(), &record.usage)?;
+                        let same = recorded.is_same(record)?;
                         let event = recorded.event.record(false);
                         outcomes.push(if same {
                             RecordOutcome::Duplicate(event)

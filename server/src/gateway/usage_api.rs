@@ -21,7 +21,8 @@
 //!   `{"results": [{"idempotency_key", "outcome": "recorded"|"duplicate"|"conflict"|"blocked", ...}]}`,
 //!   each item admitted (no fallback: the usage already happened) and counted at
 //!   most once per idempotency key (scoped to the key's owner). A key seen before
-//!   with the same model and token counts is a `duplicate` (a retry); with other
+//!   with the same model (as resolved now, or as named: the name may have become
+//!   an alias since) and token counts is a `duplicate` (a retry); with other
 //!   usage, a `conflict` (`code` `idempotency_key_reused`): nothing is recorded
 //!   and the event recorded under it is returned.
 //!
@@ -423,6 +424,15 @@ struct RecordView {
     message: Option<String>,
 }
 
+/// One item of a bulk record, read and checked: the idempotency key and the model
+/// as the caller sent them, the model they name, and the token counts.
+struct RecordItem<'a> {
+    key: String,
+    name: String,
+    model: &'a app::domain::Model,
+    usage: Usage,
+}
+
 /// Record finished usage in bulk, each item admitted and counted once per key.
 pub async fn record(
     State(gateway): State<Arc<Gateway>>,
@@ -447,7 +457,7 @@ pub async fn record(
             ));
         }
         let catalog = gateway.catalog.clone();
-        let mut parsed: Vec<(String, &app::domain::Model, Usage)> = Vec::with_capacity(items.len());
+        let mut parsed: Vec<RecordItem<'_>> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let at = |e: GatewayError| match e {
                 GatewayError::InvalidField { param, message } => GatewayError::InvalidField {
@@ -506,15 +516,21 @@ pub async fn record(
                         format!("`usage` cannot be billed: {e}"),
                     ))
                 })?;
-            parsed.push((key, model, usage));
+            parsed.push(RecordItem {
+                key,
+                name,
+                model,
+                usage,
+            });
         }
         let records: Vec<UsageRecord<'_>> = parsed
             .iter()
-            .map(|(key, model, usage)| UsageRecord {
+            .map(|item| UsageRecord {
                 // Scoped to the caller's user, so two platforms' keys cannot collide.
-                idempotency_key: format!("usage:{}:{key}", caller.user.id),
-                model,
-                usage: *usage,
+                idempotency_key: format!("usage:{}:{}", caller.user.id, item.key),
+                model: item.model,
+                model_as_sent: &item.name,
+                usage: item.usage,
             })
             .collect();
         let outcomes = gateway
@@ -530,7 +546,7 @@ pub async fn record(
         let results: Vec<RecordView> = parsed
             .iter()
             .zip(outcomes)
-            .map(|((key, model, _), outcome)| match outcome {
+            .map(|(RecordItem { key, model, .. }, outcome)| match outcome {
                 RecordOutcome::Recorded(event) => {
                     let served = event.served.as_str();
                     gateway.metrics.spend(served, event.cost.get());
