@@ -1004,6 +1004,49 @@ async fn shutdown_waits_for_abandoned_exchanges_to_settle(db: &TestDb) {
     );
 }
 
+/// An upstream stream with a line past `MAX_LINE_BYTES` is not waited for: the
+/// client is told the stream broke off, and the request is billed its estimate
+/// (the upstream had answered), as a stream without usage is.
+async fn a_stream_line_past_the_limit_breaks_the_stream_off(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.mock.set(|b| {
+        b.stream_pieces = 1;
+        b.piece_content = Some("x".repeat(server::gateway::sse::MAX_LINE_BYTES + 1));
+    });
+    let messages = r#"[{"role":"user","content":"Say hello."}]"#;
+    let response = h
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    let payloads = sse_payloads(response).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{last}");
+    assert_eq!(
+        last["error"]["message"],
+        "The model provider's stream broke off."
+    );
+    assert!(
+        payloads.iter().all(|p| p.len() < 1000),
+        "nothing of the long line was relayed"
+    );
+    let big = h.config.setup.catalog.resolve("big").unwrap();
+    let estimate = reservation(
+        big,
+        &TokenEstimate {
+            prompt_tokens: messages.len() as u64 + 16,
+            output_cap: Some(100),
+            n: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(h.workspace().await, settled(estimate));
+}
+
 /// A stream that ends without usage is billed its estimate, flagged (§4, R7).
 async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     let h = start(db, Options::default()).await;
@@ -2627,6 +2670,7 @@ on_both_backends!(
     client_disconnect_mid_stream_still_settles,
     shutdown_waits_for_abandoned_exchanges_to_settle,
     stream_without_usage_is_billed_its_estimate,
+    a_stream_line_past_the_limit_breaks_the_stream_off,
     a_stream_answered_without_a_stream_is_a_502_billed_its_usage,
     refusals_reserve_and_spend_nothing,
     the_upstream_key_never_leaks,

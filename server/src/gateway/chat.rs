@@ -24,7 +24,7 @@ use super::error::GatewayError;
 use super::hold::{lease_until_from_now, Hold};
 use super::json::RawObject;
 use super::request::ChatRequest;
-use super::sse::{self, Eventsource, Relay, Relayed, DONE_FRAME};
+use super::sse::{self, Relay, Relayed, DONE_FRAME};
 use super::upstream::{is_event_stream, usage_from_upstream, Target};
 use super::{read_body, Gateway, SERVED_MODEL_HEADER};
 
@@ -377,7 +377,7 @@ impl Exchange {
 
         let timeout = self.target.timeout;
         let mut relay = Relay::new(&self.served, self.client_wants_usage, &self.target.name);
-        let mut upstream = Box::pin(sse::decoded(response.bytes_stream()).eventsource());
+        let mut upstream = Box::pin(sse::events(response.bytes_stream()));
         // Whether the upstream sent something it had to work for, even if it
         // could not be relayed (lines the event stream parser refuses, say).
         let mut upstream_answered = false;
@@ -387,7 +387,9 @@ impl Exchange {
                 Ok(None) => break 'read StreamEnd::Eof,
                 Ok(Some(Err(e))) => {
                     let error = match e {
-                        sse::EventStreamError::Transport(e) => e.without_url().to_string(),
+                        sse::EventStreamError::Transport(sse::ReadError::Transport(e)) => {
+                            e.without_url().to_string()
+                        }
                         other => {
                             upstream_answered = true;
                             other.to_string()

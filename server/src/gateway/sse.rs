@@ -9,10 +9,16 @@
 //! stream, without its closing blank line, is dropped, as the format requires.
 //! Before that, the bytes are decoded as the format says ([`decoded`]): a byte
 //! sequence that is not UTF-8 becomes U+FFFD, and the stream goes on past it.
+//! Then they are cut into lines ([`one_line_each`]), so that the parser, which
+//! reads its whole buffer again for every piece it is given, reads each byte
+//! once; a line longer than [`MAX_LINE_BYTES`] ends the stream ([`events`]).
+
+use std::collections::VecDeque;
 
 use app::domain::Usage;
-use bytes::Bytes;
-pub use eventsource_stream::{Event, EventStreamError, Eventsource};
+use bytes::{Bytes, BytesMut};
+use eventsource_stream::Eventsource;
+pub use eventsource_stream::{Event, EventStreamError};
 use serde_json::value::RawValue;
 
 use super::json::RawObject;
@@ -41,6 +47,134 @@ where
             Some(Err(e)) => Some((Err(e), Some((bytes, decoder)))),
             // What is left of a sequence cut off by the end becomes U+FFFD.
             None => Some((Ok(decode(&mut decoder, &[], true)), None)),
+        }
+    })
+}
+
+/// The longest line of an event stream read from an upstream, in bytes (8 MiB):
+/// an event of chat completion chunks is a few hundred bytes, and the
+/// longest answer a model gives is far shorter. A longer line is not waited
+/// for: memory per stream stays bounded, and the stream ends as broken.
+pub const MAX_LINE_BYTES: usize = 8 << 20;
+
+/// Why the bytes of an upstream's event stream stopped.
+#[derive(Debug)]
+pub enum ReadError<E> {
+    /// The transport failed.
+    Transport(E),
+    /// A line is longer than [`MAX_LINE_BYTES`].
+    LineTooLong,
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for ReadError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Transport(e) => e.fmt(f),
+            ReadError::LineTooLong => write!(
+                f,
+                "a line of the event stream is longer than {MAX_LINE_BYTES} bytes"
+            ),
+        }
+    }
+}
+
+/// The events of an upstream's event stream `bytes`: decoded ([`decoded`]), cut
+/// into lines ([`one_line_each`]) and parsed by `eventsource-stream`.
+pub fn events<S, E>(
+    bytes: S,
+) -> impl futures_util::Stream<Item = Result<Event, EventStreamError<ReadError<E>>>>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>>,
+{
+    one_line_each(decoded(bytes)).eventsource()
+}
+
+/// `bytes` cut so that each piece is one whole line with its end (`\n`, `\r\n`
+/// or `\r`), the last piece what follows the last line end. Each byte is looked
+/// at once, whatever the pieces it came in; a `\r` that ends a piece waits for
+/// the next one, which may begin with its `\n`.
+///
+/// Errors: [`ReadError::LineTooLong`] once a line is longer than [`MAX_LINE_BYTES`]
+/// (nothing follows it); a transport error passes through as
+/// [`ReadError::Transport`].
+pub fn one_line_each<S, E>(
+    bytes: S,
+) -> impl futures_util::Stream<Item = Result<Bytes, ReadError<E>>>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>>,
+{
+    use futures_util::StreamExt;
+    struct Lines<S> {
+        bytes: std::pin::Pin<Box<S>>,
+        /// The line being read; bytes before `scanned` hold no line end.
+        partial: BytesMut,
+        scanned: usize,
+        whole: VecDeque<Bytes>,
+        /// A line was too long: the lines before it are still to be given.
+        too_long: bool,
+    }
+    impl<S> Lines<S> {
+        /// Moves every whole line of `partial` to `whole`; false when a line,
+        /// whole or not, is longer than [`MAX_LINE_BYTES`].
+        fn cut(&mut self) -> bool {
+            let bytes = &self.partial[..];
+            let mut start = 0;
+            let mut ends = Vec::new();
+            let mut i = self.scanned;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'\n' => ends.push(i + 1),
+                    // Held until the next byte says whether `\n` follows.
+                    b'\r' if i + 1 == bytes.len() => break,
+                    b'\r' if bytes[i + 1] == b'\n' => {
+                        i += 1;
+                        ends.push(i + 1);
+                    }
+                    b'\r' => ends.push(i + 1),
+                    _ => {}
+                }
+                i += 1;
+            }
+            for end in ends {
+                if end - start > MAX_LINE_BYTES {
+                    return false;
+                }
+                self.whole
+                    .push_back(self.partial.split_to(end - start).freeze());
+                start = end;
+            }
+            self.scanned = i - start;
+            self.partial.len() <= MAX_LINE_BYTES
+        }
+    }
+    let lines = Lines {
+        bytes: Box::pin(bytes),
+        partial: BytesMut::new(),
+        scanned: 0,
+        whole: VecDeque::new(),
+        too_long: false,
+    };
+    futures_util::stream::unfold(Some(lines), |state| async move {
+        let mut lines = state?;
+        loop {
+            if let Some(line) = lines.whole.pop_front() {
+                return Some((Ok(line), Some(lines)));
+            }
+            if lines.too_long {
+                return Some((Err(ReadError::LineTooLong), None));
+            }
+            match lines.bytes.next().await {
+                Some(Ok(chunk)) => {
+                    lines.partial.extend_from_slice(&chunk);
+                    lines.too_long = !lines.cut();
+                }
+                Some(Err(e)) => return Some((Err(ReadError::Transport(e)), Some(lines))),
+                None if lines.partial.is_empty() => return None,
+                None => {
+                    let rest = lines.partial.split().freeze();
+                    return Some((Ok(rest), None));
+                }
+            }
         }
     })
 }
@@ -180,8 +314,7 @@ mod tests {
         let pieces = chunks
             .iter()
             .map(|c| Ok::<_, std::convert::Infallible>(Bytes::from_static(c)));
-        decoded(futures_util::stream::iter(pieces))
-            .eventsource()
+        events(futures_util::stream::iter(pieces))
             .map(|event| event.unwrap())
             .collect()
             .await
@@ -202,6 +335,79 @@ mod tests {
             Bytes::from_static(b"event: x\nid: 7\ndata: l1\ndata: l2\n\n")
         );
         assert_eq!(data_frame(b"{}"), Bytes::from_static(b"data: {}\n\n"));
+    }
+
+    async fn lines_of(chunks: Vec<Vec<u8>>) -> Vec<Result<Bytes, String>> {
+        use futures_util::StreamExt;
+        let pieces = chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::convert::Infallible>(Bytes::from(c)));
+        one_line_each(futures_util::stream::iter(pieces))
+            .map(|line| line.map_err(|e| e.to_string()))
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn the_parser_is_given_one_whole_line_at_a_time() {
+        let text: &[u8] = b"data: a\r\ndata: b\r\n\r\n: c\rdata: d\n\ndata: cut";
+        let lines: Vec<Result<Bytes, String>> = [
+            &b"data: a\r\n"[..],
+            b"data: b\r\n",
+            b"\r\n",
+            b": c\r",
+            b"data: d\n",
+            b"\n",
+            b"data: cut",
+        ]
+        .into_iter()
+        .map(|line| Ok(Bytes::copy_from_slice(line)))
+        .collect();
+        assert_eq!(lines_of(vec![text.to_vec()]).await, lines);
+        for split in 1..text.len() {
+            let (a, b) = text.split_at(split);
+            assert_eq!(
+                lines_of(vec![a.to_vec(), b.to_vec()]).await,
+                lines,
+                "split at {split}"
+            );
+        }
+        // Byte by byte: each whole line comes once its end is known.
+        let bytes = text.iter().map(|b| vec![*b]).collect();
+        assert_eq!(lines_of(bytes).await, lines);
+    }
+
+    #[tokio::test]
+    async fn a_line_past_the_limit_ends_the_stream() {
+        let long = vec![b'x'; MAX_LINE_BYTES / 2];
+        let lines = lines_of(vec![
+            b"data: {}\n\ndata: ".to_vec(),
+            long.clone(),
+            long,
+            b"more\n\n".to_vec(),
+        ])
+        .await;
+        assert_eq!(lines.len(), 3, "two whole lines, then the error");
+        assert_eq!(lines[1], Ok(Bytes::from_static(b"\n")));
+        assert_eq!(
+            lines[2],
+            Err(format!(
+                "a line of the event stream is longer than {MAX_LINE_BYTES} bytes"
+            ))
+        );
+        // A line of exactly the limit, with its end, is read; one byte more
+        // is refused, even when its end comes in the same piece.
+        let mut line = vec![b'x'; MAX_LINE_BYTES - 1];
+        line.push(b'\n');
+        let lines = lines_of(vec![line.clone()]).await;
+        assert_eq!(lines, [Ok(Bytes::from(line.clone()))]);
+        line.insert(0, b'x');
+        line.splice(0..0, b"data: {}\n".iter().copied());
+        let lines = lines_of(vec![line]).await;
+        assert!(
+            matches!(&lines[..], [Ok(first), Err(e)] if first == &b"data: {}\n"[..] && e.contains("longer than")),
+            "{lines:?}"
+        );
     }
 
     #[tokio::test]

@@ -53,6 +53,9 @@ pub struct Behaviour {
     pub delay: Duration,
     /// Content pieces of a stream.
     pub stream_pieces: usize,
+    /// The content of each piece of a stream (JSON-safe text); `None`:
+    /// `piece {i} `.
+    pub piece_content: Option<String>,
     /// The content of a non-streamed answer (JSON-safe text).
     pub content: String,
     /// When set, a stream stops after its first piece until this is notified.
@@ -86,6 +89,7 @@ impl Default for Behaviour {
             usage_in_stream: true,
             delay: Duration::ZERO,
             stream_pieces: 3,
+            piece_content: None,
             content: "Hello from the mock.".into(),
             pause_after_first_piece: None,
             record_requests: true,
@@ -236,7 +240,11 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         };
         let mut out = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
         for i in 0..behaviour.stream_pieces {
-            out.push(chunk(&format!(r#"{{"content":"piece {i} "}}"#), "null"));
+            let content = match &behaviour.piece_content {
+                Some(content) => content.clone(),
+                None => format!("piece {i} "),
+            };
+            out.push(chunk(&format!(r#"{{"content":"{content}"}}"#), "null"));
         }
         out.push(chunk("{}", r#""stop""#));
         if include_usage && behaviour.usage_in_stream {
