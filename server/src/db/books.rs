@@ -1167,6 +1167,7 @@ pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
         {
             Fault::BrokeARule
         }
+        Some(db) if db.code().is_some_and(|code| is_out_of_range_code(&code)) => Fault::BrokeARule,
         Some(db) if db.code().is_some_and(|code| is_busy_code(&code)) => Fault::Busy,
         Some(db) if db.code().is_some_and(|code| is_unavailable_code(&code)) => Fault::Unavailable,
         Some(_) => Fault::Other,
@@ -1221,6 +1222,13 @@ fn sqlite_primary_code(code: &str) -> Option<i32> {
 /// SQLite `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6), in their extended forms too
 /// (sqlx gives SQLite's extended code as a number), or PostgreSQL's
 /// `lock_not_available` (`55P03`).
+/// A value the books cannot hold: PostgreSQL's `numeric_value_out_of_range`
+/// (22003: a BIGINT counter past 2^63), SQLite's trigger that keeps counters
+/// integers (`SQLITE_CONSTRAINT_TRIGGER`, 1811). Trying again cannot help.
+fn is_out_of_range_code(code: &str) -> bool {
+    code == "22003" || code == "1811"
+}
+
 fn is_busy_code(code: &str) -> bool {
     // 55P03 a lock not granted within `lock_timeout`; 57014 a statement
     // cancelled, as a `statement_timeout` the operator set below it does.

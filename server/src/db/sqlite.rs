@@ -646,6 +646,8 @@ fn hot_error(e: rusqlite::Error) -> StoreError {
                     | ffi::SQLITE_CONSTRAINT_FOREIGNKEY
                     | ffi::SQLITE_CONSTRAINT_NOTNULL
                     | ffi::SQLITE_CONSTRAINT_CHECK
+                    // `counters_stay_integers`: a counter past 2^63.
+                    | ffi::SQLITE_CONSTRAINT_TRIGGER
             ) =>
         {
             Fault::BrokeARule
