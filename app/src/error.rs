@@ -8,6 +8,10 @@ use server_fn::{
     error::{FromServerFnError, ServerFnErrorErr},
 };
 
+/// Seconds between two sign-in attempts from one address once its burst of 10
+/// is spent (the server's limiter): the longest wait a refusal names.
+pub const SIGN_IN_INTERVAL_SECONDS: u64 = 6;
+
 /// A form field's error, shown next to the field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldError {
@@ -88,7 +92,8 @@ pub enum ApiError {
     /// Wrong email or password (401); says nothing about which.
     #[error("The email or password is not correct.")]
     InvalidCredentials,
-    /// Too many sign-in attempts (429); the next is allowed in `seconds`.
+    /// Too many sign-in attempts (429); the next is allowed in `seconds`, at
+    /// most [`SIGN_IN_INTERVAL_SECONDS`].
     #[error("Too many attempts: try again in {seconds} s.")]
     RateLimited {
         /// Whole seconds until the next attempt is allowed.
@@ -173,10 +178,14 @@ impl ApiError {
     /// This error with a fixed sentence for each code in place of the sentences
     /// it carries: for an error read from the page's URL, where a form posted
     /// without JavaScript gets its answer back (`__err`) and where anyone can
-    /// write a link with any text. Codes, field names (they only pick the row an
-    /// error is shown on) and numbers are kept.
+    /// write a link with any text. Codes and field names (they only pick the row
+    /// an error is shown on) are kept, and a sign-in's wait up to the longest
+    /// the server asks ([`SIGN_IN_INTERVAL_SECONDS`]).
     pub fn with_fixed_text(self) -> ApiError {
         match self {
+            ApiError::RateLimited { seconds } => ApiError::RateLimited {
+                seconds: seconds.min(SIGN_IN_INTERVAL_SECONDS),
+            },
             ApiError::Invalid { fields, .. } => ApiError::Invalid {
                 message: "Nothing was saved: correct the marked fields, or reload the page \
                           and make the change again."
@@ -461,7 +470,14 @@ mod tests {
             assert_eq!(fixed.code(), code);
             assert!(!fixed.to_string().contains("evil"), "{fixed}");
         }
-        let limited = ApiError::RateLimited { seconds: 7 };
+        let limited = ApiError::RateLimited { seconds: 5 };
         assert_eq!(limited.clone().with_fixed_text(), limited);
+        // A link cannot make the page name a longer wait than the server asks.
+        assert_eq!(
+            ApiError::RateLimited { seconds: 99_999 }.with_fixed_text(),
+            ApiError::RateLimited {
+                seconds: SIGN_IN_INTERVAL_SECONDS
+            }
+        );
     }
 }

@@ -40,9 +40,14 @@ pub struct AuthState {
 }
 
 impl AuthState {
-    /// Login attempts allowed per address: a burst of 10, then one every 6 s.
+    /// Login attempts allowed per address: a burst of 10, then one every
+    /// [`app::error::SIGN_IN_INTERVAL_SECONDS`] (6 s).
     pub fn new(store: SharedStore) -> AuthState {
-        let quota = Quota::per_minute(NonZeroU32::MIN.saturating_add(9));
+        let quota = Quota::with_period(std::time::Duration::from_secs(
+            app::error::SIGN_IN_INTERVAL_SECONDS,
+        ))
+        .expect("the sign-in interval is not zero")
+        .allow_burst(NonZeroU32::MIN.saturating_add(9));
         AuthState {
             store,
             login_attempts: Arc::new(RateLimiter::keyed(quota)),
