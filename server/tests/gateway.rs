@@ -1004,6 +1004,21 @@ async fn shutdown_waits_for_abandoned_exchanges_to_settle(db: &TestDb) {
     );
 }
 
+/// What a request of `messages` (JSON) asking for 100 output tokens of `big`
+/// reserves (R7): the messages' bytes plus the template margin as prompt tokens.
+fn big_estimate(h: &Harness, messages: &str) -> Nanos {
+    let big = h.config.setup.catalog.resolve("big").unwrap();
+    reservation(
+        big,
+        &TokenEstimate {
+            prompt_tokens: messages.len() as u64 + 16,
+            output_cap: Some(100),
+            n: 1,
+        },
+    )
+    .unwrap()
+}
+
 /// An upstream stream with a line past `MAX_LINE_BYTES` is not waited for: the
 /// client is told the stream broke off, and the request is billed its estimate
 /// (the upstream had answered), as a stream without usage is.
@@ -1034,16 +1049,7 @@ async fn a_stream_line_past_the_limit_breaks_the_stream_off(db: &TestDb) {
         payloads.iter().all(|p| p.len() < 1000),
         "nothing of the long line was relayed"
     );
-    let big = h.config.setup.catalog.resolve("big").unwrap();
-    let estimate = reservation(
-        big,
-        &TokenEstimate {
-            prompt_tokens: messages.len() as u64 + 16,
-            output_cap: Some(100),
-            n: 1,
-        },
-    )
-    .unwrap();
+    let estimate = big_estimate(&h, messages);
     assert_eq!(h.workspace().await, settled(estimate));
 }
 
@@ -1064,16 +1070,7 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
     // The estimate (R7): the messages' bytes plus the template margin as prompt
     // tokens at 2 EUR per 1M, plus 100 output tokens at 10.
-    let big = h.config.setup.catalog.resolve("big").unwrap();
-    let estimate = reservation(
-        big,
-        &TokenEstimate {
-            prompt_tokens: messages.len() as u64 + 16,
-            output_cap: Some(100),
-            n: 1,
-        },
-    )
-    .unwrap();
+    let estimate = big_estimate(&h, messages);
     assert_eq!(
         estimate,
         Nanos::new((messages.len() as i64 + 16) * 2_000 + 1_000_000)
