@@ -130,6 +130,12 @@ pub async fn authorize(
             Err(refused) => return refused,
         };
     }
+    // Read before the request is handed on, for a call refused below.
+    let page = path
+        .starts_with("/fn/")
+        .then(|| form_page(request.headers()))
+        .flatten();
+    let refused = |e: &ApiError| refuse_call(page.as_deref(), &path, e);
     if path == "/fn/login" && unsafe_method {
         let ip = request
             .extensions()
@@ -140,11 +146,7 @@ pub async fn authorize(
             // Whole seconds, rounded up, as `Retry-After` counts them.
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-            let mut response = refuse_call(
-                form_page(request.headers()).as_deref(),
-                &path,
-                &ApiError::RateLimited { seconds },
-            );
+            let mut response = refused(&ApiError::RateLimited { seconds });
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -158,9 +160,7 @@ pub async fn authorize(
         // now (503; `/fn/me` would say "signed out", and signing in or out needs
         // the database too), and so is a page that needs a user, rather than
         // sent to sign in again.
-        Err(e) if path.starts_with("/fn/") => {
-            return refuse_call(form_page(request.headers()).as_deref(), &path, &e)
-        }
+        Err(e) if path.starts_with("/fn/") => return refused(&e),
         Err(e) => match access(&path) {
             Access::Public => None,
             _ => return unavailable_page(&e),
@@ -172,12 +172,6 @@ pub async fn authorize(
     let is_admin = user
         .as_ref()
         .is_some_and(|u| u.role == app::auth::Role::Admin);
-    // Read before the request is handed on, for a call refused below.
-    let page = path
-        .starts_with("/fn/")
-        .then(|| form_page(request.headers()))
-        .flatten();
-    let refused = |e: &ApiError| refuse_call(page.as_deref(), &path, e);
     let response = match (access(&path), &user) {
         (Access::Public, _) => next.run(request).await,
         (Access::SignedInPage | Access::AdminPage, None) => to_login(&path),
