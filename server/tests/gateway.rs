@@ -1913,7 +1913,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
                 {"idempotency_key": "fine", "model": "mid",
                  "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
                 {"idempotency_key": "huge", "model": "mid",
-                 "usage": {"prompt_tokens": u64::MAX, "completion_tokens": 1}}]}),
+                 "usage": {"prompt_tokens": i64::MAX, "completion_tokens": 1}}]}),
         )
         .await;
     assert_eq!(
@@ -1931,6 +1931,11 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             "records[0].usage.prompt_tokens_details.cached_tokens",
         ),
         (json!([100, 10, null, null]), "records[0].usage"),
+        // Past what the books hold (a BIGINT), named before it is priced.
+        (
+            json!({"prompt_tokens": 1, "completion_tokens": 9_223_372_036_854_775_808_u64}),
+            "records[0].usage.completion_tokens",
+        ),
     ] {
         let (status, bad) = h
             .api(

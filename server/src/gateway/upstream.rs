@@ -193,10 +193,10 @@ pub fn is_event_stream(headers: &header::HeaderMap) -> bool {
 #[derive(Deserialize)]
 #[serde(expecting = "a usage object with token counts")]
 struct UsageWire {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    cached_tokens: Option<u64>,
-    reasoning_tokens: Option<u64>,
+    prompt_tokens: Option<TokenCount>,
+    completion_tokens: Option<TokenCount>,
+    cached_tokens: Option<TokenCount>,
+    reasoning_tokens: Option<TokenCount>,
     prompt_tokens_details: Option<ObjectOnly<PromptDetails>>,
     completion_tokens_details: Option<ObjectOnly<CompletionDetails>>,
 }
@@ -204,13 +204,37 @@ struct UsageWire {
 #[derive(Deserialize)]
 #[serde(expecting = "an object")]
 struct PromptDetails {
-    cached_tokens: Option<u64>,
+    cached_tokens: Option<TokenCount>,
 }
 
 #[derive(Deserialize)]
 #[serde(expecting = "an object")]
 struct CompletionDetails {
-    reasoning_tokens: Option<u64>,
+    reasoning_tokens: Option<TokenCount>,
+}
+
+/// A count of tokens the books can hold: 0 to `i64::MAX` (they store `BIGINT`).
+/// Refused here, where the field is known, rather than by the store, which
+/// could only name the whole request.
+#[derive(Clone, Copy)]
+struct TokenCount(u64);
+
+impl<'de> Deserialize<'de> for TokenCount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let count = u64::deserialize(deserializer)?;
+        if i64::try_from(count).is_err() {
+            return Err(serde::de::Error::invalid_value(
+                serde::de::Unexpected::Unsigned(count),
+                &format!("a token count of at most {}", i64::MAX).as_str(),
+            ));
+        }
+        Ok(TokenCount(count))
+    }
+}
+
+/// The count inside an optional [`TokenCount`].
+fn count(value: Option<TokenCount>) -> Option<u64> {
+    value.map(|TokenCount(count)| count)
 }
 
 /// `T` read from a JSON object only. serde's derive also reads a struct from an
@@ -249,11 +273,11 @@ pub struct UsageParseError {
 
 /// Reads an OpenAI `usage` object: `prompt_tokens`, `completion_tokens`, and
 /// `prompt_tokens_details.cached_tokens` / `completion_tokens_details.reasoning_tokens`
-/// (or the same two flat), token counts as non-negative integers (R3).
+/// (or the same two flat), token counts as integers from 0 to `i64::MAX` (R3).
 ///
-/// Errors: [`UsageParseError`] naming the field when a count is missing or not a
-/// non-negative integer, when a flat and a nested count disagree, or when cached
-/// exceeds prompt or reasoning exceeds completion tokens.
+/// Errors: [`UsageParseError`] naming the field when a count is missing, not a
+/// non-negative integer or past `i64::MAX`, when a flat and a nested count
+/// disagree, or when cached exceeds prompt or reasoning exceeds completion tokens.
 pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
     // serde would also read a struct from an array of its fields in order.
     if !raw.get().trim_start().starts_with('{') {
@@ -296,20 +320,21 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
     let (cached_tokens, cached_field) = detail(
         "cached_tokens",
         "prompt_tokens_details.cached_tokens",
-        wire.cached_tokens,
-        wire.prompt_tokens_details.and_then(|d| d.0.cached_tokens),
+        count(wire.cached_tokens),
+        count(wire.prompt_tokens_details.and_then(|d| d.0.cached_tokens)),
     )?;
     let (reasoning_tokens, reasoning_field) = detail(
         "reasoning_tokens",
         "completion_tokens_details.reasoning_tokens",
-        wire.reasoning_tokens,
-        wire.completion_tokens_details
-            .and_then(|d| d.0.reasoning_tokens),
+        count(wire.reasoning_tokens),
+        count(
+            wire.completion_tokens_details
+                .and_then(|d| d.0.reasoning_tokens),
+        ),
     )?;
     let usage = Usage {
-        prompt_tokens: wire.prompt_tokens.ok_or_else(|| missing("prompt_tokens"))?,
-        completion_tokens: wire
-            .completion_tokens
+        prompt_tokens: count(wire.prompt_tokens).ok_or_else(|| missing("prompt_tokens"))?,
+        completion_tokens: count(wire.completion_tokens)
             .ok_or_else(|| missing("completion_tokens"))?,
         cached_tokens,
         reasoning_tokens,
@@ -445,6 +470,36 @@ mod tests {
                 .unwrap_err()
                 .field,
             "cached_tokens"
+        );
+        // A count past what the books hold is named, nested or flat, one past
+        // the largest count and at the largest count serde reads.
+        for (usage, field) in [
+            (
+                r#"{"prompt_tokens":9223372036854775808,"completion_tokens":1}"#,
+                "prompt_tokens",
+            ),
+            (
+                r#"{"prompt_tokens":1,"completion_tokens":18446744073709551615}"#,
+                "completion_tokens",
+            ),
+            (
+                r#"{"prompt_tokens":1,"completion_tokens":1,"completion_tokens_details":{"reasoning_tokens":9223372036854775808}}"#,
+                "completion_tokens_details.reasoning_tokens",
+            ),
+        ] {
+            let error = parse(usage).unwrap_err();
+            assert_eq!(error.field, field, "{usage}");
+            assert!(
+                error.problem.contains("at most 9223372036854775807"),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            parse(r#"{"prompt_tokens":9223372036854775807,"completion_tokens":0}"#)
+                .unwrap()
+                .prompt_tokens,
+            9_223_372_036_854_775_807,
+            "the largest count the books hold is read"
         );
         // Details given as an array are refused, not read as their fields.
         for details in [
