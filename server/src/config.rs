@@ -161,8 +161,8 @@ pub struct Upstream {
     pub name: String,
     /// Base URL, e.g. `https://api.openai.com/v1` (no trailing slash).
     pub base_url: String,
-    /// `{base_url}/chat/completions`, parsed once here rather than on every
-    /// request forwarded to it.
+    /// `{base_url}/chat/completions`, with the base URL's query (if any) after
+    /// it, parsed once here rather than on every request forwarded to it.
     pub chat_completions_url: url::Url,
     /// The environment variable holding the key (the key never sits in the file).
     pub api_key_env: Option<String>,
@@ -564,14 +564,29 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 "must be between 1 and 86400 seconds",
             ));
         }
+        // Credentials would be sent as Basic auth in place of the key, and sit
+        // in the file; a fragment never reaches the provider and would swallow
+        // the path appended to it. A query (Azure's `api-version`) is kept.
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(invalid(
+                format!("upstreams[{i}].base_url"),
+                "must not hold credentials (`user:password@`): the upstream's key comes \
+                 from the environment variable named by `api_key_env`",
+            ));
+        }
+        if parsed.fragment().is_some() {
+            return Err(invalid(
+                format!("upstreams[{i}].base_url"),
+                "must not have a fragment (`#…`): it is never sent to the provider",
+            ));
+        }
         let base_url = u.base_url.trim_end_matches('/').to_owned();
-        let chat_completions_url = url::Url::parse(&format!("{base_url}/chat/completions"))
-            .map_err(|e| {
-                invalid(
-                    format!("upstreams[{i}].base_url"),
-                    format!("{:?} is not a URL: {e}", u.base_url),
-                )
-            })?;
+        let mut chat_completions_url = parsed;
+        let path = format!(
+            "{}/chat/completions",
+            chat_completions_url.path().trim_end_matches('/')
+        );
+        chat_completions_url.set_path(&path);
         out.push(Upstream {
             name: u.name,
             base_url,
@@ -1242,6 +1257,44 @@ mod tests {
                     output_eur_per_mtok = \"2\"\nmax_output_tokens = 10\n";
         let err = load_text(text).unwrap_err().to_string();
         assert!(err.contains("models[0].upstream"), "{err}");
+    }
+
+    #[test]
+    fn an_upstreams_base_url_keeps_its_query_and_refuses_credentials_and_fragments() {
+        let text = |base_url: &str| {
+            format!(
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"{base_url}\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"a\"\ninput_eur_per_mtok = \"1\"\n\
+                 output_eur_per_mtok = \"2\"\nmax_output_tokens = 10\n"
+            )
+        };
+        let url = |base_url: &str| {
+            load_text(&text(base_url)).unwrap().upstreams[0]
+                .chat_completions_url
+                .to_string()
+        };
+        assert_eq!(
+            url("https://api.example.com/v1/"),
+            "https://api.example.com/v1/chat/completions"
+        );
+        assert_eq!(
+            url("http://127.0.0.1:9/openai/deployments/d1//?api-version=2024-10-21"),
+            "http://127.0.0.1:9/openai/deployments/d1/chat/completions?api-version=2024-10-21",
+            "the path is extended, the query kept after it"
+        );
+        for (base_url, problem) in [
+            ("http://user:secret@127.0.0.1:9/v1", "credentials"),
+            ("http://user@127.0.0.1:9/v1", "credentials"),
+            ("http://127.0.0.1:9/v1#part", "fragment"),
+        ] {
+            let err = load_text(&text(base_url)).unwrap_err().to_string();
+            assert!(err.contains("upstreams[0].base_url"), "{err}");
+            assert!(err.contains(problem), "{err}");
+            assert!(
+                !err.contains("secret"),
+                "the password is not repeated: {err}"
+            );
+        }
     }
 
     #[test]
