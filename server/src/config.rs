@@ -448,6 +448,10 @@ fn parse_file(text: &str) -> Result<ConfigFile, String> {
     toml::from_str(text).map_err(|e| e.to_string())
 }
 
+/// An amount (EUR) or a price (EUR per 1M tokens) as the file writes it, exactly.
+///
+/// Errors: [`ConfigError`] naming `key` for a sign, anything but digits and one
+/// point, or more digits than a `Decimal` keeps without rounding.
 fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
     // Written out as the CLI and the tab take it: digits with at most one
     // point. rust_decimal's `FromStr` would also take an exponent ("1e3" =
@@ -476,7 +480,22 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
     if !plain {
         return Err(not_plain());
     }
-    text.parse::<Decimal>().map_err(|_| not_plain())
+    let value = text.parse::<Decimal>().map_err(|_| not_plain())?;
+    // rust_decimal rounds digits past what it holds (28 to 29 in all) rather
+    // than refuse them: a value it rounded is refused, not changed (R2).
+    let written_scale = text
+        .split_once('.')
+        .map_or(0, |(_, fraction)| fraction.trim_end_matches('0').len());
+    if usize::try_from(value.normalize().scale()).ok() != Some(written_scale) {
+        return Err(invalid(
+            key,
+            format!(
+                "{text:?} has more digits than are kept exactly (28 digits at most): \
+                 it would be rounded"
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 /// A timeout key's value in seconds: `default` when absent, else 1 to an hour.
@@ -984,6 +1003,22 @@ mod tests {
             ("[plan]\nbudget_eur = \"+1.00\"", "plan.budget_eur", "decimal"),
             ("[plan]\nbudget_eur = \"1.0.0\"", "plan.budget_eur", "one point"),
             ("[plan]\nbudget_eur = \"\"", "plan.budget_eur", "decimal"),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\ninput_eur_per_mtok = \"1\"\n\
+                 output_eur_per_mtok = \"8.60000000000000000000000000000000001\"\n\
+                 max_output_tokens = 1",
+                "models[0].output_eur_per_mtok",
+                "28 digits",
+            ),
+            (
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"0.1999999999999999999999999999999\"\n\
+                 output_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
+                "models[0].input_eur_per_mtok",
+                "28 digits",
+            ),
             (
                 "[plan]\noverage_eur = \"1e3\"",
                 "plan.overage_eur",
