@@ -334,6 +334,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url: cli.database_url.clone(),
         },
     )?;
+    // Every command opens the database: before `serve` prepares the spool,
+    // whose default folder sits beside the SQLite file and would be made with
+    // its parents.
+    config.check_sqlite_folder()?;
     if let Command::Serve { .. } = cli.command {
         // A server that cannot listen (the address is taken: another server
         // runs there) must change nothing, so it binds before it applies its

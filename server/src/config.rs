@@ -85,14 +85,24 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 ///
 /// Errors: the problem, when a SQLite URL does not parse.
 fn default_settlement_spool(database_url: &str) -> Result<std::path::PathBuf, String> {
-    if !database_url.starts_with("sqlite:") {
+    let Some(file) = sqlite_file(database_url)? else {
         return Ok(std::path::PathBuf::from("tollgate-settlements"));
+    };
+    let mut folder = file.into_os_string();
+    folder.push("-settlements");
+    Ok(folder.into())
+}
+
+/// The file a `sqlite:` URL names, as sqlx reads it; `None` for PostgreSQL.
+///
+/// Errors: the problem, when a SQLite URL does not parse.
+fn sqlite_file(database_url: &str) -> Result<Option<std::path::PathBuf>, String> {
+    if !database_url.starts_with("sqlite:") {
+        return Ok(None);
     }
     let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(database_url)
         .map_err(|e| format!("is not a SQLite URL: {e}"))?;
-    let mut folder = options.get_filename().as_os_str().to_owned();
-    folder.push("-settlements");
-    Ok(folder.into())
+    Ok(Some(options.get_filename().to_owned()))
 }
 
 /// The file as written (every key optional; defaults fill the gaps).
@@ -190,6 +200,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `sqlite://PATH` or `postgres://...`; the scheme picks the backend.
     pub database_url: String,
+    /// Where `database_url` was set, as errors about it name it: `database_url`
+    /// (the file, or the default) or `TOLLGATE_DATABASE_URL / --database-url`.
+    pub database_url_key: &'static str,
     /// Gateway request bodies above this many bytes get 413.
     pub max_request_bytes: usize,
     /// A gateway request whose body has not fully arrived this long after its
@@ -418,6 +431,7 @@ impl Config {
         Ok(Config {
             listen,
             database_url,
+            database_url_key: db_key,
             max_request_bytes,
             request_body_timeout: std::time::Duration::from_secs(body_seconds),
             header_read_timeout: std::time::Duration::from_secs(header_seconds),
@@ -436,6 +450,33 @@ impl Config {
             },
             upstreams,
         })
+    }
+
+    /// Refuses a SQLite file whose folder does not exist: the file is created
+    /// where it is missing, but a missing folder is taken for a mistyped path
+    /// rather than made, so that `serve` never bills into new, empty books
+    /// somewhere unexpected.
+    ///
+    /// Errors: [`ConfigError::Invalid`] naming [`Config::database_url_key`].
+    pub fn check_sqlite_folder(&self) -> Result<(), ConfigError> {
+        let Ok(Some(file)) = sqlite_file(&self.database_url) else {
+            return Ok(());
+        };
+        let folder = match file.parent() {
+            Some(folder) if !folder.as_os_str().is_empty() => folder,
+            _ => std::path::Path::new("."),
+        };
+        if folder.is_dir() {
+            return Ok(());
+        }
+        Err(invalid(
+            self.database_url_key,
+            format!(
+                "the folder {} does not exist: create it first (a missing SQLite file is \
+                 created, its folder is not)",
+                folder.display()
+            ),
+        ))
     }
 
     /// The upstream a model is served by, and the name to send it.

@@ -1729,6 +1729,60 @@ fn serve_refuses_a_spool_folder_it_cannot_write() {
     );
 }
 
+/// A SQLite file in a folder that does not exist (a mistyped path) stops
+/// `serve` with the URL's key named, instead of creating the folders and
+/// serving empty books there.
+#[test]
+fn serve_refuses_a_sqlite_file_whose_folder_is_missing() {
+    let cli = Cli::new();
+    let missing = cli.dir.path().join("missing");
+    let url = format!("sqlite://{}", missing.join("books.db").display());
+    let config = cli.dir.path().join("tollgate.toml");
+    std::fs::write(&config, format!("database_url = \"{url}\"\n")).unwrap();
+    let config = config.to_str().unwrap();
+    for (args, key) in [
+        (
+            ["serve", "--listen", "127.0.0.1:0", "--database-url", &url],
+            "--database-url",
+        ),
+        (
+            ["serve", "--listen", "127.0.0.1:0", "--config", config],
+            "`database_url`",
+        ),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command.args(args).current_dir(cli.dir.path());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("TOLLGATE_") {
+                command.env_remove(name);
+            }
+        }
+        // Spawned, not run to its end: a server that starts would never end.
+        let mut server = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while server.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                server.kill().unwrap();
+                server.wait().unwrap();
+                panic!("{args:?} served instead of stopping");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let output = server.wait_with_output().unwrap();
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} ended without an error");
+        assert!(
+            error.contains(key) && error.contains("does not exist"),
+            "{args:?}: {error}"
+        );
+        assert!(!missing.exists(), "{args:?}: the folder was created");
+    }
+}
+
 /// `serve` started while another process holds the SQLite file's write lock
 /// (a backup, a shell inside a transaction) waits for it, saying so, and serves
 /// once it is let go, instead of ending after one 10 s wait.
