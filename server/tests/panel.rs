@@ -376,6 +376,31 @@ async fn cross_site_posts_are_refused() {
         .insert("sec-fetch-site", "cross-site".parse().unwrap());
     let (status, _, _) = panel.send(request).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    // A form post whose page (`Referer`) is not this site's is refused too,
+    // whatever else it says: a no-JS error would send the browser back there.
+    for (referer, fetch_site) in [
+        ("http://evil.example/login", None),
+        ("http://evil.example/login", Some("same-origin")),
+        ("http://tollgate.test.evil.example/login", None),
+        ("javascript:alert(1)", None),
+        ("//evil.example/x", Some("same-origin")),
+    ] {
+        for path in ["/fn/save_automatic_fallback", "/fn/login"] {
+            let mut request = post(path, &body, Some(&admin));
+            let headers = request.headers_mut();
+            headers.insert(header::ACCEPT, "text/html".parse().unwrap());
+            headers.insert(header::REFERER, referer.parse().unwrap());
+            if let Some(site) = fetch_site {
+                headers.insert("sec-fetch-site", site.parse().unwrap());
+            }
+            let (status, headers, text) = panel.send(request).await;
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{path} from {referer}: {headers:?} {text}"
+            );
+        }
+    }
     assert!(panel.settings().await.automatic_fallback);
     // The same request from the panel itself goes through: fallback off.
     let (status, _, text) = panel

@@ -362,27 +362,39 @@ async fn current_user(
 /// `http.CrossOriginProtection`): `Sec-Fetch-Site` when the browser sends it, else
 /// an `Origin` that is not this host. Requests with neither header do not come
 /// from a browser's cross-site form or script.
+///
+/// Also true, whatever the other headers say, for a form posted without
+/// JavaScript ([`form_page`]) from a page that is not on this host: such a post
+/// is sent back to its `Referer` with its error (by [`refuse_call`] and by
+/// server_fn), which must never be another site. A browser's own post sends
+/// this site's page, or no `Referer` at all.
 fn is_cross_site(headers: &HeaderMap) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        return !matches!(site, "same-origin" | "none");
-    }
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    match url::Url::parse(origin) {
-        Ok(url) => {
-            let origin_host = match url.port() {
-                Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-                None => url.host_str().unwrap_or_default().to_owned(),
-            };
-            !origin_host.eq_ignore_ascii_case(host)
-        }
-        Err(_) => true,
+    if form_page(headers).is_some_and(|page| !is_on_host(&page, host)) {
+        return true;
     }
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    headers
+        .get(header::ORIGIN)
+        .is_some_and(|v| v.to_str().map_or(true, |origin| !is_on_host(origin, host)))
+}
+
+/// True when `address` (an origin or a page's URL) is an http(s) address whose
+/// host and port are `host` (the request's `Host`).
+fn is_on_host(address: &str, host: &str) -> bool {
+    let Ok(url) = url::Url::parse(address) else {
+        return false;
+    };
+    let address_host = match url.port() {
+        Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+        None => url.host_str().unwrap_or_default().to_owned(),
+    };
+    matches!(url.scheme(), "http" | "https") && address_host.eq_ignore_ascii_case(host)
 }
 
 fn to_login(path: &str) -> Response {
