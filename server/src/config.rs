@@ -588,10 +588,11 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 format!("{:?} is declared twice", u.name),
             ));
         }
+        // Not echoed: a URL that does not parse may still hold a password.
         let parsed = url::Url::parse(&u.base_url).map_err(|e| {
             invalid(
                 format!("upstreams[{i}].base_url"),
-                format!("{:?} is not a URL: {e}", u.base_url),
+                format!("is not a URL: {e}"),
             )
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -1362,6 +1363,8 @@ mod tests {
             ("http://user:secret@127.0.0.1:9/v1", "credentials"),
             ("http://user@127.0.0.1:9/v1", "credentials"),
             ("http://127.0.0.1:9/v1#part", "fragment"),
+            // One that does not parse is not echoed either.
+            ("http://user:secret@[::1/v1", "not a URL"),
         ] {
             let err = load_text(&text(base_url)).unwrap_err().to_string();
             assert!(err.contains("upstreams[0].base_url"), "{err}");
