@@ -16,7 +16,7 @@ use app::{
 };
 use axum::{
     body::Body,
-    http::{header, Request, StatusCode},
+    http::{header, HeaderValue, Request, StatusCode},
     Router,
 };
 use chrono::Utc;
@@ -399,6 +399,21 @@ async fn cross_site_posts_are_refused() {
                 StatusCode::FORBIDDEN,
                 "{path} from {referer}: {headers:?} {text}"
             );
+        }
+    }
+    // Bytes that are not visible ASCII in either header are read as server_fn
+    // reads them (lossily), not taken for an absent header.
+    for (accept, referer) in [
+        (&b"text/html"[..], &b"http://evil.example/\xff"[..]),
+        (&b"text/html,\xff"[..], &b"http://evil.example/page"[..]),
+    ] {
+        for path in ["/fn/save_automatic_fallback", "/fn/login"] {
+            let mut request = post(path, &body, Some(&admin));
+            let headers = request.headers_mut();
+            headers.insert(header::ACCEPT, HeaderValue::from_bytes(accept).unwrap());
+            headers.insert(header::REFERER, HeaderValue::from_bytes(referer).unwrap());
+            let (status, headers, text) = panel.send(request).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {headers:?} {text}");
         }
     }
     assert!(panel.settings().await.automatic_fallback);

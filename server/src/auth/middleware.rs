@@ -437,16 +437,18 @@ fn unavailable_page(error: &ApiError) -> Response {
 /// The page a form posted without JavaScript was sent from: its `Referer`, when
 /// the request asks for HTML as a browser's form post does. `None` for a call
 /// made by a script.
+///
+/// Both headers are read as server_fn reads them, bytes that are not UTF-8
+/// replaced (U+FFFD): a header this took for absent, server_fn would still
+/// follow, past [`is_cross_site`]'s check of the page.
 fn form_page(headers: &HeaderMap) -> Option<String> {
-    let asks_for_html = headers
-        .get(header::ACCEPT)
-        .and_then(|accept| accept.to_str().ok())
-        .is_some_and(|accept| accept.contains("text/html"));
-    headers
-        .get(header::REFERER)
-        .and_then(|referer| referer.to_str().ok())
-        .filter(|_| asks_for_html)
-        .map(str::to_owned)
+    let lossy = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    let asks_for_html = lossy(header::ACCEPT).is_some_and(|accept| accept.contains("text/html"));
+    lossy(header::REFERER).filter(|_| asks_for_html)
 }
 
 /// A server function call refused with `e` before the function ran: for a form
