@@ -486,7 +486,33 @@ impl Config {
 }
 
 fn parse_file(text: &str) -> Result<ConfigFile, String> {
-    toml::from_str(text).map_err(|e| e.to_string())
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        // Not the error's own text: it quotes the line, which may hold a
+        // password (in a `database_url` or a `base_url` written wrongly).
+        let message = e.message().trim_end();
+        match e.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before
+                    .rsplit('\n')
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .count()
+                    + 1;
+                // The key of that line, without its value.
+                let key = text
+                    .lines()
+                    .nth(line - 1)
+                    .and_then(|line| line.split_once('='))
+                    .map(|(key, _)| format!(" (`{} = …`)", key.trim()))
+                    .unwrap_or_default();
+                format!("TOML parse error at line {line}, column {column}{key}: {message}")
+            }
+            None => format!("TOML parse error: {message}"),
+        }
+    })
 }
 
 /// An amount (EUR) or a price (EUR per 1M tokens) as the file writes it, exactly.
@@ -985,6 +1011,18 @@ mod tests {
             message,
         })?;
         Config::from_file(file, &Overrides::default())
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_named_by_line_without_quoting_it() {
+        for text in [
+            "[[upstreams]]\nname = \"u\"\nbase_url = [\"http://user:s3cret@127.0.0.1:9/v1\"]\n",
+            "database_url = \"postgres://tollgate:s3cret@db/tollgate\" trailing\n",
+        ] {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.contains("line "), "{err}");
+        }
     }
 
     #[test]
