@@ -117,33 +117,26 @@ where
         /// Moves every whole line of `partial` to `whole`; false when a line,
         /// whole or not, is longer than [`MAX_LINE_BYTES`].
         fn cut(&mut self) -> bool {
-            let bytes = &self.partial[..];
-            let mut start = 0;
-            let mut ends = Vec::new();
             let mut i = self.scanned;
-            while i < bytes.len() {
-                match bytes[i] {
-                    b'\n' => ends.push(i + 1),
+            while i < self.partial.len() {
+                let end = match self.partial[i] {
+                    b'\n' => i + 1,
                     // Held until the next byte says whether `\n` follows.
-                    b'\r' if i + 1 == bytes.len() => break,
-                    b'\r' if bytes[i + 1] == b'\n' => {
+                    b'\r' if i + 1 == self.partial.len() => break,
+                    b'\r' if self.partial[i + 1] == b'\n' => i + 2,
+                    b'\r' => i + 1,
+                    _ => {
                         i += 1;
-                        ends.push(i + 1);
+                        continue;
                     }
-                    b'\r' => ends.push(i + 1),
-                    _ => {}
-                }
-                i += 1;
-            }
-            for end in ends {
-                if end - start > MAX_LINE_BYTES {
+                };
+                if end > MAX_LINE_BYTES {
                     return false;
                 }
-                self.whole
-                    .push_back(self.partial.split_to(end - start).freeze());
-                start = end;
+                self.whole.push_back(self.partial.split_to(end).freeze());
+                i = 0;
             }
-            self.scanned = i - start;
+            self.scanned = i;
             self.partial.len() <= MAX_LINE_BYTES
         }
     }
