@@ -1218,10 +1218,6 @@ fn sqlite_primary_code(code: &str) -> Option<i32> {
         .map(|n| n & 0xff)
 }
 
-/// Whether a database error code says another connection held a lock too long:
-/// SQLite `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6), in their extended forms too
-/// (sqlx gives SQLite's extended code as a number), or PostgreSQL's
-/// `lock_not_available` (`55P03`).
 /// A value the books cannot hold: PostgreSQL's `numeric_value_out_of_range`
 /// (22003: a BIGINT counter past 2^63), SQLite's trigger that keeps counters
 /// integers (`SQLITE_CONSTRAINT_TRIGGER`, 1811). Trying again cannot help.
@@ -1229,6 +1225,10 @@ fn is_out_of_range_code(code: &str) -> bool {
     code == "22003" || code == "1811"
 }
 
+/// Whether a database error code says another connection held a lock too long:
+/// SQLite `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6), in their extended forms too
+/// (sqlx gives SQLite's extended code as a number), or PostgreSQL's
+/// `lock_not_available` (`55P03`).
 fn is_busy_code(code: &str) -> bool {
     // 55P03 a lock not granted within `lock_timeout`; 57014 a statement
     // cancelled, as a `statement_timeout` the operator set below it does.
