@@ -115,7 +115,16 @@ pub async fn authorize(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    if path.starts_with("/fn/") && unsafe_method && is_cross_site(request.headers()) {
+    // The page a form posted without JavaScript came from: checked here, and
+    // where a call refused below is sent back to.
+    let page = path
+        .starts_with("/fn/")
+        .then(|| form_page(request.headers()))
+        .flatten();
+    if path.starts_with("/fn/")
+        && unsafe_method
+        && is_cross_site(request.headers(), page.as_deref())
+    {
         return refuse(
             StatusCode::FORBIDDEN,
             "cross_site_request",
@@ -130,11 +139,6 @@ pub async fn authorize(
             Err(refused) => return refused,
         };
     }
-    // Read before the request is handed on, for a call refused below.
-    let page = path
-        .starts_with("/fn/")
-        .then(|| form_page(request.headers()))
-        .flatten();
     let refused = |e: &ApiError| refuse_call(page.as_deref(), &path, e);
     if path == "/fn/login" && unsafe_method {
         let ip = request
@@ -364,16 +368,16 @@ async fn current_user(
 /// from a browser's cross-site form or script.
 ///
 /// Also true, whatever the other headers say, for a form posted without
-/// JavaScript ([`form_page`]) from a page that is not on this host: such a post
-/// is sent back to its `Referer` with its error (by [`refuse_call`] and by
-/// server_fn), which must never be another site. A browser's own post sends
+/// JavaScript from a `form_page` ([`form_page`]) that is not on this host: such
+/// a post is sent back to its `Referer` with its error (by [`refuse_call`] and
+/// by server_fn), which must never be another site. A browser's own post sends
 /// this site's page, or no `Referer` at all.
-fn is_cross_site(headers: &HeaderMap) -> bool {
+fn is_cross_site(headers: &HeaderMap, form_page: Option<&str>) -> bool {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if form_page(headers).is_some_and(|page| !is_on_host(&page, host)) {
+    if form_page.is_some_and(|page| !is_on_host(page, host)) {
         return true;
     }
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
