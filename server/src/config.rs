@@ -614,19 +614,8 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 format!("{:?} is declared twice", u.name),
             ));
         }
-        // Not echoed: a URL that does not parse may still hold a password.
-        let parsed = url::Url::parse(&u.base_url).map_err(|e| {
-            invalid(
-                format!("upstreams[{i}].base_url"),
-                format!("is not a URL: {e}"),
-            )
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(invalid(
-                format!("upstreams[{i}].base_url"),
-                "must be an http:// or https:// URL",
-            ));
-        }
+        let chat_completions_url = chat_completions_url(&u.base_url)
+            .map_err(|problem| invalid(format!("upstreams[{i}].base_url"), problem))?;
         // A name no shell can set (empty, `MOCK_KEY ` with its space) would
         // leave the upstream keyless, with a warning about a variable nobody
         // set: names are letters, digits and `_`, not starting with a digit.
@@ -651,29 +640,7 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 "must be between 1 and 86400 seconds",
             ));
         }
-        // Credentials would be sent as Basic auth in place of the key, and sit
-        // in the file; a fragment never reaches the provider and would swallow
-        // the path appended to it. A query (Azure's `api-version`) is kept.
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(invalid(
-                format!("upstreams[{i}].base_url"),
-                "must not hold credentials (`user:password@`): the upstream's key comes \
-                 from the environment variable named by `api_key_env`",
-            ));
-        }
-        if parsed.fragment().is_some() {
-            return Err(invalid(
-                format!("upstreams[{i}].base_url"),
-                "must not have a fragment (`#…`): it is never sent to the provider",
-            ));
-        }
         let base_url = u.base_url.trim_end_matches('/').to_owned();
-        let mut chat_completions_url = parsed;
-        let path = format!(
-            "{}/chat/completions",
-            chat_completions_url.path().trim_end_matches('/')
-        );
-        chat_completions_url.set_path(&path);
         out.push(Upstream {
             name: u.name,
             base_url,
@@ -683,6 +650,35 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
         });
     }
     Ok(out)
+}
+
+/// Where an upstream's chat completions go: its `base_url` with
+/// `/chat/completions` added to the path, and the query (Azure's
+/// `api-version`) kept after it.
+///
+/// Errors: the problem, for the message naming `upstreams[i].base_url`: not
+/// an http(s) URL, credentials in it (they would be sent as Basic auth in
+/// place of the key, and sit in the file), or a fragment (never sent to the
+/// provider, it would swallow the path). The URL itself is never echoed: one
+/// that does not parse may still hold a password.
+fn chat_completions_url(base_url: &str) -> Result<url::Url, String> {
+    let mut url = url::Url::parse(base_url).map_err(|e| format!("is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must be an http:// or https:// URL".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not hold credentials (`user:password@`): the upstream's key comes \
+                    from the environment variable named by `api_key_env`"
+                .into(),
+        );
+    }
+    if url.fragment().is_some() {
+        return Err("must not have a fragment (`#…`): it is never sent to the provider".into());
+    }
+    let path = format!("{}/chat/completions", url.path().trim_end_matches('/'));
+    url.set_path(&path);
+    Ok(url)
 }
 
 /// True for a character a model's display name may not hold: a control
