@@ -1767,6 +1767,24 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         (status, bad["error"]["param"].clone()),
         (400, json!("prompt_tokens"))
     );
+    // More than the books can count, even on a model whose input is free.
+    for model in ["big", "flat"] {
+        let (status, bad) = h
+            .api(
+                "/api/v1/admissions",
+                &json!({"model": model, "prompt_tokens": 9_223_372_036_854_775_808_u64}),
+            )
+            .await;
+        assert_eq!(
+            (status, &bad["error"]["param"], &bad["error"]["message"]),
+            (
+                400,
+                &json!("prompt_tokens"),
+                &json!("`prompt_tokens` must be at most 9223372036854775807 tokens")
+            ),
+            "{model}"
+        );
+    }
     let (status, bad) = h
         .api(
             "/api/v1/admissions",

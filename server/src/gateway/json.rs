@@ -171,6 +171,24 @@ pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64
         .transpose()
 }
 
+/// The request field `param` as a count of tokens the books can hold (0 to
+/// `i64::MAX`: they store `BIGINT`), `None` when absent or `null`.
+///
+/// Errors: [`GatewayError::InvalidField`] naming `param`, as [`optional_u64`],
+/// and for a count past `i64::MAX`.
+pub(crate) fn optional_token_count(
+    object: &RawObject,
+    param: &str,
+) -> Result<Option<u64>, GatewayError> {
+    match optional_u64(object, param)? {
+        Some(count) if i64::try_from(count).is_err() => Err(GatewayError::invalid_field(
+            param,
+            format!("`{param}` must be at most {} tokens", i64::MAX),
+        )),
+        count => Ok(count),
+    }
+}
+
 /// An output cap a request sets (R7): how many tokens, and the field that said so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OutputCap {

@@ -52,7 +52,7 @@ use serde_json::value::RawValue;
 
 use super::error::GatewayError;
 use super::hold::settlement_key;
-use super::json::{is_null, optional_u64, required_string, RawObject};
+use super::json::{is_null, optional_token_count, optional_u64, required_string, RawObject};
 use super::upstream::parse_usage;
 use super::{
     caller::{authenticate, authenticate_to_spend, Caller},
@@ -162,7 +162,7 @@ pub async fn admit(
             ],
         )?;
         let name = required_string(&object, "model")?;
-        let prompt_tokens = optional_u64(&object, "prompt_tokens")?.ok_or_else(|| {
+        let prompt_tokens = optional_token_count(&object, "prompt_tokens")?.ok_or_else(|| {
             GatewayError::invalid_field(
                 "prompt_tokens",
                 "you must provide `prompt_tokens` (an upper bound, a non-negative integer)",
