@@ -347,17 +347,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("could not listen on {}", config.listen))?;
         // Settlements the database holds up are kept there: a folder that cannot
         // take them stops the start, before the database is touched.
-        gateway::spool::Spool::new(config.settlement_spool.clone())
+        let spool = &config.settlement_spool;
+        // The folders `prepare` makes, deepest first.
+        let missing: Vec<PathBuf> = spool
+            .ancestors()
+            .take_while(|folder| !folder.as_os_str().is_empty() && !folder.exists())
+            .map(std::path::Path::to_path_buf)
+            .collect();
+        gateway::spool::Spool::new(spool.clone())
             .prepare()
             .await
             .map_err(|e| config::ConfigError::Invalid {
                 key: "settlement_spool".into(),
-                problem: format!(
-                    "cannot keep settlements in {}: {e}",
-                    config.settlement_spool.display()
-                ),
+                problem: format!("cannot keep settlements in {}: {e}", spool.display()),
             })?;
-        let database = open(&config, Apply::Always).await?;
+        let database = match open(&config, Apply::Always).await {
+            Ok(database) => database,
+            Err(e) => {
+                // A start that failed leaves no trace: the folders made for the
+                // spool go, unless something was put in them meanwhile (another
+                // server's settlements), which `remove_dir` leaves alone.
+                for folder in &missing {
+                    let _ = std::fs::remove_dir(folder);
+                }
+                return Err(e);
+            }
+        };
         return serve(config, database, listener).await;
     }
     // The config's workspace, plan and catalog are the server's to apply: another
@@ -1014,7 +1029,15 @@ enum Apply {
 /// Open the database, migrate it and, as `apply` says, apply the config's
 /// workspace, plan and catalog.
 async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Database> {
-    let database = db::open(&config.database_url, config.durability).await?;
+    let database = db::open(&config.database_url, config.durability)
+        .await
+        .with_context(|| {
+            format!(
+                "`{}` ({})",
+                config.database_url_key,
+                db::redact_url(&config.database_url)
+            )
+        })?;
     let new = match database.store.workspace().await {
         Ok(_) => false,
         Err(app::store::StoreError::NotFound { .. }) => true,

@@ -1048,6 +1048,7 @@ fn a_database_url_asking_for_tls_is_refused_plainly() {
         assert!(
             stderr.contains(&format!("asks for TLS (sslmode={mode})"))
                 && stderr.contains("sslmode=disable or prefer")
+                && stderr.contains("`TOLLGATE_DATABASE_URL / --database-url` (postgres://app:***@")
                 && !stderr.contains("secret"),
             "{stderr}"
         );
@@ -1750,37 +1751,93 @@ fn serve_refuses_a_sqlite_file_whose_folder_is_missing() {
             "`database_url`",
         ),
     ] {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        command.args(args).current_dir(cli.dir.path());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("TOLLGATE_") {
-                command.env_remove(name);
-            }
-        }
-        // Spawned, not run to its end: a server that starts would never end.
-        let mut server = command
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while server.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                server.kill().unwrap();
-                server.wait().unwrap();
-                panic!("{args:?} served instead of stopping");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let output = server.wait_with_output().unwrap();
-        let error = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} ended without an error");
+        let error = serve_expecting_failure(&args, cli.dir.path());
         assert!(
             error.contains(key) && error.contains("does not exist"),
             "{args:?}: {error}"
         );
         assert!(!missing.exists(), "{args:?}: the folder was created");
     }
+}
+
+/// `serve` whose database cannot be opened stops naming the key the URL came
+/// from, and leaves behind none of the folders it made for the settlement
+/// spool: neither the default one in the working directory (PostgreSQL) nor a
+/// named one and its parents.
+#[test]
+fn serve_that_cannot_open_its_database_names_the_key_and_leaves_no_folder() {
+    let cli = Cli::new();
+    // Nothing listens on the discard port: the connection is refused at once.
+    let url = "postgres://postgres:secret@127.0.0.1:9/tollgate";
+    let config = cli.dir.path().join("tollgate.toml");
+    let spool = cli.dir.path().join("made").join("for").join("spool");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{url}\"\nsettlement_spool = \"{}\"\n",
+            spool.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for (args, key) in [
+        (
+            vec!["serve", "--listen", "127.0.0.1:0", "--database-url", url],
+            "`TOLLGATE_DATABASE_URL / --database-url`",
+        ),
+        (
+            vec!["serve", "--listen", "127.0.0.1:0", "--config", config],
+            "`database_url`",
+        ),
+    ] {
+        let error = serve_expecting_failure(&args, cli.dir.path());
+        assert!(
+            error.contains(&format!(
+                "{key} (postgres://postgres:***@127.0.0.1:9/tollgate)"
+            )) && error.contains("could not open the database")
+                && !error.contains("secret"),
+            "{args:?}: {error}"
+        );
+        assert!(
+            !cli.dir.path().join("tollgate-settlements").exists(),
+            "{args:?}: the default spool folder was left"
+        );
+        assert!(
+            !cli.dir.path().join("made").exists(),
+            "{args:?}: the named spool's folders were left"
+        );
+    }
+}
+
+/// Runs `tollgate` with `args` in `dir`, without the caller's `TOLLGATE_*`
+/// variables, expecting it to stop with an error within a minute (a server
+/// that starts instead is killed and fails the test); returns its stderr.
+fn serve_expecting_failure(args: &[&str], dir: &std::path::Path) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command.args(args).current_dir(dir);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOLLGATE_") {
+            command.env_remove(name);
+        }
+    }
+    // Spawned, not run to its end: a server that starts would never end.
+    let mut server = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while server.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            panic!("{args:?} served instead of stopping");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = server.wait_with_output().unwrap();
+    assert!(!output.status.success(), "{args:?} ended without an error");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// `serve` started while another process holds the SQLite file's write lock

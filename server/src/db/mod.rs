@@ -22,9 +22,9 @@ pub enum ConnectError {
     UnsupportedScheme(String),
     /// The PostgreSQL URL asks for TLS (`sslmode=require`, `verify-ca` or
     /// `verify-full`), which this build does not speak: refused before any
-    /// connection is tried.
+    /// connection is tried. Holds the URL with its password masked.
     #[error(
-        "{0} asks for TLS (sslmode={1}), which this build of Tollgate does not speak: \
+        "the URL asks for TLS (sslmode={1}), which this build of Tollgate does not speak: \
          reach PostgreSQL on loopback or a private network with sslmode=disable or prefer"
     )]
     TlsRequired(String, &'static str),
