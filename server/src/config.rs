@@ -466,17 +466,17 @@ impl Config {
             Some(folder) if !folder.as_os_str().is_empty() => folder,
             _ => std::path::Path::new("."),
         };
-        if folder.is_dir() {
-            return Ok(());
-        }
-        Err(invalid(
-            self.database_url_key,
-            format!(
+        let problem = match std::fs::metadata(folder) {
+            Ok(found) if found.is_dir() => return Ok(()),
+            Ok(_) => format!("{} is a file, not a folder", folder.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
                 "the folder {} does not exist: create it first (a missing SQLite file is \
                  created, its folder is not)",
                 folder.display()
             ),
-        ))
+            Err(e) => format!("cannot reach the folder {}: {e}", folder.display()),
+        };
+        Err(invalid(self.database_url_key, problem))
     }
 
     /// The upstream a model is served by, and the name to send it.
@@ -547,7 +547,20 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
     if !plain {
         return Err(not_plain());
     }
-    let value = text.parse::<Decimal>().map_err(|_| not_plain())?;
+    let value = text.parse::<Decimal>().map_err(|_| {
+        if text.bytes().any(|b| b.is_ascii_digit()) {
+            // Plain digits that do not parse are past what a `Decimal` holds.
+            invalid(
+                key,
+                format!(
+                    "{text:?} is too large: at most {} can be kept",
+                    Decimal::MAX
+                ),
+            )
+        } else {
+            not_plain()
+        }
+    })?;
     // rust_decimal rounds digits past what it holds (28 to 29 in all) rather
     // than refuse them: a value it rounded is refused, not changed (R2).
     let written_scale = text
@@ -1100,6 +1113,12 @@ mod tests {
                 "plan.overage_eur",
                 "decimal",
             ),
+            (
+                "[plan]\nbudget_eur = \"100000000000000000000000000000\"",
+                "plan.budget_eur",
+                "is too large: at most 79228162514264337593543950335",
+            ),
+            ("[plan]\nbudget_eur = \".\"", "plan.budget_eur", "not a decimal number"),
             ("[plan]\nstart = \"2026-02-30\"", "plan.start", "date"),
             ("[plan]\nstart = 2026-01-31T10:00:00", "plan.start", "date"),
             ("[plan]\nstart = 20260131", "plan.start", "TOML integer"),
@@ -1466,6 +1485,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`settlement_spool`: names no folder"), "{err}");
+    }
+
+    #[test]
+    fn a_sqlite_file_s_folder_must_be_a_folder_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("plain"), "").unwrap();
+        let check = |file: &str| {
+            let url = format!("sqlite://{}", dir.path().join(file).display());
+            load_text(&format!("database_url = \"{url}\""))
+                .unwrap()
+                .check_sqlite_folder()
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(check("books.db"), Ok(()));
+        let missing = check("missing/books.db").unwrap_err();
+        assert!(
+            missing.contains("`database_url`") && missing.contains("missing does not exist"),
+            "{missing}"
+        );
+        let file = check("plain/books.db").unwrap_err();
+        assert!(
+            file.contains("`database_url`") && file.contains("plain is a file, not a folder"),
+            "{file}"
+        );
+        // PostgreSQL has no folder to check.
+        let postgres = load_text("database_url = \"postgres://tollgate@db/books\"").unwrap();
+        assert!(postgres.check_sqlite_folder().is_ok());
     }
 
     #[test]
