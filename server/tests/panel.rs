@@ -948,8 +948,18 @@ async fn malformed_server_function_calls_get_400_not_a_crash() {
             "gpt-5",
         ),
         (
+            "/fn/save_model_limits",
+            "rows[0][model]=gpt-5&rows[0][limit]=5&rows[0][version]=%2B0",
+            "gpt-5",
+        ),
+        (
             "/fn/save_automatic_fallback",
             "settings_version=x",
+            "settings_version",
+        ),
+        (
+            "/fn/save_automatic_fallback",
+            "settings_version=%2B0",
             "settings_version",
         ),
         (

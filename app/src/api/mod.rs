@@ -187,10 +187,11 @@ mod server {
     /// more (versions start at 0), or the field error `invalid_version` naming
     /// `field` (a form not made by the page).
     fn parse_version(field: &str, text: &str) -> Result<i64, FieldError> {
-        text.trim()
-            .parse::<u64>()
-            .ok()
-            .and_then(|version| i64::try_from(version).ok())
+        let digits = text.trim();
+        // Digits only: `parse` would also take a sign, which the page never writes.
+        Some(digits)
+            .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|digits| digits.parse::<i64>().ok())
             .ok_or_else(|| FieldError::fixed(field, "invalid_version"))
     }
 
