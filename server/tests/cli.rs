@@ -1046,8 +1046,9 @@ fn a_database_url_asking_for_tls_is_refused_plainly() {
         assert!(!output.status.success());
         let stderr = String::from_utf8(output.stderr).unwrap();
         assert!(
-            stderr.contains(&format!("asks for TLS (sslmode={mode})"))
-                && stderr.contains("sslmode=disable or prefer")
+            stderr.contains(&format!(
+                "asks for TLS (sslmode={mode}, from the URL or PGSSLMODE)"
+            )) && stderr.contains("sslmode=disable or prefer")
                 && stderr.contains("`TOLLGATE_DATABASE_URL / --database-url` (postgres://app:***@")
                 && !stderr.contains("secret"),
             "{stderr}"

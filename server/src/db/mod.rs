@@ -20,11 +20,12 @@ pub enum ConnectError {
     /// The URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
     #[error("unsupported database URL {0:?}: use sqlite://FILE or postgres://USER@HOST/DB")]
     UnsupportedScheme(String),
-    /// The PostgreSQL URL asks for TLS (`sslmode=require`, `verify-ca` or
+    /// The PostgreSQL URL (or `PGSSLMODE`) asks for TLS (`sslmode=require`, `verify-ca` or
     /// `verify-full`), which this build does not speak: refused before any
     /// connection is tried. Holds the URL with its password masked.
     #[error(
-        "the URL asks for TLS (sslmode={1}), which this build of Tollgate does not speak: \
+        "the connection asks for TLS (sslmode={1}, from the URL or PGSSLMODE), which this \
+         build of Tollgate does not speak: \
          reach PostgreSQL on loopback or a private network with sslmode=disable or prefer"
     )]
     TlsRequired(String, &'static str),
@@ -89,14 +90,107 @@ pub async fn connect(
     Ok(open(url, durability).await?.store)
 }
 
-/// The URL with its password masked, for messages and logs.
+/// The URL with any password masked (`user:***@…`, `?password=***`), for
+/// messages and logs. A PostgreSQL URL that does not parse is shown by its
+/// scheme alone: where its password starts and ends cannot be told (a `#` or
+/// a `/` in it, not percent-encoded, is a common way to get there). A SQLite
+/// URL holds no password and is shown as written.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Only fails for URLs that cannot carry a password, excluded by the guard.
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
+    if url.starts_with("sqlite:") {
+        return url.to_owned();
+    }
+    let parsed = url::Url::parse(url).ok().filter(|parsed| {
+        // An `@` outside the user part, or a fragment, is a password that the
+        // parser cut: `user:12/34@host` reads as port 12 and a path.
+        parsed.fragment().is_none()
+            && !(url.contains('@') && parsed.username().is_empty() && parsed.password().is_none())
+    });
+    let Some(mut parsed) = parsed else {
+        let scheme = url
+            .split_once(':')
+            .map(|(scheme, _)| scheme)
+            .filter(|scheme| {
+                !scheme.is_empty()
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            });
+        return match scheme {
+            Some(scheme) => format!("{scheme}://… (not shown: it does not parse as a URL)"),
+            None => "… (not shown: it does not parse as a URL)".into(),
+        };
+    };
+    if parsed.password().is_some() {
+        // Only fails for URLs that cannot carry a password, which have none.
+        let _ = parsed.set_password(Some("***"));
+    }
+    let is_password = |key: &str| key.eq_ignore_ascii_case("password");
+    if parsed.query_pairs().any(|(key, _)| is_password(&key)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if is_password(&key) {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn no_password_is_shown() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cret@db:5432/books",
+                "postgres://app:***@db:5432/books",
+            ),
+            (
+                "postgres://app@db/books?sslmode=disable&password=s3cret",
+                "postgres://app@db/books?sslmode=disable&password=***",
+            ),
+            (
+                "postgres://app@db/books?PASSWORD=s3cret",
+                "postgres://app@db/books?PASSWORD=***",
+            ),
+            ("postgres://app@db/books", "postgres://app@db/books"),
+            // Written wrongly: a `#`, `/` or `?` cuts the password, a bad
+            // port fails it.
+            (
+                "postgres://app:ab#s3cret@db/books",
+                "postgres://… (not shown: it does not parse as a URL)",
+            ),
+            (
+                "postgres://app:12#34@db/books",
+                "postgres://… (not shown: it does not parse as a URL)",
+            ),
+            (
+                "postgres://app:12/34@db/books",
+                "postgres://… (not shown: it does not parse as a URL)",
+            ),
+            (
+                "postgres://app:12?34@db/books",
+                "postgres://… (not shown: it does not parse as a URL)",
+            ),
+            (
+                "postgres://app:s3cret@db:notaport/books",
+                "postgres://… (not shown: it does not parse as a URL)",
+            ),
+            (
+                "postgres://app:s3cret@[::1/books",
+                "postgres://… (not shown: it does not parse as a URL)",
+            ),
+            ("sqlite://books.db?mode=rwc", "sqlite://books.db?mode=rwc"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
         }
-        _ => url.to_owned(),
     }
 }
