@@ -354,25 +354,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .take_while(|folder| !folder.as_os_str().is_empty() && !folder.exists())
             .map(std::path::Path::to_path_buf)
             .collect();
+        // A start that failed leaves no trace: the folders made for the spool
+        // go, unless something was put in them meanwhile (another server's
+        // settlements), which `remove_dir` leaves alone.
+        let unmake = |e: anyhow::Error| {
+            for folder in &missing {
+                let _ = std::fs::remove_dir(folder);
+            }
+            e
+        };
         gateway::spool::Spool::new(spool.clone())
             .prepare()
             .await
-            .map_err(|e| config::ConfigError::Invalid {
-                key: "settlement_spool".into(),
-                problem: format!("cannot keep settlements in {}: {e}", spool.display()),
+            .map_err(|e| {
+                unmake(
+                    config::ConfigError::Invalid {
+                        key: "settlement_spool".into(),
+                        problem: format!("cannot keep settlements in {}: {e}", spool.display()),
+                    }
+                    .into(),
+                )
             })?;
-        let database = match open(&config, Apply::Always).await {
-            Ok(database) => database,
-            Err(e) => {
-                // A start that failed leaves no trace: the folders made for the
-                // spool go, unless something was put in them meanwhile (another
-                // server's settlements), which `remove_dir` leaves alone.
-                for folder in &missing {
-                    let _ = std::fs::remove_dir(folder);
-                }
-                return Err(e);
-            }
-        };
+        let database = open(&config, Apply::Always).await.map_err(unmake)?;
         return serve(config, database, listener).await;
     }
     // The config's workspace, plan and catalog are the server's to apply: another
@@ -381,6 +384,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let apply = match cli.command {
         Command::Demo | Command::Replay { .. } => Apply::Always,
         _ => Apply::IfNew,
+    };
+    // Checked before the database is opened: `demo` applies its config there,
+    // and a refused command changes nothing.
+    let demo_password = match cli.command {
+        Command::Demo => Some(demo_password()?),
+        _ => None,
     };
     let database = open(&config, apply).await?;
     let store = database.store.clone();
@@ -595,7 +604,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo => demo(&config, &store).await,
+        Command::Demo => match demo_password {
+            Some(password) => demo(&config, &store, password).await,
+            None => unreachable!("read above for `demo`"),
+        },
         Command::Replay { action } => replay(&config, &store, action).await,
     }
 }
@@ -895,14 +907,30 @@ const DEMO_USAGE: [(&str, u64, u64); 3] = [
     ("gpt-5", 1_000_000, 100_000),
 ];
 
-/// `tollgate demo`: see [`Command::Demo`].
+/// The demo accounts' password (TOLLGATE_PASSWORD) and its hash.
 ///
-/// Errors: without TOLLGATE_PASSWORD, with a password too short, when the config's
-/// plan has no cycle now, or when the store fails.
-async fn demo(config: &config::Config, store: &SharedStore) -> anyhow::Result<()> {
+/// Errors: without TOLLGATE_PASSWORD, or with a password too short.
+fn demo_password() -> anyhow::Result<DemoPassword> {
     let password = std::env::var("TOLLGATE_PASSWORD")
         .context("set TOLLGATE_PASSWORD to the demo accounts' password")?;
     let hash = auth::hash_password(&password)?;
+    Ok(DemoPassword { password, hash })
+}
+
+/// What [`demo_password`] read, checked.
+struct DemoPassword {
+    password: String,
+    hash: String,
+}
+
+/// `tollgate demo`: see [`Command::Demo`].
+///
+/// Errors: when the config's plan has no cycle now, or when the store fails.
+async fn demo(
+    config: &config::Config,
+    store: &SharedStore,
+    DemoPassword { password, hash }: DemoPassword,
+) -> anyhow::Result<()> {
     let now = Utc::now();
     for (email, role) in [(DEMO_ADMIN, Role::Admin), (DEMO_MEMBER, Role::Member)] {
         match store.user_by_email(email).await? {

@@ -1560,6 +1560,38 @@ async fn a_closed_log_pipe_stops_nothing() {
     server.wait().unwrap();
 }
 
+/// `demo` refused for its password (missing, too short) changes nothing: it
+/// would otherwise apply its own config (plan, catalog, workspace) first.
+#[test]
+fn demo_refused_for_its_password_changes_nothing() {
+    let cli = Cli::new();
+    let config = cli.dir.path().join("own.toml");
+    std::fs::write(
+        &config,
+        "[workspace]\nname = \"Own\"\n[plan]\nbudget_eur = \"20\"\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    // The database is set up from the operator's config.
+    cli.ok(&["--config", &config, "audit"]);
+    let before = cli.ok(&["audit"]);
+    for password in [None, Some("short")] {
+        let refused = cli.run_with(&["demo"], password);
+        assert!(!refused.status.success(), "{password:?}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("TOLLGATE_PASSWORD")
+                || String::from_utf8_lossy(&refused.stderr).contains("at least 12 characters"),
+            "{password:?}: {}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        assert_eq!(
+            cli.ok(&["audit"]),
+            before,
+            "{password:?}: the books changed"
+        );
+    }
+}
+
 /// `demo` books its usage in a cycle without spend only: once the plan's start
 /// date moves the current cycle's bounds (R1), the usage already booked moves
 /// with it, and running `demo` again adds nothing on top.
@@ -1729,6 +1761,26 @@ fn serve_refuses_a_spool_folder_it_cannot_write() {
         !cli.dir.path().join("tollgate.db").exists(),
         "the database was touched"
     );
+    // One that fails part of the way leaves none of the folders it made.
+    let made = cli.dir.path().join("made");
+    let too_long = made.join("for").join("x".repeat(300)).join("spool");
+    std::fs::write(
+        &config,
+        format!("settlement_spool = \"{}\"\n", too_long.display()),
+    )
+    .unwrap();
+    let error = cli.fails(&[
+        "--config",
+        config.to_str().unwrap(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        error.contains("`settlement_spool`: cannot keep settlements in"),
+        "{error}"
+    );
+    assert!(!made.exists(), "the folders made for the spool were left");
 }
 
 /// A SQLite file in a folder that does not exist (a mistyped path) stops
