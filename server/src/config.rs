@@ -9,7 +9,7 @@
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use app::{
-    domain::{Catalog, Model, ModelId, Money, PricePerMTok, Prices},
+    domain::{Catalog, CatalogError, Model, ModelId, Money, PricePerMTok, Prices},
     store::{PlanRecord, WorkspaceSetup},
 };
 use chrono::NaiveDate;
@@ -334,7 +334,42 @@ impl Config {
                     "names no folder: write a path like /var/lib/tollgate/settlements",
                 ))
             }
-            Some(folder) => std::path::PathBuf::from(folder),
+            Some(folder) if folder.starts_with('~') => {
+                return Err(invalid(
+                    "settlement_spool",
+                    format!(
+                        "{folder:?} starts with ~, which names a folder of that name here: \
+                         no shell expands it in the config; write the whole path"
+                    ),
+                ))
+            }
+            Some(folder) => {
+                let folder = std::path::PathBuf::from(folder);
+                // The spool made in the database file's place would keep
+                // SQLite from opening it, and the error would name the URL.
+                if let Ok(Some(file)) = sqlite_file(&database_url) {
+                    let same = |a: &std::path::Path, b: &std::path::Path| {
+                        std::path::absolute(a).ok() == std::path::absolute(b).ok()
+                    };
+                    let taken = ["", "-wal", "-shm", "-journal"].iter().any(|suffix| {
+                        let mut beside = file.clone().into_os_string();
+                        beside.push(suffix);
+                        same(&folder, std::path::Path::new(&beside))
+                    });
+                    if taken {
+                        return Err(invalid(
+                            "settlement_spool",
+                            format!(
+                                "{} is the SQLite database's own file ({db_key}): name a folder \
+                                 of its own, like {}-settlements",
+                                folder.display(),
+                                file.display()
+                            ),
+                        ));
+                    }
+                }
+                folder
+            }
             None => default_settlement_spool(&database_url)
                 .map_err(|problem| invalid(db_key, problem))?,
         };
@@ -466,6 +501,12 @@ impl Config {
             Some(folder) if !folder.as_os_str().is_empty() => folder,
             _ => std::path::Path::new("."),
         };
+        if file.is_dir() {
+            return Err(invalid(
+                self.database_url_key,
+                format!("{} is a folder, not a database file", file.display()),
+            ));
+        }
         let problem = match std::fs::metadata(folder) {
             Ok(found) if found.is_dir() => return Ok(()),
             Ok(_) => format!("{} is a file, not a folder", folder.display()),
@@ -754,8 +795,18 @@ fn build_catalog(
     upstreams: &[Upstream],
 ) -> Result<Catalog, ConfigError> {
     let mut out = Vec::with_capacity(models.len());
+    // Each model's id and aliases as written, to name the key of a name the
+    // catalog refuses.
+    let names: Vec<(String, Vec<String>)> = models
+        .iter()
+        .map(|m| (m.id.clone(), m.aliases.clone()))
+        .collect();
     for (i, m) in models.into_iter().enumerate() {
         let key = |field: &str| format!("models[{i}].{field}");
+        // Before the display name, which is the id when not given.
+        if m.id.trim().is_empty() {
+            return Err(invalid(key("id"), "must not be empty"));
+        }
         if !upstreams.iter().any(|u| u.name == m.upstream) {
             return Err(invalid(
                 key("upstream"),
@@ -816,7 +867,40 @@ fn build_catalog(
     if out.is_empty() {
         return Err(invalid("models", "declare at least one model"));
     }
-    Catalog::new(out).map_err(|e| invalid("models", e.to_string()))
+    Catalog::new(out).map_err(|e| invalid(catalog_error_key(&e, &names), e.to_string()))
+}
+
+/// The key of the id or alias a catalog error is about (`models[i].id`,
+/// `models[i].aliases[j]`), given each model's id and aliases as written: its
+/// last use, so that of two equal names the second is named, and of an alias
+/// that is also an id the alias. `models` for an error about no one name.
+fn catalog_error_key(error: &CatalogError, names: &[(String, Vec<String>)]) -> String {
+    let (name, alias_only) = match error {
+        CatalogError::UnwritableName(name) | CatalogError::DuplicateId(name) => {
+            (name.as_str(), false)
+        }
+        CatalogError::DuplicateAlias(name) | CatalogError::AliasIsModelId { alias: name, .. } => {
+            (name.as_str(), true)
+        }
+        CatalogError::EmptyAlias { .. } => ("", true),
+        _ => return "models".into(),
+    };
+    let is_it = |text: &str| match name {
+        "" => text.trim().is_empty(),
+        name => text == name,
+    };
+    let mut key = None;
+    for (i, (id, aliases)) in names.iter().enumerate() {
+        if !alias_only && is_it(id) {
+            key = Some(format!("models[{i}].id"));
+        }
+        for (j, alias) in aliases.iter().enumerate() {
+            if is_it(alias) {
+                key = Some(format!("models[{i}].aliases[{j}]"));
+            }
+        }
+    }
+    key.unwrap_or_else(|| "models".into())
 }
 
 /// The embedded demo catalog: list prices of late 2026 (USD per 1M tokens)
@@ -1481,6 +1565,30 @@ mod tests {
             overridden.settlement_spool,
             std::path::Path::new("other.db-settlements")
         );
+        let err = load_text("settlement_spool = \"~/spool\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`settlement_spool`") && err.contains("starts with ~"),
+            "{err}"
+        );
+        // Not the database's own file, however written.
+        for (url, spool) in [
+            ("sqlite://tollgate.db", "tollgate.db"),
+            ("sqlite://tollgate.db", "./tollgate.db"),
+            ("sqlite:///srv/books.db", "/srv/books.db-wal"),
+        ] {
+            let err = load_text(&format!(
+                "database_url = \"{url}\"\nsettlement_spool = \"{spool}\""
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("`settlement_spool`")
+                    && err.contains("the SQLite database's own file"),
+                "{spool}: {err}"
+            );
+        }
         let err = load_text("settlement_spool = \" \"")
             .unwrap_err()
             .to_string();
@@ -1509,9 +1617,50 @@ mod tests {
             file.contains("`database_url`") && file.contains("plain is a file, not a folder"),
             "{file}"
         );
+        std::fs::create_dir(dir.path().join("books")).unwrap();
+        let folder = check("books").unwrap_err();
+        assert!(
+            folder.contains("`database_url`")
+                && folder.contains("books is a folder, not a database file"),
+            "{folder}"
+        );
         // PostgreSQL has no folder to check.
         let postgres = load_text("database_url = \"postgres://tollgate@db/books\"").unwrap();
         assert!(postgres.check_sqlite_folder().is_ok());
+    }
+
+    #[test]
+    fn a_refused_model_name_is_named_by_its_key() {
+        let model = |id: &str, display_name: &str, aliases: &str| {
+            format!(
+                "[[models]]\nid = \"{id}\"\ndisplay_name = \"{display_name}\"\nupstream = \"u\"\n\
+                 aliases = [{aliases}]\ninput_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\n\
+                 max_output_tokens = 1\n"
+            )
+        };
+        let upstream = "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n";
+        for (models, key) in [
+            (model("", "A", ""), "models[0].id"),
+            (model(" ", "A", ""), "models[0].id"),
+            (model("a b", "A", ""), "models[0].id"),
+            (model("a", "A", "\"\""), "models[0].aliases[0]"),
+            (model("a", "A", "\"x y\""), "models[0].aliases[0]"),
+            (model("a", "A", "\"x\", \"a\""), "models[0].aliases[1]"),
+            (
+                model("a", "A", "") + &model("b", "B", "\"a\""),
+                "models[1].aliases[0]",
+            ),
+            (model("a", "A", "") + &model("a", "B", ""), "models[1].id"),
+            (
+                model("a", "A", "\"x\"") + &model("b", "B", "\"x\""),
+                "models[1].aliases[0]",
+            ),
+        ] {
+            let err = load_text(&format!("{upstream}{models}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{models}: {err}");
+        }
     }
 
     #[test]
