@@ -1737,50 +1737,36 @@ fn serve_refuses_a_spool_folder_it_cannot_write() {
     let cli = Cli::new();
     let blocker = cli.dir.path().join("not-a-folder");
     std::fs::write(&blocker, b"").unwrap();
-    let config = cli.dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "settlement_spool = \"{}\"\n",
-            blocker.join("settlements").display()
-        ),
-    )
-    .unwrap();
-    let error = cli.fails(&[
-        "--config",
-        config.to_str().unwrap(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert!(
-        error.contains("invalid config: `settlement_spool`: cannot keep settlements in"),
-        "{error}"
-    );
-    assert!(
-        !cli.dir.path().join("tollgate.db").exists(),
-        "the database was touched"
-    );
-    // One that fails part of the way leaves none of the folders it made.
+    // One that fails part of the way (a name too long) leaves none of the
+    // folders it made.
     let made = cli.dir.path().join("made");
-    let too_long = made.join("for").join("x".repeat(300)).join("spool");
-    std::fs::write(
-        &config,
-        format!("settlement_spool = \"{}\"\n", too_long.display()),
-    )
-    .unwrap();
-    let error = cli.fails(&[
-        "--config",
-        config.to_str().unwrap(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert!(
-        error.contains("`settlement_spool`: cannot keep settlements in"),
-        "{error}"
-    );
-    assert!(!made.exists(), "the folders made for the spool were left");
+    let config = cli.dir.path().join("tollgate.toml");
+    for spool in [
+        blocker.join("settlements"),
+        made.join("for").join("x".repeat(300)).join("spool"),
+    ] {
+        std::fs::write(
+            &config,
+            format!("settlement_spool = \"{}\"\n", spool.display()),
+        )
+        .unwrap();
+        let error = cli.fails(&[
+            "--config",
+            config.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        assert!(
+            error.contains("invalid config: `settlement_spool`: cannot keep settlements in"),
+            "{error}"
+        );
+        assert!(
+            !cli.dir.path().join("tollgate.db").exists(),
+            "the database was touched"
+        );
+        assert!(!made.exists(), "the folders made for the spool were left");
+    }
 }
 
 /// A SQLite file in a folder that does not exist (a mistyped path) stops
