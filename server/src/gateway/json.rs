@@ -175,17 +175,25 @@ pub(crate) fn optional_u64(object: &RawObject, param: &str) -> Result<Option<u64
 /// `i64::MAX`: they store `BIGINT`), `None` when absent or `null`.
 ///
 /// Errors: [`GatewayError::InvalidField`] naming `param`, as [`optional_u64`],
-/// and for a count past `i64::MAX`.
+/// and for a count past `i64::MAX` (past `u64` included).
 pub(crate) fn optional_token_count(
     object: &RawObject,
     param: &str,
 ) -> Result<Option<u64>, GatewayError> {
-    match optional_u64(object, param)? {
-        Some(count) if i64::try_from(count).is_err() => Err(GatewayError::invalid_field(
+    let too_many = || {
+        GatewayError::invalid_field(
             param,
             format!("`{param}` must be at most {} tokens", i64::MAX),
-        )),
-        count => Ok(count),
+        )
+    };
+    // Digits past `u64` too: the same problem, not another.
+    let digits = object
+        .get_present(param)
+        .is_some_and(|raw| raw.get().bytes().all(|b| b.is_ascii_digit()));
+    match optional_u64(object, param) {
+        Ok(Some(count)) if i64::try_from(count).is_err() => Err(too_many()),
+        Err(_) if digits => Err(too_many()),
+        count => count,
     }
 }
 
