@@ -22,13 +22,13 @@ pub enum ConnectError {
     UnsupportedScheme(String),
     /// The PostgreSQL URL (or `PGSSLMODE`) asks for TLS (`sslmode=require`, `verify-ca` or
     /// `verify-full`), which this build does not speak: refused before any
-    /// connection is tried. Holds the URL with its password masked.
+    /// connection is tried. Holds the mode; the URL is named by the caller.
     #[error(
-        "the connection asks for TLS (sslmode={1}, from the URL or PGSSLMODE), which this \
+        "the connection asks for TLS (sslmode={0}, from the URL or PGSSLMODE), which this \
          build of Tollgate does not speak: \
          reach PostgreSQL on loopback or a private network with sslmode=disable or prefer"
     )]
-    TlsRequired(String, &'static str),
+    TlsRequired(&'static str),
     /// The database could not be reached or opened.
     #[error("could not open the database: {0}")]
     Open(#[source] sqlx::Error),

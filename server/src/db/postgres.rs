@@ -117,7 +117,7 @@ impl PostgresStore {
             _ => None,
         };
         if let Some(mode) = tls {
-            return Err(ConnectError::TlsRequired(super::redact_url(url), mode));
+            return Err(ConnectError::TlsRequired(mode));
         }
         // One plain connection first: when the server is down or refuses us, the
         // operator reads why (refused, unknown database, authentication), not the
