@@ -327,6 +327,26 @@ impl Config {
                  like sqlite://tollgate.db",
             ));
         }
+        // Every command writes (the migrations, if nothing else): a file opened
+        // read-only would fail on its first write, after SQLite had made it.
+        let read_only = sqlite.and_then(|(_, query)| {
+            url::form_urlencoded::parse(query.as_bytes()).find_map(|(key, value)| {
+                match (&*key, &*value) {
+                    ("mode", "ro") => Some("mode=ro"),
+                    ("immutable", "true" | "1") => Some("immutable"),
+                    _ => None,
+                }
+            })
+        });
+        if let Some(option) = read_only {
+            return Err(invalid(
+                db_key,
+                format!(
+                    "opens the database read-only ({option}), and Tollgate writes its books \
+                     there: leave {option} out"
+                ),
+            ));
+        }
         let settlement_spool = match file.settlement_spool {
             Some(folder) if folder.trim().is_empty() => {
                 return Err(invalid(
@@ -490,7 +510,8 @@ impl Config {
     /// Refuses a SQLite file whose folder does not exist: the file is created
     /// where it is missing, but a missing folder is taken for a mistyped path
     /// rather than made, so that `serve` never bills into new, empty books
-    /// somewhere unexpected.
+    /// somewhere unexpected. Also refuses a folder in the file's place, and a
+    /// missing file when the URL says `mode=rw` (open, never create).
     ///
     /// Errors: [`ConfigError::Invalid`] naming [`Config::database_url_key`].
     pub fn check_sqlite_folder(&self) -> Result<(), ConfigError> {
@@ -505,6 +526,21 @@ impl Config {
             return Err(invalid(
                 self.database_url_key,
                 format!("{} is a folder, not a database file", file.display()),
+            ));
+        }
+        // `mode=rw` asks for a file that exists: SQLite would not create it.
+        let existing_only = self.database_url.split_once('?').is_some_and(|(_, query)| {
+            url::form_urlencoded::parse(query.as_bytes())
+                .any(|(key, value)| key == "mode" && value == "rw")
+        });
+        if existing_only && !file.exists() {
+            return Err(invalid(
+                self.database_url_key,
+                format!(
+                    "{} does not exist, and mode=rw does not create it: name the existing \
+                     file, or leave mode=rw out to create one",
+                    file.display()
+                ),
             ));
         }
         let problem = match std::fs::metadata(folder) {
@@ -1321,6 +1357,16 @@ mod tests {
                 "database_url",
                 "in-memory",
             ),
+            (
+                "database_url = \"sqlite://books.db?mode=ro\"",
+                "database_url",
+                "read-only (mode=ro)",
+            ),
+            (
+                "database_url = \"sqlite://books.db?immutable=1\"",
+                "database_url",
+                "read-only (immutable)",
+            ),
             ("database_url = \"mysql://x\"", "database_url", "sqlite://"),
             ("sqlite_synchronous = \"off\"", "sqlite_synchronous", "full"),
             (
@@ -1623,6 +1669,14 @@ mod tests {
             folder.contains("`database_url`")
                 && folder.contains("books is a folder, not a database file"),
             "{folder}"
+        );
+        // `mode=rw` opens a file that exists and never makes one.
+        assert_eq!(check("plain?mode=rw"), Ok(()));
+        let absent = check("books.db?mode=rw").unwrap_err();
+        assert!(
+            absent.contains("`database_url`")
+                && absent.contains("books.db does not exist, and mode=rw does not create it"),
+            "{absent}"
         );
         // PostgreSQL has no folder to check.
         let postgres = load_text("database_url = \"postgres://tollgate@db/books\"").unwrap();
