@@ -385,32 +385,84 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo | Command::Replay { .. } => Apply::Always,
         _ => Apply::IfNew,
     };
-    // Checked before the database is opened: `demo` applies its config there,
-    // and a refused command changes nothing.
-    let demo_password = match cli.command {
-        Command::Demo => Some(demo_password()?),
-        _ => None,
-    };
+    // Checked before the database is opened: a refused command changes
+    // nothing, not even by creating the SQLite file (and `demo` applies its
+    // config there).
+    let checked = check_arguments(&cli.command, &config).await?;
     let database = open(&config, apply).await?;
-    let store = database.store.clone();
-    match cli.command {
-        // Both answered above.
+    run_command(
+        cli.command,
+        &config,
+        explicit_config,
+        &database.store,
+        checked,
+    )
+    .await
+}
+
+/// What a command reads and checks before the database is opened, by
+/// [`check_arguments`].
+#[derive(Default)]
+struct Checked {
+    /// `demo`: the demo accounts' password.
+    demo_password: Option<DemoPassword>,
+    /// `user create`: the new user's password, hashed.
+    password_hash: Option<String>,
+}
+
+/// The checks of `command`'s arguments that need no database, so that a command
+/// refused for them changes nothing, not even by creating the SQLite file; and
+/// the passwords, read (from TOLLGATE_PASSWORD or standard input) once the rest
+/// holds: nobody types a password for a command that cannot run. The commands
+/// take their checked values from the same functions again.
+///
+/// Errors: the first argument refused, with the flag that gave it.
+async fn check_arguments(command: &Command, config: &config::Config) -> anyhow::Result<Checked> {
+    let mut checked = Checked::default();
+    match command {
+        Command::User {
+            action: UserAction::Create { email, .. },
+        } => {
+            new_user_email(email)?;
+            checked.password_hash = Some(auth::hash_password(&given_password()?)?);
+        }
+        Command::Key {
+            action: KeyAction::Create { name, .. },
+        } => {
+            key_name(name)?;
+        }
+        Command::Limit { action } => {
+            requested_limit(action)?;
+        }
+        Command::Demo => checked.demo_password = Some(demo_password()?),
+        Command::Replay {
+            action: ReplayAction::Run { options, json },
+        } => replay_ready(config, options, json.as_deref()).await?,
+        _ => {}
+    }
+    Ok(checked)
+}
+
+/// Runs `command` (all but `serve`, `config` and `replay mock-upstream`) on the
+/// open database's books.
+async fn run_command(
+    command: Command,
+    config: &config::Config,
+    explicit_config: bool,
+    store: &SharedStore,
+    checked: Checked,
+) -> anyhow::Result<()> {
+    match command {
+        // Answered by `run`.
         Command::Serve { .. } | Command::Config { .. } => Ok(()),
         Command::User {
             action: UserAction::Create { email, role },
         } => {
             let role: Role = role.parse()?;
-            let email = email.trim();
-            // Checked as it will be stored: lower case can be longer (`İ`).
-            if !is_plausible_email(email)
-                || !is_plausible_email(&app::store::normalized_email(email))
-            {
-                anyhow::bail!("--email {email:?} is not an email address");
-            }
-            // Asked for only once the arguments hold: nobody types a password
-            // for a command that cannot run.
-            let password = given_password()?;
-            let hash = auth::hash_password(&password)?;
+            let email = new_user_email(&email)?;
+            let hash = checked
+                .password_hash
+                .context("the password is read before the database is opened")?;
             let user = store
                 .create_user(&Actor::Cli, email, &hash, role, Utc::now())
                 .await?;
@@ -474,7 +526,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Err(app::store::StoreError::NotFound { .. }) => {
-                match listed_user(&store, &email).await?.disabled_at {
+                match listed_user(store, &email).await?.disabled_at {
                     // Disabling twice is not an error (a script may run again).
                     Some(at) => {
                         outln!(
@@ -508,7 +560,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Err(app::store::StoreError::NotFound { .. }) => {
                 // Enabling twice is not an error (a script may run again).
-                if listed_user(&store, &email).await?.disabled_at.is_none() {
+                if listed_user(store, &email).await?.disabled_at.is_none() {
                     outln!("{} is already enabled", email.trim());
                     Ok(())
                 } else {
@@ -520,8 +572,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User {
             action: UserAction::Password { email },
         } => {
-            // Asked for only once the user is known, as `user create` does.
-            listed_user(&store, &email).await?;
+            // Asked for only once the user is known: nobody types a password
+            // for a command that cannot run.
+            listed_user(store, &email).await?;
             let hash = auth::hash_password(&given_password()?)?;
             match store
                 .set_password(&Actor::Cli, email.trim(), &hash, Utc::now())
@@ -543,8 +596,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Key { action } => key(&store, action).await,
-        Command::Limit { action } => limit(&config, explicit_config, &store, action).await,
+        Command::Key { action } => key(store, action).await,
+        Command::Limit { action } => limit(config, explicit_config, store, action).await,
         Command::Fallback { state } => {
             let on = state == "on";
             // The operator names the state, not a version: whatever another
@@ -562,7 +615,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Spend { json } => spend(&store, json).await,
+        Command::Spend { json } => spend(store, json).await,
         Command::Audit { limit } => {
             for row in store.audit_log(limit).await? {
                 outln!(
@@ -604,11 +657,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo => match demo_password {
-            Some(password) => demo(&config, &store, password).await,
-            None => unreachable!("read above for `demo`"),
-        },
-        Command::Replay { action } => replay(&config, &store, action).await,
+        Command::Demo => {
+            let password = checked
+                .demo_password
+                .context("the demo password is read before the database is opened")?;
+            demo(config, store, password).await
+        }
+        Command::Replay { action } => replay(config, store, action).await,
     }
 }
 
@@ -626,14 +681,16 @@ async fn mock_upstream(listen: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn replay(
+/// What `replay run` checks before the database is opened: both models are in
+/// the config's catalog, the JSON report's path can be written, and the gateway
+/// answers and takes the key.
+///
+/// Errors: the first of these that fails, with the flag that gave it.
+async fn replay_ready(
     config: &config::Config,
-    store: &SharedStore,
-    action: ReplayAction,
+    options: &replay::ReplayOptions,
+    json: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let ReplayAction::Run { options, json } = action else {
-        return Ok(());
-    };
     for (flag, model) in [
         ("--code-model", &options.code_model),
         ("--conversation-model", &options.conversation_model),
@@ -642,13 +699,21 @@ async fn replay(
             anyhow::bail!("{flag} {model:?} is not a model of the config's catalog");
         }
     }
-    // Before any traffic: a JSON path that cannot be written, a gateway that does
-    // not answer or a key it refuses stop the replay with the reason.
-    if let Some(path) = &json {
+    if let Some(path) = json {
         std::fs::write(path, b"{}")
             .with_context(|| format!("could not write {}", path.display()))?;
     }
-    replay::probe(&options).await?;
+    replay::probe(options).await
+}
+
+async fn replay(
+    config: &config::Config,
+    store: &SharedStore,
+    action: ReplayAction,
+) -> anyhow::Result<()> {
+    let ReplayAction::Run { options, json } = action else {
+        return Ok(());
+    };
     let trace = replay::trace::embedded()?;
     let selected = options.select(&trace);
     crate::say!(
@@ -750,26 +815,47 @@ fn is_plausible_email(email: &str) -> bool {
     }
 }
 
+/// `key create --name`, trimmed.
+///
+/// Errors: when it is empty, longer than [`MAX_KEY_NAME_CHARS`], or holds a
+/// character that does not show as itself ([`is_hidden`]).
+fn key_name(name: &str) -> anyhow::Result<&str> {
+    let name = name.trim();
+    anyhow::ensure!(
+        !name.is_empty(),
+        "--name must not be empty: it is how `tollgate key list` tells keys apart"
+    );
+    // `key list` prints one key per line, its columns split by tabs.
+    anyhow::ensure!(
+        !name.contains(is_hidden),
+        "--name must not hold a tab, a line break, another control character, \
+         a space other than the plain one (a no-break space), a private-use or \
+         unassigned character, or an invisible one (a zero-width space, a \
+         direction override): `tollgate key list` prints one key per line as it reads"
+    );
+    anyhow::ensure!(
+        name.chars().count() <= MAX_KEY_NAME_CHARS,
+        "--name must have at most {MAX_KEY_NAME_CHARS} characters"
+    );
+    Ok(name)
+}
+
+/// `user create --email`, trimmed.
+///
+/// Errors: when it does not look like an email address, as written or as it
+/// will be stored (lower case can be longer: `İ`).
+fn new_user_email(email: &str) -> anyhow::Result<&str> {
+    let email = email.trim();
+    if !is_plausible_email(email) || !is_plausible_email(&app::store::normalized_email(email)) {
+        anyhow::bail!("--email {email:?} is not an email address");
+    }
+    Ok(email)
+}
+
 async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
     match action {
         KeyAction::Create { email, name } => {
-            let name = name.trim();
-            anyhow::ensure!(
-                !name.is_empty(),
-                "--name must not be empty: it is how `tollgate key list` tells keys apart"
-            );
-            // `key list` prints one key per line, its columns split by tabs.
-            anyhow::ensure!(
-                !name.contains(is_hidden),
-                "--name must not hold a tab, a line break, another control character, \
-                 a space other than the plain one (a no-break space), a private-use or \
-                 unassigned character, or an invisible one (a zero-width space, a \
-                 direction override): `tollgate key list` prints one key per line as it reads"
-            );
-            anyhow::ensure!(
-                name.chars().count() <= MAX_KEY_NAME_CHARS,
-                "--name must have at most {MAX_KEY_NAME_CHARS} characters"
-            );
+            let name = key_name(&name)?;
             let user = listed_user(store, &email).await?;
             if let Some(at) = user.disabled_at {
                 anyhow::bail!(
@@ -1114,13 +1200,12 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
 /// locked (see [`open`]).
 const APPLY_TRIES: usize = 27;
 
-async fn limit(
-    config: &config::Config,
-    explicit_config: bool,
-    store: &SharedStore,
-    action: LimitAction,
-) -> anyhow::Result<()> {
-    let (name, limit) = match &action {
+/// The model named by `limit set` or `limit clear`, and the limit asked for.
+///
+/// Errors: when `--eur` is not an amount in euros the tab would take
+/// (`parse_eur_input`), or cannot be counted in nano-euros.
+fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, ModelLimit)> {
+    Ok(match action {
         LimitAction::Set {
             model,
             eur,
@@ -1140,7 +1225,16 @@ async fn limit(
             )
         }
         LimitAction::Clear { model } => (model, ModelLimit::default()),
-    };
+    })
+}
+
+async fn limit(
+    config: &config::Config,
+    explicit_config: bool,
+    store: &SharedStore,
+    action: LimitAction,
+) -> anyhow::Result<()> {
+    let (name, limit) = requested_limit(&action)?;
     // The catalog is the one the server applied to the database, which the store
     // checks the model against: this command's config file only resolves
     // aliases. Without a file there is none to read them from: the embedded

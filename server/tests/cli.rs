@@ -1592,6 +1592,88 @@ fn demo_refused_for_its_password_changes_nothing() {
     }
 }
 
+/// A command refused for its arguments or its password stops before the
+/// database is opened: it leaves no SQLite file where there was none.
+#[test]
+fn a_refused_command_makes_no_database_file() {
+    let cli = Cli::new();
+    let file = cli.dir.path().join("tollgate.db");
+    let refused: [(&[&str], Option<&str>, &str); 6] = [
+        (
+            &["user", "create", "--email", "nobody", "--role", "admin"],
+            Some("a long enough password"),
+            "is not an email address",
+        ),
+        (
+            &[
+                "user",
+                "create",
+                "--email",
+                "a@example.com",
+                "--role",
+                "admin",
+            ],
+            Some("short"),
+            "at least 12 characters",
+        ),
+        (
+            &["key", "create", "--email", "a@example.com", "--name", " "],
+            None,
+            "--name must not be empty",
+        ),
+        (
+            &["limit", "set", "gpt-5", "--eur", "twelve"],
+            None,
+            "--eur \"twelve\"",
+        ),
+        (&["demo"], None, "TOLLGATE_PASSWORD"),
+        (
+            &["replay", "run", "--key", "tg-none", "--code-model", "nope"],
+            None,
+            "--code-model \"nope\" is not a model",
+        ),
+    ];
+    for (args, password, expected) in refused {
+        let output = cli.run_with(args, password);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!file.exists(), "{args:?} made the database file");
+    }
+}
+
+/// A SQLite URL that opens the file read-only is refused before anything is
+/// made: every command writes, so SQLite would make an empty file and fail.
+#[test]
+fn a_read_only_sqlite_url_is_refused_and_makes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (query, named) in [
+        ("mode=ro", "(mode=ro)"),
+        ("immutable=1", "(immutable)"),
+        ("mode=rw", "mode=rw does not create it"),
+    ] {
+        let url = format!("sqlite://{}?{query}", dir.path().join("t.db").display());
+        let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["user", "list", "--database-url", &url])
+            .env_remove("TOLLGATE_CONFIG")
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{query}");
+        assert!(
+            stderr.contains("--database-url") && stderr.contains(named),
+            "{query}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{query} left a file"
+        );
+    }
+}
+
 /// `demo` books its usage in a cycle without spend only: once the plan's start
 /// date moves the current cycle's bounds (R1), the usage already booked moves
 /// with it, and running `demo` again adds nothing on top.
