@@ -390,15 +390,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // config there).
     let checked = check_arguments(&cli.command, &config).await?;
     let database = open(&config, apply).await?;
-    run_command(
+    let outcome = run_command(
         cli.command,
         &config,
         explicit_config,
         &database.store,
         checked,
     )
-    .await
+    .await;
+    // Every connection closed: SQLite then writes its WAL back into the file
+    // and deletes it, so the file alone holds what the command did.
+    database.close(CLOSE_WAIT).await;
+    outcome
 }
+
+/// How long a command waits for its database's connections to close once it
+/// is done: they close at once unless a write is still in flight.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// What a command reads and checks before the database is opened, by
 /// [`check_arguments`].
@@ -1439,6 +1447,14 @@ async fn serve(
     // settled before the process ends, or its usage would go unbilled.
     gateway.finish_exchanges().await;
     sweeper.abort();
+    let _ = sweeper.await;
+    drop((gateway, store));
+    if !database.close(CLOSE_WAIT).await {
+        tracing::warn!(
+            "the database's connections did not close in time: a SQLite file's WAL \
+             stays beside it until the next start"
+        );
+    }
     Ok(())
 }
 

@@ -38,6 +38,35 @@ impl std::ops::DerefMut for Server {
     }
 }
 
+impl Server {
+    /// Sends SIGTERM, as a service manager stops the server.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Its exit status, once it has exited within `wait`; killed otherwise.
+    async fn exited_within(
+        &mut self,
+        wait: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let step = std::time::Duration::from_millis(100);
+        let mut waited = std::time::Duration::ZERO;
+        while waited < wait {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(step).await;
+            waited += step;
+        }
+        self.0.kill().unwrap();
+        None
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         // Already gone when the test stopped it.
@@ -1157,32 +1186,17 @@ async fn a_second_sigterm_stops_the_server_at_once() {
     }
     assert_eq!(mock.received().len(), 1, "the request reached the upstream");
 
-    let sigterm = |pid: u32| {
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    sigterm(server.id());
+    server.terminate();
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert!(
         server.try_wait().unwrap().is_none(),
         "the first SIGTERM waits for the request in flight"
     );
-    sigterm(server.id());
-    let mut status = None;
-    for _ in 0..50 {
-        status = server.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let Some(status) = status else {
-        server.kill().unwrap();
-        panic!("the second SIGTERM did not stop the server");
-    };
+    server.terminate();
+    let status = server
+        .exited_within(std::time::Duration::from_secs(5))
+        .await
+        .expect("the second SIGTERM stops the server");
     assert_eq!(status.code(), Some(130));
     in_flight.abort();
 }
@@ -1642,6 +1656,49 @@ fn a_refused_command_makes_no_database_file() {
     }
 }
 
+/// A command closes its connections before it ends: SQLite writes the WAL
+/// back into the file and deletes it, so a copy of the file alone holds what
+/// the command did.
+#[test]
+fn a_command_leaves_the_database_file_alone_holding_the_books() {
+    let cli = Cli::new();
+    let created = cli.create_user("owner@example.com", "admin");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    cli.ok(&["limit", "set", "gpt-5", "--eur", "12.50"]);
+    let mut left: Vec<String> = std::fs::read_dir(cli.dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["tollgate.db"], "beside the file: {left:?}");
+    // The copy, opened elsewhere, has the limit and the user.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        cli.dir.path().join("tollgate.db"),
+        copy.path().join("tollgate.db"),
+    )
+    .unwrap();
+    let copied = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["audit", "--database-url"])
+        .arg(format!(
+            "sqlite://{}",
+            copy.path().join("tollgate.db").display()
+        ))
+        .env_remove("TOLLGATE_CONFIG")
+        .env_remove("TOLLGATE_DATABASE_URL")
+        .output()
+        .unwrap();
+    let audit = String::from_utf8_lossy(&copied.stdout);
+    assert!(
+        audit.contains("owner@example.com") && audit.contains("12.5"),
+        "{audit}"
+    );
+}
+
 /// A SQLite URL that opens the file read-only is refused before anything is
 /// made: every command writes, so SQLite would make an empty file and fail.
 #[test]
@@ -1779,23 +1836,11 @@ async fn a_settlement_pending_at_shutdown_is_billed_by_the_next_start() {
         "{metrics}"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut exited = None;
-    for _ in 0..300 {
-        exited = server.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let Some(exited) = exited else {
-        server.kill().unwrap();
-        panic!("the server did not stop within 30 s of SIGTERM");
-    };
+    server.terminate();
+    let exited = server
+        .exited_within(Duration::from_secs(30))
+        .await
+        .expect("the server stops within 30 s of SIGTERM");
     assert!(exited.success(), "{exited:?}");
     assert_eq!(entries().len(), 1, "still waiting in the spool");
     holder.release().await;
@@ -1809,6 +1854,58 @@ async fn a_settlement_pending_at_shutdown_is_billed_by_the_next_start() {
     assert_eq!(restarted.spent.get(), 2 * one.spent.get());
     assert_eq!(restarted.reserved.get(), 0);
     assert_eq!(entries(), Vec::<String>::new());
+}
+
+/// A server stopped by SIGTERM closes its connections: its SQLite file alone
+/// then holds the books, with no WAL beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_leaves_its_books_in_the_file_alone() {
+    let cli = Cli::new();
+    let mock = upstream::MockUpstream::start().await;
+    let (config, key) = cli.slow_upstream(&mock, "");
+    let (mut server, base) = cli.serve(&config).await;
+    let answer = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "slow-model",
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let _ = answer.bytes().await.unwrap();
+    let beside = |suffix: &str| cli.dir.path().join(format!("tollgate.db{suffix}"));
+    assert!(beside("-wal").exists(), "a serving database has its WAL");
+    let spent = |file: &std::path::Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["spend", "--json", "--database-url"])
+            .arg(format!("sqlite://{}", file.display()))
+            .env_remove("TOLLGATE_CONFIG")
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        report["spent_eur"]
+            .as_str()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .unwrap()
+    };
+    let served = spent(&beside(""));
+    assert!(served > rust_decimal::Decimal::ZERO);
+    server.terminate();
+    let exited = server
+        .exited_within(std::time::Duration::from_secs(30))
+        .await
+        .expect("the server stops within 30 s of SIGTERM");
+    assert!(exited.success(), "{exited:?}");
+    for suffix in ["-wal", "-shm"] {
+        assert!(!beside(suffix).exists(), "tollgate.db{suffix} was left");
+    }
+    // A copy of the file alone has the request's spend.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(beside(""), copy.path().join("tollgate.db")).unwrap();
+    assert_eq!(spent(&copy.path().join("tollgate.db")), served);
 }
 
 /// A settlement spool folder that cannot take entries (a file stands in its

@@ -44,6 +44,44 @@ pub struct Database {
     pub store: SharedStore,
     /// Login sessions, in the same database.
     pub sessions: SessionBackend,
+    /// Every pool of connections behind both, to close them ([`Database::close`]).
+    pools: Vec<Pool>,
+}
+
+/// A pool of connections to close.
+#[derive(Clone)]
+enum Pool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Database {
+    /// Ends this handle and closes every connection, waiting at most `wait`
+    /// for the writes in flight. On SQLite the last connection to close writes
+    /// the WAL back into the database file and deletes the `-wal` and `-shm`
+    /// files, so the file alone then holds the books (a copy of it is a backup).
+    ///
+    /// The store's writer (`db::batch`) keeps its connection until every clone
+    /// of `store` is dropped: call this once nothing else holds one. Returns
+    /// false when the connections were not all closed within `wait` (they are
+    /// then closed, without that last checkpoint, when the process ends).
+    pub async fn close(self, wait: std::time::Duration) -> bool {
+        let Database {
+            store,
+            sessions,
+            pools,
+        } = self;
+        drop((store, sessions));
+        let closing = async {
+            for pool in &pools {
+                match pool {
+                    Pool::Sqlite(pool) => pool.close().await,
+                    Pool::Postgres(pool) => pool.close().await,
+                }
+            }
+        };
+        tokio::time::timeout(wait, closing).await.is_ok()
+    }
 }
 
 /// Open (creating a SQLite file if needed) and migrate the database at `url`;
@@ -57,6 +95,12 @@ pub async fn open(url: &str, durability: sqlite::Durability) -> Result<Database,
             store.pool().clone(),
         ));
         Database {
+            // The writer's pool first: the readers' last connection then
+            // checkpoints the WAL (`Database::close`).
+            pools: vec![
+                Pool::Sqlite(store.writer_pool().clone()),
+                Pool::Sqlite(store.pool().clone()),
+            ],
             store: Arc::new(store),
             sessions,
         }
@@ -66,6 +110,7 @@ pub async fn open(url: &str, durability: sqlite::Durability) -> Result<Database,
             store.pool().clone(),
         ));
         Database {
+            pools: vec![Pool::Postgres(store.pool().clone())],
             store: Arc::new(store),
             sessions,
         }

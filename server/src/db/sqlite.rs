@@ -50,6 +50,8 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The writer's one connection, which the batcher holds.
+    writer: SqlitePool,
     /// Reservations, settlements and releases, group-committed (`db::batch`), on
     /// the writer whose sqlx connection it lends to the other writes.
     batcher: Batcher<SqliteWriter>,
@@ -131,11 +133,12 @@ impl SqliteStore {
             .await
             .map_err(ConnectError::Open)?;
         let held_elsewhere = Arc::new(AtomicBool::new(false));
+        let writer_pool = writer.clone();
         let batcher = Batcher::spawn(
             {
                 let held_elsewhere = held_elsewhere.clone();
                 move || {
-                    let writer = writer.clone();
+                    let writer = writer_pool.clone();
                     let hot_options = hot_options.clone();
                     let held_elsewhere = held_elsewhere.clone();
                     async move {
@@ -154,6 +157,7 @@ impl SqliteStore {
         tokio::spawn(checkpoint(pool.clone(), batcher.downgrade()));
         Ok(Self {
             pool,
+            writer,
             batcher,
             held_elsewhere,
         })
@@ -162,6 +166,11 @@ impl SqliteStore {
     /// The connection pool, shared with the session store.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The writer's pool: its one connection, held by the batcher.
+    pub fn writer_pool(&self) -> &SqlitePool {
+        &self.writer
     }
 
     /// `Store::check_write_lock`: while another process is known to hold the
