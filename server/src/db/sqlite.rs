@@ -258,8 +258,13 @@ impl SqliteStore {
 /// time, so they never wait for each other's lock.
 #[derive(Debug)]
 pub(crate) struct SqliteWriter {
-    conn: PoolConnection<Sqlite>,
+    /// Declared (so dropped) before `conn`: when the batcher ends, this one is
+    /// closed before `conn` goes back to its pool, whose close therefore waits
+    /// for it. SQLite deletes the WAL on the close of the file's last
+    /// connection, which a close that overlaps another's does not know it is
+    /// (`Database::close`).
     hot: rusqlite::Connection,
+    conn: PoolConnection<Sqlite>,
     /// The store's `held_elsewhere`, which each batch's `BEGIN` sets or clears.
     held_elsewhere: Arc<AtomicBool>,
 }
