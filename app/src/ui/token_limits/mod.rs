@@ -21,11 +21,19 @@ pub fn TokenLimitsPage() -> impl IntoView {
     let save_fallback = ServerAction::<SaveAutomaticFallback>::new();
     let save_limits = ServerAction::<SaveModelLimits>::new();
     // Reload the numbers after a successful save only: after a refused one the
-    // form keeps what the administrator typed, next to its error.
+    // form keeps what the administrator typed, next to its error. One effect
+    // per form, each reading only its own answer: an effect tracks what its
+    // last run read, so one that read the fallback's success first (`||`) and
+    // stopped there stopped hearing the limits' saves, and the limits form
+    // kept versions that its next save was refused (409) for.
     let saved = RwSignal::new(0u32);
     Effect::new(move |_| {
-        let ok = |v: Option<Result<(), ApiError>>| matches!(v, Some(Ok(())));
-        if ok(save_fallback.value().get()) || ok(save_limits.value().get()) {
+        if matches!(save_fallback.value().get(), Some(Ok(()))) {
+            saved.update(|n| *n += 1);
+        }
+    });
+    Effect::new(move |_| {
+        if matches!(save_limits.value().get(), Some(Ok(()))) {
             saved.update(|n| *n += 1);
         }
     });
