@@ -101,7 +101,7 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
                     </tbody>
                 </table>
                 <div class="actions">
-                    <button type="submit" id="save-limits">"Save"</button>
+                    <button type="submit" id="save-limits" aria-label="Save model limits">"Save"</button>
                     <p role="status" id="limits-result" class=move || summary().map(|r| r.0).unwrap_or("")>
                         {move || summary().map(|r| r.1)}
                     </p>

@@ -93,7 +93,7 @@ pub fn SpendingAndBudget(
                     />
                     <span>"Automatically switch to a cheaper model when a model limit is reached"</span>
                 </label>
-                <button type="submit" id="save-fallback">"Save"</button>
+                <button type="submit" id="save-fallback" aria-label="Save automatic fallback">"Save"</button>
                 <p role="status" id="fallback-result" class=move || result().map(|r| r.0).unwrap_or("")>
                     {move || result().map(|r| r.1)}
                 </p>
