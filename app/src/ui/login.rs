@@ -26,7 +26,19 @@ pub fn LoginPage() -> impl IntoView {
             <ActionForm action=login>
                 <input type="hidden" name="next" value=next/>
                 <label for="email">"Email"</label>
-                <input id="email" name="email" type="email" autocomplete="username" required/>
+                // Text, not `type="email"`: browsers refuse an address whose
+                // local part has a letter outside ASCII (`zoë@…`), which the
+                // workspace's users may have (README).
+                <input
+                    id="email"
+                    name="email"
+                    type="text"
+                    inputmode="email"
+                    autocomplete="username"
+                    autocapitalize="none"
+                    spellcheck="false"
+                    required
+                />
                 <label for="password">"Password"</label>
                 <input id="password" name="password" type="password" autocomplete="current-password" required/>
                 <p class="form-error" role="alert" id="login-error">{error}</p>
