@@ -849,7 +849,8 @@ async fn forms_posted_without_javascript_return_to_their_page() {
 }
 
 /// Every kind of the panel's answers tells browsers: never in another site's
-/// frame, never run as another type, and never send its addresses elsewhere.
+/// frame, never run as another type, never send its addresses elsewhere, and
+/// never keep a page.
 #[tokio::test]
 async fn panel_answers_keep_browsers_safe() {
     let panel = Panel::new().await;
@@ -891,6 +892,22 @@ async fn panel_answers_keep_browsers_safe() {
                 "{what} ({status}): {name}"
             );
         }
+        // A page or an answer about the books is never kept by the browser,
+        // where Back after signing out would show it again; the site's files
+        // are kept, and asked after each time (a build without them answers
+        // 404, which is not kept either).
+        let kept = if what == "the stylesheet" && status.is_success() {
+            "no-cache"
+        } else {
+            "no-store"
+        };
+        assert_eq!(
+            headers
+                .get(header::CACHE_CONTROL)
+                .map(|v| v.to_str().unwrap()),
+            Some(kept),
+            "{what} ({status}): cache-control"
+        );
     }
 }
 

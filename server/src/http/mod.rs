@@ -129,12 +129,16 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
 /// - a file is only ever run as the type it is served as (`nosniff`);
 /// - the panel's addresses are never sent to other sites, while its own forms
 ///   keep theirs: a form posted without JavaScript is sent back to the page it
-///   came from (its `Referer`), with any error.
-const PANEL_HEADERS: [(HeaderName, &str); 4] = [
+///   came from (its `Referer`), with any error;
+/// - pages and server functions' answers are never stored (`no-store`): Back
+///   after signing out would otherwise show the tab from the browser's cache.
+///   The site's files say otherwise themselves (`assets::serve`).
+const PANEL_HEADERS: [(HeaderName, &str); 5] = [
     (header::X_FRAME_OPTIONS, "DENY"),
     (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
     (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
     (header::REFERRER_POLICY, "same-origin"),
+    (header::CACHE_CONTROL, "no-store"),
 ];
 
 /// Drops the bare `?` that ends a redirect to a page whose query held only the
