@@ -148,6 +148,46 @@ test("automatic fallback is saved and survives a reload", async ({ page }) => {
   expect(cli("audit")).toContain("settings.automatic_fallback");
 });
 
+test("saves of both forms in a row are each taken, none refused as stale", async ({ page }) => {
+  await openTab(page);
+  // The fallback's save first: the limits' saves after it must still reload
+  // the versions they send.
+  const toggle = page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" });
+  await toggle.click();
+  // Each Save is named for its form.
+  await page.getByRole("button", { name: "Save automatic fallback" }).click();
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  for (const amount of ["33", "34"]) {
+    await limitInput(page, "GPT-4o").fill(amount);
+    await page.getByRole("button", { name: "Save model limits" }).click();
+    // Shown as the server writes it once the tab has reloaded its numbers.
+    await expect(limitInput(page, "GPT-4o")).toHaveValue(`€${amount}.00`);
+    await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  }
+  expect(cli("audit", "--limit", "1")).toContain('"limit_eur":"34"');
+  cli("limit", "clear", "gpt-4o");
+});
+
+test("a user whose email has an accent signs in through the form", async ({ page }) => {
+  execFileSync(bin, ["--database-url", dbUrl(), "user", "create", "--email", "Zoë@Example.com", "--role", "admin"], {
+    env: { ...process.env, TOLLGATE_PASSWORD: PASSWORD },
+  });
+  await signIn(page, "zoë@example.com");
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await expect(page.getByRole("heading", { name: "Model limits" })).toBeVisible();
+});
+
+test("the tab fits a phone's screen", async ({ page }) => {
+  await page.setViewportSize({ width: 360, height: 740 });
+  await openTab(page);
+  // Nothing scrolls sideways, and a limit field is wide enough to read an amount.
+  const [scrollWidth, innerWidth] = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+  expect(scrollWidth).toBeLessThanOrEqual(innerWidth);
+  const field = await limitInput(page, "Claude Sonnet 4.5").boundingBox();
+  expect(field!.width).toBeGreaterThanOrEqual(150);
+  await expect(page.getByRole("button", { name: "Sign out" })).toBeVisible();
+});
+
 test("an error forged into the tab's URL shows only the tab's own sentences", async ({ page }) => {
   await openTab(page);
   // A refused save answered without JavaScript, as the server redirects it.
