@@ -168,6 +168,28 @@ test("saves of both forms in a row are each taken, none refused as stale", async
   cli("limit", "clear", "gpt-4o");
 });
 
+test("a change typed in one form is kept when the other is saved, and still checked for conflicts", async ({ page }) => {
+  await openTab(page);
+  await limitInput(page, "GPT-5 Mini").fill("60");
+  // Changed elsewhere meanwhile: the row being edited, and another.
+  cli("limit", "set", "gpt-5-mini", "--eur", "5");
+  cli("limit", "set", "gpt-4o", "--eur", "7");
+  await page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" }).click();
+  await page.getByRole("button", { name: "Save automatic fallback" }).click();
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  // The tab has reloaded its numbers (GPT-4o's new limit shows) and kept what was typed.
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("€7.00");
+  await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("60");
+  // Saved as typed on the version it was typed on: refused, since the CLI changed it.
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#limits-result")).toContainText("changed");
+  await page.reload();
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("€5.00");
+  cli("limit", "clear", "gpt-5-mini");
+  cli("limit", "clear", "gpt-4o");
+});
+
 test("a user whose email has an accent signs in through the form", async ({ page }) => {
   execFileSync(bin, ["--database-url", dbUrl(), "user", "create", "--email", "Zoë@Example.com", "--role", "admin"], {
     env: { ...process.env, TOLLGATE_PASSWORD: PASSWORD },

@@ -5,6 +5,8 @@ mod model_limits;
 mod spend_by_model;
 mod spending;
 
+use std::collections::HashMap;
+
 use leptos::prelude::*;
 use leptos_meta::Title;
 
@@ -13,6 +15,42 @@ use crate::{
     api::{self, SaveAutomaticFallback, SaveModelLimits},
     error::ApiError,
 };
+
+/// What the administrator changed in the tab's forms and has not saved yet.
+///
+/// A successful save reloads the tab's numbers, and its sections are drawn
+/// again from them: without these, a save of one form would put the other's
+/// fields back to their saved values, and the changes typed there would be
+/// lost without a word. A form's own successful save drops its drafts. Each
+/// draft keeps the version it was made from, which its save sends: a change
+/// saved meanwhile by someone else is then refused (409), not overwritten.
+#[derive(Clone, Copy)]
+struct Drafts {
+    /// By model id.
+    limits: RwSignal<HashMap<String, LimitDraft>>,
+    /// The fallback switch, and the settings version it was changed from.
+    fallback: RwSignal<Option<(bool, i64)>>,
+}
+
+/// A model's limit row as changed: what is unchanged is `None`.
+#[derive(Clone, Debug)]
+struct LimitDraft {
+    /// The limit field's text.
+    limit: Option<String>,
+    /// The Enabled switch.
+    enabled: Option<bool>,
+    /// The limit's version when the change began.
+    version: i64,
+}
+
+impl Drafts {
+    fn new() -> Drafts {
+        Drafts {
+            limits: RwSignal::new(HashMap::new()),
+            fallback: RwSignal::new(None),
+        }
+    }
+}
 
 /// The Admin Panel with the Token Limits tab open.
 #[component]
@@ -27,13 +65,16 @@ pub fn TokenLimitsPage() -> impl IntoView {
     // stopped there stopped hearing the limits' saves, and the limits form
     // kept versions that its next save was refused (409) for.
     let saved = RwSignal::new(0u32);
+    let drafts = Drafts::new();
     Effect::new(move |_| {
         if matches!(save_fallback.value().get(), Some(Ok(()))) {
+            drafts.fallback.set(None);
             saved.update(|n| *n += 1);
         }
     });
     Effect::new(move |_| {
         if matches!(save_limits.value().get(), Some(Ok(()))) {
+            drafts.limits.update(HashMap::clear);
             saved.update(|n| *n += 1);
         }
     });
@@ -54,8 +95,8 @@ pub fn TokenLimitsPage() -> impl IntoView {
                             </nav>
                             {match report {
                                 Ok(report) => view! {
-                                    <spending::SpendingAndBudget view=report.clone() save=save_fallback/>
-                                    <model_limits::ModelLimits view=report.clone() save=save_limits/>
+                                    <spending::SpendingAndBudget view=report.clone() save=save_fallback drafts=drafts/>
+                                    <model_limits::ModelLimits view=report.clone() save=save_limits drafts=drafts/>
                                     <spend_by_model::SpendByModel view=report/>
                                 }.into_any(),
                                 Err(ApiError::Forbidden) => view! {

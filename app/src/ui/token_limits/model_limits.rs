@@ -7,7 +7,11 @@ use crate::{api::SaveModelLimits, report::TabView};
 
 /// The Model limits section.
 #[component]
-pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl IntoView {
+pub fn ModelLimits(
+    view: TabView,
+    save: ServerAction<SaveModelLimits>,
+    drafts: super::Drafts,
+) -> impl IntoView {
     let outcome = crate::ui::form_outcome(save);
     let error = move || outcome().and_then(|r| r.err());
     let summary = move || match outcome() {
@@ -46,6 +50,37 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
                             .enumerate()
                             .map(|(i, row)| {
                                 let id = row.id.clone();
+                                // The row as saved, or as changed and not saved yet.
+                                let draft = drafts.limits.with_untracked(|d| d.get(id.as_str()).cloned());
+                                let version = draft.as_ref().map_or(row.limit_version, |d| d.version);
+                                let limit = draft
+                                    .as_ref()
+                                    .and_then(|d| d.limit.clone())
+                                    .unwrap_or_else(|| row.limit_input.clone());
+                                let enabled = draft.and_then(|d| d.enabled).unwrap_or(row.limit_enabled);
+                                let change = {
+                                    let id = id.to_string();
+                                    move |apply: &dyn Fn(&mut super::LimitDraft)| {
+                                        drafts.limits.update(|d| {
+                                            apply(d.entry(id.clone()).or_insert(super::LimitDraft {
+                                                limit: None,
+                                                enabled: None,
+                                                version,
+                                            }))
+                                        })
+                                    }
+                                };
+                                let typed = {
+                                    let change = change.clone();
+                                    move |ev| {
+                                        let text = event_target_value(&ev);
+                                        change(&|d| d.limit = Some(text.clone()));
+                                    }
+                                };
+                                let switched = move |ev| {
+                                    let on = event_target_checked(&ev);
+                                    change(&|d| d.enabled = Some(on));
+                                };
                                 let input_id = format!("limit-{id}");
                                 let error_id = format!("limit-error-{id}");
                                 let field = id.clone();
@@ -65,7 +100,7 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
                                         <td class="num">{row.spent.clone()}</td>
                                         <td>
                                             <input type="hidden" name=format!("rows[{i}][model]") value=id.clone()/>
-                                            <input type="hidden" name=format!("rows[{i}][version]") value=row.limit_version.to_string()/>
+                                            <input type="hidden" name=format!("rows[{i}][version]") value=version.to_string()/>
                                             <label class="visually-hidden" for=input_id.clone()>
                                                 {format!("Limit for {} in euros", row.display_name)}
                                             </label>
@@ -76,8 +111,9 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
                                                 inputmode="decimal"
                                                 autocomplete="off"
                                                 placeholder="Shared pool"
-                                                value=row.limit_input.clone()
-                                                prop:value=row.limit_input.clone()
+                                                value=limit.clone()
+                                                prop:value=limit
+                                                on:input=typed
                                                 aria-invalid=invalid
                                                 aria-describedby=error_id.clone()
                                             />
@@ -89,7 +125,8 @@ pub fn ModelLimits(view: TabView, save: ServerAction<SaveModelLimits>) -> impl I
                                                     type="checkbox"
                                                     role="switch"
                                                     name=format!("rows[{i}][enabled]")
-                                                    checked=row.limit_enabled
+                                                    checked=enabled
+                                                    on:change=switched
                                                 />
                                                 <span class="visually-hidden">{format!("Enable the limit for {}", row.display_name)}</span>
                                             </label>

@@ -22,8 +22,19 @@ fn Lock() -> impl IntoView {
 pub fn SpendingAndBudget(
     view: TabView,
     save: ServerAction<SaveAutomaticFallback>,
+    drafts: super::Drafts,
 ) -> impl IntoView {
     let report = view;
+    // The switch as saved, or as changed and not saved yet (`Drafts`).
+    let (fallback, settings_version) = drafts
+        .fallback
+        .get_untracked()
+        .unwrap_or((report.automatic_fallback, report.settings_version));
+    let switched = move |ev| {
+        drafts
+            .fallback
+            .set(Some((event_target_checked(&ev), settings_version)))
+    };
     let percent = report.used_percent.clone();
     let bar = report.bar_percent.clone();
     let status_class = match report.status {
@@ -82,14 +93,15 @@ pub fn SpendingAndBudget(
             <p class="resets">"Resets monthly · next reset " <span id="next-reset">{report.resets_on.clone()}</span></p>
 
             <ActionForm action=save attr:class="fallback-form">
-                <input type="hidden" name="settings_version" value=report.settings_version.to_string()/>
+                <input type="hidden" name="settings_version" value=settings_version.to_string()/>
                 <label class="toggle">
                     <input
                         type="checkbox"
                         role="switch"
                         name="automatic_fallback"
                         id="automatic-fallback"
-                        checked=report.automatic_fallback
+                        checked=fallback
+                        on:change=switched
                     />
                     <span>"Automatically switch to a cheaper model when a model limit is reached"</span>
                 </label>
