@@ -317,8 +317,9 @@ impl From<crate::store::StoreError> for ApiError {
         use crate::store::StoreError;
         match e {
             StoreError::Conflict { .. } => ApiError::Conflict {
-                message: "Another administrator changed these settings while you were editing. \
-                          Reload the page to see the current values, then make your change again."
+                message: "These settings were changed since this page showed them (by another \
+                          administrator, in another tab or with the CLI). Reload the page to see \
+                          the current values, then make your change again."
                     .into(),
             },
             StoreError::Invalid { code, message } => ApiError::Invalid {
