@@ -812,8 +812,8 @@ async fn the_site_is_served_compressed_to_browsers_that_accept_it() {
 }
 
 /// A form posted without JavaScript is sent back to its page: with the error in
-/// its address when refused, without any earlier error (and without a bare `?`)
-/// once saved.
+/// its address when refused (the last one only, when refused again), without
+/// any earlier error (and without a bare `?`) once saved.
 #[tokio::test]
 async fn forms_posted_without_javascript_return_to_their_page() {
     let panel = Panel::new().await;
@@ -837,10 +837,20 @@ async fn forms_posted_without_javascript_return_to_their_page() {
     let refused = headers[header::LOCATION].to_str().unwrap().to_owned();
     assert!(refused.starts_with(&format!("{page}?__path=")), "{refused}");
     assert!(refused.contains("&__err="), "{refused}");
+    // Refused again from there: the address holds the last error only.
+    let (_, headers, _) = panel
+        .send(browser_post(
+            format!("automatic_fallback=perhaps&settings_version={version}"),
+            &refused,
+        ))
+        .await;
+    let again = headers[header::LOCATION].to_str().unwrap().to_owned();
+    assert_eq!(again.matches("__path=").count(), 1, "{again}");
+    assert_eq!(again.matches("__err=").count(), 1, "{again}");
     let (status, headers, _) = panel
         .send(browser_post(
             format!("automatic_fallback=off&settings_version={version}"),
-            &refused,
+            &again,
         ))
         .await;
     assert_eq!(status, StatusCode::FOUND);

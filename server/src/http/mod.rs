@@ -141,21 +141,55 @@ const PANEL_HEADERS: [(HeaderName, &str); 5] = [
     (header::CACHE_CONTROL, "no-store"),
 ];
 
-/// Drops the bare `?` that ends a redirect to a page whose query held only the
-/// error of an earlier post: a form posted without JavaScript is sent back to
-/// its page (server_fn's redirect to its `Referer`), and the error's `__path`
-/// and `__err` are taken out of that address when the post succeeds.
+/// Tidies the address a form posted without JavaScript is sent back to
+/// (server_fn's redirect to its `Referer`, see [`tidied_location`]).
 async fn tidy_location(mut response: Response) -> Response {
     let tidied = response
         .headers()
         .get(header::LOCATION)
         .and_then(|location| location.to_str().ok())
-        .and_then(|location| location.strip_suffix('?'))
-        .and_then(|location| HeaderValue::from_str(location).ok());
+        .and_then(tidied_location)
+        .and_then(|location| HeaderValue::from_str(&location).ok());
     if let Some(location) = tidied {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
+}
+
+/// `location` with the error of the last post only, or `None` when it needs no
+/// change. server_fn adds a refused post's error (`__path` and `__err`) to the
+/// page's address and takes them out when a post succeeds: a page refused
+/// again kept every earlier error in its address, which grew by some 350
+/// characters each time, until the browser sent too long a `Referer` no more
+/// and the form's next error was lost. A bare `?` (the address held only an
+/// error, taken out) goes as well.
+fn tidied_location(location: &str) -> Option<String> {
+    let (page, query) = location.split_once('?')?;
+    if query.is_empty() {
+        return Some(page.to_owned());
+    }
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let last = |key: &str| pairs.iter().rposition(|(name, _)| name == key);
+    let (last_path, last_error) = (last("__path"), last("__err"));
+    let kept: Vec<&(String, String)> = pairs
+        .iter()
+        .enumerate()
+        .filter(|(at, (name, _))| match name.as_str() {
+            "__path" => Some(*at) == last_path,
+            "__err" => Some(*at) == last_error,
+            _ => true,
+        })
+        .map(|(_, pair)| pair)
+        .collect();
+    if kept.len() == pairs.len() {
+        return None;
+    }
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(kept)
+        .finish();
+    Some(format!("{page}?{query}"))
 }
 
 /// What server functions and pages find in the Leptos context.
