@@ -38,6 +38,19 @@ impl std::ops::DerefMut for Server {
     }
 }
 
+/// `tollgate ARGS --database-url URL`, with none of the `TOLLGATE_*` variables
+/// of the test's own environment.
+fn tollgate_on(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command.args(args).args(["--database-url", url]);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOLLGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 impl Server {
     /// Sends SIGTERM, as a service manager stops the server.
     fn terminate(&self) {
@@ -107,20 +120,23 @@ impl Cli {
 
     /// The command `run_with` runs, to start it some other way.
     fn command(&self, args: &[&str], password: Option<&str>) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        command
-            .args(args)
-            .args(["--database-url", &self.url()])
-            .current_dir(self.dir.path());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("TOLLGATE_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = tollgate_on(&self.url(), args);
+        command.current_dir(self.dir.path());
         if let Some(password) = password {
             command.env("TOLLGATE_PASSWORD", password);
         }
         command
+    }
+
+    /// `tollgate user create --email EMAIL --role ROLE`, which must succeed.
+    fn must_create_user(&self, email: &str, role: &str) -> Output {
+        let created = self.create_user(email, role);
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        created
     }
 
     /// Stdout of a command that must succeed.
@@ -465,12 +481,7 @@ async fn passwords_can_be_set_again() {
 #[test]
 fn users_and_keys() {
     let cli = Cli::new();
-    let created = cli.create_user("ada@example.com", "admin");
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    let created = cli.must_create_user("ada@example.com", "admin");
     // The first command on a database says it was new; the next ones do not.
     let new_database = format!("{} held no workspace", cli.url());
     let stderr = String::from_utf8_lossy(&created.stderr);
@@ -1662,12 +1673,7 @@ fn a_refused_command_makes_no_database_file() {
 #[test]
 fn a_command_leaves_the_database_file_alone_holding_the_books() {
     let cli = Cli::new();
-    let created = cli.create_user("owner@example.com", "admin");
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    cli.must_create_user("owner@example.com", "admin");
     cli.ok(&["limit", "set", "gpt-5", "--eur", "12.50"]);
     let mut left: Vec<String> = std::fs::read_dir(cli.dir.path())
         .unwrap()
@@ -1682,16 +1688,12 @@ fn a_command_leaves_the_database_file_alone_holding_the_books() {
         copy.path().join("tollgate.db"),
     )
     .unwrap();
-    let copied = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["audit", "--database-url"])
-        .arg(format!(
-            "sqlite://{}",
-            copy.path().join("tollgate.db").display()
-        ))
-        .env_remove("TOLLGATE_CONFIG")
-        .env_remove("TOLLGATE_DATABASE_URL")
-        .output()
-        .unwrap();
+    let copied = tollgate_on(
+        &format!("sqlite://{}", copy.path().join("tollgate.db").display()),
+        &["audit"],
+    )
+    .output()
+    .unwrap();
     let audit = String::from_utf8_lossy(&copied.stdout);
     assert!(
         audit.contains("owner@example.com") && audit.contains("12.5"),
@@ -1710,10 +1712,7 @@ fn a_read_only_sqlite_url_is_refused_and_makes_nothing() {
         ("mode=rw", "mode=rw does not create it"),
     ] {
         let url = format!("sqlite://{}?{query}", dir.path().join("t.db").display());
-        let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["user", "list", "--database-url", &url])
-            .env_remove("TOLLGATE_CONFIG")
-            .env_remove("TOLLGATE_DATABASE_URL")
+        let output = tollgate_on(&url, &["user", "list"])
             .current_dir(dir.path())
             .output()
             .unwrap();
@@ -1877,13 +1876,12 @@ async fn a_stopped_server_leaves_its_books_in_the_file_alone() {
     let beside = |suffix: &str| cli.dir.path().join(format!("tollgate.db{suffix}"));
     assert!(beside("-wal").exists(), "a serving database has its WAL");
     let spent = |file: &std::path::Path| {
-        let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["spend", "--json", "--database-url"])
-            .arg(format!("sqlite://{}", file.display()))
-            .env_remove("TOLLGATE_CONFIG")
-            .env_remove("TOLLGATE_DATABASE_URL")
-            .output()
-            .unwrap();
+        let output = tollgate_on(
+            &format!("sqlite://{}", file.display()),
+            &["spend", "--json"],
+        )
+        .output()
+        .unwrap();
         let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         report["spent_eur"]
             .as_str()
