@@ -51,6 +51,16 @@ fn tollgate_on(url: &str, args: &[&str]) -> Command {
     command
 }
 
+/// A chat completion of `slow-model` (the model of [`Cli::slow_upstream`]),
+/// to the gateway at `base` with the API key `key`.
+fn slow_chat(client: &reqwest::Client, base: &str, key: &str) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"model": "slow-model",
+            "messages": [{"role": "user", "content": "hi"}]}))
+}
+
 impl Server {
     /// Sends SIGTERM, as a service manager stops the server.
     fn terminate(&self) {
@@ -1181,14 +1191,7 @@ async fn a_second_sigterm_stops_the_server_at_once() {
     let config = config.as_str();
     let (mut server, base) = cli.serve(config).await;
     let client = reqwest::Client::new();
-    let in_flight = tokio::spawn(
-        client
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&serde_json::json!({"model": "slow-model",
-                "messages": [{"role": "user", "content": "hi"}]}))
-            .send(),
-    );
+    let in_flight = tokio::spawn(slow_chat(&client, &base, &key).send());
     for _ in 0..100 {
         if !mock.received().is_empty() {
             break;
@@ -1450,12 +1453,7 @@ async fn connections_idle_too_long_are_closed_and_requests_in_flight_are_not() {
             .await
             .is_ok()
     }
-    let slow_request = reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&serde_json::json!({"model": "slow-model",
-            "messages": [{"role": "user", "content": "hi"}]}))
-        .send();
+    let slow_request = slow_chat(&reqwest::Client::new(), &base, &key).send();
     let (silent_closed, trickling_closed, slow_body_closed, kept_alive_closed, slow_answer) = tokio::join!(
         closed_by_server(&mut silent),
         closed_by_server(&mut trickling_read),
@@ -1570,11 +1568,7 @@ async fn a_closed_log_pipe_stops_nothing() {
     let (mut server, base) = cli.serve_logging_to(&config, closed().into()).await;
     let client = reqwest::Client::new();
     for _ in 0..3 {
-        let response = client
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&serde_json::json!({"model": "slow-model",
-                "messages": [{"role": "user", "content": "hi"}]}))
+        let response = slow_chat(&client, &base, &key)
             .send()
             .await
             .expect("the server answers after logging to a closed pipe");
@@ -1782,14 +1776,7 @@ async fn a_settlement_pending_at_shutdown_is_billed_by_the_next_start() {
     let (config, key) = cli.slow_upstream(&mock, "");
     let (mut server, base) = cli.serve(&config).await;
     let client = reqwest::Client::new();
-    let chat = || {
-        client
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&serde_json::json!({"model": "slow-model",
-                "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-    };
+    let chat = || slow_chat(&client, &base, &key).send();
     let first = chat().await.unwrap();
     assert_eq!(first.status(), 200);
     let _ = first.bytes().await.unwrap();
@@ -1863,11 +1850,7 @@ async fn a_stopped_server_leaves_its_books_in_the_file_alone() {
     let mock = upstream::MockUpstream::start().await;
     let (config, key) = cli.slow_upstream(&mock, "");
     let (mut server, base) = cli.serve(&config).await;
-    let answer = reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&serde_json::json!({"model": "slow-model",
-            "messages": [{"role": "user", "content": "hi"}]}))
+    let answer = slow_chat(&reqwest::Client::new(), &base, &key)
         .send()
         .await
         .unwrap();
