@@ -307,6 +307,24 @@ impl Config {
             let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
             (file.trim_start_matches('/'), query)
         });
+        // SQLite's own URI form (`sqlite://file:books.db`) opens the file its
+        // URI names, while Tollgate's checks, the file's owner-only mode and
+        // the spool would apply to a file named `file:books.db`; and a `#`
+        // would become part of the file's name.
+        if sqlite.is_some_and(|(file, _)| file.starts_with("file:")) {
+            return Err(invalid(
+                db_key,
+                "is in SQLite's URI form (file:…), which Tollgate does not take: write \
+                 sqlite://books.db (relative) or sqlite:///var/lib/tollgate/books.db",
+            ));
+        }
+        if database_url.starts_with("sqlite:") && database_url.contains('#') {
+            return Err(invalid(
+                db_key,
+                "holds a #, which would become part of the file's name: name the file \
+                 without one",
+            ));
+        }
         if sqlite.is_some_and(|(file, _)| file.is_empty()) {
             return Err(invalid(
                 db_key,
@@ -1356,6 +1374,16 @@ mod tests {
                 "database_url = \"sqlite://books.db?mode=memory&cache=shared\"",
                 "database_url",
                 "in-memory",
+            ),
+            (
+                "database_url = \"sqlite://file:books.db\"",
+                "database_url",
+                "SQLite's URI form",
+            ),
+            (
+                "database_url = \"sqlite://books.db#frag\"",
+                "database_url",
+                "holds a #",
             ),
             (
                 "database_url = \"sqlite://books.db?mode=ro\"",
