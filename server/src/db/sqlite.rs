@@ -49,6 +49,8 @@ use super::{
 /// request (`server/benches/gateway.sh`).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// The database file.
+    file: std::path::PathBuf,
     pool: SqlitePool,
     /// The writer's one connection, which the batcher holds.
     writer: SqlitePool,
@@ -101,8 +103,8 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
             .foreign_keys(true);
-        create_private(options.get_filename())
-            .map_err(|e| ConnectError::Open(sqlx::Error::Io(e)))?;
+        let file = options.get_filename().to_owned();
+        create_private(&file).map_err(|e| ConnectError::Open(sqlx::Error::Io(e)))?;
         // Held until the schema is migrated and the emails folded.
         let _migrating = lock_for_migration(options.get_filename())
             .await
@@ -156,6 +158,7 @@ impl SqliteStore {
         );
         tokio::spawn(checkpoint(pool.clone(), batcher.downgrade()));
         Ok(Self {
+            file,
             pool,
             writer,
             batcher,
@@ -171,6 +174,11 @@ impl SqliteStore {
     /// The writer's pool: its one connection, held by the batcher.
     pub fn writer_pool(&self) -> &SqlitePool {
         &self.writer
+    }
+
+    /// The database file.
+    pub fn file(&self) -> &std::path::Path {
+        &self.file
     }
 
     /// `Store::check_write_lock`: while another process is known to hold the
@@ -757,6 +765,26 @@ async fn lock_for_migration(path: &std::path::Path) -> std::io::Result<Option<st
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// Opens a connection to `file`, checkpoints the WAL into the file
+/// (`TRUNCATE`) and closes the connection. Run once every other connection of
+/// the process is closed, it is the file's last connection, and SQLite then
+/// deletes the `-wal` and `-shm` files (`Database::close`). Another process
+/// with the file open keeps them (and may keep the checkpoint from finishing):
+/// nothing is lost either way.
+///
+/// Errors: the SQLite error when the file cannot be opened or read.
+pub(super) fn close_last(file: &std::path::Path) -> rusqlite::Result<()> {
+    let conn = rusqlite::Connection::open_with_flags(
+        file,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Copies the WAL into the file and empties it, whether or not this close
+    // is the last (a reader of another process makes it busy, and keeps it).
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    conn.close().map_err(|(_, error)| error)
 }
 
 /// How long a connection waits for another process's write lock (the CLI's).
