@@ -44,25 +44,31 @@ pub struct Database {
     pub store: SharedStore,
     /// Login sessions, in the same database.
     pub sessions: SessionBackend,
-    /// Every pool of connections behind both, to close them ([`Database::close`]).
-    pools: Vec<Pool>,
-    /// The SQLite file, closed last by a connection of its own
-    /// ([`Database::close`]); `None` on PostgreSQL.
-    sqlite_file: Option<std::path::PathBuf>,
+    /// The connections behind both, to close them ([`Database::close`]).
+    connections: Connections,
 }
 
-/// A pool of connections to close.
+/// The connections behind a [`Database`].
 #[derive(Clone)]
-enum Pool {
-    Sqlite(sqlx::SqlitePool),
+enum Connections {
+    /// The writer's pool (the batcher's one connection), the readers' pool
+    /// (shared with the sessions) and the file.
+    Sqlite {
+        writer: sqlx::SqlitePool,
+        readers: sqlx::SqlitePool,
+        file: std::path::PathBuf,
+    },
+    /// The one pool.
     Postgres(sqlx::PgPool),
 }
 
 impl Database {
     /// Ends this handle and closes every connection, waiting at most `wait`
-    /// for the writes in flight. On SQLite the last connection to close writes
-    /// the WAL back into the database file and deletes the `-wal` and `-shm`
-    /// files, so the file alone then holds the books (a copy of it is a backup).
+    /// for the writes in flight. On SQLite a last connection of its own then
+    /// checkpoints the WAL into the database file and closes, so the file
+    /// alone holds the books (a copy of it is a backup); SQLite deletes the
+    /// `-wal` and `-shm` files on that close, though now and then an empty
+    /// `-wal` stays.
     ///
     /// The store's writer (`db::batch`) keeps its connection until every clone
     /// of `store` is dropped: call this once nothing else holds one. Returns
@@ -72,26 +78,31 @@ impl Database {
         let Database {
             store,
             sessions,
-            pools,
-            sqlite_file,
+            connections,
         } = self;
         drop((store, sessions));
         let closing = async {
-            for pool in &pools {
-                match pool {
-                    Pool::Sqlite(pool) => pool.close().await,
-                    Pool::Postgres(pool) => pool.close().await,
+            match connections {
+                Connections::Sqlite {
+                    writer,
+                    readers,
+                    file,
+                } => {
+                    // The writer's connection comes back once the batcher has
+                    // ended, having closed its own (`SqliteWriter`).
+                    writer.close().await;
+                    readers.close().await;
+                    // The pools' closes alone left the WAL now and then (about
+                    // one command in 50 on a busy machine): a close that
+                    // overlaps another misses being the last. One more
+                    // connection, alone once the pools are closed, checkpoints
+                    // the WAL into the file and closes last.
+                    let last = tokio::task::spawn_blocking(move || sqlite::close_last(&file)).await;
+                    if let Ok(Err(error)) = last {
+                        tracing::warn!(%error, "could not fold the WAL back into the database file");
+                    }
                 }
-            }
-            // The pools' closes alone left the WAL now and then (about one
-            // command in 50 on a busy machine): a close that overlaps another
-            // misses being the last. One more connection, alone once the pools
-            // are closed, checkpoints the WAL into the file and closes last.
-            if let Some(file) = sqlite_file {
-                let last = tokio::task::spawn_blocking(move || sqlite::close_last(&file)).await;
-                if let Ok(Err(error)) = last {
-                    tracing::warn!(%error, "could not fold the WAL back into the database file");
-                }
+                Connections::Postgres(pool) => pool.close().await,
             }
         };
         tokio::time::timeout(wait, closing).await.is_ok()
@@ -109,13 +120,11 @@ pub async fn open(url: &str, durability: sqlite::Durability) -> Result<Database,
             store.pool().clone(),
         ));
         Database {
-            // The writer's pool first: the readers' last connection then
-            // checkpoints the WAL (`Database::close`).
-            pools: vec![
-                Pool::Sqlite(store.writer_pool().clone()),
-                Pool::Sqlite(store.pool().clone()),
-            ],
-            sqlite_file: Some(store.file().to_owned()),
+            connections: Connections::Sqlite {
+                writer: store.writer_pool().clone(),
+                readers: store.pool().clone(),
+                file: store.file().to_owned(),
+            },
             store: Arc::new(store),
             sessions,
         }
@@ -125,8 +134,7 @@ pub async fn open(url: &str, durability: sqlite::Durability) -> Result<Database,
             store.pool().clone(),
         ));
         Database {
-            pools: vec![Pool::Postgres(store.pool().clone())],
-            sqlite_file: None,
+            connections: Connections::Postgres(store.pool().clone()),
             store: Arc::new(store),
             sessions,
         }

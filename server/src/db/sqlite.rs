@@ -106,7 +106,7 @@ impl SqliteStore {
         let file = options.get_filename().to_owned();
         create_private(&file).map_err(|e| ConnectError::Open(sqlx::Error::Io(e)))?;
         // Held until the schema is migrated and the emails folded.
-        let _migrating = lock_for_migration(options.get_filename())
+        let _migrating = lock_for_migration(&file)
             .await
             .map_err(|e| ConnectError::Open(sqlx::Error::Io(e)))?;
         // A connection to a local file does not go stale: checking one before
@@ -172,12 +172,12 @@ impl SqliteStore {
     }
 
     /// The writer's pool: its one connection, held by the batcher.
-    pub fn writer_pool(&self) -> &SqlitePool {
+    pub(crate) fn writer_pool(&self) -> &SqlitePool {
         &self.writer
     }
 
     /// The database file.
-    pub fn file(&self) -> &std::path::Path {
+    pub(crate) fn file(&self) -> &std::path::Path {
         &self.file
     }
 
@@ -268,9 +268,8 @@ impl SqliteStore {
 pub(crate) struct SqliteWriter {
     /// Declared (so dropped) before `conn`: when the batcher ends, this one is
     /// closed before `conn` goes back to its pool, whose close therefore waits
-    /// for it. SQLite deletes the WAL on the close of the file's last
-    /// connection, which a close that overlaps another's does not know it is
-    /// (`Database::close`).
+    /// for it: closes that overlap each miss being the file's last, on which
+    /// SQLite deletes the WAL (`Database::close`).
     hot: rusqlite::Connection,
     conn: PoolConnection<Sqlite>,
     /// The store's `held_elsewhere`, which each batch's `BEGIN` sets or clears.
