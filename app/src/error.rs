@@ -258,6 +258,23 @@ impl FromServerFnError for ApiError {
             ServerFnErrorErr::MissingArg(name) => {
                 ApiError::bad_arguments(&format!("missing field `{name}`"))
             }
+            // The browser could not carry the call (the server stopped, the
+            // network down): fetch's own words ("TypeError: Failed to fetch")
+            // tell an administrator nothing. The call may have been carried and
+            // its answer lost, so the sentence does not say nothing was saved.
+            ServerFnErrorErr::Request(_) => ApiError::Transport {
+                message: "the server could not be reached. Check the connection and try \
+                          again; reload the page to see what was saved."
+                    .into(),
+            },
+            // In the browser: an answer that is not the server's JSON (a proxy's
+            // error page, say).
+            #[cfg(not(feature = "ssr"))]
+            ServerFnErrorErr::Deserialization(_) => ApiError::Transport {
+                message: "the server's answer could not be read. Reload the page to see \
+                          what was saved."
+                    .into(),
+            },
             other => ApiError::Transport {
                 message: other.to_string(),
             },
@@ -391,6 +408,18 @@ mod tests {
     }
 
     #[cfg(feature = "ssr")]
+    #[test]
+    fn a_call_the_browser_could_not_carry_is_told_in_the_panels_words() {
+        let error = ApiError::from_server_fn_error(ServerFnErrorErr::Request(
+            "TypeError: Failed to fetch".into(),
+        ));
+        assert_eq!(error.code(), "transport");
+        let sentence = error.to_string();
+        assert!(sentence.contains("could not be reached"), "{sentence}");
+        assert!(!sentence.contains("TypeError"), "{sentence}");
+        assert!(!sentence.contains("server function"), "{sentence}");
+    }
+
     #[test]
     fn a_busy_or_unreachable_database_is_a_503_to_try_again_not_a_500() {
         use crate::store::StoreError;

@@ -161,6 +161,40 @@ test("automatic fallback is saved and survives a reload", async ({ page }) => {
   expect(cli("audit")).toContain("settings.automatic_fallback");
 });
 
+test("a double click on Save saves once, and is not refused as stale", async ({ page }) => {
+  await openTab(page);
+  // Each save answered late, as over a slow network: the second click of the
+  // double click lands while the first save is under way.
+  let saves = 0;
+  await page.route("**/fn/save_automatic_fallback", async (route) => {
+    saves += 1;
+    await new Promise((done) => setTimeout(done, 500));
+    await route.continue();
+  });
+  await page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" }).click();
+  const save = page.getByRole("button", { name: "Save automatic fallback" });
+  await save.dblclick();
+  await expect(save).toBeDisabled();
+  await expect(save).toHaveText("Saving…");
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  await expect(save).toBeEnabled();
+  expect(saves).toBe(1);
+  await page.unroute("**/fn/save_automatic_fallback");
+});
+
+test("a save the browser cannot carry says so in the panel's words", async ({ page }) => {
+  await openTab(page);
+  await page.route("**/fn/save_model_limits", (route) => route.abort("failed"));
+  await limitInput(page, "GPT-4o").fill("21");
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  const result = page.locator("#limits-result");
+  await expect(result).toContainText("the server could not be reached");
+  await expect(result).not.toContainText("Failed to fetch");
+  // What was typed stays, to save again once the server is back.
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("21");
+  await page.unroute("**/fn/save_model_limits");
+});
+
 test("saves of both forms in a row are each taken, none refused as stale", async ({ page }) => {
   await openTab(page);
   // The fallback's save first: the limits' saves after it must still reload

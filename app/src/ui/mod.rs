@@ -55,6 +55,35 @@ where
     }
 }
 
+/// A form's answer as its status line shows it: the line's class (`form-ok`,
+/// `form-error`) and its sentence ("Saved.", or the error's). `None` before
+/// any answer. See [`form_outcome`].
+pub(crate) fn form_status(
+    outcome: impl Fn() -> Option<Result<(), ApiError>> + Copy + Send + Sync + 'static,
+) -> impl Fn() -> Option<(&'static str, String)> + Copy + Send + Sync + 'static {
+    move || match outcome()? {
+        Ok(()) => Some(("form-ok", "Saved.".to_string())),
+        Err(e) => Some(("form-error", e.to_string())),
+    }
+}
+
+/// A form's submit button, named `label` for assistive technology and shown as
+/// "Save". While the form's save is `pending` it is disabled and reads
+/// "Saving…": a second click (a double click) would send the same versions
+/// again, and the save that came second would be refused as stale (409).
+#[component]
+pub(crate) fn SaveButton(
+    id: &'static str,
+    label: &'static str,
+    #[prop(into)] pending: Signal<bool>,
+) -> impl IntoView {
+    view! {
+        <button type="submit" id=id aria-label=label disabled=move || pending.get()>
+            {move || if pending.get() { "Saving…" } else { "Save" }}
+        </button>
+    }
+}
+
 /// The HTML document around the app, rendered on the server only.
 pub fn shell(options: LeptosOptions) -> impl IntoView {
     view! {

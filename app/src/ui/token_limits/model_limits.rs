@@ -3,7 +3,7 @@
 
 use leptos::prelude::*;
 
-use crate::{api::SaveModelLimits, report::TabView};
+use crate::{api::SaveModelLimits, report::TabView, ui::SaveButton};
 
 /// The Model limits section.
 #[component]
@@ -14,11 +14,7 @@ pub fn ModelLimits(
 ) -> impl IntoView {
     let outcome = crate::ui::form_outcome(save);
     let error = move || outcome().and_then(|r| r.err());
-    let summary = move || match outcome() {
-        Some(Ok(())) => Some(("form-ok", "Saved.".to_string())),
-        Some(Err(e)) => Some(("form-error", e.to_string())),
-        None => None,
-    };
+    let summary = crate::ui::form_status(outcome);
     // Catalog order is the order the operator configured; the report sorts by
     // spend, so restore a stable order for the form. A model the config no longer
     // lists takes no requests, so it has no limit to set.
@@ -138,7 +134,7 @@ pub fn ModelLimits(
                     </tbody>
                 </table>
                 <div class="actions">
-                    <button type="submit" id="save-limits" aria-label="Save model limits">"Save"</button>
+                    <SaveButton id="save-limits" label="Save model limits" pending=save.pending()/>
                     <p role="status" id="limits-result" class=move || summary().map(|r| r.0).unwrap_or("")>
                         {move || summary().map(|r| r.1)}
                     </p>

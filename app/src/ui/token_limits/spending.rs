@@ -4,7 +4,7 @@
 
 use leptos::prelude::*;
 
-use crate::{api::SaveAutomaticFallback, domain::Status, report::TabView};
+use crate::{api::SaveAutomaticFallback, domain::Status, report::TabView, ui::SaveButton};
 
 /// A padlock: the value is set by the operator's plan, not in the UI.
 #[component]
@@ -42,12 +42,7 @@ pub fn SpendingAndBudget(
         Status::UsingOverage => "status warn",
         Status::LimitReached => "status stop",
     };
-    let outcome = crate::ui::form_outcome(save);
-    let result = move || match outcome() {
-        Some(Ok(())) => Some(("form-ok", "Saved.".to_string())),
-        Some(Err(e)) => Some(("form-error", e.to_string())),
-        None => None,
-    };
+    let result = crate::ui::form_status(crate::ui::form_outcome(save));
     view! {
         <section class="card" aria-labelledby="spending-title">
             <header class="card-header">
@@ -105,7 +100,7 @@ pub fn SpendingAndBudget(
                     />
                     <span>"Automatically switch to a cheaper model when a model limit is reached"</span>
                 </label>
-                <button type="submit" id="save-fallback" aria-label="Save automatic fallback">"Save"</button>
+                <SaveButton id="save-fallback" label="Save automatic fallback" pending=save.pending()/>
                 <p role="status" id="fallback-result" class=move || result().map(|r| r.0).unwrap_or("")>
                     {move || result().map(|r| r.1)}
                 </p>
