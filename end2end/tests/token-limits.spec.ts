@@ -286,6 +286,21 @@ test("an error forged into the tab's URL shows only the tab's own sentences", as
   await expect(page.locator("body")).not.toContainText("evil.example");
 });
 
+test("after signing out, Back shows the page signed out, with no Sign out", async ({ page }) => {
+  // A session of its own: signing out ends it, and the other tests share theirs.
+  await signIn(page, "admin@example.com");
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await expect(page).toHaveURL(/\/login/);
+  await page.goBack();
+  await expect(page.getByText("to see the token limits")).toBeVisible();
+  const sidebar = page.getByRole("navigation", { name: "Main" });
+  await expect(sidebar.getByRole("button", { name: "Sign out" })).toHaveCount(0);
+  await expect(sidebar).not.toContainText("admin@example.com");
+  await expect(sidebar.getByRole("link", { name: "Sign in" })).toBeVisible();
+});
+
 test("a member sees no Admin link and is refused the tab", async ({ page }) => {
   await signIn(page, "member@example.com");
   // Signed in, the member is sent on to the tab they asked for and refused there,

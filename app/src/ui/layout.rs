@@ -17,12 +17,24 @@ pub enum Section {
     Admin,
 }
 
-/// The shell around a page, for the signed-in `user`.
+/// The shell around a page, for the signed-in `user`, or for a visitor signed
+/// out (`None`).
 #[component]
 pub fn AppShell(user: Option<CurrentUser>, current: Section, children: Children) -> impl IntoView {
     let is_admin = user.as_ref().is_some_and(|u| u.role == Role::Admin);
-    let email = user.map(|u| u.email).unwrap_or_default();
     let logout = ServerAction::<Logout>::new();
+    // Signed out (the session ended while the page was open, or Back after
+    // signing out): no email and no Sign out, but the way back in.
+    let account = match user {
+        Some(user) => view! {
+            <p class="signed-in">{user.email}</p>
+            <ActionForm action=logout>
+                <button type="submit" class="link-button">"Sign out"</button>
+            </ActionForm>
+        }
+        .into_any(),
+        None => view! { <a href="/login">"Sign in"</a> }.into_any(),
+    };
     let aria = move |section: Section| (current == section).then_some("page");
     view! {
         <div class="shell">
@@ -35,10 +47,7 @@ pub fn AppShell(user: Option<CurrentUser>, current: Section, children: Children)
                     <Show when=move || is_admin>
                         <a class="nav-admin" href="/admin/token-limits" aria-current=aria(Section::Admin)>"Admin"</a>
                     </Show>
-                    <p class="signed-in">{email.clone()}</p>
-                    <ActionForm action=logout>
-                        <button type="submit" class="link-button">"Sign out"</button>
-                    </ActionForm>
+                    {account}
                 </div>
             </nav>
             <div class="content">{children()}</div>
