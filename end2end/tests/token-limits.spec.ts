@@ -317,7 +317,7 @@ test("a member sees no Admin link and is refused the tab", async ({ page }) => {
 test.describe("without JavaScript", () => {
   test.use({ javaScriptEnabled: false });
 
-  test("a wrong password and a refused save come back to the page with their messages", async ({ page }) => {
+  test("a wrong password, a refused save and a saved one come back to the page with their messages", async ({ page }) => {
     await page.goto("/login?next=%2Fadmin%2Ftoken-limits");
     await page.getByLabel("Email").fill("admin@example.com");
     await page.getByLabel("Password").fill("not the password");
@@ -340,5 +340,13 @@ test.describe("without JavaScript", () => {
     await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
     await expect(page.locator('[id="limit-error-gpt-4o"]')).toContainText("using digits");
     await expect(page.locator("body")).not.toContainText("evil.example");
+
+    // Corrected and saved: the page says so, as it does with JavaScript.
+    await limitInput(page, "GPT-4o").fill("44");
+    await page.locator("#save-limits").click();
+    await expect(page.locator("#limits-result")).toHaveText("Saved.");
+    await expect(limitInput(page, "GPT-4o")).toHaveValue("€44.00");
+    await expect(page.locator("#fallback-result")).toHaveText("");
+    cli("limit", "clear", "gpt-4o");
   });
 });

@@ -853,9 +853,37 @@ async fn forms_posted_without_javascript_return_to_their_page() {
             &again,
         ))
         .await;
+    // Saved: back to the page with neither error, and word of the success,
+    // which the page shows as the script would.
     assert_eq!(status, StatusCode::FOUND);
-    assert_eq!(headers[header::LOCATION], page);
+    let saved = headers[header::LOCATION].to_str().unwrap().to_owned();
+    assert_eq!(
+        saved,
+        format!("{page}?__saved=%2Ffn%2Fsave_automatic_fallback")
+    );
     assert!(!panel.settings().await.automatic_fallback);
+    let (status, _, html) = panel.send(get(&saved, Some(&admin))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains(r#"id="fallback-result" class="form-ok">Saved."#),
+        "{html}"
+    );
+    // Only the form that was saved says so.
+    assert!(
+        !html.contains(r#"id="limits-result" class="form-ok""#),
+        "{html}"
+    );
+    // Refused after that: the error, and no word of a success.
+    let version = panel.settings().await.version;
+    let (_, headers, _) = panel
+        .send(browser_post(
+            format!("automatic_fallback=maybe&settings_version={version}"),
+            &saved,
+        ))
+        .await;
+    let refused = headers[header::LOCATION].to_str().unwrap().to_owned();
+    assert!(refused.contains("__err="), "{refused}");
+    assert!(!refused.contains("__saved"), "{refused}");
 }
 
 /// Every kind of the panel's answers tells browsers: never in another site's

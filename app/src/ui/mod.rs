@@ -34,9 +34,23 @@ pub(crate) fn error_in_url(
     }
 }
 
+/// The query key with which the server tells a form posted without JavaScript
+/// that its save succeeded: added to the redirect back to the page, with the
+/// server function's path as its value (`?__saved=/fn/save_model_limits`).
+/// server_fn itself sends a success back with no word of it.
+pub const SAVED_KEY: &str = "__saved";
+
+/// Whether the URL says a form posted without JavaScript to the server function
+/// at `path` was saved ([`SAVED_KEY`]).
+fn saved_in_url(path: &'static str) -> impl Fn() -> bool + Copy + Send + Sync + 'static {
+    let query = leptos_router::hooks::use_query_map();
+    move || query.read().get(SAVED_KEY).as_deref() == Some(path)
+}
+
 /// What a form's server function answered, to show beside the form: the
-/// answer of the last submission made on this page or, before any, the error
-/// of one posted without JavaScript ([`error_in_url`]). The action's own value
+/// answer of the last submission made on this page or, before any, the answer
+/// to one posted without JavaScript, from the URL ([`error_in_url`],
+/// [`SAVED_KEY`]). The action's own value
 /// before a submission is that same URL's error as the server read it, with
 /// the sentences the URL carried, so it is not used.
 pub(crate) fn form_outcome<S>(
@@ -45,10 +59,10 @@ pub(crate) fn form_outcome<S>(
 where
     S: server_fn::ServerFn<Output = (), Error = ApiError> + Clone + Send + Sync + 'static,
 {
-    let from_url = error_in_url(S::PATH);
+    let (error, saved) = (error_in_url(S::PATH), saved_in_url(S::PATH));
     move || {
         if action.version().get() == 0 {
-            from_url().map(Err)
+            error().map(Err).or_else(|| saved().then_some(Ok(())))
         } else {
             action.value().get()
         }

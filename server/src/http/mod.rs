@@ -1,20 +1,22 @@
 //! The axum router: Leptos pages and server functions, the embedded site, health.
 
 use app::{
+    api::{SaveAutomaticFallback, SaveModelLimits},
     shell,
     store::{SharedStore, StoreError},
+    ui::SAVED_KEY,
     App,
 };
 use axum::{
     body::Body,
     extract::{FromRef, Request, State},
     http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri},
-    middleware,
+    middleware::{self, Next},
     response::{IntoResponse, Redirect, Response},
     routing::get,
     Router,
 };
-use leptos::{config::LeptosOptions, prelude::provide_context};
+use leptos::{config::LeptosOptions, prelude::provide_context, server_fn::ServerFn as _};
 use leptos_axum::{generate_route_list, AxumRouteListing, LeptosRoutes};
 
 use tower_http::{compression::CompressionLayer, set_header::SetResponseHeaderLayer};
@@ -92,7 +94,7 @@ pub fn router(state: AppState, sessions: SessionBackend) -> Router {
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(auth, authorize))
-        .layer(middleware::map_response(tidy_location))
+        .layer(middleware::from_fn(tidy_location))
         .layer(session_layer)
         // Pages and the site (the wasm shrinks to about a third) are compressed;
         // the gateway's routes are not, so a stream's events are never held back.
@@ -141,14 +143,26 @@ const PANEL_HEADERS: [(HeaderName, &str); 5] = [
     (header::CACHE_CONTROL, "no-store"),
 ];
 
+/// The server functions of the tab's forms: a form posted to one without
+/// JavaScript is told of its success ([`SAVED_KEY`]).
+const SAVES: [&str; 2] = [SaveAutomaticFallback::PATH, SaveModelLimits::PATH];
+
 /// Tidies the address a form posted without JavaScript is sent back to
-/// (server_fn's redirect to its `Referer`, see [`tidied_location`]).
-async fn tidy_location(mut response: Response) -> Response {
+/// (server_fn's redirect to its `Referer`, see [`tidied_location`]), and marks
+/// a successful save's.
+async fn tidy_location(request: Request, next: Next) -> Response {
+    let save = SAVES
+        .into_iter()
+        .find(|path| request.method() == Method::POST && request.uri().path() == *path);
+    let mut response = next.run(request).await;
+    if !response.status().is_redirection() {
+        return response;
+    }
     let tidied = response
         .headers()
         .get(header::LOCATION)
         .and_then(|location| location.to_str().ok())
-        .and_then(tidied_location)
+        .and_then(|location| tidied_location(location, save))
         .and_then(|location| HeaderValue::from_str(&location).ok());
     if let Some(location) = tidied {
         response.headers_mut().insert(header::LOCATION, location);
@@ -156,35 +170,45 @@ async fn tidy_location(mut response: Response) -> Response {
     response
 }
 
-/// `location` with the error of the last post only, or `None` when it needs no
-/// change. server_fn adds a refused post's error (`__path` and `__err`) to the
-/// page's address and takes them out when a post succeeds: a page refused
-/// again kept every earlier error in its address, which grew by some 350
-/// characters each time, until the browser sent too long a `Referer` no more
-/// and the form's next error was lost. A bare `?` (the address held only an
-/// error, taken out) goes as well.
-fn tidied_location(location: &str) -> Option<String> {
-    let (page, query) = location.split_once('?')?;
-    if query.is_empty() {
-        return Some(page.to_owned());
-    }
+/// `location` with the error of the last post only, and with [`SAVED_KEY`] set
+/// to `save` when it carries no error (the save at `save` succeeded) and taken
+/// out otherwise; `None` when it needs no change.
+///
+/// server_fn adds a refused post's error (`__path` and `__err`) to the page's
+/// address and takes them out when a post succeeds: a page refused again kept
+/// every earlier error in its address, which grew by some 350 characters each
+/// time, until the browser sent too long a `Referer` no more and the form's
+/// next error was lost. A bare `?` (the address held only an error, taken out)
+/// goes as well.
+fn tidied_location(location: &str, save: Option<&str>) -> Option<String> {
+    let (page, query) = location.split_once('?').unwrap_or((location, ""));
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
     let last = |key: &str| pairs.iter().rposition(|(name, _)| name == key);
     let (last_path, last_error) = (last("__path"), last("__err"));
-    let kept: Vec<&(String, String)> = pairs
+    let mut kept: Vec<(&str, &str)> = pairs
         .iter()
         .enumerate()
         .filter(|(at, (name, _))| match name.as_str() {
             "__path" => Some(*at) == last_path,
             "__err" => Some(*at) == last_error,
+            SAVED_KEY => false,
             _ => true,
         })
-        .map(|(_, pair)| pair)
+        .map(|(_, (name, value))| (name.as_str(), value.as_str()))
         .collect();
-    if kept.len() == pairs.len() {
+    if let Some(save) = save.filter(|_| last_error.is_none()) {
+        kept.push((SAVED_KEY, save));
+    }
+    let unchanged = kept.iter().copied().eq(pairs
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str())));
+    if unchanged && !location.ends_with('?') {
         return None;
+    }
+    if kept.is_empty() {
+        return Some(page.to_owned());
     }
     let query = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(kept)
