@@ -286,6 +286,41 @@ test("an error forged into the tab's URL shows only the tab's own sentences", as
   await expect(page.locator("body")).not.toContainText("evil.example");
 });
 
+/** Switches shown after Back must be the saved ones: the browser restores a
+ * page's form controls on Back, as the administrator left them, while the
+ * page's versions are current, so a save would send the old state unrefused. */
+async function backShowsSavedSwitches(page: Page, open: () => Promise<void>) {
+  cli("fallback", "off");
+  cli("limit", "set", "gpt-5-mini", "--eur", "5", "--disabled");
+  await open();
+  const fallback = page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" });
+  await expect(fallback).not.toBeChecked();
+  await expect(enabledSwitch(page, "GPT-5 Mini")).not.toBeChecked();
+  // Changed meanwhile, as by another administrator.
+  cli("fallback", "on");
+  cli("limit", "set", "gpt-5-mini", "--eur", "5");
+  await page.getByRole("link", { name: "Home" }).click();
+  await expect(page).toHaveURL(/\/$/);
+  await page.goBack();
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await expect(fallback).toBeChecked();
+  await expect(enabledSwitch(page, "GPT-5 Mini")).toBeChecked();
+  // A save sends the settings as shown: nothing is switched off unseen.
+  await page.getByRole("button", { name: "Save automatic fallback" }).click();
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  await expect(fallback).toBeChecked();
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  await expect(enabledSwitch(page, "GPT-5 Mini")).toBeChecked();
+  cli("limit", "clear", "gpt-5-mini");
+}
+
+test("after Back, the switches show the saved settings", async ({ page }) => {
+  await backShowsSavedSwitches(page, async () => {
+    await openTab(page);
+  });
+});
+
 test("after signing out, Back shows the page signed out, with no Sign out", async ({ page }) => {
   // A session of its own: signing out ends it, and the other tests share theirs.
   await signIn(page, "admin@example.com");
@@ -316,6 +351,20 @@ test("a member sees no Admin link and is refused the tab", async ({ page }) => {
 
 test.describe("without JavaScript", () => {
   test.use({ javaScriptEnabled: false });
+
+  test("after Back, the switches show the saved settings", async ({ page }) => {
+    await backShowsSavedSwitches(page, async () => {
+      if (adminSession) {
+        await page.context().addCookies(adminSession);
+      } else {
+        await page.goto("/login?next=%2Fadmin%2Ftoken-limits");
+        await page.getByLabel("Email").fill("admin@example.com");
+        await page.getByLabel("Password").fill(PASSWORD);
+        await page.getByRole("button", { name: "Sign in" }).click();
+      }
+      await page.goto("/admin/token-limits");
+    });
+  });
 
   test("a wrong password, a refused save and a saved one come back to the page with their messages", async ({ page }) => {
     await page.goto("/login?next=%2Fadmin%2Ftoken-limits");

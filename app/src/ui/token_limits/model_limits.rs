@@ -30,7 +30,10 @@ pub fn ModelLimits(
                 "for that model go to a cheaper model (or are blocked when none has room). Leave the "
                 "limit empty to let the model draw on the shared workspace budget."
             </p>
-            <ActionForm action=save>
+            // Never filled in by the browser's memory of the page (on Back, say):
+            // a switch shown as it was, under the current versions, would be
+            // saved as shown with nothing to refuse it.
+            <ActionForm action=save attr:autocomplete="off">
                 <table class="limits">
                     <thead>
                         <tr>

@@ -87,7 +87,8 @@ pub fn SpendingAndBudget(
             <p class=status_class id="status" role="status">{report.status.label()}</p>
             <p class="resets">"Resets monthly · next reset " <span id="next-reset">{report.resets_on.clone()}</span></p>
 
-            <ActionForm action=save attr:class="fallback-form">
+            // See the limits form: the browser must not restore the switch.
+            <ActionForm action=save attr:class="fallback-form" attr:autocomplete="off">
                 <input type="hidden" name="settings_version" value=settings_version.to_string()/>
                 <label class="toggle">
                     <input
