@@ -176,6 +176,9 @@ test("a double click on Save saves once, and is not refused as stale", async ({ 
   await save.dblclick();
   await expect(save).toBeDisabled();
   await expect(save).toHaveText("Saving…");
+  // Unavailable, yet still where the keyboard left off.
+  await expect(save).toBeFocused();
+  await page.keyboard.press("Enter");
   await expect(page.locator("#fallback-result")).toHaveText("Saved.");
   await expect(save).toBeEnabled();
   expect(saves).toBe(1);

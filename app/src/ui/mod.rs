@@ -82,17 +82,31 @@ pub(crate) fn form_status(
 }
 
 /// A form's submit button, named `label` for assistive technology and shown as
-/// "Save". While the form's save is `pending` it is disabled and reads
-/// "Saving…": a second click (a double click) would send the same versions
-/// again, and the save that came second would be refused as stale (409).
+/// "Save". While the form's save is `pending` it reads "Saving…", says it is
+/// unavailable (`aria-disabled`) and takes no click, Enter in a field included
+/// (the browser submits a form from the keyboard by clicking its button): a
+/// second click (a double click) would send the same versions again, and the
+/// save that came second would be refused as stale (409). It is not
+/// `disabled`, which would throw the keyboard's focus out of the form.
 #[component]
 pub(crate) fn SaveButton(
     id: &'static str,
     label: &'static str,
     #[prop(into)] pending: Signal<bool>,
 ) -> impl IntoView {
+    let held_back = move |ev: leptos::ev::MouseEvent| {
+        if pending.get_untracked() {
+            ev.prevent_default();
+        }
+    };
     view! {
-        <button type="submit" id=id aria-label=label disabled=move || pending.get()>
+        <button
+            type="submit"
+            id=id
+            aria-label=label
+            aria-disabled=move || pending.get().then_some("true")
+            on:click=held_back
+        >
             {move || if pending.get() { "Saving…" } else { "Save" }}
         </button>
     }
