@@ -407,7 +407,6 @@ mod tests {
         );
     }
 
-    #[cfg(feature = "ssr")]
     #[test]
     fn a_call_the_browser_could_not_carry_is_told_in_the_panels_words() {
         let error = ApiError::from_server_fn_error(ServerFnErrorErr::Request(
@@ -420,6 +419,7 @@ mod tests {
         assert!(!sentence.contains("server function"), "{sentence}");
     }
 
+    #[cfg(feature = "ssr")]
     #[test]
     fn a_busy_or_unreachable_database_is_a_503_to_try_again_not_a_500() {
         use crate::store::StoreError;

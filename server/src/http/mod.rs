@@ -162,7 +162,10 @@ async fn tidy_location(request: Request, next: Next) -> Response {
         .headers()
         .get(header::LOCATION)
         .and_then(|location| location.to_str().ok())
-        .and_then(|location| tidied_location(location, save))
+        .and_then(|location| {
+            let tidied = tidied_location(location, save);
+            (tidied != location).then_some(tidied)
+        })
         .and_then(|location| HeaderValue::from_str(&location).ok());
     if let Some(location) = tidied {
         response.headers_mut().insert(header::LOCATION, location);
@@ -172,7 +175,7 @@ async fn tidy_location(request: Request, next: Next) -> Response {
 
 /// `location` with the error of the last post only, and with [`SAVED_KEY`] set
 /// to `save` when it carries no error (the save at `save` succeeded) and taken
-/// out otherwise; `None` when it needs no change.
+/// out otherwise.
 ///
 /// server_fn adds a refused post's error (`__path` and `__err`) to the page's
 /// address and takes them out when a post succeeds: a page refused again kept
@@ -180,7 +183,7 @@ async fn tidy_location(request: Request, next: Next) -> Response {
 /// time, until the browser sent too long a `Referer` no more and the form's
 /// next error was lost. A bare `?` (the address held only an error, taken out)
 /// goes as well.
-fn tidied_location(location: &str, save: Option<&str>) -> Option<String> {
+fn tidied_location(location: &str, save: Option<&str>) -> String {
     let (page, query) = location.split_once('?').unwrap_or((location, ""));
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
         .into_owned()
@@ -201,19 +204,13 @@ fn tidied_location(location: &str, save: Option<&str>) -> Option<String> {
     if let Some(save) = save.filter(|_| last_error.is_none()) {
         kept.push((SAVED_KEY, save));
     }
-    let unchanged = kept.iter().copied().eq(pairs
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_str())));
-    if unchanged && !location.ends_with('?') {
-        return None;
-    }
     if kept.is_empty() {
-        return Some(page.to_owned());
+        return page.to_owned();
     }
     let query = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(kept)
         .finish();
-    Some(format!("{page}?{query}"))
+    format!("{page}?{query}")
 }
 
 /// What server functions and pages find in the Leptos context.
