@@ -89,7 +89,7 @@ impl EuroInputError {
         match self {
             EuroInputError::Empty => "Enter an amount in euros, for example 12.50.".to_owned(),
             EuroInputError::NotANumber => {
-                "Enter an amount in euros using digits, for example 12.50 or 1 234,50.".to_owned()
+                "Enter an amount in euros using digits, for example 12.50 or 1\u{a0}234,50.".to_owned()
             }
             EuroInputError::Negative => "An amount cannot be negative.".to_owned(),
             EuroInputError::AmbiguousSeparator {
@@ -108,7 +108,7 @@ impl EuroInputError {
                 "The amount is too large: the most accepted is €1,000,000,000.00.".to_owned()
             }
             EuroInputError::MisplacedSeparator => {
-                "Check the separators: group thousands by three (1 234 567,89, 1.234.567,89 \
+                "Check the separators: group thousands by three (1\u{a0}234\u{a0}567,89, 1.234.567,89 \
                  or 1,234,567.89) and put digits on both sides of the decimal separator."
                     .to_owned()
             }
@@ -434,6 +434,20 @@ mod tests {
         assert!(EuroInputError::TooLarge
             .message()
             .contains("€1,000,000,000.00"));
+        // An example amount is never broken over two lines of a narrow screen:
+        // its groups are joined by no-break spaces, and each example still
+        // parses as the amount it shows.
+        for message in &messages {
+            let chars: Vec<char> = message.chars().collect();
+            assert!(
+                !chars
+                    .windows(3)
+                    .any(|w| w[0].is_ascii_digit() && w[1] == ' ' && w[2].is_ascii_digit()),
+                "{message:?}"
+            );
+        }
+        assert_eq!(ok("1\u{a0}234,50"), dec!(1234.5));
+        assert_eq!(ok("1\u{a0}234\u{a0}567,89"), dec!(1234567.89));
         // Each is found again by its code, but the one whose sentence repeats
         // the input.
         for error in all {

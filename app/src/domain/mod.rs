@@ -39,5 +39,5 @@ pub use euro_input::{parse_eur_input, EuroInputError};
 pub use limits::{LimitError, ModelLimit};
 pub use money::{format_eur, format_eur_exact, Money, MoneyError, Nanos, PricePerMTok};
 pub use pricing::{cost, PricingError, Usage, UsageError};
-pub use shares::{spend_by_model, ModelSpend};
+pub use shares::{by_display_name, spend_by_model, ModelSpend};
 pub use status::{PlanAmounts, Status};

@@ -1,6 +1,6 @@
 //! Spend by model and each model's share of the total (DESIGN.md R8).
 
-use std::cmp::Reverse;
+use std::cmp::{Ordering, Reverse};
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -22,13 +22,27 @@ pub struct ModelSpend {
     pub share_percent: Decimal,
 }
 
+/// The order of two display names as a person reads a list: letters compared
+/// without their case ("Gemini" before "GPT-5.4 Nano"), then, between names
+/// that differ only in case, by their exact text, so the order is total. The
+/// order of R8's ties (DESIGN.md R8) and of the Model limits rows.
+pub fn by_display_name(a: &str, b: &str) -> Ordering {
+    let folded = |name: &str| {
+        name.chars()
+            .flat_map(char::to_lowercase)
+            .collect::<String>()
+    };
+    folded(a).cmp(&folded(b)).then_with(|| a.cmp(b))
+}
+
 /// Tenths of a percent in a whole.
 const TENTHS: i128 = 1000;
 
 /// The rows of "Spend by model" for per-model spend `(id, display name, spent
 /// nano-euros)`, read from the per-cycle counters (DESIGN.md R8).
 ///
-/// Sorted by spend, descending, ties by display name (then id, so the order is total).
+/// Sorted by spend, descending, ties by display name ([`by_display_name`], then
+/// id, so the order is total).
 /// Shares have one decimal and, when the total is positive, sum to exactly 100.0:
 /// each share is floored to a tenth and the tenths left over go one each to the
 /// largest remainders, equal remainders to the larger amount, then by display name.
@@ -53,7 +67,7 @@ pub fn spend_by_model(
     rows.sort_by(|(a, amount_a), (b, amount_b)| {
         amount_b
             .cmp(amount_a)
-            .then_with(|| a.display_name.cmp(&b.display_name))
+            .then_with(|| by_display_name(&a.display_name, &b.display_name))
             .then_with(|| a.id.cmp(&b.id))
     });
 
@@ -123,6 +137,25 @@ mod tests {
         ]));
         assert_eq!(names(&rows), ["Mu", "Alpha", "Zeta", "Nothing"]);
         assert_eq!(shares(&rows), ["50.0", "25.0", "25.0", "0.0"]);
+    }
+
+    /// Ties are read by a person: case does not order them, so a lower-case
+    /// letter does not sort after every capital.
+    #[test]
+    fn ties_are_ordered_by_display_name_whatever_its_case() {
+        let rows = spend_by_model(input(&[
+            ("gpt", "GPT-5.4 Nano", 0),
+            ("gem", "Gemini", 0),
+            ("mis", "mistral-small", 0),
+            ("cla", "Claude", 0),
+        ]));
+        assert_eq!(
+            names(&rows),
+            ["Claude", "Gemini", "GPT-5.4 Nano", "mistral-small"]
+        );
+        assert_eq!(by_display_name("a", "A"), Ordering::Greater);
+        assert_eq!(by_display_name("Éclair", "éclair"), Ordering::Less);
+        assert_eq!(by_display_name("b", "b"), Ordering::Equal);
     }
 
     #[test]
