@@ -58,6 +58,9 @@ impl FieldError {
                 "duplicate_model" => {
                     "This model is named twice: give each model one limit per save.".to_owned()
                 }
+                "conflict" => "Changed by someone else since this page showed it: reload \
+                               the page to see it."
+                    .to_owned(),
                 "too_many_rows" => {
                     "This save has more rows than the catalog has models.".to_owned()
                 }
@@ -71,6 +74,13 @@ impl FieldError {
         }
     }
 }
+
+/// The sentence of every conflict (409), the same with and without
+/// JavaScript: the server's, and the one an error read from the page's URL
+/// gets ([`ApiError::with_fixed_text`]).
+pub const CONFLICT_MESSAGE: &str = "Nothing was saved: these settings were changed since this \
+    page showed them (by another administrator, in another tab or with the CLI). Reload the \
+    page to see the current values, then make your change again.";
 
 /// Errors of server functions.
 ///
@@ -110,8 +120,13 @@ pub enum ApiError {
     /// Someone else saved first (409); nothing was saved.
     #[error("{message}")]
     Conflict {
-        /// What to do about it.
+        /// What to do about it: [`CONFLICT_MESSAGE`] from the server.
         message: String,
+        /// The limit row changed meanwhile, by model id, with the code
+        /// `conflict`; none when it was the settings. Absent on the wire
+        /// before this field existed, so it defaults to none.
+        #[serde(default)]
+        fields: Vec<FieldError>,
     },
     /// Another program kept the database busy past the server's wait (503);
     /// nothing was changed, and the same request may succeed a moment later.
@@ -195,10 +210,12 @@ impl ApiError {
                     .map(|f| FieldError::fixed(f.field, &f.code))
                     .collect(),
             },
-            ApiError::Conflict { .. } => ApiError::Conflict {
-                message: "Nothing was saved: someone else saved a change first. Reload the \
-                          page to see it, then make yours again."
-                    .into(),
+            ApiError::Conflict { fields, .. } => ApiError::Conflict {
+                message: CONFLICT_MESSAGE.into(),
+                fields: fields
+                    .into_iter()
+                    .map(|f| FieldError::fixed(f.field, "conflict"))
+                    .collect(),
             },
             ApiError::BadRequest { .. } => ApiError::BadRequest {
                 message: "The form could not be read; nothing was changed.".into(),
@@ -211,10 +228,13 @@ impl ApiError {
         }
     }
 
-    /// The error of one field.
+    /// The error of one field: refused (`invalid`), or changed by someone else
+    /// meanwhile (`conflict`).
     pub fn field(&self, field: &str) -> Option<&FieldError> {
         match self {
-            ApiError::Invalid { fields, .. } => fields.iter().find(|f| f.field == field),
+            ApiError::Invalid { fields, .. } | ApiError::Conflict { fields, .. } => {
+                fields.iter().find(|f| f.field == field)
+            }
             _ => None,
         }
     }
@@ -229,14 +249,16 @@ impl Serialize for ApiError {
             // Their message is their own field: written as it is, so that it
             // reads back unchanged.
             ApiError::Invalid { message, .. }
-            | ApiError::Conflict { message }
+            | ApiError::Conflict { message, .. }
             | ApiError::BadRequest { message }
             | ApiError::Transport { message } => map.serialize_entry("message", message)?,
             other => map.serialize_entry("message", &other.to_string())?,
         }
         match self {
             ApiError::RateLimited { seconds } => map.serialize_entry("seconds", seconds)?,
-            ApiError::Invalid { fields, .. } => map.serialize_entry("fields", fields)?,
+            ApiError::Invalid { fields, .. } | ApiError::Conflict { fields, .. } => {
+                map.serialize_entry("fields", fields)?
+            }
             _ => {}
         }
         map.end()
@@ -333,11 +355,13 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         use crate::store::StoreError;
         match e {
-            StoreError::Conflict { .. } => ApiError::Conflict {
-                message: "These settings were changed since this page showed them (by another \
-                          administrator, in another tab or with the CLI). Reload the page to see \
-                          the current values, then make your change again."
-                    .into(),
+            StoreError::Conflict { what, .. } => ApiError::Conflict {
+                message: CONFLICT_MESSAGE.into(),
+                fields: if what == crate::store::SETTINGS {
+                    Vec::new()
+                } else {
+                    vec![FieldError::fixed(what, "conflict")]
+                },
             },
             StoreError::Invalid { code, message } => ApiError::Invalid {
                 message: message.clone(),
@@ -378,6 +402,7 @@ mod tests {
             },
             ApiError::Conflict {
                 message: "Reload.".into(),
+                fields: vec![FieldError::fixed("gpt-5", "conflict")],
             },
             ApiError::Unavailable,
             ApiError::DatabaseUnavailable,
@@ -487,6 +512,11 @@ mod tests {
         for error in [
             ApiError::Conflict {
                 message: FORGED.into(),
+                fields: vec![FieldError {
+                    field: "gpt-5".into(),
+                    code: "conflict".into(),
+                    message: FORGED.into(),
+                }],
             },
             ApiError::BadRequest {
                 message: FORGED.into(),
@@ -509,5 +539,39 @@ mod tests {
                 seconds: SIGN_IN_INTERVAL_SECONDS
             }
         );
+    }
+
+    /// A conflict reads the same with and without JavaScript, and names the
+    /// limit row changed meanwhile; a conflict on the settings names no row.
+    #[cfg(feature = "ssr")]
+    #[test]
+    fn a_conflict_names_the_row_changed_meanwhile_in_one_sentence_everywhere() {
+        use crate::store::{StoreError, SETTINGS};
+        let conflict = |what: &str| {
+            ApiError::from(StoreError::Conflict {
+                what: what.into(),
+                current_version: 3,
+            })
+        };
+        let row = conflict("gpt-5");
+        assert_eq!(row.status(), 409);
+        assert_eq!(row.to_string(), CONFLICT_MESSAGE);
+        assert_eq!(
+            row.field("gpt-5").map(|f| f.code.as_str()),
+            Some("conflict")
+        );
+        assert_eq!(row.field("gpt-4o"), None);
+        assert_eq!(row.clone().with_fixed_text(), row);
+        assert_eq!(
+            conflict(SETTINGS),
+            ApiError::Conflict {
+                message: CONFLICT_MESSAGE.into(),
+                fields: Vec::new(),
+            }
+        );
+        // An answer of a server from before the field: no row named.
+        let old: ApiError =
+            serde_json::from_str(r#"{"code":"conflict","message":"Reload."}"#).unwrap();
+        assert_eq!(old.field("gpt-5"), None);
     }
 }

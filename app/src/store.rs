@@ -15,6 +15,10 @@ use crate::domain::{
     TokenEstimate, Usage,
 };
 
+/// [`StoreError::Conflict`]'s `what` for the workspace's settings (the
+/// automatic fallback switch).
+pub const SETTINGS: &str = "settings";
+
 /// Errors every store operation can return; each names its HTTP status.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -30,7 +34,8 @@ pub enum StoreError {
         "{what} was changed by someone else in the meantime (now at version {current_version})"
     )]
     Conflict {
-        /// What was being changed (e.g. "settings", or a model id).
+        /// What was being changed: [`SETTINGS`], or the id of the model whose
+        /// limit it was.
         what: String,
         /// The version now stored, so the caller can reload.
         current_version: i64,

@@ -1917,7 +1917,7 @@ macro_rules! impl_store {
                 if expected_version.is_some_and(|expected| expected != current.version) {
                     tx.rollback().await.map_err(db_error)?;
                     return Err(app::store::StoreError::Conflict {
-                        what: "settings".into(),
+                        what: app::store::SETTINGS.into(),
                         current_version: current.version,
                     });
                 }
