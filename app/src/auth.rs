@@ -26,6 +26,35 @@ impl Role {
     }
 }
 
+/// Where a user goes once signed in (DESIGN.md §5): `next`, the page that sent
+/// them to sign in, when it is a path of this site that their role may open;
+/// else their start: the Token Limits tab for an administrator, the start
+/// page for a member, whom an Admin Panel page would only refuse (403).
+///
+/// A path of this site only, never another site's: browsers drop tabs and
+/// newlines from URLs and read `\` as `/`, so `/<TAB>/evil` or `/\evil`
+/// would become `//evil`. Any control character, whitespace or backslash
+/// refuses the path, as does a second leading slash.
+pub fn landing(next: Option<&str>, role: Role) -> String {
+    let local = next.filter(|path| {
+        path.starts_with('/')
+            && !path.starts_with("//")
+            && !path
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
+    });
+    let for_admins = |path: &str| {
+        let page = path.split(['?', '#']).next().unwrap_or_default();
+        page == "/admin" || page.starts_with("/admin/")
+    };
+    match (local, role) {
+        (Some(path), Role::Admin) => path.to_owned(),
+        (Some(path), Role::Member) if !for_admins(path) => path.to_owned(),
+        (_, Role::Admin) => "/admin/token-limits".to_owned(),
+        (_, Role::Member) => "/".to_owned(),
+    }
+}
+
 /// A role name that is neither `admin` nor `member`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not a role: use admin or member")]
@@ -202,3 +231,46 @@ pub use server::{
     current_user, dummy_password_hash, hash_password, require_admin, set_status, verify_password,
     CredentialError, MIN_PASSWORD_CHARS,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::{landing, Role};
+
+    #[test]
+    fn only_local_paths_are_followed_after_sign_in() {
+        let next = |p: &str| landing(Some(p), Role::Admin);
+        assert_eq!(next("/admin/token-limits"), "/admin/token-limits");
+        assert_eq!(next("/?a=b"), "/?a=b");
+        for bad in [
+            "//evil.example",
+            "/\t/evil.example",
+            "/\n/evil",
+            "/\\evil.example",
+            "https://evil.example",
+            "evil",
+            "/ /evil",
+            "",
+        ] {
+            assert_eq!(next(bad), "/admin/token-limits", "{bad:?} was followed");
+            assert_eq!(
+                landing(Some(bad), Role::Member),
+                "/",
+                "{bad:?} was followed"
+            );
+        }
+        assert_eq!(landing(None, Role::Admin), "/admin/token-limits");
+    }
+
+    /// A member sent to sign in by an Admin Panel page lands on the start
+    /// page, not on the panel's refusal; other pages are followed.
+    #[test]
+    fn members_land_on_the_start_page_rather_than_a_refusal() {
+        let member = |p: &str| landing(Some(p), Role::Member);
+        assert_eq!(member("/admin/token-limits"), "/");
+        assert_eq!(member("/admin"), "/");
+        assert_eq!(member("/admin?__saved=x"), "/");
+        assert_eq!(member("/?a=b"), "/?a=b");
+        assert_eq!(member("/administrators-guide"), "/administrators-guide");
+        assert_eq!(landing(None, Role::Member), "/");
+    }
+}

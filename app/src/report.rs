@@ -234,6 +234,32 @@ pub struct ModelRowView {
     /// True when the model's active limit is used up (spent ≥ limit, R5/R6): new
     /// requests for it fall back or are blocked.
     pub limit_reached: bool,
+    /// A word beside an enabled limit that does something other than it may
+    /// seem to: one of €0.00 lets no request through, one above the plan
+    /// budget plus overage never stops anything the plan would not. `None`
+    /// for every other limit.
+    pub limit_note: Option<String>,
+}
+
+/// [`ModelRowView::limit_note`] of `model` in a workspace allowed
+/// `allowance` (plan budget plus overage limit, EUR).
+fn limit_note(model: &ModelReport, allowance: Money) -> Option<String> {
+    let limit = model.limit.filter(|_| model.limit_enabled)?;
+    if limit == Money::ZERO {
+        Some(
+            "At €0.00 this limit lets no request through: each request for this model \
+             goes to a cheaper model, or is blocked."
+                .to_owned(),
+        )
+    } else if limit > allowance {
+        Some(format!(
+            "This is more than the workspace may spend in a cycle ({}): the plan's limit \
+             is reached first.",
+            crate::domain::format_eur(allowance)
+        ))
+    } else {
+        None
+    }
 }
 
 /// `money` in cents, or `less than €0.01` for a positive amount that rounds to
@@ -279,6 +305,7 @@ impl From<&SpendReport> for TabView {
                     limit_enabled: m.limit_enabled,
                     limit_version: m.limit_version,
                     limit_reached: m.limit_enabled && m.limit.is_some_and(|cap| m.spent >= cap),
+                    limit_note: limit_note(m, report.allowance()),
                 })
                 .collect(),
         }
@@ -349,5 +376,37 @@ mod tests {
             shown(report("0", "0", "0")),
             ("100.0".into(), "100.0".into())
         );
+    }
+
+    /// An enabled limit of €0.00, or one above the allowance, gets a word of
+    /// what it does; a disabled one, or one within the allowance, none.
+    #[test]
+    fn limits_that_do_other_than_they_seem_say_so() {
+        let eur = |text: &str| Money::new(text.parse::<Decimal>().unwrap());
+        let model = |limit: Option<&str>, enabled: bool| ModelReport {
+            id: ModelId::from("gpt-5"),
+            display_name: "GPT-5".into(),
+            in_catalog: true,
+            spent: Money::ZERO,
+            share_percent: Decimal::ZERO,
+            limit: limit.map(eur),
+            limit_enabled: enabled,
+            limit_version: 1,
+        };
+        let allowance = eur("600");
+        let note = |limit, enabled| limit_note(&model(limit, enabled), allowance);
+        assert!(note(Some("0"), true)
+            .unwrap()
+            .contains("lets no request through"));
+        assert_eq!(
+            note(Some("600.01"), true).unwrap(),
+            "This is more than the workspace may spend in a cycle (€600.00): the plan's \
+             limit is reached first."
+        );
+        assert_eq!(note(Some("600"), true), None);
+        assert_eq!(note(Some("12.50"), true), None);
+        assert_eq!(note(Some("0"), false), None);
+        assert_eq!(note(Some("5000"), false), None);
+        assert_eq!(note(None, true), None);
     }
 }

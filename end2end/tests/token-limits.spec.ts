@@ -134,6 +134,8 @@ test("invalid limits show their messages and change nothing", async ({ page }) =
   }
   await page.locator("#save-limits").click();
   await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
+  // The keyboard is taken to the first refused field in the rows' order.
+  await expect(limitInput(page, "Claude Sonnet 4.5")).toBeFocused();
   for (const [name, , message] of cases) {
     const input = limitInput(page, name);
     await expect(input).toHaveAttribute("aria-invalid", "true");
@@ -205,16 +207,27 @@ test("saves of both forms in a row are each taken, none refused as stale", async
   const toggle = page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" });
   await toggle.click();
   // Each Save is named for its form.
-  await page.getByRole("button", { name: "Save automatic fallback" }).click();
+  const saveFallback = page.getByRole("button", { name: "Save automatic fallback" });
+  await saveFallback.click();
   await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  // The section was drawn again with the saved numbers; the keyboard is
+  // still on its Save.
+  await expect(saveFallback).toBeFocused();
+  const saveLimits = page.getByRole("button", { name: "Save model limits" });
   for (const amount of ["33", "34"]) {
     await limitInput(page, "GPT-4o").fill(amount);
-    await page.getByRole("button", { name: "Save model limits" }).click();
+    await saveLimits.click();
     // Shown as the server writes it once the tab has reloaded its numbers.
     await expect(limitInput(page, "GPT-4o")).toHaveValue(`€${amount}.00`);
     await expect(page.locator("#limits-result")).toHaveText("Saved.");
+    await expect(saveLimits).toBeFocused();
   }
   expect(cli("audit", "--limit", "1")).toContain('"limit_eur":"34"');
+  // A change made after the save is not called saved; the other form's answer
+  // stays.
+  await limitInput(page, "GPT-4o").fill("35");
+  await expect(page.locator("#limits-result")).toHaveText("");
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
   cli("limit", "clear", "gpt-4o");
 });
 
@@ -232,7 +245,12 @@ test("a change typed in one form is kept when the other is saved, and still chec
   await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("60");
   // Saved as typed on the version it was typed on: refused, since the CLI changed it.
   await page.getByRole("button", { name: "Save model limits" }).click();
-  await expect(page.locator("#limits-result")).toContainText("changed");
+  await expect(page.locator("#limits-result")).toContainText("these settings were changed since this page showed them");
+  // The row that was changed meanwhile is marked, and the keyboard taken to it.
+  const mini = limitInput(page, "GPT-5 Mini");
+  await expect(mini).toHaveAttribute("aria-invalid", "true");
+  await expect(page.locator('[id="limit-error-gpt-5-mini"]')).toHaveText(/Changed by someone else/);
+  await expect(mini).toBeFocused();
   await page.reload();
   await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
   await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("€5.00");
@@ -257,6 +275,14 @@ test("the tab fits a phone's screen", async ({ page }) => {
   expect(scrollWidth).toBeLessThanOrEqual(innerWidth);
   const field = await limitInput(page, "Claude Sonnet 4.5").boundingBox();
   expect(field!.width).toBeGreaterThanOrEqual(150);
+  // The table's head is hidden here, so each switch says what it is beside it,
+  // and keeps its own name for assistive technology.
+  const row = page.locator('tr[data-model="claude-sonnet-4-5"]');
+  await expect(row.getByText("Enabled", { exact: true })).toBeVisible();
+  await expect(enabledSwitch(page, "Claude Sonnet 4.5")).toBeVisible();
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await expect(row.getByText("Enabled", { exact: true })).toBeHidden();
+  await page.setViewportSize({ width: 360, height: 740 });
   await expect(page.getByRole("button", { name: "Sign out" })).toBeVisible();
 });
 
@@ -285,7 +311,7 @@ test("an error forged into the tab's URL shows only the tab's own sentences", as
   fallback.searchParams.set("__path", fallback.searchParams.get("__path")!.replace("save_model_limits", "save_automatic_fallback"));
   await page.goto(forgedErrorUrl(fallback.toString(), (e: any) => ({ code: "conflict", message: PHISH })));
   await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
-  await expect(page.locator("#fallback-result")).toContainText("someone else saved a change first");
+  await expect(page.locator("#fallback-result")).toContainText("these settings were changed since this page showed them");
   await expect(page.locator("body")).not.toContainText("evil.example");
 });
 
@@ -339,34 +365,56 @@ test("after signing out, Back shows the page signed out, with no Sign out", asyn
   await expect(sidebar.getByRole("link", { name: "Sign in" })).toBeVisible();
 });
 
+test("a save once signed out elsewhere says so and leads to sign in", async ({ page }) => {
+  await openTab(page);
+  // Signed out meanwhile, as by another tab: the browser no longer has the cookie.
+  await page.context().clearCookies();
+  await limitInput(page, "GPT-4o").fill("44");
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  const result = page.locator("#limits-result");
+  await expect(result).toContainText("You are signed out, so nothing was saved.");
+  await result.getByRole("link", { name: "Sign in again" }).click();
+  await expect(page).toHaveURL(/\/login\?next=%2Fadmin%2Ftoken-limits$/);
+  expect(cli("audit", "--limit", "1")).not.toContain('"limit_eur":"44"');
+});
+
 test("a member sees no Admin link and is refused the tab", async ({ page }) => {
   await signIn(page, "member@example.com");
-  // Signed in, the member is sent on to the tab they asked for and refused there,
-  // with no figure of the workspace on the page.
-  await expect(page.getByRole("heading", { name: "No access" })).toBeVisible();
-  await expect(page.locator("body")).not.toContainText("€");
-  const response = await page.goto("/admin/token-limits");
-  expect(response?.status()).toBe(403);
-  await page.goto("/");
+  // Signed in, the member lands on the start page rather than on the tab's
+  // refusal, and sees no way to the Admin Panel.
+  await expect(page).toHaveURL(/\/$/);
   await expect(page.getByRole("heading", { name: "Tollgate" })).toBeVisible();
   await expect(page.getByRole("link", { name: "Admin" })).toHaveCount(0);
+  // The tab's address itself is refused, with no figure of the workspace.
+  const response = await page.goto("/admin/token-limits");
+  expect(response?.status()).toBe(403);
+  await expect(page.getByRole("heading", { name: "No access" })).toBeVisible();
+  await expect(page.locator("body")).not.toContainText("€");
+  await page.getByRole("link", { name: "Go to the start page" }).click();
+  await expect(page.getByRole("heading", { name: "Tollgate" })).toBeVisible();
+  // Back to the login page, signed in: led on, not shown the form again.
+  await page.goto("/login?next=%2Fadmin%2Ftoken-limits");
+  await expect(page).toHaveURL(/\/$/);
 });
 
 test.describe("without JavaScript", () => {
   test.use({ javaScriptEnabled: false });
 
+  /** The tab, without JavaScript: the shared session, or a sign-in by the form. */
+  async function openTabWithoutScript(page: Page) {
+    if (adminSession) {
+      await page.context().addCookies(adminSession);
+    } else {
+      await page.goto("/login?next=%2Fadmin%2Ftoken-limits");
+      await page.getByLabel("Email").fill("admin@example.com");
+      await page.getByLabel("Password").fill(PASSWORD);
+      await page.getByRole("button", { name: "Sign in" }).click();
+    }
+    await page.goto("/admin/token-limits");
+  }
+
   test("after Back, the switches show the saved settings", async ({ page }) => {
-    await backShowsSavedSwitches(page, async () => {
-      if (adminSession) {
-        await page.context().addCookies(adminSession);
-      } else {
-        await page.goto("/login?next=%2Fadmin%2Ftoken-limits");
-        await page.getByLabel("Email").fill("admin@example.com");
-        await page.getByLabel("Password").fill(PASSWORD);
-        await page.getByRole("button", { name: "Sign in" }).click();
-      }
-      await page.goto("/admin/token-limits");
-    });
+    await backShowsSavedSwitches(page, () => openTabWithoutScript(page));
   });
 
   test("a wrong password, a refused save and a saved one come back to the page with their messages", async ({ page }) => {
@@ -400,5 +448,19 @@ test.describe("without JavaScript", () => {
     await expect(limitInput(page, "GPT-4o")).toHaveValue("€44.00");
     await expect(page.locator("#fallback-result")).toHaveText("");
     cli("limit", "clear", "gpt-4o");
+  });
+
+  test("a save once signed out elsewhere goes to sign in, which says it was not saved", async ({ page }) => {
+    await openTabWithoutScript(page);
+    await page.context().clearCookies();
+    await limitInput(page, "GPT-4o").fill("45");
+    await page.locator("#save-limits").click();
+    await expect(page).toHaveURL(/\/login\?next=%2Fadmin%2Ftoken-limits&reason=signed_out$/);
+    await expect(page.locator("#signed-out")).toContainText("your change was not saved");
+    await page.getByLabel("Email").fill("admin@example.com");
+    await page.getByLabel("Password").fill(PASSWORD);
+    await page.getByRole("button", { name: "Sign in" }).click();
+    await expect(page).toHaveURL(/\/admin\/token-limits$/);
+    await expect(limitInput(page, "GPT-4o")).toHaveValue("");
   });
 });

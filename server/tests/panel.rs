@@ -265,6 +265,8 @@ async fn pages_redirect_anonymous_users_and_refuse_members() {
     let (status, _, body) = panel.send(get("/admin/token-limits", Some(&member))).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(!body.contains("€") && !body.contains("GPT-5"), "{body}");
+    assert!(body.contains("<h1>No access</h1>"), "{body}");
+    assert!(body.contains("Go to the start page"), "{body}");
     let (status, _, body) = panel.send(get("/", Some(&member))).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
@@ -510,6 +512,17 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{text}");
     assert_eq!(panel.settings_audit().await.len(), 1);
+    // The row changed meanwhile is named, with the sentence its code has in
+    // the page's URL, so the answer reads the same without JavaScript.
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["code"], "conflict", "{text}");
+    assert_eq!(error["message"], app::error::CONFLICT_MESSAGE, "{text}");
+    assert_eq!(error["fields"][0]["field"], "gpt-5", "{text}");
+    assert_eq!(
+        error["fields"][0]["message"],
+        app::error::FieldError::fixed("gpt-5", "conflict").message,
+        "{text}"
+    );
 
     // One model twice in a save (only a hand-made request can): a field error, not
     // a conflict, and nothing is written.
@@ -733,6 +746,65 @@ async fn spend_on_a_model_no_longer_in_the_catalog_keeps_its_row() {
     assert!(limits.contains("data-model=\"gpt-5-mini\""), "{limits}");
 }
 
+/// Saved limits that do other than they may seem to are taken, and the tab
+/// says what they do under their field: €0.00 enabled lets nothing through,
+/// and a limit above the allowance (€600.00 on the demo plan) stops nothing.
+#[tokio::test]
+async fn limits_of_nothing_or_beyond_the_allowance_are_explained_on_their_row() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let body = "rows[0][model]=gpt-5&rows[0][limit]=0&rows[0][version]=0&rows[0][enabled]=on\
+                &rows[1][model]=gpt-4o&rows[1][limit]=5000&rows[1][version]=0&rows[1][enabled]=on\
+                &rows[2][model]=gpt-5-mini&rows[2][limit]=50&rows[2][version]=0&rows[2][enabled]=on";
+    let (status, _, text) = panel
+        .send(post("/fn/save_model_limits", body, Some(&admin)))
+        .await;
+    assert!(status.is_success(), "{status} {text}");
+    let html = panel.open_tab(&admin).await;
+    let row = |id: &str| {
+        let start = html.find(&format!("data-model=\"{id}\"")).unwrap();
+        let end = start + html[start..].find("</tr>").unwrap();
+        html[start..end].to_owned()
+    };
+    let nothing = row("gpt-5");
+    assert!(nothing.contains("lets no request through"), "{nothing}");
+    assert!(
+        nothing.contains(r#"aria-describedby="limit-error-gpt-5 limit-note-gpt-5""#),
+        "{nothing}"
+    );
+    let beyond = row("gpt-4o");
+    assert!(
+        beyond.contains("may spend in a cycle (€600.00)"),
+        "{beyond}"
+    );
+    let within = row("gpt-5-mini");
+    assert!(!within.contains("limit-note"), "{within}");
+}
+
+/// The Model limits rows keep the order of their names as a person reads them,
+/// whatever their case: "Gemini 2.5 Flash" before "GPT-4o", not after every
+/// capital "GPT".
+#[tokio::test]
+async fn the_limits_rows_are_in_the_order_of_their_names() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let body = panel.open_tab(&admin).await;
+    let limits = &body
+        [body.find("id=\"limits-title\"").unwrap()..body.find("id=\"by-model-title\"").unwrap()];
+    let names: Vec<&str> = limits
+        .split("<th scope=\"row\">")
+        .skip(1)
+        .map(|row| row.split('<').next().unwrap().trim())
+        .collect();
+    assert!(names.len() >= 10, "{names:?}");
+    let gemini = names.iter().position(|n| *n == "Gemini 2.5 Flash").unwrap();
+    let gpt = names.iter().position(|n| *n == "GPT-4o").unwrap();
+    assert!(gemini < gpt, "{names:?}");
+    let mut sorted = names.clone();
+    sorted.sort_by(|a, b| app::domain::by_display_name(a, b));
+    assert_eq!(names, sorted);
+}
+
 /// What is held for requests in flight counts against the allowance (R6, R7), so
 /// the tab shows it, exactly, as the spend API does.
 #[tokio::test]
@@ -884,6 +956,56 @@ async fn forms_posted_without_javascript_return_to_their_page() {
     let refused = headers[header::LOCATION].to_str().unwrap().to_owned();
     assert!(refused.contains("__err="), "{refused}");
     assert!(!refused.contains("__saved"), "{refused}");
+}
+
+/// A form posted without JavaScript once the session has ended (signed out in
+/// another tab, say) changes nothing and goes to the sign-in page, which says
+/// the change was not saved and leads back to the page the form was on. A
+/// script's call is still answered 401 in the functions' shape.
+#[tokio::test]
+async fn a_form_posted_once_signed_out_goes_to_sign_in_and_says_why() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let (status, _, _) = panel.send(post("/fn/logout", "", Some(&admin))).await;
+    assert!(status.is_success() || status.is_redirection(), "{status}");
+    let version = panel.settings().await.version;
+    let form = format!("automatic_fallback=off&settings_version={version}");
+    let mut request = post("/fn/save_automatic_fallback", &form, Some(&admin));
+    let headers = request.headers_mut();
+    headers.insert(header::ACCEPT, "text/html,*/*".parse().unwrap());
+    headers.insert(
+        header::REFERER,
+        "http://tollgate.test/admin/token-limits?__saved=%2Ffn%2Fsave_model_limits"
+            .parse()
+            .unwrap(),
+    );
+    let (status, headers, _) = panel.send(request).await;
+    assert_eq!(status, StatusCode::FOUND);
+    let location = headers[header::LOCATION].to_str().unwrap();
+    assert_eq!(
+        location,
+        "/login?next=%2Fadmin%2Ftoken-limits&reason=signed_out"
+    );
+    assert!(panel.settings().await.automatic_fallback, "nothing changed");
+    let (status, _, html) = panel.send(get(location, None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("id=\"signed-out\""), "{html}");
+    assert!(html.contains("your change was not saved"), "{html}");
+    assert!(
+        html.contains(r#"name="next" value="/admin/token-limits""#),
+        "{html}"
+    );
+    // Only then: a visitor sent to sign in for another reason is not told so.
+    let (_, _, html) = panel
+        .send(get("/login?next=%2Fadmin%2Ftoken-limits", None))
+        .await;
+    assert!(!html.contains("id=\"signed-out\""), "{html}");
+
+    let (status, _, body) = panel
+        .send(post("/fn/save_automatic_fallback", &form, Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("\"code\":\"unauthorized\""), "{body}");
 }
 
 /// Every kind of the panel's answers tells browsers: never in another site's
@@ -1212,6 +1334,48 @@ async fn unknown_server_functions_answer_json() {
         assert_eq!(json["code"], "unknown_server_function", "{path}");
         assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+}
+
+/// Signed in already (Back after signing in, an old link), the login page
+/// leads on to where a sign-in would have; a member sent to sign in by an
+/// Admin Panel page lands on the start page, not on its refusal.
+#[tokio::test]
+async fn signed_in_users_are_led_past_the_login_page_to_what_they_may_open() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let member = panel.sign_in("bob@example.com").await;
+    for (cookie, url, landing) in [
+        (&admin, "/login", "/admin/token-limits"),
+        (&admin, "/login?next=%2F", "/"),
+        (
+            &admin,
+            "/login?next=%2F%2Fevil.example",
+            "/admin/token-limits",
+        ),
+        (&member, "/login?next=%2Fadmin%2Ftoken-limits", "/"),
+        (&member, "/login?next=%2F%3Fa%3Db", "/?a=b"),
+    ] {
+        let (status, headers, _) = panel.send(get(url, Some(cookie))).await;
+        assert_eq!(status, StatusCode::FOUND, "{url}");
+        assert_eq!(headers[header::LOCATION], landing, "{url}");
+    }
+    let (status, _, html) = panel.send(get("/login", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("Sign in to Tollgate"), "{html}");
+
+    let form = format!(
+        "email=bob%40example.com&password={}&next=%2Fadmin%2Ftoken-limits",
+        PASSWORD.replace(' ', "+")
+    );
+    let (status, headers, body) = panel.send(post("/fn/login", &form, None)).await;
+    assert!(
+        status.is_success() || status.is_redirection(),
+        "{status} {body}"
+    );
+    assert_eq!(headers[header::LOCATION], "/", "{body}");
+    let form = form.replace("bob%40", "ada%40");
+    let (_, headers, body) = panel.send(post("/fn/login", &form, None)).await;
+    assert_eq!(headers[header::LOCATION], "/admin/token-limits", "{body}");
 }
 
 #[tokio::test]

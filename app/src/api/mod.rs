@@ -34,7 +34,8 @@ pub async fn me() -> Result<Option<CurrentUser>, ApiError> {
     Ok(crate::auth::current_user().await)
 }
 
-/// Sign in with email and password, then go to `next` (a local path) or the tab.
+/// Sign in with email and password, then go to `next` when the user may open
+/// it, or to their start page ([`crate::auth::landing`]).
 #[server(prefix = "/fn", endpoint = "login")]
 pub async fn login(email: String, password: String, next: Option<String>) -> Result<(), ApiError> {
     server::login(email, password, next).await
@@ -88,25 +89,6 @@ mod server {
         report::{SpendReport, TabView},
         store::{Actor, LimitChange, SharedStore},
     };
-
-    /// Where to go after signing in: a path of this site only, never another site.
-    /// Browsers drop tabs and newlines from URLs and read `\` as `/`, so `/<TAB>/evil`
-    /// or `/\evil` would become `//evil`: any control character, whitespace or
-    /// backslash refuses the path, as does a second leading slash.
-    pub(super) fn safe_next(next: Option<String>) -> String {
-        match next {
-            Some(path)
-                if path.starts_with('/')
-                    && !path.starts_with("//")
-                    && !path
-                        .chars()
-                        .any(|c| c.is_control() || c.is_whitespace() || c == '\\') =>
-            {
-                path
-            }
-            _ => "/admin/token-limits".into(),
-        }
-    }
 
     /// A failure of the session store as the caller is answered (and logged):
     /// see [`ApiError::from_session_store`].
@@ -162,7 +144,7 @@ mod server {
             session.clear().await;
             return Err(session_failed(e));
         }
-        leptos_axum::redirect(&safe_next(next));
+        leptos_axum::redirect(&crate::auth::landing(next.as_deref(), user.role));
         Ok(())
     }
 
@@ -344,31 +326,6 @@ mod server {
         {
             Ok(()) => Ok(()),
             Err(e) => fail(e.into()),
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::safe_next;
-
-        #[test]
-        fn only_local_paths_are_followed_after_sign_in() {
-            let next = |p: &str| safe_next(Some(p.to_owned()));
-            assert_eq!(next("/admin/token-limits"), "/admin/token-limits");
-            assert_eq!(next("/?a=b"), "/?a=b");
-            for bad in [
-                "//evil.example",
-                "/\t/evil.example",
-                "/\n/evil",
-                "/\\evil.example",
-                "https://evil.example",
-                "evil",
-                "/ /evil",
-                "",
-            ] {
-                assert_eq!(next(bad), "/admin/token-limits", "{bad:?} was followed");
-            }
-            assert_eq!(safe_next(None), "/admin/token-limits");
         }
     }
 }

@@ -17,12 +17,19 @@ pub fn LoginPage() -> impl IntoView {
             .get("next")
             .unwrap_or_else(|| "/admin/token-limits".into())
     };
+    let signed_out =
+        move || query.read().get("reason").as_deref() == Some(crate::ui::SIGNED_OUT_REASON);
     let outcome = crate::ui::form_outcome(login);
     let error = move || outcome().and_then(|r| r.err()).map(|e| e.to_string());
     view! {
         <Title text="Sign in"/>
         <main class="centered login">
             <h1>"Sign in to Tollgate"</h1>
+            <Show when=signed_out>
+                <p class="notice" role="status" id="signed-out">
+                    "You were signed out, so your change was not saved. Sign in, then make it again."
+                </p>
+            </Show>
             <ActionForm action=login>
                 <input type="hidden" name="next" value=next/>
                 <label for="email">"Email"</label>

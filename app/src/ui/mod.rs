@@ -3,7 +3,11 @@
 mod home;
 mod layout;
 mod login;
+mod no_access;
 mod token_limits;
+
+#[cfg(feature = "ssr")]
+pub use no_access::no_access_document;
 
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Title};
@@ -69,17 +73,57 @@ where
     }
 }
 
-/// A form's answer as its status line shows it: the line's class (`form-ok`,
-/// `form-error`) and its sentence ("Saved.", or the error's). `None` before
-/// any answer. See [`form_outcome`].
-pub(crate) fn form_status(
+/// The `reason` in the login page's address when a form was posted by a
+/// visitor found signed out (`/login?next=…&reason=signed_out`): the page
+/// says the change was not saved.
+pub const SIGNED_OUT_REASON: &str = "signed_out";
+
+/// Where a visitor found signed out on the tab signs in, to come back to it.
+pub(crate) const SIGN_IN_TO_TAB: &str = "/login?next=%2Fadmin%2Ftoken-limits";
+
+/// A form's status line, `id`: its answer ([`form_outcome`]), as "Saved." or
+/// the error's sentence, with the way back in for a visitor found signed out
+/// (the session ended, or was closed in another tab). Empty before any
+/// answer, and in place of "Saved." once the form holds changes made after
+/// the save (`edited`): beside them it would say they were saved. An error
+/// stays until the next answer.
+#[component]
+pub(crate) fn FormStatus(
+    id: &'static str,
     outcome: impl Fn() -> Option<Result<(), ApiError>> + Copy + Send + Sync + 'static,
-) -> impl Fn() -> Option<(&'static str, String)> + Copy + Send + Sync + 'static {
-    move || match outcome()? {
-        Ok(()) => Some(("form-ok", "Saved.".to_string())),
-        Err(e) => Some(("form-error", e.to_string())),
-    }
+    edited: impl Fn() -> bool + Copy + Send + Sync + 'static,
+) -> impl IntoView {
+    let shown = move || match outcome()? {
+        Ok(()) if edited() => None,
+        Ok(()) => Some(Ok(())),
+        Err(e) => Some(Err(e)),
+    };
+    let class = move || match shown() {
+        Some(Ok(())) => "form-ok",
+        Some(Err(_)) => "form-error",
+        None => "",
+    };
+    let text = move || match shown()? {
+        Ok(()) => Some(view! { "Saved." }.into_any()),
+        Err(ApiError::Unauthorized) => Some(
+            view! {
+                "You are signed out, so nothing was saved. "
+                <a href=SIGN_IN_TO_TAB>"Sign in again"</a>
+            }
+            .into_any(),
+        ),
+        Err(e) => Some(e.to_string().into_any()),
+    };
+    view! { <p role="status" id=id class=class>{text}</p> }
 }
+
+/// Which Save button takes the keyboard's focus when it is next drawn, by its
+/// id: the one whose form was just saved. A successful save reloads the tab's
+/// numbers and its sections are drawn again, which would leave the focus on
+/// the page's body; the new button takes it where the old one had it. Given
+/// to the page's [`SaveButton`]s as a context.
+#[derive(Clone, Copy)]
+pub(crate) struct RefocusAfterSave(pub RwSignal<Option<&'static str>>);
 
 /// A form's submit button, named `label` for assistive technology and shown as
 /// "Save". While the form's save is `pending` it reads "Saving…", says it is
@@ -99,8 +143,21 @@ pub(crate) fn SaveButton(
             ev.prevent_default();
         }
     };
+    let button = NodeRef::<leptos::html::Button>::new();
+    if let Some(RefocusAfterSave(target)) = use_context() {
+        Effect::new(move |_| {
+            if let Some(button) = button.get() {
+                if target.get_untracked() == Some(id) {
+                    target.set(None);
+                    // Refused only for an element that cannot take focus.
+                    let _ = button.focus();
+                }
+            }
+        });
+    }
     view! {
         <button
+            node_ref=button
             type="submit"
             id=id
             aria-label=label

@@ -177,6 +177,19 @@ pub async fn authorize(
         .as_ref()
         .is_some_and(|u| u.role == app::auth::Role::Admin);
     let response = match (access(&path), &user) {
+        // Signed in already (Back after signing in, an old link): on to where
+        // the sign-in would have led, not a form that is of no use.
+        // A `next` a header cannot carry as it is (not ASCII) gets the form.
+        (Access::Public, Some(user)) if path == "/login" && request.method() == Method::GET => {
+            let query = request.uri().query().unwrap_or_default();
+            let wanted = url::form_urlencoded::parse(query.as_bytes())
+                .find(|(key, _)| key == "next")
+                .map(|(_, wanted)| wanted.into_owned());
+            match HeaderValue::from_str(&app::auth::landing(wanted.as_deref(), user.role)) {
+                Ok(location) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),
+                Err(_) => next.run(request).await,
+            }
+        }
         (Access::Public, _) => next.run(request).await,
         (Access::SignedInPage | Access::AdminPage, None) => to_login(&path),
         (Access::SignedInPage, Some(_)) => next.run(request).await,
@@ -402,22 +415,35 @@ fn is_on_host(address: &str, host: &str) -> bool {
 }
 
 fn to_login(path: &str) -> Response {
-    let next: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
-    // 302 Found, as DESIGN.md §5 names it (axum's `Redirect::to` answers 303).
-    (
-        StatusCode::FOUND,
-        [(header::LOCATION, format!("/login?next={next}"))],
-    )
-        .into_response()
+    to_login_because(path, None)
 }
 
+/// Marks a redirect to the login page in its response's extensions: it is not
+/// a form's return to its page, whose address the panel tidies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SentToSignIn;
+
+/// To the login page, which sends the user on to `path` once signed in, and
+/// says why they are there when there is a `reason`.
+fn to_login_because(path: &str, reason: Option<&str>) -> Response {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("next", path);
+    if let Some(reason) = reason {
+        query.append_pair("reason", reason);
+    }
+    let location = format!("/login?{}", query.finish());
+    // 302 Found, as DESIGN.md §5 names it (axum's `Redirect::to` answers 303).
+    let mut response = (StatusCode::FOUND, [(header::LOCATION, location)]).into_response();
+    response.extensions_mut().insert(SentToSignIn);
+    response
+}
+
+/// The app's own No access page (403), the one the tab shows when refused
+/// while open.
 fn forbidden_page() -> Response {
-    let body = "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-        <title>No access · Tollgate</title><link rel=\"stylesheet\" href=\"/pkg/tollgate.css\"></head>\
-        <body><main class=\"centered\"><h1>No access</h1>\
-        <p>The Admin Panel is for administrators of the workspace.</p>\
-        <p><a href=\"/\">Go to the start page</a></p></main></body></html>";
-    (StatusCode::FORBIDDEN, Html(body)).into_response()
+    static PAGE: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(app::ui::no_access_document);
+    (StatusCode::FORBIDDEN, Html(PAGE.as_str())).into_response()
 }
 
 /// A page that cannot be shown for now: `error` (503) as a line of HTML, with
@@ -460,7 +486,17 @@ fn form_page(headers: &HeaderMap) -> Option<String> {
 /// that page with the error in its address, as server_fn answers the functions'
 /// own errors ([`ApiError::back_to_form`]); for any other caller, the error as
 /// the function would have encoded it.
+///
+/// A form posted by a visitor found signed out (the session ended, or was
+/// closed in another tab) is sent to sign in instead, with the page to return
+/// to and the reason ([`app::ui::SIGNED_OUT_REASON`]): back on the page, the page itself would
+/// send it there without a word.
 fn refuse_call(page: Option<&str>, path: &str, e: &ApiError) -> Response {
+    if let (ApiError::Unauthorized, Some(page)) = (e, page) {
+        if let Ok(page) = url::Url::parse(page) {
+            return to_login_because(page.path(), Some(app::ui::SIGNED_OUT_REASON));
+        }
+    }
     let back = page
         .and_then(|page| e.back_to_form(path, page))
         .and_then(|location| HeaderValue::from_str(&location).ok());

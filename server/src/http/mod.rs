@@ -155,7 +155,11 @@ async fn tidy_location(request: Request, next: Next) -> Response {
         .into_iter()
         .find(|path| request.method() == Method::POST && request.uri().path() == *path);
     let mut response = next.run(request).await;
-    if !response.status().is_redirection() {
+    let sent_to_sign_in = response
+        .extensions()
+        .get::<crate::auth::middleware::SentToSignIn>()
+        .is_some();
+    if !response.status().is_redirection() || sent_to_sign_in {
         return response;
     }
     let tidied = response

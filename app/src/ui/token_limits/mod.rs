@@ -10,7 +10,11 @@ use std::collections::HashMap;
 use leptos::prelude::*;
 use leptos_meta::Title;
 
-use super::layout::{use_current_user, AppShell, Section};
+use super::{
+    layout::{use_current_user, AppShell, Section},
+    no_access::NoAccess,
+    RefocusAfterSave, SIGN_IN_TO_TAB,
+};
 use crate::{
     api::{self, SaveAutomaticFallback, SaveModelLimits},
     error::ApiError,
@@ -66,15 +70,19 @@ pub fn TokenLimitsPage() -> impl IntoView {
     // kept versions that its next save was refused (409) for.
     let saved = RwSignal::new(0u32);
     let drafts = Drafts::new();
+    let refocus = RefocusAfterSave(RwSignal::new(None));
+    provide_context(refocus);
     Effect::new(move |_| {
         if matches!(save_fallback.value().get(), Some(Ok(()))) {
             drafts.fallback.set(None);
+            refocus.0.set(Some(spending::SAVE_ID));
             saved.update(|n| *n += 1);
         }
     });
     Effect::new(move |_| {
         if matches!(save_limits.value().get(), Some(Ok(()))) {
             drafts.limits.update(HashMap::clear);
+            refocus.0.set(Some(model_limits::SAVE_ID));
             saved.update(|n| *n += 1);
         }
     });
@@ -86,6 +94,27 @@ pub fn TokenLimitsPage() -> impl IntoView {
             {move || Suspend::new(async move {
                 let user = user.await.ok().flatten();
                 let report = report.await;
+                let tab = match report {
+                    Ok(report) => view! {
+                        <spending::SpendingAndBudget view=report.clone() save=save_fallback drafts=drafts/>
+                        <model_limits::ModelLimits view=report.clone() save=save_limits drafts=drafts/>
+                        <spend_by_model::SpendByModel view=report/>
+                    }.into_any(),
+                    // The role was taken away while the tab was open.
+                    Err(ApiError::Forbidden) => {
+                        return view! {
+                            <AppShell user=user current=Section::Admin>
+                                <NoAccess/>
+                            </AppShell>
+                        }.into_any();
+                    }
+                    Err(ApiError::Unauthorized) => view! {
+                        <p><a href=SIGN_IN_TO_TAB>"Sign in"</a>" to see the token limits."</p>
+                    }.into_any(),
+                    Err(e) => view! {
+                        <p class="form-error" role="alert">{e.to_string()}</p>
+                    }.into_any(),
+                };
                 view! {
                     <AppShell user=user current=Section::Admin>
                         <main>
@@ -93,26 +122,10 @@ pub fn TokenLimitsPage() -> impl IntoView {
                             <nav class="tabs" aria-label="Admin Panel">
                                 <a href="/admin/token-limits" aria-current="page">"Token Limits"</a>
                             </nav>
-                            {match report {
-                                Ok(report) => view! {
-                                    <spending::SpendingAndBudget view=report.clone() save=save_fallback drafts=drafts/>
-                                    <model_limits::ModelLimits view=report.clone() save=save_limits drafts=drafts/>
-                                    <spend_by_model::SpendByModel view=report/>
-                                }.into_any(),
-                                Err(ApiError::Forbidden) => view! {
-                                    <h2>"No access"</h2>
-                                    <p>"The Admin Panel is for administrators of the workspace."</p>
-                                }.into_any(),
-                                Err(ApiError::Unauthorized) => view! {
-                                    <p><a href="/login?next=%2Fadmin%2Ftoken-limits">"Sign in"</a>" to see the token limits."</p>
-                                }.into_any(),
-                                Err(e) => view! {
-                                    <p class="form-error" role="alert">{e.to_string()}</p>
-                                }.into_any(),
-                            }}
+                            {tab}
                         </main>
                     </AppShell>
-                }
+                }.into_any()
             })}
         </Suspense>
     }

@@ -3,7 +3,16 @@
 
 use leptos::prelude::*;
 
-use crate::{api::SaveModelLimits, report::TabView, ui::SaveButton};
+use crate::{
+    api::SaveModelLimits,
+    domain::by_display_name,
+    error::ApiError,
+    report::TabView,
+    ui::{FormStatus, SaveButton},
+};
+
+/// The id of the section's Save button.
+pub(super) const SAVE_ID: &str = "save-limits";
 
 /// The Model limits section.
 #[component]
@@ -14,12 +23,36 @@ pub fn ModelLimits(
 ) -> impl IntoView {
     let outcome = crate::ui::form_outcome(save);
     let error = move || outcome().and_then(|r| r.err());
-    let summary = crate::ui::form_status(outcome);
-    // Catalog order is the order the operator configured; the report sorts by
-    // spend, so restore a stable order for the form. A model the config no longer
-    // lists takes no requests, so it has no limit to set.
+    let edited = move || drafts.limits.with(|d| !d.is_empty());
+    // The report sorts by spend, which moves with every request: the form keeps
+    // its rows in the order of their names, so a row stays where the eye left it.
+    // A model the config no longer lists takes no requests, so it has no limit
+    // to set.
     let mut rows: Vec<_> = view.models.into_iter().filter(|m| m.in_catalog).collect();
-    rows.sort_by(|a, b| a.display_name.cmp(&b.display_name));
+    rows.sort_by(|a, b| by_display_name(&a.display_name, &b.display_name));
+    // A refused save takes the keyboard to the first field it refused, in the
+    // rows' order: the error's sentence is under it, and Tab leads on to the
+    // next. Only for an answer that comes while the section is shown: one
+    // drawn again after the other form's save leaves the focus to that form.
+    let inputs: Vec<(String, NodeRef<leptos::html::Input>)> = rows
+        .iter()
+        .map(|row| (row.id.clone(), NodeRef::new()))
+        .collect();
+    Effect::watch(
+        move || save.value().get(),
+        {
+            let inputs = inputs.clone();
+            move |answer: &Option<Result<(), ApiError>>, _, _| {
+                let Some(Err(error)) = answer else { return };
+                let refused = inputs.iter().find(|(id, _)| error.field(id).is_some());
+                if let Some(input) = refused.and_then(|(_, input)| input.get_untracked()) {
+                    // Refused only for an element that cannot take focus.
+                    let _ = input.focus();
+                }
+            }
+        },
+        false,
+    );
     view! {
         <section class="card" aria-labelledby="limits-title">
             <header class="card-header">
@@ -46,8 +79,9 @@ pub fn ModelLimits(
                     <tbody>
                         {rows
                             .into_iter()
+                            .zip(inputs.into_iter().map(|(_, input)| input))
                             .enumerate()
-                            .map(|(i, row)| {
+                            .map(|(i, (row, input_ref))| {
                                 let id = row.id.clone();
                                 // The row as saved, or as changed and not saved yet.
                                 let draft = drafts.limits.with_untracked(|d| d.get(id.as_str()).cloned());
@@ -82,6 +116,11 @@ pub fn ModelLimits(
                                 };
                                 let input_id = format!("limit-{id}");
                                 let error_id = format!("limit-error-{id}");
+                                let note_id = format!("limit-note-{id}");
+                                let described_by = match &row.limit_note {
+                                    Some(_) => format!("{error_id} {note_id}"),
+                                    None => error_id.clone(),
+                                };
                                 let field = id.clone();
                                 let row_error = move || error().and_then(|e| e.field(&field).map(|f| f.message.clone()));
                                 let invalid = {
@@ -104,6 +143,7 @@ pub fn ModelLimits(
                                                 {format!("Limit for {} in euros", row.display_name)}
                                             </label>
                                             <input
+                                                node_ref=input_ref
                                                 id=input_id
                                                 name=format!("rows[{i}][limit]")
                                                 type="text"
@@ -114,9 +154,12 @@ pub fn ModelLimits(
                                                 prop:value=limit
                                                 on:input=typed
                                                 aria-invalid=invalid
-                                                aria-describedby=error_id.clone()
+                                                aria-describedby=described_by
                                             />
                                             <p class="field-error" id=error_id>{row_error}</p>
+                                            {row.limit_note.clone().map(|note| view! {
+                                                <p class="hint field-note" id=note_id>{note}</p>
+                                            })}
                                         </td>
                                         <td>
                                             <label class="toggle">
@@ -128,6 +171,9 @@ pub fn ModelLimits(
                                                     on:change=switched
                                                 />
                                                 <span class="visually-hidden">{format!("Enable the limit for {}", row.display_name)}</span>
+                                                // The column's heading, for a phone's screen, where the
+                                                // table's head is hidden; the switch's name is above.
+                                                <span class="narrow-only" aria-hidden="true">"Enabled"</span>
                                             </label>
                                         </td>
                                     </tr>
@@ -137,10 +183,8 @@ pub fn ModelLimits(
                     </tbody>
                 </table>
                 <div class="actions">
-                    <SaveButton id="save-limits" label="Save model limits" pending=save.pending()/>
-                    <p role="status" id="limits-result" class=move || summary().map(|r| r.0).unwrap_or("")>
-                        {move || summary().map(|r| r.1)}
-                    </p>
+                    <SaveButton id=SAVE_ID label="Save model limits" pending=save.pending()/>
+                    <FormStatus id="limits-result" outcome edited/>
                 </div>
             </ActionForm>
         </section>

@@ -4,7 +4,12 @@
 
 use leptos::prelude::*;
 
-use crate::{api::SaveAutomaticFallback, domain::Status, report::TabView, ui::SaveButton};
+use crate::{
+    api::SaveAutomaticFallback,
+    domain::Status,
+    report::TabView,
+    ui::{FormStatus, SaveButton},
+};
 
 /// A padlock: the value is set by the operator's plan, not in the UI.
 #[component]
@@ -16,6 +21,9 @@ fn Lock() -> impl IntoView {
         </svg>
     }
 }
+
+/// The id of the section's Save button.
+pub(super) const SAVE_ID: &str = "save-fallback";
 
 /// The Spending & Budget section.
 #[component]
@@ -42,7 +50,8 @@ pub fn SpendingAndBudget(
         Status::UsingOverage => "status warn",
         Status::LimitReached => "status stop",
     };
-    let result = crate::ui::form_status(crate::ui::form_outcome(save));
+    let edited = move || drafts.fallback.with(Option::is_some);
+    let outcome = crate::ui::form_outcome(save);
     view! {
         <section class="card" aria-labelledby="spending-title">
             <header class="card-header">
@@ -101,10 +110,8 @@ pub fn SpendingAndBudget(
                     />
                     <span>"Automatically switch to a cheaper model when a model limit is reached"</span>
                 </label>
-                <SaveButton id="save-fallback" label="Save automatic fallback" pending=save.pending()/>
-                <p role="status" id="fallback-result" class=move || result().map(|r| r.0).unwrap_or("")>
-                    {move || result().map(|r| r.1)}
-                </p>
+                <SaveButton id=SAVE_ID label="Save automatic fallback" pending=save.pending()/>
+                <FormStatus id="fallback-result" outcome edited/>
             </ActionForm>
         </section>
     }
