@@ -214,13 +214,16 @@ test("saves of both forms in a row are each taken, none refused as stale", async
   // still on its Save.
   await expect(saveFallback).toBeFocused();
   const saveLimits = page.getByRole("button", { name: "Save model limits" });
-  for (const amount of ["33", "34"]) {
-    await limitInput(page, "GPT-4o").fill(amount);
-    await saveLimits.click();
+  const field = limitInput(page, "GPT-4o");
+  for (const [amount, byEnter] of [["33", false], ["34", true]] as const) {
+    await field.fill(amount);
+    if (byEnter) await field.press("Enter");
+    else await saveLimits.click();
     // Shown as the server writes it once the tab has reloaded its numbers.
-    await expect(limitInput(page, "GPT-4o")).toHaveValue(`€${amount}.00`);
+    await expect(field).toHaveValue(`€${amount}.00`);
     await expect(page.locator("#limits-result")).toHaveText("Saved.");
-    await expect(saveLimits).toBeFocused();
+    // The keyboard is where it was: on Save, or in the field Enter was pressed in.
+    await expect(byEnter ? field : saveLimits).toBeFocused();
   }
   expect(cli("audit", "--limit", "1")).toContain('"limit_eur":"34"');
   // A change made after the save is not called saved; the other form's answer
@@ -265,6 +268,23 @@ test("a user whose email has an accent signs in through the form", async ({ page
   await signIn(page, "zoë@example.com");
   await expect(page).toHaveURL(/\/admin\/token-limits$/);
   await expect(page.getByRole("heading", { name: "Model limits" })).toBeVisible();
+  // Back to the sign-in page, signed in: led on to the tab, not shown the form.
+  await page.goBack();
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await expect(page.getByRole("heading", { name: "Model limits" })).toBeVisible();
+});
+
+test("a limit's note speaks of the limit as saved, and steps aside while it is changed", async ({ page }) => {
+  cli("limit", "set", "claude-haiku-4-5", "--eur", "0");
+  await openTab(page);
+  const note = page.locator('[id="limit-note-claude-haiku-4-5"]');
+  const field = limitInput(page, "Claude Haiku 4.5");
+  await expect(note).toContainText("lets no request through");
+  await expect(field).toHaveAttribute("aria-describedby", /limit-note-claude-haiku-4-5/);
+  await field.fill("5");
+  await expect(note).toBeHidden();
+  await expect(field).not.toHaveAttribute("aria-describedby", /limit-note/);
+  cli("limit", "clear", "claude-haiku-4-5");
 });
 
 test("the tab fits a phone's screen", async ({ page }) => {

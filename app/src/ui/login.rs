@@ -2,9 +2,12 @@
 
 use leptos::prelude::*;
 use leptos_meta::Title;
-use leptos_router::hooks::use_query_map;
+use leptos_router::{
+    hooks::{use_navigate, use_query_map},
+    NavigateOptions,
+};
 
-use crate::api::Login;
+use crate::api::{self, Login};
 
 /// Email and password form; sends the user on to `?next=` after signing in.
 #[component]
@@ -19,6 +22,23 @@ pub fn LoginPage() -> impl IntoView {
     };
     let signed_out =
         move || query.read().get("reason").as_deref() == Some(crate::ui::SIGNED_OUT_REASON);
+    // Signed in already, the page leads on as the server does for a request
+    // (Back after signing in, which the browser's router answers without
+    // one): the form would only let someone else replace the session.
+    let me = LocalResource::new(api::me);
+    let navigate = use_navigate();
+    Effect::new(move |_| {
+        if let Some(Ok(Some(user))) = me.get() {
+            let landing = crate::auth::landing(Some(&next()), user.role);
+            navigate(
+                &landing,
+                NavigateOptions {
+                    replace: true,
+                    ..Default::default()
+                },
+            );
+        }
+    });
     let outcome = crate::ui::form_outcome(login);
     let error = move || outcome().and_then(|r| r.err()).map(|e| e.to_string());
     view! {

@@ -117,14 +117,6 @@ pub(crate) fn FormStatus(
     view! { <p role="status" id=id class=class>{text}</p> }
 }
 
-/// Which Save button takes the keyboard's focus when it is next drawn, by its
-/// id: the one whose form was just saved. A successful save reloads the tab's
-/// numbers and its sections are drawn again, which would leave the focus on
-/// the page's body; the new button takes it where the old one had it. Given
-/// to the page's [`SaveButton`]s as a context.
-#[derive(Clone, Copy)]
-pub(crate) struct RefocusAfterSave(pub RwSignal<Option<&'static str>>);
-
 /// A form's submit button, named `label` for assistive technology and shown as
 /// "Save". While the form's save is `pending` it reads "Saving…", says it is
 /// unavailable (`aria-disabled`) and takes no click, Enter in a field included
@@ -143,21 +135,8 @@ pub(crate) fn SaveButton(
             ev.prevent_default();
         }
     };
-    let button = NodeRef::<leptos::html::Button>::new();
-    if let Some(RefocusAfterSave(target)) = use_context() {
-        Effect::new(move |_| {
-            if let Some(button) = button.get() {
-                if target.get_untracked() == Some(id) {
-                    target.set(None);
-                    // Refused only for an element that cannot take focus.
-                    let _ = button.focus();
-                }
-            }
-        });
-    }
     view! {
         <button
-            node_ref=button
             type="submit"
             id=id
             aria-label=label

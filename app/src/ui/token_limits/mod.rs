@@ -13,7 +13,7 @@ use leptos_meta::Title;
 use super::{
     layout::{use_current_user, AppShell, Section},
     no_access::NoAccess,
-    RefocusAfterSave, SIGN_IN_TO_TAB,
+    SIGN_IN_TO_TAB,
 };
 use crate::{
     api::{self, SaveAutomaticFallback, SaveModelLimits},
@@ -56,6 +56,39 @@ impl Drafts {
     }
 }
 
+/// The id of the element that has the keyboard's focus, if it has one.
+fn focused_id() -> Option<String> {
+    document()
+        .active_element()
+        .map(|element| element.id())
+        .filter(|id| !id.is_empty())
+}
+
+/// Gives the keyboard's focus to the element whose id `target` holds, once
+/// the sections before it are drawn and the ones they replace are gone, and
+/// empties `target`.
+#[component]
+fn RestoreFocus(target: RwSignal<Option<String>>) -> impl IntoView {
+    use leptos::{wasm_bindgen::JsCast, web_sys::HtmlElement};
+    Effect::new(move |_| {
+        let Some(id) = target.get_untracked() else {
+            return;
+        };
+        target.set(None);
+        // At the next frame: until then the sections drawn before may still be
+        // in the page, holding elements of the same ids.
+        request_animation_frame(move || {
+            let element = document()
+                .get_element_by_id(&id)
+                .and_then(|element| element.dyn_into::<HtmlElement>().ok());
+            if let Some(element) = element {
+                // Refused only for an element that cannot take focus.
+                let _ = element.focus();
+            }
+        });
+    });
+}
+
 /// The Admin Panel with the Token Limits tab open.
 #[component]
 pub fn TokenLimitsPage() -> impl IntoView {
@@ -70,19 +103,25 @@ pub fn TokenLimitsPage() -> impl IntoView {
     // kept versions that its next save was refused (409) for.
     let saved = RwSignal::new(0u32);
     let drafts = Drafts::new();
-    let refocus = RefocusAfterSave(RwSignal::new(None));
-    provide_context(refocus);
+    // A successful save draws the sections again, which would leave the
+    // keyboard's focus on the page's body: the element that had it (the Save
+    // button, or the field Enter was pressed in) takes it back once drawn.
+    let refocus = RwSignal::new(None::<String>);
     Effect::new(move |_| {
         if matches!(save_fallback.value().get(), Some(Ok(()))) {
             drafts.fallback.set(None);
-            refocus.0.set(Some(spending::SAVE_ID));
+            refocus.set(Some(
+                focused_id().unwrap_or_else(|| spending::SAVE_ID.to_owned()),
+            ));
             saved.update(|n| *n += 1);
         }
     });
     Effect::new(move |_| {
         if matches!(save_limits.value().get(), Some(Ok(()))) {
             drafts.limits.update(HashMap::clear);
-            refocus.0.set(Some(model_limits::SAVE_ID));
+            refocus.set(Some(
+                focused_id().unwrap_or_else(|| model_limits::SAVE_ID.to_owned()),
+            ));
             saved.update(|n| *n += 1);
         }
     });
@@ -99,6 +138,7 @@ pub fn TokenLimitsPage() -> impl IntoView {
                         <spending::SpendingAndBudget view=report.clone() save=save_fallback drafts=drafts/>
                         <model_limits::ModelLimits view=report.clone() save=save_limits drafts=drafts/>
                         <spend_by_model::SpendByModel view=report/>
+                        <RestoreFocus target=refocus/>
                     }.into_any(),
                     // The role was taken away while the tab was open.
                     Err(ApiError::Forbidden) => {

@@ -116,13 +116,24 @@ pub fn ModelLimits(
                                 };
                                 let input_id = format!("limit-{id}");
                                 let error_id = format!("limit-error-{id}");
-                                let note_id = format!("limit-note-{id}");
-                                let described_by = match &row.limit_note {
-                                    Some(_) => format!("{error_id} {note_id}"),
-                                    None => error_id.clone(),
-                                };
                                 let field = id.clone();
                                 let row_error = move || error().and_then(|e| e.field(&field).map(|f| f.message.clone()));
+                                // The note speaks of the limit as saved: shown while the row
+                                // holds it unchanged and unrefused, not beside other text.
+                                let note_id = format!("limit-note-{id}");
+                                let note_shown = {
+                                    let (id, row_error) = (id.clone(), row_error.clone());
+                                    let has_note = row.limit_note.is_some();
+                                    move || {
+                                        has_note
+                                            && drafts.limits.with(|d| !d.contains_key(id.as_str()))
+                                            && row_error().is_none()
+                                    }
+                                };
+                                let described_by = {
+                                    let (error_id, note_id, note_shown) = (error_id.clone(), note_id.clone(), note_shown.clone());
+                                    move || if note_shown() { format!("{error_id} {note_id}") } else { error_id.clone() }
+                                };
                                 let invalid = {
                                     let row_error = row_error.clone();
                                     move || row_error().is_some().to_string()
@@ -158,7 +169,7 @@ pub fn ModelLimits(
                                             />
                                             <p class="field-error" id=error_id>{row_error}</p>
                                             {row.limit_note.clone().map(|note| view! {
-                                                <p class="hint field-note" id=note_id>{note}</p>
+                                                <p class="hint field-note" id=note_id hidden=move || !note_shown()>{note}</p>
                                             })}
                                         </td>
                                         <td>
@@ -166,6 +177,7 @@ pub fn ModelLimits(
                                                 <input
                                                     type="checkbox"
                                                     role="switch"
+                                                    id=format!("enabled-{id}")
                                                     name=format!("rows[{i}][enabled]")
                                                     checked=enabled
                                                     on:change=switched
