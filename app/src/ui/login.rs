@@ -9,7 +9,10 @@ use leptos_router::{
 
 use crate::api::{self, Login};
 
-/// Email and password form; sends the user on to `?next=` after signing in.
+/// Email and password form; sends the user on to `?next=` after signing in,
+/// when their role may open it, else to their start page
+/// ([`crate::auth::landing`]). Says why when a save was refused as signed
+/// out (`?reason=signed_out`), and leads a user signed in already straight on.
 #[component]
 pub fn LoginPage() -> impl IntoView {
     let login = ServerAction::<Login>::new();
