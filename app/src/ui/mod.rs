@@ -117,6 +117,28 @@ pub(crate) fn FormStatus(
     view! { <p role="status" id=id class=class>{text}</p> }
 }
 
+/// The id of the element that has the keyboard's focus, if it has one (in
+/// the browser; for effects and event handlers).
+pub(crate) fn focused_id() -> Option<String> {
+    document()
+        .active_element()
+        .map(|element| element.id())
+        .filter(|id| !id.is_empty())
+}
+
+/// Gives the keyboard's focus to the element `id`, if the page has it and it
+/// can take focus (in the browser; for effects and event handlers).
+pub(crate) fn focus_by_id(id: &str) {
+    use leptos::{wasm_bindgen::JsCast, web_sys::HtmlElement};
+    let element = document()
+        .get_element_by_id(id)
+        .and_then(|element| element.dyn_into::<HtmlElement>().ok());
+    if let Some(element) = element {
+        // Refused only for an element that cannot take focus.
+        let _ = element.focus();
+    }
+}
+
 /// A form's submit button, named `label` for assistive technology and shown as
 /// "Save". While the form's save is `pending` it reads "Saving…", says it is
 /// unavailable (`aria-disabled`) and takes no click, Enter in a field included

@@ -11,6 +11,7 @@ use leptos::prelude::*;
 use leptos_meta::Title;
 
 use super::{
+    focus_by_id, focused_id,
     layout::{use_current_user, AppShell, Section},
     no_access::NoAccess,
     SIGN_IN_TO_TAB,
@@ -56,20 +57,11 @@ impl Drafts {
     }
 }
 
-/// The id of the element that has the keyboard's focus, if it has one.
-fn focused_id() -> Option<String> {
-    document()
-        .active_element()
-        .map(|element| element.id())
-        .filter(|id| !id.is_empty())
-}
-
 /// Gives the keyboard's focus to the element whose id `target` holds, once
 /// the sections before it are drawn and the ones they replace are gone, and
 /// empties `target`.
 #[component]
 fn RestoreFocus(target: RwSignal<Option<String>>) -> impl IntoView {
-    use leptos::{wasm_bindgen::JsCast, web_sys::HtmlElement};
     Effect::new(move |_| {
         let Some(id) = target.get_untracked() else {
             return;
@@ -77,15 +69,7 @@ fn RestoreFocus(target: RwSignal<Option<String>>) -> impl IntoView {
         target.set(None);
         // At the next frame: until then the sections drawn before may still be
         // in the page, holding elements of the same ids.
-        request_animation_frame(move || {
-            let element = document()
-                .get_element_by_id(&id)
-                .and_then(|element| element.dyn_into::<HtmlElement>().ok());
-            if let Some(element) = element {
-                // Refused only for an element that cannot take focus.
-                let _ = element.focus();
-            }
-        });
+        request_animation_frame(move || focus_by_id(&id));
     });
 }
 

@@ -8,11 +8,16 @@ use crate::{
     domain::by_display_name,
     error::ApiError,
     report::TabView,
-    ui::{FormStatus, SaveButton},
+    ui::{focus_by_id, FormStatus, SaveButton},
 };
 
 /// The id of the section's Save button.
 pub(super) const SAVE_ID: &str = "save-limits";
+
+/// The id of the Limit field of the model `id`.
+fn limit_input_id(id: &str) -> String {
+    format!("limit-{id}")
+}
 
 /// The Model limits section.
 #[component]
@@ -34,21 +39,13 @@ pub fn ModelLimits(
     // rows' order: the error's sentence is under it, and Tab leads on to the
     // next. Only for an answer that comes while the section is shown: one
     // drawn again after the other form's save leaves the focus to that form.
-    let inputs: Vec<(String, NodeRef<leptos::html::Input>)> = rows
-        .iter()
-        .map(|row| (row.id.clone(), NodeRef::new()))
-        .collect();
+    let ids: Vec<String> = rows.iter().map(|row| row.id.clone()).collect();
     Effect::watch(
         move || save.value().get(),
-        {
-            let inputs = inputs.clone();
-            move |answer: &Option<Result<(), ApiError>>, _, _| {
-                let Some(Err(error)) = answer else { return };
-                let refused = inputs.iter().find(|(id, _)| error.field(id).is_some());
-                if let Some(input) = refused.and_then(|(_, input)| input.get_untracked()) {
-                    // Refused only for an element that cannot take focus.
-                    let _ = input.focus();
-                }
+        move |answer: &Option<Result<(), ApiError>>, _, _| {
+            let Some(Err(error)) = answer else { return };
+            if let Some(id) = ids.iter().find(|id| error.field(id).is_some()) {
+                focus_by_id(&limit_input_id(id));
             }
         },
         false,
@@ -79,9 +76,8 @@ pub fn ModelLimits(
                     <tbody>
                         {rows
                             .into_iter()
-                            .zip(inputs.into_iter().map(|(_, input)| input))
                             .enumerate()
-                            .map(|(i, (row, input_ref))| {
+                            .map(|(i, row)| {
                                 let id = row.id.clone();
                                 // The row as saved, or as changed and not saved yet.
                                 let draft = drafts.limits.with_untracked(|d| d.get(id.as_str()).cloned());
@@ -114,7 +110,7 @@ pub fn ModelLimits(
                                     let on = event_target_checked(&ev);
                                     change(&|d| d.enabled = Some(on));
                                 };
-                                let input_id = format!("limit-{id}");
+                                let input_id = limit_input_id(&id);
                                 let error_id = format!("limit-error-{id}");
                                 let field = id.clone();
                                 let row_error = move || error().and_then(|e| e.field(&field).map(|f| f.message.clone()));
@@ -154,7 +150,6 @@ pub fn ModelLimits(
                                                 {format!("Limit for {} in euros", row.display_name)}
                                             </label>
                                             <input
-                                                node_ref=input_ref
                                                 id=input_id
                                                 name=format!("rows[{i}][limit]")
                                                 type="text"
