@@ -79,8 +79,8 @@ impl FieldError {
 /// JavaScript: the server's, and the one an error read from the page's URL
 /// gets ([`ApiError::with_fixed_text`]).
 pub const CONFLICT_MESSAGE: &str = "Nothing was saved: these settings were changed since this \
-    page showed them (by another administrator, in another tab or with the CLI). Reload the \
-    page to see the current values, then make your change again.";
+    page showed them (by another administrator, in another tab or with the CLI). Load the \
+    current values, then make your change again.";
 
 /// Errors of server functions.
 ///

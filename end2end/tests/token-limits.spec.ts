@@ -66,6 +66,23 @@ const phishing = (error: any) => ({
 
 test.describe.configure({ mode: "serial" });
 
+/** The question the tab asks before a link leaves it with changes not saved
+ * (`app::ui::LEAVE_QUESTION`). */
+const LEAVE_QUESTION = "Your changes on this page are not saved. Leave the page and lose them?";
+
+/** Answers every dialog the page opens from now on (`accept` or `dismiss`),
+ * and returns the list their messages are put in (the type, for the
+ * browser's own question before an unload, whose words are its own). */
+function answerDialogs(page: Page, answer: "accept" | "dismiss"): string[] {
+  const asked: string[] = [];
+  page.removeAllListeners("dialog");
+  page.on("dialog", async (dialog) => {
+    asked.push(dialog.type() === "beforeunload" ? "beforeunload" : dialog.message());
+    await dialog[answer]();
+  });
+  return asked;
+}
+
 test("an administrator sees the three sections with the seeded usage", async ({ page }) => {
   await openTab(page);
   await expect(page.getByRole("heading", { name: "Spending & Budget" })).toBeVisible();
@@ -254,10 +271,79 @@ test("a change typed in one form is kept when the other is saved, and still chec
   await expect(mini).toHaveAttribute("aria-invalid", "true");
   await expect(page.locator('[id="limit-error-gpt-5-mini"]')).toHaveText(/Changed by someone else/);
   await expect(mini).toBeFocused();
-  await page.reload();
-  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  // The way to the current values drops the change typed: the page asks first.
+  const asked = answerDialogs(page, "accept");
+  await page.locator("#limits-result").getByRole("link", { name: "Load the current values" }).click();
+  await expect(page.locator("#limits-result")).toHaveText("");
   await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("€5.00");
+  expect(asked).toEqual([LEAVE_QUESTION]);
   cli("limit", "clear", "gpt-5-mini");
+  cli("limit", "clear", "gpt-4o");
+});
+
+test("what is typed before the page comes alive is kept, and taken as a change", async ({ page }) => {
+  // The browser's half of the app held back: until it is let through, the
+  // page is the server's HTML, which a visitor can already type into.
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  await page.route("**/*.wasm", async (route) => {
+    await held;
+    await route.continue();
+  });
+  await page.context().addCookies(adminSession!);
+  await page.goto("/admin/token-limits", { waitUntil: "commit" });
+  await expect(limitInput(page, "GPT-4o")).toBeVisible();
+  await expect(page.locator("#app")).toHaveAttribute("data-hydrated", "false");
+  await limitInput(page, "GPT-4o").fill("31");
+  await enabledSwitch(page, "GPT-4o").check();
+  release();
+  await expect(page.locator("#app[data-hydrated=true]")).toBeVisible();
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("31");
+  await expect(enabledSwitch(page, "GPT-4o")).toBeChecked();
+  // Taken as a change: kept when the other form's save draws the tab again.
+  await page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" }).click();
+  await page.getByRole("button", { name: "Save automatic fallback" }).click();
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("31");
+  await expect(enabledSwitch(page, "GPT-4o")).toBeChecked();
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("€31.00");
+  expect(cli("audit", "--limit", "1")).toContain('"limit_eur":"31"');
+  cli("limit", "clear", "gpt-4o");
+  cli("fallback", "on");
+});
+
+test("leaving the tab with changes not saved asks first", async ({ page }) => {
+  await openTab(page);
+  await limitInput(page, "GPT-4o").fill("33");
+  // A link of the app, and Sign out: asked, and staying keeps the change.
+  let asked = answerDialogs(page, "dismiss");
+  await page.getByRole("link", { name: "Home" }).click();
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await expect.poll(() => asked).toEqual([LEAVE_QUESTION, LEAVE_QUESTION]);
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("33");
+  await expect(page.getByRole("button", { name: "Sign out" })).toBeVisible();
+  // Closing the tab: the browser asks in its own words.
+  await page.close({ runBeforeUnload: true });
+  await expect.poll(() => asked.length).toBe(3);
+  expect(asked[2]).toBe("beforeunload");
+  expect(page.isClosed()).toBe(false);
+  // Leaving anyway: asked once, not again by the unload that follows.
+  asked = answerDialogs(page, "accept");
+  await page.getByRole("link", { name: "Home" }).click();
+  await expect(page).toHaveURL(/\/$/);
+  expect(asked).toEqual([LEAVE_QUESTION]);
+  // Saved, or not changed: nothing to ask.
+  await page.goBack();
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("");
+  await limitInput(page, "GPT-4o").fill("34");
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  await page.getByRole("link", { name: "Home" }).click();
+  await expect(page).toHaveURL(/\/$/);
+  expect(asked).toEqual([LEAVE_QUESTION]);
   cli("limit", "clear", "gpt-4o");
 });
 
@@ -393,8 +479,11 @@ test("a save once signed out elsewhere says so and leads to sign in", async ({ p
   await page.getByRole("button", { name: "Save model limits" }).click();
   const result = page.locator("#limits-result");
   await expect(result).toContainText("You are signed out, so nothing was saved.");
+  // Signing in leaves the page, and the change typed with it: asked first.
+  const asked = answerDialogs(page, "accept");
   await result.getByRole("link", { name: "Sign in again" }).click();
   await expect(page).toHaveURL(/\/login\?next=%2Fadmin%2Ftoken-limits$/);
+  expect(asked).toEqual([LEAVE_QUESTION]);
   expect(cli("audit", "--limit", "1")).not.toContain('"limit_eur":"44"');
 });
 
@@ -452,6 +541,7 @@ test.describe("without JavaScript", () => {
     await page.locator("#save-limits").click();
     await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
     await expect(page.locator('[id="limit-error-gpt-4o"]')).toContainText("using digits");
+    await expect(limitInput(page, "GPT-4o")).toBeFocused();
     expect(cli("audit")).toBe(auditBefore);
 
     // The answer rides in the URL, where anyone can write any text: the page shows
@@ -467,6 +557,20 @@ test.describe("without JavaScript", () => {
     await expect(page.locator("#limits-result")).toHaveText("Saved.");
     await expect(limitInput(page, "GPT-4o")).toHaveValue("€44.00");
     await expect(page.locator("#fallback-result")).toHaveText("");
+    cli("limit", "clear", "gpt-4o");
+  });
+
+  test("a conflict leads to the current values, not to the same answer again", async ({ page }) => {
+    await openTabWithoutScript(page);
+    await limitInput(page, "GPT-4o").fill("21");
+    cli("limit", "set", "gpt-4o", "--eur", "8");
+    await page.locator("#save-limits").click();
+    const result = page.locator("#limits-result");
+    await expect(result).toContainText("these settings were changed since this page showed them");
+    await result.getByRole("link", { name: "Load the current values" }).click();
+    await expect(page).toHaveURL(/\/admin\/token-limits$/);
+    await expect(result).toHaveText("");
+    await expect(limitInput(page, "GPT-4o")).toHaveValue("€8.00");
     cli("limit", "clear", "gpt-4o");
   });
 

@@ -5,9 +5,11 @@ mod layout;
 mod login;
 mod no_access;
 mod token_limits;
+mod unsaved;
 
 #[cfg(feature = "ssr")]
 pub use no_access::no_access_document;
+pub use unsaved::{EarlyInput, LEAVE_QUESTION};
 
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Title};
@@ -78,12 +80,18 @@ where
 /// says the change was not saved.
 pub const SIGNED_OUT_REASON: &str = "signed_out";
 
+/// The Token Limits tab's address.
+pub(crate) const TAB: &str = "/admin/token-limits";
+
 /// Where a visitor found signed out on the tab signs in, to come back to it.
 pub(crate) const SIGN_IN_TO_TAB: &str = "/login?next=%2Fadmin%2Ftoken-limits";
 
 /// A form's status line, `id`: its answer ([`form_outcome`]), as "Saved." or
 /// the error's sentence, with the way back in for a visitor found signed out
-/// (the session ended, or was closed in another tab). Empty before any
+/// (the session ended, or was closed in another tab), and a link to the
+/// current values after a conflict: the tab's address alone, loaded whole
+/// (`rel="external"`), so that without JavaScript it is not the address that
+/// carries the conflict, which a reload would show again. Empty before any
 /// answer, and in place of "Saved." once the form holds changes made after
 /// the save (`edited`): beside them it would say they were saved. An error
 /// stays until the next answer.
@@ -109,6 +117,13 @@ pub(crate) fn FormStatus(
             view! {
                 "You are signed out, so nothing was saved. "
                 <a href=SIGN_IN_TO_TAB>"Sign in again"</a>
+            }
+            .into_any(),
+        ),
+        Err(ApiError::Conflict { message, .. }) => Some(
+            view! {
+                {message} " "
+                <a href=TAB rel="external">"Load the current values"</a>
             }
             .into_any(),
         ),
@@ -199,6 +214,7 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
 #[component]
 pub fn App() -> impl IntoView {
     provide_meta_context();
+    unsaved::provide_leave_guard();
     // Effects run only in the browser: the attribute tells tests (and nothing else)
     // that the page has hydrated, so they never sleep.
     let hydrated = RwSignal::new(false);

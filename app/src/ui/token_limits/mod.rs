@@ -14,6 +14,7 @@ use super::{
     focus_by_id, focused_id,
     layout::{use_current_user, AppShell, Section},
     no_access::NoAccess,
+    unsaved::{replay_early_input, track_unsaved},
     SIGN_IN_TO_TAB,
 };
 use crate::{
@@ -55,6 +56,18 @@ impl Drafts {
             fallback: RwSignal::new(None),
         }
     }
+
+    /// Whether either form holds a change not saved (tracked).
+    fn any(self) -> bool {
+        self.fallback.with(Option::is_some) || self.limits.with(|d| !d.is_empty())
+    }
+}
+
+/// Takes what was typed or switched in the tab's forms before the page came
+/// alive as changes, once the forms are live (`unsaved::replay_early_input`).
+#[component]
+fn KeepEarlyInput() -> impl IntoView {
+    Effect::new(move |_| replay_early_input());
 }
 
 /// Gives the keyboard's focus to the element whose id `target` holds, once
@@ -87,6 +100,8 @@ pub fn TokenLimitsPage() -> impl IntoView {
     // kept versions that its next save was refused (409) for.
     let saved = RwSignal::new(0u32);
     let drafts = Drafts::new();
+    // Leaving with changes not saved asks first.
+    track_unsaved(move || drafts.any());
     // A successful save draws the sections again, which would leave the
     // keyboard's focus on the page's body: the element that had it (the Save
     // button, or the field Enter was pressed in) takes it back once drawn.
@@ -123,6 +138,7 @@ pub fn TokenLimitsPage() -> impl IntoView {
                         <model_limits::ModelLimits view=report.clone() save=save_limits drafts=drafts/>
                         <spend_by_model::SpendByModel view=report/>
                         <RestoreFocus target=refocus/>
+                        <KeepEarlyInput/>
                     }.into_any(),
                     // The role was taken away while the tab was open.
                     Err(ApiError::Forbidden) => {

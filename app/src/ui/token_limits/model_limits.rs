@@ -40,6 +40,12 @@ pub fn ModelLimits(
     // next. Only for an answer that comes while the section is shown: one
     // drawn again after the other form's save leaves the focus to that form.
     let ids: Vec<String> = rows.iter().map(|row| row.id.clone()).collect();
+    // The same for a save refused without JavaScript, whose answer came with
+    // the page (in its address): the field is marked `autofocus`.
+    let refused_first = untrack(|| {
+        let error = error().filter(|_| save.version().get() == 0)?;
+        ids.iter().find(|id| error.field(id).is_some()).cloned()
+    });
     Effect::watch(
         move || save.value().get(),
         move |answer: &Option<Result<(), ApiError>>, _, _| {
@@ -111,6 +117,7 @@ pub fn ModelLimits(
                                     change(&|d| d.enabled = Some(on));
                                 };
                                 let input_id = limit_input_id(&id);
+                                let autofocus = refused_first.as_deref() == Some(id.as_str());
                                 let error_id = format!("limit-error-{id}");
                                 let field = id.clone();
                                 let row_error = move || error().and_then(|e| e.field(&field).map(|f| f.message.clone()));
@@ -159,6 +166,7 @@ pub fn ModelLimits(
                                                 value=limit.clone()
                                                 prop:value=limit
                                                 on:input=typed
+                                                autofocus=autofocus
                                                 aria-invalid=invalid
                                                 aria-describedby=described_by
                                             />
