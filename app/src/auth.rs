@@ -191,6 +191,16 @@ mod server {
         result
     }
 
+    /// Whether a request with `headers` asks for HTML, as a browser's form
+    /// posted without JavaScript does (its `Accept` has `text/html`): server_fn
+    /// answers such a post with a redirect back to the page. The header is
+    /// read as server_fn reads it, bytes that are not UTF-8 replaced (U+FFFD).
+    pub fn asks_for_html(headers: &axum::http::HeaderMap) -> bool {
+        headers
+            .get(axum::http::header::ACCEPT)
+            .is_some_and(|accept| String::from_utf8_lossy(accept.as_bytes()).contains("text/html"))
+    }
+
     /// Answer a server function's error with its real status instead of 500.
     ///
     /// A plain form post (no JavaScript) is left alone: the server-function layer
@@ -198,14 +208,7 @@ mod server {
     /// than a redirect would make the browser show the raw error instead.
     pub fn set_status(e: &ApiError) {
         let plain_form_post = leptos::prelude::use_context::<axum::http::request::Parts>()
-            .and_then(|parts| {
-                parts
-                    .headers
-                    .get(axum::http::header::ACCEPT)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|v| v.contains("text/html"))
-            })
-            .unwrap_or(false);
+            .is_some_and(|parts| asks_for_html(&parts.headers));
         if plain_form_post {
             return;
         }
@@ -228,8 +231,8 @@ mod server {
 
 #[cfg(feature = "ssr")]
 pub use server::{
-    current_user, dummy_password_hash, hash_password, require_admin, set_status, verify_password,
-    CredentialError, MIN_PASSWORD_CHARS,
+    asks_for_html, current_user, dummy_password_hash, hash_password, require_admin, set_status,
+    verify_password, CredentialError, MIN_PASSWORD_CHARS,
 };
 
 #[cfg(test)]

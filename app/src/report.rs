@@ -207,6 +207,11 @@ pub struct TabView {
     pub settings_version: i64,
     /// Every catalog model, and every other model with spend, in R8 order.
     pub models: Vec<ModelRowView>,
+    /// The rows of a Model limits form refused without JavaScript, as typed,
+    /// which the page it was sent back to shows in place of the saved values
+    /// (once: they are taken from the session). Empty otherwise.
+    #[serde(default)]
+    pub refused_limits: Vec<crate::api::LimitInput>,
 }
 
 /// One model on the tab.
@@ -308,6 +313,7 @@ impl From<&SpendReport> for TabView {
                     limit_note: limit_note(m, report.allowance()),
                 })
                 .collect(),
+            refused_limits: Vec::new(),
         }
     }
 }

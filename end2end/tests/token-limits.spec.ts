@@ -538,9 +538,13 @@ test.describe("without JavaScript", () => {
     await expect(page).toHaveURL(/\/admin\/token-limits$/);
     const auditBefore = cli("audit");
     await limitInput(page, "GPT-4o").fill("abc");
+    await limitInput(page, "GPT-5 Mini").fill("7");
     await page.locator("#save-limits").click();
     await expect(page.locator("#limits-result")).toContainText("Nothing was saved");
     await expect(page.locator('[id="limit-error-gpt-4o"]')).toContainText("using digits");
+    // What was typed comes back, in every row, with the focus on the field to correct.
+    await expect(limitInput(page, "GPT-4o")).toHaveValue("abc");
+    await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("7");
     await expect(limitInput(page, "GPT-4o")).toBeFocused();
     expect(cli("audit")).toBe(auditBefore);
 

@@ -958,6 +958,65 @@ async fn forms_posted_without_javascript_return_to_their_page() {
     assert!(!refused.contains("__saved"), "{refused}");
 }
 
+/// A Model limits form refused without JavaScript comes back showing what was
+/// typed, every row changed (not only the refused one), on the versions it was
+/// typed on, the first refused field with the focus; once only, and only for a
+/// browser's form: a script's refused call leaves nothing for the page.
+#[tokio::test]
+async fn a_limits_form_refused_without_javascript_comes_back_as_typed() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let page = "http://tollgate.test/admin/token-limits";
+    let body = "rows[0][model]=gpt-5&rows[0][limit]=1.234&rows[0][version]=0\
+                &rows[1][model]=gpt-4o&rows[1][limit]=44,50&rows[1][version]=0&rows[1][enabled]=on";
+    // A script's call: refused, and nothing kept for the page.
+    let (status, _, _) = panel
+        .send(post("/fn/save_model_limits", body, Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let html = panel.open_tab(&admin).await;
+    assert!(!html.contains("value=\"44,50\""), "{html}");
+
+    let mut request = post("/fn/save_model_limits", body, Some(&admin));
+    let headers = request.headers_mut();
+    headers.insert(header::ACCEPT, "text/html,*/*".parse().unwrap());
+    headers.insert(header::REFERER, page.parse().unwrap());
+    let (status, headers, _) = panel.send(request).await;
+    assert_eq!(status, StatusCode::FOUND);
+    let refused = headers[header::LOCATION].to_str().unwrap().to_owned();
+    assert!(refused.contains("__err="), "{refused}");
+    assert!(
+        !refused.contains("44"),
+        "what was typed is not in the address: {refused}"
+    );
+    let (status, _, html) = panel.send(get(&refused, Some(&admin))).await;
+    assert_eq!(status, StatusCode::OK);
+    let row = |html: &str, id: &str| {
+        let start = html.find(&format!("data-model=\"{id}\"")).unwrap();
+        let end = start + html[start..].find("</tr>").unwrap();
+        html[start..end].to_owned()
+    };
+    let gpt5 = row(&html, "gpt-5");
+    assert!(gpt5.contains("value=\"1.234\""), "{gpt5}");
+    assert!(gpt5.contains("autofocus"), "{gpt5}");
+    assert!(gpt5.contains(r#"aria-invalid="true""#), "{gpt5}");
+    let gpt4o = row(&html, "gpt-4o");
+    assert!(gpt4o.contains("value=\"44,50\""), "{gpt4o}");
+    assert!(!gpt4o.contains("autofocus"), "{gpt4o}");
+    let switch = |row: &str, id: &str| {
+        let start = row.find(&format!("id=\"enabled-{id}\"")).unwrap();
+        row[start..start + row[start..].find('>').unwrap()].to_owned()
+    };
+    assert!(switch(&gpt4o, "gpt-4o").contains("checked"), "{gpt4o}");
+    assert!(!switch(&gpt5, "gpt-5").contains("checked"), "{gpt5}");
+    // Rows not changed show their saved values.
+    let mini = row(&html, "gpt-5-mini");
+    assert!(mini.contains("value=\"\""), "{mini}");
+    // Once: a reload shows the saved values.
+    let (_, _, html) = panel.send(get(&refused, Some(&admin))).await;
+    assert!(row(&html, "gpt-4o").contains("value=\"\""), "{html}");
+}
+
 /// A form posted without JavaScript once the session has ended (signed out in
 /// another tab, say) changes nothing and goes to the sign-in page, which says
 /// the change was not saved and leads back to the page the form was on. A

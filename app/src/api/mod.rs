@@ -28,6 +28,18 @@ pub struct LimitInput {
     pub version: Option<String>,
 }
 
+/// A checkbox's value as a form sends it: on (`Some(true)`) for `on` (a
+/// script may send `true`), off when absent, empty, `off` or `false`; `None`
+/// for any other value, which a save refuses (`invalid_enabled`) rather than
+/// read as on.
+pub fn checkbox_state(value: Option<&str>) -> Option<bool> {
+    match value.map(str::trim) {
+        None | Some("" | "off" | "false") => Some(false),
+        Some("on" | "true") => Some(true),
+        Some(_) => None,
+    }
+}
+
 /// The signed-in user, or `None`.
 #[server(prefix = "/fn", endpoint = "me")]
 pub async fn me() -> Result<Option<CurrentUser>, ApiError> {
@@ -160,9 +172,60 @@ mod server {
     pub async fn token_limits(_admin: &Admin) -> Result<TabView, ApiError> {
         let store = expect_context::<SharedStore>();
         match store.spend_snapshot(Utc::now()).await {
-            Ok(snapshot) => Ok(TabView::from(&SpendReport::build(&snapshot))),
+            Ok(snapshot) => {
+                let mut view = TabView::from(&SpendReport::build(&snapshot));
+                view.refused_limits = take_refused_limits().await;
+                Ok(view)
+            }
             Err(e) => fail(e.into()),
         }
+    }
+
+    /// Session key of the rows of a Model limits form refused without
+    /// JavaScript ([`keep_refused_limits`]).
+    const REFUSED_LIMITS: &str = "refused_limits";
+
+    /// Keeps `rows`, a Model limits form refused without JavaScript, in the
+    /// session, for the page the browser is sent back to: its fields show what
+    /// was typed, not the saved values ([`take_refused_limits`]). A call that
+    /// does not ask for HTML (the page's own script, or any other) is answered
+    /// with its error and keeps nothing. The session is not the page's address:
+    /// no link can fill another administrator's form. If the session store
+    /// fails, the refusal is answered all the same, and logged.
+    async fn keep_refused_limits(rows: Vec<LimitInput>) {
+        let Ok(headers) = leptos_axum::extract::<axum::http::HeaderMap>().await else {
+            return;
+        };
+        if !crate::auth::asks_for_html(&headers) {
+            return;
+        }
+        let Ok(session) = leptos_axum::extract::<tower_sessions::Session>().await else {
+            return;
+        };
+        let kept = match session.insert(REFUSED_LIMITS, rows).await {
+            Ok(()) => session.save().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = kept {
+            leptos::logging::error!("session store: the refused limits were not kept: {e}");
+        }
+    }
+
+    /// The rows [`keep_refused_limits`] kept, taken out of the session: shown
+    /// once. None when there are none, or the session store fails (logged).
+    async fn take_refused_limits() -> Vec<LimitInput> {
+        let Ok(session) = leptos_axum::extract::<tower_sessions::Session>().await else {
+            return Vec::new();
+        };
+        let taken = match session.remove::<Vec<LimitInput>>(REFUSED_LIMITS).await {
+            Ok(Some(rows)) => session.save().await.map(|()| rows),
+            Ok(None) => return Vec::new(),
+            Err(e) => Err(e),
+        };
+        taken.unwrap_or_else(|e| {
+            leptos::logging::error!("session store: the refused limits were not read: {e}");
+            Vec::new()
+        })
     }
 
     /// A form's version field as the page wrote it: a whole number of zero or
@@ -182,11 +245,7 @@ mod server {
     /// empty value as absent), `off` or `false`, and the field error
     /// `invalid_enabled` naming `field` for anything else.
     fn parse_toggle(field: &str, value: Option<&str>) -> Result<bool, FieldError> {
-        match value.map(str::trim) {
-            None | Some("" | "off" | "false") => Ok(false),
-            Some("on" | "true") => Ok(true),
-            Some(_) => Err(FieldError::fixed(field, "invalid_enabled")),
-        }
+        super::checkbox_state(value).ok_or_else(|| FieldError::fixed(field, "invalid_enabled"))
     }
 
     pub async fn save_automatic_fallback(
@@ -237,6 +296,7 @@ mod server {
                 }],
             });
         }
+        let typed = rows.clone();
         let mut changes = Vec::with_capacity(rows.len());
         let mut fields = Vec::new();
         let mut named = std::collections::HashSet::new();
@@ -315,6 +375,7 @@ mod server {
             });
         }
         if !fields.is_empty() {
+            keep_refused_limits(typed).await;
             return fail(ApiError::Invalid {
                 message: "Nothing was saved: correct the highlighted limits and save again.".into(),
                 fields,

@@ -472,13 +472,10 @@ fn unavailable_page(error: &ApiError) -> Response {
 /// replaced (U+FFFD): a header this took for absent, server_fn would still
 /// follow, past [`is_cross_site`]'s check of the page.
 fn form_page(headers: &HeaderMap) -> Option<String> {
-    let lossy = |name: header::HeaderName| {
-        headers
-            .get(name)
-            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
-    };
-    let asks_for_html = lossy(header::ACCEPT).is_some_and(|accept| accept.contains("text/html"));
-    lossy(header::REFERER).filter(|_| asks_for_html)
+    headers
+        .get(header::REFERER)
+        .filter(|_| app::auth::asks_for_html(headers))
+        .map(|page| String::from_utf8_lossy(page.as_bytes()).into_owned())
 }
 
 /// A server function call refused with `e` before the function ran: for a form

@@ -18,8 +18,9 @@ use super::{
     SIGN_IN_TO_TAB,
 };
 use crate::{
-    api::{self, SaveAutomaticFallback, SaveModelLimits},
+    api::{self, LimitInput, SaveAutomaticFallback, SaveModelLimits},
     error::ApiError,
+    report::ModelRowView,
 };
 
 /// What the administrator changed in the tab's forms and has not saved yet.
@@ -60,6 +61,43 @@ impl Drafts {
     /// Whether either form holds a change not saved (tracked).
     fn any(self) -> bool {
         self.fallback.with(Option::is_some) || self.limits.with(|d| !d.is_empty())
+    }
+
+    /// Takes the rows of a Model limits form refused without JavaScript
+    /// (`TabView::refused_limits`) as changes: each that differs from its saved
+    /// row in `rows` and has no change yet, on the version it was typed on, so
+    /// that saved again it is still refused if someone changed it meanwhile.
+    /// A row whose version or switch the page could not have sent is left out.
+    fn take_refused(self, rows: &[ModelRowView], refused: &[LimitInput]) {
+        if refused.is_empty() {
+            return;
+        }
+        self.limits.update_untracked(|drafts| {
+            for typed in refused {
+                let Some(row) = rows.iter().find(|row| row.id == typed.model) else {
+                    continue;
+                };
+                let version = match typed.version.as_deref() {
+                    None => 0,
+                    Some(text) => match text.trim().parse() {
+                        Ok(version) => version,
+                        Err(_) => continue,
+                    },
+                };
+                let Some(on) = api::checkbox_state(typed.enabled.as_deref()) else {
+                    continue;
+                };
+                let limit = (typed.limit != row.limit_input).then(|| typed.limit.clone());
+                let enabled = (on != row.limit_enabled).then_some(on);
+                if limit.is_some() || enabled.is_some() {
+                    drafts.entry(row.id.clone()).or_insert(LimitDraft {
+                        limit,
+                        enabled,
+                        version,
+                    });
+                }
+            }
+        });
     }
 }
 

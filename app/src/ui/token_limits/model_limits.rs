@@ -35,6 +35,8 @@ pub fn ModelLimits(
     // to set.
     let mut rows: Vec<_> = view.models.into_iter().filter(|m| m.in_catalog).collect();
     rows.sort_by(|a, b| by_display_name(&a.display_name, &b.display_name));
+    // A save refused without JavaScript comes back with what was typed.
+    drafts.take_refused(&rows, &view.refused_limits);
     // A refused save takes the keyboard to the first field it refused, in the
     // rows' order: the error's sentence is under it, and Tab leads on to the
     // next. Only for an answer that comes while the section is shown: one
