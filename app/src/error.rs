@@ -58,8 +58,8 @@ impl FieldError {
                 "duplicate_model" => {
                     "This model is named twice: give each model one limit per save.".to_owned()
                 }
-                "conflict" => "Changed by someone else since this page showed it: reload \
-                               the page to see it."
+                "conflict" => "Changed by someone else since this page showed it: load \
+                               the current values to see it."
                     .to_owned(),
                 "too_many_rows" => {
                     "This save has more rows than the catalog has models.".to_owned()

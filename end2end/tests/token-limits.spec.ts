@@ -347,6 +347,61 @@ test("leaving the tab with changes not saved asks first", async ({ page }) => {
   cli("limit", "clear", "gpt-4o");
 });
 
+test("a change made while a save is on its way is kept, and saved next", async ({ page }) => {
+  await openTab(page);
+  // The save held on its way until the changes below are made.
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  await page.route("**/fn/save_model_limits", async (route) => {
+    await held;
+    await route.continue();
+  });
+  await limitInput(page, "GPT-4o").fill("5");
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#save-limits")).toHaveText("Saving…");
+  await limitInput(page, "GPT-4o").fill("55");
+  await limitInput(page, "GPT-5 Mini").fill("3");
+  await enabledSwitch(page, "GPT-5 Mini").check();
+  release();
+  await expect(page.locator("#limits-result")).toHaveText("");
+  await expect(page.locator("#save-limits")).toHaveText("Save");
+  await page.unroute("**/fn/save_model_limits");
+  expect(cli("audit", "--limit", "1")).toContain('"limit_eur":"5"');
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("55");
+  await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("3");
+  await expect(enabledSwitch(page, "GPT-5 Mini")).toBeChecked();
+  // Still changes not saved: leaving asks.
+  const asked = answerDialogs(page, "dismiss");
+  await page.getByRole("link", { name: "Home" }).click();
+  expect(asked).toEqual([LEAVE_QUESTION]);
+  // Saved next on the version the first save wrote: not refused as a conflict.
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("€55.00");
+  await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("€3.00");
+  cli("limit", "clear", "gpt-4o");
+  cli("limit", "clear", "gpt-5-mini");
+});
+
+test("a change undone, or typed as the saved amount, leaves nothing to ask about", async ({ page }) => {
+  cli("limit", "set", "gpt-4o", "--eur", "5");
+  await openTab(page);
+  await limitInput(page, "GPT-4o").fill("6");
+  await limitInput(page, "GPT-4o").fill("5,00");
+  await limitInput(page, "GPT-5 Mini").fill("3");
+  await limitInput(page, "GPT-5 Mini").fill("");
+  await enabledSwitch(page, "GPT-5 Mini").check();
+  await enabledSwitch(page, "GPT-5 Mini").uncheck();
+  const fallback = page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" });
+  await fallback.click();
+  await fallback.click();
+  const asked = answerDialogs(page, "dismiss");
+  await page.getByRole("link", { name: "Home" }).click();
+  await expect(page).toHaveURL(/\/$/);
+  expect(asked).toEqual([]);
+  cli("limit", "clear", "gpt-4o");
+});
+
 test("a user whose email has an accent signs in through the form", async ({ page }) => {
   execFileSync(bin, ["--database-url", dbUrl(), "user", "create", "--email", "Zoë@Example.com", "--role", "admin"], {
     env: { ...process.env, TOLLGATE_PASSWORD: PASSWORD },

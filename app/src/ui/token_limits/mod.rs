@@ -19,6 +19,7 @@ use super::{
 };
 use crate::{
     api::{self, LimitInput, SaveAutomaticFallback, SaveModelLimits},
+    domain::parse_eur_input,
     error::ApiError,
     report::ModelRowView,
 };
@@ -31,16 +32,25 @@ use crate::{
 /// lost without a word. A form's own successful save drops its drafts. Each
 /// draft keeps the version it was made from, which its save sends: a change
 /// saved meanwhile by someone else is then refused (409), not overwritten.
+///
+/// A save sends the drafts of its form as they are when it starts (`sent_*`);
+/// its success drops only those, so a change made while it was on its way is
+/// kept. Such a change to a row the save itself changed is then rebased on
+/// the version that save wrote, once the numbers are reloaded (`rebase`).
 #[derive(Clone, Copy)]
 struct Drafts {
     /// By model id.
     limits: RwSignal<HashMap<String, LimitDraft>>,
     /// The fallback switch, and the settings version it was changed from.
     fallback: RwSignal<Option<(bool, i64)>>,
+    /// The limit drafts the last save of the limits form sent.
+    sent_limits: StoredValue<HashMap<String, LimitDraft>>,
+    /// The fallback draft the last save of the fallback form sent.
+    sent_fallback: StoredValue<Option<(bool, i64)>>,
 }
 
 /// A model's limit row as changed: what is unchanged is `None`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct LimitDraft {
     /// The limit field's text.
     limit: Option<String>,
@@ -55,7 +65,130 @@ impl Drafts {
         Drafts {
             limits: RwSignal::new(HashMap::new()),
             fallback: RwSignal::new(None),
+            sent_limits: StoredValue::new(HashMap::new()),
+            sent_fallback: StoredValue::new(None),
         }
+    }
+
+    /// Records `apply` to the draft of the limit row `row`, begun on `version`;
+    /// a draft that then holds the saved row again (the same amount, however
+    /// written, and the same switch) is dropped: nothing is left to save.
+    /// While a save that sent this row is on its way, the draft stays even
+    /// then: that save may change what is saved.
+    fn change_limit(self, row: &ModelRowView, version: i64, apply: impl FnOnce(&mut LimitDraft)) {
+        let in_flight = self
+            .sent_limits
+            .with_value(|sent| sent.contains_key(&row.id));
+        self.limits.update(|drafts| {
+            let draft = drafts.entry(row.id.clone()).or_insert(LimitDraft {
+                limit: None,
+                enabled: None,
+                version,
+            });
+            apply(draft);
+            if in_flight {
+                return;
+            }
+            if draft
+                .limit
+                .as_deref()
+                .is_some_and(|text| same_amount(text, &row.limit_input))
+            {
+                draft.limit = None;
+            }
+            if draft.enabled == Some(row.limit_enabled) {
+                draft.enabled = None;
+            }
+            if draft.limit.is_none() && draft.enabled.is_none() {
+                drafts.remove(&row.id);
+            }
+        });
+    }
+
+    /// Records the fallback switch turned to `on` from the settings `version`
+    /// shown with `saved`; turned back to `saved`, no draft is left (unless a
+    /// save of the switch is on its way, which may change what is saved).
+    fn change_fallback(self, on: bool, saved: bool, version: i64) {
+        let in_flight = self.sent_fallback.with_value(Option::is_some);
+        self.fallback
+            .set((on != saved || in_flight).then_some((on, version)));
+    }
+
+    /// A save of the limits form has succeeded: drops the drafts it sent,
+    /// keeping those changed since.
+    fn limits_saved(self) {
+        let sent = self.sent_limits.get_value();
+        self.limits
+            .update(|drafts| drafts.retain(|id, draft| sent.get(id) != Some(draft)));
+    }
+
+    /// A save of the fallback form has succeeded: drops the draft it sent,
+    /// unless the switch was turned since.
+    fn fallback_saved(self) {
+        let sent = self.sent_fallback.get_value();
+        if self.fallback.get_untracked() == sent {
+            self.fallback.set(None);
+        }
+    }
+
+    /// A save of the limits form has been refused: nothing it sent was saved.
+    fn limits_refused(self) {
+        self.sent_limits.set_value(HashMap::new());
+    }
+
+    /// A save of the fallback form has been refused: nothing it sent was saved.
+    fn fallback_refused(self) {
+        self.sent_fallback.set_value(None);
+    }
+
+    /// [`Drafts::rebase`] for the fallback switch, saved as `saved` at the
+    /// settings `version` in the reloaded numbers.
+    fn rebase_fallback(self, saved: bool, version: i64) {
+        let Some((sent_on, sent_version)) = self.sent_fallback.get_value() else {
+            return;
+        };
+        self.sent_fallback.set_value(None);
+        self.fallback.update_untracked(|draft| {
+            if let Some((_, draft_version)) = draft {
+                if *draft_version == sent_version && version == sent_version + 1 && saved == sent_on
+                {
+                    *draft_version = version;
+                }
+            }
+        });
+    }
+
+    /// Once the numbers are reloaded after a save of the limits form: a draft
+    /// kept because it changed while the save was on its way, on a row that
+    /// save changed, is moved to the version that save wrote, if the row
+    /// holds what the save sent at exactly one version past the one it was
+    /// sent on (anything else was changed by someone else too, and the draft
+    /// keeps its version, to be refused as a conflict).
+    fn rebase(self, rows: &[ModelRowView]) {
+        let sent = self.sent_limits.get_value();
+        if sent.is_empty() {
+            return;
+        }
+        self.sent_limits.set_value(HashMap::new());
+        self.limits.update_untracked(|drafts| {
+            for (id, draft) in drafts.iter_mut() {
+                let (Some(was), Some(row)) = (sent.get(id), rows.iter().find(|r| &r.id == id))
+                else {
+                    continue;
+                };
+                let holds_sent = was
+                    .limit
+                    .as_deref()
+                    .is_none_or(|text| same_amount(text, &row.limit_input))
+                    && was.enabled.is_none_or(|on| on == row.limit_enabled);
+                if draft.version == was.version
+                    && row.limit_version == was.version + 1
+                    && holds_sent
+                {
+                    draft.version = row.limit_version;
+                }
+            }
+        });
     }
 
     /// Whether either form holds a change not saved (tracked).
@@ -98,6 +231,19 @@ impl Drafts {
                 }
             }
         });
+    }
+}
+
+/// Whether two texts of the Limit field are the same limit: both empty (the
+/// shared pool), or the same amount however written (`5`, `€5.00`, `5,0`).
+fn same_amount(a: &str, b: &str) -> bool {
+    match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, true) => true,
+        (false, false) => match (parse_eur_input(a), parse_eur_input(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -144,9 +290,25 @@ pub fn TokenLimitsPage() -> impl IntoView {
     // keyboard's focus on the page's body: the element that had it (the Save
     // button, or the field Enter was pressed in) takes it back once drawn.
     let refocus = RwSignal::new(None::<String>);
+    // What each save sends: its form's drafts as they are when it starts.
     Effect::new(move |_| {
+        if save_fallback.pending().get() {
+            drafts
+                .sent_fallback
+                .set_value(drafts.fallback.get_untracked());
+        }
+    });
+    Effect::new(move |_| {
+        if save_limits.pending().get() {
+            drafts.sent_limits.set_value(drafts.limits.get_untracked());
+        }
+    });
+    Effect::new(move |_| {
+        if matches!(save_fallback.value().get(), Some(Err(_))) {
+            drafts.fallback_refused();
+        }
         if matches!(save_fallback.value().get(), Some(Ok(()))) {
-            drafts.fallback.set(None);
+            drafts.fallback_saved();
             refocus.set(Some(
                 focused_id().unwrap_or_else(|| spending::SAVE_ID.to_owned()),
             ));
@@ -154,8 +316,11 @@ pub fn TokenLimitsPage() -> impl IntoView {
         }
     });
     Effect::new(move |_| {
+        if matches!(save_limits.value().get(), Some(Err(_))) {
+            drafts.limits_refused();
+        }
         if matches!(save_limits.value().get(), Some(Ok(()))) {
-            drafts.limits.update(HashMap::clear);
+            drafts.limits_saved();
             refocus.set(Some(
                 focused_id().unwrap_or_else(|| model_limits::SAVE_ID.to_owned()),
             ));

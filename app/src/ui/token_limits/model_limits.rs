@@ -37,6 +37,7 @@ pub fn ModelLimits(
     rows.sort_by(|a, b| by_display_name(&a.display_name, &b.display_name));
     // A save refused without JavaScript comes back with what was typed.
     drafts.take_refused(&rows, &view.refused_limits);
+    drafts.rebase(&rows);
     // A refused save takes the keyboard to the first field it refused, in the
     // rows' order: the error's sentence is under it, and Tab leads on to the
     // next. Only for an answer that comes while the section is shown: one
@@ -96,15 +97,9 @@ pub fn ModelLimits(
                                     .unwrap_or_else(|| row.limit_input.clone());
                                 let enabled = draft.and_then(|d| d.enabled).unwrap_or(row.limit_enabled);
                                 let change = {
-                                    let id = id.to_string();
+                                    let saved = std::sync::Arc::new(row.clone());
                                     move |apply: &dyn Fn(&mut super::LimitDraft)| {
-                                        drafts.limits.update(|d| {
-                                            apply(d.entry(id.clone()).or_insert(super::LimitDraft {
-                                                limit: None,
-                                                enabled: None,
-                                                version,
-                                            }))
-                                        })
+                                        drafts.change_limit(&saved, version, apply)
                                     }
                                 };
                                 let typed = {

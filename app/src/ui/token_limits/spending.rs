@@ -33,16 +33,15 @@ pub fn SpendingAndBudget(
     drafts: super::Drafts,
 ) -> impl IntoView {
     let report = view;
+    drafts.rebase_fallback(report.automatic_fallback, report.settings_version);
     // The switch as saved, or as changed and not saved yet (`Drafts`).
     let (fallback, settings_version) = drafts
         .fallback
         .get_untracked()
         .unwrap_or((report.automatic_fallback, report.settings_version));
-    let switched = move |ev| {
-        drafts
-            .fallback
-            .set(Some((event_target_checked(&ev), settings_version)))
-    };
+    let saved = report.automatic_fallback;
+    let switched =
+        move |ev| drafts.change_fallback(event_target_checked(&ev), saved, settings_version);
     let percent = report.used_percent.clone();
     let bar = report.bar_percent.clone();
     let status_class = match report.status {
