@@ -136,11 +136,36 @@ impl Sep {
     }
 }
 
+/// `text` without the euro's mark before or after it: its sign (`€ 12.50`,
+/// `12.50 €`) or its ISO 4217 code in any case (`EUR 12`, `12 eur`), which the
+/// column's heading "Limit (EUR)" invites. One mark at most.
+fn strip_currency(text: &str) -> &str {
+    const CODE: &str = "EUR";
+    if let Some(rest) = text.strip_prefix('€') {
+        return rest.trim_start();
+    }
+    if let Some(rest) = text.strip_suffix('€') {
+        return rest.trim_end();
+    }
+    let code_at = |at: usize| {
+        text.get(at..at + CODE.len())
+            .is_some_and(|code| code.eq_ignore_ascii_case(CODE))
+    };
+    if code_at(0) {
+        return text[CODE.len()..].trim_start();
+    }
+    match text.len().checked_sub(CODE.len()) {
+        Some(end) if code_at(end) => text[..end].trim_end(),
+        _ => text,
+    }
+}
+
 /// Parses an amount of euros typed by a person (DESIGN.md §3) into exact [`Money`].
 ///
 /// Accepts `12`, `12.5`, `12,50`, `1 234,50` (with a normal, no-break or narrow
-/// no-break space), `1.234,50`, `1,234.50`, `1,234,567.89`, and a euro sign before
-/// or after (`€ 12.50`, `€12.50`, `12.50 €`), so that the tab's own display
+/// no-break space), `1.234,50`, `1,234.50`, `1,234,567.89`, and a euro sign or the
+/// code `EUR` before or after (`€ 12.50`, `€12.50`, `12.50 €`, `EUR 12`, `12 eur`),
+/// so that the tab's own display
 /// (`€1,234.56`, see `format_eur`) reads back to the same amount. At most two decimals
 /// and at most 1,000,000,000.00 EUR.
 ///
@@ -153,16 +178,9 @@ pub fn parse_eur_input(input: &str) -> Result<Money, EuroInputError> {
     if text.is_empty() {
         return Err(EuroInputError::Empty);
     }
-    // The sign may sit on either side of the euro sign: "-€5", "€-5", "- 5 €".
+    // The sign may sit on either side of the euro's mark: "-€5", "€-5", "- 5 €".
     let (negative_outside, text) = strip_minus(text);
-    let body = if let Some(rest) = text.strip_prefix('€') {
-        rest.trim_start()
-    } else if let Some(rest) = text.strip_suffix('€') {
-        rest.trim_end()
-    } else {
-        text
-    };
-    let (negative_inside, body) = strip_minus(body);
+    let (negative_inside, body) = strip_minus(strip_currency(text));
     let cents = parse_digits_and_separators(body)?;
     if negative_outside || negative_inside {
         return Err(EuroInputError::Negative);
@@ -335,6 +353,10 @@ mod tests {
             ("€12.50", dec!(12.5)),
             ("12.50 €", dec!(12.5)),
             ("12,50€", dec!(12.5)),
+            ("EUR 12", dec!(12)),
+            ("12 EUR", dec!(12)),
+            ("12,50eur", dec!(12.5)),
+            ("Eur 1 234,50", dec!(1234.5)),
             ("1,234,567.89", dec!(1234567.89)),
             ("1.234.567,89", dec!(1234567.89)),
             ("1 234 567,89", dec!(1234567.89)),
@@ -369,6 +391,12 @@ mod tests {
             ("1e5", "not_a_number"),
             ("+5", "not_a_number"),
             ("€€5", "not_a_number"),
+            ("EUR", "not_a_number"),
+            ("EUR 5 €", "not_a_number"),
+            ("EUREUR 5", "not_a_number"),
+            ("EU 5", "not_a_number"),
+            ("-12 EUR", "negative"),
+            ("EUR -12", "negative"),
             ("-5", "negative"),
             ("-€5", "negative"),
             ("€-5", "negative"),
