@@ -335,6 +335,20 @@ test("leaving the tab with changes not saved asks first", async ({ page }) => {
   await page.getByRole("link", { name: "Home" }).click();
   await expect(page).toHaveURL(/\/$/);
   expect(asked).toEqual([LEAVE_QUESTION]);
+  // Back and Forward between the app's pages: asked too.
+  await page.getByRole("link", { name: "Admin" }).click();
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await limitInput(page, "GPT-4o").fill("35");
+  asked = answerDialogs(page, "dismiss");
+  await page.goBack();
+  await expect.poll(() => asked).toEqual([LEAVE_QUESTION]);
+  await expect(page).toHaveURL(/\/admin\/token-limits$/);
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("35");
+  asked = answerDialogs(page, "accept");
+  await page.goBack();
+  await expect(page).toHaveURL(/\/$/);
+  await expect(page.getByRole("link", { name: "Admin" })).toBeVisible();
+  expect(asked).toEqual([LEAVE_QUESTION]);
   // Saved, or not changed: nothing to ask.
   await page.goBack();
   await expect(limitInput(page, "GPT-4o")).toHaveValue("");

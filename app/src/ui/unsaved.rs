@@ -1,10 +1,9 @@
-//! Changes typed in the tab are not lost without a word (the brief's "nothing
-//! lost"):
+//! Changes typed in the tab are not lost without a word:
 //! - what a visitor typed or switched before the page came alive (hydration) is
 //!   kept, and taken as a change like one typed afterwards ([`EarlyInput`]);
 //! - leaving the page while it holds changes not saved asks first
-//!   ([`provide_leave_guard`], [`track_unsaved`]): a link, Sign out, a reload
-//!   or closing the tab.
+//!   ([`provide_leave_guard`], [`track_unsaved`]): a link, Sign out, Back or
+//!   Forward, a reload or closing the tab.
 //!
 //! Without JavaScript none of this runs: nothing is typed into a page that
 //! comes alive, and a form's fields are the browser's own.
@@ -12,10 +11,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use leptos::{
-    ev,
     prelude::*,
-    wasm_bindgen::{closure::Closure, JsCast},
-    web_sys::{Element, Event, HtmlInputElement, MouseEvent},
+    wasm_bindgen::JsCast,
+    web_sys::{Event, HtmlInputElement},
 };
 use web_sys::EventInit;
 
@@ -131,73 +129,27 @@ fn replay(change: EarlyChange) {
     }
 }
 
-/// Whether the page shown holds changes not saved (provided by the app,
-/// set by the page: [`track_unsaved`]).
+/// The address of the page shown while it holds changes not saved, `None`
+/// otherwise (provided by the app, set by the page: [`track_unsaved`]).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Unsaved(RwSignal<bool>);
+pub(crate) struct Unsaved(RwSignal<Option<String>>);
 
 /// Provides [`Unsaved`] and, in the browser, asks before the page is left
 /// while it is set: the browser's own question before an unload (a reload,
 /// an address typed, the tab closed), and [`LEAVE_QUESTION`] before a click
-/// on a link or on a button outside the page's `<main>` (Sign out), which the
-/// app's router would otherwise follow without unloading anything. A visitor
+/// on a link or on a button outside the page's `<main>` (Sign out), and
+/// before Back or Forward to another of the app's pages, which the app's
+/// router would otherwise follow without unloading anything. A visitor
 /// who agrees to leave is not asked again by the unload that follows. Call it
 /// once, in the root component.
 pub(crate) fn provide_leave_guard() {
-    let unsaved = Unsaved(RwSignal::new(false));
+    let unsaved = Unsaved(RwSignal::new(None));
     provide_context(unsaved);
-    // Effects run in the browser only, and this one once: the listeners last
-    // as long as the app.
-    Effect::new(move |_| {
-        let before_unload = window_event_listener(ev::beforeunload, move |ev| {
-            if unsaved.0.get_untracked() {
-                ev.prevent_default();
-                // Older browsers ask only when a text is set.
-                ev.set_return_value(LEAVE_QUESTION);
-            }
-        });
-        std::mem::forget(before_unload);
-        // On the window, in the capturing phase: before the router's own
-        // listener (the window's, bubbling) follows a link.
-        let click = Closure::<dyn Fn(MouseEvent)>::new(move |ev: MouseEvent| {
-            if unsaved.0.get_untracked() && leaves_page(&ev) {
-                if window()
-                    .confirm_with_message(LEAVE_QUESTION)
-                    .unwrap_or(true)
-                {
-                    unsaved.0.set(false);
-                } else {
-                    ev.prevent_default();
-                    ev.stop_propagation();
-                }
-            }
-        });
-        let _ = window().add_event_listener_with_callback_and_bool(
-            "click",
-            click.as_ref().unchecked_ref(),
-            true,
-        );
-        click.forget();
-    });
-}
-
-/// Whether the click `ev` leaves the page: a plain click (no modifier, which
-/// opens another tab or window) on a link that opens here, or on a button
-/// outside the page's `<main>` (the shell's Sign out).
-fn leaves_page(ev: &MouseEvent) -> bool {
-    if ev.button() != 0 || ev.ctrl_key() || ev.meta_key() || ev.shift_key() || ev.alt_key() {
-        return false;
-    }
-    let Some(target) = ev.target().and_then(|t| t.dyn_into::<Element>().ok()) else {
-        return false;
-    };
-    let closest = |selector: &str| target.closest(selector).ok().flatten();
-    if let Some(link) = closest("a[href]") {
-        return link
-            .get_attribute("target")
-            .is_none_or(|t| t.is_empty() || t == "_self");
-    }
-    closest("button").is_some() && closest("main").is_none()
+    // In the browser, now: the router, made after this, adds listeners of
+    // its own to the window, and a window's listeners of one event run in the
+    // order they were added, whatever their phase (Chromium).
+    #[cfg(feature = "hydrate")]
+    browser::listen(unsaved);
 }
 
 /// Keeps [`Unsaved`] set while `dirty` says the page holds changes not saved,
@@ -206,6 +158,107 @@ pub(crate) fn track_unsaved(dirty: impl Fn() -> bool + Send + Sync + 'static) {
     let Some(unsaved) = use_context::<Unsaved>() else {
         return;
     };
-    Effect::new(move |_| unsaved.0.set(dirty()));
-    on_cleanup(move || unsaved.0.set(false));
+    Effect::new(move |_| {
+        let page = dirty().then(|| window().location().href().ok()).flatten();
+        unsaved.0.set(page);
+    });
+    on_cleanup(move || unsaved.0.set(None));
+}
+
+/// The browser's half of the guard: the window's listeners.
+#[cfg(feature = "hydrate")]
+mod browser {
+    use leptos::{
+        ev,
+        prelude::*,
+        wasm_bindgen::{closure::Closure, JsCast, JsValue},
+        web_sys::{Element, Event, MouseEvent},
+    };
+
+    use super::{Unsaved, LEAVE_QUESTION};
+
+    impl Unsaved {
+        fn is_set(self) -> bool {
+            self.0.with_untracked(Option::is_some)
+        }
+
+        /// Asks [`LEAVE_QUESTION`]: `true` to leave, and then clears the mark, so
+        /// the unload that may follow does not ask again.
+        fn may_leave(self) -> bool {
+            let leave = window()
+                .confirm_with_message(LEAVE_QUESTION)
+                .unwrap_or(true);
+            if leave {
+                self.0.set(None);
+            }
+            leave
+        }
+    }
+
+    /// Adds [`provide_leave_guard`]'s listeners to the window, for as long as
+    /// the app lasts.
+    pub(super) fn listen(unsaved: Unsaved) {
+        let before_unload = window_event_listener(ev::beforeunload, move |ev| {
+            if unsaved.is_set() {
+                ev.prevent_default();
+                // Older browsers ask only when a text is set.
+                ev.set_return_value(LEAVE_QUESTION);
+            }
+        });
+        std::mem::forget(before_unload);
+        // In the capturing phase: before the router's own listener (the
+        // window's, bubbling) follows a link.
+        let click = Closure::<dyn Fn(MouseEvent)>::new(move |ev: MouseEvent| {
+            if unsaved.is_set() && leaves_page(&ev) && !unsaved.may_leave() {
+                ev.prevent_default();
+                ev.stop_propagation();
+            }
+        });
+        // Back and Forward between the app's pages unload nothing either: the
+        // router hears `popstate` after this listener, added first. Staying puts
+        // the page's address back, and the router never hears of it.
+        let history_move = Closure::<dyn Fn(Event)>::new(move |ev: Event| {
+            let Some(page) = unsaved.0.get_untracked() else {
+                return;
+            };
+            let moved = window().location().href().is_ok_and(|here| here != page);
+            if moved && !unsaved.may_leave() {
+                ev.stop_immediate_propagation();
+                if let Ok(history) = window().history() {
+                    let _ = history.push_state_with_url(&JsValue::NULL, "", Some(&page));
+                }
+            }
+        });
+        for (event, listener) in [
+            ("click", click.as_ref()),
+            ("popstate", history_move.as_ref()),
+        ] {
+            let _ = window().add_event_listener_with_callback_and_bool(
+                event,
+                listener.unchecked_ref(),
+                true,
+            );
+        }
+        click.forget();
+        history_move.forget();
+    }
+
+    /// Whether the click `ev` leaves the page: a plain click (no modifier, which
+    /// opens another tab or window) on a link that opens here, or on a button
+    /// outside the page's `<main>` (the shell's Sign out).
+    fn leaves_page(ev: &MouseEvent) -> bool {
+        if ev.button() != 0 || ev.ctrl_key() || ev.meta_key() || ev.shift_key() || ev.alt_key() {
+            return false;
+        }
+        let Some(target) = ev.target().and_then(|t| t.dyn_into::<Element>().ok()) else {
+            return false;
+        };
+        let closest = |selector: &str| target.closest(selector).ok().flatten();
+        if let Some(link) = closest("a[href]") {
+            return link
+                .get_attribute("target")
+                .is_none_or(|t| t.is_empty() || t == "_self");
+        }
+        closest("button").is_some() && closest("main").is_none()
+    }
 }
