@@ -397,6 +397,41 @@ test("a change made while a save is on its way is kept, and saved next", async (
   cli("limit", "clear", "gpt-5-mini");
 });
 
+test("saves of both forms on their way at once each keep what was changed since", async ({ page }) => {
+  await openTab(page);
+  const fallback = page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" });
+  await expect(fallback).toBeChecked();
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  await page.route("**/fn/save_automatic_fallback", async (route) => {
+    await held;
+    await route.continue();
+  });
+  // The switch turned off and saved, held; the limits saved meanwhile; then
+  // the switch turned on again before the held save lands.
+  await fallback.click();
+  await page.getByRole("button", { name: "Save automatic fallback" }).click();
+  await expect(page.locator("#save-fallback")).toHaveText("Saving…");
+  await limitInput(page, "GPT-5 Mini").fill("5");
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  await fallback.click();
+  await expect(fallback).toBeChecked();
+  release();
+  await expect(page.locator("#save-fallback")).toHaveText("Save");
+  await page.unroute("**/fn/save_automatic_fallback");
+  expect(cli("spend")).toContain("automatic fallback\toff");
+  // Shown as turned, not as saved, and still a change to ask about and to save.
+  await expect(fallback).toBeChecked();
+  const asked = answerDialogs(page, "dismiss");
+  await page.getByRole("link", { name: "Home" }).click();
+  expect(asked).toEqual([LEAVE_QUESTION]);
+  await page.getByRole("button", { name: "Save automatic fallback" }).click();
+  await expect(page.locator("#fallback-result")).toHaveText("Saved.");
+  expect(cli("spend")).toContain("automatic fallback\ton");
+  cli("limit", "clear", "gpt-5-mini");
+});
+
 test("a change undone, or typed as the saved amount, leaves nothing to ask about", async ({ page }) => {
   cli("limit", "set", "gpt-4o", "--eur", "5");
   await openTab(page);
@@ -633,12 +668,18 @@ test.describe("without JavaScript", () => {
     cli("limit", "clear", "gpt-4o");
   });
 
-  test("a conflict leads to the current values, not to the same answer again", async ({ page }) => {
+  test("a conflict keeps what was typed and leads to the current values, not to the same answer again", async ({ page }) => {
     await openTabWithoutScript(page);
     await limitInput(page, "GPT-4o").fill("21");
+    await limitInput(page, "GPT-5").fill("36");
     cli("limit", "set", "gpt-4o", "--eur", "8");
     await page.locator("#save-limits").click();
     const result = page.locator("#limits-result");
+    await expect(result).toContainText("these settings were changed since this page showed them");
+    // As with JavaScript: what was typed, on the versions it was typed on.
+    await expect(limitInput(page, "GPT-4o")).toHaveValue("21");
+    await expect(limitInput(page, "GPT-5")).toHaveValue("36");
+    await page.locator("#save-limits").click();
     await expect(result).toContainText("these settings were changed since this page showed them");
     await result.getByRole("link", { name: "Load the current values" }).click();
     await expect(page).toHaveURL(/\/admin\/token-limits$/);

@@ -185,9 +185,10 @@ mod server {
     /// JavaScript ([`keep_refused_limits`]).
     const REFUSED_LIMITS: &str = "refused_limits";
 
-    /// Keeps `rows`, a Model limits form refused without JavaScript, in the
-    /// session, for the page the browser is sent back to: its fields show what
-    /// was typed, not the saved values ([`take_refused_limits`]). A call that
+    /// Keeps `rows`, a Model limits form refused without JavaScript (invalid,
+    /// or changed meanwhile), in the session, for the page the browser is sent
+    /// back to: its fields show what was typed, not the saved values
+    /// ([`take_refused_limits`]). A call that
     /// does not ask for HTML (the page's own script, or any other) is answered
     /// with its error and keeps nothing. The session is not the page's address:
     /// no link can fill another administrator's form. If the session store
@@ -386,7 +387,16 @@ mod server {
             .await
         {
             Ok(()) => Ok(()),
-            Err(e) => fail(e.into()),
+            Err(e) => {
+                let e = ApiError::from(e);
+                // Refused as changed meanwhile: the form comes back as typed,
+                // as it stays with JavaScript, on the versions it was typed
+                // on; its line offers the current values.
+                if matches!(e, ApiError::Conflict { .. }) {
+                    keep_refused_limits(typed).await;
+                }
+                fail(e)
+            }
         }
     }
 }

@@ -143,7 +143,10 @@ impl Drafts {
 
     /// [`Drafts::rebase`] for the fallback switch, saved as `saved` at the
     /// settings `version` in the reloaded numbers.
-    fn rebase_fallback(self, saved: bool, version: i64) {
+    fn rebase_fallback(self, saved: bool, version: i64, pending: bool) {
+        if pending {
+            return;
+        }
         let Some((sent_on, sent_version)) = self.sent_fallback.get_value() else {
             return;
         };
@@ -163,8 +166,12 @@ impl Drafts {
     /// save changed, is moved to the version that save wrote, if the row
     /// holds what the save sent at exactly one version past the one it was
     /// sent on (anything else was changed by someone else too, and the draft
-    /// keeps its version, to be refused as a conflict).
-    fn rebase(self, rows: &[ModelRowView]) {
+    /// keeps its version, to be refused as a conflict). Not while the save is
+    /// still on its way (the other form's save drew the tab again).
+    fn rebase(self, rows: &[ModelRowView], pending: bool) {
+        if pending {
+            return;
+        }
         let sent = self.sent_limits.get_value();
         if sent.is_empty() {
             return;
@@ -220,7 +227,8 @@ impl Drafts {
                 let Some(on) = api::checkbox_state(typed.enabled.as_deref()) else {
                     continue;
                 };
-                let limit = (typed.limit != row.limit_input).then(|| typed.limit.clone());
+                let limit =
+                    (!same_amount(&typed.limit, &row.limit_input)).then(|| typed.limit.clone());
                 let enabled = (on != row.limit_enabled).then_some(on);
                 if limit.is_some() || enabled.is_some() {
                     drafts.entry(row.id.clone()).or_insert(LimitDraft {

@@ -37,7 +37,7 @@ pub fn ModelLimits(
     rows.sort_by(|a, b| by_display_name(&a.display_name, &b.display_name));
     // A save refused without JavaScript comes back with what was typed.
     drafts.take_refused(&rows, &view.refused_limits);
-    drafts.rebase(&rows);
+    drafts.rebase(&rows, save.pending().get_untracked());
     // A refused save takes the keyboard to the first field it refused, in the
     // rows' order: the error's sentence is under it, and Tab leads on to the
     // next. Only for an answer that comes while the section is shown: one

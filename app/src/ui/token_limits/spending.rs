@@ -33,7 +33,11 @@ pub fn SpendingAndBudget(
     drafts: super::Drafts,
 ) -> impl IntoView {
     let report = view;
-    drafts.rebase_fallback(report.automatic_fallback, report.settings_version);
+    drafts.rebase_fallback(
+        report.automatic_fallback,
+        report.settings_version,
+        save.pending().get_untracked(),
+    );
     // The switch as saved, or as changed and not saved yet (`Drafts`).
     let (fallback, settings_version) = drafts
         .fallback
