@@ -70,6 +70,9 @@ test.describe.configure({ mode: "serial" });
  * (`app::ui::LEAVE_QUESTION`). */
 const LEAVE_QUESTION = "Your changes on this page are not saved. Leave the page and lose them?";
 
+/** A form's line after a save, once the form holds changes made since. */
+const SAVED_BEFORE_CHANGES = "Saved. The changes made since are not saved yet.";
+
 /** Answers every dialog the page opens from now on (`accept` or `dismiss`),
  * and returns the list their messages are put in (the type, for the
  * browser's own question before an unload, whose words are its own). */
@@ -246,7 +249,7 @@ test("saves of both forms in a row are each taken, none refused as stale", async
   // A change made after the save is not called saved; the other form's answer
   // stays.
   await limitInput(page, "GPT-4o").fill("35");
-  await expect(page.locator("#limits-result")).toHaveText("");
+  await expect(page.locator("#limits-result")).toHaveText(SAVED_BEFORE_CHANGES);
   await expect(page.locator("#fallback-result")).toHaveText("Saved.");
   cli("limit", "clear", "gpt-4o");
 });
@@ -377,7 +380,7 @@ test("a change made while a save is on its way is kept, and saved next", async (
   await limitInput(page, "GPT-5 Mini").fill("3");
   await enabledSwitch(page, "GPT-5 Mini").check();
   release();
-  await expect(page.locator("#limits-result")).toHaveText("");
+  await expect(page.locator("#limits-result")).toHaveText(SAVED_BEFORE_CHANGES);
   await expect(page.locator("#save-limits")).toHaveText("Save");
   await page.unroute("**/fn/save_model_limits");
   expect(cli("audit", "--limit", "1")).toContain('"limit_eur":"5"');

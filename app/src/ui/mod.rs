@@ -92,26 +92,25 @@ pub(crate) const SIGN_IN_TO_TAB: &str = "/login?next=%2Fadmin%2Ftoken-limits";
 /// current values after a conflict: the tab's address alone, loaded whole
 /// (`rel="external"`), so that without JavaScript it is not the address that
 /// carries the conflict, which a reload would show again. Empty before any
-/// answer, and in place of "Saved." once the form holds changes made after
-/// the save (`edited`): beside them it would say they were saved. An error
-/// stays until the next answer.
+/// answer. Once the form holds changes made after the save, or while it was
+/// on its way (`edited`), "Saved." says that those are not saved yet: alone
+/// beside them it would call them saved. An error stays until the next
+/// answer.
 #[component]
 pub(crate) fn FormStatus(
     id: &'static str,
     outcome: impl Fn() -> Option<Result<(), ApiError>> + Copy + Send + Sync + 'static,
     edited: impl Fn() -> bool + Copy + Send + Sync + 'static,
 ) -> impl IntoView {
-    let shown = move || match outcome()? {
-        Ok(()) if edited() => None,
-        Ok(()) => Some(Ok(())),
-        Err(e) => Some(Err(e)),
-    };
-    let class = move || match shown() {
+    let class = move || match outcome() {
         Some(Ok(())) => "form-ok",
         Some(Err(_)) => "form-error",
         None => "",
     };
-    let text = move || match shown()? {
+    let text = move || match outcome()? {
+        Ok(()) if edited() => {
+            Some(view! { "Saved. The changes made since are not saved yet." }.into_any())
+        }
         Ok(()) => Some(view! { "Saved." }.into_any()),
         Err(ApiError::Unauthorized) => Some(
             view! {
