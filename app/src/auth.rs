@@ -50,7 +50,7 @@ pub fn landing(next: Option<&str>, role: Role) -> String {
     match (local, role) {
         (Some(path), Role::Admin) => path.to_owned(),
         (Some(path), Role::Member) if !for_admins(path) => path.to_owned(),
-        (_, Role::Admin) => "/admin/token-limits".to_owned(),
+        (_, Role::Admin) => crate::ui::TAB.to_owned(),
         (_, Role::Member) => "/".to_owned(),
     }
 }
@@ -201,15 +201,20 @@ mod server {
             .is_some_and(|accept| String::from_utf8_lossy(accept.as_bytes()).contains("text/html"))
     }
 
+    /// Whether the request being answered is a form posted without
+    /// JavaScript ([`asks_for_html`]), from the server function's context.
+    pub fn is_plain_form_post() -> bool {
+        leptos::prelude::use_context::<axum::http::request::Parts>()
+            .is_some_and(|parts| asks_for_html(&parts.headers))
+    }
+
     /// Answer a server function's error with its real status instead of 500.
     ///
     /// A plain form post (no JavaScript) is left alone: the server-function layer
     /// redirects it back to the page with the error in the URL, and a status other
     /// than a redirect would make the browser show the raw error instead.
     pub fn set_status(e: &ApiError) {
-        let plain_form_post = leptos::prelude::use_context::<axum::http::request::Parts>()
-            .is_some_and(|parts| asks_for_html(&parts.headers));
-        if plain_form_post {
+        if is_plain_form_post() {
             return;
         }
         if let Some(response) = leptos::prelude::use_context::<leptos_axum::ResponseOptions>() {
@@ -231,8 +236,8 @@ mod server {
 
 #[cfg(feature = "ssr")]
 pub use server::{
-    asks_for_html, current_user, dummy_password_hash, hash_password, require_admin, set_status,
-    verify_password, CredentialError, MIN_PASSWORD_CHARS,
+    asks_for_html, current_user, dummy_password_hash, hash_password, is_plain_form_post,
+    require_admin, set_status, verify_password, CredentialError, MIN_PASSWORD_CHARS,
 };
 
 #[cfg(test)]

@@ -194,10 +194,7 @@ mod server {
     /// no link can fill another administrator's form. If the session store
     /// fails, the refusal is answered all the same, and logged.
     async fn keep_refused_limits(rows: Vec<LimitInput>) {
-        let Ok(headers) = leptos_axum::extract::<axum::http::HeaderMap>().await else {
-            return;
-        };
-        if !crate::auth::asks_for_html(&headers) {
+        if !crate::auth::is_plain_form_post() {
             return;
         }
         let Ok(session) = leptos_axum::extract::<tower_sessions::Session>().await else {

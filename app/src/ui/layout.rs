@@ -45,7 +45,7 @@ pub fn AppShell(user: Option<CurrentUser>, current: Section, children: Children)
                 </ul>
                 <div class="sidebar-bottom">
                     <Show when=move || is_admin>
-                        <a class="nav-admin" href="/admin/token-limits" aria-current=aria(Section::Admin)>"Admin"</a>
+                        <a class="nav-admin" href=super::TAB aria-current=aria(Section::Admin)>"Admin"</a>
                     </Show>
                     {account}
                 </div>

@@ -21,7 +21,7 @@ pub fn LoginPage() -> impl IntoView {
         query
             .read()
             .get("next")
-            .unwrap_or_else(|| "/admin/token-limits".into())
+            .unwrap_or_else(|| crate::ui::TAB.into())
     };
     let signed_out =
         move || query.read().get("reason").as_deref() == Some(crate::ui::SIGNED_OUT_REASON);

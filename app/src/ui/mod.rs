@@ -81,7 +81,7 @@ where
 pub const SIGNED_OUT_REASON: &str = "signed_out";
 
 /// The Token Limits tab's address.
-pub(crate) const TAB: &str = "/admin/token-limits";
+pub const TAB: &str = "/admin/token-limits";
 
 /// Where a visitor found signed out on the tab signs in, to come back to it.
 pub(crate) const SIGN_IN_TO_TAB: &str = "/login?next=%2Fadmin%2Ftoken-limits";

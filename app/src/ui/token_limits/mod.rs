@@ -15,7 +15,7 @@ use super::{
     layout::{use_current_user, AppShell, Section},
     no_access::NoAccess,
     unsaved::{replay_early_input, track_unsaved},
-    SIGN_IN_TO_TAB,
+    SIGN_IN_TO_TAB, TAB,
 };
 use crate::{
     api::{self, LimitInput, SaveAutomaticFallback, SaveModelLimits},
@@ -60,6 +60,37 @@ struct LimitDraft {
     version: i64,
 }
 
+impl LimitDraft {
+    /// Drops from the draft what holds the saved `row` again (the same amount,
+    /// however written; the same switch), and says whether anything is left.
+    fn differs_from(&mut self, row: &ModelRowView) -> bool {
+        if self
+            .limit
+            .as_deref()
+            .is_some_and(|text| same_amount(text, &row.limit_input))
+        {
+            self.limit = None;
+        }
+        if self.enabled == Some(row.limit_enabled) {
+            self.enabled = None;
+        }
+        self.limit.is_some() || self.enabled.is_some()
+    }
+}
+
+/// Whether a draft begun on `draft_version`, kept because it changed while a
+/// save sent on `sent_version` was on its way, is to be moved to `current`,
+/// the version of the reloaded numbers: only if they hold what was sent
+/// (`holds_sent`) at exactly one version past it, which that save wrote.
+fn written_by_the_save(
+    draft_version: i64,
+    sent_version: i64,
+    current: i64,
+    holds_sent: bool,
+) -> bool {
+    draft_version == sent_version && current == sent_version + 1 && holds_sent
+}
+
 impl Drafts {
     fn new() -> Drafts {
         Drafts {
@@ -86,20 +117,7 @@ impl Drafts {
                 version,
             });
             apply(draft);
-            if in_flight {
-                return;
-            }
-            if draft
-                .limit
-                .as_deref()
-                .is_some_and(|text| same_amount(text, &row.limit_input))
-            {
-                draft.limit = None;
-            }
-            if draft.enabled == Some(row.limit_enabled) {
-                draft.enabled = None;
-            }
-            if draft.limit.is_none() && draft.enabled.is_none() {
+            if !in_flight && !draft.differs_from(row) {
                 drafts.remove(&row.id);
             }
         });
@@ -153,8 +171,7 @@ impl Drafts {
         self.sent_fallback.set_value(None);
         self.fallback.update_untracked(|draft| {
             if let Some((_, draft_version)) = draft {
-                if *draft_version == sent_version && version == sent_version + 1 && saved == sent_on
-                {
+                if written_by_the_save(*draft_version, sent_version, version, saved == sent_on) {
                     *draft_version = version;
                 }
             }
@@ -188,10 +205,7 @@ impl Drafts {
                     .as_deref()
                     .is_none_or(|text| same_amount(text, &row.limit_input))
                     && was.enabled.is_none_or(|on| on == row.limit_enabled);
-                if draft.version == was.version
-                    && row.limit_version == was.version + 1
-                    && holds_sent
-                {
+                if written_by_the_save(draft.version, was.version, row.limit_version, holds_sent) {
                     draft.version = row.limit_version;
                 }
             }
@@ -227,15 +241,13 @@ impl Drafts {
                 let Some(on) = api::checkbox_state(typed.enabled.as_deref()) else {
                     continue;
                 };
-                let limit =
-                    (!same_amount(&typed.limit, &row.limit_input)).then(|| typed.limit.clone());
-                let enabled = (on != row.limit_enabled).then_some(on);
-                if limit.is_some() || enabled.is_some() {
-                    drafts.entry(row.id.clone()).or_insert(LimitDraft {
-                        limit,
-                        enabled,
-                        version,
-                    });
+                let mut draft = LimitDraft {
+                    limit: Some(typed.limit.clone()),
+                    enabled: Some(on),
+                    version,
+                };
+                if draft.differs_from(row) {
+                    drafts.entry(row.id.clone()).or_insert(draft);
                 }
             }
         });
@@ -371,7 +383,7 @@ pub fn TokenLimitsPage() -> impl IntoView {
                         <main>
                             <h1>"Admin Panel"</h1>
                             <nav class="tabs" aria-label="Admin Panel">
-                                <a href="/admin/token-limits" aria-current="page">"Token Limits"</a>
+                                <a href=TAB aria-current="page">"Token Limits"</a>
                             </nav>
                             {tab}
                         </main>

@@ -43,18 +43,17 @@ pub fn ModelLimits(
     // next. Only for an answer that comes while the section is shown: one
     // drawn again after the other form's save leaves the focus to that form.
     let ids: Vec<String> = rows.iter().map(|row| row.id.clone()).collect();
+    let first_refused =
+        move |error: &ApiError| ids.iter().find(|id| error.field(id).is_some()).cloned();
     // The same for a save refused without JavaScript, whose answer came with
     // the page (in its address): the field is marked `autofocus`.
-    let refused_first = untrack(|| {
-        let error = error().filter(|_| save.version().get() == 0)?;
-        ids.iter().find(|id| error.field(id).is_some()).cloned()
-    });
+    let refused_first = untrack(|| first_refused(&error().filter(|_| save.version().get() == 0)?));
     Effect::watch(
         move || save.value().get(),
         move |answer: &Option<Result<(), ApiError>>, _, _| {
             let Some(Err(error)) = answer else { return };
-            if let Some(id) = ids.iter().find(|id| error.field(id).is_some()) {
-                focus_by_id(&limit_input_id(id));
+            if let Some(id) = first_refused(error) {
+                focus_by_id(&limit_input_id(&id));
             }
         },
         false,
