@@ -396,6 +396,24 @@ test("a change made while a save is on its way is kept, and saved next", async (
   await expect(page.locator("#limits-result")).toHaveText("Saved.");
   await expect(limitInput(page, "GPT-4o")).toHaveValue("€55.00");
   await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("€3.00");
+  // The amount on its way, written another way meanwhile: that is what is saved.
+  let releaseAgain!: () => void;
+  const heldAgain = new Promise<void>((resolve) => (releaseAgain = resolve));
+  await page.route("**/fn/save_model_limits", async (route) => {
+    await heldAgain;
+    await route.continue();
+  });
+  await limitInput(page, "GPT-4o").fill("20");
+  await page.getByRole("button", { name: "Save model limits" }).click();
+  await expect(page.locator("#save-limits")).toHaveText("Saving…");
+  await limitInput(page, "GPT-4o").fill("20,00");
+  releaseAgain();
+  await expect(page.locator("#limits-result")).toHaveText("Saved.");
+  await page.unroute("**/fn/save_model_limits");
+  await expect(limitInput(page, "GPT-4o")).toHaveValue("€20.00");
+  await page.getByRole("link", { name: "Home" }).click();
+  await expect(page).toHaveURL(/\/$/);
+  expect(asked).toEqual([LEAVE_QUESTION]);
   cli("limit", "clear", "gpt-4o");
   cli("limit", "clear", "gpt-5-mini");
 });

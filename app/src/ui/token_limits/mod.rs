@@ -76,6 +76,16 @@ impl LimitDraft {
         }
         self.limit.is_some() || self.enabled.is_some()
     }
+
+    /// Whether `other` is the same change: the same amount however written,
+    /// the same switch, on the same version.
+    fn same_change(&self, other: &LimitDraft) -> bool {
+        let same_limit = match (&self.limit, &other.limit) {
+            (Some(a), Some(b)) => same_amount(a, b),
+            (a, b) => a == b,
+        };
+        same_limit && self.enabled == other.enabled && self.version == other.version
+    }
 }
 
 /// Whether a draft begun on `draft_version`, kept because it changed while a
@@ -133,11 +143,13 @@ impl Drafts {
     }
 
     /// A save of the limits form has succeeded: drops the drafts it sent,
-    /// keeping those changed since.
+    /// keeping those changed since (to another amount: `20.00` typed while
+    /// `20` was on its way is what was saved).
     fn limits_saved(self) {
         let sent = self.sent_limits.get_value();
-        self.limits
-            .update(|drafts| drafts.retain(|id, draft| sent.get(id) != Some(draft)));
+        self.limits.update(|drafts| {
+            drafts.retain(|id, draft| !sent.get(id).is_some_and(|was| draft.same_change(was)))
+        });
     }
 
     /// A save of the fallback form has succeeded: drops the draft it sent,
