@@ -70,6 +70,18 @@ test.describe.configure({ mode: "serial" });
  * (`app::ui::LEAVE_QUESTION`). */
 const LEAVE_QUESTION = "Your changes on this page are not saved. Leave the page and lose them?";
 
+/** Holds every request to `url` (a glob) on its way until the returned
+ * function lets them through. */
+async function holdRequests(page: Page, url: string): Promise<() => void> {
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  await page.route(url, async (route) => {
+    await held;
+    await route.continue();
+  });
+  return release;
+}
+
 /** A form's line after a save, once the form holds changes made since. */
 const SAVED_BEFORE_CHANGES = "Saved. The changes made since are not saved yet.";
 
@@ -287,12 +299,7 @@ test("a change typed in one form is kept when the other is saved, and still chec
 test("what is typed before the page comes alive is kept, and taken as a change", async ({ page }) => {
   // The browser's half of the app held back: until it is let through, the
   // page is the server's HTML, which a visitor can already type into.
-  let release!: () => void;
-  const held = new Promise<void>((resolve) => (release = resolve));
-  await page.route("**/*.wasm", async (route) => {
-    await held;
-    await route.continue();
-  });
+  const release = await holdRequests(page, "**/*.wasm");
   await page.context().addCookies(adminSession!);
   await page.goto("/admin/token-limits", { waitUntil: "commit" });
   await expect(limitInput(page, "GPT-4o")).toBeVisible();
@@ -367,12 +374,7 @@ test("leaving the tab with changes not saved asks first", async ({ page }) => {
 test("a change made while a save is on its way is kept, and saved next", async ({ page }) => {
   await openTab(page);
   // The save held on its way until the changes below are made.
-  let release!: () => void;
-  const held = new Promise<void>((resolve) => (release = resolve));
-  await page.route("**/fn/save_model_limits", async (route) => {
-    await held;
-    await route.continue();
-  });
+  const release = await holdRequests(page, "**/fn/save_model_limits");
   await limitInput(page, "GPT-4o").fill("5");
   await page.getByRole("button", { name: "Save model limits" }).click();
   await expect(page.locator("#save-limits")).toHaveText("Saving…");
@@ -397,12 +399,7 @@ test("a change made while a save is on its way is kept, and saved next", async (
   await expect(limitInput(page, "GPT-4o")).toHaveValue("€55.00");
   await expect(limitInput(page, "GPT-5 Mini")).toHaveValue("€3.00");
   // The amount on its way, written another way meanwhile: that is what is saved.
-  let releaseAgain!: () => void;
-  const heldAgain = new Promise<void>((resolve) => (releaseAgain = resolve));
-  await page.route("**/fn/save_model_limits", async (route) => {
-    await heldAgain;
-    await route.continue();
-  });
+  const releaseAgain = await holdRequests(page, "**/fn/save_model_limits");
   await limitInput(page, "GPT-4o").fill("20");
   await page.getByRole("button", { name: "Save model limits" }).click();
   await expect(page.locator("#save-limits")).toHaveText("Saving…");
@@ -422,12 +419,7 @@ test("saves of both forms on their way at once each keep what was changed since"
   await openTab(page);
   const fallback = page.getByRole("switch", { name: "Automatically switch to a cheaper model when a model limit is reached" });
   await expect(fallback).toBeChecked();
-  let release!: () => void;
-  const held = new Promise<void>((resolve) => (release = resolve));
-  await page.route("**/fn/save_automatic_fallback", async (route) => {
-    await held;
-    await route.continue();
-  });
+  const release = await holdRequests(page, "**/fn/save_automatic_fallback");
   // The switch turned off and saved, held; the limits saved meanwhile; then
   // the switch turned on again before the held save lands.
   await fallback.click();
