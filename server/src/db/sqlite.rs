@@ -879,6 +879,9 @@ async fn checkpoint(pool: SqlitePool, batcher: WeakBatcher<SqliteWriter>) {
             .await;
         let (frames, checkpointed) = match passive {
             Ok((_, frames, checkpointed)) => (frames, checkpointed),
+            // The store is closing (a command that has finished): the last
+            // connection checkpoints (`Database::close`).
+            Err(sqlx::Error::PoolClosed) => return,
             Err(error) => {
                 tracing::warn!(%error, "could not checkpoint the WAL");
                 continue;
@@ -1254,5 +1257,24 @@ mod tests {
         drop(SqliteStore::open(&url, Durability::Normal).await.unwrap());
         let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_task_ends_quietly_once_the_pool_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("books.db").display());
+        let store = SqliteStore::open(&url, Durability::Normal).await.unwrap();
+        // As when a command closes the store while the task holds the batcher
+        // for one more tick: the pool is closed, the batcher still alive.
+        store.pool.close().await;
+        let ended = tokio::time::timeout(
+            5 * CHECKPOINT_EVERY,
+            checkpoint(store.pool.clone(), store.batcher.downgrade()),
+        )
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the task kept ticking (and warning) on a closed pool"
+        );
     }
 }
