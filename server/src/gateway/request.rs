@@ -147,9 +147,19 @@ impl ChatRequest {
 /// Errors: [`GatewayError::InvalidField`] `messages` unless it is an array of at
 /// least one object (OpenAI refuses an empty one).
 fn count_non_text_parts(messages: &RawValue) -> Result<u64, GatewayError> {
-    let messages: Vec<MessageShape<'_>> = serde_json::from_str(messages.get()).map_err(|_| {
+    let not_objects = || {
         GatewayError::invalid_field("messages", "`messages` must be an array of message objects")
-    })?;
+    };
+    let items: Vec<&RawValue> = serde_json::from_str(messages.get()).map_err(|_| not_objects())?;
+    // Read one by one: serde would also take an array (`[[]]`) for a message,
+    // its fields by position.
+    let messages = items
+        .iter()
+        .map(|item| match item.get().starts_with('{') {
+            true => serde_json::from_str::<MessageShape<'_>>(item.get()).map_err(|_| not_objects()),
+            false => Err(not_objects()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if messages.is_empty() {
         return Err(GatewayError::invalid_field(
             "messages",
@@ -244,6 +254,11 @@ mod tests {
         assert_eq!(error_param(r#"{"model":"m"}"#), "messages");
         assert_eq!(error_param(r#"{"model":"m","messages":{}}"#), "messages");
         assert_eq!(error_param(r#"{"model":"m","messages":[1]}"#), "messages");
+        // Arrays, which serde would read as a message's fields by position.
+        for items in ["[[]]", "[[1]]", r#"[{}, ["user", "hi"]]"#, "[[[[]]]]"] {
+            let body = format!(r#"{{"model":"m","messages":{items}}}"#);
+            assert_eq!(error_param(&body), "messages", "{body}");
+        }
         assert_eq!(error_param(r#"{"model":"m","messages":[]}"#), "messages");
         assert_eq!(
             error_param(r#"{"model":"m","messages":[{}],"max_tokens":0}"#),
