@@ -534,14 +534,11 @@ async fn run_command(
                 Ok(())
             }
             Err(app::store::StoreError::NotFound { .. }) => {
-                match listed_user(store, &email).await?.disabled_at {
+                let user = listed_user(store, &email).await?;
+                match user.disabled_at {
                     // Disabling twice is not an error (a script may run again).
                     Some(at) => {
-                        outln!(
-                            "{} was already disabled on {}",
-                            email.trim(),
-                            at.to_rfc3339()
-                        );
+                        outln!("{} was already disabled on {}", user.email, at.to_rfc3339());
                         Ok(())
                     }
                     None => anyhow::bail!("{} could not be disabled; try again", email.trim()),
@@ -568,8 +565,9 @@ async fn run_command(
             }
             Err(app::store::StoreError::NotFound { .. }) => {
                 // Enabling twice is not an error (a script may run again).
-                if listed_user(store, &email).await?.disabled_at.is_none() {
-                    outln!("{} is already enabled", email.trim());
+                let user = listed_user(store, &email).await?;
+                if user.disabled_at.is_none() {
+                    outln!("{} is already enabled", user.email);
                     Ok(())
                 } else {
                     anyhow::bail!("{} could not be enabled; try again", email.trim())
@@ -598,7 +596,7 @@ async fn run_command(
                     Ok(())
                 }
                 Err(app::store::StoreError::NotFound { .. }) => anyhow::bail!(
-                    "no user has the email {}: see `tollgate user list`",
+                    "no user has the email {:?}: see `tollgate user list`",
                     email.trim()
                 ),
                 Err(e) => Err(e.into()),
@@ -896,6 +894,13 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 );
                 return Err(error);
             }
+            // Beside it, for the operator: the id that lists and revokes it.
+            crate::say!(
+                "created key {} ({}) for {}: it is shown this once",
+                created.id,
+                created.name,
+                user.email
+            );
         }
         KeyAction::List { email } => {
             if let Some(email) = &email {
@@ -984,7 +989,7 @@ async fn listed_user(store: &SharedStore, email: &str) -> anyhow::Result<app::st
         .await?
         .into_iter()
         .find(|user| user.email == wanted)
-        .with_context(|| format!("no user has the email {email}: see `tollgate user list`"))
+        .with_context(|| format!("no user has the email {email:?}: see `tollgate user list`"))
 }
 
 /// The demo's accounts.
@@ -1005,8 +1010,15 @@ const DEMO_USAGE: [(&str, u64, u64); 3] = [
 ///
 /// Errors: without TOLLGATE_PASSWORD, or with a password too short.
 fn demo_password() -> anyhow::Result<DemoPassword> {
-    let password = std::env::var("TOLLGATE_PASSWORD")
-        .context("set TOLLGATE_PASSWORD to the demo accounts' password")?;
+    let password = match std::env::var("TOLLGATE_PASSWORD") {
+        Ok(password) => password,
+        Err(std::env::VarError::NotPresent) => {
+            anyhow::bail!("set TOLLGATE_PASSWORD to the demo accounts' password")
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("TOLLGATE_PASSWORD is not valid UTF-8 text")
+        }
+    };
     let hash = auth::hash_password(&password)?;
     Ok(DemoPassword { password, hash })
 }
@@ -1290,6 +1302,23 @@ async fn limit(
             if limit.enabled { "enabled" } else { "disabled" }
         ),
         None => outln!("{id}: no limit (shared pool)"),
+    }
+    // The word the tab shows beside a limit that does something other than it
+    // may seem to (€0.00, or above the allowance). The limit is saved either way;
+    // books that cannot be read now only cost the note.
+    if limit.enabled && limit.limit.is_some() {
+        if let Ok(snapshot) = store.spend_snapshot(now).await {
+            let report = SpendReport::build(&snapshot);
+            let note = report
+                .models
+                .iter()
+                .zip(TabView::from(&report).models)
+                .find(|(model, _)| model.id == id)
+                .and_then(|(_, row)| row.limit_note);
+            if let Some(note) = note {
+                say!("note: {note}");
+            }
+        }
     }
     Ok(())
 }

@@ -464,13 +464,13 @@ async fn passwords_can_be_set_again() {
         (
             "nobody@example.com",
             "a long enough password",
-            "no user has the email nobody@example.com",
+            "no user has the email \"nobody@example.com\"",
         ),
         // The user is looked for before the password is read or checked.
         (
             "nobody@example.com",
             "short",
-            "no user has the email nobody@example.com",
+            "no user has the email \"nobody@example.com\"",
         ),
     ] {
         let refused = cli.run_with(&["user", "password", "--email", email], Some(password));
@@ -637,7 +637,7 @@ fn users_and_keys() {
     }
     let stderr = cli.fails(&["key", "create", "--email", "nobody@example.com"]);
     assert!(
-        stderr.contains("no user has the email nobody@example.com"),
+        stderr.contains("no user has the email \"nobody@example.com\""),
         "{stderr}"
     );
 
@@ -654,7 +654,7 @@ fn users_and_keys() {
         .contains("laptop"));
     let stderr = cli.fails(&["key", "list", "--email", "nobody@example.com"]);
     assert!(
-        stderr.contains("no user has the email nobody@example.com"),
+        stderr.contains("no user has the email \"nobody@example.com\""),
         "{stderr}"
     );
 
@@ -721,11 +721,11 @@ fn users_and_keys() {
         "{ada}"
     );
     assert!(cli
-        .ok(&["user", "disable", "--email", "ada@example.com"])
+        .ok(&["user", "disable", "--email", "Ada@Example.com"])
         .starts_with("ada@example.com was already disabled on "));
     let stderr = cli.fails(&["user", "disable", "--email", "nobody@example.com"]);
     assert!(
-        stderr.contains("no user has the email nobody@example.com"),
+        stderr.contains("no user has the email \"nobody@example.com\""),
         "{stderr}"
     );
     let stderr = cli.fails(&["key", "create", "--email", "ada@example.com"]);
@@ -745,17 +745,44 @@ fn users_and_keys() {
             && said.contains("old keys stay revoked"),
         "{said}"
     );
+    // Said with the email as stored, however it was typed.
     assert_eq!(
-        cli.ok(&["user", "enable", "--email", "ada@example.com"]),
+        cli.ok(&["user", "enable", "--email", "ADA@example.com"]),
         "ada@example.com is already enabled\n"
     );
     let stderr = cli.fails(&["user", "enable", "--email", "nobody@example.com"]);
     assert!(
-        stderr.contains("no user has the email nobody@example.com"),
+        stderr.contains("no user has the email \"nobody@example.com\""),
         "{stderr}"
     );
-    let laptop = cli.ok(&["key", "create", "--email", "ada@example.com"]);
-    assert!(laptop.starts_with("tg_"), "{laptop}");
+    let created = cli.run_with(
+        &[
+            "key",
+            "create",
+            "--email",
+            "Ada@example.com",
+            "--name",
+            "laptop",
+        ],
+        None,
+    );
+    let laptop = String::from_utf8(created.stdout).unwrap();
+    assert!(
+        laptop.starts_with("tg_") && laptop.lines().count() == 1,
+        "the key alone on stdout: {laptop}"
+    );
+    // The id that lists and revokes it, on stderr.
+    let listed = cli.ok(&["key", "list", "--email", "ada@example.com"]);
+    let id = listed
+        .lines()
+        .find(|l| l.contains("\tlaptop\t") && l.ends_with("\tactive"))
+        .and_then(|l| l.split('\t').next())
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        String::from_utf8(created.stderr).unwrap(),
+        format!("created key {id} (laptop) for ada@example.com: it is shown this once\n")
+    );
     let ada = cli.ok(&["user", "list"]);
     let ada = ada.lines().find(|l| l.contains("ada@example.com")).unwrap();
     assert!(ada.ends_with("\tenabled\t1"), "{ada}");
@@ -828,6 +855,27 @@ fn output_to_a_closed_pipe_ends_quietly() {
     let rows: Vec<&str> = keys.lines().skip(1).collect();
     assert_eq!(rows.len(), 1, "{keys}");
     assert!(rows[0].ends_with("\trevoked"), "{keys}");
+}
+
+#[test]
+fn limit_set_notes_a_limit_that_stops_everything_or_nothing() {
+    let cli = Cli::new();
+    let stderr_of = |args: &[&str]| {
+        let output = cli.run_with(args, None);
+        assert!(output.status.success(), "{args:?}");
+        String::from_utf8(output.stderr).unwrap()
+    };
+    // (The first command also says it set up the new database.)
+    assert!(stderr_of(&["limit", "set", "gpt-5", "--eur", "0"])
+        .contains("\nnote: At €0.00 this limit lets no request through"));
+    assert!(stderr_of(&["limit", "set", "gpt-5", "--eur", "1000000"])
+        .starts_with("note: This is more than the workspace may spend in a cycle (€"),);
+    // Nothing to say of an ordinary limit, or of one that is off.
+    assert_eq!(stderr_of(&["limit", "set", "gpt-5", "--eur", "12"]), "");
+    assert_eq!(
+        stderr_of(&["limit", "set", "gpt-5", "--eur", "0", "--disabled"]),
+        ""
+    );
 }
 
 #[test]
@@ -913,7 +961,7 @@ async fn commands_leave_the_servers_plan_and_catalog_alone() {
     cli.ok(&["limit", "set", "house-model", "--eur", "5"]);
     let stderr = cli.fails(&["limit", "set", "gpt-5", "--eur", "5"]);
     assert!(
-        stderr.contains("gpt-5 is not a model of the catalog")
+        stderr.contains("\"gpt-5\" is not a model of the catalog")
             && stderr.contains("by its id, or pass the server's --config"),
         "{stderr}"
     );
@@ -921,7 +969,7 @@ async fn commands_leave_the_servers_plan_and_catalog_alone() {
     // `openai/gpt-5` is `gpt-5`): without a config file, a name is an id.
     let stderr = cli.fails(&["limit", "set", "openai/gpt-5", "--eur", "5"]);
     assert!(
-        stderr.contains("openai/gpt-5 is not a model of the catalog"),
+        stderr.contains("\"openai/gpt-5\" is not a model of the catalog"),
         "{stderr}"
     );
     assert_eq!(plan().await, before);
