@@ -116,6 +116,9 @@ mod server {
 
     /// Shortest password `user create` accepts, in characters.
     pub const MIN_PASSWORD_CHARS: usize = 12;
+    /// Longest password `user create` accepts, in characters: room for any
+    /// passphrase or manager's password, not for a megabyte to hash.
+    pub const MAX_PASSWORD_CHARS: usize = 1024;
 
     /// Why a credential operation failed.
     #[derive(Debug, thiserror::Error)]
@@ -123,6 +126,9 @@ mod server {
         /// The password is shorter than [`MIN_PASSWORD_CHARS`].
         #[error("the password must have at least {MIN_PASSWORD_CHARS} characters")]
         PasswordTooShort,
+        /// The password is longer than [`MAX_PASSWORD_CHARS`].
+        #[error("the password must have at most {MAX_PASSWORD_CHARS} characters")]
+        PasswordTooLong,
         /// Hashing failed (out of memory or a bad parameter set).
         #[error("could not hash the password: {0}")]
         Hash(String),
@@ -130,10 +136,15 @@ mod server {
 
     /// Hash `password` with argon2id and a random salt, as a PHC string.
     ///
-    /// Errors: [`CredentialError::PasswordTooShort`], [`CredentialError::Hash`].
+    /// Errors: [`CredentialError::PasswordTooShort`],
+    /// [`CredentialError::PasswordTooLong`], [`CredentialError::Hash`].
     pub fn hash_password(password: &str) -> Result<String, CredentialError> {
-        if password.chars().count() < MIN_PASSWORD_CHARS {
+        let chars = password.chars().count();
+        if chars < MIN_PASSWORD_CHARS {
             return Err(CredentialError::PasswordTooShort);
+        }
+        if chars > MAX_PASSWORD_CHARS {
+            return Err(CredentialError::PasswordTooLong);
         }
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
@@ -237,7 +248,8 @@ mod server {
 #[cfg(feature = "ssr")]
 pub use server::{
     asks_for_html, current_user, dummy_password_hash, hash_password, is_plain_form_post,
-    require_admin, set_status, verify_password, CredentialError, MIN_PASSWORD_CHARS,
+    require_admin, set_status, verify_password, CredentialError, MAX_PASSWORD_CHARS,
+    MIN_PASSWORD_CHARS,
 };
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ use sha2::{Digest, Sha256};
 pub const API_KEY_PREFIX: &str = "tg_";
 
 pub use app::auth::{
-    dummy_password_hash, hash_password, verify_password, CredentialError, MIN_PASSWORD_CHARS,
+    dummy_password_hash, hash_password, verify_password, CredentialError, MAX_PASSWORD_CHARS,
+    MIN_PASSWORD_CHARS,
 };
 
 /// A new API key: `(the key, its hash)`. The key is shown once and never stored.
@@ -44,6 +45,12 @@ mod tests {
         assert!(matches!(
             hash_password("short"),
             Err(CredentialError::PasswordTooShort)
+        ));
+        // Counted in characters, as the shortest is.
+        assert!(hash_password(&"é".repeat(MAX_PASSWORD_CHARS)).is_ok());
+        assert!(matches!(
+            hash_password(&"p".repeat(MAX_PASSWORD_CHARS + 1)),
+            Err(CredentialError::PasswordTooLong)
         ));
     }
 
