@@ -233,6 +233,25 @@ pub struct ReservationListing {
     pub lease_until: DateTime<Utc>,
 }
 
+/// What [`Store::reservation_spender`] reads of a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationAccess {
+    /// The user and API key it was admitted for.
+    pub spender: Spender,
+    /// While it is held: when its lease ends and who holds it; `None` once it
+    /// is settled.
+    pub held: Option<Held>,
+}
+
+/// A reservation still held: see [`ReservationAccess::held`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// When its lease ends (any replica releases it then, R7).
+    pub lease_until: DateTime<Utc>,
+    /// Who took it, as [`ReservationListing::owner`].
+    pub owner: String,
+}
+
 /// The answer of [`Store::reserve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
@@ -602,18 +621,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<DateTime<Utc>, StoreError>;
 
     /// Whom a reservation spends for (the user and API key it was admitted with),
-    /// with the end of its lease while it is held: read from the reservation
-    /// while it is held (`Some(lease_until)`, which may already be past if the
-    /// sweep has not released it yet), and once settled from the ledger row
-    /// recorded under `settlement_key` (its settlement's idempotency key; no
-    /// lease). `None` when neither exists (never made, released or swept). The
-    /// usage API answers only the key that asked for a reservation about it, and
-    /// takes a hold whose lease has ended for gone (DESIGN.md §4, R7).
+    /// with its lease and owner while it is held: read from the reservation
+    /// while it is held ([`ReservationAccess::held`], whose lease may already
+    /// be past if the sweep has not released it yet), and once settled from the
+    /// ledger row recorded under `settlement_key` (its settlement's idempotency
+    /// key). `None` when neither exists (never made, released or swept). The
+    /// usage API answers only the key that asked for a reservation about it,
+    /// leaves the gateway's own holds to the gateway, and takes a hold whose
+    /// lease has ended for gone (DESIGN.md §4, R7).
+    ///
+    /// Errors: [`StoreError::Database`] when the database fails.
     async fn reservation_spender(
         &self,
         reservation: &ReservationId,
         settlement_key: &str,
-    ) -> Result<Option<(Spender, Option<DateTime<Utc>>)>, StoreError>;
+    ) -> Result<Option<ReservationAccess>, StoreError>;
 
     /// What the ledger row recorded under `idempotency_key` counted, `None` when no
     /// row has that key. The usage API tells a retried settlement, which repeats

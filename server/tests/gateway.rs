@@ -977,6 +977,43 @@ async fn client_disconnect_mid_stream_still_settles(db: &TestDb) {
     .await;
 }
 
+/// A chat completion's hold cannot be settled, released or renewed through the
+/// usage API, even with the key it spends for: a request served in full would
+/// be billed what the caller says (nothing), or hold its room for as long as
+/// the caller asks. Its exchange ends it, on the upstream's usage (R7).
+async fn the_usage_api_leaves_the_gateway_s_holds_alone(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let (gate, usage) = abandon_a_paused_stream(&h).await;
+    let holds = h.store.list_reservations().await.unwrap();
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    let hold = &holds[0];
+    assert!(hold.owner.starts_with("gateway-"), "{}", hold.owner);
+    let held = h.workspace().await;
+    for (action, body) in [
+        (
+            "settle",
+            json!({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}),
+        ),
+        ("settle", json!({"usage": null})),
+        ("release", json!({})),
+        ("renew", json!({"lease_seconds": 3600})),
+    ] {
+        let (status, answer) = h.on_admission(&hold.id.0, action, &body).await;
+        assert_eq!(status, 404, "{action}: {answer}");
+        assert_eq!(answer["error"]["code"], "reservation_not_found", "{action}");
+    }
+    assert_eq!(h.workspace().await, held);
+    let after = h.store.list_reservations().await.unwrap();
+    assert_eq!(after[0].lease_until, hold.lease_until, "not renewed");
+    // The exchange still bills what the upstream reported.
+    gate.notify_one();
+    let expected = h.cost_of("big", usage);
+    eventually("the stream is settled on its usage", || async {
+        h.workspace().await == settled(expected)
+    })
+    .await;
+}
+
 /// A shutdown waits for the exchange of a client that went away, and the
 /// exchange is settled on its usage before the shutdown ends (R7): stopping the
 /// process must not leave tokens the provider bills uncounted.
@@ -2692,6 +2729,7 @@ on_both_backends!(
     upstream_errors_release_the_reservation,
     upstream_timeout_releases_the_reservation,
     client_disconnect_mid_stream_still_settles,
+    the_usage_api_leaves_the_gateway_s_holds_alone,
     shutdown_waits_for_abandoned_exchanges_to_settle,
     stream_without_usage_is_billed_its_estimate,
     a_stream_line_past_the_limit_breaks_the_stream_off,

@@ -1561,17 +1561,15 @@ macro_rules! impl_store {
                 &self,
                 reservation: &app::store::ReservationId,
                 settlement_key: &str,
-            ) -> Result<
-                Option<(app::store::Spender, Option<DateTime<Utc>>)>,
-                app::store::StoreError,
-            > {
+            ) -> Result<Option<app::store::ReservationAccess>, app::store::StoreError> {
                 use $crate::db::books::*;
                 // One of the two at most: settling deletes the reservation and
                 // records the row in one transaction.
-                let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
-                    "SELECT user_id, api_key_id, lease_until FROM reservations WHERE id = $1 \
+                type Row = (Option<i64>, Option<i64>, Option<i64>, Option<String>);
+                let row: Option<Row> = sqlx::query_as(
+                    "SELECT user_id, api_key_id, lease_until, owner FROM reservations WHERE id = $1 \
                      UNION ALL \
-                     SELECT user_id, api_key_id, NULL FROM usage_events \
+                     SELECT user_id, api_key_id, NULL, NULL FROM usage_events \
                      WHERE workspace_id = $2 AND idempotency_key = $3",
                 )
                 .bind(&reservation.0)
@@ -1580,11 +1578,18 @@ macro_rules! impl_store {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db_error)?;
-                row.map(|(user_id, api_key_id, lease_until)| {
-                    Ok((
-                        app::store::Spender { user_id, api_key_id },
-                        lease_until.map(lease_instant).transpose()?,
-                    ))
+                row.map(|(user_id, api_key_id, lease_until, owner)| {
+                    let held = match (lease_until, owner) {
+                        (Some(lease_until), Some(owner)) => Some(app::store::Held {
+                            lease_until: lease_instant(lease_until)?,
+                            owner,
+                        }),
+                        _ => None,
+                    };
+                    Ok(app::store::ReservationAccess {
+                        spender: app::store::Spender { user_id, api_key_id },
+                        held,
+                    })
                 })
                 .transpose()
             }

@@ -107,7 +107,13 @@ async fn admit_and_exchange(
         return;
     };
     let reservation = match gateway
-        .reserve(model, request.estimate, spender, lease_until_from_now())
+        .reserve(
+            model,
+            request.estimate,
+            spender,
+            lease_until_from_now(),
+            super::Taker::Exchange,
+        )
         .await
     {
         Ok(reservation) => reservation,
@@ -161,8 +167,8 @@ async fn admit_and_exchange(
 }
 
 impl Gateway {
-    /// Admission (R6) for `model`, holding the reservation until `lease_until`;
-    /// counts the decision.
+    /// Admission (R6) for `model`, holding the reservation until `lease_until`
+    /// under the owner id of `taker`; counts the decision.
     ///
     /// Errors: [`GatewayError::Blocked`] (429) when refused,
     /// [`GatewayError::InvalidApiKey`] (401) when the spender's key was revoked since
@@ -173,6 +179,7 @@ impl Gateway {
         estimate: app::domain::TokenEstimate,
         spender: app::store::Spender,
         lease_until: chrono::DateTime<chrono::Utc>,
+        taker: super::Taker,
     ) -> Result<app::store::Reservation, GatewayError> {
         let outcome = match self
             .store
@@ -181,7 +188,7 @@ impl Gateway {
                 model: model.id.clone(),
                 estimate,
                 spender,
-                owner: self.owner.clone(),
+                owner: self.owner_for(taker).to_owned(),
                 lease_until,
                 now: chrono::Utc::now(),
             })

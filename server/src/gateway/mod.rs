@@ -48,6 +48,21 @@ pub const SERVED_MODEL_HEADER: &str = "x-tollgate-model";
 /// How long to wait for an upstream connection, whatever the upstream's timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How the owner of a usage-API admission begins (`usage-api-<pid>-<uuid>`; a
+/// chat completion's hold is `gateway-<pid>-<uuid>`). The usage API settles,
+/// releases and renews only those: the gateway's own holds end with their
+/// exchange, which bills what the upstream reported (R7).
+pub(crate) const USAGE_API_OWNER_PREFIX: &str = "usage-api-";
+
+/// Which of the process's routes takes a reservation, written on it as its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taker {
+    /// A chat completion's exchange, which ends its own hold.
+    Exchange,
+    /// A usage-API admission, which its caller ends through the usage API.
+    UsageApi,
+}
+
 /// Everything the gateway's handlers share: the store, the catalog, the upstreams
 /// with their keys, the HTTP client, the metrics, and this process's owner id for
 /// leases.
@@ -58,7 +73,11 @@ pub struct Gateway {
     request_body_timeout: Duration,
     upstreams: HashMap<String, Target>,
     http: reqwest::Client,
+    /// Written on the holds of this process's chat completions.
     owner: String,
+    /// Written on this process's usage-API admissions: [`USAGE_API_OWNER_PREFIX`]
+    /// and the same process id.
+    usage_api_owner: String,
     metrics: Metrics,
     /// Callers authenticated a moment ago, for the routes that spend.
     callers: caller::CallerCache,
@@ -136,6 +155,8 @@ impl Gateway {
                 tracing::error!(error = %e, "could not build the upstream HTTP client; using the default one");
                 reqwest::Client::new()
             });
+        // Tells this process's holds from those of another, or of its restart.
+        let process = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
         Gateway {
             store,
             catalog: config.setup.catalog.clone(),
@@ -143,11 +164,8 @@ impl Gateway {
             request_body_timeout: config.request_body_timeout,
             upstreams,
             http,
-            owner: format!(
-                "gateway-{}-{}",
-                std::process::id(),
-                uuid::Uuid::new_v4().simple()
-            ),
+            owner: format!("gateway-{process}"),
+            usage_api_owner: format!("{USAGE_API_OWNER_PREFIX}{process}"),
             metrics: Metrics::for_models(
                 config
                     .setup
@@ -210,9 +228,17 @@ impl Gateway {
         &self.metrics
     }
 
-    /// The owner id written on this process's reservations.
+    /// The owner id written on the holds of this process's chat completions.
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// The owner id written on reservations taken by `taker`.
+    fn owner_for(&self, taker: Taker) -> &str {
+        match taker {
+            Taker::Exchange => &self.owner,
+            Taker::UsageApi => &self.usage_api_owner,
+        }
     }
 
     /// Counts `result` under `endpoint` and `model` and turns it into the answer.

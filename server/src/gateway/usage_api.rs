@@ -27,7 +27,10 @@
 //!   and the event recorded under it is returned.
 //!
 //! A hold whose lease has ended is gone for settle, release and renew: 404
-//! `reservation_not_found`, even before the sweep releases it.
+//! `reservation_not_found`, even before the sweep releases it. So is a hold
+//! the gateway took for a chat completion (its id shows in `tollgate
+//! reservation list` and the logs): its exchange alone ends it, billing what
+//! the upstream reported (R7).
 //!
 //! Reservation ids are time-ordered UUIDs (version 7) with 74 random bits, too many
 //! to guess: whoever holds one may settle or release it.
@@ -189,6 +192,7 @@ pub async fn admit(
                 },
                 caller.spender(),
                 until,
+                super::Taker::UsageApi,
             )
             .await?;
         let view = AdmissionView {
@@ -235,7 +239,9 @@ impl EventView {
 /// The reservation `id`, unless it was admitted for another key than the
 /// caller's: that one is answered 404 `reservation_not_found`, as if it did not
 /// exist, so a key can neither settle, release nor renew the holds of another,
-/// nor read their settlements, nor learn that they exist. A hold whose lease has
+/// nor read their settlements, nor learn that they exist. The same for a hold
+/// of a chat completion ([`super::Taker::Exchange`]), whichever key it spends
+/// for: its exchange ends it (R7). A hold whose lease has
 /// ended is answered 404 too, before the sweep releases it as after, and is
 /// released on the spot (R7). One
 /// that never existed or was released is left to the store to answer.
@@ -253,18 +259,28 @@ async fn callers_reservation(
     }
     let reservation = ReservationId(id);
     let settled_as = settlement_key(&reservation);
-    match gateway
+    let access = gateway
         .store
         .reservation_spender(&reservation, &settled_as)
-        .await?
-    {
-        Some((spender, _)) if spender.api_key_id != Some(caller.key.id) => {
+        .await?;
+    let Some(access) = access else {
+        return Ok(reservation);
+    };
+    if access.spender.api_key_id != Some(caller.key.id) {
+        return Err(GatewayError::ReservationNotFound(reservation.0));
+    }
+    match access.held {
+        // A chat completion's hold: its exchange alone ends it, on the usage
+        // its upstream reports. Settled, released or renewed from here, a
+        // request served in full could be billed nothing, or hold the room
+        // it no longer needs long after its gateway is gone.
+        Some(held) if !held.owner.starts_with(super::USAGE_API_OWNER_PREFIX) => {
             Err(GatewayError::ReservationNotFound(reservation.0))
         }
         // Ended, though the sweep has not released it yet: gone for settle,
         // release and renew alike, whichever runs first. Released here, as the
         // sweep would, so that its hold stops counting against the limits now.
-        Some((_, Some(lease_until))) if lease_until < Utc::now() => {
+        Some(held) if held.lease_until < Utc::now() => {
             match gateway.store.release(&reservation).await {
                 Ok(_) | Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
