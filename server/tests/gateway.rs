@@ -1090,6 +1090,46 @@ async fn a_stream_line_past_the_limit_breaks_the_stream_off(db: &TestDb) {
     assert_eq!(h.workspace().await, settled(estimate));
 }
 
+/// An upstream that reports its running count in every chunk (vLLM's
+/// continuous usage) is billed its last count when the stream ends whole, and
+/// its estimate when it is cut short: the count so far is less than what was
+/// generated (R7, DESIGN.md §4).
+async fn a_running_usage_count_cut_short_is_billed_the_estimate(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let messages = r#"[{"role":"user","content":"Say hello."}]"#;
+    let send = || async {
+        let response = h
+            .post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        sse_payloads(response).await
+    };
+    // Whole, with the last count alone at the end: that count (12 prompt
+    // tokens at 2 EUR per 1M, 5 output tokens at 10).
+    h.mock.set(|b| b.running_usage = true);
+    let payloads = send().await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let whole = Nanos::new(12 * 2_000 + 5 * 10_000);
+    assert_eq!(h.workspace().await, settled(whole));
+    // Cut after the third piece's count (3 output tokens): the estimate, and
+    // the client learns the answer was cut.
+    h.mock.set(|b| b.cut_before_finish = true);
+    let payloads = send().await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    let estimate = big_estimate(&h, messages);
+    assert_eq!(h.workspace().await, settled(whole + estimate));
+    assert!(h
+        .metrics()
+        .await
+        .contains("tollgate_settlements_total{kind=\"estimate\",model=\"big\"} 1"));
+}
+
 /// A stream that ends without usage is billed its estimate, flagged (§4, R7).
 async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     let h = start(db, Options::default()).await;
@@ -2732,6 +2772,7 @@ on_both_backends!(
     the_usage_api_leaves_the_gateway_s_holds_alone,
     shutdown_waits_for_abandoned_exchanges_to_settle,
     stream_without_usage_is_billed_its_estimate,
+    a_running_usage_count_cut_short_is_billed_the_estimate,
     a_stream_line_past_the_limit_breaks_the_stream_off,
     a_stream_answered_without_a_stream_is_a_502_billed_its_usage,
     refusals_reserve_and_spend_nothing,

@@ -424,8 +424,18 @@ impl Exchange {
             || matches!(end, StreamEnd::Done | StreamEnd::Eof)
             || relay.relayed_content
             || upstream_answered;
+        // A stream that ended without `[DONE]` is billed its usage only if that
+        // was the whole answer's, not a running count cut short.
+        let usage = match end {
+            StreamEnd::Done => relay.usage,
+            _ => relay.final_usage(),
+        };
+        if usage.is_none() && relay.usage.is_some() {
+            tracing::warn!(upstream = %self.target.name,
+                "the upstream stream ended before its last usage: billed its estimate");
+        }
         if bill {
-            hold.settle(relay.usage).await;
+            hold.settle(usage).await;
         } else {
             hold.release().await;
         }
@@ -433,7 +443,7 @@ impl Exchange {
             StreamEnd::Done => Some(Bytes::from_static(DONE_FRAME)),
             // Usage comes last (the gateway asked for it): the answer was whole,
             // and only `[DONE]` is missing.
-            StreamEnd::Eof if relay.usage.is_some() => Some(Bytes::from_static(DONE_FRAME)),
+            StreamEnd::Eof if usage.is_some() => Some(Bytes::from_static(DONE_FRAME)),
             // Closed before its usage: the client must not take a cut answer for
             // a whole one.
             StreamEnd::Eof => {

@@ -207,6 +207,13 @@ pub struct Relay {
     upstream: String,
     /// The last usage the stream reported.
     pub usage: Option<Usage>,
+    /// Whether [`Relay::usage`] is the whole answer's: it came in a chunk
+    /// without choices (OpenAI's last chunk) or with the choices' finish
+    /// reason, and no content came after it. Not so for an upstream that
+    /// reports its running count in every chunk (vLLM's continuous usage) on a
+    /// stream cut before its end: the last count is then only what was
+    /// generated so far.
+    usage_is_final: bool,
     /// True once any event with data was relayed: content reached the client.
     pub relayed_content: bool,
 }
@@ -220,8 +227,16 @@ impl Relay {
             client_wants_usage,
             upstream: upstream.to_owned(),
             usage: None,
+            usage_is_final: false,
             relayed_content: false,
         }
+    }
+
+    /// The usage to bill a stream that ended otherwise than with `[DONE]`:
+    /// [`Relay::usage`] when it was the whole answer's, else `None` (the
+    /// estimate, R7): a running count cut short bills less than was generated.
+    pub fn final_usage(&self) -> Option<Usage> {
+        self.usage.filter(|_| self.usage_is_final)
     }
 
     /// Relays one event.
@@ -234,19 +249,19 @@ impl Relay {
             self.relayed_content = true;
             return Relayed::Forward(frame(&event, data.as_bytes()));
         };
-        let usage_present = match chunk.get_present("usage") {
-            Some(raw) => {
-                if let Some(usage) = usage_from_upstream(raw, &self.upstream) {
-                    self.usage = Some(usage);
-                }
-                true
+        let choices = chunk.get_present("choices");
+        let no_choices = choices.is_none_or(|choices| is_empty_array(choices.get()));
+        let usage_field = chunk.get_present("usage");
+        let usage_present = usage_field.is_some();
+        match usage_field.and_then(|raw| usage_from_upstream(raw, &self.upstream)) {
+            Some(usage) => {
+                self.usage = Some(usage);
+                self.usage_is_final = no_choices || choices.is_some_and(finished);
             }
-            None => false,
-        };
+            // Content after the count: the count was not the last.
+            None => self.usage_is_final &= no_choices,
+        }
         if !self.client_wants_usage {
-            let no_choices = chunk
-                .get_present("choices")
-                .is_none_or(|choices| is_empty_array(choices.get()));
             if usage_present && no_choices {
                 return Relayed::Nothing;
             }
@@ -260,6 +275,22 @@ impl Relay {
         self.relayed_content = true;
         Relayed::Forward(frame(&event, &chunk.to_vec()))
     }
+}
+
+/// Whether `choices` (a chunk's array) holds a choice with a finish reason.
+fn finished(choices: &RawValue) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        finish_reason: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<Vec<Choice<'_>>>(choices.get()).is_ok_and(|choices| {
+        choices.iter().any(|choice| {
+            choice
+                .finish_reason
+                .is_some_and(|reason| reason.get() != "null")
+        })
+    })
 }
 
 fn is_empty_array(text: &str) -> bool {
@@ -431,6 +462,60 @@ mod tests {
             data: data.to_owned(),
             ..Event::default()
         }
+    }
+
+    #[test]
+    fn only_a_whole_answer_s_usage_is_final() {
+        let content = |usage: &str| {
+            format!(
+                r#"{{"choices":[{{"delta":{{"content":"hi"}},"finish_reason":null}}],"usage":{usage}}}"#
+            )
+        };
+        let count =
+            |completion: u64| format!(r#"{{"prompt_tokens":3,"completion_tokens":{completion}}}"#);
+        let relayed = |chunks: &[String]| {
+            let mut relay = Relay::new("served", true, "mock");
+            for chunk in chunks {
+                relay.relay(event(chunk));
+            }
+            (
+                relay.usage.map(|u| u.completion_tokens),
+                relay.final_usage().map(|u| u.completion_tokens),
+            )
+        };
+        // OpenAI: `usage: null` on content, the count alone in a last chunk.
+        assert_eq!(
+            relayed(&[
+                content("null"),
+                format!(r#"{{"choices":[],"usage":{}}}"#, count(2))
+            ]),
+            (Some(2), Some(2))
+        );
+        // The count beside the finish reason.
+        assert_eq!(
+            relayed(&[
+                content("null"),
+                format!(
+                    r#"{{"choices":[{{"delta":{{}},"finish_reason":"stop"}}],"usage":{}}}"#,
+                    count(2)
+                )
+            ]),
+            (Some(2), Some(2))
+        );
+        // A running count on every chunk (vLLM), cut before the finish: only so
+        // far, not final.
+        assert_eq!(
+            relayed(&[content(&count(1)), content(&count(2))]),
+            (Some(2), None)
+        );
+        // A last count followed by more content is not the last either.
+        assert_eq!(
+            relayed(&[
+                format!(r#"{{"choices":[],"usage":{}}}"#, count(2)),
+                content("null")
+            ]),
+            (Some(2), None)
+        );
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub struct Behaviour {
     pub ignore_stream: bool,
     /// Whether a stream ends with `data: [DONE]` (else the connection just closes).
     pub done_in_stream: bool,
+    /// Each content piece of a stream asked for usage carries the count so far
+    /// (`usage.prompt`, and one completion token a piece), as vLLM's continuous
+    /// usage does, instead of `usage: null`.
+    pub running_usage: bool,
+    /// A stream closes after its content pieces: no finish reason, no usage
+    /// chunk, no `[DONE]` (an upstream cut off mid-answer).
+    pub cut_before_finish: bool,
     /// The stream's first event carries bytes that are not UTF-8 (a broken
     /// upstream): the rest follows as usual.
     pub invalid_utf8_first: bool,
@@ -95,6 +102,8 @@ impl Default for Behaviour {
             record_requests: true,
             ignore_stream: false,
             done_in_stream: true,
+            running_usage: false,
+            cut_before_finish: false,
             invalid_utf8_first: false,
             retry_after: None,
         }
@@ -233,27 +242,44 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         } else {
             ""
         };
-        let chunk = |delta: &str, finish: &str| {
+        let chunk_with = |delta: &str, finish: &str, usage_field: &str| {
             format!(
                 "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1767225600,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]{usage_field}}}\n\n"
             )
         };
+        let chunk = |delta: &str, finish: &str| chunk_with(delta, finish, usage_field);
         let mut out = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
         for i in 0..behaviour.stream_pieces {
             let content = match &behaviour.piece_content {
                 Some(content) => content.clone(),
                 None => format!("piece {i} "),
             };
-            out.push(chunk(&format!(r#"{{"content":"{content}"}}"#), "null"));
+            let delta = format!(r#"{{"content":"{content}"}}"#);
+            out.push(match include_usage && behaviour.running_usage {
+                true => {
+                    let so_far = MockUsage {
+                        completion: i as u64 + 1,
+                        ..behaviour.usage
+                    };
+                    chunk_with(
+                        &delta,
+                        "null",
+                        &format!(",\"usage\":{}", usage_json(so_far)),
+                    )
+                }
+                false => chunk(&delta, "null"),
+            });
         }
-        out.push(chunk("{}", r#""stop""#));
-        if include_usage && behaviour.usage_in_stream {
+        if !behaviour.cut_before_finish {
+            out.push(chunk("{}", r#""stop""#));
+        }
+        if include_usage && behaviour.usage_in_stream && !behaviour.cut_before_finish {
             out.push(format!(
                 "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1767225600,\"model\":\"{model}\",\"choices\":[],\"usage\":{}}}\n\n",
                 usage_json(behaviour.usage)
             ));
         }
-        if behaviour.done_in_stream {
+        if behaviour.done_in_stream && !behaviour.cut_before_finish {
             out.push("data: [DONE]\n\n".to_owned());
         }
         for (i, frame) in out.into_iter().enumerate() {
