@@ -1130,6 +1130,27 @@ async fn a_running_usage_count_cut_short_is_billed_the_estimate(db: &TestDb) {
         .contains("tollgate_settlements_total{kind=\"estimate\",model=\"big\"} 1"));
 }
 
+/// An upstream silent after the whole answer and its usage, neither sending
+/// `[DONE]` nor closing: the client gets `[DONE]` a moment later, not the
+/// upstream's whole timeout later, and the usage is billed.
+async fn a_stream_silent_after_its_usage_is_ended_soon(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.mock.set(|b| {
+        b.done_in_stream = false;
+        b.silent_at_end = true;
+    });
+    let mut body = chat_body("big");
+    body["stream"] = json!(true);
+    // Waited on for the upstream's timeout (30 s here), it would end with an
+    // `upstream_timeout` event instead.
+    let payloads = sse_payloads(h.chat(&body).await).await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        h.workspace().await,
+        settled(Nanos::new(12 * 2_000 + 5 * 10_000))
+    );
+}
+
 /// A stream that ends without usage is billed its estimate, flagged (§4, R7).
 async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     let h = start(db, Options::default()).await;
@@ -2773,6 +2794,7 @@ on_both_backends!(
     shutdown_waits_for_abandoned_exchanges_to_settle,
     stream_without_usage_is_billed_its_estimate,
     a_running_usage_count_cut_short_is_billed_the_estimate,
+    a_stream_silent_after_its_usage_is_ended_soon,
     a_stream_line_past_the_limit_breaks_the_stream_off,
     a_stream_answered_without_a_stream_is_a_502_billed_its_usage,
     refusals_reserve_and_spend_nothing,

@@ -31,6 +31,9 @@ use super::{read_body, Gateway, SERVED_MODEL_HEADER};
 const ENDPOINT: &str = "chat_completions";
 /// Frames buffered between the upstream reader and a slow client.
 const STREAM_BUFFER: usize = 32;
+/// How long a stream whose whole answer and usage have come is waited on for
+/// its `[DONE]` before it is ended as if it had come.
+const AFTER_FINAL_USAGE: Duration = Duration::from_secs(2);
 
 /// Answer a chat completion through the served model's upstream.
 pub async fn chat_completions(
@@ -389,7 +392,19 @@ impl Exchange {
         // could not be relayed (lines the event stream parser refuses, say).
         let mut upstream_answered = false;
         let end = 'read: loop {
-            let event = match tokio::time::timeout(timeout, upstream.next()).await {
+            // Once the whole answer's usage is in, only `[DONE]` is to come, at
+            // once from any working upstream: one that stays silent instead is
+            // not waited for as long as an answer is.
+            let wait = match relay.final_usage() {
+                Some(_) => timeout.min(AFTER_FINAL_USAGE),
+                None => timeout,
+            };
+            let event = match tokio::time::timeout(wait, upstream.next()).await {
+                Err(_) if wait < timeout => {
+                    tracing::warn!(upstream = %self.target.name,
+                        "the upstream stream went silent after its usage: ended without its [DONE]");
+                    break 'read StreamEnd::Eof;
+                }
                 Err(_) => break 'read StreamEnd::TimedOut,
                 Ok(None) => break 'read StreamEnd::Eof,
                 Ok(Some(Err(e))) => {
@@ -469,7 +484,8 @@ impl Exchange {
 enum StreamEnd {
     /// `data: [DONE]`.
     Done,
-    /// The upstream closed the stream without `[DONE]`.
+    /// The upstream closed the stream without `[DONE]`, or went silent for
+    /// [`AFTER_FINAL_USAGE`] after the whole answer's usage.
     Eof,
     /// No piece within the upstream's timeout.
     TimedOut,

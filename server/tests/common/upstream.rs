@@ -74,6 +74,9 @@ pub struct Behaviour {
     /// A stream closes after its content pieces: no finish reason, no usage
     /// chunk, no `[DONE]` (an upstream cut off mid-answer).
     pub cut_before_finish: bool,
+    /// A stream keeps its connection open, silent, after its last event, until
+    /// the gateway closes it (an upstream that never sends `[DONE]` nor closes).
+    pub silent_at_end: bool,
     /// The stream's first event carries bytes that are not UTF-8 (a broken
     /// upstream): the rest follows as usual.
     pub invalid_utf8_first: bool,
@@ -104,6 +107,7 @@ impl Default for Behaviour {
             done_in_stream: true,
             running_usage: false,
             cut_before_finish: false,
+            silent_at_end: false,
             invalid_utf8_first: false,
             retry_after: None,
         }
@@ -296,6 +300,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
                     gate.notified().await;
                 }
             }
+        }
+        if behaviour.silent_at_end {
+            frames.closed().await;
         }
     });
     let body = Body::from_stream(futures::stream::poll_fn(move |cx| {
