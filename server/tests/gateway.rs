@@ -248,6 +248,22 @@ impl Harness {
         self.api_text(path, body.to_string()).await
     }
 
+    /// A streamed chat completion on `big` with `messages` (JSON text) and
+    /// `max_tokens` 100, sent exactly so (see [`big_estimate`]): its events'
+    /// payloads.
+    async fn stream_big(&self, messages: &str) -> Vec<String> {
+        let response = self
+            .post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        sse_payloads(response).await
+    }
+
     /// `POST /api/v1/admissions` with `body`, which must be admitted (200): the
     /// admission.
     async fn admit(&self, body: &Value) -> Value {
@@ -1066,16 +1082,7 @@ async fn a_stream_line_past_the_limit_breaks_the_stream_off(db: &TestDb) {
         b.piece_content = Some("x".repeat(server::gateway::sse::MAX_LINE_BYTES + 1));
     });
     let messages = r#"[{"role":"user","content":"Say hello."}]"#;
-    let response = h
-        .post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(format!(
-            r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#
-        ))
-        .send()
-        .await
-        .unwrap();
-    let payloads = sse_payloads(response).await;
+    let payloads = h.stream_big(messages).await;
     let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_error", "{last}");
     assert_eq!(
@@ -1097,18 +1104,7 @@ async fn a_stream_line_past_the_limit_breaks_the_stream_off(db: &TestDb) {
 async fn a_running_usage_count_cut_short_is_billed_the_estimate(db: &TestDb) {
     let h = start(db, Options::default()).await;
     let messages = r#"[{"role":"user","content":"Say hello."}]"#;
-    let send = || async {
-        let response = h
-            .post("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(format!(
-                r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#
-            ))
-            .send()
-            .await
-            .unwrap();
-        sse_payloads(response).await
-    };
+    let send = || h.stream_big(messages);
     // Whole, with the last count alone at the end: that count (12 prompt
     // tokens at 2 EUR per 1M, 5 output tokens at 10).
     h.mock.set(|b| b.running_usage = true);
@@ -1156,15 +1152,7 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     let h = start(db, Options::default()).await;
     h.mock.set(|b| b.usage_in_stream = false);
     let messages = r#"[{"role":"user","content":"Say hello."}]"#;
-    let body = format!(r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#);
-    let response = h
-        .post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let payloads = sse_payloads(response).await;
+    let payloads = h.stream_big(messages).await;
     assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
     // The estimate (R7): the messages' bytes plus the template margin as prompt
     // tokens at 2 EUR per 1M, plus 100 output tokens at 10.
@@ -1182,15 +1170,8 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     // Closed without usage and without `[DONE]`: the client learns that the
     // answer was cut (an error event), and the estimate is billed again.
     h.mock.set(|b| b.done_in_stream = false);
-    let send = || {
-        h.post("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(format!(
-                r#"{{"model":"big","messages":{messages},"max_tokens":100,"stream":true}}"#
-            ))
-            .send()
-    };
-    let payloads = sse_payloads(send().await.unwrap()).await;
+    let send = || h.stream_big(messages);
+    let payloads = send().await;
     let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
     assert_eq!(h.workspace().await.spent, estimate + estimate);
@@ -1198,7 +1179,7 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     // With its usage but without `[DONE]`: a whole answer, ended as one and
     // billed its usage (12 prompt tokens at 2, 5 output tokens at 10 per 1M).
     h.mock.set(|b| b.usage_in_stream = true);
-    let payloads = sse_payloads(send().await.unwrap()).await;
+    let payloads = send().await;
     assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
     assert_eq!(
         h.workspace().await.spent,
@@ -1209,7 +1190,7 @@ async fn stream_without_usage_is_billed_its_estimate(db: &TestDb) {
     // format says (U+FFFD for each), it is relayed and the stream read on to its
     // usage, which is billed (it once broke the stream, billed the estimate).
     h.mock.set(|b| b.invalid_utf8_first = true);
-    let payloads = sse_payloads(send().await.unwrap()).await;
+    let payloads = send().await;
     let first: Value = serde_json::from_str(&payloads[0]).unwrap();
     assert_eq!(
         first["choices"][0]["delta"]["content"], "\u{fffd}\u{fffd}",
