@@ -31,8 +31,8 @@ use super::{read_body, Gateway, SERVED_MODEL_HEADER};
 const ENDPOINT: &str = "chat_completions";
 /// Frames buffered between the upstream reader and a slow client.
 const STREAM_BUFFER: usize = 32;
-/// How long a stream whose whole answer and usage have come is waited on for
-/// its `[DONE]` before it is ended as if it had come.
+/// How long a stream whose last chunk (its usage alone) has come is waited on
+/// for its `[DONE]` before it is ended as if it had come.
 const AFTER_FINAL_USAGE: Duration = Duration::from_secs(2);
 
 /// Answer a chat completion through the served model's upstream.
@@ -392,12 +392,12 @@ impl Exchange {
         // could not be relayed (lines the event stream parser refuses, say).
         let mut upstream_answered = false;
         let end = 'read: loop {
-            // Once the whole answer's usage is in, only `[DONE]` is to come, at
-            // once from any working upstream: one that stays silent instead is
-            // not waited for as long as an answer is.
-            let wait = match relay.final_usage() {
-                Some(_) => timeout.min(AFTER_FINAL_USAGE),
-                None => timeout,
+            // Once the last chunk, the usage alone, is in, only `[DONE]` is to
+            // come, at once from any working upstream: one that stays silent
+            // instead is not waited for as long as an answer is.
+            let wait = match relay.usage_came_last() {
+                true => timeout.min(AFTER_FINAL_USAGE),
+                false => timeout,
             };
             let event = match tokio::time::timeout(wait, upstream.next()).await {
                 Err(_) if wait < timeout => {
@@ -485,7 +485,7 @@ enum StreamEnd {
     /// `data: [DONE]`.
     Done,
     /// The upstream closed the stream without `[DONE]`, or went silent for
-    /// [`AFTER_FINAL_USAGE`] after the whole answer's usage.
+    /// [`AFTER_FINAL_USAGE`] after its last chunk, the usage alone.
     Eof,
     /// No piece within the upstream's timeout.
     TimedOut,

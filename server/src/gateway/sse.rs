@@ -214,6 +214,9 @@ pub struct Relay {
     /// stream cut before its end: the last count is then only what was
     /// generated so far.
     usage_is_final: bool,
+    /// Whether [`Relay::usage`] came alone, in a chunk without choices, with
+    /// nothing after it: OpenAI's last chunk, after which only `[DONE]` comes.
+    usage_is_last: bool,
     /// True once any event with data was relayed: content reached the client.
     pub relayed_content: bool,
 }
@@ -228,6 +231,7 @@ impl Relay {
             upstream: upstream.to_owned(),
             usage: None,
             usage_is_final: false,
+            usage_is_last: false,
             relayed_content: false,
         }
     }
@@ -237,6 +241,13 @@ impl Relay {
     /// estimate, R7): a running count cut short bills less than was generated.
     pub fn final_usage(&self) -> Option<Usage> {
         self.usage.filter(|_| self.usage_is_final)
+    }
+
+    /// Whether the stream's last chunk, its usage alone, has come: nothing but
+    /// `[DONE]` is to follow. (A usage beside a finish reason may still be
+    /// followed by another choice's content.)
+    pub fn usage_came_last(&self) -> bool {
+        self.usage.is_some() && self.usage_is_last
     }
 
     /// Relays one event.
@@ -257,9 +268,13 @@ impl Relay {
             Some(usage) => {
                 self.usage = Some(usage);
                 self.usage_is_final = no_choices || choices.is_some_and(finished);
+                self.usage_is_last = no_choices;
             }
             // Content after the count: the count was not the last.
-            None => self.usage_is_final &= no_choices,
+            None => {
+                self.usage_is_final &= no_choices;
+                self.usage_is_last &= no_choices;
+            }
         }
         if !self.client_wants_usage {
             if usage_present && no_choices {
@@ -481,6 +496,7 @@ mod tests {
             (
                 relay.usage.map(|u| u.completion_tokens),
                 relay.final_usage().map(|u| u.completion_tokens),
+                relay.usage_came_last(),
             )
         };
         // OpenAI: `usage: null` on content, the count alone in a last chunk.
@@ -489,7 +505,7 @@ mod tests {
                 content("null"),
                 format!(r#"{{"choices":[],"usage":{}}}"#, count(2))
             ]),
-            (Some(2), Some(2))
+            (Some(2), Some(2), true)
         );
         // The count beside the finish reason.
         assert_eq!(
@@ -500,13 +516,13 @@ mod tests {
                     count(2)
                 )
             ]),
-            (Some(2), Some(2))
+            (Some(2), Some(2), false)
         );
         // A running count on every chunk (vLLM), cut before the finish: only so
         // far, not final.
         assert_eq!(
             relayed(&[content(&count(1)), content(&count(2))]),
-            (Some(2), None)
+            (Some(2), None, false)
         );
         // A last count followed by more content is not the last either.
         assert_eq!(
@@ -514,7 +530,7 @@ mod tests {
                 format!(r#"{{"choices":[],"usage":{}}}"#, count(2)),
                 content("null")
             ]),
-            (Some(2), None)
+            (Some(2), None, false)
         );
     }
 
