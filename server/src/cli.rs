@@ -829,7 +829,7 @@ fn key_name(name: &str) -> anyhow::Result<&str> {
     let name = name.trim();
     anyhow::ensure!(
         !name.is_empty(),
-        "--name must not be empty: it is how `tollgate key list` tells keys apart"
+        "--name must not be empty: `tollgate key list` shows it beside the key's id, to say what the key is for"
     );
     // `key list` prints one key per line, its columns split by tabs.
     anyhow::ensure!(
