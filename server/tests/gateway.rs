@@ -1098,9 +1098,10 @@ async fn a_stream_line_past_the_limit_breaks_the_stream_off(db: &TestDb) {
 }
 
 /// An upstream that reports its running count in every chunk (vLLM's
-/// continuous usage) is billed its last count when the stream ends whole, and
-/// its estimate when it is cut short: the count so far is less than what was
-/// generated (R7, DESIGN.md §4).
+/// continuous usage) is billed its last count when that count is the whole
+/// answer's, and its estimate when the stream is cut short or the answer went
+/// on past its last count: the count so far is less than what was generated
+/// (R7, DESIGN.md §4).
 async fn a_running_usage_count_cut_short_is_billed_the_estimate(db: &TestDb) {
     let h = start(db, Options::default()).await;
     let messages = r#"[{"role":"user","content":"Say hello."}]"#;
@@ -1124,6 +1125,15 @@ async fn a_running_usage_count_cut_short_is_billed_the_estimate(db: &TestDb) {
         .metrics()
         .await
         .contains("tollgate_settlements_total{kind=\"estimate\",model=\"big\"} 1"));
+    // Whole and ended with `[DONE]`, but the finish came after the last count
+    // and no count after it: the estimate too.
+    h.mock.set(|b| {
+        b.cut_before_finish = false;
+        b.usage_in_stream = false;
+    });
+    let payloads = send().await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(h.workspace().await, settled(whole + estimate + estimate));
 }
 
 /// An upstream silent after the whole answer and its usage, neither sending

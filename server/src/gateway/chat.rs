@@ -439,15 +439,12 @@ impl Exchange {
             || matches!(end, StreamEnd::Done | StreamEnd::Eof)
             || relay.relayed_content
             || upstream_answered;
-        // A stream that ended without `[DONE]` is billed its usage only if that
-        // was the whole answer's, not a running count cut short.
-        let usage = match end {
-            StreamEnd::Done => relay.usage,
-            _ => relay.final_usage(),
-        };
+        // Billed its usage only if that was the whole answer's, not a running
+        // count the answer went on past, `[DONE]` or not.
+        let usage = relay.final_usage();
         if usage.is_none() && relay.usage.is_some() {
             tracing::warn!(upstream = %self.target.name,
-                "the upstream stream ended before its last usage: billed its estimate");
+                "the upstream's last usage was not the whole answer's (content came after it, or the stream was cut): billed its estimate");
         }
         if bill {
             hold.settle(usage).await;

@@ -236,9 +236,9 @@ impl Relay {
         }
     }
 
-    /// The usage to bill a stream that ended otherwise than with `[DONE]`:
-    /// [`Relay::usage`] when it was the whole answer's, else `None` (the
-    /// estimate, R7): a running count cut short bills less than was generated.
+    /// The usage to bill the stream with: [`Relay::usage`] when it was the
+    /// whole answer's, else `None` (the estimate, R7): a running count the
+    /// answer went on past, or cut short, bills less than was generated.
     pub fn final_usage(&self) -> Option<Usage> {
         self.usage.filter(|_| self.usage_is_final)
     }
