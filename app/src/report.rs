@@ -247,8 +247,9 @@ pub struct ModelRowView {
 }
 
 /// [`ModelRowView::limit_note`] of `model` in a workspace allowed
-/// `allowance` (plan budget plus overage limit, EUR).
-fn limit_note(model: &ModelReport, allowance: Money) -> Option<String> {
+/// `allowance` (plan budget plus overage limit, EUR); `tollgate limit set`
+/// says it too.
+pub fn limit_note(model: &ModelReport, allowance: Money) -> Option<String> {
     let limit = model.limit.filter(|_| model.limit_enabled)?;
     if limit == Money::ZERO {
         Some(

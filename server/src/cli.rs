@@ -1312,9 +1312,8 @@ async fn limit(
             let note = report
                 .models
                 .iter()
-                .zip(TabView::from(&report).models)
-                .find(|(model, _)| model.id == id)
-                .and_then(|(_, row)| row.limit_note);
+                .find(|model| model.id == id)
+                .and_then(|model| app::report::limit_note(model, report.allowance()));
             if let Some(note) = note {
                 say!("note: {note}");
             }

@@ -97,6 +97,12 @@ pub(crate) fn is_null(value: &RawValue) -> bool {
     value.get() == "null"
 }
 
+/// True when `value` is a JSON object. Asked before reading a struct from it:
+/// serde would also read one from an array of its fields in order.
+pub(crate) fn is_object(value: &RawValue) -> bool {
+    value.get().trim_start().starts_with('{')
+}
+
 /// `text` as a raw JSON string value (quoted and escaped).
 pub(crate) fn raw_string(text: &str) -> Box<RawValue> {
     let mut out = Vec::with_capacity(text.len() + 2);

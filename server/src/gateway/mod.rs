@@ -52,7 +52,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// chat completion's hold is `gateway-<pid>-<uuid>`). The usage API settles,
 /// releases and renews only those: the gateway's own holds end with their
 /// exchange, which bills what the upstream reported (R7).
-pub(crate) const USAGE_API_OWNER_PREFIX: &str = "usage-api-";
+const USAGE_API_OWNER_PREFIX: &str = "usage-api-";
 
 /// Which of the process's routes takes a reservation, written on it as its owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,18 @@ pub(crate) enum Taker {
     Exchange,
     /// A usage-API admission, which its caller ends through the usage API.
     UsageApi,
+}
+
+impl Taker {
+    /// Who took the reservation whose owner id is `owner`, this process or
+    /// any other.
+    pub(crate) fn of_owner(owner: &str) -> Taker {
+        if owner.starts_with(USAGE_API_OWNER_PREFIX) {
+            Taker::UsageApi
+        } else {
+            Taker::Exchange
+        }
+    }
 }
 
 /// Everything the gateway's handlers share: the store, the catalog, the upstreams

@@ -9,7 +9,8 @@ use serde_json::value::RawValue;
 
 use super::error::GatewayError;
 use super::json::{
-    is_null, optional_bool, output_cap, raw_bool, raw_string, required_string, OutputCap, RawObject,
+    is_null, is_object, optional_bool, output_cap, raw_bool, raw_string, required_string,
+    OutputCap, RawObject,
 };
 
 /// Request fields whose text reaches the model as prompt: their raw JSON byte
@@ -151,13 +152,14 @@ fn count_non_text_parts(messages: &RawValue) -> Result<u64, GatewayError> {
         GatewayError::invalid_field("messages", "`messages` must be an array of message objects")
     };
     let items: Vec<&RawValue> = serde_json::from_str(messages.get()).map_err(|_| not_objects())?;
-    // Read one by one: serde would also take an array (`[[]]`) for a message,
-    // its fields by position.
+    // Read one by one: an array (`[[]]`) is no message.
     let messages = items
         .iter()
-        .map(|item| match item.get().starts_with('{') {
-            true => serde_json::from_str::<MessageShape<'_>>(item.get()).map_err(|_| not_objects()),
-            false => Err(not_objects()),
+        .map(|item| {
+            is_object(item)
+                .then(|| serde_json::from_str::<MessageShape<'_>>(item.get()).ok())
+                .flatten()
+                .ok_or_else(not_objects)
         })
         .collect::<Result<Vec<_>, _>>()?;
     if messages.is_empty() {

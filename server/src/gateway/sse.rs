@@ -207,16 +207,8 @@ pub struct Relay {
     upstream: String,
     /// The last usage the stream reported.
     pub usage: Option<Usage>,
-    /// Whether [`Relay::usage`] is the whole answer's: it came in a chunk
-    /// without choices (OpenAI's last chunk) or with the choices' finish
-    /// reason, and no content came after it. Not so for an upstream that
-    /// reports its running count in every chunk (vLLM's continuous usage) on a
-    /// stream cut before its end: the last count is then only what was
-    /// generated so far.
-    usage_is_final: bool,
-    /// Whether [`Relay::usage`] came alone, in a chunk without choices, with
-    /// nothing after it: OpenAI's last chunk, after which only `[DONE]` comes.
-    usage_is_last: bool,
+    /// Where [`Relay::usage`] stands in the stream.
+    standing: Standing,
     /// True once any event with data was relayed: content reached the client.
     pub relayed_content: bool,
 }
@@ -230,8 +222,7 @@ impl Relay {
             client_wants_usage,
             upstream: upstream.to_owned(),
             usage: None,
-            usage_is_final: false,
-            usage_is_last: false,
+            standing: Standing::Running,
             relayed_content: false,
         }
     }
@@ -240,14 +231,14 @@ impl Relay {
     /// whole answer's, else `None` (the estimate, R7): a running count the
     /// answer went on past, or cut short, bills less than was generated.
     pub fn final_usage(&self) -> Option<Usage> {
-        self.usage.filter(|_| self.usage_is_final)
+        self.usage.filter(|_| self.standing != Standing::Running)
     }
 
     /// Whether the stream's last chunk, its usage alone, has come: nothing but
     /// `[DONE]` is to follow. (A usage beside a finish reason may still be
     /// followed by another choice's content.)
     pub fn usage_came_last(&self) -> bool {
-        self.usage.is_some() && self.usage_is_last
+        self.standing == Standing::Alone
     }
 
     /// Relays one event.
@@ -267,14 +258,15 @@ impl Relay {
         match usage_field.and_then(|raw| usage_from_upstream(raw, &self.upstream)) {
             Some(usage) => {
                 self.usage = Some(usage);
-                self.usage_is_final = no_choices || choices.is_some_and(finished);
-                self.usage_is_last = no_choices;
+                self.standing = match choices {
+                    _ if no_choices => Standing::Alone,
+                    Some(choices) if finished(choices) => Standing::Finished,
+                    _ => Standing::Running,
+                };
             }
             // Content after the count: the count was not the last.
-            None => {
-                self.usage_is_final &= no_choices;
-                self.usage_is_last &= no_choices;
-            }
+            None if !no_choices => self.standing = Standing::Running,
+            None => {}
         }
         if !self.client_wants_usage {
             if usage_present && no_choices {
@@ -292,20 +284,30 @@ impl Relay {
     }
 }
 
-/// Whether `choices` (a chunk's array) holds a choice with a finish reason.
+/// Where a stream's last usage stands: whether it is the whole answer's
+/// ([`Relay::final_usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Beside content, or followed by content: a running count (vLLM's
+    /// continuous usage), only what was generated so far.
+    Running,
+    /// Beside the choices' finish reason, with no content after it.
+    Finished,
+    /// Alone in a chunk without choices, with nothing after it: OpenAI's last
+    /// chunk, after which only `[DONE]` comes.
+    Alone,
+}
+
+/// Whether `choices` (a chunk's array) holds a choice with a finish reason
+/// (`null` is none).
 fn finished(choices: &RawValue) -> bool {
     #[derive(serde::Deserialize)]
-    struct Choice<'a> {
-        #[serde(borrow, default)]
-        finish_reason: Option<&'a RawValue>,
+    struct Choice {
+        #[serde(default)]
+        finish_reason: Option<serde::de::IgnoredAny>,
     }
-    serde_json::from_str::<Vec<Choice<'_>>>(choices.get()).is_ok_and(|choices| {
-        choices.iter().any(|choice| {
-            choice
-                .finish_reason
-                .is_some_and(|reason| reason.get() != "null")
-        })
-    })
+    serde_json::from_str::<Vec<Choice>>(choices.get())
+        .is_ok_and(|choices| choices.iter().any(|choice| choice.finish_reason.is_some()))
 }
 
 fn is_empty_array(text: &str) -> bool {

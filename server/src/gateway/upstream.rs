@@ -279,8 +279,7 @@ pub struct UsageParseError {
 /// non-negative integer or past `i64::MAX`, when a flat and a nested count
 /// disagree, or when cached exceeds prompt or reasoning exceeds completion tokens.
 pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
-    // serde would also read a struct from an array of its fields in order.
-    if !raw.get().trim_start().starts_with('{') {
+    if !super::json::is_object(raw) {
         return Err(UsageParseError {
             field: String::new(),
             problem: "must be an object of token counts (`prompt_tokens`, `completion_tokens`, …)"

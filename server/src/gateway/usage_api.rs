@@ -274,7 +274,7 @@ async fn callers_reservation(
         // its upstream reports. Settled, released or renewed from here, a
         // request served in full could be billed nothing, or hold the room
         // it no longer needs long after its gateway is gone.
-        Some(held) if !held.owner.starts_with(super::USAGE_API_OWNER_PREFIX) => {
+        Some(held) if super::Taker::of_owner(&held.owner) != super::Taker::UsageApi => {
             Err(GatewayError::ReservationNotFound(reservation.0))
         }
         // Ended, though the sweep has not released it yet: gone for settle,
