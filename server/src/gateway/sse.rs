@@ -231,7 +231,7 @@ impl Relay {
     /// whole answer's, else `None` (the estimate, R7): a running count the
     /// answer went on past, or cut short, bills less than was generated.
     pub fn final_usage(&self) -> Option<Usage> {
-        self.usage.filter(|_| self.standing != Standing::Running)
+        self.usage.filter(|_| self.standing.is_final())
     }
 
     /// Whether the stream's last chunk, its usage alone, has come: nothing but
@@ -257,16 +257,29 @@ impl Relay {
         let usage_present = usage_field.is_some();
         match usage_field.and_then(|raw| usage_from_upstream(raw, &self.upstream)) {
             Some(usage) => {
-                self.usage = Some(usage);
-                self.standing = match choices {
+                let standing = match choices {
                     _ if no_choices => Standing::Alone,
                     Some(choices) if finished(choices) => Standing::Finished,
                     _ => Standing::Running,
                 };
+                // Two counts each given as the whole answer's, and not the same:
+                // neither is trusted, whichever came last.
+                let disputed = self.standing == Standing::Disputed
+                    || (self.standing.is_final() && self.usage != Some(usage));
+                self.standing = if disputed {
+                    Standing::Disputed
+                } else {
+                    standing
+                };
+                self.usage = Some(usage);
             }
-            // Content after the count: the count was not the last.
-            None if !no_choices => self.standing = Standing::Running,
-            None => {}
+            // Content after the count: the count was not the last. (A choice's
+            // empty delta beside its finish reason is no content.)
+            None => {
+                if self.standing.is_final() && choices.is_some_and(carries_content) {
+                    self.standing = Standing::Running;
+                }
+            }
         }
         if !self.client_wants_usage {
             if usage_present && no_choices {
@@ -296,18 +309,48 @@ enum Standing {
     /// Alone in a chunk without choices, with nothing after it: OpenAI's last
     /// chunk, after which only `[DONE]` comes.
     Alone,
+    /// Given as the whole answer's twice (beside a finish reason, or alone)
+    /// with different counts: not final, whatever comes after.
+    Disputed,
 }
 
-/// Whether `choices` (a chunk's array) holds a choice with a finish reason
-/// (`null` is none).
-fn finished(choices: &RawValue) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Choice {
-        #[serde(default)]
-        finish_reason: Option<serde::de::IgnoredAny>,
+impl Standing {
+    fn is_final(self) -> bool {
+        matches!(self, Standing::Finished | Standing::Alone)
     }
-    serde_json::from_str::<Vec<Choice>>(choices.get())
-        .is_ok_and(|choices| choices.iter().any(|choice| choice.finish_reason.is_some()))
+}
+
+/// One choice of a stream's chunk, as far as billing reads it.
+#[derive(serde::Deserialize)]
+struct ChoiceShape {
+    /// `null` reads as none.
+    #[serde(default)]
+    finish_reason: Option<serde::de::IgnoredAny>,
+    /// What the choice adds to the answer; `{}` (or none) adds nothing.
+    #[serde(default)]
+    delta: Option<std::collections::HashMap<String, serde::de::IgnoredAny>>,
+}
+
+/// The choices of `choices` (a chunk's array), `None` when they cannot be read.
+fn choice_shapes(choices: &RawValue) -> Option<Vec<ChoiceShape>> {
+    serde_json::from_str(choices.get()).ok()
+}
+
+/// Whether `choices` holds a choice with a finish reason.
+fn finished(choices: &RawValue) -> bool {
+    choice_shapes(choices)
+        .is_some_and(|choices| choices.iter().any(|choice| choice.finish_reason.is_some()))
+}
+
+/// Whether `choices` adds anything to the answer: a choice whose delta is not
+/// empty, or choices that cannot be read (taken as content, so that a count
+/// before them is not trusted).
+fn carries_content(choices: &RawValue) -> bool {
+    choice_shapes(choices).is_none_or(|choices| {
+        choices
+            .iter()
+            .any(|choice| choice.delta.as_ref().is_some_and(|delta| !delta.is_empty()))
+    })
 }
 
 fn is_empty_array(text: &str) -> bool {
@@ -532,6 +575,27 @@ mod tests {
                 format!(r#"{{"choices":[],"usage":{}}}"#, count(2)),
                 content("null")
             ]),
+            (Some(2), None, false)
+        );
+        // An empty finish chunk after it adds nothing.
+        let finish = r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#.to_owned();
+        assert_eq!(
+            relayed(&[format!(r#"{{"choices":[],"usage":{}}}"#, count(2)), finish]),
+            (Some(2), Some(2), true)
+        );
+        // Two counts given as the whole answer's: trusted when they agree,
+        // neither when they do not (a later zero would bill nothing).
+        let finished = |n| {
+            format!(
+                r#"{{"choices":[{{"delta":{{}},"finish_reason":"stop"}}],"usage":{}}}"#,
+                count(n)
+            )
+        };
+        let alone = |n| format!(r#"{{"choices":[],"usage":{}}}"#, count(n));
+        assert_eq!(relayed(&[finished(5), alone(5)]), (Some(5), Some(5), true));
+        assert_eq!(relayed(&[finished(5), alone(0)]), (Some(0), None, false));
+        assert_eq!(
+            relayed(&[alone(5), alone(2), alone(2)]),
             (Some(2), None, false)
         );
     }
