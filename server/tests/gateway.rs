@@ -1151,10 +1151,68 @@ async fn a_stream_silent_after_its_usage_is_ended_soon(db: &TestDb) {
     // `upstream_timeout` event instead.
     let payloads = sse_payloads(h.chat(&body).await).await;
     assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let one = Nanos::new(12 * 2_000 + 5 * 10_000);
+    assert_eq!(h.workspace().await, settled(one));
+    // The usage beside the finish reason of the one choice is as whole an answer.
+    h.mock.set(|b| b.usage_beside_finish = true);
+    let payloads = sse_payloads(h.chat(&body).await).await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(h.workspace().await, settled(one.checked_add(one).unwrap()));
+}
+
+/// An upstream's error event reaches the client as the upstream sent it, and
+/// ends the stream without another from the gateway; the hold is released when
+/// nothing else came (an upstream error), else the estimate is billed. An event
+/// whose data is not JSON, which would stop any OpenAI client, is not relayed.
+async fn an_upstream_error_event_ends_the_stream_as_sent(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let upstream_error = json!({"error": {"message": "The server is overloaded.",
+        "type": "server_error", "param": null, "code": null}});
+    h.mock.set(|b| {
+        b.error_event_after = Some(0);
+        b.error_body = upstream_error.to_string();
+    });
+    let messages = r#"[{"role":"user","content":"Say hello."}]"#;
+    let payloads = h.stream_big(messages).await;
+    // The upstream's error, and nothing after it.
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    let last: Value = serde_json::from_str(&payloads[0]).unwrap();
+    assert_eq!(last, upstream_error);
+    assert_eq!(h.workspace().await, Counter::default());
+
+    h.mock.set(|b| b.error_event_after = Some(2));
+    let payloads = h.stream_big(messages).await;
+    assert_eq!(payloads.len(), 4, "{payloads:?}");
+    let last: Value = serde_json::from_str(&payloads[3]).unwrap();
+    assert_eq!(last, upstream_error);
+    let estimate = big_estimate(&h, messages);
+    assert_eq!(h.workspace().await, settled(estimate));
+
+    h.mock.set(|b| {
+        b.error_event_after = None;
+        b.not_json_after_first = true;
+    });
+    let payloads = h.stream_big(messages).await;
+    assert!(
+        !payloads.iter().any(|p| p.contains("not json")),
+        "{payloads:?}"
+    );
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    // Read on to its usage: 12 prompt tokens at 2 EUR per 1M, 5 output at 10.
     assert_eq!(
         h.workspace().await,
-        settled(Nanos::new(12 * 2_000 + 5 * 10_000))
+        settled(
+            estimate
+                .checked_add(Nanos::new(12 * 2_000 + 5 * 10_000))
+                .unwrap()
+        )
     );
+    // Every request asked for an answer that is not compressed.
+    assert!(h
+        .mock
+        .received()
+        .iter()
+        .all(|r| r.accept_encoding.as_deref() == Some("identity")));
 }
 
 /// A stream that ends without usage is billed its estimate, flagged (§4, R7).
@@ -1610,6 +1668,15 @@ async fn the_upstream_key_never_leaks(db: &TestDb) {
     )
     .await;
     bodies.push(body.to_string());
+    // A stream's error event that quotes the key is replaced by the gateway's.
+    h.mock.set(|b| {
+        b.status = 200;
+        b.error_event_after = Some(1);
+    });
+    let payloads = sse_payloads(h.chat(&stream).await).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    bodies.extend(payloads);
     bodies.push(h.metrics().await);
     bodies.push(
         h.client
@@ -2786,6 +2853,7 @@ on_both_backends!(
     stream_without_usage_is_billed_its_estimate,
     a_running_usage_count_cut_short_is_billed_the_estimate,
     a_stream_silent_after_its_usage_is_ended_soon,
+    an_upstream_error_event_ends_the_stream_as_sent,
     a_stream_line_past_the_limit_breaks_the_stream_off,
     a_stream_answered_without_a_stream_is_a_502_billed_its_usage,
     refusals_reserve_and_spend_nothing,

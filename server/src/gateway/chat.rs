@@ -158,6 +158,7 @@ async fn admit_and_exchange(
         served: served.id.to_string(),
         stream: request.stream,
         client_wants_usage: request.client_wants_usage,
+        choices: request.estimate.n,
         started,
     };
     match request.into_upstream_body(&served.upstream_model) {
@@ -237,6 +238,8 @@ struct Exchange {
     served: String,
     stream: bool,
     client_wants_usage: bool,
+    /// The request's `n`: how many choices a stream's answer has.
+    choices: u32,
     started: Instant,
 }
 
@@ -386,23 +389,28 @@ impl Exchange {
         let mut client = reply.send(Ok(answer)).is_ok().then_some(frames);
 
         let timeout = self.target.timeout;
-        let mut relay = Relay::new(&self.served, self.client_wants_usage, &self.target.name);
+        let mut relay = Relay::new(
+            &self.served,
+            self.client_wants_usage,
+            &self.target.name,
+            self.choices,
+        );
         let mut upstream = Box::pin(sse::events(response.bytes_stream()));
         // Whether the upstream sent something it had to work for, even if it
         // could not be relayed (lines the event stream parser refuses, say).
         let mut upstream_answered = false;
         let end = 'read: loop {
-            // Once the last chunk, the usage alone, is in, only `[DONE]` is to
+            // Once the whole answer and its usage are in, only `[DONE]` is to
             // come, at once from any working upstream: one that stays silent
             // instead is not waited for as long as an answer is.
-            let wait = match relay.usage_came_last() {
+            let wait = match relay.answer_is_whole() {
                 true => timeout.min(AFTER_FINAL_USAGE),
                 false => timeout,
             };
             let event = match tokio::time::timeout(wait, upstream.next()).await {
                 Err(_) if wait < timeout => {
                     tracing::warn!(upstream = %self.target.name,
-                        "the upstream stream went silent after its usage: ended without its [DONE]");
+                        "the upstream stream went silent after its whole answer: ended without its [DONE]");
                     break 'read StreamEnd::Eof;
                 }
                 Err(_) => break 'read StreamEnd::TimedOut,
@@ -424,6 +432,19 @@ impl Exchange {
             };
             match relay.relay(event) {
                 Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
+                Relayed::Error(frame) => {
+                    tracing::warn!(upstream = %self.target.name, "the upstream sent an error event");
+                    let frame = match self.target.mentions_key(&frame) {
+                        false => frame,
+                        true => {
+                            tracing::warn!(upstream = %self.target.name, "the upstream's error event mentioned its key: not passed on");
+                            error_frame(&GatewayError::UpstreamFailed(
+                                "The model provider reported an error.".into(),
+                            ))
+                        }
+                    };
+                    forward(&mut client, frame, timeout).await;
+                }
                 Relayed::Nothing => {}
                 Relayed::Done => break 'read StreamEnd::Done,
             }
@@ -432,13 +453,14 @@ impl Exchange {
         let upstream_time = sent.elapsed();
         // Settle before the last byte (R7). A stream that ended without usage is
         // billed its estimate, flagged (§4); one whose connection broke before
-        // anything came is released; one that broke midway had content delivered,
-        // and one that sent an event it could not be read past had answered: both
-        // are billed like a stream without usage.
+        // anything came is released, and so is one that sent nothing but an
+        // error event (an upstream error); one that broke midway had content
+        // delivered, and one that sent an event it could not be read past had
+        // answered: both are billed like a stream without usage.
         let bill = relay.usage.is_some()
-            || matches!(end, StreamEnd::Done | StreamEnd::Eof)
-            || relay.relayed_content
-            || upstream_answered;
+            || relay.answered
+            || upstream_answered
+            || (matches!(end, StreamEnd::Done | StreamEnd::Eof) && !relay.upstream_error);
         // Billed its usage only if that was the whole answer's, not a running
         // count the answer went on past, `[DONE]` or not.
         let usage = relay.final_usage();
@@ -453,6 +475,8 @@ impl Exchange {
         }
         let last = match end {
             StreamEnd::Done => Some(Bytes::from_static(DONE_FRAME)),
+            // The client has the upstream's own word on why the stream ends.
+            _ if relay.upstream_error => None,
             // Usage comes last (the gateway asked for it): the answer was whole,
             // and only `[DONE]` is missing.
             StreamEnd::Eof if usage.is_some() => Some(Bytes::from_static(DONE_FRAME)),

@@ -192,8 +192,12 @@ pub enum Relayed {
     Forward(Bytes),
     /// `data: [DONE]`: settle, then send [`DONE_FRAME`].
     Done,
-    /// Nothing for the client (the forced usage chunk of a client that did not ask).
+    /// Nothing for the client (the forced usage chunk of a client that did not
+    /// ask, or data that is not JSON, which no OpenAI client can read).
     Nothing,
+    /// The upstream's error event (`{"error": ...}`, or `event: error`), as
+    /// sent: the caller passes it on unless it mentions the upstream's key.
+    Error(Bytes),
 }
 
 /// The stream's terminator, sent only after settlement (R7).
@@ -209,21 +213,37 @@ pub struct Relay {
     pub usage: Option<Usage>,
     /// Where [`Relay::usage`] stands in the stream.
     standing: Standing,
-    /// True once any event with data was relayed: content reached the client.
-    pub relayed_content: bool,
+    /// How many choices the answer has (the request's `n`, 1 to 128).
+    choices: u32,
+    /// The choices (by `index`, bit `i` for choice `i`) that have sent their
+    /// finish reason.
+    finished: u128,
+    /// True once an event of the answer came (relayed, or dropped as
+    /// unreadable): the upstream worked on it. An error event is not one.
+    pub answered: bool,
+    /// True once the upstream sent an error event.
+    pub upstream_error: bool,
 }
 
 impl Relay {
-    /// A relay for a stream served by `served_model` from `upstream` (its name, for
-    /// logs).
-    pub fn new(served_model: &str, client_wants_usage: bool, upstream: &str) -> Relay {
+    /// A relay for a stream of `choices` choices (the request's `n`) served by
+    /// `served_model` from `upstream` (its name, for logs).
+    pub fn new(
+        served_model: &str,
+        client_wants_usage: bool,
+        upstream: &str,
+        choices: u32,
+    ) -> Relay {
         Relay {
             served_model: super::json::raw_string(served_model),
             client_wants_usage,
             upstream: upstream.to_owned(),
             usage: None,
             standing: Standing::Running,
-            relayed_content: false,
+            choices,
+            finished: 0,
+            answered: false,
+            upstream_error: false,
         }
     }
 
@@ -234,11 +254,23 @@ impl Relay {
         self.usage.filter(|_| self.standing.is_final())
     }
 
-    /// Whether the stream's last chunk, its usage alone, has come: nothing but
-    /// `[DONE]` is to follow. (A usage beside a finish reason may still be
-    /// followed by another choice's content.)
-    pub fn usage_came_last(&self) -> bool {
-        self.standing == Standing::Alone
+    /// Whether the whole answer is in: its usage alone in the last chunk, or
+    /// beside a finish reason once every choice has finished. Nothing but
+    /// `[DONE]` is to follow.
+    pub fn answer_is_whole(&self) -> bool {
+        match self.standing {
+            Standing::Alone => true,
+            Standing::Finished => self.all_finished(),
+            Standing::Running | Standing::Disputed => false,
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        let all = match self.choices {
+            n @ 0..128 => (1u128 << n) - 1,
+            _ => u128::MAX,
+        };
+        self.finished & all == all
     }
 
     /// Relays one event.
@@ -247,19 +279,33 @@ impl Relay {
         if data.trim() == "[DONE]" {
             return Relayed::Done;
         }
-        let Ok(mut chunk) = RawObject::parse(data.as_bytes()) else {
-            self.relayed_content = true;
-            return Relayed::Forward(frame(&event, data.as_bytes()));
+        let parsed = RawObject::parse(data.as_bytes());
+        if event.event == "error"
+            || parsed
+                .as_ref()
+                .is_ok_and(|o| o.get_present("error").is_some())
+        {
+            self.upstream_error = true;
+            return Relayed::Error(frame(&event, data.as_bytes()));
+        }
+        self.answered = true;
+        let Ok(mut chunk) = parsed else {
+            tracing::warn!(upstream = %self.upstream, bytes = data.len(),
+                "the upstream sent an event whose data is not JSON: not relayed");
+            return Relayed::Nothing;
         };
         let choices = chunk.get_present("choices");
         let no_choices = choices.is_none_or(|choices| is_empty_array(choices.get()));
+        let shapes = choices.and_then(choice_shapes);
+        let finishing = shapes.as_deref().map_or(0, finished_mask);
+        self.finished |= finishing;
         let usage_field = chunk.get_present("usage");
         let usage_present = usage_field.is_some();
         match usage_field.and_then(|raw| usage_from_upstream(raw, &self.upstream)) {
             Some(usage) => {
                 let standing = match choices {
                     _ if no_choices => Standing::Alone,
-                    Some(choices) if finished(choices) => Standing::Finished,
+                    Some(_) if finishing != 0 => Standing::Finished,
                     _ => Standing::Running,
                 };
                 // Two counts each given as the whole answer's, and not the same:
@@ -276,7 +322,7 @@ impl Relay {
             // Content after the count: the count was not the last. (A choice's
             // empty delta beside its finish reason is no content.)
             None => {
-                if self.standing.is_final() && choices.is_some_and(carries_content) {
+                if self.standing.is_final() && choices.is_some() && carries_content(&shapes) {
                     self.standing = Standing::Running;
                 }
             }
@@ -292,7 +338,6 @@ impl Relay {
         if chunk.get("model").is_some() {
             chunk.set("model", self.served_model.clone());
         }
-        self.relayed_content = true;
         Relayed::Forward(frame(&event, &chunk.to_vec()))
     }
 }
@@ -323,6 +368,9 @@ impl Standing {
 /// One choice of a stream's chunk, as far as billing reads it.
 #[derive(serde::Deserialize)]
 struct ChoiceShape {
+    /// Which choice (0 to `n` - 1); none reads as the first.
+    #[serde(default)]
+    index: u32,
     /// `null` reads as none.
     #[serde(default)]
     finish_reason: Option<serde::de::IgnoredAny>,
@@ -336,17 +384,21 @@ fn choice_shapes(choices: &RawValue) -> Option<Vec<ChoiceShape>> {
     serde_json::from_str(choices.get()).ok()
 }
 
-/// Whether `choices` holds a choice with a finish reason.
-fn finished(choices: &RawValue) -> bool {
-    choice_shapes(choices)
-        .is_some_and(|choices| choices.iter().any(|choice| choice.finish_reason.is_some()))
+/// The choices of `choices` that carry a finish reason, bit `i` for index `i`
+/// (an index past 127, beyond any `n`, sets none).
+fn finished_mask(choices: &[ChoiceShape]) -> u128 {
+    choices
+        .iter()
+        .filter(|choice| choice.finish_reason.is_some())
+        .filter_map(|choice| 1u128.checked_shl(choice.index))
+        .fold(0, |mask, bit| mask | bit)
 }
 
 /// Whether `choices` adds anything to the answer: a choice whose delta is not
-/// empty, or choices that cannot be read (taken as content, so that a count
-/// before them is not trusted).
-fn carries_content(choices: &RawValue) -> bool {
-    choice_shapes(choices).is_none_or(|choices| {
+/// empty, or choices that cannot be read (`None`: taken as content, so that a
+/// count before them is not trusted).
+fn carries_content(choices: &Option<Vec<ChoiceShape>>) -> bool {
+    choices.as_ref().is_none_or(|choices| {
         choices
             .iter()
             .any(|choice| choice.delta.as_ref().is_some_and(|delta| !delta.is_empty()))
@@ -533,17 +585,18 @@ mod tests {
         };
         let count =
             |completion: u64| format!(r#"{{"prompt_tokens":3,"completion_tokens":{completion}}}"#);
-        let relayed = |chunks: &[String]| {
-            let mut relay = Relay::new("served", true, "mock");
+        let relayed_n = |n: u32, chunks: &[String]| {
+            let mut relay = Relay::new("served", true, "mock", n);
             for chunk in chunks {
                 relay.relay(event(chunk));
             }
             (
                 relay.usage.map(|u| u.completion_tokens),
                 relay.final_usage().map(|u| u.completion_tokens),
-                relay.usage_came_last(),
+                relay.answer_is_whole(),
             )
         };
+        let relayed = |chunks: &[String]| relayed_n(1, chunks);
         // OpenAI: `usage: null` on content, the count alone in a last chunk.
         assert_eq!(
             relayed(&[
@@ -561,6 +614,26 @@ mod tests {
                     count(2)
                 )
             ]),
+            (Some(2), Some(2), true)
+        );
+        // With `n` = 2, the answer is whole only once both choices finished,
+        // whichever order they finish in.
+        let finish = |index: u32, usage: &str| {
+            format!(
+                r#"{{"choices":[{{"index":{index},"delta":{{}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+            )
+        };
+        assert_eq!(
+            relayed_n(2, &[content("null"), finish(0, &count(2))]),
+            (Some(2), Some(2), false)
+        );
+        assert_eq!(
+            relayed_n(2, &[finish(1, "null"), finish(0, &count(2))]),
+            (Some(2), Some(2), true)
+        );
+        // An index no request can have finishes nothing.
+        assert_eq!(
+            relayed_n(2, &[finish(200, "null"), finish(0, &count(2))]),
             (Some(2), Some(2), false)
         );
         // A running count on every chunk (vLLM), cut before the finish: only so
@@ -593,6 +666,7 @@ mod tests {
         };
         let alone = |n| format!(r#"{{"choices":[],"usage":{}}}"#, count(n));
         assert_eq!(relayed(&[finished(5), alone(5)]), (Some(5), Some(5), true));
+        assert_eq!(relayed(&[finished(5)]), (Some(5), Some(5), true));
         assert_eq!(relayed(&[finished(5), alone(0)]), (Some(0), None, false));
         assert_eq!(
             relayed(&[alone(5), alone(2), alone(2)]),
@@ -601,8 +675,30 @@ mod tests {
     }
 
     #[test]
+    fn error_events_are_told_apart_and_unreadable_data_is_dropped() {
+        let mut relay = Relay::new("served", true, "mock", 1);
+        let error = r#"{"error":{"message":"overloaded","type":"server_error"}}"#;
+        assert_eq!(
+            relay.relay(event(error)),
+            Relayed::Error(data_frame(error.as_bytes()))
+        );
+        assert!(relay.upstream_error && !relay.answered);
+        let named = Event {
+            event: "error".into(),
+            data: "overloaded".into(),
+            ..Event::default()
+        };
+        assert!(matches!(relay.relay(named), Relayed::Error(_)));
+        assert!(!relay.answered);
+
+        let mut relay = Relay::new("served", true, "mock", 1);
+        assert_eq!(relay.relay(event("not json")), Relayed::Nothing);
+        assert!(relay.answered && !relay.upstream_error);
+    }
+
+    #[test]
     fn rewrites_model_and_hides_the_forced_usage_chunk() {
-        let mut relay = Relay::new("served", false, "mock");
+        let mut relay = Relay::new("served", false, "mock", 1);
         let chunk = r#"{"id":"c","model":"upstream-name","choices":[{"delta":{"content":"hi"}}],"usage":null}"#;
         assert_eq!(
             relay.relay(event(chunk)),
@@ -615,7 +711,7 @@ mod tests {
         assert_eq!(relay.usage.map(|u| u.prompt_tokens), Some(3));
         assert_eq!(relay.relay(event("[DONE]")), Relayed::Done);
 
-        let mut asked = Relay::new("served", true, "mock");
+        let mut asked = Relay::new("served", true, "mock", 1);
         match asked.relay(event(usage)) {
             Relayed::Forward(bytes) => {
                 let text = String::from_utf8(bytes.to_vec()).unwrap();

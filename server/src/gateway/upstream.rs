@@ -59,6 +59,12 @@ pub struct Target {
 }
 
 impl Target {
+    /// Whether `bytes` contain this upstream's key: such an answer is never
+    /// passed on (DESIGN.md §4).
+    pub fn mentions_key(&self, bytes: &[u8]) -> bool {
+        self.key.as_ref().is_some_and(|k| k.appears_in(bytes))
+    }
+
     /// Sends `body` (JSON) to the chat completions endpoint, with the key as bearer
     /// token (marked sensitive, so no `Debug` of the request shows it).
     ///
@@ -81,6 +87,9 @@ impl Target {
                     "application/json"
                 },
             )
+            // Without it, any coding is acceptable (RFC 9110 §12.5.3); the
+            // gateway reads answers as they are sent, uncompressed.
+            .header(header::ACCEPT_ENCODING, "identity")
             .body(body);
         if let Some(key) = &self.key {
             request = request.header(header::AUTHORIZATION, key.authorization.clone());
@@ -109,7 +118,7 @@ impl Target {
         let status = response.status();
         let retry = retry_headers(response.headers());
         let (body, object, usage) = self.read_unrelayed(response).await;
-        let mentions_key = self.key.as_ref().is_some_and(|k| k.appears_in(&body));
+        let mentions_key = self.mentions_key(&body);
         let error = match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 tracing::error!(upstream = %self.name, status = status.as_u16(),

@@ -80,6 +80,15 @@ pub struct Behaviour {
     /// The stream's first event carries bytes that are not UTF-8 (a broken
     /// upstream): the rest follows as usual.
     pub invalid_utf8_first: bool,
+    /// A stream asked for usage carries it in its finish chunk, beside the
+    /// finish reason, and sends no usage chunk of its own.
+    pub usage_beside_finish: bool,
+    /// A stream sends, after this many content pieces, an error event (its data
+    /// `error_body`, `{auth}` replaced as there) and closes; after none, the
+    /// error event is all it sends.
+    pub error_event_after: Option<usize>,
+    /// A stream sends an event whose data is not JSON after its first piece.
+    pub not_json_after_first: bool,
     /// `Retry-After` and `Retry-After-Ms` of a non-200 answer, as a rate-limited
     /// provider sends them.
     pub retry_after: Option<(&'static str, &'static str)>,
@@ -109,6 +118,9 @@ impl Default for Behaviour {
             cut_before_finish: false,
             silent_at_end: false,
             invalid_utf8_first: false,
+            usage_beside_finish: false,
+            error_event_after: None,
+            not_json_after_first: false,
             retry_after: None,
         }
     }
@@ -119,6 +131,8 @@ impl Default for Behaviour {
 pub struct Received {
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// The `Accept-Encoding` header, if any.
+    pub accept_encoding: Option<String>,
     /// The raw body.
     pub body: String,
 }
@@ -200,16 +214,22 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     if behaviour.record_requests {
         state.received.lock().unwrap().push(Received {
             authorization: authorization.clone(),
+            accept_encoding: headers
+                .get(header::ACCEPT_ENCODING)
+                .map(|v| v.to_str().unwrap().to_owned()),
             body: body.clone(),
         });
     }
     if !behaviour.delay.is_zero() {
         tokio::time::sleep(behaviour.delay).await;
     }
-    if behaviour.status != 200 {
-        let text = behaviour
+    let error_text = |behaviour: &Behaviour| {
+        behaviour
             .error_body
-            .replace("{auth}", authorization.as_deref().unwrap_or(""));
+            .replace("{auth}", authorization.as_deref().unwrap_or(""))
+    };
+    if behaviour.status != 200 {
+        let text = error_text(&behaviour);
         let mut answer = (
             StatusCode::from_u16(behaviour.status).unwrap(),
             [(header::CONTENT_TYPE, "application/json")],
@@ -239,6 +259,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     let include_usage = request["stream_options"]["include_usage"]
         .as_bool()
         .unwrap_or(false);
+    let error_event = behaviour
+        .error_event_after
+        .map(|_| format!("data: {}\n\n", error_text(&behaviour)));
     let (frames, mut receiver) = mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
         let usage_field = if include_usage {
@@ -252,8 +275,17 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
             )
         };
         let chunk = |delta: &str, finish: &str| chunk_with(delta, finish, usage_field);
-        let mut out = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
+        let mut out = match behaviour.error_event_after {
+            Some(0) => vec![],
+            _ => vec![chunk(r#"{"role":"assistant","content":""}"#, "null")],
+        };
         for i in 0..behaviour.stream_pieces {
+            if behaviour.error_event_after == Some(i) {
+                break;
+            }
+            if i == 1 && behaviour.not_json_after_first {
+                out.push("data: not json\n\n".to_owned());
+            }
             let content = match &behaviour.piece_content {
                 Some(content) => content.clone(),
                 None => format!("piece {i} "),
@@ -274,16 +306,28 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
                 false => chunk(&delta, "null"),
             });
         }
-        if !behaviour.cut_before_finish {
+        let usage_at_end =
+            include_usage && behaviour.usage_in_stream && !behaviour.cut_before_finish;
+        if let Some(error_event) = error_event {
+            out.push(error_event);
+        } else if usage_at_end && behaviour.usage_beside_finish {
+            let usage_field = format!(",\"usage\":{}", usage_json(behaviour.usage));
+            out.push(chunk_with("{}", r#""stop""#, &usage_field));
+        } else if !behaviour.cut_before_finish {
             out.push(chunk("{}", r#""stop""#));
         }
-        if include_usage && behaviour.usage_in_stream && !behaviour.cut_before_finish {
+        if behaviour.error_event_after.is_some() || behaviour.usage_beside_finish {
+            // Nothing after the error event, nor after a usage beside the finish.
+        } else if usage_at_end {
             out.push(format!(
                 "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1767225600,\"model\":\"{model}\",\"choices\":[],\"usage\":{}}}\n\n",
                 usage_json(behaviour.usage)
             ));
         }
-        if behaviour.done_in_stream && !behaviour.cut_before_finish {
+        if behaviour.done_in_stream
+            && !behaviour.cut_before_finish
+            && behaviour.error_event_after.is_none()
+        {
             out.push("data: [DONE]\n\n".to_owned());
         }
         for (i, frame) in out.into_iter().enumerate() {
