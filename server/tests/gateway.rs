@@ -1161,9 +1161,11 @@ async fn a_stream_silent_after_its_usage_is_ended_soon(db: &TestDb) {
 }
 
 /// An upstream's error event reaches the client as the upstream sent it, and
-/// ends the stream without another from the gateway; the hold is released when
-/// nothing else came (an upstream error), else the estimate is billed. An event
-/// whose data is not JSON, which would stop any OpenAI client, is not relayed.
+/// ends the stream there, without another event from the gateway and without
+/// waiting for the upstream to close; the hold is released when nothing else
+/// came (an upstream error), else the estimate is billed. An event whose data
+/// is not JSON, which would stop any OpenAI client, is not relayed; a stream
+/// without any event is released.
 async fn an_upstream_error_event_ends_the_stream_as_sent(db: &TestDb) {
     let h = start(db, Options::default()).await;
     let upstream_error = json!({"error": {"message": "The server is overloaded.",
@@ -1180,7 +1182,12 @@ async fn an_upstream_error_event_ends_the_stream_as_sent(db: &TestDb) {
     assert_eq!(last, upstream_error);
     assert_eq!(h.workspace().await, Counter::default());
 
-    h.mock.set(|b| b.error_event_after = Some(2));
+    // Midway, from an upstream that then stays open: waited on, the stream
+    // would end with an `upstream_timeout` event of the gateway's.
+    h.mock.set(|b| {
+        b.error_event_after = Some(2);
+        b.silent_at_end = true;
+    });
     let payloads = h.stream_big(messages).await;
     assert_eq!(payloads.len(), 4, "{payloads:?}");
     let last: Value = serde_json::from_str(&payloads[3]).unwrap();
@@ -1188,8 +1195,31 @@ async fn an_upstream_error_event_ends_the_stream_as_sent(db: &TestDb) {
     let estimate = big_estimate(&h, messages);
     assert_eq!(h.workspace().await, settled(estimate));
 
+    // An error event of another shape (an OpenAI client would take it for a
+    // chunk) is told to the client as the gateway's own error.
+    h.mock.set(|b| {
+        b.silent_at_end = false;
+        b.error_event_named = true;
+        b.error_body = r#"{"message":"oops"}"#.into();
+    });
+    let payloads = h.stream_big(messages).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    let twice = estimate.checked_add(estimate).unwrap();
+    assert_eq!(h.workspace().await, settled(twice));
+
+    // No event at all: nothing was answered, nothing is billed.
     h.mock.set(|b| {
         b.error_event_after = None;
+        b.empty_stream = true;
+    });
+    let payloads = h.stream_big(messages).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    assert_eq!(h.workspace().await, settled(twice));
+
+    h.mock.set(|b| {
+        b.empty_stream = false;
         b.not_json_after_first = true;
     });
     let payloads = h.stream_big(messages).await;
@@ -1202,7 +1232,7 @@ async fn an_upstream_error_event_ends_the_stream_as_sent(db: &TestDb) {
     assert_eq!(
         h.workspace().await,
         settled(
-            estimate
+            twice
                 .checked_add(Nanos::new(12 * 2_000 + 5 * 10_000))
                 .unwrap()
         )
@@ -1668,15 +1698,37 @@ async fn the_upstream_key_never_leaks(db: &TestDb) {
     )
     .await;
     bodies.push(body.to_string());
-    // A stream's error event that quotes the key is replaced by the gateway's.
+    // Written with JSON escapes, it is the key all the same to the client.
     h.mock.set(|b| {
-        b.status = 200;
-        b.error_event_after = Some(1);
+        b.error_body = r#"{"error":{"message":"bad request from {auth_escaped}","type":"invalid_request_error","param":null,"code":null}}"#.into();
     });
-    let payloads = sse_payloads(h.chat(&stream).await).await;
-    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
-    bodies.extend(payloads);
+    let response = h.chat(&chat_body("big")).await;
+    let body = assert_error(
+        response,
+        400,
+        "invalid_request_error",
+        "upstream_rejected",
+        None,
+    )
+    .await;
+    assert!(!body.to_string().contains("bad request from"), "{body}");
+    // A stream's error event that quotes the key, as it is or escaped, is
+    // replaced by the gateway's.
+    for quoted in ["{auth}", "{auth_escaped}"] {
+        h.mock.set(|b| {
+            b.status = 200;
+            b.error_event_after = Some(1);
+            b.error_body = format!(r#"{{"error":{{"message":"bad key {quoted}"}}}}"#);
+        });
+        let payloads = sse_payloads(h.chat(&stream).await).await;
+        let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+        assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+        assert!(
+            !payloads.iter().any(|p| p.contains("bad key")),
+            "{payloads:?}"
+        );
+        bodies.extend(payloads);
+    }
     bodies.push(h.metrics().await);
     bodies.push(
         h.client

@@ -295,6 +295,28 @@ impl Exchange {
         metrics.overhead(ENDPOINT, self.stream, before_upstream + after_upstream);
     }
 
+    /// The frame that tells the client of the upstream's error event `event`:
+    /// the event as sent when its data is an OpenAI error (an object with an
+    /// `error`, which OpenAI's clients raise), else the gateway's own
+    /// `upstream_error` event, and always that when the event quotes the
+    /// upstream's key (DESIGN.md §4).
+    fn upstream_error_frame(&self, event: &sse::Event) -> Bytes {
+        let upstream = &self.target.name;
+        let openai_error = RawObject::parse(event.data.as_bytes())
+            .is_ok_and(|data| data.get_present("error").is_some());
+        if self.target.mentions_key(event.data.as_bytes()) {
+            tracing::warn!(%upstream, "the upstream's error event quoted its key: not passed on");
+        } else if openai_error {
+            tracing::warn!(%upstream, "the upstream ended its stream with an error event");
+            return sse::frame(event, event.data.as_bytes());
+        } else {
+            tracing::warn!(%upstream, "the upstream ended its stream with an error event of its own shape");
+        }
+        error_frame(&GatewayError::UpstreamFailed(
+            "The model provider reported an error and ended the answer.".into(),
+        ))
+    }
+
     fn served_header(&self) -> HeaderValue {
         HeaderValue::from_str(&self.served).unwrap_or(HeaderValue::from_static("unknown"))
     }
@@ -432,18 +454,9 @@ impl Exchange {
             };
             match relay.relay(event) {
                 Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
-                Relayed::Error(frame) => {
-                    tracing::warn!(upstream = %self.target.name, "the upstream sent an error event");
-                    let frame = match self.target.mentions_key(&frame) {
-                        false => frame,
-                        true => {
-                            tracing::warn!(upstream = %self.target.name, "the upstream's error event mentioned its key: not passed on");
-                            error_frame(&GatewayError::UpstreamFailed(
-                                "The model provider reported an error.".into(),
-                            ))
-                        }
-                    };
-                    forward(&mut client, frame, timeout).await;
+                Relayed::Error(event) => {
+                    forward(&mut client, self.upstream_error_frame(&event), timeout).await;
+                    break 'read StreamEnd::UpstreamError;
                 }
                 Relayed::Nothing => {}
                 Relayed::Done => break 'read StreamEnd::Done,
@@ -452,15 +465,12 @@ impl Exchange {
         drop(upstream);
         let upstream_time = sent.elapsed();
         // Settle before the last byte (R7). A stream that ended without usage is
-        // billed its estimate, flagged (§4); one whose connection broke before
-        // anything came is released, and so is one that sent nothing but an
-        // error event (an upstream error); one that broke midway had content
+        // billed its estimate, flagged (§4). One that sent no event of its
+        // answer (it closed, broke off, or sent only an error event: an
+        // upstream error) is released; one that broke midway had content
         // delivered, and one that sent an event it could not be read past had
         // answered: both are billed like a stream without usage.
-        let bill = relay.usage.is_some()
-            || relay.answered
-            || upstream_answered
-            || (matches!(end, StreamEnd::Done | StreamEnd::Eof) && !relay.upstream_error);
+        let bill = relay.answered || upstream_answered;
         // Billed its usage only if that was the whole answer's, not a running
         // count the answer went on past, `[DONE]` or not.
         let usage = relay.final_usage();
@@ -476,7 +486,7 @@ impl Exchange {
         let last = match end {
             StreamEnd::Done => Some(Bytes::from_static(DONE_FRAME)),
             // The client has the upstream's own word on why the stream ends.
-            _ if relay.upstream_error => None,
+            StreamEnd::UpstreamError => None,
             // Usage comes last (the gateway asked for it): the answer was whole,
             // and only `[DONE]` is missing.
             StreamEnd::Eof if usage.is_some() => Some(Bytes::from_static(DONE_FRAME)),
@@ -512,6 +522,8 @@ enum StreamEnd {
     TimedOut,
     /// A transport error or an unusable stream.
     Broken,
+    /// An error event: the upstream gave up on the answer.
+    UpstreamError,
 }
 
 /// A `Server-Timing` header value (milliseconds, three decimals): `gateway` is the

@@ -196,8 +196,9 @@ pub enum Relayed {
     /// ask, or data that is not JSON, which no OpenAI client can read).
     Nothing,
     /// The upstream's error event (`{"error": ...}`, or `event: error`), as
-    /// sent: the caller passes it on unless it mentions the upstream's key.
-    Error(Bytes),
+    /// sent: the stream ends there. Whether it can be passed on is the
+    /// caller's to decide (it may quote the upstream's key).
+    Error(Event),
 }
 
 /// The stream's terminator, sent only after settlement (R7).
@@ -221,8 +222,6 @@ pub struct Relay {
     /// True once an event of the answer came (relayed, or dropped as
     /// unreadable): the upstream worked on it. An error event is not one.
     pub answered: bool,
-    /// True once the upstream sent an error event.
-    pub upstream_error: bool,
 }
 
 impl Relay {
@@ -243,15 +242,15 @@ impl Relay {
             choices,
             finished: 0,
             answered: false,
-            upstream_error: false,
         }
     }
 
     /// The usage to bill the stream with: [`Relay::usage`] when it was the
-    /// whole answer's, else `None` (the estimate, R7): a running count the
-    /// answer went on past, or cut short, bills less than was generated.
+    /// whole answer's ([`Relay::answer_is_whole`]), else `None` (the estimate,
+    /// R7): a running count the answer went on past, or cut short, or a count
+    /// given before every choice finished, bills less than was generated.
     pub fn final_usage(&self) -> Option<Usage> {
-        self.usage.filter(|_| self.standing.is_final())
+        self.usage.filter(|_| self.answer_is_whole())
     }
 
     /// Whether the whole answer is in: its usage alone in the last chunk, or
@@ -285,8 +284,7 @@ impl Relay {
                 .as_ref()
                 .is_ok_and(|o| o.get_present("error").is_some())
         {
-            self.upstream_error = true;
-            return Relayed::Error(frame(&event, data.as_bytes()));
+            return Relayed::Error(event);
         }
         self.answered = true;
         let Ok(mut chunk) = parsed else {
@@ -298,6 +296,7 @@ impl Relay {
         let no_choices = choices.is_none_or(|choices| is_empty_array(choices.get()));
         let shapes = choices.and_then(choice_shapes);
         let finishing = shapes.as_deref().map_or(0, finished_mask);
+        let was_whole = self.answer_is_whole();
         self.finished |= finishing;
         let usage_field = chunk.get_present("usage");
         let usage_present = usage_field.is_some();
@@ -309,9 +308,15 @@ impl Relay {
                     _ => Standing::Running,
                 };
                 // Two counts each given as the whole answer's, and not the same:
-                // neither is trusted, whichever came last.
+                // neither is trusted, whichever came last. Nor is a count below
+                // one before it: counts only grow.
+                let shrinks = self.usage.is_some_and(|before| {
+                    usage.prompt_tokens < before.prompt_tokens
+                        || usage.completion_tokens < before.completion_tokens
+                });
                 let disputed = self.standing == Standing::Disputed
-                    || (self.standing.is_final() && self.usage != Some(usage));
+                    || shrinks
+                    || (was_whole && self.usage != Some(usage));
                 self.standing = if disputed {
                     Standing::Disputed
                 } else {
@@ -322,7 +327,7 @@ impl Relay {
             // Content after the count: the count was not the last. (A choice's
             // empty delta beside its finish reason is no content.)
             None => {
-                if self.standing.is_final() && choices.is_some() && carries_content(&shapes) {
+                if self.standing.given_as_whole() && choices.is_some() && carries_content(&shapes) {
                     self.standing = Standing::Running;
                 }
             }
@@ -342,25 +347,28 @@ impl Relay {
     }
 }
 
-/// Where a stream's last usage stands: whether it is the whole answer's
-/// ([`Relay::final_usage`]).
+/// Where a stream's last usage stands: whether it is given as the whole
+/// answer's ([`Relay::answer_is_whole`] tells whether it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Standing {
     /// Beside content, or followed by content: a running count (vLLM's
     /// continuous usage), only what was generated so far.
     Running,
-    /// Beside the choices' finish reason, with no content after it.
+    /// Beside a choice's finish reason, with no content after it: the whole
+    /// answer's once every choice has finished.
     Finished,
     /// Alone in a chunk without choices, with nothing after it: OpenAI's last
     /// chunk, after which only `[DONE]` comes.
     Alone,
     /// Given as the whole answer's twice (beside a finish reason, or alone)
-    /// with different counts: not final, whatever comes after.
+    /// with different counts, or below an earlier count: not final, whatever
+    /// comes after.
     Disputed,
 }
 
 impl Standing {
-    fn is_final(self) -> bool {
+    /// Whether the usage was given as the whole answer's.
+    fn given_as_whole(self) -> bool {
         matches!(self, Standing::Finished | Standing::Alone)
     }
 }
@@ -617,7 +625,8 @@ mod tests {
             (Some(2), Some(2), true)
         );
         // With `n` = 2, the answer is whole only once both choices finished,
-        // whichever order they finish in.
+        // whichever order they finish in: a count beside the first finish is
+        // not final while the other choice may still be generating.
         let finish = |index: u32, usage: &str| {
             format!(
                 r#"{{"choices":[{{"index":{index},"delta":{{}},"finish_reason":"stop"}}],"usage":{usage}}}"#
@@ -625,16 +634,26 @@ mod tests {
         };
         assert_eq!(
             relayed_n(2, &[content("null"), finish(0, &count(2))]),
-            (Some(2), Some(2), false)
+            (Some(2), None, false)
         );
         assert_eq!(
             relayed_n(2, &[finish(1, "null"), finish(0, &count(2))]),
             (Some(2), Some(2), true)
         );
-        // An index no request can have finishes nothing.
+        // A count at each finish: the second, with both finished, is final.
+        assert_eq!(
+            relayed_n(2, &[finish(0, &count(2)), finish(1, &count(4))]),
+            (Some(4), Some(4), true)
+        );
+        // Neither a finish sent twice nor an index no request can have
+        // finishes the other choice.
+        assert_eq!(
+            relayed_n(2, &[finish(0, "null"), finish(0, &count(2))]),
+            (Some(2), None, false)
+        );
         assert_eq!(
             relayed_n(2, &[finish(200, "null"), finish(0, &count(2))]),
-            (Some(2), Some(2), false)
+            (Some(2), None, false)
         );
         // A running count on every chunk (vLLM), cut before the finish: only so
         // far, not final.
@@ -672,28 +691,32 @@ mod tests {
             relayed(&[alone(5), alone(2), alone(2)]),
             (Some(2), None, false)
         );
+        // A last count below a running count before it contradicts it.
+        assert_eq!(
+            relayed(&[content(&count(500)), alone(5)]),
+            (Some(5), None, false)
+        );
+        assert_eq!(
+            relayed(&[content(&count(4)), alone(5)]),
+            (Some(5), Some(5), true)
+        );
     }
 
     #[test]
     fn error_events_are_told_apart_and_unreadable_data_is_dropped() {
         let mut relay = Relay::new("served", true, "mock", 1);
-        let error = r#"{"error":{"message":"overloaded","type":"server_error"}}"#;
-        assert_eq!(
-            relay.relay(event(error)),
-            Relayed::Error(data_frame(error.as_bytes()))
-        );
-        assert!(relay.upstream_error && !relay.answered);
+        let error = event(r#"{"error":{"message":"overloaded","type":"server_error"}}"#);
+        assert_eq!(relay.relay(error.clone()), Relayed::Error(error));
         let named = Event {
             event: "error".into(),
             data: "overloaded".into(),
             ..Event::default()
         };
-        assert!(matches!(relay.relay(named), Relayed::Error(_)));
+        assert_eq!(relay.relay(named.clone()), Relayed::Error(named));
         assert!(!relay.answered);
 
-        let mut relay = Relay::new("served", true, "mock", 1);
         assert_eq!(relay.relay(event("not json")), Relayed::Nothing);
-        assert!(relay.answered && !relay.upstream_error);
+        assert!(relay.answered);
     }
 
     #[test]

@@ -31,10 +31,30 @@ impl Secret {
         Some(Secret { key, authorization })
     }
 
-    /// True when `haystack` contains the key.
+    /// True when `haystack` contains the key: as it is, or, when `haystack` is
+    /// JSON, in one of its strings once decoded (a key written with escapes,
+    /// `\/` or `\u0073`, is the key to whoever decodes it).
     fn appears_in(&self, haystack: &[u8]) -> bool {
         let needle = self.key.as_bytes();
-        !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+        if needle.is_empty() {
+            return false;
+        }
+        haystack.windows(needle.len()).any(|w| w == needle)
+            || serde_json::from_slice::<serde_json::Value>(haystack)
+                .is_ok_and(|json| json_mentions(&json, &self.key))
+    }
+}
+
+/// Whether a string of `json`, or one of its objects' keys, contains `needle`.
+fn json_mentions(json: &serde_json::Value, needle: &str) -> bool {
+    use serde_json::Value;
+    match json {
+        Value::String(text) => text.contains(needle),
+        Value::Array(items) => items.iter().any(|item| json_mentions(item, needle)),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(name, value)| name.contains(needle) || json_mentions(value, needle)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 
@@ -547,5 +567,11 @@ mod tests {
         assert_eq!(format!("{secret:?}"), "Secret(***)");
         assert!(secret.appears_in(b"xx sk-very-secret yy"));
         assert!(!secret.appears_in(b"sk-very-secre"));
+        // Escaped in JSON, it is the key all the same once decoded.
+        let slashed = Secret::new("sk-proj/abc".into()).unwrap();
+        assert!(slashed.appears_in(br#"{"error":{"message":"bad key sk-proj\/abc"}}"#));
+        assert!(secret.appears_in(br#"["\u0073k-very-secret"]"#));
+        assert!(secret.appears_in(br#"{"sk-very-secret":1}"#));
+        assert!(!secret.appears_in(br#"{"message":"sk-very-secre\u0021"}"#));
     }
 }

@@ -43,7 +43,8 @@ pub struct Behaviour {
     /// HTTP status; anything but 200 answers `error_body`.
     pub status: u16,
     /// The body of a non-200 answer; `{auth}` is replaced with the `Authorization`
-    /// header received (to play an upstream that echoes credentials).
+    /// header received (to play an upstream that echoes credentials), and
+    /// `{auth_escaped}` with the same written as JSON escapes (`\u0042…`).
     pub error_body: String,
     /// The usage reported (non-streamed always; streamed when asked for).
     pub usage: MockUsage,
@@ -84,9 +85,13 @@ pub struct Behaviour {
     /// finish reason, and sends no usage chunk of its own.
     pub usage_beside_finish: bool,
     /// A stream sends, after this many content pieces, an error event (its data
-    /// `error_body`, `{auth}` replaced as there) and closes; after none, the
-    /// error event is all it sends.
+    /// `error_body`, `{auth}` replaced as there) and closes (or falls silent,
+    /// with `silent_at_end`); after none, the error event is all it sends.
     pub error_event_after: Option<usize>,
+    /// That error event is named (`event: error`).
+    pub error_event_named: bool,
+    /// A stream sends no event at all and closes.
+    pub empty_stream: bool,
     /// A stream sends an event whose data is not JSON after its first piece.
     pub not_json_after_first: bool,
     /// `Retry-After` and `Retry-After-Ms` of a non-200 answer, as a rate-limited
@@ -120,6 +125,8 @@ impl Default for Behaviour {
             invalid_utf8_first: false,
             usage_beside_finish: false,
             error_event_after: None,
+            error_event_named: false,
+            empty_stream: false,
             not_json_after_first: false,
             retry_after: None,
         }
@@ -224,9 +231,15 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         tokio::time::sleep(behaviour.delay).await;
     }
     let error_text = |behaviour: &Behaviour| {
+        let auth = authorization.as_deref().unwrap_or("");
+        let escaped: String = auth
+            .chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect();
         behaviour
             .error_body
-            .replace("{auth}", authorization.as_deref().unwrap_or(""))
+            .replace("{auth_escaped}", &escaped)
+            .replace("{auth}", auth)
     };
     if behaviour.status != 200 {
         let text = error_text(&behaviour);
@@ -259,9 +272,13 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     let include_usage = request["stream_options"]["include_usage"]
         .as_bool()
         .unwrap_or(false);
-    let error_event = behaviour
-        .error_event_after
-        .map(|_| format!("data: {}\n\n", error_text(&behaviour)));
+    let error_event = behaviour.error_event_after.map(|_| {
+        let name = match behaviour.error_event_named {
+            true => "event: error\n",
+            false => "",
+        };
+        format!("{name}data: {}\n\n", error_text(&behaviour))
+    });
     let (frames, mut receiver) = mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
         let usage_field = if include_usage {
@@ -329,6 +346,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
             && behaviour.error_event_after.is_none()
         {
             out.push("data: [DONE]\n\n".to_owned());
+        }
+        if behaviour.empty_stream {
+            out.clear();
         }
         for (i, frame) in out.into_iter().enumerate() {
             let frame = match i == 0 && behaviour.invalid_utf8_first {
