@@ -233,6 +233,37 @@ pub struct ReservationListing {
     pub lease_until: DateTime<Utc>,
 }
 
+/// A row of the usage ledger, as `tollgate usage list` shows it (DESIGN.md §6:
+/// append-only, each row naming its user and API key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageListing {
+    /// Its id: rows are numbered as they are written.
+    pub id: i64,
+    /// When it was written (the settlement or the record).
+    pub occurred_at: DateTime<Utc>,
+    /// The email of the user it was billed to; `None` for usage without one.
+    pub user_email: Option<String>,
+    /// The API key it was billed to.
+    pub api_key_id: Option<i64>,
+    /// The model the request asked for.
+    pub requested: ModelId,
+    /// The model that served it, whose counter it was charged to.
+    pub served: ModelId,
+    /// The token counts billed; `None` when the row billed its estimate
+    /// (`estimated`): no usage was reported.
+    pub usage: Option<Usage>,
+    /// Cost charged, nano-euros (R2).
+    pub cost: Nanos,
+    /// Billed the estimate, no usage reported (R7).
+    pub estimated: bool,
+    /// The cost exceeded its reservation (R7).
+    pub over_reservation: bool,
+    /// Billed after its hold's lease had ended (R7).
+    pub lease_expired: bool,
+    /// The usage API's idempotency key, for a recorded row.
+    pub idempotency_key: Option<String>,
+}
+
 /// What [`Store::reservation_spender`] reads of a reservation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReservationAccess {
@@ -662,6 +693,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every hold in the books, oldest first, whatever its cycle or lease.
     async fn list_reservations(&self) -> Result<Vec<ReservationListing>, StoreError>;
+
+    /// The last `limit` rows of the usage ledger, newest first, whatever their
+    /// cycle; with `flagged_only`, only rows flagged estimated, over their
+    /// reservation or billed after their lease (R7).
+    async fn usage_events(
+        &self,
+        limit: u32,
+        flagged_only: bool,
+    ) -> Result<Vec<UsageListing>, StoreError>;
 
     /// Release every reservation whose lease ended before `now`, whoever owns it
     /// (DESIGN.md R7), keeping each for a late settlement. Returns how many were

@@ -107,6 +107,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ReservationAction,
     },
+    /// Look at the usage ledger: what each request was billed (DESIGN.md §6).
+    Usage {
+        #[command(subcommand)]
+        action: UsageAction,
+    },
     /// Set a model's limit per billing cycle (same rules and audit as the tab).
     Limit {
         #[command(subcommand)]
@@ -157,6 +162,30 @@ pub enum Command {
     Replay {
         #[command(subcommand)]
         action: ReplayAction,
+    },
+}
+
+/// `tollgate usage ...`
+#[derive(Debug, Subcommand)]
+pub enum UsageAction {
+    /// List the ledger's last rows, newest first, whatever their cycle: id,
+    /// when, user, key id, requested and served model, prompt, cached,
+    /// completion and reasoning tokens (`-` for a row billed its estimate),
+    /// cost in EUR (exact), flags (`estimated`, `over_reservation`,
+    /// `lease_expired`, or `-`) and the usage API's idempotency key.
+    List {
+        /// How many rows at most (1 or more).
+        #[arg(
+            long,
+            default_value_t = 50,
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(u32).range(1..)
+        )]
+        limit: u32,
+        /// Only the rows flagged: billed the estimate, over their reservation,
+        /// or billed after their lease (R7).
+        #[arg(long)]
+        flagged: bool,
     },
 }
 
@@ -659,6 +688,48 @@ async fn run_command(
                     } else {
                         "held"
                     }
+                );
+            }
+            Ok(())
+        }
+        Command::Usage {
+            action: UsageAction::List { limit, flagged },
+        } => {
+            outln!("id\tat\tuser\tkey\trequested\tserved\tprompt\tcached\tcompletion\treasoning\tcost EUR\tflags\tidempotency key");
+            for row in store.usage_events(limit, flagged).await? {
+                let count = |count: fn(&app::domain::Usage) -> u64| {
+                    row.usage
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), |usage| count(usage).to_string())
+                };
+                let flags: Vec<&str> = [
+                    (row.estimated, "estimated"),
+                    (row.over_reservation, "over_reservation"),
+                    (row.lease_expired, "lease_expired"),
+                ]
+                .into_iter()
+                .filter_map(|(set, flag)| set.then_some(flag))
+                .collect();
+                outln!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    row.id,
+                    row.occurred_at.to_rfc3339(),
+                    row.user_email.as_deref().unwrap_or("-"),
+                    row.api_key_id
+                        .map_or_else(|| "-".to_owned(), |id| id.to_string()),
+                    row.requested,
+                    row.served,
+                    count(|u| u.prompt_tokens),
+                    count(|u| u.cached_tokens),
+                    count(|u| u.completion_tokens),
+                    count(|u| u.reasoning_tokens),
+                    row.cost.to_money().amount().normalize(),
+                    if flags.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        flags.join(",")
+                    },
+                    row.idempotency_key.as_deref().unwrap_or("-"),
                 );
             }
             Ok(())

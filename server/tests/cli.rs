@@ -488,6 +488,108 @@ async fn passwords_can_be_set_again() {
     assert!(cli.ok(&["audit"]).contains("user.password"));
 }
 
+/// `usage list` prints the ledger newest first, tab separated, each row's
+/// counts, exact cost and flags; `--flagged` keeps the flagged ones, and
+/// `--limit` the last ones.
+#[tokio::test]
+async fn the_ledger_is_listed() {
+    let cli = Cli::new();
+    let header = "id\tat\tuser\tkey\trequested\tserved\tprompt\tcached\tcompletion\treasoning\tcost EUR\tflags\tidempotency key\n";
+    assert_eq!(cli.ok(&["usage", "list"]), header);
+    let config = server::config::Config::load(None, &server::config::Overrides::default()).unwrap();
+    let catalog = config.setup.catalog.clone();
+    let store = cli.store().await;
+    let now = chrono::Utc::now();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let outcome = store
+            .reserve(app::store::ReserveRequest {
+                catalog: catalog.clone(),
+                model: catalog.resolve("gpt-5").unwrap().id.clone(),
+                estimate: app::domain::TokenEstimate {
+                    prompt_tokens: 0,
+                    output_cap: Some(1_000),
+                    n: 1,
+                },
+                spender: app::store::Spender::default(),
+                owner: "replica-a".into(),
+                lease_until: now + chrono::Duration::minutes(5),
+                now,
+            })
+            .await
+            .unwrap();
+        match outcome {
+            app::store::ReserveOutcome::Admitted(reservation) => held.push(reservation),
+            app::store::ReserveOutcome::Blocked(blocked) => panic!("{}", blocked.message),
+        }
+    }
+    for (reservation, usage) in held.iter().zip([
+        Some(app::domain::Usage {
+            prompt_tokens: 20,
+            cached_tokens: 4,
+            completion_tokens: 10,
+            reasoning_tokens: 2,
+        }),
+        None,
+    ]) {
+        store
+            .settle(app::store::Settlement {
+                reservation: reservation.id.clone(),
+                usage,
+                idempotency_key: None,
+                within_reservation: false,
+                bill_if_lapsed: false,
+                now,
+            })
+            .await
+            .unwrap();
+    }
+    let rows = |listed: &str| -> Vec<Vec<String>> {
+        listed
+            .lines()
+            .skip(1)
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect()
+    };
+    let listed = cli.ok(&["usage", "list"]);
+    assert!(listed.starts_with(header), "{listed}");
+    let all = rows(&listed);
+    assert_eq!(all.len(), 2, "{listed}");
+    // Newest first: the estimate, billed what was held.
+    let held_eur = held[1].amount.to_money().amount().normalize().to_string();
+    assert_eq!(
+        all[0][4..],
+        [
+            "gpt-5",
+            "gpt-5",
+            "-",
+            "-",
+            "-",
+            "-",
+            held_eur.as_str(),
+            "estimated",
+            "-"
+        ],
+        "{listed}"
+    );
+    assert_eq!(
+        &all[1][4..10],
+        ["gpt-5", "gpt-5", "20", "4", "10", "2"],
+        "{listed}"
+    );
+    assert_eq!(all[1][11], "-", "{listed}");
+    assert_eq!(
+        cli.ok(&["usage", "list", "--flagged"]),
+        format!("{header}{}\n", all[0].join("\t"))
+    );
+    assert_eq!(
+        cli.ok(&["usage", "list", "--limit", "1"]),
+        format!("{header}{}\n", all[0].join("\t"))
+    );
+    let refused = cli.run_with(&["usage", "list", "--limit", "0"], None);
+    assert!(!refused.status.success());
+}
+
 #[test]
 fn users_and_keys() {
     let cli = Cli::new();

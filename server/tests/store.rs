@@ -1795,6 +1795,68 @@ async fn holds_in_flight_are_listed(db: &TestDb) {
     assert!(store.list_reservations().await.unwrap().is_empty());
 }
 
+/// The ledger is listed newest first, each row with its user, key, counts and
+/// flags; `flagged_only` keeps the rows billed an estimate (or over their
+/// reservation, or after their lease), and `limit` the last ones.
+async fn the_ledger_is_listed_newest_first(db: &TestDb) {
+    let setup = setup(100 * EUR, 0);
+    let store = db.store(&setup).await;
+    let catalog = setup.catalog.clone();
+    assert!(store.usage_events(10, false).await.unwrap().is_empty());
+    let ada = user(&store, "ada@example.com", app::store::Role::Member).await;
+    let key = store
+        .create_api_key(&Actor::Cli, ada.id, "laptop", "hash-laptop", now())
+        .await
+        .unwrap();
+    let keyed = admitted(
+        store
+            .reserve(keyed_request(&catalog, ada.id, key.id))
+            .await
+            .unwrap(),
+    );
+    let billed = store
+        .settle(settlement(&keyed.id, Some(usage(0, 10))))
+        .await
+        .unwrap();
+    let anonymous = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
+    let estimated = store.settle(settlement(&anonymous.id, None)).await.unwrap();
+    let mid = catalog.resolve("mid").unwrap();
+    let record = UsageRecord {
+        idempotency_key: "record-1".into(),
+        model: mid,
+        model_as_sent: "mid",
+        usage: usage(1000, 500),
+    };
+    store
+        .record_usage(&[record], Spender::default(), now())
+        .await
+        .unwrap();
+
+    let listed = store.usage_events(10, false).await.unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed[0].idempotency_key.as_deref(), Some("record-1"));
+    assert_eq!(listed[0].usage, Some(usage(1000, 500)));
+    // 1000 × 0.5 + 500 × 2 EUR per 1M.
+    assert_eq!(listed[0].cost, Nanos::new(1_500_000));
+    assert_eq!(listed[1].id, estimated.id);
+    assert_eq!((listed[1].usage, listed[1].estimated), (None, true));
+    assert_eq!(listed[1].cost, anonymous.amount);
+    assert_eq!(listed[1].user_email, None);
+    assert_eq!(listed[2].id, billed.id);
+    assert_eq!(listed[2].user_email.as_deref(), Some("ada@example.com"));
+    assert_eq!(listed[2].api_key_id, Some(key.id));
+    assert_eq!(listed[2].served, ModelId::new("mid"));
+    assert_eq!(listed[2].usage, Some(usage(0, 10)));
+    assert_eq!(listed[2].cost, billed.cost);
+    assert!(!listed[2].estimated && !listed[2].over_reservation && !listed[2].lease_expired);
+    assert_eq!(listed[2].occurred_at, now());
+
+    let flagged = store.usage_events(10, true).await.unwrap();
+    assert_eq!(flagged, vec![listed[1].clone()]);
+    let last = store.usage_events(1, false).await.unwrap();
+    assert_eq!(last, vec![listed[0].clone()]);
+}
+
 /// A new password replaces the old one of a user, enabled or disabled, and ends
 /// their sessions (the epoch grows); their keys stay; the audit row says what
 /// happened without the hash.
@@ -1920,6 +1982,7 @@ async fn insert_user_as_typed(db: &TestDb, email: &str) -> Result<(), sqlx::Erro
 }
 
 on_both_backends!(
+    the_ledger_is_listed_newest_first,
     holds_in_flight_are_listed,
     a_new_password_ends_every_session,
     an_email_is_one_user_whatever_its_case,

@@ -436,11 +436,58 @@ pub(crate) const RECORDED_BY_KEY: &str = "SELECT id, requested_model, served_mod
      estimated, over_reservation, lease_expired, prompt_tokens, cached_tokens, completion_tokens, \
      reasoning_tokens FROM usage_events WHERE workspace_id = $1 AND idempotency_key = $2";
 
+/// A ledger row as `Store::usage_events` lists it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct UsageListingRow {
+    #[sqlx(flatten)]
+    pub recorded: RecordedRow,
+    pub occurred_at: String,
+    pub email: Option<String>,
+    pub api_key_id: Option<i64>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Selects the last `$3` [`UsageListingRow`]s of the workspace (`$1`), newest
+/// first; only the flagged ones when `$2` is true.
+pub(crate) const USAGE_LISTING: &str = "SELECT e.id, e.requested_model, e.served_model, \
+     e.cost_nanos, e.estimated, e.over_reservation, e.lease_expired, e.prompt_tokens, \
+     e.cached_tokens, e.completion_tokens, e.reasoning_tokens, e.occurred_at, u.email, \
+     e.api_key_id, e.idempotency_key \
+     FROM usage_events e LEFT JOIN users u ON u.id = e.user_id \
+     WHERE e.workspace_id = $1 AND (NOT $2 OR e.estimated OR e.over_reservation OR e.lease_expired) \
+     ORDER BY e.id DESC LIMIT $3";
+
+impl UsageListingRow {
+    /// The row as the store lists it.
+    ///
+    /// Errors: [`StoreError::Database`] for a corrupt row (a negative count, an
+    /// instant that does not parse).
+    pub fn listing(self) -> Result<app::store::UsageListing, StoreError> {
+        let occurred_at = instant("usage_events.occurred_at", &self.occurred_at)?;
+        let usage = self.recorded.recorded_usage()?.usage;
+        let event = self.recorded.event;
+        Ok(app::store::UsageListing {
+            id: event.id,
+            occurred_at,
+            user_email: self.email,
+            api_key_id: self.api_key_id,
+            requested: ModelId::new(event.requested_model),
+            served: ModelId::new(event.served_model),
+            usage,
+            cost: Nanos::new(event.cost_nanos),
+            estimated: event.estimated,
+            over_reservation: event.over_reservation,
+            lease_expired: event.lease_expired,
+            idempotency_key: self.idempotency_key,
+        })
+    }
+}
+
 impl RecordedRow {
     /// What this row counted: its usage, or none when it billed an estimate.
     ///
     /// Errors: [`StoreError::Database`] for a negative token count (a corrupt row).
-    pub fn recorded_usage(self) -> Result<app::store::RecordedUsage, StoreError> {
+    pub fn recorded_usage(&self) -> Result<app::store::RecordedUsage, StoreError> {
         let count = |value: i64| u64::try_from(value).map_err(|e| corrupt("token count", e));
         let usage = Usage {
             prompt_tokens: count(self.prompt_tokens)?,
@@ -1605,7 +1652,7 @@ macro_rules! impl_store {
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(db_error)?;
-                row.map(RecordedRow::recorded_usage).transpose()
+                row.as_ref().map(RecordedRow::recorded_usage).transpose()
             }
 
             async fn settle(
@@ -2040,6 +2087,22 @@ macro_rules! impl_store {
                     .await?;
                 }
                 tx.commit().await.map_err(db_error)
+            }
+
+            async fn usage_events(
+                &self,
+                limit: u32,
+                flagged_only: bool,
+            ) -> Result<Vec<app::store::UsageListing>, app::store::StoreError> {
+                use $crate::db::books::*;
+                let rows: Vec<UsageListingRow> = sqlx::query_as(USAGE_LISTING)
+                    .bind(WORKSPACE_ID)
+                    .bind(flagged_only)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                rows.into_iter().map(UsageListingRow::listing).collect()
             }
 
             async fn audit_log(
