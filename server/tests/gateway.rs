@@ -1729,6 +1729,36 @@ async fn the_upstream_key_never_leaks(db: &TestDb) {
         );
         bodies.extend(payloads);
     }
+    // Nor in an event of another shape, nor in an answer's content, streamed
+    // or not: the answer stops there, and the usage it reported is billed.
+    h.mock
+        .set(|b| b.error_body = r#"{"detail":"bad key {auth}"}"#.into());
+    let payloads = sse_payloads(h.chat(&stream).await).await;
+    assert!(
+        !payloads.iter().any(|p| p.contains("bad key")),
+        "{payloads:?}"
+    );
+    bodies.extend(payloads);
+    let before = h.workspace().await.spent;
+    let upstream_key = h.upstream_key.clone();
+    h.mock.set(|b| {
+        b.error_event_after = None;
+        b.content = format!("the key is {upstream_key}");
+        b.piece_content = Some(format!("the key is {upstream_key}"));
+    });
+    let response = h.chat(&chat_body("big")).await;
+    let body = assert_error(response, 502, "api_error", "upstream_error", None).await;
+    bodies.push(body.to_string());
+    // 12 prompt tokens at 2 EUR per 1M, 5 output tokens at 10.
+    let usage = Nanos::new(12 * 2_000 + 5 * 10_000);
+    assert_eq!(
+        h.workspace().await.spent,
+        before.checked_add(usage).unwrap()
+    );
+    let payloads = sse_payloads(h.chat(&stream).await).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    bodies.extend(payloads);
     bodies.push(h.metrics().await);
     bodies.push(
         h.client

@@ -29,6 +29,9 @@ use super::upstream::{is_event_stream, usage_from_upstream, Target};
 use super::{read_body, Gateway, SERVED_MODEL_HEADER};
 
 const ENDPOINT: &str = "chat_completions";
+/// What a client is told of an answer that quoted the upstream's key.
+const QUOTED_KEY: &str =
+    "The model provider's answer quoted the gateway's credentials, so it was not passed on.";
 /// Frames buffered between the upstream reader and a slow client.
 const STREAM_BUFFER: usize = 32;
 /// How long a stream whose last chunk (its usage alone) has come is waited on
@@ -295,23 +298,20 @@ impl Exchange {
         metrics.overhead(ENDPOINT, self.stream, before_upstream + after_upstream);
     }
 
-    /// The frame that tells the client of the upstream's error event `event`:
-    /// the event as sent when its data is an OpenAI error (an object with an
+    /// The frame that tells the client of the upstream's error event `event`
+    /// (one that does not quote the upstream's key: see `relay_stream`): the
+    /// event as sent when its data is an OpenAI error (an object with an
     /// `error`, which OpenAI's clients raise), else the gateway's own
-    /// `upstream_error` event, and always that when the event quotes the
-    /// upstream's key (DESIGN.md §4).
+    /// `upstream_error` event.
     fn upstream_error_frame(&self, event: &sse::Event) -> Bytes {
         let upstream = &self.target.name;
         let openai_error = RawObject::parse(event.data.as_bytes())
             .is_ok_and(|data| data.get_present("error").is_some());
-        if self.target.mentions_key(event.data.as_bytes()) {
-            tracing::warn!(%upstream, "the upstream's error event quoted its key: not passed on");
-        } else if openai_error {
+        if openai_error {
             tracing::warn!(%upstream, "the upstream ended its stream with an error event");
             return sse::frame(event, event.data.as_bytes());
-        } else {
-            tracing::warn!(%upstream, "the upstream ended its stream with an error event of its own shape");
         }
+        tracing::warn!(%upstream, "the upstream ended its stream with an error event of its own shape");
         error_frame(&GatewayError::UpstreamFailed(
             "The model provider reported an error and ended the answer.".into(),
         ))
@@ -363,6 +363,14 @@ impl Exchange {
         let usage = object
             .get_present("usage")
             .and_then(|raw| usage_from_upstream(raw, &self.target.name));
+        if self.target.mentions_key(&body) {
+            // Served (and billed) upstream, but nothing of it may reach the client.
+            tracing::warn!(upstream = %self.target.name, "the upstream's answer quoted its key: not passed on");
+            hold.settle(usage).await;
+            self.finish_metrics(before_upstream, sent, upstream_time);
+            let _ = reply.send(Err(GatewayError::UpstreamFailed(QUOTED_KEY.into())));
+            return;
+        }
         object.set("model", super::json::raw_string(&self.served));
         // Settled before the answer leaves, so a client that reads its spend right
         // after sees this request in it (R7).
@@ -452,6 +460,14 @@ impl Exchange {
                 }
                 Ok(Some(Ok(event))) => event,
             };
+            // Whatever the event, the upstream's key in it reaches no client.
+            if self.target.mentions_key(event.data.as_bytes()) {
+                tracing::warn!(upstream = %self.target.name, "the upstream's stream quoted its key: ended there");
+                upstream_answered = true;
+                let error = GatewayError::UpstreamFailed(QUOTED_KEY.into());
+                forward(&mut client, error_frame(&error), timeout).await;
+                break 'read StreamEnd::UpstreamError;
+            }
             match relay.relay(event) {
                 Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
                 Relayed::Error(event) => {

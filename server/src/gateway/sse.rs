@@ -89,10 +89,12 @@ where
     one_line_each(decoded(bytes)).eventsource()
 }
 
-/// `bytes` cut so that each piece is one whole line with its end (`\n`, `\r\n`
-/// or `\r`), the last piece what follows the last line end. Each byte is looked
-/// at once, whatever the pieces it came in; a `\r` that ends a piece waits for
-/// the next one, which may begin with its `\n`.
+/// `bytes` cut so that each piece is one whole line ending in `\n`, whichever
+/// of `\n`, `\r\n` or `\r` ended it, the last piece what follows the last line
+/// end. Each byte is looked at once, whatever the pieces it came in. A `\r` ends
+/// its line at once (a `\n` right after it is dropped as part of that end), so
+/// that a stream whose lines end in `\r` alone is not held up waiting to see
+/// whether one follows, and the parser never sees a `\r` it would wait on.
 ///
 /// Errors: [`ReadError::LineTooLong`] once a line is longer than [`MAX_LINE_BYTES`]
 /// (nothing follows it); a transport error passes through as
@@ -109,6 +111,8 @@ where
         /// The line being read; bytes before `scanned` hold no line end.
         partial: BytesMut,
         scanned: usize,
+        /// The last line ended with `\r`: a `\n` coming next belongs to it.
+        after_cr: bool,
         whole: VecDeque<Bytes>,
         /// A line was too long: the lines before it are still to be given.
         too_long: bool,
@@ -119,21 +123,26 @@ where
         fn cut(&mut self) -> bool {
             let mut i = self.scanned;
             while i < self.partial.len() {
-                let end = match self.partial[i] {
-                    b'\n' => i + 1,
-                    // Held until the next byte says whether `\n` follows.
-                    b'\r' if i + 1 == self.partial.len() => break,
-                    b'\r' if self.partial[i + 1] == b'\n' => i + 2,
-                    b'\r' => i + 1,
+                // A line was just taken (`i` is 0): the `\n` of its `\r\n`.
+                if std::mem::take(&mut self.after_cr) && self.partial[i] == b'\n' {
+                    let _ = self.partial.split_to(1);
+                    continue;
+                }
+                match self.partial[i] {
+                    b'\n' => {}
+                    b'\r' => self.after_cr = true,
                     _ => {
                         i += 1;
                         continue;
                     }
-                };
+                }
+                let end = i + 1;
                 if end > MAX_LINE_BYTES {
                     return false;
                 }
-                self.whole.push_back(self.partial.split_to(end).freeze());
+                let mut line = self.partial.split_to(end);
+                line[i] = b'\n';
+                self.whole.push_back(line.freeze());
                 i = 0;
             }
             self.scanned = i;
@@ -144,6 +153,7 @@ where
         bytes: Box::pin(bytes),
         partial: BytesMut::new(),
         scanned: 0,
+        after_cr: false,
         whole: VecDeque::new(),
         too_long: false,
     };
@@ -496,10 +506,10 @@ mod tests {
     async fn the_parser_is_given_one_whole_line_at_a_time() {
         let text: &[u8] = b"data: a\r\ndata: b\r\n\r\n: c\rdata: d\n\ndata: cut";
         let lines: Vec<Result<Bytes, String>> = [
-            &b"data: a\r\n"[..],
-            b"data: b\r\n",
-            b"\r\n",
-            b": c\r",
+            &b"data: a\n"[..],
+            b"data: b\n",
+            b"\n",
+            b": c\n",
             b"data: d\n",
             b"\n",
             b"data: cut",
@@ -519,6 +529,33 @@ mod tests {
         // Byte by byte: each whole line comes once its end is known.
         let bytes = text.iter().map(|b| vec![*b]).collect();
         assert_eq!(lines_of(bytes).await, lines);
+    }
+
+    /// Lines ended by `\r` alone: the last event is given as soon as its blank
+    /// line has come, not once more bytes (or the end) say no `\n` follows.
+    #[tokio::test]
+    async fn an_event_ended_by_a_lone_cr_is_given_at_once() {
+        use futures_util::StreamExt;
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let pieces = futures_util::stream::poll_fn(move |cx| {
+            receiver
+                .poll_recv(cx)
+                .map(|piece| piece.map(Ok::<Bytes, std::convert::Infallible>))
+        });
+        let mut events = Box::pin(events(pieces));
+        sender
+            .send(Bytes::from_static(b"data: one\r\rdata: two\r\r"))
+            .unwrap();
+        for expected in ["one", "two"] {
+            let event = tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+                .await
+                .expect("the event was held back")
+                .unwrap()
+                .unwrap();
+            assert_eq!(event.data, expected);
+        }
+        drop(sender);
+        assert!(events.next().await.is_none());
     }
 
     #[tokio::test]

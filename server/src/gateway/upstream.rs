@@ -33,14 +33,23 @@ impl Secret {
 
     /// True when `haystack` contains the key: as it is, or, when `haystack` is
     /// JSON, in one of its strings once decoded (a key written with escapes,
-    /// `\/` or `\u0073`, is the key to whoever decodes it).
+    /// `\/` or `\u0073`, is the key to whoever decodes it). JSON is decoded only
+    /// when it holds an escape that could hide one of the key's characters.
     fn appears_in(&self, haystack: &[u8]) -> bool {
+        use memchr::memmem;
         let needle = self.key.as_bytes();
         if needle.is_empty() {
             return false;
         }
-        haystack.windows(needle.len()).any(|w| w == needle)
-            || serde_json::from_slice::<serde_json::Value>(haystack)
+        if memmem::find(haystack, needle).is_some() {
+            return true;
+        }
+        let may_hide = memmem::find(haystack, b"\\u").is_some()
+            || memmem::find(haystack, b"\\/").is_some()
+            || (needle.iter().any(|&b| b == b'\\' || b == b'"')
+                && memchr::memchr(b'\\', haystack).is_some());
+        may_hide
+            && serde_json::from_slice::<serde_json::Value>(haystack)
                 .is_ok_and(|json| json_mentions(&json, &self.key))
     }
 }
