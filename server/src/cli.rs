@@ -135,16 +135,8 @@ pub enum Command {
     },
     /// Print the audit log, newest first.
     Audit {
-        /// How many rows at most (1 or more).
-        // A negative number is read as a value, to be refused as one rather
-        // than as an unknown flag.
-        #[arg(
-            long,
-            default_value_t = 50,
-            allow_negative_numbers = true,
-            value_parser = clap::value_parser!(u32).range(1..)
-        )]
-        limit: u32,
+        #[command(flatten)]
+        rows: RowLimit,
     },
     /// Fill the database with demo data: an administrator and a member (password
     /// from TOLLGATE_PASSWORD), and some usage in the current cycle. Safe to repeat:
@@ -165,6 +157,21 @@ pub enum Command {
     },
 }
 
+/// `--limit N` of the commands that print the last rows of a log.
+#[derive(Debug, clap::Args)]
+pub struct RowLimit {
+    /// How many rows at most (1 or more).
+    // A negative number is read as a value, to be refused as one rather
+    // than as an unknown flag.
+    #[arg(
+        long,
+        default_value_t = 50,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub limit: u32,
+}
+
 /// `tollgate usage ...`
 #[derive(Debug, Subcommand)]
 pub enum UsageAction {
@@ -174,14 +181,8 @@ pub enum UsageAction {
     /// cost in EUR (exact), flags (`estimated`, `over_reservation`,
     /// `lease_expired`, or `-`) and the usage API's idempotency key.
     List {
-        /// How many rows at most (1 or more).
-        #[arg(
-            long,
-            default_value_t = 50,
-            allow_negative_numbers = true,
-            value_parser = clap::value_parser!(u32).range(1..)
-        )]
-        limit: u32,
+        #[command(flatten)]
+        rows: RowLimit,
         /// Only the rows flagged: billed the estimate, over their reservation,
         /// or billed after their lease (R7).
         #[arg(long)]
@@ -651,7 +652,9 @@ async fn run_command(
             Ok(())
         }
         Command::Spend { json } => spend(store, json).await,
-        Command::Audit { limit } => {
+        Command::Audit {
+            rows: RowLimit { limit },
+        } => {
             for row in store.audit_log(limit).await? {
                 outln!(
                     "{}\t{}\t{}\t{}\t{}\t{}",
@@ -693,7 +696,11 @@ async fn run_command(
             Ok(())
         }
         Command::Usage {
-            action: UsageAction::List { limit, flagged },
+            action:
+                UsageAction::List {
+                    rows: RowLimit { limit },
+                    flagged,
+                },
         } => {
             outln!("id\tat\tuser\tkey\trequested\tserved\tprompt\tcached\tcompletion\treasoning\tcost EUR\tflags\tidempotency key");
             for row in store.usage_events(limit, flagged).await? {

@@ -327,6 +327,50 @@ max_output_tokens = 1000
     }
 }
 
+/// A hold of `prompt_tokens` and `output_cap` output tokens of `model`, taken
+/// directly in the store by the replica `replica-a` at `now`, its lease
+/// ending at `lease_until`: the outcome.
+async fn reserve_in(
+    store: &app::store::SharedStore,
+    catalog: &std::sync::Arc<app::domain::Catalog>,
+    (model, prompt_tokens, output_cap): (&str, u64, u64),
+    lease_until: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> app::store::ReserveOutcome {
+    store
+        .reserve(app::store::ReserveRequest {
+            catalog: catalog.clone(),
+            model: catalog.resolve(model).unwrap().id.clone(),
+            estimate: app::domain::TokenEstimate {
+                prompt_tokens,
+                output_cap: Some(output_cap),
+                n: 1,
+            },
+            spender: app::store::Spender::default(),
+            owner: "replica-a".into(),
+            lease_until,
+            now,
+        })
+        .await
+        .unwrap()
+}
+
+/// The settlement of `reservation` with `usage` (none: billed its estimate) at `now`.
+fn settlement_of(
+    reservation: app::store::ReservationId,
+    usage: Option<app::domain::Usage>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> app::store::Settlement {
+    app::store::Settlement {
+        reservation,
+        usage,
+        idempotency_key: None,
+        within_reservation: false,
+        bill_if_lapsed: false,
+        now,
+    }
+}
+
 /// `reservation list` shows the holds of requests in flight, with the EUR held
 /// exactly, and marks those whose lease has ended.
 #[tokio::test]
@@ -345,22 +389,8 @@ async fn holds_in_flight_are_listed() {
         (now + chrono::Duration::minutes(5), 1_000),
         (now - chrono::Duration::seconds(1), 3),
     ] {
-        let outcome = store
-            .reserve(app::store::ReserveRequest {
-                catalog: catalog.clone(),
-                model: catalog.resolve("gpt-5").unwrap().id.clone(),
-                estimate: app::domain::TokenEstimate {
-                    prompt_tokens: 0,
-                    output_cap: Some(max_tokens),
-                    n: 1,
-                },
-                spender: app::store::Spender::default(),
-                owner: "replica-a".into(),
-                lease_until,
-                now,
-            })
-            .await
-            .unwrap();
+        let outcome =
+            reserve_in(&store, &catalog, ("gpt-5", 0, max_tokens), lease_until, now).await;
         assert!(matches!(outcome, app::store::ReserveOutcome::Admitted(_)));
     }
     let listed = cli.ok(&["reservation", "list"]);
@@ -502,23 +532,8 @@ async fn the_ledger_is_listed() {
     let now = chrono::Utc::now();
     let mut held = Vec::new();
     for _ in 0..2 {
-        let outcome = store
-            .reserve(app::store::ReserveRequest {
-                catalog: catalog.clone(),
-                model: catalog.resolve("gpt-5").unwrap().id.clone(),
-                estimate: app::domain::TokenEstimate {
-                    prompt_tokens: 0,
-                    output_cap: Some(1_000),
-                    n: 1,
-                },
-                spender: app::store::Spender::default(),
-                owner: "replica-a".into(),
-                lease_until: now + chrono::Duration::minutes(5),
-                now,
-            })
-            .await
-            .unwrap();
-        match outcome {
+        let lease_until = now + chrono::Duration::minutes(5);
+        match reserve_in(&store, &catalog, ("gpt-5", 0, 1_000), lease_until, now).await {
             app::store::ReserveOutcome::Admitted(reservation) => held.push(reservation),
             app::store::ReserveOutcome::Blocked(blocked) => panic!("{}", blocked.message),
         }
@@ -533,14 +548,7 @@ async fn the_ledger_is_listed() {
         None,
     ]) {
         store
-            .settle(app::store::Settlement {
-                reservation: reservation.id.clone(),
-                usage,
-                idempotency_key: None,
-                within_reservation: false,
-                bill_if_lapsed: false,
-                now,
-            })
+            .settle(settlement_of(reservation.id.clone(), usage, now))
             .await
             .unwrap();
     }
@@ -1097,23 +1105,12 @@ async fn spend_prints_the_books_of_the_cycle() {
     .catalog;
     let store = cli.store().await;
     let now = chrono::Utc::now();
-    let reserve = |model: &str, prompt_tokens: u64, output_cap: u64| {
-        let store = store.clone();
-        let request = app::store::ReserveRequest {
-            catalog: catalog.clone(),
-            model: catalog.resolve(model).unwrap().id.clone(),
-            estimate: app::domain::TokenEstimate {
-                prompt_tokens,
-                output_cap: Some(output_cap),
-                n: 1,
-            },
-            spender: app::store::Spender::default(),
-            owner: "replica-a".into(),
-            lease_until: now + chrono::Duration::minutes(5),
-            now,
-        };
+    let reserve = |model: &'static str, prompt_tokens: u64, output_cap: u64| {
+        let (store, catalog) = (store.clone(), catalog.clone());
         async move {
-            match store.reserve(request).await.unwrap() {
+            let lease_until = now + chrono::Duration::minutes(5);
+            let bounds = (model, prompt_tokens, output_cap);
+            match reserve_in(&store, &catalog, bounds, lease_until, now).await {
                 app::store::ReserveOutcome::Admitted(reservation) => reservation,
                 blocked => panic!("{blocked:?}"),
             }
@@ -1122,19 +1119,16 @@ async fn spend_prints_the_books_of_the_cycle() {
     // 10,000 input and 5,000 output tokens of House model: €0.01 + €0.01.
     let settled = reserve("house-model", 10_000, 5_000).await;
     store
-        .settle(app::store::Settlement {
-            reservation: settled.id,
-            usage: Some(app::domain::Usage {
+        .settle(settlement_of(
+            settled.id,
+            Some(app::domain::Usage {
                 prompt_tokens: 10_000,
                 cached_tokens: 0,
                 completion_tokens: 5_000,
                 reasoning_tokens: 0,
             }),
-            idempotency_key: None,
-            within_reservation: false,
-            bill_if_lapsed: false,
             now,
-        })
+        ))
         .await
         .unwrap();
     // A hold of up to 100 output tokens of Cheap model: €0.0001.

@@ -1683,35 +1683,27 @@ async fn the_upstream_key_never_leaks(db: &TestDb) {
             .await
             .to_string(),
     );
-    // An upstream 4xx that quotes the key is not passed on as it is.
-    h.mock.set(|b| {
-        b.status = 400;
-        b.error_body = r#"{"error":{"message":"bad request from {auth}","type":"invalid_request_error","param":null,"code":null}}"#.into();
-    });
-    let response = h.chat(&stream).await;
-    let body = assert_error(
-        response,
-        400,
-        "invalid_request_error",
-        "upstream_rejected",
-        None,
-    )
-    .await;
-    bodies.push(body.to_string());
-    // Written with JSON escapes, it is the key all the same to the client.
-    h.mock.set(|b| {
-        b.error_body = r#"{"error":{"message":"bad request from {auth_escaped}","type":"invalid_request_error","param":null,"code":null}}"#.into();
-    });
-    let response = h.chat(&chat_body("big")).await;
-    let body = assert_error(
-        response,
-        400,
-        "invalid_request_error",
-        "upstream_rejected",
-        None,
-    )
-    .await;
-    assert!(!body.to_string().contains("bad request from"), "{body}");
+    // An upstream 4xx that quotes the key is not passed on as it is, nor
+    // written with JSON escapes, which are the key all the same to the client.
+    h.mock.set(|b| b.status = 400);
+    for (request, quoted) in [(&stream, "{auth}"), (&chat_body("big"), "{auth_escaped}")] {
+        h.mock.set(|b| {
+            b.error_body = format!(
+                r#"{{"error":{{"message":"bad request from {quoted}","type":"invalid_request_error","param":null,"code":null}}}}"#
+            );
+        });
+        let response = h.chat(request).await;
+        let body = assert_error(
+            response,
+            400,
+            "invalid_request_error",
+            "upstream_rejected",
+            None,
+        )
+        .await;
+        assert!(!body.to_string().contains("bad request from"), "{body}");
+        bodies.push(body.to_string());
+    }
     // A stream's error event that quotes the key, as it is or escaped, is
     // replaced by the gateway's.
     for quoted in ["{auth}", "{auth_escaped}"] {

@@ -1748,6 +1748,21 @@ async fn an_email_is_one_user_whatever_its_case(db: &TestDb) {
     assert_eq!(store.list_users().await.unwrap().len(), 2);
 }
 
+/// A member, `ada@example.com`, her key `laptop`, and a hold admitted for it
+/// ([`keyed_request`]).
+async fn ada_s_hold(
+    store: &SharedStore,
+    catalog: &Arc<Catalog>,
+) -> (app::store::ApiKeyRecord, app::store::Reservation) {
+    let ada = user(store, "ada@example.com", app::store::Role::Member).await;
+    let key = store
+        .create_api_key(&Actor::Cli, ada.id, "laptop", "hash-laptop", now())
+        .await
+        .unwrap();
+    let request = keyed_request(catalog, ada.id, key.id);
+    (key, admitted(store.reserve(request).await.unwrap()))
+}
+
 /// The holds of requests in flight are listed with their user, key, owner and
 /// lease, and leave the list once settled or released.
 async fn holds_in_flight_are_listed(db: &TestDb) {
@@ -1755,17 +1770,7 @@ async fn holds_in_flight_are_listed(db: &TestDb) {
     let store = db.store(&setup).await;
     let catalog = setup.catalog.clone();
     assert!(store.list_reservations().await.unwrap().is_empty());
-    let ada = user(&store, "ada@example.com", app::store::Role::Member).await;
-    let key = store
-        .create_api_key(&Actor::Cli, ada.id, "laptop", "hash-laptop", now())
-        .await
-        .unwrap();
-    let keyed = admitted(
-        store
-            .reserve(keyed_request(&catalog, ada.id, key.id))
-            .await
-            .unwrap(),
-    );
+    let (key, keyed) = ada_s_hold(&store, &catalog).await;
     let later = now() + Duration::seconds(1);
     let anonymous = admitted(reserve(&store, &catalog, "mid", estimate(1000), later).await);
 
@@ -1803,17 +1808,7 @@ async fn the_ledger_is_listed_newest_first(db: &TestDb) {
     let store = db.store(&setup).await;
     let catalog = setup.catalog.clone();
     assert!(store.usage_events(10, false).await.unwrap().is_empty());
-    let ada = user(&store, "ada@example.com", app::store::Role::Member).await;
-    let key = store
-        .create_api_key(&Actor::Cli, ada.id, "laptop", "hash-laptop", now())
-        .await
-        .unwrap();
-    let keyed = admitted(
-        store
-            .reserve(keyed_request(&catalog, ada.id, key.id))
-            .await
-            .unwrap(),
-    );
+    let (key, keyed) = ada_s_hold(&store, &catalog).await;
     let billed = store
         .settle(settlement(&keyed.id, Some(usage(0, 10))))
         .await
