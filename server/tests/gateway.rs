@@ -924,6 +924,17 @@ async fn upstream_errors_release_the_reservation(db: &TestDb) {
         .metrics()
         .await
         .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 8"));
+
+    // A 200 that is no chat completion (an error object, say): nothing a
+    // client could use, and no usage to bill.
+    h.mock.set(|b| {
+        b.status = 200;
+        b.retry_after = None;
+        b.answer_body = Some(r#"{"error":{"message":"oops","type":"server_error"}}"#.into());
+    });
+    let response = h.chat(&chat_body("big")).await;
+    assert_error(response, 502, "api_error", "upstream_error", None).await;
+    assert_eq!(h.workspace().await, Counter::default());
 }
 
 /// An upstream slower than its timeout: 504, the hold released, nothing spent.
@@ -1731,6 +1742,16 @@ async fn the_upstream_key_never_leaks(db: &TestDb) {
         "{payloads:?}"
     );
     bodies.extend(payloads);
+    // Nor in an event's `id:` field.
+    h.mock.set(|b| {
+        b.error_event_after = None;
+        b.auth_as_event_id = true;
+    });
+    let payloads = sse_payloads(h.chat(&stream).await).await;
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    bodies.extend(payloads);
+    h.mock.set(|b| b.auth_as_event_id = false);
     let before = h.workspace().await.spent;
     let upstream_key = h.upstream_key.clone();
     h.mock.set(|b| {

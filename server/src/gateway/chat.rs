@@ -34,8 +34,9 @@ const QUOTED_KEY: &str =
     "The model provider's answer quoted the gateway's credentials, so it was not passed on.";
 /// Frames buffered between the upstream reader and a slow client.
 const STREAM_BUFFER: usize = 32;
-/// How long a stream whose last chunk (its usage alone) has come is waited on
-/// for its `[DONE]` before it is ended as if it had come.
+/// How long a stream whose whole answer and usage have come
+/// (`Relay::answer_is_whole`) is waited on for its `[DONE]` before it is ended
+/// as if it had come.
 const AFTER_FINAL_USAGE: Duration = Duration::from_secs(2);
 
 /// Answer a chat completion through the served model's upstream.
@@ -281,12 +282,7 @@ impl Exchange {
             self.target.unstreamed(response).await
         };
         let upstream_time = sent.elapsed();
-        match usage {
-            Some(usage) => {
-                hold.settle(Some(usage)).await;
-            }
-            None => hold.release().await,
-        }
+        hold.bill_reported(usage).await;
         self.finish_metrics(before_upstream, sent, upstream_time);
         let _ = reply.send(Err(error));
     }
@@ -363,6 +359,18 @@ impl Exchange {
         let usage = object
             .get_present("usage")
             .and_then(|raw| usage_from_upstream(raw, &self.target.name));
+        if object.get_present("choices").is_none() {
+            // An error object sent with 200, or anything else that is no
+            // chat completion: nothing a client could use, billed only for the
+            // usage it reports.
+            tracing::warn!(upstream = %self.target.name, "the upstream answered 200 with a JSON object that is no chat completion (no `choices`)");
+            hold.bill_reported(usage).await;
+            self.finish_metrics(before_upstream, sent, upstream_time);
+            let _ = reply.send(Err(GatewayError::UpstreamFailed(
+                "The model provider's answer was not a chat completion.".into(),
+            )));
+            return;
+        }
         if self.target.mentions_key(&body) {
             // Served (and billed) upstream, but nothing of it may reach the client.
             tracing::warn!(upstream = %self.target.name, "the upstream's answer quoted its key: not passed on");
@@ -460,22 +468,26 @@ impl Exchange {
                 }
                 Ok(Some(Ok(event))) => event,
             };
-            // Whatever the event, the upstream's key in it reaches no client.
-            if self.target.mentions_key(event.data.as_bytes()) {
-                tracing::warn!(upstream = %self.target.name, "the upstream's stream quoted its key: ended there");
-                upstream_answered = true;
-                let error = GatewayError::UpstreamFailed(QUOTED_KEY.into());
-                forward(&mut client, error_frame(&error), timeout).await;
-                break 'read StreamEnd::UpstreamError;
-            }
+            // Whatever the event, the upstream's key in it reaches no client:
+            // the stream ends there, billed as the relay counted the event (an
+            // error event is no answer).
+            let quotes_key = [&event.data, &event.event, &event.id]
+                .iter()
+                .any(|field| self.target.mentions_key(field.as_bytes()));
             match relay.relay(event) {
+                Relayed::Done => break 'read StreamEnd::Done,
+                _ if quotes_key => {
+                    tracing::warn!(upstream = %self.target.name, "the upstream's stream quoted its key: ended there");
+                    let error = GatewayError::UpstreamFailed(QUOTED_KEY.into());
+                    forward(&mut client, error_frame(&error), timeout).await;
+                    break 'read StreamEnd::UpstreamError;
+                }
                 Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
                 Relayed::Error(event) => {
                     forward(&mut client, self.upstream_error_frame(&event), timeout).await;
                     break 'read StreamEnd::UpstreamError;
                 }
                 Relayed::Nothing => {}
-                Relayed::Done => break 'read StreamEnd::Done,
             }
         };
         drop(upstream);
@@ -501,7 +513,8 @@ impl Exchange {
         }
         let last = match end {
             StreamEnd::Done => Some(Bytes::from_static(DONE_FRAME)),
-            // The client has the upstream's own word on why the stream ends.
+            // The client was told why the stream ends, by the upstream's error
+            // event or by the gateway's.
             StreamEnd::UpstreamError => None,
             // Usage comes last (the gateway asked for it): the answer was whole,
             // and only `[DONE]` is missing.
@@ -532,13 +545,14 @@ enum StreamEnd {
     /// `data: [DONE]`.
     Done,
     /// The upstream closed the stream without `[DONE]`, or went silent for
-    /// [`AFTER_FINAL_USAGE`] after its last chunk, the usage alone.
+    /// [`AFTER_FINAL_USAGE`] after its whole answer and usage.
     Eof,
     /// No piece within the upstream's timeout.
     TimedOut,
     /// A transport error or an unusable stream.
     Broken,
-    /// An error event: the upstream gave up on the answer.
+    /// An error event (the upstream gave up on the answer), or an event that
+    /// quoted the upstream's key: the client has been sent why.
     UpstreamError,
 }
 

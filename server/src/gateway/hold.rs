@@ -118,6 +118,15 @@ impl Hold {
         release(&self.gateway, &self.reservation).await;
     }
 
+    /// Ends the hold of an answer that failed: billed the usage the upstream
+    /// reported with it, if any (R7), else released.
+    pub async fn bill_reported(self, usage: Option<Usage>) {
+        match usage {
+            Some(usage) => drop(self.settle(Some(usage)).await),
+            None => self.release().await,
+        }
+    }
+
     fn end(&mut self) {
         self.ended = true;
         if let Some(keeper) = self.keeper.take() {

@@ -94,6 +94,11 @@ pub struct Behaviour {
     pub empty_stream: bool,
     /// A stream sends an event whose data is not JSON after its first piece.
     pub not_json_after_first: bool,
+    /// A stream's first content piece carries an `id:` field of the
+    /// `Authorization` header received (an upstream that echoes credentials).
+    pub auth_as_event_id: bool,
+    /// A non-streamed answer of 200 sends this body instead of a completion.
+    pub answer_body: Option<String>,
     /// `Retry-After` and `Retry-After-Ms` of a non-200 answer, as a rate-limited
     /// provider sends them.
     pub retry_after: Option<(&'static str, &'static str)>,
@@ -128,6 +133,8 @@ impl Default for Behaviour {
             error_event_named: false,
             empty_stream: false,
             not_json_after_first: false,
+            auth_as_event_id: false,
+            answer_body: None,
             retry_after: None,
         }
     }
@@ -259,6 +266,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     let request: serde_json::Value = serde_json::from_str(&body).unwrap();
     let model = request["model"].as_str().unwrap_or("").to_owned();
     let stream = request["stream"].as_bool().unwrap_or(false) && !behaviour.ignore_stream;
+    if let (false, Some(body)) = (stream, &behaviour.answer_body) {
+        return ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response();
+    }
     if !stream {
         // `score` carries more digits than an f64 holds: the gateway must pass it on
         // as it is.
@@ -308,6 +318,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
                 None => format!("piece {i} "),
             };
             let delta = format!(r#"{{"content":"{content}"}}"#);
+            if i == 0 && behaviour.auth_as_event_id {
+                out.push(format!("id: {}\n", authorization.as_deref().unwrap_or("")));
+            }
             out.push(match include_usage && behaviour.running_usage {
                 true => {
                     let so_far = MockUsage {
