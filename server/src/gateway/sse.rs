@@ -220,6 +220,8 @@ pub struct Relay {
     served_model: Box<RawValue>,
     client_wants_usage: bool,
     upstream: String,
+    /// The last event id relayed (`id:`), empty before any.
+    last_id: String,
     /// The last usage the stream reported.
     pub usage: Option<Usage>,
     /// Where [`Relay::usage`] stands in the stream.
@@ -247,6 +249,7 @@ impl Relay {
             served_model: super::json::raw_string(served_model),
             client_wants_usage,
             upstream: upstream.to_owned(),
+            last_id: String::new(),
             usage: None,
             standing: Standing::Running,
             choices,
@@ -283,11 +286,18 @@ impl Relay {
     }
 
     /// Relays one event.
-    pub fn relay(&mut self, event: Event) -> Relayed {
-        let data = event.data.as_str();
-        if data.trim() == "[DONE]" {
+    pub fn relay(&mut self, mut event: Event) -> Relayed {
+        if event.data.trim() == "[DONE]" {
             return Relayed::Done;
         }
+        // The parser gives every event the last id the stream set (the format
+        // keeps it until another comes): relayed once, when it is set.
+        if event.id == self.last_id {
+            event.id.clear();
+        } else {
+            self.last_id.clone_from(&event.id);
+        }
+        let data = event.data.as_str();
         let parsed = RawObject::parse(data.as_bytes());
         if event.event == "error"
             || parsed
@@ -754,6 +764,24 @@ mod tests {
 
         assert_eq!(relay.relay(event("not json")), Relayed::Nothing);
         assert!(relay.answered);
+    }
+
+    #[test]
+    fn an_event_id_is_relayed_once_set() {
+        let mut relay = Relay::new("served", true, "mock", 1);
+        let chunk = |id: &str| Event {
+            id: id.into(),
+            data: r#"{"choices":[{"delta":{"content":"hi"}}]}"#.into(),
+            ..Event::default()
+        };
+        let relayed = |relayed: Relayed| match relayed {
+            Relayed::Forward(frame) => String::from_utf8(frame.to_vec()).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert!(relayed(relay.relay(chunk("7"))).starts_with("id: 7\ndata: "));
+        // The parser repeats it on the next events: not relayed again.
+        assert!(relayed(relay.relay(chunk("7"))).starts_with("data: "));
+        assert!(relayed(relay.relay(chunk("8"))).starts_with("id: 8\ndata: "));
     }
 
     #[test]
