@@ -296,13 +296,10 @@ impl Exchange {
 
     /// The frame that tells the client of the upstream's error event `event`
     /// (one that does not quote the upstream's key: see `relay_stream`): the
-    /// event as sent when its data is an OpenAI error (an object with an
-    /// `error`, which OpenAI's clients raise), else the gateway's own
-    /// `upstream_error` event.
-    fn upstream_error_frame(&self, event: &sse::Event) -> Bytes {
+    /// event as sent when its data is an OpenAI error (`openai_error`, which
+    /// OpenAI's clients raise), else the gateway's own `upstream_error` event.
+    fn upstream_error_frame(&self, event: &sse::Event, openai_error: bool) -> Bytes {
         let upstream = &self.target.name;
-        let openai_error = RawObject::parse(event.data.as_bytes())
-            .is_ok_and(|data| data.get_present("error").is_some());
         if openai_error {
             tracing::warn!(%upstream, "the upstream ended its stream with an error event");
             return sse::frame(event, event.data.as_bytes());
@@ -483,8 +480,12 @@ impl Exchange {
                     break 'read StreamEnd::UpstreamError;
                 }
                 Relayed::Forward(frame) => forward(&mut client, frame, timeout).await,
-                Relayed::Error(event) => {
-                    forward(&mut client, self.upstream_error_frame(&event), timeout).await;
+                Relayed::Error {
+                    event,
+                    openai_error,
+                } => {
+                    let frame = self.upstream_error_frame(&event, openai_error);
+                    forward(&mut client, frame, timeout).await;
                     break 'read StreamEnd::UpstreamError;
                 }
                 Relayed::Nothing => {}

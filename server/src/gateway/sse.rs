@@ -208,7 +208,13 @@ pub enum Relayed {
     /// The upstream's error event (`{"error": ...}`, or `event: error`), as
     /// sent: the stream ends there. Whether it can be passed on is the
     /// caller's to decide (it may quote the upstream's key).
-    Error(Event),
+    Error {
+        /// The event.
+        event: Event,
+        /// Its data is an OpenAI error (an object with an `error`), which
+        /// OpenAI's clients raise.
+        openai_error: bool,
+    },
 }
 
 /// The stream's terminator, sent only after settlement (R7).
@@ -299,12 +305,14 @@ impl Relay {
         }
         let data = event.data.as_str();
         let parsed = RawObject::parse(data.as_bytes());
-        if event.event == "error"
-            || parsed
-                .as_ref()
-                .is_ok_and(|o| o.get_present("error").is_some())
-        {
-            return Relayed::Error(event);
+        let openai_error = parsed
+            .as_ref()
+            .is_ok_and(|o| o.get_present("error").is_some());
+        if openai_error || event.event == "error" {
+            return Relayed::Error {
+                event,
+                openai_error,
+            };
         }
         self.answered = true;
         let Ok(mut chunk) = parsed else {
@@ -753,13 +761,25 @@ mod tests {
     fn error_events_are_told_apart_and_unreadable_data_is_dropped() {
         let mut relay = Relay::new("served", true, "mock", 1);
         let error = event(r#"{"error":{"message":"overloaded","type":"server_error"}}"#);
-        assert_eq!(relay.relay(error.clone()), Relayed::Error(error));
+        assert_eq!(
+            relay.relay(error.clone()),
+            Relayed::Error {
+                event: error,
+                openai_error: true
+            }
+        );
         let named = Event {
             event: "error".into(),
             data: "overloaded".into(),
             ..Event::default()
         };
-        assert_eq!(relay.relay(named.clone()), Relayed::Error(named));
+        assert_eq!(
+            relay.relay(named.clone()),
+            Relayed::Error {
+                event: named,
+                openai_error: false
+            }
+        );
         assert!(!relay.answered);
 
         assert_eq!(relay.relay(event("not json")), Relayed::Nothing);
