@@ -258,15 +258,29 @@ struct CompletionDetails {
 struct TokenCount(u64);
 
 impl<'de> Deserialize<'de> for TokenCount {
+    /// Errors in the product's words, each saying what was found instead
+    /// ("must be a whole number of tokens from 0 to 9223372036854775807, not
+    /// 1e+20"): serde's own ("invalid type: floating point `1e20`, expected
+    /// u64") are read by API callers.
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let count = u64::deserialize(deserializer)?;
-        if i64::try_from(count).is_err() {
-            return Err(serde::de::Error::invalid_value(
-                serde::de::Unexpected::Unsigned(count),
-                &format!("a token count of at most {}", i64::MAX).as_str(),
-            ));
+        use serde_json::Value;
+        let not = |found: &dyn std::fmt::Display| {
+            <D::Error as serde::de::Error>::custom(format_args!(
+                "must be a whole number of tokens from 0 to {}, not {found}",
+                i64::MAX
+            ))
+        };
+        match Value::deserialize(deserializer)? {
+            Value::Number(number) => match number.as_u64() {
+                Some(count) if i64::try_from(count).is_ok() => Ok(TokenCount(count)),
+                _ => Err(not(&number)),
+            },
+            Value::Bool(value) => Err(not(&value)),
+            Value::String(_) => Err(not(&"a string")),
+            Value::Array(_) => Err(not(&"an array")),
+            Value::Object(_) => Err(not(&"an object")),
+            Value::Null => Err(not(&"null")),
         }
-        Ok(TokenCount(count))
     }
 }
 
@@ -328,13 +342,20 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(raw.get()))
             .map_err(|e| {
                 let path = e.path().to_string();
+                let inner = e.inner();
+                // serde_json ends its messages with where in the text it stopped,
+                // which in an API body names no line the caller wrote.
+                let message = inner.to_string();
+                let at = format!(" at line {} column {}", inner.line(), inner.column());
+                let message = message.strip_suffix(&at).unwrap_or(&message);
                 UsageParseError {
                     // The library writes the object itself as ".".
                     field: if path == "." { String::new() } else { path },
-                    problem: format!(
-                        "{} (token counts are non-negative integers, their details objects)",
-                        e.inner()
-                    ),
+                    problem: if inner.is_data() && message.starts_with("must be") {
+                        message.to_owned()
+                    } else {
+                        format!("{message} (token counts are whole numbers, their details objects)")
+                    },
                 }
             })?;
     let missing = |field: &str| UsageParseError {
@@ -527,8 +548,32 @@ mod tests {
             let error = parse(usage).unwrap_err();
             assert_eq!(error.field, field, "{usage}");
             assert!(
-                error.problem.contains("at most 9223372036854775807"),
+                error.problem.starts_with(
+                    "must be a whole number of tokens from 0 to 9223372036854775807, not"
+                ),
                 "{error}"
+            );
+        }
+        // Each count that is not one is refused in the product's words, saying
+        // what was found, without serde's or the parser's position.
+        for (count, found) in [
+            ("1e20", "not 1e+20"),
+            ("2.5", "not 2.5"),
+            ("-3", "not -3"),
+            (r#""12""#, "not a string"),
+            ("true", "not true"),
+            ("[1]", "not an array"),
+            (r#"{"n":1}"#, "not an object"),
+        ] {
+            let error = parse(&format!(
+                r#"{{"prompt_tokens":{count},"completion_tokens":1}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(error.field, "prompt_tokens", "{count}");
+            assert_eq!(
+                error.problem,
+                format!("must be a whole number of tokens from 0 to 9223372036854775807, {found}"),
+                "{count}"
             );
         }
         assert_eq!(
