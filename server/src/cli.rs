@@ -736,7 +736,9 @@ async fn run_command(
                     } else {
                         flags.join(",")
                     },
-                    row.idempotency_key.as_deref().unwrap_or("-"),
+                    row.idempotency_key
+                        .as_deref()
+                        .map_or_else(|| "-".into(), shown),
                 );
             }
             Ok(())
@@ -867,6 +869,22 @@ pub(crate) fn is_hidden(c: char) -> bool {
         || (category == GeneralCategory::SpaceSeparator && c != ' ')
         || CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
         || c == '\u{2800}'
+}
+
+/// `text` with each character [`is_hidden`] written as its escape (`\u{2028}`),
+/// and each backslash doubled so that an escape cannot be faked: for text a
+/// caller chose and an operator reads (the usage API's idempotency keys, which
+/// may hold such characters), so that one line of output stays one row.
+fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if is_hidden(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Whether two texts are drawn alike: the same skeleton by Unicode's
@@ -1579,5 +1597,14 @@ mod tests {
         // A keeper's next try, plus the 10 s a write may wait for the lock,
         // comes within the grace.
         assert!(gateway::hold::RENEW_RETRY + Duration::from_secs(10) < SWEEP_GRACE);
+    }
+
+    #[test]
+    fn text_a_caller_chose_prints_on_one_line_as_it_reads() {
+        assert_eq!(shown("batch-7/ü é"), "batch-7/ü é");
+        assert_eq!(shown("a\u{2028}b\tc"), "a\\u{2028}b\\u{9}c");
+        // A backslash sent is doubled, so it cannot pass for an escape.
+        assert_eq!(shown("a\\u{2028}"), "a\\\\u{2028}");
+        assert_eq!(shown("\u{202e}gpj.exe"), "\\u{202e}gpj.exe");
     }
 }
