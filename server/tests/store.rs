@@ -392,15 +392,20 @@ async fn retried_batches_count_once(db: &TestDb) {
     // 1000 × 0.5 + 500 × 2 EUR per 1M = 0.0015 EUR per item, three items.
     assert_eq!(snapshot.workspace.spent, Nanos::new(4_500_000));
 
+    // A key with what SQL text quotes and escapes (PostgreSQL's batches write
+    // their rows into the statement's text) is kept as sent.
+    let key = r#"settle-1 it's a \ "key" $body$ '' \' ;-- é"#;
     let r = admitted(reserve(&store, &catalog, "mid", estimate(1000), now()).await);
     let mut s = settlement(&r.id, Some(usage(0, 1000)));
-    s.idempotency_key = Some("settle-1".into());
+    s.idempotency_key = Some(key.into());
     let once = store.settle(s.clone()).await.unwrap();
     let again = store.settle(s).await.unwrap();
     assert!(once.newly_recorded && !again.newly_recorded);
     assert_eq!(once.id, again.id);
     let snapshot = store.spend_snapshot(now()).await.unwrap();
     assert_eq!(snapshot.workspace.spent, Nanos::new(6_500_000));
+    let listed = store.usage_events(1, false).await.unwrap();
+    assert_eq!(listed[0].idempotency_key.as_deref(), Some(key));
 }
 
 /// A retried record names the model it named the first time, though a config

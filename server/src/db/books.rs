@@ -528,6 +528,43 @@ pub(crate) struct LedgerRow {
     pub idempotency_key: Option<String>,
 }
 
+impl LedgerRow {
+    /// A ledger row from a JSON object of its columns, as
+    /// [`BatchFunctions::write_call`] returns them.
+    ///
+    /// Errors: [`StoreError::Database`] when `json` is not one.
+    pub fn from_json(json: &str) -> Result<LedgerRow, StoreError> {
+        // Field by field: serde's `flatten` would buffer the object first.
+        #[derive(serde::Deserialize)]
+        struct Columns {
+            id: i64,
+            requested_model: String,
+            served_model: String,
+            cost_nanos: i64,
+            estimated: bool,
+            over_reservation: bool,
+            lease_expired: bool,
+            reservation_id: Option<String>,
+            idempotency_key: Option<String>,
+        }
+        let row: Columns = serde_json::from_str(json)
+            .map_err(|e| StoreError::Database(format!("a ledger row written by a batch: {e}")))?;
+        Ok(LedgerRow {
+            event: EventRow {
+                id: row.id,
+                requested_model: row.requested_model,
+                served_model: row.served_model,
+                cost_nanos: row.cost_nanos,
+                estimated: row.estimated,
+                over_reservation: row.over_reservation,
+                lease_expired: row.lease_expired,
+            },
+            reservation_id: row.reservation_id,
+            idempotency_key: row.idempotency_key,
+        })
+    }
+}
+
 /// Whether no value of `values` repeats.
 pub(crate) fn all_distinct(values: &[&str]) -> bool {
     let mut seen = std::collections::HashSet::with_capacity(values.len());
@@ -651,24 +688,10 @@ pub(crate) struct HotSql {
     /// Adds [`CounterChange`]s to their counter rows, creating the missing ones,
     /// in one or two statements (each takes the changes).
     pub add_to_counters: Vec<String>,
-    /// On PostgreSQL, the function that opens a batch in one round trip
-    /// (made on each connection of the hot path before its first batch),
-    /// instead of three statements: it deletes the holds
-    /// whose ids are its first argument (a JSON array) as
-    /// [`HotSql::take_reservations`], and when its second is true locks and
-    /// reads the plan row ([`plan_query`]), then reads what
-    /// [`HotSql::read_books`] does, with the API key ids of its third argument,
-    /// for the latest cycle that has counters (which it also returns). Each of
-    /// its statements sees what was committed before it began (a PL/pgSQL
-    /// function's statements take their snapshots one by one under READ
-    /// COMMITTED), so the books are read as the writer before this one left
-    /// them, as they are when read in a statement of their own after the lock.
-    /// What it returns is read by [`Opened::from_rows`].
-    ///
-    /// A temporary function (`pg_temp`), made from this module's statements by
-    /// the process that calls it: replicas of different versions never share
-    /// one, and nothing is added to the schema.
-    pub open_batch: Option<OpenBatchSql>,
+    /// On PostgreSQL, the two functions through which a batch goes in two
+    /// round trips (see [`BatchFunctions`]), made on each connection of the hot
+    /// path before its first batch.
+    pub functions: Option<BatchFunctions>,
     /// On PostgreSQL, a batch's writes as one statement (data-modifying `WITH`
     /// queries), one round trip: inserts the new reservations
     /// ([`NewReservationRow`]s), then as [`HotSql::insert_events`] and
@@ -872,8 +895,8 @@ impl HotSql {
                     vec![format!("WITH {} {}", pg_counter_changes(1), pg_counters_created())]
                 }
             },
-            open_batch: matches!(json, JsonDialect::JsonbElements).then(|| {
-                let create = format!(
+            functions: matches!(json, JsonDialect::JsonbElements).then(|| {
+                let open = format!(
                     "CREATE OR REPLACE FUNCTION {OPEN_BATCH}(text, boolean, text) \
                      RETURNS TABLE (kind text, data text) LANGUAGE plpgsql AS $body$ \
                      DECLARE latest bigint; \
@@ -889,9 +912,28 @@ impl HotSql {
                     plan_select(&WORKSPACE_ID.to_string(), "FOR UPDATE"),
                     read_books(json, "latest", 3),
                 );
-                OpenBatchSql {
-                    create,
-                    call: format!("SELECT kind, data FROM {OPEN_BATCH}($1, $2, $3)"),
+                // The one-statement write below, each ledger row returned as
+                // a JSON object of its [`LedgerRow`] columns: a function whose
+                // result named a table's type would depend on the table, which
+                // a migration could then not drop or change while a replica
+                // has it.
+                let write = format!(
+                    "CREATE OR REPLACE FUNCTION {WRITE_BATCH}(text, text, text) \
+                     RETURNS SETOF text LANGUAGE plpgsql AS $body$ \
+                     BEGIN \
+                     RETURN QUERY WITH new_reservations AS ({}), {}, created AS ({}), \
+                     inserted AS ({} RETURNING {LEDGER_RETURNING}) \
+                     SELECT CAST(to_jsonb(inserted) AS text) FROM inserted; \
+                     END $body$",
+                    insert("reservations", RESERVATION_COLUMNS, 1),
+                    pg_counter_changes(3),
+                    pg_counters_created(),
+                    insert("usage_events", EVENT_COLUMNS, 2),
+                );
+                BatchFunctions {
+                    create: format!(
+                        "SET standard_conforming_strings = on; {open}; {write}"
+                    ),
                 }
             }),
             write: matches!(json, JsonDialect::JsonbElements).then(|| {
@@ -938,17 +980,84 @@ fn read_books(json: JsonDialect, cycle: &str, keys: usize) -> String {
     )
 }
 
-/// The name of [`HotSql::open_batch`]'s function, in the session's own schema.
+/// The name of the function of [`BatchFunctions`] that opens a batch, in the
+/// session's own schema.
 const OPEN_BATCH: &str = "pg_temp.tollgate_open_batch";
 
-/// [`HotSql::open_batch`]: the function, and how it is called.
-pub(crate) struct OpenBatchSql {
-    /// Makes the function (`CREATE OR REPLACE`), on the connection that calls it.
+/// The name of the function of [`BatchFunctions`] that writes a batch.
+const WRITE_BATCH: &str = "pg_temp.tollgate_write_batch";
+
+/// On PostgreSQL, the hot path in two round trips a batch: the batch's `BEGIN`
+/// and everything it reads before deciding go in one, its writes and `COMMIT`
+/// in the other. Each is a call of a function the session makes for itself,
+/// sent with the statement beside it as one simple query (the protocol that
+/// takes several statements at once), so its arguments are written into the
+/// text as string literals ([`sql_text`]): a function call is all the server
+/// parses, and the function keeps its statements' plans.
+///
+/// The first function deletes the holds whose ids are its first argument (a
+/// JSON array) as [`HotSql::take_reservations`], and when its second is true
+/// locks and reads the plan row ([`plan_query`]), then reads what
+/// [`HotSql::read_books`] does, with the API key ids of its third argument, for
+/// the latest cycle that has counters (which it also returns). Each of its
+/// statements sees what was committed before it began (a PL/pgSQL function's
+/// statements take their snapshots one by one under READ COMMITTED), so the
+/// books are read as the writer before this one left them, as they are when
+/// read in a statement of their own after the lock. What it returns is read by
+/// [`Opened::from_rows`]. The second is [`HotSql::write`], returning the
+/// ledger rows it inserts.
+///
+/// Temporary functions (`pg_temp`), made from this module's statements by the
+/// process that calls them: replicas of different versions never share one,
+/// and nothing is added to the schema.
+pub(crate) struct BatchFunctions {
+    /// Sets the session's `standard_conforming_strings` on, which
+    /// [`sql_text`] relies on, and makes both functions (`CREATE OR REPLACE`):
+    /// three statements, sent as one simple query, applied all or none.
     pub create: String,
-    /// The call: binds the ids of the holds to end (a JSON array), whether to
-    /// read the books, and the API key ids (a JSON array); returns `kind` and
-    /// `data`, both text.
-    pub call: String,
+}
+
+impl BatchFunctions {
+    /// The opening call, after `begin` (the statement that opens the batch's
+    /// transaction) unless it was sent already: deletes and returns the holds of `ids`
+    /// (a JSON array of reservation ids), and when `read_books` is true the
+    /// plan, locked, and the books for the API key ids `spenders` (a JSON
+    /// array); rows of `kind` and `data`, both text.
+    pub fn open_call(
+        &self,
+        begin: Option<&str>,
+        ids: &str,
+        read_books: bool,
+        spenders: &str,
+    ) -> String {
+        format!(
+            "{}SELECT kind, data FROM {OPEN_BATCH}({}, {read_books}, {})",
+            begin.map_or_else(String::new, |begin| format!("{begin}; ")),
+            sql_text(ids),
+            sql_text(spenders)
+        )
+    }
+
+    /// The writing call, `COMMIT` after it: binds the new reservations, the
+    /// ledger rows and the counter changes (JSON arrays, as [`HotSql::write`]);
+    /// returns the ledger rows written, one JSON object each in the only
+    /// column, as [`LedgerRow::from_json`] reads them.
+    pub fn write_call(&self, reservations: &str, events: &str, counters: &str) -> String {
+        format!(
+            "SELECT row FROM {WRITE_BATCH}({}, {}, {}) AS row; COMMIT",
+            sql_text(reservations),
+            sql_text(events),
+            sql_text(counters)
+        )
+    }
+}
+
+/// `text` as a PostgreSQL string constant: in single quotes, each single quote
+/// inside doubled, every other character as it is. That is the whole rule while
+/// `standard_conforming_strings` is on, as [`BatchFunctions::create`] sets it
+/// in the sessions that use this (with it off, a backslash would escape).
+fn sql_text(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// A JSON array of `rows`, the one argument of a [`HotSql`] statement.
@@ -3025,17 +3134,31 @@ mod tests {
     }
 
     #[test]
-    fn postgres_opens_a_batch_in_one_call() {
+    fn postgres_runs_a_batch_in_two_calls() {
         let sqlite = HotSql::new(JsonDialect::JsonEach);
         let postgres = HotSql::new(JsonDialect::JsonbElements);
-        assert!(sqlite.open_batch.is_none());
-        let open = postgres.open_batch.unwrap();
+        assert!(sqlite.functions.is_none());
+        let open = postgres.functions.unwrap();
+        assert!(open.create.starts_with(&format!(
+            "SET standard_conforming_strings = on; CREATE OR REPLACE FUNCTION {OPEN_BATCH}("
+        )));
         assert!(open
             .create
-            .starts_with(&format!("CREATE OR REPLACE FUNCTION {OPEN_BATCH}(")));
-        assert!(open
-            .call
-            .contains(&format!("FROM {OPEN_BATCH}($1, $2, $3)")));
+            .contains(&format!("; CREATE OR REPLACE FUNCTION {WRITE_BATCH}(")));
+        assert_eq!(
+            open.open_call(Some("BEGIN"), r#"["r-1"]"#, true, "[7]"),
+            format!(r#"BEGIN; SELECT kind, data FROM {OPEN_BATCH}('["r-1"]', true, '[7]')"#)
+        );
+        assert_eq!(
+            open.open_call(None, "[]", false, "[]"),
+            format!("SELECT kind, data FROM {OPEN_BATCH}('[]', false, '[]')")
+        );
+        assert_eq!(
+            open.write_call("[]", r#"[{"key":"it's"}]"#, "[]"),
+            format!(
+                r#"SELECT row FROM {WRITE_BATCH}('[]', '[{{"key":"it''s"}}]', '[]') AS row; COMMIT"#
+            )
+        );
         // In this order: the holds, then the plan's lock, then the books of the
         // latest cycle with counters, read by statements of their own.
         let at = |text: &str| open.create.find(text).unwrap();

@@ -10,15 +10,15 @@ use std::str::FromStr;
 
 use sqlx::{
     pool::PoolConnection,
-    postgres::{PgConnectOptions, PgPoolOptions},
-    PgPool, Postgres,
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    FromRow, PgPool, Postgres, Row,
 };
 
 use super::{
     batch::{execute_batch, Batcher, Holds, HotPath, WeakBatcher},
     books::{
-        db_error, json_rows, CounterChange, EventRow, LedgerRow, NewEventRow, NewReservationRow,
-        Opened, PlanRow, ReadBooks, ReservationRow,
+        db_error, json_rows, BatchFunctions, CounterChange, EventRow, LedgerRow, NewEventRow,
+        NewReservationRow, Opened, PlanRow, ReadBooks, ReservationRow,
     },
     ConnectError,
 };
@@ -361,9 +361,12 @@ pub(crate) struct PgWriter {
     conn: PoolConnection<Postgres>,
     pool: PgPool,
     /// Whether `conn`'s session is set up for the hot path: its statement
-    /// timeout ([`HOT_STATEMENT_TIMEOUT`]) and the function that opens a batch
-    /// (`books::HotSql::open_batch`, a temporary function of its session).
+    /// timeout ([`HOT_STATEMENT_TIMEOUT`]) and the functions a batch calls
+    /// (`books::BatchFunctions`, temporary functions of its session).
     open_batch: OpenBatch,
+    /// A batch has begun whose `BEGIN` is not sent yet: with functions, it goes
+    /// in the round trip of the batch's opening call.
+    begin_pending: bool,
 }
 
 /// How far a connection's session is set up for the hot path.
@@ -371,9 +374,9 @@ pub(crate) struct PgWriter {
 enum OpenBatch {
     /// Not set up yet.
     Unmade,
-    /// Set up, with the function: a batch opens in one round trip.
+    /// Set up, with the functions: a batch takes two round trips.
     Made,
-    /// Set up without the function: the role may not make temporary objects
+    /// Set up without the functions: the role may not make temporary objects
     /// in the database (its `TEMPORARY` privilege revoked). Batches ask step by
     /// step.
     StepByStep,
@@ -416,12 +419,13 @@ impl PgWriter {
             conn,
             pool,
             open_batch: OpenBatch::Unmade,
+            begin_pending: false,
         }
     }
 
     /// Opens a batch's transaction on this connection, first setting up its
-    /// session if it is not yet: the statement timeout, and the function that
-    /// opens a batch, outside the transaction, so that a batch rolled back does
+    /// session if it is not yet: the statement timeout, and the functions a
+    /// batch calls, outside the transaction, so that a batch rolled back does
     /// not take them away. A role refused temporary objects (SQLSTATE 42501)
     /// gets a warning, and its batches ask step by step.
     async fn begin_here(&mut self) -> Result<(), StoreError> {
@@ -432,17 +436,14 @@ impl PgWriter {
                 .await
                 .map_err(db_error)?;
             self.open_batch = OpenBatch::StepByStep;
-            if let Some(sql) = &hot_sql().open_batch {
-                let made = sqlx::query(&sql.create)
-                    .persistent(false)
-                    .execute(&mut *self.conn)
-                    .await;
+            if let Some(functions) = &hot_sql().functions {
+                let made = simple_query(&mut self.conn, &functions.create).await;
                 self.open_batch = match made {
                     Ok(_) => OpenBatch::Made,
                     Err(e) if is_insufficient_privilege(&e) => {
                         tracing::warn!(error = %e, "the database refuses this role temporary \
                             objects (its TEMPORARY privilege): each batch of the gateway takes \
-                            two more round trips");
+                            two more round trips, four when it admits");
                         OpenBatch::StepByStep
                     }
                     Err(e) => {
@@ -458,6 +459,46 @@ impl PgWriter {
             .map_err(db_error)?;
         Ok(())
     }
+
+    /// The session's functions, once it has made them.
+    fn functions(&self) -> Option<&'static BatchFunctions> {
+        hot_sql()
+            .functions
+            .as_ref()
+            .filter(|_| self.open_batch == OpenBatch::Made)
+    }
+
+    /// Sends the batch's `BEGIN` if [`HotPath::begin`] left it for the batch's
+    /// first call, and that call is not the one that takes it along.
+    async fn send_begin(&mut self) -> Result<(), StoreError> {
+        if std::mem::take(&mut self.begin_pending) {
+            answered(sqlx::query(PostgresStore::BEGIN).execute(&mut *self.conn)).await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces a connection found lost at the start of a batch (a server
+    /// restart, an ended session, a moment's network failure) with one of the
+    /// pool, set up for the hot path, its batch's transaction open.
+    async fn begin_anew(&mut self) -> Result<(), StoreError> {
+        tracing::info!("the hot path's connection was lost: connecting anew");
+        self.conn.close_on_drop();
+        self.conn = self.pool.acquire().await.map_err(db_error)?;
+        if self.open_batch != OpenBatch::Probe {
+            self.open_batch = OpenBatch::Unmade;
+        }
+        answered_store(self.begin_here()).await
+    }
+}
+
+/// Runs `sql`, one or more statements with their values written in, in one
+/// round trip (PostgreSQL's simple query protocol); returns the rows of all.
+fn simple_query<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    sql: &'c str,
+) -> futures_util::future::BoxFuture<'c, Result<Vec<PgRow>, sqlx::Error>> {
+    use sqlx::Executor;
+    conn.fetch_all(sqlx::raw_sql(sql))
 }
 
 /// Whether `e` is PostgreSQL's `insufficient_privilege` (SQLSTATE 42501).
@@ -516,46 +557,71 @@ impl HotPath for PgWriter {
     /// unanswered for [`ANSWER_WAIT`] is not tried again: a network that carries
     /// nothing would only keep the new connection waiting as long as the pool
     /// lets it (10 s), and every write queued behind the batch with it.
+    ///
+    /// With the session's functions, `BEGIN` waits for the batch's first call
+    /// ([`HotPath::open`]), which sends both in one round trip and finds a lost
+    /// connection the same way.
     async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
+        if self.open_batch == OpenBatch::Made {
+            self.begin_pending = true;
+            return Ok(None);
+        }
         let begun = tokio::time::timeout(ANSWER_WAIT, self.begin_here())
             .await
             .map_err(|_| no_answer())?;
         if let Err(StoreError::Unavailable(_)) = begun {
-            tracing::info!("the hot path's connection was lost: connecting anew");
-            self.conn.close_on_drop();
-            self.conn = self.pool.acquire().await.map_err(db_error)?;
-            if self.open_batch != OpenBatch::Probe {
-                self.open_batch = OpenBatch::Unmade;
-            }
-            answered_store(self.begin_here()).await?;
+            self.begin_anew().await?;
         } else {
             begun?;
         }
         Ok(None)
     }
 
-    /// One round trip, `books::HotSql::open_batch`; none where the connection
-    /// could not make its function (the batch then asks step by step).
+    /// One round trip, [`BatchFunctions::open_call`] with the batch's `BEGIN`;
+    /// none where the connection could not make the function (the batch then
+    /// asks step by step). A connection found lost by it is replaced, and the
+    /// call made again on the new one, as [`HotPath::begin`] does: nothing of
+    /// the batch was kept.
     async fn open(
         &mut self,
         ids: &[&str],
         spenders: Option<&[i64]>,
     ) -> Result<Option<Opened>, StoreError> {
-        let Some(sql) = hot_sql()
-            .open_batch
-            .as_ref()
-            .filter(|_| self.open_batch == OpenBatch::Made)
-        else {
+        let Some(functions) = self.functions() else {
+            self.send_begin().await?;
             return Ok(None);
         };
-        let rows = answered(
-            sqlx::query_as(&sql.call)
-                .bind(json_rows(ids)?)
-                .bind(spenders.is_some())
-                .bind(json_rows(spenders.unwrap_or_default())?)
-                .fetch_all(&mut *self.conn),
-        )
-        .await?;
+        let (ids, spenders, read_books) = (
+            json_rows(ids)?,
+            json_rows(spenders.unwrap_or_default())?,
+            spenders.is_some(),
+        );
+        let rows = if std::mem::take(&mut self.begin_pending) {
+            let call = functions.open_call(Some(PostgresStore::BEGIN), &ids, read_books, &spenders);
+            let first = tokio::time::timeout(ANSWER_WAIT, simple_query(&mut self.conn, &call))
+                .await
+                .map_err(|_| no_answer())?
+                .map_err(db_error);
+            match first {
+                Err(StoreError::Unavailable(_)) => {
+                    self.begin_anew().await?;
+                    if self.functions().is_none() {
+                        return Ok(None);
+                    }
+                    let call = functions.open_call(None, &ids, read_books, &spenders);
+                    answered(simple_query(&mut self.conn, &call)).await?
+                }
+                rows => rows?,
+            }
+        } else {
+            let call = functions.open_call(None, &ids, read_books, &spenders);
+            answered(simple_query(&mut self.conn, &call)).await?
+        };
+        let rows = rows
+            .iter()
+            .map(<(String, String)>::from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_error)?;
         Opened::from_rows(rows).map(Some)
     }
 
@@ -564,6 +630,7 @@ impl HotPath for PgWriter {
         ids: &[&str],
         holds: Holds,
     ) -> Result<Vec<ReservationRow>, StoreError> {
+        self.send_begin().await?;
         let sql = hot_sql();
         answered(
             sqlx::query_as(match holds {
@@ -580,6 +647,7 @@ impl HotPath for PgWriter {
         &mut self,
         keys: &[&str],
     ) -> Result<std::collections::HashMap<String, EventRow>, StoreError> {
+        self.send_begin().await?;
         let rows: Vec<LedgerRow> = answered(
             sqlx::query_as(&hot_sql().find_events)
                 .bind(json_rows(keys)?)
@@ -593,10 +661,12 @@ impl HotPath for PgWriter {
     }
 
     async fn read_plan(&mut self) -> Result<PlanRow, StoreError> {
+        self.send_begin().await?;
         answered_store(read_plan(&mut self.conn, PostgresStore::LOCK)).await
     }
 
     async fn read_books(&mut self, cycle_start: i64, ids: &[i64]) -> Result<ReadBooks, StoreError> {
+        self.send_begin().await?;
         let rows = answered(
             sqlx::query_as(&hot_sql().read_books)
                 .bind(cycle_start)
@@ -613,15 +683,30 @@ impl HotPath for PgWriter {
         events: &[NewEventRow<'_>],
         counters: &[CounterChange<'_>],
     ) -> Result<Vec<LedgerRow>, StoreError> {
+        self.send_begin().await?;
+        let (reservations, events, counters) = (
+            json_rows(reservations)?,
+            json_rows(events)?,
+            json_rows(counters)?,
+        );
+        // One round trip: the function's call and `COMMIT`.
+        if let Some(functions) = self.functions() {
+            let call = functions.write_call(&reservations, &events, &counters);
+            let rows = answered(simple_query(&mut self.conn, &call)).await?;
+            return rows
+                .iter()
+                .map(|row| LedgerRow::from_json(row.try_get(0).map_err(db_error)?))
+                .collect();
+        }
         let write = hot_sql()
             .write
             .as_deref()
             .ok_or_else(|| StoreError::Database("no one-statement write here".into()))?;
         let inserted = answered(
             sqlx::query_as(write)
-                .bind(json_rows(reservations)?)
-                .bind(json_rows(events)?)
-                .bind(json_rows(counters)?)
+                .bind(reservations)
+                .bind(events)
+                .bind(counters)
                 .fetch_all(&mut *self.conn),
         )
         .await?;
@@ -630,6 +715,10 @@ impl HotPath for PgWriter {
     }
 
     async fn rollback(&mut self) -> Result<(), StoreError> {
+        // A `BEGIN` never sent opened nothing.
+        if std::mem::take(&mut self.begin_pending) {
+            return Ok(());
+        }
         answered(sqlx::query("ROLLBACK").execute(&mut *self.conn))
             .await
             .map(drop)
