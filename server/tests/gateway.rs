@@ -1228,9 +1228,23 @@ async fn an_upstream_error_event_ends_the_stream_as_sent(db: &TestDb) {
     let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
     assert_eq!(h.workspace().await, settled(twice));
-
+    // `[DONE]` alone: no answer either, told as such rather than as an empty one.
     h.mock.set(|b| {
         b.empty_stream = false;
+        b.done_only = true;
+    });
+    let payloads = h.stream_big(messages).await;
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    let last: Value = serde_json::from_str(&payloads[0]).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{payloads:?}");
+    assert_eq!(
+        last["error"]["message"],
+        "The model provider's stream ended without an answer."
+    );
+    assert_eq!(h.workspace().await, settled(twice));
+
+    h.mock.set(|b| {
+        b.done_only = false;
         b.not_json_after_first = true;
     });
     let payloads = h.stream_big(messages).await;

@@ -513,6 +513,14 @@ impl Exchange {
             hold.release().await;
         }
         let last = match end {
+            // `[DONE]` before any event of an answer: the provider answered
+            // nothing, and the client must not take that for an empty answer.
+            StreamEnd::Done if !bill => {
+                tracing::warn!(upstream = %self.target.name, "the upstream stream ended with [DONE] before any answer");
+                Some(error_frame(&GatewayError::UpstreamFailed(
+                    "The model provider's stream ended without an answer.".into(),
+                )))
+            }
             StreamEnd::Done => Some(Bytes::from_static(DONE_FRAME)),
             // The client was told why the stream ends, by the upstream's error
             // event or by the gateway's.

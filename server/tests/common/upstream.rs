@@ -92,6 +92,8 @@ pub struct Behaviour {
     pub error_event_named: bool,
     /// A stream sends no event at all and closes.
     pub empty_stream: bool,
+    /// A stream sends `[DONE]` alone and closes.
+    pub done_only: bool,
     /// A stream sends an event whose data is not JSON after its first piece.
     pub not_json_after_first: bool,
     /// A stream's first content piece carries an `id:` field of the
@@ -132,6 +134,7 @@ impl Default for Behaviour {
             error_event_after: None,
             error_event_named: false,
             empty_stream: false,
+            done_only: false,
             not_json_after_first: false,
             auth_as_event_id: false,
             answer_body: None,
@@ -362,6 +365,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         }
         if behaviour.empty_stream {
             out.clear();
+        }
+        if behaviour.done_only {
+            out = vec!["data: [DONE]\n\n".to_owned()];
         }
         for (i, frame) in out.into_iter().enumerate() {
             let frame = match i == 0 && behaviour.invalid_utf8_first {
