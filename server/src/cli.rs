@@ -738,6 +738,7 @@ async fn run_command(
                     },
                     row.idempotency_key
                         .as_deref()
+                        .and_then(gateway::usage_api::sent_key)
                         .map_or_else(|| "-".into(), shown),
                 );
             }

@@ -547,10 +547,10 @@ async fn the_ledger_is_listed() {
         }),
         None,
     ]) {
-        store
-            .settle(settlement_of(reservation.id.clone(), usage, now))
-            .await
-            .unwrap();
+        // Under the key the gateway settles with, which is no caller's.
+        let mut settlement = settlement_of(reservation.id.clone(), usage, now);
+        settlement.idempotency_key = Some(server::gateway::hold::settlement_key(&reservation.id));
+        store.settle(settlement).await.unwrap();
     }
     let rows = |listed: &str| -> Vec<Vec<String>> {
         listed
@@ -585,7 +585,11 @@ async fn the_ledger_is_listed() {
         ["gpt-5", "gpt-5", "20", "4", "10", "2"],
         "{listed}"
     );
-    assert_eq!(all[1][11], "-", "{listed}");
+    assert_eq!(
+        (all[1][11].as_str(), all[1][12].as_str()),
+        ("-", "-"),
+        "{listed}"
+    );
     assert_eq!(
         cli.ok(&["usage", "list", "--flagged"]),
         format!("{header}{}\n", all[0].join("\t"))
@@ -596,6 +600,24 @@ async fn the_ledger_is_listed() {
     );
     let refused = cli.run_with(&["usage", "list", "--limit", "0"], None);
     assert!(!refused.status.success());
+    // A usage-API record shows the key its caller sent.
+    let record = app::store::UsageRecord {
+        idempotency_key: server::gateway::usage_api::ledger_key(7, "it's\u{2028}run-3"),
+        model: catalog.resolve("gpt-5").unwrap(),
+        model_as_sent: "gpt-5",
+        usage: app::domain::Usage {
+            prompt_tokens: 1,
+            cached_tokens: 0,
+            completion_tokens: 1,
+            reasoning_tokens: 0,
+        },
+    };
+    store
+        .record_usage(&[record], app::store::Spender::default(), now)
+        .await
+        .unwrap();
+    let listed = cli.ok(&["usage", "list", "--limit", "1"]);
+    assert_eq!(rows(&listed)[0][12], "it's\\u{2028}run-3", "{listed}");
 }
 
 #[test]

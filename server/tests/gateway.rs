@@ -2160,15 +2160,27 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         (404, json!("records[0].model"), json!("model_not_found"))
     );
     let spent = h.workspace().await.spent;
-    // Empty, NUL, newline, a number, a lone surrogate (not Unicode), absent:
-    // each is told the one rule.
-    for key in [
-        r#""""#,
-        r#""run-3\u0000a""#,
-        r#""run-3\na""#,
-        "5",
-        r#""run-3\ud800""#,
-        "null",
+    // Empty, NUL, newline, too long, a number, a lone surrogate (not
+    // Unicode), absent: each is told what is wrong with it, and the rule.
+    let long = format!("\"{}\"", "k".repeat(201));
+    for (key, problem) in [
+        (r#""""#, "`idempotency_key` is empty; "),
+        (
+            r#""run-3\u0000a""#,
+            "`idempotency_key` holds a control character, U+0000, at character 6; ",
+        ),
+        (
+            r#""run-3\na""#,
+            "`idempotency_key` holds a control character, U+000A, at character 6; ",
+        ),
+        (&long, "`idempotency_key` is 201 characters long; "),
+        ("5", "`idempotency_key` is a number; "),
+        ("[]", "`idempotency_key` is an array; "),
+        (
+            r#""run-3\ud800""#,
+            "`idempotency_key` is not Unicode text (it holds a lone surrogate escape); ",
+        ),
+        ("null", "You must provide `idempotency_key` ("),
     ] {
         let (status, bad) = h
             .api_text(
@@ -2184,11 +2196,12 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             (400, json!("records[0].idempotency_key")),
             "{key}: {bad}"
         );
+        let message = bad["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(problem), "{key}: {bad}");
         assert!(
-            bad["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("must be a string of 1 to 200 Unicode characters"),
+            message.contains(
+                "a string of 1 to 200 Unicode characters, none of them a control character"
+            ),
             "{key}: {bad}"
         );
     }

@@ -72,6 +72,70 @@ pub const MAX_RECORDS: usize = 1_000;
 /// Longest idempotency key, characters.
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
 
+/// The ledger's idempotency key of a bulk record that user `user_id` sent
+/// under `key`: scoped to the user, so two platforms' keys cannot collide.
+pub fn ledger_key(user_id: i64, key: &str) -> String {
+    format!("usage:{user_id}:{key}")
+}
+
+/// The key a bulk record was sent with, read back from its ledger key
+/// ([`ledger_key`]); `None` for a ledger key of another kind (a settlement's,
+/// `hold::settlement_key`).
+pub fn sent_key(ledger_key: &str) -> Option<&str> {
+    let (user, key) = ledger_key.strip_prefix("usage:")?.split_once(':')?;
+    user.parse::<i64>().is_ok().then_some(key)
+}
+
+/// A bulk record's `idempotency_key`: a string of 1 to
+/// [`MAX_IDEMPOTENCY_KEY_CHARS`] Unicode characters, none a control character
+/// (PostgreSQL cannot store NUL in text, and keys are shown back in answers,
+/// logs and `tollgate usage list`).
+///
+/// Errors: [`GatewayError::InvalidField`] saying which part of that rule the
+/// key breaks, and stating the rule.
+fn idempotency_key(record: &RawObject) -> Result<String, GatewayError> {
+    const PARAM: &str = "idempotency_key";
+    let rule = format!(
+        "a string of 1 to {MAX_IDEMPOTENCY_KEY_CHARS} Unicode characters, none of them a \
+         control character"
+    );
+    let invalid = |problem: String| {
+        GatewayError::invalid_field(PARAM, format!("{problem}; it must be {rule}"))
+    };
+    let Some(raw) = record.get_present(PARAM) else {
+        return Err(GatewayError::invalid_field(
+            PARAM,
+            format!("you must provide `{PARAM}` ({rule})"),
+        ));
+    };
+    let key: String = serde_json::from_str(raw.get()).map_err(|_| {
+        invalid(match raw.get().as_bytes().first() {
+            Some(b'"') => {
+                format!("`{PARAM}` is not Unicode text (it holds a lone surrogate escape)")
+            }
+            Some(b'{') => format!("`{PARAM}` is an object"),
+            Some(b'[') => format!("`{PARAM}` is an array"),
+            Some(b't' | b'f') => format!("`{PARAM}` is a boolean"),
+            _ => format!("`{PARAM}` is a number"),
+        })
+    })?;
+    let length = key.chars().count();
+    if length == 0 {
+        return Err(invalid(format!("`{PARAM}` is empty")));
+    }
+    if length > MAX_IDEMPOTENCY_KEY_CHARS {
+        return Err(invalid(format!("`{PARAM}` is {length} characters long")));
+    }
+    if let Some((at, c)) = key.chars().enumerate().find(|(_, c)| c.is_control()) {
+        return Err(invalid(format!(
+            "`{PARAM}` holds a control character, U+{:04X}, at character {}",
+            u32::from(c),
+            at + 1
+        )));
+    }
+    Ok(key)
+}
+
 fn eur(nanos: Nanos) -> String {
     nanos.to_money().to_string()
 }
@@ -492,25 +556,7 @@ pub async fn record(
             };
             let record = parse_object(item.get().as_bytes()).map_err(at)?;
             only_fields(&record, &["idempotency_key", "model", "usage"]).map_err(at)?;
-            // One rule for every way a key can be wrong (absent, not a string, not
-            // Unicode, too long). No control characters: PostgreSQL cannot store
-            // NUL in text, and the key is shown back in logs and answers.
-            let invalid_key = || {
-                at(GatewayError::invalid_field(
-                    "idempotency_key",
-                    format!(
-                        "`idempotency_key` must be a string of 1 to {MAX_IDEMPOTENCY_KEY_CHARS} \
-                         Unicode characters, none of them a control character"
-                    ),
-                ))
-            };
-            let key = required_string(&record, "idempotency_key").map_err(|_| invalid_key())?;
-            if key.is_empty()
-                || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS
-                || key.chars().any(char::is_control)
-            {
-                return Err(invalid_key());
-            }
+            let key = idempotency_key(&record).map_err(at)?;
             let name = required_string(&record, "model").map_err(at)?;
             let model = catalog
                 .resolve(&name)
@@ -542,8 +588,7 @@ pub async fn record(
         let records: Vec<UsageRecord<'_>> = parsed
             .iter()
             .map(|item| UsageRecord {
-                // Scoped to the caller's user, so two platforms' keys cannot collide.
-                idempotency_key: format!("usage:{}:{}", caller.user.id, item.key),
+                idempotency_key: ledger_key(caller.user.id, &item.key),
                 model: item.model,
                 model_as_sent: &item.name,
                 usage: item.usage,
