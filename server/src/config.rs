@@ -36,7 +36,7 @@ pub const DEFAULT_RESPONSE_WRITE_TIMEOUT_SECS: u64 = 30;
 /// `response_write_timeout_secs` accepted: an hour.
 const MAX_TIMEOUT_SECS: u64 = 3600;
 /// How long the gateway waits for an upstream's answer, and at most between two
-/// pieces of a streamed answer, when `[[upstreams]] timeout_secs` is not set:
+/// whole events of a streamed answer, when `[[upstreams]] timeout_secs` is not set:
 /// 10 minutes, since a non-streamed answer of a reasoning model arrives whole.
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 600;
 /// Largest plan amount accepted, EUR: keeps every total inside `i64` nano-euros.
@@ -177,7 +177,8 @@ pub struct Upstream {
     /// The environment variable holding the key (the key never sits in the file).
     pub api_key_env: Option<String>,
     /// How long the gateway waits for the answer's headers (or, non-streamed, its
-    /// whole body), and at most between two pieces of a stream (`timeout_secs`).
+    /// whole body), and at most between two whole events of a stream
+    /// (`timeout_secs`): bytes of an event not yet ended do not count.
     pub timeout: std::time::Duration,
 }
 

@@ -448,7 +448,11 @@ impl Exchange {
                         "the upstream stream went silent after its whole answer: ended without its [DONE]");
                     break 'read StreamEnd::Eof;
                 }
-                Err(_) => break 'read StreamEnd::TimedOut,
+                Err(_) => {
+                    tracing::warn!(upstream = %self.target.name, timeout_secs = timeout.as_secs(),
+                        "no whole event came from the upstream stream within its timeout: ended");
+                    break 'read StreamEnd::TimedOut;
+                }
                 Ok(None) => break 'read StreamEnd::Eof,
                 Ok(Some(Err(e))) => {
                     let error = match e {
