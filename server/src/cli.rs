@@ -739,7 +739,14 @@ async fn run_command(
                     row.idempotency_key
                         .as_deref()
                         .and_then(gateway::usage_api::sent_key)
-                        .map_or_else(|| "-".into(), shown),
+                        // `-` says "no key": a key of `-` is told from it.
+                        .map_or_else(
+                            || "-".into(),
+                            |key| match key {
+                                "-" => "\\-".into(),
+                                key => shown(key),
+                            },
+                        ),
                 );
             }
             Ok(())

@@ -600,24 +600,27 @@ async fn the_ledger_is_listed() {
     );
     let refused = cli.run_with(&["usage", "list", "--limit", "0"], None);
     assert!(!refused.status.success());
-    // A usage-API record shows the key its caller sent.
-    let record = app::store::UsageRecord {
-        idempotency_key: server::gateway::usage_api::ledger_key(7, "it's\u{2028}run-3"),
-        model: catalog.resolve("gpt-5").unwrap(),
-        model_as_sent: "gpt-5",
-        usage: app::domain::Usage {
-            prompt_tokens: 1,
-            cached_tokens: 0,
-            completion_tokens: 1,
-            reasoning_tokens: 0,
-        },
-    };
-    store
-        .record_usage(&[record], app::store::Spender::default(), now)
-        .await
-        .unwrap();
-    let listed = cli.ok(&["usage", "list", "--limit", "1"]);
-    assert_eq!(rows(&listed)[0][12], "it's\\u{2028}run-3", "{listed}");
+    // A usage-API record shows the key its caller sent; a key of `-` is not
+    // shown as no key.
+    for (key, shown) in [("it's\u{2028}run-3", "it's\\u{2028}run-3"), ("-", "\\-")] {
+        let record = app::store::UsageRecord {
+            idempotency_key: server::gateway::usage_api::ledger_key(7, key),
+            model: catalog.resolve("gpt-5").unwrap(),
+            model_as_sent: "gpt-5",
+            usage: app::domain::Usage {
+                prompt_tokens: 1,
+                cached_tokens: 0,
+                completion_tokens: 1,
+                reasoning_tokens: 0,
+            },
+        };
+        store
+            .record_usage(&[record], app::store::Spender::default(), now)
+            .await
+            .unwrap();
+        let listed = cli.ok(&["usage", "list", "--limit", "1"]);
+        assert_eq!(rows(&listed)[0][12], shown, "{listed}");
+    }
 }
 
 #[test]

@@ -2205,6 +2205,24 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             "{key}: {bad}"
         );
     }
+    // A record with a field given twice is told so.
+    let (status, bad) = h
+        .api_text(
+            "/api/v1/usage",
+            r#"{"records": [{"idempotency_key": "b1", "idempotency_key": "b9", "model": "mid",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}]}"#
+                .to_owned(),
+        )
+        .await;
+    assert_eq!(
+        (status, &bad["error"]["param"], &bad["error"]["message"]),
+        (
+            400,
+            &json!("records[0]"),
+            &json!("This record cannot be read: duplicate key \"idempotency_key\"")
+        ),
+        "{bad}"
+    );
     // Usage too costly to book names its record, and the batch records nothing.
     let (status, bad) = h
         .api(

@@ -103,6 +103,18 @@ pub(crate) fn is_object(value: &RawValue) -> bool {
     value.get().trim_start().starts_with('{')
 }
 
+/// serde_json's message for `e` without where in the text it stopped (" at
+/// line 1 column 60"), which in a value cut out of a request body names no
+/// place its caller wrote.
+pub(crate) fn message_without_position(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let at = format!(" at line {} column {}", e.line(), e.column());
+    match message.strip_suffix(&at) {
+        Some(message) => message.to_owned(),
+        None => message,
+    }
+}
+
 /// `text` as a raw JSON string value (quoted and escaped).
 pub(crate) fn raw_string(text: &str) -> Box<RawValue> {
     let mut out = Vec::with_capacity(text.len() + 2);

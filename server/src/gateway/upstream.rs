@@ -343,16 +343,12 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
             .map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.inner();
-                // serde_json ends its messages with where in the text it stopped,
-                // which in an API body names no line the caller wrote.
-                let message = inner.to_string();
-                let at = format!(" at line {} column {}", inner.line(), inner.column());
-                let message = message.strip_suffix(&at).unwrap_or(&message);
+                let message = super::json::message_without_position(inner);
                 UsageParseError {
                     // The library writes the object itself as ".".
                     field: if path == "." { String::new() } else { path },
                     problem: if inner.is_data() && message.starts_with("must be") {
-                        message.to_owned()
+                        message
                     } else {
                         format!("{message} (token counts are whole numbers, their details objects)")
                     },

@@ -544,17 +544,26 @@ pub async fn record(
                     param: format!("records[{i}].{param}"),
                     message,
                 },
-                GatewayError::InvalidJson(_) => GatewayError::invalid_field(
-                    format!("records[{i}]"),
-                    "each record must be an object",
-                ),
                 GatewayError::ModelNotFound { name, param } => GatewayError::ModelNotFound {
                     name,
                     param: format!("records[{i}].{param}"),
                 },
                 other => other,
             };
-            let record = parse_object(item.get().as_bytes()).map_err(at)?;
+            // A record that is an object but cannot be read (a field given
+            // twice) is told why.
+            let record = RawObject::parse(item.get().as_bytes()).map_err(|e| {
+                GatewayError::invalid_field(
+                    format!("records[{i}]"),
+                    match super::json::is_object(item) {
+                        true => format!(
+                            "this record cannot be read: {}",
+                            super::json::message_without_position(&e)
+                        ),
+                        false => "each record must be an object".to_owned(),
+                    },
+                )
+            })?;
             only_fields(&record, &["idempotency_key", "model", "usage"]).map_err(at)?;
             let key = idempotency_key(&record).map_err(at)?;
             let name = required_string(&record, "model").map_err(at)?;
