@@ -2160,8 +2160,8 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         (404, json!("records[0].model"), json!("model_not_found"))
     );
     let spent = h.workspace().await.spent;
-    // Empty, NUL, newline, too long, a number, a lone surrogate (not
-    // Unicode), absent: each is told what is wrong with it, and the rule.
+    // Empty, NUL, newline, too long, a number, an array, a lone surrogate
+    // (not Unicode), null: each is told what is wrong with it, and the rule.
     let long = format!("\"{}\"", "k".repeat(201));
     for (key, problem) in [
         (r#""""#, "`idempotency_key` is empty; "),
@@ -2180,7 +2180,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             r#""run-3\ud800""#,
             "`idempotency_key` is not Unicode text (it holds a lone surrogate escape); ",
         ),
-        ("null", "You must provide `idempotency_key` ("),
+        ("null", "`idempotency_key` is null; "),
     ] {
         let (status, bad) = h
             .api_text(
@@ -2205,6 +2205,25 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             "{key}: {bad}"
         );
     }
+    let (status, bad) = h
+        .api(
+            "/api/v1/usage",
+            &json!({"records": [{"model": "mid",
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1}}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, &bad["error"]["param"], &bad["error"]["message"]),
+        (
+            400,
+            &json!("records[0].idempotency_key"),
+            &json!(
+                "You must provide `idempotency_key` (a string of 1 to 200 Unicode characters, \
+                 none of them a control character)"
+            )
+        ),
+        "{bad}"
+    );
     // A record with a field given twice is told so.
     let (status, bad) = h
         .api_text(

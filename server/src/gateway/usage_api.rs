@@ -102,12 +102,15 @@ fn idempotency_key(record: &RawObject) -> Result<String, GatewayError> {
     let invalid = |problem: String| {
         GatewayError::invalid_field(PARAM, format!("{problem}; it must be {rule}"))
     };
-    let Some(raw) = record.get_present(PARAM) else {
+    let Some(raw) = record.get(PARAM) else {
         return Err(GatewayError::invalid_field(
             PARAM,
             format!("you must provide `{PARAM}` ({rule})"),
         ));
     };
+    if super::json::is_null(raw) {
+        return Err(invalid(format!("`{PARAM}` is null")));
+    }
     let key: String = serde_json::from_str(raw.get()).map_err(|_| {
         invalid(match raw.get().as_bytes().first() {
             Some(b'"') => {
