@@ -231,8 +231,8 @@ impl ReadBooks {
 }
 
 /// What a batch reads before its operations, in one call where the backend can
-/// (`db::batch::HotPath::open`; on PostgreSQL [`HotSql::open_batch`], one
-/// round trip instead of three).
+/// (`db::batch::HotPath::open`; on PostgreSQL [`BatchFunctions::open_call`],
+/// in the round trip of the batch's `BEGIN`).
 pub(crate) struct Opened {
     /// The holds the batch ends, deleted.
     pub ended: Vec<ReservationRow>,
@@ -271,7 +271,7 @@ impl OpenedBooks {
     }
 }
 
-/// A [`PlanRow`] as the JSON object [`HotSql::open_batch`] returns (serde's
+/// A [`PlanRow`] as the JSON object [`BatchFunctions::open_call`] returns (serde's
 /// `flatten` would read it through floats).
 #[derive(serde::Deserialize)]
 struct PlanJson {
@@ -299,7 +299,7 @@ impl From<PlanJson> for PlanRow {
 }
 
 impl Opened {
-    /// What [`HotSql::open_batch`] returned, as `(kind, JSON object)` rows:
+    /// What [`BatchFunctions::open_call`] returned, as `(kind, JSON object)` rows:
     /// `hold` ([`ReservationRow`]), `plan` ([`PlanRow`]), `cycle` (the latest
     /// counted cycle's start, or `null`) and `books` ([`BooksRow`]). The `cycle`
     /// row comes whenever the books were read, even with no plan.
@@ -666,12 +666,13 @@ const LEDGER_RETURNING: &str = "id, requested_model, served_model, cost_nanos, e
 /// A batch's calls depend on what it holds and on the backend (see
 /// `db::batch::HotPath`). PostgreSQL runs each statement on its own, in a round
 /// trip: they are cut by statements that do several things: all that a batch
-/// reads before deciding goes in one call ([`HotSql::open_batch`]: the holds it
-/// ends, the plan's lock, the limits, counters and keys), and all its writes in
-/// one statement ([`HotSql::write`]); a batch that admits and settles takes four
-/// round trips with `BEGIN` and `COMMIT` (it took six before the one call, and
-/// ten with one statement each). On SQLite the statements run in the batcher's
-/// own thread, where a call costs no round trip.
+/// reads before deciding goes in one call (the holds it ends, the plan's lock,
+/// the limits, counters and keys), and all its writes in one statement
+/// ([`HotSql::write`]). Both are functions of the session ([`BatchFunctions`]),
+/// sent with `BEGIN` and `COMMIT`, so a batch that admits and settles takes two
+/// round trips (four with `BEGIN` and `COMMIT` on their own, six before the one
+/// call, and ten with one statement each). On SQLite the statements run in the
+/// batcher's own thread, where a call costs no round trip.
 pub(crate) struct HotSql {
     /// Deletes the reservations whose ids are given, returning [`ReservationRow`]s.
     pub take_reservations: String,

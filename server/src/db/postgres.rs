@@ -88,7 +88,7 @@ impl PostgresStore {
         }
         // A probe, not a batch: it has no use for the hot path's session.
         let mut conn = PgWriter::new(self.write_connection().await?, self.pool.clone());
-        conn.open_batch = OpenBatch::Probe;
+        conn.setup = SessionSetup::Probe;
         conn.begin().await?;
         let locked = conn.read_plan().await;
         let ended = conn.rollback().await;
@@ -363,7 +363,7 @@ pub(crate) struct PgWriter {
     /// Whether `conn`'s session is set up for the hot path: its statement
     /// timeout ([`HOT_STATEMENT_TIMEOUT`]) and the functions a batch calls
     /// (`books::BatchFunctions`, temporary functions of its session).
-    open_batch: OpenBatch,
+    setup: SessionSetup,
     /// A batch has begun whose `BEGIN` is not sent yet: with functions, it goes
     /// in the round trip of the batch's opening call.
     begin_pending: bool,
@@ -371,7 +371,7 @@ pub(crate) struct PgWriter {
 
 /// How far a connection's session is set up for the hot path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OpenBatch {
+enum SessionSetup {
     /// Not set up yet.
     Unmade,
     /// Set up, with the functions: a batch takes two round trips.
@@ -407,7 +407,7 @@ impl Drop for PgWriter {
     /// A session set up for the hot path is closed rather than given back to
     /// the pool, whose other users keep the database's statement timeout.
     fn drop(&mut self) {
-        if self.open_batch != OpenBatch::Probe {
+        if self.setup != SessionSetup::Probe {
             self.conn.close_on_drop();
         }
     }
@@ -418,7 +418,7 @@ impl PgWriter {
         PgWriter {
             conn,
             pool,
-            open_batch: OpenBatch::Unmade,
+            setup: SessionSetup::Unmade,
             begin_pending: false,
         }
     }
@@ -429,25 +429,25 @@ impl PgWriter {
     /// not take them away. A role refused temporary objects (SQLSTATE 42501)
     /// gets a warning, and its batches ask step by step.
     async fn begin_here(&mut self) -> Result<(), StoreError> {
-        if self.open_batch == OpenBatch::Unmade {
+        if self.setup == SessionSetup::Unmade {
             sqlx::query(&set_hot_statement_timeout())
                 .persistent(false)
                 .execute(&mut *self.conn)
                 .await
                 .map_err(db_error)?;
-            self.open_batch = OpenBatch::StepByStep;
+            self.setup = SessionSetup::StepByStep;
             if let Some(functions) = &hot_sql().functions {
                 let made = simple_query(&mut self.conn, &functions.create).await;
-                self.open_batch = match made {
-                    Ok(_) => OpenBatch::Made,
+                self.setup = match made {
+                    Ok(_) => SessionSetup::Made,
                     Err(e) if is_insufficient_privilege(&e) => {
                         tracing::warn!(error = %e, "the database refuses this role temporary \
                             objects (its TEMPORARY privilege): each batch of the gateway takes \
                             two more round trips, four when it admits");
-                        OpenBatch::StepByStep
+                        SessionSetup::StepByStep
                     }
                     Err(e) => {
-                        self.open_batch = OpenBatch::Unmade;
+                        self.setup = SessionSetup::Unmade;
                         return Err(db_error(e));
                     }
                 };
@@ -465,7 +465,7 @@ impl PgWriter {
         hot_sql()
             .functions
             .as_ref()
-            .filter(|_| self.open_batch == OpenBatch::Made)
+            .filter(|_| self.setup == SessionSetup::Made)
     }
 
     /// Sends the batch's `BEGIN` if [`HotPath::begin`] left it for the batch's
@@ -484,8 +484,8 @@ impl PgWriter {
         tracing::info!("the hot path's connection was lost: connecting anew");
         self.conn.close_on_drop();
         self.conn = self.pool.acquire().await.map_err(db_error)?;
-        if self.open_batch != OpenBatch::Probe {
-            self.open_batch = OpenBatch::Unmade;
+        if self.setup != SessionSetup::Probe {
+            self.setup = SessionSetup::Unmade;
         }
         answered_store(self.begin_here()).await
     }
@@ -562,7 +562,7 @@ impl HotPath for PgWriter {
     /// ([`HotPath::open`]), which sends both in one round trip and finds a lost
     /// connection the same way.
     async fn begin(&mut self) -> Result<Option<i64>, StoreError> {
-        if self.open_batch == OpenBatch::Made {
+        if self.setup == SessionSetup::Made {
             self.begin_pending = true;
             return Ok(None);
         }
@@ -596,26 +596,30 @@ impl HotPath for PgWriter {
             json_rows(spenders.unwrap_or_default())?,
             spenders.is_some(),
         );
-        let rows = if std::mem::take(&mut self.begin_pending) {
+        let mut rows = None;
+        if std::mem::take(&mut self.begin_pending) {
             let call = functions.open_call(Some(PostgresStore::BEGIN), &ids, read_books, &spenders);
             let first = tokio::time::timeout(ANSWER_WAIT, simple_query(&mut self.conn, &call))
                 .await
                 .map_err(|_| no_answer())?
                 .map_err(db_error);
             match first {
+                // Made again below, after `BEGIN` on the new connection.
                 Err(StoreError::Unavailable(_)) => {
                     self.begin_anew().await?;
                     if self.functions().is_none() {
                         return Ok(None);
                     }
-                    let call = functions.open_call(None, &ids, read_books, &spenders);
-                    answered(simple_query(&mut self.conn, &call)).await?
                 }
-                rows => rows?,
+                first => rows = Some(first?),
             }
-        } else {
-            let call = functions.open_call(None, &ids, read_books, &spenders);
-            answered(simple_query(&mut self.conn, &call)).await?
+        }
+        let rows = match rows {
+            Some(rows) => rows,
+            None => {
+                let call = functions.open_call(None, &ids, read_books, &spenders);
+                answered(simple_query(&mut self.conn, &call)).await?
+            }
         };
         let rows = rows
             .iter()
