@@ -882,13 +882,24 @@ pub(crate) fn is_hidden(c: char) -> bool {
 /// `text` with each character [`is_hidden`] written as its escape (`\u{2028}`),
 /// and each backslash doubled so that an escape cannot be faked: for text a
 /// caller chose and an operator reads (the usage API's idempotency keys, which
-/// may hold such characters), so that one line of output stays one row.
+/// may hold such characters), so that one line of output stays one row and two
+/// texts that differ print differently. For the same reason a combining mark
+/// (an accent drawn over the character before it, so that `e` + U+0301 would
+/// print as `é` does) and a space that begins or ends the text are escaped too.
 fn shown(text: &str) -> String {
+    use icu_properties::{props::GeneralCategory, CodePointMapData};
+    let categories = CodePointMapData::<GeneralCategory>::new();
+    let last = text.chars().count().saturating_sub(1);
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
+    for (i, c) in text.chars().enumerate() {
+        let combining = matches!(
+            categories.get(c),
+            GeneralCategory::NonspacingMark | GeneralCategory::EnclosingMark
+        );
+        let edge_space = c == ' ' && (i == 0 || i == last);
         match c {
             '\\' => out.push_str("\\\\"),
-            c if is_hidden(c) => out.extend(c.escape_unicode()),
+            c if is_hidden(c) || combining || edge_space => out.extend(c.escape_unicode()),
             c => out.push(c),
         }
     }
@@ -1614,5 +1625,11 @@ mod tests {
         // A backslash sent is doubled, so it cannot pass for an escape.
         assert_eq!(shown("a\\u{2028}"), "a\\\\u{2028}");
         assert_eq!(shown("\u{202e}gpj.exe"), "\\u{202e}gpj.exe");
+        // Two keys that a terminal draws alike print differently.
+        assert_eq!(shown("caf\u{e9}"), "caf\u{e9}");
+        assert_eq!(shown("cafe\u{301}"), "cafe\\u{301}");
+        assert_eq!(shown(" key "), "\\u{20}key\\u{20}");
+        assert_eq!(shown("a key"), "a key");
+        assert_eq!(shown(" "), "\\u{20}");
     }
 }
