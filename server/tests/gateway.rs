@@ -2049,7 +2049,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             (
                 400,
                 &json!("prompt_tokens"),
-                &json!("`prompt_tokens` must be at most 9223372036854775807 tokens")
+                &json!("`prompt_tokens` must be at most 9223372036854775807 tokens.")
             ),
             "{model} {count}"
         );
@@ -2073,7 +2073,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             .await;
         assert_eq!(status, 400, "{lease}: {bad}");
         assert_eq!(
-            bad["error"]["message"], "`lease_seconds` must be an integer from 1 to 3600 (seconds)",
+            bad["error"]["message"], "`lease_seconds` must be an integer from 1 to 3600 (seconds).",
             "{lease}"
         );
     }
@@ -2219,7 +2219,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             &json!("records[0].idempotency_key"),
             &json!(
                 "You must provide `idempotency_key` (a string of 1 to 200 Unicode characters, \
-                 none of them a control character)"
+                 none of them a control character)."
             )
         ),
         "{bad}"
@@ -2238,7 +2238,7 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         (
             400,
             &json!("records[0]"),
-            &json!("This record cannot be read: duplicate key \"idempotency_key\"")
+            &json!("This record cannot be read: duplicate key \"idempotency_key\".")
         ),
         "{bad}"
     );

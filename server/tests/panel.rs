@@ -641,7 +641,7 @@ async fn spend_api_answers_administrators_keys_with_exact_decimals() {
     assert_eq!(
         refused,
         serde_json::json!({"error": {
-            "message": "Only administrators' API keys can read the workspace's spend",
+            "message": "Only administrators' API keys can read the workspace's spend.",
             "type": "permission_error",
             "param": null,
             "code": "forbidden",

@@ -282,6 +282,8 @@ impl GatewayError {
         }
     }
 
+    /// The message a caller reads: a sentence, as OpenAI's are, beginning with
+    /// a capital and ending with a full stop (or the `?` or `!` it ends with).
     fn public_message(&self) -> String {
         match self {
             GatewayError::Internal(_) => {
@@ -293,6 +295,10 @@ impl GatewayError {
                 if let Some(first) = message.get(..1) {
                     let upper = first.to_uppercase();
                     message.replace_range(..1, &upper);
+                }
+                message.truncate(message.trim_end().len());
+                if !message.ends_with(['.', '?', '!']) {
+                    message.push('.');
                 }
                 message
             }
@@ -462,5 +468,30 @@ mod tests {
         assert_eq!(json(&error)["error"]["param"], "max_tokens");
         assert_eq!(json(&error)["error"]["type"], "invalid_request_error");
         assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn every_message_is_a_sentence() {
+        let message = |error: GatewayError| json(&error)["error"]["message"].clone();
+        assert_eq!(
+            message(GatewayError::UpstreamTimeout),
+            "The model provider did not answer in time."
+        );
+        assert_eq!(
+            message(GatewayError::invalid_field("n", "`n` must be 1 ")),
+            "`n` must be 1."
+        );
+        // A message that ends a sentence already keeps its own ending.
+        assert_eq!(
+            message(GatewayError::UpstreamStatus {
+                status: StatusCode::BAD_GATEWAY,
+                retry: Vec::new()
+            }),
+            "The model provider failed (HTTP 502)."
+        );
+        assert_eq!(
+            message(GatewayError::invalid_field("model", "Which model?")),
+            "Which model?"
+        );
     }
 }

@@ -647,8 +647,8 @@ pub async fn record(
                     outcome: "conflict",
                     code: Some("idempotency_key_reused"),
                     message: Some(format!(
-                        "this idempotency key was already used for other usage (on {}, \
-                         costing {}); nothing was recorded: use a new key for new usage",
+                        "This idempotency key was already used for other usage (on {}, \
+                         costing {}); nothing was recorded: use a new key for new usage.",
                         event.served,
                         app::domain::format_eur_exact(event.cost.to_money())
                     )),
