@@ -882,26 +882,39 @@ pub(crate) fn is_hidden(c: char) -> bool {
 /// `text` with each character [`is_hidden`] written as its escape (`\u{2028}`),
 /// and each backslash doubled so that an escape cannot be faked: for text a
 /// caller chose and an operator reads (the usage API's idempotency keys, which
-/// may hold such characters), so that one line of output stays one row and two
-/// texts that differ print differently. For the same reason a combining mark
-/// (an accent drawn over the character before it, so that `e` + U+0301 would
-/// print as `é` does) and a space that begins or ends the text are escaped too.
-fn shown(text: &str) -> String {
+/// may hold such characters, and names echoed in the gateway's error messages),
+/// so that one line of output stays one row and two texts that differ print
+/// differently. For the same reason these are escaped too:
+/// - a combining mark (an accent drawn over the character before it, so that
+///   `e` + U+0301 would print as `é` does);
+/// - a character that Unicode's canonical composition (NFC) would change or
+///   join to the one before it: a singleton such as U+212B ANGSTROM SIGN,
+///   drawn as `Å` (U+00C5) is, or the Hangul vowel U+1161 after U+1100, the
+///   two drawn as the one syllable U+AC00;
+/// - a space that begins or ends the text.
+pub(crate) fn shown(text: &str) -> String {
     use icu_properties::{props::GeneralCategory, CodePointMapData};
     let categories = CodePointMapData::<GeneralCategory>::new();
     let last = text.chars().count().saturating_sub(1);
     let mut out = String::with_capacity(text.len());
+    let mut previous = None;
     for (i, c) in text.chars().enumerate() {
         let combining = matches!(
             categories.get(c),
             GeneralCategory::NonspacingMark | GeneralCategory::EnclosingMark
         );
+        let composes = !unicode_normalization::is_nfc(c.encode_utf8(&mut [0; 4]))
+            || previous
+                .is_some_and(|before| unicode_normalization::char::compose(before, c).is_some());
         let edge_space = c == ' ' && (i == 0 || i == last);
         match c {
             '\\' => out.push_str("\\\\"),
-            c if is_hidden(c) || combining || edge_space => out.extend(c.escape_unicode()),
+            c if is_hidden(c) || combining || composes || edge_space => {
+                out.extend(c.escape_unicode())
+            }
             c => out.push(c),
         }
+        previous = Some(c);
     }
     out
 }
@@ -1631,5 +1644,12 @@ mod tests {
         assert_eq!(shown(" key "), "\\u{20}key\\u{20}");
         assert_eq!(shown("a key"), "a key");
         assert_eq!(shown(" "), "\\u{20}");
+        // Text that Unicode composition changes or joins prints as sent.
+        assert_eq!(shown("\u{212b}"), "\\u{212b}");
+        assert_eq!(shown("\u{c5}"), "\u{c5}");
+        assert_eq!(shown("k\u{37e}"), "k\\u{37e}");
+        assert_eq!(shown("\u{1100}\u{1161}"), "\u{1100}\\u{1161}");
+        assert_eq!(shown("\u{ac00}"), "\u{ac00}");
+        assert_eq!(shown("\u{f900}"), "\\u{f900}");
     }
 }
