@@ -1524,6 +1524,36 @@ async fn refusals_reserve_and_spend_nothing(db: &TestDb) {
     // 400, naming the field.
     let response = chat("{\"model\": \"big\", ".into()).send().await.unwrap();
     assert_error(response, 400, "invalid_request_error", "invalid_json", None).await;
+    // A body that is no object is told what it is, in the product's words.
+    for (body, message) in [
+        ("", "The request body is empty: send one JSON object."),
+        (
+            "[{\"model\": \"big\"}]",
+            "The request body is an array, not a JSON object: send one JSON object.",
+        ),
+    ] {
+        let response = chat(body.into()).send().await.unwrap();
+        let error =
+            assert_error(response, 400, "invalid_request_error", "invalid_json", None).await;
+        assert_eq!(error["error"]["message"], message, "{body}");
+    }
+    // A model name is echoed on one line, its hidden characters escaped.
+    let response = chat(json!({"model": "bi\u{202e}g\n", "messages": [{}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let error = assert_error(
+        response,
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        Some("model"),
+    )
+    .await;
+    assert_eq!(
+        error["error"]["message"],
+        "The model `bi\\u{202e}g\\u{a}` does not exist or you do not have access to it."
+    );
     for (body, param) in [
         (
             json!({"model": "big", "messages": [{}], "max_tokens": -1}),

@@ -39,8 +39,9 @@ pub enum GatewayError {
         /// The configured limit, seconds.
         seconds: u64,
     },
-    /// The body is not one JSON object (HTTP 400, code `invalid_json`).
-    #[error("the request body is not a valid JSON object: {0}")]
+    /// The body is not one JSON object (HTTP 400, code `invalid_json`); the text
+    /// says what it is instead ([`GatewayError::invalid_json`]).
+    #[error("{0}")]
     InvalidJson(String),
     /// A field is missing or has an invalid value (HTTP 400, code `invalid_value`);
     /// `param` names it as OpenAI does (`max_tokens`, `records[2].model`).
@@ -70,7 +71,10 @@ pub enum GatewayError {
     /// The model name is neither an id nor an alias of the catalog (HTTP 404, code
     /// `model_not_found`, param `model`, or the field that named it, such as
     /// `records[2].model` in a bulk usage body).
-    #[error("the model `{name}` does not exist or you do not have access to it")]
+    ///
+    /// The message shows the name as [`shown_text`] does, and says so when it
+    /// is empty.
+    #[error("{}", model_not_found_message(.name))]
     ModelNotFound {
         /// The name as sent.
         name: String,
@@ -92,10 +96,10 @@ pub enum GatewayError {
     MethodNotAllowed(String),
     /// The usage API names a reservation that is not held (any more) (HTTP 404,
     /// code `reservation_not_found`): settled, released, expired or never made.
-    /// The message shows at most [`SHOWN_ID_CHARS`] characters of the id.
+    /// The message shows the id as [`shown_text`] does.
     #[error(
         "reservation {} is not held: it was settled, released or expired, or never existed",
-        shown_id(.0)
+        shown_text(.0)
     )]
     ReservationNotFound(String),
     /// The usage API settles a reservation that was settled before with other
@@ -169,18 +173,62 @@ pub enum GatewayError {
     Internal(String),
 }
 
-/// Most characters of a caller's reservation id an error message repeats: real
-/// ids have 36, and a longer one is cut, not echoed whole.
+/// Most characters of a name or id sent by a caller that an error message
+/// repeats: reservation ids have 36, and a longer text is cut, not echoed whole.
 pub const SHOWN_ID_CHARS: usize = 64;
 
-fn shown_id(id: &str) -> String {
-    match id.char_indices().nth(SHOWN_ID_CHARS) {
-        Some((end, _)) => format!("{}…", &id[..end]),
-        None => id.to_owned(),
+/// `text`, sent by a caller, as an error message repeats it: at most
+/// [`SHOWN_ID_CHARS`] characters, then `…`, each character that would not show
+/// as itself (a line break, a right-to-left override, a NUL) written as its
+/// escape (`\u{202e}`), as `tollgate usage list` prints keys, so that a message
+/// stays one line that reads as sent.
+fn shown_text(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_ID_CHARS) {
+        Some((end, _)) => format!("{}…", crate::cli::shown(&text[..end])),
+        None => crate::cli::shown(text),
+    }
+}
+
+/// The sentence of [`GatewayError::ModelNotFound`] for the name `name`.
+fn model_not_found_message(name: &str) -> String {
+    if name.is_empty() {
+        "the model name is empty: name one of the models `GET /v1/models` lists, by its id or an alias"
+            .to_owned()
+    } else {
+        format!(
+            "the model `{}` does not exist or you do not have access to it",
+            shown_text(name)
+        )
     }
 }
 
 impl GatewayError {
+    /// [`GatewayError::InvalidJson`] for a request body `body` that serde_json
+    /// could not read as one object (`error`), saying what the body is: empty,
+    /// begun with a byte order mark, a JSON value of another type (`[]`), or
+    /// text that is not JSON, with serde_json's account of where it stopped.
+    pub fn invalid_json(body: &[u8], error: &serde_json::Error) -> Self {
+        let text = body.trim_ascii_start();
+        let what = if text.is_empty() {
+            "the request body is empty: send one JSON object".to_owned()
+        } else if text.starts_with("\u{feff}".as_bytes()) {
+            "the request body begins with a byte order mark (U+FEFF): send the JSON object without it"
+                .to_owned()
+        } else if error.classify() == serde_json::error::Category::Data && text[0] != b'{' {
+            let kind = match text[0] {
+                b'[' => "an array",
+                b'"' => "a string",
+                b't' | b'f' => "a boolean",
+                b'n' => "null",
+                _ => "a number",
+            };
+            format!("the request body is {kind}, not a JSON object: send one JSON object")
+        } else {
+            format!("the request body is not a valid JSON object: {error}")
+        };
+        GatewayError::InvalidJson(what)
+    }
+
     /// [`GatewayError::ModelNotFound`] for the name `name` sent in `model`.
     pub fn model_not_found(name: &str) -> Self {
         GatewayError::ModelNotFound {
@@ -492,6 +540,77 @@ mod tests {
         assert_eq!(
             message(GatewayError::invalid_field("model", "Which model?")),
             "Which model?"
+        );
+    }
+
+    #[test]
+    fn text_a_caller_sent_is_echoed_on_one_line_and_cut() {
+        let message = |error: GatewayError| json(&error)["error"]["message"].clone();
+        assert_eq!(
+            message(GatewayError::model_not_found("big\u{202e}\nx")),
+            "The model `big\\u{202e}\\u{a}x` does not exist or you do not have access to it."
+        );
+        let long = message(GatewayError::model_not_found(&"m".repeat(5_000)));
+        assert!(
+            long.as_str()
+                .unwrap()
+                .contains(&format!("`{}…`", "m".repeat(SHOWN_ID_CHARS))),
+            "{long}"
+        );
+        assert_eq!(
+            message(GatewayError::model_not_found("")),
+            "The model name is empty: name one of the models `GET /v1/models` lists, by its id or an alias."
+        );
+        assert_eq!(
+            message(GatewayError::ReservationNotFound("\n\u{202e}\0x".into())),
+            "Reservation \\u{a}\\u{202e}\\u{0}x is not held: it was settled, released or expired, or never existed."
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_no_object_is_told_what_it_is() {
+        let message = |body: &str| {
+            let error = crate::gateway::json::RawObject::parse(body.as_bytes()).unwrap_err();
+            let error = GatewayError::invalid_json(body.as_bytes(), &error);
+            assert_eq!(json(&error)["error"]["code"], "invalid_json");
+            json(&error)["error"]["message"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            message(""),
+            "The request body is empty: send one JSON object."
+        );
+        assert_eq!(
+            message(" \n"),
+            "The request body is empty: send one JSON object."
+        );
+        assert_eq!(
+            message("\u{feff}{}"),
+            "The request body begins with a byte order mark (U+FEFF): send the JSON object without it."
+        );
+        for (body, kind) in [
+            ("[]", "an array"),
+            ("\n  [1]", "an array"),
+            ("\"hi\"", "a string"),
+            ("-1", "a number"),
+            ("true", "a boolean"),
+            ("null", "null"),
+        ] {
+            assert_eq!(
+                message(body),
+                format!("The request body is {kind}, not a JSON object: send one JSON object."),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            message("not json"),
+            "The request body is not a valid JSON object: expected ident at line 1 column 2."
+        );
+        assert!(
+            message(r#"{"a": 1, "a": 2}"#).contains("duplicate key \"a\""),
+            "a fault inside the object is serde_json's"
         );
     }
 }

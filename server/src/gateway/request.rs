@@ -64,7 +64,7 @@ impl ChatRequest {
     /// positive integer, `stream` not a boolean, or `stream_options` not an object
     /// (with a boolean `include_usage`).
     pub fn parse(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
-        let body = RawObject::parse(bytes).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
+        let body = RawObject::parse(bytes).map_err(|e| GatewayError::invalid_json(bytes, &e))?;
         let model = required_string(&body, "model")?;
         let messages = body.get_present("messages").ok_or_else(|| {
             GatewayError::invalid_field("messages", "you must provide `messages` (an array)")

@@ -182,7 +182,7 @@ fn lease_until(seconds: u64) -> DateTime<Utc> {
 }
 
 fn parse_object(bytes: &[u8]) -> Result<RawObject, GatewayError> {
-    RawObject::parse(bytes).map_err(|e| GatewayError::InvalidJson(e.to_string()))
+    RawObject::parse(bytes).map_err(|e| GatewayError::invalid_json(bytes, &e))
 }
 
 /// Reads a `usage` field for the usage API.
