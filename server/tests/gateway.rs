@@ -2284,8 +2284,16 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
         )
         .await;
     assert_eq!(
-        (status, bad["error"]["param"].clone()),
-        (400, json!("records[1].usage")),
+        (
+            status,
+            bad["error"]["param"].clone(),
+            bad["error"]["message"].clone()
+        ),
+        (
+            400,
+            json!("records[1].usage"),
+            json!("`usage` cannot be billed: its cost is more than the ledger can hold (about €9.2 billion).")
+        ),
         "{bad}"
     );
     assert_eq!(h.workspace().await.spent, spent, "nothing counted");

@@ -34,7 +34,7 @@ pub enum GatewayError {
     UnreadableBody,
     /// The body did not fully arrive within `request_body_timeout_secs` (HTTP
     /// 408, code `request_timeout`). Nothing was reserved or spent.
-    #[error("the request body did not arrive within {seconds} s; nothing was spent, send the request again")]
+    #[error("the request body did not arrive within {seconds} s; nothing was spent: send the request again")]
     RequestTimeout {
         /// The configured limit, seconds.
         seconds: u64,

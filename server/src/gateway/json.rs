@@ -327,10 +327,33 @@ pub(crate) fn optional_string(
         .get_present(param)
         .map(|raw| {
             serde_json::from_str::<String>(raw.get()).map_err(|_| {
-                GatewayError::invalid_field(param, format!("`{param}` must be a string"))
+                let found = not_a_string(raw);
+                GatewayError::invalid_field(
+                    param,
+                    if raw.get().starts_with('"') {
+                        format!("`{param}` {found}")
+                    } else {
+                        format!("`{param}` must be a string: it {found}")
+                    },
+                )
             })
         })
         .transpose()
+}
+
+/// What the JSON value `raw`, which could not be read as a string, is instead,
+/// said of it: `is a number`, `is an array`, … A string that could not be read
+/// holds a lone surrogate escape (`"\ud800"`), the one JSON string that is no
+/// Unicode text.
+pub(crate) fn not_a_string(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'"') => "is not Unicode text (it holds a lone surrogate escape)",
+        Some(b'{') => "is an object",
+        Some(b'[') => "is an array",
+        Some(b't' | b'f') => "is a boolean",
+        Some(b'n') => "is null",
+        _ => "is a number",
+    }
 }
 
 /// The required request field `param` as a string.
@@ -434,5 +457,32 @@ mod tests {
             Some("2".into())
         );
         assert_eq!(object.to_vec(), br#"{"a":true,"c":false}"#);
+    }
+
+    #[test]
+    fn a_string_field_says_what_it_holds_instead() {
+        let model = |body: &str| {
+            let body = RawObject::parse(body.as_bytes()).unwrap();
+            match required_string(&body, "model") {
+                Err(GatewayError::InvalidField { param, message }) => {
+                    assert_eq!(param, "model");
+                    message
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            model(r#"{"model":5}"#),
+            "`model` must be a string: it is a number"
+        );
+        assert_eq!(
+            model(r#"{"model":["a"]}"#),
+            "`model` must be a string: it is an array"
+        );
+        assert_eq!(
+            model(r#"{"model":"\ud800"}"#),
+            "`model` is not Unicode text (it holds a lone surrogate escape)"
+        );
+        assert_eq!(model("{}"), "you must provide `model` (a string)");
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use app::domain::Usage;
+use app::domain::{Usage, UsageError};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
@@ -314,12 +314,12 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
 
 /// Why a usage object cannot be billed; the text names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{problem}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
+#[error("{}{problem}", if field.is_empty() { String::new() } else { format!("`{field}` ") })]
 pub struct UsageParseError {
     /// Where in the usage object, as the caller wrote it: `prompt_tokens`,
     /// `prompt_tokens_details.cached_tokens`, or empty for the object itself.
     pub field: String,
-    /// What is wrong with it.
+    /// What is wrong with it, said of the field (`is missing`).
     pub problem: String,
 }
 
@@ -350,13 +350,15 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
                     problem: if inner.is_data() && message.starts_with("must be") {
                         message
                     } else {
-                        format!("{message} (token counts are whole numbers, their details objects)")
+                        format!(
+                            "cannot be read: {message} (token counts are whole numbers, their details objects)"
+                        )
                     },
                 }
             })?;
     let missing = |field: &str| UsageParseError {
         field: field.to_owned(),
-        problem: "missing".into(),
+        problem: "is missing".into(),
     };
     // A detail count given flat, nested, or both (then equal); the field it was
     // read from, for the errors.
@@ -366,7 +368,9 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
                   nested: Option<u64>| match (flat, nested) {
         (Some(a), Some(b)) if a != b => Err(UsageParseError {
             field: flat_name.to_owned(),
-            problem: format!("given twice with different values ({a}, and {b} in {nested_name})"),
+            problem: format!(
+                "is given twice with different values ({a}, and {b} in `{nested_name}`)"
+            ),
         }),
         (None, Some(b)) => Ok((b, nested_name)),
         (a, _) => Ok((a.unwrap_or(0), flat_name)),
@@ -393,14 +397,18 @@ pub fn parse_usage(raw: &RawValue) -> Result<Usage, UsageParseError> {
         cached_tokens,
         reasoning_tokens,
     };
-    usage.validate().map_err(|e| UsageParseError {
-        field: if e.code() == "cached_exceeds_prompt" {
-            cached_field
-        } else {
-            reasoning_field
-        }
-        .to_owned(),
-        problem: e.to_string(),
+    usage.validate().map_err(|e| match e {
+        UsageError::CachedExceedsPrompt { cached, prompt } => UsageParseError {
+            field: cached_field.to_owned(),
+            problem: format!("({cached}) is more than `prompt_tokens` ({prompt})"),
+        },
+        UsageError::ReasoningExceedsCompletion {
+            reasoning,
+            completion,
+        } => UsageParseError {
+            field: reasoning_field.to_owned(),
+            problem: format!("({reasoning}) is more than `completion_tokens` ({completion})"),
+        },
     })?;
     Ok(usage)
 }
@@ -488,6 +496,29 @@ mod tests {
             parse(r#"{"completion_tokens":1}"#).unwrap_err().field,
             "prompt_tokens"
         );
+        // Each message says its field's fault as a clause of a sentence.
+        for (usage, message) in [
+            (r#"{"completion_tokens":1}"#, "`prompt_tokens` is missing"),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"cached_tokens":5}"#,
+                "`cached_tokens` (5) is more than `prompt_tokens` (3)",
+            ),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"completion_tokens_details":{"reasoning_tokens":2}}"#,
+                "`completion_tokens_details.reasoning_tokens` (2) is more than `completion_tokens` (1)",
+            ),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"cached_tokens":1,"prompt_tokens_details":{"cached_tokens":2}}"#,
+                "`cached_tokens` is given twice with different values (1, and 2 in `prompt_tokens_details.cached_tokens`)",
+            ),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":5}"#,
+                "`prompt_tokens_details` cannot be read: invalid type: integer `5`, expected an object \
+                 (token counts are whole numbers, their details objects)",
+            ),
+        ] {
+            assert_eq!(parse(usage).unwrap_err().to_string(), message, "{usage}");
+        }
         assert_eq!(
             parse(r#"{"prompt_tokens":-1,"completion_tokens":1}"#)
                 .unwrap_err()

@@ -111,17 +111,8 @@ fn idempotency_key(record: &RawObject) -> Result<String, GatewayError> {
     if super::json::is_null(raw) {
         return Err(invalid(format!("`{PARAM}` is null")));
     }
-    let key: String = serde_json::from_str(raw.get()).map_err(|_| {
-        invalid(match raw.get().as_bytes().first() {
-            Some(b'"') => {
-                format!("`{PARAM}` is not Unicode text (it holds a lone surrogate escape)")
-            }
-            Some(b'{') => format!("`{PARAM}` is an object"),
-            Some(b'[') => format!("`{PARAM}` is an array"),
-            Some(b't' | b'f') => format!("`{PARAM}` is a boolean"),
-            _ => format!("`{PARAM}` is a number"),
-        })
-    })?;
+    let key: String = serde_json::from_str(raw.get())
+        .map_err(|_| invalid(format!("`{PARAM}` {}", super::json::not_a_string(raw))))?;
     let length = key.chars().count();
     if length == 0 {
         return Err(invalid(format!("`{PARAM}` is empty")));
@@ -581,13 +572,15 @@ pub async fn record(
             })?;
             let usage = usage_field(usage_raw, "usage").map_err(at)?;
             // Priced here too, so usage too costly to book names its record.
+            // Usage that passed `usage_field` only fails to price by its size.
             app::domain::cost(&model.prices, &usage)
-                .map_err(|e| e.to_string())
-                .and_then(|cost| cost.to_nanos_rounded().map_err(|e| e.to_string()))
-                .map_err(|e| {
+                .ok()
+                .and_then(|cost| cost.to_nanos_rounded().ok())
+                .ok_or_else(|| {
                     at(GatewayError::invalid_field(
                         "usage",
-                        format!("`usage` cannot be billed: {e}"),
+                        "`usage` cannot be billed: its cost is more than the ledger can hold \
+                         (about €9.2 billion)",
                     ))
                 })?;
             parsed.push(RecordItem {
