@@ -844,7 +844,16 @@ async fn the_tab_shows_what_is_held_for_requests_in_flight() {
 #[tokio::test]
 async fn unknown_api_paths_answer_json_not_html() {
     let panel = Panel::new().await;
-    for path in ["/api/v1/nope", "/api/v1/spend/extra", "/v1/embeddings"] {
+    for path in [
+        "/api/v1/nope",
+        "/api/v1/spend/extra",
+        "/api/v1",
+        "/api/v1/",
+        "/api/v2/spend",
+        "/api",
+        "/api/",
+        "/v1/embeddings",
+    ] {
         let (status, headers, body) = panel.send(get(path, None)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
         assert!(

@@ -315,8 +315,12 @@ where
             "/api/v1/usage",
             post(usage_api::record).fallback(method_not_allowed),
         )
-        // Any other usage API path answers JSON too, never the panel's HTML 404.
-        .route("/api/v1/{*rest}", any(unknown_endpoint))
+        // Any other API path (the usage API's root, another version) answers
+        // JSON too, never the panel's HTML 404 or its 308 to a path without
+        // a trailing slash.
+        .route("/api", any(unknown_endpoint))
+        .route("/api/", any(unknown_endpoint))
+        .route("/api/{*rest}", any(unknown_endpoint))
         .route("/metrics", get(render_metrics).fallback(method_not_allowed))
 }
 
