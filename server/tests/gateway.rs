@@ -1913,6 +1913,23 @@ async fn usage_api_admits_settles_releases_and_records_once(db: &TestDb) {
             .contains("more than the €0.007 reserved"),
         "{refused}"
     );
+    // Usage past what the ledger can count is told so, as in a bulk record.
+    let (status, refused) = h
+        .on_admission(
+            &id,
+            "settle",
+            &json!({"usage": {"prompt_tokens": i64::MAX, "completion_tokens": i64::MAX}}),
+        )
+        .await;
+    assert_eq!(
+        (status, &refused["error"]["param"], &refused["error"]["message"]),
+        (
+            400,
+            &json!("usage"),
+            &json!("`usage` cannot be billed: its cost is more than the ledger can hold (about €9.2 billion).")
+        ),
+        "{refused}"
+    );
     assert_eq!(
         h.workspace().await,
         Counter {

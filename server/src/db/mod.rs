@@ -7,6 +7,7 @@ pub mod postgres;
 pub mod sqlite;
 
 pub use books::LAPSED_KEPT;
+pub(crate) use books::USAGE_TOO_COSTLY;
 
 use std::sync::Arc;
 

@@ -27,7 +27,8 @@ pub enum GatewayError {
     /// The body is sent compressed (`Content-Encoding` other than `identity`),
     /// which this gateway does not read (HTTP 415, code
     /// `unsupported_content_encoding`). Nothing was reserved or spent.
-    #[error("the request body is sent with `Content-Encoding: {0}`, which this gateway does not read; send it uncompressed")]
+    /// The message shows the value as [`shown_text`] does.
+    #[error("the request body is sent with `Content-Encoding: {}`, which this gateway does not read; send it uncompressed", shown_text(.0))]
     UnsupportedContentEncoding(String),
     /// The body could not be read from the client (HTTP 400).
     #[error("the request body could not be read")]
@@ -82,8 +83,11 @@ pub enum GatewayError {
         param: String,
     },
     /// An endpoint this gateway does not serve (HTTP 404, code `unknown_url`).
+    /// The message shows the method and path as [`shown_text`] does.
     #[error(
-        "unknown URL ({method} {path}): this server answers /v1/chat/completions, /v1/models and the usage API under /api/v1"
+        "unknown URL ({} {}): this server answers /v1/chat/completions, /v1/models and the usage API under /api/v1",
+        shown_text(.method),
+        shown_text(.path)
     )]
     UnknownEndpoint {
         /// The request's method.
@@ -92,15 +96,13 @@ pub enum GatewayError {
         path: String,
     },
     /// A served path with the wrong method (HTTP 405, code `method_not_allowed`).
-    #[error("method {0} is not allowed on this path")]
+    /// The message shows the method as [`shown_text`] does.
+    #[error("method {} is not allowed on this path", shown_text(.0))]
     MethodNotAllowed(String),
     /// The usage API names a reservation that is not held (any more) (HTTP 404,
     /// code `reservation_not_found`): settled, released, expired or never made.
     /// The message shows the id as [`shown_text`] does.
-    #[error(
-        "reservation {} is not held: it was settled, released or expired, or never existed",
-        shown_text(.0)
-    )]
+    #[error("{}", reservation_not_found_message(.0))]
     ReservationNotFound(String),
     /// The usage API settles a reservation that was settled before with other
     /// usage (HTTP 409, code `already_settled`): nothing was recorded. A retry
@@ -186,6 +188,19 @@ fn shown_text(text: &str) -> String {
     match text.char_indices().nth(SHOWN_ID_CHARS) {
         Some((end, _)) => format!("{}…", crate::cli::shown(&text[..end])),
         None => crate::cli::shown(text),
+    }
+}
+
+/// The sentence of [`GatewayError::ReservationNotFound`] for the id `id`.
+fn reservation_not_found_message(id: &str) -> String {
+    if id.is_empty() {
+        "the reservation id in the path is empty: send the `reservation_id` the admission returned"
+            .to_owned()
+    } else {
+        format!(
+            "reservation {} is not held: it was settled, released or expired, or never existed",
+            shown_text(id)
+        )
     }
 }
 
@@ -561,6 +576,24 @@ mod tests {
             message(GatewayError::model_not_found("")),
             "The model name is empty: name one of the models `GET /v1/models` lists, by its id or an alias."
         );
+        assert_eq!(
+            message(GatewayError::ReservationNotFound(String::new())),
+            "The reservation id in the path is empty: send the `reservation_id` the admission returned."
+        );
+        assert_eq!(
+            message(GatewayError::UnsupportedContentEncoding(
+                "\u{202e}gzip".into()
+            )),
+            "The request body is sent with `Content-Encoding: \\u{202e}gzip`, which this gateway \
+             does not read; send it uncompressed."
+        );
+        let long = message(GatewayError::UnknownEndpoint {
+            method: "GET".into(),
+            path: format!("/v1/{}", "z".repeat(5_000)),
+        });
+        assert!(long.as_str().unwrap().len() < 200, "{long}");
+        let long = message(GatewayError::MethodNotAllowed("M".repeat(3_000)));
+        assert!(long.as_str().unwrap().len() < 200, "{long}");
         assert_eq!(
             message(GatewayError::ReservationNotFound("\n\u{202e}\0x".into())),
             "Reservation \\u{a}\\u{202e}\\u{0}x is not held: it was settled, released or expired, or never existed."

@@ -382,7 +382,7 @@ async fn read_body(
         let encoding = encoding.trim();
         if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
             return Err(GatewayError::UnsupportedContentEncoding(
-                encoding.chars().take(40).collect(),
+                encoding.to_owned(),
             ));
         }
     }

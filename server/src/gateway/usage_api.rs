@@ -579,8 +579,7 @@ pub async fn record(
                 .ok_or_else(|| {
                     at(GatewayError::invalid_field(
                         "usage",
-                        "`usage` cannot be billed: its cost is more than the ledger can hold \
-                         (about €9.2 billion)",
+                        crate::db::USAGE_TOO_COSTLY,
                     ))
                 })?;
             parsed.push(RecordItem {
