@@ -1493,21 +1493,27 @@ pub(crate) fn settlement_cost(
     let Some(usage) = usage else {
         return Ok((reserved, true, false));
     };
-    // Usage is validated when it is read, so only its size can fail to price.
-    let cost = app::domain::cost(&row.prices()?, usage)
+    let cost = usage_cost(&row.prices()?, usage)?;
+    Ok((cost, false, cost > reserved))
+}
+
+/// What `usage` costs at `prices` (R3), rounded once to whole nano-euros (R2).
+///
+/// Errors: [`StoreError::Invalid`] (`invalid_usage`, a sentence about `usage`)
+/// when the cost is past what the ledger's nano-euro integers hold (`i64`,
+/// about 9.2 billion EUR). Usage is validated when it is read, so only its size
+/// can fail to price.
+pub(crate) fn usage_cost(prices: &Prices, usage: &Usage) -> Result<Nanos, StoreError> {
+    app::domain::cost(prices, usage)
         .ok()
         .and_then(|cost| cost.to_nanos_rounded().ok())
         .ok_or_else(|| StoreError::Invalid {
             code: "invalid_usage",
-            message: USAGE_TOO_COSTLY.to_owned(),
-        })?;
-    Ok((cost, false, cost > reserved))
+            message: "`usage` cannot be billed: its cost is more than the ledger can hold \
+                      (about €9.2 billion)"
+                .to_owned(),
+        })
 }
-
-/// Why usage cannot be booked when its cost, in EUR, is past what the ledger's
-/// nano-euro integers hold (`i64`, about 9.2 billion EUR; DESIGN.md R2).
-pub(crate) const USAGE_TOO_COSTLY: &str =
-    "`usage` cannot be billed: its cost is more than the ledger can hold (about €9.2 billion)";
 
 /// Why usage reported through the usage API was refused: it costs `cost`, more
 /// than `row` reserved for the bounds its caller declared at admission.

@@ -6,8 +6,8 @@ mod books;
 pub mod postgres;
 pub mod sqlite;
 
+pub(crate) use books::usage_cost;
 pub use books::LAPSED_KEPT;
-pub(crate) use books::USAGE_TOO_COSTLY;
 
 use std::sync::Arc;
 

@@ -230,14 +230,10 @@ impl GatewayError {
             "the request body begins with a byte order mark (U+FEFF): send the JSON object without it"
                 .to_owned()
         } else if error.classify() == serde_json::error::Category::Data && text[0] != b'{' {
-            let kind = match text[0] {
-                b'[' => "an array",
-                b'"' => "a string",
-                b't' | b'f' => "a boolean",
-                b'n' => "null",
-                _ => "a number",
-            };
-            format!("the request body is {kind}, not a JSON object: send one JSON object")
+            format!(
+                "the request body is {}, not a JSON object: send one JSON object",
+                super::json::kind_of(text)
+            )
         } else {
             format!("the request body is not a valid JSON object: {error}")
         };

@@ -345,14 +345,24 @@ pub(crate) fn optional_string(
 /// said of it: `is a number`, `is an array`, … A string that could not be read
 /// holds a lone surrogate escape (`"\ud800"`), the one JSON string that is no
 /// Unicode text.
-pub(crate) fn not_a_string(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
-        Some(b'"') => "is not Unicode text (it holds a lone surrogate escape)",
-        Some(b'{') => "is an object",
-        Some(b'[') => "is an array",
-        Some(b't' | b'f') => "is a boolean",
-        Some(b'n') => "is null",
-        _ => "is a number",
+pub(crate) fn not_a_string(raw: &RawValue) -> String {
+    match kind_of(raw.get().as_bytes()) {
+        "a string" => "is not Unicode text (it holds a lone surrogate escape)".to_owned(),
+        kind => format!("is {kind}"),
+    }
+}
+
+/// The type of the JSON value that the text `json` (valid JSON, or at least
+/// begun as JSON, with no leading whitespace) holds, as a person names it: `an
+/// object`, `an array`, `a string`, `a boolean`, `null` or `a number`.
+pub(crate) fn kind_of(json: &[u8]) -> &'static str {
+    match json.first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
     }
 }
 

@@ -572,16 +572,14 @@ pub async fn record(
             })?;
             let usage = usage_field(usage_raw, "usage").map_err(at)?;
             // Priced here too, so usage too costly to book names its record.
-            // Usage that passed `usage_field` only fails to price by its size.
-            app::domain::cost(&model.prices, &usage)
-                .ok()
-                .and_then(|cost| cost.to_nanos_rounded().ok())
-                .ok_or_else(|| {
-                    at(GatewayError::invalid_field(
-                        "usage",
-                        crate::db::USAGE_TOO_COSTLY,
-                    ))
-                })?;
+            crate::db::usage_cost(&model.prices, &usage).map_err(|e| {
+                at(match e {
+                    StoreError::Invalid { message, .. } => {
+                        GatewayError::invalid_field("usage", message)
+                    }
+                    other => other.into(),
+                })
+            })?;
             parsed.push(RecordItem {
                 key,
                 name,
