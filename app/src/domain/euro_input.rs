@@ -102,7 +102,7 @@ impl EuroInputError {
                  amounts have at most 2 decimals."
             ),
             EuroInputError::TooManyDecimals => {
-                "Use at most 2 decimals (whole cents), for example 12.35.".to_owned()
+                "Use at most 2 decimals (whole cents), for example 12.35 or 12,35.".to_owned()
             }
             EuroInputError::TooLarge => {
                 "The amount is too large: the most accepted is €1,000,000,000.00.".to_owned()
