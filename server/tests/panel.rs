@@ -853,6 +853,12 @@ async fn unknown_api_paths_answer_json_not_html() {
         "/api",
         "/api/",
         "/v1/embeddings",
+        // An API path in another case or spelling.
+        "/V1/models",
+        "/V1/chat/completions",
+        "/API/v1/spend",
+        "/Api",
+        "//v1//models/",
     ] {
         let (status, headers, body) = panel.send(get(path, None)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
@@ -877,6 +883,18 @@ async fn unknown_api_paths_answer_json_not_html() {
             "{path}: {body}"
         );
         assert_eq!(headers[header::ALLOW], "GET,HEAD", "{path}");
+    }
+    // Paths that only begin like the API's are the panel's.
+    for path in ["/apix", "/v10/models", "/x/v1"] {
+        let (status, headers, _) = panel.send(get(path, None)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
+            "{path}"
+        );
     }
 }
 

@@ -325,7 +325,7 @@ where
 }
 
 /// Answer an OpenAI-shaped 404 for an endpoint the gateway does not serve.
-async fn unknown_endpoint(
+pub(crate) async fn unknown_endpoint(
     State(gateway): State<SharedGateway>,
     method: Method,
     uri: Uri,

@@ -324,6 +324,17 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
         )
             .into_response();
     }
+    if is_api_path(&canonical) {
+        // An API client's path in another case or spelling (`/V1/models`,
+        // `/API/v1/spend`, `//v1//models`) reads the gateway's JSON 404 too,
+        // which lists the paths served.
+        return crate::gateway::unknown_endpoint(
+            State(state.gateway.clone()),
+            request.method().clone(),
+            request.uri().clone(),
+        )
+        .await;
+    }
     if matches!(*request.method(), Method::GET | Method::HEAD) {
         if let Some(location) = canonical_location(request.uri(), canonical) {
             // The panel's router would match `/admin/token-limits/` to the tab
@@ -341,6 +352,13 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
         *response.status_mut() = StatusCode::NOT_FOUND;
     }
     response
+}
+
+/// Whether `canonical` (a canonical path) is under `/v1` or `/api` in any case:
+/// a path only the gateway's clients ask for.
+fn is_api_path(canonical: &str) -> bool {
+    let first = canonical.split('/').nth(1).unwrap_or_default();
+    first.eq_ignore_ascii_case("v1") || first.eq_ignore_ascii_case("api")
 }
 
 /// `canonical`, `uri`'s canonical path (`auth::middleware::canonical_path`),
