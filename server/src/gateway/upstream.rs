@@ -305,9 +305,41 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
                 T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
             }
+            // Anything else is refused in the product's words, as `TokenCount`
+            // refuses, not serde's ("invalid type: string "x", expected an object").
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<T, E> {
+                Err(not_an_object("a boolean"))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<T, E> {
+                Err(not_an_object("a number"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<T, E> {
+                Err(not_an_object("a number"))
+            }
+            // The trait's signature, for a value only named, never used.
+            #[allow(clippy::disallowed_types)]
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<T, E> {
+                Err(not_an_object("a number"))
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<T, E> {
+                Err(not_an_object("a string"))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<T, E> {
+                Err(not_an_object("null"))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+                Err(not_an_object("an array"))
+            }
         }
+        fn not_an_object<E: serde::de::Error>(found: &str) -> E {
+            E::custom(format_args!(
+                "must be an object of token counts, not {found}"
+            ))
+        }
+        // `any`, not `map`: serde_json refuses a value that is no object for
+        // `deserialize_map` before the visitor can say what it is.
         deserializer
-            .deserialize_map(Object(std::marker::PhantomData))
+            .deserialize_any(Object(std::marker::PhantomData))
             .map(ObjectOnly)
     }
 }
@@ -513,8 +545,23 @@ mod tests {
             ),
             (
                 r#"{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":5}"#,
-                "`prompt_tokens_details` cannot be read: invalid type: integer `5`, expected an object \
-                 (token counts are whole numbers, their details objects)",
+                "`prompt_tokens_details` must be an object of token counts, not a number",
+            ),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":1.5}"#,
+                "`prompt_tokens_details` must be an object of token counts, not a number",
+            ),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":"x"}"#,
+                "`prompt_tokens_details` must be an object of token counts, not a string",
+            ),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"completion_tokens_details":[1]}"#,
+                "`completion_tokens_details` must be an object of token counts, not an array",
+            ),
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"completion_tokens_details":true}"#,
+                "`completion_tokens_details` must be an object of token counts, not a boolean",
             ),
         ] {
             assert_eq!(parse(usage).unwrap_err().to_string(), message, "{usage}");
@@ -637,7 +684,7 @@ mod tests {
         assert_eq!(error.field, "prompt_tokens_details");
         let text = error.to_string();
         assert!(
-            text.contains("expected an object") && !text.contains("Details"),
+            text.contains("must be an object") && !text.contains("Details"),
             "{text}"
         );
     }
