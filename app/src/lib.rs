@@ -14,6 +14,8 @@ pub mod error;
 pub mod report;
 #[cfg(feature = "ssr")]
 pub mod store;
+#[cfg(feature = "ssr")]
+pub mod text;
 pub mod ui;
 
 pub use ui::{shell, App};

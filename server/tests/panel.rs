@@ -578,6 +578,29 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
     );
     assert_eq!(panel.settings_audit().await.len(), 1);
 
+    // A model the catalog does not have (only a hand-made request can name one)
+    // is repeated on one line, escaped and cut, as the gateway repeats names.
+    let unknown = format!("a\nb\u{1b}[2J\u{202e}{}", "m".repeat(300));
+    let (status, _, text) = panel
+        .send(post(
+            "/fn/save_model_limits",
+            &form(&[("gpt-4o", "3", true), (unknown.as_str(), "4", true)]),
+            Some(&admin),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["fields"][0]["code"], "unknown_model", "{text}");
+    assert_eq!(
+        error["fields"][0]["message"],
+        format!(
+            "a\\u{{a}}b\\u{{1b}}[2J\\u{{202e}}{}… is not a model of the catalog.",
+            "m".repeat(56)
+        ),
+        "{text}"
+    );
+    assert_eq!(panel.settings_audit().await.len(), 1);
+
     let (status, _, text) = panel.send(post("/fn/token_limits", "", Some(&admin))).await;
     assert_eq!(status, StatusCode::OK);
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();

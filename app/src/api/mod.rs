@@ -307,7 +307,11 @@ mod server {
                 fields.push(FieldError {
                     field: row.model.clone(),
                     code: "unknown_model".into(),
-                    message: format!("{} is not a model of the catalog.", row.model),
+                    // A name no row of the tab sends: shown on one line, cut.
+                    message: format!(
+                        "{} is not a model of the catalog.",
+                        crate::text::shown_text(&row.model)
+                    ),
                 });
                 continue;
             };

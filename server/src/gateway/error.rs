@@ -175,21 +175,8 @@ pub enum GatewayError {
     Internal(String),
 }
 
-/// Most characters of a name or id sent by a caller that an error message
-/// repeats: reservation ids have 36, and a longer text is cut, not echoed whole.
-pub const SHOWN_ID_CHARS: usize = 64;
-
-/// `text`, sent by a caller, as an error message repeats it: at most
-/// [`SHOWN_ID_CHARS`] characters, then `…`, each character that would not show
-/// as itself (a line break, a right-to-left override, a NUL) written as its
-/// escape (`\u{202e}`), as `tollgate usage list` prints keys, so that a message
-/// stays one line that reads as sent.
-fn shown_text(text: &str) -> String {
-    match text.char_indices().nth(SHOWN_ID_CHARS) {
-        Some((end, _)) => format!("{}…", crate::cli::shown(&text[..end])),
-        None => crate::cli::shown(text),
-    }
-}
+pub(crate) use app::text::shown_text;
+pub use app::text::SHOWN_ID_CHARS;
 
 /// The sentence of [`GatewayError::ReservationNotFound`] for the id `id`.
 fn reservation_not_found_message(id: &str) -> String {

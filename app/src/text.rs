@@ -1,0 +1,94 @@
+//! Showing text a person or a caller chose (a name, an email, an idempotency
+//! key, a model name sent to the gateway) on one line, as it reads: what would
+//! not show as itself is written as its escape. For the operator's commands,
+//! the gateway's error messages and the panel's answers alike. Server only.
+
+/// True for a character that does not show as itself: a control character (a
+/// tab, a line break, an escape that drives a terminal), a Unicode line or
+/// paragraph separator, a space other than U+0020 (a no-break space), a
+/// private-use or unassigned code point, a format character (a right-to-left
+/// override that shows `gpj.exe` as `exe.jpg`, a zero-width space),
+/// any other character Unicode says to draw as nothing (its
+/// Default_Ignorable_Code_Point property: variation selectors, the combining
+/// grapheme joiner, Hangul fillers), or the Braille pattern without dots, which
+/// draws as a blank. Names and emails holding one would print in `user list`,
+/// `key list` and `audit` like others that they are not, and a model's display
+/// name holding one would show on the tab as another model's.
+pub fn is_hidden(c: char) -> bool {
+    use icu_properties::{
+        props::{DefaultIgnorableCodePoint, GeneralCategory},
+        CodePointMapData, CodePointSetData,
+    };
+    let category = CodePointMapData::<GeneralCategory>::new().get(c);
+    c.is_control()
+        || matches!(
+            category,
+            GeneralCategory::Format
+                // U+2028 and U+2029 end a line as \n does.
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+                // Drawn as a terminal's font pleases, often as nothing.
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Unassigned
+        )
+        // Spaces other than the plain one (a no-break space prints as one).
+        || (category == GeneralCategory::SpaceSeparator && c != ' ')
+        || CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
+        || c == '\u{2800}'
+}
+
+/// `text` with each character [`is_hidden`] written as its escape (`\u{2028}`),
+/// and each backslash doubled so that an escape cannot be faked: for text a
+/// caller chose and an operator reads (the usage API's idempotency keys, which
+/// may hold such characters, and names echoed in the gateway's error messages),
+/// so that one line of output stays one row and two texts that differ print
+/// differently. For the same reason these are escaped too:
+/// - a combining mark (an accent drawn over the character before it, so that
+///   `e` + U+0301 would print as `é` does);
+/// - a character that Unicode's canonical composition (NFC) would change or
+///   join to the one before it: a singleton such as U+212B ANGSTROM SIGN,
+///   drawn as `Å` (U+00C5) is, or the Hangul vowel U+1161 after U+1100, the
+///   two drawn as the one syllable U+AC00;
+/// - a space that begins or ends the text.
+pub fn shown(text: &str) -> String {
+    use icu_properties::{props::GeneralCategory, CodePointMapData};
+    let categories = CodePointMapData::<GeneralCategory>::new();
+    let last = text.chars().count().saturating_sub(1);
+    let mut out = String::with_capacity(text.len());
+    let mut previous = None;
+    for (i, c) in text.chars().enumerate() {
+        let combining = matches!(
+            categories.get(c),
+            GeneralCategory::NonspacingMark | GeneralCategory::EnclosingMark
+        );
+        let composes = !unicode_normalization::is_nfc(c.encode_utf8(&mut [0; 4]))
+            || previous
+                .is_some_and(|before| unicode_normalization::char::compose(before, c).is_some());
+        let edge_space = c == ' ' && (i == 0 || i == last);
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if is_hidden(c) || combining || composes || edge_space => {
+                out.extend(c.escape_unicode())
+            }
+            c => out.push(c),
+        }
+        previous = Some(c);
+    }
+    out
+}
+
+/// Most characters of a name or id sent by a caller that an error message
+/// repeats: reservation ids have 36, and a longer text is cut, not echoed whole.
+pub const SHOWN_ID_CHARS: usize = 64;
+
+/// `text`, sent by a caller, as an error message repeats it: at most
+/// [`SHOWN_ID_CHARS`] characters, then `…`, each character that would not show
+/// as itself (a line break, a right-to-left override, a NUL) written as its
+/// escape (`\u{202e}`), as `tollgate usage list` prints keys, so that a message
+/// stays one line that reads as sent.
+pub fn shown_text(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_ID_CHARS) {
+        Some((end, _)) => format!("{}…", shown(&text[..end])),
+        None => shown(text),
+    }
+}
