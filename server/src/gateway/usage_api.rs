@@ -53,7 +53,7 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::error::GatewayError;
+use super::error::{shown_text, GatewayError};
 use super::hold::settlement_key;
 use super::json::{is_null, optional_token_count, optional_u64, required_string, RawObject};
 use super::upstream::parse_usage;
@@ -139,16 +139,18 @@ fn rfc3339(at: DateTime<Utc>) -> String {
 }
 
 /// Refuses keys of `object` outside `allowed`, naming the first (typos would
-/// otherwise be silently ignored).
+/// otherwise be silently ignored), in the message and as `param`, as
+/// [`shown_text`] shows a caller's text.
 fn only_fields(object: &RawObject, allowed: &[&str]) -> Result<(), GatewayError> {
     match object.keys().find(|key| !allowed.contains(key)) {
-        Some(key) => Err(GatewayError::invalid_field(
-            key,
-            format!(
+        Some(key) => {
+            let key = shown_text(key);
+            let message = format!(
                 "unknown field `{key}`; expected one of: {}",
                 allowed.join(", ")
-            ),
-        )),
+            );
+            Err(GatewayError::invalid_field(key, message))
+        }
         None => Ok(()),
     }
 }
@@ -662,4 +664,37 @@ pub async fn record(
     }
     .await;
     gateway.answer("usage", "", result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `error` object of `error`'s body.
+    fn error_json(error: &GatewayError) -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(&error.body()).unwrap()["error"].clone()
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_on_one_line_and_cut() {
+        let allowed = ["model", "n"];
+        let object = RawObject::parse(br#"{"model":"m","n":1}"#).unwrap();
+        assert!(only_fields(&object, &allowed).is_ok());
+
+        let object = RawObject::parse(br#"{"model":"m","a\u001b[2J\nb":1}"#).unwrap();
+        let error = error_json(&only_fields(&object, &allowed).unwrap_err());
+        assert_eq!(error["param"], r"a\u{1b}[2J\u{a}b");
+        assert_eq!(
+            error["message"],
+            r"Unknown field `a\u{1b}[2J\u{a}b`; expected one of: model, n."
+        );
+
+        let long = format!(r#"{{"{}\u202e":1}}"#, "k".repeat(200));
+        let error = error_json(
+            &only_fields(&RawObject::parse(long.as_bytes()).unwrap(), &allowed).unwrap_err(),
+        );
+        let param = error["param"].as_str().unwrap();
+        assert_eq!(param, format!("{}…", "k".repeat(64)));
+        assert!(error["message"].as_str().unwrap().contains(param));
+    }
 }
