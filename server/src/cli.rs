@@ -465,9 +465,21 @@ async fn check_arguments(command: &Command, config: &config::Config) -> anyhow::
             checked.password_hash = Some(auth::hash_password(&given_password()?)?);
         }
         Command::Key {
-            action: KeyAction::Create { name, .. },
+            action: KeyAction::Create { name, email },
         } => {
             key_name(name)?;
+            user_email(email)?;
+        }
+        Command::Key {
+            action: KeyAction::List { email: Some(email) },
+        }
+        | Command::User {
+            action:
+                UserAction::Disable { email }
+                | UserAction::Enable { email }
+                | UserAction::Password { email },
+        } => {
+            user_email(email)?;
         }
         Command::Limit { action } => {
             requested_limit(action)?;
@@ -912,6 +924,19 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
         anyhow::bail!("--email {email:?} is not an email address");
     }
     Ok(email)
+}
+
+/// The `--email` of a command on an existing user, checked before the
+/// database is opened: an email without a local part, `@` and a domain names
+/// no user (`user create` refuses it), so a typo (`--email bad`) is told at
+/// once and creates no database file.
+///
+/// Errors: when it has no `@` between two non-empty parts.
+fn user_email(email: &str) -> anyhow::Result<()> {
+    match email.trim().split_once('@') {
+        Some((local, domain)) if !local.is_empty() && !domain.is_empty() => Ok(()),
+        _ => anyhow::bail!("--email {:?} is not an email address", email.trim()),
+    }
 }
 
 async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {

@@ -1786,7 +1786,7 @@ fn demo_refused_for_its_password_changes_nothing() {
 fn a_refused_command_makes_no_database_file() {
     let cli = Cli::new();
     let file = cli.dir.path().join("tollgate.db");
-    let refused: [(&[&str], Option<&str>, &str); 6] = [
+    let refused: [(&[&str], Option<&str>, &str); 11] = [
         (
             &["user", "create", "--email", "nobody", "--role", "admin"],
             Some("a long enough password"),
@@ -1808,6 +1808,32 @@ fn a_refused_command_makes_no_database_file() {
             &["key", "create", "--email", "a@example.com", "--name", " "],
             None,
             "--name must not be empty",
+        ),
+        // A user's email that could name no user.
+        (
+            &["key", "create", "--email", "bad", "--name", "ci"],
+            None,
+            "--email \"bad\" is not an email address",
+        ),
+        (
+            &["key", "list", "--email", "@example.com"],
+            None,
+            "is not an email address",
+        ),
+        (
+            &["user", "disable", "--email", "bad"],
+            None,
+            "is not an email address",
+        ),
+        (
+            &["user", "enable", "--email", "a@"],
+            None,
+            "is not an email address",
+        ),
+        (
+            &["user", "password", "--email", "bad"],
+            Some("a long enough password"),
+            "is not an email address",
         ),
         (
             &["limit", "set", "gpt-5", "--eur", "twelve"],
