@@ -378,19 +378,28 @@ async fn cross_site_posts_are_refused() {
         .insert("sec-fetch-site", "cross-site".parse().unwrap());
     let (status, _, _) = panel.send(request).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    // A form post whose page (`Referer`) is not this site's is refused too,
-    // whatever else it says: a no-JS error would send the browser back there.
-    for (referer, fetch_site) in [
-        ("http://evil.example/login", None),
-        ("http://evil.example/login", Some("same-origin")),
-        ("http://tollgate.test.evil.example/login", None),
-        ("javascript:alert(1)", None),
-        ("//evil.example/x", Some("same-origin")),
+    // A post whose page (`Referer`) is not this site's is refused too, whatever
+    // else it says: a no-JS error would send the browser back there, and none
+    // of the panel's pages, with JavaScript or without, sends another's.
+    for (referer, fetch_site, accept) in [
+        ("http://evil.example/login", None, "text/html"),
+        (
+            "http://evil.example/login",
+            Some("same-origin"),
+            "text/html",
+        ),
+        ("http://evil.example/login", None, "application/json"),
+        ("http://evil.example/login", None, ""),
+        ("http://tollgate.test.evil.example/login", None, "text/html"),
+        ("javascript:alert(1)", None, "text/html"),
+        ("//evil.example/x", Some("same-origin"), "text/html"),
     ] {
         for path in ["/fn/save_automatic_fallback", "/fn/login"] {
             let mut request = post(path, &body, Some(&admin));
             let headers = request.headers_mut();
-            headers.insert(header::ACCEPT, "text/html".parse().unwrap());
+            if !accept.is_empty() {
+                headers.insert(header::ACCEPT, accept.parse().unwrap());
+            }
             headers.insert(header::REFERER, referer.parse().unwrap());
             if let Some(site) = fetch_site {
                 headers.insert("sec-fetch-site", site.parse().unwrap());

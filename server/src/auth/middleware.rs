@@ -121,10 +121,7 @@ pub async fn authorize(
         .starts_with("/fn/")
         .then(|| form_page(request.headers()))
         .flatten();
-    if path.starts_with("/fn/")
-        && unsafe_method
-        && is_cross_site(request.headers(), page.as_deref())
-    {
+    if path.starts_with("/fn/") && unsafe_method && is_cross_site(request.headers()) {
         return refuse(
             StatusCode::FORBIDDEN,
             "cross_site_request",
@@ -380,17 +377,23 @@ async fn current_user(
 /// an `Origin` that is not this host. Requests with neither header do not come
 /// from a browser's cross-site form or script.
 ///
-/// Also true, whatever the other headers say, for a form posted without
-/// JavaScript from a `form_page` ([`form_page`]) that is not on this host: such
-/// a post is sent back to its `Referer` with its error (by [`refuse_call`] and
-/// by server_fn), which must never be another site. A browser's own post sends
-/// this site's page, or no `Referer` at all.
-fn is_cross_site(headers: &HeaderMap, form_page: Option<&str>) -> bool {
+/// Also true, whatever the other headers say, for a request whose `Referer` is
+/// not a page of this host: a form posted without JavaScript ([`form_page`]) is
+/// sent back to its `Referer` with its error (by [`refuse_call`] and by
+/// server_fn), which must never be another site, and no call of the panel's
+/// own pages, with JavaScript or without, sends another site's page. A
+/// browser's own post sends this site's page, or no `Referer` at all. Read
+/// lossily, as server_fn reads it, so that bytes that are not UTF-8 do not
+/// make it absent.
+fn is_cross_site(headers: &HeaderMap) -> bool {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if form_page.is_some_and(|page| !is_on_host(page, host)) {
+    let referer = headers
+        .get(header::REFERER)
+        .map(|page| String::from_utf8_lossy(page.as_bytes()));
+    if referer.is_some_and(|page| !is_on_host(&page, host)) {
         return true;
     }
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
