@@ -447,6 +447,7 @@ impl Config {
         if name.trim().is_empty() {
             return Err(invalid("workspace.name", "must not be empty"));
         }
+        check_visible_line(&name).map_err(|problem| invalid("workspace.name", problem))?;
         let timezone: Tz = match workspace.timezone.as_deref() {
             None => Tz::UTC,
             Some(tz) => tz.parse().map_err(|_| {
@@ -805,13 +806,11 @@ fn breaks_a_display_name(c: char) -> bool {
         )
 }
 
-/// Why `name` cannot be a model's display name beside the models `earlier` in
-/// the catalog, if it cannot: it shows nothing, breaks a line or reorders text
-/// ([`breaks_a_display_name`]), has spaces the tab would not show, or is
-/// another model's or looks like it: the same skeleton (Unicode's UTS #39
-/// confusable detection), which catches one text in two normal forms (NFC and
-/// NFD) and letters of another script drawn alike (Cyrillic `Р` for Latin `P`).
-fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
+/// Why `name` (a model's display name, the workspace's name) cannot be shown on
+/// one line of the tab, of `tollgate spend` or of `tollgate audit`, if it
+/// cannot: it shows nothing, or breaks a line or reorders text
+/// ([`breaks_a_display_name`]).
+fn check_visible_line(name: &str) -> Result<(), String> {
     let visible = name
         .chars()
         .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c));
@@ -821,6 +820,17 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
              overrides"
         ));
     }
+    Ok(())
+}
+
+/// Why `name` cannot be a model's display name beside the models `earlier` in
+/// the catalog, if it cannot: it shows nothing, breaks a line or reorders text
+/// ([`breaks_a_display_name`]), has spaces the tab would not show, or is
+/// another model's or looks like it: the same skeleton (Unicode's UTS #39
+/// confusable detection), which catches one text in two normal forms (NFC and
+/// NFD) and letters of another script drawn alike (Cyrillic `Р` for Latin `P`).
+fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
+    check_visible_line(name)?;
     if name.split_whitespace().collect::<Vec<_>>().join(" ") != name {
         return Err(format!(
             "{name:?} has spaces at an end or several in a row, which the tab does not \
@@ -1288,6 +1298,11 @@ mod tests {
                  output_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "models[0].input_eur_per_mtok",
                 "negative",
+            ),
+            (
+                "[workspace]\nname = \"W\\nX\\u202eY\\u0007\"",
+                "workspace.name",
+                "must be visible text on one line",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
