@@ -352,7 +352,7 @@ impl Ask {
     fn remedy(self, resets: &str) -> String {
         match self {
             Ask::Estimate(_) => format!(
-                "Send a shorter prompt, ask for fewer output tokens (max_completion_tokens) \
+                "Send a shorter prompt, ask for fewer output tokens (max_completion_tokens or max_tokens) \
                  or fewer choices (n), or wait until the cycle resets on {resets}."
             ),
             Ask::Known(_) => {
@@ -649,6 +649,11 @@ mod tests {
         assert!(b.message.contains("only €587.745 of"), "{}", b.message);
         assert!(b.message.contains("up to €8,600.00108,"), "{}", b.message);
         assert!(b.message.contains("fewer choices (n)"), "{}", b.message);
+        assert!(
+            b.message.contains("(max_completion_tokens or max_tokens)"),
+            "either field sets the output cap: {}",
+            b.message
+        );
         assert!(b.message.contains("a shorter prompt"), "{}", b.message);
 
         // An estimate too large to count is said so, not as i64::MAX nano-euros.
