@@ -628,5 +628,15 @@ mod tests {
             message(r#"{"a": 1, "a": 2}"#).contains("duplicate key \"a\""),
             "a fault inside the object is serde_json's"
         );
+        // A repeated key is shown as any caller's text: escaped, and cut.
+        let long = format!("\\n\\u202e{}", "K".repeat(5_000));
+        let repeated = message(&format!(r#"{{"{long}": 1, "{long}": 2}}"#));
+        assert!(
+            repeated.contains(&format!(
+                "duplicate key \"\\u{{a}}\\u{{202e}}{}…\"",
+                "K".repeat(62)
+            )),
+            "{repeated}"
+        );
     }
 }

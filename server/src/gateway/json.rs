@@ -157,7 +157,11 @@ impl<'de> Deserialize<'de> for RawObject {
                     Vec::with_capacity(map.size_hint().unwrap_or(8));
                 while let Some(key) = map.next_key::<String>()? {
                     if fields.iter().any(|(k, _)| *k == key) {
-                        return Err(de::Error::custom(format!("duplicate key {key:?}")));
+                        // Repeated as any caller's text is: on one line, cut.
+                        return Err(de::Error::custom(format!(
+                            "duplicate key \"{}\"",
+                            super::error::shown_text(&key)
+                        )));
                     }
                     let value: Box<RawValue> = map.next_value()?;
                     fields.push((key, value));
