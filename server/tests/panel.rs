@@ -600,12 +600,11 @@ async fn model_limits_save_all_or_nothing_with_field_errors() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
     let error: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(error["fields"][0]["code"], "unknown_model", "{text}");
+    let shown = format!("a\\u{{a}}b\\u{{1b}}[2J\\u{{202e}}{}…", "m".repeat(56));
+    assert_eq!(error["fields"][0]["field"], shown, "{text}");
     assert_eq!(
         error["fields"][0]["message"],
-        format!(
-            "a\\u{{a}}b\\u{{1b}}[2J\\u{{202e}}{}… is not a model of the catalog.",
-            "m".repeat(56)
-        ),
+        format!("{shown} is not a model of the catalog."),
         "{text}"
     );
     assert_eq!(panel.settings_audit().await.len(), 1);

@@ -304,14 +304,13 @@ mod server {
                 continue;
             }
             let Some(model) = catalog.get(&row.model.as_str().into()) else {
+                // A name no row of the tab sends (so no row shows its error):
+                // named as any caller's text is, on one line and cut.
+                let shown = crate::text::shown_text(&row.model);
                 fields.push(FieldError {
-                    field: row.model.clone(),
+                    message: format!("{shown} is not a model of the catalog."),
+                    field: shown,
                     code: "unknown_model".into(),
-                    // A name no row of the tab sends: shown on one line, cut.
-                    message: format!(
-                        "{} is not a model of the catalog.",
-                        crate::text::shown_text(&row.model)
-                    ),
                 });
                 continue;
             };
