@@ -157,9 +157,13 @@ pub enum CatalogError {
     /// A model declares `max_output_tokens = 0`: it could answer nothing.
     #[error("model \"{0}\" has max_output_tokens = 0")]
     ZeroMaxOutputTokens(String),
-    /// A model id or alias holds whitespace or a control character: callers, the
+    /// A model id or alias holds whitespace, a control character or an
+    /// invisible one (a direction override, a zero-width space): callers, the
     /// CLI and the tab could not name it as written.
-    #[error("model name {0:?} holds whitespace or a control character")]
+    #[error(
+        "model name {0:?} holds whitespace, a control character or an invisible one \
+         (a direction override, a zero-width space)"
+    )]
     UnwritableName(String),
     /// A model's display name is blank: the tab and the spend API would show nothing.
     #[error("model \"{0}\" has a blank display name")]
@@ -209,7 +213,7 @@ impl Catalog {
     /// Validates `models` and builds the lookups.
     ///
     /// Errors (the first found, in catalog order): an empty id or alias, an id or
-    /// alias with whitespace or a control character in it, a blank display name, a
+    /// alias with whitespace, a control or an invisible character in it, a blank display name, a
     /// duplicate id or alias, an alias that is also an id, or `max_output_tokens =
     /// 0`; see [`CatalogError`].
     pub fn new(models: Vec<Model>) -> Result<Catalog, CatalogError> {
@@ -334,10 +338,27 @@ impl Catalog {
     }
 }
 
-/// True when `name` (a model id or alias) can be written as it is: no whitespace
-/// and no control character anywhere in it.
+/// True when `name` (a model id or alias) can be written as it is: no
+/// whitespace, no control character and no character drawn as nothing that
+/// changes how text around it reads or hides in it: the direction marks,
+/// embeddings, overrides and isolates (U+061C, U+200E, U+200F, U+202A to
+/// U+202E, U+2066 to U+2069), which would print `b\u{202e}ig` as another name
+/// in every listing, and the zero-width space, joiners and word joiner, the
+/// byte order mark (U+200B to U+200D, U+2060, U+FEFF).
 fn writable(name: &str) -> bool {
-    !name.chars().any(|c| c.is_whitespace() || c.is_control())
+    !name.chars().any(|c| {
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(
+                c,
+                '\u{061C}'
+                    | '\u{200B}'..='\u{200F}'
+                    | '\u{202A}'..='\u{202E}'
+                    | '\u{2060}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{FEFF}'
+            )
+    })
 }
 
 #[cfg(test)]
@@ -438,7 +459,16 @@ pub(super) mod tests {
             Some(CatalogError::EmptyAlias { model: "e".into() })
         );
 
-        for name in [" m ", "m\tn", "m\u{0}", "m\u{a0}n"] {
+        for name in [
+            " m ",
+            "m\tn",
+            "m\u{0}",
+            "m\u{a0}n",
+            "b\u{202e}ig",
+            "m\u{2066}n",
+            "m\u{200b}",
+            "\u{feff}m",
+        ] {
             assert_eq!(
                 Catalog::new(vec![model(name, (1, 0), (1, 0))]).err(),
                 Some(CatalogError::UnwritableName(name.into()))
