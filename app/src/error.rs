@@ -326,6 +326,22 @@ impl ApiError {
             .map(String::from)
     }
 
+    /// `encoded`, an error as server_fn writes it into a page's address
+    /// (`__err`), written again with a fixed sentence for each code
+    /// ([`ApiError::with_fixed_text`]): the page shows only those, and what
+    /// was typed (an amount quoted in a message) must not go into the
+    /// browser's history or a proxy's log.
+    pub fn fixed_in_address(encoded: &str) -> Option<String> {
+        use server_fn::error::ServerFnUrlError;
+        let fixed = ServerFnUrlError::<ApiError>::decode_err(encoded).with_fixed_text();
+        let url = ServerFnUrlError::new("", fixed)
+            .to_url("http://panel.invalid/")
+            .ok()?;
+        url.query_pairs()
+            .find(|(name, _)| name == "__err")
+            .map(|(_, value)| value.into_owned())
+    }
+
     /// A failure of the session store as callers are answered:
     /// [`ApiError::Unavailable`] (503) when another program held the database's
     /// write lock past the wait, so that a sign-in or sign-out under a long

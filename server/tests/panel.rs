@@ -1043,6 +1043,19 @@ async fn a_limits_form_refused_without_javascript_comes_back_as_typed() {
         !refused.contains("44"),
         "what was typed is not in the address: {refused}"
     );
+    // Nor in the error written into it: its sentences are the fixed ones of
+    // its codes, not "\"1.234\" is ambiguous…".
+    let encoded = url::Url::parse(&refused)
+        .unwrap()
+        .query_pairs()
+        .find(|(name, _)| name == "__err")
+        .map(|(_, value)| value.into_owned())
+        .unwrap();
+    let error =
+        leptos::server_fn::error::ServerFnUrlError::<app::error::ApiError>::decode_err(&encoded);
+    let error = serde_json::to_string(&error).unwrap();
+    assert!(error.contains("ambiguous_separator"), "{error}");
+    assert!(!error.contains("1.234"), "{error}");
     let (status, _, html) = panel.send(get(&refused, Some(&admin))).await;
     assert_eq!(status, StatusCode::OK);
     let row = |html: &str, id: &str| {

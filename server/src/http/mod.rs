@@ -177,7 +177,8 @@ async fn tidy_location(request: Request, next: Next) -> Response {
     response
 }
 
-/// `location` with the error of the last post only, and with [`SAVED_KEY`] set
+/// `location` with the error of the last post only, its sentences the fixed
+/// ones of its codes ([`app::error::ApiError::fixed_in_address`]), and with [`SAVED_KEY`] set
 /// to `save` when it carries no error (the save at `save` succeeded) and taken
 /// out otherwise.
 ///
@@ -205,6 +206,16 @@ fn tidied_location(location: &str, save: Option<&str>) -> String {
         })
         .map(|(_, (name, value))| (name.as_str(), value.as_str()))
         .collect();
+    // The error's own sentences may quote what was typed: the address gets
+    // the fixed ones, which are all the page shows.
+    let fixed = last_error.and_then(|at| app::error::ApiError::fixed_in_address(&pairs[at].1));
+    if let Some(fixed) = &fixed {
+        for (name, value) in &mut kept {
+            if *name == "__err" {
+                *value = fixed.as_str();
+            }
+        }
+    }
     if let Some(save) = save.filter(|_| last_error.is_none()) {
         kept.push((SAVED_KEY, save));
     }
