@@ -892,6 +892,10 @@ async fn unknown_api_paths_answer_json_not_html() {
         "/API/v1/spend",
         "/Api",
         "//v1//models/",
+        "/v%31/models",
+        "/%761/models",
+        "/v1%2fmodels",
+        "/api%2Fv1%2Fspend",
     ]
     .into_iter()
     .chain(pages)

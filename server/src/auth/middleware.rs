@@ -82,7 +82,7 @@ pub(crate) fn canonical_path(path: &str) -> String {
 /// The path access is decided on: [`canonical_path`] of the percent-decoded
 /// canonical path, so that `/%61dmin/token-limits` and `/%2Fadmin` are `/admin`
 /// pages too.
-fn access_path(path: &str) -> String {
+pub(crate) fn access_path(path: &str) -> String {
     let canonical = canonical_path(path);
     canonical_path(&percent_encoding::percent_decode_str(&canonical).decode_utf8_lossy())
 }

@@ -335,10 +335,10 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
         )
             .into_response();
     }
-    if is_api_path(&canonical) {
+    if is_api_path(&crate::auth::middleware::access_path(request.uri().path())) {
         // An API client's path in another case or spelling (`/V1/models`,
-        // `/API/v1/spend`, `//v1//models`) reads the gateway's JSON 404 too,
-        // which lists the paths served.
+        // `/API/v1/spend`, `//v1//models`, `/v%31/models`) reads the
+        // gateway's JSON 404 too, which lists the paths served.
         return crate::gateway::unknown_endpoint(
             State(state.gateway.clone()),
             request.method().clone(),
@@ -365,8 +365,8 @@ async fn fallback(State(state): State<AppState>, request: Request<Body>) -> Resp
     response
 }
 
-/// Whether `canonical` (a canonical path) is under `/v1` or `/api` in any case:
-/// a path only the gateway's clients ask for.
+/// Whether `canonical` (a canonical path, percent-decoded) is under `/v1` or
+/// `/api` in any case: a path only the gateway's clients ask for.
 fn is_api_path(canonical: &str) -> bool {
     let first = canonical.split('/').nth(1).unwrap_or_default();
     first.eq_ignore_ascii_case("v1") || first.eq_ignore_ascii_case("api")
