@@ -1258,9 +1258,10 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
         Err(app::store::StoreError::NotFound { .. }) => true,
         Err(e) => return Err(e.into()),
     };
-    if new && apply == Apply::IfNew {
+    if new {
         // An operator in the wrong directory would otherwise get an empty
-        // database of the same name without a word (the default URL is relative).
+        // database of the same name without a word (the default URL is
+        // relative), whichever command made it: `demo` and `serve` too.
         say!(
             "{} held no workspace: set up a new one from the config. \
              Not the database you meant? Give --config, --database-url or TOLLGATE_DATABASE_URL.",
