@@ -794,16 +794,11 @@ fn chat_completions_url(base_url: &str) -> Result<url::Url, String> {
 /// True for a character a model's display name may not hold: a control
 /// character (a line break, a tab), a line or paragraph separator, a space other
 /// than U+0020, or a bidirectional formatting character, which reorders the text
-/// after it (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069). Joiners
-/// and variation selectors stay allowed: emoji (`👩‍💻`, `❤️`) and several scripts
-/// (Persian, Devanagari) need them.
+/// after it ([`app::domain::reorders_text`]). Joiners and variation selectors
+/// stay allowed: emoji (`👩‍💻`, `❤️`) and several scripts (Persian, Devanagari)
+/// need them.
 fn breaks_a_display_name(c: char) -> bool {
-    c.is_control()
-        || (c.is_whitespace() && c != ' ')
-        || matches!(
-            c,
-            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-        )
+    c.is_control() || (c.is_whitespace() && c != ' ') || app::domain::reorders_text(c)
 }
 
 /// Why `name` (a model's display name, the workspace's name) cannot be shown on

@@ -338,26 +338,30 @@ impl Catalog {
     }
 }
 
+/// True for a bidirectional formatting character, drawn as nothing but
+/// reordering the text after it: the direction marks, embeddings, overrides
+/// and isolates (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069).
+/// `b\u{202e}ig` would print as another name in every listing. Refused in
+/// model ids and aliases here, in display names and the workspace's name by
+/// the server's config.
+pub fn reorders_text(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 /// True when `name` (a model id or alias) can be written as it is: no
-/// whitespace, no control character and no character drawn as nothing that
-/// changes how text around it reads or hides in it: the direction marks,
-/// embeddings, overrides and isolates (U+061C, U+200E, U+200F, U+202A to
-/// U+202E, U+2066 to U+2069), which would print `b\u{202e}ig` as another name
-/// in every listing, and the zero-width space, joiners and word joiner, the
-/// byte order mark (U+200B to U+200D, U+2060, U+FEFF).
+/// whitespace, no control character, no character that reorders text
+/// ([`reorders_text`]), and none that hides in it: the zero-width space,
+/// joiners and word joiner, the byte order mark (U+200B to U+200D, U+2060,
+/// U+FEFF).
 fn writable(name: &str) -> bool {
     !name.chars().any(|c| {
         c.is_whitespace()
             || c.is_control()
-            || matches!(
-                c,
-                '\u{061C}'
-                    | '\u{200B}'..='\u{200F}'
-                    | '\u{202A}'..='\u{202E}'
-                    | '\u{2060}'
-                    | '\u{2066}'..='\u{2069}'
-                    | '\u{FEFF}'
-            )
+            || reorders_text(c)
+            || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}')
     })
 }
 

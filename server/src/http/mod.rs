@@ -195,6 +195,9 @@ fn tidied_location(location: &str, save: Option<&str>) -> String {
         .collect();
     let last = |key: &str| pairs.iter().rposition(|(name, _)| name == key);
     let (last_path, last_error) = (last("__path"), last("__err"));
+    // The error's own sentences may quote what was typed: the address gets
+    // the fixed ones, which are all the page shows.
+    let fixed = last_error.and_then(|at| app::error::ApiError::fixed_in_address(&pairs[at].1));
     let mut kept: Vec<(&str, &str)> = pairs
         .iter()
         .enumerate()
@@ -204,18 +207,11 @@ fn tidied_location(location: &str, save: Option<&str>) -> String {
             SAVED_KEY => false,
             _ => true,
         })
-        .map(|(_, (name, value))| (name.as_str(), value.as_str()))
+        .map(|(at, (name, value))| match &fixed {
+            Some(fixed) if Some(at) == last_error => (name.as_str(), fixed.as_str()),
+            _ => (name.as_str(), value.as_str()),
+        })
         .collect();
-    // The error's own sentences may quote what was typed: the address gets
-    // the fixed ones, which are all the page shows.
-    let fixed = last_error.and_then(|at| app::error::ApiError::fixed_in_address(&pairs[at].1));
-    if let Some(fixed) = &fixed {
-        for (name, value) in &mut kept {
-            if *name == "__err" {
-                *value = fixed.as_str();
-            }
-        }
-    }
     if let Some(save) = save.filter(|_| last_error.is_none()) {
         kept.push((SAVED_KEY, save));
     }
