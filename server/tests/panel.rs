@@ -16,7 +16,7 @@ use app::{
 };
 use axum::{
     body::Body,
-    http::{header, HeaderValue, Request, StatusCode},
+    http::{header, HeaderValue, Method, Request, StatusCode},
     Router,
 };
 use chrono::Utc;
@@ -870,6 +870,37 @@ async fn the_tab_shows_what_is_held_for_requests_in_flight() {
     let body = panel.open_tab(&admin).await;
     // The tab shows cents, like its other figures (R2).
     assert!(body.contains("<span id=\"reserved\">€0.01<"), "{body}");
+}
+
+/// A page asked for with a method other than GET or HEAD gets a short page
+/// saying so (405, with `Allow`), not the router's empty answer; the tab is
+/// unchanged. Its sign-in rule still comes first.
+#[tokio::test]
+async fn pages_with_another_method_say_so() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let before = panel.settings().await;
+    for method in [Method::PUT, Method::POST, Method::DELETE, Method::PATCH] {
+        for path in ["/admin/token-limits", "/login", "/"] {
+            let mut request = post(path, "automatic_fallback=false", Some(&admin));
+            *request.method_mut() = method.clone();
+            let (status, headers, body) = panel.send(request).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_eq!(headers[header::ALLOW], "GET,HEAD", "{method} {path}");
+            let content_type = headers[header::CONTENT_TYPE].to_str().unwrap();
+            assert!(content_type.starts_with("text/html"), "{content_type}");
+            assert!(body.contains("<h1>Method not allowed</h1>"), "{body}");
+        }
+    }
+    assert_eq!(panel.settings().await, before, "nothing changed");
+    let mut anonymous = post("/admin/token-limits", "", None);
+    *anonymous.method_mut() = Method::PUT;
+    let (status, headers, _) = panel.send(anonymous).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert!(headers[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .starts_with("/login?"));
 }
 
 #[tokio::test]

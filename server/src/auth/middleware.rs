@@ -195,32 +195,41 @@ pub async fn authorize(
         (Access::AdminFunction, Some(_)) if !is_admin => refused(&ApiError::Forbidden),
         (Access::AdminPage | Access::AdminFunction, Some(_)) => next.run(request).await,
     };
-    if path.starts_with("/fn/") {
-        match response.status() {
-            StatusCode::INTERNAL_SERVER_ERROR => {
-                let problem = call_body
-                    .as_deref()
-                    .and_then(|body| std::str::from_utf8(body).ok())
-                    .and_then(|body| arguments::argument_problem(&path, body));
-                return malformed_call_as_bad_request(response, problem).await;
-            }
-            // The router's own answer has no body: said in the functions' shape,
-            // keeping its `Allow`.
-            StatusCode::METHOD_NOT_ALLOWED => {
-                let mut answer = refuse(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    "Server functions are called with POST.",
-                );
-                if let Some(allow) = response.headers().get(header::ALLOW) {
-                    answer.headers_mut().insert(header::ALLOW, allow.clone());
-                }
-                return answer;
-            }
-            _ => {}
-        }
+    if path.starts_with("/fn/") && response.status() == StatusCode::INTERNAL_SERVER_ERROR {
+        let problem = call_body
+            .as_deref()
+            .and_then(|body| std::str::from_utf8(body).ok())
+            .and_then(|body| arguments::argument_problem(&path, body));
+        return malformed_call_as_bad_request(response, problem).await;
+    }
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        return method_not_allowed(&path, response.headers().get(header::ALLOW));
     }
     response
+}
+
+/// The router's own 405, which has no body, said in the shape its callers
+/// read: JSON for a server function (code `method_not_allowed`), a short page
+/// for a page (`PUT /admin/token-limits`). `allow` (the methods the path
+/// takes) is kept.
+fn method_not_allowed(path: &str, allow: Option<&HeaderValue>) -> Response {
+    let mut answer = if path.starts_with("/fn/") {
+        refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Server functions are called with POST.",
+        )
+    } else {
+        short_page(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            "Pages are read with GET; nothing was changed.",
+        )
+    };
+    if let Some(allow) = allow {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
 }
 
 /// What every server function call's body must be before anything runs: not
@@ -452,19 +461,24 @@ fn forbidden_page() -> Response {
 /// A page that cannot be shown for now: `error` (503) as a line of HTML, with
 /// `Retry-After`.
 fn unavailable_page(error: &ApiError) -> Response {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut page = short_page(status, "Unavailable for now", &error.to_string());
+    page.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    page
+}
+
+/// A page of one heading and one paragraph, answered with `status`. `text` is
+/// escaped.
+fn short_page(status: StatusCode, heading: &str, text: &str) -> Response {
+    let text = html_escape::encode_text(text);
     let body = format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <title>Unavailable · Tollgate</title></head>\
-         <body><main class=\"centered\"><h1>Unavailable for now</h1><p>{error}</p>\
+         <title>{heading} · Tollgate</title></head>\
+         <body><main class=\"centered\"><h1>{heading}</h1><p>{text}</p>\
          </main></body></html>"
     );
-    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    (
-        status,
-        [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
-        Html(body),
-    )
-        .into_response()
+    (status, Html(body)).into_response()
 }
 
 /// The page a form posted without JavaScript was sent from: its `Referer`, when
