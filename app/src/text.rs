@@ -87,8 +87,40 @@ pub const SHOWN_ID_CHARS: usize = 64;
 /// escape (`\u{202e}`), as `tollgate usage list` prints keys, so that a message
 /// stays one line that reads as sent.
 pub fn shown_text(text: &str) -> String {
+    let (kept, cut) = cut(text);
+    format!("{}{cut}", shown(kept))
+}
+
+/// `text`, from the operator's command line or config file, as its error
+/// message quotes it: in double quotes with Rust's escapes (`"a\tb"`,
+/// `"\u{202e}"`), its first [`SHOWN_ID_CHARS`] characters only, then `…`
+/// after the closing quote, so that a long value does not fill the terminal.
+pub fn quoted(text: &str) -> String {
+    let (kept, cut) = cut(text);
+    format!("{kept:?}{cut}")
+}
+
+/// `text`'s first [`SHOWN_ID_CHARS`] characters, and `…` when that is not all.
+fn cut(text: &str) -> (&str, &'static str) {
     match text.char_indices().nth(SHOWN_ID_CHARS) {
-        Some((end, _)) => format!("{}…", shown(&text[..end])),
-        None => shown(text),
+        Some((end, _)) => (&text[..end], "…"),
+        None => (text, ""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_values_are_escaped_and_cut() {
+        assert_eq!(quoted("Europe/Berlin"), "\"Europe/Berlin\"");
+        assert_eq!(quoted("a\tb\"c"), "\"a\\tb\\\"c\"");
+        assert_eq!(quoted("\u{202e}gpj"), "\"\\u{202e}gpj\"");
+        let exactly = "é".repeat(SHOWN_ID_CHARS);
+        assert_eq!(quoted(&exactly), format!("\"{exactly}\""));
+        let long = format!("{exactly}tail");
+        assert_eq!(quoted(&long), format!("\"{exactly}\"…"));
+        assert_eq!(shown_text(&long), format!("{exactly}…"));
     }
 }

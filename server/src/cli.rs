@@ -638,8 +638,8 @@ async fn run_command(
                     Ok(())
                 }
                 Err(app::store::StoreError::NotFound { .. }) => anyhow::bail!(
-                    "no user has the email {:?}: see `tollgate user list`",
-                    email.trim()
+                    "no user has the email {}: see `tollgate user list`",
+                    quoted(email.trim())
                 ),
                 Err(e) => Err(e.into()),
             }
@@ -802,7 +802,10 @@ async fn replay_ready(
         ("--conversation-model", &options.conversation_model),
     ] {
         if config.setup.catalog.resolve(model).is_none() {
-            anyhow::bail!("{flag} {model:?} is not a model of the config's catalog");
+            anyhow::bail!(
+                "{flag} {} is not a model of the config's catalog",
+                quoted(model)
+            );
         }
     }
     if let Some(path) = json {
@@ -857,7 +860,7 @@ async fn replay(
 /// label that fits on a line of `tollgate key list`.
 const MAX_KEY_NAME_CHARS: usize = 100;
 
-pub(crate) use app::text::{is_hidden, shown};
+pub(crate) use app::text::{is_hidden, quoted, shown};
 
 /// Whether two texts are drawn alike: the same skeleton by Unicode's
 /// confusable detection (UTS #39), which catches one text in two normal forms
@@ -921,7 +924,7 @@ fn key_name(name: &str) -> anyhow::Result<&str> {
 fn new_user_email(email: &str) -> anyhow::Result<&str> {
     let email = email.trim();
     if !is_plausible_email(email) || !is_plausible_email(&app::store::normalized_email(email)) {
-        anyhow::bail!("--email {email:?} is not an email address");
+        anyhow::bail!("--email {} is not an email address", quoted(email));
     }
     Ok(email)
 }
@@ -935,7 +938,7 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
 fn user_email(email: &str) -> anyhow::Result<()> {
     match email.trim().split_once('@') {
         Some((local, domain)) if !local.is_empty() && !domain.is_empty() => Ok(()),
-        _ => anyhow::bail!("--email {:?} is not an email address", email.trim()),
+        _ => anyhow::bail!("--email {} is not an email address", quoted(email.trim())),
     }
 }
 
@@ -1070,7 +1073,12 @@ async fn listed_user(store: &SharedStore, email: &str) -> anyhow::Result<app::st
         .await?
         .into_iter()
         .find(|user| user.email == wanted)
-        .with_context(|| format!("no user has the email {email:?}: see `tollgate user list`"))
+        .with_context(|| {
+            format!(
+                "no user has the email {}: see `tollgate user list`",
+                quoted(email)
+            )
+        })
 }
 
 /// The demo's accounts.
@@ -1314,10 +1322,10 @@ fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, ModelLimit)
             disabled,
         } => {
             let amount = parse_eur_input(eur)
-                .map_err(|e| anyhow::anyhow!("--eur {eur:?}: {}", e.message()))?;
+                .map_err(|e| anyhow::anyhow!("--eur {}: {}", quoted(eur), e.message()))?;
             let nanos = amount
                 .to_nanos_rounded()
-                .map_err(|e| anyhow::anyhow!("--eur {eur:?}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("--eur {}: {e}", quoted(eur)))?;
             (
                 model,
                 ModelLimit {

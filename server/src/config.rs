@@ -11,6 +11,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc};
 use app::{
     domain::{Catalog, CatalogError, Model, ModelId, Money, PricePerMTok, Prices},
     store::{PlanRecord, WorkspaceSetup},
+    text::quoted,
 };
 use chrono::NaiveDate;
 use chrono_tz::Tz;
@@ -281,8 +282,9 @@ impl Config {
             invalid(
                 listen_key,
                 format!(
-                    "{listen:?} is not an address like 127.0.0.1:8080 or a host name and port \
-                     like localhost:8080"
+                    "{} is not an address like 127.0.0.1:8080 or a host name and port \
+                     like localhost:8080",
+                    quoted(&listen)
                 ),
             )
         })?;
@@ -377,8 +379,9 @@ impl Config {
                 return Err(invalid(
                     "settlement_spool",
                     format!(
-                        "{folder:?} starts with ~, which names a folder of that name here: \
-                         no shell expands it in the config; write the whole path"
+                        "{} starts with ~, which names a folder of that name here: \
+                         no shell expands it in the config; write the whole path",
+                        quoted(&folder)
                     ),
                 ))
             }
@@ -437,7 +440,7 @@ impl Config {
             Some(other) => {
                 return Err(invalid(
                     "sqlite_synchronous",
-                    format!("{other:?} is not one of \"normal\", \"full\""),
+                    format!("{} is not one of \"normal\", \"full\"", quoted(other)),
                 ))
             }
         };
@@ -453,7 +456,10 @@ impl Config {
             Some(tz) => tz.parse().map_err(|_| {
                 invalid(
                     "workspace.timezone",
-                    format!("{tz:?} is not an IANA timezone name like Europe/Berlin"),
+                    format!(
+                        "{} is not an IANA timezone name like Europe/Berlin",
+                        quoted(tz)
+                    ),
                 )
             })?,
         };
@@ -486,7 +492,7 @@ impl Config {
         let start = NaiveDate::parse_from_str(&start_text, "%Y-%m-%d").map_err(|_| {
             invalid(
                 "plan.start",
-                format!("{start_text:?} is not a date like 2026-01-31"),
+                format!("{} is not a date like 2026-01-31", quoted(&start_text)),
             )
         })?;
 
@@ -625,8 +631,9 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
         invalid(
             key,
             format!(
-                "{text:?} is not a decimal number like \"12.50\" \
-                 (digits and one point; no spaces, underscores or exponent)"
+                "{} is not a decimal number like \"12.50\" \
+                 (digits and one point; no spaces, underscores or exponent)",
+                quoted(text)
             ),
         )
     };
@@ -635,7 +642,10 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
     if text.starts_with('-') {
         return Err(invalid(
             key,
-            format!("{text:?} is negative: amounts and prices must not be negative"),
+            format!(
+                "{} is negative: amounts and prices must not be negative",
+                quoted(text)
+            ),
         ));
     }
     let plain = !text.is_empty()
@@ -650,7 +660,8 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
             invalid(
                 key,
                 format!(
-                    "{text:?} is too large: at most {} can be kept",
+                    "{} is too large: at most {} can be kept",
+                    quoted(text),
                     Decimal::MAX
                 ),
             )
@@ -667,8 +678,9 @@ fn decimal(key: &str, text: &str) -> Result<Decimal, ConfigError> {
         return Err(invalid(
             key,
             format!(
-                "{text:?} has more digits than are kept exactly (28 digits at most): \
-                 it would be rounded"
+                "{} has more digits than are kept exactly (28 digits at most): \
+                 it would be rounded",
+                quoted(text)
             ),
         ));
     }
@@ -721,7 +733,7 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
         if out.iter().any(|o| o.name == u.name) {
             return Err(invalid(
                 format!("upstreams[{i}].name"),
-                format!("{:?} is declared twice", u.name),
+                format!("{} is declared twice", quoted(&u.name)),
             ));
         }
         let chat_completions_url = chat_completions_url(&u.base_url)
@@ -736,9 +748,10 @@ fn validate_upstreams(upstreams: Vec<UpstreamSection>) -> Result<Vec<Upstream>, 
                 return Err(invalid(
                     format!("upstreams[{i}].api_key_env"),
                     format!(
-                        "{var:?} is not an environment variable's name (letters, digits and \
+                        "{} is not an environment variable's name (letters, digits and \
                          `_`, not starting with a digit): name the one that holds the key \
-                         (OPENAI_API_KEY), or leave the key out for an upstream that takes none"
+                         (OPENAI_API_KEY), or leave the key out for an upstream that takes none",
+                        quoted(var)
                     ),
                 ));
             }
@@ -811,8 +824,9 @@ fn check_visible_line(name: &str) -> Result<(), String> {
         .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c));
     if !visible || name.contains(breaks_a_display_name) {
         return Err(format!(
-            "{name:?} must be visible text on one line: no line breaks, tabs or direction \
-             overrides"
+            "{} must be visible text on one line: no line breaks, tabs or direction \
+             overrides",
+            quoted(name)
         ));
     }
     Ok(())
@@ -828,8 +842,9 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
     check_visible_line(name)?;
     if name.split_whitespace().collect::<Vec<_>>().join(" ") != name {
         return Err(format!(
-            "{name:?} has spaces at an end or several in a row, which the tab does not \
-             show: write single spaces between words"
+            "{} has spaces at an end or several in a row, which the tab does not \
+             show: write single spaces between words",
+            quoted(name)
         ));
     }
     match earlier
@@ -838,13 +853,15 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
         .find(|(_, other)| crate::cli::looks_alike(&other.display_name, name))
     {
         Some((j, other)) if other.display_name == name => Err(format!(
-            "{name:?} is already the display name of models[{j}]: the tab would show two \
-             models alike"
+            "{} is already the display name of models[{j}]: the tab would show two \
+             models alike",
+            quoted(name)
         )),
         Some((j, other)) => Err(format!(
-            "{name:?} looks like {:?}, the display name of models[{j}]: the tab would show \
+            "{} looks like {}, the display name of models[{j}]: the tab would show \
              two models alike",
-            other.display_name
+            quoted(name),
+            quoted(&other.display_name)
         )),
         None => Ok(()),
     }
@@ -870,7 +887,10 @@ fn build_catalog(
         if !upstreams.iter().any(|u| u.name == m.upstream) {
             return Err(invalid(
                 key("upstream"),
-                format!("{:?} is not the name of an [[upstreams]] entry", m.upstream),
+                format!(
+                    "{} is not the name of an [[upstreams]] entry",
+                    quoted(&m.upstream)
+                ),
             ));
         }
         let input = price(&key("input_eur_per_mtok"), &m.input_eur_per_mtok)?;
@@ -901,8 +921,9 @@ fn build_catalog(
                 return Err(invalid(
                     key("upstream_model"),
                     format!(
-                        "{name:?} is not a model's name at the provider (no spaces around it, no \
-                         control characters): leave the key out to send the model's id"
+                        "{} is not a model's name at the provider (no spaces around it, no \
+                         control characters): leave the key out to send the model's id",
+                        quoted(name)
                     ),
                 ));
             }
@@ -1206,6 +1227,30 @@ mod tests {
         let gpt5 = config.setup.catalog.resolve("gpt-5").unwrap();
         assert_eq!(gpt5.prices.output.eur_per_mtok(), Decimal::new(86, 1));
         assert_eq!(config.database_url, DEFAULT_DATABASE_URL);
+    }
+
+    /// A long wrong value is quoted by its start only, so that the message of
+    /// a value pasted by mistake still fits a terminal's line or two.
+    #[test]
+    fn a_long_value_is_quoted_cut() {
+        let long = format!("Europe/{}", "x".repeat(5_000));
+        for (key, text) in [
+            (
+                "workspace.timezone",
+                format!("[workspace]\ntimezone = \"{long}\"\n"),
+            ),
+            ("plan.start", format!("[plan]\nstart = \"{long}\"\n")),
+            (
+                "plan.budget_eur",
+                format!("[plan]\nbudget_eur = \"{long}\"\n"),
+            ),
+        ] {
+            let err = load_text(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+            let start: String = long.chars().take(64).collect();
+            assert!(err.contains(&format!("\"{start}\"…")), "{key}: {err}");
+            assert!(err.len() < 300, "{key}: {} bytes", err.len());
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@ async fn main() -> std::process::ExitCode {
         Err(_) => default_filter(),
         Ok(text) => EnvFilter::try_new(&text).unwrap_or_else(|e| {
             server::say!(
-                "tollgate: TOLLGATE_LOG={text:?} is not a tracing filter ({e}); using the default"
+                "tollgate: TOLLGATE_LOG={} is not a tracing filter ({e}); using the default",
+                app::text::quoted(&text)
             );
             default_filter()
         }),
