@@ -97,7 +97,9 @@ max_output_tokens = 4096
         .unwrap();
     let key = common::member_key(&store, "bench@example.com").await;
     let mut state = AppState::new(config.clone(), store.clone());
-    let gateway = Arc::new(Gateway::new(&config, store.clone(), |_| None));
+    let gateway = Arc::new(Gateway::new(&config, store.clone(), |_| {
+        Err(std::env::VarError::NotPresent)
+    }));
     state.gateway = gateway.clone();
     let app = server::http::router(state, database.sessions.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

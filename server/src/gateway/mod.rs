@@ -114,8 +114,9 @@ pub type SharedGateway = Arc<Gateway>;
 
 impl Gateway {
     /// A gateway over `store` for `config`'s catalog and upstreams, reading each
-    /// upstream's key with `env` (the name in `api_key_env` → its value). A missing
-    /// variable is logged by name and the upstream is called without a key.
+    /// upstream's key with `env` (the name in `api_key_env` → its value, as
+    /// `std::env::var` answers). A variable unset, empty or not UTF-8 is logged
+    /// by name, once, and the upstream is called without a key.
     ///
     /// Infallible by design, so that the router state can always be built: the
     /// metric names are fixed, and the rustls client with compiled-in roots has no
@@ -124,7 +125,7 @@ impl Gateway {
     pub fn new(
         config: &Config,
         store: SharedStore,
-        env: impl Fn(&str) -> Option<String>,
+        env: impl Fn(&str) -> Result<String, std::env::VarError>,
     ) -> Gateway {
         let upstreams = config
             .upstreams
@@ -132,13 +133,19 @@ impl Gateway {
             .map(|u| {
                 let key = u.api_key_env.as_deref().and_then(|var| {
                     // A secret file's trailing line break is not part of the key.
-                    let key = env(var)
-                        .map(|k| k.trim().to_owned())
-                        .filter(|k| !k.is_empty());
-                    let Some(key) = key else {
-                        tracing::warn!(upstream = %u.name, variable = %var,
-                            "the upstream's key variable is unset or empty: calling it without a key");
-                        return None;
+                    let key = match env(var) {
+                        Ok(key) if !key.trim().is_empty() => key.trim().to_owned(),
+                        Err(std::env::VarError::NotUnicode(_)) => {
+                            tracing::error!(upstream = %u.name, variable = %var,
+                                "the upstream's key variable is not valid UTF-8, so it cannot \
+                                 be a key: calling it without a key");
+                            return None;
+                        }
+                        _ => {
+                            tracing::warn!(upstream = %u.name, variable = %var,
+                                "the upstream's key variable is unset or empty: calling it without a key");
+                            return None;
+                        }
                     };
                     let secret = Secret::new(key);
                     if secret.is_none() {
@@ -210,17 +217,7 @@ impl Gateway {
 
     /// [`Gateway::new`] with the keys from the process environment, shared.
     pub fn from_env(config: &Config, store: SharedStore) -> SharedGateway {
-        Arc::new(Gateway::new(config, store, |name| {
-            match std::env::var(name) {
-                Ok(value) => Some(value),
-                Err(std::env::VarError::NotPresent) => None,
-                Err(std::env::VarError::NotUnicode(_)) => {
-                    tracing::error!(variable = %name,
-                        "an upstream's key variable is not valid UTF-8, so it cannot be a key");
-                    None
-                }
-            }
-        }))
+        Arc::new(Gateway::new(config, store, |name| std::env::var(name)))
     }
 
     /// Settles what waits in the settlement spool (see [`hold::replay_spool`]).

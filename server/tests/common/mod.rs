@@ -244,7 +244,11 @@ impl Stack {
             .await
             .unwrap();
         let key = member_key(&store, "member@example.com").await;
-        let gateway = Arc::new(server::gateway::Gateway::new(&config, store.clone(), env));
+        let gateway = Arc::new(server::gateway::Gateway::new(
+            &config,
+            store.clone(),
+            move |name| env(name).ok_or(std::env::VarError::NotPresent),
+        ));
         let mut state = server::http::AppState::new(config, store.clone());
         state.gateway = gateway.clone();
         let (url, server) = serve(server::http::router(state, database.sessions.clone())).await;
