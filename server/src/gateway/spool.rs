@@ -87,7 +87,7 @@ impl Spool {
             // Hidden, so never taken for an entry; a name of its own, since
             // several processes may check one folder at the same instant.
             let probe = dir.join(format!(".write-check-{}", uuid::Uuid::new_v4()));
-            let mut file = atomic_write_file::AtomicWriteFile::open(&probe)?;
+            let mut file = open_private(&probe)?;
             file.write_all(b"{}")?;
             file.commit()?;
             std::fs::remove_file(probe)
@@ -109,7 +109,7 @@ impl Spool {
         self.claim(&entry.reservation);
         let written = tokio::task::spawn_blocking(move || {
             create_private_dir(&dir)?;
-            let mut file = atomic_write_file::AtomicWriteFile::open(&path)?;
+            let mut file = open_private(&path)?;
             file.write_all(&json)?;
             file.commit()
         })
@@ -228,6 +228,14 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Opens `path` to be written atomically (in full, or not at all), readable
+/// by its owner only as the database file is: an entry names the user, the
+/// API key and the usage of a request.
+fn open_private(path: &Path) -> std::io::Result<atomic_write_file::AtomicWriteFile> {
+    use std::os::unix::fs::OpenOptionsExt;
+    atomic_write_file::OpenOptions::new().mode(0o600).open(path)
+}
+
 fn read_entries(dir: &Path) -> std::io::Result<Vec<PendingSettlement>> {
     let listing = match std::fs::read_dir(dir) {
         Ok(listing) => listing,
@@ -324,7 +332,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_folder_is_private_and_holds_whole_entries_only() {
+    async fn the_folder_and_its_entries_are_private_and_entries_whole() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::new(dir.path().join("a/b"));
@@ -332,6 +340,9 @@ mod tests {
         spool.put(&entry(id, None, 0)).await.unwrap();
         let mode = std::fs::metadata(spool.dir()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+        let file = spool.dir().join(format!("{id}.json"));
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         let names: Vec<String> = std::fs::read_dir(spool.dir())
             .unwrap()
             .map(|item| item.unwrap().file_name().into_string().unwrap())
