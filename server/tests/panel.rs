@@ -988,13 +988,16 @@ async fn forms_posted_without_javascript_return_to_their_page() {
         request
     };
     let version = panel.settings().await.version;
-    let (status, headers, _) = panel
+    let (status, headers, body) = panel
         .send(browser_post(
             format!("automatic_fallback=maybe&settings_version={version}"),
             page,
         ))
         .await;
     assert_eq!(status, StatusCode::FOUND);
+    // The redirect alone: server_fn's JSON result is not sent beside it.
+    assert_eq!(body, "");
+    assert!(headers.get(header::CONTENT_TYPE).is_none(), "{headers:?}");
     let refused = headers[header::LOCATION].to_str().unwrap().to_owned();
     assert!(refused.starts_with(&format!("{page}?__path=")), "{refused}");
     assert!(refused.contains("&__err="), "{refused}");
@@ -1008,7 +1011,7 @@ async fn forms_posted_without_javascript_return_to_their_page() {
     let again = headers[header::LOCATION].to_str().unwrap().to_owned();
     assert_eq!(again.matches("__path=").count(), 1, "{again}");
     assert_eq!(again.matches("__err=").count(), 1, "{again}");
-    let (status, headers, _) = panel
+    let (status, headers, body) = panel
         .send(browser_post(
             format!("automatic_fallback=off&settings_version={version}"),
             &again,
@@ -1017,6 +1020,7 @@ async fn forms_posted_without_javascript_return_to_their_page() {
     // Saved: back to the page with neither error, and word of the success,
     // which the page shows as the script would.
     assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(body, "");
     let saved = headers[header::LOCATION].to_str().unwrap().to_owned();
     assert_eq!(
         saved,

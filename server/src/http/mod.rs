@@ -148,8 +148,8 @@ const PANEL_HEADERS: [(HeaderName, &str); 5] = [
 const SAVES: [&str; 2] = [SaveAutomaticFallback::PATH, SaveModelLimits::PATH];
 
 /// Tidies the address a form posted without JavaScript is sent back to
-/// (server_fn's redirect to its `Referer`, see [`tidied_location`]), and marks
-/// a successful save's.
+/// (server_fn's redirect to its `Referer`, see [`tidied_location`]), marks
+/// a successful save's, and sends the redirect without a body.
 async fn tidy_location(request: Request, next: Next) -> Response {
     let save = SAVES
         .into_iter()
@@ -162,6 +162,11 @@ async fn tidy_location(request: Request, next: Next) -> Response {
     if !response.status().is_redirection() || sent_to_sign_in {
         return response;
     }
+    // server_fn answers a form's post with its result in JSON beside the
+    // redirect, which no browser shows: the redirect goes without it.
+    *response.body_mut() = Body::empty();
+    response.headers_mut().remove(header::CONTENT_TYPE);
+    response.headers_mut().remove(header::CONTENT_LENGTH);
     let tidied = response
         .headers()
         .get(header::LOCATION)
