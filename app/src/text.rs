@@ -87,7 +87,19 @@ pub const SHOWN_ID_CHARS: usize = 64;
 /// escape (`\u{202e}`), as `tollgate usage list` prints keys, so that a message
 /// stays one line that reads as sent.
 pub fn shown_text(text: &str) -> String {
-    let (kept, cut) = cut(text);
+    let (kept, cut) = cut(text, SHOWN_ID_CHARS);
+    format!("{}{cut}", shown(kept))
+}
+
+/// Most characters of a path or a database URL that a message repeats: more
+/// than an id, since the end of a path tells which file it is.
+pub const SHOWN_PATH_CHARS: usize = 200;
+
+/// `path` (a file, a folder, a database URL) as a message or a log line repeats
+/// it: as [`shown_text`] shows a caller's text (each character that would not
+/// show as itself escaped), cut after [`SHOWN_PATH_CHARS`] characters with `…`.
+pub fn shown_path(path: &str) -> String {
+    let (kept, cut) = cut(path, SHOWN_PATH_CHARS);
     format!("{}{cut}", shown(kept))
 }
 
@@ -96,13 +108,13 @@ pub fn shown_text(text: &str) -> String {
 /// `"\u{202e}"`), its first [`SHOWN_ID_CHARS`] characters only, then `…`
 /// after the closing quote, so that a long value does not fill the terminal.
 pub fn quoted(text: &str) -> String {
-    let (kept, cut) = cut(text);
+    let (kept, cut) = cut(text, SHOWN_ID_CHARS);
     format!("{kept:?}{cut}")
 }
 
-/// `text`'s first [`SHOWN_ID_CHARS`] characters, and `…` when that is not all.
-fn cut(text: &str) -> (&str, &'static str) {
-    match text.char_indices().nth(SHOWN_ID_CHARS) {
+/// `text`'s first `chars` characters, and `…` when that is not all.
+fn cut(text: &str, chars: usize) -> (&str, &'static str) {
+    match text.char_indices().nth(chars) {
         Some((end, _)) => (&text[..end], "…"),
         None => (text, ""),
     }
@@ -122,5 +134,11 @@ mod tests {
         let long = format!("{exactly}tail");
         assert_eq!(quoted(&long), format!("\"{exactly}\"…"));
         assert_eq!(shown_text(&long), format!("{exactly}…"));
+        let path = format!("/tmp/\u{1b}[2J{}", "x".repeat(SHOWN_PATH_CHARS));
+        let shown = shown_path(&path);
+        assert!(shown.starts_with("/tmp/\\u{1b}[2Jxxx"), "{shown}");
+        assert!(shown.ends_with("x…"), "{shown}");
+        assert_eq!(shown.chars().count(), SHOWN_PATH_CHARS + "\\u{1b}".len());
+        assert_eq!(shown_path("sqlite://tollgate.db"), "sqlite://tollgate.db");
     }
 }

@@ -253,12 +253,13 @@ impl Config {
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) => {
+                let shown = || app::text::shown_path(&path.display().to_string());
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.display().to_string(),
+                    path: shown(),
                     source,
                 })?;
                 parse_file(&text).map_err(|message| ConfigError::Parse {
-                    path: path.display().to_string(),
+                    path: shown(),
                     message,
                 })?
             }
@@ -319,6 +320,17 @@ impl Config {
                 db_key,
                 "is in SQLite's URI form (file:…), which Tollgate does not take: write \
                  sqlite://books.db (relative) or sqlite:///var/lib/tollgate/books.db",
+            ));
+        }
+        if let Some(hidden) = database_url.chars().find(|c| crate::cli::is_hidden(*c)) {
+            return Err(invalid(
+                db_key,
+                format!(
+                    "holds {}, a character that does not show as itself (a line break, a \
+                     tab, a terminal's escape): a database URL is written in visible \
+                     characters, percent-encoded where needed",
+                    quoted(&hidden.to_string())
+                ),
             ));
         }
         if database_url.starts_with("sqlite:") && database_url.contains('#') {
@@ -1445,6 +1457,16 @@ mod tests {
                 "database_url = \"sqlite://books.db?mode=ro\"",
                 "database_url",
                 "read-only (mode=ro)",
+            ),
+            (
+                "database_url = \"sqlite:///tmp/x/\\nbooks\\u001b[2J.db\"",
+                "database_url",
+                "holds \"\\n\", a character that does not show as itself",
+            ),
+            (
+                "database_url = \"postgres://db/books\\t\"",
+                "database_url",
+                "holds \"\\t\"",
             ),
             (
                 "database_url = \"sqlite://books.db?immutable=1\"",

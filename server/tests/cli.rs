@@ -1109,6 +1109,15 @@ async fn commands_leave_the_servers_plan_and_catalog_alone() {
         stderr.contains("\"openai/gpt-5\" is not a model of the catalog"),
         "{stderr}"
     );
+    // A long name is quoted by its start: a line, not a screenful.
+    let long = format!("gpt-{}", "x".repeat(3_000));
+    let stderr = cli.fails(&["limit", "clear", &long]);
+    let start: String = long.chars().take(64).collect();
+    assert!(
+        stderr.contains(&format!("\"{start}\"… is not a model of the catalog")),
+        "{stderr}"
+    );
+    assert!(stderr.len() < 1_000, "{} bytes", stderr.len());
     assert_eq!(plan().await, before);
 }
 

@@ -2162,7 +2162,7 @@ macro_rules! impl_store {
                         tx.rollback().await.map_err(db_error)?;
                         return Err(StoreError::Invalid {
                             code: "unknown_model",
-                            message: format!("{:?} is not a model of the catalog", change.model.as_str()),
+                            message: format!("{} is not a model of the catalog", app::text::quoted(change.model.as_str())),
                         });
                     }
                     let (old, version) = current

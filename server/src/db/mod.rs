@@ -164,8 +164,14 @@ pub async fn connect(
 /// messages and logs. A PostgreSQL URL that does not parse is shown by its
 /// scheme alone: where its password starts and ends cannot be told (a `#` or
 /// a `/` in it, not percent-encoded, is a common way to get there). A SQLite
-/// URL holds no password and is shown as written.
+/// URL holds no password and is shown as written. Either is shown on one line
+/// and cut as `app::text::shown_path` shows paths.
 pub fn redact_url(url: &str) -> String {
+    app::text::shown_path(&redacted(url))
+}
+
+/// `url` with its password masked, as [`redact_url`] says, not yet cut.
+fn redacted(url: &str) -> String {
     if url.starts_with("sqlite:") {
         return url.to_owned();
     }
@@ -262,5 +268,12 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
+        // A long URL is cut, so that a path pasted by mistake does not fill
+        // the terminal.
+        let long = format!("sqlite:///tmp/{}.db", "x".repeat(3_000));
+        let shown = redact_url(&long);
+        assert!(shown.starts_with("sqlite:///tmp/xxx"), "{shown}");
+        assert!(shown.ends_with('…'), "{shown}");
+        assert_eq!(shown.chars().count(), app::text::SHOWN_PATH_CHARS + 1);
     }
 }

@@ -722,7 +722,10 @@ fn create_private(path: &std::path::Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(std::io::Error::new(
             e.kind(),
-            format!("cannot create {}: {e}", path.display()),
+            format!(
+                "cannot create {}: {e}",
+                app::text::shown_path(&path.display().to_string())
+            ),
         )),
     }
 }
