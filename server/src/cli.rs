@@ -1271,7 +1271,8 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
         // database of the same name without a word (the default URL is
         // relative), whichever command made it: `demo` and `serve` too.
         say!(
-            "{} held no workspace: set up a new one from the config. \
+            "{} held no workspace: set up a new one from the config (the built-in default \
+             when no config file is given). \
              Not the database you meant? Give --config, --database-url or TOLLGATE_DATABASE_URL.",
             db::redact_url(&config.database_url)
         );
