@@ -26,7 +26,7 @@ async fn main() -> std::process::ExitCode {
         // it goes through `eprintln!`, which panics when stderr is a closed pipe.
         .log_internal_errors(false)
         .init();
-    let cli = server::cli::Cli::parse();
+    let cli = server::cli::Cli::try_parse().unwrap_or_else(|e| exit_with(&e));
     match server::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of the output went away (`tollgate user list | head -1`):
@@ -39,6 +39,43 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Ends the process as clap ends it on `error` (help and version on stdout,
+/// a usage error on stderr, with clap's exit status), except that a value the
+/// error repeats as typed (an invalid value, an unknown argument) is shown as
+/// every other error shows what was typed ([`shown_values`]).
+fn exit_with(error: &clap::Error) -> ! {
+    let rendered = error.render().to_string();
+    let shown = shown_values(error, &rendered);
+    if !error.use_stderr() || shown == rendered {
+        // Nothing to change: clap writes it, in colour on a terminal.
+        error.exit()
+    }
+    server::say!("{}", shown.trim_end());
+    std::process::exit(error.exit_code())
+}
+
+/// `rendered` (clap's message for `error`) with each value the user typed
+/// that it quotes, wherever it quotes it, written as `app::text::shown_text`
+/// writes a caller's text: escaped, and cut after its first 64 characters. A
+/// value of 3,000 characters otherwise fills the screen, up to three times.
+fn shown_values(error: &clap::Error, rendered: &str) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let mut shown = rendered.to_owned();
+    for kind in [
+        ContextKind::InvalidValue,
+        ContextKind::InvalidArg,
+        ContextKind::InvalidSubcommand,
+    ] {
+        if let Some(ContextValue::String(value)) = error.get(kind) {
+            let cut = app::text::shown_text(value);
+            if !value.is_empty() && cut != *value {
+                shown = shown.replace(value.as_str(), &cut);
+            }
+        }
+    }
+    shown
 }
 
 /// The error and its causes, `: `-separated, each said once: libraries often
@@ -62,6 +99,35 @@ fn causes(error: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_clap_repeats_are_escaped_and_cut() {
+        let long = "x".repeat(3_000);
+        for args in [
+            vec!["tollgate", "fallback", long.as_str()],
+            vec!["tollgate", "audit", "--limit", long.as_str()],
+            vec!["tollgate", &format!("--bogus{long}")],
+            vec!["tollgate", "fallback", "on\u{202e}"],
+        ] {
+            let error = server::cli::Cli::try_parse_from(&args).unwrap_err();
+            let rendered = error.render().to_string();
+            let shown = shown_values(&error, &rendered);
+            assert!(shown.len() < 600, "{} bytes: {shown}", shown.len());
+            assert!(!shown.contains('\u{202e}'), "{shown}");
+            assert!(
+                shown.contains('…') || shown.contains("\\u{202e}"),
+                "{shown}"
+            );
+        }
+        let error =
+            server::cli::Cli::try_parse_from(["tollgate", "fallback", "maybe"]).unwrap_err();
+        let rendered = error.render().to_string();
+        assert_eq!(
+            shown_values(&error, &rendered),
+            rendered,
+            "short values stay as clap wrote them"
+        );
+    }
 
     #[test]
     fn each_cause_is_said_once() {
