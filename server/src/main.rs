@@ -46,13 +46,15 @@ async fn main() -> std::process::ExitCode {
 /// error repeats as typed (an invalid value, an unknown argument) is shown as
 /// every other error shows what was typed ([`shown_values`]).
 fn exit_with(error: &clap::Error) -> ! {
-    let rendered = error.render().to_string();
+    // With its styles: its plain text would drop a typed escape sequence
+    // whole, and the value could no longer be found in it.
+    let rendered = error.render().ansi().to_string();
     let shown = shown_values(error, &rendered);
     if !error.use_stderr() || shown == rendered {
         // Nothing to change: clap writes it, in colour on a terminal.
         error.exit()
     }
-    server::say!("{}", shown.trim_end());
+    server::say!("{}", anstream::adapter::strip_str(shown.trim_end()));
     std::process::exit(error.exit_code())
 }
 
@@ -105,23 +107,36 @@ mod tests {
         let long = "x".repeat(3_000);
         for args in [
             vec!["tollgate", "fallback", long.as_str()],
+            vec!["tollgate", "key", "revoke", "1\u{1b}]0;TITLE\u{7}"],
+            vec![
+                "tollgate",
+                "user",
+                "create",
+                "--email",
+                "a@b.c",
+                "--role",
+                "sup\u{1b}[31mer",
+            ],
             vec!["tollgate", "audit", "--limit", long.as_str()],
             vec!["tollgate", &format!("--bogus{long}")],
             vec!["tollgate", "fallback", "on\u{202e}"],
         ] {
             let error = server::cli::Cli::try_parse_from(&args).unwrap_err();
-            let rendered = error.render().to_string();
-            let shown = shown_values(&error, &rendered);
+            let rendered = error.render().ansi().to_string();
+            let shown = anstream::adapter::strip_str(&shown_values(&error, &rendered)).to_string();
             assert!(shown.len() < 600, "{} bytes: {shown}", shown.len());
-            assert!(!shown.contains('\u{202e}'), "{shown}");
             assert!(
-                shown.contains('…') || shown.contains("\\u{202e}"),
+                !shown.contains(['\u{202e}', '\u{1b}', '\u{7}']),
+                "{shown:?}"
+            );
+            assert!(
+                shown.contains('…') || shown.contains("\\u{202e}") || shown.contains("\\u{1b}"),
                 "{shown}"
             );
         }
         let error =
             server::cli::Cli::try_parse_from(["tollgate", "fallback", "maybe"]).unwrap_err();
-        let rendered = error.render().to_string();
+        let rendered = error.render().ansi().to_string();
         assert_eq!(
             shown_values(&error, &rendered),
             rendered,
