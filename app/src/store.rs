@@ -239,7 +239,8 @@ pub struct ReservationListing {
 pub struct UsageListing {
     /// Its id: rows are numbered as they are written.
     pub id: i64,
-    /// When it was written (the settlement or the record).
+    /// When the request was settled or recorded: a settlement that the
+    /// database held up keeps the time of its first try.
     pub occurred_at: DateTime<Utc>,
     /// The email of the user it was billed to; `None` for usage without one.
     pub user_email: Option<String>,
