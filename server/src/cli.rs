@@ -72,11 +72,24 @@ fn config_path(text: &str) -> Result<PathBuf, std::convert::Infallible> {
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version)]
 pub struct Cli {
+    // Help names the environment variables without their values: a database
+    // URL may hold a password.
     /// The TOML config file (default: the embedded demo configuration).
-    #[arg(long, global = true, env = "TOLLGATE_CONFIG", value_parser = config_path)]
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_CONFIG",
+        hide_env_values = true,
+        value_parser = config_path
+    )]
     pub config: Option<PathBuf>,
     /// sqlite://FILE or postgres://USER@HOST/DB (overrides the config file).
-    #[arg(long, global = true, env = "TOLLGATE_DATABASE_URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// What to do.
     #[command(subcommand)]
@@ -89,7 +102,7 @@ pub enum Command {
     /// Serve the admin panel, the gateway and the usage API.
     Serve {
         /// Address to listen on, e.g. 127.0.0.1:8080 (overrides the config file).
-        #[arg(long, env = "TOLLGATE_LISTEN")]
+        #[arg(long, env = "TOLLGATE_LISTEN", hide_env_values = true)]
         listen: Option<String>,
     },
     /// Manage users (administrators see the Token Limits tab; members use the gateway).
@@ -400,7 +413,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 unmake(
                     config::ConfigError::Invalid {
                         key: "settlement_spool".into(),
-                        problem: format!("cannot keep settlements in {}: {e}", spool.display()),
+                        problem: format!(
+                            "cannot keep settlements in {}: {}",
+                            app::text::shown_path(&spool.display().to_string()),
+                            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                                "it is a file, not a folder".to_owned()
+                            } else {
+                                e.to_string()
+                            }
+                        ),
                     }
                     .into(),
                 )
@@ -1316,6 +1337,16 @@ const APPLY_TRIES: usize = 27;
 /// Errors: when `--eur` is not an amount in euros the tab would take
 /// (`parse_eur_input`), or cannot be counted in nano-euros.
 fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, ModelLimit)> {
+    let (LimitAction::Set { model, .. } | LimitAction::Clear { model }) = action;
+    // Checked before the database is opened: a name no catalog can hold is
+    // refused without making a file.
+    if model.is_empty() || !app::domain::writable(model) {
+        anyhow::bail!(
+            "{} cannot be a model's id or alias: they hold no spaces, control characters \
+             or invisible characters",
+            quoted(model)
+        );
+    }
     Ok(match action {
         LimitAction::Set {
             model,

@@ -322,17 +322,7 @@ impl Config {
                  sqlite://books.db (relative) or sqlite:///var/lib/tollgate/books.db",
             ));
         }
-        if let Some(hidden) = database_url.chars().find(|c| crate::cli::is_hidden(*c)) {
-            return Err(invalid(
-                db_key,
-                format!(
-                    "holds {}, a character that does not show as itself (a line break, a \
-                     tab, a terminal's escape): a database URL is written in visible \
-                     characters, percent-encoded where needed",
-                    quoted(&hidden.to_string())
-                ),
-            ));
-        }
+        check_visible(db_key, &database_url, true)?;
         if database_url.starts_with("sqlite:") && database_url.contains('#') {
             return Err(invalid(
                 db_key,
@@ -398,6 +388,7 @@ impl Config {
                 ))
             }
             Some(folder) => {
+                check_visible("settlement_spool", &folder, false)?;
                 let folder = std::path::PathBuf::from(folder);
                 // The spool made in the database file's place would keep
                 // SQLite from opening it, and the error would name the URL.
@@ -416,8 +407,8 @@ impl Config {
                             format!(
                                 "{} is the SQLite database's own file ({db_key}): name a folder \
                                  of its own, like {}-settlements",
-                                folder.display(),
-                                file.display()
+                                app::text::shown_path(&folder.display().to_string()),
+                                app::text::shown_path(&file.display().to_string())
                             ),
                         ));
                     }
@@ -604,7 +595,9 @@ fn parse_file(text: &str) -> Result<ConfigFile, String> {
     toml::from_str(text).map_err(|e: toml::de::Error| {
         // Not the error's own text: it quotes the line, which may hold a
         // password (in a `database_url` or a `base_url` written wrongly).
-        let message = e.message().trim_end();
+        // Shown escaped and cut, as every message shows what was typed: an
+        // unknown key is repeated in it as written.
+        let message = app::text::shown_path(e.message().trim_end());
         match e.span() {
             Some(span) => {
                 let before = &text[..span.start.min(text.len())];
@@ -621,13 +614,42 @@ fn parse_file(text: &str) -> Result<ConfigFile, String> {
                     .lines()
                     .nth(line - 1)
                     .and_then(|line| line.split_once('='))
-                    .map(|(key, _)| format!(" (`{} = …`)", key.trim()))
+                    .map(|(key, _)| format!(" (`{} = …`)", app::text::shown_text(key.trim())))
                     .unwrap_or_default();
                 format!("TOML parse error at line {line}, column {column}{key}: {message}")
             }
             None => format!("TOML parse error: {message}"),
         }
     })
+}
+
+/// Refuses `text`, the value of `key` (a database URL, a folder), when it
+/// holds a character that does not show as itself (a line break, a tab, a
+/// terminal's escape, a direction override), written as it is or, in a URL
+/// (`url`), percent-encoded: it would become part of a file's or a database's
+/// name, and print as something else in every message naming it.
+fn check_visible(key: &str, text: &str, url: bool) -> Result<(), ConfigError> {
+    let decoded = url.then(|| percent_encoding::percent_decode_str(text).decode_utf8_lossy());
+    let hidden = text
+        .chars()
+        .chain(decoded.iter().flat_map(|decoded| decoded.chars()))
+        .find(|c| crate::cli::is_hidden(*c));
+    match hidden {
+        None => Ok(()),
+        Some(hidden) => Err(invalid(
+            key,
+            format!(
+                "holds {}, a character that does not show as itself (a line break, a \
+                 tab, a terminal's escape){}: write visible characters only",
+                quoted(&hidden.to_string()),
+                if url {
+                    ", as it is or percent-encoded"
+                } else {
+                    ""
+                }
+            ),
+        )),
+    }
 }
 
 /// An amount (EUR) or a price (EUR per 1M tokens) as the file writes it, exactly.
@@ -1467,6 +1489,16 @@ mod tests {
                 "database_url = \"postgres://db/books\\t\"",
                 "database_url",
                 "holds \"\\t\"",
+            ),
+            (
+                "database_url = \"postgres://db/x%0a%1b\"",
+                "database_url",
+                "holds \"\\n\"",
+            ),
+            (
+                "settlement_spool = \"/tmp/sp\\nool\\u001b[31m\"",
+                "settlement_spool",
+                "holds \"\\n\"",
             ),
             (
                 "database_url = \"sqlite://books.db?immutable=1\"",

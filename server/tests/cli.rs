@@ -1791,13 +1791,33 @@ fn demo_refused_for_its_password_changes_nothing() {
     }
 }
 
+/// Help names the environment variables it reads, never their values: the
+/// database URL's may hold a password.
+#[test]
+fn help_shows_no_environment_values() {
+    for args in [&["--help"][..], &["serve", "--help"]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .env("TOLLGATE_DATABASE_URL", "postgres://app:s3cret@db/books")
+            .env("TOLLGATE_CONFIG", "/etc/tollgate/secret-name.toml")
+            .env("TOLLGATE_LISTEN", "10.9.8.7:8080")
+            .output()
+            .unwrap();
+        let help = String::from_utf8(output.stdout).unwrap();
+        assert!(help.contains("[env: TOLLGATE_DATABASE_URL]"), "{help}");
+        for value in ["s3cret", "secret-name", "10.9.8.7"] {
+            assert!(!help.contains(value), "{value} in {help}");
+        }
+    }
+}
+
 /// A command refused for its arguments or its password stops before the
 /// database is opened: it leaves no SQLite file where there was none.
 #[test]
 fn a_refused_command_makes_no_database_file() {
     let cli = Cli::new();
     let file = cli.dir.path().join("tollgate.db");
-    let refused: [(&[&str], Option<&str>, &str); 11] = [
+    let refused: [(&[&str], Option<&str>, &str); 13] = [
         (
             &["user", "create", "--email", "nobody", "--role", "admin"],
             Some("a long enough password"),
@@ -1850,6 +1870,17 @@ fn a_refused_command_makes_no_database_file() {
             &["limit", "set", "gpt-5", "--eur", "twelve"],
             None,
             "--eur \"twelve\"",
+        ),
+        // A model name no catalog can hold.
+        (
+            &["limit", "set", "gpt\u{1b}-5", "--eur", "5"],
+            None,
+            "\"gpt\\u{1b}-5\" cannot be a model's id or alias",
+        ),
+        (
+            &["limit", "clear", ""],
+            None,
+            "cannot be a model's id or alias",
         ),
         (&["demo"], None, "TOLLGATE_PASSWORD"),
         (

@@ -351,12 +351,13 @@ pub fn reorders_text(c: char) -> bool {
     )
 }
 
-/// True when `name` (a model id or alias) can be written as it is: no
+/// True when `name` (a model id or alias) can be written as it is, as the
+/// catalog requires of every id and alias: no
 /// whitespace, no control character, no character that reorders text
 /// ([`reorders_text`]), and none that hides in it: the zero-width space,
 /// joiners and word joiner, the byte order mark (U+200B to U+200D, U+2060,
 /// U+FEFF).
-fn writable(name: &str) -> bool {
+pub fn writable(name: &str) -> bool {
     !name.chars().any(|c| {
         c.is_whitespace()
             || c.is_control()
