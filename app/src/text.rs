@@ -87,8 +87,7 @@ pub const SHOWN_ID_CHARS: usize = 64;
 /// escape (`\u{202e}`), as `tollgate usage list` prints keys, so that a message
 /// stays one line that reads as sent.
 pub fn shown_text(text: &str) -> String {
-    let (kept, cut) = cut(text, SHOWN_ID_CHARS);
-    format!("{}{cut}", shown(kept))
+    shown_up_to(text, SHOWN_ID_CHARS)
 }
 
 /// Most characters of a path or a database URL that a message repeats: more
@@ -99,7 +98,14 @@ pub const SHOWN_PATH_CHARS: usize = 200;
 /// it: as [`shown_text`] shows a caller's text (each character that would not
 /// show as itself escaped), cut after [`SHOWN_PATH_CHARS`] characters with `…`.
 pub fn shown_path(path: &str) -> String {
-    let (kept, cut) = cut(path, SHOWN_PATH_CHARS);
+    shown_up_to(path, SHOWN_PATH_CHARS)
+}
+
+/// `text` shown as [`shown_text`] shows it, cut after `chars` characters
+/// instead: for a message of a library that repeats what was typed among
+/// what the reader needs (a parser's list of the keys it knows).
+pub fn shown_up_to(text: &str, chars: usize) -> String {
+    let (kept, cut) = cut(text, chars);
     format!("{}{cut}", shown(kept))
 }
 

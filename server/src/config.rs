@@ -595,9 +595,10 @@ fn parse_file(text: &str) -> Result<ConfigFile, String> {
     toml::from_str(text).map_err(|e: toml::de::Error| {
         // Not the error's own text: it quotes the line, which may hold a
         // password (in a `database_url` or a `base_url` written wrongly).
-        // Shown escaped and cut, as every message shows what was typed: an
-        // unknown key is repeated in it as written.
-        let message = app::text::shown_path(e.message().trim_end());
+        // Shown escaped, as every message shows what was typed: an unknown key
+        // is repeated in it as written. Cut only well past the list of the
+        // keys the file may hold, which follows that key.
+        let message = app::text::shown_up_to(e.message().trim_end(), 1_000);
         match e.span() {
             Some(span) => {
                 let before = &text[..span.start.min(text.len())];
@@ -1219,6 +1220,22 @@ mod tests {
             message,
         })?;
         Config::from_file(file, &Overrides::default())
+    }
+
+    /// An unknown key is repeated escaped, with the keys the file may hold;
+    /// one pasted by mistake is cut.
+    #[test]
+    fn an_unknown_key_is_named_escaped_with_the_keys_known() {
+        let err = load_text("\"bogus\\u001b[31m\\nkey\\u202e\" = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(['\u{1b}', '\n', '\u{202e}']), "{err:?}");
+        assert!(err.contains("bogus\\u{1b}[31m\\u{a}key\\u{202e}"), "{err}");
+        assert!(err.contains("settlement_spool"), "the known keys: {err}");
+        let long = format!("\"{}\" = 1\n", "k".repeat(3_000));
+        let err = load_text(&long).unwrap_err().to_string();
+        assert!(err.len() < 1_300, "{} bytes", err.len());
+        assert!(err.contains('…'), "{err}");
     }
 
     #[test]
