@@ -94,11 +94,12 @@ pub fn shown_text(text: &str) -> String {
 /// than an id, since the end of a path tells which file it is.
 pub const SHOWN_PATH_CHARS: usize = 200;
 
-/// `path` (a file, a folder, a database URL) as a message or a log line repeats
+/// `path` (a file or folder, as `Path::display` writes it, or a database URL)
+/// as a message or a log line repeats
 /// it: as [`shown_text`] shows a caller's text (each character that would not
 /// show as itself escaped), cut after [`SHOWN_PATH_CHARS`] characters with `…`.
-pub fn shown_path(path: &str) -> String {
-    shown_up_to(path, SHOWN_PATH_CHARS)
+pub fn shown_path(path: impl std::fmt::Display) -> String {
+    shown_up_to(&path.to_string(), SHOWN_PATH_CHARS)
 }
 
 /// `text` shown as [`shown_text`] shows it, cut after `chars` characters

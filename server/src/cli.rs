@@ -415,7 +415,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         key: "settlement_spool".into(),
                         problem: format!(
                             "cannot keep settlements in {}: {}",
-                            app::text::shown_path(&spool.display().to_string()),
+                            app::text::shown_path(spool.display()),
                             if e.kind() == std::io::ErrorKind::AlreadyExists {
                                 "it is a file, not a folder".to_owned()
                             } else {

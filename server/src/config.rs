@@ -253,7 +253,7 @@ impl Config {
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) => {
-                let shown = || app::text::shown_path(&path.display().to_string());
+                let shown = || app::text::shown_path(path.display());
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: shown(),
                     source,
@@ -407,8 +407,8 @@ impl Config {
                             format!(
                                 "{} is the SQLite database's own file ({db_key}): name a folder \
                                  of its own, like {}-settlements",
-                                app::text::shown_path(&folder.display().to_string()),
-                                app::text::shown_path(&file.display().to_string())
+                                app::text::shown_path(folder.display()),
+                                app::text::shown_path(file.display())
                             ),
                         ));
                     }

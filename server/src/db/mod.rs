@@ -167,7 +167,7 @@ pub async fn connect(
 /// URL holds no password and is shown as written. Either is shown on one line
 /// and cut as `app::text::shown_path` shows paths.
 pub fn redact_url(url: &str) -> String {
-    app::text::shown_path(&redacted(url))
+    app::text::shown_path(redacted(url))
 }
 
 /// `url` with its password masked, as [`redact_url`] says, not yet cut.

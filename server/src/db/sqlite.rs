@@ -724,7 +724,7 @@ fn create_private(path: &std::path::Path) -> std::io::Result<()> {
             e.kind(),
             format!(
                 "cannot create {}: {e}",
-                app::text::shown_path(&path.display().to_string())
+                app::text::shown_path(path.display())
             ),
         )),
     }
