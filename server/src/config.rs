@@ -554,7 +554,10 @@ impl Config {
         if file.is_dir() {
             return Err(invalid(
                 self.database_url_key,
-                format!("{} is a folder, not a database file", file.display()),
+                format!(
+                    "{} is a folder, not a database file",
+                    app::text::shown_path(file.display())
+                ),
             ));
         }
         // `mode=rw` asks for a file that exists: SQLite would not create it.
@@ -568,19 +571,25 @@ impl Config {
                 format!(
                     "{} does not exist, and mode=rw does not create it: name the existing \
                      file, or leave mode=rw out to create one",
-                    file.display()
+                    app::text::shown_path(file.display())
                 ),
             ));
         }
         let problem = match std::fs::metadata(folder) {
             Ok(found) if found.is_dir() => return Ok(()),
-            Ok(_) => format!("{} is a file, not a folder", folder.display()),
+            Ok(_) => format!(
+                "{} is a file, not a folder",
+                app::text::shown_path(folder.display())
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
                 "the folder {} does not exist: create it first (a missing SQLite file is \
                  created, its folder is not)",
-                folder.display()
+                app::text::shown_path(folder.display())
             ),
-            Err(e) => format!("cannot reach the folder {}: {e}", folder.display()),
+            Err(e) => format!(
+                "cannot reach the folder {}: {e}",
+                app::text::shown_path(folder.display())
+            ),
         };
         Err(invalid(self.database_url_key, problem))
     }
@@ -1832,6 +1841,13 @@ mod tests {
             absent.contains("`database_url`")
                 && absent.contains("books.db does not exist, and mode=rw does not create it"),
             "{absent}"
+        );
+        // A long path is named by its start.
+        let long = check(&format!("{}/books.db", "x".repeat(3_000))).unwrap_err();
+        assert!(
+            long.contains("…") && long.len() < 600,
+            "{} bytes",
+            long.len()
         );
         // PostgreSQL has no folder to check.
         let postgres = load_text("database_url = \"postgres://tollgate@db/books\"").unwrap();
