@@ -1347,6 +1347,9 @@ fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, ModelLimit)
             quoted(model)
         );
     }
+    if let Err(e) = app::domain::check_name(model) {
+        anyhow::bail!("{e}: no catalog holds it");
+    }
     Ok(match action {
         LimitAction::Set {
             model,

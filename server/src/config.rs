@@ -873,8 +873,21 @@ fn check_visible_line(name: &str) -> Result<(), String> {
             quoted(name)
         ));
     }
+    let chars = name.chars().count();
+    if chars > MAX_SHOWN_NAME_CHARS {
+        return Err(format!(
+            "{} is {chars} characters long; a name shown on the tab has at most \
+             {MAX_SHOWN_NAME_CHARS}",
+            quoted(name)
+        ));
+    }
     Ok(())
 }
+
+/// Most characters in a model's display name or the workspace's name: each is
+/// shown whole on one line of the tab, of `tollgate spend` and of `tollgate
+/// audit`.
+const MAX_SHOWN_NAME_CHARS: usize = 100;
 
 /// Why `name` cannot be a model's display name beside the models `earlier` in
 /// the catalog, if it cannot: it shows nothing, breaks a line or reorders text
@@ -891,11 +904,13 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
             quoted(name)
         ));
     }
-    match earlier
-        .iter()
-        .enumerate()
-        .find(|(_, other)| crate::cli::looks_alike(&other.display_name, name))
-    {
+    // Compared in lower case as well: `Small model` and `small model` name two
+    // models that an administrator could not tell apart at a glance.
+    let lower = name.to_lowercase();
+    match earlier.iter().enumerate().find(|(_, other)| {
+        crate::cli::looks_alike(&other.display_name, name)
+            || crate::cli::looks_alike(&other.display_name.to_lowercase(), &lower)
+    }) {
         Some((j, other)) if other.display_name == name => Err(format!(
             "{} is already the display name of models[{j}]: the tab would show two \
              models alike",
@@ -1001,9 +1016,9 @@ fn build_catalog(
 /// that is also an id the alias. `models` for an error about no one name.
 fn catalog_error_key(error: &CatalogError, names: &[(String, Vec<String>)]) -> String {
     let (name, alias_only) = match error {
-        CatalogError::UnwritableName(name) | CatalogError::DuplicateId(name) => {
-            (name.as_str(), false)
-        }
+        CatalogError::UnwritableName(name)
+        | CatalogError::NameTooLong(name)
+        | CatalogError::DuplicateId(name) => (name.as_str(), false),
         CatalogError::DuplicateAlias(name) | CatalogError::AliasIsModelId { alias: name, .. } => {
             (name.as_str(), true)
         }
@@ -1330,7 +1345,21 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_key_and_the_problem() {
-        let cases = [
+        let model = |fields: &str| {
+            format!(
+                "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[models]]\nid = \"m\"\n{fields}\nupstream = \"u\"\n\
+                 input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\n\
+                 max_output_tokens = 1"
+            )
+        };
+        let long_workspace = format!("[workspace]\nname = \"{}\"", "W".repeat(101));
+        let long_display_name = model(&format!(
+            "display_name = \"{}\"",
+            "Model ".repeat(20).trim_end()
+        ));
+        let long_alias = model(&format!("aliases = [\"{}\"]", "a".repeat(201)));
+        let cases: [(&str, &str, &str); _] = [
             ("[plan]\nbudget_eur = \"-1\"", "plan.budget_eur", "negative"),
             ("[plan]\nbudget_eur = \"-0\"", "plan.budget_eur", "negative"),
             ("[plan]\noverage_eur = \"-0.00\"", "plan.overage_eur", "negative"),
@@ -1403,6 +1432,21 @@ mod tests {
                 "[workspace]\nname = \"W\\nX\\u202eY\\u0007\"",
                 "workspace.name",
                 "must be visible text on one line",
+            ),
+            (
+                &long_workspace,
+                "workspace.name",
+                "is 101 characters long; a name shown on the tab has at most 100",
+            ),
+            (
+                &long_display_name,
+                "models[0].display_name",
+                "is 119 characters long",
+            ),
+            (
+                &long_alias,
+                "models[0].aliases[0]",
+                "a model name is 201 characters long; an id or alias has at most 200",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
@@ -1616,6 +1660,9 @@ mod tests {
             ("GPT 5", "G\u{420}\u{422} 5"),
             // A capital I for a small L.
             ("Claude", "CIaude"),
+            // The same words in other case.
+            ("Small Model", "small model"),
+            ("GPT-5 Mini", "gpt-5 MINI"),
         ] {
             let err = load_text(&catalog_of(&[first, second]))
                 .unwrap_err()

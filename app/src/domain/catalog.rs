@@ -165,6 +165,14 @@ pub enum CatalogError {
          (a direction override, a zero-width space)"
     )]
     UnwritableName(String),
+    /// A model id or alias is longer than [`MAX_MODEL_NAME_CHARS`] characters
+    /// (the message gives its length, not the name).
+    #[error(
+        "a model name is {} characters long; an id or alias has at most \
+         {MAX_MODEL_NAME_CHARS}",
+        .0.chars().count()
+    )]
+    NameTooLong(String),
     /// A model's display name is blank: the tab and the spend API would show nothing.
     #[error("model \"{0}\" has a blank display name")]
     BlankDisplayName(String),
@@ -181,6 +189,7 @@ impl CatalogError {
             CatalogError::AliasIsModelId { .. } => "alias_is_model_id",
             CatalogError::ZeroMaxOutputTokens(_) => "zero_max_output_tokens",
             CatalogError::UnwritableName(_) => "unwritable_model_name",
+            CatalogError::NameTooLong(_) => "model_name_too_long",
             CatalogError::BlankDisplayName(_) => "blank_display_name",
         }
     }
@@ -213,9 +222,10 @@ impl Catalog {
     /// Validates `models` and builds the lookups.
     ///
     /// Errors (the first found, in catalog order): an empty id or alias, an id or
-    /// alias with whitespace, a control or an invisible character in it, a blank display name, a
-    /// duplicate id or alias, an alias that is also an id, or `max_output_tokens =
-    /// 0`; see [`CatalogError`].
+    /// alias with whitespace, a control or an invisible character in it, or longer
+    /// than [`MAX_MODEL_NAME_CHARS`] characters ([`check_name`]), a blank display
+    /// name, a duplicate id or alias, an alias that is also an id, or
+    /// `max_output_tokens = 0`; see [`CatalogError`].
     pub fn new(models: Vec<Model>) -> Result<Catalog, CatalogError> {
         let mut names: HashMap<String, Entry> = HashMap::with_capacity(models.len() * 2);
         for (index, model) in models.iter().enumerate() {
@@ -224,9 +234,7 @@ impl Catalog {
                     display_name: model.display_name.clone(),
                 });
             }
-            if !writable(model.id.as_str()) {
-                return Err(CatalogError::UnwritableName(model.id.to_string()));
-            }
+            check_name(model.id.as_str())?;
             if model.display_name.trim().is_empty() {
                 return Err(CatalogError::BlankDisplayName(model.id.to_string()));
             }
@@ -247,9 +255,7 @@ impl Catalog {
                         model: model.id.to_string(),
                     });
                 }
-                if !writable(alias) {
-                    return Err(CatalogError::UnwritableName(alias.clone()));
-                }
+                check_name(alias)?;
                 match names.get(alias.as_str()) {
                     Some(existing) if existing.is_id => {
                         return Err(CatalogError::AliasIsModelId {
@@ -349,6 +355,25 @@ pub fn reorders_text(c: char) -> bool {
         c,
         '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
     )
+}
+
+/// Most characters in a model id or alias. Providers' ids are a few dozen
+/// characters long; the bound keeps a name in every listing and message, and
+/// lets a name no catalog can hold be refused before anything is looked up.
+pub const MAX_MODEL_NAME_CHARS: usize = 200;
+
+/// Why `name` cannot be a model id or alias, if it cannot: it is not
+/// [`writable`], or longer than [`MAX_MODEL_NAME_CHARS`] characters.
+///
+/// The length first, so that no message repeats a long name whole.
+pub fn check_name(name: &str) -> Result<(), CatalogError> {
+    if name.chars().count() > MAX_MODEL_NAME_CHARS {
+        return Err(CatalogError::NameTooLong(name.to_owned()));
+    }
+    if !writable(name) {
+        return Err(CatalogError::UnwritableName(name.to_owned()));
+    }
+    Ok(())
 }
 
 /// True when `name` (a model id or alias) can be written as it is, as the
@@ -485,6 +510,20 @@ pub(super) mod tests {
                 Some("unwritable_model_name")
             );
         }
+
+        let long = "m".repeat(MAX_MODEL_NAME_CHARS + 1);
+        assert_eq!(
+            Catalog::new(vec![model(&long, (1, 0), (1, 0))]).err(),
+            Some(CatalogError::NameTooLong(long.clone()))
+        );
+        let mut long_alias = model("f", (1, 0), (1, 0));
+        long_alias.aliases = vec![long];
+        assert_eq!(
+            Catalog::new(vec![long_alias]).err().map(|e| e.code()),
+            Some("model_name_too_long")
+        );
+        let longest = "m".repeat(MAX_MODEL_NAME_CHARS);
+        assert!(Catalog::new(vec![model(&longest, (1, 0), (1, 0))]).is_ok());
 
         let mut nameless = model("g", (1, 0), (1, 0));
         nameless.display_name = " ".into();

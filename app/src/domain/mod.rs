@@ -32,7 +32,10 @@ pub mod status;
 pub use admission::{
     admit, admit_known_cost, Admission, BlockCode, Blocked, Counter, ModelState, Snapshot,
 };
-pub use catalog::{reorders_text, writable, Catalog, CatalogError, Model, ModelId, Prices};
+pub use catalog::{
+    check_name, reorders_text, writable, Catalog, CatalogError, Model, ModelId, Prices,
+    MAX_MODEL_NAME_CHARS,
+};
 pub use cycle::{BillingCycle, CycleError};
 pub use estimate::{prompt_token_bound_from_bytes, reservation, EstimateError, TokenEstimate};
 pub use euro_input::{parse_eur_input, EuroInputError};
