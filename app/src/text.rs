@@ -119,6 +119,13 @@ pub fn quoted(text: &str) -> String {
     format!("{kept:?}{cut}")
 }
 
+/// `at` as the operator's commands and the usage API write a time: RFC 3339 in
+/// UTC to the millisecond, with `Z` (`2026-12-07T14:05:09.120Z`), so that a
+/// script reads the times of `tollgate audit`, `key list` and the API alike.
+pub fn shown_time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// `text`'s first `chars` characters, and `…` when that is not all.
 fn cut(text: &str, chars: usize) -> (&str, &'static str) {
     match text.char_indices().nth(chars) {
@@ -130,6 +137,14 @@ fn cut(text: &str, chars: usize) -> (&str, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_shown_in_utc_to_the_millisecond() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-07T15:05:09.120456789+01:00")
+            .unwrap()
+            .to_utc();
+        assert_eq!(shown_time(at), "2026-12-07T14:05:09.120Z");
+    }
 
     #[test]
     fn quoted_values_are_escaped_and_cut() {

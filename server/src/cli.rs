@@ -551,7 +551,7 @@ async fn run_command(
             outln!("id\temail\trole\tcreated\tstatus\tlive keys");
             for user in store.list_users().await? {
                 let status = match user.disabled_at {
-                    Some(at) => format!("disabled {}", at.to_rfc3339()),
+                    Some(at) => format!("disabled {}", app::text::shown_time(at)),
                     None => "enabled".to_owned(),
                 };
                 outln!(
@@ -559,7 +559,7 @@ async fn run_command(
                     user.id,
                     user.email,
                     user.role.as_str(),
-                    user.created_at.to_rfc3339(),
+                    app::text::shown_time(user.created_at),
                     user.live_keys
                 );
             }
@@ -601,7 +601,11 @@ async fn run_command(
                 match user.disabled_at {
                     // Disabling twice is not an error (a script may run again).
                     Some(at) => {
-                        outln!("{} was already disabled on {}", user.email, at.to_rfc3339());
+                        outln!(
+                            "{} was already disabled on {}",
+                            user.email,
+                            app::text::shown_time(at)
+                        );
                         Ok(())
                     }
                     None => anyhow::bail!("{} could not be disabled; try again", email.trim()),
@@ -691,7 +695,7 @@ async fn run_command(
             for row in store.audit_log(limit).await? {
                 outln!(
                     "{}\t{}\t{}\t{}\t{}\t{}",
-                    row.at.to_rfc3339(),
+                    app::text::shown_time(row.at),
                     row.actor,
                     row.action,
                     row.subject,
@@ -717,8 +721,8 @@ async fn run_command(
                     hold.api_key_id
                         .map_or_else(|| "-".to_owned(), |id| id.to_string()),
                     hold.owner,
-                    hold.created_at.to_rfc3339(),
-                    hold.lease_until.to_rfc3339(),
+                    app::text::shown_time(hold.created_at),
+                    app::text::shown_time(hold.lease_until),
                     if hold.lease_until < now {
                         "expired"
                     } else {
@@ -753,7 +757,7 @@ async fn run_command(
                 outln!(
                     "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     row.id,
-                    row.occurred_at.to_rfc3339(),
+                    app::text::shown_time(row.occurred_at),
                     row.user_email.as_deref().unwrap_or("-"),
                     row.api_key_id
                         .map_or_else(|| "-".to_owned(), |id| id.to_string()),
@@ -972,7 +976,7 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "{} was disabled on {} and gets no new key",
                     user.email,
-                    at.to_rfc3339()
+                    app::text::shown_time(at)
                 );
             }
             let (key, hash) = auth::new_api_key();
@@ -1018,9 +1022,9 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                     key.id,
                     key.name,
                     key.owner_email,
-                    key.created_at.to_rfc3339(),
+                    app::text::shown_time(key.created_at),
                     key.last_used_at
-                        .map(|t| t.to_rfc3339())
+                        .map(app::text::shown_time)
                         .unwrap_or_else(|| "never".into()),
                     if key.revoked_at.is_some() {
                         "revoked"
@@ -1030,29 +1034,31 @@ async fn key(store: &SharedStore, action: KeyAction) -> anyhow::Result<()> {
                 );
             }
         }
-        KeyAction::Revoke { key_id } => match store
-            .revoke_api_key(&Actor::Cli, key_id, Utc::now())
-            .await
-        {
-            Ok(()) => outln!("revoked key {key_id}"),
-            Err(app::store::StoreError::NotFound { .. }) => {
-                // Revoking twice is not an error (a script may run again), but
-                // the operator learns it, and an unknown id is one.
-                let key = store
-                    .list_api_keys(None)
-                    .await?
-                    .into_iter()
-                    .find(|key| key.id == key_id)
-                    .with_context(|| {
-                        format!("no API key has the id {key_id}: see `tollgate key list`")
-                    })?;
-                match key.revoked_at {
-                    Some(at) => outln!("key {key_id} was already revoked on {}", at.to_rfc3339()),
-                    None => anyhow::bail!("key {key_id} could not be revoked; try again"),
+        KeyAction::Revoke { key_id } => {
+            match store.revoke_api_key(&Actor::Cli, key_id, Utc::now()).await {
+                Ok(()) => outln!("revoked key {key_id}"),
+                Err(app::store::StoreError::NotFound { .. }) => {
+                    // Revoking twice is not an error (a script may run again), but
+                    // the operator learns it, and an unknown id is one.
+                    let key = store
+                        .list_api_keys(None)
+                        .await?
+                        .into_iter()
+                        .find(|key| key.id == key_id)
+                        .with_context(|| {
+                            format!("no API key has the id {key_id}: see `tollgate key list`")
+                        })?;
+                    match key.revoked_at {
+                        Some(at) => outln!(
+                            "key {key_id} was already revoked on {}",
+                            app::text::shown_time(at)
+                        ),
+                        None => anyhow::bail!("key {key_id} could not be revoked; try again"),
+                    }
                 }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        },
+        }
     }
     Ok(())
 }

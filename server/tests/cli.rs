@@ -786,6 +786,14 @@ fn users_and_keys() {
         row.contains("ada@example.com") && row.ends_with("active"),
         "{row}"
     );
+    // Times as the usage API writes them: UTC, to the millisecond, with `Z`.
+    let created = row.split('\t').nth(3).unwrap();
+    assert!(
+        created.len() == "2026-12-07T14:05:09.120Z".len()
+            && created.ends_with('Z')
+            && chrono::DateTime::parse_from_rfc3339(created).is_ok(),
+        "{row}"
+    );
     assert!(cli
         .ok(&["key", "list", "--email", "ada@example.com"])
         .contains("laptop"));

@@ -49,7 +49,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -132,10 +132,6 @@ fn idempotency_key(record: &RawObject) -> Result<String, GatewayError> {
 
 fn eur(nanos: Nanos) -> String {
     nanos.to_money().to_string()
-}
-
-fn rfc3339(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Refuses keys of `object` outside `allowed`, naming the first (typos would
@@ -261,7 +257,7 @@ pub async fn admit(
             served_model: reservation.served.to_string(),
             fallback: reservation.served != reservation.requested,
             reserved_eur: eur(reservation.amount),
-            lease_until: rfc3339(until),
+            lease_until: app::text::shown_time(until),
         };
         Ok(Json(view).into_response())
     }
@@ -480,7 +476,7 @@ pub async fn renew(
                 other => other.into(),
             })?;
         Ok(Json(
-            serde_json::json!({"reservation_id": reservation.0, "lease_until": rfc3339(until)}),
+            serde_json::json!({"reservation_id": reservation.0, "lease_until": app::text::shown_time(until)}),
         )
         .into_response())
     }
