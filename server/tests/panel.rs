@@ -1236,6 +1236,71 @@ async fn panel_answers_keep_browsers_safe() {
     }
 }
 
+/// server_fn ignores a field its arguments do not take: such a call (a typo in
+/// a script, a field meant for another function) is refused before it runs,
+/// naming the field, and changes nothing; a caller who may not make the call
+/// is told that first.
+#[tokio::test]
+async fn a_call_with_a_field_its_arguments_do_not_take_changes_nothing() {
+    let panel = Panel::new().await;
+    let admin = panel.sign_in("ada@example.com").await;
+    let member = panel.sign_in("bob@example.com").await;
+    let before = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    let version = before.settings.version;
+    let row = "rows[0][model]=gpt-5&rows[0][limit]=5&rows[0][enabled]=on&rows[0][version]=0";
+    for (path, body, field) in [
+        (
+            "/fn/save_model_limits",
+            format!("{row}&settings_version={version}"),
+            "settings_version",
+        ),
+        (
+            "/fn/save_model_limits",
+            format!("{row}&rows[0][enabeld]=on"),
+            "rows[0][enabeld]",
+        ),
+        (
+            "/fn/save_automatic_fallback",
+            format!("automatic_fallback=on&settings_version={version}&rows[0][model]=gpt-5"),
+            "rows",
+        ),
+        (
+            "/fn/login",
+            "email=ada@example.com&password=x&remember=on".to_owned(),
+            "remember",
+        ),
+    ] {
+        let (status, _, text) = panel.send(post(path, &body, Some(&admin))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["code"], "bad_request", "{text}");
+        assert!(
+            json["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("unknown field `{field}`")),
+            "{body}: {text}"
+        );
+    }
+    let body = format!("{row}&settings_version={version}");
+    let (status, _, text) = panel
+        .send(post("/fn/save_model_limits", &body, Some(&member)))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    let (status, _, text) = panel.send(post("/fn/save_model_limits", &body, None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    let after = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    assert_eq!(after.settings, before.settings);
+    assert_eq!(after.models, before.models);
+    assert!(panel.settings_audit().await.is_empty());
+    // The same row alone saves.
+    let (status, _, text) = panel
+        .send(post("/fn/save_model_limits", row, Some(&admin)))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(panel.settings_audit().await.len(), 1);
+}
+
 #[tokio::test]
 async fn malformed_server_function_calls_get_400_not_a_crash() {
     let panel = Panel::new().await;

@@ -1,4 +1,4 @@
-//! Which argument of a server function call could not be read.
+//! Which argument of a server function call could not be read, or is not one.
 //!
 //! server_fn decodes a call's form-encoded arguments with serde_qs and reports
 //! a failure in serde's words without the field (`invalid type: map, expected
@@ -6,6 +6,12 @@
 //! keeps the body of a call that takes arguments, and when the call is refused
 //! as malformed, decodes it again the same way here, following the path to the
 //! field at fault.
+//!
+//! server_fn also ignores fields its arguments do not take, so a call with a
+//! misspelt or stray field (`settings_version` sent to `save_model_limits`)
+//! would save as if it had not been sent. The middleware asks
+//! [`unknown_argument`] first and refuses such a call before it runs, as the
+//! JSON API refuses unknown fields.
 
 use serde::de::DeserializeOwned;
 
@@ -13,16 +19,30 @@ use serde::de::DeserializeOwned;
 /// Model limits form is some 100 bytes a model.
 pub const MAX_CALL_BYTES: usize = 1024 * 1024;
 
-/// Reads a call's body and says what is wrong with it ([`problem`]).
-type Check = fn(&str) -> Option<String>;
+/// The checks of one server function's arguments, each reading a call's body:
+/// what is wrong with it ([`problem`]), and the first field it holds that the
+/// arguments do not take ([`unknown`]).
+struct Check {
+    problem: fn(&str) -> Option<String>,
+    unknown: fn(&str) -> Option<String>,
+}
 
-/// The check of the arguments of the server function at `path`; `None` for one
-/// that takes none (or no server function).
+impl Check {
+    fn of<T: DeserializeOwned>() -> Check {
+        Check {
+            problem: problem::<T>,
+            unknown: unknown::<T>,
+        }
+    }
+}
+
+/// The checks of the arguments of the server function at `path`; `None` for
+/// one that takes none (or no server function).
 fn check(path: &str) -> Option<Check> {
     match path {
-        "/fn/login" => Some(problem::<app::api::Login>),
-        "/fn/save_model_limits" => Some(problem::<app::api::SaveModelLimits>),
-        "/fn/save_automatic_fallback" => Some(problem::<app::api::SaveAutomaticFallback>),
+        "/fn/login" => Some(Check::of::<app::api::Login>()),
+        "/fn/save_model_limits" => Some(Check::of::<app::api::SaveModelLimits>()),
+        "/fn/save_automatic_fallback" => Some(Check::of::<app::api::SaveAutomaticFallback>()),
         _ => None,
     }
 }
@@ -37,14 +57,54 @@ pub fn takes_arguments(path: &str) -> bool {
 /// `path`, naming the field (`` `rows[0].model`: invalid type: map, expected a
 /// string ``); `None` when they decode, or the function takes none.
 pub fn argument_problem(path: &str, body: &str) -> Option<String> {
-    check(path)?(body)
+    (check(path)?.problem)(body)
+}
+
+/// The first field of `body`, a call to the server function at `path`, that
+/// its arguments do not take, named as a form names it (`settings_version`,
+/// `rows[0][colour]`); `None` when there is none, when the function takes no
+/// arguments, or when the arguments do not decode (server_fn then refuses the
+/// call, and [`argument_problem`] names what is wrong).
+pub fn unknown_argument(path: &str, body: &str) -> Option<String> {
+    (check(path)?.unknown)(body)
+}
+
+/// serde_qs as server_fn configures it for a form (`PostUrl`): five levels of
+/// brackets, not strict.
+fn form_deserializer(body: &str) -> Result<serde_qs::Deserializer<'_>, serde_qs::Error> {
+    serde_qs::Deserializer::with_config(&serde_qs::Config::new(5, false), body.as_bytes())
+}
+
+/// The first field of `body` that `T` does not take, if `body` decodes as `T`.
+fn unknown<T: DeserializeOwned>(body: &str) -> Option<String> {
+    let mut first = None;
+    serde_ignored::deserialize::<_, _, T>(form_deserializer(body).ok()?, |path| {
+        first.get_or_insert_with(|| form_name(&path));
+    })
+    .ok()?;
+    first
+}
+
+/// `path` written as a form writes the field's name: `rows[0][colour]`.
+fn form_name(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", form_name(parent)),
+        Path::Map { parent, key } => match form_name(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}[{key}]"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => form_name(parent),
+    }
 }
 
 /// `body` decoded as server_fn decodes a form (`PostUrl`: serde_qs, five levels
 /// of brackets, not strict), or what is wrong with it.
 fn problem<T: DeserializeOwned>(body: &str) -> Option<String> {
-    let config = serde_qs::Config::new(5, false);
-    let deserializer = match serde_qs::Deserializer::with_config(&config, body.as_bytes()) {
+    let deserializer = match form_deserializer(body) {
         Ok(deserializer) => deserializer,
         Err(e) => return Some(e.to_string()),
     };
@@ -89,5 +149,43 @@ mod tests {
             assert!(!problem.contains("QsDeserializer"), "{body}: {problem}");
         }
         assert_eq!(argument_problem("/fn/me", "anything"), None);
+    }
+
+    #[test]
+    fn a_field_the_arguments_do_not_take_is_named_as_the_form_names_it() {
+        let limits = "/fn/save_model_limits";
+        let row = "rows[0][model]=gpt-5&rows[0][limit]=1&rows[0][enabled]=on&rows[0][version]=3";
+        assert_eq!(unknown_argument(limits, row), None);
+        for (path, body, named) in [
+            (
+                limits,
+                format!("{row}&settings_version=2"),
+                "settings_version",
+            ),
+            (
+                limits,
+                format!("{row}&rows[0][colour]=red"),
+                "rows[0][colour]",
+            ),
+            (
+                "/fn/save_automatic_fallback",
+                "automatic_fallback=on&settings_version=1&limit=5".to_owned(),
+                "limit",
+            ),
+            (
+                "/fn/login",
+                "email=a@example.com&password=p&pasword=q".to_owned(),
+                "pasword",
+            ),
+        ] {
+            assert_eq!(
+                unknown_argument(path, &body).as_deref(),
+                Some(named),
+                "{body}"
+            );
+        }
+        // Arguments that do not decode are server_fn's to refuse.
+        assert_eq!(unknown_argument("/fn/login", "email=x&extra=1"), None);
+        assert_eq!(unknown_argument("/fn/me", "anything=1"), None);
     }
 }

@@ -173,11 +173,24 @@ pub async fn authorize(
     let is_admin = user
         .as_ref()
         .is_some_and(|u| u.role == app::auth::Role::Admin);
-    let response = match (access(&path), &user) {
+    // A field the call's arguments do not take would be ignored by server_fn,
+    // and the call run as if it had not been sent: refused before it runs, once
+    // the caller is known to be allowed the call.
+    let unknown = call_body
+        .as_deref()
+        .and_then(|body| std::str::from_utf8(body).ok())
+        .and_then(|body| arguments::unknown_argument(&path, body))
+        .map(|field| {
+            ApiError::bad_arguments(&format!(
+                "unknown field `{}`",
+                app::text::shown_text(&field)
+            ))
+        });
+    let response = match (access(&path), &user, unknown) {
         // Signed in already (Back after signing in, an old link): on to where
         // the sign-in would have led, not a form that is of no use.
         // A `next` a header cannot carry as it is (not ASCII) gets the form.
-        (Access::Public, Some(user)) if path == "/login" && request.method() == Method::GET => {
+        (Access::Public, Some(user), _) if path == "/login" && request.method() == Method::GET => {
             let query = request.uri().query().unwrap_or_default();
             let wanted = url::form_urlencoded::parse(query.as_bytes())
                 .find(|(key, _)| key == "next")
@@ -187,13 +200,15 @@ pub async fn authorize(
                 Err(_) => next.run(request).await,
             }
         }
-        (Access::Public, _) => next.run(request).await,
-        (Access::SignedInPage | Access::AdminPage, None) => to_login(&path),
-        (Access::SignedInPage, Some(_)) => next.run(request).await,
-        (Access::AdminPage, Some(_)) if !is_admin => forbidden_page(),
-        (Access::AdminFunction, None) => refused(&ApiError::Unauthorized),
-        (Access::AdminFunction, Some(_)) if !is_admin => refused(&ApiError::Forbidden),
-        (Access::AdminPage | Access::AdminFunction, Some(_)) => next.run(request).await,
+        (Access::Public, _, Some(unknown)) => refused(&unknown),
+        (Access::Public, _, None) => next.run(request).await,
+        (Access::SignedInPage | Access::AdminPage, None, _) => to_login(&path),
+        (Access::SignedInPage, Some(_), _) => next.run(request).await,
+        (Access::AdminPage, Some(_), _) if !is_admin => forbidden_page(),
+        (Access::AdminFunction, None, _) => refused(&ApiError::Unauthorized),
+        (Access::AdminFunction, Some(_), _) if !is_admin => refused(&ApiError::Forbidden),
+        (Access::AdminFunction, Some(_), Some(unknown)) => refused(&unknown),
+        (Access::AdminPage | Access::AdminFunction, Some(_), _) => next.run(request).await,
     };
     if path.starts_with("/fn/") && response.status() == StatusCode::INTERNAL_SERVER_ERROR {
         let problem = call_body
@@ -236,8 +251,9 @@ fn method_not_allowed(path: &str, allow: Option<&HeaderValue>) -> Response {
 /// compressed (415 `unsupported_content_encoding`), form-encoded (415
 /// `unsupported_media_type`), and for a function that takes arguments at most
 /// [`arguments::MAX_CALL_BYTES`] (413 `payload_too_large`; 400 when it cannot
-/// be read). Returns the request with, for such a function, its body, kept to
-/// name the argument at fault should the call be refused as malformed.
+/// be read). Returns the request
+/// with, for such a function, its body, kept to name the argument at fault
+/// should the call be refused as malformed.
 async fn check_call(
     path: &str,
     request: Request,
