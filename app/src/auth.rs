@@ -34,7 +34,9 @@ impl Role {
 /// A path of this site only, never another site's: browsers drop tabs and
 /// newlines from URLs and read `\` as `/`, so `/<TAB>/evil` or `/\evil`
 /// would become `//evil`. Any control character, whitespace or backslash
-/// refuses the path, as does a second leading slash.
+/// refuses the path, as does a second leading slash. A page only, too: a
+/// path of the server functions, the site's files, the gateway or the JSON
+/// API (`MACHINE_PATHS`) would land the user on JSON or a file.
 pub fn landing(next: Option<&str>, role: Role) -> String {
     let local = next.filter(|path| {
         path.starts_with('/')
@@ -42,6 +44,10 @@ pub fn landing(next: Option<&str>, role: Role) -> String {
             && !path
                 .chars()
                 .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
+            && !MACHINE_PATHS.iter().any(|machine| {
+                path.strip_prefix(machine)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#']))
+            })
     });
     let for_admins = |path: &str| {
         let page = path.split(['?', '#']).next().unwrap_or_default();
@@ -54,6 +60,11 @@ pub fn landing(next: Option<&str>, role: Role) -> String {
         (_, Role::Member) => "/".to_owned(),
     }
 }
+
+/// The paths under which the server answers programs, not people: server
+/// functions, the site's files, the gateway, the JSON API, health and
+/// metrics. Never a place to land after signing in.
+const MACHINE_PATHS: [&str; 6] = ["/fn", "/pkg", "/v1", "/api", "/healthz", "/metrics"];
 
 /// A role name that is neither `admin` nor `member`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,6 +290,25 @@ mod tests {
             );
         }
         assert_eq!(landing(None, Role::Admin), "/admin/token-limits");
+    }
+
+    #[test]
+    fn paths_that_answer_programs_are_not_landed_on() {
+        for machine in [
+            "/fn/logout",
+            "/fn/save_model_limits?x=1",
+            "/pkg/tollgate.js",
+            "/v1/models",
+            "/api/v1/spend",
+            "/healthz",
+            "/metrics#x",
+        ] {
+            assert_eq!(landing(Some(machine), Role::Admin), "/admin/token-limits");
+            assert_eq!(landing(Some(machine), Role::Member), "/");
+        }
+        // Pages whose names merely begin alike are followed.
+        assert_eq!(landing(Some("/apis"), Role::Member), "/apis");
+        assert_eq!(landing(Some("/functions"), Role::Member), "/functions");
     }
 
     /// A member sent to sign in by an Admin Panel page lands on the start
