@@ -899,9 +899,9 @@ pub(crate) fn looks_alike(a: &str, b: &str) -> bool {
 /// A light check that catches typos (`alice`, `a@`, `a@@b.com`); the login is the
 /// real test.
 fn is_plausible_email(email: &str) -> bool {
-    // RFC 5321's longest path; hidden characters would reach operators'
-    // terminals through `user list` and `audit`.
-    if email.len() > 254 || email.contains(is_hidden) {
+    // Hidden characters would reach operators' terminals through `user list`
+    // and `audit`.
+    if email.contains(is_hidden) {
         return false;
     }
     match email.split_once('@') {
@@ -942,15 +942,36 @@ fn key_name(name: &str) -> anyhow::Result<&str> {
     Ok(name)
 }
 
+/// Most bytes in an email address, and in the part before its `@` (RFC 5321's
+/// limits on a path and a local part).
+const MAX_EMAIL_BYTES: usize = 254;
+const MAX_LOCAL_PART_BYTES: usize = 64;
+
 /// `user create --email`, trimmed.
 ///
 /// Errors: when it does not look like an email address, as written or as it
-/// will be stored (lower case can be longer: `İ`).
+/// will be stored (lower case can be longer: `İ`), or is longer, as stored,
+/// than RFC 5321 allows ([`MAX_EMAIL_BYTES`], [`MAX_LOCAL_PART_BYTES`]).
 fn new_user_email(email: &str) -> anyhow::Result<&str> {
     let email = email.trim();
-    if !is_plausible_email(email) || !is_plausible_email(&app::store::normalized_email(email)) {
+    let stored = app::store::normalized_email(email);
+    if !is_plausible_email(email) || !is_plausible_email(&stored) {
         anyhow::bail!("--email {} is not an email address", quoted(email));
     }
+    anyhow::ensure!(
+        stored.len() <= MAX_EMAIL_BYTES,
+        "--email {} is {} bytes long; an email address has at most {MAX_EMAIL_BYTES} (RFC 5321)",
+        quoted(email),
+        stored.len()
+    );
+    let local = stored.split('@').next().unwrap_or_default();
+    anyhow::ensure!(
+        local.len() <= MAX_LOCAL_PART_BYTES,
+        "--email {}: the part before the @ is {} bytes long; it has at most \
+         {MAX_LOCAL_PART_BYTES} (RFC 5321)",
+        quoted(email),
+        local.len()
+    );
     Ok(email)
 }
 

@@ -1826,11 +1826,23 @@ fn a_refused_command_makes_no_database_file() {
     let cli = Cli::new();
     let file = cli.dir.path().join("tollgate.db");
     let long_name = "m".repeat(4000);
-    let refused: [(&[&str], Option<&str>, &str); 14] = [
+    let long_local = format!("{}@example.com", "a".repeat(65));
+    let long_email = format!("a@{}.com", "b".repeat(250));
+    let refused: [(&[&str], Option<&str>, &str); 16] = [
         (
             &["user", "create", "--email", "nobody", "--role", "admin"],
             Some("a long enough password"),
             "is not an email address",
+        ),
+        (
+            &["user", "create", "--email", &long_local, "--role", "admin"],
+            Some("a long enough password"),
+            "the part before the @ is 65 bytes long; it has at most 64 (RFC 5321)",
+        ),
+        (
+            &["user", "create", "--email", &long_email, "--role", "admin"],
+            Some("a long enough password"),
+            "is 256 bytes long; an email address has at most 254 (RFC 5321)",
         ),
         (
             &[
