@@ -904,12 +904,14 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
             quoted(name)
         ));
     }
-    // Compared in lower case as well: `Small model` and `small model` name two
+    // Compared without regard to case as well: `Small model` and `small model`
+    // (or `Straße` and `STRASSE`, by Unicode's full case folding) name two
     // models that an administrator could not tell apart at a glance.
     let lower = name.to_lowercase();
     match earlier.iter().enumerate().find(|(_, other)| {
         crate::cli::looks_alike(&other.display_name, name)
             || crate::cli::looks_alike(&other.display_name.to_lowercase(), &lower)
+            || unicase::UniCase::new(other.display_name.as_str()) == unicase::UniCase::new(name)
     }) {
         Some((j, other)) if other.display_name == name => Err(format!(
             "{} is already the display name of models[{j}]: the tab would show two \
@@ -1663,6 +1665,7 @@ mod tests {
             // The same words in other case.
             ("Small Model", "small model"),
             ("GPT-5 Mini", "gpt-5 MINI"),
+            ("Stra\u{df}e", "STRASSE"),
         ] {
             let err = load_text(&catalog_of(&[first, second]))
                 .unwrap_err()
