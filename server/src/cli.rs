@@ -308,16 +308,19 @@ pub enum KeyAction {
 /// `tollgate limit ...`
 #[derive(Debug, Subcommand)]
 pub enum LimitAction {
-    /// Set MODEL's limit to AMOUNT euros, enabled unless --disabled.
+    /// Set MODEL's limit to AMOUNT euros, enabled unless --disabled; with
+    /// --disabled alone, turn the limit off and keep its amount.
     Set {
         /// Model id or alias.
         model: String,
-        /// Amount in EUR, e.g. 12.50 (the tab's input rules apply).
+        /// Amount in EUR, e.g. 12.50 (the tab's input rules apply). Required
+        /// unless --disabled is given.
         // Hyphen values too, so that `--eur -1` gets the tab's message about
         // negative amounts rather than clap's "unexpected argument".
-        #[arg(long, allow_hyphen_values = true)]
-        eur: String,
-        /// Save the amount without enabling it.
+        #[arg(long, allow_hyphen_values = true, required_unless_present = "disabled")]
+        eur: Option<String>,
+        /// Save the amount without enabling it (without --eur: the amount
+        /// saved stays, as when the tab's Enabled toggle is turned off).
         #[arg(long)]
         disabled: bool,
     },
@@ -1359,11 +1362,13 @@ async fn open(config: &config::Config, apply: Apply) -> anyhow::Result<db::Datab
 /// locked (see [`open`]).
 const APPLY_TRIES: usize = 27;
 
-/// The model named by `limit set` or `limit clear`, and the limit asked for.
+/// The model named by `limit set` or `limit clear`, and the limit asked for:
+/// `None` for `limit set --disabled` without `--eur`, which turns the limit
+/// off and keeps the amount saved.
 ///
 /// Errors: when `--eur` is not an amount in euros the tab would take
 /// (`parse_eur_input`), or cannot be counted in nano-euros.
-fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, ModelLimit)> {
+fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, Option<ModelLimit>)> {
     let (LimitAction::Set { model, .. } | LimitAction::Clear { model }) = action;
     // Checked before the database is opened: a name no catalog can hold is
     // refused without making a file.
@@ -1379,8 +1384,11 @@ fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, ModelLimit)
     }
     Ok(match action {
         LimitAction::Set {
+            model, eur: None, ..
+        } => (model, None),
+        LimitAction::Set {
             model,
-            eur,
+            eur: Some(eur),
             disabled,
         } => {
             let amount = parse_eur_input(eur)
@@ -1390,13 +1398,13 @@ fn requested_limit(action: &LimitAction) -> anyhow::Result<(&String, ModelLimit)
                 .map_err(|e| anyhow::anyhow!("--eur {}: {e}", quoted(eur)))?;
             (
                 model,
-                ModelLimit {
+                Some(ModelLimit {
                     limit: Some(nanos),
                     enabled: !disabled,
-                },
+                }),
             )
         }
-        LimitAction::Clear { model } => (model, ModelLimit::default()),
+        LimitAction::Clear { model } => (model, Some(ModelLimit::default())),
     })
 }
 
@@ -1419,13 +1427,31 @@ async fn limit(
     };
     // The operator names the limit, not a version: whatever another writer left
     // is written over, as `limit set` a moment later would (the tab refuses stale
-    // saves).
+    // saves). Turning a limit off keeps its amount: the amount read is written
+    // back only if nobody changed the limit since (its version).
+    let (limit, expected_version) = match limit {
+        Some(limit) => (limit, None),
+        None => {
+            let snapshot = store.spend_snapshot(now).await?;
+            let stored = snapshot
+                .models
+                .iter()
+                .find(|model| model.id == id)
+                .map(|model| model.limit)
+                .unwrap_or_default();
+            let limit = ModelLimit {
+                limit: stored.limit.limit,
+                enabled: false,
+            };
+            (limit, Some(stored.version))
+        }
+    };
     store
         .update_model_limits(
             &Actor::Cli,
             &[LimitChange {
                 model: id.clone(),
-                expected_version: None,
+                expected_version,
                 limit,
             }],
             now,

@@ -1034,25 +1034,41 @@ fn limits_fallback_and_their_audit() {
     );
     let stderr = cli.fails(&["limit", "set", "no-such-model", "--eur", "1"]);
     assert!(stderr.contains("no-such-model"), "{stderr}");
+    // --disabled alone turns the limit off and keeps its amount, as the tab's
+    // toggle does; neither option is asked for by name.
+    assert_eq!(
+        cli.ok(&["limit", "set", "gpt-5", "--disabled"]),
+        "gpt-5: limit €12.50 per cycle, disabled\n"
+    );
+    let spend = cli.ok(&["spend"]);
+    assert!(
+        spend
+            .lines()
+            .any(|l| l.starts_with("gpt-5\t") && l.ends_with("\t12.5\tdisabled")),
+        "{spend}"
+    );
+    let stderr = cli.fails(&["limit", "set", "gpt-5"]);
+    assert!(stderr.contains("--eur <EUR>"), "{stderr}");
+    let stderr = cli.fails(&["limit", "set", "no-such-model", "--disabled"]);
+    assert!(stderr.contains("no-such-model"), "{stderr}");
+    cli.ok(&["limit", "set", "gpt-5", "--eur", "12.50"]);
     cli.ok(&["limit", "clear", "gpt-5"]);
     cli.ok(&["fallback", "off"]);
     cli.ok(&["fallback", "on"]);
     let stderr = cli.fails(&["fallback", "maybe"]);
     assert!(!stderr.is_empty());
 
-    // Newest first: the two fallback changes, then the limit's clear and set.
+    // Newest first: the two fallback changes, then the limit's clear, set,
+    // turning off and set.
     let audit = cli.ok(&["audit", "--limit", "10"]);
     let lines: Vec<&str> = audit.lines().filter(|l| l.contains("cli")).collect();
-    assert_eq!(lines.len(), 4, "{audit}");
+    assert_eq!(lines.len(), 6, "{audit}");
     assert!(
         lines[0].contains("fallback") && lines[1].contains("fallback"),
         "{audit}"
     );
-    assert!(
-        lines[2].contains("gpt-5") && lines[3].contains("gpt-5"),
-        "{audit}"
-    );
-    assert!(lines[3].contains("12.5"), "the set limit, in EUR: {audit}");
+    assert!(lines[2..].iter().all(|l| l.contains("gpt-5")), "{audit}");
+    assert!(lines[5].contains("12.5"), "the set limit, in EUR: {audit}");
     assert_eq!(
         cli.ok(&["audit", "--limit", "1"])
             .lines()
