@@ -1446,7 +1446,7 @@ async fn limit(
             (limit, Some(stored.version))
         }
     };
-    store
+    let saved = store
         .update_model_limits(
             &Actor::Cli,
             &[LimitChange {
@@ -1456,22 +1456,34 @@ async fn limit(
             }],
             now,
         )
-        .await
-        .map_err(|e| match e {
-            // Aliases live in the config, not in the database.
-            app::store::StoreError::Invalid {
-                code: "unknown_model",
-                message,
-            } if explicit_config => anyhow::anyhow!("{message}"),
-            app::store::StoreError::Invalid {
-                code: "unknown_model",
-                message,
-            } => anyhow::anyhow!(
-                "{message}: name the model by its id, or pass the server's --config \
-                 to name it by an alias"
-            ),
-            other => other.into(),
-        })?;
+        .await;
+    match saved {
+        Ok(_) => {}
+        Err(app::store::StoreError::Invalid {
+            code: "unknown_model",
+            message,
+        }) => {
+            // A model the catalog dropped that still has books this cycle: it
+            // was named by its id, and no alias would help.
+            let dropped = store
+                .spend_snapshot(now)
+                .await
+                .is_ok_and(|snapshot| snapshot.models.iter().any(|model| model.id == id));
+            anyhow::bail!(match (dropped, explicit_config) {
+                (true, _) => format!(
+                    "{message}: the server's catalog no longer lists it, and a limit \
+                     applies to the catalog's models only"
+                ),
+                // Aliases live in the config, not in the database.
+                (false, true) => message,
+                (false, false) => format!(
+                    "{message}: name the model by its id, or pass the server's --config \
+                     to name it by an alias"
+                ),
+            });
+        }
+        Err(other) => return Err(other.into()),
+    }
     match limit.limit {
         Some(cap) => outln!(
             "{}: limit {} per cycle, {}",

@@ -1284,6 +1284,26 @@ async fn spend_prints_the_books_of_the_cycle() {
         ],
         "{printed}"
     );
+    // Its limit cannot be set, and the command says why, not to use its id.
+    for args in [
+        &[
+            "--config",
+            config,
+            "limit",
+            "set",
+            "house-model",
+            "--eur",
+            "1",
+        ][..],
+        &["limit", "set", "house-model", "--disabled"][..],
+    ] {
+        let stderr = cli.fails(args);
+        assert!(
+            stderr.contains("the server's catalog no longer lists it")
+                && !stderr.contains("by its id"),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 /// A PostgreSQL URL that asks for TLS is refused at once, naming the mode and
