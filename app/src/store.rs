@@ -242,6 +242,9 @@ pub struct UsageListing {
     /// When the request was settled or recorded: a settlement that the
     /// database held up keeps the time of its first try.
     pub occurred_at: DateTime<Utc>,
+    /// The first instant of the billing cycle it was billed in (R1): the
+    /// cycle of its admission, even when settled after the cycle ended.
+    pub cycle_start: DateTime<Utc>,
     /// The email of the user it was billed to; `None` for usage without one.
     pub user_email: Option<String>,
     /// The API key it was billed to.

@@ -742,7 +742,7 @@ async fn run_command(
                     flagged,
                 },
         } => {
-            outln!("id\tat\tuser\tkey\trequested\tserved\tprompt\tcached\tcompletion\treasoning\tcost EUR\tflags\tidempotency key");
+            outln!("id\tat\tuser\tkey\trequested\tserved\tprompt\tcached\tcompletion\treasoning\tcost EUR\tflags\tidempotency key\tcycle start");
             for row in store.usage_events(limit, flagged).await? {
                 let count = |count: fn(&app::domain::Usage) -> u64| {
                     row.usage
@@ -758,7 +758,7 @@ async fn run_command(
                 .filter_map(|(set, flag)| set.then_some(flag))
                 .collect();
                 outln!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     row.id,
                     app::text::shown_time(row.occurred_at),
                     row.user_email.as_deref().unwrap_or("-"),
@@ -787,6 +787,7 @@ async fn run_command(
                                 key => shown(key),
                             },
                         ),
+                    app::text::shown_time(row.cycle_start),
                 );
             }
             Ok(())

@@ -526,7 +526,7 @@ async fn passwords_can_be_set_again() {
 #[tokio::test]
 async fn the_ledger_is_listed() {
     let cli = Cli::new();
-    let header = "id\tat\tuser\tkey\trequested\tserved\tprompt\tcached\tcompletion\treasoning\tcost EUR\tflags\tidempotency key\n";
+    let header = "id\tat\tuser\tkey\trequested\tserved\tprompt\tcached\tcompletion\treasoning\tcost EUR\tflags\tidempotency key\tcycle start\n";
     assert_eq!(cli.ok(&["usage", "list"]), header);
     let config = server::config::Config::load(None, &server::config::Overrides::default()).unwrap();
     let catalog = config.setup.catalog.clone();
@@ -568,7 +568,7 @@ async fn the_ledger_is_listed() {
     // Newest first: the estimate, billed what was held.
     let held_eur = held[1].amount.to_money().amount().normalize().to_string();
     assert_eq!(
-        all[0][4..],
+        all[0][4..13],
         [
             "gpt-5",
             "gpt-5",
@@ -591,6 +591,13 @@ async fn the_ledger_is_listed() {
         (all[1][11].as_str(), all[1][12].as_str()),
         ("-", "-"),
         "{listed}"
+    );
+    // Each row names the cycle it was billed in, by its first instant.
+    let cycle = store.spend_snapshot(now).await.unwrap().cycle;
+    let cycle_start = app::text::shown_time(cycle.start);
+    assert!(
+        all.iter().all(|row| row[13] == cycle_start),
+        "{cycle_start}: {listed}"
     );
     assert_eq!(
         cli.ok(&["usage", "list", "--flagged"]),

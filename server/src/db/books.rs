@@ -442,6 +442,7 @@ pub(crate) struct UsageListingRow {
     #[sqlx(flatten)]
     pub recorded: RecordedRow,
     pub occurred_at: String,
+    pub cycle_start: i64,
     pub email: Option<String>,
     pub api_key_id: Option<i64>,
     pub idempotency_key: Option<String>,
@@ -451,8 +452,8 @@ pub(crate) struct UsageListingRow {
 /// first; only the flagged ones when `$2` is true.
 pub(crate) const USAGE_LISTING: &str = "SELECT e.id, e.requested_model, e.served_model, \
      e.cost_nanos, e.estimated, e.over_reservation, e.lease_expired, e.prompt_tokens, \
-     e.cached_tokens, e.completion_tokens, e.reasoning_tokens, e.occurred_at, u.email, \
-     e.api_key_id, e.idempotency_key \
+     e.cached_tokens, e.completion_tokens, e.reasoning_tokens, e.occurred_at, e.cycle_start, \
+     u.email, e.api_key_id, e.idempotency_key \
      FROM usage_events e LEFT JOIN users u ON u.id = e.user_id \
      WHERE e.workspace_id = $1 AND (NOT $2 OR e.estimated OR e.over_reservation OR e.lease_expired) \
      ORDER BY e.id DESC LIMIT $3";
@@ -464,11 +465,14 @@ impl UsageListingRow {
     /// instant that does not parse).
     pub fn listing(self) -> Result<app::store::UsageListing, StoreError> {
         let occurred_at = instant("usage_events.occurred_at", &self.occurred_at)?;
+        let cycle_start = DateTime::from_timestamp(self.cycle_start, 0)
+            .ok_or_else(|| corrupt("usage_events.cycle_start", self.cycle_start))?;
         let usage = self.recorded.recorded_usage()?.usage;
         let event = self.recorded.event;
         Ok(app::store::UsageListing {
             id: event.id,
             occurred_at,
+            cycle_start,
             user_email: self.email,
             api_key_id: self.api_key_id,
             requested: ModelId::new(event.requested_model),
