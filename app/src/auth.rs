@@ -48,6 +48,7 @@ pub fn landing(next: Option<&str>, role: Role) -> String {
                 path.strip_prefix(machine)
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#']))
             })
+            && is_plain_path(path)
     });
     let for_admins = |path: &str| {
         let page = path.split(['?', '#']).next().unwrap_or_default();
@@ -59,6 +60,26 @@ pub fn landing(next: Option<&str>, role: Role) -> String {
         (_, Role::Admin) => crate::ui::TAB.to_owned(),
         (_, Role::Member) => "/".to_owned(),
     }
+}
+
+/// Whether the path of `next` (before any `?` or `#`) has no empty segment and
+/// no dot segment (`.`, `..`, also percent-encoded: `%2e`). A browser resolves
+/// those before it goes: `/.//evil.example` becomes `//evil.example`, another
+/// site, and `/admin/../..//evil.example` too. No page of the panel needs one.
+fn is_plain_path(next: &str) -> bool {
+    let path = next.split(['?', '#']).next().unwrap_or_default();
+    let path = path.to_ascii_lowercase().replace("%2e", ".");
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    segments
+        .iter()
+        .enumerate()
+        .all(|(i, segment)| match *segment {
+            "." | ".." => false,
+            // `/` alone, or a trailing slash (`/admin/`), is an empty last segment.
+            "" => i == last,
+            _ => true,
+        })
 }
 
 /// The paths under which the server answers programs, not people: server
@@ -290,6 +311,36 @@ mod tests {
             );
         }
         assert_eq!(landing(None, Role::Admin), "/admin/token-limits");
+    }
+
+    /// A browser resolves dot segments and empty ones before it goes, and may
+    /// end on another site: such a `next` is not followed.
+    #[test]
+    fn paths_with_dot_or_empty_segments_are_not_followed() {
+        for bad in [
+            "/.//evil.example",
+            "/admin/../..//evil.example",
+            "/%2e//evil.example",
+            "/%2E%2e/evil",
+            "/a//b",
+            "/admin/./token-limits",
+            "/admin/..",
+        ] {
+            assert_eq!(
+                landing(Some(bad), Role::Admin),
+                "/admin/token-limits",
+                "{bad:?} was followed"
+            );
+        }
+        for good in [
+            "/",
+            "/admin/",
+            "/admin/token-limits?a=b//c",
+            "/a.b/c..d",
+            "/#x",
+        ] {
+            assert_eq!(landing(Some(good), Role::Admin), good);
+        }
     }
 
     #[test]
