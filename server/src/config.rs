@@ -876,17 +876,17 @@ fn check_visible_line(name: &str) -> Result<(), String> {
     let chars = name.chars().count();
     if chars > MAX_SHOWN_NAME_CHARS {
         return Err(format!(
-            "{} is {chars} characters long; a name shown on the tab has at most \
-             {MAX_SHOWN_NAME_CHARS}",
+            "{} is {chars} characters long; a display name or the workspace's name \
+             has at most {MAX_SHOWN_NAME_CHARS}",
             quoted(name)
         ));
     }
     Ok(())
 }
 
-/// Most characters in a model's display name or the workspace's name: each is
-/// shown whole on one line of the tab, of `tollgate spend` and of `tollgate
-/// audit`.
+/// Most characters in a model's display name or the workspace's name: a
+/// display name is shown whole on one line of the tab and of `tollgate spend`,
+/// and both are in `tollgate audit`'s rows when they change.
 const MAX_SHOWN_NAME_CHARS: usize = 100;
 
 /// Why `name` cannot be a model's display name beside the models `earlier` in
@@ -1438,7 +1438,7 @@ mod tests {
             (
                 &long_workspace,
                 "workspace.name",
-                "is 101 characters long; a name shown on the tab has at most 100",
+                "is 101 characters long; a display name or the workspace's name has at most 100",
             ),
             (
                 &long_display_name,
