@@ -251,9 +251,9 @@ fn method_not_allowed(path: &str, allow: Option<&HeaderValue>) -> Response {
 /// compressed (415 `unsupported_content_encoding`), form-encoded (415
 /// `unsupported_media_type`), and for a function that takes arguments at most
 /// [`arguments::MAX_CALL_BYTES`] (413 `payload_too_large`; 400 when it cannot
-/// be read). Returns the request
-/// with, for such a function, its body, kept to name the argument at fault
-/// should the call be refused as malformed.
+/// be read). Returns the request with, for such a function, its body, kept to
+/// name the argument at fault should the call be refused as malformed, or to
+/// find a field its arguments do not take ([`arguments::unknown_argument`]).
 async fn check_call(
     path: &str,
     request: Request,
