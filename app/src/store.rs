@@ -527,15 +527,28 @@ pub struct UserRecord {
 /// result never depends on a letter's neighbours (a final `Σ` is `σ`, as anywhere
 /// else). Letters that only full case folding would merge stay apart (`ß` and
 /// `ss`: distinct addresses to a mail server too).
+///
+/// The domain (after the last `@`) is then written in Unicode by IDNA's rules
+/// (UTS #46, as browsers do): `a@xn--exmple-cua.com` is `a@exämple.com`, the one
+/// domain in its two spellings. A domain IDNA refuses is kept as lower-cased.
 #[cfg(feature = "ssr")]
 pub fn normalized_email(email: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
-    email
+    let folded: String = email
         .trim()
         .chars()
         .flat_map(char::to_lowercase)
         .nfc()
-        .collect()
+        .collect();
+    match folded.rsplit_once('@') {
+        Some((local, domain)) => match idna::domain_to_unicode(domain) {
+            (unicode, Ok(())) if !unicode.is_empty() && unicode != domain => {
+                format!("{local}@{unicode}")
+            }
+            _ => folded,
+        },
+        None => folded,
+    }
 }
 
 /// A user as `tollgate user list` shows it: never the password hash.
@@ -890,6 +903,29 @@ mod tests {
         assert_eq!(normalized_email("E\u{301}mile@x.fr"), "\u{e9}mile@x.fr");
         assert_eq!(normalized_email("\u{e9}mile@x.fr"), "\u{e9}mile@x.fr");
         let once = normalized_email("İSTANBUL@x.tr");
+        assert_eq!(
+            normalized_email(&once),
+            once,
+            "folding twice changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_domain_in_its_ascii_form_is_the_unicode_one() {
+        assert_eq!(
+            normalized_email("Ann@XN--Exmple-Cua.com"),
+            "ann@exämple.com"
+        );
+        assert_eq!(normalized_email("ann@exämple.com"), "ann@exämple.com");
+        assert_eq!(normalized_email("ann@EXÄMPLE.com"), "ann@exämple.com");
+        // Only the domain: a local part that looks like punycode stays.
+        assert_eq!(
+            normalized_email("xn--exmple-cua@example.com"),
+            "xn--exmple-cua@example.com"
+        );
+        // A label that is not valid punycode is kept as typed, lower-cased.
+        assert_eq!(normalized_email("a@xn--ü.com"), "a@xn--ü.com");
+        let once = normalized_email("a@XN--exmple-cua.COM");
         assert_eq!(
             normalized_email(&once),
             once,

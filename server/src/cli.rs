@@ -954,8 +954,9 @@ const MAX_LOCAL_PART_BYTES: usize = 64;
 /// `user create --email`, trimmed.
 ///
 /// Errors: when it does not look like an email address, as written or as it
-/// will be stored (lower case can be longer: `İ`), or is longer, as stored,
-/// than RFC 5321 allows ([`MAX_EMAIL_BYTES`], [`MAX_LOCAL_PART_BYTES`]).
+/// will be stored (lower case can be longer: `İ`), is longer, as stored,
+/// than RFC 5321 allows ([`MAX_EMAIL_BYTES`], [`MAX_LOCAL_PART_BYTES`]), or
+/// breaks its syntax ([`email_syntax_error`]).
 fn new_user_email(email: &str) -> anyhow::Result<&str> {
     let email = email.trim();
     let stored = app::store::normalized_email(email);
@@ -976,7 +977,41 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
         quoted(email),
         local.len()
     );
+    if let Some(why) = email_syntax_error(&stored) {
+        anyhow::bail!("--email {} is not an email address: {why}", quoted(email));
+    }
     Ok(email)
+}
+
+/// Why `email` (as stored) is no address a mail system delivers to, by the
+/// syntax of RFC 5321 (RFC 6531 with Unicode), read by the `email_address`
+/// crate: `None` when it is one. A domain needs a dot, and an IP address in
+/// brackets is refused: no workspace's users sign in with one.
+fn email_syntax_error(email: &str) -> Option<&'static str> {
+    use email_address::{EmailAddress, Error, Options};
+    let options = Options::default()
+        .with_required_tld()
+        .without_domain_literal()
+        .without_display_text();
+    let error = EmailAddress::parse_with_options(email, options).err()?;
+    Some(match error {
+        Error::SubDomainEmpty | Error::DomainInvalidSeparator => {
+            "its domain has two dots in a row, or a dot at an end"
+        }
+        Error::SubDomainTooLong => {
+            "a label of its domain (the text between two dots) is longer than 63 bytes (RFC 1035)"
+        }
+        Error::DomainTooFew => "its domain has no dot",
+        Error::UnsupportedDomainLiteral => {
+            "its domain is an address in brackets; give the mail server's name"
+        }
+        _ => {
+            "a character is out of place: the part before the @ may not start or end \
+             with a dot, nor have two in a row, nor hold brackets, commas or quotes, \
+             unless it is all in quotes; each label of the domain starts and ends \
+             with a letter or a digit"
+        }
+    })
 }
 
 /// The `--email` of a command on an existing user, checked before the

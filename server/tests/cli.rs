@@ -712,6 +712,40 @@ fn users_and_keys() {
             "{email:?}: {stderr}"
         );
     }
+    // Addresses no mail system delivers to, each told what is wrong.
+    let long_label = format!("a@{}.com", "b".repeat(64));
+    for (email, says) in [
+        ("<a@example.com>", "a character is out of place"),
+        (".a@example.com", "a character is out of place"),
+        ("a.@example.com", "a character is out of place"),
+        ("a..b@example.com", "a character is out of place"),
+        ("a@-example.com", "a character is out of place"),
+        ("a@example-.com", "a character is out of place"),
+        ("a,b@example.com", "a character is out of place"),
+        (
+            "a@example..com",
+            "its domain has two dots in a row, or a dot at an end",
+        ),
+        (&long_label, "is longer than 63 bytes (RFC 1035)"),
+        ("a@[192.168.0.1]", "its domain is an address in brackets"),
+        ("\"a@example.com", "a character is out of place"),
+    ] {
+        let refused = cli.create_user(email, "member");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success()
+                && stderr.contains("is not an email address: ")
+                && stderr.contains(says),
+            "{email:?}: {stderr}"
+        );
+    }
+    // Quoted, the part before the @ may hold what the syntax allows there.
+    let quoted = cli.create_user("\"a..b\"@example.com", "member");
+    assert!(
+        quoted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quoted.stderr)
+    );
     // Refused before a password is asked for (here none is given).
     let refused = cli.run_with(
         &[
@@ -749,6 +783,20 @@ fn users_and_keys() {
     let listed = cli.ok(&["key", "list", "--email", "émile@EXAMPLE.com"]);
     assert_eq!(listed.lines().count(), 2, "{listed}");
     assert!(listed.contains("\témile@example.com\t"), "{listed}");
+    // A domain in its ASCII form (IDNA) is the same domain.
+    let ida = cli.create_user("ida@EXÄMPLE.com", "member");
+    assert!(
+        ida.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ida.stderr)
+    );
+    let stderr =
+        String::from_utf8_lossy(&cli.create_user("ida@xn--exmple-cua.com", "member").stderr)
+            .into_owned();
+    assert!(stderr.contains("exists already"), "{stderr}");
+    let listed = cli.ok(&["key", "list", "--email", "IDA@xn--exmple-cua.com"]);
+    assert_eq!(listed.lines().count(), 1, "only the header: {listed}");
+    assert!(cli.ok(&["user", "list"]).contains("ida@exämple.com\t"));
 
     // The key alone on stdout, once.
     let key = cli.ok(&[
