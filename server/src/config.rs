@@ -860,8 +860,10 @@ fn breaks_a_display_name(c: char) -> bool {
 
 /// Why `name` (a model's display name, the workspace's name) cannot be shown on
 /// one line of the tab, of `tollgate spend` or of `tollgate audit`, if it
-/// cannot: it shows nothing, or breaks a line or reorders text
-/// ([`breaks_a_display_name`]).
+/// cannot: it shows nothing, breaks a line or reorders text
+/// ([`breaks_a_display_name`]), has spaces at an end or several in a row
+/// (which HTML shows as one or none), or is longer than
+/// [`MAX_SHOWN_NAME_CHARS`].
 fn check_visible_line(name: &str) -> Result<(), String> {
     let visible = name
         .chars()
@@ -870,6 +872,13 @@ fn check_visible_line(name: &str) -> Result<(), String> {
         return Err(format!(
             "{} must be visible text on one line: no line breaks, tabs or direction \
              overrides",
+            quoted(name)
+        ));
+    }
+    if name.split_whitespace().collect::<Vec<_>>().join(" ") != name {
+        return Err(format!(
+            "{} has spaces at an end or several in a row, which a page shows as \
+             one or none: write single spaces between words",
             quoted(name)
         ));
     }
@@ -897,13 +906,6 @@ const MAX_SHOWN_NAME_CHARS: usize = 100;
 /// NFD) and letters of another script drawn alike (Cyrillic `Р` for Latin `P`).
 fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
     check_visible_line(name)?;
-    if name.split_whitespace().collect::<Vec<_>>().join(" ") != name {
-        return Err(format!(
-            "{} has spaces at an end or several in a row, which the tab does not \
-             show: write single spaces between words",
-            quoted(name)
-        ));
-    }
     // Compared without regard to case as well: `Small model` and `small model`
     // (or `Straße` and `STRASSE`, by Unicode's full case folding) name two
     // models that an administrator could not tell apart at a glance.
@@ -1434,6 +1436,16 @@ mod tests {
                 "[workspace]\nname = \"W\\nX\\u202eY\\u0007\"",
                 "workspace.name",
                 "must be visible text on one line",
+            ),
+            (
+                "[workspace]\nname = \" Acme\"",
+                "workspace.name",
+                "\" Acme\" has spaces at an end or several in a row",
+            ),
+            (
+                "[workspace]\nname = \"Acme  GmbH\"",
+                "workspace.name",
+                "several in a row",
             ),
             (
                 &long_workspace,
