@@ -1011,7 +1011,52 @@ fn build_catalog(
     if out.is_empty() {
         return Err(invalid("models", "declare at least one model"));
     }
-    Catalog::new(out).map_err(|e| invalid(catalog_error_key(&e, &names), e.to_string()))
+    let catalog =
+        Catalog::new(out).map_err(|e| invalid(catalog_error_key(&e, &names), e.to_string()))?;
+    check_names_apart(&names)?;
+    Ok(catalog)
+}
+
+/// Refuses a model id or alias drawn like an earlier one of the catalog
+/// (`names`: each model's id and aliases as written), by Unicode's confusable
+/// detection (UTS #39 skeletons): `gрt-5` with a Cyrillic `р` beside `gpt-5`,
+/// or `café` with its accent composed in one and a separate mark in the other.
+/// A caller who copies the one from a listing would be served, and billed,
+/// the other, or get a 404 it cannot explain. Two ASCII names are left alone:
+/// their letters are the ones a caller types (`model-l` and `model-1` are two
+/// ids any font tells apart in the text a client sends), and so are one
+/// model's own names (an alias `cafe\u{301}` of the model `café` names it in
+/// either form). Run after [`Catalog::new`], so equal names get its message.
+fn check_names_apart(names: &[(String, Vec<String>)]) -> Result<(), ConfigError> {
+    // (model index, key, name, skeleton)
+    let mut seen: Vec<(usize, String, &str, String)> = Vec::new();
+    for (i, (id, aliases)) in names.iter().enumerate() {
+        let keyed = std::iter::once((format!("models[{i}].id"), id)).chain(
+            aliases
+                .iter()
+                .enumerate()
+                .map(|(j, alias)| (format!("models[{i}].aliases[{j}]"), alias)),
+        );
+        for (key, name) in keyed {
+            let skeleton: String = unicode_security::skeleton(name).collect();
+            let twin = seen.iter().find(|(model, _, other, other_skeleton)| {
+                *model != i && !(name.is_ascii() && other.is_ascii()) && *other_skeleton == skeleton
+            });
+            if let Some((_, other_key, other, _)) = twin {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} looks like {}, {other_key}: a caller could not tell which \
+                         model it names",
+                        quoted(name),
+                        quoted(other)
+                    ),
+                ));
+            }
+            seen.push((i, key, name, skeleton));
+        }
+    }
+    Ok(())
 }
 
 /// The key of the id or alias a catalog error is about (`models[i].id`,
@@ -1687,6 +1732,61 @@ mod tests {
                 "{second:?} after {first:?} gave {err}"
             );
         }
+    }
+
+    #[test]
+    fn model_ids_and_aliases_that_look_alike_are_refused() {
+        let model = |i: usize, id: &str, aliases: &str| {
+            format!(
+                "[[models]]\nid = \"{id}\"\ndisplay_name = \"M{i}\"\naliases = [{aliases}]\n\
+                 upstream = \"u\"\ninput_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\n\
+                 max_output_tokens = 1\n"
+            )
+        };
+        let upstream = "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n";
+        for (models, key) in [
+            // A Cyrillic Er for a Latin p, in an id.
+            (
+                [model(0, "gpt-5", ""), model(1, "g\u{440}t-5", "")],
+                "models[1].id",
+            ),
+            // One text composed (NFC) and decomposed (NFD), in an alias.
+            (
+                [
+                    model(0, "m0", "\"caf\u{e9}\""),
+                    model(1, "m1", "\"cafe\u{301}\""),
+                ],
+                "models[1].aliases[0]",
+            ),
+            // An alias drawn like another model's id.
+            (
+                [model(0, "claude", ""), model(1, "m1", "\"c\u{406}aude\"")],
+                "models[1].aliases[0]",
+            ),
+        ] {
+            let err = load_text(&format!("{upstream}{}{}", models[0], models[1]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains("looks like") && err.contains("models[0]."),
+                "{models:?}: {err}"
+            );
+        }
+        // One model's names may look alike: they name the same model.
+        let config = load_text(&format!(
+            "{upstream}{}",
+            model(0, "caf\u{e9}", "\"cafe\u{301}\"")
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.setup.catalog.models().len(), 1);
+        // ASCII names that differ are two names, however close their skeletons.
+        let config = load_text(&format!(
+            "{upstream}{}{}",
+            model(0, "model-l", "\"rn\""),
+            model(1, "model-1", "\"m\"")
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.setup.catalog.models().len(), 2);
     }
 
     #[test]
