@@ -900,33 +900,58 @@ pub(crate) fn looks_alike(a: &str, b: &str) -> bool {
     unicode_security::skeleton(a).eq(unicode_security::skeleton(b))
 }
 
-/// A light check that catches typos (`alice`, `a@`, `a@@b.com`); the login is the
-/// real test.
-fn is_plausible_email(email: &str) -> bool {
+/// Why `email` (as typed, or as it will be stored) cannot be an address at
+/// all, before its syntax is read ([`email_syntax_error`]): a name or angle
+/// brackets around it, a character that does not show as itself, a space, not
+/// one `@` between two parts, or a quoted part before the `@`. `None` when
+/// none of these.
+fn email_problem(email: &str) -> Option<&'static str> {
+    if email.contains(['<', '>']) {
+        return Some("give the address alone, without a name or angle brackets (ada@example.com)");
+    }
     // Hidden characters would reach operators' terminals through `user list`
     // and `audit`.
     if email.contains(is_hidden) {
-        return false;
+        return Some(
+            "it holds a character that does not show as itself (a tab, a line break, a \
+             no-break or zero-width space, a direction override, a variation selector, a \
+             private-use or unassigned character): `tollgate user list` would print it \
+             like another address",
+        );
     }
-    match email.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && !domain.contains('@')
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-                && !email.contains(char::is_whitespace)
-        }
-        None => false,
+    if email.contains(char::is_whitespace) {
+        return Some("it holds a space");
     }
+    let Some((local, domain)) = email.split_once('@') else {
+        return Some("it has no @ between the mailbox and the domain");
+    };
+    if domain.contains('@') {
+        return Some("it has more than one @");
+    }
+    if local.is_empty() {
+        return Some("nothing comes before the @");
+    }
+    if domain.is_empty() {
+        return Some("no domain comes after the @");
+    }
+    // RFC 5321 §4.1.2 advises against mailboxes that need quotes, and a
+    // quoted name can be the same mailbox as the bare one ("ada" and ada).
+    if local.starts_with('"') {
+        return Some(
+            "the part before the @ is in quotes: give an address that needs none \
+             (RFC 5321 advises mail systems against them)",
+        );
+    }
+    None
 }
 
-/// `key create --name`, trimmed.
+/// `key create --name`, with plain spaces (U+0020) around it trimmed; any
+/// other space there is refused, as anywhere in the name.
 ///
 /// Errors: when it is empty, longer than [`MAX_KEY_NAME_CHARS`], or holds a
 /// character that does not show as itself ([`is_hidden`]).
 fn key_name(name: &str) -> anyhow::Result<&str> {
-    let name = name.trim();
+    let name = name.trim_matches(' ');
     anyhow::ensure!(
         !name.is_empty(),
         "--name must not be empty: `tollgate key list` shows it beside the key's id, to say what the key is for"
@@ -960,8 +985,8 @@ const MAX_LOCAL_PART_BYTES: usize = 64;
 fn new_user_email(email: &str) -> anyhow::Result<&str> {
     let email = email.trim();
     let stored = app::store::normalized_email(email);
-    if !is_plausible_email(email) || !is_plausible_email(&stored) {
-        anyhow::bail!("--email {} is not an email address", quoted(email));
+    if let Some(why) = email_problem(email).or_else(|| email_problem(&stored)) {
+        anyhow::bail!("--email {} is not an email address: {why}", quoted(email));
     }
     anyhow::ensure!(
         stored.len() <= MAX_EMAIL_BYTES,
@@ -983,34 +1008,78 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
     Ok(email)
 }
 
-/// Why `email` (as stored) is no address a mail system delivers to, by the
-/// syntax of RFC 5321 (RFC 6531 with Unicode), read by the `email_address`
-/// crate: `None` when it is one. A domain needs a dot, and an IP address in
-/// brackets is refused: no workspace's users sign in with one.
-fn email_syntax_error(email: &str) -> Option<&'static str> {
+/// Why `email` (as stored, past [`email_problem`]) is no address a mail system
+/// delivers to, or `None`. Its syntax is read by the `email_address` crate (RFC
+/// 5321, with RFC 6531's Unicode) and its domain by IDNA's strict rules (UTS
+/// #46 with STD3's letters, digits and hyphens, as DNS names them); the
+/// message says which rule fails. A domain needs a dot and may not be an IP
+/// address, bracketed or not: no workspace's users sign in with one.
+fn email_syntax_error(email: &str) -> Option<String> {
     use email_address::{EmailAddress, Error, Options};
+    let (local, domain) = email.rsplit_once('@')?;
     let options = Options::default()
         .with_required_tld()
         .without_domain_literal()
         .without_display_text();
-    let error = EmailAddress::parse_with_options(email, options).err()?;
-    Some(match error {
-        Error::SubDomainEmpty | Error::DomainInvalidSeparator => {
-            "its domain has two dots in a row, or a dot at an end"
+    let labels = || domain.split('.');
+    let why = match EmailAddress::parse_with_options(email, options).err() {
+        None => None,
+        Some(Error::SubDomainEmpty | Error::DomainInvalidSeparator) => {
+            Some("its domain has two dots in a row, or a dot at an end".to_owned())
         }
-        Error::SubDomainTooLong => {
+        Some(Error::SubDomainTooLong) => Some(
             "a label of its domain (the text between two dots) is longer than 63 bytes (RFC 1035)"
+                .to_owned(),
+        ),
+        Some(Error::DomainTooFew) => Some("its domain has no dot".to_owned()),
+        Some(Error::UnsupportedDomainLiteral) => {
+            Some("its domain is an address in brackets; give the mail server's name".to_owned())
         }
-        Error::DomainTooFew => "its domain has no dot",
-        Error::UnsupportedDomainLiteral => {
-            "its domain is an address in brackets; give the mail server's name"
+        Some(_) if local.starts_with('.') || local.ends_with('.') || local.contains("..") => {
+            Some("the part before the @ starts or ends with a dot, or has two in a row".to_owned())
         }
-        _ => {
-            "a character is out of place: the part before the @ may not start or end \
-             with a dot, nor have two in a row, nor hold brackets, commas or quotes, \
-             unless it is all in quotes; each label of the domain starts and ends \
-             with a letter or a digit"
+        Some(_) if !EmailAddress::is_valid_local_part(local) => {
+            Some(match local.chars().find(|c| "(),:;[]\\\"".contains(*c)) {
+                Some(c) => format!(
+                    "the part before the @ holds {c:?}, which an address has only in quotes"
+                ),
+                None => "the part before the @ holds a character no address has there".to_owned(),
+            })
         }
+        Some(_) if labels().any(|label| label.starts_with('-') || label.ends_with('-')) => {
+            Some("a label of its domain starts or ends with a hyphen".to_owned())
+        }
+        Some(_) => Some(
+            "its domain holds a character other than letters, digits, hyphens and dots".to_owned(),
+        ),
+    };
+    why.or_else(|| {
+        if idna::domain_to_ascii_strict(domain).is_ok() {
+            None
+        } else if labels().any(|label| label.starts_with("xn--")) {
+            Some("a label of its domain starts with xn-- but is no name encoded by IDNA".to_owned())
+        } else if labels().any(|label| label.get(2..4) == Some("--")) {
+            Some(
+                "a label of its domain has hyphens in its third and fourth places, which \
+                 IDNA keeps for encoded names (xn--)"
+                    .to_owned(),
+            )
+        } else {
+            Some(
+                "its domain holds a character no domain name has (IDNA, UTS #46: letters, \
+                 digits and hyphens)"
+                    .to_owned(),
+            )
+        }
+    })
+    .or_else(|| {
+        labels()
+            .next_back()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| {
+                "its last label is a number, as in an IP address: give the mail server's name"
+                    .to_owned()
+            })
     })
 }
 
