@@ -848,32 +848,77 @@ fn chat_completions_url(base_url: &str) -> Result<url::Url, String> {
     Ok(url)
 }
 
-/// True for a character a model's display name may not hold: a control
-/// character (a line break, a tab), a line or paragraph separator, a space other
-/// than U+0020, or a bidirectional formatting character, which reorders the text
-/// after it ([`app::domain::reorders_text`]). Joiners and variation selectors
-/// stay allowed: emoji (`👩‍💻`, `❤️`) and several scripts (Persian, Devanagari)
-/// need them.
-fn breaks_a_display_name(c: char) -> bool {
-    c.is_control() || (c.is_whitespace() && c != ' ') || app::domain::reorders_text(c)
+/// True for the characters [`is_hidden`](crate::cli::is_hidden) finds that a
+/// display name may still hold: the joiners, variation selectors and emoji
+/// tags (U+200C, U+200D, U+FE00 to U+FE0F, U+E0020 to U+E007F, U+E0100 to
+/// U+E01EF), which emoji (`👩‍💻`, `❤️`, a flag) and several scripts (Persian,
+/// Devanagari) need.
+fn shapes_its_neighbours(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}' | '\u{E0020}'..='\u{E007F}' | '\u{E0100}'..='\u{E01EF}'
+    )
+}
+
+/// A character as its code point, for messages: `U+00A0`.
+fn code_point(c: char) -> String {
+    format!("U+{:04X}", u32::from(c))
 }
 
 /// Why `name` (a model's display name, the workspace's name) cannot be shown on
 /// one line of the tab, of `tollgate spend` or of `tollgate audit`, if it
-/// cannot: it shows nothing, breaks a line or reorders text
-/// ([`breaks_a_display_name`]), has spaces at an end or several in a row
-/// (which HTML shows as one or none), or is longer than
-/// [`MAX_SHOWN_NAME_CHARS`].
+/// cannot, each with its own message: it is empty; holds a line break, a tab or
+/// another control character; a character that reorders the text after it
+/// ([`app::domain::reorders_text`]); a space other than U+0020; or one drawn as
+/// nothing or as a blank ([`is_hidden`](crate::cli::is_hidden)) other than
+/// those emoji and scripts need ([`shapes_its_neighbours`]); has spaces at an
+/// end or several in a row (which HTML shows as one or none); or is longer than
+/// [`MAX_SHOWN_NAME_CHARS`] characters, counted in its composed form (NFC), so
+/// an accent typed as a separate mark counts once with its letter.
 fn check_visible_line(name: &str) -> Result<(), String> {
-    let visible = name
-        .chars()
-        .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c));
-    if !visible || name.contains(breaks_a_display_name) {
+    use unicode_normalization::UnicodeNormalization;
+    if name.trim().is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    let find = |test: fn(char) -> bool| name.chars().find(|&c| test(c));
+    if let Some(c) = find(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')) {
         return Err(format!(
-            "{} must be visible text on one line: no line breaks, tabs or direction \
-             overrides",
-            quoted(name)
+            "{} holds a line break, a tab or another control character ({}): it must \
+             fit on one line",
+            quoted(name),
+            code_point(c)
         ));
+    }
+    if let Some(c) = find(app::domain::reorders_text) {
+        return Err(format!(
+            "{} holds a direction override or another character that reorders the text \
+             after it ({})",
+            quoted(name),
+            code_point(c)
+        ));
+    }
+    if let Some(c) = find(|c| c.is_whitespace() && c != ' ') {
+        return Err(format!(
+            "{} holds a space other than the plain one ({}), which prints like it: \
+             write plain spaces",
+            quoted(name),
+            code_point(c)
+        ));
+    }
+    if let Some(c) = find(|c| crate::cli::is_hidden(c) && !shapes_its_neighbours(c)) {
+        return Err(format!(
+            "{} holds a character drawn as nothing or as a blank ({}: a zero-width \
+             space, a soft hyphen, a Hangul filler, a private-use or unassigned \
+             character), which would make it print like another name",
+            quoted(name),
+            code_point(c)
+        ));
+    }
+    if !name
+        .chars()
+        .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c))
+    {
+        return Err(format!("{} shows nothing", quoted(name)));
     }
     if name.split_whitespace().collect::<Vec<_>>().join(" ") != name {
         return Err(format!(
@@ -882,7 +927,7 @@ fn check_visible_line(name: &str) -> Result<(), String> {
             quoted(name)
         ));
     }
-    let chars = name.chars().count();
+    let chars = name.nfc().count();
     if chars > MAX_SHOWN_NAME_CHARS {
         return Err(format!(
             "{} is {chars} characters long; a display name or the workspace's name \
@@ -899,8 +944,8 @@ fn check_visible_line(name: &str) -> Result<(), String> {
 const MAX_SHOWN_NAME_CHARS: usize = 100;
 
 /// Why `name` cannot be a model's display name beside the models `earlier` in
-/// the catalog, if it cannot: it shows nothing, breaks a line or reorders text
-/// ([`breaks_a_display_name`]), has spaces the tab would not show, or is
+/// the catalog, if it cannot: it cannot be shown on one line as it reads
+/// ([`check_visible_line`]), or is
 /// another model's or looks like it: the same skeleton (Unicode's UTS #39
 /// confusable detection), which catches one text in two normal forms (NFC and
 /// NFD) and letters of another script drawn alike (Cyrillic `Р` for Latin `P`).
@@ -921,13 +966,24 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
             quoted(name)
         )),
         Some((j, other)) => Err(format!(
-            "{} looks like {}, the display name of models[{j}]: the tab would show \
+            "{} looks like {}, the display name of models[{j}]{}: the tab would show \
              two models alike",
             quoted(name),
-            quoted(&other.display_name)
+            quoted(&other.display_name),
+            first_difference(name, &other.display_name)
         )),
         None => Ok(()),
     }
+}
+
+/// Where two texts that print alike differ, for a message: ` (U+212A where
+/// the other has U+004B)`, or nothing when one only extends the other.
+fn first_difference(name: &str, other: &str) -> String {
+    name.chars()
+        .zip(other.chars())
+        .find(|(a, b)| a != b)
+        .map(|(a, b)| format!(" ({} where the other has {})", code_point(a), code_point(b)))
+        .unwrap_or_default()
 }
 
 fn build_catalog(
@@ -1480,7 +1536,7 @@ mod tests {
             (
                 "[workspace]\nname = \"W\\nX\\u202eY\\u0007\"",
                 "workspace.name",
-                "must be visible text on one line",
+                "holds a line break, a tab or another control character (U+000A)",
             ),
             (
                 "[workspace]\nname = \" Acme\"",
@@ -1512,7 +1568,7 @@ mod tests {
                  [[models]]\nid = \"m\"\ndisplay_name = \"A\\u202eB\\nC\"\nupstream = \"u\"\n\
                  input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "models[0].display_name",
-                "must be visible text on one line",
+                "holds a line break, a tab or another control character (U+000A)",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
@@ -1547,7 +1603,7 @@ mod tests {
                  [[models]]\nid = \"m\"\ndisplay_name = \" \"\nupstream = \"u\"\n\
                  input_eur_per_mtok = \"1\"\noutput_eur_per_mtok = \"1\"\nmax_output_tokens = 1",
                 "models[0].display_name",
-                "must be visible text on one line",
+                "must not be empty",
             ),
             (
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
@@ -1816,6 +1872,47 @@ mod tests {
     }
 
     #[test]
+    fn names_that_would_not_print_as_they_read_are_refused_each_with_its_reason() {
+        let workspace = |name: &str| load_text(&format!("[workspace]\nname = \"{name}\""));
+        for (name, says) in [
+            (
+                "Acme\\u00a0GmbH",
+                "holds a space other than the plain one (U+00A0)",
+            ),
+            (
+                "Small\\u3164Model",
+                "holds a character drawn as nothing or as a blank (U+3164",
+            ),
+            ("Small\\ue000", "drawn as nothing or as a blank (U+E000"),
+            ("Ac\\u00adme", "drawn as nothing or as a blank (U+00AD"),
+            ("Ac\\u200bme", "drawn as nothing or as a blank (U+200B"),
+            ("Acme\\u202e", "reorders the text after it (U+202E)"),
+            ("\\u200d", "shows nothing"),
+        ] {
+            let err = workspace(name).unwrap_err().to_string();
+            assert!(
+                err.contains("workspace.name") && err.contains(says),
+                "{name}: {err}"
+            );
+        }
+        // Counted as the text reads: an accent typed as a separate mark counts
+        // once with its letter.
+        let decomposed = |n: usize| "e\\u0301".repeat(n);
+        assert!(workspace(&decomposed(100)).is_ok());
+        let err = workspace(&decomposed(101)).unwrap_err().to_string();
+        assert!(err.contains("is 101 characters long"), "{err}");
+        // Two display names that print alike: the message says where they differ.
+        let err = load_text(&catalog_of(&["K Model", "\u{212a} Model"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("models[1].display_name")
+                && err.contains("(U+212A where the other has U+004B)"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn display_names_in_any_script_and_with_emoji_are_accepted() {
         for name in [
             "❤️ Love",
@@ -1825,6 +1922,8 @@ mod tests {
             "क्‍ष",
             "漢字モデル",
             "Ünö Café",
+            // A flag made of emoji tags.
+            "\u{1f3f4}\u{e0067}\u{e0062}\u{e0073}\u{e0063}\u{e0074}\u{e007f} Scots",
         ] {
             let text = format!(
                 "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1\"\n\
