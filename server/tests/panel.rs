@@ -1299,6 +1299,33 @@ async fn a_call_with_a_field_its_arguments_do_not_take_changes_nothing() {
         .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(panel.settings_audit().await.len(), 1);
+    // A row without its Limit field (which a form always sends, empty or
+    // not) is refused, naming it, not read as clearing the limit.
+    let saved = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    let version = saved
+        .models
+        .iter()
+        .find(|m| m.id.as_str() == "gpt-5")
+        .unwrap()
+        .limit
+        .version;
+    let (status, _, text) = panel
+        .send(post(
+            "/fn/save_model_limits",
+            &format!("rows[0][model]=gpt-5&rows[0][version]={version}"),
+            Some(&admin),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["code"], "bad_request", "{text}");
+    assert!(
+        json["message"].as_str().unwrap().contains("limit"),
+        "the missing field is named: {text}"
+    );
+    let after = panel.store.spend_snapshot(Utc::now()).await.unwrap();
+    assert_eq!(after.models, saved.models);
+    assert_eq!(panel.settings_audit().await.len(), 1);
 }
 
 #[tokio::test]

@@ -13,8 +13,10 @@ use crate::{auth::CurrentUser, error::ApiError, report::TabView};
 pub struct LimitInput {
     /// The model's id.
     pub model: String,
-    /// The Limit field as typed (EUR; empty = shared pool).
-    #[serde(default)]
+    /// The Limit field as typed (EUR; empty = shared pool). Required: a form
+    /// sends its text fields even when empty, so a row without one is a
+    /// hand-made call, refused (400 `bad_request` naming the field) rather than
+    /// read as clearing the limit.
     pub limit: String,
     /// The Enabled toggle: on when sent as an HTML checkbox sends it (`on`; a
     /// script may send `true`), off when absent, empty, `off` or `false`. Any
