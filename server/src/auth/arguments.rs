@@ -129,7 +129,10 @@ mod tests {
     fn the_field_that_cannot_be_read_is_named() {
         let limits = "/fn/save_model_limits";
         assert_eq!(
-            argument_problem(limits, "rows[0][model]=gpt-5&rows[0][version]=3"),
+            argument_problem(
+                limits,
+                "rows[0][model]=gpt-5&rows[0][limit]=&rows[0][version]=3"
+            ),
             None
         );
         for (path, body, named) in [
@@ -143,6 +146,11 @@ mod tests {
             ),
             ("/fn/login", "email[a]=x&password=p", "`email`"),
             ("/fn/login", "email=x", "missing field `password`"),
+            (
+                limits,
+                "rows[0][model]=gpt-5&rows[0][version]=3",
+                "`rows[0]`: missing field `limit`",
+            ),
         ] {
             let problem = argument_problem(path, body).expect(body);
             assert!(problem.contains(named), "{body}: {problem}");
