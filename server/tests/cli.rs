@@ -684,14 +684,13 @@ fn users_and_keys() {
             "{email:?}: {stderr}"
         );
     }
-    for email in [
+    // Characters that do not show as themselves, each making a user who
+    // prints like another: controls, a zero-width space, characters drawn as
+    // nothing (Default_Ignorable_Code_Point) or as a blank.
+    let hidden = [
         "evil\u{1b}[2J@example.com",
         "tab\t@example.com",
-        "a@@example.com",
-        "a@b@example.com",
         "zero\u{200b}width@example.com",
-        // Drawn as nothing (Default_Ignorable_Code_Point) or as a blank: each
-        // would make a user who prints like another.
         "a\u{34f}da@example.com",
         "ada\u{fe0f}@example.com",
         "ada\u{e0100}@example.com",
@@ -704,17 +703,12 @@ fn users_and_keys() {
         "a\u{f0000}b@example.com",
         "a\u{ffff}b@example.com",
         "a\u{378}b@example.com",
-    ] {
-        let refused = cli.create_user(email, "member");
-        let stderr = String::from_utf8_lossy(&refused.stderr);
-        assert!(
-            !refused.status.success() && stderr.contains("is not an email address"),
-            "{email:?}: {stderr}"
-        );
-    }
+    ];
     // Addresses no mail system delivers to, each told what is wrong.
     let long_label = format!("a@{}.com", "b".repeat(64));
-    for (email, says) in [
+    let refusals: Vec<(&str, &str)> = [
+        ("a@@example.com", "it has more than one @"),
+        ("a@b@example.com", "it has more than one @"),
         (
             "<a@example.com>",
             "give the address alone, without a name or angle brackets",
@@ -772,7 +766,11 @@ fn users_and_keys() {
             "ada@ex%c3%a4mple.com",
             "its domain holds a character no domain name has",
         ),
-    ] {
+    ]
+    .into_iter()
+    .chain(hidden.map(|email| (email, "it holds a character that does not show as itself")))
+    .collect();
+    for (email, says) in refusals {
         let refused = cli.create_user(email, "member");
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(
