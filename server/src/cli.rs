@@ -988,13 +988,23 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
     if let Some(why) = email_problem(email).or_else(|| email_problem(&stored)) {
         anyhow::bail!("--email {} is not an email address: {why}", quoted(email));
     }
+    // As mail is addressed: the part before the @ as stored, the domain as
+    // DNS writes it (IDNA's ASCII form, `xn--…`), whose labels RFC 1035's 63
+    // bytes bound.
+    let (local, domain) = stored.rsplit_once('@').unwrap_or_default();
+    let ascii_domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_owned());
+    let addressed = format!("{local}@{ascii_domain}");
     anyhow::ensure!(
-        stored.len() <= MAX_EMAIL_BYTES,
-        "--email {} is {} bytes long; an email address has at most {MAX_EMAIL_BYTES} (RFC 5321)",
+        addressed.len() <= MAX_EMAIL_BYTES,
+        "--email {} is {} bytes long{}; an email address has at most {MAX_EMAIL_BYTES} (RFC 5321)",
         quoted(email),
-        stored.len()
+        addressed.len(),
+        if addressed == email {
+            ""
+        } else {
+            " as mail is addressed to it (lower case, its domain in IDNA's ASCII form)"
+        }
     );
-    let local = stored.split('@').next().unwrap_or_default();
     anyhow::ensure!(
         local.len() <= MAX_LOCAL_PART_BYTES,
         "--email {}: the part before the @ is {} bytes long; it has at most \
@@ -1002,27 +1012,30 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
         quoted(email),
         local.len()
     );
-    if let Some(why) = email_syntax_error(&stored) {
+    if let Some(why) = email_syntax_error(local, domain, &ascii_domain) {
         anyhow::bail!("--email {} is not an email address: {why}", quoted(email));
     }
     Ok(email)
 }
 
-/// Why `email` (as stored, past [`email_problem`]) is no address a mail system
-/// delivers to, or `None`. Its syntax is read by the `email_address` crate (RFC
-/// 5321, with RFC 6531's Unicode) and its domain by IDNA's strict rules (UTS
-/// #46 with STD3's letters, digits and hyphens, as DNS names them); the
-/// message says which rule fails. A domain needs a dot and may not be an IP
-/// address, bracketed or not: no workspace's users sign in with one.
-fn email_syntax_error(email: &str) -> Option<String> {
+/// Why the address of `local` and `domain` (as stored, past
+/// [`email_problem`]; `ascii_domain` is `domain` in IDNA's ASCII form) is no
+/// address a mail system delivers to, or `None`. Its syntax is read by the
+/// `email_address` crate (RFC 5321, with RFC 6531's Unicode) on the ASCII
+/// domain, so that a label's 63 bytes are counted as DNS counts them, and the
+/// domain by IDNA's strict rules (UTS #46 with STD3's letters, digits and
+/// hyphens); the message says which rule fails. A domain needs a dot and may
+/// not be an IP address, bracketed or not: no workspace's users sign in with
+/// one.
+fn email_syntax_error(local: &str, domain: &str, ascii_domain: &str) -> Option<String> {
     use email_address::{EmailAddress, Error, Options};
-    let (local, domain) = email.rsplit_once('@')?;
     let options = Options::default()
         .with_required_tld()
         .without_domain_literal()
         .without_display_text();
     let labels = || domain.split('.');
-    let why = match EmailAddress::parse_with_options(email, options).err() {
+    let addressed = format!("{local}@{ascii_domain}");
+    let why = match EmailAddress::parse_with_options(&addressed, options).err() {
         None => None,
         Some(Error::SubDomainEmpty | Error::DomainInvalidSeparator) => {
             Some("its domain has two dots in a row, or a dot at an end".to_owned())
