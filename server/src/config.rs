@@ -977,11 +977,18 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
 }
 
 /// Where two texts that print alike differ, for a message: ` (U+212A where
-/// the other has U+004B)`, or nothing when one only extends the other.
+/// the other has U+004B)`, the first character of one drawn like the other's
+/// in its place. Nothing when the texts are not of one length (a character
+/// added, as a joiner, or one standing for two, as `ß` for `SS`, has no one
+/// place) or differ only in the case of ASCII letters, which the message's
+/// two names show.
 fn first_difference(name: &str, other: &str) -> String {
+    if name.chars().count() != other.chars().count() {
+        return String::new();
+    }
     name.chars()
         .zip(other.chars())
-        .find(|(a, b)| a != b)
+        .find(|(a, b)| a != b && !a.eq_ignore_ascii_case(b))
         .map(|(a, b)| format!(" ({} where the other has {})", code_point(a), code_point(b)))
         .unwrap_or_default()
 }
@@ -1910,6 +1917,14 @@ mod tests {
                 && err.contains("(U+212A where the other has U+004B)"),
             "{err}"
         );
+        // No one place: a letter standing for two, or a case change only.
+        for names in [["Stra\u{df}e", "STRASSE"], ["Small Model", "small model"]] {
+            let err = load_text(&catalog_of(&names)).unwrap_err().to_string();
+            assert!(
+                err.contains("looks like") && !err.contains("where the other has"),
+                "{names:?}: {err}"
+            );
+        }
     }
 
     #[test]
