@@ -1299,8 +1299,9 @@ async fn a_call_with_a_field_its_arguments_do_not_take_changes_nothing() {
         .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(panel.settings_audit().await.len(), 1);
-    // A row without its Limit field (which a form always sends, empty or
-    // not) is refused, naming it, not read as clearing the limit.
+    // A row without its Limit or version field (which the page always sends)
+    // is refused, naming it: not read as clearing the limit, nor as a change
+    // made on a stale page.
     let saved = panel.store.spend_snapshot(Utc::now()).await.unwrap();
     let version = saved
         .models
@@ -1309,20 +1310,27 @@ async fn a_call_with_a_field_its_arguments_do_not_take_changes_nothing() {
         .unwrap()
         .limit
         .version;
-    let (status, _, text) = panel
-        .send(post(
-            "/fn/save_model_limits",
-            &format!("rows[0][model]=gpt-5&rows[0][version]={version}"),
-            Some(&admin),
-        ))
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(json["code"], "bad_request", "{text}");
-    assert!(
-        json["message"].as_str().unwrap().contains("limit"),
-        "the missing field is named: {text}"
-    );
+    for (body, missing) in [
+        (
+            format!("rows[0][model]=gpt-5&rows[0][version]={version}"),
+            "missing field `limit`",
+        ),
+        (
+            "rows[0][model]=gpt-5&rows[0][limit]=55".to_owned(),
+            "missing field `version`",
+        ),
+    ] {
+        let (status, _, text) = panel
+            .send(post("/fn/save_model_limits", &body, Some(&admin)))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["code"], "bad_request", "{text}");
+        assert!(
+            json["message"].as_str().unwrap().contains(missing),
+            "the missing field is named: {text}"
+        );
+    }
     let after = panel.store.spend_snapshot(Utc::now()).await.unwrap();
     assert_eq!(after.models, saved.models);
     assert_eq!(panel.settings_audit().await.len(), 1);

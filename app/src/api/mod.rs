@@ -24,10 +24,11 @@ pub struct LimitInput {
     #[serde(default)]
     pub enabled: Option<String>,
     /// The limit's version when the form was loaded: a whole number as the page
-    /// wrote it; absent counts as 0 (no limit saved yet). Text that is not one
-    /// refuses the save (`invalid_version`).
-    #[serde(default)]
-    pub version: Option<String>,
+    /// wrote it (0: no limit saved yet). Text that is not one refuses the save
+    /// (`invalid_version`). Required, as `limit` is: the page always writes it,
+    /// so a row without one is a hand-made call (400 `bad_request`), not a
+    /// change made on a stale page.
+    pub version: String,
 }
 
 /// A checkbox's value as a form sends it: on (`Some(true)`) for `on` (a
@@ -359,14 +360,9 @@ mod server {
                 fields.push(FieldError::fixed(row.model.clone(), e.code()));
                 continue;
             }
-            let version = match row
-                .version
-                .as_deref()
-                .map(|text| parse_version(&row.model, text))
-            {
-                None => 0,
-                Some(Ok(version)) => version,
-                Some(Err(field)) => {
+            let version = match parse_version(&row.model, &row.version) {
+                Ok(version) => version,
+                Err(field) => {
                     fields.push(field);
                     continue;
                 }

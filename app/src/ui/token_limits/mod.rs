@@ -243,12 +243,8 @@ impl Drafts {
                 let Some(row) = rows.iter().find(|row| row.id == typed.model) else {
                     continue;
                 };
-                let version = match typed.version.as_deref() {
-                    None => 0,
-                    Some(text) => match text.trim().parse() {
-                        Ok(version) => version,
-                        Err(_) => continue,
-                    },
+                let Ok(version) = typed.version.trim().parse() else {
+                    continue;
                 };
                 let Some(on) = api::checkbox_state(typed.enabled.as_deref()) else {
                     continue;
