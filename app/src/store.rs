@@ -542,7 +542,7 @@ pub fn normalized_email(email: &str) -> String {
         .collect();
     match folded.rsplit_once('@') {
         Some((local, domain)) => match idna::domain_to_unicode(domain) {
-            (unicode, Ok(())) if !unicode.is_empty() && unicode != domain => {
+            (unicode, Ok(())) if unicode != domain => {
                 format!("{local}@{unicode}")
             }
             _ => folded,

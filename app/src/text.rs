@@ -119,6 +119,11 @@ pub fn quoted(text: &str) -> String {
     format!("{kept:?}{cut}")
 }
 
+/// A character as a message names it, by its code point: `U+00A0`.
+pub fn code_point(c: char) -> String {
+    format!("U+{:04X}", u32::from(c))
+}
+
 /// `at` as the operator's commands and the usage API write a time: RFC 3339 in
 /// UTC to the millisecond, with `Z` (`2026-12-07T14:05:09.120Z`), so that a
 /// script reads the times of `tollgate audit`, `key list` and the API alike.

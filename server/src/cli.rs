@@ -1012,30 +1012,29 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
         quoted(email),
         local.len()
     );
-    if let Some(why) = email_syntax_error(local, domain, &ascii_domain) {
+    if let Some(why) = email_syntax_error(local, domain, &addressed) {
         anyhow::bail!("--email {} is not an email address: {why}", quoted(email));
     }
     Ok(email)
 }
 
 /// Why the address of `local` and `domain` (as stored, past
-/// [`email_problem`]; `ascii_domain` is `domain` in IDNA's ASCII form) is no
-/// address a mail system delivers to, or `None`. Its syntax is read by the
-/// `email_address` crate (RFC 5321, with RFC 6531's Unicode) on the ASCII
-/// domain, so that a label's 63 bytes are counted as DNS counts them, and the
+/// [`email_problem`]; `addressed` is the two joined by `@`, the domain in
+/// IDNA's ASCII form) is no address a mail system delivers to, or `None`. Its
+/// syntax is read by the `email_address` crate (RFC 5321, with RFC 6531's
+/// Unicode) on the ASCII domain, so that a label's 63 bytes are counted as DNS counts them, and the
 /// domain by IDNA's strict rules (UTS #46 with STD3's letters, digits and
 /// hyphens); the message says which rule fails. A domain needs a dot and may
 /// not be an IP address, bracketed or not: no workspace's users sign in with
 /// one.
-fn email_syntax_error(local: &str, domain: &str, ascii_domain: &str) -> Option<String> {
+fn email_syntax_error(local: &str, domain: &str, addressed: &str) -> Option<String> {
     use email_address::{EmailAddress, Error, Options};
     let options = Options::default()
         .with_required_tld()
         .without_domain_literal()
         .without_display_text();
     let labels = || domain.split('.');
-    let addressed = format!("{local}@{ascii_domain}");
-    let why = match EmailAddress::parse_with_options(&addressed, options).err() {
+    let why = match EmailAddress::parse_with_options(addressed, options).err() {
         None => None,
         Some(Error::SubDomainEmpty | Error::DomainInvalidSeparator) => {
             Some("its domain has two dots in a row, or a dot at an end".to_owned())

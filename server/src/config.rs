@@ -450,9 +450,6 @@ impl Config {
 
         let workspace = file.workspace.unwrap_or_default();
         let name = workspace.name.unwrap_or_else(|| "Demo workspace".into());
-        if name.trim().is_empty() {
-            return Err(invalid("workspace.name", "must not be empty"));
-        }
         check_visible_line(&name).map_err(|problem| invalid("workspace.name", problem))?;
         let timezone: Tz = match workspace.timezone.as_deref() {
             None => Tz::UTC,
@@ -860,11 +857,6 @@ fn shapes_its_neighbours(c: char) -> bool {
     )
 }
 
-/// A character as its code point, for messages: `U+00A0`.
-fn code_point(c: char) -> String {
-    format!("U+{:04X}", u32::from(c))
-}
-
 /// Why `name` (a model's display name, the workspace's name) cannot be shown on
 /// one line of the tab, of `tollgate spend` or of `tollgate audit`, if it
 /// cannot, each with its own message: it is empty; holds a line break, a tab or
@@ -886,7 +878,7 @@ fn check_visible_line(name: &str) -> Result<(), String> {
             "{} holds a line break, a tab or another control character ({}): it must \
              fit on one line",
             quoted(name),
-            code_point(c)
+            app::text::code_point(c)
         ));
     }
     if let Some(c) = find(app::domain::reorders_text) {
@@ -894,7 +886,7 @@ fn check_visible_line(name: &str) -> Result<(), String> {
             "{} holds a direction override or another character that reorders the text \
              after it ({})",
             quoted(name),
-            code_point(c)
+            app::text::code_point(c)
         ));
     }
     if let Some(c) = find(|c| c.is_whitespace() && c != ' ') {
@@ -902,7 +894,7 @@ fn check_visible_line(name: &str) -> Result<(), String> {
             "{} holds a space other than the plain one ({}), which prints like it: \
              write plain spaces",
             quoted(name),
-            code_point(c)
+            app::text::code_point(c)
         ));
     }
     if let Some(c) = find(|c| crate::cli::is_hidden(c) && !shapes_its_neighbours(c)) {
@@ -911,13 +903,11 @@ fn check_visible_line(name: &str) -> Result<(), String> {
              space, a soft hyphen, a Hangul filler, a private-use or unassigned \
              character), which would make it print like another name",
             quoted(name),
-            code_point(c)
+            app::text::code_point(c)
         ));
     }
-    if !name
-        .chars()
-        .any(|c| !c.is_whitespace() && !crate::cli::is_hidden(c))
-    {
+    // All that is left to refuse: joiners and selectors with nothing to join.
+    if name.chars().all(|c| c == ' ' || shapes_its_neighbours(c)) {
         return Err(format!("{} shows nothing", quoted(name)));
     }
     if name.split_whitespace().collect::<Vec<_>>().join(" ") != name {
@@ -989,7 +979,13 @@ fn first_difference(name: &str, other: &str) -> String {
     name.chars()
         .zip(other.chars())
         .find(|(a, b)| a != b && !a.eq_ignore_ascii_case(b))
-        .map(|(a, b)| format!(" ({} where the other has {})", code_point(a), code_point(b)))
+        .map(|(a, b)| {
+            format!(
+                " ({} where the other has {})",
+                app::text::code_point(a),
+                app::text::code_point(b)
+            )
+        })
         .unwrap_or_default()
 }
 

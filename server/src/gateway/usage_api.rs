@@ -122,8 +122,8 @@ fn idempotency_key(record: &RawObject) -> Result<String, GatewayError> {
     }
     if let Some((at, c)) = key.chars().enumerate().find(|(_, c)| c.is_control()) {
         return Err(invalid(format!(
-            "`{PARAM}` holds a control character, U+{:04X}, at character {}",
-            u32::from(c),
+            "`{PARAM}` holds a control character, {}, at character {}",
+            app::text::code_point(c),
             at + 1
         )));
     }
