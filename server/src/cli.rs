@@ -1007,10 +1007,15 @@ fn new_user_email(email: &str) -> anyhow::Result<&str> {
     );
     anyhow::ensure!(
         local.len() <= MAX_LOCAL_PART_BYTES,
-        "--email {}: the part before the @ is {} bytes long; it has at most \
+        "--email {}: the part before the @ is {} bytes long{}; it has at most \
          {MAX_LOCAL_PART_BYTES} (RFC 5321)",
         quoted(email),
-        local.len()
+        local.len(),
+        if email.starts_with(&format!("{local}@")) {
+            ""
+        } else {
+            " in lower case, as it is stored"
+        }
     );
     if let Some(why) = email_syntax_error(local, domain, &addressed) {
         anyhow::bail!("--email {} is not an email address: {why}", quoted(email));
@@ -1039,10 +1044,18 @@ fn email_syntax_error(local: &str, domain: &str, addressed: &str) -> Option<Stri
         Some(Error::SubDomainEmpty | Error::DomainInvalidSeparator) => {
             Some("its domain has two dots in a row, or a dot at an end".to_owned())
         }
-        Some(Error::SubDomainTooLong) => Some(
-            "a label of its domain (the text between two dots) is longer than 63 bytes (RFC 1035)"
-                .to_owned(),
-        ),
+        Some(Error::SubDomainTooLong) => {
+            let (_, ascii_domain) = addressed.rsplit_once('@').unwrap_or_default();
+            let longest = ascii_domain
+                .split('.')
+                .map(str::len)
+                .max()
+                .unwrap_or_default();
+            Some(format!(
+                "a label of its domain (the text between two dots) is {longest} bytes long \
+                 as DNS writes it (in IDNA's ASCII form, xn--…); it has at most 63 (RFC 1035)"
+            ))
+        }
         Some(Error::DomainTooFew) => Some("its domain has no dot".to_owned()),
         Some(Error::UnsupportedDomainLiteral) => {
             Some("its domain is an address in brackets; give the mail server's name".to_owned())

@@ -967,26 +967,39 @@ fn check_display_name(name: &str, earlier: &[Model]) -> Result<(), String> {
 }
 
 /// Where two texts that print alike differ, for a message: ` (U+212A where
-/// the other has U+004B)`, the first character of one drawn like the other's
-/// in its place. Nothing when the texts are not of one length (a character
-/// added, as a joiner, or one standing for two, as `ß` for `SS`, has no one
-/// place) or differ only in the case of ASCII letters, which the message's
+/// the other has U+004B)`, the one character of one drawn like the other's
+/// in its place, read as typed or, if their lengths differ so, in composed
+/// form (NFC: `é` typed two ways). Nothing when the texts are still
+/// not of one length (a character added, as a joiner, or one standing for
+/// two, as `ß` for `SS`, has no one place), differ in more than one place
+/// (`Il` and `lI`), or only in the case of ASCII letters, which the message's
 /// two names show.
 fn first_difference(name: &str, other: &str) -> String {
-    if name.chars().count() != other.chars().count() {
+    use unicode_normalization::UnicodeNormalization;
+    let (mut name, mut other): (Vec<char>, Vec<char>) =
+        (name.chars().collect(), other.chars().collect());
+    // As typed first: composing would make a Kelvin sign `K` and hide it.
+    if name.len() != other.len() {
+        (name, other) = (
+            name.into_iter().nfc().collect(),
+            other.into_iter().nfc().collect(),
+        );
+    }
+    if name.len() != other.len() {
         return String::new();
     }
-    name.chars()
-        .zip(other.chars())
-        .find(|(a, b)| a != b && !a.eq_ignore_ascii_case(b))
-        .map(|(a, b)| {
-            format!(
-                " ({} where the other has {})",
-                app::text::code_point(a),
-                app::text::code_point(b)
-            )
-        })
-        .unwrap_or_default()
+    let mut differences = name
+        .iter()
+        .zip(&other)
+        .filter(|(a, b)| a != b && !a.eq_ignore_ascii_case(b));
+    match (differences.next(), differences.next()) {
+        (Some((a, b)), None) => format!(
+            " ({} where the other has {})",
+            app::text::code_point(*a),
+            app::text::code_point(*b)
+        ),
+        _ => String::new(),
+    }
 }
 
 fn build_catalog(
@@ -1913,8 +1926,18 @@ mod tests {
                 && err.contains("(U+212A where the other has U+004B)"),
             "{err}"
         );
-        // No one place: a letter standing for two, or a case change only.
-        for names in [["Stra\u{df}e", "STRASSE"], ["Small Model", "small model"]] {
+        // Compared composed: one accent typed two ways is no difference.
+        let err = load_text(&catalog_of(&["Cafe\u{301} l", "Caf\u{e9} I"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("(U+0049 where the other has U+006C)"), "{err}");
+        // No one place: a letter standing for two, a case change only, or
+        // two places.
+        for names in [
+            ["Stra\u{df}e", "STRASSE"],
+            ["Small Model", "small model"],
+            ["Il", "lI"],
+        ] {
             let err = load_text(&catalog_of(&names)).unwrap_err().to_string();
             assert!(
                 err.contains("looks like") && !err.contains("where the other has"),

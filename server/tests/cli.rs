@@ -683,6 +683,18 @@ fn users_and_keys() {
             "{email:?}: {stderr}"
         );
     }
+    // The part before the @ is measured as stored, and the message says so:
+    // 22 `İ` are 44 bytes as typed, 66 in lower case.
+    let dotted_capitals = format!("{}@k1.fr", "\u{130}".repeat(22));
+    let refused = cli.create_user(&dotted_capitals, "member");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains(
+                "the part before the @ is 66 bytes long in lower case, as it is stored; it has at most 64"
+            ),
+        "{stderr}"
+    );
     // Characters that do not show as themselves, each making a user who
     // prints like another: controls, a zero-width space, characters drawn as
     // nothing (Default_Ignorable_Code_Point) or as a blank.
@@ -705,6 +717,8 @@ fn users_and_keys() {
     ];
     // Addresses no mail system delivers to, each told what is wrong.
     let long_label = format!("a@{}.com", "b".repeat(64));
+    // 58 `é` are 64 bytes in `xn--` form.
+    let long_unicode_label = format!("g@{}.fr", "\u{e9}".repeat(58));
     let refusals: Vec<(&str, &str)> = [
         ("a@@example.com", "it has more than one @"),
         ("a@b@example.com", "it has more than one @"),
@@ -748,7 +762,11 @@ fn users_and_keys() {
             "its domain has two dots in a row, or a dot at an end",
         ),
         ("ada@example", "its domain has no dot"),
-        (&long_label, "is longer than 63 bytes (RFC 1035)"),
+        (&long_label, "is 64 bytes long as DNS writes it"),
+        (
+            &long_unicode_label,
+            "is 64 bytes long as DNS writes it (in IDNA's ASCII form, xn--…); it has at most 63 (RFC 1035)",
+        ),
         ("a@[192.168.0.1]", "its domain is an address in brackets"),
         ("ada@127.0.0.1", "its last label is a number"),
         ("ada@123.456", "its last label is a number"),
