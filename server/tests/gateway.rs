@@ -937,6 +937,34 @@ async fn upstream_errors_release_the_reservation(db: &TestDb) {
     assert_eq!(h.workspace().await, Counter::default());
 }
 
+/// An upstream that answers with a redirect (a `base_url` that moved, or
+/// `http://` to a provider that wants `https://`) gets a 502 that says so: the
+/// gateway does not follow it, since a 301 or 302 followed turns the completion
+/// into a GET, and the key would go to an address nobody configured.
+async fn an_upstream_redirect_is_not_followed(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    let elsewhere = MockUpstream::start().await;
+    for status in [301, 307, 308] {
+        h.mock.set(|b| {
+            b.status = status;
+            b.error_body = String::new();
+            b.location = Some(format!("{}/chat/completions", elsewhere.base_url));
+        });
+        let response = h.chat(&chat_body("big")).await;
+        let body = assert_error(response, 502, "api_error", "upstream_error", None).await;
+        assert_eq!(
+            body["error"]["message"],
+            format!(
+                "The model provider answered with a redirect (HTTP {status}), which the gateway \
+                 does not follow; the operator has to check the upstream's address."
+            )
+        );
+    }
+    assert!(elsewhere.received().is_empty());
+    assert_eq!(h.mock.received().len(), 3);
+    assert_eq!(h.workspace().await, Counter::default());
+}
+
 /// An upstream slower than its timeout: 504, the hold released, nothing spent.
 async fn upstream_timeout_releases_the_reservation(db: &TestDb) {
     let h = start(
@@ -3047,6 +3075,7 @@ on_both_backends!(
     model_cap_falls_back_to_the_dearest_cheaper_model_with_room,
     model_cap_without_fallback_blocks,
     upstream_errors_release_the_reservation,
+    an_upstream_redirect_is_not_followed,
     upstream_timeout_releases_the_reservation,
     client_disconnect_mid_stream_still_settles,
     the_usage_api_leaves_the_gateway_s_holds_alone,

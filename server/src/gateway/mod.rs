@@ -169,6 +169,9 @@ impl Gateway {
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
+            // An upstream's redirect is answered as its failure (`Target::failure`):
+            // followed, a 301 or 302 would turn the completion into a GET.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_else(|e| {
                 tracing::error!(error = %e, "could not build the upstream HTTP client; using the default one");

@@ -139,9 +139,9 @@ impl Target {
 
     /// Reads an unsuccessful answer and maps it (DESIGN.md §4): the upstream's own 4xx
     /// JSON error is passed on with its status, unless it mentions the key; a
-    /// 401/403 means the gateway's credentials are wrong, which is the operator's
-    /// problem (502); 5xx and anything else is a 502 with the upstream's retry
-    /// headers. Returns the error and the usage
+    /// 401/403 means the gateway's credentials are wrong, and a redirect (3xx,
+    /// never followed) that its address is, both the operator's problem (502);
+    /// 5xx and anything else is a 502 with the upstream's retry headers. Returns the error and the usage
     /// the answer reported, if any (billed instead of released, R7).
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
@@ -155,6 +155,14 @@ impl Target {
                 GatewayError::UpstreamFailed(
                     "The model provider refused the gateway's credentials; the operator has to fix them.".into(),
                 )
+            }
+            s if s.is_redirection() => {
+                tracing::error!(upstream = %self.name, status = s.as_u16(),
+                    "the upstream answered with a redirect, which the gateway does not follow: check its base_url");
+                GatewayError::UpstreamFailed(format!(
+                    "The model provider answered with a redirect (HTTP {}), which the gateway does not follow; the operator has to check the upstream's address.",
+                    s.as_u16()
+                ))
             }
             s if s.is_client_error() => {
                 let passable = !mentions_key

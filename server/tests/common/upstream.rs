@@ -104,6 +104,8 @@ pub struct Behaviour {
     /// `Retry-After` and `Retry-After-Ms` of a non-200 answer, as a rate-limited
     /// provider sends them.
     pub retry_after: Option<(&'static str, &'static str)>,
+    /// The `Location` of a non-200 answer, as a provider that moved sends it.
+    pub location: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -139,6 +141,7 @@ impl Default for Behaviour {
             auth_as_event_id: false,
             answer_body: None,
             retry_after: None,
+            location: None,
         }
     }
 }
@@ -263,6 +266,11 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
             let headers = answer.headers_mut();
             headers.insert(header::RETRY_AFTER, seconds.parse().unwrap());
             headers.insert("retry-after-ms", millis.parse().unwrap());
+        }
+        if let Some(location) = &behaviour.location {
+            answer
+                .headers_mut()
+                .insert(header::LOCATION, location.parse().unwrap());
         }
         return answer;
     }
