@@ -369,7 +369,7 @@ mod tests {
         let member = |p: &str| landing(Some(p), Role::Member);
         assert_eq!(member("/admin/token-limits"), "/");
         assert_eq!(member("/admin"), "/");
-        assert_eq!(member("/admin?__saved=x"), "/");
+        assert_eq!(member("/admin?__err=x"), "/");
         assert_eq!(member("/?a=b"), "/?a=b");
         assert_eq!(member("/administrators-guide"), "/administrators-guide");
         assert_eq!(landing(None, Role::Member), "/");

@@ -212,6 +212,13 @@ pub struct TabView {
     /// (once: they are taken from the session). Empty otherwise.
     #[serde(default)]
     pub refused_limits: Vec<crate::api::LimitInput>,
+    /// The path of the server function whose form was saved without
+    /// JavaScript just before (`/fn/save_model_limits`): the page the browser
+    /// was sent back to says "Saved." beside that form, once (taken from the
+    /// session, so a reload of the same address does not say it again). None
+    /// otherwise.
+    #[serde(default)]
+    pub saved_form: Option<String>,
 }
 
 /// One model on the tab.
@@ -315,6 +322,7 @@ impl From<&SpendReport> for TabView {
                 })
                 .collect(),
             refused_limits: Vec::new(),
+            saved_form: None,
         }
     }
 }

@@ -678,6 +678,10 @@ test.describe("without JavaScript", () => {
     await expect(page.locator("#limits-result")).toHaveText("Saved.");
     await expect(limitInput(page, "GPT-4o")).toHaveValue("€44.00");
     await expect(page.locator("#fallback-result")).toHaveText("");
+    // A reload saves nothing, so it says nothing.
+    await page.reload();
+    await expect(limitInput(page, "GPT-4o")).toHaveValue("€44.00");
+    await expect(page.locator("#limits-result")).toHaveText("");
     cli("limit", "clear", "gpt-4o");
   });
 

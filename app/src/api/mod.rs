@@ -94,7 +94,7 @@ mod server {
     use std::sync::Arc;
 
     use chrono::Utc;
-    use leptos::prelude::expect_context;
+    use leptos::{prelude::expect_context, server_fn::ServerFn};
 
     use super::LimitInput;
     use crate::{
@@ -178,6 +178,7 @@ mod server {
             Ok(snapshot) => {
                 let mut view = TabView::from(&SpendReport::build(&snapshot));
                 view.refused_limits = take_refused_limits().await;
+                view.saved_form = take_saved().await;
                 Ok(view)
             }
             Err(e) => fail(e.into()),
@@ -188,45 +189,75 @@ mod server {
     /// JavaScript ([`keep_refused_limits`]).
     const REFUSED_LIMITS: &str = "refused_limits";
 
+    /// Session key of the server function whose form was saved without
+    /// JavaScript ([`keep_saved`]).
+    const SAVED_FORM: &str = "saved_form";
+
     /// Keeps `rows`, a Model limits form refused without JavaScript (invalid,
     /// or changed meanwhile), in the session, for the page the browser is sent
     /// back to: its fields show what was typed, not the saved values
-    /// ([`take_refused_limits`]). A call that
-    /// does not ask for HTML (the page's own script, or any other) is answered
-    /// with its error and keeps nothing. The session is not the page's address:
-    /// no link can fill another administrator's form. If the session store
-    /// fails, the refusal is answered all the same, and logged.
+    /// ([`take_refused_limits`]). The session is not the page's address: no
+    /// link can fill another administrator's form.
     async fn keep_refused_limits(rows: Vec<LimitInput>) {
+        keep_for_page(REFUSED_LIMITS, rows).await;
+    }
+
+    /// The rows [`keep_refused_limits`] kept, taken out of the session: shown
+    /// once. None when there are none, or the session store fails (logged).
+    async fn take_refused_limits() -> Vec<LimitInput> {
+        take_for_page(REFUSED_LIMITS).await.unwrap_or_default()
+    }
+
+    /// Notes that the form of the server function at `path` was saved by a
+    /// post without JavaScript, for the page the browser is sent back to,
+    /// which says so beside that form ([`take_saved`]). Told through the
+    /// session rather than the page's address, so that a reload does not say
+    /// it again.
+    async fn keep_saved(path: &'static str) {
+        keep_for_page(SAVED_FORM, path).await;
+    }
+
+    /// The path [`keep_saved`] kept, taken out of the session: said once.
+    async fn take_saved() -> Option<String> {
+        take_for_page(SAVED_FORM).await
+    }
+
+    /// Keeps `value` under `key` in the session for the next read of the tab,
+    /// when the call is a form posted without JavaScript. A call that does
+    /// not ask for HTML (the page's own script, or any other) reads its own
+    /// answer and keeps nothing. If the session store fails, the call is
+    /// answered all the same, and the failure logged.
+    async fn keep_for_page(key: &str, value: impl serde::Serialize) {
         if !crate::auth::is_plain_form_post() {
             return;
         }
         let Ok(session) = leptos_axum::extract::<tower_sessions::Session>().await else {
             return;
         };
-        let kept = match session.insert(REFUSED_LIMITS, rows).await {
+        let kept = match session.insert(key, value).await {
             Ok(()) => session.save().await,
             Err(e) => Err(e),
         };
         if let Err(e) = kept {
-            leptos::logging::error!("session store: the refused limits were not kept: {e}");
+            leptos::logging::error!("session store: {key} was not kept: {e}");
         }
     }
 
-    /// The rows [`keep_refused_limits`] kept, taken out of the session: shown
-    /// once. None when there are none, or the session store fails (logged).
-    async fn take_refused_limits() -> Vec<LimitInput> {
-        let Ok(session) = leptos_axum::extract::<tower_sessions::Session>().await else {
-            return Vec::new();
-        };
-        let taken = match session.remove::<Vec<LimitInput>>(REFUSED_LIMITS).await {
-            Ok(Some(rows)) => session.save().await.map(|()| rows),
-            Ok(None) => return Vec::new(),
+    /// What [`keep_for_page`] kept under `key`, taken out of the session, so
+    /// that the page shows it once. None when there is none, or the session
+    /// store fails (logged).
+    async fn take_for_page<T: serde::de::DeserializeOwned>(key: &str) -> Option<T> {
+        let session = leptos_axum::extract::<tower_sessions::Session>()
+            .await
+            .ok()?;
+        let taken = match session.remove::<T>(key).await {
+            Ok(Some(value)) => session.save().await.map(|()| value),
+            Ok(None) => return None,
             Err(e) => Err(e),
         };
-        taken.unwrap_or_else(|e| {
-            leptos::logging::error!("session store: the refused limits were not read: {e}");
-            Vec::new()
-        })
+        taken
+            .map_err(|e| leptos::logging::error!("session store: {key} was not read: {e}"))
+            .ok()
     }
 
     /// A form's version field as the page wrote it: a whole number of zero or
@@ -270,7 +301,10 @@ mod server {
             .update_settings(&Actor::from(admin), Some(version), on, Utc::now())
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                keep_saved(<super::SaveAutomaticFallback as ServerFn>::PATH).await;
+                Ok(())
+            }
             Err(e) => fail(e.into()),
         }
     }
@@ -384,7 +418,10 @@ mod server {
             .update_model_limits(&Actor::from(admin), &changes, Utc::now())
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                keep_saved(<super::SaveModelLimits as ServerFn>::PATH).await;
+                Ok(())
+            }
             Err(e) => {
                 let e = ApiError::from(e);
                 // Refused as changed meanwhile: the form comes back as typed,

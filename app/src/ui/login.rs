@@ -42,7 +42,7 @@ pub fn LoginPage() -> impl IntoView {
             );
         }
     });
-    let outcome = crate::ui::form_outcome(login);
+    let outcome = crate::ui::form_outcome(login, None);
     let error = move || outcome().and_then(|r| r.err()).map(|e| e.to_string());
     view! {
         <Title text="Sign in"/>

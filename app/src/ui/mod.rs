@@ -40,35 +40,25 @@ pub(crate) fn error_in_url(
     }
 }
 
-/// The query key with which the server tells a form posted without JavaScript
-/// that its save succeeded: added to the redirect back to the page, with the
-/// server function's path as its value (`?__saved=/fn/save_model_limits`).
-/// server_fn itself sends a success back with no word of it.
-pub const SAVED_KEY: &str = "__saved";
-
-/// Whether the URL says a form posted without JavaScript to the server function
-/// at `path` was saved ([`SAVED_KEY`]).
-fn saved_in_url(path: &'static str) -> impl Fn() -> bool + Copy + Send + Sync + 'static {
-    let query = leptos_router::hooks::use_query_map();
-    move || query.read().get(SAVED_KEY).as_deref() == Some(path)
-}
-
 /// What a form's server function answered, to show beside the form: the
 /// answer of the last submission made on this page or, before any, the answer
-/// to one posted without JavaScript, from the URL ([`error_in_url`],
-/// [`SAVED_KEY`]). The action's own value
+/// to one posted without JavaScript: its error from the URL ([`error_in_url`]),
+/// or its success when the page was read just after it (`saved_form`, from
+/// `TabView::saved_form`, which the server tells once). The action's own value
 /// before a submission is that same URL's error as the server read it, with
 /// the sentences the URL carried, so it is not used.
 pub(crate) fn form_outcome<S>(
     action: ServerAction<S>,
+    saved_form: Option<&str>,
 ) -> impl Fn() -> Option<Result<(), ApiError>> + Copy + Send + Sync + 'static
 where
     S: server_fn::ServerFn<Output = (), Error = ApiError> + Clone + Send + Sync + 'static,
 {
-    let (error, saved) = (error_in_url(S::PATH), saved_in_url(S::PATH));
+    let error = error_in_url(S::PATH);
+    let saved = saved_form == Some(S::PATH);
     move || {
         if action.version().get() == 0 {
-            error().map(Err).or_else(|| saved().then_some(Ok(())))
+            error().map(Err).or_else(|| saved.then_some(Ok(())))
         } else {
             action.value().get()
         }

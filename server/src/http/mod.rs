@@ -1,10 +1,8 @@
 //! The axum router: Leptos pages and server functions, the embedded site, health.
 
 use app::{
-    api::{SaveAutomaticFallback, SaveModelLimits},
     shell,
     store::{SharedStore, StoreError},
-    ui::SAVED_KEY,
     App,
 };
 use axum::{
@@ -16,7 +14,7 @@ use axum::{
     routing::get,
     Router,
 };
-use leptos::{config::LeptosOptions, prelude::provide_context, server_fn::ServerFn as _};
+use leptos::{config::LeptosOptions, prelude::provide_context};
 use leptos_axum::{generate_route_list, AxumRouteListing, LeptosRoutes};
 
 use tower_http::{compression::CompressionLayer, set_header::SetResponseHeaderLayer};
@@ -143,17 +141,10 @@ const PANEL_HEADERS: [(HeaderName, &str); 5] = [
     (header::CACHE_CONTROL, "no-store"),
 ];
 
-/// The server functions of the tab's forms: a form posted to one without
-/// JavaScript is told of its success ([`SAVED_KEY`]).
-const SAVES: [&str; 2] = [SaveAutomaticFallback::PATH, SaveModelLimits::PATH];
-
 /// Tidies the address a form posted without JavaScript is sent back to
-/// (server_fn's redirect to its `Referer`, see [`tidied_location`]), marks
-/// a successful save's, and sends the redirect without a body.
+/// (server_fn's redirect to its `Referer`, see [`tidied_location`]), and sends
+/// the redirect without a body.
 async fn tidy_location(request: Request, next: Next) -> Response {
-    let save = SAVES
-        .into_iter()
-        .find(|path| request.method() == Method::POST && request.uri().path() == *path);
     let mut response = next.run(request).await;
     let sent_to_sign_in = response
         .extensions()
@@ -172,7 +163,7 @@ async fn tidy_location(request: Request, next: Next) -> Response {
         .get(header::LOCATION)
         .and_then(|location| location.to_str().ok())
         .and_then(|location| {
-            let tidied = tidied_location(location, save);
+            let tidied = tidied_location(location);
             (tidied != location).then_some(tidied)
         })
         .and_then(|location| HeaderValue::from_str(&location).ok());
@@ -183,9 +174,9 @@ async fn tidy_location(request: Request, next: Next) -> Response {
 }
 
 /// `location` with the error of the last post only, its sentences the fixed
-/// ones of its codes ([`app::error::ApiError::fixed_in_address`]), and with [`SAVED_KEY`] set
-/// to `save` when it carries no error (the save at `save` succeeded) and taken
-/// out otherwise.
+/// ones of its codes ([`app::error::ApiError::fixed_in_address`]). A save that
+/// succeeded is told to its page through the session, not the address, so that
+/// a reload does not say it again (`app::api`, `TabView::saved_form`).
 ///
 /// server_fn adds a refused post's error (`__path` and `__err`) to the page's
 /// address and takes them out when a post succeeds: a page refused again kept
@@ -193,7 +184,7 @@ async fn tidy_location(request: Request, next: Next) -> Response {
 /// time, until the browser sent too long a `Referer` no more and the form's
 /// next error was lost. A bare `?` (the address held only an error, taken out)
 /// goes as well.
-fn tidied_location(location: &str, save: Option<&str>) -> String {
+fn tidied_location(location: &str) -> String {
     let (page, query) = location.split_once('?').unwrap_or((location, ""));
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
         .into_owned()
@@ -203,13 +194,12 @@ fn tidied_location(location: &str, save: Option<&str>) -> String {
     // The error's own sentences may quote what was typed: the address gets
     // the fixed ones, which are all the page shows.
     let fixed = last_error.and_then(|at| app::error::ApiError::fixed_in_address(&pairs[at].1));
-    let mut kept: Vec<(&str, &str)> = pairs
+    let kept: Vec<(&str, &str)> = pairs
         .iter()
         .enumerate()
         .filter(|(at, (name, _))| match name.as_str() {
             "__path" => Some(*at) == last_path,
             "__err" => Some(*at) == last_error,
-            SAVED_KEY => false,
             _ => true,
         })
         .map(|(at, (name, value))| match &fixed {
@@ -217,9 +207,6 @@ fn tidied_location(location: &str, save: Option<&str>) -> String {
             _ => (name.as_str(), value.as_str()),
         })
         .collect();
-    if let Some(save) = save.filter(|_| last_error.is_none()) {
-        kept.push((SAVED_KEY, save));
-    }
     if kept.is_empty() {
         return page.to_owned();
     }

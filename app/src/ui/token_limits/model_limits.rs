@@ -26,7 +26,7 @@ pub fn ModelLimits(
     save: ServerAction<SaveModelLimits>,
     drafts: super::Drafts,
 ) -> impl IntoView {
-    let outcome = crate::ui::form_outcome(save);
+    let outcome = crate::ui::form_outcome(save, view.saved_form.as_deref());
     let error = move || outcome().and_then(|r| r.err());
     let edited = move || drafts.limits.with(|d| !d.is_empty());
     // The report sorts by spend, which moves with every request: the form keeps

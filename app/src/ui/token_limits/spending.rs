@@ -54,7 +54,7 @@ pub fn SpendingAndBudget(
         Status::LimitReached => "status stop",
     };
     let edited = move || drafts.fallback.with(Option::is_some);
-    let outcome = crate::ui::form_outcome(save);
+    let outcome = crate::ui::form_outcome(save, report.saved_form.as_deref());
     view! {
         <section class="card" aria-labelledby="spending-title">
             <header class="card-header">
