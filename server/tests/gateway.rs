@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use server::{
     config::{Config, Overrides},
     db::sqlite::Durability,
-    gateway::SharedGateway,
+    gateway::{upstream::MAX_ANSWER_BYTES, SharedGateway},
 };
 use tokio::sync::Notify;
 use upstream::{MockUpstream, MockUsage};
@@ -947,7 +947,8 @@ async fn an_upstream_redirect_is_not_followed(db: &TestDb) {
     for status in [301, 307, 308] {
         h.mock.set(|b| {
             b.status = status;
-            b.error_body = String::new();
+            // A body that reports usage: a redirect is no answer, so it is not billed.
+            b.error_body = r#"{"usage":{"prompt_tokens":1000,"completion_tokens":500}}"#.into();
             b.location = Some(format!("{}/chat/completions", elsewhere.base_url));
         });
         let response = h.chat(&chat_body("big")).await;
@@ -963,6 +964,54 @@ async fn an_upstream_redirect_is_not_followed(db: &TestDb) {
     assert!(elsewhere.received().is_empty());
     assert_eq!(h.mock.received().len(), 3);
     assert_eq!(h.workspace().await, Counter::default());
+    // 304 and 305 move nothing: failures like any other status.
+    h.mock.set(|b| {
+        b.status = 304;
+        b.location = None;
+    });
+    let response = h.chat(&chat_body("big")).await;
+    let body = assert_error(response, 502, "api_error", "upstream_error", None).await;
+    assert_eq!(
+        body["error"]["message"],
+        "The model provider failed (HTTP 304)."
+    );
+    assert_eq!(h.workspace().await, Counter::default());
+}
+
+/// An answer larger than the gateway reads (`MAX_ANSWER_BYTES`) is not read on,
+/// so that an upstream cannot fill the gateway's memory: the client gets a 502
+/// that says so, and the request, served upstream, is billed its estimate. An
+/// error that large is released, its body unread.
+async fn an_answer_larger_than_the_gateway_reads_is_not_read_on(db: &TestDb) {
+    let h = start(db, Options::default()).await;
+    h.mock.set(|b| {
+        b.content = "x".repeat(MAX_ANSWER_BYTES);
+        b.record_requests = false;
+    });
+    let response = h.chat(&chat_body("big")).await;
+    let body = assert_error(response, 502, "api_error", "upstream_error", None).await;
+    assert_eq!(
+        body["error"]["message"],
+        "The model provider's answer is larger than the 16 MiB the gateway reads."
+    );
+    let estimate = big_estimate(&h, r#"[{"role":"user","content":"Say hello."}]"#);
+    assert_eq!(h.workspace().await, settled(estimate));
+    h.mock.set(|b| {
+        b.status = 500;
+        b.error_body = format!(
+            r#"{{"usage":{{"prompt_tokens":10,"completion_tokens":5}},"pad":"{}"}}"#,
+            "x".repeat(MAX_ANSWER_BYTES)
+        );
+    });
+    let response = h.chat(&chat_body("big")).await;
+    assert_error(response, 502, "api_error", "upstream_error", None).await;
+    assert_eq!(h.workspace().await, settled(estimate));
+    // An answer of the usual size after them: served.
+    h.mock.set(|b| {
+        b.status = 200;
+        b.content = "Hello.".into();
+    });
+    assert_eq!(h.chat(&chat_body("big")).await.status(), 200);
 }
 
 /// An upstream slower than its timeout: 504, the hold released, nothing spent.
@@ -3076,6 +3125,7 @@ on_both_backends!(
     model_cap_without_fallback_blocks,
     upstream_errors_release_the_reservation,
     an_upstream_redirect_is_not_followed,
+    an_answer_larger_than_the_gateway_reads_is_not_read_on,
     upstream_timeout_releases_the_reservation,
     client_disconnect_mid_stream_still_settles,
     the_usage_api_leaves_the_gateway_s_holds_alone,

@@ -25,7 +25,9 @@ use super::hold::{lease_until_from_now, Hold};
 use super::json::RawObject;
 use super::request::ChatRequest;
 use super::sse::{self, Relay, Relayed, DONE_FRAME};
-use super::upstream::{is_event_stream, usage_from_upstream, Target};
+use super::upstream::{
+    is_event_stream, read_whole, usage_from_upstream, BodyError, Target, MAX_ANSWER_BYTES,
+};
 use super::{read_body, Gateway, SERVED_MODEL_HEADER};
 
 const ENDPOINT: &str = "chat_completions";
@@ -324,12 +326,12 @@ impl Exchange {
         sent: Instant,
     ) {
         let status = response.status();
-        let body = tokio::time::timeout(self.target.timeout, response.bytes()).await;
+        let body = read_whole(response, self.target.timeout).await;
         let upstream_time = sent.elapsed();
         let body = match body {
-            Ok(Ok(body)) => body,
-            Ok(Err(e)) => {
-                tracing::warn!(upstream = %self.target.name, error = %e.without_url(), "the upstream's answer broke off");
+            Ok(body) => body,
+            Err(BodyError::Broken(error)) => {
+                tracing::warn!(upstream = %self.target.name, %error, "the upstream's answer broke off");
                 hold.release().await;
                 self.finish_metrics(before_upstream, sent, upstream_time);
                 let _ = reply.send(Err(GatewayError::UpstreamFailed(
@@ -337,10 +339,23 @@ impl Exchange {
                 )));
                 return;
             }
-            Err(_) => {
+            Err(BodyError::TimedOut) => {
                 hold.release().await;
                 self.finish_metrics(before_upstream, sent, upstream_time);
                 let _ = reply.send(Err(GatewayError::UpstreamTimeout));
+                return;
+            }
+            Err(BodyError::TooLarge) => {
+                // Served upstream, most likely in full, with usage the gateway
+                // did not read: billed the estimate, as a stream cut off is.
+                tracing::warn!(upstream = %self.target.name, limit = MAX_ANSWER_BYTES,
+                    "the upstream's answer is larger than the gateway reads: not passed on");
+                hold.settle(None).await;
+                self.finish_metrics(before_upstream, sent, upstream_time);
+                let _ = reply.send(Err(GatewayError::UpstreamFailed(format!(
+                    "The model provider's answer is larger than the {} MiB the gateway reads.",
+                    MAX_ANSWER_BYTES >> 20
+                ))));
                 return;
             }
         };

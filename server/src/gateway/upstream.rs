@@ -139,13 +139,25 @@ impl Target {
 
     /// Reads an unsuccessful answer and maps it (DESIGN.md §4): the upstream's own 4xx
     /// JSON error is passed on with its status, unless it mentions the key; a
-    /// 401/403 means the gateway's credentials are wrong, and a redirect (3xx,
-    /// never followed) that its address is, both the operator's problem (502);
-    /// 5xx and anything else is a 502 with the upstream's retry headers. Returns the error and the usage
-    /// the answer reported, if any (billed instead of released, R7).
+    /// 401/403 means the gateway's credentials are wrong, and a redirect (never
+    /// followed, [`is_redirect`]) that its address is, both the operator's
+    /// problem (502); 5xx and anything else is a 502 with the upstream's retry
+    /// headers. Returns the error and the usage the answer reported, if any
+    /// (billed instead of released, R7); a redirect's body is not read, since
+    /// it is no answer, and nothing is billed for it.
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
         let retry = retry_headers(response.headers());
+        if is_redirect(status) {
+            // Not an answer: whatever its body says it used is not billed.
+            tracing::error!(upstream = %self.name, status = status.as_u16(),
+                "the upstream answered with a redirect, which the gateway does not follow: check its base_url");
+            let error = GatewayError::UpstreamFailed(format!(
+                "The model provider answered with a redirect (HTTP {}), which the gateway does not follow; the operator has to check the upstream's address.",
+                status.as_u16()
+            ));
+            return (error, None);
+        }
         let (body, object, usage) = self.read_unrelayed(response).await;
         let mentions_key = self.mentions_key(&body);
         let error = match status {
@@ -155,14 +167,6 @@ impl Target {
                 GatewayError::UpstreamFailed(
                     "The model provider refused the gateway's credentials; the operator has to fix them.".into(),
                 )
-            }
-            s if s.is_redirection() => {
-                tracing::error!(upstream = %self.name, status = s.as_u16(),
-                    "the upstream answered with a redirect, which the gateway does not follow: check its base_url");
-                GatewayError::UpstreamFailed(format!(
-                    "The model provider answered with a redirect (HTTP {}), which the gateway does not follow; the operator has to check the upstream's address.",
-                    s.as_u16()
-                ))
             }
             s if s.is_client_error() => {
                 let passable = !mentions_key
@@ -212,10 +216,7 @@ impl Target {
         &self,
         response: reqwest::Response,
     ) -> (Bytes, Option<RawObject>, Option<Usage>) {
-        let body = match tokio::time::timeout(self.timeout, response.bytes()).await {
-            Ok(Ok(body)) => body,
-            _ => Bytes::new(),
-        };
+        let body = read_whole(response, self.timeout).await.unwrap_or_default();
         let object = RawObject::parse(&body).ok();
         let usage = object
             .as_ref()
@@ -223,6 +224,63 @@ impl Target {
             .and_then(|raw| usage_from_upstream(raw, &self.name));
         (body, object, usage)
     }
+}
+
+/// The largest body of a non-streamed answer the gateway reads, in bytes (16
+/// MiB): a chat completion is a few kilobytes, and a model's longest answer
+/// is far shorter. Past it the answer is not read on, so that an upstream
+/// cannot fill the gateway's memory (streams are bounded per line:
+/// [`super::sse::MAX_LINE_BYTES`]).
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// Why the whole body of an upstream's answer could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Not all of it came within the upstream's `timeout_secs`.
+    TimedOut,
+    /// The connection failed or closed before its end; the detail is safe to
+    /// log (no URL).
+    Broken(String),
+    /// It is longer than [`MAX_ANSWER_BYTES`].
+    TooLarge,
+}
+
+/// Reads the whole body of `response`, at most [`MAX_ANSWER_BYTES`] of it,
+/// within `timeout`.
+///
+/// Errors: [`BodyError`]; an answer whose `Content-Length` is past the limit
+/// is refused before any of it is read.
+pub async fn read_whole(
+    response: reqwest::Response,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(BodyError::TooLarge);
+    }
+    let body = Limited::new(reqwest::Body::from(response), MAX_ANSWER_BYTES);
+    match tokio::time::timeout(timeout, body.collect()).await {
+        Err(_) => Err(BodyError::TimedOut),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(BodyError::TooLarge),
+        Ok(Err(error)) => Err(BodyError::Broken(
+            match error.downcast::<reqwest::Error>() {
+                // A URL may carry a query-string key on some providers.
+                Ok(error) => error.without_url().to_string(),
+                Err(error) => error.to_string(),
+            },
+        )),
+    }
+}
+
+/// Whether `status` sends the client elsewhere (300-303, 307, 308), which the
+/// gateway never follows: 304 and 305 are not answers to a completion either,
+/// but they are no move, and are failures like any other status.
+fn is_redirect(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 300..=303 | 307 | 308)
 }
 
 /// Whether `headers` say the body is an event stream (SSE).
@@ -497,6 +555,28 @@ fn retry_headers(headers: &axum::http::HeaderMap) -> Vec<(HeaderName, HeaderValu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer of `chunks` sent without a `Content-Length`, as a chunked one is.
+    fn chunked(chunks: Vec<Vec<u8>>) -> reqwest::Response {
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|chunk| Ok::<_, std::io::Error>(Bytes::from(chunk))),
+        );
+        reqwest::Response::from(axum::http::Response::new(reqwest::Body::wrap_stream(
+            stream,
+        )))
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_read_up_to_its_limit_and_no_further() {
+        let wait = Duration::from_secs(5);
+        let half = MAX_ANSWER_BYTES / 2;
+        let whole = read_whole(chunked(vec![vec![b'a'; half], vec![b'b'; half]]), wait).await;
+        assert_eq!(whole.map(|body| body.len()).ok(), Some(MAX_ANSWER_BYTES));
+        let past = read_whole(chunked(vec![vec![b'a'; half], vec![b'b'; half + 1]]), wait).await;
+        assert!(matches!(past, Err(BodyError::TooLarge)), "{past:?}");
+    }
 
     fn parse(text: &str) -> Result<Usage, UsageParseError> {
         parse_usage(&RawValue::from_string(text.to_owned()).unwrap())
