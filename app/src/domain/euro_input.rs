@@ -96,11 +96,20 @@ impl EuroInputError {
                 before,
                 separator,
                 after,
-            } => format!(
-                "\"{before}{separator}{after}\" is ambiguous: for {before}{after} euros write \
-                 {before}{after}, {before}.{after},00 or {before},{after}.00; \
-                 amounts have at most 2 decimals."
-            ),
+            } => {
+                let thousands = format!(
+                    "\"{before}{separator}{after}\" is ambiguous: for {before}{after} euros write \
+                     {before}{after}, {before}.{after},00 or {before},{after}.00"
+                );
+                // Read the other way, `1.500` is 1.50; `1.234` would have 3 decimals.
+                match after.strip_suffix('0') {
+                    Some(cents) => format!(
+                        "{thousands}; for {before}{separator}{cents} euros write \
+                         {before}{separator}{cents}."
+                    ),
+                    None => format!("{thousands}; amounts have at most 2 decimals."),
+                }
+            }
             EuroInputError::TooManyDecimals => {
                 "Use at most 2 decimals (whole cents), for example 12.35 or 12,35.".to_owned()
             }
@@ -442,6 +451,12 @@ mod tests {
              amounts have at most 2 decimals."
         );
         assert_eq!(e.to_string(), e.message());
+        // Both readings, when the second is whole cents.
+        assert_eq!(
+            parse_eur_input("1,500").unwrap_err().message(),
+            "\"1,500\" is ambiguous: for 1500 euros write 1500, 1.500,00 or 1,500.00; \
+             for 1,50 euros write 1,50."
+        );
         let all = [
             EuroInputError::Empty,
             EuroInputError::NotANumber,
