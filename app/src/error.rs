@@ -37,9 +37,9 @@ impl FieldError {
             match code {
                 "negative_limit" => EuroInputError::Negative.message(),
                 "ambiguous_separator" => {
-                    "This amount is ambiguous, as 1.500 could be fifteen hundred \
-                     euros or one euro fifty: write it with its cents, for example \
-                     1500.00 or 1.50."
+                    "This amount is ambiguous: a lone point or comma before three \
+                     digits could group thousands or mark decimals. Write it with \
+                     its cents, for example 1500.00 or 1500,00."
                         .to_owned()
                 }
                 "enabled_without_amount" => {

@@ -918,12 +918,22 @@ async fn upstream_errors_release_the_reservation(db: &TestDb) {
         assert!(headers.get("retry-after-ms").is_none(), "{millis}");
     }
 
-    assert_eq!(h.mock.received().len(), 8);
+    // The gateway's own key refused: no work was done, whatever usage the body
+    // claims.
+    h.mock.set(|b| {
+        b.status = 401;
+        b.retry_after = None;
+        b.error_body = r#"{"error":{"message":"bad key"},"usage":{"prompt_tokens":1000,"completion_tokens":500}}"#.into();
+    });
+    let response = h.chat(&chat_body("big")).await;
+    assert_error(response, 502, "api_error", "upstream_error", None).await;
+
+    assert_eq!(h.mock.received().len(), 9);
     assert_eq!(h.workspace().await, Counter::default());
     assert!(h
         .metrics()
         .await
-        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 8"));
+        .contains("tollgate_settlements_total{kind=\"released\",model=\"big\"} 9"));
 
     // A 200 that is no chat completion (an error object, say): nothing a
     // client could use, and no usage to bill.
@@ -964,16 +974,17 @@ async fn an_upstream_redirect_is_not_followed(db: &TestDb) {
     assert!(elsewhere.received().is_empty());
     assert_eq!(h.mock.received().len(), 3);
     assert_eq!(h.workspace().await, Counter::default());
-    // 304 and 305 move nothing: failures like any other status.
+    // 304 and 305 move nothing: failures like any other status, and no answer
+    // either, so the usage a body claims is not billed.
     h.mock.set(|b| {
-        b.status = 304;
+        b.status = 305;
         b.location = None;
     });
     let response = h.chat(&chat_body("big")).await;
     let body = assert_error(response, 502, "api_error", "upstream_error", None).await;
     assert_eq!(
         body["error"]["message"],
-        "The model provider failed (HTTP 304)."
+        "The model provider failed (HTTP 305)."
     );
     assert_eq!(h.workspace().await, Counter::default());
 }

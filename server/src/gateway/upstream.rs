@@ -143,13 +143,18 @@ impl Target {
     /// followed, [`is_redirect`]) that its address is, both the operator's
     /// problem (502); 5xx and anything else is a 502 with the upstream's retry
     /// headers. Returns the error and the usage the answer reported, if any
-    /// (billed instead of released, R7); a redirect's body is not read, since
-    /// it is no answer, and nothing is billed for it.
+    /// (billed instead of released, R7), except for a 3xx, which is no answer
+    /// (its body is not read), and a 401/403, a refusal before any work: for
+    /// those nothing is billed, whatever their body claims.
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
         let retry = retry_headers(response.headers());
-        if is_redirect(status) {
-            // Not an answer: whatever its body says it used is not billed.
+        if status.is_redirection() {
+            // No answer: whatever its body says was used is not billed.
+            if !is_redirect(status) {
+                tracing::warn!(upstream = %self.name, status = status.as_u16(), "the upstream failed");
+                return (GatewayError::UpstreamStatus { status, retry }, None);
+            }
             tracing::error!(upstream = %self.name, status = status.as_u16(),
                 "the upstream answered with a redirect, which the gateway does not follow: check its base_url");
             let error = GatewayError::UpstreamFailed(format!(
@@ -164,9 +169,11 @@ impl Target {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 tracing::error!(upstream = %self.name, status = status.as_u16(),
                     "the upstream refused the gateway's credentials: check the variable named by its api_key_env");
-                GatewayError::UpstreamFailed(
+                // Refused before any work: whatever usage the body claims is not billed.
+                let error = GatewayError::UpstreamFailed(
                     "The model provider refused the gateway's credentials; the operator has to fix them.".into(),
-                )
+                );
+                return (error, None);
             }
             s if s.is_client_error() => {
                 let passable = !mentions_key
@@ -277,8 +284,9 @@ pub async fn read_whole(
 }
 
 /// Whether `status` sends the client elsewhere (300-303, 307, 308), which the
-/// gateway never follows: 304 and 305 are not answers to a completion either,
-/// but they are no move, and are failures like any other status.
+/// gateway never follows. The other 3xx (304, 305) are no answer to a
+/// completion either, but they move nothing: failures like any other status
+/// (both unbilled, [`Target::failure`]).
 fn is_redirect(status: StatusCode) -> bool {
     matches!(status.as_u16(), 300..=303 | 307 | 308)
 }
