@@ -872,39 +872,55 @@ fn check_visible_line(name: &str) -> Result<(), String> {
     if name.trim().is_empty() {
         return Err("must not be empty".to_owned());
     }
-    let find = |test: fn(char) -> bool| name.chars().find(|&c| test(c));
-    if let Some(c) = find(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')) {
-        return Err(format!(
-            "{} holds a line break, a tab or another control character ({}): it must \
-             fit on one line",
-            quoted(name),
-            app::text::code_point(c)
-        ));
+    /// A kind of character refused: what it is, what the message adds in the
+    /// parentheses after its code point, and after them.
+    struct Refused {
+        test: fn(char) -> bool,
+        what: &'static str,
+        detail: &'static str,
+        after: &'static str,
     }
-    if let Some(c) = find(app::domain::reorders_text) {
-        return Err(format!(
-            "{} holds a direction override or another character that reorders the text \
-             after it ({})",
-            quoted(name),
-            app::text::code_point(c)
-        ));
-    }
-    if let Some(c) = find(|c| c.is_whitespace() && c != ' ') {
-        return Err(format!(
-            "{} holds a space other than the plain one ({}), which prints like it: \
-             write plain spaces",
-            quoted(name),
-            app::text::code_point(c)
-        ));
-    }
-    if let Some(c) = find(|c| crate::cli::is_hidden(c) && !shapes_its_neighbours(c)) {
-        return Err(format!(
-            "{} holds a character drawn as nothing or as a blank ({}: a zero-width \
-             space, a soft hyphen, a Hangul filler, a private-use or unassigned \
-             character), which would make it print like another name",
-            quoted(name),
-            app::text::code_point(c)
-        ));
+    let refused = [
+        Refused {
+            test: |c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'),
+            what: "a line break, a tab or another control character",
+            detail: "",
+            after: ": it must fit on one line",
+        },
+        Refused {
+            test: app::domain::reorders_text,
+            what: "a direction override or another character that reorders the text after it",
+            detail: "",
+            after: "",
+        },
+        Refused {
+            test: |c| c.is_whitespace() && c != ' ',
+            what: "a space other than the plain one",
+            detail: "",
+            after: ", which prints like it: write plain spaces",
+        },
+        Refused {
+            test: |c| crate::cli::is_hidden(c) && !shapes_its_neighbours(c),
+            what: "a character drawn as nothing or as a blank",
+            detail: ": a zero-width space, a soft hyphen, a Hangul filler, a private-use or \
+                     unassigned character",
+            after: ", which would make it print like another name",
+        },
+    ];
+    for Refused {
+        test,
+        what,
+        detail,
+        after,
+    } in refused
+    {
+        if let Some(c) = name.chars().find(|&c| test(c)) {
+            return Err(format!(
+                "{} holds {what} ({}{detail}){after}",
+                quoted(name),
+                app::text::code_point(c)
+            ));
+        }
     }
     // All that is left to refuse: joiners and selectors with nothing to join.
     if name.chars().all(|c| c == ' ' || shapes_its_neighbours(c)) {

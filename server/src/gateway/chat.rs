@@ -330,32 +330,35 @@ impl Exchange {
         let upstream_time = sent.elapsed();
         let body = match body {
             Ok(body) => body,
-            Err(BodyError::Broken(error)) => {
-                tracing::warn!(upstream = %self.target.name, %error, "the upstream's answer broke off");
-                hold.release().await;
+            Err(failure) => {
+                // Billed: an answer too large to read, served upstream (most
+                // likely in full) with usage the gateway did not read, bills its
+                // estimate, as a stream cut off does. Released: the others.
+                let (error, billed) = match failure {
+                    BodyError::Broken(error) => {
+                        tracing::warn!(upstream = %self.target.name, %error, "the upstream's answer broke off");
+                        let error = GatewayError::UpstreamFailed(
+                            "The model provider's answer broke off.".into(),
+                        );
+                        (error, false)
+                    }
+                    BodyError::TimedOut => (GatewayError::UpstreamTimeout, false),
+                    BodyError::TooLarge => {
+                        tracing::warn!(upstream = %self.target.name, limit = MAX_ANSWER_BYTES,
+                            "the upstream's answer is larger than the gateway reads: not passed on");
+                        let error = GatewayError::UpstreamFailed(format!(
+                            "The model provider's answer is larger than the {} MiB the gateway reads.",
+                            MAX_ANSWER_BYTES >> 20
+                        ));
+                        (error, true)
+                    }
+                };
+                match billed {
+                    true => drop(hold.settle(None).await),
+                    false => hold.release().await,
+                }
                 self.finish_metrics(before_upstream, sent, upstream_time);
-                let _ = reply.send(Err(GatewayError::UpstreamFailed(
-                    "The model provider's answer broke off.".into(),
-                )));
-                return;
-            }
-            Err(BodyError::TimedOut) => {
-                hold.release().await;
-                self.finish_metrics(before_upstream, sent, upstream_time);
-                let _ = reply.send(Err(GatewayError::UpstreamTimeout));
-                return;
-            }
-            Err(BodyError::TooLarge) => {
-                // Served upstream, most likely in full, with usage the gateway
-                // did not read: billed the estimate, as a stream cut off is.
-                tracing::warn!(upstream = %self.target.name, limit = MAX_ANSWER_BYTES,
-                    "the upstream's answer is larger than the gateway reads: not passed on");
-                hold.settle(None).await;
-                self.finish_metrics(before_upstream, sent, upstream_time);
-                let _ = reply.send(Err(GatewayError::UpstreamFailed(format!(
-                    "The model provider's answer is larger than the {} MiB the gateway reads.",
-                    MAX_ANSWER_BYTES >> 20
-                ))));
+                let _ = reply.send(Err(error));
                 return;
             }
         };

@@ -143,39 +143,33 @@ impl Target {
     /// followed, [`is_redirect`]) that its address is, both the operator's
     /// problem (502); 5xx and anything else is a 502 with the upstream's retry
     /// headers. Returns the error and the usage the answer reported, if any
-    /// (billed instead of released, R7), except for a 3xx, which is no answer
-    /// (its body is not read), and a 401/403, a refusal before any work: for
-    /// those nothing is billed, whatever their body claims.
+    /// (billed instead of released, R7), except for a 3xx, which is no answer,
+    /// and a 401/403, a refusal before any work: their bodies are not read, and
+    /// nothing is billed, whatever they claim.
     pub async fn failure(&self, response: reqwest::Response) -> (GatewayError, Option<Usage>) {
         let status = response.status();
         let retry = retry_headers(response.headers());
-        if status.is_redirection() {
-            // No answer: whatever its body says was used is not billed.
-            if !is_redirect(status) {
-                tracing::warn!(upstream = %self.name, status = status.as_u16(), "the upstream failed");
-                return (GatewayError::UpstreamStatus { status, retry }, None);
-            }
-            tracing::error!(upstream = %self.name, status = status.as_u16(),
-                "the upstream answered with a redirect, which the gateway does not follow: check its base_url");
-            let error = GatewayError::UpstreamFailed(format!(
-                "The model provider answered with a redirect (HTTP {}), which the gateway does not follow; the operator has to check the upstream's address.",
-                status.as_u16()
-            ));
-            return (error, None);
-        }
-        let (body, object, usage) = self.read_unrelayed(response).await;
-        let mentions_key = self.mentions_key(&body);
-        let error = match status {
+        match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 tracing::error!(upstream = %self.name, status = status.as_u16(),
                     "the upstream refused the gateway's credentials: check the variable named by its api_key_env");
-                // Refused before any work: whatever usage the body claims is not billed.
                 let error = GatewayError::UpstreamFailed(
                     "The model provider refused the gateway's credentials; the operator has to fix them.".into(),
                 );
-                return (error, None);
+                (error, None)
+            }
+            s if is_redirect(s) => {
+                tracing::error!(upstream = %self.name, status = s.as_u16(),
+                    "the upstream answered with a redirect, which the gateway does not follow: check its base_url");
+                let error = GatewayError::UpstreamFailed(format!(
+                    "The model provider answered with a redirect (HTTP {}), which the gateway does not follow; the operator has to check the upstream's address.",
+                    s.as_u16()
+                ));
+                (error, None)
             }
             s if s.is_client_error() => {
+                let (body, object, usage) = self.read_unrelayed(response).await;
+                let mentions_key = self.mentions_key(&body);
                 let passable = !mentions_key
                     && object
                         .as_ref()
@@ -183,18 +177,23 @@ impl Target {
                 if mentions_key {
                     tracing::warn!(upstream = %self.name, status = s.as_u16(), "an upstream error mentioned the key: not passed on");
                 }
-                GatewayError::UpstreamRejected {
+                let error = GatewayError::UpstreamRejected {
                     status: s,
                     body: passable.then_some(body),
                     retry,
-                }
+                };
+                (error, usage)
             }
-            status => {
-                tracing::warn!(upstream = %self.name, status = status.as_u16(), "the upstream failed");
-                GatewayError::UpstreamStatus { status, retry }
+            s => {
+                tracing::warn!(upstream = %self.name, status = s.as_u16(), "the upstream failed");
+                // A 304 or 305 is no answer either.
+                let usage = match s.is_redirection() {
+                    true => None,
+                    false => self.read_unrelayed(response).await.2,
+                };
+                (GatewayError::UpstreamStatus { status: s, retry }, usage)
             }
-        };
-        (error, usage)
+        }
     }
 
     /// Reads a successful answer to a streamed request that is not an event
